@@ -1,0 +1,384 @@
+//! Framing: how messages are cut out of a byte stream and put into one.
+//!
+//! A frame is an 8-byte header, then the body, then zero padding up to the
+//! next multiple of 8:
+//!
+//! ```text
+//! offset 0  u32 LE  body_len   bytes of rkyv archive that follow the header
+//! offset 4  u32 LE  flags      reserved, must be 0
+//! offset 8  [u8; body_len]     rkyv archive of a ClientFrame or ServerFrame
+//!           [0u8; pad]         pad = (8 - body_len % 8) % 8
+//! ```
+//!
+//! The 8-byte header and the padding keep every body at an 8-aligned
+//! offset, which rkyv needs to read an archive in place. [`FrameBuf`] is the
+//! receive buffer: it is 16-aligned, hands out the space to read into, checks
+//! each header against the configured maximum *before* growing for the body
+//! (so a hostile length prefix never causes a large allocation), and yields
+//! complete bodies that [`decode_client`] / [`decode_server`] validate with
+//! bytecheck and return as archived references, without copying.
+
+use rkyv::rancor::BoxedError;
+use rkyv::util::AlignedVec;
+
+use crate::message::{ArchivedClientFrame, ArchivedServerFrame, ClientFrame, ServerFrame};
+
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 8;
+/// Frame bodies start (and frames are padded) on this boundary.
+pub const FRAME_ALIGN: usize = 8;
+/// The receive buffer's size while no large frame is in flight.
+const IDLE_BUF_BYTES: usize = 256;
+
+/// Why bytes could not be turned into a frame, or a frame into bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The header announced a body above the limit.
+    #[error("frame body of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u32, max: u32 },
+    /// The header's reserved flags were not zero.
+    #[error("reserved header flags {0:#x} are set")]
+    ReservedFlags(u32),
+    /// The body is not a valid archive of the expected type.
+    #[error("frame body failed validation: {0}")]
+    Invalid(String),
+    /// The frame could not be serialised.
+    #[error("frame could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Bytes of archive after the header (padding excluded).
+    pub body_len: u32,
+}
+
+impl FrameHeader {
+    /// Parses and checks a header against `max_body`.
+    pub fn parse(bytes: [u8; HEADER_LEN], max_body: u32) -> Result<FrameHeader, FrameError> {
+        let [a, b, c, d, e, f, g, h] = bytes;
+        let body_len = u32::from_le_bytes([a, b, c, d]);
+        let flags = u32::from_le_bytes([e, f, g, h]);
+        if flags != 0 {
+            return Err(FrameError::ReservedFlags(flags));
+        }
+        if body_len > max_body {
+            return Err(FrameError::TooLarge {
+                len: body_len,
+                max: max_body,
+            });
+        }
+        Ok(FrameHeader { body_len })
+    }
+
+    /// Bytes the whole frame occupies on the wire: header, body, padding.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + padded(self.body_len as usize)
+    }
+}
+
+fn padded(len: usize) -> usize {
+    len.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
+}
+
+/// Appends one client frame to `out` (header, archive, padding).
+///
+/// `out.len()` must be a multiple of 8, which holds for any buffer that only
+/// ever had frames appended. Fails if the body would exceed `max_body`.
+pub fn encode_client(frame: &ClientFrame, out: &mut AlignedVec, max_body: u32) -> Result<(), FrameError> {
+    encode_with(out, max_body, |buf| {
+        rkyv::api::high::to_bytes_in::<_, BoxedError>(frame, buf)
+    })
+}
+
+/// Appends one server frame to `out`; see [`encode_client`].
+pub fn encode_server(frame: &ServerFrame, out: &mut AlignedVec, max_body: u32) -> Result<(), FrameError> {
+    encode_with(out, max_body, |buf| {
+        rkyv::api::high::to_bytes_in::<_, BoxedError>(frame, buf)
+    })
+}
+
+fn encode_with(
+    out: &mut AlignedVec,
+    max_body: u32,
+    serialize: impl FnOnce(AlignedVec) -> Result<AlignedVec, BoxedError>,
+) -> Result<(), FrameError> {
+    assert_eq!(out.len() % FRAME_ALIGN, 0, "frames must start 8-aligned");
+    let frame_start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let body_start = out.len();
+    let mut buf = match serialize(std::mem::take(out)) {
+        Ok(buf) => buf,
+        Err(e) => return Err(FrameError::Encode(e.to_string())),
+    };
+    let body_len = buf.len() - body_start;
+    let body_len_u32 = u32::try_from(body_len).unwrap_or(u32::MAX);
+    if body_len_u32 > max_body {
+        buf.resize(frame_start, 0);
+        *out = buf;
+        return Err(FrameError::TooLarge {
+            len: body_len_u32,
+            max: max_body,
+        });
+    }
+    if let Some(header) = buf.get_mut(frame_start..body_start) {
+        header.copy_from_slice(&[&body_len_u32.to_le_bytes()[..], &[0u8; 4][..]].concat());
+    }
+    let padded_len = body_start + padded(body_len);
+    buf.resize(padded_len, 0);
+    *out = buf;
+    Ok(())
+}
+
+/// Validates a client frame body in place and returns its archived view.
+pub fn decode_client(body: &[u8]) -> Result<&ArchivedClientFrame, FrameError> {
+    rkyv::access::<ArchivedClientFrame, BoxedError>(body).map_err(|e| FrameError::Invalid(e.to_string()))
+}
+
+/// Validates a server frame body in place and returns its archived view.
+pub fn decode_server(body: &[u8]) -> Result<&ArchivedServerFrame, FrameError> {
+    rkyv::access::<ArchivedServerFrame, BoxedError>(body).map_err(|e| FrameError::Invalid(e.to_string()))
+}
+
+/// An aligned receive buffer that cuts a byte stream into frame bodies.
+///
+/// Use: [`FrameBuf::read_slot`] for the space to read into, then
+/// [`FrameBuf::commit`] with the bytes read, then [`FrameBuf::next_body`]
+/// until it returns `None`. Memory use is [`IDLE_BUF_BYTES`] while frames are
+/// small and grows only to the largest frame in flight, which the header
+/// check bounds by `max_body`; it shrinks back once that frame is consumed.
+pub struct FrameBuf {
+    buf: AlignedVec,
+    /// First unconsumed byte; always a multiple of 8.
+    start: usize,
+    /// One past the last received byte.
+    end: usize,
+    max_body: u32,
+}
+
+impl FrameBuf {
+    /// An empty buffer refusing bodies above `max_body` bytes.
+    pub fn new(max_body: u32) -> FrameBuf {
+        FrameBuf {
+            buf: AlignedVec::new(),
+            start: 0,
+            end: 0,
+            max_body,
+        }
+    }
+
+    /// The body limit this buffer enforces.
+    pub fn max_body(&self) -> u32 {
+        self.max_body
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The space the next read should fill. Never empty.
+    ///
+    /// Fails if the buffered header announces a frame over the limit: the
+    /// connection must then be closed, and nothing was allocated for it.
+    pub fn read_slot(&mut self) -> Result<&mut [u8], FrameError> {
+        let needed = match self.pending_header()? {
+            Some(header) => header.frame_len(),
+            None => HEADER_LEN,
+        };
+        if self.start > 0 && (self.start == self.end || self.start + needed > self.buf.len()) {
+            self.compact();
+        }
+        let want = needed.max(IDLE_BUF_BYTES);
+        if self.buf.len() < self.start + want {
+            self.buf.resize(self.start + want, 0);
+        }
+        let (start, end) = (self.end, self.buf.len());
+        match self.buf.get_mut(start..end) {
+            Some(slot) if !slot.is_empty() => Ok(slot),
+            _ => unreachable_slot(),
+        }
+    }
+
+    /// Records that `n` bytes were read into the last [`FrameBuf::read_slot`].
+    pub fn commit(&mut self, n: usize) {
+        assert!(
+            self.end + n <= self.buf.len(),
+            "committed more than the read slot"
+        );
+        self.end += n;
+    }
+
+    /// The next complete frame body, if one is buffered. The frame counts as
+    /// consumed; the slice stays valid until the next `read_slot`.
+    pub fn next_body(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let Some(header) = self.pending_header()? else {
+            return Ok(None);
+        };
+        let frame_len = header.frame_len();
+        if self.end - self.start < frame_len {
+            return Ok(None);
+        }
+        let body_start = self.start + HEADER_LEN;
+        let body_end = body_start + header.body_len as usize;
+        self.start += frame_len;
+        debug_assert_eq!(self.start % FRAME_ALIGN, 0);
+        Ok(self.buf.get(body_start..body_end))
+    }
+
+    /// Takes the unconsumed bytes out (used to hand a connection, with what
+    /// it already sent, to another shard).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self
+            .buf
+            .get(self.start..self.end)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        self.start = 0;
+        self.end = 0;
+        rest
+    }
+
+    /// Puts bytes received elsewhere in front of anything read later.
+    pub fn push_bytes(&mut self, bytes: &[u8]) {
+        self.compact();
+        self.buf.resize(self.end, 0);
+        self.buf.extend_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    fn pending_header(&self) -> Result<Option<FrameHeader>, FrameError> {
+        match self.buf.get(self.start..self.start + HEADER_LEN) {
+            Some(bytes) if self.end - self.start >= HEADER_LEN => {
+                let mut header = [0u8; HEADER_LEN];
+                header.copy_from_slice(bytes);
+                FrameHeader::parse(header, self.max_body).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Moves unconsumed bytes to offset 0 and drops a large idle buffer.
+    fn compact(&mut self) {
+        let live = self.end - self.start;
+        if live == 0 && self.buf.len() > 4 * IDLE_BUF_BYTES {
+            self.buf = AlignedVec::new();
+        } else if live > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+        }
+        self.start = 0;
+        self.end = live;
+    }
+}
+
+#[cold]
+fn unreachable_slot() -> Result<&'static mut [u8], FrameError> {
+    Err(FrameError::Invalid("receive buffer invariant broken".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{ClientBody, Content};
+
+    fn sample(i: u64) -> ClientFrame {
+        ClientFrame {
+            request_id: i,
+            body: ClientBody::SendDirect {
+                to: 7,
+                client_msg_id: i,
+                content: Content::text(vec![b'x'; i as usize]),
+            },
+        }
+    }
+
+    #[test]
+    fn roundtrip_many_frames_through_small_reads() {
+        let mut wire = AlignedVec::new();
+        for i in 0..50 {
+            encode_client(&sample(i), &mut wire, 1 << 20).unwrap();
+        }
+        let mut fb = FrameBuf::new(1 << 20);
+        let mut seen = 0;
+        for chunk in wire.chunks(13) {
+            let slot = fb.read_slot().unwrap();
+            slot[..chunk.len()].copy_from_slice(chunk);
+            fb.commit(chunk.len());
+            while let Some(body) = fb.next_body().unwrap() {
+                let frame = decode_client(body).unwrap();
+                assert_eq!(frame.request_id, seen);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 50);
+        assert_eq!(fb.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_allocation() {
+        let mut fb = FrameBuf::new(1024);
+        let slot = fb.read_slot().unwrap();
+        slot[..8].copy_from_slice(&[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0]);
+        fb.commit(8);
+        assert_eq!(
+            fb.next_body(),
+            Err(FrameError::TooLarge {
+                len: 0x7fff_ffff,
+                max: 1024
+            })
+        );
+        assert!(fb.read_slot().is_err());
+        assert!(fb.buf.len() <= IDLE_BUF_BYTES);
+    }
+
+    #[test]
+    fn reserved_flags_are_refused() {
+        assert_eq!(
+            FrameHeader::parse([0, 0, 0, 0, 1, 0, 0, 0], 10),
+            Err(FrameError::ReservedFlags(1))
+        );
+    }
+
+    #[test]
+    fn encode_refuses_over_limit_and_leaves_buffer_intact() {
+        let mut out = AlignedVec::new();
+        encode_client(&sample(1), &mut out, 1 << 20).unwrap();
+        let before = out.len();
+        assert!(matches!(
+            encode_client(&sample(200), &mut out, 64),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert_eq!(out.len(), before);
+    }
+
+    #[test]
+    fn garbage_body_is_invalid_not_a_panic() {
+        let mut aligned = AlignedVec::<16>::new();
+        aligned.extend_from_slice(&[0xAB; 64]);
+        assert!(decode_client(&aligned).is_err());
+        assert!(decode_client(&[]).is_err());
+    }
+
+    #[test]
+    fn large_frame_buffer_shrinks_when_idle() {
+        let mut wire = AlignedVec::new();
+        encode_client(&sample(10_000), &mut wire, 1 << 20).unwrap();
+        let mut fb = FrameBuf::new(1 << 20);
+        let mut off = 0;
+        while off < wire.len() {
+            let slot = fb.read_slot().unwrap();
+            let n = slot.len().min(wire.len() - off);
+            slot[..n].copy_from_slice(&wire[off..off + n]);
+            fb.commit(n);
+            off += n;
+        }
+        assert!(fb.next_body().unwrap().is_some());
+        fb.read_slot().unwrap();
+        assert!(
+            fb.buf.len() <= IDLE_BUF_BYTES,
+            "buffer stayed at {}",
+            fb.buf.len()
+        );
+    }
+}

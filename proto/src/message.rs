@@ -1,0 +1,263 @@
+//! The messages that travel inside frames.
+//!
+//! A client sends [`ClientFrame`]s and the server sends [`ServerFrame`]s.
+//! Every client frame carries a client-chosen `request_id`; every answer to
+//! it echoes that id. Frames the server pushes unasked (deliveries, presence,
+//! disconnect notices) carry `request_id` 0, so clients should start their
+//! ids at 1. Message bodies travel as bytes, never as `String`, so the server
+//! validates their length but does not pay a UTF-8 check per message.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::ids::{ConvId, GroupId, UserId};
+
+/// One frame from a client.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ClientFrame {
+    /// Chosen by the client, echoed in the answer. 0 is reserved for pushes.
+    pub request_id: u64,
+    /// What is asked.
+    pub body: ClientBody,
+}
+
+/// What a client can ask. The first frame on a connection must be `Hello`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum ClientBody {
+    /// Opens the connection: the protocol version the client speaks.
+    Hello { version: u16, client_name: String },
+    /// Creates an account. Answered with `Registered`; does not log in.
+    Register { username: String, password: Vec<u8> },
+    /// Logs in with a password. Answered with `LoggedIn`.
+    Login { username: String, password: Vec<u8> },
+    /// Logs in with a token from an earlier `LoggedIn`.
+    LoginToken { token: Vec<u8> },
+    /// Keeps the connection alive; answered with `Pong`.
+    Ping { nonce: u64 },
+    /// Looks up a user by name; answered with `User`.
+    ResolveUser { username: String },
+    /// Adds a friend by name; answered with `User`.
+    FriendAdd { username: String },
+    /// Removes a friend; answered with `Ok`.
+    FriendRemove { user: UserId },
+    /// Lists friends with their presence; answered with `Friends`.
+    FriendList,
+    /// Sends a 1:1 message; answered with `Sent`.
+    SendDirect {
+        to: UserId,
+        client_msg_id: u64,
+        content: Content,
+    },
+    /// Creates a group owned by the caller, who joins it; answered with `GroupCreated`.
+    GroupCreate { name: String },
+    /// Joins a group; answered with `Ok`.
+    GroupJoin { group: GroupId },
+    /// Leaves a group; answered with `Ok`.
+    GroupLeave { group: GroupId },
+    /// Lists a group's members (caller must be one); answered with `Members`.
+    GroupMembers { group: GroupId },
+    /// Sends to a group the caller belongs to; answered with `Sent`.
+    SendGroup {
+        group: GroupId,
+        client_msg_id: u64,
+        content: Content,
+    },
+}
+
+/// The payload of a chat message.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Content {
+    /// What `body` is.
+    pub kind: ContentKind,
+    /// Text (UTF-8 by convention) or a caption for media.
+    pub body: Vec<u8>,
+}
+
+/// The type of a message's content.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum ContentKind {
+    /// Plain text in `body`.
+    Text,
+    /// A reference to a media object stored elsewhere.
+    Media { url: String, mime: String, size: u64 },
+}
+
+impl Content {
+    /// A text message.
+    pub fn text(text: impl Into<Vec<u8>>) -> Content {
+        Content {
+            kind: ContentKind::Text,
+            body: text.into(),
+        }
+    }
+}
+
+/// One frame from the server.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ServerFrame {
+    /// The `request_id` of the client frame answered, or 0 for a push.
+    pub request_id: u64,
+    /// The answer or push.
+    pub body: ServerBody,
+}
+
+/// What the server says.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum ServerBody {
+    /// The answer to `Hello`: the version in use and the server's limits.
+    HelloOk {
+        version: u16,
+        max_frame_bytes: u32,
+        idle_timeout_ms: u32,
+    },
+    /// A request failed. `supported_versions` is filled only for
+    /// [`ErrorCode::UnsupportedVersion`].
+    Error {
+        code: ErrorCode,
+        message: String,
+        supported_versions: Vec<u16>,
+    },
+    /// A generic success with nothing to return.
+    Ok,
+    /// The answer to `Register`.
+    Registered { user: UserId },
+    /// The answer to `Login` / `LoginToken`: the session is authenticated.
+    LoggedIn {
+        user: UserId,
+        username: String,
+        token: Vec<u8>,
+    },
+    /// The answer to `Ping`.
+    Pong { nonce: u64 },
+    /// A user, as answer to `ResolveUser` or `FriendAdd`.
+    User { user: UserId, username: String },
+    /// The answer to `FriendList`.
+    Friends { friends: Vec<Friend> },
+    /// The ack of a sent message: durable as configured, sequence assigned.
+    Sent {
+        client_msg_id: u64,
+        conv: ConvId,
+        seq: u64,
+        timestamp_ms: u64,
+    },
+    /// The answer to `GroupCreate`.
+    GroupCreated { group: GroupId },
+    /// The answer to `GroupMembers`.
+    Members { group: GroupId, members: Vec<UserId> },
+    /// A pushed chat message: a delivery, or an echo of one's own message
+    /// sent from another session (then `from` is the session's own user).
+    Message(ChatMessage),
+    /// A friend came online or went offline.
+    Presence { user: UserId, online: bool },
+    /// The server is closing this connection, and why. `retry_after_ms` is
+    /// a hint for when reconnecting makes sense (0: no hint).
+    Disconnect {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u32,
+    },
+}
+
+/// A friend and whether they are online now.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Friend {
+    pub user: UserId,
+    pub username: String,
+    pub online: bool,
+}
+
+/// A chat message as delivered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ChatMessage {
+    pub conv: ConvId,
+    pub seq: u64,
+    pub from: UserId,
+    pub client_msg_id: u64,
+    pub timestamp_ms: u64,
+    pub content: Content,
+}
+
+/// Why a request failed or a connection was closed.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug, PartialEq, Eq, Clone, Copy))]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// The frame could not be decoded; the connection closes.
+    MalformedFrame,
+    /// The frame was larger than the server's limit; the connection closes.
+    FrameTooLarge,
+    /// `Hello` named a version the server cannot speak; the connection closes.
+    UnsupportedVersion,
+    /// The request is not allowed in this connection's state (e.g. before
+    /// `Hello`, or a chat request before login).
+    InvalidState,
+    /// A field is out of its allowed range.
+    InvalidArgument,
+    /// The username is taken.
+    UsernameTaken,
+    /// Wrong username, password or token.
+    AuthFailed,
+    /// The user, group or conversation does not exist.
+    NotFound,
+    /// The caller may not do this (e.g. send to a group they are not in).
+    Forbidden,
+    /// A configured limit was reached (group size, friends, connections).
+    LimitExceeded,
+    /// The connection fell too far behind in reading its pushes.
+    SlowConsumer,
+    /// No frame arrived within the idle timeout.
+    IdleTimeout,
+    /// The server is shutting down; reconnect later.
+    ShuttingDown,
+    /// The server failed internally (e.g. a storage error); retry later.
+    Internal,
+}
+
+impl ArchivedErrorCode {
+    /// Converts the archived code back into a native [`ErrorCode`].
+    pub fn to_native(self) -> ErrorCode {
+        match self {
+            ArchivedErrorCode::MalformedFrame => ErrorCode::MalformedFrame,
+            ArchivedErrorCode::FrameTooLarge => ErrorCode::FrameTooLarge,
+            ArchivedErrorCode::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+            ArchivedErrorCode::InvalidState => ErrorCode::InvalidState,
+            ArchivedErrorCode::InvalidArgument => ErrorCode::InvalidArgument,
+            ArchivedErrorCode::UsernameTaken => ErrorCode::UsernameTaken,
+            ArchivedErrorCode::AuthFailed => ErrorCode::AuthFailed,
+            ArchivedErrorCode::NotFound => ErrorCode::NotFound,
+            ArchivedErrorCode::Forbidden => ErrorCode::Forbidden,
+            ArchivedErrorCode::LimitExceeded => ErrorCode::LimitExceeded,
+            ArchivedErrorCode::SlowConsumer => ErrorCode::SlowConsumer,
+            ArchivedErrorCode::IdleTimeout => ErrorCode::IdleTimeout,
+            ArchivedErrorCode::ShuttingDown => ErrorCode::ShuttingDown,
+            ArchivedErrorCode::Internal => ErrorCode::Internal,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl ServerFrame {
+    /// An error answer to `request_id`.
+    pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+        ServerFrame {
+            request_id,
+            body: ServerBody::Error {
+                code,
+                message: message.into(),
+                supported_versions: Vec::new(),
+            },
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The per-connection session state machine, without I/O or a clock.
+//!
+//! A connection moves `AwaitingHello → Anonymous → Authenticated`. Every
+//! client frame is first passed to [`Session::admit`], which decides, from
+//! the phase and the frame alone, whether it may be served, and checks each
+//! field against [`crate::limits`]. The caller (a server shard, the fuzzer,
+//! a test) then does the work and reports the outcome back
+//! ([`Session::hello_accepted`], [`Session::logged_in`]). Time is passed in
+//! as milliseconds so that idle deadlines are deterministic under test.
+
+use crate::limits::{
+    check_group_name, check_password, check_username, CLIENT_NAME_LEN_MAX, MEDIA_MIME_LEN_MAX,
+    MEDIA_URL_LEN_MAX, TOKEN_LEN,
+};
+use crate::message::{ArchivedClientBody, ArchivedContent, ArchivedContentKind, ErrorCode};
+use crate::{ids::UserId, SUPPORTED_VERSIONS};
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing but `Hello` is accepted.
+    AwaitingHello,
+    /// Hello done: may register, log in, ping.
+    Anonymous,
+    /// Logged in as this user.
+    Authenticated(UserId),
+}
+
+/// Why a frame was refused: the code and message of the error answer, and
+/// whether the connection must close after sending it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: &'static str,
+    pub close: bool,
+}
+
+impl Refusal {
+    fn keep(code: ErrorCode, message: &'static str) -> Refusal {
+        Refusal {
+            code,
+            message,
+            close: false,
+        }
+    }
+}
+
+impl From<(ErrorCode, &'static str)> for Refusal {
+    fn from((code, message): (ErrorCode, &'static str)) -> Refusal {
+        Refusal::keep(code, message)
+    }
+}
+
+/// One connection's protocol state.
+#[derive(Debug, Clone)]
+pub struct Session {
+    phase: Phase,
+    last_frame_ms: u64,
+    idle_timeout_ms: u64,
+    max_body_bytes: usize,
+}
+
+impl Session {
+    /// A fresh connection opened at `now_ms`.
+    pub fn new(now_ms: u64, idle_timeout_ms: u64, max_body_bytes: usize) -> Session {
+        Session {
+            phase: Phase::AwaitingHello,
+            last_frame_ms: now_ms,
+            idle_timeout_ms,
+            max_body_bytes,
+        }
+    }
+
+    /// A connection that was authenticated elsewhere (handed over between shards).
+    pub fn authenticated(user: UserId, now_ms: u64, idle_timeout_ms: u64, max_body_bytes: usize) -> Session {
+        Session {
+            phase: Phase::Authenticated(user),
+            last_frame_ms: now_ms,
+            idle_timeout_ms,
+            max_body_bytes,
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<UserId> {
+        match self.phase {
+            Phase::Authenticated(user) => Some(user),
+            _ => None,
+        }
+    }
+
+    /// When the connection counts as idle unless another frame arrives.
+    pub fn idle_deadline_ms(&self) -> u64 {
+        self.last_frame_ms.saturating_add(self.idle_timeout_ms)
+    }
+
+    /// Whether the connection has been silent past its idle timeout.
+    pub fn is_idle(&self, now_ms: u64) -> bool {
+        now_ms >= self.idle_deadline_ms()
+    }
+
+    /// Decides whether a frame may be served now. Any frame, admitted or
+    /// not, counts as activity for the idle timeout.
+    pub fn admit(&mut self, now_ms: u64, body: &ArchivedClientBody) -> Result<(), Refusal> {
+        self.last_frame_ms = self.last_frame_ms.max(now_ms);
+        use ArchivedClientBody as B;
+        match (self.phase, body) {
+            (Phase::AwaitingHello, B::Hello { version, client_name }) => {
+                if !SUPPORTED_VERSIONS.contains(&version.to_native()) {
+                    return Err(Refusal {
+                        code: ErrorCode::UnsupportedVersion,
+                        message: "protocol version not supported",
+                        close: true,
+                    });
+                }
+                if client_name.len() > CLIENT_NAME_LEN_MAX {
+                    return Err(Refusal {
+                        code: ErrorCode::InvalidArgument,
+                        message: "client name longer than 64 bytes",
+                        close: true,
+                    });
+                }
+                Ok(())
+            }
+            (Phase::AwaitingHello, _) => Err(Refusal {
+                code: ErrorCode::InvalidState,
+                message: "the first frame must be Hello",
+                close: true,
+            }),
+            (_, B::Hello { .. }) => Err(Refusal::keep(ErrorCode::InvalidState, "Hello was already sent")),
+            (_, B::Ping { .. }) => Ok(()),
+            (Phase::Anonymous, B::Register { username, password } | B::Login { username, password }) => {
+                check_username(username.as_str())?;
+                check_password(password.as_slice())?;
+                Ok(())
+            }
+            (Phase::Anonymous, B::LoginToken { token }) => {
+                if token.len() != TOKEN_LEN {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "token must be 32 bytes",
+                    ));
+                }
+                Ok(())
+            }
+            (Phase::Anonymous, _) => Err(Refusal::keep(ErrorCode::InvalidState, "log in first")),
+            (Phase::Authenticated(_), B::Register { .. } | B::Login { .. } | B::LoginToken { .. }) => {
+                Err(Refusal::keep(ErrorCode::InvalidState, "already logged in"))
+            }
+            (Phase::Authenticated(_), B::ResolveUser { username } | B::FriendAdd { username }) => {
+                check_username(username.as_str())?;
+                Ok(())
+            }
+            (Phase::Authenticated(_), B::GroupCreate { name }) => {
+                check_group_name(name.as_str())?;
+                Ok(())
+            }
+            (Phase::Authenticated(_), B::SendDirect { content, to, .. }) => {
+                if to.to_native() == 0 {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "recipient id 0 is never assigned",
+                    ));
+                }
+                self.check_content(content)
+            }
+            (Phase::Authenticated(_), B::SendGroup { content, .. }) => self.check_content(content),
+            (
+                Phase::Authenticated(_),
+                B::FriendRemove { .. }
+                | B::FriendList
+                | B::GroupJoin { .. }
+                | B::GroupLeave { .. }
+                | B::GroupMembers { .. },
+            ) => Ok(()),
+        }
+    }
+
+    fn check_content(&self, content: &ArchivedContent) -> Result<(), Refusal> {
+        if content.body.len() > self.max_body_bytes {
+            return Err(Refusal::keep(
+                ErrorCode::InvalidArgument,
+                "message body too large",
+            ));
+        }
+        if let ArchivedContentKind::Media { url, mime, .. } = &content.kind {
+            if url.is_empty() || url.len() > MEDIA_URL_LEN_MAX {
+                return Err(Refusal::keep(
+                    ErrorCode::InvalidArgument,
+                    "media URL must be 1 to 2048 bytes",
+                ));
+            }
+            if mime.is_empty() || mime.len() > MEDIA_MIME_LEN_MAX {
+                return Err(Refusal::keep(
+                    ErrorCode::InvalidArgument,
+                    "MIME type must be 1 to 128 bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that the server answered `Hello` with `HelloOk`.
+    pub fn hello_accepted(&mut self) {
+        assert_eq!(self.phase, Phase::AwaitingHello, "hello accepted twice");
+        self.phase = Phase::Anonymous;
+    }
+
+    /// Records a successful login.
+    pub fn logged_in(&mut self, user: UserId) {
+        assert_eq!(self.phase, Phase::Anonymous, "login outside the anonymous phase");
+        assert_ne!(user, 0, "user id 0 is never assigned");
+        self.phase = Phase::Authenticated(user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode_client, encode_client};
+    use crate::message::{ClientBody, ClientFrame, Content};
+    use rkyv::util::AlignedVec;
+
+    fn admit(session: &mut Session, body: ClientBody) -> Result<(), Refusal> {
+        let mut buf = AlignedVec::new();
+        encode_client(&ClientFrame { request_id: 1, body }, &mut buf, 1 << 20).unwrap();
+        let frame =
+            decode_client(&buf[8..8 + u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize]).unwrap();
+        session.admit(10, &frame.body)
+    }
+
+    fn hello() -> ClientBody {
+        ClientBody::Hello {
+            version: crate::PROTOCOL_VERSION,
+            client_name: "test".into(),
+        }
+    }
+
+    #[test]
+    fn phases_gate_requests() {
+        let mut s = Session::new(0, 1000, 1024);
+        let r = admit(&mut s, ClientBody::FriendList).unwrap_err();
+        assert!(r.close);
+        assert_eq!(r.code, ErrorCode::InvalidState);
+        admit(&mut s, hello()).unwrap();
+        s.hello_accepted();
+        assert_eq!(
+            admit(&mut s, ClientBody::FriendList).unwrap_err().code,
+            ErrorCode::InvalidState
+        );
+        admit(
+            &mut s,
+            ClientBody::Login {
+                username: "alice".into(),
+                password: b"password".to_vec(),
+            },
+        )
+        .unwrap();
+        s.logged_in(5);
+        admit(&mut s, ClientBody::FriendList).unwrap();
+        assert_eq!(admit(&mut s, hello()).unwrap_err().code, ErrorCode::InvalidState);
+        assert_eq!(s.user(), Some(5));
+    }
+
+    #[test]
+    fn bad_version_closes() {
+        let mut s = Session::new(0, 1000, 1024);
+        let r = admit(
+            &mut s,
+            ClientBody::Hello {
+                version: 99,
+                client_name: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(r.code, ErrorCode::UnsupportedVersion);
+        assert!(r.close);
+    }
+
+    #[test]
+    fn fields_are_checked() {
+        let mut s = Session::authenticated(1, 0, 1000, 16);
+        let big = ClientBody::SendDirect {
+            to: 2,
+            client_msg_id: 1,
+            content: Content::text(vec![0; 17]),
+        };
+        assert_eq!(admit(&mut s, big).unwrap_err().code, ErrorCode::InvalidArgument);
+        let to_zero = ClientBody::SendDirect {
+            to: 0,
+            client_msg_id: 1,
+            content: Content::text("hi"),
+        };
+        assert_eq!(
+            admit(&mut s, to_zero).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        assert!(admit(&mut s, ClientBody::GroupCreate { name: String::new() }).is_err());
+    }
+
+    #[test]
+    fn idle_deadline_moves_with_frames() {
+        let mut s = Session::new(0, 1000, 1024);
+        assert!(!s.is_idle(999));
+        assert!(s.is_idle(1000));
+        admit(&mut s, hello()).unwrap();
+        assert_eq!(s.idle_deadline_ms(), 1010);
+    }
+}
