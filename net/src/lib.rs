@@ -1,1 +1,17 @@
-pub fn x() {}
+//! Moving Tern frames over sockets on glommio's io_uring reactor.
+//!
+//! This crate owns the I/O edge of the server and of glommio-based clients
+//! (the load generator): binding a port that every shard accepts on
+//! ([`listen`]), splitting a stream into a reader and a writer that live in
+//! separate tasks of the same executor ([`split`]), reading frames into a
+//! [`tern_proto::FrameBuf`] and writing batches of encoded frames
+//! ([`frame_io`]), moving an accepted socket to another shard ([`handoff`]),
+//! and sizing glommio's registered I/O memory to the process's locked-memory
+//! limit ([`memlock`]). It knows nothing of users or messages: that is the
+//! engine's business.
+
+pub mod frame_io;
+pub mod handoff;
+pub mod listen;
+pub mod memlock;
+pub mod split;
