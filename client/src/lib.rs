@@ -1,1 +1,478 @@
-pub fn x() {}
+//! A blocking client for the Tern messaging server, and the `tern` CLI built on it.
+//!
+//! This library owns one TCP connection to `ternd` and everything needed to
+//! use it synchronously: the `Hello` handshake, request ids, matching each
+//! answer to its request while queueing the pushes (deliveries, presence,
+//! disconnect notices) that arrive in between, per-request timeouts, and
+//! typed helpers for every request in the protocol. Framing, validation and
+//! the message types come from [`tern_proto`] (re-exported as [`proto`]);
+//! this crate adds only the socket and the request/answer bookkeeping. It
+//! is meant for the CLI, for end-to-end tests and for tools, not for
+//! high-throughput load generation: one request is in flight at a time.
+//!
+//! ```no_run
+//! use tern_client::{Client, ClientOptions};
+//! let mut client = Client::connect("127.0.0.1:7878", ClientOptions::default())?;
+//! client.login("alice", "correct horse")?;
+//! let bob = client.resolve_user("bob")?;
+//! client.send_text(bob, "hi")?;
+//! # Ok::<(), tern_client::ClientError>(())
+//! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![forbid(unsafe_code)]
+
+mod conn;
+mod error;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use tern_proto as proto;
+pub use tern_proto::{
+    ChatMessage, ClientBody, ClientFrame, Content, ContentKind, ConvId, ErrorCode, Friend, GroupId,
+    ServerBody, ServerFrame, UserId,
+};
+
+use conn::Conn;
+pub use error::ClientError;
+use tern_proto::limits::DEFAULT_MAX_FRAME_BYTES;
+
+/// How a [`Client`] behaves; [`ClientOptions::default`] suits most uses.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// How long one request (and the TCP connect) may take. Default 10 s.
+    pub timeout: Duration,
+    /// The largest frame body accepted from the server, and the send limit
+    /// until the server announces its own in `HelloOk`.
+    pub max_frame_bytes: u32,
+    /// Sent in `Hello`; shows up in server logs. At most 64 bytes.
+    pub client_name: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            client_name: concat!("tern-client/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+/// A logged-in session, as returned by [`Client::login`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub user: UserId,
+    pub username: String,
+    /// Pass to [`Client::login_token`] on a later connection.
+    pub token: Vec<u8>,
+}
+
+/// The server's acknowledgement of a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub client_msg_id: u64,
+    pub conv: ConvId,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+}
+
+/// One connection to a Tern server.
+pub struct Client {
+    conn: Conn,
+    opts: ClientOptions,
+    /// The id the next request gets; 0 is reserved for pushes, so this starts at 1.
+    next_request_id: u64,
+    /// Source of `client_msg_id`s and ping nonces.
+    next_msg_id: u64,
+    /// Frames that arrived while a request waited for its answer, oldest first.
+    queued: VecDeque<ServerFrame>,
+    idle_timeout: Duration,
+    server_max_frame_bytes: u32,
+    user: Option<UserId>,
+}
+
+impl Client {
+    /// Connects, sends `Hello` and waits for `HelloOk`.
+    ///
+    /// Every address `addr` resolves to is tried in turn, each within
+    /// `opts.timeout`. A server that refuses the version answers with
+    /// [`ClientError::Server`] carrying [`ErrorCode::UnsupportedVersion`].
+    pub fn connect(addr: impl ToSocketAddrs, opts: ClientOptions) -> Result<Client, ClientError> {
+        let stream = connect_any(addr, opts.timeout)?;
+        let conn = Conn::new(stream, opts.max_frame_bytes, opts.timeout)?;
+        let mut client = Client {
+            conn,
+            next_request_id: 1,
+            next_msg_id: initial_msg_id(),
+            queued: VecDeque::new(),
+            idle_timeout: Duration::ZERO,
+            server_max_frame_bytes: opts.max_frame_bytes,
+            user: None,
+            opts,
+        };
+        let hello = ClientBody::Hello {
+            version: tern_proto::PROTOCOL_VERSION,
+            client_name: client.opts.client_name.clone(),
+        };
+        match client.request(hello)? {
+            ServerBody::HelloOk {
+                version,
+                max_frame_bytes,
+                idle_timeout_ms,
+            } => {
+                if version != tern_proto::PROTOCOL_VERSION {
+                    return Err(ClientError::Protocol(format!(
+                        "server chose protocol version {version}, this client speaks {}",
+                        tern_proto::PROTOCOL_VERSION
+                    )));
+                }
+                client.idle_timeout = Duration::from_millis(u64::from(idle_timeout_ms));
+                client.server_max_frame_bytes = max_frame_bytes;
+                client.conn.set_max_send(max_frame_bytes);
+                Ok(client)
+            }
+            other => Err(unexpected("HelloOk", &other)),
+        }
+    }
+
+    /// Sends one request and waits for its answer.
+    ///
+    /// Pushes (frames with `request_id` 0) that arrive first are queued for
+    /// [`Client::next_push`] / [`Client::read_frame`]; late answers to
+    /// earlier requests that timed out are dropped. An `Error` answer
+    /// becomes [`ClientError::Server`]; a `Disconnect` push while waiting
+    /// becomes [`ClientError::Disconnected`].
+    pub fn request(&mut self, body: ClientBody) -> Result<ServerBody, ClientError> {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.conn.send(&ClientFrame { request_id, body })?;
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            let Some(frame) = self.conn.recv(Some(deadline))? else {
+                return Err(ClientError::Timeout);
+            };
+            if frame.request_id == request_id {
+                return match frame.body {
+                    ServerBody::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+                    body => Ok(body),
+                };
+            }
+            if frame.request_id != 0 {
+                // The answer to a request whose caller already got Timeout.
+                continue;
+            }
+            if let ServerBody::Disconnect { code, message, .. } = frame.body {
+                return Err(ClientError::Disconnected { code, message });
+            }
+            self.queued.push_back(frame);
+        }
+    }
+
+    /// Creates an account; returns its user id. Does not log in.
+    pub fn register(&mut self, username: &str, password: &str) -> Result<UserId, ClientError> {
+        let body = ClientBody::Register {
+            username: username.to_owned(),
+            password: password.as_bytes().to_vec(),
+        };
+        match self.request(body)? {
+            ServerBody::Registered { user } => Ok(user),
+            other => Err(unexpected("Registered", &other)),
+        }
+    }
+
+    /// Logs in with a password.
+    pub fn login(&mut self, username: &str, password: &str) -> Result<Session, ClientError> {
+        let body = ClientBody::Login {
+            username: username.to_owned(),
+            password: password.as_bytes().to_vec(),
+        };
+        self.logged_in(body)
+    }
+
+    /// Logs in with a token from an earlier [`Session`].
+    pub fn login_token(&mut self, token: &[u8]) -> Result<Session, ClientError> {
+        self.logged_in(ClientBody::LoginToken {
+            token: token.to_vec(),
+        })
+    }
+
+    fn logged_in(&mut self, body: ClientBody) -> Result<Session, ClientError> {
+        match self.request(body)? {
+            ServerBody::LoggedIn {
+                user,
+                username,
+                token,
+            } => {
+                self.user = Some(user);
+                Ok(Session {
+                    user,
+                    username,
+                    token,
+                })
+            }
+            other => Err(unexpected("LoggedIn", &other)),
+        }
+    }
+
+    /// Pings the server; returns the round-trip time.
+    pub fn ping(&mut self) -> Result<Duration, ClientError> {
+        let nonce = self.fresh_id();
+        let start = Instant::now();
+        match self.request(ClientBody::Ping { nonce })? {
+            ServerBody::Pong { nonce: echoed } if echoed == nonce => Ok(start.elapsed()),
+            ServerBody::Pong { nonce: echoed } => Err(ClientError::Protocol(format!(
+                "Pong echoed nonce {echoed}, expected {nonce}"
+            ))),
+            other => Err(unexpected("Pong", &other)),
+        }
+    }
+
+    /// Looks up a user id by name.
+    pub fn resolve_user(&mut self, username: &str) -> Result<UserId, ClientError> {
+        let body = ClientBody::ResolveUser {
+            username: username.to_owned(),
+        };
+        match self.request(body)? {
+            ServerBody::User { user, .. } => Ok(user),
+            other => Err(unexpected("User", &other)),
+        }
+    }
+
+    /// Adds a friend by name; returns their id.
+    pub fn friend_add(&mut self, username: &str) -> Result<UserId, ClientError> {
+        let body = ClientBody::FriendAdd {
+            username: username.to_owned(),
+        };
+        match self.request(body)? {
+            ServerBody::User { user, .. } => Ok(user),
+            other => Err(unexpected("User", &other)),
+        }
+    }
+
+    /// Removes a friend.
+    pub fn friend_remove(&mut self, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::FriendRemove { user })
+    }
+
+    /// Lists friends with their presence.
+    pub fn friends(&mut self) -> Result<Vec<Friend>, ClientError> {
+        match self.request(ClientBody::FriendList)? {
+            ServerBody::Friends { friends } => Ok(friends),
+            other => Err(unexpected("Friends", &other)),
+        }
+    }
+
+    /// Sends a 1:1 text message with a fresh `client_msg_id`.
+    pub fn send_text(&mut self, to: UserId, text: &str) -> Result<Sent, ClientError> {
+        let client_msg_id = self.fresh_id();
+        self.send_direct(to, client_msg_id, Content::text(text))
+    }
+
+    /// Sends a 1:1 message. Resending with the same `client_msg_id` lets the
+    /// server recognise a retry.
+    pub fn send_direct(
+        &mut self,
+        to: UserId,
+        client_msg_id: u64,
+        content: Content,
+    ) -> Result<Sent, ClientError> {
+        let body = ClientBody::SendDirect {
+            to,
+            client_msg_id,
+            content,
+        };
+        self.expect_sent(body)
+    }
+
+    /// Creates a group (the caller joins it); returns its id.
+    pub fn group_create(&mut self, name: &str) -> Result<GroupId, ClientError> {
+        match self.request(ClientBody::GroupCreate {
+            name: name.to_owned(),
+        })? {
+            ServerBody::GroupCreated { group } => Ok(group),
+            other => Err(unexpected("GroupCreated", &other)),
+        }
+    }
+
+    /// Joins a group.
+    pub fn group_join(&mut self, group: GroupId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupJoin { group })
+    }
+
+    /// Leaves a group.
+    pub fn group_leave(&mut self, group: GroupId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupLeave { group })
+    }
+
+    /// Lists a group's members (the caller must be one).
+    pub fn group_members(&mut self, group: GroupId) -> Result<Vec<UserId>, ClientError> {
+        match self.request(ClientBody::GroupMembers { group })? {
+            ServerBody::Members { members, .. } => Ok(members),
+            other => Err(unexpected("Members", &other)),
+        }
+    }
+
+    /// Sends a text message to a group with a fresh `client_msg_id`.
+    pub fn send_group_text(&mut self, group: GroupId, text: &str) -> Result<Sent, ClientError> {
+        let client_msg_id = self.fresh_id();
+        self.send_group(group, client_msg_id, Content::text(text))
+    }
+
+    /// Sends a message to a group.
+    pub fn send_group(
+        &mut self,
+        group: GroupId,
+        client_msg_id: u64,
+        content: Content,
+    ) -> Result<Sent, ClientError> {
+        let body = ClientBody::SendGroup {
+            group,
+            client_msg_id,
+            content,
+        };
+        self.expect_sent(body)
+    }
+
+    /// The next push: a queued one, or the next to arrive within `timeout`
+    /// (`Ok(None)` if none does). A `Disconnect` push is returned like any
+    /// other; the call after it normally fails with [`ClientError::Closed`].
+    pub fn next_push(&mut self, timeout: Duration) -> Result<Option<ServerBody>, ClientError> {
+        // Only pushes are ever queued (see `request`).
+        if let Some(frame) = self.queued.pop_front() {
+            return Ok(Some(frame.body));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.conn.recv(Some(deadline))? {
+                None => return Ok(None),
+                Some(frame) if frame.request_id == 0 => return Ok(Some(frame.body)),
+                // A late answer to a request that timed out; nobody waits for it.
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Writes bytes as they are: for tests that send malformed frames.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.conn.send_raw(bytes)
+    }
+
+    /// The next frame of any kind (queued ones first), or `Ok(None)` after
+    /// `timeout`. Nothing is interpreted, so `Error` frames come back as
+    /// frames: this is for tests that check how the server reacts to bad input.
+    pub fn read_frame(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, ClientError> {
+        if let Some(frame) = self.queued.pop_front() {
+            return Ok(Some(frame));
+        }
+        self.conn.recv(Some(Instant::now() + timeout))
+    }
+
+    /// The server's idle timeout from `HelloOk` (zero if it announced none):
+    /// the connection must send something more often than this.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// The largest frame body the server accepts, from `HelloOk`.
+    pub fn server_max_frame_bytes(&self) -> u32 {
+        self.server_max_frame_bytes
+    }
+
+    /// The logged-in user, once [`Client::login`] or [`Client::login_token`] succeeded.
+    pub fn user(&self) -> Option<UserId> {
+        self.user
+    }
+
+    /// The local end of the connection.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.conn.local_addr()
+    }
+
+    /// The server's end of the connection.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.conn.peer_addr()
+    }
+
+    fn expect_ok(&mut self, body: ClientBody) -> Result<(), ClientError> {
+        match self.request(body)? {
+            ServerBody::Ok => Ok(()),
+            other => Err(unexpected("Ok", &other)),
+        }
+    }
+
+    fn expect_sent(&mut self, body: ClientBody) -> Result<Sent, ClientError> {
+        match self.request(body)? {
+            ServerBody::Sent {
+                client_msg_id,
+                conv,
+                seq,
+                timestamp_ms,
+            } => Ok(Sent {
+                client_msg_id,
+                conv,
+                seq,
+                timestamp_ms,
+            }),
+            other => Err(unexpected("Sent", &other)),
+        }
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_msg_id;
+        self.next_msg_id = self.next_msg_id.wrapping_add(1);
+        id
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("peer", &self.conn.peer_addr().ok())
+            .field("user", &self.user)
+            .field("next_request_id", &self.next_request_id)
+            .field("queued", &self.queued.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn connect_any(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ClientError> {
+    let mut last_err = None;
+    for addr in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout.max(Duration::from_millis(1))) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(match last_err {
+        Some(e) if e.kind() == io::ErrorKind::TimedOut => ClientError::Timeout,
+        Some(e) => ClientError::Io(e),
+        None => ClientError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "address resolved to nothing",
+        )),
+    })
+}
+
+/// A starting point for `client_msg_id`s that differs between runs and
+/// between clients started in the same process, so that a restarted client
+/// does not reuse ids the server may still deduplicate against.
+fn initial_msg_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let nth = STARTED.fetch_add(1, Ordering::Relaxed);
+    let seed =
+        nanos ^ u64::from(std::process::id()).rotate_left(32) ^ nth.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // Keep the top bit clear so counting up from here does not wrap in practice.
+    tern_proto::ids::mix64(seed) >> 1
+}
+
+fn unexpected(expected: &str, got: &ServerBody) -> ClientError {
+    ClientError::Protocol(format!("expected {expected}, server answered {got:?}"))
+}

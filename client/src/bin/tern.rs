@@ -1,0 +1,634 @@
+//! `tern`: the command-line client for a Tern server.
+//!
+//! Every subcommand opens one connection, logs in when it needs to, does its
+//! one job and exits: 0 on success, 1 with a message on stderr on failure.
+//! `listen` and `chat` stay connected and ping often enough that the
+//! server's idle timeout never closes the connection.
+
+use std::collections::{HashMap, HashSet};
+use std::io::BufRead;
+use std::process::ExitCode;
+use std::sync::mpsc::{self, TryRecvError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tern_client::{
+    ChatMessage, Client, ClientError, ClientOptions, ContentKind, ConvId, GroupId, ServerBody, Session,
+    UserId,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tern",
+    version,
+    about = "Command-line client for the Tern messaging server"
+)]
+struct Cli {
+    /// Server address (host:port).
+    #[arg(long, global = true, env = "TERN_SERVER", default_value = "127.0.0.1:7878")]
+    server: String,
+    /// Username to register or log in as.
+    #[arg(long, global = true, env = "TERN_USER")]
+    user: Option<String>,
+    /// Password for --user.
+    #[arg(long, global = true, env = "TERN_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the account given by --user and --password.
+    Register,
+    /// Send a direct message.
+    Send {
+        /// Recipient's username.
+        #[arg(long)]
+        to: String,
+        /// The message; several words are joined with spaces.
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Send a message to a group.
+    SendGroup {
+        /// Group id.
+        #[arg(long)]
+        group: GroupId,
+        /// The message; several words are joined with spaces.
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Print incoming messages and presence changes.
+    Listen {
+        /// Exit successfully after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds; an error if --count was not reached by then.
+        #[arg(long)]
+        timeout_secs: Option<u64>,
+    },
+    /// Manage friends.
+    Friends {
+        #[command(subcommand)]
+        action: FriendsCommand,
+    },
+    /// Manage groups.
+    Group {
+        #[command(subcommand)]
+        action: GroupCommand,
+    },
+    /// Interactive chat; type /help once connected.
+    Chat,
+}
+
+#[derive(Subcommand, Debug)]
+enum FriendsCommand {
+    /// Add a friend by username.
+    Add { name: String },
+    /// Remove a friend by username.
+    Remove { name: String },
+    /// List friends and whether they are online.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a group and print its id.
+    Create { name: String },
+    /// Join a group.
+    Join { id: GroupId },
+    /// Leave a group.
+    Leave { id: GroupId },
+    /// List a group's members.
+    Members { id: GroupId },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; every real error exits 1.
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Every command acts as a user, so a missing credential is reported
+    // before anything touches the network.
+    let user = cli
+        .user
+        .as_deref()
+        .ok_or_else(|| anyhow!("--user is required (or set TERN_USER)"))?;
+    let password = cli
+        .password
+        .as_deref()
+        .ok_or_else(|| anyhow!("--password is required (or set TERN_PASSWORD)"))?;
+    let mut client = Client::connect(cli.server.as_str(), client_options())
+        .with_context(|| format!("cannot connect to {}", cli.server))?;
+    if let Command::Register = cli.command {
+        let id = client
+            .register(user, password)
+            .with_context(|| format!("cannot register {user}"))?;
+        println!("registered {user} (id {id})");
+        return Ok(());
+    }
+    let session = client
+        .login(user, password)
+        .with_context(|| format!("cannot log in as {user}"))?;
+    let mut names = Names::new(&session);
+    match cli.command {
+        Command::Register => {}
+        Command::Send { to, text } => {
+            let peer = client
+                .resolve_user(&to)
+                .with_context(|| format!("cannot find user {to}"))?;
+            let sent = client.send_text(peer, &text.join(" "))?;
+            println!("sent to {to}: conv {} seq {}", fmt_conv(&sent.conv), sent.seq);
+        }
+        Command::SendGroup { group, text } => {
+            let sent = client.send_group_text(group, &text.join(" "))?;
+            println!("sent to group {group}: seq {}", sent.seq);
+        }
+        Command::Listen { count, timeout_secs } => {
+            listen(
+                &mut client,
+                &mut names,
+                count,
+                timeout_secs.map(Duration::from_secs),
+            )?;
+        }
+        Command::Friends { action } => match action {
+            FriendsCommand::Add { name } => {
+                let id = client.friend_add(&name)?;
+                println!("added {name} (id {id})");
+            }
+            FriendsCommand::Remove { name } => {
+                let id = client
+                    .resolve_user(&name)
+                    .with_context(|| format!("cannot find user {name}"))?;
+                client.friend_remove(id)?;
+                println!("removed {name}");
+            }
+            FriendsCommand::List => print_friends(&mut client, &mut names)?,
+        },
+        Command::Group { action } => match action {
+            GroupCommand::Create { name } => println!("{}", client.group_create(&name)?),
+            GroupCommand::Join { id } => {
+                client.group_join(id)?;
+                println!("joined group {id}");
+            }
+            GroupCommand::Leave { id } => {
+                client.group_leave(id)?;
+                println!("left group {id}");
+            }
+            GroupCommand::Members { id } => print_members(&mut client, &mut names, id)?,
+        },
+        Command::Chat => chat(&mut client, &session, &mut names)?,
+    }
+    Ok(())
+}
+
+fn client_options() -> ClientOptions {
+    ClientOptions {
+        client_name: concat!("tern-cli/", env!("CARGO_PKG_VERSION")).to_string(),
+        ..ClientOptions::default()
+    }
+}
+
+/// How often to ping: well inside the server's idle timeout, so one delayed
+/// ping does not cost the connection.
+fn ping_interval(idle_timeout: Duration) -> Duration {
+    if idle_timeout.is_zero() {
+        Duration::from_secs(30)
+    } else {
+        (idle_timeout / 3).max(Duration::from_millis(10))
+    }
+}
+
+/// User names the CLI has learned. The protocol has no id→name request, so
+/// names come from our own session, the friend list, and lookups by name.
+struct Names {
+    by_id: HashMap<UserId, String>,
+    by_name: HashMap<String, UserId>,
+    /// Ids a friend-list refresh already failed to name; refreshing again
+    /// for every message from a stranger would double the traffic.
+    unknown: HashSet<UserId>,
+}
+
+impl Names {
+    fn new(session: &Session) -> Names {
+        let mut names = Names {
+            by_id: HashMap::new(),
+            by_name: HashMap::new(),
+            unknown: HashSet::new(),
+        };
+        names.learn(session.user, &session.username);
+        names
+    }
+
+    fn learn(&mut self, id: UserId, name: &str) {
+        self.by_id.insert(id, name.to_owned());
+        self.by_name.insert(name.to_owned(), id);
+        self.unknown.remove(&id);
+    }
+
+    fn refresh(&mut self, client: &mut Client) -> Result<Vec<tern_client::Friend>, ClientError> {
+        let friends = client.friends()?;
+        for f in &friends {
+            self.learn(f.user, &f.username);
+        }
+        Ok(friends)
+    }
+
+    /// The name of `id`, asking the server for the friend list once if it is new.
+    fn name(&mut self, client: &mut Client, id: UserId) -> Result<String, ClientError> {
+        if !self.by_id.contains_key(&id) && !self.unknown.contains(&id) {
+            self.refresh(client)?;
+            if !self.by_id.contains_key(&id) {
+                self.unknown.insert(id);
+            }
+        }
+        Ok(self
+            .by_id
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("user {id}")))
+    }
+
+    fn resolve(&mut self, client: &mut Client, name: &str) -> Result<UserId, ClientError> {
+        if let Some(&id) = self.by_name.get(name) {
+            return Ok(id);
+        }
+        let id = client.resolve_user(name)?;
+        self.learn(id, name);
+        Ok(id)
+    }
+}
+
+fn fmt_conv(conv: &ConvId) -> String {
+    match conv {
+        ConvId::Direct { low, high } => format!("direct:{low}:{high}"),
+        ConvId::Group { group } => format!("group:{group}"),
+    }
+}
+
+/// Message text comes from other users: escape control characters so a
+/// message cannot move the cursor, clear the screen or fake extra lines.
+fn sanitize(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn fmt_message(client: &mut Client, names: &mut Names, msg: &ChatMessage) -> Result<String, ClientError> {
+    let from = names.name(client, msg.from)?;
+    let body = sanitize(&msg.content.body);
+    let content = match &msg.content.kind {
+        ContentKind::Text => body,
+        ContentKind::Media { url, mime, size } => {
+            format!(
+                "<{} {size} bytes: {}> {body}",
+                sanitize(mime.as_bytes()),
+                sanitize(url.as_bytes())
+            )
+        }
+    };
+    Ok(match msg.conv {
+        ConvId::Direct { .. } => format!("[{from}] {content}"),
+        ConvId::Group { group } => format!("[#group {group} {from}] {content}"),
+    })
+}
+
+/// What a push meant to a listening loop.
+enum Pushed {
+    Message,
+    Other,
+}
+
+/// Prints one push. A `Disconnect` ends the session, so it is an error.
+fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Result<Pushed> {
+    match body {
+        ServerBody::Message(msg) => {
+            println!("{}", fmt_message(client, names, &msg)?);
+            Ok(Pushed::Message)
+        }
+        ServerBody::Presence { user, online } => {
+            let name = names.name(client, user)?;
+            println!("* {name} is {}", if online { "online" } else { "offline" });
+            Ok(Pushed::Other)
+        }
+        ServerBody::Disconnect { code, message, .. } => {
+            bail!(
+                "server closed the connection: {code}: {}",
+                sanitize(message.as_bytes())
+            )
+        }
+        ServerBody::Error { code, message, .. } => {
+            eprintln!("* server error: {code}: {}", sanitize(message.as_bytes()));
+            Ok(Pushed::Other)
+        }
+        other => {
+            eprintln!("* unexpected push: {other:?}");
+            Ok(Pushed::Other)
+        }
+    }
+}
+
+fn listen(client: &mut Client, names: &mut Names, count: Option<u64>, limit: Option<Duration>) -> Result<()> {
+    names.refresh(client)?;
+    let interval = ping_interval(client.idle_timeout());
+    let started = Instant::now();
+    let stop_at = limit.map(|l| started + l);
+    let mut next_ping = started + interval;
+    let mut seen = 0u64;
+    loop {
+        if count.is_some_and(|n| seen >= n) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if let Some(stop_at) = stop_at.filter(|&s| now >= s) {
+            let waited = stop_at.duration_since(started).as_secs();
+            return match count {
+                Some(n) => Err(anyhow!("timed out after {waited}s with {seen} of {n} messages")),
+                None => Ok(()),
+            };
+        }
+        if now >= next_ping {
+            client.ping().context("keep-alive ping failed")?;
+            next_ping = now + interval;
+            continue;
+        }
+        let wake = stop_at.map_or(next_ping, |s| s.min(next_ping));
+        if let Some(body) = client.next_push(wake - now)? {
+            if let Pushed::Message = print_push(client, names, body)? {
+                seen += 1;
+            }
+        }
+    }
+}
+
+fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {
+    let friends = names.refresh(client)?;
+    if friends.is_empty() {
+        eprintln!("no friends yet");
+    }
+    for f in friends {
+        let state = if f.online { "online" } else { "offline" };
+        println!("{} (id {}) {state}", f.username, f.user);
+    }
+    Ok(())
+}
+
+fn print_members(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
+    let members = client.group_members(group)?;
+    for id in members {
+        let name = names.name(client, id)?;
+        if name.starts_with("user ") {
+            println!("{name}");
+        } else {
+            println!("{name} (id {id})");
+        }
+    }
+    Ok(())
+}
+
+const CHAT_HELP: &str = "\
+commands:
+  /msg NAME text    send a direct message (plain lines then go to NAME)
+  /g ID text        send to group ID (plain lines then go to the group)
+  /friend NAME      add a friend
+  /friends          list friends
+  /create NAME      create a group
+  /join ID          join a group
+  /leave ID         leave a group
+  /members ID       list a group's members
+  /help             this text
+  /quit             exit";
+
+/// Where plain (non-command) lines go: the last /msg or /g target.
+#[derive(Clone)]
+enum Target {
+    User(UserId, String),
+    Group(GroupId),
+}
+
+enum Flow {
+    Continue,
+    Quit,
+}
+
+fn chat(client: &mut Client, session: &Session, names: &mut Names) -> Result<()> {
+    names.refresh(client)?;
+    // Reading stdin blocks, so it gets its own thread; the connection stays
+    // on this one and polls both.
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(line) => {
+                    if lines_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    println!(
+        "logged in as {} (id {}); /help for commands",
+        session.username, session.user
+    );
+    let interval = ping_interval(client.idle_timeout());
+    let mut next_ping = Instant::now() + interval;
+    let mut target: Option<Target> = None;
+    loop {
+        if let Some(body) = client.next_push(Duration::from_millis(100))? {
+            print_push(client, names, body)?;
+        }
+        loop {
+            let line = match lines.try_recv() {
+                Ok(line) => line,
+                Err(TryRecvError::Empty) => break,
+                // Stdin closed: nothing more to send.
+                Err(TryRecvError::Disconnected) => return Ok(()),
+            };
+            match chat_line(client, names, &mut target, line.trim()) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Quit) => return Ok(()),
+                Err(e) => {
+                    // A refused request is the user's to fix; a dead connection ends the chat.
+                    if e.downcast_ref::<ClientError>().is_some_and(ClientError::is_fatal) {
+                        return Err(e);
+                    }
+                    eprintln!("error: {e:#}");
+                }
+            }
+        }
+        if Instant::now() >= next_ping {
+            client.ping().context("keep-alive ping failed")?;
+            next_ping = Instant::now() + interval;
+        }
+    }
+}
+
+fn chat_line(
+    client: &mut Client,
+    names: &mut Names,
+    target: &mut Option<Target>,
+    line: &str,
+) -> Result<Flow> {
+    if line.is_empty() {
+        return Ok(Flow::Continue);
+    }
+    let Some(command) = line.strip_prefix('/') else {
+        return match target.clone() {
+            Some(to) => send_to(client, &to, line),
+            None => bail!("no recipient yet: start with /msg NAME text or /g ID text"),
+        };
+    };
+    let (command, rest) = command.split_once(char::is_whitespace).unwrap_or((command, ""));
+    let rest = rest.trim();
+    match command {
+        "msg" => {
+            let (name, text) = split_arg(rest, "/msg NAME text")?;
+            let id = names.resolve(client, name)?;
+            let to = Target::User(id, name.to_owned());
+            *target = Some(to.clone());
+            send_to(client, &to, text)
+        }
+        "g" => {
+            let (id, text) = split_arg(rest, "/g ID text")?;
+            let to = Target::Group(parse_id(id)?);
+            *target = Some(to.clone());
+            send_to(client, &to, text)
+        }
+        "friend" => {
+            let name = one_arg(rest, "/friend NAME")?;
+            let id = client.friend_add(name)?;
+            names.learn(id, name);
+            println!("* added {name} (id {id})");
+            Ok(Flow::Continue)
+        }
+        "friends" => print_friends(client, names).map(|()| Flow::Continue),
+        "create" => {
+            let name = one_arg(rest, "/create NAME")?;
+            let id = client.group_create(name)?;
+            println!("* created group {name} (id {id})");
+            Ok(Flow::Continue)
+        }
+        "join" => {
+            let id = parse_id(one_arg(rest, "/join ID")?)?;
+            client.group_join(id)?;
+            println!("* joined group {id}");
+            Ok(Flow::Continue)
+        }
+        "leave" => {
+            let id = parse_id(one_arg(rest, "/leave ID")?)?;
+            client.group_leave(id)?;
+            println!("* left group {id}");
+            Ok(Flow::Continue)
+        }
+        "members" => {
+            let id = parse_id(one_arg(rest, "/members ID")?)?;
+            print_members(client, names, id).map(|()| Flow::Continue)
+        }
+        "help" => {
+            println!("{CHAT_HELP}");
+            Ok(Flow::Continue)
+        }
+        "quit" | "exit" => Ok(Flow::Quit),
+        other => bail!("unknown command /{other}; /help lists them"),
+    }
+}
+
+fn send_to(client: &mut Client, to: &Target, text: &str) -> Result<Flow> {
+    match to {
+        Target::User(id, name) => {
+            let sent = client.send_text(*id, text)?;
+            println!("(to {name}, seq {})", sent.seq);
+        }
+        Target::Group(group) => {
+            let sent = client.send_group_text(*group, text)?;
+            println!("(to group {group}, seq {})", sent.seq);
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+fn split_arg<'a>(rest: &'a str, usage: &str) -> Result<(&'a str, &'a str)> {
+    match rest.split_once(char::is_whitespace) {
+        Some((arg, text)) if !text.trim().is_empty() => Ok((arg, text.trim())),
+        _ => bail!("usage: {usage}"),
+    }
+}
+
+fn one_arg<'a>(rest: &'a str, usage: &str) -> Result<&'a str> {
+    if rest.is_empty() {
+        bail!("usage: {usage}");
+    }
+    Ok(rest)
+}
+
+fn parse_id(s: &str) -> Result<u64> {
+    s.parse().with_context(|| format!("{s:?} is not a numeric id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_send_with_several_words() {
+        let cli = Cli::try_parse_from(["tern", "--user", "alice", "send", "--to", "bob", "hello", "there"])
+            .unwrap();
+        match cli.command {
+            Command::Send { to, text } => {
+                assert_eq!(to, "bob");
+                assert_eq!(text.join(" "), "hello there");
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sanitize_escapes_control_characters() {
+        assert_eq!(sanitize(b"hi\x1b[2Jthere\n"), "hi\\u{1b}[2Jthere\\n");
+        assert_eq!(sanitize("héllo".as_bytes()), "héllo");
+        assert_eq!(sanitize(&[0xff, b'a']), "\u{fffd}a");
+    }
+
+    #[test]
+    fn ping_interval_stays_inside_idle_timeout() {
+        assert_eq!(ping_interval(Duration::from_secs(30)), Duration::from_secs(10));
+        assert_eq!(ping_interval(Duration::ZERO), Duration::from_secs(30));
+        assert_eq!(ping_interval(Duration::from_millis(3)), Duration::from_millis(10));
+    }
+}

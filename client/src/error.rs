@@ -1,0 +1,50 @@
+//! The one error type every client call returns.
+//!
+//! The variants separate what a caller reacts to differently: the server
+//! refused one request but the connection lives on ([`ClientError::Server`]),
+//! the server announced it is closing the connection
+//! ([`ClientError::Disconnected`]), the connection is simply gone
+//! ([`ClientError::Closed`]), the server was too slow ([`ClientError::Timeout`]),
+//! or the bytes made no sense ([`ClientError::Protocol`]).
+
+use tern_proto::ErrorCode;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed (connect refused, an unreachable address, ...).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The server answered the request with an error; the connection is still usable
+    /// unless the code says otherwise (e.g. [`ErrorCode::UnsupportedVersion`]).
+    #[error("server refused the request: {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    /// The server pushed `Disconnect` while a request was waiting for its answer.
+    #[error("server is closing the connection: {code}: {message}")]
+    Disconnected { code: ErrorCode, message: String },
+    /// The server closed (or reset) the connection.
+    #[error("connection closed by the server")]
+    Closed,
+    /// No answer arrived within the configured time.
+    #[error("timed out waiting for the server")]
+    Timeout,
+    /// The server sent something this client cannot make sense of, or a
+    /// request could not be encoded within the frame limit.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The server's error code, for [`ClientError::Server`] and [`ClientError::Disconnected`].
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } | ClientError::Disconnected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection can no longer be used after this error.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, ClientError::Server { .. } | ClientError::Timeout)
+    }
+}

@@ -1,0 +1,461 @@
+//! The client's frame handling against a scripted fake server (see `common`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::{connected, fake_server, message, opts, Peer, IDLE_MS};
+use rkyv::util::AlignedVec;
+use tern_client::{
+    Client, ClientBody, ClientError, Content, ConvId, ErrorCode, Friend, ServerBody, ServerFrame,
+};
+use tern_proto::{encode_server, PROTOCOL_VERSION};
+
+#[test]
+fn hello_records_server_limits_and_ping_measures_rtt() {
+    let (mut client, server) = connected(|mut peer| {
+        let frame = peer.recv();
+        assert_eq!(frame.request_id, 2, "ids count up from Hello's 1");
+        let ClientBody::Ping { nonce } = frame.body else {
+            panic!("expected Ping, got {:?}", frame.body)
+        };
+        peer.send(2, ServerBody::Pong { nonce });
+        peer.wait_closed();
+    });
+    assert_eq!(client.idle_timeout(), Duration::from_millis(u64::from(IDLE_MS)));
+    assert_eq!(client.server_max_frame_bytes(), 64 * 1024);
+    assert!(client.local_addr().unwrap().ip().is_loopback());
+    let rtt = client.ping().unwrap();
+    assert!(rtt < Duration::from_secs(2));
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn pushes_before_the_answer_are_queued_in_order() {
+    let (mut client, server) = connected(|mut peer| {
+        let frame = peer.recv();
+        assert!(matches!(frame.body, ClientBody::FriendList));
+        peer.push(message(5, "first"));
+        peer.push(ServerBody::Presence {
+            user: 5,
+            online: true,
+        });
+        // A late answer to some earlier request: must be dropped, not queued.
+        peer.send(77, ServerBody::Ok);
+        let friends = vec![Friend {
+            user: 5,
+            username: "bob".into(),
+            online: true,
+        }];
+        peer.send(frame.request_id, ServerBody::Friends { friends });
+        peer.push(ServerBody::Presence {
+            user: 5,
+            online: false,
+        });
+        peer.wait_closed();
+    });
+    let friends = client.friends().unwrap();
+    assert_eq!(friends.len(), 1);
+    assert_eq!(friends[0].username, "bob");
+    let wait = Duration::from_secs(2);
+    assert_eq!(client.next_push(wait).unwrap(), Some(message(5, "first")));
+    assert_eq!(
+        client.next_push(wait).unwrap(),
+        Some(ServerBody::Presence {
+            user: 5,
+            online: true
+        })
+    );
+    assert_eq!(
+        client.next_push(wait).unwrap(),
+        Some(ServerBody::Presence {
+            user: 5,
+            online: false
+        })
+    );
+    let start = Instant::now();
+    assert_eq!(client.next_push(Duration::from_millis(100)).unwrap(), None);
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn error_answer_is_a_server_error_and_the_connection_lives_on() {
+    let (mut client, server) = connected(|mut peer| {
+        let frame = peer.recv();
+        peer.send(
+            frame.request_id,
+            ServerFrame::error(0, ErrorCode::UsernameTaken, "taken").body,
+        );
+        let frame = peer.recv();
+        assert_eq!(
+            frame.body,
+            ClientBody::ResolveUser {
+                username: "bob".into()
+            }
+        );
+        peer.send(
+            frame.request_id,
+            ServerBody::User {
+                user: 5,
+                username: "bob".into(),
+            },
+        );
+        peer.wait_closed();
+    });
+    match client.register("alice", "password1") {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::UsernameTaken);
+            assert_eq!(message, "taken");
+        }
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    assert_eq!(client.resolve_user("bob").unwrap(), 5);
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn disconnect_push_while_waiting_is_disconnected_then_closed() {
+    let (mut client, server) = connected(|mut peer| {
+        peer.recv();
+        peer.push(ServerBody::Disconnect {
+            code: ErrorCode::ShuttingDown,
+            message: "bye".into(),
+            retry_after_ms: 1000,
+        });
+        // Dropping the peer closes the socket.
+    });
+    match client.send_text(5, "hi") {
+        Err(ClientError::Disconnected { code, message }) => {
+            assert_eq!(code, ErrorCode::ShuttingDown);
+            assert_eq!(message, "bye");
+        }
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    server.join().unwrap();
+    assert!(matches!(
+        client.next_push(Duration::from_secs(2)),
+        Err(ClientError::Closed)
+    ));
+}
+
+#[test]
+fn server_closing_is_closed() {
+    let (mut client, server) = connected(|mut peer| {
+        peer.recv();
+    });
+    assert!(matches!(client.friends(), Err(ClientError::Closed)));
+    server.join().unwrap();
+    assert!(matches!(
+        client.next_push(Duration::from_secs(1)),
+        Err(ClientError::Closed)
+    ));
+    assert!(matches!(
+        client.read_frame(Duration::from_secs(1)),
+        Err(ClientError::Closed)
+    ));
+}
+
+#[test]
+fn unanswered_request_times_out_and_its_late_answer_is_dropped() {
+    let (addr, server) = fake_server(|mut peer| {
+        peer.hello(64 * 1024);
+        let slow = peer.recv();
+        // Answer only after the client gave up and asked again.
+        let next = peer.recv();
+        peer.send(slow.request_id, ServerBody::GroupCreated { group: 1 });
+        peer.send(next.request_id, ServerBody::GroupCreated { group: 2 });
+        peer.wait_closed();
+    });
+    let mut client = Client::connect(addr, opts(Duration::from_millis(200))).unwrap();
+    let start = Instant::now();
+    assert!(matches!(client.group_create("slow"), Err(ClientError::Timeout)));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert_eq!(client.group_create("next").unwrap(), 2);
+    assert_eq!(client.next_push(Duration::from_millis(50)).unwrap(), None);
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn refused_version_fails_connect() {
+    let (addr, server) = fake_server(|mut peer| {
+        let frame = peer.recv();
+        peer.send(
+            frame.request_id,
+            ServerBody::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message: "no".into(),
+                supported_versions: vec![2],
+            },
+        );
+    });
+    match Client::connect(addr, opts(Duration::from_secs(2))) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::UnsupportedVersion),
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+    server.join().unwrap();
+}
+
+#[test]
+fn frames_split_into_single_bytes_are_reassembled() {
+    let (addr, server) = fake_server(|mut peer| {
+        peer.recv();
+        let mut out = AlignedVec::new();
+        let hello_ok = ServerFrame {
+            request_id: 1,
+            body: ServerBody::HelloOk {
+                version: PROTOCOL_VERSION,
+                max_frame_bytes: 1000,
+                idle_timeout_ms: 9000,
+            },
+        };
+        encode_server(&hello_ok, &mut out, 1 << 20).unwrap();
+        encode_server(
+            &ServerFrame {
+                request_id: 0,
+                body: message(3, "split"),
+            },
+            &mut out,
+            1 << 20,
+        )
+        .unwrap();
+        for byte in out.iter() {
+            peer.stream.write_all(&[*byte]).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        peer.wait_closed();
+    });
+    let mut client = Client::connect(addr, opts(Duration::from_secs(5))).unwrap();
+    assert_eq!(client.idle_timeout(), Duration::from_secs(9));
+    assert_eq!(client.server_max_frame_bytes(), 1000);
+    assert_eq!(
+        client.next_push(Duration::from_secs(5)).unwrap(),
+        Some(message(3, "split"))
+    );
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn garbage_from_the_server_is_a_protocol_error() {
+    // Reserved flags set.
+    let (mut client, server) = connected(|mut peer| {
+        peer.recv();
+        peer.stream
+            .write_all(&[8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
+        peer.wait_closed();
+    });
+    assert!(
+        matches!(client.ping(), Err(ClientError::Protocol(_))),
+        "reserved flags"
+    );
+    drop(client);
+    server.join().unwrap();
+
+    // A length above the client's limit is refused before anything is allocated for it.
+    let (mut client, server) = connected(|mut peer| {
+        peer.recv();
+        peer.stream
+            .write_all(&[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0])
+            .unwrap();
+        peer.wait_closed();
+    });
+    assert!(
+        matches!(client.ping(), Err(ClientError::Protocol(_))),
+        "oversized"
+    );
+    drop(client);
+    server.join().unwrap();
+
+    // A well-framed body that is not a valid archive.
+    let (mut client, server) = connected(|mut peer| {
+        peer.recv();
+        let mut frame = vec![16, 0, 0, 0, 0, 0, 0, 0];
+        frame.extend_from_slice(&[0xab; 16]);
+        peer.stream.write_all(&frame).unwrap();
+        peer.wait_closed();
+    });
+    assert!(
+        matches!(client.ping(), Err(ClientError::Protocol(_))),
+        "invalid archive"
+    );
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn send_raw_and_read_frame_expose_the_wire() {
+    let garbage = [
+        0x10, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+    ];
+    let (mut client, server) = connected(move |mut peer| {
+        let mut got = [0u8; 24];
+        peer.stream.read_exact(&mut got).unwrap();
+        assert_eq!(got, garbage);
+        peer.push(ServerFrame::error(0, ErrorCode::MalformedFrame, "bad frame").body);
+        peer.push(ServerBody::Disconnect {
+            code: ErrorCode::MalformedFrame,
+            message: "bad frame".into(),
+            retry_after_ms: 0,
+        });
+    });
+    client.send_raw(&garbage).unwrap();
+    let wait = Duration::from_secs(2);
+    let first = client.read_frame(wait).unwrap().unwrap();
+    assert_eq!(first.request_id, 0);
+    assert!(matches!(
+        first.body,
+        ServerBody::Error {
+            code: ErrorCode::MalformedFrame,
+            ..
+        }
+    ));
+    let second = client.read_frame(wait).unwrap().unwrap();
+    assert!(matches!(second.body, ServerBody::Disconnect { .. }));
+    server.join().unwrap();
+    assert!(matches!(client.read_frame(wait), Err(ClientError::Closed)));
+}
+
+#[test]
+fn typed_helpers_send_the_right_requests() {
+    let (mut client, server) = connected(|mut peer| {
+        let mut expected_id = 2;
+        let mut next = |peer: &mut Peer| {
+            let frame = peer.recv();
+            assert_eq!(frame.request_id, expected_id);
+            expected_id += 1;
+            frame
+        };
+        let f = next(&mut peer);
+        assert_eq!(
+            f.body,
+            ClientBody::Login {
+                username: "alice".into(),
+                password: b"password1".to_vec()
+            }
+        );
+        let answer = ServerBody::LoggedIn {
+            user: 1,
+            username: "alice".into(),
+            token: vec![7; 32],
+        };
+        peer.send(f.request_id, answer);
+        let mut msg_ids = Vec::new();
+        for _ in 0..2 {
+            let f = next(&mut peer);
+            let ClientBody::SendDirect {
+                to,
+                client_msg_id,
+                content,
+            } = f.body
+            else {
+                panic!("expected SendDirect")
+            };
+            assert_eq!((to, content), (5, Content::text("hi")));
+            msg_ids.push(client_msg_id);
+            let sent = ServerBody::Sent {
+                client_msg_id,
+                conv: ConvId::direct(1, 5),
+                seq: msg_ids.len() as u64,
+                timestamp_ms: 42,
+            };
+            peer.send(f.request_id, sent);
+        }
+        assert_eq!(msg_ids[1], msg_ids[0].wrapping_add(1), "client_msg_ids count up");
+        let f = next(&mut peer);
+        assert_eq!(f.body, ClientBody::GroupCreate { name: "rust".into() });
+        peer.send(f.request_id, ServerBody::GroupCreated { group: 9 });
+        let f = next(&mut peer);
+        assert_eq!(f.body, ClientBody::GroupJoin { group: 9 });
+        peer.send(f.request_id, ServerBody::Ok);
+        let f = next(&mut peer);
+        assert_eq!(f.body, ClientBody::GroupMembers { group: 9 });
+        peer.send(
+            f.request_id,
+            ServerBody::Members {
+                group: 9,
+                members: vec![1, 5],
+            },
+        );
+        let f = next(&mut peer);
+        let ClientBody::SendGroup {
+            group, client_msg_id, ..
+        } = f.body
+        else {
+            panic!("expected SendGroup")
+        };
+        assert_eq!(group, 9);
+        let sent = ServerBody::Sent {
+            client_msg_id,
+            conv: ConvId::Group { group: 9 },
+            seq: 1,
+            timestamp_ms: 43,
+        };
+        peer.send(f.request_id, sent);
+        let f = next(&mut peer);
+        assert_eq!(f.body, ClientBody::FriendRemove { user: 5 });
+        // The wrong answer type must not be taken for success.
+        peer.send(f.request_id, ServerBody::Pong { nonce: 0 });
+        peer.wait_closed();
+    });
+    let session = client.login("alice", "password1").unwrap();
+    assert_eq!(session.user, 1);
+    assert_eq!(session.token, vec![7; 32]);
+    assert_eq!(client.user(), Some(1));
+    let a = client.send_text(5, "hi").unwrap();
+    let b = client.send_text(5, "hi").unwrap();
+    assert_eq!((a.seq, b.seq), (1, 2));
+    assert_eq!(a.conv, ConvId::direct(5, 1));
+    assert_ne!(a.client_msg_id, b.client_msg_id);
+    assert_eq!(client.group_create("rust").unwrap(), 9);
+    client.group_join(9).unwrap();
+    assert_eq!(client.group_members(9).unwrap(), vec![1, 5]);
+    let sent = client.send_group_text(9, "hello group").unwrap();
+    assert_eq!(sent.conv, ConvId::Group { group: 9 });
+    assert!(matches!(client.friend_remove(5), Err(ClientError::Protocol(_))));
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn request_over_the_servers_frame_limit_is_refused_locally() {
+    let (addr, server) = fake_server(|mut peer| {
+        peer.hello(256);
+        let frame = peer.recv();
+        assert!(
+            matches!(frame.body, ClientBody::Ping { .. }),
+            "the big frame must not be sent"
+        );
+        let ClientBody::Ping { nonce } = frame.body else {
+            unreachable!()
+        };
+        peer.send(frame.request_id, ServerBody::Pong { nonce });
+        peer.wait_closed();
+    });
+    let mut client = Client::connect(addr, opts(Duration::from_secs(2))).unwrap();
+    let big = "x".repeat(1000);
+    assert!(matches!(client.send_text(5, &big), Err(ClientError::Protocol(_))));
+    client.ping().unwrap();
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn connecting_to_a_closed_port_is_an_io_error() {
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    match Client::connect(addr, opts(Duration::from_secs(2))) {
+        Err(ClientError::Io(_)) => {}
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+}
