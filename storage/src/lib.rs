@@ -1,1 +1,293 @@
-pub fn x() {}
+//! Tern's durable store for accounts, session tokens, friendships and
+//! groups: everything the server must remember about *who* exists and *who
+//! may talk to whom*, kept in one fjall database (an LSM tree with a
+//! write-ahead journal) under a directory of its own. It hashes passwords
+//! with argon2id, keeps only SHA-256 digests of session tokens, and writes
+//! every multi-key change (both edges of a friendship, a member and the
+//! group's member count) in one atomic batch, synced to disk when
+//! [`StoreOptions::fsync`] is set. It does not store messages: offline
+//! inboxes, history and receipts come in a later issue and will live in
+//! keyspaces of their own. Every call blocks on disk I/O and is meant for a
+//! blocking thread pool; [`Store`] is a cheap `Clone + Send + Sync` handle.
+//! The byte layout is documented in `docs/storage.md`.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+mod accounts;
+mod codec;
+mod error;
+mod groups;
+mod social;
+mod tokens;
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
+
+pub use error::StoreError;
+pub use tern_proto::{GroupId, UserId};
+
+/// fjall's flush and compaction threads. The store is small and written
+/// rarely; two threads keep flushes from stalling behind a compaction
+/// without taking cores from the shards.
+const WORKER_THREADS: usize = 2;
+
+/// Tunables of a [`Store`]. Use `..StoreOptions::default()` for the rest.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// argon2id memory cost in KiB for new password hashes.
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations (time cost) for new password hashes.
+    pub argon2_iterations: u32,
+    /// How long an issued session token stays valid.
+    pub token_ttl: Duration,
+    /// Most friends one user may have.
+    pub max_friends: usize,
+    /// Most members one group may have (the owner included).
+    pub max_group_members: usize,
+    /// Sync account, token-revocation, friend and group writes to disk
+    /// before returning (`fdatasync`); see `docs/storage.md`.
+    pub fsync: bool,
+}
+
+impl Default for StoreOptions {
+    /// OWASP's argon2id baseline (19 MiB, 2 iterations, 1 lane), 30-day
+    /// tokens, and syncing on.
+    fn default() -> StoreOptions {
+        StoreOptions {
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            token_ttl: Duration::from_secs(30 * 24 * 60 * 60),
+            max_friends: 1000,
+            max_group_members: 10_000,
+            fsync: true,
+        }
+    }
+}
+
+/// A group as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub id: GroupId,
+    pub name: String,
+    pub owner: UserId,
+}
+
+/// A handle to an open store. Clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A keyspace with the name it was opened under, so decode errors can
+/// name it.
+struct Ks {
+    name: &'static str,
+    handle: Keyspace,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: Database,
+    /// username -> account (user id, password hash).
+    accounts: Ks,
+    /// user id -> username.
+    users: Ks,
+    /// sha256(token) -> (user, expiry).
+    tokens: Ks,
+    /// user ++ sha256(token) -> expiry: lets `revoke_tokens` find a user's tokens.
+    user_tokens: Ks,
+    /// user ++ friend -> (), both directions.
+    friends: Ks,
+    /// group id -> (owner, member count, name).
+    groups: Ks,
+    /// group ++ user -> ().
+    members: Ks,
+    opts: StoreOptions,
+    argon2: argon2::Argon2<'static>,
+    /// A hash to verify against for unknown usernames, built on first use.
+    dummy_hash: OnceLock<String>,
+    /// Serialises registration (name check + insert) and owns the next user id.
+    register_lock: Mutex<u64>,
+    /// Serialises friendship changes so limit checks see a stable count.
+    friends_lock: Mutex<()>,
+    /// Serialises group changes (member counts) and owns the next group id.
+    groups_lock: Mutex<u64>,
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating the directory and keyspaces if
+    /// needed. A directory fjall cannot read as a database (damaged files,
+    /// another process holding its lock) is an error naming `dir`.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        let argon2 = accounts::hasher(&opts)?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+            path: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let open_err = |e: fjall::Error| open_error(dir, e);
+        // fjall asserts on some states it cannot recover from; a damaged
+        // store must surface as an error the operator can act on, not
+        // take down the process that opened it.
+        let db = catch_panic(dir, || {
+            Database::builder(dir)
+                .worker_threads(WORKER_THREADS)
+                .open()
+                .map_err(open_err)
+        })?;
+        let ks = |name: &'static str| -> Result<Ks, StoreError> {
+            let handle = catch_panic(dir, || {
+                db.keyspace(name, KeyspaceCreateOptions::default)
+                    .map_err(open_err)
+            })?;
+            Ok(Ks { name, handle })
+        };
+        let users = ks("users")?;
+        let groups = ks("groups")?;
+        let next_user = next_id(&users)?;
+        let next_group = next_id(&groups)?;
+        let inner = Inner {
+            dir: dir.to_path_buf(),
+            accounts: ks("accounts")?,
+            users,
+            tokens: ks("tokens")?,
+            user_tokens: ks("user_tokens")?,
+            friends: ks("friends")?,
+            groups,
+            members: ks("members")?,
+            db,
+            opts,
+            argon2,
+            dummy_hash: OnceLock::new(),
+            register_lock: Mutex::new(next_user),
+            friends_lock: Mutex::new(()),
+            groups_lock: Mutex::new(next_group),
+        };
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Syncs everything written so far to disk (`fsync` of the journal).
+    /// Call on clean shutdown, so that writes made without `fsync` (tokens,
+    /// or everything when [`StoreOptions::fsync`] is off) survive a crash
+    /// of the machine that follows.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Commits `batch`, syncing it first when it carries state the caller
+    /// was promised is durable and the options ask for syncing.
+    fn commit(&self, batch: OwnedWriteBatch, durable: bool) -> Result<(), StoreError> {
+        let mode = (durable && self.opts.fsync).then_some(PersistMode::SyncData);
+        batch.durability(mode).commit()?;
+        Ok(())
+    }
+}
+
+impl Ks {
+    fn corrupt(&self, key: &[u8], detail: impl Display) -> StoreError {
+        StoreError::Corrupt {
+            path: self.handle.path().to_path_buf(),
+            detail: format!("keyspace `{}`, key {}: {detail}", self.name, hex(key)),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
+        Ok(self.handle.get(key)?)
+    }
+
+    /// The second ids of every `prefix ++ id` key, ascending.
+    fn scan_pairs(&self, first: u64) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.handle.prefix(codec::id_key(first)) {
+            let (key, value) = guard.into_inner()?;
+            codec::check_empty(&value).map_err(|d| self.corrupt(&key, d))?;
+            out.push(codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?);
+        }
+        Ok(out)
+    }
+}
+
+/// The id after the largest key in `ks` (1 for an empty keyspace).
+fn next_id(ks: &Ks) -> Result<u64, StoreError> {
+    let Some(guard) = ks.handle.last_key_value() else {
+        return Ok(1);
+    };
+    let key = guard.key()?;
+    let last = codec::decode_id_key(&key).map_err(|d| ks.corrupt(&key, d))?;
+    last.checked_add(1)
+        .ok_or_else(|| ks.corrupt(&key, "id space exhausted"))
+}
+
+fn open_error(dir: &Path, e: fjall::Error) -> StoreError {
+    let path = dir.to_path_buf();
+    match e {
+        fjall::Error::Io(io) => StoreError::Io {
+            path,
+            detail: io.to_string(),
+        },
+        fjall::Error::Locked => StoreError::Io {
+            path,
+            detail: "the store is locked by another process or handle".to_owned(),
+        },
+        other => StoreError::Corrupt {
+            path,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn catch_panic<T>(dir: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        Err(StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            detail: format!("storage engine panicked while opening: {msg}"),
+        })
+    })
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked:
+/// the counters are only advanced after a successful commit.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Milliseconds since the Unix epoch; a clock before 1970 reads as 0.
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,144 @@
+//! Accounts: registration, password checks and the two name/id lookups.
+//! It owns the `accounts` (username -> id + argon2id PHC string) and
+//! `users` (id -> username) keyspaces and the password hashing policy.
+//! Names are checked against the protocol's rules here as well as in the
+//! engine, because the name is a storage key and must stay bounded.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tern_proto::limits::{check_password, check_username};
+
+use crate::codec;
+use crate::{lock, Inner, Store, StoreError, StoreOptions, UserId};
+
+/// Bytes of random salt per password (the PHC recommendation's 16).
+const SALT_LEN: usize = 16;
+
+/// Builds the hasher for new passwords. Verification takes its parameters
+/// from each stored PHC string instead, so raising the cost later does not
+/// lock out existing accounts.
+pub(crate) fn hasher(opts: &StoreOptions) -> Result<Argon2<'static>, StoreError> {
+    let params = Params::new(opts.argon2_memory_kib, opts.argon2_iterations, 1, None)
+        .map_err(|_| StoreError::InvalidArgument("argon2 parameters out of range"))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+impl Inner {
+    fn hash_password(&self, password: &[u8]) -> Result<String, StoreError> {
+        let mut salt = [0u8; SALT_LEN];
+        getrandom::fill(&mut salt).map_err(|e| StoreError::Crypto(format!("random source: {e}")))?;
+        let salt = SaltString::encode_b64(&salt).map_err(|e| StoreError::Crypto(e.to_string()))?;
+        let hash = self
+            .argon2
+            .hash_password(password, &salt)
+            .map_err(|e| StoreError::Crypto(e.to_string()))?;
+        Ok(hash.to_string())
+    }
+
+    /// Whether `password` matches `phc`. An unparsable PHC string is corrupt
+    /// data, not a failed login, so it is reported as such by the caller.
+    fn password_matches(&self, phc: &str, password: &[u8]) -> Result<bool, String> {
+        let parsed = PasswordHash::new(phc).map_err(|e| format!("bad password hash: {e}"))?;
+        Ok(self.argon2.verify_password(password, &parsed).is_ok())
+    }
+
+    /// Spends about as long as a real check, so response time does not
+    /// reveal whether a username exists.
+    fn dummy_verify(&self, password: &[u8]) {
+        let phc = match self.dummy_hash.get() {
+            Some(phc) => phc,
+            None => match self.hash_password(b"tern-dummy-password") {
+                Ok(phc) => self.dummy_hash.get_or_init(|| phc),
+                Err(_) => return,
+            },
+        };
+        let _ = self.password_matches(phc, password);
+    }
+
+    fn lookup_account(&self, username: &str) -> Result<Option<(UserId, String)>, StoreError> {
+        let key = username.as_bytes();
+        let Some(value) = self.accounts.get(key)? else {
+            return Ok(None);
+        };
+        let (user, phc) = codec::decode_account(&value).map_err(|d| self.accounts.corrupt(key, d))?;
+        Ok(Some((user, phc.to_owned())))
+    }
+
+    /// Whether `user` is a registered id.
+    pub(crate) fn user_exists(&self, user: UserId) -> Result<bool, StoreError> {
+        Ok(self.users.handle.contains_key(codec::id_key(user))?)
+    }
+}
+
+impl Store {
+    /// Creates an account and returns its id. Ids are dense from 1.
+    ///
+    /// The password is hashed (argon2id, random salt) before the
+    /// registration lock is taken, so concurrent registrations hash in
+    /// parallel and only the name check and insert are serialised.
+    pub fn register(&self, username: &str, password: &[u8]) -> Result<UserId, StoreError> {
+        check_username(username).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
+        check_password(password).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
+        let inner = &*self.inner;
+        let phc = inner.hash_password(password)?;
+        let mut next_id = lock(&inner.register_lock);
+        if inner.accounts.handle.contains_key(username.as_bytes())? {
+            return Err(StoreError::UsernameTaken);
+        }
+        let user = *next_id;
+        let mut batch = inner.db.batch();
+        batch.insert(
+            &inner.accounts.handle,
+            username.as_bytes(),
+            codec::encode_account(user, &phc),
+        );
+        batch.insert(
+            &inner.users.handle,
+            codec::id_key(user),
+            codec::encode_user(username),
+        );
+        inner.commit(batch, true)?;
+        *next_id = user + 1;
+        Ok(user)
+    }
+
+    /// Checks a username and password and returns the user's id.
+    /// Unknown user and wrong password are both [`StoreError::AuthFailed`].
+    pub fn verify_password(&self, username: &str, password: &[u8]) -> Result<UserId, StoreError> {
+        let inner = &*self.inner;
+        // A name that could never have been registered is simply unknown;
+        // checking it first keeps arbitrary bytes out of the key lookup.
+        let account = match check_username(username) {
+            Ok(()) => inner.lookup_account(username)?,
+            Err(_) => None,
+        };
+        let Some((user, phc)) = account else {
+            inner.dummy_verify(password);
+            return Err(StoreError::AuthFailed);
+        };
+        match inner.password_matches(&phc, password) {
+            Ok(true) => Ok(user),
+            Ok(false) => Err(StoreError::AuthFailed),
+            Err(detail) => Err(inner.accounts.corrupt(username.as_bytes(), detail)),
+        }
+    }
+
+    /// The username of `user`, if registered.
+    pub fn username(&self, user: UserId) -> Result<Option<String>, StoreError> {
+        let users = &self.inner.users;
+        let key = codec::id_key(user);
+        let Some(value) = users.get(&key)? else {
+            return Ok(None);
+        };
+        let name = codec::decode_user(&value).map_err(|d| users.corrupt(&key, d))?;
+        Ok(Some(name.to_owned()))
+    }
+
+    /// The id registered under `username`, if any.
+    pub fn user_id(&self, username: &str) -> Result<Option<UserId>, StoreError> {
+        if check_username(username).is_err() {
+            return Ok(None);
+        }
+        Ok(self.inner.lookup_account(username)?.map(|(user, _)| user))
+    }
+}

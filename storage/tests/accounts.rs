@@ -1,0 +1,263 @@
+//! Accounts and tokens over a real store: registration, password checks,
+//! token lifetime and revocation, and concurrent registration.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+
+use common::{open, open_with, tiny_ttl};
+use tern_storage::{Store, StoreError, StoreOptions};
+
+#[test]
+fn handle_is_clone_send_sync() {
+    fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+    assert_traits::<Store>();
+}
+
+#[test]
+fn default_options_follow_the_spec() {
+    let o = StoreOptions::default();
+    assert_eq!((o.argon2_memory_kib, o.argon2_iterations), (19_456, 2));
+    assert_eq!(o.token_ttl.as_secs(), 30 * 24 * 3600);
+    assert_eq!(
+        (o.max_friends, o.max_group_members, o.fsync),
+        (1000, 10_000, true)
+    );
+}
+
+#[test]
+fn register_then_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.register("alice", b"password1").unwrap(), 1);
+    assert_eq!(store.register("bob", b"password2").unwrap(), 2);
+    assert_eq!(store.verify_password("alice", b"password1").unwrap(), 1);
+    assert_eq!(store.verify_password("bob", b"password2").unwrap(), 2);
+    assert_eq!(store.username(1).unwrap().as_deref(), Some("alice"));
+    assert_eq!(store.username(3).unwrap(), None);
+    assert_eq!(store.user_id("bob").unwrap(), Some(2));
+    assert_eq!(store.user_id("carol").unwrap(), None);
+    assert_eq!(store.user_id("NOT VALID").unwrap(), None);
+}
+
+#[test]
+fn default_argon2_parameters_hash_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| *o = StoreOptions::default());
+    let id = store.register("alice", b"correct horse").unwrap();
+    assert_eq!(store.verify_password("alice", b"correct horse").unwrap(), id);
+}
+
+#[test]
+fn password_hashes_keep_their_own_parameters() {
+    // Raising the cost later must not lock out accounts hashed earlier.
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).register("alice", b"password1").unwrap();
+    let store = open_with(dir.path(), |o| o.argon2_memory_kib = 256);
+    assert_eq!(store.verify_password("alice", b"password1").unwrap(), 1);
+}
+
+#[test]
+fn duplicate_username_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.register("alice", b"password1").unwrap();
+    assert!(matches!(
+        store.register("alice", b"other-password"),
+        Err(StoreError::UsernameTaken)
+    ));
+    // The failed attempt did not consume an id.
+    assert_eq!(store.register("bob", b"password2").unwrap(), 2);
+    assert_eq!(store.verify_password("alice", b"password1").unwrap(), 1);
+}
+
+#[test]
+fn wrong_password_and_unknown_user_fail_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.register("alice", b"password1").unwrap();
+    assert!(matches!(
+        store.verify_password("alice", b"password2"),
+        Err(StoreError::AuthFailed)
+    ));
+    assert!(matches!(
+        store.verify_password("mallory", b"password1"),
+        Err(StoreError::AuthFailed)
+    ));
+    assert!(matches!(
+        store.verify_password("", b""),
+        Err(StoreError::AuthFailed)
+    ));
+    assert!(matches!(
+        store.verify_password("Bad Name!", b"x"),
+        Err(StoreError::AuthFailed)
+    ));
+}
+
+#[test]
+fn invalid_names_and_passwords_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert!(matches!(
+        store.register("al", b"password1"),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.register("Alice", b"password1"),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.register("alice", b"short"),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.register("alice", &[0u8; 257]),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert_eq!(store.register("alice", b"password1").unwrap(), 1);
+}
+
+#[test]
+fn bad_argon2_parameters_fail_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let res = Store::open(
+        dir.path(),
+        StoreOptions {
+            argon2_iterations: 0,
+            ..StoreOptions::default()
+        },
+    );
+    assert!(matches!(res, Err(StoreError::InvalidArgument(_))));
+}
+
+#[test]
+fn tokens_issue_verify_and_reject_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    let bob = store.register("bob", b"password2").unwrap();
+    let ta = store.issue_token(alice).unwrap();
+    let ta2 = store.issue_token(alice).unwrap();
+    let tb = store.issue_token(bob).unwrap();
+    assert_ne!(ta, ta2);
+    assert_eq!(store.verify_token(&ta).unwrap(), alice);
+    assert_eq!(store.verify_token(&ta2).unwrap(), alice);
+    assert_eq!(store.verify_token(&tb).unwrap(), bob);
+    assert!(matches!(
+        store.verify_token(&[0u8; 32]),
+        Err(StoreError::AuthFailed)
+    ));
+    assert!(matches!(
+        store.verify_token(&ta[..31]),
+        Err(StoreError::AuthFailed)
+    ));
+    assert!(matches!(store.verify_token(b""), Err(StoreError::AuthFailed)));
+    assert!(matches!(store.issue_token(99), Err(StoreError::NotFound)));
+}
+
+#[test]
+fn tokens_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.token_ttl = tiny_ttl());
+    let alice = store.register("alice", b"password1").unwrap();
+    let token = store.issue_token(alice).unwrap();
+    assert_eq!(store.verify_token(&token).unwrap(), alice);
+    std::thread::sleep(tiny_ttl() * 2);
+    assert!(matches!(store.verify_token(&token), Err(StoreError::AuthFailed)));
+    // Issuing again sweeps the expired token, so revoke finds only the new one.
+    let fresh = store.issue_token(alice).unwrap();
+    assert_eq!(store.verify_token(&fresh).unwrap(), alice);
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 1);
+}
+
+#[test]
+fn revoke_removes_only_that_users_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    let bob = store.register("bob", b"password2").unwrap();
+    let a1 = store.issue_token(alice).unwrap();
+    let a2 = store.issue_token(alice).unwrap();
+    let b1 = store.issue_token(bob).unwrap();
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 2);
+    assert!(matches!(store.verify_token(&a1), Err(StoreError::AuthFailed)));
+    assert!(matches!(store.verify_token(&a2), Err(StoreError::AuthFailed)));
+    assert_eq!(store.verify_token(&b1).unwrap(), bob);
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 0);
+    // A token issued after revocation works.
+    let a3 = store.issue_token(alice).unwrap();
+    assert_eq!(store.verify_token(&a3).unwrap(), alice);
+}
+
+#[test]
+fn tokens_are_stored_only_as_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    let token = store.issue_token(alice).unwrap();
+    store.persist().unwrap();
+    drop(store);
+    let mut found = false;
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token),
+            "raw token in {entry:?}"
+        );
+        found |= !bytes.is_empty();
+    }
+    assert!(found, "store wrote no files");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn concurrent_registration_of_one_name_has_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                store.register("alice", format!("password{i}").as_bytes())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let winners: Vec<u64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+    assert_eq!(winners, vec![1], "{results:?}");
+    let taken = results
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::UsernameTaken)))
+        .count();
+    assert_eq!(taken, 7, "{results:?}");
+}
+
+#[test]
+fn concurrent_registration_of_many_names_gets_dense_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            std::thread::spawn(move || store.register(&format!("user{i}"), b"password1").unwrap())
+        })
+        .collect();
+    let mut ids: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>());
+}

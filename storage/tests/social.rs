@@ -1,0 +1,196 @@
+//! Friends and groups over a real store: symmetry, limits, idempotence.
+
+mod common;
+
+use common::{open, open_with};
+use tern_storage::{GroupRecord, StoreError};
+
+fn users(store: &tern_storage::Store, n: u64) {
+    for i in 1..=n {
+        assert_eq!(store.register(&format!("user{i}"), b"password1").unwrap(), i);
+    }
+}
+
+#[test]
+fn friendship_is_mutual_sorted_and_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 4);
+    store.add_friend(1, 3).unwrap();
+    store.add_friend(1, 2).unwrap();
+    store.add_friend(4, 1).unwrap();
+    store.add_friend(1, 2).unwrap();
+    store.add_friend(2, 1).unwrap();
+    assert_eq!(store.friends(1).unwrap(), vec![2, 3, 4]);
+    assert_eq!(store.friends(2).unwrap(), vec![1]);
+    assert_eq!(store.friends(3).unwrap(), vec![1]);
+    assert_eq!(store.friends(4).unwrap(), vec![1]);
+
+    store.remove_friend(2, 1).unwrap();
+    store.remove_friend(2, 1).unwrap();
+    store.remove_friend(3, 4).unwrap();
+    assert_eq!(store.friends(1).unwrap(), vec![3, 4]);
+    assert_eq!(store.friends(2).unwrap(), Vec::<u64>::new());
+    assert_eq!(store.friends(99).unwrap(), Vec::<u64>::new());
+}
+
+#[test]
+fn friendship_rejects_self_and_unknown_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 1);
+    assert!(matches!(
+        store.add_friend(1, 1),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(store.add_friend(1, 2), Err(StoreError::NotFound)));
+    assert!(matches!(store.add_friend(2, 1), Err(StoreError::NotFound)));
+    assert!(store.friends(1).unwrap().is_empty());
+}
+
+#[test]
+fn friend_limit_applies_to_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_friends = 2);
+    users(&store, 5);
+    store.add_friend(1, 2).unwrap();
+    store.add_friend(1, 3).unwrap();
+    // user 1 is full: neither 1 adding nor being added works.
+    assert!(matches!(
+        store.add_friend(1, 4),
+        Err(StoreError::LimitExceeded(_))
+    ));
+    assert!(matches!(
+        store.add_friend(4, 1),
+        Err(StoreError::LimitExceeded(_))
+    ));
+    assert!(store.friends(4).unwrap().is_empty());
+    // Re-adding an existing friendship at the limit is still fine.
+    store.add_friend(1, 2).unwrap();
+    // Removing one frees a slot.
+    store.remove_friend(1, 3).unwrap();
+    store.add_friend(4, 1).unwrap();
+    assert_eq!(store.friends(1).unwrap(), vec![2, 4]);
+}
+
+#[test]
+fn concurrent_friend_adds_respect_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_friends = 3);
+    users(&store, 9);
+    let handles: Vec<_> = (2..=9)
+        .map(|f| {
+            let store = store.clone();
+            std::thread::spawn(move || store.add_friend(1, f))
+        })
+        .collect();
+    let ok = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(ok, 3);
+    assert_eq!(store.friends(1).unwrap().len(), 3);
+}
+
+#[test]
+fn groups_and_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 4);
+    let g = store.create_group(2, "rust fans").unwrap();
+    assert_eq!(g, 1);
+    assert_eq!(store.create_group(3, "other").unwrap(), 2);
+    assert_eq!(
+        store.group(g).unwrap(),
+        Some(GroupRecord {
+            id: 1,
+            name: "rust fans".into(),
+            owner: 2
+        })
+    );
+    assert_eq!(store.group(3).unwrap(), None);
+    assert_eq!(store.members(g).unwrap(), vec![2]);
+    assert!(store.is_member(g, 2).unwrap());
+
+    store.add_member(g, 4).unwrap();
+    store.add_member(g, 1).unwrap();
+    store.add_member(g, 1).unwrap();
+    assert_eq!(store.members(g).unwrap(), vec![1, 2, 4]);
+    assert!(store.is_member(g, 4).unwrap());
+    assert!(!store.is_member(g, 3).unwrap());
+    assert!(!store.is_member(2, 1).unwrap());
+
+    store.remove_member(g, 4).unwrap();
+    store.remove_member(g, 4).unwrap();
+    store.remove_member(9, 4).unwrap();
+    assert_eq!(store.members(g).unwrap(), vec![1, 2]);
+    assert_eq!(store.members(2).unwrap(), vec![3]);
+    assert!(store.members(77).unwrap().is_empty());
+}
+
+#[test]
+fn group_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 2);
+    assert!(matches!(
+        store.create_group(1, ""),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.create_group(1, &"x".repeat(65)),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.create_group(9, "nobody's"),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(store.add_member(5, 1), Err(StoreError::NotFound)));
+    let g = store.create_group(1, "g").unwrap();
+    assert_eq!(g, 1, "failed creations must not consume ids");
+    assert!(matches!(store.add_member(g, 42), Err(StoreError::NotFound)));
+}
+
+#[test]
+fn group_member_limit_counts_the_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_group_members = 3);
+    users(&store, 5);
+    let g = store.create_group(1, "small").unwrap();
+    store.add_member(g, 2).unwrap();
+    store.add_member(g, 3).unwrap();
+    assert!(matches!(
+        store.add_member(g, 4),
+        Err(StoreError::LimitExceeded(_))
+    ));
+    store.add_member(g, 3).unwrap(); // already a member: fine at the limit
+    store.remove_member(g, 2).unwrap();
+    store.add_member(g, 4).unwrap();
+    assert!(matches!(
+        store.add_member(g, 5),
+        Err(StoreError::LimitExceeded(_))
+    ));
+    assert_eq!(store.members(g).unwrap(), vec![1, 3, 4]);
+}
+
+#[test]
+fn concurrent_member_adds_respect_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_group_members = 4);
+    users(&store, 10);
+    let g = store.create_group(1, "race").unwrap();
+    let handles: Vec<_> = (2..=10)
+        .map(|u| {
+            let store = store.clone();
+            std::thread::spawn(move || store.add_member(g, u))
+        })
+        .collect();
+    let ok = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(ok, 3);
+    assert_eq!(store.members(g).unwrap().len(), 4);
+}
