@@ -39,7 +39,11 @@ pub async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut FrameBuf) -> R
     let slot = buf.read_slot()?;
     let n = reader.read(slot).await?;
     if n == 0 {
-        return if buf.buffered() == 0 { Ok(Filled::Eof) } else { Err(ReadError::Truncated) };
+        return if buf.buffered() == 0 {
+            Ok(Filled::Eof)
+        } else {
+            Err(ReadError::Truncated)
+        };
     }
     buf.commit(n);
     Ok(Filled::Bytes(n))

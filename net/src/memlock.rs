@@ -15,7 +15,10 @@ pub const MIN_IO_MEMORY: usize = 256 << 10;
 
 /// The locked-memory limit (soft), or `None` if unlimited.
 pub fn memlock_limit() -> io::Result<Option<u64>> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `limit` is a valid out-pointer for getrlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
         return Err(io::Error::last_os_error());
@@ -41,7 +44,9 @@ pub fn io_memory_per_shard(shards: usize) -> Result<usize, String> {
 
 fn plan(limit: Option<u64>, exempt: bool, shards: usize) -> Result<usize, String> {
     let shards = shards.max(1);
-    let Some(limit) = limit.filter(|_| !exempt) else { return Ok(DEFAULT_IO_MEMORY) };
+    let Some(limit) = limit.filter(|_| !exempt) else {
+        return Ok(DEFAULT_IO_MEMORY);
+    };
     // Keep a quarter of the limit for io_uring's own rings.
     let usable = (limit as usize / 4) * 3;
     let per_shard = (usable / shards).min(DEFAULT_IO_MEMORY);

@@ -17,7 +17,12 @@ use futures_lite::{AsyncRead, AsyncWrite};
 /// Splits `stream` into halves usable from two tasks of one executor.
 pub fn split<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> (ReadHalf<S>, WriteHalf<S>) {
     let shared = Rc::new(RefCell::new(stream));
-    (ReadHalf { stream: shared.clone() }, WriteHalf { stream: shared })
+    (
+        ReadHalf {
+            stream: shared.clone(),
+        },
+        WriteHalf { stream: shared },
+    )
 }
 
 /// The reading side of a [`split`] stream.

@@ -4,6 +4,8 @@
 //! Names are checked against the protocol's rules here as well as in the
 //! engine, because the name is a storage key and must stay bounded.
 
+use std::sync::atomic::Ordering;
+
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use tern_proto::limits::{check_password, check_username};
@@ -99,6 +101,7 @@ impl Store {
         );
         inner.commit(batch, true)?;
         *next_id = user + 1;
+        inner.highest_user.store(user, Ordering::Release);
         Ok(user)
     }
 

@@ -25,6 +25,7 @@ mod tokens;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -123,6 +124,9 @@ struct Inner {
     dummy_hash: OnceLock<String>,
     /// Serialises registration (name check + insert) and owns the next user id.
     register_lock: Mutex<u64>,
+    /// The highest user id assigned, readable without the lock: ids are
+    /// dense and never reused, so `1..=highest` is exactly the set of users.
+    highest_user: AtomicU64,
     /// Serialises friendship changes so limit checks see a stable count.
     friends_lock: Mutex<()>,
     /// Serialises group changes (member counts) and owns the next group id.
@@ -174,6 +178,7 @@ impl Store {
             argon2,
             dummy_hash: OnceLock::new(),
             register_lock: Mutex::new(next_user),
+            highest_user: AtomicU64::new(next_user.saturating_sub(1)),
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
         };
@@ -182,7 +187,13 @@ impl Store {
         })
     }
 
-    /// The directory this store lives in.
+    /// Whether `user` is a registered id, without touching the disk (the
+    /// message path checks every recipient with this).
+    pub fn user_exists(&self, user: UserId) -> bool {
+        user >= 1 && user <= self.inner.highest_user.load(Ordering::Acquire)
+    }
+
+    /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }

@@ -1,0 +1,660 @@
+//! One client connection, from accept to close.
+//!
+//! A connection starts on whichever shard accepted it and speaks the
+//! pre-login protocol there (`Hello`, `Register`, `Login`, `Ping`), one
+//! request at a time. Once its user is known, the socket moves to the
+//! user's home shard (see [`tern_net::handoff`]) together with any bytes
+//! already buffered, so that every session of a user lives on one shard and
+//! deliveries to it never cross a core. There it runs as two tasks: a
+//! reader that validates frames in place and dispatches them, and a writer
+//! that drains the connection's [`Outbox`] in batches. A malformed frame
+//! gets an error frame and closes only this connection; silence past the
+//! idle timeout closes it with `IdleTimeout`.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::AsyncWrite;
+use glommio::net::TcpStream;
+use rkyv::rancor::BoxedError;
+use rkyv::util::AlignedVec;
+use tern_net::frame_io::{fill, write_batch, Filled, ReadError};
+use tern_net::handoff;
+use tern_net::split::{split, ReadHalf, WriteHalf};
+use tern_proto::session::{Refusal, Session};
+use tern_proto::{
+    decode_client, encode_server, ArchivedClientBody, ConvId, ErrorCode, FrameBuf, FrameError, Friend,
+    ServerBody, ServerFrame, UserId, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+};
+
+use crate::mesh::{ConnKey, Event, GroupOp, Handoff, Request};
+use crate::outbox::Outbox;
+use crate::shard::{now_ms, store_error_frame, Shard};
+
+/// What the pre-login loop must do after parsing a frame.
+enum PreLogin {
+    Reply(ServerFrame),
+    ReplyAndClose(ServerFrame),
+    Register {
+        request_id: u64,
+        username: String,
+        password: Vec<u8>,
+    },
+    Login {
+        request_id: u64,
+        username: String,
+        password: Vec<u8>,
+    },
+    LoginToken {
+        request_id: u64,
+        token: Vec<u8>,
+    },
+}
+
+fn error(request_id: u64, refusal: &Refusal) -> ServerFrame {
+    let mut frame = ServerFrame::error(request_id, refusal.code, refusal.message);
+    if refusal.code == ErrorCode::UnsupportedVersion {
+        if let ServerBody::Error {
+            supported_versions, ..
+        } = &mut frame.body
+        {
+            supported_versions.extend_from_slice(SUPPORTED_VERSIONS);
+        }
+    }
+    frame
+}
+
+fn frame_error_reply(e: &FrameError) -> ServerFrame {
+    let code = match e {
+        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        _ => ErrorCode::MalformedFrame,
+    };
+    ServerFrame::error(0, code, e.to_string())
+}
+
+fn configure(stream: &TcpStream, shard: &Shard) {
+    // Failing to set an option leaves a working socket with OS defaults;
+    // the idle sweep still bounds its life.
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(shard.config.idle_timeout));
+    let _ = stream.set_write_timeout(Some(shard.config.write_timeout));
+}
+
+/// Serves a freshly accepted connection.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    configure(&stream, &shard);
+    let config = shard.config.clone();
+    let mut buf = FrameBuf::new(config.max_frame_bytes);
+    let idle_ms = config.idle_timeout.as_millis() as u64;
+    let mut session = Session::new(now_ms(), idle_ms, config.max_message_bytes);
+    let mut out = AlignedVec::new();
+    loop {
+        let action = match next_pre_login(&mut buf, &mut session, &shard) {
+            Some(action) => action,
+            None => match fill(&mut stream, &mut buf).await {
+                Ok(Filled::Bytes(_)) => continue,
+                Ok(Filled::Eof) => return,
+                Err(e) => return close_after_read_error(&mut stream, &mut out, &shard, e).await,
+            },
+        };
+        let reply = match action {
+            PreLogin::Reply(frame) => frame,
+            PreLogin::ReplyAndClose(frame) => {
+                return reply_and_close(&mut stream, &mut out, &shard, &frame).await
+            }
+            PreLogin::Register {
+                request_id,
+                username,
+                password,
+            } => {
+                match shard
+                    .blocking(move |store| store.register(&username, &password))
+                    .await
+                {
+                    Ok(user) => ServerFrame {
+                        request_id,
+                        body: ServerBody::Registered { user },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            PreLogin::Login {
+                request_id,
+                username,
+                password,
+            } => {
+                let login = shard
+                    .blocking(move |store| {
+                        let user = store.verify_password(&username, &password)?;
+                        let token = store.issue_token(user)?;
+                        Ok((user, username, token.to_vec()))
+                    })
+                    .await;
+                match login {
+                    Ok((user, username, token)) => {
+                        session.logged_in(user);
+                        let login = LoggedIn {
+                            user,
+                            username,
+                            token,
+                            request_id,
+                        };
+                        return move_to_home(shard, stream, buf, login).await;
+                    }
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            PreLogin::LoginToken { request_id, token } => {
+                let login = shard
+                    .blocking(move |store| {
+                        let user = store.verify_token(&token)?;
+                        let username = store
+                            .username(user)?
+                            .ok_or(tern_storage::StoreError::AuthFailed)?;
+                        Ok((user, username, token))
+                    })
+                    .await;
+                match login {
+                    Ok((user, username, token)) => {
+                        session.logged_in(user);
+                        let login = LoggedIn {
+                            user,
+                            username,
+                            token,
+                            request_id,
+                        };
+                        return move_to_home(shard, stream, buf, login).await;
+                    }
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+        };
+        if write_frame(&mut stream, &mut out, &shard, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Parses the next buffered frame of a connection that has not logged in;
+/// `None` when no complete frame is buffered.
+fn next_pre_login(buf: &mut FrameBuf, session: &mut Session, shard: &Shard) -> Option<PreLogin> {
+    let body = match buf.next_body() {
+        Ok(Some(body)) => body,
+        Ok(None) => return None,
+        Err(e) => return Some(PreLogin::ReplyAndClose(frame_error_reply(&e))),
+    };
+    let frame = match decode_client(body) {
+        Ok(frame) => frame,
+        Err(e) => return Some(PreLogin::ReplyAndClose(frame_error_reply(&e))),
+    };
+    let request_id = frame.request_id.to_native();
+    if let Err(refusal) = session.admit(now_ms(), &frame.body) {
+        let reply = error(request_id, &refusal);
+        return Some(if refusal.close {
+            PreLogin::ReplyAndClose(reply)
+        } else {
+            PreLogin::Reply(reply)
+        });
+    }
+    let action = match &frame.body {
+        ArchivedClientBody::Hello { .. } => {
+            session.hello_accepted();
+            PreLogin::Reply(ServerFrame {
+                request_id,
+                body: ServerBody::HelloOk {
+                    version: PROTOCOL_VERSION,
+                    max_frame_bytes: shard.config.max_frame_bytes,
+                    idle_timeout_ms: shard.config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
+                },
+            })
+        }
+        ArchivedClientBody::Ping { nonce } => PreLogin::Reply(ServerFrame {
+            request_id,
+            body: ServerBody::Pong {
+                nonce: nonce.to_native(),
+            },
+        }),
+        ArchivedClientBody::Register { username, password } => PreLogin::Register {
+            request_id,
+            username: username.as_str().to_owned(),
+            password: password.as_slice().to_vec(),
+        },
+        ArchivedClientBody::Login { username, password } => PreLogin::Login {
+            request_id,
+            username: username.as_str().to_owned(),
+            password: password.as_slice().to_vec(),
+        },
+        ArchivedClientBody::LoginToken { token } => PreLogin::LoginToken {
+            request_id,
+            token: token.as_slice().to_vec(),
+        },
+        // `admit` refuses everything else before login.
+        _ => PreLogin::Reply(ServerFrame::error(
+            request_id,
+            ErrorCode::InvalidState,
+            "log in first",
+        )),
+    };
+    Some(action)
+}
+
+async fn write_frame(
+    stream: &mut TcpStream,
+    out: &mut AlignedVec,
+    shard: &Shard,
+    frame: &ServerFrame,
+) -> io::Result<()> {
+    out.clear();
+    encode_server(frame, out, shard.config.max_frame_bytes).map_err(io::Error::other)?;
+    write_batch(stream, out).await
+}
+
+async fn reply_and_close(stream: &mut TcpStream, out: &mut AlignedVec, shard: &Shard, frame: &ServerFrame) {
+    let _ = write_frame(stream, out, shard, frame).await;
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+}
+
+async fn close_after_read_error(stream: &mut TcpStream, out: &mut AlignedVec, shard: &Shard, e: ReadError) {
+    let frame = match &e {
+        ReadError::Frame(e) => frame_error_reply(e),
+        ReadError::Io(e) if e.kind() == io::ErrorKind::TimedOut => ServerFrame {
+            request_id: 0,
+            body: ServerBody::Disconnect {
+                code: ErrorCode::IdleTimeout,
+                message: "no frame within the idle timeout".into(),
+                retry_after_ms: 0,
+            },
+        },
+        _ => return,
+    };
+    reply_and_close(stream, out, shard, &frame).await;
+}
+
+/// A successful login, to be answered on the user's home shard.
+struct LoggedIn {
+    user: UserId,
+    username: String,
+    token: Vec<u8>,
+    request_id: u64,
+}
+
+/// Continues a logged-in connection on its user's home shard.
+async fn move_to_home(shard: Rc<Shard>, stream: TcpStream, mut buf: FrameBuf, login: LoggedIn) {
+    let home = shard.home_of(login.user);
+    if home == shard.index {
+        return run_session(shard, stream, buf, login).await;
+    }
+    let leftover = buf.take_buffered();
+    let socket = match handoff::detach(stream) {
+        Ok(socket) => socket,
+        Err(e) => return tracing::warn!(error = %e, "cannot hand a connection to its home shard"),
+    };
+    let handoff = Handoff {
+        socket,
+        user: login.user,
+        username: login.username,
+        token: login.token,
+        request_id: login.request_id,
+        leftover,
+    };
+    shard.send_event(home, Event::Handoff(Box::new(handoff))).await;
+}
+
+/// Takes over a connection handed to this shard.
+pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
+    let stream = handoff::attach(handoff.socket);
+    configure(&stream, &shard);
+    let mut buf = FrameBuf::new(shard.config.max_frame_bytes);
+    buf.push_bytes(&handoff.leftover);
+    let login = LoggedIn {
+        user: handoff.user,
+        username: handoff.username,
+        token: handoff.token,
+        request_id: handoff.request_id,
+    };
+    run_session(shard, stream, buf, login).await;
+}
+
+/// Runs an authenticated session on its user's home shard.
+async fn run_session(shard: Rc<Shard>, stream: TcpStream, buf: FrameBuf, login: LoggedIn) {
+    let config = shard.config.clone();
+    let user = login.user;
+    let outbox = Rc::new(Outbox::new(config.outbound_queue_bytes, config.max_frame_bytes));
+    let fd = stream.as_raw_fd();
+    let (key, first_session) = match shard.add_conn(user, fd, outbox.clone()) {
+        Ok(added) => added,
+        Err(refusal) => {
+            let mut stream = stream;
+            let mut out = AlignedVec::new();
+            return reply_and_close(&mut stream, &mut out, &shard, &error(login.request_id, &refusal)).await;
+        }
+    };
+    tracing::debug!(user, shard = shard.index, "session opened");
+    let logged_in = ServerFrame {
+        request_id: login.request_id,
+        body: ServerBody::LoggedIn {
+            user,
+            username: login.username,
+            token: login.token,
+        },
+    };
+    let _ = outbox.push(&logged_in);
+    if first_session {
+        glommio::spawn_local(shard.clone().announce_presence(user, true)).detach();
+    }
+    let (reader, writer) = split(stream);
+    let writer = glommio::spawn_local(write_loop(writer, outbox.clone()));
+    let idle_ms = config.idle_timeout.as_millis() as u64;
+    let session = Session::authenticated(user, now_ms(), idle_ms, config.max_message_bytes);
+    let mut conn = Conn {
+        shard: shard.clone(),
+        user,
+        key,
+        outbox: outbox.clone(),
+        session,
+    };
+    conn.read_loop(reader, buf).await;
+    outbox.close();
+    writer.await;
+    let last_session = shard.remove_conn(key);
+    tracing::debug!(user, shard = shard.index, "session closed");
+    if last_session {
+        glommio::spawn_local(shard.clone().announce_presence(user, false)).detach();
+    }
+}
+
+/// Writes whatever the outbox holds, batch by batch, then shuts the socket
+/// down so that the reader stops too.
+async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(mut writer: WriteHalf<S>, outbox: Rc<Outbox>) {
+    let mut batch = AlignedVec::new();
+    while outbox.next_batch(&mut batch).await {
+        if write_batch(&mut writer, &batch).await.is_err() {
+            outbox.close();
+            break;
+        }
+        batch.clear();
+        if batch.capacity() > 64 * 1024 {
+            batch = AlignedVec::new();
+        }
+    }
+    let fd = writer.with_stream(|s| s.as_raw_fd());
+    // SAFETY: shutdown has no memory effects; the descriptor is still owned
+    // by the stream, which outlives this call.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// The reading side of an authenticated session.
+struct Conn {
+    shard: Rc<Shard>,
+    user: UserId,
+    key: ConnKey,
+    outbox: Rc<Outbox>,
+    session: Session,
+}
+
+impl Conn {
+    async fn read_loop(&mut self, mut reader: ReadHalf<TcpStream>, mut buf: FrameBuf) {
+        loop {
+            loop {
+                let body = match buf.next_body() {
+                    Ok(Some(body)) => body,
+                    Ok(None) => break,
+                    Err(e) => return self.close_with(&frame_error_reply(&e)),
+                };
+                let frame = match decode_client(body) {
+                    Ok(frame) => frame,
+                    Err(e) => return self.close_with(&frame_error_reply(&e)),
+                };
+                let request_id = frame.request_id.to_native();
+                if let Err(refusal) = self.session.admit(now_ms(), &frame.body) {
+                    let reply = error(request_id, &refusal);
+                    if refusal.close {
+                        return self.close_with(&reply);
+                    }
+                    self.push(&reply);
+                    continue;
+                }
+                self.dispatch(request_id, &frame.body).await;
+                if self.outbox.is_closing() {
+                    return;
+                }
+            }
+            match fill(&mut reader, &mut buf).await {
+                Ok(Filled::Bytes(_)) => {}
+                Ok(Filled::Eof) => return,
+                Err(ReadError::Frame(e)) => return self.close_with(&frame_error_reply(&e)),
+                Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    return self
+                        .outbox
+                        .finish(ErrorCode::IdleTimeout, "no frame within the idle timeout", 0);
+                }
+                Err(_) => return,
+            }
+            if self.outbox.is_closing() {
+                return;
+            }
+        }
+    }
+
+    fn push(&self, frame: &ServerFrame) {
+        // A refused push means the connection is already closing.
+        let _ = self.outbox.push(frame);
+    }
+
+    fn close_with(&self, frame: &ServerFrame) {
+        self.push(frame);
+        self.outbox.close();
+    }
+
+    async fn dispatch(&mut self, request_id: u64, body: &ArchivedClientBody) {
+        let user = self.user;
+        let shard = self.shard.clone();
+        let reply = match body {
+            ArchivedClientBody::Ping { nonce } => ServerFrame {
+                request_id,
+                body: ServerBody::Pong {
+                    nonce: nonce.to_native(),
+                },
+            },
+            ArchivedClientBody::ResolveUser { username } => {
+                let name = username.as_str().to_owned();
+                match shard
+                    .blocking(move |store| store.user_id(&name).map(|id| (id, name)))
+                    .await
+                {
+                    Ok((Some(id), username)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::User { user: id, username },
+                    },
+                    Ok((None, _)) => ServerFrame::error(request_id, ErrorCode::NotFound, "no such user"),
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::FriendAdd { username } => {
+                let name = username.as_str().to_owned();
+                let added = shard
+                    .blocking(move |store| {
+                        let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
+                        store.add_friend(user, friend)?;
+                        Ok((friend, name))
+                    })
+                    .await;
+                match added {
+                    Ok((friend, username)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::User {
+                            user: friend,
+                            username,
+                        },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::FriendRemove { user: friend } => {
+                let friend = friend.to_native();
+                match shard
+                    .blocking(move |store| store.remove_friend(user, friend))
+                    .await
+                {
+                    Ok(()) => ServerFrame {
+                        request_id,
+                        body: ServerBody::Ok,
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::FriendList => self.friend_list(request_id).await,
+            ArchivedClientBody::SendDirect {
+                to,
+                client_msg_id,
+                content,
+            } => {
+                let to = to.to_native();
+                if to == user {
+                    ServerFrame::error(
+                        request_id,
+                        ErrorCode::InvalidArgument,
+                        "cannot send a message to yourself",
+                    )
+                } else if !shard.store.user_exists(to) {
+                    ServerFrame::error(request_id, ErrorCode::NotFound, "no such user")
+                } else {
+                    let Ok(content) = rkyv::deserialize::<_, BoxedError>(content) else {
+                        return self.push(&ServerFrame::error(
+                            request_id,
+                            ErrorCode::MalformedFrame,
+                            "bad content",
+                        ));
+                    };
+                    let home = shard.home_of(ConvId::direct(user, to).placement_key());
+                    let request = Request::Direct {
+                        from: user,
+                        conn: self.key,
+                        request_id,
+                        to,
+                        client_msg_id: client_msg_id.to_native(),
+                        content,
+                    };
+                    // Waits while the owner's queue is full: this stops
+                    // reading the socket, pushing back on the sender.
+                    return shard.send_request(home, request).await;
+                }
+            }
+            ArchivedClientBody::SendGroup {
+                group,
+                client_msg_id,
+                content,
+            } => {
+                let group = group.to_native();
+                let Ok(content) = rkyv::deserialize::<_, BoxedError>(content) else {
+                    return self.push(&ServerFrame::error(
+                        request_id,
+                        ErrorCode::MalformedFrame,
+                        "bad content",
+                    ));
+                };
+                let request = Request::Group {
+                    from: user,
+                    conn: self.key,
+                    request_id,
+                    group,
+                    client_msg_id: client_msg_id.to_native(),
+                    content,
+                };
+                return shard.send_request(shard.home_of(group), request).await;
+            }
+            ArchivedClientBody::GroupCreate { name } => {
+                let name = name.as_str().to_owned();
+                match shard.blocking(move |store| store.create_group(user, &name)).await {
+                    Ok(group) => ServerFrame {
+                        request_id,
+                        body: ServerBody::GroupCreated { group },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::GroupJoin { group } => {
+                self.group_admin(request_id, group.to_native(), GroupOp::Join)
+                    .await
+            }
+            ArchivedClientBody::GroupLeave { group } => {
+                self.group_admin(request_id, group.to_native(), GroupOp::Leave)
+                    .await
+            }
+            ArchivedClientBody::GroupMembers { group } => {
+                self.group_admin(request_id, group.to_native(), GroupOp::Members)
+                    .await
+            }
+            ArchivedClientBody::Hello { .. }
+            | ArchivedClientBody::Register { .. }
+            | ArchivedClientBody::Login { .. }
+            | ArchivedClientBody::LoginToken { .. } => {
+                ServerFrame::error(request_id, ErrorCode::InvalidState, "already logged in")
+            }
+        };
+        self.push(&reply);
+    }
+
+    async fn group_admin(&self, request_id: u64, group: u64, op: GroupOp) -> ServerFrame {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let request = Request::GroupAdmin {
+            user: self.user,
+            group,
+            op,
+            reply: tx,
+        };
+        self.shard.send_request(self.shard.home_of(group), request).await;
+        match rx.await {
+            Ok(Ok(members)) if op == GroupOp::Members => ServerFrame {
+                request_id,
+                body: ServerBody::Members { group, members },
+            },
+            Ok(Ok(_)) => ServerFrame {
+                request_id,
+                body: ServerBody::Ok,
+            },
+            Ok(Err(refusal)) => error(request_id, &refusal),
+            Err(_) => ServerFrame::error(request_id, ErrorCode::ShuttingDown, "server is shutting down"),
+        }
+    }
+
+    async fn friend_list(&self, request_id: u64) -> ServerFrame {
+        let user = self.user;
+        let named = self
+            .shard
+            .blocking(move |store| {
+                let mut named = Vec::new();
+                for friend in store.friends(user)? {
+                    let name = store.username(friend)?.unwrap_or_default();
+                    named.push((friend, name));
+                }
+                Ok(named)
+            })
+            .await;
+        let named = match named {
+            Ok(named) => named,
+            Err(e) => return store_error_frame(request_id, &e),
+        };
+        let online = self
+            .shard
+            .online_among(named.iter().map(|(id, _)| *id).collect())
+            .await;
+        let friends = named
+            .into_iter()
+            .map(|(user, username)| Friend {
+                online: online.contains(&user),
+                user,
+                username,
+            })
+            .collect();
+        ServerFrame {
+            request_id,
+            body: ServerBody::Friends { friends },
+        }
+    }
+}
+
+/// How long a shard waits between checks of the server-wide stop flag.
+pub const STOP_POLL: Duration = Duration::from_millis(50);

@@ -1,0 +1,195 @@
+//! The queues between shards and the messages that travel on them.
+//!
+//! Every ordered pair of shards is joined by two bounded glommio
+//! `shared_channel`s (ring buffers that let an idle shard sleep and wake it
+//! on the first item):
+//!
+//! * the **request** queue carries work to the shard that *owns* a
+//!   conversation or group (assign a sequence number, check membership,
+//!   change a member list). Its consumer may wait on storage and on the
+//!   event queue.
+//! * the **event** queue carries results to the shard that owns a *user*
+//!   (deliveries, acks, presence, a socket being handed over). Its consumer
+//!   only ever does local, non-blocking work.
+//!
+//! Because event consumers never wait, request consumers always make
+//! progress, so a full queue can only slow senders down (the sending
+//! connection stops reading its socket), never deadlock the mesh.
+//! All channels are created up front by [`Mesh::new`] and each shard takes
+//! its own ends with [`Mesh::take`].
+
+use std::sync::{Arc, Mutex};
+
+use futures_channel::oneshot;
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use rkyv::util::AlignedVec;
+use tern_net::handoff::DetachedSocket;
+use tern_proto::{Content, ConvId, GroupId, UserId};
+
+/// Identifies a connection within its shard: slab slot and generation, so a
+/// reused slot is never mistaken for the connection that held it before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// A request for the shard owning a conversation or group.
+#[derive(Debug)]
+pub enum Request {
+    /// Sequence and deliver a 1:1 message.
+    Direct {
+        from: UserId,
+        conn: ConnKey,
+        request_id: u64,
+        to: UserId,
+        client_msg_id: u64,
+        content: Content,
+    },
+    /// Sequence and fan out a group message.
+    Group {
+        from: UserId,
+        conn: ConnKey,
+        request_id: u64,
+        group: GroupId,
+        client_msg_id: u64,
+        content: Content,
+    },
+    /// Change or read a group's member list.
+    GroupAdmin {
+        user: UserId,
+        group: GroupId,
+        op: GroupOp,
+        reply: oneshot::Sender<GroupReply>,
+    },
+}
+
+/// A membership operation, run on the group's home shard so its cached
+/// member list stays the single source of truth for fan-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupOp {
+    Join,
+    Leave,
+    Members,
+}
+
+/// The outcome of a [`GroupOp`].
+pub type GroupReply = Result<Vec<UserId>, tern_proto::session::Refusal>;
+
+/// Who a delivery is for.
+#[derive(Debug, Clone)]
+pub enum Recipients {
+    One(UserId),
+    /// The members of a group homed on the destination shard.
+    Many(Arc<[UserId]>),
+}
+
+/// An event for the shard owning a user; handled without waiting.
+#[derive(Debug)]
+pub enum Event {
+    /// A logged-in connection moving to its user's home shard.
+    Handoff(Box<Handoff>),
+    /// A message was sequenced: ack the sending connection and echo the
+    /// message to the sender's other sessions.
+    Sent {
+        user: UserId,
+        conn: ConnKey,
+        request_id: u64,
+        client_msg_id: u64,
+        conv: ConvId,
+        seq: u64,
+        timestamp_ms: u64,
+        echo: Option<Arc<AlignedVec>>,
+    },
+    /// Push an encoded message to every session of the recipients, except
+    /// the sending connection.
+    Deliver {
+        to: Recipients,
+        frame: Arc<AlignedVec>,
+        skip: Option<(UserId, ConnKey)>,
+    },
+    /// An answer for one connection, encoded by the shard that produced it.
+    Reply {
+        user: UserId,
+        conn: ConnKey,
+        frame: Arc<AlignedVec>,
+    },
+    /// `subject` came online or went offline; tell these friends of theirs.
+    Presence {
+        to: Vec<UserId>,
+        subject: UserId,
+        online: bool,
+    },
+    /// Which of these users have a live session? (for friend lists)
+    OnlineQuery {
+        users: Vec<UserId>,
+        reply: oneshot::Sender<Vec<UserId>>,
+    },
+}
+
+/// A connection in transit, with everything its new shard needs.
+#[derive(Debug)]
+pub struct Handoff {
+    pub socket: DetachedSocket,
+    pub user: UserId,
+    pub username: String,
+    pub token: Vec<u8>,
+    pub request_id: u64,
+    /// Bytes the client sent after its login frame.
+    pub leftover: Vec<u8>,
+}
+
+/// One shard's ends of the mesh.
+pub struct Endpoints {
+    /// Senders to each shard (`None` at this shard's own index).
+    pub requests_out: Vec<Option<SharedSender<Request>>>,
+    pub events_out: Vec<Option<SharedSender<Event>>>,
+    /// Receivers from each other shard.
+    pub requests_in: Vec<SharedReceiver<Request>>,
+    pub events_in: Vec<SharedReceiver<Event>>,
+}
+
+/// All channels between `n` shards, waiting to be taken by their shards.
+pub struct Mesh {
+    slots: Mutex<Vec<Option<Endpoints>>>,
+}
+
+impl Mesh {
+    /// Creates the 2·n·(n−1) channels, each `depth` items deep.
+    pub fn new(shards: usize, depth: usize) -> Mesh {
+        let mut ends: Vec<Endpoints> = (0..shards)
+            .map(|_| Endpoints {
+                requests_out: (0..shards).map(|_| None).collect(),
+                events_out: (0..shards).map(|_| None).collect(),
+                requests_in: Vec::new(),
+                events_in: Vec::new(),
+            })
+            .collect();
+        for from in 0..shards {
+            for to in 0..shards {
+                if from == to {
+                    continue;
+                }
+                let (req_tx, req_rx) = shared_channel::new_bounded(depth);
+                let (evt_tx, evt_rx) = shared_channel::new_bounded(depth);
+                if let Some(e) = ends.get_mut(from) {
+                    e.requests_out[to] = Some(req_tx);
+                    e.events_out[to] = Some(evt_tx);
+                }
+                if let Some(e) = ends.get_mut(to) {
+                    e.requests_in.push(req_rx);
+                    e.events_in.push(evt_rx);
+                }
+            }
+        }
+        Mesh {
+            slots: Mutex::new(ends.into_iter().map(Some).collect()),
+        }
+    }
+
+    /// Takes shard `index`'s endpoints (once).
+    pub fn take(&self, index: usize) -> Option<Endpoints> {
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots.get_mut(index).and_then(Option::take)
+    }
+}

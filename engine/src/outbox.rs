@@ -1,0 +1,263 @@
+//! A connection's bounded queue of frames waiting to be written.
+//!
+//! Producers (the connection's own reader, deliveries from other
+//! connections and shards) encode frames straight into one byte buffer;
+//! the writer task swaps that buffer out and writes it in one call, so
+//! there is no per-frame allocation or syscall once buffers have grown.
+//! The queue is bounded in bytes: a push that would cross the bound means
+//! the peer is not reading fast enough, so the queue is emptied, a
+//! `Disconnect(SlowConsumer)` frame takes its place, and the connection
+//! closes once that is written. Memory per connection is thus capped at
+//! the bound, never at what others send.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+
+use rkyv::util::AlignedVec;
+use tern_proto::{encode_server, ErrorCode, ServerBody, ServerFrame};
+
+/// A pending buffer larger than this is released when it drains, so that a
+/// burst does not pin memory on an idle connection.
+const RETAIN_BYTES: usize = 16 * 1024;
+
+/// Why a push was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue overflowed; the connection is now closing as a slow consumer.
+    SlowConsumer,
+    /// The connection is already closing.
+    Closing,
+}
+
+/// The outbound queue of one connection.
+pub struct Outbox {
+    inner: RefCell<Inner>,
+}
+
+struct Inner {
+    pending: AlignedVec,
+    limit_bytes: usize,
+    max_frame_bytes: u32,
+    closing: bool,
+    waker: Option<Waker>,
+}
+
+impl Outbox {
+    /// An empty queue bounded at `limit_bytes`.
+    pub fn new(limit_bytes: usize, max_frame_bytes: u32) -> Outbox {
+        Outbox {
+            inner: RefCell::new(Inner {
+                pending: AlignedVec::new(),
+                limit_bytes,
+                max_frame_bytes,
+                closing: false,
+                waker: None,
+            }),
+        }
+    }
+
+    /// Encodes and queues `frame`.
+    pub fn push(&self, frame: &ServerFrame) -> Result<(), PushError> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closing {
+            return Err(PushError::Closing);
+        }
+        let before = inner.pending.len();
+        let max = inner.max_frame_bytes;
+        if encode_server(frame, &mut inner.pending, max).is_err() {
+            // Only a server bug can build an oversized frame; refuse it
+            // rather than send something the client would reject.
+            debug_assert!(false, "server built an unencodable frame");
+            return Ok(());
+        }
+        if inner.pending.len() > inner.limit_bytes {
+            inner.pending.resize(before, 0);
+            drop(inner);
+            self.kill(
+                ErrorCode::SlowConsumer,
+                "outbound queue overflowed: the client reads too slowly",
+                0,
+            );
+            return Err(PushError::SlowConsumer);
+        }
+        inner.wake();
+        Ok(())
+    }
+
+    /// Queues already-encoded frames (shared deliveries).
+    pub fn push_encoded(&self, frames: &[u8]) -> Result<(), PushError> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closing {
+            return Err(PushError::Closing);
+        }
+        if inner.pending.len() + frames.len() > inner.limit_bytes {
+            drop(inner);
+            self.kill(
+                ErrorCode::SlowConsumer,
+                "outbound queue overflowed: the client reads too slowly",
+                0,
+            );
+            return Err(PushError::SlowConsumer);
+        }
+        inner.pending.extend_from_slice(frames);
+        inner.wake();
+        Ok(())
+    }
+
+    /// Drops everything queued, queues a `Disconnect` and closes.
+    pub fn kill(&self, code: ErrorCode, message: &str, retry_after_ms: u32) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closing {
+            return;
+        }
+        inner.pending.clear();
+        inner.append_disconnect(code, message, retry_after_ms);
+    }
+
+    /// Queues a `Disconnect` after what is already queued, then closes.
+    pub fn finish(&self, code: ErrorCode, message: &str, retry_after_ms: u32) {
+        let mut inner = self.inner.borrow_mut();
+        if !inner.closing {
+            inner.append_disconnect(code, message, retry_after_ms);
+        }
+    }
+
+    /// Closes without a final frame (the peer is gone).
+    pub fn close(&self) {
+        let mut inner = self.inner.borrow_mut();
+        inner.closing = true;
+        inner.wake();
+    }
+
+    /// Whether the connection is closing.
+    pub fn is_closing(&self) -> bool {
+        self.inner.borrow().closing
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.borrow().pending.len()
+    }
+
+    /// Waits for queued bytes and swaps them into `out` (which must be
+    /// empty). Returns `false` once the queue is closing and drained.
+    pub async fn next_batch(&self, out: &mut AlignedVec) -> bool {
+        debug_assert!(out.is_empty());
+        poll_fn(|cx| {
+            let mut inner = self.inner.borrow_mut();
+            if !inner.pending.is_empty() {
+                std::mem::swap(&mut inner.pending, out);
+                if inner.pending.capacity() > RETAIN_BYTES {
+                    inner.pending = AlignedVec::new();
+                }
+                return Poll::Ready(true);
+            }
+            if inner.closing {
+                return Poll::Ready(false);
+            }
+            inner.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Inner {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn append_disconnect(&mut self, code: ErrorCode, message: &str, retry_after_ms: u32) {
+        let frame = ServerFrame {
+            request_id: 0,
+            body: ServerBody::Disconnect {
+                code,
+                message: message.to_owned(),
+                retry_after_ms,
+            },
+        };
+        let max = self.max_frame_bytes;
+        let _ = encode_server(&frame, &mut self.pending, max);
+        self.closing = true;
+        self.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::FrameBuf;
+
+    fn pong(n: u64) -> ServerFrame {
+        ServerFrame {
+            request_id: n,
+            body: ServerBody::Pong { nonce: n },
+        }
+    }
+
+    fn decode_all(bytes: &[u8]) -> Vec<ServerFrame> {
+        let mut fb = FrameBuf::new(1 << 20);
+        let slot = fb.read_slot().unwrap();
+        assert!(slot.len() >= bytes.len() || bytes.len() <= 256);
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            let slot = fb.read_slot().unwrap();
+            let n = slot.len().min(bytes.len() - off);
+            slot[..n].copy_from_slice(&bytes[off..off + n]);
+            fb.commit(n);
+            off += n;
+            while let Some(body) = fb.next_body().unwrap() {
+                let archived = tern_proto::decode_server(body).unwrap();
+                out.push(rkyv::deserialize::<ServerFrame, rkyv::rancor::BoxedError>(archived).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn overflow_replaces_queue_with_slow_consumer_notice() {
+        let outbox = Outbox::new(256, 1 << 16);
+        let mut pushed = 0;
+        while outbox.push(&pong(pushed + 1)).is_ok() {
+            pushed += 1;
+        }
+        assert!(pushed > 2);
+        assert!(outbox.is_closing());
+        assert_eq!(outbox.push(&pong(99)), Err(PushError::Closing));
+        let frames = decode_all(&outbox.inner.borrow().pending);
+        assert_eq!(frames.len(), 1);
+        assert!(matches!(
+            frames[0].body,
+            ServerBody::Disconnect {
+                code: ErrorCode::SlowConsumer,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn batches_swap_out_everything_queued() {
+        let outbox = Outbox::new(1 << 16, 1 << 16);
+        for i in 1..=3 {
+            outbox.push(&pong(i)).unwrap();
+        }
+        outbox.finish(ErrorCode::ShuttingDown, "bye", 500);
+        let mut out = AlignedVec::new();
+        assert!(futures_lite::future::block_on(outbox.next_batch(&mut out)));
+        let frames = decode_all(&out);
+        assert_eq!(frames.len(), 4);
+        assert!(matches!(
+            frames[3].body,
+            ServerBody::Disconnect {
+                retry_after_ms: 500,
+                ..
+            }
+        ));
+        out.clear();
+        assert!(!futures_lite::future::block_on(outbox.next_batch(&mut out)));
+    }
+}

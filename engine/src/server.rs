@@ -1,0 +1,311 @@
+//! Starting and stopping a whole server: store, mesh, shards, listeners.
+//!
+//! [`Server::start`] opens the store, reserves the port, creates every
+//! cross-shard queue, then starts one glommio executor per shard on a pool
+//! thread and returns once every shard is accepting. [`Server::shutdown`]
+//! asks the shards to stop: each stops accepting, tells its clients to
+//! reconnect later (a `Disconnect(ShuttingDown)` with a retry hint), waits a
+//! grace period for them to flush, closes what is left, and exits; the store
+//! is then persisted.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_lite::future;
+use glommio::channels::shared_channel::{ConnectedSender, SharedSender};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use tern_net::listen::PortReservation;
+use tern_net::memlock;
+use tern_storage::Store;
+
+use crate::config::Config;
+use crate::conn::{self, STOP_POLL};
+use crate::mesh::Mesh;
+use crate::shard::Shard;
+
+/// How long `start` waits for every shard to report that it accepts.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shared by the starting thread and every shard during startup.
+struct Startup {
+    config: Arc<Config>,
+    store: Store,
+    mesh: Mesh,
+    addr: SocketAddr,
+    next_index: AtomicUsize,
+    stop: Arc<AtomicBool>,
+    ready: std::sync::Mutex<mpsc::Sender<Result<usize, String>>>,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shards: usize,
+    stop: Arc<AtomicBool>,
+    pool: Option<JoinHandle<()>>,
+    store: Store,
+}
+
+impl Server {
+    /// Starts a server and returns once every shard accepts connections.
+    pub fn start(config: Config) -> anyhow::Result<Server> {
+        config
+            .validate()
+            .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+        let io_memory = memlock::io_memory_per_shard(config.shards).map_err(|e| anyhow!(e))?;
+        let store = Store::open(&config.data_dir, config.store.clone())
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let reservation = PortReservation::bind(config.listen)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = reservation.addr();
+        let shards = config.shards;
+        let placement = if config.pin_shards && shards <= available_cpus() {
+            PoolPlacement::MaxSpread(shards, None)
+        } else {
+            PoolPlacement::Unbound(shards)
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let startup = Arc::new(Startup {
+            mesh: Mesh::new(shards, config.cross_shard_queue_depth),
+            config: Arc::new(config),
+            store: store.clone(),
+            addr,
+            next_index: AtomicUsize::new(0),
+            stop: stop.clone(),
+            ready: std::sync::Mutex::new(ready_tx.clone()),
+        });
+        let pool = std::thread::Builder::new()
+            .name("tern-pool".into())
+            .spawn(move || {
+                let handles = LocalExecutorPoolBuilder::new(placement)
+                    .name("tern-shard")
+                    .io_memory(io_memory)
+                    .on_all_shards(move || run_shard(startup));
+                match handles {
+                    Ok(handles) => {
+                        for result in handles.join_all() {
+                            if let Err(e) = result {
+                                tracing::error!(error = ?e, "shard executor failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start shard executors: {e}")));
+                    }
+                }
+            })?;
+        let mut server = Server {
+            addr,
+            shards,
+            stop,
+            pool: Some(pool),
+            store,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        for _ in 0..shards {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match ready_rx.recv_timeout(remaining) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    server.stop_and_join();
+                    bail!(e);
+                }
+                Err(_) => {
+                    server.stop_and_join();
+                    bail!("shards did not start within {STARTUP_TIMEOUT:?}");
+                }
+            }
+        }
+        reservation.release();
+        Ok(server)
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// A handle that can request shutdown from another thread (a signal handler).
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Blocks until the shards have stopped (after a stop request), then
+    /// persists the store.
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        if let Some(pool) = self.pool.take() {
+            pool.join().map_err(|_| anyhow!("shard pool thread panicked"))?;
+        }
+        self.store.persist().context("cannot persist the store")?;
+        Ok(())
+    }
+
+    /// Stops accepting, drains every connection and persists the store.
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wait()
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(pool) = self.pool.take() {
+            let _ = pool.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+async fn run_shard(startup: Arc<Startup>) {
+    let index = startup.next_index.fetch_add(1, Ordering::SeqCst);
+    let report = |result: Result<usize, String>| {
+        if let Ok(tx) = startup.ready.lock() {
+            let _ = tx.send(result);
+        }
+    };
+    let Some(ends) = startup.mesh.take(index) else {
+        return report(Err(format!("shard {index} found no queue endpoints")));
+    };
+    // Connecting a channel end waits for its peer end on the other shard,
+    // so every end connects in its own task, all at once.
+    let requests_out = connect_senders(ends.requests_out);
+    let events_out = connect_senders(ends.events_out);
+    let requests_in: Vec<_> = ends
+        .requests_in
+        .into_iter()
+        .map(|rx| glommio::spawn_local(rx.connect()))
+        .collect();
+    let events_in: Vec<_> = ends
+        .events_in
+        .into_iter()
+        .map(|rx| glommio::spawn_local(rx.connect()))
+        .collect();
+    let mut connected_requests_out = Vec::with_capacity(requests_out.len());
+    for task in requests_out {
+        connected_requests_out.push(match task {
+            Some(task) => Some(task.await),
+            None => None,
+        });
+    }
+    let mut connected_events_out = Vec::with_capacity(events_out.len());
+    for task in events_out {
+        connected_events_out.push(match task {
+            Some(task) => Some(task.await),
+            None => None,
+        });
+    }
+    let shard = Rc::new(Shard::new(
+        index,
+        startup.config.clone(),
+        startup.store.clone(),
+        connected_requests_out,
+        connected_events_out,
+    ));
+    for rx in requests_in {
+        let rx = rx.await;
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(request) = rx.recv().await {
+                shard.handle_request(request).await;
+            }
+        })
+        .detach();
+    }
+    for rx in events_in {
+        let rx = rx.await;
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(event) = rx.recv().await {
+                shard.handle_event(event);
+            }
+        })
+        .detach();
+    }
+    let listener = match TcpListener::bind(startup.addr) {
+        Ok(listener) => listener,
+        Err(e) => {
+            return report(Err(format!(
+                "shard {index} cannot listen on {}: {e}",
+                startup.addr
+            )))
+        }
+    };
+    let watcher = {
+        let shard = shard.clone();
+        let stop = startup.stop.clone();
+        glommio::spawn_local(async move {
+            while !stop.load(Ordering::SeqCst) {
+                glommio::timer::sleep(STOP_POLL).await;
+            }
+            shard.stop.fire();
+        })
+    };
+    report(Ok(index));
+    tracing::debug!(shard = index, addr = %startup.addr, "shard accepting");
+    accept_loop(&shard, &listener).await;
+    drop(listener);
+    watcher.await;
+    let config = &startup.config;
+    shard.drain_connections(config.shutdown_retry_after.as_millis().min(u32::MAX as u128) as u32);
+    let deadline = Instant::now() + config.shutdown_grace;
+    while shard.conn_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.abort_connections();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while shard.conn_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::debug!(shard = index, "shard stopped");
+}
+
+/// Starts connecting each sender end in its own task.
+fn connect_senders<T: Send + 'static>(
+    ends: Vec<Option<SharedSender<T>>>,
+) -> Vec<Option<glommio::Task<ConnectedSender<T>>>> {
+    ends.into_iter()
+        .map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect())))
+        .collect()
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            shard.stop.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                // Typically EMFILE/ENFILE: back off instead of spinning, and
+                // keep serving the connections we have.
+                tracing::warn!(error = %e, shard = shard.index, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
