@@ -108,6 +108,9 @@ fn encode_with(
     let frame_start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
     let body_start = out.len();
+    // rkyv takes the writer by value and does not hand it back on error.
+    // Serialisation of these types fails only for a string or vector over
+    // 2^30 bytes, far beyond any frame limit, so that loss is accepted.
     let mut buf = match serialize(std::mem::take(out)) {
         Ok(buf) => buf,
         Err(e) => return Err(FrameError::Encode(e.to_string())),
@@ -190,9 +193,12 @@ impl FrameBuf {
         if self.start > 0 && (self.start == self.end || self.start + needed > self.buf.len()) {
             self.compact();
         }
-        let want = needed.max(IDLE_BUF_BYTES);
-        if self.buf.len() < self.start + want {
-            self.buf.resize(self.start + want, 0);
+        // Room for the pending frame, and never an empty slot: a caller that
+        // reads again before draining complete frames gets more space rather
+        // than an error.
+        let target = (self.start + needed.max(IDLE_BUF_BYTES)).max(self.end + HEADER_LEN);
+        if self.buf.len() < target {
+            self.buf.resize(target, 0);
         }
         let (start, end) = (self.end, self.buf.len());
         match self.buf.get_mut(start..end) {
@@ -330,6 +336,29 @@ mod tests {
         );
         assert!(fb.read_slot().is_err());
         assert!(fb.buf.len() <= IDLE_BUF_BYTES);
+    }
+
+    #[test]
+    fn reading_before_draining_grows_instead_of_failing() {
+        let mut wire = AlignedVec::new();
+        while wire.len() < 600 {
+            encode_client(&sample(1), &mut wire, 1 << 20).unwrap();
+        }
+        let mut fb = FrameBuf::new(1 << 20);
+        let mut off = 0;
+        while off < wire.len() {
+            let slot = fb.read_slot().unwrap();
+            assert!(!slot.is_empty());
+            let n = slot.len().min(wire.len() - off);
+            slot[..n].copy_from_slice(&wire[off..off + n]);
+            fb.commit(n);
+            off += n;
+        }
+        let mut frames = 0;
+        while fb.next_body().unwrap().is_some() {
+            frames += 1;
+        }
+        assert!(frames > 2);
     }
 
     #[test]

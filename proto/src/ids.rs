@@ -18,7 +18,8 @@ pub type GroupId = u64;
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[rkyv(derive(Debug, PartialEq, Eq))]
 pub enum ConvId {
-    /// A 1:1 conversation; `low < high` always (see [`ConvId::direct`]).
+    /// A 1:1 conversation; `low <= high` always (see [`ConvId::direct`]).
+    /// The server refuses messages to oneself, so on the wire `low < high`.
     Direct { low: UserId, high: UserId },
     /// A group conversation.
     Group { group: GroupId },

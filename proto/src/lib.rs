@@ -27,7 +27,7 @@ pub mod session;
 pub use frame::{
     decode_client, decode_server, encode_client, encode_server, FrameBuf, FrameError, FrameHeader, HEADER_LEN,
 };
-pub use ids::{shard_of, ConvId, GroupId, UserId};
+pub use ids::{shard_of, ArchivedConvId, ConvId, GroupId, UserId};
 pub use message::*;
 
 /// The protocol version this build speaks. A `Hello` naming any other
