@@ -27,6 +27,11 @@ pub const CLIENT_NAME_LEN_MAX: usize = 64;
 pub const MEDIA_URL_LEN_MAX: usize = 2048;
 /// See [`MEDIA_URL_LEN_MAX`].
 pub const MEDIA_MIME_LEN_MAX: usize = 128;
+/// Most messages one `History` page or conversations one `Conversations`
+/// page returns; larger requests are clamped.
+pub const PAGE_LIMIT_MAX: u32 = 200;
+/// Most cursors one `Sync` may carry.
+pub const SYNC_CURSORS_MAX: usize = 4096;
 /// Session tokens are exactly this many random bytes.
 pub const TOKEN_LEN: usize = 32;
 

@@ -63,6 +63,78 @@ pub enum ClientBody {
         client_msg_id: u64,
         content: Content,
     },
+    /// Catches up after login: acknowledges `cursors` (the last sequence
+    /// the client holds per conversation) as delivered, streams every
+    /// undelivered message after them as `Message` pushes in sequence order
+    /// per conversation, then answers `SyncDone`, after which the session
+    /// receives messages live. A session that never syncs gets no messages
+    /// (they wait in its inbox).
+    Sync { cursors: Vec<Cursor> },
+    /// Cumulative receipt: every message of `conv` up to `seq` was
+    /// delivered (or read). Answered with `Ok`; forwarded to the peer of a
+    /// 1:1 conversation as a `Receipt` push.
+    Receipt {
+        conv: ConvId,
+        kind: ReceiptKind,
+        seq: u64,
+    },
+    /// A page of a conversation's history: up to `limit` (at most 200)
+    /// messages from `from_seq` onwards (`forward`) or backwards.
+    /// Answered with `HistoryPage`.
+    History {
+        conv: ConvId,
+        from_seq: u64,
+        forward: bool,
+        limit: u32,
+    },
+    /// The caller's conversations, most recent first, `limit` (at most 200)
+    /// from `offset`. Answered with `Conversations`.
+    Conversations { offset: u32, limit: u32 },
+}
+
+/// The last sequence a client holds for a conversation.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Cursor {
+    pub conv: ConvId,
+    pub seq: u64,
+}
+
+/// What a receipt says.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug, PartialEq, Eq, Clone, Copy))]
+#[repr(u8)]
+pub enum ReceiptKind {
+    /// The messages reached a device of the user.
+    Delivered,
+    /// The user read them (implies delivered).
+    Read,
+}
+
+impl ArchivedReceiptKind {
+    /// Converts the archived kind back into a native [`ReceiptKind`].
+    pub fn to_native(self) -> ReceiptKind {
+        match self {
+            ArchivedReceiptKind::Delivered => ReceiptKind::Delivered,
+            ArchivedReceiptKind::Read => ReceiptKind::Read,
+        }
+    }
+}
+
+/// One entry of a conversation list.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ConversationSummary {
+    pub conv: ConvId,
+    /// The conversation's newest sequence number.
+    pub last_seq: u64,
+    /// Messages after the caller's read cursor.
+    pub unread: u64,
+    /// The newest message, if any is still kept.
+    pub last_message: Option<ChatMessage>,
+    /// For 1:1 conversations, the peer's delivered and read cursors.
+    pub peer_delivered: u64,
+    pub peer_read: u64,
 }
 
 /// The payload of a chat message.
@@ -161,6 +233,22 @@ pub enum ServerBody {
         message: String,
         retry_after_ms: u32,
     },
+    /// The answer to `Sync`: `messages` were streamed; the session is live.
+    SyncDone { messages: u64 },
+    /// A pushed receipt: `user` has received or read `conv` up to `seq`.
+    Receipt {
+        conv: ConvId,
+        user: UserId,
+        kind: ReceiptKind,
+        seq: u64,
+    },
+    /// The answer to `History`, in the order asked for.
+    HistoryPage {
+        conv: ConvId,
+        messages: Vec<ChatMessage>,
+    },
+    /// The answer to `Conversations`.
+    Conversations { conversations: Vec<ConversationSummary> },
 }
 
 /// A friend and whether they are online now.

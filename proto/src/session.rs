@@ -10,7 +10,7 @@
 
 use crate::limits::{
     check_group_name, check_password, check_username, CLIENT_NAME_LEN_MAX, MEDIA_MIME_LEN_MAX,
-    MEDIA_URL_LEN_MAX, TOKEN_LEN,
+    MEDIA_URL_LEN_MAX, SYNC_CURSORS_MAX, TOKEN_LEN,
 };
 use crate::message::{ArchivedClientBody, ArchivedContent, ArchivedContentKind, ErrorCode};
 use crate::{ids::UserId, SUPPORTED_VERSIONS};
@@ -170,13 +170,33 @@ impl Session {
                 self.check_content(content)
             }
             (Phase::Authenticated(_), B::SendGroup { content, .. }) => self.check_content(content),
+            (Phase::Authenticated(_), B::Sync { cursors }) => {
+                if cursors.len() > SYNC_CURSORS_MAX {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "more than 4096 sync cursors",
+                    ));
+                }
+                Ok(())
+            }
+            (Phase::Authenticated(_), B::Receipt { seq, .. }) => {
+                if seq.to_native() == 0 {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "receipt sequence 0 acknowledges nothing",
+                    ));
+                }
+                Ok(())
+            }
             (
                 Phase::Authenticated(_),
                 B::FriendRemove { .. }
                 | B::FriendList
                 | B::GroupJoin { .. }
                 | B::GroupLeave { .. }
-                | B::GroupMembers { .. },
+                | B::GroupMembers { .. }
+                | B::History { .. }
+                | B::Conversations { .. },
             ) => Ok(()),
         }
     }

@@ -222,6 +222,127 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client-sync",
+            client(
+                11,
+                ClientBody::Sync {
+                    cursors: vec![
+                        Cursor {
+                            conv: ConvId::direct(1, 2),
+                            seq: 5,
+                        },
+                        Cursor {
+                            conv: ConvId::Group { group: 9 },
+                            seq: 12,
+                        },
+                    ],
+                },
+            ),
+        ),
+        (
+            "client-receipt",
+            client(
+                12,
+                ClientBody::Receipt {
+                    conv: ConvId::direct(1, 2),
+                    kind: ReceiptKind::Read,
+                    seq: 5,
+                },
+            ),
+        ),
+        (
+            "client-history",
+            client(
+                13,
+                ClientBody::History {
+                    conv: ConvId::Group { group: 9 },
+                    from_seq: u64::MAX,
+                    forward: false,
+                    limit: 50,
+                },
+            ),
+        ),
+        (
+            "client-conversations",
+            client(14, ClientBody::Conversations { offset: 0, limit: 20 }),
+        ),
+        (
+            "server-sync-done",
+            server(11, ServerBody::SyncDone { messages: 3 }),
+        ),
+        (
+            "server-receipt",
+            server(
+                0,
+                ServerBody::Receipt {
+                    conv: ConvId::direct(1, 2),
+                    user: 2,
+                    kind: ReceiptKind::Read,
+                    seq: 5,
+                },
+            ),
+        ),
+        (
+            "server-history-page",
+            server(
+                13,
+                ServerBody::HistoryPage {
+                    conv: ConvId::Group { group: 9 },
+                    messages: vec![
+                        ChatMessage {
+                            conv: ConvId::Group { group: 9 },
+                            seq: 12,
+                            from: 3,
+                            client_msg_id: 7,
+                            timestamp_ms: 1_700_000_060_000,
+                            content: Content::text("see you at eight"),
+                        },
+                        ChatMessage {
+                            conv: ConvId::Group { group: 9 },
+                            seq: 11,
+                            from: 1,
+                            client_msg_id: 4,
+                            timestamp_ms: 1_700_000_000_000,
+                            content: Content::text("hi all"),
+                        },
+                    ],
+                },
+            ),
+        ),
+        (
+            "server-conversations",
+            server(
+                14,
+                ServerBody::Conversations {
+                    conversations: vec![
+                        ConversationSummary {
+                            conv: ConvId::direct(1, 2),
+                            last_seq: 5,
+                            unread: 0,
+                            last_message: Some(ChatMessage {
+                                conv: ConvId::direct(1, 2),
+                                seq: 5,
+                                from: 2,
+                                client_msg_id: 9,
+                                timestamp_ms: 1_700_000_120_000,
+                                content: Content::text("ok!"),
+                            }),
+                            peer_delivered: 5,
+                            peer_read: 4,
+                        },
+                        ConversationSummary {
+                            conv: ConvId::Group { group: 9 },
+                            last_seq: 12,
+                            unread: 2,
+                            last_message: None,
+                            peer_delivered: 0,
+                            peer_read: 0,
+                        },
+                    ],
+                },
+            ),
+        ),
     ]
 }
 
@@ -415,6 +536,24 @@ fn client_samples() -> Vec<ClientBody> {
             client_msg_id: 3,
             content: media,
         },
+        ClientBody::Sync {
+            cursors: vec![Cursor {
+                conv: ConvId::Group { group: 4 },
+                seq: 2,
+            }],
+        },
+        ClientBody::Receipt {
+            conv: ConvId::direct(1, 2),
+            kind: ReceiptKind::Delivered,
+            seq: 3,
+        },
+        ClientBody::History {
+            conv: ConvId::direct(1, 2),
+            from_seq: 1,
+            forward: true,
+            limit: 200,
+        },
+        ClientBody::Conversations { offset: 1, limit: 2 },
     ]
 }
 
@@ -472,6 +611,20 @@ fn server_samples() -> Vec<ServerBody> {
             message: "idle".into(),
             retry_after_ms: 0,
         },
+        ServerBody::SyncDone { messages: 1 },
+        ServerBody::Receipt {
+            conv: ConvId::direct(1, 2),
+            user: 2,
+            kind: ReceiptKind::Read,
+            seq: 3,
+        },
+        ServerBody::HistoryPage {
+            conv: ConvId::Group { group: 4 },
+            messages: vec![],
+        },
+        ServerBody::Conversations {
+            conversations: vec![],
+        },
     ]
 }
 
@@ -504,6 +657,15 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         } => {
             vec![o(addr(a)), o(addr(client_msg_id)), o(addr(content))]
         }
+        B::Sync { cursors } => vec![o(addr(cursors))],
+        B::Receipt { conv, kind, seq } => vec![o(addr(conv)), o(addr(kind)), o(addr(seq))],
+        B::History {
+            conv,
+            from_seq,
+            forward,
+            limit,
+        } => vec![o(addr(conv)), o(addr(from_seq)), o(addr(forward)), o(addr(limit))],
+        B::Conversations { offset, limit } => vec![o(addr(offset)), o(addr(limit))],
     }
 }
 
@@ -557,6 +719,17 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             message,
             retry_after_ms,
         } => vec![o(addr(code)), o(addr(message)), o(addr(retry_after_ms))],
+        B::SyncDone { messages } => vec![o(addr(messages))],
+        B::Receipt {
+            conv,
+            user,
+            kind,
+            seq,
+        } => {
+            vec![o(addr(conv)), o(addr(user)), o(addr(kind)), o(addr(seq))]
+        }
+        B::HistoryPage { conv, messages } => vec![o(addr(conv)), o(addr(messages))],
+        B::Conversations { conversations } => vec![o(addr(conversations))],
     }
 }
 
@@ -568,6 +741,7 @@ fn body_of(wire: &[u8]) -> &[u8] {
 
 #[test]
 fn archived_layout_is_as_documented() {
+    use rkyv::option::ArchivedOption;
     use rkyv::string::ArchivedString;
     use rkyv::vec::ArchivedVec;
     use std::mem::{align_of, offset_of, size_of};
@@ -643,6 +817,34 @@ fn archived_layout_is_as_documented() {
             align_of::<ArchivedErrorCode>(),
             1,
             1,
+        ),
+        (
+            "Cursor",
+            size_of::<ArchivedCursor>(),
+            align_of::<ArchivedCursor>(),
+            32,
+            8,
+        ),
+        (
+            "ReceiptKind",
+            size_of::<ArchivedReceiptKind>(),
+            align_of::<ArchivedReceiptKind>(),
+            1,
+            1,
+        ),
+        (
+            "Option<ChatMessage>",
+            size_of::<ArchivedOption<ArchivedChatMessage>>(),
+            align_of::<ArchivedOption<ArchivedChatMessage>>(),
+            104,
+            8,
+        ),
+        (
+            "ConversationSummary",
+            size_of::<ArchivedConversationSummary>(),
+            align_of::<ArchivedConversationSummary>(),
+            160,
+            8,
         ),
         (
             "String",
@@ -732,24 +934,43 @@ fn archived_layout_is_as_documented() {
         ],
         [0, 24, 32, 40, 48, 56]
     );
+    assert_eq!(
+        [offset_of!(ArchivedCursor, conv), offset_of!(ArchivedCursor, seq)],
+        [0, 24]
+    );
+    assert_eq!(
+        [
+            offset_of!(ArchivedConversationSummary, conv),
+            offset_of!(ArchivedConversationSummary, last_seq),
+            offset_of!(ArchivedConversationSummary, unread),
+            offset_of!(ArchivedConversationSummary, last_message),
+            offset_of!(ArchivedConversationSummary, peer_delivered),
+            offset_of!(ArchivedConversationSummary, peer_read),
+        ],
+        [0, 24, 32, 40, 144, 152]
+    );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 15] = [
-        &[2, 4],      // Hello
-        &[4, 12],     // Register
-        &[4, 12],     // Login
-        &[4],         // LoginToken
-        &[8],         // Ping
-        &[4],         // ResolveUser
-        &[4],         // FriendAdd
-        &[8],         // FriendRemove
-        &[],          // FriendList
-        &[8, 16, 24], // SendDirect
-        &[4],         // GroupCreate
-        &[8],         // GroupJoin
-        &[8],         // GroupLeave
-        &[8],         // GroupMembers
-        &[8, 16, 24], // SendGroup
+    let client_expected: [&[usize]; 19] = [
+        &[2, 4],          // Hello
+        &[4, 12],         // Register
+        &[4, 12],         // Login
+        &[4],             // LoginToken
+        &[8],             // Ping
+        &[4],             // ResolveUser
+        &[4],             // FriendAdd
+        &[8],             // FriendRemove
+        &[],              // FriendList
+        &[8, 16, 24],     // SendDirect
+        &[4],             // GroupCreate
+        &[8],             // GroupJoin
+        &[8],             // GroupLeave
+        &[8],             // GroupMembers
+        &[8, 16, 24],     // SendGroup
+        &[4],             // Sync
+        &[8, 32, 40],     // Receipt
+        &[8, 32, 40, 44], // History
+        &[4, 8],          // Conversations
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -773,7 +994,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 14] = [
+    let server_expected: [&[usize]; 18] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -788,6 +1009,10 @@ fn archived_layout_is_as_documented() {
         &[8],             // Message
         &[8, 16],         // Presence
         &[1, 4, 12],      // Disconnect
+        &[8],             // SyncDone
+        &[8, 32, 40, 48], // Receipt
+        &[8, 32],         // HistoryPage
+        &[4],             // Conversations
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -841,6 +1066,71 @@ fn archived_layout_is_as_documented() {
         let bytes = body_of(&wire);
         assert_eq!(bytes[bytes.len() - 112 + 8 + 1] as usize, i, "{code:?}");
     }
+
+    // ReceiptKind: one byte, declaration order (Receipt push: kind at 40).
+    for (i, kind) in [ReceiptKind::Delivered, ReceiptKind::Read]
+        .into_iter()
+        .enumerate()
+    {
+        let wire = encode(&server(
+            0,
+            ServerBody::Receipt {
+                conv: ConvId::Group { group: 1 },
+                user: 1,
+                kind,
+                seq: 1,
+            },
+        ));
+        let bytes = body_of(&wire);
+        assert_eq!(bytes[bytes.len() - 112 + 8 + 40] as usize, i, "{kind:?}");
+    }
+
+    // Option<ChatMessage>: tag byte (0 None, 1 Some), the message at 8,
+    // unused bytes zero for None.
+    let message = ChatMessage {
+        conv: ConvId::Group { group: 1 },
+        seq: 2,
+        from: 3,
+        client_msg_id: 4,
+        timestamp_ms: 5,
+        content: Content::text("x"),
+    };
+    for last_message in [None, Some(message)] {
+        let summary = ConversationSummary {
+            conv: ConvId::Group { group: 1 },
+            last_seq: 2,
+            unread: 1,
+            last_message: last_message.clone(),
+            peer_delivered: 0,
+            peer_read: 0,
+        };
+        let wire = encode(&server(
+            1,
+            ServerBody::Conversations {
+                conversations: vec![summary],
+            },
+        ));
+        let bytes = body_of(&wire);
+        let archived = decode_server(bytes).unwrap();
+        let ArchivedServerBody::Conversations { conversations } = &archived.body else {
+            panic!("not Conversations")
+        };
+        let opt = &conversations[0].last_message;
+        let at = addr(opt) - addr(&bytes[0]);
+        assert_eq!(addr(opt) - addr(&conversations[0]), 40);
+        match opt {
+            ArchivedOption::None => {
+                assert_eq!(bytes[at], 0);
+                assert!(bytes[at + 1..at + 104].iter().all(|&b| b == 0));
+            }
+            ArchivedOption::Some(m) => {
+                assert_eq!(bytes[at], 1);
+                assert_eq!(addr(m) - addr(opt), 8);
+                assert_eq!(m.seq.to_native(), 2);
+            }
+        }
+        assert!(last_message.is_some() == opt.is_some());
+    }
 }
 
 const ERROR_CODES: [ErrorCode; 14] = [
@@ -867,30 +1157,50 @@ const ERROR_CODES: [ErrorCode; 14] = [
 /// Encodes a client frame following `docs/protocol.md` alone.
 fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
     // Out-of-line data first, in field order, each piece at its own
-    // alignment (1 for strings and byte vectors); positions are relative to
-    // the start of the body.
+    // alignment (1 for strings and byte vectors, 8 for arrays of cursors)
+    // after zero padding; positions are relative to the start of the body.
     let mut body: Vec<u8> = Vec::new();
-    let mut ool = |bytes: &[u8]| -> usize {
+    let mut ool = |bytes: &[u8], align: usize| -> usize {
+        while !body.len().is_multiple_of(align) {
+            body.push(0);
+        }
         let pos = body.len();
         body.extend_from_slice(bytes);
         pos
     };
+    // A ConvId written in place: tag, then low/high or group (24 bytes).
+    fn conv_bytes(conv: &ConvId) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        match *conv {
+            ConvId::Direct { low, high } => {
+                c[8..16].copy_from_slice(&low.to_le_bytes());
+                c[16..24].copy_from_slice(&high.to_le_bytes());
+            }
+            ConvId::Group { group } => {
+                c[0] = 1;
+                c[8..16].copy_from_slice(&group.to_le_bytes());
+            }
+        }
+        c
+    }
     // (position in the root, target or None for an inline string, value)
     enum Field<'a> {
         Str(usize, Option<usize>, &'a str),
         Vec(usize, usize, usize),
         U64(usize, u64),
+        U32(usize, u32),
         U16(usize, u16),
         U8(usize, u8),
+        Raw(usize, [u8; 24]),
     }
-    fn string<'a>(at: usize, s: &'a str, ool: &mut dyn FnMut(&[u8]) -> usize) -> Field<'a> {
-        let target = (s.len() > 8).then(|| ool(s.as_bytes()));
+    fn string<'a>(at: usize, s: &'a str, ool: &mut dyn FnMut(&[u8], usize) -> usize) -> Field<'a> {
+        let target = (s.len() > 8).then(|| ool(s.as_bytes(), 1));
         Field::Str(at, target, s)
     }
     fn content_fields<'a>(
         content: &'a Content,
         at: usize,
-        ool: &mut dyn FnMut(&[u8]) -> usize,
+        ool: &mut dyn FnMut(&[u8], usize) -> usize,
     ) -> Vec<Field<'a>> {
         let mut f = Vec::new();
         match &content.kind {
@@ -902,7 +1212,7 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
                 f.push(Field::U64(at + 24, *size));
             }
         }
-        let b = ool(&content.body);
+        let b = ool(&content.body, 1);
         f.push(Field::Vec(at + 32, b, content.body.len()));
         f
     }
@@ -923,11 +1233,11 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
                 2
             }));
             fields.push(string(B + 4, username, &mut ool));
-            fields.push(Field::Vec(B + 12, ool(password), password.len()));
+            fields.push(Field::Vec(B + 12, ool(password, 1), password.len()));
         }
         ClientBody::LoginToken { token } => {
             fields.push(tag(3));
-            fields.push(Field::Vec(B + 4, ool(token), token.len()));
+            fields.push(Field::Vec(B + 4, ool(token, 1), token.len()));
         }
         ClientBody::Ping { nonce } => {
             fields.push(tag(4));
@@ -975,6 +1285,39 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(Field::U64(B + 16, *client_msg_id));
             fields.extend(content_fields(content, B + 24, &mut ool));
         }
+        ClientBody::Sync { cursors } => {
+            // An array of 32-byte cursors at alignment 8 (even when empty).
+            let mut array = Vec::new();
+            for c in cursors {
+                array.extend_from_slice(&conv_bytes(&c.conv));
+                array.extend_from_slice(&c.seq.to_le_bytes());
+            }
+            fields.push(tag(15));
+            fields.push(Field::Vec(B + 4, ool(&array, 8), cursors.len()));
+        }
+        ClientBody::Receipt { conv, kind, seq } => {
+            fields.push(tag(16));
+            fields.push(Field::Raw(B + 8, conv_bytes(conv)));
+            fields.push(Field::U8(B + 32, *kind as u8));
+            fields.push(Field::U64(B + 40, *seq));
+        }
+        ClientBody::History {
+            conv,
+            from_seq,
+            forward,
+            limit,
+        } => {
+            fields.push(tag(17));
+            fields.push(Field::Raw(B + 8, conv_bytes(conv)));
+            fields.push(Field::U64(B + 32, *from_seq));
+            fields.push(Field::U8(B + 40, u8::from(*forward)));
+            fields.push(Field::U32(B + 44, *limit));
+        }
+        ClientBody::Conversations { offset, limit } => {
+            fields.push(tag(18));
+            fields.push(Field::U32(B + 4, *offset));
+            fields.push(Field::U32(B + 8, *limit));
+        }
     }
     // Then the root, 8-aligned, at the very end: zero padding, 72 bytes.
     while !body.len().is_multiple_of(8) {
@@ -987,6 +1330,8 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
         match f {
             Field::U8(at, v) => r[at] = v,
             Field::U16(at, v) => r[at..at + 2].copy_from_slice(&v.to_le_bytes()),
+            Field::U32(at, v) => r[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+            Field::Raw(at, v) => r[at..at + v.len()].copy_from_slice(&v),
             Field::U64(at, v) => r[at..at + 8].copy_from_slice(&v.to_le_bytes()),
             Field::Str(at, None, s) => {
                 r[at..at + 8].fill(0xff);
@@ -1066,6 +1411,24 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
         },
         body: bytes_at(at + 32),
     };
+    let message_at = |m: usize| ChatMessage {
+        conv: conv_at(m),
+        seq: u64_at(m + 24),
+        from: u64_at(m + 32),
+        client_msg_id: u64_at(m + 40),
+        timestamp_ms: u64_at(m + 48),
+        content: content_at(m + 56),
+    };
+    let bool_at = |at: usize| match u8_at(at) {
+        0 => false,
+        1 => true,
+        v => panic!("bad bool {v}"),
+    };
+    let kind_at = |at: usize| match u8_at(at) {
+        0 => ReceiptKind::Delivered,
+        1 => ReceiptKind::Read,
+        t => panic!("bad ReceiptKind tag {t}"),
+    };
     let root = body.len() - 112;
     let b = root + 8;
     let reply = match u8_at(b) {
@@ -1102,7 +1465,7 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
                     .map(|f| Friend {
                         user: u64_at(f),
                         username: string_at(f + 8),
-                        online: u8_at(f + 16) == 1,
+                        online: bool_at(f + 16),
                     })
                     .collect(),
             }
@@ -1121,26 +1484,52 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
                 (0..len).map(|i| u64_at(start + 8 * i)).collect()
             },
         },
-        11 => {
-            let m = b + 8;
-            ServerBody::Message(ChatMessage {
-                conv: conv_at(m),
-                seq: u64_at(m + 24),
-                from: u64_at(m + 32),
-                client_msg_id: u64_at(m + 40),
-                timestamp_ms: u64_at(m + 48),
-                content: content_at(m + 56),
-            })
-        }
+        11 => ServerBody::Message(message_at(b + 8)),
         12 => ServerBody::Presence {
             user: u64_at(b + 8),
-            online: u8_at(b + 16) == 1,
+            online: bool_at(b + 16),
         },
         13 => ServerBody::Disconnect {
             code: code_at(b + 1),
             message: string_at(b + 4),
             retry_after_ms: u32_at(b + 12),
         },
+        14 => ServerBody::SyncDone {
+            messages: u64_at(b + 8),
+        },
+        15 => ServerBody::Receipt {
+            conv: conv_at(b + 8),
+            user: u64_at(b + 32),
+            kind: kind_at(b + 40),
+            seq: u64_at(b + 48),
+        },
+        16 => ServerBody::HistoryPage {
+            conv: conv_at(b + 8),
+            messages: {
+                let (start, len) = vec_at(b + 32);
+                (0..len).map(|i| message_at(start + 96 * i)).collect()
+            },
+        },
+        17 => {
+            let (start, len) = vec_at(b + 4);
+            ServerBody::Conversations {
+                conversations: (0..len)
+                    .map(|i| start + 160 * i)
+                    .map(|s| ConversationSummary {
+                        conv: conv_at(s),
+                        last_seq: u64_at(s + 24),
+                        unread: u64_at(s + 32),
+                        last_message: match u8_at(s + 40) {
+                            0 => None,
+                            1 => Some(message_at(s + 48)),
+                            t => panic!("bad Option tag {t}"),
+                        },
+                        peer_delivered: u64_at(s + 144),
+                        peer_read: u64_at(s + 152),
+                    })
+                    .collect(),
+            }
+        }
         t => panic!("bad ServerBody tag {t}"),
     };
     ServerFrame {
@@ -1186,6 +1575,36 @@ fn arb_code() -> impl Strategy<Value = ErrorCode> {
     prop::sample::select(ERROR_CODES.to_vec())
 }
 
+fn arb_receipt_kind() -> impl Strategy<Value = ReceiptKind> {
+    prop_oneof![Just(ReceiptKind::Delivered), Just(ReceiptKind::Read)]
+}
+
+fn arb_chat() -> impl Strategy<Value = ChatMessage> {
+    (arb_conv(), any::<[u64; 4]>(), arb_content()).prop_map(|(conv, [seq, from, id, ts], content)| {
+        ChatMessage {
+            conv,
+            seq,
+            from,
+            client_msg_id: id,
+            timestamp_ms: ts,
+            content,
+        }
+    })
+}
+
+fn arb_summary() -> impl Strategy<Value = ConversationSummary> {
+    (arb_conv(), any::<[u64; 4]>(), prop::option::of(arb_chat())).prop_map(
+        |(conv, [last_seq, unread, peer_delivered, peer_read], last_message)| ConversationSummary {
+            conv,
+            last_seq,
+            unread,
+            last_message,
+            peer_delivered,
+            peer_read,
+        },
+    )
+}
+
 fn arb_client_body() -> impl Strategy<Value = ClientBody> {
     prop_oneof![
         (any::<u16>(), arb_string())
@@ -1217,6 +1636,27 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
                 content,
             }
         }),
+        prop::collection::vec(
+            (arb_conv(), any::<u64>()).prop_map(|(conv, seq)| Cursor { conv, seq }),
+            0..6
+        )
+        .prop_map(|cursors| ClientBody::Sync { cursors }),
+        (arb_conv(), arb_receipt_kind(), any::<u64>()).prop_map(|(conv, kind, seq)| ClientBody::Receipt {
+            conv,
+            kind,
+            seq
+        }),
+        (arb_conv(), any::<u64>(), any::<bool>(), any::<u32>()).prop_map(
+            |(conv, from_seq, forward, limit)| {
+                ClientBody::History {
+                    conv,
+                    from_seq,
+                    forward,
+                    limit,
+                }
+            }
+        ),
+        (any::<u32>(), any::<u32>()).prop_map(|(offset, limit)| ClientBody::Conversations { offset, limit }),
     ]
 }
 
@@ -1226,17 +1666,6 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         username,
         online,
     });
-    let chat =
-        (arb_conv(), any::<[u64; 4]>(), arb_content()).prop_map(|(conv, [seq, from, id, ts], content)| {
-            ChatMessage {
-                conv,
-                seq,
-                from,
-                client_msg_id: id,
-                timestamp_ms: ts,
-                content,
-            }
-        });
     prop_oneof![
         (any::<u16>(), any::<u32>(), any::<u32>()).prop_map(|(version, max_frame_bytes, idle_timeout_ms)| {
             ServerBody::HelloOk {
@@ -1276,7 +1705,7 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         any::<u64>().prop_map(|group| ServerBody::GroupCreated { group }),
         (any::<u64>(), prop::collection::vec(any::<u64>(), 0..20))
             .prop_map(|(group, members)| ServerBody::Members { group, members }),
-        chat.prop_map(ServerBody::Message),
+        arb_chat().prop_map(ServerBody::Message),
         (any::<u64>(), any::<bool>()).prop_map(|(user, online)| ServerBody::Presence { user, online }),
         (arb_code(), arb_string(), any::<u32>()).prop_map(|(code, message, retry_after_ms)| {
             ServerBody::Disconnect {
@@ -1285,6 +1714,19 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
                 retry_after_ms,
             }
         }),
+        any::<u64>().prop_map(|messages| ServerBody::SyncDone { messages }),
+        (arb_conv(), any::<u64>(), arb_receipt_kind(), any::<u64>()).prop_map(|(conv, user, kind, seq)| {
+            ServerBody::Receipt {
+                conv,
+                user,
+                kind,
+                seq,
+            }
+        }),
+        (arb_conv(), prop::collection::vec(arb_chat(), 0..4))
+            .prop_map(|(conv, messages)| ServerBody::HistoryPage { conv, messages }),
+        prop::collection::vec(arb_summary(), 0..4)
+            .prop_map(|conversations| ServerBody::Conversations { conversations }),
     ]
 }
 
@@ -1502,8 +1944,8 @@ fn decoder_rules_for_other_encoders() {
         b[at..at + bytes.len()].copy_from_slice(bytes);
         decode_client(&aligned(&b)).map(|_| ())
     };
-    // Unknown variant tag.
-    assert!(patched(root + 8, &[15]).is_err());
+    // Unknown variant tag (0..=18 are declared).
+    assert!(patched(root + 8, &[19]).is_err());
     // Bytes of the body enum past the variant's fields are not checked.
     assert!(patched(root + 8 + 40, &[0xaa; 8]).is_ok());
     // An out-of-line string of 8 bytes or fewer is refused.
@@ -1554,4 +1996,53 @@ fn decoder_rules_for_other_encoders() {
     let r = d.len() - 112;
     d[r + 9] = 14;
     assert!(decode_server(&aligned(&d)).is_err());
+
+    // ReceiptKind: only 0 and 1 (Receipt push: kind at ServerBody 40).
+    let receipt = encode(&server(
+        0,
+        ServerBody::Receipt {
+            conv: ConvId::Group { group: 1 },
+            user: 2,
+            kind: ReceiptKind::Read,
+            seq: 3,
+        },
+    ));
+    let mut k = body_of(&receipt).to_vec();
+    let r = k.len() - 112;
+    k[r + 8 + 40] = 2;
+    assert!(decode_server(&aligned(&k)).is_err());
+
+    // History.forward is a bool: only 0 and 1 (ClientBody offset 40).
+    let history = encode(&client(
+        1,
+        ClientBody::History {
+            conv: ConvId::Group { group: 1 },
+            from_seq: 1,
+            forward: true,
+            limit: 10,
+        },
+    ));
+    let mut h = body_of(&history).to_vec();
+    h[8 + 40] = 2;
+    assert!(decode_client(&aligned(&h)).is_err());
+
+    // Option: only tags 0 (None) and 1 (Some); summary at body offset 0,
+    // its last_message tag at 40.
+    let conversations = encode(&server(
+        1,
+        ServerBody::Conversations {
+            conversations: vec![ConversationSummary {
+                conv: ConvId::Group { group: 1 },
+                last_seq: 0,
+                unread: 0,
+                last_message: None,
+                peer_delivered: 0,
+                peer_read: 0,
+            }],
+        },
+    ));
+    let mut c = body_of(&conversations).to_vec();
+    assert!(decode_server(&aligned(&c)).is_ok());
+    c[40] = 2;
+    assert!(decode_server(&aligned(&c)).is_err());
 }
