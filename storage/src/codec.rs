@@ -10,6 +10,8 @@
 /// Version byte at the start of every structured value written by this build.
 pub const VALUE_V1: u8 = 1;
 
+use tern_proto::ConvId;
+
 /// Bytes of a SHA-256 token hash (the `tokens` key).
 pub const TOKEN_HASH_LEN: usize = 32;
 
@@ -161,6 +163,184 @@ pub fn check_empty(value: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Bytes of a conversation key: a tag byte and two `u64`s.
+pub const CONV_KEY_LEN: usize = 17;
+/// Tag byte of a 1:1 conversation key (`0x01 ++ low ++ high`).
+pub const CONV_TAG_DIRECT: u8 = 0x01;
+/// Tag byte of a group conversation key (`0x02 ++ group ++ 0u64`).
+pub const CONV_TAG_GROUP: u8 = 0x02;
+/// `history` key: `conv ++ seq`.
+pub const HISTORY_KEY_LEN: usize = CONV_KEY_LEN + 8;
+/// `inbox` key: `user ++ conv ++ seq`.
+pub const INBOX_KEY_LEN: usize = 8 + CONV_KEY_LEN + 8;
+/// `receipts` and `user_convs` keys: `user ++ conv`.
+pub const USER_CONV_KEY_LEN: usize = 8 + CONV_KEY_LEN;
+
+/// The fixed-length conversation key: `0x01 ++ low ++ high` for a 1:1
+/// conversation, `0x02 ++ group ++ 0u64` for a group, so every conversation
+/// key is 17 bytes and a conversation's entries form one prefix.
+pub fn conv_key(conv: ConvId) -> [u8; CONV_KEY_LEN] {
+    let mut key = [0u8; CONV_KEY_LEN];
+    let (tag, a, b) = match conv {
+        ConvId::Direct { low, high } => (CONV_TAG_DIRECT, low, high),
+        ConvId::Group { group } => (CONV_TAG_GROUP, group, 0),
+    };
+    key[0] = tag;
+    key[1..9].copy_from_slice(&a.to_be_bytes());
+    key[9..].copy_from_slice(&b.to_be_bytes());
+    key
+}
+
+/// Decodes a 17-byte conversation key.
+pub fn decode_conv_key(key: &[u8]) -> Result<ConvId, String> {
+    let Some((&tag, rest)) = key.split_first() else {
+        return Err("empty conversation key".to_owned());
+    };
+    if key.len() != CONV_KEY_LEN {
+        return Err(format!(
+            "conversation key is {} bytes, expected {CONV_KEY_LEN}",
+            key.len()
+        ));
+    }
+    let a = decode_id_key(rest.get(..8).unwrap_or_default())?;
+    let b = decode_id_key(rest.get(8..).unwrap_or_default())?;
+    match tag {
+        CONV_TAG_DIRECT if a <= b => Ok(ConvId::Direct { low: a, high: b }),
+        CONV_TAG_DIRECT => Err(format!("direct conversation key with low {a} > high {b}")),
+        CONV_TAG_GROUP if b == 0 => Ok(ConvId::Group { group: a }),
+        CONV_TAG_GROUP => Err("group conversation key with non-zero padding".to_owned()),
+        other => Err(format!("unknown conversation tag {other:#04x}")),
+    }
+}
+
+/// `history` key: `conv (17) ++ seq (8)`.
+pub fn history_key(conv: ConvId, seq: u64) -> [u8; HISTORY_KEY_LEN] {
+    let mut key = [0u8; HISTORY_KEY_LEN];
+    key[..CONV_KEY_LEN].copy_from_slice(&conv_key(conv));
+    key[CONV_KEY_LEN..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Decodes a `history` key into `(conv, seq)`.
+pub fn decode_history_key(key: &[u8]) -> Result<(ConvId, u64), String> {
+    if key.len() != HISTORY_KEY_LEN {
+        return Err(format!(
+            "history key is {} bytes, expected {HISTORY_KEY_LEN}",
+            key.len()
+        ));
+    }
+    let conv = decode_conv_key(key.get(..CONV_KEY_LEN).unwrap_or_default())?;
+    let seq = decode_id_key(key.get(CONV_KEY_LEN..).unwrap_or_default())?;
+    Ok((conv, seq))
+}
+
+/// `user ++ conv` (25 bytes): the `receipts` and `user_convs` key, and the
+/// prefix of a user's `inbox` entries in one conversation.
+pub fn user_conv_key(user: u64, conv: ConvId) -> [u8; USER_CONV_KEY_LEN] {
+    let mut key = [0u8; USER_CONV_KEY_LEN];
+    key[..8].copy_from_slice(&user.to_be_bytes());
+    key[8..].copy_from_slice(&conv_key(conv));
+    key
+}
+
+/// Decodes the conversation of a `user ++ conv` key.
+pub fn decode_user_conv_key(key: &[u8]) -> Result<ConvId, String> {
+    if key.len() != USER_CONV_KEY_LEN {
+        return Err(format!(
+            "user ++ conversation key is {} bytes, expected {USER_CONV_KEY_LEN}",
+            key.len()
+        ));
+    }
+    decode_conv_key(key.get(8..).unwrap_or_default())
+}
+
+/// `inbox` key: `user (8) ++ conv (17) ++ seq (8)`.
+pub fn inbox_key(user: u64, conv: ConvId, seq: u64) -> [u8; INBOX_KEY_LEN] {
+    let mut key = [0u8; INBOX_KEY_LEN];
+    key[..USER_CONV_KEY_LEN].copy_from_slice(&user_conv_key(user, conv));
+    key[USER_CONV_KEY_LEN..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Decodes an `inbox` key into `(user, conv, seq)`.
+pub fn decode_inbox_key(key: &[u8]) -> Result<(u64, ConvId, u64), String> {
+    if key.len() != INBOX_KEY_LEN {
+        return Err(format!(
+            "inbox key is {} bytes, expected {INBOX_KEY_LEN}",
+            key.len()
+        ));
+    }
+    let user = decode_id_key(key.get(..8).unwrap_or_default())?;
+    let conv = decode_conv_key(key.get(8..USER_CONV_KEY_LEN).unwrap_or_default())?;
+    let seq = decode_id_key(key.get(USER_CONV_KEY_LEN..).unwrap_or_default())?;
+    Ok((user, conv, seq))
+}
+
+/// A `history` value decoded (the frame borrowed from the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryValue<'a> {
+    pub from: u64,
+    pub client_msg_id: u64,
+    pub timestamp_ms: u64,
+    pub frame: &'a [u8],
+}
+
+/// `history` value: `[v1][from u64 BE][client_msg_id u64 BE][timestamp ms
+/// u64 BE][frame ..]`.
+pub fn encode_history(from: u64, client_msg_id: u64, timestamp_ms: u64, frame: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(25 + frame.len());
+    v.push(VALUE_V1);
+    v.extend_from_slice(&from.to_be_bytes());
+    v.extend_from_slice(&client_msg_id.to_be_bytes());
+    v.extend_from_slice(&timestamp_ms.to_be_bytes());
+    v.extend_from_slice(frame);
+    v
+}
+
+/// Decodes a `history` value.
+pub fn decode_history(value: &[u8]) -> Result<HistoryValue<'_>, String> {
+    let mut r = Reader::versioned(value)?;
+    Ok(HistoryValue {
+        from: r.u64()?,
+        client_msg_id: r.u64()?,
+        timestamp_ms: r.u64()?,
+        frame: r.rest,
+    })
+}
+
+/// `inbox` value: `[v1][timestamp ms u64 BE][frame ..]`.
+pub fn encode_inbox(timestamp_ms: u64, frame: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + frame.len());
+    v.push(VALUE_V1);
+    v.extend_from_slice(&timestamp_ms.to_be_bytes());
+    v.extend_from_slice(frame);
+    v
+}
+
+/// Decodes an `inbox` value into `(timestamp_ms, frame)`.
+pub fn decode_inbox(value: &[u8]) -> Result<(u64, &[u8]), String> {
+    let mut r = Reader::versioned(value)?;
+    let ts = r.u64()?;
+    Ok((ts, r.rest))
+}
+
+/// `receipts` value: `[v1][delivered u64 BE][read u64 BE]` (17 bytes).
+pub fn encode_receipts(delivered: u64, read: u64) -> [u8; 17] {
+    let mut v = [0u8; 17];
+    v[0] = VALUE_V1;
+    v[1..9].copy_from_slice(&delivered.to_be_bytes());
+    v[9..].copy_from_slice(&read.to_be_bytes());
+    v
+}
+
+/// Decodes a `receipts` value into `(delivered, read)`.
+pub fn decode_receipts(value: &[u8]) -> Result<(u64, u64), String> {
+    let mut r = Reader::versioned(value)?;
+    let out = (r.u64()?, r.u64()?);
+    r.end()?;
+    Ok(out)
+}
+
 /// A cursor that fails instead of panicking on short input.
 struct Reader<'a> {
     rest: &'a [u8],
@@ -257,5 +437,47 @@ mod tests {
         assert!(decode_id_key(b"1234567").is_err());
         assert!(decode_pair_second(b"123456789").is_err());
         assert!(check_empty(b"x").is_err());
+        for bad in [&b""[..], b"\x01", b"\x02abc", b"\x01\x00\x00\x00\x00"] {
+            assert!(decode_history(bad).is_err(), "{bad:?}");
+            assert!(decode_inbox(bad).is_err(), "{bad:?}");
+            assert!(decode_receipts(bad).is_err(), "{bad:?}");
+        }
+        let mut k = conv_key(ConvId::direct(1, 2));
+        k[0] = 9;
+        assert!(decode_conv_key(&k).is_err());
+        let mut k = conv_key(ConvId::Group { group: 1 });
+        k[16] = 1;
+        assert!(decode_conv_key(&k).is_err());
+        let k = conv_key(ConvId::Direct { low: 5, high: 2 });
+        assert!(decode_conv_key(&k).is_err());
+        assert!(decode_history_key(&[0u8; 24]).is_err());
+        assert!(decode_inbox_key(&[9u8; 33]).is_err());
+    }
+
+    #[test]
+    fn message_layouts_roundtrip_and_sort() {
+        let d = ConvId::direct(9, 3);
+        let g = ConvId::Group { group: 7 };
+        assert_eq!(decode_conv_key(&conv_key(d)).unwrap(), d);
+        assert_eq!(decode_conv_key(&conv_key(g)).unwrap(), g);
+        assert_eq!(decode_history_key(&history_key(g, 42)).unwrap(), (g, 42));
+        assert_eq!(decode_inbox_key(&inbox_key(5, d, 42)).unwrap(), (5, d, 42));
+        assert_eq!(decode_user_conv_key(&user_conv_key(5, g)).unwrap(), g);
+        let h = encode_history(1, 2, 3, b"frame");
+        assert_eq!(
+            decode_history(&h).unwrap(),
+            HistoryValue {
+                from: 1,
+                client_msg_id: 2,
+                timestamp_ms: 3,
+                frame: b"frame"
+            }
+        );
+        assert_eq!(decode_inbox(&encode_inbox(4, b"f")).unwrap(), (4, &b"f"[..]));
+        assert_eq!(decode_receipts(&encode_receipts(5, 3)).unwrap(), (5, 3));
+        assert!(history_key(d, 255) < history_key(d, 256));
+        assert!(history_key(d, u64::MAX) < history_key(ConvId::direct(3, 10), 0));
+        assert!(conv_key(ConvId::direct(u64::MAX - 1, u64::MAX)) < conv_key(g));
+        assert!(inbox_key(1, g, u64::MAX) < inbox_key(2, d, 0));
     }
 }

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong in a [`crate::Store`] call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// `register` found the username already in use.
     #[error("username is already taken")]

@@ -3,7 +3,8 @@
 //! no value). The member count lives in the group's record and is
 //! rewritten in the same batch as each membership change, so the limit
 //! check is one point read however large the group is, and the count can
-//! never drift from the member keys.
+//! never drift from the member keys. Every membership change also writes
+//! the reverse index `user_groups` (`user ++ group`) in the same batch.
 
 use tern_proto::limits::check_group_name;
 
@@ -45,6 +46,7 @@ impl Store {
             codec::encode_group(&record),
         );
         batch.insert(&inner.members.handle, codec::pair_key(group, owner), []);
+        batch.insert(&inner.user_groups.handle, codec::pair_key(owner, group), []);
         inner.commit(batch, true)?;
         *next_id = group + 1;
         Ok(group)
@@ -81,6 +83,7 @@ impl Store {
         record.member_count += 1;
         let mut batch = inner.db.batch();
         batch.insert(&inner.members.handle, key, []);
+        batch.insert(&inner.user_groups.handle, codec::pair_key(user, group), []);
         batch.insert(
             &inner.groups.handle,
             codec::id_key(group),
@@ -100,6 +103,7 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         batch.remove(&inner.members.handle, key);
+        batch.remove(&inner.user_groups.handle, codec::pair_key(user, group));
         if let Some(mut record) = inner.load_group(group)? {
             record.member_count = record.member_count.saturating_sub(1);
             batch.insert(

@@ -1,15 +1,15 @@
-//! Tern's durable store for accounts, session tokens, friendships and
-//! groups: everything the server must remember about *who* exists and *who
-//! may talk to whom*, kept in one fjall database (an LSM tree with a
-//! write-ahead journal) under a directory of its own. It hashes passwords
-//! with argon2id, keeps only SHA-256 digests of session tokens, and writes
-//! every multi-key change (both edges of a friendship, a member and the
-//! group's member count) in one atomic batch, synced to disk when
-//! [`StoreOptions::fsync`] is set. It does not store messages: offline
-//! inboxes, history and receipts come in a later issue and will live in
-//! keyspaces of their own. Every call blocks on disk I/O and is meant for a
-//! blocking thread pool; [`Store`] is a cheap `Clone + Send + Sync` handle.
-//! The byte layout is documented in `docs/storage.md`.
+//! Tern's durable store: accounts, session tokens, friendships and groups
+//! (*who* exists and *who may talk to whom*), and messages: per-conversation
+//! history, per-user offline inboxes, receipt cursors and conversation
+//! indexes, kept in one fjall database (an LSM tree with a write-ahead
+//! journal) under a directory of its own. It hashes passwords with
+//! argon2id, keeps only SHA-256 digests of session tokens, and writes every
+//! multi-key change in one atomic batch. Message writes go through
+//! [`Writer`], a dedicated thread that group-commits the submissions of all
+//! shards with one fsync per batch. Every other call blocks on disk I/O and
+//! is meant for a blocking thread pool; [`Store`] is a cheap
+//! `Clone + Send + Sync` handle. The byte layout and the durability
+//! promises are documented in `docs/storage.md`.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -20,8 +20,10 @@ mod accounts;
 mod codec;
 mod error;
 mod groups;
+mod messages;
 mod social;
 mod tokens;
+mod writer;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -32,7 +34,9 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
 pub use error::StoreError;
-pub use tern_proto::{GroupId, UserId};
+pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
+pub use tern_proto::{ConvId, GroupId, UserId};
+pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats};
 
 /// fjall's flush and compaction threads. The store is small and written
 /// rarely; two threads keep flushes from stalling behind a compaction
@@ -118,6 +122,16 @@ struct Inner {
     groups: Ks,
     /// group ++ user -> ().
     members: Ks,
+    /// user ++ group -> (): the groups of a user, kept with `members`.
+    user_groups: Ks,
+    /// conv ++ seq -> (from, client msg id, timestamp, frame).
+    history: Ks,
+    /// user ++ conv ++ seq -> (timestamp, frame): the offline queue.
+    inbox: Ks,
+    /// user ++ conv -> (delivered, read) cursors.
+    receipts: Ks,
+    /// user ++ conv -> (): a user's 1:1 conversations.
+    user_convs: Ks,
     opts: StoreOptions,
     argon2: argon2::Argon2<'static>,
     /// A hash to verify against for unknown usernames, built on first use.
@@ -164,6 +178,9 @@ impl Store {
         let groups = ks("groups")?;
         let next_user = next_id(&users)?;
         let next_group = next_id(&groups)?;
+        let members = ks("members")?;
+        let user_groups = ks("user_groups")?;
+        backfill_user_groups(&db, &members, &user_groups)?;
         let inner = Inner {
             dir: dir.to_path_buf(),
             accounts: ks("accounts")?,
@@ -172,7 +189,12 @@ impl Store {
             user_tokens: ks("user_tokens")?,
             friends: ks("friends")?,
             groups,
-            members: ks("members")?,
+            members,
+            user_groups,
+            history: ks("history")?,
+            inbox: ks("inbox")?,
+            receipts: ks("receipts")?,
+            user_convs: ks("user_convs")?,
             db,
             opts,
             argon2,
@@ -210,10 +232,18 @@ impl Store {
 
 impl Inner {
     /// Commits `batch`, syncing it first when it carries state the caller
-    /// was promised is durable and the options ask for syncing.
+    /// was promised is durable and the options ask for syncing. Otherwise
+    /// the batch is still written through to the OS (`Buffer`): fjall's
+    /// journal sits behind an 8 KiB `BufWriter`, and a commit with no
+    /// persist mode at all may leave the batch in that buffer, where a
+    /// crash of this process would lose it.
     fn commit(&self, batch: OwnedWriteBatch, durable: bool) -> Result<(), StoreError> {
-        let mode = (durable && self.opts.fsync).then_some(PersistMode::SyncData);
-        batch.durability(mode).commit()?;
+        let mode = if durable && self.opts.fsync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        batch.durability(Some(mode)).commit()?;
         Ok(())
     }
 }
@@ -240,6 +270,24 @@ impl Ks {
         }
         Ok(out)
     }
+}
+
+/// Builds the `user_groups` index from `members` in a store written before
+/// the index existed (an empty index next to a non-empty `members`).
+fn backfill_user_groups(db: &Database, members: &Ks, user_groups: &Ks) -> Result<(), StoreError> {
+    if !user_groups.handle.is_empty()? || members.handle.is_empty()? {
+        return Ok(());
+    }
+    let mut batch = db.batch();
+    for guard in members.handle.iter() {
+        let key = guard.key()?;
+        let group =
+            codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| members.corrupt(&key, d))?;
+        let user = codec::decode_pair_second(&key).map_err(|d| members.corrupt(&key, d))?;
+        batch.insert(&user_groups.handle, codec::pair_key(user, group), []);
+    }
+    batch.durability(Some(PersistMode::SyncData)).commit()?;
+    Ok(())
 }
 
 /// The id after the largest key in `ks` (1 for an empty keyspace).

@@ -1,0 +1,496 @@
+//! Messages: per-conversation history, per-user inboxes (the offline
+//! queue), receipt cursors and the conversation indexes. It owns the
+//! `history`, `inbox`, `receipts`, `user_convs` and `user_groups`
+//! keyspaces (`user_groups` is written by `groups.rs`, in the membership
+//! batches) and [`Store::apply`], which turns a slice of [`WriteOp`]s into
+//! one atomic fjall batch: the unit the group-commit writer (`writer.rs`)
+//! commits and syncs. Sequence numbers and deduplication are the engine's;
+//! the store keeps what it is given and answers the queries the engine
+//! needs after a restart (last seq, recent client message ids) and on
+//! sync, history paging and retention.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use fjall::PersistMode;
+
+use crate::codec::{self, INBOX_KEY_LEN, USER_CONV_KEY_LEN};
+use crate::{ConvId, GroupId, Inner, Ks, Store, StoreError, UserId};
+
+/// Deletes issued per batch by the expiry sweeps, so a sweep over a large
+/// store neither builds one huge batch nor holds every key in memory.
+const EXPIRE_CHUNK: usize = 10_000;
+
+/// Which users' inboxes a message is written to (write diffusion).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboxTargets {
+    /// History only (read diffusion: large groups, or no offline member).
+    None,
+    /// One inbox, e.g. the peer of a 1:1 conversation.
+    One(UserId),
+    /// Several inboxes, e.g. the members of a small group.
+    Many(Arc<[UserId]>),
+}
+
+impl InboxTargets {
+    fn as_slice(&self) -> &[UserId] {
+        match self {
+            InboxTargets::None => &[],
+            InboxTargets::One(user) => std::slice::from_ref(user),
+            InboxTargets::Many(users) => users,
+        }
+    }
+}
+
+/// One message to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageWrite {
+    pub conv: ConvId,
+    /// Per-conversation sequence number, assigned by the home shard.
+    pub seq: u64,
+    pub from: UserId,
+    pub client_msg_id: u64,
+    pub timestamp_ms: u64,
+    /// The encoded push frame. Opaque to the store; returned verbatim by
+    /// [`Store::inbox_after`], [`Store::history`] and [`Store::last_message`].
+    pub frame: Arc<[u8]>,
+    pub inbox: InboxTargets,
+}
+
+/// Which receipt cursor a [`WriteOp::Receipt`] moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReceiptKind {
+    Delivered,
+    Read,
+}
+
+/// One change applied by [`Store::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// `history[conv, seq]`, `inbox[user, conv, seq]` for each target, and
+    /// for a 1:1 conversation `user_convs[p, conv]` for both participants.
+    Message(MessageWrite),
+    /// Moves `user`'s cursor in `conv` forward to `seq` (never back). Both
+    /// kinds delete the user's inbox entries of `conv` with seq up to the
+    /// delivered cursor; `Read` also raises the delivered cursor.
+    Receipt {
+        user: UserId,
+        conv: ConvId,
+        kind: ReceiptKind,
+        seq: u64,
+    },
+}
+
+impl WriteOp {
+    /// Keys this op writes, roughly: the writer bounds its batches by this.
+    pub fn weight(&self) -> usize {
+        match self {
+            WriteOp::Message(m) => 1 + m.inbox.as_slice().len(),
+            WriteOp::Receipt { .. } => 1,
+        }
+    }
+}
+
+/// A stored push frame with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFrame {
+    pub conv: ConvId,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub frame: Vec<u8>,
+}
+
+/// One entry of [`ConvTail::recent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecentMessage {
+    pub seq: u64,
+    pub from: UserId,
+    pub client_msg_id: u64,
+    pub timestamp_ms: u64,
+}
+
+/// The end of a conversation's history, for seq recovery and the dedup
+/// window after a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvTail {
+    /// The highest stored seq (0 for a conversation with no history).
+    pub last_seq: u64,
+    /// The newest stored entries, at most `window`, in ascending seq order.
+    pub recent: Vec<RecentMessage>,
+}
+
+/// The writes of one [`Store::apply`] call before they go into the batch.
+/// Receipts are read-modify-write and inbox deletions must also catch
+/// entries written earlier in the same call, so both are staged here.
+#[derive(Default)]
+struct Staged {
+    /// `inbox` inserts not yet in the batch, ordered so a receipt can drop
+    /// a `user ++ conv` range of them.
+    inbox: BTreeMap<[u8; INBOX_KEY_LEN], Vec<u8>>,
+    /// `(delivered, read)` per `user ++ conv` after this call's receipts.
+    receipts: HashMap<[u8; USER_CONV_KEY_LEN], (u64, u64)>,
+    /// `user_convs` keys already in the batch (many messages of one
+    /// conversation in a batch write the index once).
+    user_convs: HashSet<[u8; USER_CONV_KEY_LEN]>,
+}
+
+impl Inner {
+    /// Stages `op` into `batch` / `staged`. Reads (receipt cursors, inbox
+    /// entries to delete) see the committed state plus `staged`.
+    fn stage(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        staged: &mut Staged,
+        op: &WriteOp,
+    ) -> Result<(), StoreError> {
+        match op {
+            WriteOp::Message(m) => {
+                batch.insert(
+                    &self.history.handle,
+                    codec::history_key(m.conv, m.seq),
+                    codec::encode_history(m.from, m.client_msg_id, m.timestamp_ms, &m.frame),
+                );
+                let targets = m.inbox.as_slice();
+                if let Some((first, rest)) = targets.split_first() {
+                    let value = codec::encode_inbox(m.timestamp_ms, &m.frame);
+                    for &user in rest {
+                        staged
+                            .inbox
+                            .insert(codec::inbox_key(user, m.conv, m.seq), value.clone());
+                    }
+                    staged
+                        .inbox
+                        .insert(codec::inbox_key(*first, m.conv, m.seq), value);
+                }
+                if let ConvId::Direct { low, high } = m.conv {
+                    for user in [low, high] {
+                        let key = codec::user_conv_key(user, m.conv);
+                        if staged.user_convs.insert(key) {
+                            batch.insert(&self.user_convs.handle, key, []);
+                        }
+                    }
+                }
+            }
+            &WriteOp::Receipt {
+                user,
+                conv,
+                kind,
+                seq,
+            } => {
+                let key = codec::user_conv_key(user, conv);
+                let (old_delivered, old_read) = match staged.receipts.get(&key) {
+                    Some(&cursors) => cursors,
+                    None => self.load_receipts(&key)?,
+                };
+                let read = match kind {
+                    ReceiptKind::Read => old_read.max(seq),
+                    ReceiptKind::Delivered => old_read,
+                };
+                let delivered = old_delivered.max(seq).max(read);
+                staged.receipts.insert(key, (delivered, read));
+                if delivered > old_delivered {
+                    // Entries up to the old cursor went with earlier receipts.
+                    let from = codec::inbox_key(user, conv, old_delivered.saturating_add(1));
+                    let to = codec::inbox_key(user, conv, delivered);
+                    for guard in self.inbox.handle.range(from..=to) {
+                        batch.remove(&self.inbox.handle, guard.key()?);
+                    }
+                }
+                // Entries staged in this call, whatever their seq.
+                let from = codec::inbox_key(user, conv, 0);
+                let to = codec::inbox_key(user, conv, delivered);
+                let doomed: Vec<_> = staged.inbox.range(from..=to).map(|(k, _)| *k).collect();
+                for k in doomed {
+                    staged.inbox.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `staged` into `batch` and commits it: fsynced (`SyncData`)
+    /// if `sync`, else handed to the OS (`Buffer`).
+    fn commit_staged(
+        &self,
+        mut batch: fjall::OwnedWriteBatch,
+        staged: Staged,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        for (key, value) in staged.inbox {
+            batch.insert(&self.inbox.handle, key, value);
+        }
+        for (key, (delivered, read)) in staged.receipts {
+            batch.insert(
+                &self.receipts.handle,
+                key,
+                codec::encode_receipts(delivered, read),
+            );
+        }
+        let mode = if sync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        batch.durability(Some(mode)).commit()?;
+        Ok(())
+    }
+
+    fn load_receipts(&self, key: &[u8; USER_CONV_KEY_LEN]) -> Result<(u64, u64), StoreError> {
+        match self.receipts.get(key)? {
+            Some(value) => codec::decode_receipts(&value).map_err(|d| self.receipts.corrupt(key, d)),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// Applies every op of every slice in one batch (the writer passes one
+    /// slice per submission).
+    pub(crate) fn apply_all<'a>(
+        &self,
+        ops: impl IntoIterator<Item = &'a [WriteOp]>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        let mut staged = Staged::default();
+        for slice in ops {
+            for op in slice {
+                self.stage(&mut batch, &mut staged, op)?;
+            }
+        }
+        self.commit_staged(batch, staged, sync)
+    }
+}
+
+fn history_frame(ks: &Ks, key: &[u8], value: &[u8]) -> Result<StoredFrame, StoreError> {
+    let (conv, seq) = codec::decode_history_key(key).map_err(|d| ks.corrupt(key, d))?;
+    let v = codec::decode_history(value).map_err(|d| ks.corrupt(key, d))?;
+    Ok(StoredFrame {
+        conv,
+        seq,
+        timestamp_ms: v.timestamp_ms,
+        frame: v.frame.to_vec(),
+    })
+}
+
+impl Store {
+    /// Applies `ops` in order as ONE atomic batch: all of them are in the
+    /// store afterwards, or (on error) none. With `sync` the batch is
+    /// fsynced (`fdatasync`) before this returns; without, it has been
+    /// written to the OS (it survives a crash of this process, not of the
+    /// machine). Receipts are read-modify-write: callers must not apply
+    /// receipts for the same user and conversation from two threads at
+    /// once (the [`crate::Writer`] is the single caller in the server).
+    pub fn apply(&self, ops: &[WriteOp], sync: bool) -> Result<(), StoreError> {
+        self.inner.apply_all([ops], sync)
+    }
+
+    /// The highest stored seq of `conv` and its newest `window` entries
+    /// (ascending), read after a restart to continue the sequence and to
+    /// rebuild the engine's client-message-id dedup window.
+    pub fn conv_tail(&self, conv: ConvId, window: usize) -> Result<ConvTail, StoreError> {
+        let history = &self.inner.history;
+        let mut tail = ConvTail::default();
+        for guard in history.handle.prefix(codec::conv_key(conv)).rev() {
+            let (key, value) = guard.into_inner()?;
+            let (_, seq) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
+            if tail.last_seq == 0 {
+                tail.last_seq = seq;
+            }
+            if tail.recent.len() >= window {
+                break;
+            }
+            let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
+            tail.recent.push(RecentMessage {
+                seq,
+                from: v.from,
+                client_msg_id: v.client_msg_id,
+                timestamp_ms: v.timestamp_ms,
+            });
+        }
+        tail.recent.reverse();
+        Ok(tail)
+    }
+
+    /// `user`'s inbox in `(conversation key, seq)` order, starting after
+    /// the exclusive position `after` (`None`: from the start), at most
+    /// `limit` entries. Entries at or below the user's delivered cursor
+    /// of their conversation are never returned, even if still stored.
+    pub fn inbox_after(
+        &self,
+        user: UserId,
+        after: Option<(ConvId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredFrame>, StoreError> {
+        let inner = &*self.inner;
+        let inbox = &inner.inbox;
+        let prefix = codec::id_key(user);
+        let start = match after {
+            Some((conv, seq)) => Bound::Excluded(codec::inbox_key(user, conv, seq).to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let end = Bound::Included([&prefix[..], &[0xff; INBOX_KEY_LEN - 8]].concat());
+        let mut out = Vec::new();
+        let mut cursor: Option<(ConvId, u64)> = None;
+        for guard in inbox.handle.range((start, end)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = guard.into_inner()?;
+            let (_, conv, seq) = codec::decode_inbox_key(&key).map_err(|d| inbox.corrupt(&key, d))?;
+            let delivered = match cursor {
+                Some((c, d)) if c == conv => d,
+                _ => {
+                    let d = inner.load_receipts(&codec::user_conv_key(user, conv))?.0;
+                    cursor = Some((conv, d));
+                    d
+                }
+            };
+            if seq <= delivered {
+                continue;
+            }
+            let (timestamp_ms, frame) = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
+            out.push(StoredFrame {
+                conv,
+                seq,
+                timestamp_ms,
+                frame: frame.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A page of `conv`'s history: `forward`, entries with seq >=
+    /// `from_seq` ascending; backward, entries with seq <= `from_seq`
+    /// descending. At most `limit` entries.
+    pub fn history(
+        &self,
+        conv: ConvId,
+        from_seq: u64,
+        forward: bool,
+        limit: usize,
+    ) -> Result<Vec<StoredFrame>, StoreError> {
+        let history = &self.inner.history;
+        let (lo, hi) = if forward {
+            (from_seq, u64::MAX)
+        } else {
+            (0, from_seq)
+        };
+        let range = codec::history_key(conv, lo)..=codec::history_key(conv, hi);
+        let iter = history.handle.range(range);
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = if forward {
+            Box::new(iter)
+        } else {
+            Box::new(iter.rev())
+        };
+        let mut out = Vec::new();
+        for guard in iter.take(limit) {
+            let (key, value) = guard.into_inner()?;
+            out.push(history_frame(history, &key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// `user`'s `(delivered, read)` cursors in `conv`; `(0, 0)` if none.
+    pub fn receipts(&self, user: UserId, conv: ConvId) -> Result<(u64, u64), StoreError> {
+        self.inner.load_receipts(&codec::user_conv_key(user, conv))
+    }
+
+    /// The 1:1 conversations `user` has sent or received a message in,
+    /// in conversation-key order.
+    pub fn direct_conversations(&self, user: UserId) -> Result<Vec<ConvId>, StoreError> {
+        let ks = &self.inner.user_convs;
+        let mut out = Vec::new();
+        for guard in ks.handle.prefix(codec::id_key(user)) {
+            let (key, value) = guard.into_inner()?;
+            codec::check_empty(&value).map_err(|d| ks.corrupt(&key, d))?;
+            out.push(codec::decode_user_conv_key(&key).map_err(|d| ks.corrupt(&key, d))?);
+        }
+        Ok(out)
+    }
+
+    /// The groups `user` is a member of, ascending by id.
+    pub fn user_groups(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
+        self.inner.user_groups.scan_pairs(user)
+    }
+
+    /// The newest stored message of `conv`, if any.
+    pub fn last_message(&self, conv: ConvId) -> Result<Option<StoredFrame>, StoreError> {
+        let history = &self.inner.history;
+        match history.handle.prefix(codec::conv_key(conv)).next_back() {
+            Some(guard) => {
+                let (key, value) = guard.into_inner()?;
+                history_frame(history, &key, &value).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes every inbox entry whose timestamp is before `older_than_ms`
+    /// and returns how many. Entries at or after it are never touched. A
+    /// full scan of `inbox`: run it from a maintenance thread, rarely.
+    pub fn expire_inbox(&self, older_than_ms: u64) -> Result<usize, StoreError> {
+        let inner = &*self.inner;
+        let inbox = &inner.inbox;
+        let mut doomed = Vec::new();
+        let mut removed = 0;
+        for guard in inbox.handle.iter() {
+            let (key, value) = guard.into_inner()?;
+            let (ts, _) = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
+            if ts < older_than_ms {
+                doomed.push(key);
+                if doomed.len() >= EXPIRE_CHUNK {
+                    removed += inner.remove_all(inbox, std::mem::take(&mut doomed))?;
+                }
+            }
+        }
+        removed += inner.remove_all(inbox, doomed)?;
+        Ok(removed)
+    }
+
+    /// Deletes every history entry whose timestamp is before
+    /// `older_than_ms`, except each conversation's newest entry (it
+    /// carries the conversation's last seq, see [`Store::conv_tail`]), and
+    /// returns how many. Entries at or after it are never touched.
+    pub fn expire_history(&self, older_than_ms: u64) -> Result<usize, StoreError> {
+        let inner = &*self.inner;
+        let history = &inner.history;
+        let mut doomed = Vec::new();
+        let mut removed = 0;
+        // The previous entry, held back until we know it is not its
+        // conversation's newest: (key, conversation, expired?).
+        let mut pending: Option<(fjall::Slice, ConvId, bool)> = None;
+        for guard in history.handle.iter() {
+            let (key, value) = guard.into_inner()?;
+            let (conv, _) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
+            let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
+            if let Some((prev_key, prev_conv, expired)) = pending.take() {
+                if expired && prev_conv == conv {
+                    doomed.push(prev_key);
+                    if doomed.len() >= EXPIRE_CHUNK {
+                        removed += inner.remove_all(history, std::mem::take(&mut doomed))?;
+                    }
+                }
+            }
+            pending = Some((key, conv, v.timestamp_ms < older_than_ms));
+        }
+        removed += inner.remove_all(history, doomed)?;
+        Ok(removed)
+    }
+}
+
+impl Inner {
+    /// Removes `keys` from `ks` in one unsynced batch (expiry: losing a
+    /// deletion in a machine crash only delays it to the next sweep).
+    fn remove_all(&self, ks: &Ks, keys: Vec<fjall::Slice>) -> Result<usize, StoreError> {
+        let n = keys.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut batch = self.db.batch();
+        for key in keys {
+            batch.remove(&ks.handle, key);
+        }
+        batch.durability(Some(PersistMode::Buffer)).commit()?;
+        Ok(n)
+    }
+}

@@ -1,0 +1,351 @@
+//! The group-commit writer: one dedicated thread that owns message writes.
+//! Shards (any thread) [`WriterHandle::submit`] batches of [`WriteOp`]s
+//! into a bounded crossbeam channel without blocking; the writer thread
+//! sleeps in `recv` while idle (it never spins), then drains whatever else
+//! is queued, applies all of it as ONE fjall batch with ONE `fdatasync`
+//! (in [`Durability::Sync`]) and only then runs each submission's `done`
+//! callback, in submission order. So the fsync cost (~200 µs) is shared by
+//! every message that arrived while the previous one ran, across all
+//! shards. In [`Durability::Async`] the batch is written to the OS
+//! without an fsync and the journal is synced at most `flush_interval`
+//! after the first unsynced commit.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use fjall::PersistMode;
+
+use crate::messages::WriteOp;
+use crate::{Store, StoreError};
+
+/// Most op weight (keys, see [`WriteOp::weight`]) drained into one commit.
+/// A single submission heavier than this is still committed whole.
+const MAX_BATCH_WEIGHT: usize = 4096;
+
+/// When a submission counts as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `done(Ok)` only after the batch is fsynced (`fdatasync`): it
+    /// survives power loss.
+    Sync,
+    /// `done(Ok)` after the batch is written to the OS (survives a crash
+    /// of the process, not of the machine); the journal is fsynced at
+    /// most `flush_interval` after a commit.
+    Async { flush_interval: Duration },
+}
+
+/// Callback run on the writer thread with the commit's result.
+pub type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Why [`WriterHandle::submit`] did not queue a submission. The ops come
+/// back; `done` is dropped without being called.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The queue holds `queue_depth` submissions: push back and retry.
+    Full(Vec<WriteOp>),
+    /// The writer is shutting down or gone.
+    Stopped(Vec<WriteOp>),
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::Full(_) => f.write_str("storage writer queue is full"),
+            SubmitError::Stopped(_) => f.write_str("storage writer has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// Counters of a writer, read with [`WriterHandle::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// fjall batches committed (one per group commit, plus retries).
+    pub batches: u64,
+    /// Submissions whose `done` has run.
+    pub submissions: u64,
+    /// Ops committed successfully.
+    pub ops: u64,
+    /// fsyncs issued (one per batch in `Sync`, one per flush in `Async`).
+    pub fsyncs: u64,
+    /// Submissions completed with an error.
+    pub errors: u64,
+    /// Largest number of submissions in one group commit.
+    pub max_group: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    submissions: AtomicU64,
+    ops: AtomicU64,
+    fsyncs: AtomicU64,
+    errors: AtomicU64,
+    max_group: AtomicU64,
+}
+
+enum Msg {
+    Job(Vec<WriteOp>, Done),
+    Shutdown,
+}
+
+struct Shared {
+    /// `true` once shutdown began. Submitters hold the read lock across
+    /// their `try_send`, so every accepted job is queued before the
+    /// shutdown marker and gets its `done`.
+    stopped: RwLock<bool>,
+    counters: Counters,
+}
+
+/// Owns the writer thread. Dropping it shuts down like [`Writer::shutdown`].
+pub struct Writer {
+    thread: Option<JoinHandle<Result<(), StoreError>>>,
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+/// A cheap `Clone + Send + Sync` handle to submit to a [`Writer`].
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for WriterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterHandle")
+            .field("queued", &self.tx.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread (`tern-store-writer`) over `store`, with a
+    /// queue of at most `queue_depth` submissions (at least 1).
+    pub fn spawn(store: Store, durability: Durability, queue_depth: usize) -> Result<Writer, StoreError> {
+        let (tx, rx) = crossbeam_channel::bounded(queue_depth.max(1));
+        let shared = Arc::new(Shared {
+            stopped: RwLock::new(false),
+            counters: Counters::default(),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tern-store-writer".to_owned())
+            .spawn(move || run(&store, durability, &rx, &thread_shared.counters))
+            .map_err(|e| StoreError::Io {
+                path: "tern-store-writer thread".into(),
+                detail: e.to_string(),
+            })?;
+        Ok(Writer {
+            thread: Some(thread),
+            tx,
+            shared,
+        })
+    }
+
+    /// A handle for submitting.
+    pub fn handle(&self) -> WriterHandle {
+        WriterHandle {
+            tx: self.tx.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Stops accepting submissions, commits everything already queued
+    /// (running its callbacks), syncs the store (`SyncAll`) and joins the
+    /// thread. Returns the final sync's error, if any.
+    pub fn shutdown(mut self) -> Result<(), StoreError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), StoreError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        *self
+            .shared
+            .stopped
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        // Blocks while the queue is full; the writer is draining it. Fails
+        // only if the thread is already gone (it panicked).
+        let _ = self.tx.send(Msg::Shutdown);
+        match thread.join() {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Fjall("storage writer thread panicked".to_owned())),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+impl WriterHandle {
+    /// Queues `ops` without blocking; `done` runs on the writer thread
+    /// once they are committed (fsynced in `Sync` mode) or failed.
+    /// Submissions from one thread are committed, and their callbacks
+    /// run, in submission order. The ops of one submission are always in
+    /// one atomic batch.
+    pub fn submit(&self, ops: Vec<WriteOp>, done: Done) -> Result<(), SubmitError> {
+        let stopped = self
+            .shared
+            .stopped
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *stopped {
+            return Err(SubmitError::Stopped(ops));
+        }
+        match self.tx.try_send(Msg::Job(ops, done)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Msg::Job(ops, _))) => Err(SubmitError::Full(ops)),
+            Err(TrySendError::Disconnected(Msg::Job(ops, _))) => Err(SubmitError::Stopped(ops)),
+            Err(_) => Err(SubmitError::Stopped(Vec::new())),
+        }
+    }
+
+    /// Submissions waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// A snapshot of the writer's counters.
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.shared.counters;
+        WriterStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            submissions: c.submissions.load(Ordering::Relaxed),
+            ops: c.ops.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            max_group: c.max_group.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The writer thread's loop.
+fn run(
+    store: &Store,
+    durability: Durability,
+    rx: &Receiver<Msg>,
+    counters: &Counters,
+) -> Result<(), StoreError> {
+    let sync = durability == Durability::Sync;
+    // Async: when the oldest unsynced commit must be fsynced by.
+    let mut flush_due: Option<Instant> = None;
+    let mut group: Vec<(Vec<WriteOp>, Done)> = Vec::new();
+    let mut stopping = false;
+    while !stopping {
+        let first = match flush_due {
+            None => rx.recv().ok(),
+            Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(msg) => Some(msg),
+                Err(RecvTimeoutError::Timeout) => {
+                    flush(store, counters);
+                    flush_due = None;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => None,
+            },
+        };
+        let mut weight = 0;
+        match first {
+            Some(Msg::Job(ops, done)) => {
+                weight += ops.iter().map(WriteOp::weight).sum::<usize>();
+                group.push((ops, done));
+            }
+            Some(Msg::Shutdown) | None => stopping = true,
+        }
+        // Drain what else is queued, up to the weight bound. Shutdown is
+        // always the last message: `stop` sets `stopped` (which submitters
+        // check under the read lock) before sending it.
+        while !stopping && weight < MAX_BATCH_WEIGHT {
+            match rx.try_recv() {
+                Ok(Msg::Job(ops, done)) => {
+                    weight += ops.iter().map(WriteOp::weight).sum::<usize>();
+                    group.push((ops, done));
+                }
+                Ok(Msg::Shutdown) => stopping = true,
+                Err(_) => break,
+            }
+        }
+        if !group.is_empty() {
+            commit_group(store, sync, &mut group, counters);
+            if flush_due.is_none() {
+                if let Durability::Async { flush_interval } = durability {
+                    flush_due = Some(Instant::now() + flush_interval);
+                }
+            }
+        }
+    }
+    store.inner.db.persist(PersistMode::SyncAll)?;
+    counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Async mode's periodic journal sync. A failure here poisons fjall, so
+/// the next commit reports it to its submitters.
+fn flush(store: &Store, counters: &Counters) {
+    if store.inner.db.persist(PersistMode::SyncData).is_ok() {
+        counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Commits `group` as one batch and runs every callback in order. If the
+/// group batch fails and holds more than one submission, each is retried
+/// alone, so one bad submission (say, a corrupt receipt record) does not
+/// fail the other shards' messages.
+fn commit_group(store: &Store, sync: bool, group: &mut Vec<(Vec<WriteOp>, Done)>, counters: &Counters) {
+    let inner = &*store.inner;
+    counters.batches.fetch_add(1, Ordering::Relaxed);
+    counters
+        .max_group
+        .fetch_max(group.len() as u64, Ordering::Relaxed);
+    let result = inner.apply_all(group.iter().map(|(ops, _)| ops.as_slice()), sync);
+    if sync {
+        counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    match result {
+        Ok(()) => {
+            for (ops, done) in group.drain(..) {
+                counters.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                finish(done, Ok(()), counters);
+            }
+        }
+        Err(err) if group.len() == 1 => {
+            for (_, done) in group.drain(..) {
+                finish(done, Err(err.clone()), counters);
+            }
+        }
+        Err(_) => {
+            for (ops, done) in group.drain(..) {
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                let result = inner.apply_all([ops.as_slice()], sync);
+                if sync {
+                    counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                if result.is_ok() {
+                    counters.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                }
+                finish(done, result, counters);
+            }
+        }
+    }
+}
+
+/// Runs one callback; a panicking callback is contained so the writer
+/// keeps serving the others.
+fn finish(done: Done, result: Result<(), StoreError>, counters: &Counters) {
+    if result.is_err() {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    counters.submissions.fetch_add(1, Ordering::Relaxed);
+    let _ = std::panic::catch_unwind(AssertUnwindSafe(move || done(result)));
+}
