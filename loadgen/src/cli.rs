@@ -1,0 +1,393 @@
+//! The command line: options shared by every scenario, the scenario
+//! subcommands, and the small parsers and arithmetic they need (source
+//! address ranges, splitting work into near-equal shares).
+//!
+//! The coordinator re-runs this same command line in each child process
+//! with the hidden `--child` flag added, so everything a child needs to do
+//! its share must be derivable from these options alone.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Drives a real `ternd` over TCP and reports throughput and latency.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "loadgen", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// Options every scenario understands (accepted before or after the subcommand).
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// The server to load.
+    #[arg(long, global = true, default_value = "127.0.0.1:7878")]
+    pub server: SocketAddr,
+    /// glommio executors (threads) per process.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub threads: usize,
+    /// Worker processes; each gets a share of the connections (the per-process
+    /// fd limit caps how many one process can hold).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub procs: usize,
+    /// Source addresses to connect from, e.g. `127.0.0.2-127.0.0.254,10.0.0.5`.
+    /// `auto`: that loopback range when the server is on loopback, else the
+    /// kernel's choice. `none`: never bind.
+    #[arg(long, global = true, default_value = "auto")]
+    pub source_ips: String,
+    /// Username prefix. Given: users `{prefix}{n}` are reused when they exist
+    /// (login is tried first). Default: `lg{run_id}_`, registered fresh.
+    #[arg(long, global = true)]
+    pub prefix: Option<String>,
+    /// Password of every load-generator user.
+    #[arg(long, global = true, default_value = "loadgen-password")]
+    pub password: String,
+    /// Registrations/logins in flight at once during setup (all processes
+    /// together); the server hashes passwords, so more rarely helps.
+    #[arg(long, global = true, default_value_t = 16)]
+    pub setup_concurrency: usize,
+    /// How long the measured phase runs (for `connect`: the default hold).
+    #[arg(long, global = true, default_value_t = 10.0)]
+    pub duration_secs: f64,
+    /// After sending stops, wait at most this long for outstanding deliveries.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    pub drain_secs: f64,
+    /// Give up on one connection's TCP connect + handshake + login after this long.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    pub connect_timeout_secs: f64,
+    /// Read the server's resident memory from /proc/PID/status before and
+    /// after connecting, and report KiB per connection.
+    #[arg(long, global = true)]
+    pub server_pid: Option<u32>,
+    /// Write the merged result as JSON here.
+    #[arg(long, global = true)]
+    pub json: Option<PathBuf>,
+    /// Write the latency histogram here (HdrHistogram interval log, V2 deflate).
+    #[arg(long, global = true)]
+    pub hdr_log: Option<PathBuf>,
+    /// No live progress line on stderr.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    /// Identifies this run in usernames (default: derived from time and pid).
+    #[arg(long, global = true)]
+    pub run_id: Option<String>,
+    /// Internal: this process is worker number N of `--procs`.
+    #[arg(long, global = true, hide = true)]
+    pub child: Option<usize>,
+}
+
+/// What to measure.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Scenario {
+    /// Open N authenticated connections at a ramp rate and hold them idle.
+    Connect(ConnectArgs),
+    /// P sender→receiver pairs, windowed or open-loop: 1:1 throughput and latency.
+    Pairs(PairsArgs),
+    /// G groups of M members, one publisher per group at a rate: fan-out.
+    Groups(GroupsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Connections to open (all processes together).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Connection attempts per second (all processes together).
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// Hold the connections idle this long (default: --duration-secs).
+    #[arg(long)]
+    pub hold_secs: Option<f64>,
+    /// Sessions per user (the server allows up to 16 per user). More sessions
+    /// per user means fewer slow password registrations before the run.
+    #[arg(long, default_value_t = 1)]
+    pub sessions_per_user: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PairsArgs {
+    /// Sender→receiver pairs (each side its own user and connection).
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// Messages in flight per pair (sent, not yet delivered to the receiver).
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
+    /// Message body size in bytes (at least 20: the timestamp header).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Open loop: messages per second per pair, latency from the intended
+    /// send time. The window still caps what is in flight; waiting on it
+    /// shows up as latency.
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GroupsArgs {
+    /// Groups (all processes together).
+    #[arg(long, default_value_t = 10)]
+    pub groups: usize,
+    /// Members per group, the publisher included.
+    #[arg(long, default_value_t = 100)]
+    pub members: usize,
+    /// Messages per second each group's publisher sends (open loop).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Message body size in bytes (at least 20).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+}
+
+/// Smallest message body: magic (4), intended send time (8), sequence (8).
+pub const MIN_PAYLOAD_BYTES: usize = 20;
+
+impl Cli {
+    /// Checks values the run could not work with.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.common;
+        if c.threads == 0 || c.procs == 0 {
+            return Err("--threads and --procs must be at least 1".into());
+        }
+        let drain_ok = c.drain_secs == 0.0 || positive(c.drain_secs);
+        if !positive(c.duration_secs) || !positive(c.connect_timeout_secs) || !drain_ok {
+            return Err("--duration-secs and --connect-timeout-secs must be > 0, --drain-secs >= 0".into());
+        }
+        if c.setup_concurrency == 0 {
+            return Err("--setup-concurrency must be at least 1".into());
+        }
+        parse_source_ips(&c.source_ips, c.server)?;
+        match &self.scenario {
+            Scenario::Connect(a) => {
+                if !positive(a.rate) {
+                    return Err("connect --rate must be > 0".into());
+                }
+                if a.sessions_per_user == 0 {
+                    return Err("--sessions-per-user must be at least 1".into());
+                }
+            }
+            Scenario::Pairs(a) => {
+                if a.window == 0 {
+                    return Err("--window must be at least 1".into());
+                }
+                if a.payload_bytes < MIN_PAYLOAD_BYTES {
+                    return Err(format!("--payload-bytes must be at least {MIN_PAYLOAD_BYTES}"));
+                }
+                if a.rate.is_some_and(|r| !positive(r)) {
+                    return Err("pairs --rate must be > 0".into());
+                }
+            }
+            Scenario::Groups(a) => {
+                if a.members < 2 {
+                    return Err("--members must be at least 2 (a publisher and a receiver)".into());
+                }
+                if a.payload_bytes < MIN_PAYLOAD_BYTES {
+                    return Err(format!("--payload-bytes must be at least {MIN_PAYLOAD_BYTES}"));
+                }
+                if !positive(a.rate) {
+                    return Err("groups --rate must be > 0".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The scenario's name as reported.
+    pub fn scenario_name(&self) -> &'static str {
+        match self.scenario {
+            Scenario::Connect(_) => "connect",
+            Scenario::Pairs(_) => "pairs",
+            Scenario::Groups(_) => "groups",
+        }
+    }
+}
+
+impl Common {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration_secs)
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_secs)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+
+    /// The username prefix and whether existing users may be reused.
+    pub fn user_prefix(&self, run_id: &str) -> (String, bool) {
+        match &self.prefix {
+            Some(prefix) => (prefix.clone(), true),
+            None => (format!("lg{run_id}_"), false),
+        }
+    }
+}
+
+/// Parses `--source-ips`: a comma-separated list of addresses and inclusive
+/// `A-B` ranges, `auto` or `none`. An empty result means "do not bind".
+pub fn parse_source_ips(spec: &str, server: SocketAddr) -> Result<Vec<Ipv4Addr>, String> {
+    let spec = spec.trim();
+    if spec == "none" {
+        return Ok(Vec::new());
+    }
+    if spec == "auto" {
+        // Spreading over 127/8 only works when the server is reachable from
+        // those addresses, i.e. on loopback itself.
+        return if server.ip().is_loopback() && server.is_ipv4() {
+            parse_source_ips("127.0.0.2-127.0.0.254", server)
+        } else {
+            Ok(Vec::new())
+        };
+    }
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (first, last) = match item.split_once('-') {
+            Some((a, b)) => (parse_ip(a)?, parse_ip(b)?),
+            None => {
+                let ip = parse_ip(item)?;
+                (ip, ip)
+            }
+        };
+        let (first, last) = (u32::from(first), u32::from(last));
+        if first > last {
+            return Err(format!("source range {item} runs backwards"));
+        }
+        if (last - first) as usize + out.len() > 1 << 20 {
+            return Err(format!("source range {item} is unreasonably large"));
+        }
+        out.extend((first..=last).map(Ipv4Addr::from));
+    }
+    if out.is_empty() {
+        return Err(format!("--source-ips {spec:?} names no address"));
+    }
+    Ok(out)
+}
+
+/// A finite number above zero (NaN and infinities are not rates or times).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+fn parse_ip(text: &str) -> Result<Ipv4Addr, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IPv4 address"))
+}
+
+/// The `index`-th of `parts` near-equal contiguous shares of `0..total`
+/// (earlier shares get the remainder, one each).
+pub fn share(total: usize, parts: usize, index: usize) -> Range<usize> {
+    let parts = parts.max(1);
+    let base = total / parts;
+    let extra = total % parts;
+    let start = index * base + index.min(extra);
+    let len = base + usize::from(index < extra);
+    start.min(total)..(start + len).min(total)
+}
+
+/// Narrows `range` to the `index`-th of `parts` shares of it.
+pub fn sub_share(range: &Range<usize>, parts: usize, index: usize) -> Range<usize> {
+    let inner = share(range.len(), parts, index);
+    range.start + inner.start..range.start + inner.end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> SocketAddr {
+        "127.0.0.1:7878".parse().unwrap()
+    }
+
+    #[test]
+    fn source_ranges_parse() {
+        let ips = parse_source_ips("127.0.0.2-127.0.0.4, 10.0.0.9", server()).unwrap();
+        let expected: Vec<Ipv4Addr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "10.0.0.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(ips, expected);
+        assert_eq!(parse_source_ips("auto", server()).unwrap().len(), 253);
+        assert!(parse_source_ips("auto", "10.1.1.1:7878".parse().unwrap())
+            .unwrap()
+            .is_empty());
+        assert!(parse_source_ips("none", server()).unwrap().is_empty());
+        // Ranges may cross octet boundaries.
+        assert_eq!(
+            parse_source_ips("127.0.0.255-127.0.1.1", server()).unwrap().len(),
+            3
+        );
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2", server()).is_err());
+        assert!(parse_source_ips("127.0.0", server()).is_err());
+        assert!(parse_source_ips(",", server()).is_err());
+    }
+
+    #[test]
+    fn shares_cover_everything_once() {
+        for total in [0, 1, 7, 100, 19_000] {
+            for parts in 1..6 {
+                let mut next = 0;
+                for i in 0..parts {
+                    let r = share(total, parts, i);
+                    assert_eq!(r.start, next);
+                    assert!(r.len() == total / parts || r.len() == total / parts + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, total);
+            }
+        }
+        assert_eq!(sub_share(&(10..20), 3, 1), 14..17);
+        assert_eq!(sub_share(&(10..20), 3, 2), 17..20);
+    }
+
+    #[test]
+    fn arguments_parse_before_and_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "--procs",
+            "2",
+            "pairs",
+            "--pairs",
+            "4",
+            "--window",
+            "8",
+            "--duration-secs",
+            "2",
+            "--json",
+            "/tmp/x.json",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.procs, 2);
+        assert_eq!(cli.common.duration_secs, 2.0);
+        assert_eq!(cli.scenario_name(), "pairs");
+        match &cli.scenario {
+            Scenario::Pairs(p) => {
+                assert_eq!((p.pairs, p.window, p.payload_bytes, p.rate), (4, 8, 64, None));
+            }
+            other => panic!("wrong scenario {other:?}"),
+        }
+        cli.validate().unwrap();
+
+        let bad = Cli::try_parse_from(["loadgen", "pairs", "--window", "0"]).unwrap();
+        assert!(bad.validate().is_err());
+        let bad = Cli::try_parse_from(["loadgen", "groups", "--members", "1"]).unwrap();
+        assert!(bad.validate().is_err());
+        let bad = Cli::try_parse_from(["loadgen", "--source-ips", "x", "connect"]).unwrap();
+        assert!(bad.validate().is_err());
+        assert!(Cli::try_parse_from(["loadgen", "bogus"]).is_err());
+    }
+
+    #[test]
+    fn prefix_selects_reuse() {
+        let cli = Cli::try_parse_from(["loadgen", "connect"]).unwrap();
+        assert_eq!(cli.common.user_prefix("abc"), ("lgabc_".to_string(), false));
+        let cli = Cli::try_parse_from(["loadgen", "--prefix", "bench_", "connect"]).unwrap();
+        assert_eq!(cli.common.user_prefix("abc"), ("bench_".to_string(), true));
+    }
+}

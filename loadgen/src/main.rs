@@ -1,0 +1,68 @@
+//! `loadgen`: drives a real `ternd` over TCP and reports what it sustained.
+//!
+//! The process a user starts is the coordinator ([`coord`]): it starts
+//! `--procs` worker processes ([`worker`]), each running `--threads` glommio
+//! executors that open many connections from many source addresses
+//! ([`wire`]), set up users ([`users`]) and run one scenario ([`connect`],
+//! [`pairs`], [`groups`]). Latencies go into HdrHistograms ([`stats`]) that
+//! the coordinator merges into one result ([`report`]): a human summary on
+//! stdout, `--json` and `--hdr-log` files. [`sys`] handles fd limits and
+//! reading the server's memory. Usage: `loadgen --help`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod cli;
+mod connect;
+mod coord;
+mod groups;
+mod pairs;
+mod report;
+mod stats;
+mod sys;
+mod users;
+mod wire;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli.validate() {
+        eprintln!("loadgen: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(child) = cli.common.child {
+        return match worker::run(cli, child) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                // The coordinator reads this line and stops the other workers.
+                println!("fatal {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match coord::run(&cli) {
+        Ok((result, hist)) => {
+            print!("{}", report::summary(&result));
+            let mut status = ExitCode::SUCCESS;
+            if let Some(path) = &cli.common.json {
+                if let Err(e) = report::write_json(path, &result) {
+                    eprintln!("loadgen: {e}");
+                    status = ExitCode::FAILURE;
+                }
+            }
+            if let Some(path) = &cli.common.hdr_log {
+                if let Err(e) = report::write_hdr_log(path, &hist, result.duration_s) {
+                    eprintln!("loadgen: {e}");
+                    status = ExitCode::FAILURE;
+                }
+            }
+            status
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The `pairs` scenario: P sender→receiver pairs, 1:1 messages.
+//!
+//! Pair p is users 2p (sender) and 2p+1 (receiver), each on its own
+//! connection, both on the same executor so the window (messages sent but
+//! not yet delivered) is a plain local semaphore. Closed loop (default):
+//! the sender keeps `--window` messages in flight and batches whatever the
+//! window allows into one write. Open loop (`--rate`): message k is due at
+//! start + k/rate and carries that intended time, so when the server (or
+//! the window) holds the sender back the wait counts as latency — no
+//! coordinated omission. Receivers check the sender and the order of every
+//! message; anything unexpected is an error.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::future;
+use glommio::sync::Semaphore;
+use tern_proto::{ArchivedServerBody, ClientBody, Content, UserId};
+
+use crate::cli::PairsArgs;
+use crate::stats::{ExecOutcome, LiveCounters};
+use crate::users::obtain_tokens;
+use crate::wire::{
+    frame_failure, keep_alive, message_body, now_ns, open_session, parse_message_body, read_frames,
+    sleep_until_ns, Writer,
+};
+use crate::worker::{for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
+
+/// One running pair.
+struct Pair {
+    sender: Rc<Writer>,
+    receiver_user: UserId,
+    /// Units = messages that may still be put in flight.
+    window: Semaphore,
+    sent: Cell<u64>,
+    delivered: Cell<u64>,
+    sender_done: Cell<bool>,
+}
+
+pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
+    let pairs = ctx.plan.exec_share(args.pairs, ctx.exec);
+    let users = 2 * pairs.start..2 * pairs.end;
+    let tokens = Rc::new(obtain_tokens(&ctx, users.clone()).await);
+    ctx.setup_done().await;
+
+    let running: Rc<std::cell::RefCell<Vec<Rc<Pair>>>> = Rc::default();
+    let tasks: Rc<std::cell::RefCell<Vec<glommio::Task<()>>>> = Rc::default();
+    let failed = Rc::new(Cell::new(0u64));
+    let deadline = Rc::new(Cell::new(u64::MAX));
+    let window = args.window;
+    let start_ns = now_ns();
+    let last_done_ns = Rc::new(Cell::new(start_ns));
+    {
+        let (ctx, tokens, running, tasks, failed, deadline, last_done_ns) = (
+            ctx.clone(),
+            tokens.clone(),
+            running.clone(),
+            tasks.clone(),
+            failed.clone(),
+            deadline.clone(),
+            last_done_ns.clone(),
+        );
+        let first_pair = pairs.start;
+        for_each_bounded(pairs.len(), CONNECT_CONCURRENCY, move |i| {
+            let (ctx, tokens, running, tasks, failed, deadline, last_done_ns) = (
+                ctx.clone(),
+                tokens.clone(),
+                running.clone(),
+                tasks.clone(),
+                failed.clone(),
+                deadline.clone(),
+                last_done_ns.clone(),
+            );
+            async move {
+                match connect_pair(&ctx, &tokens, first_pair + i, 2 * i, window, &deadline).await {
+                    Some((pair, pair_tasks)) => {
+                        running.borrow_mut().push(pair);
+                        tasks.borrow_mut().extend(pair_tasks);
+                    }
+                    None => failed.set(failed.get() + 1),
+                }
+                last_done_ns.set(now_ns());
+            }
+        })
+        .await;
+    }
+    let connect_secs = secs_between(start_ns, last_done_ns.get());
+    let pairs_up = running.borrow().clone();
+    ctx.connected().await;
+
+    let start_ns = now_ns();
+    let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
+    deadline.set(end_ns);
+    let senders: Vec<_> = pairs_up
+        .iter()
+        .map(|pair| {
+            let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
+            glommio::spawn_local(async move {
+                let result = send_loop(&pair, &args, start_ns, end_ns).await;
+                pair.sender_done.set(true);
+                if let Err(e) = result {
+                    if !ctx.closing.get() {
+                        ctx.fail("sending", &e);
+                    }
+                }
+            })
+        })
+        .collect();
+    sleep_until_ns(end_ns).await;
+    let all_delivered = || {
+        pairs_up
+            .iter()
+            .all(|p| p.sender_done.get() && p.delivered.get() >= p.sent.get())
+    };
+    wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
+    ctx.closing.set(true);
+
+    let sent: u64 = pairs_up.iter().map(|p| p.sent.get()).sum();
+    let delivered: u64 = pairs_up.iter().map(|p| p.delivered.get()).sum();
+    let undelivered: u64 = pairs_up
+        .iter()
+        .map(|p| p.sent.get().saturating_sub(p.delivered.get()))
+        .sum();
+    let outcome = ExecOutcome {
+        users: users.len() as u64,
+        connections: 2 * pairs_up.len() as u64,
+        connect_failures: failed.get(),
+        connect_secs,
+        sent,
+        delivered,
+        delivered_in_window: ctx.in_window.get(),
+        undelivered,
+        window_secs: secs_between(start_ns, end_ns),
+        ..ExecOutcome::empty()
+    };
+    let outcome = crate::worker::finish_outcome(&ctx, outcome);
+    drop(senders);
+    drop(tasks);
+    outcome
+}
+
+/// Connects pair `pair_no` (tokens at `token_at` and `token_at + 1`) and
+/// starts its reader tasks. `None` when either side failed (counted).
+async fn connect_pair(
+    ctx: &Rc<Ctx>,
+    tokens: &[Option<Vec<u8>>],
+    pair_no: usize,
+    token_at: usize,
+    window: usize,
+    deadline: &Rc<Cell<u64>>,
+) -> Option<(Rc<Pair>, Vec<glommio::Task<()>>)> {
+    let (Some(Some(sender_token)), Some(Some(receiver_token))) =
+        (tokens.get(token_at), tokens.get(token_at + 1))
+    else {
+        return None;
+    };
+    let common = &ctx.plan.cli.common;
+    let timeout = common.connect_timeout();
+    let sender = open_session(common.server, ctx.source(2 * pair_no), sender_token, timeout).await;
+    let receiver = open_session(
+        common.server,
+        ctx.source(2 * pair_no + 1),
+        receiver_token,
+        timeout,
+    )
+    .await;
+    let ((sender, sender_user), (receiver, receiver_user)) = match (sender, receiver) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => {
+            ctx.fail("connecting a pair", &e);
+            return None;
+        }
+    };
+    let sender_ping = sender.limits().ping_interval();
+    let receiver_ping = receiver.limits().ping_interval();
+    let (sender_reader, sender_writer) = sender.into_running();
+    let (receiver_reader, receiver_writer) = receiver.into_running();
+    let pair = Rc::new(Pair {
+        sender: sender_writer.clone(),
+        receiver_user,
+        window: Semaphore::new(window as u64),
+        sent: Cell::new(0),
+        delivered: Cell::new(0),
+        sender_done: Cell::new(false),
+    });
+    LiveCounters::add(&ctx.live().open_connections, 2);
+
+    // The sender's side: acks, and any error answers.
+    let ack_ctx = ctx.clone();
+    let acks = read_frames(sender_reader, move |frame| {
+        match (&frame.body, frame_failure(frame)) {
+            (ArchivedServerBody::Disconnect { .. }, Some(failure)) => return Err(failure),
+            (_, Some(failure)) => ack_ctx.fail("a send was refused", &failure),
+            _ => {}
+        }
+        Ok(())
+    });
+    let sender_task = spawn_connection(ctx.clone(), acks, sender_writer, sender_ping, "sender");
+
+    // The receiver's side: deliveries.
+    let recv_pair = pair.clone();
+    let on_delivery = deliveries_from(ctx.clone(), sender_user, deadline.clone(), move || {
+        recv_pair.delivered.set(recv_pair.delivered.get() + 1);
+        recv_pair.window.signal(1);
+    });
+    let deliveries = read_frames(receiver_reader, on_delivery);
+    let receiver_task = spawn_connection(
+        ctx.clone(),
+        deliveries,
+        receiver_writer,
+        receiver_ping,
+        "receiver",
+    );
+    Some((pair, vec![sender_task, receiver_task]))
+}
+
+/// A frame handler for a connection that receives the load generator's
+/// messages from `sender`: it checks sender and order, records the latency
+/// from the intended send time, counts the delivery (and whether it came
+/// inside the measured window, which ends at `deadline`), and calls
+/// `delivered`. A `Disconnect` ends the connection; other error frames and
+/// foreign messages are counted.
+pub fn deliveries_from(
+    ctx: Rc<Ctx>,
+    sender: UserId,
+    deadline: Rc<Cell<u64>>,
+    delivered: impl Fn() + 'static,
+) -> impl FnMut(&tern_proto::ArchivedServerFrame) -> Result<(), crate::wire::WireError> {
+    let mut next_seq = 0u64;
+    move |frame| {
+        match &frame.body {
+            ArchivedServerBody::Message(msg) => {
+                let now = now_ns();
+                let Some((intended_ns, seq)) = parse_message_body(msg.content.body.as_slice()) else {
+                    ctx.fail("delivery", &unexpected("a message without a loadgen header"));
+                    return Ok(());
+                };
+                if msg.from.to_native() != sender {
+                    ctx.fail("delivery", &unexpected("a message from a stranger"));
+                    return Ok(());
+                }
+                if seq != next_seq {
+                    let what = format!("message {seq} where {next_seq} was due (loss, duplicate or reorder)");
+                    ctx.fail("delivery", &unexpected(&what));
+                }
+                next_seq = seq + 1;
+                ctx.recorder.record_ns(now.saturating_sub(intended_ns));
+                delivered();
+                LiveCounters::add(&ctx.live().delivered, 1);
+                if now <= deadline.get() {
+                    ctx.in_window.set(ctx.in_window.get() + 1);
+                }
+            }
+            _ => {
+                if let Some(failure) = frame_failure(frame) {
+                    if matches!(frame.body, ArchivedServerBody::Disconnect { .. }) {
+                        return Err(failure);
+                    }
+                    ctx.fail("receiver got an error", &failure);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unexpected(what: &str) -> crate::wire::WireError {
+    crate::wire::WireError::Protocol(format!("unexpected {what}"))
+}
+
+/// Runs a connection's reader together with its keep-alive pings until
+/// either fails; a failure outside shutdown is counted.
+pub fn spawn_connection(
+    ctx: Rc<Ctx>,
+    reading: impl std::future::Future<Output = crate::wire::WireError> + 'static,
+    writer: Rc<Writer>,
+    ping: Option<Duration>,
+    role: &'static str,
+) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        let ended = match ping {
+            Some(interval) => future::or(reading, keep_alive(writer, interval)).await,
+            None => reading.await,
+        };
+        ctx.live()
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if !ctx.closing.get() {
+            ctx.fail(&format!("{role} connection ended"), &ended);
+        }
+    })
+}
+
+/// Sends until `end_ns`: closed loop, or open loop at `args.rate`.
+async fn send_loop(
+    pair: &Pair,
+    args: &PairsArgs,
+    start_ns: u64,
+    end_ns: u64,
+) -> Result<(), crate::wire::WireError> {
+    let period_ns = args.rate.map(|r| (1e9 / r) as u64);
+    let mut seq = 0u64;
+    loop {
+        if let Some(period) = period_ns {
+            let due = start_ns + seq * period;
+            if due >= end_ns {
+                return Ok(());
+            }
+            sleep_until_ns(due).await;
+        } else if now_ns() >= end_ns {
+            return Ok(());
+        }
+        // Wait for room in the window, then take all the room there is.
+        pair.window
+            .acquire(1)
+            .await
+            .map_err(|e| crate::wire::WireError::Protocol(format!("window: {e}")))?;
+        let mut batch = 1u64;
+        let now = now_ns();
+        // Open loop: only messages already due may join the batch.
+        let due_count = match period_ns {
+            Some(period) => ((now.saturating_sub(start_ns)) / period.max(1) + 1).saturating_sub(seq),
+            None => u64::MAX,
+        };
+        while batch < due_count.min(args.window as u64) && matches!(pair.window.try_acquire(1), Ok(true)) {
+            batch += 1;
+        }
+        let bodies = (0..batch).map(|i| {
+            let this_seq = seq + i;
+            // Closed loop: the message is "intended" when it is sent.
+            let intended = period_ns.map_or(now, |p| start_ns + this_seq * p);
+            ClientBody::SendDirect {
+                to: pair.receiver_user,
+                client_msg_id: this_seq + 1,
+                content: Content::text(message_body(intended, this_seq, args.payload_bytes)),
+            }
+        });
+        let bodies: Vec<_> = bodies.collect();
+        pair.sender.send_batch(bodies).await?;
+        seq += batch;
+        pair.sent.set(seq);
+    }
+}

@@ -1,0 +1,288 @@
+//! Results: the JSON a run produces, merging the results of several worker
+//! processes, the human summary, and the histogram log.
+//!
+//! A worker sends its [`RunResult`] to the coordinator with its latency
+//! histogram attached in HdrHistogram's V2 serialised form (hex), so the
+//! coordinator can merge histograms exactly rather than averaging
+//! percentiles. The merged result drops the attachment.
+
+use std::io::Write;
+use std::path::Path;
+
+use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::new_histogram;
+
+/// Latency percentiles in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// The figures of one run (one worker's, or all workers' merged).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    pub scenario: String,
+    /// Authenticated connections established.
+    pub connections: u64,
+    /// Messages delivered to receivers (for groups: deliveries, one per member).
+    pub messages: u64,
+    /// Deliveries per second inside the measured window.
+    pub msgs_per_s: f64,
+    /// What `latency_us` measures: "delivery" (intended send time to
+    /// receipt) or "session_setup" (intended connect time to LoggedIn).
+    pub latency_of: String,
+    pub latency_us: Latency,
+    /// Everything that went wrong: failed connections and setups, server
+    /// error answers, disconnects, invalid frames, lost deliveries.
+    pub errors: u64,
+    /// (server RSS with all connections open − RSS before) / connections.
+    pub server_rss_kib_per_conn: Option<f64>,
+    pub server_rss_kib_before: Option<u64>,
+    pub server_rss_kib_after: Option<u64>,
+    /// Length of the measured window (connect: the hold).
+    pub duration_s: f64,
+    pub users: u64,
+    pub sent: u64,
+    /// Deliveries that did not arrive within the drain time (counted in `errors` too).
+    pub undelivered: u64,
+    pub connect_failures: u64,
+    pub connect_secs: f64,
+    pub connect_rate_per_s: f64,
+    pub procs: usize,
+    pub threads: usize,
+    /// Worker → coordinator only: the latency histogram, V2 serialised, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdr_v2_hex: Option<String>,
+}
+
+/// Serialises a histogram for the coordinator.
+pub fn histogram_to_hex(h: &Histogram<u64>) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .map_err(|e| format!("cannot serialise histogram: {e:?}"))?;
+    Ok(hex::encode(bytes))
+}
+
+/// Reads a histogram written by [`histogram_to_hex`].
+pub fn histogram_from_hex(text: &str) -> Result<Histogram<u64>, String> {
+    let bytes = hex::decode(text).map_err(|e| format!("histogram is not hex: {e}"))?;
+    Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("cannot deserialise histogram: {e:?}"))
+}
+
+/// Merges worker results into one, with the merged histogram.
+pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String> {
+    let mut hist = new_histogram();
+    let mut out = RunResult::default();
+    for part in parts {
+        if let Some(hex) = &part.hdr_v2_hex {
+            hist.add(histogram_from_hex(hex)?)
+                .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
+        }
+        out.scenario.clone_from(&part.scenario);
+        out.latency_of.clone_from(&part.latency_of);
+        out.connections += part.connections;
+        out.messages += part.messages;
+        // Workers measure over the same synchronised window, so rates add.
+        out.msgs_per_s += part.msgs_per_s;
+        out.errors += part.errors;
+        out.users += part.users;
+        out.sent += part.sent;
+        out.undelivered += part.undelivered;
+        out.connect_failures += part.connect_failures;
+        out.duration_s = out.duration_s.max(part.duration_s);
+        out.connect_secs = out.connect_secs.max(part.connect_secs);
+        out.threads = out.threads.max(part.threads);
+    }
+    out.procs = parts.len();
+    out.connect_rate_per_s = rate(out.connections, out.connect_secs);
+    out.latency_us = Latency::of(&hist);
+    Ok((out, hist))
+}
+
+/// `count / secs`, 0 when no time passed.
+pub fn rate(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// The human summary printed at the end.
+pub fn summary(r: &RunResult) -> String {
+    let mut s = String::new();
+    let l = &r.latency_us;
+    s.push_str(&format!(
+        "scenario {}: {} procs x {} threads, {} users\n",
+        r.scenario, r.procs, r.threads, r.users
+    ));
+    s.push_str(&format!(
+        "  connections  {} established, {} failed, in {:.2} s ({:.0}/s)\n",
+        r.connections, r.connect_failures, r.connect_secs, r.connect_rate_per_s
+    ));
+    if r.scenario != "connect" {
+        s.push_str(&format!(
+            "  messages     {} sent, {} delivered, {} undelivered; {:.0} msgs/s over {:.2} s\n",
+            r.sent, r.messages, r.undelivered, r.msgs_per_s, r.duration_s
+        ));
+    } else {
+        s.push_str(&format!("  held         {:.2} s\n", r.duration_s));
+    }
+    s.push_str(&format!(
+        "  latency ({})  p50 {} us  p90 {} us  p99 {} us  p99.9 {} us  max {} us\n",
+        r.latency_of, l.p50, l.p90, l.p99, l.p999, l.max
+    ));
+    if let (Some(before), Some(after)) = (r.server_rss_kib_before, r.server_rss_kib_after) {
+        s.push_str(&format!(
+            "  server RSS   {before} KiB before, {after} KiB with connections open: {} KiB/conn\n",
+            r.server_rss_kib_per_conn
+                .map_or_else(|| "n/a".to_string(), |k| format!("{k:.2}"))
+        ));
+    }
+    s.push_str(&format!("  errors       {}\n", r.errors));
+    s
+}
+
+/// Writes the result as pretty JSON.
+pub fn write_json(path: &Path, r: &RunResult) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes the histogram as a one-interval HdrHistogram log (readable by
+/// HdrHistogram's plotting tools).
+pub fn write_hdr_log(path: &Path, h: &Histogram<u64>, duration_s: f64) -> Result<(), String> {
+    let mut file =
+        std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let mut serializer = V2DeflateSerializer::new();
+    {
+        let mut log = IntervalLogWriterBuilder::new()
+            .with_base_time(std::time::SystemTime::now())
+            .add_comment("loadgen latency histogram, values in microseconds")
+            .begin_log_with(&mut file, &mut serializer)
+            .map_err(|e| format!("cannot write log header: {e}"))?;
+        log.write_histogram(
+            h,
+            std::time::Duration::ZERO,
+            std::time::Duration::from_secs_f64(duration_s.max(0.0)),
+            None,
+        )
+        .map_err(|e| format!("cannot write histogram: {e:?}"))?;
+    }
+    file.flush().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(values: &[u64], messages: u64, rate: f64, connections: u64, secs: f64) -> RunResult {
+        let mut h = new_histogram();
+        for v in values {
+            h.record(*v).unwrap();
+        }
+        RunResult {
+            scenario: "pairs".into(),
+            latency_of: "delivery".into(),
+            connections,
+            messages,
+            msgs_per_s: rate,
+            connect_secs: secs,
+            errors: 1,
+            duration_s: 2.0,
+            threads: 1,
+            latency_us: Latency::of(&h),
+            hdr_v2_hex: Some(histogram_to_hex(&h).unwrap()),
+            ..RunResult::default()
+        }
+    }
+
+    #[test]
+    fn merging_sums_counts_and_merges_histograms_exactly() {
+        let a = part(&[100; 99], 99, 49.5, 10, 1.0);
+        let b = part(&[10_000], 1, 0.5, 30, 2.0);
+        let (merged, hist) = merge(&[a, b]).unwrap();
+        assert_eq!(merged.messages, 100);
+        assert_eq!(merged.msgs_per_s, 50.0);
+        assert_eq!(merged.connections, 40);
+        assert_eq!(merged.errors, 2);
+        assert_eq!(merged.procs, 2);
+        assert_eq!(merged.connect_secs, 2.0);
+        assert_eq!(merged.connect_rate_per_s, 20.0);
+        assert_eq!(hist.len(), 100);
+        assert_eq!(merged.latency_us.p50, 100);
+        assert!(merged.latency_us.max >= 10_000 && merged.latency_us.max < 10_010);
+        assert!(merged.hdr_v2_hex.is_none());
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let (merged, _) = merge(&[part(&[5], 1, 1.0, 2, 1.0)]).unwrap();
+        let value: serde_json::Value = serde_json::to_value(&merged).unwrap();
+        for key in [
+            "scenario",
+            "connections",
+            "messages",
+            "msgs_per_s",
+            "latency_us",
+            "errors",
+            "server_rss_kib_per_conn",
+            "duration_s",
+        ] {
+            assert!(value.get(key).is_some(), "missing {key}");
+        }
+        assert!(value["server_rss_kib_per_conn"].is_null());
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(value["latency_us"].get(key).is_some(), "missing latency {key}");
+        }
+        let back: RunResult = serde_json::from_value(value).unwrap();
+        assert_eq!(back, merged);
+    }
+
+    #[test]
+    fn bad_histograms_are_errors_not_panics() {
+        assert!(histogram_from_hex("zz").is_err());
+        assert!(histogram_from_hex("00ff").is_err());
+        let mut p = part(&[1], 1, 1.0, 1, 1.0);
+        p.hdr_v2_hex = Some("abcd".into());
+        assert!(merge(&[p]).is_err());
+    }
+
+    #[test]
+    fn hdr_log_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lat.hlog");
+        let mut h = new_histogram();
+        h.record(42).unwrap();
+        write_hdr_log(&path, &h, 1.5).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("loadgen latency histogram"));
+        assert!(text.lines().any(|l| l.starts_with("0.000,1.500,")), "{text}");
+    }
+}

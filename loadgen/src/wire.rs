@@ -1,0 +1,504 @@
+//! One client connection to `ternd` on a glommio executor.
+//!
+//! This module owns dialing from a chosen source address, the request/answer
+//! exchange used while setting up (Hello, Register, Login, LoginToken,
+//! group create/join), and the split a running connection uses afterwards:
+//! a [`Writer`] that several tasks of one executor may share (the sender
+//! loop and the keep-alive pinger), and a [`read_frames`] loop that
+//! validates every byte the server sends with `decode_server` and hands the
+//! archived frame to the scenario. Nothing read from the network is
+//! unwrapped: every failure becomes a [`WireError`] that the caller counts.
+//! It also owns the load generator's message body format, which carries the
+//! intended send time so receivers can measure end-to-end latency.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use glommio::net::TcpStream;
+use glommio::sync::Semaphore;
+use rkyv::rancor::BoxedError;
+use rkyv::util::AlignedVec;
+use socket2::{Domain, Protocol, Socket, Type};
+use tern_net::frame_io::{fill, write_batch, Filled, ReadError};
+use tern_net::split::{split, ReadHalf, WriteHalf};
+use tern_proto::limits::DEFAULT_MAX_FRAME_BYTES;
+use tern_proto::{
+    decode_server, encode_client, ArchivedServerFrame, ClientBody, ClientFrame, ErrorCode, FrameBuf,
+    FrameError, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION,
+};
+
+/// Why a connection or one of its requests failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("read: {0}")]
+    Read(#[from] ReadError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("server refused: {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("server disconnected us: {code}: {message}")]
+    Disconnected { code: ErrorCode, message: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("connection closed by the server")]
+    Closed,
+}
+
+impl WireError {
+    /// The server's error code, when the server refused a request.
+    pub fn server_code(&self) -> Option<ErrorCode> {
+        match self {
+            WireError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Nanoseconds on a clock shared by every thread of this process. Senders
+/// and receivers of one pair or group always live in the same process, so
+/// a timestamp written by one is meaningful to the other.
+pub fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Sleeps until the process clock reads `at_ns`.
+pub async fn sleep_until_ns(at_ns: u64) {
+    let now = now_ns();
+    if at_ns > now {
+        glommio::timer::sleep(Duration::from_nanos(at_ns - now)).await;
+    }
+}
+
+const BODY_MAGIC: [u8; 4] = *b"lg01";
+
+/// A message body: magic, intended send time (ns, process clock), sequence
+/// number, zero padding up to `payload_bytes`.
+pub fn message_body(intended_ns: u64, seq: u64, payload_bytes: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(payload_bytes.max(crate::cli::MIN_PAYLOAD_BYTES));
+    body.extend_from_slice(&BODY_MAGIC);
+    body.extend_from_slice(&intended_ns.to_le_bytes());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.resize(payload_bytes.max(body.len()), 0);
+    body
+}
+
+/// The intended send time and sequence number of a body written by
+/// [`message_body`], or `None` if it is not one.
+pub fn parse_message_body(body: &[u8]) -> Option<(u64, u64)> {
+    let (magic, rest) = body.split_first_chunk::<4>()?;
+    if *magic != BODY_MAGIC {
+        return None;
+    }
+    let (intended, rest) = rest.split_first_chunk::<8>()?;
+    let (seq, _) = rest.split_first_chunk::<8>()?;
+    Some((u64::from_le_bytes(*intended), u64::from_le_bytes(*seq)))
+}
+
+/// Opens a TCP connection to `server`, bound to `source` when given.
+///
+/// The connect is non-blocking: the executor never stalls on a full accept
+/// backlog. The first write on the returned stream waits until the
+/// handshake completes (a send on a connecting socket reports "would
+/// block" and glommio then waits for writability), and reports a refused
+/// connection as an error.
+pub fn dial(server: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nodelay(true)?;
+    if let Some(ip) = source {
+        // Let connect() pick the port from the full 4-tuple instead of
+        // reserving one per source address at bind time: without this a
+        // source address runs out of ports after ~28k binds.
+        set_bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddrV4::new(ip, 0).into())?;
+    }
+    socket.set_nonblocking(true)?;
+    match socket.connect(&server.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // glommio 0.9 builds on socket2 0.4, so hand the descriptor over raw.
+    // SAFETY: `into_raw_fd` gives up ownership of a valid, open socket, and
+    // the stream becomes its only owner.
+    Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
+}
+
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd, a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What `HelloOk` told us.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    pub max_frame_bytes: u32,
+    pub idle_timeout: Duration,
+}
+
+impl ServerLimits {
+    /// How often an otherwise silent connection must ping: a third of the
+    /// idle timeout, so one lost ping does not get it closed.
+    pub fn ping_interval(&self) -> Option<Duration> {
+        (!self.idle_timeout.is_zero()).then(|| self.idle_timeout / 3)
+    }
+}
+
+/// A connection during setup: one request at a time.
+pub struct Conn {
+    stream: TcpStream,
+    buf: FrameBuf,
+    out: AlignedVec,
+    next_request_id: u64,
+    limits: ServerLimits,
+}
+
+impl Conn {
+    /// Dials and completes the Hello exchange.
+    pub async fn open(server: SocketAddr, source: Option<Ipv4Addr>) -> Result<Conn, WireError> {
+        let stream = dial(server, source)?;
+        let mut conn = Conn {
+            stream,
+            buf: FrameBuf::new(DEFAULT_MAX_FRAME_BYTES),
+            out: AlignedVec::new(),
+            next_request_id: 1,
+            limits: ServerLimits {
+                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+                idle_timeout: Duration::ZERO,
+            },
+        };
+        let hello = ClientBody::Hello {
+            version: PROTOCOL_VERSION,
+            client_name: concat!("loadgen/", env!("CARGO_PKG_VERSION")).into(),
+        };
+        match conn.request(hello).await? {
+            ServerBody::HelloOk {
+                version,
+                max_frame_bytes,
+                idle_timeout_ms,
+            } if version == PROTOCOL_VERSION => {
+                conn.limits = ServerLimits {
+                    max_frame_bytes,
+                    idle_timeout: Duration::from_millis(u64::from(idle_timeout_ms)),
+                };
+                Ok(conn)
+            }
+            other => Err(unexpected("HelloOk", &other)),
+        }
+    }
+
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
+    }
+
+    /// Sends one request and waits for its answer. Pushes that arrive in
+    /// between are validated and dropped (setup has no use for them); an
+    /// `Error` answer becomes [`WireError::Server`].
+    pub async fn request(&mut self, body: ClientBody) -> Result<ServerBody, WireError> {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.out.clear();
+        encode_client(
+            &ClientFrame { request_id, body },
+            &mut self.out,
+            self.limits.max_frame_bytes,
+        )?;
+        write_batch(&mut self.stream, &self.out).await?;
+        loop {
+            let frame = self.recv().await?;
+            if frame.request_id == request_id {
+                return match frame.body {
+                    ServerBody::Error { code, message, .. } => Err(WireError::Server { code, message }),
+                    body => Ok(body),
+                };
+            }
+            if let ServerBody::Disconnect { code, message, .. } = frame.body {
+                return Err(WireError::Disconnected { code, message });
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Result<ServerFrame, WireError> {
+        loop {
+            if let Some(body) = self.buf.next_body()? {
+                let archived = decode_server(body)?;
+                return rkyv::deserialize::<ServerFrame, BoxedError>(archived)
+                    .map_err(|e| WireError::Protocol(format!("cannot deserialize frame: {e}")));
+            }
+            match fill(&mut self.stream, &mut self.buf).await? {
+                Filled::Bytes(_) => {}
+                Filled::Eof => return Err(WireError::Closed),
+            }
+        }
+    }
+
+    /// Logs in with a password; returns the user and the session token.
+    pub async fn login(&mut self, username: &str, password: &str) -> Result<(UserId, Vec<u8>), WireError> {
+        let body = ClientBody::Login {
+            username: username.into(),
+            password: password.as_bytes().to_vec(),
+        };
+        match self.request(body).await? {
+            ServerBody::LoggedIn { user, token, .. } => Ok((user, token)),
+            other => Err(unexpected("LoggedIn", &other)),
+        }
+    }
+
+    /// Logs in with a token from an earlier login.
+    pub async fn login_token(&mut self, token: &[u8]) -> Result<UserId, WireError> {
+        match self
+            .request(ClientBody::LoginToken {
+                token: token.to_vec(),
+            })
+            .await?
+        {
+            ServerBody::LoggedIn { user, .. } => Ok(user),
+            other => Err(unexpected("LoggedIn", &other)),
+        }
+    }
+
+    /// Registers an account.
+    pub async fn register(&mut self, username: &str, password: &str) -> Result<UserId, WireError> {
+        let body = ClientBody::Register {
+            username: username.into(),
+            password: password.as_bytes().to_vec(),
+        };
+        match self.request(body).await? {
+            ServerBody::Registered { user } => Ok(user),
+            other => Err(unexpected("Registered", &other)),
+        }
+    }
+
+    /// Turns the connection into its running halves.
+    pub fn into_running(self) -> (ReadSide, std::rc::Rc<Writer>) {
+        let (reader, writer) = split(self.stream);
+        let writer = Writer {
+            lock: Semaphore::new(1),
+            state: RefCell::new(Some(WriterState {
+                half: writer,
+                out: AlignedVec::new(),
+                next_request_id: self.next_request_id,
+            })),
+            max_frame_bytes: self.limits.max_frame_bytes,
+        };
+        (
+            ReadSide {
+                half: reader,
+                buf: self.buf,
+            },
+            std::rc::Rc::new(writer),
+        )
+    }
+}
+
+fn unexpected(wanted: &str, got: &ServerBody) -> WireError {
+    WireError::Protocol(format!("expected {wanted}, got {got:?}"))
+}
+
+/// Opens a connection, logs in with a token and syncs, within `timeout`.
+///
+/// The server sends a session no messages until it has synced, so every
+/// session syncs (with no cursors: this client keeps no history). Backlog
+/// streamed by the sync (left by an earlier run of reused users) arrives
+/// before `SyncDone` and is dropped by [`Conn::request`].
+pub async fn open_session(
+    server: SocketAddr,
+    source: Option<Ipv4Addr>,
+    token: &[u8],
+    timeout: Duration,
+) -> Result<(Conn, UserId), WireError> {
+    let attempt = async {
+        let mut conn = Conn::open(server, source).await?;
+        let user = conn.login_token(token).await?;
+        match conn.request(ClientBody::Sync { cursors: Vec::new() }).await? {
+            ServerBody::SyncDone { .. } => Ok((conn, user)),
+            other => Err(unexpected("SyncDone", &other)),
+        }
+    };
+    with_timeout(timeout, attempt).await
+}
+
+/// Runs `fut`, giving up with [`WireError::Timeout`] after `timeout`.
+pub async fn with_timeout<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, WireError>>,
+) -> Result<T, WireError> {
+    future::or(fut, async {
+        glommio::timer::sleep(timeout).await;
+        Err(WireError::Timeout)
+    })
+    .await
+}
+
+/// The read half of a running connection with its frame buffer.
+pub struct ReadSide {
+    half: ReadHalf<TcpStream>,
+    buf: FrameBuf,
+}
+
+/// Reads frames until the connection ends, handing each validated frame to
+/// `on_frame`. Returns why it ended: `Closed` for a clean EOF, the
+/// handler's error if it asks to stop, or the read/validation failure.
+pub async fn read_frames(
+    mut side: ReadSide,
+    mut on_frame: impl FnMut(&ArchivedServerFrame) -> Result<(), WireError>,
+) -> WireError {
+    loop {
+        loop {
+            let body = match side.buf.next_body() {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(e) => return e.into(),
+            };
+            let frame = match decode_server(body) {
+                Ok(frame) => frame,
+                Err(e) => return e.into(),
+            };
+            if let Err(e) = on_frame(frame) {
+                return e;
+            }
+        }
+        match fill(&mut side.half, &mut side.buf).await {
+            Ok(Filled::Bytes(_)) => {}
+            Ok(Filled::Eof) => return WireError::Closed,
+            Err(e) => return e.into(),
+        }
+    }
+}
+
+struct WriterState {
+    half: WriteHalf<TcpStream>,
+    out: AlignedVec,
+    next_request_id: u64,
+}
+
+/// The write side of a running connection, shared by the tasks of one
+/// executor that send on it. A one-unit semaphore serialises writers; the
+/// state is moved out of its cell while a write is in progress, so no
+/// `RefCell` borrow is ever held across an await.
+pub struct Writer {
+    lock: Semaphore,
+    state: RefCell<Option<WriterState>>,
+    max_frame_bytes: u32,
+}
+
+impl Writer {
+    /// Encodes every body and writes them with one syscall. Returns the
+    /// request id of the first.
+    pub async fn send_batch(&self, bodies: impl IntoIterator<Item = ClientBody>) -> Result<u64, WireError> {
+        let _permit = self
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| WireError::Protocol(format!("writer lock: {e}")))?;
+        let Some(mut state) = self.state.borrow_mut().take() else {
+            return Err(WireError::Closed);
+        };
+        state.out.clear();
+        let first = state.next_request_id;
+        for body in bodies {
+            let request_id = state.next_request_id;
+            state.next_request_id += 1;
+            encode_client(
+                &ClientFrame { request_id, body },
+                &mut state.out,
+                self.max_frame_bytes,
+            )?;
+        }
+        let result = write_batch(&mut state.half, &state.out).await;
+        // Put the state back even after a failed write: later writes then
+        // fail on the socket too, and the caller counts each failure.
+        *self.state.borrow_mut() = Some(state);
+        result?;
+        Ok(first)
+    }
+
+    /// Sends one request.
+    pub async fn send(&self, body: ClientBody) -> Result<u64, WireError> {
+        self.send_batch(std::iter::once(body)).await
+    }
+}
+
+/// Pings every `interval` so the server does not close a silent connection.
+/// Ends on the first failed write.
+pub async fn keep_alive(writer: std::rc::Rc<Writer>, interval: Duration) -> WireError {
+    let mut nonce = 0u64;
+    loop {
+        glommio::timer::sleep(interval).await;
+        nonce += 1;
+        if let Err(e) = writer.send(ClientBody::Ping { nonce }).await {
+            return e;
+        }
+    }
+}
+
+/// The error an archived `Error` or `Disconnect` push/answer stands for, if
+/// the frame is one.
+pub fn frame_failure(frame: &ArchivedServerFrame) -> Option<WireError> {
+    use tern_proto::ArchivedServerBody;
+    match &frame.body {
+        ArchivedServerBody::Error { code, message, .. } => Some(WireError::Server {
+            code: code.to_native(),
+            message: message.as_str().to_owned(),
+        }),
+        ArchivedServerBody::Disconnect { code, message, .. } => Some(WireError::Disconnected {
+            code: code.to_native(),
+            message: message.as_str().to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_bodies_roundtrip() {
+        let body = message_body(123_456_789, 42, 64);
+        assert_eq!(body.len(), 64);
+        assert_eq!(parse_message_body(&body), Some((123_456_789, 42)));
+        // The header is never truncated, whatever size is asked for.
+        assert_eq!(message_body(1, 2, 0).len(), 20);
+        assert_eq!(parse_message_body(b"hello"), None);
+        assert_eq!(parse_message_body(&[0u8; 64]), None);
+        assert_eq!(parse_message_body(&body[..19]), None);
+    }
+
+    #[test]
+    fn ping_interval_is_a_third_of_the_idle_timeout() {
+        let limits = ServerLimits {
+            max_frame_bytes: 1024,
+            idle_timeout: Duration::from_secs(60),
+        };
+        assert_eq!(limits.ping_interval(), Some(Duration::from_secs(20)));
+        let none = ServerLimits {
+            idle_timeout: Duration::ZERO,
+            ..limits
+        };
+        assert_eq!(none.ping_interval(), None);
+    }
+}

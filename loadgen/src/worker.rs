@@ -1,0 +1,380 @@
+//! A worker process: its glommio executors and the phases they step
+//! through together.
+//!
+//! The coordinator starts each worker with the same command line plus
+//! `--child N`. The worker takes its share of the scenario, runs one
+//! executor per `--threads` over it, and talks to the coordinator in lines
+//! on stdout (`ready`, `connected`, `progress {json}`, `result {json}`,
+//! `fatal msg`) and stdin (`go`, `start`). The phases are: setup (users,
+//! tokens) → wait for `go` → connect → wait for `start` → measure → drain.
+//! The two waits let the coordinator read the server's memory before and
+//! after the connections exist and start every worker's measured window at
+//! the same moment. This module also owns [`Ctx`], the per-executor view
+//! of the plan that scenarios use.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io::BufRead;
+use std::net::Ipv4Addr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{parse_source_ips, share, sub_share, Cli, Scenario};
+use crate::report::{histogram_to_hex, rate, Latency, RunResult};
+use crate::stats::{new_histogram, ExecOutcome, LiveCounters, Recorder};
+use crate::sys::{raise_nofile, SPARE_FDS};
+use crate::wire::WireError;
+use crate::{connect, groups, pairs};
+
+/// Connections one executor opens at once while connecting (pairs, groups).
+pub const CONNECT_CONCURRENCY: usize = 64;
+/// How many failures each executor describes on stderr (all are counted).
+const LOGGED_FAILURES: u64 = 5;
+
+/// Phase flags shared by the executors of a worker and its main thread.
+#[derive(Default)]
+pub struct Flags {
+    setup_done: AtomicUsize,
+    go: AtomicBool,
+    connected: AtomicUsize,
+    start: AtomicBool,
+    finished: AtomicUsize,
+}
+
+/// Everything a worker's executors share (immutable but for atomics).
+pub struct Plan {
+    pub cli: Cli,
+    pub child: usize,
+    pub sources: Vec<Ipv4Addr>,
+    pub prefix: String,
+    pub reuse: bool,
+    pub flags: Flags,
+    pub live: Vec<LiveCounters>,
+}
+
+impl Plan {
+    fn threads(&self) -> usize {
+        self.cli.common.threads
+    }
+
+    /// The `exec`-th executor's share of `total` items, after this
+    /// worker's share of them.
+    pub fn exec_share(&self, total: usize, exec: usize) -> std::ops::Range<usize> {
+        let mine = share(total, self.cli.common.procs, self.child);
+        sub_share(&mine, self.threads(), exec)
+    }
+
+    /// File descriptors this worker will hold at its peak.
+    fn fds_needed(&self) -> u64 {
+        let held = match &self.cli.scenario {
+            Scenario::Connect(a) => share(a.connections, self.cli.common.procs, self.child).len(),
+            Scenario::Pairs(a) => 2 * share(a.pairs, self.cli.common.procs, self.child).len(),
+            Scenario::Groups(a) => a.members * share(a.groups, self.cli.common.procs, self.child).len(),
+        };
+        held as u64 + self.cli.common.setup_concurrency as u64 + SPARE_FDS
+    }
+}
+
+/// One executor's view: the plan, its index, its recorder.
+pub struct Ctx {
+    pub plan: Arc<Plan>,
+    pub exec: usize,
+    pub recorder: Recorder,
+    /// Setup workers on this executor (its share of `--setup-concurrency`).
+    pub setup_workers: usize,
+    /// Set once the run is over: connections closing now are not failures.
+    pub closing: Cell<bool>,
+    /// Deliveries received before the measured window's end.
+    pub in_window: Cell<u64>,
+    failures_logged: Cell<u64>,
+}
+
+impl Ctx {
+    fn new(plan: Arc<Plan>, exec: usize) -> Ctx {
+        let slots = plan.cli.common.procs * plan.threads();
+        let setup_workers = plan.cli.common.setup_concurrency.div_ceil(slots).max(1);
+        Ctx {
+            plan,
+            exec,
+            recorder: Recorder::new(),
+            setup_workers,
+            closing: Cell::new(false),
+            in_window: Cell::new(0),
+            failures_logged: Cell::new(0),
+        }
+    }
+
+    pub fn live(&self) -> &LiveCounters {
+        &self.plan.live[self.exec]
+    }
+
+    pub fn username(&self, n: usize) -> String {
+        format!("{}{n}", self.plan.prefix)
+    }
+
+    /// The source address for the `n`-th connection (rotating), if any.
+    pub fn source(&self, n: usize) -> Option<Ipv4Addr> {
+        match self.plan.sources.len() {
+            0 => None,
+            len => self.plan.sources.get(n % len).copied(),
+        }
+    }
+
+    /// Counts a failure, and describes the first few on stderr.
+    pub fn fail(&self, what: &str, e: &WireError) {
+        self.live().error();
+        let logged = self.failures_logged.get();
+        if logged < LOGGED_FAILURES {
+            self.failures_logged.set(logged + 1);
+            eprintln!("loadgen[{}.{}]: {what}: {e}", self.plan.child, self.exec);
+        }
+    }
+
+    /// Setup is done here: wait until the coordinator says go.
+    pub async fn setup_done(&self) {
+        self.plan.flags.setup_done.fetch_add(1, Ordering::SeqCst);
+        wait_flag(&self.plan.flags.go).await;
+    }
+
+    /// Connections are up here: wait until the coordinator says start.
+    pub async fn connected(&self) {
+        self.plan.flags.connected.fetch_add(1, Ordering::SeqCst);
+        wait_flag(&self.plan.flags.start).await;
+    }
+}
+
+async fn wait_flag(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Polls `done` every millisecond until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Runs `job(i)` for every `i < count` with at most `workers` at once.
+pub async fn for_each_bounded<F, Fut>(count: usize, workers: usize, job: F)
+where
+    F: Fn(usize) -> Fut + Clone + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let next = Rc::new(Cell::new(0usize));
+    let tasks: Vec<_> = (0..workers.clamp(1, count.max(1)))
+        .map(|_| {
+            let next = next.clone();
+            let job = job.clone();
+            glommio::spawn_local(async move {
+                loop {
+                    let i = next.get();
+                    if i >= count {
+                        break;
+                    }
+                    next.set(i + 1);
+                    job(i).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+}
+
+/// Spawns a task that publishes the executor's last-second p99 for the
+/// progress line.
+fn spawn_p99_ticker(ctx: Rc<Ctx>) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            let p99 = ctx.recorder.take_interval_p99();
+            ctx.live().interval_p99_us.store(p99, Ordering::Relaxed);
+        }
+    })
+}
+
+async fn run_executor(plan: Arc<Plan>, exec: usize) -> ExecOutcome {
+    let ctx = Rc::new(Ctx::new(plan, exec));
+    let ticker = spawn_p99_ticker(ctx.clone());
+    let outcome = match ctx.plan.cli.scenario.clone() {
+        Scenario::Connect(args) => connect::run(ctx.clone(), args).await,
+        Scenario::Pairs(args) => pairs::run(ctx.clone(), args).await,
+        Scenario::Groups(args) => groups::run(ctx.clone(), args).await,
+    };
+    drop(ticker);
+    ctx.plan.flags.finished.fetch_add(1, Ordering::SeqCst);
+    outcome
+}
+
+/// One progress sample a worker sends to the coordinator.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub users: u64,
+    pub open: u64,
+    pub delivered: u64,
+    pub errors: u64,
+    pub p99_us: u64,
+}
+
+fn sample(plan: &Plan) -> Progress {
+    let mut p = Progress::default();
+    for live in &plan.live {
+        p.users += LiveCounters::get(&live.users_ready);
+        p.open += LiveCounters::get(&live.open_connections);
+        p.delivered += LiveCounters::get(&live.delivered);
+        p.errors += LiveCounters::get(&live.errors);
+        p.p99_us = p.p99_us.max(LiveCounters::get(&live.interval_p99_us));
+    }
+    p
+}
+
+/// Waits on the main thread until `done`, sending progress once a second.
+fn wait_reporting(plan: &Plan, last: &mut Instant, done: impl Fn() -> bool) {
+    while !done() {
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = Instant::now();
+            if let Ok(json) = serde_json::to_string(&sample(plan)) {
+                println!("progress {json}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs worker number `child`; prints its result on stdout.
+pub fn run(cli: Cli, child: usize) -> Result<(), String> {
+    let run_id = cli
+        .common
+        .run_id
+        .clone()
+        .ok_or("a worker needs --run-id from the coordinator")?;
+    let (prefix, reuse) = cli.common.user_prefix(&run_id);
+    let threads = cli.common.threads;
+    let plan = Arc::new(Plan {
+        sources: parse_source_ips(&cli.common.source_ips, cli.common.server)?,
+        prefix,
+        reuse,
+        child,
+        flags: Flags::default(),
+        live: (0..threads).map(|_| LiveCounters::default()).collect(),
+        cli,
+    });
+    raise_nofile(plan.fds_needed())?;
+    // The worker does no file I/O through glommio: keep registered memory
+    // small so several workers fit in a non-root memlock limit.
+    let io_memory = tern_net::memlock::io_memory_per_shard(threads)?.min(1 << 20);
+
+    let stdin_plan = plan.clone();
+    std::thread::spawn(move || follow_coordinator(&stdin_plan));
+
+    let counter = Arc::new(AtomicUsize::new(0));
+    let exec_plan = plan.clone();
+    // Unbound placement keeps the CPU affinity the worker was started with
+    // (e.g. `taskset -c 1`), so it never lands on the server's core.
+    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(threads))
+        .name("loadgen")
+        .io_memory(io_memory)
+        .on_all_shards(move || {
+            let exec = counter.fetch_add(1, Ordering::SeqCst);
+            run_executor(exec_plan, exec)
+        })
+        .map_err(|e| format!("cannot start executors: {e}"))?;
+
+    let flags = &plan.flags;
+    let mut last = Instant::now();
+    let all = |counter: &AtomicUsize| counter.load(Ordering::SeqCst) >= threads;
+    wait_reporting(&plan, &mut last, || {
+        all(&flags.setup_done) || all(&flags.finished)
+    });
+    println!("ready");
+    wait_reporting(&plan, &mut last, || all(&flags.connected) || all(&flags.finished));
+    println!("connected");
+    wait_reporting(&plan, &mut last, || all(&flags.finished));
+
+    let mut outcomes = Vec::new();
+    for joined in handles.join_all() {
+        outcomes.push(joined.map_err(|e| format!("executor failed: {e}"))?);
+    }
+    let result = worker_result(&plan, &outcomes)?;
+    let json = serde_json::to_string(&result).map_err(|e| e.to_string())?;
+    println!("result {json}");
+    Ok(())
+}
+
+/// Reads `go` and `start` from the coordinator. If the coordinator goes
+/// away, the run is pointless: exit.
+fn follow_coordinator(plan: &Plan) {
+    for line in std::io::stdin().lock().lines() {
+        match line.as_deref().map(str::trim) {
+            Ok("go") => plan.flags.go.store(true, Ordering::SeqCst),
+            Ok("start") => plan.flags.start.store(true, Ordering::SeqCst),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    if plan.flags.finished.load(Ordering::SeqCst) < plan.threads() {
+        eprintln!("loadgen[{}]: coordinator went away; exiting", plan.child);
+    }
+    std::process::exit(3);
+}
+
+fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, String> {
+    let mut hist = new_histogram();
+    let mut r = RunResult {
+        scenario: plan.cli.scenario_name().into(),
+        latency_of: match plan.cli.scenario {
+            Scenario::Connect(_) => "session_setup".into(),
+            _ => "delivery".into(),
+        },
+        procs: 1,
+        threads: plan.threads(),
+        ..RunResult::default()
+    };
+    let mut delivered_in_window = 0;
+    for o in outcomes {
+        hist.add(&o.latency)
+            .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
+        r.users += o.users;
+        r.connections += o.connections;
+        r.connect_failures += o.connect_failures;
+        r.connect_secs = r.connect_secs.max(o.connect_secs);
+        r.sent += o.sent;
+        r.messages += o.delivered;
+        delivered_in_window += o.delivered_in_window;
+        r.undelivered += o.undelivered;
+        r.errors += o.errors;
+        r.duration_s = r.duration_s.max(o.window_secs);
+    }
+    r.msgs_per_s = rate(delivered_in_window, r.duration_s);
+    r.connect_rate_per_s = rate(r.connections, r.connect_secs);
+    r.latency_us = Latency::of(&hist);
+    r.hdr_v2_hex = Some(histogram_to_hex(&hist)?);
+    Ok(r)
+}
+
+/// Builds an executor's outcome from the counters every scenario keeps.
+pub fn finish_outcome(ctx: &Ctx, mut outcome: ExecOutcome) -> ExecOutcome {
+    outcome.latency = ctx.recorder.total.borrow().clone();
+    outcome.errors = LiveCounters::get(&ctx.live().errors) + outcome.undelivered;
+    outcome
+}
+
+/// Nanoseconds between two readings of [`crate::wire::now_ns`], as seconds.
+pub fn secs_between(from_ns: u64, to_ns: u64) -> f64 {
+    to_ns.saturating_sub(from_ns) as f64 / 1e9
+}
