@@ -24,15 +24,15 @@
 mod conn;
 mod error;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use tern_proto as proto;
 pub use tern_proto::{
-    ChatMessage, ClientBody, ClientFrame, Content, ContentKind, ConvId, ErrorCode, Friend, GroupId,
-    ServerBody, ServerFrame, UserId,
+    ChatMessage, ClientBody, ClientFrame, Content, ContentKind, ConvId, ConversationSummary, Cursor,
+    ErrorCode, Friend, GroupId, ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 
 use conn::Conn;
@@ -92,6 +92,9 @@ pub struct Client {
     idle_timeout: Duration,
     server_max_frame_bytes: u32,
     user: Option<UserId>,
+    /// Per conversation, the highest seq handed to the caller: presented
+    /// on `Sync`, and used to drop anything at or below it.
+    cursors: HashMap<ConvId, u64>,
 }
 
 impl Client {
@@ -111,6 +114,7 @@ impl Client {
             idle_timeout: Duration::ZERO,
             server_max_frame_bytes: opts.max_frame_bytes,
             user: None,
+            cursors: HashMap::new(),
             opts,
         };
         let hello = ClientBody::Hello {
@@ -183,8 +187,17 @@ impl Client {
         }
     }
 
-    /// Logs in with a password.
+    /// Logs in with a password, then syncs (see [`Client::sync`]): missed
+    /// messages are queued for [`Client::next_push`] and new ones arrive live.
     pub fn login(&mut self, username: &str, password: &str) -> Result<Session, ClientError> {
+        let session = self.login_unsynced(username, password)?;
+        self.sync()?;
+        Ok(session)
+    }
+
+    /// Logs in with a password without syncing: the session receives no
+    /// messages until [`Client::sync`].
+    pub fn login_unsynced(&mut self, username: &str, password: &str) -> Result<Session, ClientError> {
         let body = ClientBody::Login {
             username: username.to_owned(),
             password: password.as_bytes().to_vec(),
@@ -192,11 +205,102 @@ impl Client {
         self.logged_in(body)
     }
 
-    /// Logs in with a token from an earlier [`Session`].
+    /// Logs in with a token from an earlier [`Session`] (session resume),
+    /// then syncs from this client's cursors.
     pub fn login_token(&mut self, token: &[u8]) -> Result<Session, ClientError> {
-        self.logged_in(ClientBody::LoginToken {
+        let session = self.logged_in(ClientBody::LoginToken {
             token: token.to_vec(),
+        })?;
+        self.sync()?;
+        Ok(session)
+    }
+
+    /// Catches up: presents this client's cursors, queues every message
+    /// after them for [`Client::next_push`], and makes the session live.
+    /// Returns how many messages the server streamed.
+    pub fn sync(&mut self) -> Result<u64, ClientError> {
+        let cursors = self.cursors().collect();
+        match self.request(ClientBody::Sync { cursors })? {
+            ServerBody::SyncDone { messages } => Ok(messages),
+            other => Err(unexpected("SyncDone", &other)),
+        }
+    }
+
+    /// The highest seq this client has returned per conversation.
+    pub fn cursors(&self) -> impl Iterator<Item = Cursor> + '_ {
+        self.cursors.iter().map(|(conv, seq)| Cursor {
+            conv: *conv,
+            seq: *seq,
         })
+    }
+
+    /// Sets a cursor (e.g. restored from the app's own storage): messages
+    /// of `conv` at or below `seq` are no longer returned or re-sent.
+    pub fn set_cursor(&mut self, conv: ConvId, seq: u64) {
+        let cursor = self.cursors.entry(conv).or_insert(0);
+        *cursor = (*cursor).max(seq);
+    }
+
+    /// Sends a cumulative receipt for `conv` up to `seq`.
+    pub fn receipt(&mut self, conv: ConvId, kind: ReceiptKind, seq: u64) -> Result<(), ClientError> {
+        match self.request(ClientBody::Receipt { conv, kind, seq })? {
+            ServerBody::Ok => Ok(()),
+            other => Err(unexpected("Ok", &other)),
+        }
+    }
+
+    /// Acknowledges every message returned so far as delivered.
+    pub fn ack_all(&mut self) -> Result<(), ClientError> {
+        let cursors: Vec<Cursor> = self.cursors().collect();
+        for cursor in cursors {
+            self.receipt(cursor.conv, ReceiptKind::Delivered, cursor.seq)?;
+        }
+        Ok(())
+    }
+
+    /// A page of history: from `from_seq` forwards, or backwards (use
+    /// `u64::MAX` for the newest), at most `limit` (the server caps at 200).
+    pub fn history(
+        &mut self,
+        conv: ConvId,
+        from_seq: u64,
+        forward: bool,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, ClientError> {
+        match self.request(ClientBody::History {
+            conv,
+            from_seq,
+            forward,
+            limit,
+        })? {
+            ServerBody::HistoryPage { messages, .. } => Ok(messages),
+            other => Err(unexpected("HistoryPage", &other)),
+        }
+    }
+
+    /// The caller's conversations, most recent first.
+    pub fn conversations(
+        &mut self,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<ConversationSummary>, ClientError> {
+        match self.request(ClientBody::Conversations { offset, limit })? {
+            ServerBody::Conversations { conversations } => Ok(conversations),
+            other => Err(unexpected("Conversations", &other)),
+        }
+    }
+
+    /// Whether a pushed message is new to this client; advances its cursor.
+    fn is_new(&mut self, body: &ServerBody) -> bool {
+        let ServerBody::Message(message) = body else {
+            return true;
+        };
+        let cursor = self.cursors.entry(message.conv).or_insert(0);
+        if message.seq <= *cursor {
+            return false;
+        }
+        *cursor = message.seq;
+        true
     }
 
     fn logged_in(&mut self, body: ClientBody) -> Result<Session, ClientError> {
@@ -341,14 +445,21 @@ impl Client {
     /// other; the call after it normally fails with [`ClientError::Closed`].
     pub fn next_push(&mut self, timeout: Duration) -> Result<Option<ServerBody>, ClientError> {
         // Only pushes are ever queued (see `request`).
-        if let Some(frame) = self.queued.pop_front() {
-            return Ok(Some(frame.body));
+        while let Some(frame) = self.queued.pop_front() {
+            if self.is_new(&frame.body) {
+                return Ok(Some(frame.body));
+            }
         }
         let deadline = Instant::now() + timeout;
         loop {
             match self.conn.recv(Some(deadline))? {
                 None => return Ok(None),
-                Some(frame) if frame.request_id == 0 => return Ok(Some(frame.body)),
+                Some(frame) if frame.request_id == 0 => {
+                    // Messages at or below the cursor were already returned.
+                    if self.is_new(&frame.body) {
+                        return Ok(Some(frame.body));
+                    }
+                }
                 // A late answer to a request that timed out; nobody waits for it.
                 Some(_) => {}
             }

@@ -52,6 +52,13 @@ fn login(peer: &mut Peer) {
         token: vec![0; 32],
     };
     peer.send(f.request_id, answer);
+    let f = peer.recv();
+    assert!(
+        matches!(f.body, ClientBody::Sync { .. }),
+        "expected Sync, got {:?}",
+        f.body
+    );
+    peer.send(f.request_id, ServerBody::SyncDone { messages: 0 });
 }
 
 fn answer_friends(peer: &mut Peer) {

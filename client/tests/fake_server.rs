@@ -351,6 +351,9 @@ fn typed_helpers_send_the_right_requests() {
             token: vec![7; 32],
         };
         peer.send(f.request_id, answer);
+        let f = next(&mut peer);
+        assert!(matches!(f.body, ClientBody::Sync { .. }));
+        peer.send(f.request_id, ServerBody::SyncDone { messages: 0 });
         let mut msg_ids = Vec::new();
         for _ in 0..2 {
             let f = next(&mut peer);

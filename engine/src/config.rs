@@ -47,7 +47,35 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Store settings (password hashing cost, group and friend limits, fsync).
     pub store: StoreOptions,
+    /// When an acknowledged message is on disk: `Sync` (before the ack,
+    /// fsyncs batched across shards) or `Async` (within `flush_interval`).
+    pub durability: Durability,
+    /// Batches the storage writer may have queued before shards wait.
+    pub writer_queue_depth: usize,
+    /// Client message ids remembered per conversation for retry dedup.
+    pub dedup_window: usize,
+    /// Conversations whose sequence state a shard keeps in memory; idle
+    /// ones beyond this are dropped and reloaded from the store on use.
+    pub max_cached_conversations: usize,
+    /// Groups up to this many members also copy each message into every
+    /// member's inbox (write diffusion); larger groups are caught up from
+    /// the group's history by member cursor (read diffusion).
+    pub write_diffusion_max_members: usize,
+    /// Offline inbox entries older than this are deleted.
+    pub inbox_ttl: Duration,
+    /// History older than this is deleted (`None`: keep forever). Each
+    /// conversation's newest message is always kept.
+    pub history_retention: Option<Duration>,
+    /// How often expired inbox and history entries are swept.
+    pub expiry_interval: Duration,
+    /// Inbox entries read from the store per step of a sync.
+    pub sync_page: usize,
+    /// Live messages held for a session while its sync runs; past this the
+    /// catch-up makes another pass.
+    pub sync_hold_max: usize,
 }
+
+pub use tern_storage::Durability;
 
 impl Default for Config {
     fn default() -> Config {
@@ -66,6 +94,16 @@ impl Default for Config {
             shutdown_retry_after: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(2),
             store: StoreOptions::default(),
+            durability: Durability::Sync,
+            writer_queue_depth: 1024,
+            dedup_window: 128,
+            max_cached_conversations: 100_000,
+            write_diffusion_max_members: 200,
+            inbox_ttl: Duration::from_secs(7 * 24 * 3600),
+            history_retention: None,
+            expiry_interval: Duration::from_secs(3600),
+            sync_page: 256,
+            sync_hold_max: 4096,
         }
     }
 }
@@ -110,6 +148,18 @@ impl Config {
         }
         if self.cross_shard_queue_depth == 0 || self.max_sessions_per_user == 0 {
             return Err("queue depths and session limits must be at least 1".into());
+        }
+        if self.dedup_window == 0
+            || self.sync_page == 0
+            || self.sync_hold_max == 0
+            || self.writer_queue_depth == 0
+        {
+            return Err(
+                "dedup_window, sync_page, sync_hold_max and writer_queue_depth must be at least 1".into(),
+            );
+        }
+        if self.max_cached_conversations < 16 {
+            return Err("max_cached_conversations must be at least 16".into());
         }
         if self.idle_timeout < Duration::from_millis(100) {
             return Err("idle_timeout must be at least 100 ms".into());

@@ -25,13 +25,14 @@ use tern_net::handoff;
 use tern_net::split::{split, ReadHalf, WriteHalf};
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
-    decode_client, encode_server, ArchivedClientBody, ConvId, ErrorCode, FrameBuf, FrameError, Friend,
-    ServerBody, ServerFrame, UserId, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    decode_client, encode_server, ArchivedClientBody, ConvId, Cursor, ErrorCode, FrameBuf, FrameError,
+    Friend, ReceiptKind, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 
+use crate::catchup::{self, SyncError};
 use crate::mesh::{ConnKey, Event, GroupOp, Handoff, Request};
 use crate::outbox::Outbox;
-use crate::shard::{now_ms, store_error_frame, Shard};
+use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
 
 /// What the pre-login loop must do after parsing a frame.
 enum PreLogin {
@@ -93,11 +94,36 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     loop {
         let action = match next_pre_login(&mut buf, &mut session, &shard) {
             Some(action) => action,
-            None => match fill(&mut stream, &mut buf).await {
-                Ok(Filled::Bytes(_)) => continue,
-                Ok(Filled::Eof) => return,
-                Err(e) => return close_after_read_error(&mut stream, &mut out, &shard, e).await,
-            },
+            None => {
+                // Not yet a session the shard tracks, so watch for shutdown here.
+                let read =
+                    futures_lite::future::or(async { Some(fill(&mut stream, &mut buf).await) }, async {
+                        shard.stop.wait().await;
+                        None
+                    })
+                    .await;
+                match read {
+                    Some(Ok(Filled::Bytes(_))) => continue,
+                    Some(Ok(Filled::Eof)) => return,
+                    Some(Err(e)) => return close_after_read_error(&mut stream, &mut out, &shard, e).await,
+                    None => {
+                        let retry_after_ms = shard
+                            .config
+                            .shutdown_retry_after
+                            .as_millis()
+                            .min(u32::MAX as u128);
+                        let bye = ServerFrame {
+                            request_id: 0,
+                            body: ServerBody::Disconnect {
+                                code: ErrorCode::ShuttingDown,
+                                message: "server is shutting down".into(),
+                                retry_after_ms: retry_after_ms as u32,
+                            },
+                        };
+                        return reply_and_close(&mut stream, &mut out, &shard, &bye).await;
+                    }
+                }
+            }
         };
         let reply = match action {
             PreLogin::Reply(frame) => frame,
@@ -587,6 +613,72 @@ impl Conn {
                 self.group_admin(request_id, group.to_native(), GroupOp::Members)
                     .await
             }
+            ArchivedClientBody::Sync { cursors } => {
+                let cursors = cursors
+                    .iter()
+                    .map(|c| Cursor {
+                        conv: c.conv.to_native(),
+                        seq: c.seq.to_native(),
+                    })
+                    .collect();
+                match catchup::sync(&shard, user, self.key, &self.outbox, cursors).await {
+                    Ok(messages) => ServerFrame {
+                        request_id,
+                        body: ServerBody::SyncDone { messages },
+                    },
+                    Err(SyncError::Closed) => return,
+                    Err(SyncError::TooBusy) => {
+                        let message = "live traffic kept outrunning the catch-up; reconnect and sync again";
+                        return self.outbox.kill(ErrorCode::SlowConsumer, message, 1000);
+                    }
+                    Err(SyncError::Store(e)) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::Receipt { conv, kind, seq } => {
+                self.receipt(request_id, conv.to_native(), kind.to_native(), seq.to_native())
+                    .await
+            }
+            ArchivedClientBody::History {
+                conv,
+                from_seq,
+                forward,
+                limit,
+            } => {
+                let (conv, from_seq, forward, limit) = (
+                    conv.to_native(),
+                    from_seq.to_native(),
+                    *forward,
+                    limit.to_native(),
+                );
+                let page = shard
+                    .blocking(move |store| catchup::history(store, user, conv, from_seq, forward, limit))
+                    .await;
+                match page {
+                    Ok(Some(messages)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::HistoryPage { conv, messages },
+                    },
+                    Ok(None) => ServerFrame::error(
+                        request_id,
+                        ErrorCode::Forbidden,
+                        "not a participant of this conversation",
+                    ),
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::Conversations { offset, limit } => {
+                let (offset, limit) = (offset.to_native(), limit.to_native());
+                match shard
+                    .blocking(move |store| catchup::conversations(store, user, offset, limit))
+                    .await
+                {
+                    Ok(conversations) => ServerFrame {
+                        request_id,
+                        body: ServerBody::Conversations { conversations },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
             ArchivedClientBody::Hello { .. }
             | ArchivedClientBody::Register { .. }
             | ArchivedClientBody::Login { .. }
@@ -617,6 +709,51 @@ impl Conn {
             },
             Ok(Err(refusal)) => error(request_id, &refusal),
             Err(_) => ServerFrame::error(request_id, ErrorCode::ShuttingDown, "server is shutting down"),
+        }
+    }
+
+    /// Stores a receipt and forwards it to the peer of a 1:1 conversation.
+    async fn receipt(&self, request_id: u64, conv: ConvId, kind: ReceiptKind, seq: u64) -> ServerFrame {
+        let user = self.user;
+        let allowed = match conv {
+            ConvId::Direct { low, high } => low == user || high == user,
+            ConvId::Group { group } => match self
+                .shard
+                .blocking(move |store| store.is_member(group, user))
+                .await
+            {
+                Ok(member) => member,
+                Err(e) => return store_error_frame(request_id, &e),
+            },
+        };
+        if !allowed {
+            return ServerFrame::error(
+                request_id,
+                ErrorCode::Forbidden,
+                "not a participant of this conversation",
+            );
+        }
+        let notify = conv.peer_of(user).map(|peer| {
+            let push = ServerFrame {
+                request_id: 0,
+                body: ServerBody::Receipt {
+                    conv,
+                    user,
+                    kind,
+                    seq,
+                },
+            };
+            let frame = encode_shared(&push, self.shard.config.max_frame_bytes);
+            (self.shard.home_of(peer), Event::Notify { to: peer, frame })
+        });
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.shard.stage_receipt(user, conv, kind, seq, Some(tx), notify);
+        match rx.await {
+            Ok(true) => ServerFrame {
+                request_id,
+                body: ServerBody::Ok,
+            },
+            _ => ServerFrame::error(request_id, ErrorCode::Internal, "receipt not stored; retry"),
         }
     }
 

@@ -7,12 +7,15 @@
 //! its conversations' sequence counters and its groups' member lists
 //! outright ([`shard`]), so the message path takes no lock. Shards exchange
 //! work only through bounded queues ([`mesh`]); each connection has a
-//! bounded outbound queue ([`outbox`]). Durable state lives in
+//! bounded outbound queue ([`outbox`]). Messages are sequenced and
+//! committed in batches by their conversation's home shard and read back
+//! on sync ([`catchup`]). Durable state lives in
 //! [`tern_storage`]; limits and defaults are in [`config`].
 //!
 //! `docs/architecture.md` draws the picture.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod catchup;
 pub mod config;
 pub mod conn;
 pub mod mesh;

@@ -101,13 +101,17 @@ pub enum Event {
         timestamp_ms: u64,
         echo: Option<Arc<AlignedVec>>,
     },
-    /// Push an encoded message to every session of the recipients, except
-    /// the sending connection.
+    /// Push an encoded message (`seq` of `conv`) to every synced session
+    /// of the recipients, except the sending connection.
     Deliver {
         to: Recipients,
+        conv: ConvId,
+        seq: u64,
         frame: Arc<AlignedVec>,
         skip: Option<(UserId, ConnKey)>,
     },
+    /// Push an unsequenced frame (a receipt) to every session of a user.
+    Notify { to: UserId, frame: Arc<AlignedVec> },
     /// An answer for one connection, encoded by the shard that produced it.
     Reply {
         user: UserId,

@@ -22,7 +22,7 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use tern_net::listen::PortReservation;
 use tern_net::memlock;
-use tern_storage::Store;
+use tern_storage::{Store, Writer, WriterHandle};
 
 use crate::config::Config;
 use crate::conn::{self, STOP_POLL};
@@ -36,6 +36,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 struct Startup {
     config: Arc<Config>,
     store: Store,
+    writer: WriterHandle,
     mesh: Mesh,
     addr: SocketAddr,
     next_index: AtomicUsize,
@@ -49,6 +50,7 @@ pub struct Server {
     shards: usize,
     stop: Arc<AtomicBool>,
     pool: Option<JoinHandle<()>>,
+    writer: Option<Writer>,
     store: Store,
 }
 
@@ -61,6 +63,8 @@ impl Server {
         let io_memory = memlock::io_memory_per_shard(config.shards).map_err(|e| anyhow!(e))?;
         let store = Store::open(&config.data_dir, config.store.clone())
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let writer = Writer::spawn(store.clone(), config.durability, config.writer_queue_depth)
+            .context("cannot start the storage writer")?;
         let reservation = PortReservation::bind(config.listen)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = reservation.addr();
@@ -76,6 +80,7 @@ impl Server {
             mesh: Mesh::new(shards, config.cross_shard_queue_depth),
             config: Arc::new(config),
             store: store.clone(),
+            writer: writer.handle(),
             addr,
             next_index: AtomicUsize::new(0),
             stop: stop.clone(),
@@ -106,6 +111,7 @@ impl Server {
             shards,
             stop,
             pool: Some(pool),
+            writer: Some(writer),
             store,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -148,6 +154,9 @@ impl Server {
         if let Some(pool) = self.pool.take() {
             pool.join().map_err(|_| anyhow!("shard pool thread panicked"))?;
         }
+        if let Some(writer) = self.writer.take() {
+            writer.shutdown().context("cannot flush the storage writer")?;
+        }
         self.store.persist().context("cannot persist the store")?;
         Ok(())
     }
@@ -162,6 +171,9 @@ impl Server {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(pool) = self.pool.take() {
             let _ = pool.join();
+        }
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.shutdown();
         }
     }
 }
@@ -220,7 +232,12 @@ async fn run_shard(startup: Arc<Startup>) {
         startup.store.clone(),
         connected_requests_out,
         connected_events_out,
+        startup.writer.clone(),
     ));
+    glommio::spawn_local(shard.clone().run_committer()).detach();
+    if index == 0 {
+        glommio::spawn_local(expire_old_messages(shard.clone())).detach();
+    }
     for rx in requests_in {
         let rx = rx.await;
         let shard = shard.clone();
@@ -276,7 +293,63 @@ async fn run_shard(startup: Arc<Startup>) {
     while shard.conn_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    // Everything acknowledged is already durable; finish what is staged
+    // so that nothing sequenced is left half-done.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !shard.writes_idle() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    // Let every task that holds this shard end (consumers end once the
+    // other shards drop their queue ends), so that the store is released
+    // when the server returns: a restart in the same process can reopen it.
+    shard.close_queues();
+    shard.wake_committer();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Rc::strong_count(&shard) > 1 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
     tracing::debug!(shard = index, "shard stopped");
+}
+
+/// Deletes expired inbox entries (and history, if a retention is set),
+/// every `expiry_interval`, for the life of the shard.
+async fn expire_old_messages(shard: Rc<Shard>) {
+    let config = shard.config.clone();
+    loop {
+        let stopped = future::or(
+            async {
+                glommio::timer::sleep(config.expiry_interval).await;
+                false
+            },
+            async {
+                shard.stop.wait().await;
+                true
+            },
+        )
+        .await;
+        if stopped {
+            return;
+        }
+        let now = crate::shard::now_ms();
+        let inbox_cutoff = now.saturating_sub(config.inbox_ttl.as_millis() as u64);
+        let history_cutoff = config
+            .history_retention
+            .map(|keep| now.saturating_sub(keep.as_millis() as u64));
+        let swept = shard
+            .blocking(move |store| {
+                let inbox = store.expire_inbox(inbox_cutoff)?;
+                let history = match history_cutoff {
+                    Some(cutoff) => store.expire_history(cutoff)?,
+                    None => 0,
+                };
+                Ok::<_, tern_storage::StoreError>((inbox, history))
+            })
+            .await;
+        match swept {
+            Ok((inbox, history)) => tracing::debug!(inbox, history, "expired old messages"),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+    }
 }
 
 /// Starts connecting each sender end in its own task.

@@ -1,18 +1,23 @@
 //! One shard: the state it owns and the work it does for other shards.
 //!
 //! A shard is one glommio executor pinned to one core. It owns, with no
-//! lock: the connections it serves (every one of them belongs to a user
-//! homed here, see `conn`), the sessions of each of its users, the sequence
-//! counters of the conversations homed here, and the cached member lists
-//! of the groups homed here. Other shards reach this state only through the
+//! lock: the connections it serves (every one belongs to a user homed here,
+//! see [`crate::conn`]), the sessions of each of its users and whether each
+//! is synced ([`Delivery`]), the sequence state of the conversations homed
+//! here ([`commit`]), and the cached member lists of the groups homed here
+//! ([`groups`]). Other shards reach this state only through the
 //! [`crate::mesh`] queues: [`Shard::handle_request`] serves work for
 //! conversations and groups owned here, [`Shard::handle_event`] applies
 //! results for users owned here.
+
+mod commit;
+mod groups;
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use glommio::channels::shared_channel::ConnectedSender;
@@ -20,15 +25,17 @@ use rkyv::util::AlignedVec;
 use rustc_hash::{FxHashMap, FxHashSet};
 use slab::Slab;
 use tern_proto::session::Refusal;
-use tern_proto::{
-    encode_server, shard_of, ChatMessage, ConvId, ErrorCode, GroupId, ServerBody, ServerFrame, UserId,
-};
-use tern_storage::{Store, StoreError};
+use tern_proto::{encode_server, shard_of, ChatMessage, ConvId, ErrorCode, ServerBody, ServerFrame, UserId};
+use tern_storage::WriterHandle;
+use tern_storage::{InboxTargets, MessageWrite, Store, StoreError, WriteOp};
 
 use crate::config::Config;
-use crate::mesh::{ConnKey, Event, GroupOp, GroupReply, Recipients, Request};
+use crate::mesh::{ConnKey, Event, Recipients, Request};
 use crate::outbox::Outbox;
 use crate::stop::StopSignal;
+
+use commit::{ConvState, Effect, Staged};
+use groups::GroupState;
 
 /// A live connection of a user homed on this shard.
 struct ConnEntry {
@@ -36,15 +43,21 @@ struct ConnEntry {
     user: UserId,
     fd: RawFd,
     outbox: Rc<Outbox>,
+    delivery: RefCell<Delivery>,
 }
 
-/// A group homed on this shard, as cached for fan-out.
-struct GroupState {
-    members: FxHashSet<UserId>,
-    /// Members by home shard: one shared list per destination, so a message
-    /// crosses to each shard once, carrying this list, with no copying.
-    by_shard: Vec<Arc<[UserId]>>,
+/// Whether a session receives messages yet.
+enum Delivery {
+    /// Logged in, not synced: messages wait in the inbox.
+    Waiting,
+    /// Catching up: live messages are held here until the catch-up ends.
+    Syncing { held: Vec<Held>, overflowed: bool },
+    /// Synced: messages are pushed as they come.
+    Live,
 }
+
+/// A message that arrived live while its session was catching up.
+pub type Held = (ConvId, u64, Arc<AlignedVec>);
 
 /// The state and queues of one shard.
 pub struct Shard {
@@ -56,10 +69,16 @@ pub struct Shard {
     conns: RefCell<Slab<ConnEntry>>,
     next_generation: Cell<u32>,
     sessions: RefCell<FxHashMap<UserId, Vec<ConnKey>>>,
-    conv_seqs: RefCell<FxHashMap<ConvId, u64>>,
-    groups: RefCell<FxHashMap<GroupId, Rc<GroupState>>>,
-    requests_out: Vec<Option<ConnectedSender<Request>>>,
-    events_out: Vec<Option<ConnectedSender<Event>>>,
+    convs: RefCell<FxHashMap<ConvId, ConvState>>,
+    groups: RefCell<FxHashMap<u64, Rc<GroupState>>>,
+    /// Queue ends to other shards, dropped at shutdown so that the peers'
+    /// consumer tasks end (`Rc` so a send in flight keeps its end alive).
+    requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
+    events_out: RefCell<Vec<Option<Rc<ConnectedSender<Event>>>>>,
+    writer: WriterHandle,
+    staged: RefCell<Staged>,
+    committer_waker: RefCell<Option<Waker>>,
+    committing: Cell<bool>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -109,13 +128,15 @@ fn refusal(code: ErrorCode, message: &'static str) -> Refusal {
 }
 
 impl Shard {
-    /// A shard with its outgoing queue ends (already connected).
+    /// A shard with its outgoing queue ends (already connected) and the
+    /// storage writer's handle.
     pub fn new(
         index: usize,
         config: Arc<Config>,
         store: Store,
         requests_out: Vec<Option<ConnectedSender<Request>>>,
         events_out: Vec<Option<ConnectedSender<Event>>>,
+        writer: WriterHandle,
     ) -> Shard {
         Shard {
             index,
@@ -126,10 +147,14 @@ impl Shard {
             conns: RefCell::new(Slab::new()),
             next_generation: Cell::new(0),
             sessions: RefCell::new(FxHashMap::default()),
-            conv_seqs: RefCell::new(FxHashMap::default()),
+            convs: RefCell::new(FxHashMap::default()),
             groups: RefCell::new(FxHashMap::default()),
-            requests_out,
-            events_out,
+            requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
+            events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
+            writer,
+            staged: RefCell::new(Staged::default()),
+            committer_waker: RefCell::new(None),
+            committing: Cell::new(false),
         }
     }
 
@@ -139,7 +164,7 @@ impl Shard {
     }
 
     /// Runs a store operation on the executor's blocking thread pool, so
-    /// that disk I/O and password hashing never stall the reactor.
+    /// that disk reads and password hashing never stall the reactor.
     pub async fn blocking<R, F>(&self, f: F) -> R
     where
         F: FnOnce(&Store) -> R + Send + 'static,
@@ -162,12 +187,14 @@ impl Shard {
         }
         let generation = self.next_generation.get().wrapping_add(1);
         self.next_generation.set(generation);
-        let slot = self.conns.borrow_mut().insert(ConnEntry {
+        let entry = ConnEntry {
             generation,
             user,
             fd,
             outbox,
-        });
+            delivery: RefCell::new(Delivery::Waiting),
+        };
+        let slot = self.conns.borrow_mut().insert(entry);
         let key = ConnKey {
             slot: slot as u32,
             generation,
@@ -209,22 +236,83 @@ impl Shard {
         self.sessions.borrow().contains_key(&user)
     }
 
-    fn outbox_of(&self, key: ConnKey) -> Option<Rc<Outbox>> {
+    fn with_conn<R>(&self, key: ConnKey, f: impl FnOnce(&ConnEntry) -> R) -> Option<R> {
         let conns = self.conns.borrow();
-        let entry = conns.get(key.slot as usize)?;
-        (entry.generation == key.generation).then(|| entry.outbox.clone())
+        let entry = conns
+            .get(key.slot as usize)
+            .filter(|e| e.generation == key.generation)?;
+        Some(f(entry))
     }
 
-    /// Calls `f` with the outbox of every session of `user` except `skip`.
-    fn for_each_session(&self, user: UserId, skip: Option<ConnKey>, mut f: impl FnMut(&Outbox)) {
+    /// Calls `f` with every session of `user` except `skip`.
+    fn for_each_session(&self, user: UserId, skip: Option<ConnKey>, mut f: impl FnMut(&ConnEntry)) {
         let sessions = self.sessions.borrow();
         let Some(keys) = sessions.get(&user) else { return };
         let conns = self.conns.borrow();
         for key in keys.iter().filter(|k| Some(**k) != skip) {
             if let Some(entry) = conns.get(key.slot as usize) {
-                f(&entry.outbox);
+                f(entry);
             }
         }
+    }
+
+    /// Pushes message `seq` of `conv` to a session, or holds it while the
+    /// session catches up.
+    fn deliver_message(&self, entry: &ConnEntry, conv: ConvId, seq: u64, frame: &Arc<AlignedVec>) {
+        let mut delivery = entry.delivery.borrow_mut();
+        match &mut *delivery {
+            Delivery::Waiting => {}
+            Delivery::Syncing { overflowed: true, .. } => {}
+            Delivery::Syncing { held, overflowed } => {
+                if held.len() >= self.config.sync_hold_max {
+                    // The catch-up scans the store again instead; the
+                    // message is there, since deliveries follow durable writes.
+                    held.clear();
+                    *overflowed = true;
+                } else {
+                    held.push((conv, seq, frame.clone()));
+                }
+            }
+            Delivery::Live => {
+                let _ = entry.outbox.push_encoded(frame);
+            }
+        }
+    }
+
+    /// Starts holding live messages for a session about to catch up.
+    pub fn begin_sync(&self, key: ConnKey) {
+        self.with_conn(key, |entry| {
+            *entry.delivery.borrow_mut() = Delivery::Syncing {
+                held: Vec::new(),
+                overflowed: false,
+            };
+        });
+    }
+
+    /// Takes the messages held during a catch-up, and whether some were
+    /// dropped (then the store must be scanned again).
+    pub fn take_held(&self, key: ConnKey) -> (Vec<Held>, bool) {
+        self.with_conn(key, |entry| match &mut *entry.delivery.borrow_mut() {
+            Delivery::Syncing { held, overflowed } => {
+                (std::mem::take(held), std::mem::replace(overflowed, false))
+            }
+            _ => (Vec::new(), false),
+        })
+        .unwrap_or_default()
+    }
+
+    /// Switches a session to live delivery. The caller must not have
+    /// yielded since `take_held` last returned nothing, or a message held
+    /// in between would be lost.
+    pub fn go_live(&self, key: ConnKey) {
+        self.with_conn(key, |entry| *entry.delivery.borrow_mut() = Delivery::Live);
+    }
+
+    /// Drops this shard's ends of the queues to other shards, so that
+    /// their consumer tasks end once drained (shutdown).
+    pub fn close_queues(&self) {
+        self.requests_out.borrow_mut().clear();
+        self.events_out.borrow_mut().clear();
     }
 
     /// Tells every connection to go away, with a retry hint.
@@ -252,7 +340,8 @@ impl Shard {
         if shard == self.index {
             return Box::pin(self.handle_request(request)).await;
         }
-        if let Some(Some(tx)) = self.requests_out.get(shard) {
+        let tx = self.requests_out.borrow().get(shard).cloned().flatten();
+        if let Some(tx) = tx {
             if tx.send(request).await.is_err() {
                 tracing::warn!(shard, "request queue closed; shard is stopping");
             }
@@ -265,7 +354,8 @@ impl Shard {
         if shard == self.index {
             return self.handle_event(event);
         }
-        if let Some(Some(tx)) = self.events_out.get(shard) {
+        let tx = self.events_out.borrow().get(shard).cloned().flatten();
+        if let Some(tx) = tx {
             if tx.send(event).await.is_err() {
                 tracing::warn!(shard, "event queue closed; shard is stopping");
             }
@@ -284,22 +374,36 @@ impl Shard {
                 content,
             } => {
                 let conv = ConvId::direct(from, to);
-                let seq = self.next_seq(conv);
-                let timestamp_ms = now_ms();
-                let frame = self.message_frame(ChatMessage {
+                let Some((seq, timestamp_ms)) =
+                    self.sequence(conv, from, conn, request_id, client_msg_id).await
+                else {
+                    return;
+                };
+                let message = ChatMessage {
                     conv,
                     seq,
                     from,
                     client_msg_id,
                     timestamp_ms,
                     content,
-                });
+                };
+                let frame = self.message_frame(message);
+                let write = MessageWrite {
+                    conv,
+                    seq,
+                    from,
+                    client_msg_id,
+                    timestamp_ms,
+                    frame: commit::store_frame(&frame),
+                    inbox: InboxTargets::One(to),
+                };
                 let deliver = Event::Deliver {
                     to: Recipients::One(to),
+                    conv,
+                    seq,
                     frame: frame.clone(),
                     skip: None,
                 };
-                self.send_event(self.home_of(to), deliver).await;
                 let sent = Event::Sent {
                     user: from,
                     conn,
@@ -310,7 +414,18 @@ impl Shard {
                     timestamp_ms,
                     echo: Some(frame),
                 };
-                self.send_event(self.home_of(from), sent).await;
+                self.stage(
+                    WriteOp::Message(write),
+                    [
+                        Effect::Durable {
+                            conv,
+                            from,
+                            client_msg_id,
+                        },
+                        Effect::Event(self.home_of(to), deliver),
+                        Effect::Event(self.home_of(from), sent),
+                    ],
+                );
             }
             Request::Group {
                 from,
@@ -320,48 +435,8 @@ impl Shard {
                 client_msg_id,
                 content,
             } => {
-                let state = match self.group_state(group).await {
-                    Ok(state) => state,
-                    Err(e) => return self.reply(from, conn, store_error_frame(request_id, &e)).await,
-                };
-                if !state.members.contains(&from) {
-                    let frame =
-                        ServerFrame::error(request_id, ErrorCode::Forbidden, "not a member of this group");
-                    return self.reply(from, conn, frame).await;
-                }
-                let conv = ConvId::Group { group };
-                let seq = self.next_seq(conv);
-                let timestamp_ms = now_ms();
-                let frame = self.message_frame(ChatMessage {
-                    conv,
-                    seq,
-                    from,
-                    client_msg_id,
-                    timestamp_ms,
-                    content,
-                });
-                for (shard, members) in state.by_shard.iter().enumerate() {
-                    if members.is_empty() {
-                        continue;
-                    }
-                    let deliver = Event::Deliver {
-                        to: Recipients::Many(members.clone()),
-                        frame: frame.clone(),
-                        skip: Some((from, conn)),
-                    };
-                    self.send_event(shard, deliver).await;
-                }
-                let sent = Event::Sent {
-                    user: from,
-                    conn,
-                    request_id,
-                    client_msg_id,
-                    conv,
-                    seq,
-                    timestamp_ms,
-                    echo: None,
-                };
-                self.send_event(self.home_of(from), sent).await;
+                self.group_send(from, conn, request_id, group, client_msg_id, content)
+                    .await;
             }
             Request::GroupAdmin {
                 user,
@@ -387,98 +462,12 @@ impl Shard {
             .await;
     }
 
-    fn next_seq(&self, conv: ConvId) -> u64 {
-        let mut seqs = self.conv_seqs.borrow_mut();
-        let seq = seqs.entry(conv).or_insert(0);
-        *seq += 1;
-        *seq
-    }
-
     fn message_frame(&self, message: ChatMessage) -> Arc<AlignedVec> {
         let frame = ServerFrame {
             request_id: 0,
             body: ServerBody::Message(message),
         };
         encode_shared(&frame, self.config.max_frame_bytes)
-    }
-
-    /// The cached state of a group homed here, loaded on first use.
-    async fn group_state(&self, group: GroupId) -> Result<Rc<GroupState>, StoreError> {
-        if let Some(state) = self.groups.borrow().get(&group) {
-            return Ok(state.clone());
-        }
-        let members = self
-            .blocking(move |store| match store.group(group)? {
-                Some(_) => store.members(group),
-                None => Err(StoreError::NotFound),
-            })
-            .await?;
-        // Another task may have loaded it while we waited; keep theirs,
-        // which may already include later membership changes.
-        let mut groups = self.groups.borrow_mut();
-        let state = groups
-            .entry(group)
-            .or_insert_with(|| Rc::new(self.build_group(members.into_iter().collect())));
-        Ok(state.clone())
-    }
-
-    fn build_group(&self, members: FxHashSet<UserId>) -> GroupState {
-        let mut by_shard: Vec<Vec<UserId>> = vec![Vec::new(); self.shards];
-        for &member in &members {
-            if let Some(list) = by_shard.get_mut(self.home_of(member)) {
-                list.push(member);
-            }
-        }
-        GroupState {
-            members,
-            by_shard: by_shard.into_iter().map(Arc::from).collect(),
-        }
-    }
-
-    async fn group_admin(&self, user: UserId, group: GroupId, op: GroupOp) -> GroupReply {
-        let map_err = |e: StoreError| match e {
-            StoreError::NotFound => refusal(ErrorCode::NotFound, "no such group"),
-            StoreError::LimitExceeded(_) => refusal(ErrorCode::LimitExceeded, "the group is full"),
-            other => {
-                tracing::error!(error = %other, group, "group store failure");
-                refusal(ErrorCode::Internal, "internal storage error; retry later")
-            }
-        };
-        match op {
-            GroupOp::Members => {
-                let state = self.group_state(group).await.map_err(map_err)?;
-                if !state.members.contains(&user) {
-                    return Err(refusal(ErrorCode::Forbidden, "not a member of this group"));
-                }
-                let mut members: Vec<UserId> = state.members.iter().copied().collect();
-                members.sort_unstable();
-                Ok(members)
-            }
-            GroupOp::Join | GroupOp::Leave => {
-                let join = op == GroupOp::Join;
-                self.blocking(move |store| {
-                    if join {
-                        store.add_member(group, user)
-                    } else {
-                        store.remove_member(group, user)
-                    }
-                })
-                .await
-                .map_err(map_err)?;
-                let mut groups = self.groups.borrow_mut();
-                if let Some(state) = groups.get(&group) {
-                    let mut members = state.members.clone();
-                    if join {
-                        members.insert(user);
-                    } else {
-                        members.remove(&user);
-                    }
-                    let rebuilt = Rc::new(self.build_group(members));
-                    groups.insert(group, rebuilt);
-                }
-                Ok(Vec::new())
-            }
-        }
     }
 
     /// Applies an event for users homed here. Never waits.
@@ -497,29 +486,33 @@ impl Shard {
                 timestamp_ms,
                 echo,
             } => {
-                if let Some(outbox) = self.outbox_of(conn) {
-                    let frame = ServerFrame {
-                        request_id,
-                        body: ServerBody::Sent {
-                            client_msg_id,
-                            conv,
-                            seq,
-                            timestamp_ms,
-                        },
-                    };
-                    let _ = outbox.push(&frame);
-                }
+                let frame = ServerFrame {
+                    request_id,
+                    body: ServerBody::Sent {
+                        client_msg_id,
+                        conv,
+                        seq,
+                        timestamp_ms,
+                    },
+                };
+                self.with_conn(conn, |entry| entry.outbox.push(&frame));
                 if let Some(echo) = echo {
-                    self.for_each_session(user, Some(conn), |outbox| {
-                        let _ = outbox.push_encoded(&echo);
+                    self.for_each_session(user, Some(conn), |entry| {
+                        self.deliver_message(entry, conv, seq, &echo)
                     });
                 }
             }
-            Event::Deliver { to, frame, skip } => {
+            Event::Deliver {
+                to,
+                conv,
+                seq,
+                frame,
+                skip,
+            } => {
                 let deliver = |user: UserId| {
                     let skip_conn = skip.filter(|(u, _)| *u == user).map(|(_, c)| c);
-                    self.for_each_session(user, skip_conn, |outbox| {
-                        let _ = outbox.push_encoded(&frame);
+                    self.for_each_session(user, skip_conn, |entry| {
+                        self.deliver_message(entry, conv, seq, &frame)
                     });
                 };
                 match to {
@@ -527,10 +520,13 @@ impl Shard {
                     Recipients::Many(users) => users.iter().copied().for_each(deliver),
                 }
             }
+            Event::Notify { to, frame } => {
+                self.for_each_session(to, None, |entry| {
+                    let _ = entry.outbox.push_encoded(&frame);
+                });
+            }
             Event::Reply { conn, frame, .. } => {
-                if let Some(outbox) = self.outbox_of(conn) {
-                    let _ = outbox.push_encoded(&frame);
-                }
+                self.with_conn(conn, |entry| entry.outbox.push_encoded(&frame));
             }
             Event::Presence { to, subject, online } => {
                 let frame = ServerFrame {
@@ -542,8 +538,8 @@ impl Shard {
                 };
                 let frame = encode_shared(&frame, self.config.max_frame_bytes);
                 for user in to {
-                    self.for_each_session(user, None, |outbox| {
-                        let _ = outbox.push_encoded(&frame);
+                    self.for_each_session(user, None, |entry| {
+                        let _ = entry.outbox.push_encoded(&frame);
                     });
                 }
             }

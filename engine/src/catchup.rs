@@ -1,0 +1,268 @@
+//! Reading back what the store holds for a user: sync, history, and the
+//! conversation list.
+//!
+//! [`sync`] is the seam between stored and live delivery. The session first
+//! starts *holding* live messages, then streams from the store everything
+//! the user has not acknowledged: the inbox (1:1 and small-group messages)
+//! and, for each group, the group history after the user's cursor (large
+//! groups are read-diffused). Per conversation it remembers the highest seq
+//! sent; held live messages at or below it are dropped, the rest are sent,
+//! and only when nothing is held any more does the session go live, with
+//! no yield in between. Because a message is delivered live only after it
+//! is durable, anything not held was in the store when it was scanned: no
+//! gap and no duplicate at the seam.
+
+use std::rc::Rc;
+
+use rkyv::rancor::BoxedError;
+use rkyv::util::AlignedVec;
+use rustc_hash::FxHashMap;
+use tern_proto::limits::PAGE_LIMIT_MAX;
+use tern_proto::{
+    decode_server, ChatMessage, ConvId, ConversationSummary, Cursor, FrameHeader, ServerBody, ServerFrame,
+    UserId, HEADER_LEN,
+};
+use tern_storage::{Store, StoreError, StoredFrame};
+
+use crate::mesh::ConnKey;
+use crate::outbox::Outbox;
+use crate::shard::Shard;
+
+/// Catch-up passes before a session that keeps overflowing its hold
+/// buffer is told to reconnect.
+const SYNC_PASSES_MAX: usize = 4;
+
+/// Why a sync did not complete.
+pub enum SyncError {
+    /// The connection closed meanwhile.
+    Closed,
+    /// Live traffic outran the catch-up too often.
+    TooBusy,
+    /// The store failed.
+    Store(StoreError),
+}
+
+/// The highest seq sent to the session per conversation.
+type Floors = FxHashMap<ConvId, u64>;
+
+/// Catches a session up; returns how many messages were streamed.
+pub async fn sync(
+    shard: &Rc<Shard>,
+    user: UserId,
+    key: ConnKey,
+    outbox: &Outbox,
+    cursors: Vec<Cursor>,
+) -> Result<u64, SyncError> {
+    shard.begin_sync(key);
+    let mut floors = Floors::default();
+    for cursor in cursors {
+        // A presented cursor is the client's own delivered receipt.
+        shard.stage_receipt(
+            user,
+            cursor.conv,
+            tern_proto::ReceiptKind::Delivered,
+            cursor.seq,
+            None,
+            None,
+        );
+        let floor = floors.entry(cursor.conv).or_insert(0);
+        *floor = (*floor).max(cursor.seq);
+    }
+    let pace = outbox.limit_bytes() / 2;
+    let mut streamed = 0;
+    for _ in 0..SYNC_PASSES_MAX {
+        streamed += stream_inbox(shard, user, outbox, pace, &mut floors).await?;
+        streamed += stream_groups(shard, user, outbox, pace, &mut floors).await?;
+        loop {
+            let (held, overflowed) = shard.take_held(key);
+            if overflowed {
+                break;
+            }
+            if held.is_empty() {
+                // No await since `take_held`: nothing can slip in between.
+                shard.go_live(key);
+                return Ok(streamed);
+            }
+            for (conv, seq, frame) in held {
+                if send_if_new(outbox, pace, &mut floors, conv, seq, &frame).await? {
+                    streamed += 1;
+                }
+            }
+        }
+    }
+    Err(SyncError::TooBusy)
+}
+
+/// Sends a stored or held message unless the session already has it.
+async fn send_if_new(
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+    conv: ConvId,
+    seq: u64,
+    frame: &[u8],
+) -> Result<bool, SyncError> {
+    let floor = floors.entry(conv).or_insert(0);
+    if seq <= *floor {
+        return Ok(false);
+    }
+    // Pace to the client instead of overflowing its queue.
+    if !outbox.wait_room(pace).await {
+        return Err(SyncError::Closed);
+    }
+    outbox.push_encoded(frame).map_err(|_| SyncError::Closed)?;
+    *floors.entry(conv).or_insert(0) = seq;
+    Ok(true)
+}
+
+async fn stream_inbox(
+    shard: &Rc<Shard>,
+    user: UserId,
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+) -> Result<u64, SyncError> {
+    let page = shard.config.sync_page;
+    let mut after: Option<(ConvId, u64)> = None;
+    let mut streamed = 0;
+    loop {
+        let entries = shard
+            .blocking(move |store| store.inbox_after(user, after, page))
+            .await
+            .map_err(SyncError::Store)?;
+        for entry in &entries {
+            if send_if_new(outbox, pace, floors, entry.conv, entry.seq, &entry.frame).await? {
+                streamed += 1;
+            }
+        }
+        match entries.last() {
+            Some(last) if entries.len() == page => after = Some((last.conv, last.seq)),
+            _ => return Ok(streamed),
+        }
+    }
+}
+
+async fn stream_groups(
+    shard: &Rc<Shard>,
+    user: UserId,
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+) -> Result<u64, SyncError> {
+    let groups = shard
+        .blocking(move |store| store.user_groups(user))
+        .await
+        .map_err(SyncError::Store)?;
+    let page = shard.config.sync_page;
+    let mut streamed = 0;
+    for group in groups {
+        let conv = ConvId::Group { group };
+        let (delivered, _) = shard
+            .blocking(move |store| store.receipts(user, conv))
+            .await
+            .map_err(SyncError::Store)?;
+        loop {
+            let from = floors.get(&conv).copied().unwrap_or(0).max(delivered) + 1;
+            let entries = shard
+                .blocking(move |store| store.history(conv, from, true, page))
+                .await
+                .map_err(SyncError::Store)?;
+            for entry in &entries {
+                if send_if_new(outbox, pace, floors, conv, entry.seq, &entry.frame).await? {
+                    streamed += 1;
+                }
+            }
+            if entries.len() < page {
+                break;
+            }
+            // Seqs below `delivered` were skipped by the query itself, so
+            // make sure the next page starts after this one.
+            floors
+                .entry(conv)
+                .and_modify(|f| *f = (*f).max(delivered))
+                .or_insert(delivered);
+        }
+    }
+    Ok(streamed)
+}
+
+/// Turns a stored push frame back into the message it carries.
+fn decode_stored(stored: &StoredFrame) -> Option<ChatMessage> {
+    let mut aligned = AlignedVec::<16>::with_capacity(stored.frame.len());
+    aligned.extend_from_slice(&stored.frame);
+    let header: [u8; HEADER_LEN] = aligned.get(..HEADER_LEN)?.try_into().ok()?;
+    let header = FrameHeader::parse(header, u32::MAX).ok()?;
+    let body = aligned.get(HEADER_LEN..HEADER_LEN + header.body_len as usize)?;
+    let archived = decode_server(body).ok()?;
+    match rkyv::deserialize::<ServerFrame, BoxedError>(archived).ok()?.body {
+        ServerBody::Message(message) => Some(message),
+        _ => None,
+    }
+}
+
+/// Whether `user` may read `conv`.
+fn may_read(store: &Store, user: UserId, conv: ConvId) -> Result<bool, StoreError> {
+    match conv {
+        ConvId::Direct { low, high } => Ok(low == user || high == user),
+        ConvId::Group { group } => store.is_member(group, user),
+    }
+}
+
+/// A page of history, or `None` if `user` may not read `conv`.
+pub fn history(
+    store: &Store,
+    user: UserId,
+    conv: ConvId,
+    from_seq: u64,
+    forward: bool,
+    limit: u32,
+) -> Result<Option<Vec<ChatMessage>>, StoreError> {
+    if !may_read(store, user, conv)? {
+        return Ok(None);
+    }
+    let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
+    let stored = store.history(conv, from_seq, forward, limit)?;
+    Ok(Some(stored.iter().filter_map(decode_stored).collect()))
+}
+
+/// Most conversations one list considers (it is sorted by recency before
+/// paging, so it must be bounded).
+const CONVERSATIONS_MAX: usize = 10_000;
+
+/// The conversation list of `user`, most recent first.
+pub fn conversations(
+    store: &Store,
+    user: UserId,
+    offset: u32,
+    limit: u32,
+) -> Result<Vec<ConversationSummary>, StoreError> {
+    let mut convs = store.direct_conversations(user)?;
+    convs.extend(
+        store
+            .user_groups(user)?
+            .into_iter()
+            .map(|group| ConvId::Group { group }),
+    );
+    convs.truncate(CONVERSATIONS_MAX);
+    let mut summaries = Vec::with_capacity(convs.len());
+    for conv in convs {
+        let last = store.last_message(conv)?;
+        let (_, read) = store.receipts(user, conv)?;
+        let (peer_delivered, peer_read) = match conv.peer_of(user) {
+            Some(peer) => store.receipts(peer, conv)?,
+            None => (0, 0),
+        };
+        let last_seq = last.as_ref().map_or(0, |m| m.seq);
+        summaries.push(ConversationSummary {
+            conv,
+            last_seq,
+            unread: last_seq.saturating_sub(read),
+            last_message: last.as_ref().and_then(decode_stored),
+            peer_delivered,
+            peer_read,
+        });
+    }
+    summaries.sort_by_key(|s| std::cmp::Reverse(s.last_message.as_ref().map_or(0, |m| m.timestamp_ms)));
+    let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
+    Ok(summaries.into_iter().skip(offset as usize).take(limit).collect())
+}

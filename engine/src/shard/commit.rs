@@ -1,0 +1,515 @@
+//! Sequencing messages and committing them durably, in batches.
+//!
+//! The home shard of a conversation keeps its [`ConvState`]: the last
+//! sequence number and a window of recent client message ids, loaded from
+//! the store on first use (so both survive restarts). A new message gets the
+//! next seq; a retry of a recent one gets its original ack instead.
+//! Writes are *staged* on the shard together with the [`Effect`]s that must
+//! follow them (deliveries, acks, receipts). One committer task per shard
+//! hands whatever was staged to the storage writer thread as one batch and,
+//! once that batch is durable, runs its effects in order. Batches therefore
+//! grow with load, and the writer merges batches from every shard into one
+//! fsync: group commit without a timer.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use rkyv::util::AlignedVec;
+use rustc_hash::FxHashMap;
+use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
+use tern_storage::SubmitError;
+use tern_storage::{ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
+
+use super::{encode_shared, store_error_frame, Shard};
+use crate::mesh::{ConnKey, Event};
+
+/// How long a shard waits before retrying a submission to a full writer.
+const WRITER_FULL_BACKOFF: Duration = Duration::from_micros(200);
+
+/// The sequence state of a conversation homed here.
+pub(super) struct ConvState {
+    last_seq: u64,
+    /// Messages sequenced but not yet durable. While non-zero the state
+    /// must stay cached: a reload from the store would reuse their seqs.
+    inflight: u32,
+    dedup: FxHashMap<(UserId, u64), Dedup>,
+    /// Insertion order of `dedup`, to forget the oldest beyond the window.
+    order: VecDeque<(UserId, u64)>,
+}
+
+/// What a client message id was sequenced as.
+struct Dedup {
+    seq: u64,
+    timestamp_ms: u64,
+    /// `Some` until durable: retries that arrived meanwhile, acked on commit.
+    waiters: Option<Vec<(ConnKey, u64)>>,
+}
+
+/// The outcome of sequencing one message.
+enum Sequenced {
+    New {
+        seq: u64,
+        timestamp_ms: u64,
+    },
+    /// A retry of a durable message: answer with the original ack.
+    Duplicate {
+        seq: u64,
+        timestamp_ms: u64,
+    },
+    /// A retry of a message still being written: answered on commit.
+    Waiting,
+}
+
+/// Writes staged on this shard for the next commit, and what follows them.
+#[derive(Default)]
+pub(super) struct Staged {
+    ops: Vec<WriteOp>,
+    effects: Vec<Effect>,
+}
+
+/// Work that must wait until a staged write is durable.
+pub(super) enum Effect {
+    /// The message is durable: release its dedup entry and waiting retries.
+    Durable {
+        conv: ConvId,
+        from: UserId,
+        client_msg_id: u64,
+    },
+    /// Send an event (a delivery, an ack, a receipt push) once durable. A
+    /// `Sent` becomes an error answer if the write failed.
+    Event(usize, Event),
+    /// Tell a waiting connection whether the write succeeded.
+    Done(futures_channel::oneshot::Sender<bool>),
+}
+
+/// The bytes of an encoded frame as the store keeps them.
+pub(super) fn store_frame(frame: &Arc<AlignedVec>) -> Arc<[u8]> {
+    Arc::from(frame.as_slice())
+}
+
+/// Drops up to `count` cached conversations with no write in flight.
+fn evict_idle(convs: &mut FxHashMap<ConvId, ConvState>, count: usize) {
+    let idle: Vec<ConvId> = convs
+        .iter()
+        .filter(|(_, s)| s.inflight == 0)
+        .map(|(c, _)| *c)
+        .take(count)
+        .collect();
+    for conv in idle {
+        convs.remove(&conv);
+    }
+}
+
+impl Shard {
+    /// Loads a conversation's sequence state from the store if not cached.
+    async fn ensure_conv(&self, conv: ConvId) -> Result<(), StoreError> {
+        if self.convs.borrow().contains_key(&conv) {
+            return Ok(());
+        }
+        let window = self.config.dedup_window;
+        let tail = self.blocking(move |store| store.conv_tail(conv, window)).await?;
+        let mut convs = self.convs.borrow_mut();
+        if convs.contains_key(&conv) {
+            // Loaded by another task while we waited; theirs may be newer.
+            return Ok(());
+        }
+        if convs.len() >= self.config.max_cached_conversations {
+            evict_idle(&mut convs, self.config.max_cached_conversations / 8);
+        }
+        let mut state = ConvState {
+            last_seq: tail.last_seq,
+            inflight: 0,
+            dedup: FxHashMap::default(),
+            order: VecDeque::new(),
+        };
+        // `recent` is in ascending seq order, so trimming forgets the oldest.
+        for recent in tail.recent.iter().filter(|r| r.client_msg_id != 0) {
+            let key = (recent.from, recent.client_msg_id);
+            let entry = Dedup {
+                seq: recent.seq,
+                timestamp_ms: recent.timestamp_ms,
+                waiters: None,
+            };
+            if state.dedup.insert(key, entry).is_none() {
+                state.order.push_back(key);
+            }
+        }
+        convs.insert(conv, state);
+        Ok(())
+    }
+
+    /// The last sequence number of a conversation homed here.
+    pub async fn last_seq(&self, conv: ConvId) -> Result<u64, StoreError> {
+        self.ensure_conv(conv).await?;
+        Ok(self.convs.borrow().get(&conv).map_or(0, |s| s.last_seq))
+    }
+
+    /// Assigns the next seq of `conv` to a message, unless it is a retry.
+    /// Returns `None` when nothing must be written: a retry (answered here
+    /// or on commit) or a store failure (answered with an error).
+    pub(super) async fn sequence(
+        self: &Rc<Self>,
+        conv: ConvId,
+        from: UserId,
+        conn: ConnKey,
+        request_id: u64,
+        client_msg_id: u64,
+    ) -> Option<(u64, u64)> {
+        if let Err(e) = self.ensure_conv(conv).await {
+            self.reply(from, conn, store_error_frame(request_id, &e)).await;
+            return None;
+        }
+        let outcome = {
+            let mut convs = self.convs.borrow_mut();
+            let state = convs.get_mut(&conv)?;
+            assign(
+                state,
+                self.config.dedup_window,
+                from,
+                conn,
+                request_id,
+                client_msg_id,
+            )
+        };
+        match outcome {
+            Sequenced::New { seq, timestamp_ms } => Some((seq, timestamp_ms)),
+            Sequenced::Duplicate { seq, timestamp_ms } => {
+                let sent = Event::Sent {
+                    user: from,
+                    conn,
+                    request_id,
+                    client_msg_id,
+                    conv,
+                    seq,
+                    timestamp_ms,
+                    echo: None,
+                };
+                self.send_event(self.home_of(from), sent).await;
+                None
+            }
+            Sequenced::Waiting => None,
+        }
+    }
+
+    /// Stages a write and the effects that must follow its commit.
+    pub(super) fn stage(&self, op: WriteOp, effects: impl IntoIterator<Item = Effect>) {
+        {
+            let mut staged = self.staged.borrow_mut();
+            staged.ops.push(op);
+            staged.effects.extend(effects);
+        }
+        if let Some(waker) = self.committer_waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Stages a receipt of `user`; `done` learns whether it was stored, and
+    /// `notify` (a push for the peer) is sent once it is.
+    pub fn stage_receipt(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        kind: ReceiptKind,
+        seq: u64,
+        done: Option<futures_channel::oneshot::Sender<bool>>,
+        notify: Option<(usize, Event)>,
+    ) {
+        let kind = match kind {
+            ReceiptKind::Delivered => StoredReceiptKind::Delivered,
+            ReceiptKind::Read => StoredReceiptKind::Read,
+        };
+        let effects = done
+            .map(Effect::Done)
+            .into_iter()
+            .chain(notify.map(|(shard, e)| Effect::Event(shard, e)));
+        self.stage(
+            WriteOp::Receipt {
+                user,
+                conv,
+                kind,
+                seq,
+            },
+            effects,
+        );
+    }
+
+    /// Whether nothing is staged or being committed (for shutdown).
+    pub fn writes_idle(&self) -> bool {
+        !self.committing.get() && self.staged.borrow().ops.is_empty()
+    }
+
+    /// Lets an idle committer notice that the shard is stopping.
+    pub fn wake_committer(&self) {
+        if let Some(waker) = self.committer_waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Commits staged writes, batch after batch, until the shard stops and
+    /// nothing is left staged.
+    pub async fn run_committer(self: Rc<Self>) {
+        loop {
+            let batch = poll_fn(|cx| {
+                let mut staged = self.staged.borrow_mut();
+                if staged.ops.is_empty() {
+                    if self.stop.is_fired() && self.conn_count() == 0 {
+                        return Poll::Ready(None);
+                    }
+                    *self.committer_waker.borrow_mut() = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(std::mem::take(&mut *staged)))
+            })
+            .await;
+            let Some(batch) = batch else { return };
+            self.committing.set(true);
+            let committed = self.commit(batch.ops).await;
+            if let Err(e) = &committed {
+                tracing::error!(error = %e, shard = self.index, "storage commit failed; senders get errors");
+            }
+            self.settle(batch.effects, committed.is_ok()).await;
+            self.committing.set(false);
+        }
+    }
+
+    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let mut ops = ops;
+        loop {
+            let (tx, rx) = futures_channel::oneshot::channel();
+            let done = Box::new(move |result: Result<(), StoreError>| {
+                let _ = tx.send(result);
+            });
+            match self.writer.submit(ops, done) {
+                Ok(()) => {
+                    return rx
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::Fjall("storage writer stopped".into())));
+                }
+                Err(SubmitError::Full(back)) => {
+                    // The writer is saturated: wait, which also stops this
+                    // shard from taking more work, rather than buffer more.
+                    ops = back;
+                    glommio::timer::sleep(WRITER_FULL_BACKOFF).await;
+                }
+                Err(SubmitError::Stopped(_)) => {
+                    return Err(StoreError::Fjall("storage writer stopped".into()))
+                }
+            }
+        }
+    }
+
+    /// Runs the effects of a committed (or failed) batch, in order.
+    async fn settle(self: &Rc<Self>, effects: Vec<Effect>, ok: bool) {
+        for effect in effects {
+            match effect {
+                Effect::Durable {
+                    conv,
+                    from,
+                    client_msg_id,
+                } => {
+                    for event in self.release(conv, from, client_msg_id, ok) {
+                        self.send_event(self.home_of(from), event).await;
+                    }
+                }
+                Effect::Event(shard, event) if ok => self.send_event(shard, event).await,
+                Effect::Event(
+                    shard,
+                    Event::Sent {
+                        user,
+                        conn,
+                        request_id,
+                        ..
+                    },
+                ) => {
+                    let frame =
+                        ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry");
+                    let frame = encode_shared(&frame, self.config.max_frame_bytes);
+                    self.send_event(shard, Event::Reply { user, conn, frame }).await;
+                }
+                Effect::Event(..) => {}
+                Effect::Done(tx) => {
+                    let _ = tx.send(ok);
+                }
+            }
+        }
+    }
+
+    /// Marks a message durable (or failed) in its conversation's state and
+    /// returns the acks owed to retries that waited for it.
+    fn release(&self, conv: ConvId, from: UserId, client_msg_id: u64, ok: bool) -> Vec<Event> {
+        let mut convs = self.convs.borrow_mut();
+        let Some(state) = convs.get_mut(&conv) else {
+            return Vec::new();
+        };
+        state.inflight = state.inflight.saturating_sub(1);
+        let waiters = state.dedup.get_mut(&(from, client_msg_id)).and_then(|entry| {
+            let waiters = entry.waiters.take()?;
+            Some((entry.seq, entry.timestamp_ms, waiters))
+        });
+        if !ok {
+            // The store refused the batch: forget the cached state so the
+            // next message reloads the last durable seq. Retries that
+            // waited get no ack and will retry again.
+            if state.inflight == 0 {
+                convs.remove(&conv);
+            }
+            return Vec::new();
+        }
+        let Some((seq, timestamp_ms, waiters)) = waiters else {
+            return Vec::new();
+        };
+        waiters
+            .into_iter()
+            .map(|(conn, request_id)| Event::Sent {
+                user: from,
+                conn,
+                request_id,
+                client_msg_id,
+                conv,
+                seq,
+                timestamp_ms,
+                echo: None,
+            })
+            .collect()
+    }
+}
+
+/// Sequences one message in `state`.
+fn assign(
+    state: &mut ConvState,
+    window: usize,
+    from: UserId,
+    conn: ConnKey,
+    request_id: u64,
+    client_msg_id: u64,
+) -> Sequenced {
+    if client_msg_id != 0 {
+        if let Some(seen) = state.dedup.get_mut(&(from, client_msg_id)) {
+            return match &mut seen.waiters {
+                Some(waiters) => {
+                    waiters.push((conn, request_id));
+                    Sequenced::Waiting
+                }
+                None => Sequenced::Duplicate {
+                    seq: seen.seq,
+                    timestamp_ms: seen.timestamp_ms,
+                },
+            };
+        }
+    }
+    state.last_seq += 1;
+    state.inflight += 1;
+    let seq = state.last_seq;
+    let timestamp_ms = super::now_ms();
+    if client_msg_id != 0 {
+        let key = (from, client_msg_id);
+        state.dedup.insert(
+            key,
+            Dedup {
+                seq,
+                timestamp_ms,
+                waiters: Some(Vec::new()),
+            },
+        );
+        state.order.push_back(key);
+        trim(state, window);
+    }
+    Sequenced::New { seq, timestamp_ms }
+}
+
+/// Forgets the oldest remembered ids beyond `window`, never one whose
+/// write is still in flight (its waiters must be answered).
+fn trim(state: &mut ConvState, window: usize) {
+    while state.order.len() > window {
+        let Some(oldest) = state.order.front().copied() else {
+            break;
+        };
+        if state.dedup.get(&oldest).is_some_and(|d| d.waiters.is_some()) {
+            break;
+        }
+        state.order.pop_front();
+        state.dedup.remove(&oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ConvState {
+        ConvState {
+            last_seq: 10,
+            inflight: 0,
+            dedup: FxHashMap::default(),
+            order: VecDeque::new(),
+        }
+    }
+
+    const CONN: ConnKey = ConnKey {
+        slot: 0,
+        generation: 1,
+    };
+
+    #[test]
+    fn new_messages_get_consecutive_seqs() {
+        let mut s = state();
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 1, 100),
+            Sequenced::New { seq: 11, .. }
+        ));
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 2, 101),
+            Sequenced::New { seq: 12, .. }
+        ));
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 3, 0),
+            Sequenced::New { seq: 13, .. }
+        ));
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 4, 0),
+            Sequenced::New { seq: 14, .. }
+        ));
+        assert_eq!(s.inflight, 4);
+    }
+
+    #[test]
+    fn retries_wait_then_get_the_original_seq() {
+        let mut s = state();
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 1, 100),
+            Sequenced::New { seq: 11, .. }
+        ));
+        assert!(matches!(assign(&mut s, 4, 1, CONN, 2, 100), Sequenced::Waiting));
+        // Another sender may reuse the same client id.
+        assert!(matches!(
+            assign(&mut s, 4, 2, CONN, 3, 100),
+            Sequenced::New { seq: 12, .. }
+        ));
+        let entry = s.dedup.get_mut(&(1, 100)).unwrap();
+        assert_eq!(entry.waiters.take().unwrap(), vec![(CONN, 2)]);
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 4, 100),
+            Sequenced::Duplicate { seq: 11, .. }
+        ));
+    }
+
+    #[test]
+    fn window_forgets_oldest_durable_ids_only() {
+        let mut s = state();
+        for id in 1..=3 {
+            assign(&mut s, 2, 1, CONN, id, id);
+        }
+        // All three still in flight: none may be forgotten.
+        assert_eq!(s.dedup.len(), 3);
+        for entry in s.dedup.values_mut() {
+            entry.waiters = None;
+        }
+        assign(&mut s, 2, 1, CONN, 4, 4);
+        assert_eq!(s.dedup.len(), 2);
+        assert!(!s.dedup.contains_key(&(1, 1)));
+    }
+}
