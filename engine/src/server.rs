@@ -60,6 +60,7 @@ impl Server {
         config
             .validate()
             .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+        limit_allocator_retention();
         let io_memory = memlock::io_memory_per_shard(config.shards).map_err(|e| anyhow!(e))?;
         let store = Store::open(&config.data_dir, config.store.clone())
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
@@ -181,6 +182,23 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+/// Makes glibc return large freed blocks to the OS at once.
+///
+/// Every password hash (argon2id, 19 MiB by default) allocates and frees
+/// one large block on a blocking-pool thread. glibc raises its mmap
+/// threshold after the first such free, so later blocks come from that
+/// thread's arena and stay resident: measured at ~16 MiB of RSS per login
+/// that never came back (640 MB after 40 registrations). A fixed 1 MiB
+/// threshold keeps every large block mmapped, so freeing it unmaps it.
+fn limit_allocator_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it is safe to call at
+    // any time, and a failure (return 0) leaves the defaults in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 
