@@ -69,7 +69,8 @@ pub enum ReceiptKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
     /// `history[conv, seq]`, `inbox[user, conv, seq]` for each target, and
-    /// for a 1:1 conversation `user_convs[p, conv]` for both participants.
+    /// for the first message (seq 1) of a 1:1 conversation
+    /// `user_convs[p, conv]` for both participants.
     Message(MessageWrite),
     /// Moves `user`'s cursor in `conv` forward to `seq` (never back). Both
     /// kinds delete the user's inbox entries of `conv` with seq up to the
@@ -163,7 +164,10 @@ impl Inner {
                         .inbox
                         .insert(codec::inbox_key(*first, m.conv, m.seq), value);
                 }
-                if let ConvId::Direct { low, high } = m.conv {
+                // A conversation's first message (seq 1) indexes it: every
+                // later message would only rewrite the same two keys, which
+                // cost ~20% of the keys written under 1:1 load.
+                if let (ConvId::Direct { low, high }, 1) = (m.conv, m.seq) {
                     for user in [low, high] {
                         let key = codec::user_conv_key(user, m.conv);
                         if staged.user_convs.insert(key) {
