@@ -1,0 +1,129 @@
+//! Accounts and sessions: register, log in by password and by token, the
+//! errors for bad credentials and for requests made in the wrong state, and
+//! the per-user session limit.
+
+mod common;
+
+use common::*;
+use tern_client::{ClientError, ErrorCode};
+
+#[test]
+fn register_login_and_login_by_token() {
+    let server = TestServer::start();
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("acct{shard}_"), shard);
+        let mut client = server.connect();
+        let session = client.login(&user.name, PASSWORD).expect("password login");
+        assert_eq!(session.user, user.id);
+        assert_eq!(session.username, user.name);
+        assert_eq!(session.token.len(), tern_proto::limits::TOKEN_LEN);
+        assert_eq!(client.user(), Some(user.id));
+        // The session works after the move to the home shard.
+        client.ping().expect("ping after login");
+        assert_eq!(client.resolve_user(&user.name).expect("resolve self"), user.id);
+
+        let mut again = server.connect();
+        let by_token = again.login_token(&session.token).expect("token login");
+        assert_eq!(by_token.user, user.id);
+        assert_eq!(by_token.username, user.name);
+        again.ping().expect("ping after token login");
+
+        // Each login issues a new token; both stay valid.
+        let mut third = server.connect();
+        let other = third.login(&user.name, PASSWORD).expect("second password login");
+        assert_ne!(other.token, session.token);
+        let mut fourth = server.connect();
+        assert_eq!(
+            fourth.login_token(&other.token).expect("second token").user,
+            user.id
+        );
+    }
+}
+
+#[test]
+fn bad_credentials_are_refused_and_the_connection_stays_usable() {
+    let server = TestServer::start();
+    let mut client = server.connect();
+    let alice = client.register("alice", PASSWORD).expect("register");
+    assert_eq!(
+        code_of(client.login("alice", "wrong password")),
+        ErrorCode::AuthFailed
+    );
+    assert_eq!(code_of(client.login("nobody", PASSWORD)), ErrorCode::AuthFailed);
+    assert_eq!(code_of(client.login_token(&[7u8; 32])), ErrorCode::AuthFailed);
+    // A token of the wrong length is refused before the store is asked.
+    assert_eq!(code_of(client.login_token(&[7u8; 5])), ErrorCode::InvalidArgument);
+    // Refusals leave the connection open and anonymous: a correct login works.
+    let session = client.login("alice", PASSWORD).expect("login after failures");
+    assert_eq!(session.user, alice);
+}
+
+#[test]
+fn duplicate_username_is_refused() {
+    let server = TestServer::start();
+    let mut client = server.connect();
+    let first = client.register("carol", PASSWORD).expect("register");
+    assert_eq!(
+        code_of(client.register("carol", "another password")),
+        ErrorCode::UsernameTaken
+    );
+    // Also from another connection.
+    let mut other = server.connect();
+    assert_eq!(
+        code_of(other.register("carol", PASSWORD)),
+        ErrorCode::UsernameTaken
+    );
+    // The original account is intact.
+    assert_eq!(other.login("carol", PASSWORD).expect("login").user, first);
+    // Distinct names get distinct ids.
+    let second = client.register("carol2", PASSWORD).expect("register carol2");
+    assert_ne!(first, second);
+}
+
+#[test]
+fn requests_before_login_are_invalid_state() {
+    let server = TestServer::start();
+    let mut client = server.connect();
+    client.register("dave", PASSWORD).expect("register");
+    assert_eq!(code_of(client.friends()), ErrorCode::InvalidState);
+    assert_eq!(code_of(client.resolve_user("dave")), ErrorCode::InvalidState);
+    assert_eq!(code_of(client.send_text(1, "hi")), ErrorCode::InvalidState);
+    assert_eq!(code_of(client.group_create("g")), ErrorCode::InvalidState);
+    assert_eq!(code_of(client.group_join(1)), ErrorCode::InvalidState);
+    assert_eq!(code_of(client.friend_add("dave")), ErrorCode::InvalidState);
+    // Ping is allowed anonymously, and the connection is still usable.
+    client.ping().expect("anonymous ping");
+    client.login("dave", PASSWORD).expect("login");
+    // Once logged in, logging in or registering again is InvalidState.
+    assert_eq!(
+        code_of(client.register("dave2", PASSWORD)),
+        ErrorCode::InvalidState
+    );
+    assert_eq!(code_of(client.login("dave", PASSWORD)), ErrorCode::InvalidState);
+    client.ping().expect("still usable");
+}
+
+#[test]
+fn third_session_is_limit_exceeded() {
+    let server = TestServer::start_with(|c| c.max_sessions_per_user = 2);
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("multi{shard}_"), shard);
+        let first = server.login(&user);
+        let mut second = server.login(&user);
+        let mut third = server.connect();
+        match third.login(&user.name, PASSWORD) {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::LimitExceeded),
+            other => panic!("third session: {other:?}"),
+        }
+        // The refused connection is closed.
+        assert!(third.ping().is_err(), "refused connection still open");
+        // The first two sessions are unaffected.
+        second.ping().expect("second session alive");
+        // Once a session ends, a new one is allowed (removal is asynchronous).
+        drop(first);
+        eventually("a free session slot", || {
+            let mut next = server.connect();
+            next.login(&user.name, PASSWORD).ok().map(|_| next)
+        });
+    }
+}

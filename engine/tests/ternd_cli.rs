@@ -1,0 +1,324 @@
+//! End to end with the real binaries: `ternd` as a child process, the `tern`
+//! CLI for registering, listening and sending, and SIGTERM for a clean stop.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{opts, PASSWORD, TIMEOUT};
+use tern_client::{Client, ErrorCode, ReceiptKind, ServerBody, UserId};
+
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Kills the child if the test fails before it exits on its own.
+struct Reaped(Option<Child>);
+
+impl Reaped {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child still owned")
+    }
+
+    fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child().try_wait().expect("try_wait") {
+                self.0 = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for exit and collects the output (stdout/stderr must be piped).
+    fn output_within(&mut self, limit: Duration) -> Output {
+        let child = self.0.take().expect("child still owned");
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(output) => output.expect("wait for child"),
+            Err(_) => {
+                kill(pid, libc::SIGKILL);
+                panic!("process {pid} did not exit within {limit:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn kill(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory effects; pid is a child we spawned and have
+    // not yet reaped, so it cannot name an unrelated process.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// The `tern` CLI next to `ternd`, (re)built with cargo so that it matches
+/// the sources (`cargo test -p tern-engine` alone does not build it). Falls
+/// back to an existing binary if cargo fails; `None` (the test then skips)
+/// if there is none.
+fn tern_bin() -> Option<PathBuf> {
+    let ternd = Path::new(env!("CARGO_BIN_EXE_ternd"));
+    let tern = ternd.with_file_name(format!("tern{}", std::env::consts::EXE_SUFFIX));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args(["build", "--offline", "-p", "tern-client", "--bin", "tern"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if ternd.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+        build.arg("--release");
+    }
+    match build.spawn() {
+        // Bounded, in case something holds cargo's build lock.
+        Ok(child) => {
+            let output = Reaped(Some(child)).output_within(Duration::from_secs(300));
+            if !output.status.success() {
+                eprintln!(
+                    "building tern failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        Err(e) => eprintln!("cannot run cargo to build tern: {e}"),
+    }
+    tern.exists().then_some(tern)
+}
+
+fn cli_env(cmd: &mut Command) -> &mut Command {
+    for var in [
+        "TERN_SERVER",
+        "TERN_USER",
+        "TERN_PASSWORD",
+        "TERN_LISTEN",
+        "TERN_DATA_DIR",
+        "TERN_SHARDS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("RUST_LOG", "info")
+}
+
+struct Cli {
+    bin: PathBuf,
+    server: SocketAddr,
+}
+
+impl Cli {
+    fn command(&self, user: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cli_env(&mut cmd)
+            .arg("--server")
+            .arg(self.server.to_string())
+            .args(["--user", user, "--password", PASSWORD])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs a command to completion; asserts success; returns stdout.
+    fn run(&self, user: &str, args: &[&str]) -> String {
+        let child = self.command(user, args).spawn().expect("spawn tern");
+        let output = Reaped(Some(child)).output_within(Duration::from_secs(30));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "tern {args:?} as {user} failed ({}): stdout {stdout:?} stderr {:?}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    fn spawn(&self, user: &str, args: &[&str]) -> Reaped {
+        Reaped(Some(self.command(user, args).spawn().expect("spawn tern")))
+    }
+}
+
+/// Waits for `who` to come online (as a friend of `watcher`); other pushes
+/// (echoes of what the CLI sends as the same user) are skipped.
+fn wait_online(watcher: &mut Client, who: UserId) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "user {who} did not come online");
+        match watcher.next_push(left).expect("watcher connection") {
+            Some(ServerBody::Presence { user, online: true }) if user == who => return,
+            Some(ServerBody::Presence { .. } | ServerBody::Message(_) | ServerBody::Receipt { .. })
+            | None => {}
+            Some(other) => panic!("watcher got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn ternd_and_the_tern_cli_end_to_end() {
+    let Some(tern) = tern_bin() else {
+        eprintln!(
+            "SKIPPED: the tern CLI binary is not built and could not be built; \
+             run `cargo build -p tern-client --bin tern` first"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ternd = Command::new(env!("CARGO_BIN_EXE_ternd"));
+    cli_env(&mut ternd)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--no-pin",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut ternd = Reaped(Some(ternd.spawn().expect("spawn ternd")));
+    let pid = ternd.child().id();
+
+    // Find the address in "ternd listening on ADDR (...)", and keep
+    // draining stdout so that logging never blocks the server.
+    let stdout = ternd.child().stdout.take().expect("stdout");
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let log_reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix("ternd listening on ") {
+                let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                let _ = addr_tx.send(addr);
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr: SocketAddr = addr_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("ternd printed its address")
+        .parse()
+        .expect("a socket address");
+    assert_ne!(addr.port(), 0);
+    let cli = Cli {
+        bin: tern,
+        server: addr,
+    };
+
+    let out = cli.run("alice", &["register"]);
+    assert!(out.contains("registered alice"), "{out}");
+    let out = cli.run("bob", &["register"]);
+    assert!(out.contains("registered bob"), "{out}");
+
+    // A library client as Alice watches Bob's presence, so that messages are
+    // sent only once Bob's listener is connected.
+    let mut watcher = Client::connect(addr, opts()).expect("connect");
+    let alice = watcher.login("alice", PASSWORD).expect("login").user;
+    let bob = watcher.friend_add("bob").expect("befriend bob");
+
+    // 1:1.
+    let listener = cli.spawn("bob", &["listen", "--count", "1", "--timeout-secs", "20"]);
+    wait_online(&mut watcher, bob);
+    let out = cli.run("alice", &["send", "--to", "bob", "hello"]);
+    assert!(out.contains("sent to bob") && out.contains("seq 1"), "{out}");
+    let output = { listener }.output_within(Duration::from_secs(30));
+    let heard = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "listen failed: {output:?}");
+    assert!(heard.contains("[alice] hello"), "bob heard {heard:?}");
+
+    // `tern listen` does not acknowledge what it prints, so the next sync
+    // would stream "hello" again: acknowledge it as Bob.
+    let mut bob_lib = Client::connect(addr, opts()).expect("connect");
+    bob_lib.login("bob", PASSWORD).expect("login bob");
+    match common::expect_push(&mut bob_lib) {
+        ServerBody::Message(msg) => {
+            assert_eq!(msg.content.body, b"hello");
+            bob_lib
+                .receipt(msg.conv, ReceiptKind::Delivered, msg.seq)
+                .expect("receipt");
+        }
+        other => panic!("bob's catch-up: {other:?}"),
+    }
+    drop(bob_lib);
+
+    // A group round.
+    let group = cli.run("alice", &["group", "create", "team"]);
+    let group = group.trim();
+    group.parse::<u64>().expect("group create prints the id");
+    let out = cli.run("bob", &["group", "join", group]);
+    assert!(out.contains(&format!("joined group {group}")), "{out}");
+    let members = cli.run("bob", &["group", "members", group]);
+    assert!(
+        members.contains(&format!("alice (id {alice})")) || members.contains(&format!("user {alice}")),
+        "{members}"
+    );
+    assert!(members.contains(&format!("bob (id {bob})")), "{members}");
+    let listener = cli.spawn("bob", &["listen", "--count", "1", "--timeout-secs", "20"]);
+    wait_online(&mut watcher, bob);
+    let out = cli.run("alice", &["send-group", "--group", group, "hi", "team"]);
+    assert!(out.contains(&format!("sent to group {group}")), "{out}");
+    let output = { listener }.output_within(Duration::from_secs(30));
+    let heard = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "listen failed: {output:?}");
+    assert!(
+        heard.contains(&format!("[#group {group} alice] hi team")),
+        "bob heard {heard:?}"
+    );
+    // The watcher is another session of Alice's: it gets the echo.
+    loop {
+        match common::expect_push(&mut watcher) {
+            ServerBody::Message(msg) if msg.content.body == b"hi team" => {
+                assert_eq!(msg.from, alice);
+                break;
+            }
+            // Earlier echoes, and Bob's receipt for "hello".
+            ServerBody::Message(_) | ServerBody::Receipt { .. } => {}
+            other => panic!("watcher: {other:?}"),
+        }
+    }
+
+    // SIGTERM: connected clients are told to come back later, and ternd
+    // exits 0 promptly.
+    kill(pid, libc::SIGTERM);
+    loop {
+        match watcher.next_push(TIMEOUT) {
+            Ok(Some(ServerBody::Presence { .. } | ServerBody::Message(_) | ServerBody::Receipt { .. })) => {}
+            Ok(Some(ServerBody::Disconnect {
+                code, retry_after_ms, ..
+            })) => {
+                assert_eq!(code, ErrorCode::ShuttingDown);
+                assert!(retry_after_ms > 0);
+                break;
+            }
+            other => panic!("watcher after SIGTERM: {other:?}"),
+        }
+    }
+    let status = ternd.wait_timeout(STOP_TIMEOUT);
+    drop(ternd); // kills it if it is still running, so its stdout ends
+    let logs = log_reader.join().expect("log reader");
+    let status =
+        status.unwrap_or_else(|| panic!("ternd still running {STOP_TIMEOUT:?} after SIGTERM; log {logs:#?}"));
+    assert!(status.success(), "ternd exited with {status}; log {logs:#?}");
+}
