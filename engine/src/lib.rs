@@ -17,8 +17,11 @@
 
 pub mod catchup;
 pub mod config;
+pub mod config_file;
 pub mod conn;
+pub mod http;
 pub mod mesh;
+pub mod metrics;
 pub mod outbox;
 pub mod server;
 pub mod shard;

@@ -1,55 +1,123 @@
 //! `ternd`: the Tern server.
 //!
 //! With no arguments it serves on 127.0.0.1:7878 with its data in
-//! `./tern-data` and one shard per CPU. SIGINT or SIGTERM stops it cleanly:
-//! clients are told to reconnect later, queues drain, the store is flushed.
+//! `./tern-data` and one shard per CPU. Settings come from defaults, then
+//! `--config FILE` (TOML), then `TERN_*` environment variables, then flags
+//! (one per config key; `docs/configuration.md`). `ternd check-config FILE`
+//! validates a file and prints the effective settings. With
+//! `--metrics-listen ADDR` it serves `/metrics`, `/healthz` and `/readyz`
+//! there. SIGINT or SIGTERM stops it cleanly: `/readyz` turns 503, clients
+//! are told to reconnect later, queues drain, the store is flushed.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Arg, ArgAction, ArgMatches, Command};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tern_engine::{Config, Server};
+use tern_engine::config_file::{Origin, Settings, KEYS};
+use tern_engine::http::serve_http;
+use tern_engine::metrics::Metrics;
+use tern_engine::Server;
 
-/// The Tern instant-messaging server.
-#[derive(Parser, Debug)]
-#[command(name = "ternd", version, about)]
-struct Args {
-    /// Address to accept plain-TCP clients on.
-    #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:7878")]
-    listen: SocketAddr,
-    /// Directory of the store (created if missing).
-    #[arg(long, env = "TERN_DATA_DIR", default_value = "tern-data")]
-    data_dir: PathBuf,
-    /// Number of shards (default: one per available CPU).
-    #[arg(long, env = "TERN_SHARDS")]
-    shards: Option<usize>,
-    /// Close connections silent for this many seconds.
-    #[arg(long, default_value_t = 60)]
-    idle_timeout_secs: u64,
-    /// Largest frame body accepted, in bytes.
-    #[arg(long, default_value_t = tern_proto::limits::DEFAULT_MAX_FRAME_BYTES)]
-    max_frame_bytes: u32,
-    /// Bytes queued for one slow client before it is disconnected.
-    #[arg(long, default_value_t = 1 << 20)]
-    outbound_queue_bytes: usize,
-    /// Do not pin shards to CPUs.
-    #[arg(long)]
-    no_pin: bool,
+fn command() -> Command {
+    let mut cmd = Command::new("ternd")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("The Tern instant-messaging server.")
+        .after_help(
+            "Precedence: defaults < --config file < TERN_* environment < flags. \
+             Every key is documented in docs/configuration.md.",
+        )
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .global(true)
+                .help("TOML config file [env: TERN_CONFIG]"),
+        )
+        .arg(
+            Arg::new("idle-timeout-secs")
+                .long("idle-timeout-secs")
+                .value_name("SECS")
+                .value_parser(clap::value_parser!(u64))
+                .global(true)
+                .hide(true)
+                .help("Deprecated: use --idle-timeout-ms"),
+        )
+        .arg(
+            Arg::new("no-pin")
+                .long("no-pin")
+                .action(ArgAction::SetTrue)
+                .global(true)
+                .help("Do not pin shards to CPUs (same as --pin-shards false)"),
+        )
+        .subcommand(
+            Command::new("check-config")
+                .about("Validate a config file and print the effective settings as TOML")
+                .arg(
+                    Arg::new("file")
+                        .value_name("FILE")
+                        .required(true)
+                        .value_parser(clap::value_parser!(PathBuf)),
+                ),
+        );
+    for key in KEYS {
+        // clap keeps `&'static str` names; these few strings live for the
+        // whole process anyway.
+        let flag: &'static str = Box::leak(key.flag().into_boxed_str());
+        cmd = cmd.arg(
+            Arg::new(key.name)
+                .long(flag)
+                .value_name("VALUE")
+                .global(true)
+                .help(format!("{} [env: {}]", key.help, key.env_var())),
+        );
+    }
+    cmd
+}
+
+/// The flags given, as `(key, value)` pairs, legacy spellings first so
+/// that the current ones win.
+fn flag_values(matches: &ArgMatches) -> Vec<(&'static str, String)> {
+    let mut flags = Vec::new();
+    if let Some(secs) = matches.get_one::<u64>("idle-timeout-secs") {
+        flags.push(("idle_timeout_ms", secs.saturating_mul(1000).to_string()));
+    }
+    if matches.get_flag("no-pin") {
+        flags.push(("pin_shards", "false".to_owned()));
+    }
+    for key in KEYS {
+        if let Some(value) = matches.get_one::<String>(key.name) {
+            flags.push((key.name, value.clone()));
+        }
+    }
+    flags
+}
+
+fn load(matches: &ArgMatches, file: Option<PathBuf>) -> anyhow::Result<Settings> {
+    let file = file.or_else(|| std::env::var_os("TERN_CONFIG").map(PathBuf::from));
+    let mut settings = Settings::default();
+    if let Some(path) = &file {
+        settings.apply_file(path)?;
+    }
+    settings.apply_env(|var| std::env::var(var).ok())?;
+    for (key, value) in flag_values(matches) {
+        let origin = Origin::Flag(key.replace('_', "-"));
+        settings.apply_text(key, &value, origin)?;
+    }
+    Ok(settings.finish()?)
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
-    match run(Args::parse()) {
+    let matches = command().get_matches();
+    let result = match matches.subcommand() {
+        Some(("check-config", sub)) => check_config(sub),
+        _ => load(&matches, matches.get_one::<PathBuf>("config").cloned()).and_then(serve),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ternd: {e:#}");
@@ -58,22 +126,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = Config {
-        listen: args.listen,
-        data_dir: args.data_dir,
-        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
-        max_frame_bytes: args.max_frame_bytes,
-        outbound_queue_bytes: args.outbound_queue_bytes,
-        pin_shards: !args.no_pin,
-        ..Config::default()
+fn check_config(sub: &ArgMatches) -> anyhow::Result<()> {
+    let settings = load(sub, sub.get_one::<PathBuf>("file").cloned())?;
+    print!("{}", settings.effective_toml());
+    Ok(())
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries only the startup lines that
+    // scripts and tests parse, and nobody need drain it afterwards.
+    let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&settings.log);
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    eprint!("ternd: effective configuration:\n{}", settings.effective_toml());
+    let config = settings.config;
+    let metrics = Arc::new(Metrics::new(config.shards));
+    let ready = Arc::new(AtomicBool::new(false));
+    // Started before the server so that /healthz answers while the store
+    // opens (which can take a while after a crash) and /readyz says 503.
+    let http = match settings.metrics_listen {
+        Some(addr) => {
+            let http = serve_http(addr, metrics.clone(), ready.clone(), None)
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+            println!("ternd metrics on {}", http.local_addr());
+            Some(http)
+        }
+        None => None,
     };
-    if let Some(shards) = args.shards {
-        config.shards = shards;
-    }
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let data_dir = config.data_dir.clone();
+    // TODO(engine): once Server takes the metrics, start it with
+    // `Server::start_with_metrics(config, metrics.clone())` and call
+    // `http.set_writer(server.writer_handle())`; until then the shard
+    // counters read 0 and only process figures move.
     let server = Server::start(config)?;
+    ready.store(true, Ordering::SeqCst);
     println!(
         "ternd listening on {} ({} shards, data in {})",
         server.addr(),
@@ -81,13 +171,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         data_dir.display()
     );
     let stop = server.stop_handle();
+    let not_ready = ready.clone();
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             tracing::info!(signal, "stopping: draining connections");
+            not_ready.store(false, Ordering::SeqCst);
             stop.store(true, Ordering::SeqCst);
         }
     });
     server.wait()?;
+    drop(http);
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -1,0 +1,798 @@
+//! `ternd`'s settings from a TOML file, the environment and flags.
+//!
+//! This module owns the one table of configuration keys ([`KEYS`]): every
+//! field of [`Config`] (its [`StoreOptions`](tern_storage::StoreOptions)
+//! and [`Durability`] included, flattened) plus `ternd`'s own settings
+//! (`metrics_listen`, `log`), each with a parser that checks its range and
+//! a printer that writes it back as TOML. All three sources go through the
+//! same table, layered defaults < file < environment (`TERN_<KEY>`) <
+//! flags, so a bad value is reported the same way wherever it came from:
+//! the key, what is allowed, what was given and where. The file is parsed
+//! into a plain TOML table and walked key by key (rather than derived with
+//! serde) so that an unknown key or a wrong value names the key and the
+//! allowed values, not a serde type name. `docs/configuration.md` documents
+//! every key; a test keeps the two in step.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{Config, Durability};
+
+/// Default for `flush_interval_ms` when `durability = "async"`.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Largest config file read, so a wrong path (a device, a huge log) fails
+/// fast instead of filling memory.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
+/// The effective settings of a `ternd` process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The engine's configuration.
+    pub config: Config,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// `tracing` filter directives (e.g. `info` or `info,tern_engine=debug`).
+    pub log: String,
+    /// Kept apart from `config.durability` so that `flush_interval_ms`
+    /// may be given before or after `durability` (or in another layer).
+    flush_interval: Duration,
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A config file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "in {}", path.display()),
+            Origin::Env(name) => write!(f, "from environment variable {name}"),
+            Origin::Flag(flag) => write!(f, "from flag --{flag}"),
+        }
+    }
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    #[error("config file {path} is not valid TOML: {detail}")]
+    Syntax { path: PathBuf, detail: String },
+    #[error("unknown config key `{key}` ({origin}); docs/configuration.md lists every key")]
+    UnknownKey { key: String, origin: Origin },
+    #[error("config key `{key}`: {detail} ({origin})")]
+    BadValue {
+        key: String,
+        detail: String,
+        origin: Origin,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A value as given: typed from TOML, text from the environment or a flag.
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    Toml(&'a toml::Value),
+    Text(&'a str),
+}
+
+impl fmt::Display for Raw<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Raw::Toml(toml::Value::String(s)) => write!(f, "{s:?}"),
+            Raw::Text(s) => write!(f, "{s:?}"),
+            Raw::Toml(v @ toml::Value::Table(_)) => write!(f, "a table {v}"),
+            Raw::Toml(v @ toml::Value::Array(_)) => write!(f, "an array {v}"),
+            Raw::Toml(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl<'a> Raw<'a> {
+    /// The value if it is a string (any text from the environment or a flag).
+    fn text(self) -> Option<&'a str> {
+        match self {
+            Raw::Toml(toml::Value::String(s)) => Some(s),
+            Raw::Text(s) => Some(s),
+            Raw::Toml(_) => None,
+        }
+    }
+}
+
+/// One configuration key.
+pub struct Key {
+    /// The TOML key; the environment variable is `TERN_` + its upper case,
+    /// the flag `--` + it with `-` for `_`.
+    pub name: &'static str,
+    /// What the key sets, and its unit.
+    pub help: &'static str,
+    apply: fn(&mut Settings, Raw) -> Result<(), String>,
+    show: fn(&Settings) -> String,
+}
+
+impl Key {
+    /// The environment variable that sets this key.
+    pub fn env_var(&self) -> String {
+        format!("TERN_{}", self.name.to_ascii_uppercase())
+    }
+
+    /// The long flag (without `--`) that sets this key.
+    pub fn flag(&self) -> String {
+        self.name.replace('_', "-")
+    }
+}
+
+fn expected_uint(raw: Raw, min: u64, max: u64) -> Result<u64, String> {
+    let value = match raw {
+        Raw::Toml(toml::Value::Integer(i)) => u64::try_from(*i).ok(),
+        Raw::Text(s) => s.trim().replace('_', "").parse::<u64>().ok(),
+        Raw::Toml(_) => None,
+    };
+    match value {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(format!("expected an integer in {min}..={max}, got {raw}")),
+    }
+}
+
+fn expected_usize(raw: Raw, min: usize, max: usize) -> Result<usize, String> {
+    // usize is 64 bits on every platform `ternd` runs on (glommio: Linux).
+    expected_uint(raw, min as u64, max as u64).map(|v| v as usize)
+}
+
+fn expected_u32(raw: Raw, min: u32, max: u32) -> Result<u32, String> {
+    expected_uint(raw, u64::from(min), u64::from(max)).map(|v| v as u32)
+}
+
+fn expected_ms(raw: Raw, min: u64, max: u64) -> Result<Duration, String> {
+    expected_uint(raw, min, max).map(Duration::from_millis)
+}
+
+fn expected_secs(raw: Raw, min: u64, max: u64) -> Result<Duration, String> {
+    expected_uint(raw, min, max).map(Duration::from_secs)
+}
+
+fn expected_bool(raw: Raw) -> Result<bool, String> {
+    match raw {
+        Raw::Toml(toml::Value::Boolean(b)) => Ok(*b),
+        Raw::Text("true" | "1" | "yes" | "on") => Ok(true),
+        Raw::Text("false" | "0" | "no" | "off") => Ok(false),
+        _ => Err(format!("expected true or false, got {raw}")),
+    }
+}
+
+fn expected_text<'a>(raw: Raw<'a>, what: &str) -> Result<&'a str, String> {
+    match raw {
+        Raw::Toml(toml::Value::String(s)) => Ok(s),
+        Raw::Text(s) => Ok(s),
+        Raw::Toml(_) => Err(format!("expected {what}, got {raw}")),
+    }
+}
+
+const ADDR_ALLOWED: &str = "an IP address and port such as \"127.0.0.1:7878\" or \"[::]:7878\"";
+
+fn expected_addr(raw: Raw) -> Result<SocketAddr, String> {
+    expected_text(raw, ADDR_ALLOWED)?
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected {ADDR_ALLOWED}, got {raw}"))
+}
+
+/// A largest sane value for durations given in milliseconds: one day.
+const DAY_MS: u64 = 24 * 3600 * 1000;
+/// A largest sane value for durations given in seconds: ten years.
+const DECADE_SECS: u64 = 10 * 366 * 24 * 3600;
+/// Queue depths, windows and caches: large enough for any machine, small
+/// enough that a typo (an extra zero or three) is caught.
+const MAX_COUNT: usize = 1 << 32;
+
+/// Stores a parsed value in its field.
+fn set<T>(field: &mut T, value: Result<T, String>) -> Result<(), String> {
+    *field = value?;
+    Ok(())
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// Every key, in the order `docs/configuration.md` and the effective
+/// config list them.
+pub static KEYS: &[Key] = &[
+    Key {
+        name: "listen",
+        help: "Address every shard accepts plain-TCP clients on",
+        apply: |s, v| set(&mut s.config.listen, expected_addr(v)),
+        show: |s| toml_str(&s.config.listen.to_string()),
+    },
+    Key {
+        name: "data_dir",
+        help: "Directory of the store (created if missing)",
+        apply: |s, v| {
+            let dir = expected_text(v, "a directory path")?;
+            if dir.is_empty() {
+                return Err("expected a directory path, got an empty string".into());
+            }
+            set(&mut s.config.data_dir, Ok(PathBuf::from(dir)))
+        },
+        show: |s| toml_str(&s.config.data_dir.display().to_string()),
+    },
+    Key {
+        name: "shards",
+        help: "Number of shards, one executor thread each (default: one per available CPU)",
+        apply: |s, v| set(&mut s.config.shards, expected_usize(v, 1, 1024)),
+        show: |s| s.config.shards.to_string(),
+    },
+    Key {
+        name: "pin_shards",
+        help: "Pin each shard to its own CPU (ignored when there are more shards than CPUs)",
+        apply: |s, v| set(&mut s.config.pin_shards, expected_bool(v)),
+        show: |s| s.config.pin_shards.to_string(),
+    },
+    Key {
+        name: "max_frame_bytes",
+        help: "Largest frame body accepted from a client, in bytes",
+        apply: |s, v| {
+            let max = tern_proto::limits::ABSOLUTE_MAX_FRAME_BYTES;
+            set(&mut s.config.max_frame_bytes, expected_u32(v, 1024, max))
+        },
+        show: |s| s.config.max_frame_bytes.to_string(),
+    },
+    Key {
+        name: "max_message_bytes",
+        help: "Largest chat message body (text or caption), in bytes",
+        apply: |s, v| set(&mut s.config.max_message_bytes, expected_usize(v, 1, 1 << 30)),
+        show: |s| s.config.max_message_bytes.to_string(),
+    },
+    Key {
+        name: "idle_timeout_ms",
+        help: "A connection that sends nothing for this long is closed, in ms",
+        apply: |s, v| set(&mut s.config.idle_timeout, expected_ms(v, 100, DAY_MS)),
+        show: |s| s.config.idle_timeout.as_millis().to_string(),
+    },
+    Key {
+        name: "write_timeout_ms",
+        help: "A write that cannot progress for this long closes the connection, in ms",
+        apply: |s, v| set(&mut s.config.write_timeout, expected_ms(v, 1, DAY_MS)),
+        show: |s| s.config.write_timeout.as_millis().to_string(),
+    },
+    Key {
+        name: "outbound_queue_bytes",
+        help: "Bytes queued for one client before it is disconnected as a slow consumer",
+        apply: |s, v| set(&mut s.config.outbound_queue_bytes, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.outbound_queue_bytes.to_string(),
+    },
+    Key {
+        name: "cross_shard_queue_depth",
+        help: "Depth of each cross-shard queue (per ordered pair of shards and kind)",
+        apply: |s, v| set(&mut s.config.cross_shard_queue_depth, expected_usize(v, 1, 1 << 20)),
+        show: |s| s.config.cross_shard_queue_depth.to_string(),
+    },
+    Key {
+        name: "max_sessions_per_user",
+        help: "Simultaneous sessions (devices) one user may have",
+        apply: |s, v| set(&mut s.config.max_sessions_per_user, expected_usize(v, 1, 1 << 16)),
+        show: |s| s.config.max_sessions_per_user.to_string(),
+    },
+    Key {
+        name: "shutdown_retry_after_ms",
+        help: "Reconnect hint sent to clients when the server shuts down, in ms",
+        apply: |s, v| {
+            set(&mut s.config.shutdown_retry_after, expected_ms(v, 0, u64::from(u32::MAX)))
+        },
+        show: |s| s.config.shutdown_retry_after.as_millis().to_string(),
+    },
+    Key {
+        name: "shutdown_grace_ms",
+        help: "How long shutdown waits for connections to flush before closing them, in ms",
+        apply: |s, v| set(&mut s.config.shutdown_grace, expected_ms(v, 0, DAY_MS)),
+        show: |s| s.config.shutdown_grace.as_millis().to_string(),
+    },
+    Key {
+        name: "argon2_memory_kib",
+        help: "argon2id memory cost for new password hashes, in KiB",
+        apply: |s, v| set(&mut s.config.store.argon2_memory_kib, expected_u32(v, 8, 4 << 20)),
+        show: |s| s.config.store.argon2_memory_kib.to_string(),
+    },
+    Key {
+        name: "argon2_iterations",
+        help: "argon2id iterations (time cost) for new password hashes",
+        apply: |s, v| set(&mut s.config.store.argon2_iterations, expected_u32(v, 1, 64)),
+        show: |s| s.config.store.argon2_iterations.to_string(),
+    },
+    Key {
+        name: "token_ttl_secs",
+        help: "How long an issued session token stays valid, in seconds",
+        apply: |s, v| set(&mut s.config.store.token_ttl, expected_secs(v, 1, DECADE_SECS)),
+        show: |s| s.config.store.token_ttl.as_secs().to_string(),
+    },
+    Key {
+        name: "max_friends",
+        help: "Most friends one user may have",
+        apply: |s, v| set(&mut s.config.store.max_friends, expected_usize(v, 0, MAX_COUNT)),
+        show: |s| s.config.store.max_friends.to_string(),
+    },
+    Key {
+        name: "max_group_members",
+        help: "Most members one group may have (the owner included)",
+        apply: |s, v| set(&mut s.config.store.max_group_members, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_group_members.to_string(),
+    },
+    Key {
+        name: "store_fsync",
+        help: "fdatasync account, token, friend and group writes before answering",
+        apply: |s, v| set(&mut s.config.store.fsync, expected_bool(v)),
+        show: |s| s.config.store.fsync.to_string(),
+    },
+    Key {
+        name: "durability",
+        help: "When an acknowledged message is on disk: \"sync\" (fsynced before the ack) or \"async\" (within flush_interval_ms)",
+        apply: |s, v| {
+            s.config.durability = match v.text() {
+                Some("sync") => Durability::Sync,
+                Some("async") => Durability::Async {
+                    flush_interval: s.flush_interval,
+                },
+                _ => return Err(format!("expected \"sync\" or \"async\", got {v}")),
+            };
+            Ok(())
+        },
+        show: |s| match s.config.durability {
+            Durability::Sync => toml_str("sync"),
+            Durability::Async { .. } => toml_str("async"),
+        },
+    },
+    Key {
+        name: "flush_interval_ms",
+        help: "With durability = \"async\": longest time a commit stays unsynced, in ms",
+        apply: |s, v| {
+            s.flush_interval = expected_ms(v, 1, 60_000)?;
+            if let Durability::Async { flush_interval } = &mut s.config.durability {
+                *flush_interval = s.flush_interval;
+            }
+            Ok(())
+        },
+        show: |s| s.flush_interval.as_millis().to_string(),
+    },
+    Key {
+        name: "writer_queue_depth",
+        help: "Commit batches the storage writer may have queued before shards wait",
+        apply: |s, v| set(&mut s.config.writer_queue_depth, expected_usize(v, 1, 1 << 20)),
+        show: |s| s.config.writer_queue_depth.to_string(),
+    },
+    Key {
+        name: "dedup_window",
+        help: "Client message ids remembered per conversation for retry dedup",
+        apply: |s, v| set(&mut s.config.dedup_window, expected_usize(v, 1, 1 << 16)),
+        show: |s| s.config.dedup_window.to_string(),
+    },
+    Key {
+        name: "max_cached_conversations",
+        help: "Conversations whose sequence state a shard keeps in memory",
+        apply: |s, v| set(&mut s.config.max_cached_conversations, expected_usize(v, 16, MAX_COUNT)),
+        show: |s| s.config.max_cached_conversations.to_string(),
+    },
+    Key {
+        name: "write_diffusion_max_members",
+        help: "Groups up to this size copy each message into every member's inbox",
+        apply: |s, v| {
+            set(&mut s.config.write_diffusion_max_members, expected_usize(v, 0, MAX_COUNT))
+        },
+        show: |s| s.config.write_diffusion_max_members.to_string(),
+    },
+    Key {
+        name: "inbox_ttl_secs",
+        help: "Offline inbox entries older than this are deleted, in seconds",
+        apply: |s, v| set(&mut s.config.inbox_ttl, expected_secs(v, 1, DECADE_SECS)),
+        show: |s| s.config.inbox_ttl.as_secs().to_string(),
+    },
+    Key {
+        name: "history_retention_secs",
+        help: "History older than this is deleted, in seconds, or \"forever\"",
+        apply: |s, v| {
+            s.config.history_retention = match v.text() {
+                Some("forever") => None,
+                _ => Some(expected_secs(v, 1, DECADE_SECS).map_err(|_| {
+                    format!("expected \"forever\" or an integer in 1..={DECADE_SECS}, got {v}")
+                })?),
+            };
+            Ok(())
+        },
+        show: |s| match s.config.history_retention {
+            None => toml_str("forever"),
+            Some(keep) => keep.as_secs().to_string(),
+        },
+    },
+    Key {
+        name: "expiry_interval_secs",
+        help: "How often expired inbox and history entries are swept, in seconds",
+        apply: |s, v| set(&mut s.config.expiry_interval, expected_secs(v, 1, DECADE_SECS)),
+        show: |s| s.config.expiry_interval.as_secs().to_string(),
+    },
+    Key {
+        name: "sync_page",
+        help: "Inbox entries read from the store per step of a sync",
+        apply: |s, v| set(&mut s.config.sync_page, expected_usize(v, 1, 1 << 16)),
+        show: |s| s.config.sync_page.to_string(),
+    },
+    Key {
+        name: "sync_hold_max",
+        help: "Live messages held for a session while its sync runs",
+        apply: |s, v| set(&mut s.config.sync_hold_max, expected_usize(v, 1, 1 << 20)),
+        show: |s| s.config.sync_hold_max.to_string(),
+    },
+    Key {
+        name: "metrics_listen",
+        help: "Address of the HTTP endpoint for /metrics, /healthz and /readyz, or \"off\"",
+        apply: |s, v| {
+            s.metrics_listen = match v.text() {
+                Some("off") => None,
+                _ => Some(
+                    expected_addr(v)
+                        .map_err(|_| format!("expected \"off\" or {ADDR_ALLOWED}, got {v}"))?,
+                ),
+            };
+            Ok(())
+        },
+        show: |s| match s.metrics_listen {
+            None => toml_str("off"),
+            Some(addr) => toml_str(&addr.to_string()),
+        },
+    },
+    Key {
+        name: "log",
+        help: "Log filter (tracing EnvFilter directives), e.g. \"info\" or \"info,tern_engine=debug\"",
+        apply: |s, v| {
+            let filter = expected_text(v, "log filter directives such as \"info\"")?;
+            // Parse now so that a typo stops startup instead of silently
+            // falling back to a default level.
+            tracing_subscriber::EnvFilter::builder()
+                .parse(filter)
+                .map_err(|e| format!("expected log filter directives such as \"info\" or \"warn,tern_engine=debug\", got {v}: {e}"))?;
+            set(&mut s.log, Ok(filter.to_owned()))
+        },
+        show: |s| toml_str(&s.log),
+    },
+];
+
+/// The key named `name`, if there is one.
+pub fn key(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            config: Config::default(),
+            metrics_listen: None,
+            log: "info".to_owned(),
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the settings: defaults, then `file` (if any), then the
+    /// environment as read by `env` (`TERN_<KEY>`, plus `RUST_LOG` for
+    /// `log` when `TERN_LOG` is unset), then `flags` as `(key, value)`
+    /// pairs in order, then checks the whole with [`Config::validate`].
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &[(&str, &str)],
+    ) -> Result<Settings, ConfigError> {
+        let mut settings = Settings::default();
+        if let Some(path) = file {
+            settings.apply_file(path)?;
+        }
+        settings.apply_env(env)?;
+        for (name, value) in flags {
+            settings.apply_text(name, value, Origin::Flag(name.replace('_', "-")))?;
+        }
+        settings.finish()
+    }
+
+    /// Applies every key of a TOML file.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let read_error = |detail: String| ConfigError::Read {
+            path: path.to_owned(),
+            detail,
+        };
+        let len = std::fs::metadata(path)
+            .map_err(|e| read_error(e.to_string()))?
+            .len();
+        if len > MAX_CONFIG_FILE_BYTES {
+            return Err(read_error(format!(
+                "{len} bytes is more than the {MAX_CONFIG_FILE_BYTES} a config file may have"
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| read_error(e.to_string()))?;
+        self.apply_toml(&text, path)
+    }
+
+    /// Applies every key of a TOML document read from `path`.
+    pub fn apply_toml(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let origin = Origin::File(path.to_owned());
+        for (name, value) in &table {
+            self.apply(name, Raw::Toml(value), &origin)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `TERN_<KEY>` for every key that has one set.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for key in KEYS {
+            let var = key.env_var();
+            let (var, value) = match env(&var) {
+                Some(value) => (var, value),
+                None if key.name == "log" => match env("RUST_LOG") {
+                    Some(value) => ("RUST_LOG".to_owned(), value),
+                    None => continue,
+                },
+                None => continue,
+            };
+            self.apply(key.name, Raw::Text(&value), &Origin::Env(var))?;
+        }
+        Ok(())
+    }
+
+    /// Applies one key given as text (a flag's value).
+    pub fn apply_text(&mut self, name: &str, value: &str, origin: Origin) -> Result<(), ConfigError> {
+        self.apply(name, Raw::Text(value), &origin)
+    }
+
+    fn apply(&mut self, name: &str, value: Raw, origin: &Origin) -> Result<(), ConfigError> {
+        let key = key(name).ok_or_else(|| ConfigError::UnknownKey {
+            key: name.to_owned(),
+            origin: origin.clone(),
+        })?;
+        (key.apply)(self, value).map_err(|detail| ConfigError::BadValue {
+            key: name.to_owned(),
+            detail,
+            origin: origin.clone(),
+        })
+    }
+
+    /// Checks the settings as a whole.
+    pub fn finish(self) -> Result<Settings, ConfigError> {
+        self.config.validate().map_err(ConfigError::Invalid)?;
+        if let Some(metrics) = self.metrics_listen {
+            if metrics.port() != 0 && metrics == self.config.listen {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics_listen and listen are both {metrics}; the metrics endpoint needs its own port"
+                )));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The settings as a TOML document that sets every key: printed at
+    /// startup and by `ternd check-config`, and loadable as a config file.
+    /// There are no secrets yet; keys that will hold them (TLS key paths)
+    /// print the path, never the contents.
+    pub fn effective_toml(&self) -> String {
+        let mut out = String::new();
+        for key in KEYS {
+            out.push_str(key.name);
+            out.push_str(" = ");
+            out.push_str(&(key.show)(self));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load_toml(text: &str) -> Result<Settings, ConfigError> {
+        let mut settings = Settings::default();
+        settings.apply_toml(text, Path::new("test.toml"))?;
+        settings.finish()
+    }
+
+    #[test]
+    fn every_key_round_trips_through_the_effective_toml() {
+        let settings = load_toml(
+            "durability = \"async\"\nflush_interval_ms = 25\nhistory_retention_secs = 86400\n\
+             metrics_listen = \"127.0.0.1:9878\"\ndata_dir = \"/var/lib/tern \\\"x\\\"\"\n",
+        )
+        .unwrap();
+        let printed = settings.effective_toml();
+        let again = load_toml(&printed).unwrap();
+        assert_eq!(again.effective_toml(), printed);
+        assert_eq!(
+            again.config.durability,
+            Durability::Async {
+                flush_interval: Duration::from_millis(25)
+            }
+        );
+        assert_eq!(again.config.history_retention, Some(Duration::from_secs(86400)));
+        assert_eq!(again.config.data_dir, PathBuf::from("/var/lib/tern \"x\""));
+        assert_eq!(printed.lines().count(), KEYS.len());
+    }
+
+    #[test]
+    fn defaults_match_the_engine_defaults() {
+        let settings = Settings::load(None, no_env, &[]).unwrap();
+        let engine = Config::default();
+        assert_eq!(settings.config.listen, engine.listen);
+        assert_eq!(settings.config.idle_timeout, engine.idle_timeout);
+        assert_eq!(settings.config.durability, Durability::Sync);
+        assert_eq!(settings.metrics_listen, None);
+        assert_eq!(settings.log, "info");
+    }
+
+    #[test]
+    fn flush_interval_applies_in_either_order() {
+        let a = load_toml("flush_interval_ms = 7\ndurability = \"async\"").unwrap();
+        let b = load_toml("durability = \"async\"\nflush_interval_ms = 7").unwrap();
+        let want = Durability::Async {
+            flush_interval: Duration::from_millis(7),
+        };
+        assert_eq!(a.config.durability, want);
+        assert_eq!(b.config.durability, want);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_what_is_allowed() {
+        let cases = [
+            (
+                "durability = \"fast\"",
+                "config key `durability`: expected \"sync\" or \"async\", got \"fast\"",
+            ),
+            (
+                "shards = 0",
+                "config key `shards`: expected an integer in 1..=1024, got 0",
+            ),
+            (
+                "shards = \"four\"",
+                "config key `shards`: expected an integer in 1..=1024, got \"four\"",
+            ),
+            (
+                "pin_shards = 1",
+                "config key `pin_shards`: expected true or false, got 1",
+            ),
+            (
+                "listen = \"localhost\"",
+                "config key `listen`: expected an IP address and port",
+            ),
+            (
+                "metrics_listen = 9878",
+                "config key `metrics_listen`: expected \"off\" or an IP address",
+            ),
+            (
+                "idle_timeout_ms = -5",
+                "config key `idle_timeout_ms`: expected an integer in 100..=",
+            ),
+            (
+                "log = \"info,[\"",
+                "config key `log`: expected log filter directives",
+            ),
+            (
+                "history_retention_secs = \"never\"",
+                "config key `history_retention_secs`: expected \"forever\" or an integer",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = load_toml(text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text}: got {err}");
+            assert!(err.ends_with("(in test.toml)"), "{text}: got {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_tables_are_refused_by_name() {
+        let err = load_toml("listen = \"127.0.0.1:1\"\nlsiten = \"x\"").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::UnknownKey {
+                key: "lsiten".into(),
+                origin: Origin::File("test.toml".into())
+            }
+        );
+        let err = load_toml("[store]\nfsync = true").unwrap_err();
+        assert!(err.to_string().contains("unknown config key `store`"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        let err = load_toml("listen = ").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config file test.toml is not valid TOML"),
+            "{err}"
+        );
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_checks_run_after_all_layers() {
+        let err = load_toml("max_frame_bytes = 2048\nmax_message_bytes = 4096").unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let err = load_toml("listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"").unwrap_err();
+        assert!(err.to_string().contains("its own port"), "{err}");
+    }
+
+    #[test]
+    fn env_beats_file_and_flags_beat_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ternd.toml");
+        std::fs::write(&file, "shards = 3\nlisten = \"127.0.0.1:1000\"\nsync_page = 9\n").unwrap();
+        let env = |var: &str| match var {
+            "TERN_SHARDS" => Some("5".to_owned()),
+            "TERN_LISTEN" => Some("127.0.0.1:2000".to_owned()),
+            "RUST_LOG" => Some("debug".to_owned()),
+            _ => None,
+        };
+        let settings = Settings::load(Some(&file), env, &[("listen", "127.0.0.1:3000")]).unwrap();
+        assert_eq!(settings.config.sync_page, 9, "file beats default");
+        assert_eq!(settings.config.shards, 5, "env beats file");
+        assert_eq!(settings.config.listen.port(), 3000, "flag beats env");
+        assert_eq!(settings.log, "debug", "RUST_LOG sets log without TERN_LOG");
+    }
+
+    #[test]
+    fn env_and_flag_errors_say_where_the_value_came_from() {
+        let env = |var: &str| (var == "TERN_DURABILITY").then(|| "fast".to_owned());
+        let err = Settings::load(None, env, &[]).unwrap_err().to_string();
+        assert!(
+            err.ends_with("(from environment variable TERN_DURABILITY)"),
+            "{err}"
+        );
+        let err = Settings::load(None, no_env, &[("sync_page", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("(from flag --sync-page)"), "{err}");
+    }
+
+    #[test]
+    fn oversized_and_missing_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        assert!(matches!(
+            Settings::load(Some(&missing), no_env, &[]),
+            Err(ConfigError::Read { .. })
+        ));
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_FILE_BYTES as usize + 1]).unwrap();
+        let err = Settings::load(Some(&big), no_env, &[]).unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        let docs = include_str!("../../docs/configuration.md");
+        for key in KEYS {
+            assert!(
+                docs.contains(&format!("| `{}` |", key.name)),
+                "docs/configuration.md lacks `{}`",
+                key.name
+            );
+            assert!(
+                docs.contains(&key.env_var()),
+                "docs/configuration.md lacks {}",
+                key.env_var()
+            );
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Operations: `ternd`'s config layering and errors, the HTTP endpoint over
+//! real sockets (metrics, health, readiness, limits), graceful SIGTERM, and
+//! that every metric the Grafana dashboard queries is exported.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_engine::config_file::KEYS;
+use tern_engine::http::{serve_http, MAX_CONCURRENT, MAX_REQUEST_BYTES};
+use tern_engine::metrics::{parse_exposition, Metrics};
+use tern_engine::{Config, Server};
+use tern_storage::{Durability, Store, StoreOptions, Writer};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `ternd` child process, killed if the test ends early.
+struct Ternd {
+    child: Child,
+    metrics: Option<SocketAddr>,
+    chat: SocketAddr,
+    banner: String,
+}
+
+impl Drop for Ternd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ternd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternd"));
+    // Only what each test sets: a developer's TERN_* must not leak in.
+    for (var, _) in std::env::vars() {
+        if var.starts_with("TERN_") || var == "RUST_LOG" {
+            cmd.env_remove(var);
+        }
+    }
+    cmd
+}
+
+/// Starts `ternd` and waits for its startup lines.
+fn start(mut cmd: Command) -> Ternd {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ternd");
+    // Owned by the guard from here on, so every early return kills it.
+    let mut server = Ternd {
+        child,
+        metrics: None,
+        chat: SocketAddr::from(([0, 0, 0, 0], 0)),
+        banner: String::new(),
+    };
+    let stdout = server.child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("ternd printed its listening line");
+        if let Some(addr) = line.strip_prefix("ternd metrics on ") {
+            server.metrics = Some(addr.parse().expect("metrics address"));
+        }
+        if let Some(rest) = line.strip_prefix("ternd listening on ") {
+            let chat = rest.split(' ').next().expect("address");
+            server.chat = chat.parse().expect("chat address");
+            server.banner = line;
+            return server;
+        }
+    }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: tern\r\n\r\n"))
+}
+
+/// The value of an unlabelled sample, e.g. `tern_shards`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn check_config_layers_file_env_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ternd.toml");
+    std::fs::write(
+        &file,
+        "shards = 3\nsync_page = 9\nlisten = \"127.0.0.1:1000\"\ndurability = \"async\"\n",
+    )
+    .unwrap();
+    let output = ternd()
+        .args(["check-config"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:3000", "--flush-interval-ms", "40"])
+        .env("TERN_SHARDS", "2")
+        .env("TERN_LISTEN", "127.0.0.1:2000")
+        .output()
+        .expect("run ternd check-config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    for line in [
+        "sync_page = 9",               // file over default
+        "shards = 2",                  // env over file
+        "listen = \"127.0.0.1:3000\"", // flag over env
+        "durability = \"async\"",
+        "flush_interval_ms = 40",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "missing {line:?} in\n{stdout}");
+    }
+    assert_eq!(stdout.lines().count(), KEYS.len());
+    // The printed settings are themselves a valid config file.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, stdout.as_bytes()).unwrap();
+    let again = ternd().arg("check-config").arg(&printed).output().unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+}
+
+#[test]
+fn bad_config_stops_startup_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "durability = \"fast\"\n",
+            "config key `durability`: expected \"sync\" or \"async\", got \"fast\"",
+        ),
+        ("lsiten = \"127.0.0.1:1\"\n", "unknown config key `lsiten`"),
+        (
+            "shards = 0\n",
+            "config key `shards`: expected an integer in 1..=1024, got 0",
+        ),
+    ];
+    for (text, want) in cases {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        // Serving, not just checking: the process must refuse to start.
+        let output = ternd()
+            .arg("--config")
+            .arg(&file)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run ternd");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{text}: started anyway");
+        assert!(stderr.contains(want), "{text}: stderr was {stderr}");
+        assert!(!dir.path().join("data").exists(), "{text}: touched the store");
+    }
+    let output = ternd()
+        .args(["check-config", "/nonexistent/ternd.toml"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read config file"));
+}
+
+#[test]
+fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ternd.toml");
+    std::fs::write(
+        &file,
+        "shards = 2\npin_shards = false\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut cmd = ternd();
+    cmd.arg("--config")
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"));
+    cmd.env("TERN_SHARDS", "1");
+    let server = start(cmd);
+    assert!(
+        server.banner.ends_with(&format!(
+            "(1 shards, data in {})",
+            dir.path().join("data").display()
+        )),
+        "{}",
+        server.banner
+    );
+    let metrics = server.metrics.expect("ternd printed its metrics address");
+    assert_ne!(metrics, server.chat);
+
+    assert_eq!(get(metrics, "/healthz").0, 200);
+    assert_eq!(get(metrics, "/readyz"), (200, "ready\n".to_owned()));
+    assert_eq!(get(metrics, "/nope").0, 404);
+    assert_eq!(http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").0, 405);
+    let (head_status, head_body) = http(metrics, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((head_status, head_body.as_str()), (200, ""));
+
+    let (status, text) = get(metrics, "/metrics?x=1");
+    assert_eq!(status, 200);
+    parse_exposition(&text).expect("well-formed exposition");
+    assert_eq!(sample(&text, "tern_shards"), Some(1.0));
+    assert_eq!(sample(&text, "tern_ready"), Some(1.0));
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6);
+
+    // The chat port is real: a client can connect.
+    TcpStream::connect_timeout(&server.chat, TIMEOUT).expect("chat port accepts");
+
+    let mut server = server;
+    // SAFETY: kill has no memory effects; the pid is our live child's.
+    let sent = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ternd did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "ternd exited with {status}");
+    assert!(
+        TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).is_err(),
+        "the metrics endpoint stopped with the process"
+    );
+}
+
+/// Starts an in-process server with the HTTP endpoint beside it and a real
+/// storage writer, as `ternd` will once the engine hands it its writer.
+fn in_process() -> (
+    tempfile::TempDir,
+    Server,
+    tern_engine::http::HttpServer,
+    Writer,
+    Arc<AtomicBool>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::for_tests(dir.path().join("data"));
+    let metrics = Arc::new(Metrics::new(config.shards));
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = Server::start(config).expect("server starts");
+    let store = Store::open(&dir.path().join("writer-store"), StoreOptions::default()).unwrap();
+    let writer = Writer::spawn(store, Durability::Sync, 16).unwrap();
+    let http = serve_http("127.0.0.1:0".parse().unwrap(), metrics, ready.clone(), None).unwrap();
+    http.set_writer(writer.handle());
+    (dir, server, http, writer, ready)
+}
+
+#[test]
+fn readiness_follows_its_flag() {
+    let (_dir, server, http, _writer, ready) = in_process();
+    let addr = http.local_addr();
+    assert_eq!(get(addr, "/readyz").0, 503);
+    assert_eq!(get(addr, "/healthz").0, 200, "live while not ready");
+    assert_eq!(sample(&get(addr, "/metrics").1, "tern_ready"), Some(0.0));
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get(addr, "/readyz").0, 200);
+    assert_eq!(sample(&get(addr, "/metrics").1, "tern_ready"), Some(1.0));
+    server.shutdown().unwrap();
+    drop(http);
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
+}
+
+#[test]
+fn the_endpoint_bounds_requests() {
+    let (_dir, server, http, _writer, _ready) = in_process();
+    let addr = http.local_addr();
+    // An oversized request head is refused, not buffered.
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(MAX_REQUEST_BYTES)
+    );
+    assert_eq!(http_lossy(addr, &huge), 400);
+    // Fill every worker with a client that sends nothing; the next one is
+    // turned away at once instead of queueing behind them.
+    let idle: Vec<TcpStream> = (0..MAX_CONCURRENT)
+        .map(|_| TcpStream::connect_timeout(&addr, TIMEOUT).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(get(addr, "/healthz").0, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    // Once the silent clients are dropped, their workers are freed.
+    let deadline = Instant::now() + TIMEOUT;
+    while get(addr, "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "workers were not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.shutdown().unwrap();
+}
+
+/// Like [`http`], for a request the server may answer before reading all
+/// of it (then writing the rest can fail with a reset).
+fn http_lossy(addr: SocketAddr, request: &str) -> u16 {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let _ = stream.write_all(request.as_bytes());
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Metric names in the dashboard's queries (`tern_*` and `process_*`).
+fn dashboard_metrics(dashboard: &str) -> Vec<String> {
+    let json: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&json, &mut exprs);
+    assert!(exprs.len() >= 10, "found only {} queries", exprs.len());
+    let mut names = Vec::new();
+    for expr in exprs {
+        let bytes = expr.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let rest = &expr[i..];
+            let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+            if starts_word && (rest.starts_with("tern_") || rest.starts_with("process_")) {
+                let len = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                names.push(rest[..len].to_owned());
+                i += len;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr", serde_json::Value::String(expr)) => out.push(expr.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() {
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/grafana-dashboard.json"),
+    )
+    .expect("read packaging/grafana-dashboard.json");
+    let queried = dashboard_metrics(&dashboard);
+    let (_dir, server, http, _writer, _ready) = in_process();
+    let (status, text) = get(http.local_addr(), "/metrics");
+    assert_eq!(status, 200);
+    let exported = parse_exposition(&text).expect("well-formed exposition");
+    let missing: Vec<&String> = queried.iter().filter(|name| !exported.contains(name)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics /metrics lacks: {missing:?}"
+    );
+    // And the operator's guide documents every metric family.
+    let guide = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"))
+        .expect("read docs/operations.md");
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let undocumented: Vec<&&str> = families
+        .iter()
+        .filter(|f| !guide.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/operations.md lacks {undocumented:?}"
+    );
+    server.shutdown().unwrap();
+}
