@@ -29,6 +29,9 @@ pub const HEADER_LEN: usize = 8;
 pub const FRAME_ALIGN: usize = 8;
 /// The receive buffer's size while no large frame is in flight.
 const IDLE_BUF_BYTES: usize = 256;
+/// The largest read offered to a connection that keeps filling its reads,
+/// so a busy connection costs one syscall per many frames.
+const BUSY_READ_BYTES: usize = 16 * 1024;
 
 /// Why bytes could not be turned into a frame, or a frame into bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -148,9 +151,13 @@ pub fn decode_server(body: &[u8]) -> Result<&ArchivedServerFrame, FrameError> {
 ///
 /// Use: [`FrameBuf::read_slot`] for the space to read into, then
 /// [`FrameBuf::commit`] with the bytes read, then [`FrameBuf::next_body`]
-/// until it returns `None`. Memory use is [`IDLE_BUF_BYTES`] while frames are
-/// small and grows only to the largest frame in flight, which the header
-/// check bounds by `max_body`; it shrinks back once that frame is consumed.
+/// until it returns `None`. Memory use is [`IDLE_BUF_BYTES`] while the
+/// peer is quiet. Reads that fill their slot mean more is waiting in the
+/// socket, so the next slot is four times larger (up to
+/// [`BUSY_READ_BYTES`]); the first read that does not fill its slot drops
+/// back to the idle size, and the large buffer is released once drained. A
+/// frame larger than that is read whole: the buffer grows to the frame in
+/// flight, which the header check bounds by `max_body`.
 pub struct FrameBuf {
     buf: AlignedVec,
     /// First unconsumed byte; always a multiple of 8.
@@ -158,6 +165,10 @@ pub struct FrameBuf {
     /// One past the last received byte.
     end: usize,
     max_body: u32,
+    /// The size of read to offer next (see the type's doc).
+    read_bytes: usize,
+    /// The length of the slot last handed out.
+    last_slot: usize,
 }
 
 impl FrameBuf {
@@ -168,6 +179,8 @@ impl FrameBuf {
             start: 0,
             end: 0,
             max_body,
+            read_bytes: IDLE_BUF_BYTES,
+            last_slot: 0,
         }
     }
 
@@ -190,17 +203,18 @@ impl FrameBuf {
             Some(header) => header.frame_len(),
             None => HEADER_LEN,
         };
-        if self.start > 0 && (self.start == self.end || self.start + needed > self.buf.len()) {
+        if self.start == self.end || (self.start > 0 && self.start + needed > self.buf.len()) {
             self.compact();
         }
-        // Room for the pending frame, and never an empty slot: a caller that
-        // reads again before draining complete frames gets more space rather
-        // than an error.
-        let target = (self.start + needed.max(IDLE_BUF_BYTES)).max(self.end + HEADER_LEN);
+        // Room for the whole pending frame and for a read of the current
+        // size; never an empty slot, so a caller that reads again before
+        // draining complete frames gets more space rather than an error.
+        let target = (self.start + needed).max(self.end + self.read_bytes);
         if self.buf.len() < target {
             self.buf.resize(target, 0);
         }
         let (start, end) = (self.end, self.buf.len());
+        self.last_slot = end - start;
         match self.buf.get_mut(start..end) {
             Some(slot) if !slot.is_empty() => Ok(slot),
             _ => unreachable_slot(),
@@ -214,6 +228,11 @@ impl FrameBuf {
             "committed more than the read slot"
         );
         self.end += n;
+        self.read_bytes = if n == self.last_slot {
+            (self.read_bytes * 4).min(BUSY_READ_BYTES)
+        } else {
+            IDLE_BUF_BYTES
+        };
     }
 
     /// The next complete frame body, if one is buffered. The frame counts as
@@ -268,7 +287,7 @@ impl FrameBuf {
     /// Moves unconsumed bytes to offset 0 and drops a large idle buffer.
     fn compact(&mut self) {
         let live = self.end - self.start;
-        if live == 0 && self.buf.len() > 4 * IDLE_BUF_BYTES {
+        if live == 0 && self.read_bytes == IDLE_BUF_BYTES && self.buf.len() > 4 * IDLE_BUF_BYTES {
             self.buf = AlignedVec::new();
         } else if live > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -362,6 +381,37 @@ mod tests {
     }
 
     #[test]
+    fn busy_streams_are_read_in_large_slots() {
+        let mut wire = AlignedVec::new();
+        for i in 0..1000 {
+            encode_client(&sample(i % 64), &mut wire, 1 << 20).unwrap();
+        }
+        let mut fb = FrameBuf::new(1 << 20);
+        let (mut off, mut reads, mut frames) = (0, 0, 0);
+        while off < wire.len() {
+            let slot = fb.read_slot().unwrap();
+            let n = slot.len().min(wire.len() - off);
+            slot[..n].copy_from_slice(&wire[off..off + n]);
+            fb.commit(n);
+            off += n;
+            reads += 1;
+            while fb.next_body().unwrap().is_some() {
+                frames += 1;
+            }
+        }
+        assert_eq!(frames, 1000);
+        assert!(reads * 20 < frames, "{reads} reads for {frames} frames");
+        // The stream went quiet (the last read did not fill its slot):
+        // the large buffer goes once drained.
+        fb.read_slot().unwrap();
+        assert!(
+            fb.buf.len() <= IDLE_BUF_BYTES,
+            "buffer stayed at {}",
+            fb.buf.len()
+        );
+    }
+
+    #[test]
     fn reserved_flags_are_refused() {
         assert_eq!(
             FrameHeader::parse([0, 0, 0, 0, 1, 0, 0, 0], 10),
@@ -403,6 +453,10 @@ mod tests {
             off += n;
         }
         assert!(fb.next_body().unwrap().is_some());
+        // The stream goes quiet: a read that does not fill its slot.
+        let slot = fb.read_slot().unwrap().len();
+        assert!(slot > 0);
+        fb.commit(0);
         fb.read_slot().unwrap();
         assert!(
             fb.buf.len() <= IDLE_BUF_BYTES,
