@@ -1,18 +1,25 @@
-//! The framed byte stream under [`crate::Client`]: one TCP socket, one
-//! receive [`FrameBuf`] and one reusable encode buffer.
+//! The framed byte stream under [`crate::Client`]: one TCP socket (plain or
+//! carrying TLS), one receive [`FrameBuf`] and one reusable encode buffer.
 //!
 //! This layer knows frames but not requests: it writes one [`ClientFrame`]
 //! (or raw bytes) and reads the next [`ServerFrame`] before a deadline. A
 //! read that times out mid-frame leaves the partial bytes in the
 //! `FrameBuf`, so a later read resumes the same frame and the stream never
-//! desynchronises because of a short timeout.
+//! desynchronises because of a short timeout. TLS is driven through
+//! rustls's sans-I/O calls rather than `rustls::StreamOwned`, so that every
+//! socket read is one read under the caller's deadline (a partial TLS
+//! record returns to the deadline check like a partial frame does) and a
+//! write that times out never turns into a blocking read.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use tern_proto::{decode_server, encode_client, ClientFrame, FrameBuf, FrameError, ServerFrame};
 
 use crate::ClientError;
@@ -21,8 +28,86 @@ use crate::ClientError;
 /// an error, and a sub-millisecond wait is indistinguishable from a poll.
 const MIN_READ_WAIT: Duration = Duration::from_millis(1);
 
+/// The socket, bare or with a TLS session on it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsConn>),
+}
+
+struct TlsConn {
+    tls: ClientConnection,
+    tcp: TcpStream,
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(conn) => &conn.tcp,
+        }
+    }
+
+    /// One read from the socket at most. With TLS, `WouldBlock` also means
+    /// "a record is still incomplete": the caller re-checks its deadline
+    /// and calls again.
+    fn read_once(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf),
+            Stream::Tls(conn) => {
+                let TlsConn { tls, tcp } = &mut **conn;
+                match tls.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Ok(0) after the server's close_notify, UnexpectedEof after a bare close.
+                    done => return done,
+                }
+                // Anything rustls owes the server (e.g. a key-update reply) goes first.
+                send_pending(tls, tcp)?;
+                tls.read_tls(tcp)?;
+                if let Err(e) = tls.process_new_packets() {
+                    // The alert rustls queued tells the server why; the error is what matters.
+                    let _ = tls.write_tls(tcp);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+                tls.reader().read(buf)
+            }
+        }
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.write_all(bytes),
+            Stream::Tls(conn) => {
+                let TlsConn { tls, tcp } = &mut **conn;
+                while !bytes.is_empty() {
+                    // rustls takes at most its buffer limit at once.
+                    let taken = tls.writer().write(bytes)?;
+                    bytes = &bytes[taken..];
+                    send_pending(tls, tcp)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Writes every queued TLS record, each write bounded by the socket's write timeout.
+fn send_pending(tls: &mut ClientConnection, tcp: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        if tls.write_tls(tcp)? == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
+}
+
+/// What a TLS connection needs besides the socket.
+pub(crate) struct TlsSetup {
+    pub(crate) config: Arc<ClientConfig>,
+    pub(crate) server_name: ServerName<'static>,
+}
+
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rx: FrameBuf,
     /// Reused for every outgoing frame so steady-state sends do not allocate.
     tx: AlignedVec,
@@ -33,23 +118,81 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Wraps a connected socket; with `tls`, completes the TLS handshake
+    /// (certificate verification included) within `timeout`.
     pub(crate) fn new(
         stream: TcpStream,
+        tls: Option<TlsSetup>,
         max_recv: u32,
-        write_timeout: Duration,
+        timeout: Duration,
     ) -> Result<Conn, ClientError> {
         // Requests are small and latency-bound; Nagle would hold each one
         // back waiting for the previous ack.
         stream.set_nodelay(true)?;
         // A server that stops reading must not block a sender forever.
-        stream.set_write_timeout(Some(write_timeout.max(MIN_READ_WAIT)))?;
-        Ok(Conn {
+        stream.set_write_timeout(Some(timeout.max(MIN_READ_WAIT)))?;
+        let stream = match tls {
+            None => Stream::Plain(stream),
+            Some(setup) => Stream::Tls(Box::new(TlsConn {
+                tls: ClientConnection::new(setup.config, setup.server_name).map_err(ClientError::Tls)?,
+                tcp: stream,
+            })),
+        };
+        let mut conn = Conn {
             stream,
             rx: FrameBuf::new(max_recv),
             tx: AlignedVec::new(),
             max_send: max_recv,
             read_timeout: None,
-        })
+        };
+        conn.handshake(Instant::now() + timeout)?;
+        Ok(conn)
+    }
+
+    /// Completes the TLS handshake, if any, by `deadline`.
+    fn handshake(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        let Stream::Tls(conn) = &mut self.stream else {
+            return Ok(());
+        };
+        let TlsConn { tls, tcp } = &mut **conn;
+        let result = (|| {
+            while tls.is_handshaking() {
+                send_pending(tls, tcp).map_err(map_write)?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ClientError::Timeout);
+                }
+                let wait = Some(left.max(MIN_READ_WAIT));
+                if self.read_timeout != wait {
+                    tcp.set_read_timeout(wait)?;
+                    self.read_timeout = wait;
+                }
+                match tls.read_tls(tcp) {
+                    Ok(0) => return Err(ClientError::Closed),
+                    Ok(_) => {}
+                    // An expired read timeout: the deadline check above decides.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(map_io(e)),
+                }
+                if let Err(e) = tls.process_new_packets() {
+                    let _ = tls.write_tls(tcp);
+                    return Err(ClientError::Tls(e));
+                }
+            }
+            // Our Finished, and anything after it.
+            send_pending(tls, tcp).map_err(map_write)
+        })();
+        if result.is_err() {
+            let _ = tcp.shutdown(Shutdown::Both);
+        }
+        result
     }
 
     pub(crate) fn set_max_send(&mut self, max_send: u32) {
@@ -57,11 +200,16 @@ impl Conn {
     }
 
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.local_addr()
+        self.stream.tcp().local_addr()
     }
 
     pub(crate) fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.peer_addr()
+        self.stream.tcp().peer_addr()
+    }
+
+    /// Whether the connection runs over TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
     }
 
     /// Encodes and writes one frame. Nothing is written if it is over the limit.
@@ -82,17 +230,14 @@ impl Conn {
         Self::write_all(&mut self.stream, bytes)
     }
 
-    fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ClientError> {
+    fn write_all(stream: &mut Stream, bytes: &[u8]) -> Result<(), ClientError> {
         match stream.write_all(bytes) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Part of a frame may be on the wire; anything written after
                 // it would be misparsed, so the connection is unusable.
-                let _ = stream.shutdown(Shutdown::Both);
-                Err(match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout,
-                    _ => map_io(e),
-                })
+                let _ = stream.tcp().shutdown(Shutdown::Both);
+                Err(map_write(e))
             }
         }
     }
@@ -115,14 +260,14 @@ impl Conn {
                 None => None,
             };
             if self.read_timeout != wait {
-                self.stream.set_read_timeout(wait)?;
+                self.stream.tcp().set_read_timeout(wait)?;
                 self.read_timeout = wait;
             }
             let slot = self
                 .rx
                 .read_slot()
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            match self.stream.read(slot) {
+            match self.stream.read_once(slot) {
                 Ok(0) => return Err(ClientError::Closed),
                 Ok(n) => self.rx.commit(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -148,13 +293,31 @@ impl Conn {
     }
 }
 
+/// A write that hit the socket's write timeout is [`ClientError::Timeout`].
+fn map_write(e: io::Error) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout,
+        _ => map_io(e),
+    }
+}
+
 /// A peer that went away is [`ClientError::Closed`] whether it closed
-/// cleanly (EOF) or with a reset, so callers need to match only one variant.
+/// cleanly (EOF) or with a reset, or closed a TLS connection without
+/// `close_notify`, so callers need to match only one variant. A TLS
+/// failure while reading surfaces as [`ClientError::Tls`].
 fn map_io(e: io::Error) -> ClientError {
     match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
-            ClientError::Closed
-        }
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof => ClientError::Closed,
+        io::ErrorKind::InvalidData => match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => ClientError::Tls(tls.clone()),
+            None => ClientError::Io(e),
+        },
         _ => ClientError::Io(e),
     }
 }

@@ -5,7 +5,8 @@
 //! the server announced it is closing the connection
 //! ([`ClientError::Disconnected`]), the connection is simply gone
 //! ([`ClientError::Closed`]), the server was too slow ([`ClientError::Timeout`]),
-//! or the bytes made no sense ([`ClientError::Protocol`]).
+//! the bytes made no sense ([`ClientError::Protocol`]), or TLS failed
+//! ([`ClientError::Tls`], [`ClientError::TlsSetup`]).
 
 use tern_proto::ErrorCode;
 
@@ -25,6 +26,13 @@ pub enum ClientError {
     /// The server closed (or reset) the connection.
     #[error("connection closed by the server")]
     Closed,
+    /// TLS failed: the server's certificate did not verify, no common TLS
+    /// version, a bad record, or an alert from the server.
+    #[error("TLS with the server failed: {0}")]
+    Tls(#[source] rustls::Error),
+    /// TLS could not be set up locally: an unreadable CA file or an invalid server name.
+    #[error("TLS setup: {0}")]
+    TlsSetup(String),
     /// No answer arrived within the configured time.
     #[error("timed out waiting for the server")]
     Timeout,

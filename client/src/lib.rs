@@ -1,10 +1,10 @@
 //! A blocking client for the Tern messaging server, and the `tern` CLI built on it.
 //!
-//! This library owns one TCP connection to `ternd` and everything needed to
-//! use it synchronously: the `Hello` handshake, request ids, matching each
-//! answer to its request while queueing the pushes (deliveries, presence,
-//! disconnect notices) that arrive in between, per-request timeouts, and
-//! typed helpers for every request in the protocol. Framing, validation and
+//! This library owns one TCP connection to `ternd` (plain or TLS, see
+//! [`ClientTls`]) and everything needed to use it synchronously: the
+//! `Hello` handshake, request ids, matching each answer to its request
+//! while queueing the pushes (deliveries, presence, disconnect notices)
+//! that arrive in between, per-request timeouts, and typed helpers for every request in the protocol. Framing, validation and
 //! the message types come from [`tern_proto`] (re-exported as [`proto`]);
 //! this crate adds only the socket and the request/answer bookkeeping. It
 //! is meant for the CLI, for end-to-end tests and for tools, not for
@@ -27,7 +27,12 @@ mod error;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 pub use tern_proto as proto;
 pub use tern_proto::{
@@ -35,7 +40,7 @@ pub use tern_proto::{
     ErrorCode, Friend, GroupId, ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 
-use conn::Conn;
+use conn::{Conn, TlsSetup};
 pub use error::ClientError;
 use tern_proto::limits::DEFAULT_MAX_FRAME_BYTES;
 
@@ -49,6 +54,9 @@ pub struct ClientOptions {
     pub max_frame_bytes: u32,
     /// Sent in `Hello`; shows up in server logs. At most 64 bytes.
     pub client_name: String,
+    /// Speak TLS (verifying the server's certificate); `None`, the default,
+    /// is plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -57,7 +65,71 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             client_name: concat!("tern-client/", env!("CARGO_PKG_VERSION")).to_string(),
+            tls: None,
         }
+    }
+}
+
+/// How to verify the server over TLS.
+///
+/// Certificates are always verified. Without `ca_file` the server's chain
+/// must lead to one of the public web roots (Mozilla's set, compiled in
+/// from `webpki-roots`, so verification behaves the same on every machine);
+/// with it, to a certificate in that file and nothing else, which is how a
+/// self-signed server certificate (`ternd gen-cert`) is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM file of the certificates to trust instead of the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// The name the certificate must carry: a DNS name or an IP address.
+    pub server_name: String,
+}
+
+impl ClientTls {
+    /// Verifies `server_name` against the public roots.
+    pub fn new(server_name: impl Into<String>) -> ClientTls {
+        ClientTls {
+            ca_file: None,
+            server_name: server_name.into(),
+        }
+    }
+
+    /// Trusts exactly the certificates in `ca_file`.
+    pub fn with_ca_file(mut self, ca_file: impl Into<PathBuf>) -> ClientTls {
+        self.ca_file = Some(ca_file.into());
+        self
+    }
+
+    fn setup(&self) -> Result<TlsSetup, ClientError> {
+        let server_name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| ClientError::TlsSetup(format!("invalid server name {:?}: {e}", self.server_name)))?;
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let bad_file = |message: String| {
+                    ClientError::TlsSetup(format!("cannot use CA file {}: {message}", path.display()))
+                };
+                let pem = std::fs::read(path).map_err(|e| bad_file(e.to_string()))?;
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| bad_file(e.to_string()))?;
+                    roots.add(cert).map_err(|e| bad_file(e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(bad_file("no certificate in it".into()));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(ClientError::Tls)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(TlsSetup {
+            config: Arc::new(config),
+            server_name,
+        })
     }
 }
 
@@ -104,8 +176,10 @@ impl Client {
     /// `opts.timeout`. A server that refuses the version answers with
     /// [`ClientError::Server`] carrying [`ErrorCode::UnsupportedVersion`].
     pub fn connect(addr: impl ToSocketAddrs, opts: ClientOptions) -> Result<Client, ClientError> {
+        // A bad CA file or name fails before anything touches the network.
+        let tls = opts.tls.as_ref().map(ClientTls::setup).transpose()?;
         let stream = connect_any(addr, opts.timeout)?;
-        let conn = Conn::new(stream, opts.max_frame_bytes, opts.timeout)?;
+        let conn = Conn::new(stream, tls, opts.max_frame_bytes, opts.timeout)?;
         let mut client = Client {
             conn,
             next_request_id: 1,
@@ -542,6 +616,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("peer", &self.conn.peer_addr().ok())
+            .field("tls", &self.conn.is_tls())
             .field("user", &self.user)
             .field("next_request_id", &self.next_request_id)
             .field("queued", &self.queued.len())

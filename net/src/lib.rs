@@ -6,12 +6,13 @@
 //! separate tasks of the same executor ([`split`]), reading frames into a
 //! [`tern_proto::FrameBuf`] and writing batches of encoded frames
 //! ([`frame_io`]), moving an accepted socket to another shard ([`handoff`]),
-//! and sizing glommio's registered I/O memory to the process's locked-memory
-//! limit ([`memlock`]). It knows nothing of users or messages: that is the
-//! engine's business.
+//! sizing glommio's registered I/O memory to the process's locked-memory
+//! limit ([`memlock`]), and TLS on those sockets ([`tls`]). It knows
+//! nothing of users or messages: that is the engine's business.
 
 pub mod frame_io;
 pub mod handoff;
 pub mod listen;
 pub mod memlock;
 pub mod split;
+pub mod tls;

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, TryRecvError};
 use std::time::{Duration, Instant};
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tern_client::{
-    ChatMessage, Client, ClientError, ClientOptions, ContentKind, ConvId, GroupId, ServerBody, Session,
-    UserId,
+    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, GroupId, ServerBody,
+    Session, UserId,
 };
 
 #[derive(Parser, Debug)]
@@ -34,6 +35,18 @@ struct Cli {
     /// Password for --user.
     #[arg(long, global = true, env = "TERN_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Connect over TLS, verifying the server's certificate (against the
+    /// public web roots unless --ca is given).
+    #[arg(long, global = true)]
+    tls: bool,
+    /// With --tls: trust exactly the certificates in this PEM file (e.g. the
+    /// cert.pem written by `ternd gen-cert`) instead of the public roots.
+    #[arg(long, global = true, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// With --tls: the name the server's certificate must carry; defaults to
+    /// the host part of --server.
+    #[arg(long, global = true, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -138,7 +151,7 @@ fn run(cli: Cli) -> Result<()> {
         .password
         .as_deref()
         .ok_or_else(|| anyhow!("--password is required (or set TERN_PASSWORD)"))?;
-    let mut client = Client::connect(cli.server.as_str(), client_options())
+    let mut client = Client::connect(cli.server.as_str(), client_options(&cli))
         .with_context(|| format!("cannot connect to {}", cli.server))?;
     if let Command::Register = cli.command {
         let id = client
@@ -203,10 +216,30 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn client_options() -> ClientOptions {
+fn client_options(cli: &Cli) -> ClientOptions {
+    let tls = cli.tls.then(|| ClientTls {
+        ca_file: cli.ca.clone(),
+        server_name: cli
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&cli.server).to_owned()),
+    });
     ClientOptions {
         client_name: concat!("tern-cli/", env!("CARGO_PKG_VERSION")).to_string(),
+        tls,
         ..ClientOptions::default()
+    }
+}
+
+/// The host part of `host:port`, `[v6]:port` or a bare host.
+fn host_of(server: &str) -> &str {
+    if let Some(rest) = server.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(host, _)| host);
+    }
+    match server.rsplit_once(':') {
+        // More than one colon without brackets: a bare IPv6 address.
+        Some((host, _)) if !host.contains(':') => host,
+        _ => server,
     }
 }
 
@@ -616,6 +649,46 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn tls_flags_build_verifying_options() {
+        let cli =
+            Cli::try_parse_from(["tern", "--server", "chat.example:7879", "--tls", "register"]).unwrap();
+        let tls = client_options(&cli).tls.unwrap();
+        assert_eq!(tls, ClientTls::new("chat.example"));
+        let cli = Cli::try_parse_from([
+            "tern",
+            "--server",
+            "[::1]:7879",
+            "--tls",
+            "--ca",
+            "/etc/tern/cert.pem",
+            "register",
+        ])
+        .unwrap();
+        assert_eq!(
+            client_options(&cli).tls.unwrap(),
+            ClientTls::new("::1").with_ca_file("/etc/tern/cert.pem")
+        );
+        let cli = Cli::try_parse_from(["tern", "--tls", "--server-name", "localhost", "register"]).unwrap();
+        assert_eq!(client_options(&cli).tls.unwrap().server_name, "localhost");
+        assert!(
+            client_options(&Cli::try_parse_from(["tern", "register"]).unwrap())
+                .tls
+                .is_none()
+        );
+        // --ca alone must not silently fall back to plain TCP.
+        assert!(Cli::try_parse_from(["tern", "--ca", "cert.pem", "register"]).is_err());
+    }
+
+    #[test]
+    fn host_of_handles_ports_and_ipv6() {
+        assert_eq!(host_of("localhost:7878"), "localhost");
+        assert_eq!(host_of("127.0.0.1:7878"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7878"), "::1");
+        assert_eq!(host_of("::1"), "::1");
+        assert_eq!(host_of("chat.example"), "chat.example");
     }
 
     #[test]
