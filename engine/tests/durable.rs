@@ -1,0 +1,981 @@
+//! Durable messaging through the client library, over TCP, against an
+//! in-process server on a real store: offline delivery, multi-device sync
+//! by cursor, the catch-up/live seam under concurrent sends, retry dedup
+//! across a restart, receipts, history, the conversation list, groups
+//! (write and read diffusion), async durability and inbox expiry.
+//!
+//! Where a duplicate from the server would matter, the receiving side reads
+//! raw frames (`read_frame`), so the client library's cursor-based dedup
+//! cannot hide it.
+
+mod durable_common;
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use durable_common::*;
+use tern_client::{
+    Client, ClientBody, Content, ConvId, Cursor, ErrorCode, ReceiptKind, ServerBody, ServerFrame,
+};
+
+fn cursor(conv: ConvId, seq: u64) -> Cursor {
+    Cursor { conv, seq }
+}
+
+/// The next `Receipt` push (raw; other pushes but `Presence` fail the test).
+fn expect_receipt(client: &mut Client) -> (ConvId, u64, ReceiptKind, u64) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.read_frame(left).expect("connection") {
+            Some(ServerFrame {
+                body:
+                    ServerBody::Receipt {
+                        conv,
+                        user,
+                        kind,
+                        seq,
+                    },
+                ..
+            }) => return (conv, user, kind, seq),
+            Some(ServerFrame {
+                body: ServerBody::Presence { .. },
+                ..
+            }) => {}
+            Some(other) => panic!("expected a Receipt push, got {other:?}"),
+            None => panic!("no Receipt push within {TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Logs in with a token without syncing (raw `LoginToken`).
+fn login_token_unsynced(server: &TestServer, token: &[u8]) -> Client {
+    let mut client = server.connect();
+    match client
+        .request(ClientBody::LoginToken {
+            token: token.to_vec(),
+        })
+        .expect("login with token")
+    {
+        ServerBody::LoggedIn { .. } => client,
+        other => panic!("expected LoggedIn, got {other:?}"),
+    }
+}
+
+// 1. Offline delivery.
+
+#[test]
+fn offline_recipient_gets_every_message_on_login_in_order() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+
+    let mut a = server.login(&alice);
+    let mut acks = Vec::new();
+    for i in 1..=50u64 {
+        let ack = a.send_text(bob.id, &format!("offline #{i}")).expect("send");
+        assert_eq!(ack.conv, conv);
+        assert_eq!(ack.seq, i, "acks are numbered 1, 2, 3, … with no gap");
+        acks.push(ack);
+    }
+
+    // `login` syncs; the catch-up is queued for the caller. Read it raw.
+    let mut b = server.login(&bob);
+    let got = raw_messages(&mut b, 50);
+    assert_seqs(&got, conv, 1..=50);
+    for (i, (m, ack)) in got.iter().zip(&acks).enumerate() {
+        assert_eq!(m.from, alice.id);
+        assert_eq!(m.client_msg_id, ack.client_msg_id);
+        assert_eq!(m.timestamp_ms, ack.timestamp_ms);
+        assert_eq!(m.content, Content::text(format!("offline #{}", i + 1)));
+    }
+    expect_quiet(&mut [&mut b, &mut a]);
+
+    // The same through the raw protocol: SyncDone counts exactly 50.
+    let mut raw = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut raw, vec![], 50);
+    assert_eq!(sync.sync_done, 50);
+    assert_eq!(sync.before_done, 50);
+    assert_seqs(&sync.messages, conv, 1..=50);
+}
+
+// 2. Multi-device and sync by cursor.
+
+#[test]
+fn devices_sync_what_they_missed_and_cursors_skip_what_they_hold() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+
+    // Device A is online; B has never connected.
+    let mut dev_a = server.login(&bob);
+    for i in 1..=5 {
+        assert_eq!(a.send_text(bob.id, &format!("m{i}")).expect("send").seq, i);
+    }
+    assert_seqs(&raw_messages(&mut dev_a, 5), conv, 1..=5);
+
+    // A did not acknowledge, so B's first sync streams them all.
+    let mut dev_b = server.connect();
+    let session_b = dev_b.login_unsynced(&bob.name, PASSWORD).expect("login");
+    assert_eq!(dev_b.sync().expect("sync"), 5);
+    assert_seqs(&messages(&mut dev_b, 5), conv, 1..=5);
+
+    // Both devices are live now.
+    assert_eq!(a.send_text(bob.id, "m6").expect("send").seq, 6);
+    assert_seqs(&raw_messages(&mut dev_a, 1), conv, [6]);
+    assert_seqs(&messages(&mut dev_b, 1), conv, [6]);
+    expect_quiet(&mut [&mut dev_a, &mut dev_b]);
+
+    // A acknowledges everything; B goes offline and misses 7..=9.
+    dev_a.ack_all().expect("ack");
+    let b_cursors: Vec<Cursor> = dev_b.cursors().collect();
+    assert_eq!(b_cursors, vec![cursor(conv, 6)]);
+    drop(dev_b);
+    for i in 7..=9 {
+        assert_eq!(a.send_text(bob.id, &format!("m{i}")).expect("send").seq, i);
+    }
+    assert_seqs(&raw_messages(&mut dev_a, 3), conv, 7..=9);
+
+    // B comes back as a new Client carrying its old cursors: only 7..=9.
+    let mut dev_b2 = server.connect();
+    for c in &b_cursors {
+        dev_b2.set_cursor(c.conv, c.seq);
+    }
+    dev_b2.login_token(&session_b.token).expect("resume");
+    let got = messages(&mut dev_b2, 3);
+    assert_seqs(&got, conv, 7..=9);
+    assert_eq!(got[0].content, Content::text("m7"));
+
+    // The server itself sends nothing at or below a presented cursor.
+    let mut raw = login_token_unsynced(&server, &session_b.token);
+    let sync = raw_sync_all(&mut raw, vec![cursor(conv, 6)], 3);
+    assert_eq!(sync.sync_done, 3);
+    assert_seqs(&sync.messages, conv, 7..=9);
+    let mut raw = login_token_unsynced(&server, &session_b.token);
+    let sync = raw_sync_all(&mut raw, vec![cursor(conv, 8)], 1);
+    assert_seqs(&sync.messages, conv, [9]);
+
+    // A presented cursor is a delivered receipt: after one device synced
+    // with cursor 9, a device with no cursors gets nothing.
+    drop(raw);
+    let mut dev_b3 = server.connect();
+    dev_b3.set_cursor(conv, 9);
+    dev_b3.login_token(&session_b.token).expect("resume");
+    let mut fresh = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut fresh, vec![], 0);
+    assert_eq!(sync.sync_done, 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages);
+    expect_quiet(&mut [&mut dev_a, &mut dev_b2, &mut dev_b3]);
+}
+
+// 3. The seam between catch-up and live delivery.
+
+/// Bob has `backlog` messages waiting; a second session of Alice starts
+/// sending `live` more (in windows of `live_window`) just before two of
+/// Bob's devices sync at once. Each device must see 1..=backlog+live once,
+/// in order: one reads raw frames, one goes through the client library.
+///
+/// With `strict` false, repeats on the raw device (a seq at or below one
+/// already received in the session) are dropped before the check, so
+/// that only gaps and disorder fail: see the BUG note on the strict test.
+fn seam(backlog: u64, live: u64, live_window: usize, strict: bool) {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let total = backlog + live;
+
+    let mut a = server.login_unsynced(&alice);
+    let acks = send_pipelined(&mut a, To::User(bob.id), &ids(1, backlog), 200);
+    assert!(acks.iter().map(|a| a.seq).eq(1..=backlog));
+
+    let mut raw = server.login_unsynced(&bob);
+    let mut lib = server.connect();
+    let mut a2 = server.login_unsynced(&alice);
+    let start = Arc::new(Barrier::new(3));
+
+    let sender = {
+        let start = start.clone();
+        thread::spawn(move || {
+            start.wait();
+            let began = Instant::now();
+            let acks = send_pipelined(&mut a2, To::User(bob.id), &ids(1_000_000, live), live_window);
+            (acks, began.elapsed())
+        })
+    };
+    let lib_reader = {
+        let start = start.clone();
+        let name = bob.name.clone();
+        thread::spawn(move || {
+            start.wait();
+            lib.login(&name, PASSWORD).expect("login");
+            let got = messages(&mut lib, total as usize);
+            expect_quiet(&mut [&mut lib]);
+            got
+        })
+    };
+    start.wait();
+    let began = Instant::now();
+    let sync = raw_sync_all(&mut raw, vec![], total as usize);
+    let sync_elapsed = began.elapsed();
+    let (live_acks, send_elapsed) = sender.join().expect("sender");
+    assert!(live_acks.iter().map(|a| a.seq).eq(backlog + 1..=total));
+
+    assert_eq!(
+        sync.sync_done, sync.before_done as u64,
+        "SyncDone must count the Message pushes of the catch-up"
+    );
+    let mut messages = sync.messages;
+    let received = messages.len();
+    if !strict {
+        let mut high = 0;
+        messages.retain(|m| {
+            let new = m.seq > high;
+            high = high.max(m.seq);
+            new
+        });
+    }
+    assert_seqs(&messages, conv, 1..=total);
+    for m in &messages {
+        let id = if m.seq <= backlog {
+            m.seq
+        } else {
+            1_000_000 + m.seq - backlog - 1
+        };
+        assert_eq!(m.client_msg_id, id, "seq {} carries the wrong message", m.seq);
+        assert_eq!(m.content, Content::text(text_of(id)));
+    }
+    let got = lib_reader.join().expect("library reader");
+    assert_seqs(&got, conv, 1..=total);
+    eprintln!(
+        "seam: backlog {backlog}, live {live}: sync streamed {} (of which {} live) in {sync_elapsed:?}; \
+         {} arrived live after SyncDone; live sender ran {send_elapsed:?}",
+        sync.sync_done,
+        sync.before_done.saturating_sub(backlog as usize),
+        received - sync.before_done,
+    );
+    if received != messages.len() {
+        eprintln!(
+            "seam: {} duplicates dropped (known bug)",
+            received - messages.len()
+        );
+    }
+}
+
+#[test]
+#[ignore = "BUG (intermittent, about 1 run in 30): the server repeats messages at the seam, \
+            e.g. seqs [1..=2016, 2013..=2500]; see seam_holds_over_many_syncs_during_continuous_sends"]
+fn seam_between_catch_up_and_live_has_no_gap_and_no_duplicate() {
+    seam(2000, 500, 4, true);
+}
+
+#[test]
+fn seam_between_catch_up_and_live_has_no_gap() {
+    // The same, tolerating the known repeats on the raw device (the client
+    // library device must still see each message exactly once).
+    seam(2000, 500, 4, false);
+}
+
+#[test]
+#[ignore = "BUG (intermittent, about 1 run in 30): same seam duplicate as \
+            seam_holds_over_many_syncs_during_continuous_sends, e.g. seqs [1..=604, 603..=900]"]
+fn seam_survives_overflowing_the_hold_buffer() {
+    // Tiny pages and hold buffer: live messages overflow the hold during
+    // the catch-up, which must rescan the store instead of losing them.
+    // If live traffic outruns it every pass, the server may drop the
+    // session as too busy; the client then syncs again from its cursor.
+    let server = TestServer::start_with(|c| {
+        c.sync_page = 16;
+        c.sync_hold_max = 8;
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let (backlog, live) = (600, 300);
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::User(bob.id), &ids(1, backlog), 200);
+    let mut a2 = server.login_unsynced(&alice);
+    let sender =
+        thread::spawn(move || send_pipelined(&mut a2, To::User(bob.id), &ids(1_000_000, live), 2).len());
+    let (got, resyncs) = raw_sync_resuming(&server, &bob, conv, backlog + live);
+    assert_eq!(sender.join().expect("sender"), live as usize);
+    assert_seqs(&got, conv, 1..=backlog + live);
+    eprintln!("hold overflow: {resyncs} sessions dropped as too busy and resumed");
+}
+
+#[test]
+#[ignore = "BUG: a message committed (visible to the catch-up's store scan) before its Deliver \
+            event reaches the recipient's shard is streamed by the catch-up and pushed again \
+            live after go_live (engine/src/catchup.rs sync, shard/mod.rs deliver_message: Live \
+            state has no floor check)"]
+fn seam_holds_over_many_syncs_during_continuous_sends() {
+    // Many short sessions, each syncing from the cursors of the last one
+    // while two senders keep going: one conversation homed on the
+    // recipient's shard (deliveries run inline after the commit), one on
+    // the other shard (deliveries cross a queue). Every session must get
+    // exactly cursor+1, cursor+2, … per conversation: a duplicate means a
+    // message the catch-up read from the store was also delivered live.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = TestServer::start();
+    let bob = server.user_on_shard("bob", 1);
+    let local = server.user_where("local", |u| conv_home(u, &bob) == 1);
+    let remote = server.user_where("remote", |u| conv_home(u, &bob) == 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = [&local, &remote]
+        .into_iter()
+        .map(|user| {
+            let mut client = server.login_unsynced(user);
+            let stop = stop.clone();
+            let to = bob.id;
+            thread::spawn(move || {
+                let mut next = 1;
+                while !stop.load(Ordering::Relaxed) {
+                    send_pipelined(&mut client, To::User(to), &ids(next, 2), 2);
+                    next += 2;
+                }
+                next - 1
+            })
+        })
+        .collect();
+    let convs = [
+        ConvId::direct(local.id, bob.id),
+        ConvId::direct(remote.id, bob.id),
+    ];
+    let mut last = [0u64; 2];
+    let mut sessions = 0;
+    let mut violations = Vec::new();
+    let began = Instant::now();
+    let mut rng = 0x1234_5678_u64;
+    while began.elapsed() < Duration::from_secs(3) {
+        sessions += 1;
+        let mut b = server.login_unsynced(&bob);
+        let cursors = (0..2).map(|i| cursor(convs[i], last[i])).collect();
+        let mut out = rkyv::util::AlignedVec::new();
+        let frame = tern_client::ClientFrame {
+            request_id: 7,
+            body: ClientBody::Sync { cursors },
+        };
+        tern_proto::encode_client(&frame, &mut out, 1 << 20).expect("encode");
+        b.send_raw(&out).expect("send Sync");
+        rng = tern_proto::ids::mix64(rng);
+        let live_for = Duration::from_millis(rng % 30);
+        let mut synced_at: Option<Instant> = None;
+        loop {
+            let wait = match synced_at {
+                Some(at) => live_for.saturating_sub(at.elapsed()),
+                None => TIMEOUT,
+            };
+            match b.read_frame(wait).expect("session") {
+                Some(ServerFrame {
+                    body: ServerBody::Message(m),
+                    ..
+                }) => {
+                    let i = convs.iter().position(|c| *c == m.conv).expect("known conv");
+                    if m.seq != last[i] + 1 {
+                        let what = if m.seq <= last[i] { "duplicate" } else { "gap" };
+                        let when = if synced_at.is_some() { "live" } else { "catch-up" };
+                        violations.push(format!(
+                            "session {sessions}, {} conv: {what}: after {} came {} ({when})",
+                            ["local", "remote"][i],
+                            last[i],
+                            m.seq
+                        ));
+                    }
+                    last[i] = last[i].max(m.seq);
+                }
+                Some(ServerFrame {
+                    request_id: 7,
+                    body: ServerBody::SyncDone { .. },
+                }) => synced_at = Some(Instant::now()),
+                Some(other) => panic!("unexpected {other:?}"),
+                None if synced_at.is_some() => break,
+                None => panic!("no SyncDone within {TIMEOUT:?}"),
+            }
+        }
+        if sessions % 2 == 0 {
+            // Trim the inbox now and then, so the catch-up stays short.
+            for i in 0..2 {
+                if last[i] > 0 {
+                    b.receipt(convs[i], ReceiptKind::Delivered, last[i])
+                        .expect("receipt");
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent: Vec<u64> = senders.into_iter().map(|s| s.join().expect("sender")).collect();
+    let mut b = server.login_unsynced(&bob);
+    let cursors = (0..2).map(|i| cursor(convs[i], last[i])).collect();
+    let rest = (sent[0] - last[0] + sent[1] - last[1]) as usize;
+    let sync = raw_sync_all(&mut b, cursors, rest);
+    for i in 0..2 {
+        let got: Vec<_> = sync
+            .messages
+            .iter()
+            .filter(|m| m.conv == convs[i])
+            .cloned()
+            .collect();
+        assert_seqs(&got, convs[i], last[i] + 1..=sent[i]);
+    }
+    eprintln!(
+        "seam stress: {sessions} sessions, {} + {} messages",
+        sent[0], sent[1]
+    );
+    assert!(
+        violations.is_empty(),
+        "{} seam violations in {sessions} sessions:\n{}",
+        violations.len(),
+        violations.join("\n")
+    );
+}
+
+fn conv_home(a: &User, b: &User) -> usize {
+    tern_proto::shard_of(ConvId::direct(a.id, b.id).placement_key(), 2)
+}
+
+// 4. Retry dedup, across a restart.
+
+#[test]
+fn retries_are_deduplicated_even_after_a_restart() {
+    let mut server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+    let mut b = server.login(&bob);
+
+    let first = a.send_direct(bob.id, 777, Content::text("once")).expect("send");
+    assert_eq!(first.seq, 1);
+    let retry = a.send_direct(bob.id, 777, Content::text("once")).expect("retry");
+    assert_eq!(retry, first, "a retry gets the original ack");
+    // Even with different content: the id decides.
+    let retry = a
+        .send_direct(bob.id, 777, Content::text("changed"))
+        .expect("retry");
+    assert_eq!(retry, first);
+    let m = expect_message(&mut b);
+    assert_eq!((m.seq, m.client_msg_id), (1, 777));
+    assert_eq!(m.content, Content::text("once"));
+    expect_quiet(&mut [&mut b]);
+
+    // Ids are per sender and per conversation: Bob's 777 is a new message.
+    let bobs = b
+        .send_direct(alice.id, 777, Content::text("bob's"))
+        .expect("send");
+    assert_eq!(bobs.seq, 2);
+    // Id 0 disables dedup.
+    let z1 = a.send_direct(bob.id, 0, Content::text("zero")).expect("send");
+    let z2 = a.send_direct(bob.id, 0, Content::text("zero")).expect("send");
+    assert_eq!((z1.seq, z2.seq), (3, 4));
+    let mut window = Vec::new();
+    for id in 1001..=1005 {
+        window.push(
+            a.send_direct(bob.id, id, Content::text(text_of(id)))
+                .expect("send"),
+        );
+    }
+    assert_eq!(window.last().map(|s| s.seq), Some(9));
+    assert_seqs(&raw_messages(&mut b, 7), conv, 3..=9);
+    drop((a, b));
+
+    server.restart();
+    let mut a = server.login_unsynced(&alice);
+    let again = a
+        .send_direct(bob.id, 777, Content::text("once"))
+        .expect("retry after restart");
+    assert_eq!(again, first, "the dedup window is reloaded from the store");
+    for sent in &window {
+        let again = a
+            .send_direct(bob.id, sent.client_msg_id, Content::text("x"))
+            .expect("retry after restart");
+        assert_eq!(&again, sent);
+    }
+    let next = a.send_direct(bob.id, 778, Content::text("new")).expect("send");
+    assert_eq!(next.seq, 10, "the next seq follows the last stored one");
+    assert!(next.timestamp_ms >= window[4].timestamp_ms);
+
+    // Bob got every message of Alice's exactly once, none of the retries
+    // (seq 2 is his own, so not in his inbox).
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 9);
+    assert_seqs(&sync.messages, conv, [1].into_iter().chain(3..=10));
+    assert!(sync.messages.iter().all(|m| m.from == alice.id));
+    // History has all ten, Bob's included.
+    let history = b.history(conv, 1, true, 50).expect("history");
+    assert_seqs(&history, conv, 1..=10);
+    assert_eq!(history[1].from, bob.id);
+}
+
+// 5. Receipts.
+
+#[test]
+fn receipts_are_forwarded_live_stored_for_offline_peers_and_trim_the_inbox() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login(&alice);
+    for i in 1..=10 {
+        a.send_text(bob.id, &format!("m{i}")).expect("send");
+    }
+
+    let mut b = server.login(&bob);
+    assert_seqs(&messages(&mut b, 10), conv, 1..=10);
+    b.receipt(conv, ReceiptKind::Delivered, 7).expect("receipt");
+    assert_eq!(expect_receipt(&mut a), (conv, bob.id, ReceiptKind::Delivered, 7));
+
+    // A fresh device of Bob's syncs only what is after the delivered cursor.
+    let mut fresh = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut fresh, vec![], 3);
+    assert_seqs(&sync.messages, conv, 8..=10);
+    drop(fresh);
+
+    // Cursors never move back.
+    b.receipt(conv, ReceiptKind::Delivered, 3).expect("receipt");
+    let _ = expect_receipt(&mut a); // forwarded as sent; the stored cursor stays
+    let mut fresh = server.login_unsynced(&bob);
+    assert_eq!(raw_sync_all(&mut fresh, vec![], 3).messages.len(), 3);
+    drop(fresh);
+
+    // Refusals: seq 0, and a conversation Bob is not in.
+    assert_eq!(
+        code_of(b.receipt(conv, ReceiptKind::Read, 0)),
+        ErrorCode::InvalidArgument
+    );
+    let foreign = ConvId::direct(alice.id, carol.id);
+    assert_eq!(
+        code_of(b.receipt(foreign, ReceiptKind::Delivered, 1)),
+        ErrorCode::Forbidden
+    );
+
+    // Alice goes offline; Bob reads up to 9 (Read implies Delivered).
+    drop(a);
+    b.receipt(conv, ReceiptKind::Read, 9).expect("read receipt");
+    let mut a = server.login(&alice);
+    let convs = a.conversations(0, 50).expect("conversations");
+    assert_eq!(convs.len(), 1);
+    assert_eq!(convs[0].conv, conv);
+    assert_eq!((convs[0].peer_delivered, convs[0].peer_read), (9, 9));
+    // The receipt she missed is not replayed as a push.
+    expect_quiet(&mut [&mut a]);
+
+    // Bob's own view: one unread; a fresh device gets only seq 10.
+    let convs = b.conversations(0, 50).expect("conversations");
+    assert_eq!((convs[0].last_seq, convs[0].unread), (10, 1));
+    let mut fresh = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut fresh, vec![], 1).messages, conv, [10]);
+}
+
+// 6. History.
+
+#[test]
+fn history_pages_forwards_and_backwards_and_is_for_participants_only() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+    let acks = send_pipelined(&mut a, To::User(bob.id), &ids(1, 250), 50);
+    let mut b = server.login_unsynced(&bob);
+
+    // Forwards in pages of 64.
+    let mut all = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = b.history(conv, from, true, 64).expect("history");
+        assert!(page.len() <= 64);
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        all.extend(page);
+    }
+    assert_seqs(&all, conv, 1..=250);
+    for (m, ack) in all.iter().zip(&acks) {
+        assert_eq!(
+            (m.client_msg_id, m.timestamp_ms),
+            (ack.client_msg_id, ack.timestamp_ms)
+        );
+        assert_eq!(m.content, Content::text(text_of(ack.client_msg_id)));
+        assert_eq!(m.from, alice.id);
+    }
+
+    // Backwards from the latest.
+    let page = b.history(conv, u64::MAX, false, 100).expect("history");
+    assert_seqs(&page, conv, (151..=250).rev());
+    let page = b.history(conv, 150, false, 100).expect("history");
+    assert_seqs(&page, conv, (51..=150).rev());
+    let page = b.history(conv, 50, false, 100).expect("history");
+    assert_seqs(&page, conv, (1..=50).rev());
+    assert!(b.history(conv, 0, false, 100).expect("history").is_empty());
+    assert_seqs(
+        &b.history(conv, 10, false, 5).expect("history"),
+        conv,
+        (6..=10).rev(),
+    );
+    assert_seqs(&b.history(conv, 249, true, 10).expect("history"), conv, 249..=250);
+    assert!(b.history(conv, 251, true, 10).expect("history").is_empty());
+
+    // The limit is clamped to 200.
+    assert_seqs(&a.history(conv, 1, true, 1000).expect("history"), conv, 1..=200);
+    assert_seqs(
+        &a.history(conv, u64::MAX, false, u32::MAX).expect("history"),
+        conv,
+        (51..=250).rev(),
+    );
+
+    // History moves no cursor: Bob still syncs all 250.
+    assert_eq!(raw_sync_all(&mut b, vec![], 250).messages.len(), 250);
+
+    // Non-participants are refused, for 1:1 and group conversations.
+    let mut c = server.login_unsynced(&carol);
+    assert_eq!(code_of(c.history(conv, 1, true, 10)), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(c.history(conv, u64::MAX, false, 10)),
+        ErrorCode::Forbidden
+    );
+    let group = a.group_create("history").expect("create");
+    let gconv = ConvId::Group { group };
+    b.group_join(group).expect("join");
+    for i in 1..=3 {
+        a.send_group_text(group, &format!("g{i}")).expect("send");
+    }
+    assert_eq!(code_of(c.history(gconv, 1, true, 10)), ErrorCode::Forbidden);
+    assert_seqs(
+        &b.history(gconv, u64::MAX, false, 10).expect("history"),
+        gconv,
+        [3, 2, 1],
+    );
+    // Joining later still shows what was said before.
+    c.group_join(group).expect("join");
+    assert_seqs(&c.history(gconv, 1, true, 10).expect("history"), gconv, 1..=3);
+    // Leaving revokes access.
+    c.group_leave(group).expect("leave");
+    assert_eq!(code_of(c.history(gconv, 1, true, 10)), ErrorCode::Forbidden);
+}
+
+// 7. The conversation list.
+
+#[test]
+fn conversation_list_counts_unread_and_orders_by_recency() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 1);
+    let mut a = server.login_unsynced(&alice);
+    let mut b = server.login_unsynced(&bob);
+    let mut c = server.login_unsynced(&carol);
+    let with_alice = ConvId::direct(alice.id, bob.id);
+    let with_carol = ConvId::direct(bob.id, carol.id);
+    let group = a.group_create("news").expect("create");
+    let gconv = ConvId::Group { group };
+    b.group_join(group).expect("join");
+
+    assert!(b
+        .conversations(0, 50)
+        .expect("list")
+        .iter()
+        .all(|s| s.conv == gconv));
+    // Timestamps are in milliseconds: space the conversations out.
+    let gap = || thread::sleep(Duration::from_millis(15));
+    for i in 1..=3 {
+        a.send_text(bob.id, &format!("from alice {i}")).expect("send");
+    }
+    gap();
+    a.send_group_text(group, "news 1").expect("send");
+    a.send_group_text(group, "news 2").expect("send");
+    gap();
+    c.send_text(bob.id, "from carol").expect("send");
+
+    let list = b.conversations(0, 50).expect("list");
+    let order: Vec<ConvId> = list.iter().map(|s| s.conv).collect();
+    assert_eq!(order, vec![with_carol, gconv, with_alice]);
+    let counts: Vec<(u64, u64)> = list.iter().map(|s| (s.last_seq, s.unread)).collect();
+    assert_eq!(counts, vec![(1, 1), (2, 2), (3, 3)]);
+    let last = |i: usize| {
+        list[i]
+            .last_message
+            .as_ref()
+            .expect("last message")
+            .content
+            .clone()
+    };
+    assert_eq!(last(0), Content::text("from carol"));
+    assert_eq!(last(1), Content::text("news 2"));
+    assert_eq!(last(2), Content::text("from alice 3"));
+    assert_eq!(list[0].last_message.as_ref().map(|m| m.from), Some(carol.id));
+
+    // Reading moves unread; delivered alone does not.
+    b.receipt(with_alice, ReceiptKind::Delivered, 3).expect("receipt");
+    b.receipt(with_alice, ReceiptKind::Read, 1).expect("receipt");
+    b.receipt(gconv, ReceiptKind::Read, 2).expect("receipt");
+    let list = b.conversations(0, 50).expect("list");
+    let unread: Vec<(ConvId, u64)> = list.iter().map(|s| (s.conv, s.unread)).collect();
+    assert_eq!(unread, vec![(with_carol, 1), (gconv, 0), (with_alice, 2)]);
+
+    // A new message moves its conversation to the front.
+    gap();
+    a.send_text(bob.id, "from alice 4").expect("send");
+    let list = b.conversations(0, 50).expect("list");
+    let order: Vec<(ConvId, u64)> = list.iter().map(|s| (s.conv, s.unread)).collect();
+    assert_eq!(order, vec![(with_alice, 3), (with_carol, 1), (gconv, 0)]);
+
+    // Paging.
+    let page = b.conversations(1, 1).expect("list");
+    assert_eq!(page.iter().map(|s| s.conv).collect::<Vec<_>>(), vec![with_carol]);
+    assert!(b.conversations(3, 10).expect("list").is_empty());
+    // (A late joiner's view of the group: see
+    // `joining_a_group_replays_nothing_even_right_away`.)
+}
+
+// 8. Groups.
+
+#[test]
+fn group_messages_reach_offline_members_and_not_earlier_than_their_join() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let mut a = server.login_unsynced(&alice);
+    let group = a.group_create("team").expect("create");
+    let gconv = ConvId::Group { group };
+    let mut b = server.login_unsynced(&bob);
+    b.group_join(group).expect("join");
+    drop(b);
+    let mut c = server.login(&carol);
+    c.group_join(group).expect("join");
+
+    // Bob is offline, Carol live.
+    let acks = send_pipelined(&mut a, To::Group(group), &ids(1, 5), 5);
+    assert!(acks.iter().map(|a| a.seq).eq(1..=5));
+    assert_seqs(&raw_messages(&mut c, 5), gconv, 1..=5);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 5);
+    assert_seqs(&sync.messages, gconv, 1..=5);
+    assert_eq!(sync.messages[4].content, Content::text(text_of(5)));
+
+    // Dave joins after 5, goes offline, misses 6 and 7.
+    let mut d = server.login_unsynced(&dave);
+    d.group_join(group).expect("join");
+    drop(d);
+    send_pipelined(&mut a, To::Group(group), &ids(6, 2), 2);
+    assert_seqs(&raw_messages(&mut b, 2), gconv, 6..=7);
+    assert_seqs(&raw_messages(&mut c, 2), gconv, 6..=7);
+    let mut d = server.login_unsynced(&dave);
+    let sync = raw_sync_all(&mut d, vec![], 2);
+    assert_seqs(&sync.messages, gconv, 6..=7);
+    // History still has what was said before he joined.
+    assert_seqs(
+        &d.history(gconv, u64::MAX, false, 50).expect("history"),
+        gconv,
+        (1..=7).rev(),
+    );
+    // The sender's own sessions: none of her messages came back to `a`.
+    expect_quiet(&mut [&mut a, &mut b, &mut c, &mut d]);
+}
+
+#[test]
+fn large_groups_are_caught_up_by_read_diffusion_without_duplicates() {
+    let server = TestServer::start_with(|c| c.write_diffusion_max_members = 2);
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let mut a = server.login_unsynced(&alice);
+    let group = a.group_create("big").expect("create");
+    let gconv = ConvId::Group { group };
+    for user in [&bob, &carol, &dave] {
+        let mut client = server.login_unsynced(user);
+        client.group_join(group).expect("join");
+    }
+    let mut c = server.login(&carol);
+
+    send_pipelined(&mut a, To::Group(group), &ids(1, 30), 10);
+    assert_seqs(&raw_messages(&mut c, 30), gconv, 1..=30);
+
+    // Bob, offline, gets all 30 from the group history.
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 30);
+    assert_eq!(sync.sync_done, 30);
+    assert_seqs(&sync.messages, gconv, 1..=30);
+    // He acknowledges 20 and leaves; 31..=35 come meanwhile.
+    b.receipt(gconv, ReceiptKind::Delivered, 20).expect("receipt");
+    drop(b);
+    send_pipelined(&mut a, To::Group(group), &ids(31, 5), 5);
+    assert_seqs(&raw_messages(&mut c, 5), gconv, 31..=35);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 15);
+    assert_seqs(&sync.messages, gconv, 21..=35);
+    // All acknowledged: the next login streams nothing.
+    b.receipt(gconv, ReceiptKind::Delivered, 35).expect("receipt");
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages.len());
+    // And live delivery to him works after that sync.
+    send_pipelined(&mut a, To::Group(group), &ids(36, 1), 1);
+    assert_seqs(&raw_messages(&mut b, 1), gconv, [36]);
+    assert_seqs(&raw_messages(&mut c, 1), gconv, [36]);
+
+    // Dave presents a cursor of his own instead of acknowledging.
+    let mut d = server.login_unsynced(&dave);
+    let sync = raw_sync_all(&mut d, vec![cursor(gconv, 10)], 26);
+    assert_seqs(&sync.messages, gconv, 11..=36);
+    expect_quiet(&mut [&mut b, &mut c, &mut d]);
+}
+
+#[test]
+fn group_growing_past_the_write_diffusion_threshold_loses_nothing() {
+    // Write diffusion while small (messages also in the inbox), read
+    // diffusion once large: an offline member needs both, once each.
+    let server = TestServer::start_with(|c| c.write_diffusion_max_members = 2);
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login_unsynced(&alice);
+    let group = a.group_create("growing").expect("create");
+    let gconv = ConvId::Group { group };
+    server.login_unsynced(&bob).group_join(group).expect("join");
+    send_pipelined(&mut a, To::Group(group), &ids(1, 5), 5);
+    for name in ["carol", "dave"] {
+        let user = server.user_on_shard(name, 0);
+        server.login_unsynced(&user).group_join(group).expect("join");
+    }
+    send_pipelined(&mut a, To::Group(group), &ids(6, 5), 5);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 10);
+    assert_seqs(&sync.messages, gconv, 1..=10);
+}
+
+#[test]
+#[ignore = "BUG: sync streams a group's inbox entries before its history, so messages \
+            sent while the group was above write_diffusion_max_members are skipped once \
+            it shrinks back (engine/src/catchup.rs stream_inbox/stream_groups)"]
+fn group_shrinking_below_the_write_diffusion_threshold_loses_nothing() {
+    // Read diffusion while large (history only), then write diffusion once
+    // members left (inbox too): an offline member must still get 1..=10.
+    let server = TestServer::start_with(|c| c.write_diffusion_max_members = 2);
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let mut a = server.login_unsynced(&alice);
+    let group = a.group_create("shrinking").expect("create");
+    let gconv = ConvId::Group { group };
+    for user in [&bob, &carol, &dave] {
+        server.login_unsynced(user).group_join(group).expect("join");
+    }
+    send_pipelined(&mut a, To::Group(group), &ids(1, 5), 5);
+    for user in [&carol, &dave] {
+        server.login_unsynced(user).group_leave(group).expect("leave");
+    }
+    send_pipelined(&mut a, To::Group(group), &ids(6, 5), 5);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 10);
+    assert_seqs(&sync.messages, gconv, 1..=10);
+}
+
+#[test]
+#[ignore = "BUG: GroupJoin is answered before the joiner's cursors are stored (the Read \
+            receipt is only staged, engine/src/shard/groups.rs group_admin), so a sync right \
+            after the join replays the whole group and the list counts it all as unread"]
+fn joining_a_group_replays_nothing_even_right_away() {
+    // The join answer must not come before the joiner's cursors are
+    // stored: a sync or a conversation list right after it must already
+    // see them at the group's seq.
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let mut a = server.login_unsynced(&alice);
+    let group = a.group_create("busy").expect("create");
+    let gconv = ConvId::Group { group };
+    send_pipelined(&mut a, To::Group(group), &ids(1, 20), 20);
+    for (i, shard) in [0, 1, 0, 1].into_iter().enumerate() {
+        let user = server.user_on_shard(&format!("joiner{i}_"), shard);
+        let mut j = server.login_unsynced(&user);
+        j.group_join(group).expect("join");
+        let sync = raw_sync_all(&mut j, vec![], 0);
+        assert!(
+            sync.messages.is_empty(),
+            "joiner #{i} was replayed {} messages from before the join",
+            sync.messages.len()
+        );
+        let list = j.conversations(0, 10).expect("list");
+        assert_eq!(
+            (list[0].conv, list[0].last_seq, list[0].unread),
+            (gconv, 20, 0),
+            "joiner #{i} sees old messages as unread"
+        );
+    }
+}
+
+// 9. Async durability.
+
+#[test]
+fn async_durability_delivers_live_offline_and_after_a_restart() {
+    let mut server = TestServer::start_with(|c| {
+        c.durability = tern_storage::Durability::Async {
+            flush_interval: Duration::from_millis(50),
+        }
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+    let mut b = server.login(&bob);
+    let acks = send_pipelined(&mut a, To::User(bob.id), &ids(1, 10), 10);
+    assert!(acks.iter().map(|a| a.seq).eq(1..=10));
+    assert_seqs(&messages(&mut b, 10), conv, 1..=10);
+    b.ack_all().expect("ack");
+    drop(b);
+
+    send_pipelined(&mut a, To::User(bob.id), &ids(11, 10), 5);
+    let mut b = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut b, vec![], 10).messages, conv, 11..=20);
+    drop((a, b));
+
+    server.restart();
+    let mut a = server.login_unsynced(&alice);
+    let again = a.send_direct(bob.id, 5, Content::text("x")).expect("retry");
+    assert_eq!(
+        (again.seq, again.timestamp_ms),
+        (acks[4].seq, acks[4].timestamp_ms),
+        "dedup survives the restart"
+    );
+    let next = a.send_text(bob.id, "after restart").expect("send");
+    assert_eq!(next.seq, 21);
+    let mut b = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut b, vec![], 11).messages, conv, 11..=21);
+}
+
+// 10. Inbox expiry.
+
+#[test]
+fn expired_inbox_entries_leave_sync_but_not_history() {
+    let ttl = Duration::from_millis(1000);
+    let server = TestServer::start_with(|c| {
+        c.inbox_ttl = ttl;
+        c.expiry_interval = Duration::from_millis(100);
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+    a.send_text(bob.id, "old").expect("send");
+    // Past the ttl and a few sweeps.
+    thread::sleep(ttl + Duration::from_millis(600));
+    let fresh = a.send_text(bob.id, "fresh").expect("send");
+    assert_eq!(fresh.seq, 2);
+
+    // Well within the ttl of the fresh one: it must still be there.
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 1);
+    assert_seqs(&sync.messages, conv, [2]);
+    assert_eq!(sync.messages[0].content, Content::text("fresh"));
+    let history = b.history(conv, 1, true, 10).expect("history");
+    assert_seqs(&history, conv, 1..=2);
+    assert_eq!(history[0].content, Content::text("old"));
+}
