@@ -83,8 +83,22 @@ fn configure(stream: &TcpStream, shard: &Shard) {
     let _ = stream.set_write_timeout(Some(shard.config.write_timeout));
 }
 
+/// Counts a connection's socket as open on a shard for as long as it lives.
+struct OpenConnection {
+    shard: Rc<Shard>,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        // Closed, or handed to another shard (which counts it there).
+        self.shard.m().connection_gone();
+    }
+}
+
 /// Serves a freshly accepted connection.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    shard.m().connection_accepted();
+    let _open = OpenConnection { shard: shard.clone() };
     configure(&stream, &shard);
     let config = shard.config.clone();
     let mut buf = FrameBuf::new(config.max_frame_bytes);
@@ -160,6 +174,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     .await;
                 match login {
                     Ok((user, username, token)) => {
+                        shard.m().login(true);
                         session.logged_in(user);
                         let login = LoggedIn {
                             user,
@@ -169,7 +184,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         };
                         return move_to_home(shard, stream, buf, login).await;
                     }
-                    Err(e) => store_error_frame(request_id, &e),
+                    Err(e) => {
+                        shard.m().login(false);
+                        store_error_frame(request_id, &e)
+                    }
                 }
             }
             PreLogin::LoginToken { request_id, token } => {
@@ -184,6 +202,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     .await;
                 match login {
                     Ok((user, username, token)) => {
+                        shard.m().login(true);
                         session.logged_in(user);
                         let login = LoggedIn {
                             user,
@@ -193,7 +212,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         };
                         return move_to_home(shard, stream, buf, login).await;
                     }
-                    Err(e) => store_error_frame(request_id, &e),
+                    Err(e) => {
+                        shard.m().login(false);
+                        store_error_frame(request_id, &e)
+                    }
                 }
             }
         };
@@ -207,7 +229,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 /// `None` when no complete frame is buffered.
 fn next_pre_login(buf: &mut FrameBuf, session: &mut Session, shard: &Shard) -> Option<PreLogin> {
     let body = match buf.next_body() {
-        Ok(Some(body)) => body,
+        Ok(Some(body)) => {
+            shard.m().frame_in(body.len() + tern_proto::HEADER_LEN);
+            body
+        }
         Ok(None) => return None,
         Err(e) => return Some(PreLogin::ReplyAndClose(frame_error_reply(&e))),
     };
@@ -274,6 +299,10 @@ async fn write_frame(
 ) -> io::Result<()> {
     out.clear();
     encode_server(frame, out, shard.config.max_frame_bytes).map_err(io::Error::other)?;
+    shard.m().frames_out(1, out.len());
+    if let ServerBody::Error { code, .. } | ServerBody::Disconnect { code, .. } = &frame.body {
+        shard.m().error(*code);
+    }
     write_batch(stream, out).await
 }
 
@@ -285,14 +314,17 @@ async fn reply_and_close(stream: &mut TcpStream, out: &mut AlignedVec, shard: &S
 async fn close_after_read_error(stream: &mut TcpStream, out: &mut AlignedVec, shard: &Shard, e: ReadError) {
     let frame = match &e {
         ReadError::Frame(e) => frame_error_reply(e),
-        ReadError::Io(e) if e.kind() == io::ErrorKind::TimedOut => ServerFrame {
-            request_id: 0,
-            body: ServerBody::Disconnect {
-                code: ErrorCode::IdleTimeout,
-                message: "no frame within the idle timeout".into(),
-                retry_after_ms: 0,
-            },
-        },
+        ReadError::Io(e) if e.kind() == io::ErrorKind::TimedOut => {
+            shard.m().idle_timeout();
+            ServerFrame {
+                request_id: 0,
+                body: ServerBody::Disconnect {
+                    code: ErrorCode::IdleTimeout,
+                    message: "no frame within the idle timeout".into(),
+                    retry_after_ms: 0,
+                },
+            }
+        }
         _ => return,
     };
     reply_and_close(stream, out, shard, &frame).await;
@@ -330,6 +362,8 @@ async fn move_to_home(shard: Rc<Shard>, stream: TcpStream, mut buf: FrameBuf, lo
 
 /// Takes over a connection handed to this shard.
 pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
+    shard.m().connection_adopted();
+    let _open = OpenConnection { shard: shard.clone() };
     let stream = handoff::attach(handoff.socket);
     configure(&stream, &shard);
     let mut buf = FrameBuf::new(shard.config.max_frame_bytes);
@@ -347,7 +381,12 @@ pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
 async fn run_session(shard: Rc<Shard>, stream: TcpStream, buf: FrameBuf, login: LoggedIn) {
     let config = shard.config.clone();
     let user = login.user;
-    let outbox = Rc::new(Outbox::new(config.outbound_queue_bytes, config.max_frame_bytes));
+    let outbox = Rc::new(Outbox::with_metrics(
+        config.outbound_queue_bytes,
+        config.max_frame_bytes,
+        shard.metrics().clone(),
+        shard.index,
+    ));
     let fd = stream.as_raw_fd();
     let (key, first_session) = match shard.add_conn(user, fd, outbox.clone()) {
         Ok(added) => added,
@@ -357,6 +396,7 @@ async fn run_session(shard: Rc<Shard>, stream: TcpStream, buf: FrameBuf, login: 
             return reply_and_close(&mut stream, &mut out, &shard, &error(login.request_id, &refusal)).await;
         }
     };
+    shard.m().session_opened();
     tracing::debug!(user, shard = shard.index, "session opened");
     let logged_in = ServerFrame {
         request_id: login.request_id,
@@ -385,6 +425,7 @@ async fn run_session(shard: Rc<Shard>, stream: TcpStream, buf: FrameBuf, login: 
     outbox.close();
     writer.await;
     let last_session = shard.remove_conn(key);
+    shard.m().session_closed();
     tracing::debug!(user, shard = shard.index, "session closed");
     if last_session {
         glommio::spawn_local(shard.clone().announce_presence(user, false)).detach();
@@ -425,7 +466,10 @@ impl Conn {
         loop {
             loop {
                 let body = match buf.next_body() {
-                    Ok(Some(body)) => body,
+                    Ok(Some(body)) => {
+                        self.shard.m().frame_in(body.len() + tern_proto::HEADER_LEN);
+                        body
+                    }
                     Ok(None) => break,
                     Err(e) => return self.close_with(&frame_error_reply(&e)),
                 };
@@ -452,6 +496,7 @@ impl Conn {
                 Ok(Filled::Eof) => return,
                 Err(ReadError::Frame(e)) => return self.close_with(&frame_error_reply(&e)),
                 Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    self.shard.m().idle_timeout();
                     return self
                         .outbox
                         .finish(ErrorCode::IdleTimeout, "no frame within the idle timeout", 0);

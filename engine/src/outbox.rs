@@ -12,10 +12,13 @@
 
 use std::cell::RefCell;
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use rkyv::util::AlignedVec;
 use tern_proto::{encode_server, ErrorCode, ServerBody, ServerFrame};
+
+use crate::metrics::{Metrics, ShardMetrics};
 
 /// A pending buffer larger than this is released when it drains, so that a
 /// burst does not pin memory on an idle connection.
@@ -33,6 +36,8 @@ pub enum PushError {
 /// The outbound queue of one connection.
 pub struct Outbox {
     inner: RefCell<Inner>,
+    /// The owning shard's counters (absent in unit tests).
+    metrics: Option<(Arc<Metrics>, usize)>,
 }
 
 struct Inner {
@@ -46,9 +51,23 @@ struct Inner {
 }
 
 impl Outbox {
-    /// An empty queue bounded at `limit_bytes`.
+    /// An empty queue bounded at `limit_bytes`, counting into shard
+    /// `shard`'s metrics.
+    pub fn with_metrics(
+        limit_bytes: usize,
+        max_frame_bytes: u32,
+        metrics: Arc<Metrics>,
+        shard: usize,
+    ) -> Outbox {
+        let mut outbox = Outbox::new(limit_bytes, max_frame_bytes);
+        outbox.metrics = Some((metrics, shard));
+        outbox
+    }
+
+    /// An empty queue bounded at `limit_bytes`, counting nothing.
     pub fn new(limit_bytes: usize, max_frame_bytes: u32) -> Outbox {
         Outbox {
+            metrics: None,
             inner: RefCell::new(Inner {
                 pending: AlignedVec::new(),
                 limit_bytes,
@@ -84,11 +103,20 @@ impl Outbox {
             );
             return Err(PushError::SlowConsumer);
         }
+        let (added, queued) = (inner.pending.len() - before, inner.pending.len());
         inner.wake();
+        drop(inner);
+        if let Some(m) = self.m() {
+            m.frames_out(1, added);
+            m.outbound_enqueued(added, queued);
+            if let ServerBody::Error { code, .. } = &frame.body {
+                m.error(*code);
+            }
+        }
         Ok(())
     }
 
-    /// Queues already-encoded frames (shared deliveries).
+    /// Queues one already-encoded frame (a shared delivery).
     pub fn push_encoded(&self, frames: &[u8]) -> Result<(), PushError> {
         let mut inner = self.inner.borrow_mut();
         if inner.closing {
@@ -104,7 +132,13 @@ impl Outbox {
             return Err(PushError::SlowConsumer);
         }
         inner.pending.extend_from_slice(frames);
+        let queued = inner.pending.len();
         inner.wake();
+        drop(inner);
+        if let Some(m) = self.m() {
+            m.frames_out(1, frames.len());
+            m.outbound_enqueued(frames.len(), queued);
+        }
         Ok(())
     }
 
@@ -114,16 +148,41 @@ impl Outbox {
         if inner.closing {
             return;
         }
+        let dropped = inner.pending.len();
         inner.pending.clear();
         inner.append_disconnect(code, message, retry_after_ms);
+        let queued = inner.pending.len();
+        drop(inner);
+        if let Some(m) = self.m() {
+            m.outbound_dequeued(dropped);
+            m.outbound_enqueued(queued, queued);
+            m.error(code);
+            if code == ErrorCode::SlowConsumer {
+                m.slow_consumer();
+            }
+        }
     }
 
     /// Queues a `Disconnect` after what is already queued, then closes.
     pub fn finish(&self, code: ErrorCode, message: &str, retry_after_ms: u32) {
         let mut inner = self.inner.borrow_mut();
-        if !inner.closing {
-            inner.append_disconnect(code, message, retry_after_ms);
+        if inner.closing {
+            return;
         }
+        let before = inner.pending.len();
+        inner.append_disconnect(code, message, retry_after_ms);
+        let queued = inner.pending.len();
+        drop(inner);
+        if let Some(m) = self.m() {
+            m.outbound_enqueued(queued - before, queued);
+            m.error(code);
+        }
+    }
+
+    fn m(&self) -> Option<&ShardMetrics> {
+        self.metrics
+            .as_ref()
+            .map(|(metrics, shard)| metrics.shard(*shard))
     }
 
     /// Closes without a final frame (the peer is gone).
@@ -173,6 +232,9 @@ impl Outbox {
         poll_fn(|cx| {
             let mut inner = self.inner.borrow_mut();
             if !inner.pending.is_empty() {
+                if let Some(m) = self.m() {
+                    m.outbound_dequeued(inner.pending.len());
+                }
                 std::mem::swap(&mut inner.pending, out);
                 if inner.pending.capacity() > RETAIN_BYTES {
                     inner.pending = AlignedVec::new();
@@ -189,6 +251,17 @@ impl Outbox {
             Poll::Pending
         })
         .await
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // Bytes never taken by the writer (the connection died) leave the
+        // queued-bytes gauge here.
+        let left = self.inner.borrow().pending.len();
+        if let Some(m) = self.m() {
+            m.outbound_dequeued(left);
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use tern_storage::{Store, Writer, WriterHandle};
 use crate::config::Config;
 use crate::conn::{self, STOP_POLL};
 use crate::mesh::Mesh;
+use crate::metrics::Metrics;
 use crate::shard::Shard;
 
 /// How long `start` waits for every shard to report that it accepts.
@@ -37,6 +38,7 @@ struct Startup {
     config: Arc<Config>,
     store: Store,
     writer: WriterHandle,
+    metrics: Arc<Metrics>,
     mesh: Mesh,
     addr: SocketAddr,
     next_index: AtomicUsize,
@@ -57,6 +59,20 @@ pub struct Server {
 impl Server {
     /// Starts a server and returns once every shard accepts connections.
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        let metrics = Arc::new(Metrics::new(config.shards));
+        Server::start_with_metrics(config, metrics)
+    }
+
+    /// Starts a server that counts into `metrics` (one entry per shard),
+    /// so that an HTTP endpoint started beforehand can serve them.
+    pub fn start_with_metrics(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Server> {
+        if metrics.shards() != config.shards {
+            bail!(
+                "metrics hold {} shards, the config asks for {}",
+                metrics.shards(),
+                config.shards
+            );
+        }
         config
             .validate()
             .map_err(|e| anyhow!("invalid configuration: {e}"))?;
@@ -82,6 +98,7 @@ impl Server {
             config: Arc::new(config),
             store: store.clone(),
             writer: writer.handle(),
+            metrics,
             addr,
             next_index: AtomicUsize::new(0),
             stop: stop.clone(),
@@ -137,6 +154,11 @@ impl Server {
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A handle on the storage writer (for its metrics).
+    pub fn writer_handle(&self) -> Option<WriterHandle> {
+        self.writer.as_ref().map(Writer::handle)
     }
 
     /// Number of shards.
@@ -251,6 +273,7 @@ async fn run_shard(startup: Arc<Startup>) {
         connected_requests_out,
         connected_events_out,
         startup.writer.clone(),
+        startup.metrics.clone(),
     ));
     glommio::spawn_local(shard.clone().run_committer()).detach();
     if index == 0 {
@@ -261,6 +284,7 @@ async fn run_shard(startup: Arc<Startup>) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(request) = rx.recv().await {
+                shard.m().cross_shard_receive();
                 shard.handle_request(request).await;
             }
         })
@@ -271,6 +295,7 @@ async fn run_shard(startup: Arc<Startup>) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(event) = rx.recv().await {
+                shard.m().cross_shard_receive();
                 shard.handle_event(event);
             }
         })

@@ -158,11 +158,10 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let data_dir = config.data_dir.clone();
-    // TODO(engine): once Server takes the metrics, start it with
-    // `Server::start_with_metrics(config, metrics.clone())` and call
-    // `http.set_writer(server.writer_handle())`; until then the shard
-    // counters read 0 and only process figures move.
-    let server = Server::start(config)?;
+    let server = Server::start_with_metrics(config, metrics.clone())?;
+    if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
+        http.set_writer(writer);
+    }
     ready.store(true, Ordering::SeqCst);
     println!(
         "ternd listening on {} ({} shards, data in {})",

@@ -277,6 +277,9 @@ impl Shard {
     }
 
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let op_count = ops.len();
+        let messages = ops.iter().filter(|op| matches!(op, WriteOp::Message(_))).count();
         let mut ops = ops;
         loop {
             let (tx, rx) = futures_channel::oneshot::channel();
@@ -285,13 +288,18 @@ impl Shard {
             });
             match self.writer.submit(ops, done) {
                 Ok(()) => {
-                    return rx
+                    let result = rx
                         .await
                         .unwrap_or_else(|_| Err(StoreError::Fjall("storage writer stopped".into())));
+                    if result.is_ok() {
+                        self.m().store_commit(op_count, messages, started.elapsed());
+                    }
+                    return result;
                 }
                 Err(SubmitError::Full(back)) => {
                     // The writer is saturated: wait, which also stops this
                     // shard from taking more work, rather than buffer more.
+                    self.m().store_wait();
                     ops = back;
                     glommio::timer::sleep(WRITER_FULL_BACKOFF).await;
                 }

@@ -21,6 +21,7 @@ use std::task::Waker;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use glommio::channels::shared_channel::ConnectedSender;
+use glommio::{GlommioError, ResourceType};
 use rkyv::util::AlignedVec;
 use rustc_hash::{FxHashMap, FxHashSet};
 use slab::Slab;
@@ -31,6 +32,7 @@ use tern_storage::{InboxTargets, MessageWrite, Store, StoreError, WriteOp};
 
 use crate::config::Config;
 use crate::mesh::{ConnKey, Event, Recipients, Request};
+use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::Outbox;
 use crate::stop::StopSignal;
 
@@ -76,6 +78,7 @@ pub struct Shard {
     requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
     events_out: RefCell<Vec<Option<Rc<ConnectedSender<Event>>>>>,
     writer: WriterHandle,
+    metrics: Arc<Metrics>,
     staged: RefCell<Staged>,
     committer_waker: RefCell<Option<Waker>>,
     committing: Cell<bool>,
@@ -137,6 +140,7 @@ impl Shard {
         requests_out: Vec<Option<ConnectedSender<Request>>>,
         events_out: Vec<Option<ConnectedSender<Event>>>,
         writer: WriterHandle,
+        metrics: Arc<Metrics>,
     ) -> Shard {
         Shard {
             index,
@@ -152,6 +156,7 @@ impl Shard {
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             writer,
+            metrics,
             staged: RefCell::new(Staged::default()),
             committer_waker: RefCell::new(None),
             committing: Cell::new(false),
@@ -159,6 +164,17 @@ impl Shard {
     }
 
     /// The home shard of a user, group or conversation key.
+    /// This shard's counters.
+    #[inline]
+    pub fn m(&self) -> &ShardMetrics {
+        self.metrics.shard(self.index)
+    }
+
+    /// Every shard's counters (outboxes keep a handle).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn home_of(&self, key: u64) -> usize {
         shard_of(key, self.shards)
     }
@@ -274,7 +290,9 @@ impl Shard {
                 }
             }
             Delivery::Live => {
-                let _ = entry.outbox.push_encoded(frame);
+                if entry.outbox.push_encoded(frame).is_ok() {
+                    self.m().message_delivered();
+                }
             }
         }
     }
@@ -342,8 +360,17 @@ impl Shard {
         }
         let tx = self.requests_out.borrow().get(shard).cloned().flatten();
         if let Some(tx) = tx {
-            if tx.send(request).await.is_err() {
-                tracing::warn!(shard, "request queue closed; shard is stopping");
+            match tx.try_send(request) {
+                Ok(()) => self.m().cross_shard_send(false),
+                Err(GlommioError::WouldBlock(ResourceType::Channel(request))) => {
+                    // Full: wait, which stops the caller from taking more
+                    // work until the owner catches up.
+                    self.m().cross_shard_send(true);
+                    if tx.send(request).await.is_err() {
+                        tracing::warn!(shard, "request queue closed; shard is stopping");
+                    }
+                }
+                Err(_) => tracing::warn!(shard, "request queue closed; shard is stopping"),
             }
         }
     }
@@ -356,8 +383,15 @@ impl Shard {
         }
         let tx = self.events_out.borrow().get(shard).cloned().flatten();
         if let Some(tx) = tx {
-            if tx.send(event).await.is_err() {
-                tracing::warn!(shard, "event queue closed; shard is stopping");
+            match tx.try_send(event) {
+                Ok(()) => self.m().cross_shard_send(false),
+                Err(GlommioError::WouldBlock(ResourceType::Channel(event))) => {
+                    self.m().cross_shard_send(true);
+                    if tx.send(event).await.is_err() {
+                        tracing::warn!(shard, "event queue closed; shard is stopping");
+                    }
+                }
+                Err(_) => tracing::warn!(shard, "event queue closed; shard is stopping"),
             }
         }
     }
@@ -495,7 +529,9 @@ impl Shard {
                         timestamp_ms,
                     },
                 };
-                self.with_conn(conn, |entry| entry.outbox.push(&frame));
+                if self.with_conn(conn, |entry| entry.outbox.push(&frame).is_ok()) == Some(true) {
+                    self.m().message_sent();
+                }
                 if let Some(echo) = echo {
                     self.for_each_session(user, Some(conn), |entry| {
                         self.deliver_message(entry, conv, seq, &echo)
