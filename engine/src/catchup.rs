@@ -16,7 +16,6 @@ use std::rc::Rc;
 
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
-use rustc_hash::FxHashMap;
 use tern_proto::limits::PAGE_LIMIT_MAX;
 use tern_proto::{
     decode_server, ChatMessage, ConvId, ConversationSummary, Cursor, FrameHeader, ServerBody, ServerFrame,
@@ -42,8 +41,7 @@ pub enum SyncError {
     Store(StoreError),
 }
 
-/// The highest seq sent to the session per conversation.
-type Floors = FxHashMap<ConvId, u64>;
+pub use crate::shard::Floors;
 
 /// Catches a session up; returns how many messages were streamed.
 pub async fn sync(
@@ -80,7 +78,9 @@ pub async fn sync(
             }
             if held.is_empty() {
                 // No await since `take_held`: nothing can slip in between.
-                shard.go_live(key);
+                // The floors go along, to drop deliveries of messages the
+                // scan already sent that are still on their way here.
+                shard.go_live(key, std::mem::take(&mut floors));
                 return Ok(streamed);
             }
             for (conv, seq, frame) in held {
@@ -131,6 +131,16 @@ async fn stream_inbox(
             .await
             .map_err(SyncError::Store)?;
         for entry in &entries {
+            if let ConvId::Group { .. } = entry.conv {
+                // A group that was above the write-diffusion threshold for a
+                // while has messages only in its history: send those first,
+                // so that its seqs still go out in order.
+                let base = group_base(shard, user, entry.conv, floors).await?;
+                if entry.seq > base + 1 {
+                    streamed +=
+                        stream_history(shard, outbox, pace, floors, entry.conv, Some(entry.seq)).await?;
+                }
+            }
             if send_if_new(outbox, pace, floors, entry.conv, entry.seq, &entry.frame).await? {
                 streamed += 1;
             }
@@ -142,6 +152,63 @@ async fn stream_inbox(
     }
 }
 
+/// Where the catch-up of group `conv` starts: the user's delivered cursor,
+/// or what was already sent. Recorded as the floor, so later lookups are free.
+async fn group_base(
+    shard: &Rc<Shard>,
+    user: UserId,
+    conv: ConvId,
+    floors: &mut Floors,
+) -> Result<u64, SyncError> {
+    if let Some(&floor) = floors.get(&conv) {
+        if floor > 0 {
+            return Ok(floor);
+        }
+    }
+    let (delivered, _) = shard
+        .blocking(move |store| store.receipts(user, conv))
+        .await
+        .map_err(SyncError::Store)?;
+    let floor = floors.entry(conv).or_insert(0);
+    *floor = (*floor).max(delivered);
+    Ok(*floor)
+}
+
+/// Sends the history of `conv` after its floor, up to (not including)
+/// `until` if given.
+async fn stream_history(
+    shard: &Rc<Shard>,
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+    conv: ConvId,
+    until: Option<u64>,
+) -> Result<u64, SyncError> {
+    let page = shard.config.sync_page;
+    let mut streamed = 0;
+    loop {
+        let from = floors.get(&conv).copied().unwrap_or(0) + 1;
+        let entries = shard
+            .blocking(move |store| store.history(conv, from, true, page))
+            .await
+            .map_err(SyncError::Store)?;
+        for entry in &entries {
+            if until.is_some_and(|until| entry.seq >= until) {
+                return Ok(streamed);
+            }
+            if send_if_new(outbox, pace, floors, conv, entry.seq, &entry.frame).await? {
+                streamed += 1;
+            }
+        }
+        if entries.len() < page {
+            return Ok(streamed);
+        }
+    }
+}
+
+/// Sends, for each of the user's groups, its history after the user's
+/// cursor: all of it for read-diffused groups, and whatever the inbox did
+/// not hold for the others.
 async fn stream_groups(
     shard: &Rc<Shard>,
     user: UserId,
@@ -153,35 +220,11 @@ async fn stream_groups(
         .blocking(move |store| store.user_groups(user))
         .await
         .map_err(SyncError::Store)?;
-    let page = shard.config.sync_page;
     let mut streamed = 0;
     for group in groups {
         let conv = ConvId::Group { group };
-        let (delivered, _) = shard
-            .blocking(move |store| store.receipts(user, conv))
-            .await
-            .map_err(SyncError::Store)?;
-        loop {
-            let from = floors.get(&conv).copied().unwrap_or(0).max(delivered) + 1;
-            let entries = shard
-                .blocking(move |store| store.history(conv, from, true, page))
-                .await
-                .map_err(SyncError::Store)?;
-            for entry in &entries {
-                if send_if_new(outbox, pace, floors, conv, entry.seq, &entry.frame).await? {
-                    streamed += 1;
-                }
-            }
-            if entries.len() < page {
-                break;
-            }
-            // Seqs below `delivered` were skipped by the query itself, so
-            // make sure the next page starts after this one.
-            floors
-                .entry(conv)
-                .and_modify(|f| *f = (*f).max(delivered))
-                .or_insert(delivered);
-        }
+        group_base(shard, user, conv, floors).await?;
+        streamed += stream_history(shard, outbox, pace, floors, conv, None).await?;
     }
     Ok(streamed)
 }

@@ -43,13 +43,10 @@ const RECIPIENTS: usize = 6;
 const ONLINE: usize = 3;
 /// How long a client keeps trying to reach a (restarting) server.
 const RECONNECT_FOR: Duration = Duration::from_secs(30);
-/// A known server bug (see `durable.rs`,
-/// `seam_holds_over_many_syncs_during_continuous_sends`): a message the
-/// catch-up streamed can be pushed again live right after `SyncDone`.
-/// Such duplicates are counted and reported, not failed on, so that this
-/// test keeps guarding everything else; set `TERN_CRASH_STRICT_SEAM=1`
-/// (or flip this once the bug is fixed) to fail on them too.
-const TOLERATE_SEAM_DUPLICATES: bool = true;
+/// Seam duplicates (a message the catch-up streamed, pushed again live
+/// right after `SyncDone`) were a server bug, now fixed: they fail the
+/// test. Flip this to count and report them instead while investigating.
+const TOLERATE_SEAM_DUPLICATES: bool = false;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

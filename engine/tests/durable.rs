@@ -267,8 +267,6 @@ fn seam(backlog: u64, live: u64, live_window: usize, strict: bool) {
 }
 
 #[test]
-#[ignore = "BUG (intermittent, about 1 run in 30): the server repeats messages at the seam, \
-            e.g. seqs [1..=2016, 2013..=2500]; see seam_holds_over_many_syncs_during_continuous_sends"]
 fn seam_between_catch_up_and_live_has_no_gap_and_no_duplicate() {
     seam(2000, 500, 4, true);
 }
@@ -281,8 +279,6 @@ fn seam_between_catch_up_and_live_has_no_gap() {
 }
 
 #[test]
-#[ignore = "BUG (intermittent, about 1 run in 30): same seam duplicate as \
-            seam_holds_over_many_syncs_during_continuous_sends, e.g. seqs [1..=604, 603..=900]"]
 fn seam_survives_overflowing_the_hold_buffer() {
     // Tiny pages and hold buffer: live messages overflow the hold during
     // the catch-up, which must rescan the store instead of losing them.
@@ -308,10 +304,6 @@ fn seam_survives_overflowing_the_hold_buffer() {
 }
 
 #[test]
-#[ignore = "BUG: a message committed (visible to the catch-up's store scan) before its Deliver \
-            event reaches the recipient's shard is streamed by the catch-up and pushed again \
-            live after go_live (engine/src/catchup.rs sync, shard/mod.rs deliver_message: Live \
-            state has no floor check)"]
 fn seam_holds_over_many_syncs_during_continuous_sends() {
     // Many short sessions, each syncing from the cursors of the last one
     // while two senders keep going: one conversation homed on the
@@ -852,9 +844,6 @@ fn group_growing_past_the_write_diffusion_threshold_loses_nothing() {
 }
 
 #[test]
-#[ignore = "BUG: sync streams a group's inbox entries before its history, so messages \
-            sent while the group was above write_diffusion_max_members are skipped once \
-            it shrinks back (engine/src/catchup.rs stream_inbox/stream_groups)"]
 fn group_shrinking_below_the_write_diffusion_threshold_loses_nothing() {
     // Read diffusion while large (history only), then write diffusion once
     // members left (inbox too): an offline member must still get 1..=10.
@@ -880,9 +869,6 @@ fn group_shrinking_below_the_write_diffusion_threshold_loses_nothing() {
 }
 
 #[test]
-#[ignore = "BUG: GroupJoin is answered before the joiner's cursors are stored (the Read \
-            receipt is only staged, engine/src/shard/groups.rs group_admin), so a sync right \
-            after the join replays the whole group and the list counts it all as unread"]
 fn joining_a_group_replays_nothing_even_right_away() {
     // The join answer must not come before the joiner's cursors are
     // stored: a sync or a conversation list right after it must already

@@ -169,26 +169,40 @@ impl Shard {
                 })
                 .await
                 .map_err(map_err)?;
-                if join {
-                    // A new member starts at the group's current seq: a sync
-                    // does not replay what was said before they joined.
-                    let conv = ConvId::Group { group };
-                    match self.last_seq(conv).await {
-                        Ok(0) => {}
-                        Ok(seq) => self.stage_receipt(user, conv, ReceiptKind::Read, seq, None, None),
-                        Err(e) => tracing::warn!(error = %e, group, "cannot read the group's seq on join"),
+                // A new member starts at the group's current seq, so a sync
+                // does not replay what was said before they joined.
+                let conv = ConvId::Group { group };
+                let joined_at = if join {
+                    self.last_seq(conv).await.map_err(map_err)?
+                } else {
+                    0
+                };
+                // From here to the cache update nothing yields: every message
+                // sequenced after `joined_at` sees the new member list.
+                let cursor_stored = (joined_at > 0).then(|| {
+                    let (tx, rx) = futures_channel::oneshot::channel();
+                    self.stage_receipt(user, conv, ReceiptKind::Read, joined_at, Some(tx), None);
+                    rx
+                });
+                {
+                    let mut groups = self.groups.borrow_mut();
+                    if let Some(state) = groups.get(&group) {
+                        let mut members = state.members.clone();
+                        if join {
+                            members.insert(user);
+                        } else {
+                            members.remove(&user);
+                        }
+                        let rebuilt = Rc::new(self.build_group(members));
+                        groups.insert(group, rebuilt);
                     }
                 }
-                let mut groups = self.groups.borrow_mut();
-                if let Some(state) = groups.get(&group) {
-                    let mut members = state.members.clone();
-                    if join {
-                        members.insert(user);
-                    } else {
-                        members.remove(&user);
+                // Answer only once the cursor is stored, or a sync right
+                // after the join would replay the whole group.
+                if let Some(stored) = cursor_stored {
+                    if stored.await != Ok(true) {
+                        return Err(refusal(ErrorCode::Internal, "join not stored; retry"));
                     }
-                    let rebuilt = Rc::new(self.build_group(members));
-                    groups.insert(group, rebuilt);
                 }
                 Ok(Vec::new())
             }

@@ -54,9 +54,17 @@ enum Delivery {
     Waiting,
     /// Catching up: live messages are held here until the catch-up ends.
     Syncing { held: Vec<Held>, overflowed: bool },
-    /// Synced: messages are pushed as they come.
-    Live,
+    /// Synced: messages are pushed as they come. `floors` holds, per
+    /// conversation, the highest seq the catch-up sent from the store: a
+    /// message can be durable (so the scan saw it) while its delivery is
+    /// still on its way here, and must then be dropped, not sent twice.
+    /// Deliveries of a conversation arrive in seq order, so an entry is
+    /// removed by the first delivery above it.
+    Live { floors: Option<Box<Floors>> },
 }
+
+/// The highest seq sent per conversation during a catch-up.
+pub type Floors = FxHashMap<ConvId, u64>;
 
 /// A message that arrived live while its session was catching up.
 pub type Held = (ConvId, u64, Arc<AlignedVec>);
@@ -289,7 +297,19 @@ impl Shard {
                     held.push((conv, seq, frame.clone()));
                 }
             }
-            Delivery::Live => {
+            Delivery::Live { floors } => {
+                if let Some(map) = floors {
+                    match map.get(&conv) {
+                        Some(&floor) if seq <= floor => return,
+                        Some(_) => {
+                            map.remove(&conv);
+                            if map.is_empty() {
+                                *floors = None;
+                            }
+                        }
+                        None => {}
+                    }
+                }
                 if entry.outbox.push_encoded(frame).is_ok() {
                     self.m().message_delivered();
                 }
@@ -322,8 +342,11 @@ impl Shard {
     /// Switches a session to live delivery. The caller must not have
     /// yielded since `take_held` last returned nothing, or a message held
     /// in between would be lost.
-    pub fn go_live(&self, key: ConnKey) {
-        self.with_conn(key, |entry| *entry.delivery.borrow_mut() = Delivery::Live);
+    pub fn go_live(&self, key: ConnKey, floors: Floors) {
+        let floors = (!floors.is_empty()).then(|| Box::new(floors));
+        self.with_conn(key, |entry| {
+            *entry.delivery.borrow_mut() = Delivery::Live { floors }
+        });
     }
 
     /// Drops this shard's ends of the queues to other shards, so that
