@@ -19,6 +19,10 @@ pub const DEFAULT_PORT: u16 = 7878;
 pub struct Config {
     /// Address every shard accepts plain TCP on (shared with SO_REUSEPORT).
     pub listen: SocketAddr,
+    /// A TLS listener beside the plain one, if configured.
+    pub tls: Option<TlsListener>,
+    /// A TLS handshake that takes longer than this is dropped.
+    pub handshake_timeout: Duration,
     /// Where the store lives.
     pub data_dir: PathBuf,
     /// Number of shards (one glommio executor each).
@@ -77,10 +81,22 @@ pub struct Config {
 
 pub use tern_storage::Durability;
 
+/// A TLS listener: address, certificate chain and key (PEM files), and
+/// whether TLS 1.2 is accepted besides 1.3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub cert_chain: PathBuf,
+    pub key: PathBuf,
+    pub allow_tls12: bool,
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            tls: None,
+            handshake_timeout: Duration::from_secs(10),
             data_dir: PathBuf::from("tern-data"),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,

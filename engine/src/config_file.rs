@@ -39,6 +39,12 @@ pub struct Settings {
     /// Kept apart from `config.durability` so that `flush_interval_ms`
     /// may be given before or after `durability` (or in another layer).
     flush_interval: Duration,
+    /// The TLS listener's parts, kept apart for the same reason and put
+    /// together into `config.tls` by [`Settings::finish`].
+    tls_listen: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_allow_tls12: bool,
 }
 
 /// Where a value came from, for error messages.
@@ -433,6 +439,50 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.sync_hold_max.to_string(),
     },
     Key {
+        name: "tls_listen",
+        help: "Address of the TLS listener (beside the plain one), or \"off\"; needs tls_cert and tls_key",
+        apply: |s, v| {
+            s.tls_listen = match v.text() {
+                Some("off") => None,
+                _ => Some(expected_addr(v).map_err(|_| format!("expected \"off\" or {ADDR_ALLOWED}, got {v}"))?),
+            };
+            Ok(())
+        },
+        show: |s| toml_str(&s.tls_listen.map_or_else(|| "off".to_owned(), |a| a.to_string())),
+    },
+    Key {
+        name: "tls_cert",
+        help: "PEM file with the TLS certificate chain (reloaded on SIGHUP)",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.tls_cert = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| toml_str(&s.tls_cert.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+    },
+    Key {
+        name: "tls_key",
+        help: "PEM file with the TLS private key (reloaded on SIGHUP; the path is printed, never the key)",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.tls_key = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| toml_str(&s.tls_key.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+    },
+    Key {
+        name: "tls_allow_tls12",
+        help: "Accept TLS 1.2 clients as well as TLS 1.3",
+        apply: |s, v| set(&mut s.tls_allow_tls12, expected_bool(v)),
+        show: |s| s.tls_allow_tls12.to_string(),
+    },
+    Key {
+        name: "handshake_timeout_ms",
+        help: "A TLS handshake that takes longer than this is dropped, in ms",
+        apply: |s, v| set(&mut s.config.handshake_timeout, expected_ms(v, 1, DAY_MS)),
+        show: |s| s.config.handshake_timeout.as_millis().to_string(),
+    },
+    Key {
         name: "metrics_listen",
         help: "Address of the HTTP endpoint for /metrics, /healthz and /readyz, or \"off\"",
         apply: |s, v| {
@@ -478,6 +528,10 @@ impl Default for Settings {
             metrics_listen: None,
             log: "info".to_owned(),
             flush_interval: DEFAULT_FLUSH_INTERVAL,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_allow_tls12: false,
         }
     }
 }
@@ -569,7 +623,20 @@ impl Settings {
     }
 
     /// Checks the settings as a whole.
-    pub fn finish(self) -> Result<Settings, ConfigError> {
+    pub fn finish(mut self) -> Result<Settings, ConfigError> {
+        self.config.tls = match (self.tls_listen, &self.tls_cert, &self.tls_key) {
+            (None, _, _) => None,
+            (Some(listen), Some(cert), Some(key)) => Some(crate::config::TlsListener {
+                listen,
+                cert_chain: cert.clone(),
+                key: key.clone(),
+                allow_tls12: self.tls_allow_tls12,
+            }),
+            (Some(_), _, _) => return Err(ConfigError::Invalid(
+                "tls_listen needs both tls_cert and tls_key (see `ternd gen-cert` for a self-signed pair)"
+                    .into(),
+            )),
+        };
         self.config.validate().map_err(ConfigError::Invalid)?;
         if let Some(metrics) = self.metrics_listen {
             if metrics.port() != 0 && metrics == self.config.listen {

@@ -14,15 +14,18 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::AsyncWrite;
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tern_net::frame_io::{fill, write_batch, Filled, ReadError};
-use tern_net::handoff;
 use tern_net::split::{split, ReadHalf, WriteHalf};
+use tern_net::tls::{self, rustls::ServerConfig};
+use tern_net::transport::Transport;
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
     decode_client, encode_server, ArchivedClientBody, ConvId, Cursor, ErrorCode, FrameBuf, FrameError,
@@ -95,11 +98,21 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Serves a freshly accepted connection.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Serves a freshly accepted connection; `tls` is the TLS configuration
+/// of the listener it came from, if that listener speaks TLS.
+pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfig>>) {
     shard.m().connection_accepted();
     let _open = OpenConnection { shard: shard.clone() };
-    configure(&stream, &shard);
+    configure(&tcp, &shard);
+    let mut stream = match tls {
+        None => Transport::Plain(tcp),
+        // The handshake has its own deadline: a client that never finishes
+        // it (slowloris) is dropped without ever reaching the protocol.
+        Some(config) => match tls::accept(tcp, config, shard.config.handshake_timeout).await {
+            Ok(tls) => Transport::Tls(Box::new(tls)),
+            Err(e) => return tracing::debug!(error = %e, "TLS handshake failed"),
+        },
+    };
     let config = shard.config.clone();
     let mut buf = FrameBuf::new(config.max_frame_bytes);
     let idle_ms = config.idle_timeout.as_millis() as u64;
@@ -292,7 +305,7 @@ fn next_pre_login(buf: &mut FrameBuf, session: &mut Session, shard: &Shard) -> O
 }
 
 async fn write_frame(
-    stream: &mut TcpStream,
+    stream: &mut Transport,
     out: &mut AlignedVec,
     shard: &Shard,
     frame: &ServerFrame,
@@ -306,12 +319,12 @@ async fn write_frame(
     write_batch(stream, out).await
 }
 
-async fn reply_and_close(stream: &mut TcpStream, out: &mut AlignedVec, shard: &Shard, frame: &ServerFrame) {
+async fn reply_and_close(stream: &mut Transport, out: &mut AlignedVec, shard: &Shard, frame: &ServerFrame) {
     let _ = write_frame(stream, out, shard, frame).await;
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    stream.close().await;
 }
 
-async fn close_after_read_error(stream: &mut TcpStream, out: &mut AlignedVec, shard: &Shard, e: ReadError) {
+async fn close_after_read_error(stream: &mut Transport, out: &mut AlignedVec, shard: &Shard, e: ReadError) {
     let frame = match &e {
         ReadError::Frame(e) => frame_error_reply(e),
         ReadError::Io(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -339,18 +352,18 @@ struct LoggedIn {
 }
 
 /// Continues a logged-in connection on its user's home shard.
-async fn move_to_home(shard: Rc<Shard>, stream: TcpStream, mut buf: FrameBuf, login: LoggedIn) {
+async fn move_to_home(shard: Rc<Shard>, stream: Transport, mut buf: FrameBuf, login: LoggedIn) {
     let home = shard.home_of(login.user);
     if home == shard.index {
         return run_session(shard, stream, buf, login).await;
     }
     let leftover = buf.take_buffered();
-    let socket = match handoff::detach(stream) {
-        Ok(socket) => socket,
+    let transport = match stream.into_parts() {
+        Ok(parts) => parts,
         Err(e) => return tracing::warn!(error = %e, "cannot hand a connection to its home shard"),
     };
     let handoff = Handoff {
-        socket,
+        transport,
         user: login.user,
         username: login.username,
         token: login.token,
@@ -364,8 +377,8 @@ async fn move_to_home(shard: Rc<Shard>, stream: TcpStream, mut buf: FrameBuf, lo
 pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
     shard.m().connection_adopted();
     let _open = OpenConnection { shard: shard.clone() };
-    let stream = handoff::attach(handoff.socket);
-    configure(&stream, &shard);
+    let stream = Transport::from_parts(handoff.transport);
+    configure(stream.tcp(), &shard);
     let mut buf = FrameBuf::new(shard.config.max_frame_bytes);
     buf.push_bytes(&handoff.leftover);
     let login = LoggedIn {
@@ -378,7 +391,7 @@ pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
 }
 
 /// Runs an authenticated session on its user's home shard.
-async fn run_session(shard: Rc<Shard>, stream: TcpStream, buf: FrameBuf, login: LoggedIn) {
+async fn run_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: LoggedIn) {
     let config = shard.config.clone();
     let user = login.user;
     let outbox = Rc::new(Outbox::with_metrics(
@@ -446,6 +459,9 @@ async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(mut writer: WriteHalf<S>, o
             batch = AlignedVec::new();
         }
     }
+    // A TLS close_notify (bounded by the write timeout), then a shutdown of
+    // both directions, which also ends the reader's pending read.
+    let _ = writer.close().await;
     let fd = writer.with_stream(|s| s.as_raw_fd());
     // SAFETY: shutdown has no memory effects; the descriptor is still owned
     // by the stream, which outlives this call.
@@ -462,7 +478,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn read_loop(&mut self, mut reader: ReadHalf<TcpStream>, mut buf: FrameBuf) {
+    async fn read_loop(&mut self, mut reader: ReadHalf<Transport>, mut buf: FrameBuf) {
         loop {
             loop {
                 let body = match buf.next_body() {

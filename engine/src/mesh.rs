@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use rkyv::util::AlignedVec;
-use tern_net::handoff::DetachedSocket;
+use tern_net::transport::DetachedTransport;
 use tern_proto::{Content, ConvId, GroupId, UserId};
 
 /// Identifies a connection within its shard: slab slot and generation, so a
@@ -134,7 +134,7 @@ pub enum Event {
 /// A connection in transit, with everything its new shard needs.
 #[derive(Debug)]
 pub struct Handoff {
-    pub socket: DetachedSocket,
+    pub transport: DetachedTransport,
     pub user: UserId,
     pub username: String,
     pub token: Vec<u8>,

@@ -22,6 +22,7 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use tern_net::listen::PortReservation;
 use tern_net::memlock;
+use tern_net::tls::{CertStore, TlsSettings};
 use tern_storage::{Store, Writer, WriterHandle};
 
 use crate::config::Config;
@@ -41,6 +42,8 @@ struct Startup {
     metrics: Arc<Metrics>,
     mesh: Mesh,
     addr: SocketAddr,
+    /// The TLS listener's address and certificates, if configured.
+    tls: Option<(SocketAddr, Arc<CertStore>)>,
     next_index: AtomicUsize,
     stop: Arc<AtomicBool>,
     ready: std::sync::Mutex<mpsc::Sender<Result<usize, String>>>,
@@ -49,6 +52,7 @@ struct Startup {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    tls: Option<(SocketAddr, Arc<CertStore>)>,
     shards: usize,
     stop: Arc<AtomicBool>,
     pool: Option<JoinHandle<()>>,
@@ -85,6 +89,23 @@ impl Server {
         let reservation = PortReservation::bind(config.listen)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = reservation.addr();
+        let tls_reservation = match &config.tls {
+            None => None,
+            Some(listener) => {
+                let settings = TlsSettings {
+                    cert_chain: listener.cert_chain.clone(),
+                    key: listener.key.clone(),
+                    allow_tls12: listener.allow_tls12,
+                };
+                let certs = CertStore::open(settings).context("cannot load the TLS certificate")?;
+                let reservation = PortReservation::bind(listener.listen)
+                    .with_context(|| format!("cannot listen on {}", listener.listen))?;
+                Some((reservation, Arc::new(certs)))
+            }
+        };
+        let tls = tls_reservation
+            .as_ref()
+            .map(|(r, certs)| (r.addr(), certs.clone()));
         let shards = config.shards;
         let placement = if config.pin_shards && shards <= available_cpus() {
             PoolPlacement::MaxSpread(shards, None)
@@ -100,6 +121,7 @@ impl Server {
             writer: writer.handle(),
             metrics,
             addr,
+            tls: tls.clone(),
             next_index: AtomicUsize::new(0),
             stop: stop.clone(),
             ready: std::sync::Mutex::new(ready_tx.clone()),
@@ -126,6 +148,7 @@ impl Server {
             })?;
         let mut server = Server {
             addr,
+            tls,
             shards,
             stop,
             pool: Some(pool),
@@ -148,12 +171,28 @@ impl Server {
             }
         }
         reservation.release();
+        if let Some((reservation, _)) = tls_reservation {
+            reservation.release();
+        }
         Ok(server)
     }
 
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS listener's address, if one is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The TLS certificates in service, if a TLS listener is configured.
+    /// [`CertStore::reload`] re-reads them (SIGHUP in `ternd`): new
+    /// connections use the new ones, open connections keep theirs, and on
+    /// error the old ones stay in service.
+    pub fn tls_certs(&self) -> Option<Arc<CertStore>> {
+        self.tls.as_ref().map(|(_, certs)| certs.clone())
     }
 
     /// A handle on the storage writer (for its metrics).
@@ -320,10 +359,25 @@ async fn run_shard(startup: Arc<Startup>) {
             shard.stop.fire();
         })
     };
+    let tls_accepting = match &startup.tls {
+        None => None,
+        Some((addr, certs)) => match TcpListener::bind(addr) {
+            Ok(listener) => {
+                let (shard, certs) = (shard.clone(), certs.clone());
+                Some(glommio::spawn_local(async move {
+                    accept_loop(&shard, &listener, Some(certs)).await
+                }))
+            }
+            Err(e) => return report(Err(format!("shard {index} cannot listen on {addr} (TLS): {e}"))),
+        },
+    };
     report(Ok(index));
     tracing::debug!(shard = index, addr = %startup.addr, "shard accepting");
-    accept_loop(&shard, &listener).await;
+    accept_loop(&shard, &listener, None).await;
     drop(listener);
+    if let Some(tls_accepting) = tls_accepting {
+        tls_accepting.await;
+    }
     watcher.await;
     let config = &startup.config;
     shard.drain_connections(config.shutdown_retry_after.as_millis().min(u32::MAX as u128) as u32);
@@ -404,7 +458,9 @@ fn connect_senders<T: Send + 'static>(
         .collect()
 }
 
-async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+/// Accepts until the shard stops; `tls` makes every connection start with
+/// a TLS handshake under the current certificate.
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, tls: Option<Arc<CertStore>>) {
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             shard.stop.wait().await;
@@ -414,7 +470,8 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+                let config = tls.as_ref().map(|certs| certs.current());
+                glommio::spawn_local(conn::serve(shard.clone(), stream, config)).detach();
             }
             Some(Err(e)) => {
                 // Typically EMFILE/ENFILE: back off instead of spinning, and

@@ -7,7 +7,8 @@
 //! [`tern_proto::FrameBuf`] and writing batches of encoded frames
 //! ([`frame_io`]), moving an accepted socket to another shard ([`handoff`]),
 //! sizing glommio's registered I/O memory to the process's locked-memory
-//! limit ([`memlock`]), and TLS on those sockets ([`tls`]). It knows
+//! limit ([`memlock`]), TLS on those sockets ([`tls`]), and one stream type
+//! for both ([`transport`]). It knows
 //! nothing of users or messages: that is the engine's business.
 
 pub mod frame_io;
@@ -16,3 +17,4 @@ pub mod listen;
 pub mod memlock;
 pub mod split;
 pub mod tls;
+pub mod transport;

@@ -4,10 +4,12 @@
 //! `./tern-data` and one shard per CPU. Settings come from defaults, then
 //! `--config FILE` (TOML), then `TERN_*` environment variables, then flags
 //! (one per config key; `docs/configuration.md`). `ternd check-config FILE`
-//! validates a file and prints the effective settings. With
+//! validates a file and prints the effective settings; `ternd gen-cert
+//! --out DIR` writes a self-signed certificate for local TLS. With
 //! `--metrics-listen ADDR` it serves `/metrics`, `/healthz` and `/readyz`
 //! there. SIGINT or SIGTERM stops it cleanly: `/readyz` turns 503, clients
-//! are told to reconnect later, queues drain, the store is flushed.
+//! are told to reconnect later, queues drain, the store is flushed. SIGHUP
+//! reloads the TLS certificate without dropping connections.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tern_engine::config_file::{Origin, Settings, KEYS};
 use tern_engine::http::serve_http;
@@ -53,6 +55,24 @@ fn command() -> Command {
                 .action(ArgAction::SetTrue)
                 .global(true)
                 .help("Do not pin shards to CPUs (same as --pin-shards false)"),
+        )
+        .subcommand(
+            Command::new("gen-cert")
+                .about("Write a self-signed cert.pem and key.pem for local TLS")
+                .arg(
+                    Arg::new("out")
+                        .long("out")
+                        .value_name("DIR")
+                        .required(true)
+                        .value_parser(clap::value_parser!(PathBuf)),
+                )
+                .arg(
+                    Arg::new("name")
+                        .long("name")
+                        .value_name("DNS_OR_IP")
+                        .action(ArgAction::Append)
+                        .help("Subject alternative name (repeatable; default: localhost, 127.0.0.1, ::1)"),
+                ),
         )
         .subcommand(
             Command::new("check-config")
@@ -115,6 +135,7 @@ fn main() -> ExitCode {
     let matches = command().get_matches();
     let result = match matches.subcommand() {
         Some(("check-config", sub)) => check_config(sub),
+        Some(("gen-cert", sub)) => gen_cert(sub),
         _ => load(&matches, matches.get_one::<PathBuf>("config").cloned()).and_then(serve),
     };
     match result {
@@ -124,6 +145,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn gen_cert(sub: &ArgMatches) -> anyhow::Result<()> {
+    let dir = sub.get_one::<PathBuf>("out").cloned().unwrap_or_default();
+    let names: Vec<String> = sub
+        .get_many::<String>("name")
+        .map(|n| n.cloned().collect())
+        .unwrap_or_default();
+    let (cert, key) = tern_net::tls::generate_self_signed(&dir, &names)?;
+    println!("wrote {} and {}", cert.display(), key.display());
+    println!(
+        "serve with: ternd --tls-listen 127.0.0.1:7879 --tls-cert {} --tls-key {}",
+        cert.display(),
+        key.display()
+    );
+    println!(
+        "connect with: tern --server 127.0.0.1:7879 --tls --ca {} ...",
+        cert.display()
+    );
+    Ok(())
 }
 
 fn check_config(sub: &ArgMatches) -> anyhow::Result<()> {
@@ -156,7 +197,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let data_dir = config.data_dir.clone();
     let server = Server::start_with_metrics(config, metrics.clone())?;
     if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
@@ -169,13 +210,28 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         server.shards(),
         data_dir.display()
     );
+    if let Some(addr) = server.tls_addr() {
+        println!("ternd TLS listening on {addr}");
+    }
     let stop = server.stop_handle();
     let not_ready = ready.clone();
+    let certs = server.tls_certs();
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                match certs.as_ref().map(|c| c.reload()) {
+                    Some(Ok(())) => tracing::info!("reloaded the TLS certificate"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "TLS reload failed; the old certificate stays")
+                    }
+                    None => tracing::info!("SIGHUP: no TLS listener to reload"),
+                }
+                continue;
+            }
             tracing::info!(signal, "stopping: draining connections");
             not_ready.store(false, Ordering::SeqCst);
             stop.store(true, Ordering::SeqCst);
+            break;
         }
     });
     server.wait()?;

@@ -59,6 +59,14 @@ impl TestServer {
         self.server.as_ref().expect("server running").addr()
     }
 
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().expect("server running").tls_addr()
+    }
+
+    pub fn tls_certs(&self) -> Option<std::sync::Arc<tern_net::tls::CertStore>> {
+        self.server.as_ref().expect("server running").tls_certs()
+    }
+
     pub fn shards(&self) -> usize {
         self.config.shards
     }

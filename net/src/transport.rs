@@ -1,0 +1,121 @@
+//! A client connection's byte stream: plain TCP or TLS over TCP.
+//!
+//! The engine serves both listeners with the same code, so it works on a
+//! [`Transport`], which forwards reads and writes to whichever stream it
+//! holds. [`Transport::into_parts`] and [`Transport::from_parts`] take a
+//! connection apart for the move to its user's home shard: the TCP socket
+//! travels as a descriptor ([`crate::handoff`]) and a TLS session travels
+//! with it, keyed and with any plaintext it had already decrypted.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::handoff::{self, DetachedSocket};
+use crate::tls::{TlsSession, TlsStream};
+
+/// A connection's stream.
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A connection taken apart to move between shards.
+#[derive(Debug)]
+pub struct DetachedTransport {
+    pub socket: DetachedSocket,
+    pub tls: Option<TlsSession>,
+}
+
+impl Transport {
+    /// The TCP socket underneath (for socket options).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => tls.get_ref(),
+        }
+    }
+
+    /// Whether this connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    /// Takes the connection apart to move it to another executor. No read
+    /// or write may be in flight.
+    pub fn into_parts(self) -> io::Result<DetachedTransport> {
+        match self {
+            Transport::Plain(tcp) => Ok(DetachedTransport {
+                socket: handoff::detach(tcp)?,
+                tls: None,
+            }),
+            Transport::Tls(tls) => {
+                let (tcp, session) = tls.into_parts();
+                Ok(DetachedTransport {
+                    socket: handoff::detach(tcp)?,
+                    tls: Some(session),
+                })
+            }
+        }
+    }
+
+    /// Puts a detached connection back together on the current executor.
+    pub fn from_parts(parts: DetachedTransport) -> Transport {
+        let tcp = handoff::attach(parts.socket);
+        match parts.tls {
+            None => Transport::Plain(tcp),
+            Some(session) => Transport::Tls(Box::new(TlsStream::from_parts(tcp, session))),
+        }
+    }
+
+    /// Ends the connection: a TLS `close_notify` first where there is one,
+    /// then a TCP shutdown of both directions.
+    pub async fn close(&mut self) {
+        if let Transport::Tls(tls) = self {
+            let _ = tls.close().await;
+        }
+        let _ = self.tcp().shutdown(std::net::Shutdown::Both).await;
+    }
+}
+
+impl AsRawFd for Transport {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
+        }
+    }
+}
