@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Drives a real `ternd` over TCP and reports throughput and latency.
 #[derive(Parser, Debug, Clone)]
@@ -77,6 +77,16 @@ pub struct Common {
     /// Identifies this run in usernames (default: derived from time and pid).
     #[arg(long, global = true)]
     pub run_id: Option<String>,
+    /// Which server protocol to drive: Tern, or for comparison NATS
+    /// (nats-server) or MQTT 3.1.1 (mosquitto). Peers support `connect`,
+    /// `pairs` and `groups`.
+    #[arg(long, global = true, value_enum, default_value_t = Protocol::Tern)]
+    pub protocol: Protocol,
+    /// Verify exactly-once, in-order delivery of every message (always
+    /// counted and reported as `lost`, `duplicated`, `reordered`); with this
+    /// flag any of them makes the run fail (exit status 1).
+    #[arg(long, global = true)]
+    pub verify: bool,
     /// Internal: this process is worker number N of `--procs`.
     #[arg(long, global = true, hide = true)]
     pub child: Option<usize>,
@@ -91,6 +101,77 @@ pub enum Scenario {
     Pairs(PairsArgs),
     /// G groups of M members, one publisher per group at a rate: fan-out.
     Groups(GroupsArgs),
+    /// A backlog sent to offline users, then drained: drain rate and time
+    /// to first message (Tern only).
+    Offline(OfflineArgs),
+    /// Reconnect storm: every second K% of N sessions drop and resume with
+    /// LoginToken + Sync from their cursors, while messages trickle in
+    /// (Tern only).
+    Churn(ChurnArgs),
+}
+
+/// The server protocol a run drives.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tern,
+    Nats,
+    Mqtt,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tern => "tern",
+            Protocol::Nats => "nats",
+            Protocol::Mqtt => "mqtt",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OfflineArgs {
+    /// Recipients (each gets its own sender; all processes together).
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    /// Backlog messages in total, spread evenly over the recipients.
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog: usize,
+    /// Backlog per recipient (overrides --backlog).
+    #[arg(long)]
+    pub backlog_per_user: Option<usize>,
+    /// Sends each sender keeps unacknowledged while filling the backlog.
+    #[arg(long, default_value_t = 256)]
+    pub send_window: usize,
+    /// Message body size in bytes (at least 20).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+}
+
+impl OfflineArgs {
+    /// Messages recipient `r` (of `users`) is sent.
+    pub fn backlog_of(&self, r: usize) -> usize {
+        match self.backlog_per_user {
+            Some(n) => n,
+            None => share(self.backlog, self.users, r).len(),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChurnArgs {
+    /// Sessions held (one user each; all processes together).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Percentage of the sessions dropped and resumed every second.
+    #[arg(long, default_value_t = 10.0)]
+    pub percent: f64,
+    /// Messages per second (all senders of one executor together) sent to
+    /// the churning users; 0 for none. Each must arrive exactly once, in order.
+    #[arg(long, default_value_t = 200.0)]
+    pub trickle_rate: f64,
+    /// Message body size in bytes (at least 20).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -162,6 +243,10 @@ impl Cli {
             return Err("--setup-concurrency must be at least 1".into());
         }
         parse_source_ips(&c.source_ips, c.server)?;
+        let tern_only = matches!(self.scenario, Scenario::Offline(_) | Scenario::Churn(_));
+        if tern_only && c.protocol != Protocol::Tern {
+            return Err(format!("{} runs against Tern only", self.scenario_name()));
+        }
         match &self.scenario {
             Scenario::Connect(a) => {
                 if !positive(a.rate) {
@@ -193,6 +278,28 @@ impl Cli {
                     return Err("groups --rate must be > 0".into());
                 }
             }
+            Scenario::Offline(a) => {
+                if a.users == 0 || a.send_window == 0 {
+                    return Err("--users and --send-window must be at least 1".into());
+                }
+                if a.payload_bytes < MIN_PAYLOAD_BYTES {
+                    return Err(format!("--payload-bytes must be at least {MIN_PAYLOAD_BYTES}"));
+                }
+            }
+            Scenario::Churn(a) => {
+                if a.connections == 0 {
+                    return Err("--connections must be at least 1".into());
+                }
+                if !(positive(a.percent) && a.percent <= 100.0) {
+                    return Err("--percent must be in (0, 100]".into());
+                }
+                if !(a.trickle_rate == 0.0 || positive(a.trickle_rate)) {
+                    return Err("--trickle-rate must be >= 0".into());
+                }
+                if a.payload_bytes < MIN_PAYLOAD_BYTES {
+                    return Err(format!("--payload-bytes must be at least {MIN_PAYLOAD_BYTES}"));
+                }
+            }
         }
         Ok(())
     }
@@ -203,6 +310,8 @@ impl Cli {
             Scenario::Connect(_) => "connect",
             Scenario::Pairs(_) => "pairs",
             Scenario::Groups(_) => "groups",
+            Scenario::Offline(_) => "offline",
+            Scenario::Churn(_) => "churn",
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::cli::GroupsArgs;
 use crate::pairs::{deliveries_from, spawn_connection};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
+use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
     frame_failure, message_body, now_ns, open_session, read_frames, sleep_until_ns, WireError, Writer,
 };
@@ -33,6 +34,8 @@ struct Group {
     receivers: Cell<u64>,
     sent: Cell<u64>,
     delivered: Cell<u64>,
+    /// One check per joined member.
+    checks: RefCell<Vec<Rc<RefCell<StreamCheck>>>>,
     publisher_done: Cell<bool>,
 }
 
@@ -109,15 +112,24 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         })
         .collect();
     sleep_until_ns(end_ns).await;
-    let expected = |g: &Group| g.sent.get() * g.receivers.get();
     let all_delivered = || {
-        groups_up
-            .iter()
-            .all(|g| g.publisher_done.get() && g.delivered.get() >= expected(g))
+        groups_up.iter().all(|g| {
+            g.publisher_done.get()
+                && g.checks
+                    .borrow()
+                    .iter()
+                    .all(|c| c.borrow().unique() >= g.sent.get())
+        })
     };
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
 
+    let mut verdict = Verdict::default();
+    for g in &groups_up {
+        for c in g.checks.borrow().iter() {
+            verdict.add(c.borrow().verdict(g.sent.get()));
+        }
+    }
     let outcome = ExecOutcome {
         users: users.len() as u64,
         connections,
@@ -126,11 +138,9 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         sent: groups_up.iter().map(|g| g.sent.get()).sum(),
         delivered: groups_up.iter().map(|g| g.delivered.get()).sum(),
         delivered_in_window: ctx.in_window.get(),
-        undelivered: groups_up
-            .iter()
-            .map(|g| expected(g).saturating_sub(g.delivered.get()))
-            .sum(),
+        undelivered: verdict.lost,
         window_secs: secs_between(start_ns, end_ns),
+        verdict,
         ..ExecOutcome::empty()
     };
     let outcome = finish_outcome(&ctx, outcome);
@@ -204,6 +214,7 @@ async fn connect_group(
         receivers: Cell::new(0),
         sent: Cell::new(0),
         delivered: Cell::new(0),
+        checks: RefCell::default(),
         publisher_done: Cell::new(false),
     });
 
@@ -255,7 +266,9 @@ async fn connect_group(
             LiveCounters::add(&ctx.live().open_connections, 1);
             group.receivers.set(group.receivers.get() + 1);
             let counted = group.clone();
-            let on_delivery = deliveries_from(ctx.clone(), owner, deadline, move || {
+            let check: Rc<RefCell<StreamCheck>> = Rc::default();
+            group.checks.borrow_mut().push(check.clone());
+            let on_delivery = deliveries_from(ctx.clone(), owner, check, deadline, move || {
                 counted.delivered.set(counted.delivered.get() + 1);
             });
             let reading = read_frames(reader, on_delivery);

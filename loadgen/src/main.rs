@@ -4,21 +4,31 @@
 //! `--procs` worker processes ([`worker`]), each running `--threads` glommio
 //! executors that open many connections from many source addresses
 //! ([`wire`]), set up users ([`users`]) and run one scenario ([`connect`],
-//! [`pairs`], [`groups`]). Latencies go into HdrHistograms ([`stats`]) that
+//! [`pairs`], [`groups`], [`offline`], [`churn`]; against nats-server or
+//! mosquitto [`peer_load`] over [`peer`], [`nats`] and [`mqtt`]). Every
+//! received stream is checked for loss, duplicates and reordering
+//! ([`verify`]). Latencies go into HdrHistograms ([`stats`]) that
 //! the coordinator merges into one result ([`report`]): a human summary on
 //! stdout, `--json` and `--hdr-log` files. [`sys`] handles fd limits and
 //! reading the server's memory. Usage: `loadgen --help`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod churn;
 mod cli;
 mod connect;
 mod coord;
 mod groups;
+mod mqtt;
+mod nats;
+mod offline;
 mod pairs;
+mod peer;
+mod peer_load;
 mod report;
 mod stats;
 mod sys;
 mod users;
+mod verify;
 mod wire;
 mod worker;
 
@@ -46,6 +56,14 @@ fn main() -> ExitCode {
         Ok((result, hist)) => {
             print!("{}", report::summary(&result));
             let mut status = ExitCode::SUCCESS;
+            let violations = result.lost + result.duplicated + result.reordered;
+            if cli.common.verify && violations > 0 {
+                eprintln!(
+                    "loadgen: verify failed: {} lost, {} duplicated, {} reordered",
+                    result.lost, result.duplicated, result.reordered
+                );
+                status = ExitCode::FAILURE;
+            }
             if let Some(path) = &cli.common.json {
                 if let Err(e) = report::write_json(path, &result) {
                     eprintln!("loadgen: {e}");

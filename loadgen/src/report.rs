@@ -73,6 +73,29 @@ pub struct RunResult {
     pub connect_rate_per_s: f64,
     pub procs: usize,
     pub threads: usize,
+    /// The server protocol driven: "tern", "nats" or "mqtt".
+    #[serde(default)]
+    pub protocol: String,
+    /// Messages sent that never arrived (per stream: sent − distinct received).
+    #[serde(default)]
+    pub lost: u64,
+    /// Messages received more than once (each extra copy counts).
+    #[serde(default)]
+    pub duplicated: u64,
+    /// Messages that arrived after a later message of the same stream.
+    #[serde(default)]
+    pub reordered: u64,
+    /// `churn`: sessions dropped and resumed, and resumes that failed.
+    #[serde(default)]
+    pub reconnects: u64,
+    #[serde(default)]
+    pub reconnect_failures: u64,
+    #[serde(default)]
+    pub reconnects_per_s: f64,
+    /// `offline`: how fast the backlog was accepted (acked) while the
+    /// recipients were offline, msgs/s.
+    #[serde(default)]
+    pub backlog_msgs_per_s: f64,
     /// Worker → coordinator only: the latency histogram, V2 serialised, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hdr_v2_hex: Option<String>,
@@ -118,6 +141,14 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.duration_s = out.duration_s.max(part.duration_s);
         out.connect_secs = out.connect_secs.max(part.connect_secs);
         out.threads = out.threads.max(part.threads);
+        out.protocol.clone_from(&part.protocol);
+        out.lost += part.lost;
+        out.duplicated += part.duplicated;
+        out.reordered += part.reordered;
+        out.reconnects += part.reconnects;
+        out.reconnect_failures += part.reconnect_failures;
+        out.reconnects_per_s += part.reconnects_per_s;
+        out.backlog_msgs_per_s += part.backlog_msgs_per_s;
     }
     out.procs = parts.len();
     out.connect_rate_per_s = rate(out.connections, out.connect_secs);
@@ -139,8 +170,8 @@ pub fn summary(r: &RunResult) -> String {
     let mut s = String::new();
     let l = &r.latency_us;
     s.push_str(&format!(
-        "scenario {}: {} procs x {} threads, {} users\n",
-        r.scenario, r.procs, r.threads, r.users
+        "scenario {} ({}): {} procs x {} threads, {} users\n",
+        r.scenario, r.protocol, r.procs, r.threads, r.users
     ));
     s.push_str(&format!(
         "  connections  {} established, {} failed, in {:.2} s ({:.0}/s)\n",
@@ -163,6 +194,24 @@ pub fn summary(r: &RunResult) -> String {
             "  server RSS   {before} KiB before, {after} KiB with connections open: {} KiB/conn\n",
             r.server_rss_kib_per_conn
                 .map_or_else(|| "n/a".to_string(), |k| format!("{k:.2}"))
+        ));
+    }
+    if r.scenario != "connect" {
+        s.push_str(&format!(
+            "  verify       {} lost, {} duplicated, {} reordered\n",
+            r.lost, r.duplicated, r.reordered
+        ));
+    }
+    if r.scenario == "churn" {
+        s.push_str(&format!(
+            "  churn        {} resumes ({:.0}/s), {} failed\n",
+            r.reconnects, r.reconnects_per_s, r.reconnect_failures
+        ));
+    }
+    if r.scenario == "offline" {
+        s.push_str(&format!(
+            "  backlog      accepted at {:.0} msgs/s while recipients were offline\n",
+            r.backlog_msgs_per_s
         ));
     }
     s.push_str(&format!("  errors       {}\n", r.errors));
@@ -254,6 +303,9 @@ mod tests {
             "errors",
             "server_rss_kib_per_conn",
             "duration_s",
+            "lost",
+            "duplicated",
+            "reordered",
         ] {
             assert!(value.get(key).is_some(), "missing {key}");
         }

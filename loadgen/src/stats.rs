@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 
+use crate::verify::Verdict;
+
 /// Highest latency recorded, in µs (larger values saturate here): 10 min.
 pub const MAX_LATENCY_US: u64 = 600_000_000;
 
@@ -106,6 +108,12 @@ pub struct ExecOutcome {
     pub errors: u64,
     /// Length of the measured window, seconds.
     pub window_secs: f64,
+    /// Loss, duplication and reordering over every stream received.
+    pub verdict: Verdict,
+    pub reconnects: u64,
+    pub reconnect_failures: u64,
+    /// `offline`: seconds the backlog took to be acknowledged.
+    pub backlog_secs: f64,
 }
 
 impl ExecOutcome {
@@ -122,6 +130,10 @@ impl ExecOutcome {
             undelivered: 0,
             errors: 0,
             window_secs: 0.0,
+            verdict: Verdict::default(),
+            reconnects: 0,
+            reconnect_failures: 0,
+            backlog_secs: 0.0,
         }
     }
 }

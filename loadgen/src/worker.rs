@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use serde::{Deserialize, Serialize};
 
+use crate::cli::Protocol;
 use crate::cli::{parse_source_ips, share, sub_share, Cli, Scenario};
 use crate::report::{histogram_to_hex, rate, Latency, RunResult};
 use crate::stats::{new_histogram, ExecOutcome, LiveCounters, Recorder};
 use crate::sys::{raise_nofile, SPARE_FDS};
 use crate::wire::WireError;
-use crate::{connect, groups, pairs};
+use crate::{churn, connect, groups, offline, pairs, peer_load};
 
 /// Connections one executor opens at once while connecting (pairs, groups).
 pub const CONNECT_CONCURRENCY: usize = 64;
@@ -75,6 +76,11 @@ impl Plan {
             Scenario::Connect(a) => share(a.connections, self.cli.common.procs, self.child).len(),
             Scenario::Pairs(a) => 2 * share(a.pairs, self.cli.common.procs, self.child).len(),
             Scenario::Groups(a) => a.members * share(a.groups, self.cli.common.procs, self.child).len(),
+            Scenario::Offline(a) => 2 * share(a.users, self.cli.common.procs, self.child).len(),
+            Scenario::Churn(a) => {
+                share(a.connections, self.cli.common.procs, self.child).len()
+                    + churn::SENDERS * self.threads()
+            }
         };
         held as u64 + self.cli.common.setup_concurrency as u64 + SPARE_FDS
     }
@@ -211,10 +217,16 @@ fn spawn_p99_ticker(ctx: Rc<Ctx>) -> glommio::Task<()> {
 async fn run_executor(plan: Arc<Plan>, exec: usize) -> ExecOutcome {
     let ctx = Rc::new(Ctx::new(plan, exec));
     let ticker = spawn_p99_ticker(ctx.clone());
+    let peer = ctx.plan.cli.common.protocol != Protocol::Tern;
     let outcome = match ctx.plan.cli.scenario.clone() {
+        Scenario::Connect(args) if peer => peer_load::connect(ctx.clone(), args).await,
+        Scenario::Pairs(args) if peer => peer_load::pairs(ctx.clone(), args).await,
+        Scenario::Groups(args) if peer => peer_load::groups(ctx.clone(), args).await,
         Scenario::Connect(args) => connect::run(ctx.clone(), args).await,
         Scenario::Pairs(args) => pairs::run(ctx.clone(), args).await,
         Scenario::Groups(args) => groups::run(ctx.clone(), args).await,
+        Scenario::Offline(args) => offline::run(ctx.clone(), args).await,
+        Scenario::Churn(args) => churn::run(ctx.clone(), args).await,
     };
     drop(ticker);
     ctx.plan.flags.finished.fetch_add(1, Ordering::SeqCst);
@@ -339,13 +351,18 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         scenario: plan.cli.scenario_name().into(),
         latency_of: match plan.cli.scenario {
             Scenario::Connect(_) => "session_setup".into(),
+            Scenario::Offline(_) => "time_to_first_message".into(),
+            Scenario::Churn(_) => "resume".into(),
             _ => "delivery".into(),
         },
+        protocol: plan.cli.common.protocol.name().into(),
         procs: 1,
         threads: plan.threads(),
         ..RunResult::default()
     };
     let mut delivered_in_window = 0;
+    let mut backlog_sent = 0;
+    let mut backlog_secs: f64 = 0.0;
     for o in outcomes {
         hist.add(&o.latency)
             .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
@@ -359,7 +376,18 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.undelivered += o.undelivered;
         r.errors += o.errors;
         r.duration_s = r.duration_s.max(o.window_secs);
+        r.lost += o.verdict.lost;
+        r.duplicated += o.verdict.duplicated;
+        r.reordered += o.verdict.reordered;
+        r.reconnects += o.reconnects;
+        r.reconnect_failures += o.reconnect_failures;
+        if o.backlog_secs > 0.0 {
+            backlog_sent += o.sent;
+            backlog_secs = backlog_secs.max(o.backlog_secs);
+        }
     }
+    r.backlog_msgs_per_s = rate(backlog_sent, backlog_secs);
+    r.reconnects_per_s = rate(r.reconnects, r.duration_s);
     r.msgs_per_s = rate(delivered_in_window, r.duration_s);
     r.connect_rate_per_s = rate(r.connections, r.connect_secs);
     r.latency_us = Latency::of(&hist);
@@ -370,7 +398,11 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
 /// Builds an executor's outcome from the counters every scenario keeps.
 pub fn finish_outcome(ctx: &Ctx, mut outcome: ExecOutcome) -> ExecOutcome {
     outcome.latency = ctx.recorder.total.borrow().clone();
-    outcome.errors = LiveCounters::get(&ctx.live().errors) + outcome.undelivered;
+    // Lost messages are in `undelivered`; copies and reorders count too.
+    outcome.errors = LiveCounters::get(&ctx.live().errors)
+        + outcome.undelivered
+        + outcome.verdict.duplicated
+        + outcome.verdict.reordered;
     outcome
 }
 

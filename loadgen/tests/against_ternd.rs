@@ -1,5 +1,6 @@
 //! End to end: a real `ternd` process, driven by the `loadgen` binary over
-//! TCP with the `pairs` and `connect` scenarios; both must deliver and
+//! TCP with the `pairs`, `connect`, `offline` and `churn` scenarios; each
+//! must deliver every message exactly once, in order (`--verify`), and
 //! report no errors.
 
 use std::io::{BufRead, BufReader};
@@ -85,13 +86,25 @@ fn pairs_and_connect_against_a_real_server() {
     let pairs = loadgen(
         &addr,
         &dir.path().join("pairs.json"),
-        &["pairs", "--pairs", "4", "--window", "4", "--duration-secs", "2"],
+        &[
+            "--verify",
+            "pairs",
+            "--pairs",
+            "4",
+            "--window",
+            "4",
+            "--duration-secs",
+            "2",
+        ],
     );
     assert_eq!(pairs["scenario"], "pairs");
     assert!(pairs["messages"].as_u64().expect("messages") > 0, "{pairs}");
     assert_eq!(pairs["errors"].as_u64(), Some(0), "{pairs}");
     assert_eq!(pairs["connections"].as_u64(), Some(8), "{pairs}");
     assert!(pairs["latency_us"]["p99"].as_u64().expect("p99") > 0, "{pairs}");
+    for key in ["lost", "duplicated", "reordered"] {
+        assert_eq!(pairs[key].as_u64(), Some(0), "{key}: {pairs}");
+    }
 
     let connect = loadgen(
         &addr,
@@ -111,4 +124,70 @@ fn pairs_and_connect_against_a_real_server() {
     assert_eq!(connect["connections"].as_u64(), Some(50), "{connect}");
     assert_eq!(connect["errors"].as_u64(), Some(0), "{connect}");
     assert!(connect["server_rss_kib_per_conn"].is_number(), "{connect}");
+}
+
+#[test]
+fn offline_backlog_drains_exactly_once_and_churn_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+
+    let offline = loadgen(
+        &addr,
+        &dir.path().join("offline.json"),
+        &[
+            "--verify",
+            "offline",
+            "--users",
+            "5",
+            "--backlog",
+            "600",
+            "--send-window",
+            "16",
+        ],
+    );
+    assert_eq!(offline["scenario"], "offline");
+    assert_eq!(offline["sent"].as_u64(), Some(600), "{offline}");
+    assert_eq!(offline["messages"].as_u64(), Some(600), "{offline}");
+    assert_eq!(offline["connections"].as_u64(), Some(10), "{offline}");
+    assert_eq!(offline["errors"].as_u64(), Some(0), "{offline}");
+    for key in ["lost", "duplicated", "reordered"] {
+        assert_eq!(offline[key].as_u64(), Some(0), "{key}: {offline}");
+    }
+    assert!(
+        offline["msgs_per_s"].as_f64().expect("drain rate") > 0.0,
+        "{offline}"
+    );
+    assert!(
+        offline["backlog_msgs_per_s"].as_f64().expect("fill rate") > 0.0,
+        "{offline}"
+    );
+    // One time-to-first-message per recipient.
+    assert!(
+        offline["latency_us"]["max"].as_u64().expect("max") > 0,
+        "{offline}"
+    );
+
+    let churn = loadgen(
+        &addr,
+        &dir.path().join("churn.json"),
+        &[
+            "--verify",
+            "--duration-secs",
+            "3",
+            "churn",
+            "--connections",
+            "20",
+            "--percent",
+            "25",
+            "--trickle-rate",
+            "100",
+        ],
+    );
+    assert_eq!(churn["scenario"], "churn");
+    // Ticks at 1 s and 2 s, 5 sessions each.
+    assert_eq!(churn["reconnects"].as_u64(), Some(10), "{churn}");
+    assert_eq!(churn["reconnect_failures"].as_u64(), Some(0), "{churn}");
+    assert_eq!(churn["errors"].as_u64(), Some(0), "{churn}");
+    assert!(churn["sent"].as_u64().expect("sent") > 0, "{churn}");
+    assert_eq!(churn["messages"], churn["sent"], "{churn}");
 }
