@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 
 use common::{fake_server, message, Peer};
-use tern_client::{ChatMessage, ClientBody, Content, ConvId, ErrorCode, Friend, ServerBody, ServerFrame};
+use tern_client::{
+    ChatMessage, ClientBody, Content, ConvId, ErrorCode, Friend, ReceiptKind, ServerBody, ServerFrame,
+};
 
 fn tern(addr: SocketAddr, args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -59,6 +61,19 @@ fn login(peer: &mut Peer) {
         f.body
     );
     peer.send(f.request_id, ServerBody::SyncDone { messages: 0 });
+}
+
+fn answer_receipt(peer: &mut Peer, conv: ConvId, seq: u64) {
+    let f = peer.recv();
+    assert_eq!(
+        f.body,
+        ClientBody::Receipt {
+            conv,
+            kind: ReceiptKind::Delivered,
+            seq
+        }
+    );
+    peer.send(f.request_id, ServerBody::Ok);
 }
 
 fn answer_friends(peer: &mut Peer) {
@@ -133,8 +148,11 @@ fn listen_prints_pushes_and_stops_after_count() {
             timestamp_ms: 1,
             content: Content::text("hi\x1b[2J"),
         }));
+        // Each shown message is acknowledged, so the next login skips it.
+        answer_receipt(&mut peer, ConvId::direct(1, 5), 7);
         // User 6 is no friend: the CLI refreshes the friend list once to look for a name.
         answer_friends(&mut peer);
+        answer_receipt(&mut peer, ConvId::Group { group: 3 }, 1);
         peer.wait_closed();
     });
     let out = tern(addr, &["listen", "--count", "2", "--timeout-secs", "10"], "");

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tern_client::{
-    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, GroupId, ServerBody,
-    Session, UserId,
+    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, GroupId, ReceiptKind,
+    ServerBody, Session, UserId,
 };
 
 #[derive(Parser, Debug)]
@@ -415,11 +415,32 @@ fn listen(client: &mut Client, names: &mut Names, count: Option<u64>, limit: Opt
         }
         let wake = stop_at.map_or(next_ping, |s| s.min(next_ping));
         if let Some(body) = client.next_push(wake - now)? {
+            let delivered = delivered_at(&body);
             if let Pushed::Message = print_push(client, names, body)? {
                 seen += 1;
             }
+            acknowledge(client, delivered)?;
         }
     }
+}
+
+/// The conversation and seq of a pushed message, to acknowledge once shown.
+fn delivered_at(body: &ServerBody) -> Option<(ConvId, u64)> {
+    match body {
+        ServerBody::Message(message) => Some((message.conv, message.seq)),
+        _ => None,
+    }
+}
+
+/// Tells the server a shown message was delivered, so that it leaves the
+/// inbox and the next login does not show it again.
+fn acknowledge(client: &mut Client, delivered: Option<(ConvId, u64)>) -> Result<()> {
+    if let Some((conv, seq)) = delivered {
+        client
+            .receipt(conv, ReceiptKind::Delivered, seq)
+            .context("cannot acknowledge a message")?;
+    }
+    Ok(())
 }
 
 fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {
@@ -498,7 +519,9 @@ fn chat(client: &mut Client, session: &Session, names: &mut Names) -> Result<()>
     let mut target: Option<Target> = None;
     loop {
         if let Some(body) = client.next_push(Duration::from_millis(100))? {
+            let delivered = delivered_at(&body);
             print_push(client, names, body)?;
+            acknowledge(client, delivered)?;
         }
         loop {
             let line = match lines.try_recv() {
