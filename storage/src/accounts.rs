@@ -126,6 +126,27 @@ impl Store {
         }
     }
 
+    /// Replaces the password of `user`. Does not revoke tokens: the
+    /// caller decides (a password change revokes them all). Synced like a
+    /// registration, so that an acknowledged change survives a crash and
+    /// the old password never comes back.
+    pub fn set_password(&self, user: UserId, new_password: &[u8]) -> Result<(), StoreError> {
+        check_password(new_password).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
+        let inner = &*self.inner;
+        let username = self.username(user)?.ok_or(StoreError::NotFound)?;
+        let phc = inner.hash_password(new_password)?;
+        // Taken so that a registration's check-then-insert of the same
+        // key never interleaves with this overwrite.
+        let _guard = lock(&inner.register_lock);
+        let mut batch = inner.db.batch();
+        batch.insert(
+            &inner.accounts.handle,
+            username.as_bytes(),
+            codec::encode_account(user, &phc),
+        );
+        inner.commit(batch, true)
+    }
+
     /// The username of `user`, if registered.
     pub fn username(&self, user: UserId) -> Result<Option<String>, StoreError> {
         let users = &self.inner.users;

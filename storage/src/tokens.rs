@@ -89,6 +89,25 @@ impl Store {
         Ok(user)
     }
 
+    /// Removes one token (a logout) and returns whether it was live.
+    /// Synced when `fsync` is on, like [`Store::revoke_tokens`].
+    pub fn revoke_token(&self, token: &[u8]) -> Result<bool, StoreError> {
+        if token.len() != TOKEN_LEN {
+            return Ok(false);
+        }
+        let inner = &*self.inner;
+        let hash = digest(token);
+        let Some(value) = inner.tokens.get(&hash)? else {
+            return Ok(false);
+        };
+        let (user, _) = codec::decode_token(&value).map_err(|d| inner.tokens.corrupt(&hash, d))?;
+        let mut batch = inner.db.batch();
+        batch.remove(&inner.tokens.handle, hash);
+        batch.remove(&inner.user_tokens.handle, codec::user_token_key(user, &hash));
+        inner.commit(batch, true)?;
+        Ok(true)
+    }
+
     /// Removes every token of `user` and returns how many there were.
     /// Synced when `fsync` is on: a revocation that a crash undid would
     /// bring a session the user ended back to life.

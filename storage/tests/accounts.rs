@@ -190,6 +190,48 @@ fn revoke_removes_only_that_users_tokens() {
 }
 
 #[test]
+fn revoke_token_removes_only_that_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    let a1 = store.issue_token(alice).unwrap();
+    let a2 = store.issue_token(alice).unwrap();
+    assert!(store.revoke_token(&a1).unwrap());
+    assert!(matches!(store.verify_token(&a1), Err(StoreError::AuthFailed)));
+    assert_eq!(store.verify_token(&a2).unwrap(), alice);
+    assert!(!store.revoke_token(&a1).unwrap(), "already revoked");
+    assert!(!store.revoke_token(b"short").unwrap());
+    // The per-user index lost it too: revoking all finds only a2.
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 1);
+}
+
+#[test]
+fn set_password_replaces_the_old_one_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice;
+    {
+        let store = open(dir.path());
+        alice = store.register("alice", b"password1").unwrap();
+        let bob = store.register("bob", b"password2").unwrap();
+        store.set_password(alice, b"new password").unwrap();
+        assert!(matches!(
+            store.verify_password("alice", b"password1"),
+            Err(StoreError::AuthFailed)
+        ));
+        assert_eq!(store.verify_password("alice", b"new password").unwrap(), alice);
+        assert_eq!(store.verify_password("bob", b"password2").unwrap(), bob);
+        assert!(matches!(
+            store.set_password(alice, b"short"),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        assert!(matches!(store.set_password(99, b"password9"), Err(StoreError::NotFound)));
+        assert_eq!(store.user_id("alice").unwrap(), Some(alice));
+    }
+    let store = open(dir.path());
+    assert_eq!(store.verify_password("alice", b"new password").unwrap(), alice);
+}
+
+#[test]
 fn tokens_are_stored_only_as_digests() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
