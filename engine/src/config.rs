@@ -5,9 +5,13 @@
 //! its command line; tests build it directly (usually via
 //! [`Config::for_tests`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::filter::ContentFilter;
 
 use tern_storage::StoreOptions;
 
@@ -77,6 +81,150 @@ pub struct Config {
     /// Live messages held for a session while its sync runs; past this the
     /// catch-up makes another pass.
     pub sync_hold_max: usize,
+    /// `Hello` and a successful login must complete within this long of
+    /// the accept, however slowly the bytes come (slowloris).
+    pub login_timeout: Duration,
+    /// Abuse limits (rates, login back-off, connections per address).
+    pub limits: Limits,
+    /// The word list text messages are checked against, if any; shared by
+    /// every shard and reloadable ([`ContentFilter::reload`]).
+    pub content_filter: Option<Arc<ContentFilter>>,
+}
+
+/// Limits against abusive clients; `docs/security.md` explains each. A
+/// rate of 0 (or a count of 0) switches that limit off. Limits per address
+/// are enforced per shard (see [`crate::limits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `SendDirect`/`SendGroup` per second per connection, and the burst.
+    pub message_rate_per_sec: u32,
+    pub message_burst: u32,
+    /// Frames of any kind per second per connection, and the burst.
+    pub frame_rate_per_sec: u32,
+    pub frame_burst: u32,
+    /// Refused frames in a row after which a connection is disconnected.
+    pub rate_limit_disconnect_after: u32,
+    /// New connections per second from one address (per shard), and the burst.
+    pub connection_rate_per_ip: u32,
+    pub connection_burst_per_ip: u32,
+    /// Open sockets from one address (per shard).
+    pub max_connections_per_ip: u32,
+    /// Failed logins of one account before attempts back off.
+    pub login_failures_per_account: u32,
+    /// Failed logins from one address before attempts back off.
+    pub login_failures_per_ip: u32,
+    /// The first back-off; each further failure doubles it, up to the max.
+    pub login_backoff_base: Duration,
+    pub login_backoff_max: Duration,
+    /// Failures are forgotten after this long without a new one.
+    pub login_failure_window: Duration,
+    /// Addresses and accounts each shard remembers for rates and back-off.
+    pub max_tracked_addresses: usize,
+    /// Networks exempt from per-address and per-connection limits (local
+    /// tools, load generators). Not exempt from the login deadline, the
+    /// per-account back-off or the content filter.
+    pub limits_exempt: Vec<IpNet>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            message_rate_per_sec: 50,
+            message_burst: 100,
+            frame_rate_per_sec: 1000,
+            frame_burst: 2000,
+            rate_limit_disconnect_after: 1000,
+            connection_rate_per_ip: 50,
+            connection_burst_per_ip: 100,
+            max_connections_per_ip: 1000,
+            login_failures_per_account: 5,
+            login_failures_per_ip: 20,
+            login_backoff_base: Duration::from_secs(1),
+            login_backoff_max: Duration::from_secs(300),
+            login_failure_window: Duration::from_secs(900),
+            max_tracked_addresses: 100_000,
+            limits_exempt: vec![
+                IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+                IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+            ],
+        }
+    }
+}
+
+impl Limits {
+    /// Whether `ip` is in an exempt network.
+    pub fn is_exempt(&self, ip: IpAddr) -> bool {
+        self.limits_exempt.iter().any(|net| net.contains(ip))
+    }
+}
+
+/// An IP network: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// The network of `addr` with `prefix` leading bits (clamped to the
+    /// address's width).
+    pub fn new(addr: IpAddr, prefix: u8) -> IpNet {
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        IpNet {
+            addr,
+            prefix: prefix.min(width),
+        }
+    }
+
+    /// Whether `ip` is inside (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IpNet, String> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or network such as 10.0.0.0/8"))?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= width)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={width}"))?,
+        };
+        Ok(IpNet::new(addr, prefix))
+    }
 }
 
 pub use tern_storage::Durability;
@@ -120,6 +268,9 @@ impl Default for Config {
             expiry_interval: Duration::from_secs(3600),
             sync_page: 256,
             sync_hold_max: 4096,
+            login_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            content_filter: None,
         }
     }
 }
@@ -179,6 +330,16 @@ impl Config {
         }
         if self.idle_timeout < Duration::from_millis(100) {
             return Err("idle_timeout must be at least 100 ms".into());
+        }
+        if self.login_timeout < Duration::from_millis(100) {
+            return Err("login_timeout must be at least 100 ms".into());
+        }
+        let limits = &self.limits;
+        if limits.login_backoff_base > limits.login_backoff_max {
+            return Err("login_backoff_base_ms must not exceed login_backoff_max_ms".into());
+        }
+        if limits.max_tracked_addresses == 0 {
+            return Err("max_tracked_addresses must be at least 1".into());
         }
         Ok(())
     }

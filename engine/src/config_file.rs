@@ -16,9 +16,11 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, Durability};
+use crate::config::{Config, Durability, IpNet};
+use crate::filter::{ContentFilter, FilterMode};
 
 /// Default for `flush_interval_ms` when `durability = "async"`.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
@@ -45,6 +47,10 @@ pub struct Settings {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_allow_tls12: bool,
+    /// The content filter's parts, loaded into `config.content_filter`
+    /// by [`Settings::finish`].
+    content_filter_file: Option<PathBuf>,
+    content_filter_mode: FilterMode,
 }
 
 /// Where a value came from, for error messages.
@@ -211,6 +217,34 @@ fn set<T>(field: &mut T, value: Result<T, String>) -> Result<(), String> {
 
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
+}
+
+const NETS_ALLOWED: &str =
+    "a list of IP networks such as [\"127.0.0.0/8\", \"::1/128\"] (or, as text, comma-separated)";
+
+fn expected_nets(raw: Raw) -> Result<Vec<IpNet>, String> {
+    let items: Vec<&str> = match raw {
+        Raw::Toml(toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_str()
+                    .ok_or_else(|| format!("expected {NETS_ALLOWED}, got {raw}"))
+            })
+            .collect::<Result<_, _>>()?,
+        Raw::Toml(toml::Value::String(s)) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+        Raw::Text(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+        Raw::Toml(_) => return Err(format!("expected {NETS_ALLOWED}, got {raw}")),
+    };
+    if items.len() > 1024 {
+        return Err("at most 1024 networks".into());
+    }
+    items
+        .into_iter()
+        .map(|item| {
+            item.parse::<IpNet>()
+                .map_err(|e| format!("expected {NETS_ALLOWED}: {e}"))
+        })
+        .collect()
 }
 
 /// Every key, in the order `docs/configuration.md` and the effective
@@ -483,6 +517,141 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.handshake_timeout.as_millis().to_string(),
     },
     Key {
+        name: "login_timeout_ms",
+        help: "Hello and a successful login must complete within this long of the accept, in ms",
+        apply: |s, v| set(&mut s.config.login_timeout, expected_ms(v, 100, DAY_MS)),
+        show: |s| s.config.login_timeout.as_millis().to_string(),
+    },
+    Key {
+        name: "message_rate_per_sec",
+        help: "SendDirect/SendGroup per second per connection (0: no limit)",
+        apply: |s, v| set(&mut s.config.limits.message_rate_per_sec, expected_u32(v, 0, 1_000_000)),
+        show: |s| s.config.limits.message_rate_per_sec.to_string(),
+    },
+    Key {
+        name: "message_burst",
+        help: "Messages a connection may send at once before message_rate_per_sec applies",
+        apply: |s, v| set(&mut s.config.limits.message_burst, expected_u32(v, 1, 1_000_000)),
+        show: |s| s.config.limits.message_burst.to_string(),
+    },
+    Key {
+        name: "frame_rate_per_sec",
+        help: "Frames of any kind per second per connection (0: no limit)",
+        apply: |s, v| set(&mut s.config.limits.frame_rate_per_sec, expected_u32(v, 0, 1_000_000)),
+        show: |s| s.config.limits.frame_rate_per_sec.to_string(),
+    },
+    Key {
+        name: "frame_burst",
+        help: "Frames a connection may send at once before frame_rate_per_sec applies",
+        apply: |s, v| set(&mut s.config.limits.frame_burst, expected_u32(v, 1, 1_000_000)),
+        show: |s| s.config.limits.frame_burst.to_string(),
+    },
+    Key {
+        name: "rate_limit_disconnect_after",
+        help: "Rate-limited frames in a row after which a connection is disconnected (0: never)",
+        apply: |s, v| set(&mut s.config.limits.rate_limit_disconnect_after, expected_u32(v, 0, u32::MAX)),
+        show: |s| s.config.limits.rate_limit_disconnect_after.to_string(),
+    },
+    Key {
+        name: "connection_rate_per_ip",
+        help: "New connections per second from one address, per shard (0: no limit)",
+        apply: |s, v| set(&mut s.config.limits.connection_rate_per_ip, expected_u32(v, 0, 1_000_000)),
+        show: |s| s.config.limits.connection_rate_per_ip.to_string(),
+    },
+    Key {
+        name: "connection_burst_per_ip",
+        help: "New connections one address may open at once, per shard",
+        apply: |s, v| set(&mut s.config.limits.connection_burst_per_ip, expected_u32(v, 1, 1_000_000)),
+        show: |s| s.config.limits.connection_burst_per_ip.to_string(),
+    },
+    Key {
+        name: "max_connections_per_ip",
+        help: "Open connections from one address, per shard (0: no limit)",
+        apply: |s, v| set(&mut s.config.limits.max_connections_per_ip, expected_u32(v, 0, u32::MAX)),
+        show: |s| s.config.limits.max_connections_per_ip.to_string(),
+    },
+    Key {
+        name: "login_failures_per_account",
+        help: "Failed logins of one account before further attempts back off (0: no back-off)",
+        apply: |s, v| set(&mut s.config.limits.login_failures_per_account, expected_u32(v, 0, 1_000_000)),
+        show: |s| s.config.limits.login_failures_per_account.to_string(),
+    },
+    Key {
+        name: "login_failures_per_ip",
+        help: "Failed logins from one address before further attempts back off (0: no back-off)",
+        apply: |s, v| set(&mut s.config.limits.login_failures_per_ip, expected_u32(v, 0, 1_000_000)),
+        show: |s| s.config.limits.login_failures_per_ip.to_string(),
+    },
+    Key {
+        name: "login_backoff_base_ms",
+        help: "First login back-off; each further failure doubles it, in ms",
+        apply: |s, v| set(&mut s.config.limits.login_backoff_base, expected_ms(v, 1, DAY_MS)),
+        show: |s| s.config.limits.login_backoff_base.as_millis().to_string(),
+    },
+    Key {
+        name: "login_backoff_max_ms",
+        help: "Longest login back-off, in ms",
+        apply: |s, v| set(&mut s.config.limits.login_backoff_max, expected_ms(v, 1, DAY_MS)),
+        show: |s| s.config.limits.login_backoff_max.as_millis().to_string(),
+    },
+    Key {
+        name: "login_failure_window_ms",
+        help: "Failed logins are forgotten after this long without another, in ms",
+        apply: |s, v| set(&mut s.config.limits.login_failure_window, expected_ms(v, 1, DAY_MS)),
+        show: |s| s.config.limits.login_failure_window.as_millis().to_string(),
+    },
+    Key {
+        name: "max_tracked_addresses",
+        help: "Addresses (and accounts) each shard remembers for connection rates and login back-off",
+        apply: |s, v| set(&mut s.config.limits.max_tracked_addresses, expected_usize(v, 1, 1 << 24)),
+        show: |s| s.config.limits.max_tracked_addresses.to_string(),
+    },
+    Key {
+        name: "limits_exempt",
+        help: "IP networks exempt from per-address and per-connection rate limits",
+        apply: |s, v| set(&mut s.config.limits.limits_exempt, expected_nets(v)),
+        show: |s| {
+            let nets: Vec<toml::Value> = s
+                .config
+                .limits
+                .limits_exempt
+                .iter()
+                .map(|n| toml::Value::String(n.to_string()))
+                .collect();
+            toml::Value::Array(nets).to_string()
+        },
+    },
+    Key {
+        name: "content_filter_file",
+        help: "Word list (one word or phrase per line) checked against text messages, reloaded on SIGHUP; \"\" for none",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.content_filter_file = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| {
+            toml_str(
+                &s.content_filter_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+        },
+    },
+    Key {
+        name: "content_filter_mode",
+        help: "What a filtered word does: \"reject\" (ContentRejected) or \"mask\" (replaced by *)",
+        apply: |s, v| {
+            s.content_filter_mode = match v.text() {
+                Some("reject") => FilterMode::Reject,
+                Some("mask") => FilterMode::Mask,
+                _ => return Err(format!("expected \"reject\" or \"mask\", got {v}")),
+            };
+            Ok(())
+        },
+        show: |s| toml_str(s.content_filter_mode.name()),
+    },
+    Key {
         name: "metrics_listen",
         help: "Address of the HTTP endpoint for /metrics, /healthz and /readyz, or \"off\"",
         apply: |s, v| {
@@ -532,6 +701,8 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_allow_tls12: false,
+            content_filter_file: None,
+            content_filter_mode: FilterMode::Reject,
         }
     }
 }
@@ -637,6 +808,12 @@ impl Settings {
                     .into(),
             )),
         };
+        self.config.content_filter = match &self.content_filter_file {
+            None => None,
+            Some(path) => Some(Arc::new(
+                ContentFilter::open(path, self.content_filter_mode).map_err(ConfigError::Invalid)?,
+            )),
+        };
         self.config.validate().map_err(ConfigError::Invalid)?;
         if let Some(metrics) = self.metrics_listen {
             if metrics.port() != 0 && metrics == self.config.listen {
@@ -697,6 +874,37 @@ mod tests {
         assert_eq!(again.config.history_retention, Some(Duration::from_secs(86400)));
         assert_eq!(again.config.data_dir, PathBuf::from("/var/lib/tern \"x\""));
         assert_eq!(printed.lines().count(), KEYS.len());
+    }
+
+    #[test]
+    fn limits_and_the_content_filter_load_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let words = dir.path().join("words.txt");
+        std::fs::write(&words, "darn\n").unwrap();
+        let text = format!(
+            "message_rate_per_sec = 7\nlimits_exempt = [\"10.0.0.0/8\", \"::1\"]\n\
+             content_filter_file = {:?}\ncontent_filter_mode = \"mask\"\nlogin_timeout_ms = 2500\n",
+            words.display().to_string()
+        );
+        let settings = load_toml(&text).unwrap();
+        let config = &settings.config;
+        assert_eq!(config.limits.message_rate_per_sec, 7);
+        assert_eq!(config.login_timeout, Duration::from_millis(2500));
+        assert!(config.limits.is_exempt("10.1.2.3".parse().unwrap()));
+        assert!(!config.limits.is_exempt("127.0.0.1".parse().unwrap()));
+        let filter = config.content_filter.as_ref().unwrap();
+        assert_eq!((filter.words(), filter.mode()), (1, FilterMode::Mask));
+        let again = load_toml(&settings.effective_toml()).unwrap();
+        assert_eq!(again.effective_toml(), settings.effective_toml());
+        let settings =
+            Settings::load(None, no_env, &[("limits_exempt", "192.0.2.0/24, 2001:db8::/32")]).unwrap();
+        assert_eq!(settings.config.limits.limits_exempt.len(), 2);
+        let err = load_toml("limits_exempt = [\"10.0.0.0/33\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefix length"), "{err}");
+        let err = load_toml("content_filter_file = \"/nonexistent/words\"").unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
     }
 
     #[test]

@@ -9,13 +9,19 @@
 //! reader that validates frames in place and dispatches them, and a writer
 //! that drains the connection's [`Outbox`] in batches. A malformed frame
 //! gets an error frame and closes only this connection; silence past the
-//! idle timeout closes it with `IdleTimeout`.
+//! idle timeout closes it with `IdleTimeout`, and so does a connection that
+//! has not logged in within the login deadline, however it trickles bytes.
+//! Every frame passes the connection's rate meters ([`crate::limits`])
+//! before it is served, logins are refused before any password is hashed
+//! while their account or address is backing off, and text messages pass
+//! the content filter ([`crate::filter`]).
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWrite;
 use futures_lite::AsyncWriteExt;
@@ -28,11 +34,14 @@ use tern_net::tls::{self, rustls::ServerConfig};
 use tern_net::transport::Transport;
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
-    decode_client, encode_server, ArchivedClientBody, ConvId, Cursor, ErrorCode, FrameBuf, FrameError,
-    Friend, ReceiptKind, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    decode_client, encode_server, ArchivedClientBody, Content, ContentKind, ConvId, Cursor, ErrorCode,
+    FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 };
 
 use crate::catchup::{self, SyncError};
+use crate::filter::{FilterCache, Outcome};
+use crate::limits::{self, ConnLimiter, Refused, Verdict};
 use crate::mesh::{ConnKey, Event, GroupOp, Handoff, Request};
 use crate::outbox::Outbox;
 use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
@@ -70,6 +79,42 @@ fn error(request_id: u64, refusal: &Refusal) -> ServerFrame {
     frame
 }
 
+fn rate_limited(request_id: u64, what: &str, retry_after_ms: u32) -> ServerFrame {
+    ServerFrame::error(
+        request_id,
+        ErrorCode::RateLimited,
+        format!("{what}; retry after {retry_after_ms} ms"),
+    )
+}
+
+fn disconnect(code: ErrorCode, message: &str, retry_after_ms: u32) -> ServerFrame {
+    ServerFrame {
+        request_id: 0,
+        body: ServerBody::Disconnect {
+            code,
+            message: message.into(),
+            retry_after_ms,
+        },
+    }
+}
+
+/// The connection meters' answer to a frame, if it is not to be served.
+fn metered(limiter: &mut ConnLimiter, request_id: u64, is_message: bool) -> Option<PreLogin> {
+    match limiter.check(is_message, limits::monotonic_us()) {
+        Verdict::Allow => None,
+        Verdict::Refuse { retry_after_ms } => Some(PreLogin::Reply(rate_limited(
+            request_id,
+            "too many requests",
+            retry_after_ms,
+        ))),
+        Verdict::Disconnect { retry_after_ms } => Some(PreLogin::ReplyAndClose(disconnect(
+            ErrorCode::RateLimited,
+            "too many requests past the rate limit",
+            retry_after_ms,
+        ))),
+    }
+}
+
 fn frame_error_reply(e: &FrameError) -> ServerFrame {
     let code = match e {
         FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
@@ -101,6 +146,15 @@ impl Drop for OpenConnection {
 /// Serves a freshly accepted connection; `tls` is the TLS configuration
 /// of the listener it came from, if that listener speaks TLS.
 pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfig>>) {
+    let login_deadline = Instant::now() + shard.config.login_timeout;
+    let peer = tcp.peer_addr().ok().map(|addr| addr.ip());
+    // Checked before anything is read or a TLS handshake is spent on it.
+    // Counted on this shard while the socket is here (until it closes or
+    // moves to its user's home shard, which counts it there).
+    let _permit = match limits::admit_connection(&shard.config, peer) {
+        Ok(permit) => permit,
+        Err(refused) => return refuse_connection(&shard, tcp, tls.is_some(), refused).await,
+    };
     shard.m().connection_accepted();
     let _open = OpenConnection { shard: shard.clone() };
     configure(&tcp, &shard);
@@ -117,23 +171,42 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
     let mut buf = FrameBuf::new(config.max_frame_bytes);
     let idle_ms = config.idle_timeout.as_millis() as u64;
     let mut session = Session::new(now_ms(), idle_ms, config.max_message_bytes);
+    let mut limiter = ConnLimiter::new(&config.limits, peer);
     let mut out = AlignedVec::new();
     loop {
-        let action = match next_pre_login(&mut buf, &mut session, &shard) {
+        let action = match next_pre_login(&mut buf, &mut session, &mut limiter, &shard) {
             Some(action) => action,
             None => {
-                // Not yet a session the shard tracks, so watch for shutdown here.
-                let read =
-                    futures_lite::future::or(async { Some(fill(&mut stream, &mut buf).await) }, async {
-                        shard.stop.wait().await;
-                        None
-                    })
-                    .await;
+                // Not yet a session the shard tracks, so watch for shutdown
+                // here, and for the login deadline: the idle timeout alone
+                // lets a client that trickles a byte now and then stay.
+                let remaining = login_deadline.saturating_duration_since(Instant::now());
+                let read = futures_lite::future::or(
+                    futures_lite::future::or(
+                        async { PreLoginWake::Read(fill(&mut stream, &mut buf).await) },
+                        async {
+                            shard.stop.wait().await;
+                            PreLoginWake::Stop
+                        },
+                    ),
+                    async {
+                        glommio::timer::sleep(remaining).await;
+                        PreLoginWake::Deadline
+                    },
+                )
+                .await;
                 match read {
-                    Some(Ok(Filled::Bytes(_))) => continue,
-                    Some(Ok(Filled::Eof)) => return,
-                    Some(Err(e)) => return close_after_read_error(&mut stream, &mut out, &shard, e).await,
-                    None => {
+                    PreLoginWake::Read(Ok(Filled::Bytes(_))) => continue,
+                    PreLoginWake::Read(Ok(Filled::Eof)) => return,
+                    PreLoginWake::Read(Err(e)) => {
+                        return close_after_read_error(&mut stream, &mut out, &shard, e).await
+                    }
+                    PreLoginWake::Deadline => {
+                        shard.m().idle_timeout();
+                        let bye = disconnect(ErrorCode::IdleTimeout, "no login within the login timeout", 0);
+                        return reply_and_close(&mut stream, &mut out, &shard, &bye).await;
+                    }
+                    PreLoginWake::Stop => {
                         let retry_after_ms = shard
                             .config
                             .shutdown_retry_after
@@ -177,7 +250,12 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 request_id,
                 username,
                 password,
-            } => {
+            } => 'login: {
+                // Refused before argon2 runs: a guessing flood costs no CPU.
+                if let Err(wait) = limits::login_allowed(&config, peer, Some(&username)) {
+                    break 'login rate_limited(request_id, "too many failed logins", wait);
+                }
+                let account = username.clone();
                 let login = shard
                     .blocking(move |store| {
                         let user = store.verify_password(&username, &password)?;
@@ -188,6 +266,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 match login {
                     Ok((user, username, token)) => {
                         shard.m().login(true);
+                        limits::login_succeeded(&username);
                         session.logged_in(user);
                         let login = LoggedIn {
                             user,
@@ -199,11 +278,17 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     }
                     Err(e) => {
                         shard.m().login(false);
+                        if matches!(e, tern_storage::StoreError::AuthFailed) {
+                            limits::login_failed(&config, peer, Some(&account));
+                        }
                         store_error_frame(request_id, &e)
                     }
                 }
             }
-            PreLogin::LoginToken { request_id, token } => {
+            PreLogin::LoginToken { request_id, token } => 'login: {
+                if let Err(wait) = limits::login_allowed(&config, peer, None) {
+                    break 'login rate_limited(request_id, "too many failed logins", wait);
+                }
                 let login = shard
                     .blocking(move |store| {
                         let user = store.verify_token(&token)?;
@@ -227,6 +312,9 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     }
                     Err(e) => {
                         shard.m().login(false);
+                        if matches!(e, tern_storage::StoreError::AuthFailed) {
+                            limits::login_failed(&config, peer, None);
+                        }
                         store_error_frame(request_id, &e)
                     }
                 }
@@ -238,9 +326,37 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
     }
 }
 
+/// What ended a pre-login wait.
+enum PreLoginWake {
+    Read(Result<Filled, ReadError>),
+    Stop,
+    Deadline,
+}
+
+/// Closes a connection refused at accept: plain TCP gets a `Disconnect`
+/// first (one small write into an empty socket buffer), TLS nothing, since
+/// a handshake is what the refusal saves.
+async fn refuse_connection(shard: &Shard, tcp: TcpStream, tls: bool, refused: Refused) {
+    tracing::debug!(code = %refused.code, "connection refused at accept");
+    if tls {
+        shard.m().error(refused.code);
+        return;
+    }
+    let _ = tcp.set_write_timeout(Some(Duration::from_millis(100)));
+    let mut stream = Transport::Plain(tcp);
+    let mut out = AlignedVec::new();
+    let bye = disconnect(refused.code, refused.message, refused.retry_after_ms);
+    reply_and_close(&mut stream, &mut out, shard, &bye).await;
+}
+
 /// Parses the next buffered frame of a connection that has not logged in;
 /// `None` when no complete frame is buffered.
-fn next_pre_login(buf: &mut FrameBuf, session: &mut Session, shard: &Shard) -> Option<PreLogin> {
+fn next_pre_login(
+    buf: &mut FrameBuf,
+    session: &mut Session,
+    limiter: &mut ConnLimiter,
+    shard: &Shard,
+) -> Option<PreLogin> {
     let body = match buf.next_body() {
         Ok(Some(body)) => {
             shard.m().frame_in(body.len() + tern_proto::HEADER_LEN);
@@ -254,6 +370,9 @@ fn next_pre_login(buf: &mut FrameBuf, session: &mut Session, shard: &Shard) -> O
         Err(e) => return Some(PreLogin::ReplyAndClose(frame_error_reply(&e))),
     };
     let request_id = frame.request_id.to_native();
+    if let Some(refused) = metered(limiter, request_id, false) {
+        return Some(refused);
+    }
     if let Err(refusal) = session.admit(now_ms(), &frame.body) {
         let reply = error(request_id, &refusal);
         return Some(if refusal.close {
@@ -375,9 +494,21 @@ async fn move_to_home(shard: Rc<Shard>, stream: Transport, mut buf: FrameBuf, lo
 
 /// Takes over a connection handed to this shard.
 pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
+    let stream = Transport::from_parts(handoff.transport);
+    let peer = stream.tcp().peer_addr().ok().map(|addr| addr.ip());
+    // The home shard owns the socket from now on, so it counts it against
+    // its address here (the accepting shard has uncounted it).
+    let _permit = match limits::adopt_connection(&shard.config, peer) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            let mut stream = stream;
+            let mut out = AlignedVec::new();
+            let reply = ServerFrame::error(handoff.request_id, refused.code, refused.message);
+            return reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+        }
+    };
     shard.m().connection_adopted();
     let _open = OpenConnection { shard: shard.clone() };
-    let stream = Transport::from_parts(handoff.transport);
     configure(stream.tcp(), &shard);
     let mut buf = FrameBuf::new(shard.config.max_frame_bytes);
     buf.push_bytes(&handoff.leftover);
@@ -411,6 +542,8 @@ async fn run_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: 
     };
     shard.m().session_opened();
     tracing::debug!(user, shard = shard.index, "session opened");
+    let peer = stream.tcp().peer_addr().ok().map(|addr| addr.ip());
+    let (username, token) = (login.username.clone(), login.token.clone());
     let logged_in = ServerFrame {
         request_id: login.request_id,
         body: ServerBody::LoggedIn {
@@ -430,9 +563,14 @@ async fn run_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: 
     let mut conn = Conn {
         shard: shard.clone(),
         user,
+        username,
+        token,
+        peer,
         key,
         outbox: outbox.clone(),
         session,
+        limiter: ConnLimiter::new(&config.limits, peer),
+        filter: FilterCache::default(),
     };
     conn.read_loop(reader, buf).await;
     outbox.close();
@@ -472,9 +610,15 @@ async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(mut writer: WriteHalf<S>, o
 struct Conn {
     shard: Rc<Shard>,
     user: UserId,
+    username: String,
+    /// The token this session logged in with (or was issued), for `Logout`.
+    token: Vec<u8>,
+    peer: Option<IpAddr>,
     key: ConnKey,
     outbox: Rc<Outbox>,
     session: Session,
+    limiter: ConnLimiter,
+    filter: FilterCache,
 }
 
 impl Conn {
@@ -494,6 +638,21 @@ impl Conn {
                     Err(e) => return self.close_with(&frame_error_reply(&e)),
                 };
                 let request_id = frame.request_id.to_native();
+                let is_message = matches!(
+                    frame.body,
+                    ArchivedClientBody::SendDirect { .. } | ArchivedClientBody::SendGroup { .. }
+                );
+                match metered(&mut self.limiter, request_id, is_message) {
+                    None => {}
+                    Some(PreLogin::Reply(reply)) => {
+                        self.push(&reply);
+                        continue;
+                    }
+                    Some(_) => {
+                        let message = "too many requests past the rate limit";
+                        return self.outbox.finish(ErrorCode::RateLimited, message, 1000);
+                    }
+                }
                 if let Err(refusal) = self.session.admit(now_ms(), &frame.body) {
                     let reply = error(request_id, &refusal);
                     if refusal.close {
@@ -608,13 +767,16 @@ impl Conn {
                 } else if !shard.store.user_exists(to) {
                     ServerFrame::error(request_id, ErrorCode::NotFound, "no such user")
                 } else {
-                    let Ok(content) = rkyv::deserialize::<_, BoxedError>(content) else {
+                    let Ok(mut content) = rkyv::deserialize::<_, BoxedError>(content) else {
                         return self.push(&ServerFrame::error(
                             request_id,
                             ErrorCode::MalformedFrame,
                             "bad content",
                         ));
                     };
+                    if let Some(reply) = self.filter_content(request_id, &mut content) {
+                        return self.push(&reply);
+                    }
                     let home = shard.home_of(ConvId::direct(user, to).placement_key());
                     let request = Request::Direct {
                         from: user,
@@ -635,13 +797,16 @@ impl Conn {
                 content,
             } => {
                 let group = group.to_native();
-                let Ok(content) = rkyv::deserialize::<_, BoxedError>(content) else {
+                let Ok(mut content) = rkyv::deserialize::<_, BoxedError>(content) else {
                     return self.push(&ServerFrame::error(
                         request_id,
                         ErrorCode::MalformedFrame,
                         "bad content",
                     ));
                 };
+                if let Some(reply) = self.filter_content(request_id, &mut content) {
+                    return self.push(&reply);
+                }
                 let request = Request::Group {
                     from: user,
                     conn: self.key,
@@ -740,6 +905,30 @@ impl Conn {
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
+            ArchivedClientBody::Logout => {
+                let token = std::mem::take(&mut self.token);
+                match shard.blocking(move |store| store.revoke_token(&token)).await {
+                    Ok(_) => {
+                        tracing::debug!(user, "logged out");
+                        return self.close_with(&ServerFrame {
+                            request_id,
+                            body: ServerBody::Ok,
+                        });
+                    }
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::ChangePassword {
+                old_password,
+                new_password,
+            } => {
+                self.change_password(
+                    request_id,
+                    old_password.as_slice().to_vec(),
+                    new_password.as_slice().to_vec(),
+                )
+                .await
+            }
             ArchivedClientBody::Hello { .. }
             | ArchivedClientBody::Register { .. }
             | ArchivedClientBody::Login { .. }
@@ -748,6 +937,59 @@ impl Conn {
             }
         };
         self.push(&reply);
+    }
+
+    /// Runs a text message through the content filter, if one is
+    /// configured; `Some` is the answer refusing it.
+    fn filter_content(&mut self, request_id: u64, content: &mut Content) -> Option<ServerFrame> {
+        let filter = self.shard.config.content_filter.as_ref()?;
+        if !matches!(content.kind, ContentKind::Text) {
+            return None;
+        }
+        match self.filter.apply(filter, &mut content.body) {
+            Outcome::Clean | Outcome::Masked => None,
+            Outcome::Rejected => Some(ServerFrame::error(
+                request_id,
+                ErrorCode::ContentRejected,
+                "the message contains a filtered word",
+            )),
+        }
+    }
+
+    /// Checks the old password (under the account's login back-off), sets
+    /// the new one and revokes every token of the user.
+    async fn change_password(&self, request_id: u64, old: Vec<u8>, new: Vec<u8>) -> ServerFrame {
+        let config = &self.shard.config;
+        if let Err(wait) = limits::login_allowed(config, self.peer, Some(&self.username)) {
+            return rate_limited(request_id, "too many failed password checks", wait);
+        }
+        let (user, username) = (self.user, self.username.clone());
+        let changed = self
+            .shard
+            .blocking(move |store| {
+                if store.verify_password(&username, &old)? != user {
+                    return Err(tern_storage::StoreError::AuthFailed);
+                }
+                store.set_password(user, &new)?;
+                store.revoke_tokens(user)
+            })
+            .await;
+        match changed {
+            Ok(revoked) => {
+                limits::login_succeeded(&self.username);
+                tracing::debug!(user, revoked, "password changed");
+                ServerFrame {
+                    request_id,
+                    body: ServerBody::Ok,
+                }
+            }
+            Err(e) => {
+                if matches!(e, tern_storage::StoreError::AuthFailed) {
+                    limits::login_failed(config, self.peer, Some(&self.username));
+                }
+                store_error_frame(request_id, &e)
+            }
+        }
     }
 
     async fn group_admin(&self, request_id: u64, group: u64, op: GroupOp) -> ServerFrame {

@@ -20,7 +20,7 @@ use tern_proto::ErrorCode;
 use tern_storage::{WriterHandle, WriterStats};
 
 /// Every error code, in declaration order (`code as usize` indexes it).
-pub const ERROR_CODES: [ErrorCode; 14] = [
+pub const ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::MalformedFrame,
     ErrorCode::FrameTooLarge,
     ErrorCode::UnsupportedVersion,
@@ -35,6 +35,8 @@ pub const ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::IdleTimeout,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
+    ErrorCode::RateLimited,
+    ErrorCode::ContentRejected,
 ];
 
 /// The `code` label of an error code. The match is exhaustive, so a new
@@ -56,6 +58,8 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
         ErrorCode::IdleTimeout => "idle_timeout",
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Internal => "internal",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::ContentRejected => "content_rejected",
     }
 }
 
@@ -869,7 +873,7 @@ mod tests {
         for (i, code) in ERROR_CODES.iter().enumerate() {
             assert_eq!(*code as usize, i, "{code:?}");
         }
-        assert_eq!(ErrorCode::Internal as usize + 1, ERROR_CODES.len());
+        assert_eq!(ErrorCode::ContentRejected as usize + 1, ERROR_CODES.len());
     }
 
     #[test]

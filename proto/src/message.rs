@@ -90,6 +90,18 @@ pub enum ClientBody {
     /// The caller's conversations, most recent first, `limit` (at most 200)
     /// from `offset`. Answered with `Conversations`.
     Conversations { offset: u32, limit: u32 },
+    /// Ends this session: revokes the token it logged in with (or was
+    /// issued at login), answers `Ok` and closes the connection. Other
+    /// sessions of the user and their tokens are not affected.
+    Logout,
+    /// Changes the caller's password: `old_password` must be the current
+    /// one. On success every token of the user is revoked (this session's
+    /// too); every open session, this one included, stays connected, but
+    /// the next login must use the new password. Answered with `Ok`.
+    ChangePassword {
+        old_password: Vec<u8>,
+        new_password: Vec<u8>,
+    },
 }
 
 /// The last sequence a client holds for a conversation.
@@ -306,6 +318,13 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The server failed internally (e.g. a storage error); retry later.
     Internal,
+    /// A rate limit was crossed (requests per connection, login attempts,
+    /// connections per address). As an `Error` the request was not served
+    /// and may be retried later; as a `Disconnect` the connection kept
+    /// flooding and is closed (`retry_after_ms` says when to come back).
+    RateLimited,
+    /// The server's content filter refused the message's text.
+    ContentRejected,
 }
 
 impl ArchivedErrorCode {
@@ -326,6 +345,8 @@ impl ArchivedErrorCode {
             ArchivedErrorCode::IdleTimeout => ErrorCode::IdleTimeout,
             ArchivedErrorCode::ShuttingDown => ErrorCode::ShuttingDown,
             ArchivedErrorCode::Internal => ErrorCode::Internal,
+            ArchivedErrorCode::RateLimited => ErrorCode::RateLimited,
+            ArchivedErrorCode::ContentRejected => ErrorCode::ContentRejected,
         }
     }
 }

@@ -179,6 +179,19 @@ impl Session {
                 }
                 Ok(())
             }
+            (
+                Phase::Authenticated(_),
+                B::ChangePassword {
+                    old_password,
+                    new_password,
+                },
+            ) => {
+                // The old password is bounded like any password, so that a
+                // huge one is refused before it reaches argon2.
+                check_password(old_password.as_slice())?;
+                check_password(new_password.as_slice())?;
+                Ok(())
+            }
             (Phase::Authenticated(_), B::Receipt { seq, .. }) => {
                 if seq.to_native() == 0 {
                     return Err(Refusal::keep(
@@ -196,7 +209,8 @@ impl Session {
                 | B::GroupLeave { .. }
                 | B::GroupMembers { .. }
                 | B::History { .. }
-                | B::Conversations { .. },
+                | B::Conversations { .. }
+                | B::Logout,
             ) => Ok(()),
         }
     }
@@ -321,6 +335,33 @@ mod tests {
             ErrorCode::InvalidArgument
         );
         assert!(admit(&mut s, ClientBody::GroupCreate { name: String::new() }).is_err());
+        let short = ClientBody::ChangePassword {
+            old_password: b"password".to_vec(),
+            new_password: b"short".to_vec(),
+        };
+        assert_eq!(admit(&mut s, short).unwrap_err().code, ErrorCode::InvalidArgument);
+        let ok = ClientBody::ChangePassword {
+            old_password: b"password".to_vec(),
+            new_password: b"longer password".to_vec(),
+        };
+        admit(&mut s, ok).unwrap();
+        admit(&mut s, ClientBody::Logout).unwrap();
+    }
+
+    #[test]
+    fn logout_and_password_change_need_a_login() {
+        let mut s = Session::new(0, 1000, 1024);
+        admit(&mut s, hello()).unwrap();
+        s.hello_accepted();
+        assert_eq!(
+            admit(&mut s, ClientBody::Logout).unwrap_err().code,
+            ErrorCode::InvalidState
+        );
+        let change = ClientBody::ChangePassword {
+            old_password: b"password".to_vec(),
+            new_password: b"password2".to_vec(),
+        };
+        assert_eq!(admit(&mut s, change).unwrap_err().code, ErrorCode::InvalidState);
     }
 
     #[test]

@@ -343,6 +343,36 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        ("client-logout", client(15, ClientBody::Logout)),
+        (
+            "client-change-password",
+            client(
+                16,
+                ClientBody::ChangePassword {
+                    old_password: b"hunter22".to_vec(),
+                    new_password: b"correct horse".to_vec(),
+                },
+            ),
+        ),
+        (
+            "server-error-rate-limited",
+            Frame::Server(ServerFrame::error(
+                17,
+                ErrorCode::RateLimited,
+                "rate limited; retry after 250 ms",
+            )),
+        ),
+        (
+            "server-disconnect-rate-limited",
+            server(
+                0,
+                ServerBody::Disconnect {
+                    code: ErrorCode::RateLimited,
+                    message: "flooding".into(),
+                    retry_after_ms: 1000,
+                },
+            ),
+        ),
     ]
 }
 
@@ -554,6 +584,11 @@ fn client_samples() -> Vec<ClientBody> {
             limit: 200,
         },
         ClientBody::Conversations { offset: 1, limit: 2 },
+        ClientBody::Logout,
+        ClientBody::ChangePassword {
+            old_password: b"password".to_vec(),
+            new_password: b"password2".to_vec(),
+        },
     ]
 }
 
@@ -666,6 +701,11 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             limit,
         } => vec![o(addr(conv)), o(addr(from_seq)), o(addr(forward)), o(addr(limit))],
         B::Conversations { offset, limit } => vec![o(addr(offset)), o(addr(limit))],
+        B::Logout => vec![],
+        B::ChangePassword {
+            old_password,
+            new_password,
+        } => vec![o(addr(old_password)), o(addr(new_password))],
     }
 }
 
@@ -951,7 +991,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 19] = [
+    let client_expected: [&[usize]; 21] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -971,6 +1011,8 @@ fn archived_layout_is_as_documented() {
         &[8, 32, 40],     // Receipt
         &[8, 32, 40, 44], // History
         &[4, 8],          // Conversations
+        &[],              // Logout
+        &[4, 12],         // ChangePassword
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1133,7 +1175,7 @@ fn archived_layout_is_as_documented() {
     }
 }
 
-const ERROR_CODES: [ErrorCode; 14] = [
+const ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::MalformedFrame,
     ErrorCode::FrameTooLarge,
     ErrorCode::UnsupportedVersion,
@@ -1148,6 +1190,8 @@ const ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::IdleTimeout,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
+    ErrorCode::RateLimited,
+    ErrorCode::ContentRejected,
 ];
 
 // ---------------------------------------------------------------------------
@@ -1317,6 +1361,15 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(tag(18));
             fields.push(Field::U32(B + 4, *offset));
             fields.push(Field::U32(B + 8, *limit));
+        }
+        ClientBody::Logout => fields.push(tag(19)),
+        ClientBody::ChangePassword {
+            old_password,
+            new_password,
+        } => {
+            fields.push(tag(20));
+            fields.push(Field::Vec(B + 4, ool(old_password, 1), old_password.len()));
+            fields.push(Field::Vec(B + 12, ool(new_password, 1), new_password.len()));
         }
     }
     // Then the root, 8-aligned, at the very end: zero padding, 72 bytes.
@@ -1657,6 +1710,11 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
             }
         ),
         (any::<u32>(), any::<u32>()).prop_map(|(offset, limit)| ClientBody::Conversations { offset, limit }),
+        Just(ClientBody::Logout),
+        (arb_bytes(), arb_bytes()).prop_map(|(old_password, new_password)| ClientBody::ChangePassword {
+            old_password,
+            new_password
+        }),
     ]
 }
 
@@ -1944,8 +2002,8 @@ fn decoder_rules_for_other_encoders() {
         b[at..at + bytes.len()].copy_from_slice(bytes);
         decode_client(&aligned(&b)).map(|_| ())
     };
-    // Unknown variant tag (0..=18 are declared).
-    assert!(patched(root + 8, &[19]).is_err());
+    // Unknown variant tag (0..=20 are declared).
+    assert!(patched(root + 8, &[21]).is_err());
     // Bytes of the body enum past the variant's fields are not checked.
     assert!(patched(root + 8 + 40, &[0xaa; 8]).is_ok());
     // An out-of-line string of 8 bytes or fewer is refused.
@@ -1983,7 +2041,7 @@ fn decoder_rules_for_other_encoders() {
     let mut p = body_of(&presence).to_vec();
     p[8 + 16] = 2;
     assert!(decode_server(&aligned(&p)).is_err());
-    // ErrorCode: only 0..=13.
+    // ErrorCode: only 0..=15.
     let disconnect = encode(&server(
         0,
         ServerBody::Disconnect {
@@ -1994,7 +2052,7 @@ fn decoder_rules_for_other_encoders() {
     ));
     let mut d = body_of(&disconnect).to_vec();
     let r = d.len() - 112;
-    d[r + 9] = 14;
+    d[r + 9] = 16;
     assert!(decode_server(&aligned(&d)).is_err());
 
     // ReceiptKind: only 0 and 1 (Receipt push: kind at ServerBody 40).

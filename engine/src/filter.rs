@@ -1,0 +1,312 @@
+//! The content filter: an optional word list that text messages are
+//! checked against, in mode `reject` or `mask`, reloadable while running.
+//!
+//! This module owns the word list file format (one word or phrase per
+//! line, `#` comments and blank lines ignored, matched case-insensitively
+//! for ASCII letters and only as whole words), the Aho-Corasick automaton
+//! built from it, and how a shard reads it without a lock: the list lives
+//! behind a `Mutex<Arc<_>>` that only a reload writes, beside a generation
+//! counter; each connection keeps its own `Arc` and a copy of the
+//! generation ([`FilterCache`]), so a message costs one atomic load of a
+//! cache line nobody writes, and the mutex is taken only by the first
+//! message after a reload. A reload that fails (unreadable file, too many
+//! words) leaves the old list in service.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aho_corasick::AhoCorasick;
+
+/// Largest word list file read.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// Most words (lines) a list may hold.
+pub const MAX_WORDS: usize = 100_000;
+/// Longest word or phrase, in bytes.
+pub const MAX_WORD_BYTES: usize = 256;
+
+/// What happens to a message that matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterMode {
+    /// The send is refused with `ContentRejected`.
+    Reject,
+    /// The matches are replaced by `*` (one per character) and the
+    /// message goes out.
+    Mask,
+}
+
+impl FilterMode {
+    /// The mode's name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterMode::Reject => "reject",
+            FilterMode::Mask => "mask",
+        }
+    }
+}
+
+/// One loaded word list.
+struct WordList {
+    matcher: Option<AhoCorasick>,
+    words: usize,
+}
+
+impl WordList {
+    fn load(path: &Path) -> Result<WordList, String> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        if len > MAX_FILE_BYTES {
+            return Err(format!(
+                "{} is {len} bytes, more than the {MAX_FILE_BYTES} a word list may have",
+                path.display()
+            ));
+        }
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut words = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let word = line.trim();
+            if word.is_empty() || word.starts_with('#') {
+                continue;
+            }
+            if word.len() > MAX_WORD_BYTES {
+                return Err(format!(
+                    "{} line {}: a word may have at most {MAX_WORD_BYTES} bytes",
+                    path.display(),
+                    n + 1
+                ));
+            }
+            words.push(word);
+            if words.len() > MAX_WORDS {
+                return Err(format!("{} has more than {MAX_WORDS} words", path.display()));
+            }
+        }
+        let matcher = if words.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .ascii_case_insensitive(true)
+                    .build(&words)
+                    .map_err(|e| format!("cannot build the word list of {}: {e}", path.display()))?,
+            )
+        };
+        Ok(WordList {
+            matcher,
+            words: words.len(),
+        })
+    }
+}
+
+/// The shared filter: its file, mode and current word list.
+pub struct ContentFilter {
+    path: PathBuf,
+    mode: FilterMode,
+    generation: AtomicU64,
+    current: Mutex<Arc<WordList>>,
+}
+
+impl std::fmt::Debug for ContentFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContentFilter")
+            .field("path", &self.path)
+            .field("mode", &self.mode)
+            .field("words", &self.words())
+            .finish()
+    }
+}
+
+impl ContentFilter {
+    /// Loads the word list at `path`.
+    pub fn open(path: impl Into<PathBuf>, mode: FilterMode) -> Result<ContentFilter, String> {
+        let path = path.into();
+        let list = WordList::load(&path)?;
+        Ok(ContentFilter {
+            path,
+            mode,
+            generation: AtomicU64::new(0),
+            current: Mutex::new(Arc::new(list)),
+        })
+    }
+
+    /// Re-reads the file (SIGHUP in `ternd`) and returns the number of
+    /// words now in service. Messages checked after this returns use the
+    /// new list; on error the old one stays.
+    pub fn reload(&self) -> Result<usize, String> {
+        let list = WordList::load(&self.path)?;
+        let words = list.words;
+        *self.lock() = Arc::new(list);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(words)
+    }
+
+    /// The file the list is read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What happens to a matching message.
+    pub fn mode(&self) -> FilterMode {
+        self.mode
+    }
+
+    /// Words in the current list.
+    pub fn words(&self) -> usize {
+        self.lock().words
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<WordList>> {
+        // The guarded value is replaced whole, never left half-written, so
+        // a poisoned lock still holds a valid list.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reloads `filter` if there is one and logs the outcome: the call for a
+/// SIGHUP handler.
+pub fn reload_and_log(filter: Option<&Arc<ContentFilter>>) {
+    let Some(filter) = filter else { return };
+    match filter.reload() {
+        Ok(words) => tracing::info!(words, path = %filter.path().display(), "reloaded the content filter"),
+        Err(e) => tracing::error!(error = %e, "content filter reload failed; the old word list stays"),
+    }
+}
+
+/// A connection's copy of the current list.
+#[derive(Default)]
+pub struct FilterCache {
+    seen: Option<(u64, Arc<WordList>)>,
+}
+
+/// What the filter did to a message body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// No word matched.
+    Clean,
+    /// Words matched and were replaced by `*`.
+    Masked,
+    /// A word matched and the mode is `reject`.
+    Rejected,
+}
+
+impl FilterCache {
+    /// Checks (and in mask mode rewrites) a text body.
+    pub fn apply(&mut self, filter: &ContentFilter, body: &mut Vec<u8>) -> Outcome {
+        let generation = filter.generation.load(Ordering::Acquire);
+        let list = match &self.seen {
+            Some((seen, list)) if *seen == generation => list,
+            _ => {
+                let list = filter.lock().clone();
+                &self.seen.insert((generation, list)).1
+            }
+        };
+        let Some(matcher) = &list.matcher else {
+            return Outcome::Clean;
+        };
+        let mut masked: Option<Vec<(usize, usize)>> = None;
+        for m in matcher.find_overlapping_iter(body.as_slice()) {
+            if !whole_word(body, m.start(), m.end()) {
+                continue;
+            }
+            if filter.mode == FilterMode::Reject {
+                return Outcome::Rejected;
+            }
+            masked.get_or_insert_with(Vec::new).push((m.start(), m.end()));
+        }
+        match masked {
+            None => Outcome::Clean,
+            Some(ranges) => {
+                *body = mask(body, &ranges);
+                Outcome::Masked
+            }
+        }
+    }
+}
+
+/// Letters, digits and every non-ASCII byte count as word characters.
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b >= 0x80
+}
+
+/// Whether `body[start..end]` does not start or end inside a longer word.
+fn whole_word(body: &[u8], start: usize, end: usize) -> bool {
+    let inside = |a: Option<&u8>, b: Option<&u8>| matches!((a, b), (Some(&a), Some(&b)) if is_word_byte(a) && is_word_byte(b));
+    let before = start.checked_sub(1).and_then(|i| body.get(i));
+    let after_last = end.checked_sub(1).and_then(|i| body.get(i));
+    !inside(before, body.get(start)) && !inside(after_last, body.get(end))
+}
+
+/// `body` with every character inside a range replaced by one `*`.
+fn mask(body: &[u8], ranges: &[(usize, usize)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    for (i, &b) in body.iter().enumerate() {
+        if ranges.iter().any(|&(s, e)| (s..e).contains(&i)) {
+            // One star per character: UTF-8 continuation bytes add none.
+            if !(0x80..0xc0).contains(&b) {
+                out.push(b'*');
+            }
+        } else {
+            out.push(b);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(words: &str, mode: FilterMode) -> (tempfile::TempDir, ContentFilter) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("words.txt");
+        std::fs::write(&path, words).unwrap();
+        let f = ContentFilter::open(&path, mode).unwrap();
+        (dir, f)
+    }
+
+    fn run(f: &ContentFilter, text: &str) -> (Outcome, String) {
+        let mut body = text.as_bytes().to_vec();
+        let outcome = FilterCache::default().apply(f, &mut body);
+        (outcome, String::from_utf8(body).unwrap())
+    }
+
+    #[test]
+    fn masks_whole_words_case_insensitively() {
+        let (_d, f) = filter("# comment\n\ndarn\nheck it\nné\n", FilterMode::Mask);
+        assert_eq!(f.words(), 3);
+        assert_eq!(
+            run(&f, "Darn, HECK IT!"),
+            (Outcome::Masked, "****, *******!".into())
+        );
+        assert_eq!(run(&f, "darnation"), (Outcome::Clean, "darnation".into()));
+        assert_eq!(run(&f, "né ok"), (Outcome::Masked, "** ok".into()));
+        assert_eq!(run(&f, "clean"), (Outcome::Clean, "clean".into()));
+    }
+
+    #[test]
+    fn rejects_and_reloads() {
+        let (dir, f) = filter("spam\n", FilterMode::Reject);
+        let mut cache = FilterCache::default();
+        let mut body = b"buy spam now".to_vec();
+        assert_eq!(cache.apply(&f, &mut body), Outcome::Rejected);
+        std::fs::write(dir.path().join("words.txt"), "eggs\n").unwrap();
+        assert_eq!(f.reload().unwrap(), 1);
+        let mut body = b"buy spam now".to_vec();
+        assert_eq!(cache.apply(&f, &mut body), Outcome::Clean);
+        let mut body = b"EGGS".to_vec();
+        assert_eq!(cache.apply(&f, &mut body), Outcome::Rejected);
+        // A failed reload keeps the list in service.
+        std::fs::remove_file(dir.path().join("words.txt")).unwrap();
+        assert!(f.reload().is_err());
+        assert_eq!(cache.apply(&f, &mut b"eggs".to_vec()), Outcome::Rejected);
+    }
+
+    #[test]
+    fn oversized_words_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        std::fs::write(&path, "a".repeat(MAX_WORD_BYTES + 1)).unwrap();
+        assert!(ContentFilter::open(&path, FilterMode::Mask).is_err());
+    }
+}

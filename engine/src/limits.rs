@@ -1,0 +1,554 @@
+//! Abuse limits: request rates per connection, login back-off, and
+//! connections per address.
+//!
+//! This module owns every limiter's state and the rules that read it. A
+//! connection's own meters ([`ConnLimiter`]: a frame bucket and a stricter
+//! message bucket, both GCRA token buckets in one `u64` each) live in the
+//! connection's task. Everything keyed by address or account lives in a
+//! per-shard table: a glommio shard is exactly one thread, so the tables
+//! are `thread_local!`, touched only by the shard that owns them, with no
+//! lock and no atomic. "Per address" therefore means per shard: each shard
+//! enforces the configured values on the sockets it owns (pre-login
+//! connections on the shard that accepted them, sessions on their user's
+//! home shard) and on the logins it runs, so a node of `N` shards admits
+//! at most `N` times the configured value from one address (the kernel
+//! spreads one address's connections over all shards). `docs/security.md`
+//! explains the choice. IPv6 addresses count per /64, since one host
+//! usually owns a whole /64. Tables that remember recent activity are
+//! capped (`max_tracked_addresses` entries per table and shard); idle
+//! entries are swept when a table is full, and a table still full after a
+//! sweep stops tracking new keys (fails open) rather than refusing
+//! everyone.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+use tern_proto::ErrorCode;
+
+use crate::config::{Config, Limits};
+
+/// Microseconds since the first call in this process, from a monotonic clock.
+pub fn monotonic_us() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// A rate and a burst, as the constants of a GCRA token bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// Time one token takes to come back.
+    interval_us: u64,
+    /// How far ahead of real time the bucket may run (burst − 1 tokens).
+    tolerance_us: u64,
+}
+
+impl Rate {
+    /// `per_second` tokens per second, up to `burst` at once; `None`
+    /// (no limit) when `per_second` is 0.
+    pub fn new(per_second: u32, burst: u32) -> Option<Rate> {
+        if per_second == 0 {
+            return None;
+        }
+        let interval_us = (1_000_000 / u64::from(per_second)).max(1);
+        Some(Rate {
+            interval_us,
+            tolerance_us: interval_us.saturating_mul(u64::from(burst.max(1) - 1)),
+        })
+    }
+}
+
+/// One token bucket's state: the theoretical arrival time of the next
+/// request (GCRA), so a bucket is a single integer and a check is a few
+/// additions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bucket {
+    tat_us: u64,
+}
+
+impl Bucket {
+    /// Takes a token at `now_us`, or says how long until one is there.
+    pub fn take(&mut self, rate: &Rate, now_us: u64) -> Result<(), u64> {
+        let tat = self.tat_us.max(now_us);
+        let allowed_at = tat.saturating_sub(rate.tolerance_us);
+        if now_us < allowed_at {
+            return Err(allowed_at - now_us);
+        }
+        self.tat_us = tat.saturating_add(rate.interval_us);
+        Ok(())
+    }
+
+    /// Whether the bucket is full again (nothing to remember).
+    fn is_full(&self, now_us: u64) -> bool {
+        self.tat_us <= now_us
+    }
+}
+
+fn us_to_ms_ceil(us: u64) -> u32 {
+    us.div_ceil(1000).min(u64::from(u32::MAX)) as u32
+}
+
+/// What to do with a frame, as the connection's meters see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Serve it.
+    Allow,
+    /// Answer `Error(RateLimited)`; a token is back in `retry_after_ms`.
+    Refuse { retry_after_ms: u32 },
+    /// The connection kept sending past its limit: `Disconnect(RateLimited)`.
+    Disconnect { retry_after_ms: u32 },
+}
+
+/// The meters of one connection. Owned by the connection's task.
+#[derive(Debug)]
+pub struct ConnLimiter {
+    frame_rate: Option<Rate>,
+    message_rate: Option<Rate>,
+    disconnect_after: u32,
+    frames: Bucket,
+    messages: Bucket,
+    refused_in_a_row: u32,
+}
+
+impl ConnLimiter {
+    /// Meters for a connection from `peer` (`None`: unknown, metered).
+    /// A connection from an exempt network is not metered.
+    pub fn new(limits: &Limits, peer: Option<IpAddr>) -> ConnLimiter {
+        let exempt = peer.is_some_and(|ip| limits.is_exempt(ip));
+        ConnLimiter {
+            frame_rate: if exempt {
+                None
+            } else {
+                Rate::new(limits.frame_rate_per_sec, limits.frame_burst)
+            },
+            message_rate: if exempt {
+                None
+            } else {
+                Rate::new(limits.message_rate_per_sec, limits.message_burst)
+            },
+            disconnect_after: limits.rate_limit_disconnect_after,
+            frames: Bucket::default(),
+            messages: Bucket::default(),
+            refused_in_a_row: 0,
+        }
+    }
+
+    /// Meters one frame; `is_message` for `SendDirect`/`SendGroup`.
+    pub fn check(&mut self, is_message: bool, now_us: u64) -> Verdict {
+        let mut result = match &self.frame_rate {
+            Some(rate) => self.frames.take(rate, now_us),
+            None => Ok(()),
+        };
+        if result.is_ok() && is_message {
+            if let Some(rate) = &self.message_rate {
+                result = self.messages.take(rate, now_us);
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.refused_in_a_row = 0;
+                Verdict::Allow
+            }
+            Err(wait_us) => {
+                self.refused_in_a_row = self.refused_in_a_row.saturating_add(1);
+                let retry_after_ms = us_to_ms_ceil(wait_us);
+                if self.disconnect_after > 0 && self.refused_in_a_row >= self.disconnect_after {
+                    Verdict::Disconnect {
+                        retry_after_ms: retry_after_ms.max(1000),
+                    }
+                } else {
+                    Verdict::Refuse { retry_after_ms }
+                }
+            }
+        }
+    }
+}
+
+/// The key an address is counted under: IPv4 whole, IPv6 by /64 (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddrKey {
+    V4(u32),
+    V6(u64),
+}
+
+impl AddrKey {
+    /// The key of `ip`.
+    pub fn of(ip: IpAddr) -> AddrKey {
+        match ip {
+            IpAddr::V4(v4) => AddrKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddrKey::V4(u32::from(v4)),
+                None => AddrKey::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// Failed logins of one account or address, and the back-off they earned.
+#[derive(Debug, Clone, Copy, Default)]
+struct Failures {
+    count: u32,
+    last_ms: u64,
+    blocked_until_ms: u64,
+}
+
+impl Failures {
+    fn check(&self, now_ms: u64) -> Result<(), u64> {
+        if now_ms < self.blocked_until_ms {
+            return Err(self.blocked_until_ms - now_ms);
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, limits: &Limits, free: u32, now_ms: u64) {
+        let window = limits.login_failure_window.as_millis() as u64;
+        if now_ms.saturating_sub(self.last_ms) >= window {
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        self.last_ms = now_ms;
+        if self.count >= free {
+            let doublings = (self.count - free).min(32);
+            let base = limits.login_backoff_base.as_millis() as u64;
+            let max = limits.login_backoff_max.as_millis() as u64;
+            let backoff = base.saturating_mul(1u64 << doublings).min(max);
+            self.blocked_until_ms = now_ms.saturating_add(backoff);
+        }
+    }
+
+    fn is_idle(&self, limits: &Limits, now_ms: u64) -> bool {
+        let window = limits.login_failure_window.as_millis() as u64;
+        now_ms >= self.blocked_until_ms && now_ms.saturating_sub(self.last_ms) >= window
+    }
+}
+
+/// What a shard remembers about one address beyond its open sockets.
+#[derive(Debug, Clone, Copy, Default)]
+struct Recent {
+    connections: Bucket,
+    logins: Failures,
+}
+
+/// One shard's tables.
+#[derive(Default)]
+struct Tables {
+    /// Sockets this shard owns per address. Bounded by the open sockets
+    /// (and so by the process's descriptor limit); an entry goes at zero.
+    open: FxHashMap<AddrKey, u32>,
+    recent: FxHashMap<AddrKey, Recent>,
+    accounts: FxHashMap<Box<str>, Failures>,
+    /// When a full table was last swept, so that a table full of live
+    /// entries is not rescanned on every insert.
+    last_sweep_us: u64,
+}
+
+thread_local! {
+    static TABLES: RefCell<Tables> = RefCell::new(Tables::default());
+}
+
+/// How long between sweeps of a full table.
+const SWEEP_INTERVAL_US: u64 = 1_000_000;
+
+impl Tables {
+    /// Makes room for a new key in the tables of recent activity if it
+    /// can; `false` means the tables are full of live entries.
+    fn room(&mut self, limits: &Limits, now_us: u64) -> bool {
+        let cap = limits.max_tracked_addresses;
+        if self.recent.len() < cap && self.accounts.len() < cap {
+            return true;
+        }
+        if now_us.saturating_sub(self.last_sweep_us) >= SWEEP_INTERVAL_US || self.last_sweep_us == 0 {
+            self.last_sweep_us = now_us.max(1);
+            let now_ms = now_us / 1000;
+            self.recent
+                .retain(|_, r| !(r.connections.is_full(now_us) && r.logins.is_idle(limits, now_ms)));
+            self.accounts.retain(|_, f| !f.is_idle(limits, now_ms));
+            let swept = self.recent.len() < cap && self.accounts.len() < cap;
+            if !swept {
+                tracing::warn!(
+                    cap,
+                    "abuse-limit tables are full of live entries; new addresses and accounts go untracked"
+                );
+            }
+            return swept;
+        }
+        false
+    }
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: &'static str,
+    pub retry_after_ms: u32,
+}
+
+/// A socket counted against its address on this shard; uncounts on drop.
+/// Not `Send`: it must drop on the shard whose table counts it.
+pub struct ConnectionPermit {
+    key: Option<AddrKey>,
+    _shard_local: PhantomData<Rc<()>>,
+}
+
+impl ConnectionPermit {
+    /// A permit that counts nothing (an exempt or unknown address).
+    pub fn uncounted() -> ConnectionPermit {
+        ConnectionPermit {
+            key: None,
+            _shard_local: PhantomData,
+        }
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        // `try_with`: a permit dropped while the thread is exiting finds
+        // the table already gone, and there is nothing left to count.
+        let _ = TABLES.try_with(|tables| {
+            let mut tables = tables.borrow_mut();
+            if let Some(open) = tables.open.get_mut(&key) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    tables.open.remove(&key);
+                }
+            }
+        });
+    }
+}
+
+/// Admits a freshly accepted socket from `peer`, checking the address's
+/// new-connection rate and its concurrent sockets on this shard.
+pub fn admit_connection(config: &Config, peer: Option<IpAddr>) -> Result<ConnectionPermit, Refused> {
+    admit(config, peer, true)
+}
+
+/// Counts a logged-in socket handed to this shard (its home shard),
+/// checking only the address's concurrent sockets here.
+pub fn adopt_connection(config: &Config, peer: Option<IpAddr>) -> Result<ConnectionPermit, Refused> {
+    admit(config, peer, false)
+}
+
+fn admit(config: &Config, peer: Option<IpAddr>, new: bool) -> Result<ConnectionPermit, Refused> {
+    let limits = &config.limits;
+    let Some(ip) = peer.filter(|ip| !limits.is_exempt(*ip)) else {
+        return Ok(ConnectionPermit::uncounted());
+    };
+    let key = AddrKey::of(ip);
+    let now_us = monotonic_us();
+    TABLES.with(|tables| {
+        let mut tables = tables.borrow_mut();
+        let open = tables.open.get(&key).copied().unwrap_or(0);
+        if limits.max_connections_per_ip > 0 && open >= limits.max_connections_per_ip {
+            return Err(Refused {
+                code: ErrorCode::LimitExceeded,
+                message: "too many connections from this address",
+                retry_after_ms: 1000,
+            });
+        }
+        if new {
+            if let Some(rate) = Rate::new(limits.connection_rate_per_ip, limits.connection_burst_per_ip) {
+                let tracked = tables.recent.contains_key(&key) || tables.room(limits, now_us);
+                if tracked {
+                    let recent = tables.recent.entry(key).or_default();
+                    if let Err(wait_us) = recent.connections.take(&rate, now_us) {
+                        return Err(Refused {
+                            code: ErrorCode::RateLimited,
+                            message: "too many new connections from this address",
+                            retry_after_ms: us_to_ms_ceil(wait_us),
+                        });
+                    }
+                }
+            }
+        }
+        *tables.open.entry(key).or_insert(0) += 1;
+        Ok(ConnectionPermit {
+            key: Some(key),
+            _shard_local: PhantomData,
+        })
+    })
+}
+
+/// Checks, before any password is hashed, whether a login for `account`
+/// (when named) from `peer` may be tried now; `Err` is the wait in ms.
+pub fn login_allowed(config: &Config, peer: Option<IpAddr>, account: Option<&str>) -> Result<(), u32> {
+    let limits = &config.limits;
+    let now_ms = monotonic_us() / 1000;
+    TABLES
+        .with(|tables| {
+            let tables = tables.borrow();
+            let by_addr = peer
+                .filter(|ip| !limits.is_exempt(*ip))
+                .and_then(|ip| tables.recent.get(&AddrKey::of(ip)))
+                .map_or(Ok(()), |r| r.logins.check(now_ms));
+            let by_account = account
+                .and_then(|name| tables.accounts.get(name))
+                .map_or(Ok(()), |f| f.check(now_ms));
+            match (by_addr, by_account) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(a), Err(b)) => Err(a.max(b)),
+                (Err(wait), _) | (_, Err(wait)) => Err(wait),
+            }
+        })
+        .map_err(|wait_ms| wait_ms.min(u64::from(u32::MAX)) as u32)
+}
+
+/// Records a failed login (or password check) for `account` from `peer`.
+pub fn login_failed(config: &Config, peer: Option<IpAddr>, account: Option<&str>) {
+    let limits = &config.limits;
+    let now_us = monotonic_us();
+    let now_ms = now_us / 1000;
+    TABLES.with(|tables| {
+        let mut tables = tables.borrow_mut();
+        if let Some(ip) = peer.filter(|ip| !limits.is_exempt(*ip)) {
+            let key = AddrKey::of(ip);
+            if limits.login_failures_per_ip > 0
+                && (tables.recent.contains_key(&key) || tables.room(limits, now_us))
+            {
+                let recent = tables.recent.entry(key).or_default();
+                recent.logins.record(limits, limits.login_failures_per_ip, now_ms);
+            }
+        }
+        if let Some(name) = account.filter(|_| limits.login_failures_per_account > 0) {
+            if let Some(failures) = tables.accounts.get_mut(name) {
+                failures.record(limits, limits.login_failures_per_account, now_ms);
+            } else if tables.room(limits, now_us) {
+                let mut failures = Failures::default();
+                failures.record(limits, limits.login_failures_per_account, now_ms);
+                tables.accounts.insert(name.into(), failures);
+            }
+        }
+    });
+}
+
+/// Forgets an account's failures after a successful login. The address's
+/// count stays: one good account must not launder a guessing address.
+pub fn login_succeeded(account: &str) {
+    TABLES.with(|tables| {
+        tables.borrow_mut().accounts.remove(account);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IpNet;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let rate = Rate::new(10, 3).unwrap();
+        let mut bucket = Bucket::default();
+        let t0 = 1_000_000;
+        for _ in 0..3 {
+            bucket.take(&rate, t0).unwrap();
+        }
+        let wait = bucket.take(&rate, t0).unwrap_err();
+        assert_eq!(wait, 100_000);
+        bucket.take(&rate, t0 + 100_000).unwrap();
+        assert!(bucket.take(&rate, t0 + 100_000).is_err());
+        assert!(Rate::new(0, 5).is_none());
+    }
+
+    #[test]
+    fn flooding_connection_is_disconnected_after_refusals_in_a_row() {
+        let limits = Limits {
+            frame_rate_per_sec: 0,
+            message_rate_per_sec: 1,
+            message_burst: 2,
+            rate_limit_disconnect_after: 5,
+            limits_exempt: Vec::new(),
+            ..Limits::default()
+        };
+        let mut conn = ConnLimiter::new(&limits, None);
+        let now = 10_000_000;
+        assert_eq!(conn.check(true, now), Verdict::Allow);
+        assert_eq!(conn.check(true, now), Verdict::Allow);
+        for _ in 0..4 {
+            assert!(matches!(conn.check(true, now), Verdict::Refuse { .. }));
+        }
+        // Pings are not messages: they pass and break the run.
+        assert_eq!(conn.check(false, now), Verdict::Allow);
+        for _ in 0..4 {
+            assert!(matches!(conn.check(true, now), Verdict::Refuse { .. }));
+        }
+        assert!(matches!(conn.check(true, now), Verdict::Disconnect { .. }));
+    }
+
+    #[test]
+    fn exempt_networks_are_not_metered() {
+        let limits = Limits {
+            message_rate_per_sec: 1,
+            message_burst: 1,
+            ..Limits::default()
+        };
+        let mut conn = ConnLimiter::new(&limits, Some("127.0.0.1".parse().unwrap()));
+        for _ in 0..100 {
+            assert_eq!(conn.check(true, 5), Verdict::Allow);
+        }
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_expire() {
+        let limits = Limits {
+            login_backoff_base: Duration::from_millis(100),
+            login_backoff_max: Duration::from_millis(350),
+            login_failure_window: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let mut f = Failures::default();
+        let t = 1_000_000;
+        for i in 0..4 {
+            f.record(&limits, 5, t + i);
+            assert!(f.check(t + i).is_ok());
+        }
+        f.record(&limits, 5, t + 4);
+        assert_eq!(f.check(t + 4), Err(100));
+        f.record(&limits, 5, t + 104);
+        assert_eq!(f.check(t + 104), Err(200));
+        f.record(&limits, 5, t + 304);
+        assert_eq!(f.check(t + 304), Err(350), "capped");
+        assert!(!f.is_idle(&limits, t + 700));
+        assert!(f.is_idle(&limits, t + 304 + 10_000));
+        // After a quiet window the count starts again.
+        f.record(&limits, 5, t + 304 + 10_000);
+        assert!(f.check(t + 304 + 10_000).is_ok());
+    }
+
+    #[test]
+    fn ipv6_counts_per_slash_64_and_mapped_v4_as_v4() {
+        let a = AddrKey::of("2001:db8::1".parse().unwrap());
+        let b = AddrKey::of("2001:db8::ffff:2".parse().unwrap());
+        let c = AddrKey::of("2001:db8:0:1::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            AddrKey::of("::ffff:10.0.0.1".parse().unwrap()),
+            AddrKey::of("10.0.0.1".parse().unwrap())
+        );
+        let net: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.200.1.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn connection_count_is_released_on_drop() {
+        let mut config = Config::default();
+        config.limits.limits_exempt.clear();
+        config.limits.max_connections_per_ip = 2;
+        config.limits.connection_rate_per_ip = 0;
+        let ip = Some("192.0.2.7".parse().unwrap());
+        let a = admit_connection(&config, ip).unwrap();
+        let _b = admit_connection(&config, ip).unwrap();
+        let refused = admit_connection(&config, ip).err().unwrap();
+        assert_eq!(refused.code, ErrorCode::LimitExceeded);
+        drop(a);
+        assert!(admit_connection(&config, ip).is_ok());
+    }
+}
