@@ -289,6 +289,24 @@ impl Client {
         Ok(session)
     }
 
+    /// Ends this session: the server revokes the session's token (a later
+    /// [`Client::login_token`] with it fails), answers and closes the
+    /// connection. Other sessions of the user are not affected.
+    pub fn logout(&mut self) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::Logout)
+    }
+
+    /// Changes the logged-in user's password. Every token of the user is
+    /// revoked (this session's too); open sessions stay connected, but the
+    /// next login needs the new password. A wrong `old_password` is
+    /// [`ErrorCode::AuthFailed`].
+    pub fn change_password(&mut self, old_password: &str, new_password: &str) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::ChangePassword {
+            old_password: old_password.as_bytes().to_vec(),
+            new_password: new_password.as_bytes().to_vec(),
+        })
+    }
+
     /// Catches up: presents this client's cursors, queues every message
     /// after them for [`Client::next_push`], and makes the session live.
     /// Returns how many messages the server streamed.

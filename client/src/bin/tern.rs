@@ -94,6 +94,21 @@ enum Command {
     },
     /// Interactive chat; type /help once connected.
     Chat,
+    /// End a session: revoke its token and close. With --token, the
+    /// session of that token (hex, as a client saved it); without, the
+    /// session this command logs in for (password login).
+    Logout {
+        /// A session token in hex (64 digits); --user/--password are then not needed.
+        #[arg(long, value_name = "HEX")]
+        token: Option<String>,
+    },
+    /// Change the password of --user; revokes every token of the user
+    /// (open sessions stay connected, their next login needs the new password).
+    Passwd {
+        /// The new password (8 to 256 bytes).
+        #[arg(long, env = "TERN_NEW_PASSWORD", hide_env_values = true)]
+        new_password: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,6 +156,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Command::Logout { token: Some(token) } = &cli.command {
+        let token = parse_hex(token).ok_or_else(|| anyhow!("--token must be hex digits"))?;
+        let mut client = Client::connect(cli.server.as_str(), client_options(&cli))
+            .with_context(|| format!("cannot connect to {}", cli.server))?;
+        client
+            .login_token(&token)
+            .context("cannot log in with that token (expired or revoked?)")?;
+        client.logout().context("logout failed")?;
+        println!("logged out; the token is revoked");
+        return Ok(());
+    }
     // Every command acts as a user, so a missing credential is reported
     // before anything touches the network.
     let user = cli
@@ -212,8 +238,33 @@ fn run(cli: Cli) -> Result<()> {
             GroupCommand::Members { id } => print_members(&mut client, &mut names, id)?,
         },
         Command::Chat => chat(&mut client, &session, &mut names)?,
+        Command::Logout { .. } => {
+            client.logout().context("logout failed")?;
+            println!("logged out {user}");
+        }
+        Command::Passwd { new_password } => {
+            client
+                .change_password(password, &new_password)
+                .with_context(|| format!("cannot change the password of {user}"))?;
+            println!("password of {user} changed; every session token of {user} is revoked");
+        }
     }
     Ok(())
+}
+
+/// Bytes from hex digits (an even number of them), or `None`.
+fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
+        .collect()
 }
 
 fn client_options(cli: &Cli) -> ClientOptions {
