@@ -1,0 +1,440 @@
+//! Abuse limits over real sockets: each limit crossed, with its typed
+//! error, while well-behaved clients carry on; logout and password change
+//! revoke tokens; the content filter rejects, masks and reloads.
+//!
+//! Test clients connect from 127.0.0.1, which the default configuration
+//! exempts from rate limits, so every server here clears `limits_exempt`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{expect_message, RawConn, RawRead, TestServer, PASSWORD};
+use tern_client::{ClientBody, ErrorCode, ServerBody};
+use tern_engine::filter::{ContentFilter, FilterMode};
+use tern_engine::Config;
+
+fn encoded(request_id: u64, body: ClientBody) -> Vec<u8> {
+    let mut out = rkyv::util::AlignedVec::new();
+    tern_proto::encode_client(&tern_proto::ClientFrame { request_id, body }, &mut out, 1 << 20)
+        .expect("encode");
+    out.to_vec()
+}
+
+fn unexempt(config: &mut Config) {
+    config.limits.limits_exempt.clear();
+}
+
+fn code_of<T: std::fmt::Debug>(result: Result<T, tern_client::ClientError>) -> ErrorCode {
+    common::code_of(result)
+}
+
+fn disconnect_code(frames: &[tern_client::ServerFrame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match &f.body {
+        ServerBody::Disconnect { code, .. } => Some(*code),
+        _ => None,
+    })
+}
+
+#[test]
+fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.limits.message_rate_per_sec = 5;
+        c.limits.message_burst = 5;
+        c.limits.rate_limit_disconnect_after = 50;
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut pair = common::Pair::new(&server, "calm");
+
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    for i in 0..5 {
+        a.send_text(bob.id, &format!("hi {i}")).expect("within the burst");
+    }
+    assert_eq!(
+        code_of(a.send_text(bob.id, "one too many")),
+        ErrorCode::RateLimited
+    );
+    // Cheap requests are not messages: a ping still goes through.
+    a.ping().expect("ping is not metered as a message");
+    for i in 0..5 {
+        assert_eq!(expect_message(&mut b).content.body, format!("hi {i}").as_bytes());
+    }
+    // A token comes back after 1/rate.
+    std::thread::sleep(Duration::from_millis(250));
+    a.send_text(bob.id, "later").expect("a token came back");
+    pair.exchange();
+
+    // A flood: far past the limit without reading, answered by refusals
+    // and then a Disconnect(RateLimited).
+    let mut flood = RawConn::connect(server.addr());
+    flood.login(&alice);
+    for i in 0..200 {
+        let body = ClientBody::SendDirect {
+            to: bob.id,
+            client_msg_id: 0,
+            content: tern_client::Content::text(format!("flood {i}")),
+        };
+        if flood.send_raw(&encoded(1000 + i, body)).is_err() {
+            break;
+        }
+    }
+    let frames = flood.expect_closed();
+    let refused = frames
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.body,
+                ServerBody::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(refused >= 40, "only {refused} refusals before the disconnect");
+    assert_eq!(
+        disconnect_code(&frames),
+        Some(ErrorCode::RateLimited),
+        "{frames:?}"
+    );
+    // Everyone else is unaffected.
+    pair.exchange();
+    a.ping().expect("alice's other session is fine");
+}
+
+#[test]
+fn frame_rate_meters_cheap_requests_even_before_login() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.limits.frame_rate_per_sec = 10;
+        c.limits.frame_burst = 10;
+    });
+    let mut conn = RawConn::connect(server.addr());
+    conn.hello(); // one token
+    for _ in 0..9 {
+        let id = conn.send(ClientBody::Ping { nonce: 1 });
+        let frame = conn.expect_frame();
+        assert_eq!(frame.request_id, id);
+        assert!(matches!(frame.body, ServerBody::Pong { .. }), "{frame:?}");
+    }
+    conn.send(ClientBody::Ping { nonce: 2 });
+    conn.expect_error(ErrorCode::RateLimited);
+    std::thread::sleep(Duration::from_millis(150));
+    conn.send(ClientBody::Ping { nonce: 3 });
+    assert!(matches!(conn.expect_frame().body, ServerBody::Pong { nonce: 3 }));
+}
+
+/// A server whose password hashing is slow enough to measure (~100 ms in
+/// these builds) and one shard, so that every login meets the same table.
+fn slow_hash_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        unexempt(c);
+        c.shards = 1;
+        c.store.argon2_memory_kib = 64 * 1024;
+        c.store.argon2_iterations = 2;
+        tweak(c);
+    })
+}
+
+#[test]
+fn account_backoff_refuses_before_hashing_and_resets_on_success() {
+    let server = slow_hash_server(|c| {
+        c.limits.login_failures_per_account = 3;
+        c.limits.login_failures_per_ip = 0;
+        c.limits.login_backoff_base = Duration::from_millis(1500);
+    });
+    let mut client = server.connect();
+    client.register("carol", PASSWORD).expect("register");
+    let mut hashed = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(
+            code_of(client.login("carol", "wrong password")),
+            ErrorCode::AuthFailed
+        );
+        hashed.push(started.elapsed());
+    }
+    // Backing off now: refused without hashing, even the right password.
+    let mut refused = Vec::new();
+    for password in ["wrong password", PASSWORD, "another guess"] {
+        let started = Instant::now();
+        assert_eq!(code_of(client.login("carol", password)), ErrorCode::RateLimited);
+        refused.push(started.elapsed());
+    }
+    println!("checked attempts: {hashed:?}; refused attempts: {refused:?}");
+    for took in &refused {
+        assert!(
+            *took < Duration::from_millis(50),
+            "a refused attempt took {took:?}"
+        );
+    }
+    let slowest_refusal = refused.iter().max().copied().unwrap_or_default();
+    let fastest_check = hashed.iter().min().copied().unwrap_or_default();
+    assert!(
+        fastest_check > slowest_refusal * 2,
+        "refusals ({refused:?}) should be far cheaper than checks ({hashed:?})"
+    );
+    // Another account from the same address is not affected.
+    client.register("dave", PASSWORD).expect("register");
+    let mut other = server.connect();
+    other.login("dave", PASSWORD).expect("dave is not backing off");
+    // After the back-off the right password works and resets the count.
+    std::thread::sleep(Duration::from_millis(1600));
+    let mut ok = server.connect();
+    ok.login("carol", PASSWORD).expect("login after the back-off");
+    assert_eq!(
+        code_of(client.login("carol", "wrong again")),
+        ErrorCode::AuthFailed
+    );
+}
+
+#[test]
+fn address_backoff_covers_every_account_from_that_address() {
+    let server = slow_hash_server(|c| {
+        c.limits.login_failures_per_account = 0;
+        c.limits.login_failures_per_ip = 3;
+        c.limits.login_backoff_base = Duration::from_secs(30);
+    });
+    let mut client = server.connect();
+    for name in ["erin", "frank", "grace"] {
+        client.register(name, PASSWORD).expect("register");
+        assert_eq!(
+            code_of(client.login(name, "wrong password")),
+            ErrorCode::AuthFailed
+        );
+    }
+    let started = Instant::now();
+    assert_eq!(code_of(client.login("erin", PASSWORD)), ErrorCode::RateLimited);
+    // Tokens are refused too while the address backs off.
+    assert_eq!(code_of(client.login_token(&[7; 32])), ErrorCode::RateLimited);
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+#[test]
+fn concurrent_connections_per_address_are_capped() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.shards = 1;
+        c.limits.max_connections_per_ip = 3;
+        c.limits.connection_rate_per_ip = 0;
+    });
+    let mut open: Vec<RawConn> = (0..3)
+        .map(|_| {
+            let mut conn = RawConn::connect(server.addr());
+            conn.hello();
+            conn
+        })
+        .collect();
+    let mut refused = RawConn::connect(server.addr());
+    let frames = refused.expect_closed();
+    assert_eq!(
+        disconnect_code(&frames),
+        Some(ErrorCode::LimitExceeded),
+        "{frames:?}"
+    );
+    // Closing one frees its place.
+    drop(open.pop());
+    common::eventually("a freed connection slot", || {
+        let mut conn = RawConn::connect(server.addr());
+        conn.send(ClientBody::Hello {
+            version: tern_proto::PROTOCOL_VERSION,
+            client_name: "again".into(),
+        });
+        match conn.read(Duration::from_secs(2)) {
+            RawRead::Frame(f) if matches!(f.body, ServerBody::HelloOk { .. }) => Some(()),
+            _ => None,
+        }
+    });
+    for conn in &mut open {
+        conn.send(ClientBody::Ping { nonce: 9 });
+        assert!(matches!(conn.expect_frame().body, ServerBody::Pong { nonce: 9 }));
+    }
+}
+
+#[test]
+fn new_connections_per_address_are_rate_limited() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.shards = 1;
+        c.limits.connection_rate_per_ip = 2;
+        c.limits.connection_burst_per_ip = 3;
+    });
+    let mut kept = Vec::new();
+    for _ in 0..3 {
+        let mut conn = RawConn::connect(server.addr());
+        conn.hello();
+        kept.push(conn);
+    }
+    let mut refused = RawConn::connect(server.addr());
+    let frames = refused.expect_closed();
+    match frames.first().map(|f| &f.body) {
+        Some(ServerBody::Disconnect {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        }) => assert!((1..=500).contains(retry_after_ms), "{retry_after_ms}"),
+        other => panic!("expected Disconnect(RateLimited), got {other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let mut later = RawConn::connect(server.addr());
+    later.hello();
+}
+
+#[test]
+fn login_deadline_closes_a_client_that_trickles_frames() {
+    let server = TestServer::start_with(|c| {
+        c.login_timeout = Duration::from_millis(800);
+    });
+    let user = server.user_on_shard("henry", 0);
+    let started = Instant::now();
+    let mut slow = RawConn::connect(server.addr());
+    slow.hello();
+    // Pings keep the idle timeout at bay, but not the login deadline.
+    let frames = loop {
+        slow.send_raw(&encoded(
+            7,
+            ClientBody::Ping {
+                nonce: started.elapsed().as_millis() as u64,
+            },
+        ))
+        .expect("write ping");
+        match slow.read(Duration::from_millis(200)) {
+            RawRead::Frame(f) if matches!(f.body, ServerBody::Pong { .. }) => {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            RawRead::Frame(f) => {
+                let mut frames = vec![f];
+                frames.extend(slow.expect_closed());
+                break frames;
+            }
+            RawRead::Closed => break Vec::new(),
+            RawRead::Timeout => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never closed");
+    };
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(800), "closed after {took:?}");
+    assert_eq!(
+        disconnect_code(&frames),
+        Some(ErrorCode::IdleTimeout),
+        "{frames:?}"
+    );
+    // A client that logs in in time stays past the deadline.
+    let mut prompt = server.login(&user);
+    std::thread::sleep(Duration::from_millis(1000));
+    prompt
+        .ping()
+        .expect("a logged-in session outlives the login deadline");
+}
+
+#[test]
+fn logout_revokes_only_that_sessions_token() {
+    let server = TestServer::start();
+    let user = server.user_on_shard("iris", 0);
+    let mut first = server.connect();
+    let t1 = first.login(&user.name, PASSWORD).expect("login").token;
+    let mut second = server.connect();
+    let t2 = second.login(&user.name, PASSWORD).expect("login").token;
+    first.logout().expect("logout answers Ok");
+    assert!(matches!(
+        first.ping(),
+        Err(tern_client::ClientError::Closed | tern_client::ClientError::Io(_))
+    ));
+    let mut again = server.connect();
+    assert_eq!(code_of(again.login_token(&t1)), ErrorCode::AuthFailed);
+    second.ping().expect("the other session lives on");
+    let mut third = server.connect();
+    third.login_token(&t2).expect("the other token still works");
+}
+
+#[test]
+fn password_change_revokes_every_token_and_keeps_sessions_open() {
+    let server = TestServer::start();
+    let user = server.user_on_shard("jack", 0);
+    let peer = server.user_on_shard("kate", 1);
+    let mut first = server.connect();
+    let t1 = first.login(&user.name, PASSWORD).expect("login").token;
+    let mut second = server.connect();
+    let t2 = second.login(&user.name, PASSWORD).expect("login").token;
+    assert_eq!(
+        code_of(first.change_password("not the password", "new password 1")),
+        ErrorCode::AuthFailed
+    );
+    assert_eq!(
+        code_of(first.change_password(PASSWORD, "short")),
+        ErrorCode::InvalidArgument
+    );
+    first.change_password(PASSWORD, "new password 1").expect("change");
+    // Both sessions stay connected and usable.
+    first.ping().expect("this session stays");
+    second
+        .send_text(peer.id, "still here")
+        .expect("the other session stays");
+    for token in [&t1, &t2] {
+        let mut c = server.connect();
+        assert_eq!(code_of(c.login_token(token)), ErrorCode::AuthFailed);
+    }
+    let mut c = server.connect();
+    assert_eq!(code_of(c.login(&user.name, PASSWORD)), ErrorCode::AuthFailed);
+    let mut c = server.connect();
+    c.login(&user.name, "new password 1")
+        .expect("the new password works");
+}
+
+fn filter_server(words: &str, mode: FilterMode) -> (TestServer, Arc<ContentFilter>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("words.txt");
+    std::fs::write(&path, words).expect("write word list");
+    let filter = Arc::new(ContentFilter::open(&path, mode).expect("word list loads"));
+    let shared = filter.clone();
+    let server = TestServer::start_with(move |c| c.content_filter = Some(shared));
+    (server, filter, dir)
+}
+
+#[test]
+fn content_filter_rejects_and_reloads_without_restart() {
+    let (server, filter, dir) = filter_server("darn\n", FilterMode::Reject);
+    let alice = server.user_on_shard("lena", 0);
+    let bob = server.user_on_shard("mike", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    assert_eq!(
+        code_of(a.send_text(bob.id, "well DARN it")),
+        ErrorCode::ContentRejected
+    );
+    a.send_text(bob.id, "darning socks").expect("not a whole word");
+    assert_eq!(expect_message(&mut b).content.body, b"darning socks");
+    let group = a.group_create("club").expect("group");
+    b.group_join(group).expect("join");
+    assert_eq!(
+        code_of(a.send_group_text(group, "darn")),
+        ErrorCode::ContentRejected
+    );
+
+    std::fs::write(dir.path().join("words.txt"), "heck\n").expect("rewrite");
+    assert_eq!(filter.reload().expect("reload"), 1);
+    a.send_text(bob.id, "darn").expect("no longer filtered");
+    assert_eq!(expect_message(&mut b).content.body, b"darn");
+    assert_eq!(
+        code_of(a.send_text(bob.id, "oh heck")),
+        ErrorCode::ContentRejected
+    );
+}
+
+#[test]
+fn content_filter_masks_matches() {
+    let (server, _filter, _dir) = filter_server("heck\nno way\n", FilterMode::Mask);
+    let alice = server.user_on_shard("nora", 0);
+    let bob = server.user_on_shard("otto", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    a.send_text(bob.id, "Heck, NO WAY!").expect("masked, not refused");
+    assert_eq!(expect_message(&mut b).content.body, b"****, ******!");
+    // History holds the masked text too: the original is never stored.
+    a.send_text(bob.id, "fine").expect("send");
+    assert_eq!(expect_message(&mut b).content.body, b"fine");
+}
