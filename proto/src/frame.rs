@@ -211,6 +211,9 @@ impl FrameBuf {
         // draining complete frames gets more space rather than an error.
         let target = (self.start + needed).max(self.end + self.read_bytes);
         if self.buf.len() < target {
+            // Exactly what is needed: `resize` alone may round the capacity
+            // up to a power of two (128 KiB for a 64 KiB frame).
+            self.buf.reserve_exact(target - self.buf.len());
             self.buf.resize(target, 0);
         }
         let (start, end) = (self.end, self.buf.len());
