@@ -15,6 +15,7 @@
 //! `docs/architecture.md` draws the picture.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod catchup;
 pub mod config;
 pub mod config_file;

@@ -25,6 +25,7 @@ use tern_net::memlock;
 use tern_net::tls::{CertStore, TlsSettings};
 use tern_storage::{Store, Writer, WriterHandle};
 
+use crate::admin::{AdminContext, AdminQueues, LogReload};
 use crate::config::Config;
 use crate::conn::{self, STOP_POLL};
 use crate::mesh::Mesh;
@@ -44,6 +45,7 @@ struct Startup {
     addr: SocketAddr,
     /// The TLS listener's address and certificates, if configured.
     tls: Option<(SocketAddr, Arc<CertStore>)>,
+    admin: Arc<AdminQueues>,
     next_index: AtomicUsize,
     stop: Arc<AtomicBool>,
     ready: std::sync::Mutex<mpsc::Sender<Result<usize, String>>>,
@@ -53,6 +55,8 @@ struct Startup {
 pub struct Server {
     addr: SocketAddr,
     tls: Option<(SocketAddr, Arc<CertStore>)>,
+    admin: Arc<AdminQueues>,
+    metrics: Arc<Metrics>,
     shards: usize,
     stop: Arc<AtomicBool>,
     pool: Option<JoinHandle<()>>,
@@ -107,6 +111,7 @@ impl Server {
             .as_ref()
             .map(|(r, certs)| (r.addr(), certs.clone()));
         let shards = config.shards;
+        let admin = Arc::new(AdminQueues::new(shards));
         let placement = if config.pin_shards && shards <= available_cpus() {
             PoolPlacement::MaxSpread(shards, None)
         } else {
@@ -119,9 +124,10 @@ impl Server {
             config: Arc::new(config),
             store: store.clone(),
             writer: writer.handle(),
-            metrics,
+            metrics: metrics.clone(),
             addr,
             tls: tls.clone(),
+            admin: admin.clone(),
             next_index: AtomicUsize::new(0),
             stop: stop.clone(),
             ready: std::sync::Mutex::new(ready_tx.clone()),
@@ -149,6 +155,8 @@ impl Server {
         let mut server = Server {
             addr,
             tls,
+            admin,
+            metrics,
             shards,
             stop,
             pool: Some(pool),
@@ -193,6 +201,17 @@ impl Server {
     /// error the old ones stay in service.
     pub fn tls_certs(&self) -> Option<Arc<CertStore>> {
         self.tls.as_ref().map(|(_, certs)| certs.clone())
+    }
+
+    /// What an admin socket needs to serve this server
+    /// ([`crate::admin::serve_admin`]).
+    pub fn admin_context(&self, log_reload: Option<LogReload>) -> AdminContext {
+        AdminContext {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            queues: self.admin.clone(),
+            log_reload,
+        }
     }
 
     /// A handle on the storage writer (for its metrics).
@@ -352,9 +371,13 @@ async fn run_shard(startup: Arc<Startup>) {
     let watcher = {
         let shard = shard.clone();
         let stop = startup.stop.clone();
+        let admin = startup.admin.clone();
         glommio::spawn_local(async move {
             while !stop.load(Ordering::SeqCst) {
                 glommio::timer::sleep(STOP_POLL).await;
+                for request in admin.take(shard.index) {
+                    shard.admin(request);
+                }
             }
             shard.stop.fire();
         })

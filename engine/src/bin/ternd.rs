@@ -19,10 +19,13 @@ use std::sync::Arc;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use tern_engine::admin::{admin_request, serve_admin, LogReload};
 use tern_engine::config_file::{Origin, Settings, KEYS};
 use tern_engine::http::serve_http;
 use tern_engine::metrics::Metrics;
 use tern_engine::Server;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn command() -> Command {
     let mut cmd = Command::new("ternd")
@@ -72,6 +75,17 @@ fn command() -> Command {
                         .value_name("DNS_OR_IP")
                         .action(ArgAction::Append)
                         .help("Subject alternative name (repeatable; default: localhost, 127.0.0.1, ::1)"),
+                ),
+        )
+        .subcommand(
+            Command::new("admin")
+                .about("Send a command to the running server on this data dir (stats, sessions USER, kick USER, revoke USER, log FILTER)")
+                .arg(
+                    Arg::new("command")
+                        .value_name("COMMAND")
+                        .required(true)
+                        .num_args(1..)
+                        .help("stats | sessions USER | kick USER | revoke USER | log FILTER"),
                 ),
         )
         .subcommand(
@@ -136,6 +150,7 @@ fn main() -> ExitCode {
     let result = match matches.subcommand() {
         Some(("check-config", sub)) => check_config(sub),
         Some(("gen-cert", sub)) => gen_cert(sub),
+        Some(("admin", sub)) => admin_command(&matches, sub),
         _ => load(&matches, matches.get_one::<PathBuf>("config").cloned()).and_then(serve),
     };
     match result {
@@ -167,6 +182,27 @@ fn gen_cert(sub: &ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The admin socket's file name inside the data directory.
+const ADMIN_SOCKET: &str = "admin.sock";
+
+fn admin_command(matches: &ArgMatches, sub: &ArgMatches) -> anyhow::Result<()> {
+    // The same layering as the server, so `--data-dir`, TERN_DATA_DIR or
+    // --config find the same directory the server uses.
+    let settings = load(matches, matches.get_one::<PathBuf>("config").cloned())?;
+    let words: Vec<String> = sub
+        .get_many::<String>("command")
+        .map(|w| w.cloned().collect())
+        .unwrap_or_default();
+    let path = settings.config.data_dir.join(ADMIN_SOCKET);
+    let answer = admin_request(&path, &words.join(" "))
+        .map_err(|e| anyhow::anyhow!("cannot reach the server at {}: {e}", path.display()))?;
+    print!("{answer}");
+    if answer.starts_with("error:") {
+        anyhow::bail!("the server refused the command");
+    }
+    Ok(())
+}
+
 fn check_config(sub: &ArgMatches) -> anyhow::Result<()> {
     let settings = load(sub, sub.get_one::<PathBuf>("file").cloned())?;
     print!("{}", settings.effective_toml());
@@ -176,12 +212,24 @@ fn check_config(sub: &ArgMatches) -> anyhow::Result<()> {
 fn serve(settings: Settings) -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries only the startup lines that
     // scripts and tests parse, and nobody need drain it afterwards.
+    // The filter sits behind a reload handle so `ternd admin log FILTER`
+    // can change it without a restart.
     let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&settings.log);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_writer(std::io::stderr),
+        )
         .init();
+    let log_reload: LogReload = Box::new(move |directives: &str| {
+        let filter = tracing_subscriber::EnvFilter::builder()
+            .parse(directives)
+            .map_err(|e| format!("bad log filter {directives:?}: {e}"))?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    });
     eprint!("ternd: effective configuration:\n{}", settings.effective_toml());
     let config = settings.config;
     let metrics = Arc::new(Metrics::new(config.shards));
@@ -213,6 +261,9 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(addr) = server.tls_addr() {
         println!("ternd TLS listening on {addr}");
     }
+    let admin_path = data_dir.join(ADMIN_SOCKET);
+    let admin = serve_admin(&admin_path, server.admin_context(Some(log_reload)))
+        .map_err(|e| anyhow::anyhow!("cannot serve the admin socket {}: {e}", admin_path.display()))?;
     let stop = server.stop_handle();
     let not_ready = ready.clone();
     let certs = server.tls_certs();
@@ -235,6 +286,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     });
     server.wait()?;
+    drop(admin);
     drop(http);
     tracing::info!("stopped cleanly");
     Ok(())

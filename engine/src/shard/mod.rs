@@ -349,6 +349,27 @@ impl Shard {
         });
     }
 
+    /// Serves an operator's request for a user homed here.
+    pub fn admin(&self, request: crate::admin::AdminRequest) {
+        use crate::admin::AdminRequest;
+        match request {
+            AdminRequest::Sessions { user, reply } => {
+                let count = self.sessions.borrow().get(&user).map_or(0, Vec::len);
+                let _ = reply.send(count);
+            }
+            AdminRequest::Kick { user, reply } => {
+                let mut count = 0;
+                self.for_each_session(user, None, |entry| {
+                    entry
+                        .outbox
+                        .kill(ErrorCode::Forbidden, "disconnected by an administrator", 0);
+                    count += 1;
+                });
+                let _ = reply.send(count);
+            }
+        }
+    }
+
     /// Drops this shard's ends of the queues to other shards, so that
     /// their consumer tasks end once drained (shutdown).
     pub fn close_queues(&self) {

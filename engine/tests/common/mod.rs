@@ -59,6 +59,10 @@ impl TestServer {
         self.server.as_ref().expect("server running").addr()
     }
 
+    pub fn admin_context(&self) -> tern_engine::admin::AdminContext {
+        self.server.as_ref().expect("server running").admin_context(None)
+    }
+
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.server.as_ref().expect("server running").tls_addr()
     }

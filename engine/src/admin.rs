@@ -1,0 +1,265 @@
+//! Operator commands against a running server, over a local Unix socket.
+//!
+//! `ternd admin CMD` connects to `<data_dir>/admin.sock` (mode 0600: only
+//! the server's own user may use it) and sends one line; the server answers
+//! with text and closes. Commands: `stats` (live counters per shard),
+//! `sessions USER`, `kick USER` (closes every session of the user with a
+//! `Disconnect`), `revoke USER` (revokes every token of the user, then
+//! kicks), and `log FILTER` (changes the log filter at runtime). A session
+//! lives on its user's home shard, so kicks and session counts are handed
+//! to that shard through [`AdminQueues`], which each shard drains from its
+//! stop-watcher tick (every 50 ms): admin commands never touch the message
+//! path, and the mutex they take is never taken by it.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tern_proto::{shard_of, UserId};
+use tern_storage::Store;
+
+use crate::metrics::{Metrics, ProcessStats, Scrape};
+
+/// Longest command line accepted.
+const MAX_COMMAND_BYTES: usize = 1024;
+/// How long one admin connection may take to send its command.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command waits for the shard that owns the user.
+const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The counters `stats` shows, per shard and in total.
+const STATS_METRICS: &[&str] = &[
+    "tern_connections_open",
+    "tern_sessions_open",
+    "tern_messages_sent_total",
+    "tern_messages_delivered_total",
+    "tern_messages_stored_total",
+    "tern_slow_consumer_disconnects_total",
+    "tern_outbound_queued_bytes",
+];
+
+/// A request for the shard that owns `user`.
+pub enum AdminRequest {
+    /// How many live sessions `user` has.
+    Sessions {
+        user: UserId,
+        reply: mpsc::Sender<usize>,
+    },
+    /// Close every session of `user`; answers how many.
+    Kick {
+        user: UserId,
+        reply: mpsc::Sender<usize>,
+    },
+}
+
+/// One queue of admin requests per shard.
+pub struct AdminQueues {
+    per_shard: Vec<Mutex<Vec<AdminRequest>>>,
+}
+
+impl AdminQueues {
+    /// Empty queues for `shards` shards.
+    pub fn new(shards: usize) -> AdminQueues {
+        AdminQueues {
+            per_shard: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    fn push(&self, shard: usize, request: AdminRequest) {
+        if let Some(queue) = self.per_shard.get(shard) {
+            queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(request);
+        }
+    }
+
+    /// Takes shard `shard`'s pending requests.
+    pub fn take(&self, shard: usize) -> Vec<AdminRequest> {
+        match self.per_shard.get(shard) {
+            Some(queue) => {
+                std::mem::take(&mut *queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn shards(&self) -> usize {
+        self.per_shard.len()
+    }
+}
+
+/// Changes the log filter of the running process.
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the admin socket needs from the server.
+pub struct AdminContext {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub queues: Arc<AdminQueues>,
+    pub log_reload: Option<LogReload>,
+}
+
+/// The admin socket's thread; removes the socket file when dropped.
+pub struct AdminServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves admin commands on a Unix socket at `path` (replacing a stale
+/// socket file left by a crashed server).
+pub fn serve_admin(path: &Path, context: AdminContext) -> io::Result<AdminServer> {
+    if path.exists() {
+        // A live server answers; a stale file from a crash does not.
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running server", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("tern-admin".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    // One command at a time: admin traffic is rare, and this
+                    // bounds the work a local client can queue.
+                    if let Ok(stream) = stream {
+                        let _ = answer(stream, &context);
+                    }
+                }
+            })?
+    };
+    Ok(AdminServer {
+        path: path.to_owned(),
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn answer(stream: UnixStream, context: &AdminContext) -> io::Result<()> {
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(io::Read::take(stream.try_clone()?, MAX_COMMAND_BYTES as u64)).read_line(&mut line)?;
+    let reply = match run(line.trim(), context) {
+        Ok(text) => text,
+        Err(e) => format!("error: {e}\n"),
+    };
+    (&stream).write_all(reply.as_bytes())
+}
+
+fn run(command: &str, context: &AdminContext) -> Result<String, String> {
+    let mut words = command.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("stats"), None, _) => Ok(stats(context)),
+        (Some("sessions"), Some(name), None) => {
+            let user = resolve(context, name)?;
+            let count = ask(context, user, |reply| AdminRequest::Sessions { user, reply })?;
+            Ok(format!("{name} (id {user}): {count} sessions on shard {}\n", home(context, user)))
+        }
+        (Some("kick"), Some(name), None) => {
+            let user = resolve(context, name)?;
+            let count = ask(context, user, |reply| AdminRequest::Kick { user, reply })?;
+            Ok(format!("kicked {count} sessions of {name} (id {user})\n"))
+        }
+        (Some("revoke"), Some(name), None) => {
+            let user = resolve(context, name)?;
+            let revoked = context.store.revoke_tokens(user).map_err(|e| e.to_string())?;
+            let count = ask(context, user, |reply| AdminRequest::Kick { user, reply })?;
+            Ok(format!("revoked {revoked} tokens and kicked {count} sessions of {name} (id {user})\n"))
+        }
+        (Some("log"), Some(filter), None) => match &context.log_reload {
+            Some(reload) => reload(filter).map(|()| format!("log filter is now {filter}\n")),
+            None => Err("this server cannot change its log filter at runtime".into()),
+        },
+        _ => Err(format!(
+            "unknown command {command:?}; commands: stats | sessions USER | kick USER | revoke USER | log FILTER"
+        )),
+    }
+}
+
+fn resolve(context: &AdminContext, name: &str) -> Result<UserId, String> {
+    match context.store.user_id(name) {
+        Ok(Some(user)) => Ok(user),
+        Ok(None) => Err(format!("no user named {name:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn home(context: &AdminContext, user: UserId) -> usize {
+    shard_of(user, context.queues.shards())
+}
+
+/// Hands a request to the user's home shard and waits for its answer.
+fn ask(
+    context: &AdminContext,
+    user: UserId,
+    request: impl FnOnce(mpsc::Sender<usize>) -> AdminRequest,
+) -> Result<usize, String> {
+    let (tx, rx) = mpsc::channel();
+    context.queues.push(home(context, user), request(tx));
+    rx.recv_timeout(SHARD_ANSWER_TIMEOUT)
+        .map_err(|_| "the shard did not answer (is the server stopping?)".into())
+}
+
+fn stats(context: &AdminContext) -> String {
+    let scrape = Scrape {
+        ready: true,
+        process: ProcessStats::collect(),
+        ..Scrape::default()
+    };
+    let text = context.metrics.render(&scrape);
+    let mut out = String::new();
+    for line in text.lines() {
+        if !line.starts_with('#') && STATS_METRICS.iter().any(|m| line.starts_with(m)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Sends one command to the admin socket at `path` and returns the answer
+/// (the `ternd admin` client).
+pub fn admin_request(path: &Path, command: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(SHARD_ANSWER_TIMEOUT + READ_TIMEOUT))?;
+    stream.write_all(command.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut answer = String::new();
+    io::Read::read_to_string(&mut stream, &mut answer)?;
+    Ok(answer)
+}

@@ -1,0 +1,69 @@
+//! The admin socket against a running in-process server: live stats,
+//! counting and kicking a user's sessions across shards, revoking tokens,
+//! and refusing what it does not know.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{register_on_shard, TestServer, PASSWORD};
+use tern_client::{ClientError, ErrorCode, ServerBody};
+use tern_engine::admin::{admin_request, serve_admin};
+
+#[test]
+fn sessions_kick_revoke_and_stats() {
+    let server = TestServer::start();
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let path = socket_dir.path().join("admin.sock");
+    let admin = serve_admin(&path, server.admin_context()).expect("admin socket");
+
+    let mut setup = server.connect();
+    // A user homed on each shard: requests reach the right one.
+    for shard in 0..server.shards() {
+        let user = register_on_shard(&mut setup, &format!("adm{shard}_"), shard, server.shards());
+        let mut first = server.connect();
+        let session = first.login(&user.name, PASSWORD).expect("login");
+        let mut second = server.connect();
+        second.login(&user.name, PASSWORD).expect("login");
+
+        let answer = admin_request(admin.path(), &format!("sessions {}", user.name)).expect("sessions");
+        assert!(answer.contains(": 2 sessions"), "{answer}");
+
+        let answer = admin_request(admin.path(), &format!("revoke {}", user.name)).expect("revoke");
+        assert!(answer.contains("kicked 2 sessions"), "{answer}");
+        for client in [&mut first, &mut second] {
+            match client.next_push(Duration::from_secs(5)) {
+                Ok(Some(ServerBody::Disconnect { code, .. })) => assert_eq!(code, ErrorCode::Forbidden),
+                other => panic!("expected a Disconnect, got {other:?}"),
+            }
+        }
+        let refused = server.connect().login_token(&session.token);
+        assert!(
+            matches!(
+                refused,
+                Err(ClientError::Server {
+                    code: ErrorCode::AuthFailed,
+                    ..
+                })
+            ),
+            "a revoked token must not log in: {refused:?}"
+        );
+        // The password still works.
+        server
+            .connect()
+            .login(&user.name, PASSWORD)
+            .expect("password login after revoke");
+    }
+
+    let stats = admin_request(admin.path(), "stats").expect("stats");
+    assert!(stats.contains("tern_sessions_open{shard=\"0\"}"), "{stats}");
+    assert!(stats.contains("tern_connections_open"), "{stats}");
+
+    let unknown = admin_request(admin.path(), "sessions nobody_at_all").expect("answer");
+    assert!(unknown.starts_with("error:"), "{unknown}");
+    let bogus = admin_request(admin.path(), "format-disk").expect("answer");
+    assert!(bogus.starts_with("error: unknown command"), "{bogus}");
+
+    drop(admin);
+    assert!(!path.exists(), "the socket file is removed on drop");
+}
