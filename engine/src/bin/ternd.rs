@@ -9,7 +9,8 @@
 //! `--metrics-listen ADDR` it serves `/metrics`, `/healthz` and `/readyz`
 //! there. SIGINT or SIGTERM stops it cleanly: `/readyz` turns 503, clients
 //! are told to reconnect later, queues drain, the store is flushed. SIGHUP
-//! reloads the TLS certificate without dropping connections.
+//! reloads the TLS certificate and the content filter word list without
+//! dropping connections.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -247,6 +248,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let data_dir = config.data_dir.clone();
+    let content_filter = config.content_filter.clone();
     let server = Server::start_with_metrics(config, metrics.clone())?;
     if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
         http.set_writer(writer);
@@ -270,6 +272,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     std::thread::spawn(move || {
         for signal in signals.forever() {
             if signal == SIGHUP {
+                tern_engine::filter::reload_and_log(content_filter.as_ref());
                 match certs.as_ref().map(|c| c.reload()) {
                     Some(Ok(())) => tracing::info!("reloaded the TLS certificate"),
                     Some(Err(e)) => {
