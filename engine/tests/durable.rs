@@ -8,6 +8,7 @@
 //! raw frames (`read_frame`), so the client library's cursor-based dedup
 //! cannot hide it.
 
+mod common;
 mod durable_common;
 
 use std::sync::{Arc, Barrier};

@@ -18,9 +18,9 @@ use tern_engine::{Config, Server};
 use tern_proto::{decode_server, encode_client, shard_of, ClientFrame, FrameBuf, PROTOCOL_VERSION};
 
 /// How long any single request or expected push may take.
-pub const TIMEOUT: Duration = Duration::from_secs(5);
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to watch for a push that must *not* arrive.
-pub const QUIET: Duration = Duration::from_millis(200);
+pub const QUIET: Duration = Duration::from_millis(250);
 /// Every test user's password.
 pub const PASSWORD: &str = "correct horse";
 
@@ -88,10 +88,51 @@ impl TestServer {
         client
     }
 
+    /// A client logged in as `user` but not synced: it receives no
+    /// messages (no deliveries, no echoes). For senders.
+    pub fn login_unsynced(&self, user: &User) -> Client {
+        let mut client = self.connect();
+        let session = client.login_unsynced(&user.name, PASSWORD).expect("login");
+        assert_eq!(session.user, user.id);
+        client
+    }
+
     /// Registers a fresh user whose home shard is `shard`.
     pub fn user_on_shard(&self, prefix: &str, shard: usize) -> User {
         let mut client = self.connect();
         register_on_shard(&mut client, prefix, shard, self.shards())
+    }
+
+    /// Registers `{prefix}{n}` for n = 0, 1, … until one satisfies `pred`.
+    pub fn user_where(&self, prefix: &str, pred: impl Fn(&User) -> bool) -> User {
+        let mut client = self.connect();
+        for n in 0..64 {
+            let name = format!("{prefix}{n}");
+            let id = match client.register(&name, PASSWORD) {
+                Ok(id) => id,
+                Err(e) if e.code() == Some(tern_client::ErrorCode::UsernameTaken) => continue,
+                Err(e) => panic!("register {name}: {e}"),
+            };
+            let user = User { id, name };
+            if pred(&user) {
+                return user;
+            }
+        }
+        panic!("64 registrations named {prefix}… and none fits");
+    }
+
+    /// Stops the server cleanly and starts a new one on the same store and
+    /// config (the port changes).
+    pub fn restart(&mut self) {
+        let server = self.server.take().expect("server running");
+        let started = Instant::now();
+        server.shutdown().expect("clean shutdown");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "shutdown took {:?}",
+            started.elapsed()
+        );
+        self.server = Some(Server::start(self.config.clone()).expect("server restarts on its store"));
     }
 
     /// Stops the server (waiting for it to drain) and hands back its directory.

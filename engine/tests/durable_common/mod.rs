@@ -7,147 +7,20 @@
 //! duplicate sent by the server cannot hide.
 #![allow(dead_code)] // not every helper is used by every test binary
 
+pub use crate::common::{code_of, expect_quiet, TestServer, User, PASSWORD, QUIET, TIMEOUT};
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
-use tempfile::TempDir;
 use tern_client::{
-    ChatMessage, Client, ClientBody, ClientError, ClientOptions, Content, ConvId, Cursor, GroupId,
-    ServerBody, ServerFrame, UserId,
+    ChatMessage, Client, ClientBody, Content, ConvId, Cursor, GroupId, ServerBody, ServerFrame, UserId,
 };
-use tern_engine::{Config, Server};
-use tern_proto::{encode_client, shard_of, ClientFrame};
+use tern_proto::{encode_client, ClientFrame};
 
-/// How long any single request or expected push may take.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to watch for a push that must *not* arrive.
-pub const QUIET: Duration = Duration::from_millis(250);
-/// Every test user's password.
-pub const PASSWORD: &str = "correct horse";
 /// Request ids used by pipelined sends: far above the ones `Client` hands
 /// out, so that its own requests never collide with them.
 const PIPELINE_REQUEST_BASE: u64 = 1 << 40;
-
-/// A running server and the directory its store lives in.
-pub struct TestServer {
-    server: Option<Server>,
-    dir: Option<TempDir>,
-    pub config: Config,
-}
-
-impl TestServer {
-    pub fn start() -> TestServer {
-        TestServer::start_with(|_| {})
-    }
-
-    /// A server with [`Config::for_tests`] adjusted by `tweak`.
-    pub fn start_with(tweak: impl Fn(&mut Config)) -> TestServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::for_tests(dir.path().join("data"));
-        tweak(&mut config);
-        let server = Server::start(config.clone()).expect("server starts");
-        TestServer {
-            server: Some(server),
-            dir: Some(dir),
-            config,
-        }
-    }
-
-    /// Stops the server cleanly and starts a new one on the same store
-    /// (and the same config; the port changes).
-    pub fn restart(&mut self) {
-        let server = self.server.take().expect("server running");
-        let started = Instant::now();
-        server.shutdown().expect("clean shutdown");
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "shutdown took {:?}",
-            started.elapsed()
-        );
-        self.server = Some(Server::start(self.config.clone()).expect("server restarts on its store"));
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.server.as_ref().expect("server running").addr()
-    }
-
-    pub fn shards(&self) -> usize {
-        self.config.shards
-    }
-
-    /// A connected (Hello done), anonymous client.
-    pub fn connect(&self) -> Client {
-        Client::connect(self.addr(), opts()).expect("connect")
-    }
-
-    /// A client logged in (and synced, with no cursors) as `user`.
-    pub fn login(&self, user: &User) -> Client {
-        let mut client = self.connect();
-        let session = client.login(&user.name, PASSWORD).expect("login");
-        assert_eq!(session.user, user.id);
-        client
-    }
-
-    /// A client logged in as `user` but not synced: it receives no
-    /// messages (no deliveries, no echoes). For senders.
-    pub fn login_unsynced(&self, user: &User) -> Client {
-        let mut client = self.connect();
-        let session = client.login_unsynced(&user.name, PASSWORD).expect("login");
-        assert_eq!(session.user, user.id);
-        client
-    }
-
-    /// Registers a fresh user whose home shard is `shard`.
-    pub fn user_on_shard(&self, prefix: &str, shard: usize) -> User {
-        let shards = self.shards();
-        self.user_where(prefix, |u| shard_of(u.id, shards) == shard)
-    }
-
-    /// Registers `{prefix}{n}` for n = 0, 1, … until one satisfies `pred`.
-    pub fn user_where(&self, prefix: &str, pred: impl Fn(&User) -> bool) -> User {
-        let mut client = self.connect();
-        for n in 0..64 {
-            let name = format!("{prefix}{n}");
-            let id = match client.register(&name, PASSWORD) {
-                Ok(id) => id,
-                Err(e) if e.code() == Some(tern_client::ErrorCode::UsernameTaken) => continue,
-                Err(e) => panic!("register {name}: {e}"),
-            };
-            let user = User { id, name };
-            if pred(&user) {
-                return user;
-            }
-        }
-        panic!("64 registrations named {prefix}… and none fits");
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            let _ = server.shutdown();
-        }
-        // The directory goes after the server that uses it.
-        drop(self.dir.take());
-    }
-}
-
-/// A registered user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub id: UserId,
-    pub name: String,
-}
-
-pub fn opts() -> ClientOptions {
-    ClientOptions {
-        timeout: TIMEOUT,
-        client_name: "durable-tests".into(),
-        ..ClientOptions::default()
-    }
-}
 
 /// Where a pipelined burst goes.
 #[derive(Debug, Clone, Copy)]
@@ -309,26 +182,6 @@ pub fn expect_message(client: &mut Client) -> ChatMessage {
     messages(client, 1).remove(0)
 }
 
-/// Asserts that no `Message` (or `Receipt`) push reaches any of `clients`
-/// within [`QUIET`]; `Presence` changes are ignored. Reads raw frames, so
-/// re-sends the client library would drop count too.
-pub fn expect_quiet(clients: &mut [&mut Client]) {
-    std::thread::sleep(QUIET);
-    for (i, client) in clients.iter_mut().enumerate() {
-        loop {
-            match client.read_frame(Duration::from_millis(1)) {
-                Ok(Some(ServerFrame {
-                    body: ServerBody::Presence { .. },
-                    ..
-                })) => continue,
-                Ok(Some(other)) => panic!("client #{i}: expected no push, got {other:?}"),
-                Ok(None) => break,
-                Err(e) => panic!("client #{i}: connection failed while checking for silence: {e}"),
-            }
-        }
-    }
-}
-
 /// Asserts `messages` are exactly `seqs` of `conv`, in order.
 pub fn assert_seqs(messages: &[ChatMessage], conv: ConvId, seqs: impl IntoIterator<Item = u64>) {
     let got: Vec<u64> = messages.iter().map(|m| m.seq).collect();
@@ -370,16 +223,6 @@ pub fn summarize(seqs: &[u64]) -> String {
         }
     }
     format!("[{}]", runs.join(", "))
-}
-
-/// The server code of a failed request; panics on success or a non-server error.
-pub fn code_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> tern_client::ErrorCode {
-    match result {
-        Err(e) => e
-            .code()
-            .unwrap_or_else(|| panic!("expected a server error, got {e:?}")),
-        Ok(v) => panic!("expected a server error, got success: {v:?}"),
-    }
 }
 
 /// Consecutive client message ids for a burst, distinct per test user.
