@@ -49,11 +49,13 @@ pub enum ClientBody {
         client_msg_id: u64,
         content: Content,
     },
-    /// Creates a group owned by the caller, who joins it; answered with `GroupCreated`.
+    /// Creates an open group owned by the caller, who joins it; answered
+    /// with `GroupCreated`. Same as `GroupCreateWith { name, open: true }`.
     GroupCreate { name: String },
-    /// Joins a group; answered with `Ok`.
+    /// Joins a group; answered with `Ok`. An invite-only group needs a
+    /// pending invite (`GroupInvite`), which the join consumes.
     GroupJoin { group: GroupId },
-    /// Leaves a group; answered with `Ok`.
+    /// Leaves a group; answered with `Ok`. The owner cannot leave.
     GroupLeave { group: GroupId },
     /// Lists a group's members (caller must be one); answered with `Members`.
     GroupMembers { group: GroupId },
@@ -102,6 +104,56 @@ pub enum ClientBody {
         old_password: Vec<u8>,
         new_password: Vec<u8>,
     },
+    /// Creates a group owned by the caller, who joins it as `Owner`:
+    /// `open` lets anyone join, otherwise joining needs an invite.
+    /// Answered with `GroupCreated`.
+    GroupCreateWith { name: String, open: bool },
+    /// Invites `user` to `group` (owner or admin only); answered with `Ok`.
+    GroupInvite { group: GroupId, user: UserId },
+    /// Removes `user` from `group` (owner, or admin for plain members);
+    /// answered with `Ok`.
+    GroupKick { group: GroupId, user: UserId },
+    /// Makes `user` an `Admin` or a `Member` (owner only); answered with `Ok`.
+    GroupSetRole {
+        group: GroupId,
+        user: UserId,
+        role: GroupRole,
+    },
+    /// A group's name, openness and members with their roles (caller must
+    /// be a member); answered with `GroupInfo`.
+    GroupInfo { group: GroupId },
+}
+
+/// A member's role in a group.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug, PartialEq, Eq, Clone, Copy))]
+#[repr(u8)]
+pub enum GroupRole {
+    /// The creator: every right, cannot leave or be kicked.
+    Owner,
+    /// May invite, and kick plain members.
+    Admin,
+    /// May send, read and leave.
+    Member,
+}
+
+impl ArchivedGroupRole {
+    /// Converts the archived role back into a native [`GroupRole`].
+    pub fn to_native(self) -> GroupRole {
+        match self {
+            ArchivedGroupRole::Owner => GroupRole::Owner,
+            ArchivedGroupRole::Admin => GroupRole::Admin,
+            ArchivedGroupRole::Member => GroupRole::Member,
+        }
+    }
+}
+
+/// A group member and their role, as listed by `GroupInfo`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct GroupMember {
+    pub user: UserId,
+    pub role: GroupRole,
 }
 
 /// The last sequence a client holds for a conversation.
@@ -261,6 +313,13 @@ pub enum ServerBody {
     },
     /// The answer to `Conversations`.
     Conversations { conversations: Vec<ConversationSummary> },
+    /// The answer to `GroupInfo`: members ascending by user id.
+    GroupInfo {
+        group: GroupId,
+        name: String,
+        open: bool,
+        members: Vec<GroupMember>,
+    },
 }
 
 /// A friend and whether they are online now.

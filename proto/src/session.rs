@@ -12,7 +12,7 @@ use crate::limits::{
     check_group_name, check_password, check_username, CLIENT_NAME_LEN_MAX, MEDIA_MIME_LEN_MAX,
     MEDIA_URL_LEN_MAX, SYNC_CURSORS_MAX, TOKEN_LEN,
 };
-use crate::message::{ArchivedClientBody, ArchivedContent, ArchivedContentKind, ErrorCode};
+use crate::message::{ArchivedClientBody, ArchivedContent, ArchivedContentKind, ErrorCode, GroupRole};
 use crate::{ids::UserId, SUPPORTED_VERSIONS};
 
 /// Where a connection is in its life.
@@ -156,8 +156,17 @@ impl Session {
                 check_username(username.as_str())?;
                 Ok(())
             }
-            (Phase::Authenticated(_), B::GroupCreate { name }) => {
+            (Phase::Authenticated(_), B::GroupCreate { name } | B::GroupCreateWith { name, .. }) => {
                 check_group_name(name.as_str())?;
+                Ok(())
+            }
+            (Phase::Authenticated(_), B::GroupSetRole { role, .. }) => {
+                if role.to_native() == GroupRole::Owner {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "the Owner role cannot be assigned (ownership transfer is not supported)",
+                    ));
+                }
                 Ok(())
             }
             (Phase::Authenticated(_), B::SendDirect { content, to, .. }) => {
@@ -208,6 +217,9 @@ impl Session {
                 | B::GroupJoin { .. }
                 | B::GroupLeave { .. }
                 | B::GroupMembers { .. }
+                | B::GroupInvite { .. }
+                | B::GroupKick { .. }
+                | B::GroupInfo { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,
@@ -335,6 +347,26 @@ mod tests {
             ErrorCode::InvalidArgument
         );
         assert!(admit(&mut s, ClientBody::GroupCreate { name: String::new() }).is_err());
+        let unnamed = ClientBody::GroupCreateWith {
+            name: String::new(),
+            open: false,
+        };
+        assert!(admit(&mut s, unnamed).is_err());
+        let make_owner = ClientBody::GroupSetRole {
+            group: 1,
+            user: 2,
+            role: GroupRole::Owner,
+        };
+        assert_eq!(
+            admit(&mut s, make_owner).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        let make_admin = ClientBody::GroupSetRole {
+            group: 1,
+            user: 2,
+            role: GroupRole::Admin,
+        };
+        admit(&mut s, make_admin).unwrap();
         let short = ClientBody::ChangePassword {
             old_password: b"password".to_vec(),
             new_password: b"short".to_vec(),

@@ -373,6 +373,64 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client-group-create-with",
+            client(
+                18,
+                ClientBody::GroupCreateWith {
+                    name: "rustaceans".into(),
+                    open: false,
+                },
+            ),
+        ),
+        (
+            "client-group-invite",
+            client(19, ClientBody::GroupInvite { group: 9, user: 3 }),
+        ),
+        (
+            "client-group-kick",
+            client(20, ClientBody::GroupKick { group: 9, user: 3 }),
+        ),
+        (
+            "client-group-set-role",
+            client(
+                21,
+                ClientBody::GroupSetRole {
+                    group: 9,
+                    user: 4,
+                    role: GroupRole::Admin,
+                },
+            ),
+        ),
+        (
+            "client-group-info",
+            client(22, ClientBody::GroupInfo { group: 9 }),
+        ),
+        (
+            "server-group-info",
+            server(
+                22,
+                ServerBody::GroupInfo {
+                    group: 9,
+                    name: "rustaceans".into(),
+                    open: false,
+                    members: vec![
+                        GroupMember {
+                            user: 1,
+                            role: GroupRole::Owner,
+                        },
+                        GroupMember {
+                            user: 4,
+                            role: GroupRole::Admin,
+                        },
+                        GroupMember {
+                            user: 7,
+                            role: GroupRole::Member,
+                        },
+                    ],
+                },
+            ),
+        ),
     ]
 }
 
@@ -589,6 +647,18 @@ fn client_samples() -> Vec<ClientBody> {
             old_password: b"password".to_vec(),
             new_password: b"password2".to_vec(),
         },
+        ClientBody::GroupCreateWith {
+            name: "g".into(),
+            open: true,
+        },
+        ClientBody::GroupInvite { group: 1, user: 2 },
+        ClientBody::GroupKick { group: 1, user: 2 },
+        ClientBody::GroupSetRole {
+            group: 1,
+            user: 2,
+            role: GroupRole::Member,
+        },
+        ClientBody::GroupInfo { group: 1 },
     ]
 }
 
@@ -660,6 +730,12 @@ fn server_samples() -> Vec<ServerBody> {
         ServerBody::Conversations {
             conversations: vec![],
         },
+        ServerBody::GroupInfo {
+            group: 1,
+            name: "g".into(),
+            open: true,
+            members: vec![],
+        },
     ]
 }
 
@@ -706,6 +782,10 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             old_password,
             new_password,
         } => vec![o(addr(old_password)), o(addr(new_password))],
+        B::GroupCreateWith { name, open } => vec![o(addr(name)), o(addr(open))],
+        B::GroupInvite { group, user } | B::GroupKick { group, user } => vec![o(addr(group)), o(addr(user))],
+        B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
+        B::GroupInfo { group } => vec![o(addr(group))],
     }
 }
 
@@ -770,6 +850,12 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
         }
         B::HistoryPage { conv, messages } => vec![o(addr(conv)), o(addr(messages))],
         B::Conversations { conversations } => vec![o(addr(conversations))],
+        B::GroupInfo {
+            group,
+            name,
+            open,
+            members,
+        } => vec![o(addr(group)), o(addr(name)), o(addr(open)), o(addr(members))],
     }
 }
 
@@ -887,6 +973,20 @@ fn archived_layout_is_as_documented() {
             8,
         ),
         (
+            "GroupMember",
+            size_of::<ArchivedGroupMember>(),
+            align_of::<ArchivedGroupMember>(),
+            16,
+            8,
+        ),
+        (
+            "GroupRole",
+            size_of::<ArchivedGroupRole>(),
+            align_of::<ArchivedGroupRole>(),
+            1,
+            1,
+        ),
+        (
             "String",
             size_of::<ArchivedString>(),
             align_of::<ArchivedString>(),
@@ -980,6 +1080,13 @@ fn archived_layout_is_as_documented() {
     );
     assert_eq!(
         [
+            offset_of!(ArchivedGroupMember, user),
+            offset_of!(ArchivedGroupMember, role)
+        ],
+        [0, 8]
+    );
+    assert_eq!(
+        [
             offset_of!(ArchivedConversationSummary, conv),
             offset_of!(ArchivedConversationSummary, last_seq),
             offset_of!(ArchivedConversationSummary, unread),
@@ -991,7 +1098,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 21] = [
+    let client_expected: [&[usize]; 26] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1013,6 +1120,11 @@ fn archived_layout_is_as_documented() {
         &[4, 8],          // Conversations
         &[],              // Logout
         &[4, 12],         // ChangePassword
+        &[4, 12],         // GroupCreateWith
+        &[8, 16],         // GroupInvite
+        &[8, 16],         // GroupKick
+        &[8, 16, 24],     // GroupSetRole
+        &[8],             // GroupInfo
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1036,7 +1148,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 18] = [
+    let server_expected: [&[usize]; 19] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -1055,6 +1167,7 @@ fn archived_layout_is_as_documented() {
         &[8, 32, 40, 48], // Receipt
         &[8, 32],         // HistoryPage
         &[4],             // Conversations
+        &[8, 16, 24, 28], // GroupInfo
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1371,6 +1484,30 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(Field::Vec(B + 4, ool(old_password, 1), old_password.len()));
             fields.push(Field::Vec(B + 12, ool(new_password, 1), new_password.len()));
         }
+        ClientBody::GroupCreateWith { name, open } => {
+            fields.push(tag(21));
+            fields.push(string(B + 4, name, &mut ool));
+            fields.push(Field::U8(B + 12, u8::from(*open)));
+        }
+        ClientBody::GroupInvite { group, user } | ClientBody::GroupKick { group, user } => {
+            fields.push(tag(if matches!(frame.body, ClientBody::GroupInvite { .. }) {
+                22
+            } else {
+                23
+            }));
+            fields.push(Field::U64(B + 8, *group));
+            fields.push(Field::U64(B + 16, *user));
+        }
+        ClientBody::GroupSetRole { group, user, role } => {
+            fields.push(tag(24));
+            fields.push(Field::U64(B + 8, *group));
+            fields.push(Field::U64(B + 16, *user));
+            fields.push(Field::U8(B + 24, *role as u8));
+        }
+        ClientBody::GroupInfo { group } => {
+            fields.push(tag(25));
+            fields.push(Field::U64(B + 8, *group));
+        }
     }
     // Then the root, 8-aligned, at the very end: zero padding, 72 bytes.
     while !body.len().is_multiple_of(8) {
@@ -1583,6 +1720,26 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
                     .collect(),
             }
         }
+        18 => ServerBody::GroupInfo {
+            group: u64_at(b + 8),
+            name: string_at(b + 16),
+            open: bool_at(b + 24),
+            members: {
+                let (start, len) = vec_at(b + 28);
+                (0..len)
+                    .map(|i| start + 16 * i)
+                    .map(|m| GroupMember {
+                        user: u64_at(m),
+                        role: match u8_at(m + 8) {
+                            0 => GroupRole::Owner,
+                            1 => GroupRole::Admin,
+                            2 => GroupRole::Member,
+                            t => panic!("bad GroupRole tag {t}"),
+                        },
+                    })
+                    .collect()
+            },
+        },
         t => panic!("bad ServerBody tag {t}"),
     };
     ServerFrame {
@@ -1658,6 +1815,14 @@ fn arb_summary() -> impl Strategy<Value = ConversationSummary> {
     )
 }
 
+fn arb_group_role() -> impl Strategy<Value = GroupRole> {
+    prop_oneof![
+        Just(GroupRole::Owner),
+        Just(GroupRole::Admin),
+        Just(GroupRole::Member)
+    ]
+}
+
 fn arb_client_body() -> impl Strategy<Value = ClientBody> {
     prop_oneof![
         (any::<u16>(), arb_string())
@@ -1715,6 +1880,12 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
             old_password,
             new_password
         }),
+        (arb_string(), any::<bool>()).prop_map(|(name, open)| ClientBody::GroupCreateWith { name, open }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupInvite { group, user }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupKick { group, user }),
+        (any::<u64>(), any::<u64>(), arb_group_role())
+            .prop_map(|(group, user, role)| { ClientBody::GroupSetRole { group, user, role } }),
+        any::<u64>().prop_map(|group| ClientBody::GroupInfo { group }),
     ]
 }
 
@@ -1785,6 +1956,21 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
             .prop_map(|(conv, messages)| ServerBody::HistoryPage { conv, messages }),
         prop::collection::vec(arb_summary(), 0..4)
             .prop_map(|conversations| ServerBody::Conversations { conversations }),
+        (
+            any::<u64>(),
+            arb_string(),
+            any::<bool>(),
+            prop::collection::vec(
+                (any::<u64>(), arb_group_role()).prop_map(|(user, role)| GroupMember { user, role }),
+                0..6
+            )
+        )
+            .prop_map(|(group, name, open, members)| ServerBody::GroupInfo {
+                group,
+                name,
+                open,
+                members
+            }),
     ]
 }
 
@@ -2103,4 +2289,19 @@ fn decoder_rules_for_other_encoders() {
     assert!(decode_server(&aligned(&c)).is_ok());
     c[40] = 2;
     assert!(decode_server(&aligned(&c)).is_err());
+
+    // GroupRole: only 0 (Owner), 1 (Admin) and 2 (Member); GroupSetRole's
+    // role at ClientBody offset 24.
+    let set_role = encode(&client(
+        1,
+        ClientBody::GroupSetRole {
+            group: 1,
+            user: 2,
+            role: GroupRole::Member,
+        },
+    ));
+    let mut r = body_of(&set_role).to_vec();
+    assert!(decode_client(&aligned(&r)).is_ok());
+    r[8 + 24] = 3;
+    assert!(decode_client(&aligned(&r)).is_err());
 }
