@@ -9,8 +9,11 @@
 
 /// Version byte at the start of every structured value written by this build.
 pub const VALUE_V1: u8 = 1;
+/// Version byte of the `groups` values written since groups have roles and
+/// invites (v1 records still decode, as open groups with no invites).
+pub const GROUP_V2: u8 = 2;
 
-use tern_proto::ConvId;
+use tern_proto::{ConvId, GroupRole};
 
 /// Bytes of a SHA-256 token hash (the `tokens` key).
 pub const TOKEN_HASH_LEN: usize = 32;
@@ -128,30 +131,83 @@ pub fn decode_user_token(value: &[u8]) -> Result<u64, String> {
 pub struct GroupValue {
     pub owner: u64,
     pub member_count: u32,
+    /// Pending invites (keys under the group in `group_invites`).
+    pub invite_count: u32,
+    /// Anyone may join; otherwise joining needs an invite.
+    pub open: bool,
     pub name: String,
 }
 
-/// `groups` value: `[v1][owner u64 BE][member_count u32 BE][name, UTF-8]`.
+/// Bit 0 of a v2 group's flags byte: the group is open.
+const GROUP_FLAG_OPEN: u8 = 0x01;
+
+/// `groups` value: `[v2][owner u64 BE][member_count u32 BE][invite_count
+/// u32 BE][flags u8: bit 0 open][name, UTF-8]`.
 pub fn encode_group(g: &GroupValue) -> Vec<u8> {
-    let mut v = Vec::with_capacity(13 + g.name.len());
-    v.push(VALUE_V1);
+    let mut v = Vec::with_capacity(18 + g.name.len());
+    v.push(GROUP_V2);
     v.extend_from_slice(&g.owner.to_be_bytes());
     v.extend_from_slice(&g.member_count.to_be_bytes());
+    v.extend_from_slice(&g.invite_count.to_be_bytes());
+    v.push(if g.open { GROUP_FLAG_OPEN } else { 0 });
     v.extend_from_slice(g.name.as_bytes());
     v
 }
 
-/// Decodes a `groups` value.
+/// Decodes a `groups` value: v2, or v1 (`[v1][owner][member_count][name]`,
+/// written before roles), which reads as an open group with no invites.
 pub fn decode_group(value: &[u8]) -> Result<GroupValue, String> {
-    let mut r = Reader::versioned(value)?;
+    let (version, rest) = value.split_first().ok_or("empty value")?;
+    let mut r = Reader { rest };
     let owner = r.u64()?;
     let member_count = r.u32()?;
+    let (invite_count, open) = match *version {
+        VALUE_V1 => (0, true),
+        GROUP_V2 => {
+            let invite_count = r.u32()?;
+            let [flags] = r.take::<1>()?;
+            if flags & !GROUP_FLAG_OPEN != 0 {
+                return Err(format!("unknown group flags {flags:#04x}"));
+            }
+            (invite_count, flags & GROUP_FLAG_OPEN != 0)
+        }
+        v => return Err(format!("unknown value version {v}")),
+    };
     let name = r.rest_utf8()?.to_owned();
     Ok(GroupValue {
         owner,
         member_count,
+        invite_count,
+        open,
         name,
     })
+}
+
+/// `members` value: `[v1][role u8: 0 owner, 1 admin, 2 member]`.
+pub fn encode_member(role: GroupRole) -> [u8; 2] {
+    let byte = match role {
+        GroupRole::Owner => 0,
+        GroupRole::Admin => 1,
+        GroupRole::Member => 2,
+    };
+    [VALUE_V1, byte]
+}
+
+/// Decodes a `members` value. An empty value (written before roles)
+/// is a plain member; the caller promotes the group's owner.
+pub fn decode_member(value: &[u8]) -> Result<GroupRole, String> {
+    if value.is_empty() {
+        return Ok(GroupRole::Member);
+    }
+    let mut r = Reader::versioned(value)?;
+    let [byte] = r.take::<1>()?;
+    r.end()?;
+    match byte {
+        0 => Ok(GroupRole::Owner),
+        1 => Ok(GroupRole::Admin),
+        2 => Ok(GroupRole::Member),
+        other => Err(format!("unknown member role {other}")),
+    }
 }
 
 /// Edge sets (`friends`, `members`) carry no value; anything else is corrupt.
@@ -403,15 +459,55 @@ mod tests {
         assert_eq!(decode_user(&encode_user("alice")).unwrap(), "alice");
         assert_eq!(decode_token(&encode_token(3, 99)).unwrap(), (3, 99));
         assert_eq!(decode_user_token(&encode_user_token(99)).unwrap(), 99);
-        let g = GroupValue {
-            owner: 5,
-            member_count: 2,
-            name: "rust fans".into(),
-        };
-        assert_eq!(decode_group(&encode_group(&g)).unwrap(), g);
+        for open in [false, true] {
+            let g = GroupValue {
+                owner: 5,
+                member_count: 2,
+                invite_count: 7,
+                open,
+                name: "rust fans".into(),
+            };
+            assert_eq!(decode_group(&encode_group(&g)).unwrap(), g);
+        }
+        for role in [GroupRole::Owner, GroupRole::Admin, GroupRole::Member] {
+            assert_eq!(decode_member(&encode_member(role)).unwrap(), role);
+        }
         assert_eq!(decode_pair_second(&pair_key(1, 2)).unwrap(), 2);
         let h = [9u8; 32];
         assert_eq!(decode_user_token_hash(&user_token_key(4, &h)).unwrap(), h);
+    }
+
+    #[test]
+    fn pre_role_group_and_member_values_still_decode() {
+        // A v1 group record and an empty member value, byte for byte as the
+        // build before roles wrote them: an open group, a plain member.
+        let mut v1 = vec![1];
+        v1.extend_from_slice(&5u64.to_be_bytes());
+        v1.extend_from_slice(&3u32.to_be_bytes());
+        v1.extend_from_slice(b"old days");
+        assert_eq!(
+            decode_group(&v1).unwrap(),
+            GroupValue {
+                owner: 5,
+                member_count: 3,
+                invite_count: 0,
+                open: true,
+                name: "old days".into(),
+            }
+        );
+        assert_eq!(decode_member(b"").unwrap(), GroupRole::Member);
+        for bad in [&b"\x01"[..], b"\x01\x03", b"\x02\x01", b"\x01\x01\x00", b"x"] {
+            assert!(decode_member(bad).is_err(), "{bad:?}");
+        }
+        let mut bad_flags = encode_group(&GroupValue {
+            owner: 1,
+            member_count: 1,
+            invite_count: 0,
+            open: true,
+            name: "g".into(),
+        });
+        bad_flags[17] = 0x80;
+        assert!(decode_group(&bad_flags).is_err());
     }
 
     #[test]

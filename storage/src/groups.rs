@@ -1,15 +1,21 @@
-//! Groups and their membership. It owns the `groups` keyspace (id ->
-//! owner, member count, name) and the `members` keyspace (`group ++ user`,
-//! no value). The member count lives in the group's record and is
-//! rewritten in the same batch as each membership change, so the limit
-//! check is one point read however large the group is, and the count can
-//! never drift from the member keys. Every membership change also writes
-//! the reverse index `user_groups` (`user ++ group`) in the same batch.
+//! Groups, their membership, roles and invites. It owns the `groups`
+//! keyspace (id -> owner, member count, invite count, open flag, name), the
+//! `members` keyspace (`group ++ user` -> role) and the `group_invites`
+//! keyspace (`group ++ user`, no value). The member and invite counts live
+//! in the group's record and are rewritten in the same batch as each
+//! membership or invite change, so the limit checks are one point read
+//! however large the group is, and the counts can never drift from the
+//! keys. Every membership change also writes the reverse index
+//! `user_groups` (`user ++ group`) in the same batch. Who may change what
+//! is decided by the engine (on the group's home shard); this module keeps
+//! the data's own invariants: the owner is always a member with role
+//! `Owner`, nobody else ever gets that role, and a join consumes the
+//! joiner's pending invite.
 
 use tern_proto::limits::check_group_name;
 
 use crate::codec::{self, GroupValue};
-use crate::{lock, GroupId, GroupRecord, Inner, Store, StoreError, UserId};
+use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
 
 impl Inner {
     fn load_group(&self, group: GroupId) -> Result<Option<GroupValue>, StoreError> {
@@ -21,12 +27,58 @@ impl Inner {
             .map(Some)
             .map_err(|d| self.groups.corrupt(&key, d))
     }
+
+    /// The stored role of `user` in `group`, if a member; the record's
+    /// owner reads as `Owner` (members written before roles have no role).
+    fn load_role(
+        &self,
+        group: GroupId,
+        owner: UserId,
+        user: UserId,
+    ) -> Result<Option<GroupRole>, StoreError> {
+        let key = codec::pair_key(group, user);
+        let Some(value) = self.members.get(&key)? else {
+            return Ok(None);
+        };
+        let role = codec::decode_member(&value).map_err(|d| self.members.corrupt(&key, d))?;
+        Ok(Some(effective_role(owner, user, role)))
+    }
+
+    /// Every member of `group` with their stored role, ascending by id.
+    fn scan_members(&self, group: GroupId) -> Result<Vec<(UserId, GroupRole)>, StoreError> {
+        let members = &self.members;
+        let mut out = Vec::new();
+        for guard in members.handle.prefix(codec::id_key(group)) {
+            let (key, value) = guard.into_inner()?;
+            let user = codec::decode_pair_second(&key).map_err(|d| members.corrupt(&key, d))?;
+            let role = codec::decode_member(&value).map_err(|d| members.corrupt(&key, d))?;
+            out.push((user, role));
+        }
+        Ok(out)
+    }
+}
+
+/// The owner is `Owner` whatever the member value says (an old record's
+/// owner has an empty value); nobody else can be.
+fn effective_role(owner: UserId, user: UserId, stored: GroupRole) -> GroupRole {
+    match (user == owner, stored) {
+        (true, _) => GroupRole::Owner,
+        (false, GroupRole::Owner) => GroupRole::Member,
+        (false, role) => role,
+    }
 }
 
 impl Store {
-    /// Creates a group owned by `owner`, who becomes its first member.
-    /// Ids are dense from 1.
+    /// Creates an open group owned by `owner`, who becomes its first
+    /// member. Ids are dense from 1.
     pub fn create_group(&self, owner: UserId, name: &str) -> Result<GroupId, StoreError> {
+        self.create_group_with(owner, name, true)
+    }
+
+    /// Creates a group owned by `owner`, who becomes its first member with
+    /// role `Owner`; `open` lets anyone join, otherwise joining needs an
+    /// invite. Ids are dense from 1.
+    pub fn create_group_with(&self, owner: UserId, name: &str, open: bool) -> Result<GroupId, StoreError> {
         check_group_name(name).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
         let inner = &*self.inner;
         if !inner.user_exists(owner)? {
@@ -37,6 +89,8 @@ impl Store {
         let record = GroupValue {
             owner,
             member_count: 1,
+            invite_count: 0,
+            open,
             name: name.to_owned(),
         };
         let mut batch = inner.db.batch();
@@ -45,7 +99,11 @@ impl Store {
             codec::id_key(group),
             codec::encode_group(&record),
         );
-        batch.insert(&inner.members.handle, codec::pair_key(group, owner), []);
+        batch.insert(
+            &inner.members.handle,
+            codec::pair_key(group, owner),
+            codec::encode_member(GroupRole::Owner),
+        );
         batch.insert(&inner.user_groups.handle, codec::pair_key(owner, group), []);
         inner.commit(batch, true)?;
         *next_id = group + 1;
@@ -61,8 +119,30 @@ impl Store {
         }))
     }
 
-    /// Adds `user` to `group`. Adding a member again succeeds without
-    /// writing.
+    /// The group with its settings and every member's role, if it exists.
+    pub fn group_roster(&self, group: GroupId) -> Result<Option<GroupRoster>, StoreError> {
+        let inner = &*self.inner;
+        let Some(record) = inner.load_group(group)? else {
+            return Ok(None);
+        };
+        let members = inner
+            .scan_members(group)?
+            .into_iter()
+            .map(|(user, role)| (user, effective_role(record.owner, user, role)))
+            .collect();
+        Ok(Some(GroupRoster {
+            id: group,
+            name: record.name,
+            owner: record.owner,
+            open: record.open,
+            members,
+        }))
+    }
+
+    /// Adds `user` to `group` as a `Member`, consuming a pending invite in
+    /// the same batch. Adding a member again succeeds without writing.
+    /// Whether the user may join (open group or invited) is the caller's
+    /// check.
     pub fn add_member(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
         let inner = &*self.inner;
         if !inner.user_exists(user)? {
@@ -82,7 +162,15 @@ impl Store {
         }
         record.member_count += 1;
         let mut batch = inner.db.batch();
-        batch.insert(&inner.members.handle, key, []);
+        if inner.group_invites.handle.contains_key(key)? {
+            batch.remove(&inner.group_invites.handle, key);
+            record.invite_count = record.invite_count.saturating_sub(1);
+        }
+        batch.insert(
+            &inner.members.handle,
+            key,
+            codec::encode_member(GroupRole::Member),
+        );
         batch.insert(&inner.user_groups.handle, codec::pair_key(user, group), []);
         batch.insert(
             &inner.groups.handle,
@@ -92,8 +180,9 @@ impl Store {
         inner.commit(batch, true)
     }
 
-    /// Removes `user` from `group`. Removing a non-member (or from a
-    /// missing group) succeeds.
+    /// Removes `user` from `group` (a leave or a kick). Removing a
+    /// non-member (or from a missing group) succeeds; removing the owner
+    /// is refused, since a group never lacks one.
     pub fn remove_member(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
         let inner = &*self.inner;
         let _guard = lock(&inner.groups_lock);
@@ -101,10 +190,14 @@ impl Store {
         if !inner.members.handle.contains_key(key)? {
             return Ok(());
         }
+        let record = inner.load_group(group)?;
+        if record.as_ref().is_some_and(|r| r.owner == user) {
+            return Err(StoreError::InvalidArgument("the owner cannot leave the group"));
+        }
         let mut batch = inner.db.batch();
         batch.remove(&inner.members.handle, key);
         batch.remove(&inner.user_groups.handle, codec::pair_key(user, group));
-        if let Some(mut record) = inner.load_group(group)? {
+        if let Some(mut record) = record {
             record.member_count = record.member_count.saturating_sub(1);
             batch.insert(
                 &inner.groups.handle,
@@ -115,9 +208,87 @@ impl Store {
         inner.commit(batch, true)
     }
 
+    /// Sets a member's role to `Admin` or `Member`. `NotFound` for a
+    /// missing group or a non-member; `InvalidArgument` for the role
+    /// `Owner` or for the owner (ownership is never transferred).
+    pub fn set_member_role(&self, group: GroupId, user: UserId, role: GroupRole) -> Result<(), StoreError> {
+        if role == GroupRole::Owner {
+            return Err(StoreError::InvalidArgument("the Owner role cannot be assigned"));
+        }
+        let inner = &*self.inner;
+        let _guard = lock(&inner.groups_lock);
+        let Some(record) = inner.load_group(group)? else {
+            return Err(StoreError::NotFound);
+        };
+        if record.owner == user {
+            return Err(StoreError::InvalidArgument("the owner's role cannot change"));
+        }
+        let key = codec::pair_key(group, user);
+        match inner.load_role(group, record.owner, user)? {
+            None => Err(StoreError::NotFound),
+            Some(current) if current == role => Ok(()),
+            Some(_) => {
+                let mut batch = inner.db.batch();
+                batch.insert(&inner.members.handle, key, codec::encode_member(role));
+                inner.commit(batch, true)
+            }
+        }
+    }
+
+    /// Records a pending invite of `user` to `group`. `NotFound` for a
+    /// missing group or user; inviting a member or inviting twice succeeds
+    /// without writing; `LimitExceeded` past
+    /// [`crate::StoreOptions::max_group_invites`] pending invites.
+    pub fn invite(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        if !inner.user_exists(user)? {
+            return Err(StoreError::NotFound);
+        }
+        let _guard = lock(&inner.groups_lock);
+        let Some(mut record) = inner.load_group(group)? else {
+            return Err(StoreError::NotFound);
+        };
+        let key = codec::pair_key(group, user);
+        if inner.members.handle.contains_key(key)? || inner.group_invites.handle.contains_key(key)? {
+            return Ok(());
+        }
+        let full = usize::try_from(record.invite_count).map_or(true, |n| n >= inner.opts.max_group_invites);
+        if full || record.invite_count == u32::MAX {
+            return Err(StoreError::LimitExceeded(
+                "too many pending invites for this group",
+            ));
+        }
+        record.invite_count += 1;
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.group_invites.handle, key, []);
+        batch.insert(
+            &inner.groups.handle,
+            codec::id_key(group),
+            codec::encode_group(&record),
+        );
+        inner.commit(batch, true)
+    }
+
+    /// Whether `user` holds a pending invite to `group`.
+    pub fn has_invite(&self, group: GroupId, user: UserId) -> Result<bool, StoreError> {
+        let invites = &self.inner.group_invites;
+        let key = codec::pair_key(group, user);
+        match invites.get(&key)? {
+            Some(value) => codec::check_empty(&value)
+                .map(|()| true)
+                .map_err(|d| invites.corrupt(&key, d)),
+            None => Ok(false),
+        }
+    }
+
     /// The members of `group`, ascending by id (empty for a missing group).
     pub fn members(&self, group: GroupId) -> Result<Vec<UserId>, StoreError> {
-        self.inner.members.scan_pairs(group)
+        Ok(self
+            .inner
+            .scan_members(group)?
+            .into_iter()
+            .map(|(user, _)| user)
+            .collect())
     }
 
     /// Whether `user` is a member of `group`.
@@ -125,10 +296,116 @@ impl Store {
         let members = &self.inner.members;
         let key = codec::pair_key(group, user);
         match members.get(&key)? {
-            Some(value) => codec::check_empty(&value)
-                .map(|()| true)
+            Some(value) => codec::decode_member(&value)
+                .map(|_| true)
                 .map_err(|d| members.corrupt(&key, d)),
             None => Ok(false),
         }
+    }
+
+    /// The role of `user` in `group`, or `None` for a non-member or a
+    /// missing group.
+    pub fn member_role(&self, group: GroupId, user: UserId) -> Result<Option<GroupRole>, StoreError> {
+        let inner = &*self.inner;
+        let Some(record) = inner.load_group(group)? else {
+            return Ok(None);
+        };
+        inner.load_role(group, record.owner, user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StoreOptions;
+
+    fn open(dir: &std::path::Path, max_group_invites: usize) -> Store {
+        let opts = StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            fsync: false,
+            max_group_invites,
+            ..StoreOptions::default()
+        };
+        Store::open(dir, opts).unwrap()
+    }
+
+    #[test]
+    fn roles_invites_and_their_limit_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), 2);
+            for name in ["alice", "bob", "carol", "dave"] {
+                store.register(name, b"password1").unwrap();
+            }
+            let g = store.create_group_with(1, "closed", false).unwrap();
+            store.invite(g, 2).unwrap();
+            store.invite(g, 2).unwrap(); // twice: no second slot used
+            store.invite(g, 3).unwrap();
+            assert!(matches!(store.invite(g, 4), Err(StoreError::LimitExceeded(_))));
+            assert!(matches!(store.invite(g, 99), Err(StoreError::NotFound)));
+            store.add_member(g, 2).unwrap(); // consumes bob's invite
+            assert!(!store.has_invite(g, 2).unwrap());
+            store.invite(g, 4).unwrap(); // a slot is free again
+            store.set_member_role(g, 2, GroupRole::Admin).unwrap();
+            assert!(matches!(
+                store.set_member_role(g, 1, GroupRole::Member),
+                Err(StoreError::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                store.set_member_role(g, 2, GroupRole::Owner),
+                Err(StoreError::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                store.set_member_role(g, 3, GroupRole::Admin),
+                Err(StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.remove_member(g, 1),
+                Err(StoreError::InvalidArgument(_))
+            ));
+        }
+        let store = open(dir.path(), 2);
+        let roster = store.group_roster(1).unwrap().unwrap();
+        assert!(!roster.open);
+        assert_eq!(roster.owner, 1);
+        assert_eq!(roster.members, vec![(1, GroupRole::Owner), (2, GroupRole::Admin)]);
+        assert!(store.has_invite(1, 3).unwrap());
+        assert!(store.has_invite(1, 4).unwrap());
+        assert_eq!(store.member_role(1, 3).unwrap(), None);
+    }
+
+    #[test]
+    fn a_group_written_before_roles_reads_as_open_with_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10);
+        for name in ["alice", "bob", "carol"] {
+            store.register(name, b"password1").unwrap();
+        }
+        // Group 7 exactly as the build before roles wrote it: a v1 record
+        // and members with empty values.
+        let inner = &*store.inner;
+        let mut v1 = vec![codec::VALUE_V1];
+        v1.extend_from_slice(&1u64.to_be_bytes());
+        v1.extend_from_slice(&2u32.to_be_bytes());
+        v1.extend_from_slice(b"vintage");
+        inner.groups.handle.insert(codec::id_key(7), v1).unwrap();
+        for user in [1, 2] {
+            inner.members.handle.insert(codec::pair_key(7, user), []).unwrap();
+        }
+        let roster = store.group_roster(7).unwrap().unwrap();
+        assert!(roster.open);
+        assert_eq!(roster.name, "vintage");
+        assert_eq!(
+            roster.members,
+            vec![(1, GroupRole::Owner), (2, GroupRole::Member)]
+        );
+        assert!(store.is_member(7, 2).unwrap());
+        assert_eq!(store.members(7).unwrap(), vec![1, 2]);
+        // Changing it rewrites the record in the new format.
+        store.add_member(7, 3).unwrap();
+        let value = inner.groups.get(&codec::id_key(7)).unwrap().unwrap();
+        assert_eq!(value.first(), Some(&codec::GROUP_V2));
+        assert_eq!(store.group_roster(7).unwrap().unwrap().members.len(), 3);
     }
 }

@@ -35,7 +35,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistM
 
 pub use error::StoreError;
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
-pub use tern_proto::{ConvId, GroupId, UserId};
+pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats};
 
 /// fjall's flush and compaction threads. The store is small and written
@@ -56,6 +56,8 @@ pub struct StoreOptions {
     pub max_friends: usize,
     /// Most members one group may have (the owner included).
     pub max_group_members: usize,
+    /// Most pending (unused) invites one group may have.
+    pub max_group_invites: usize,
     /// Sync account, token-revocation, friend and group writes to disk
     /// before returning (`fdatasync`); see `docs/storage.md`.
     pub fsync: bool,
@@ -71,10 +73,14 @@ impl Default for StoreOptions {
             token_ttl: Duration::from_secs(30 * 24 * 60 * 60),
             max_friends: 1000,
             max_group_members: 10_000,
+            max_group_invites: DEFAULT_MAX_GROUP_INVITES,
             fsync: true,
         }
     }
 }
+
+/// Default of [`StoreOptions::max_group_invites`].
+pub const DEFAULT_MAX_GROUP_INVITES: usize = 1000;
 
 /// A group as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +88,18 @@ pub struct GroupRecord {
     pub id: GroupId,
     pub name: String,
     pub owner: UserId,
+}
+
+/// A group with its settings and every member's role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRoster {
+    pub id: GroupId,
+    pub name: String,
+    pub owner: UserId,
+    /// Anyone may join; otherwise joining needs an invite.
+    pub open: bool,
+    /// Members ascending by id; the owner's role is always `Owner`.
+    pub members: Vec<(UserId, GroupRole)>,
 }
 
 /// A handle to an open store. Clones share one database.
@@ -118,10 +136,12 @@ struct Inner {
     user_tokens: Ks,
     /// user ++ friend -> (), both directions.
     friends: Ks,
-    /// group id -> (owner, member count, name).
+    /// group id -> (owner, member count, invite count, open, name).
     groups: Ks,
-    /// group ++ user -> ().
+    /// group ++ user -> role.
     members: Ks,
+    /// group ++ user -> (): pending invites, consumed by the join.
+    group_invites: Ks,
     /// user ++ group -> (): the groups of a user, kept with `members`.
     user_groups: Ks,
     /// conv ++ seq -> (from, client msg id, timestamp, frame).
@@ -190,6 +210,7 @@ impl Store {
             friends: ks("friends")?,
             groups,
             members,
+            group_invites: ks("group_invites")?,
             user_groups,
             history: ks("history")?,
             inbox: ks("inbox")?,
