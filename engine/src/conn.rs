@@ -42,7 +42,7 @@ use tern_proto::{
 use crate::catchup::{self, SyncError};
 use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, Refused, Verdict};
-use crate::mesh::{ConnKey, Event, GroupOp, Handoff, Request};
+use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Request};
 use crate::outbox::Outbox;
 use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
 
@@ -818,14 +818,10 @@ impl Conn {
                 return shard.send_request(shard.home_of(group), request).await;
             }
             ArchivedClientBody::GroupCreate { name } => {
-                let name = name.as_str().to_owned();
-                match shard.blocking(move |store| store.create_group(user, &name)).await {
-                    Ok(group) => ServerFrame {
-                        request_id,
-                        body: ServerBody::GroupCreated { group },
-                    },
-                    Err(e) => store_error_frame(request_id, &e),
-                }
+                self.group_create(request_id, name.as_str(), true).await
+            }
+            ArchivedClientBody::GroupCreateWith { name, open } => {
+                self.group_create(request_id, name.as_str(), *open).await
             }
             ArchivedClientBody::GroupJoin { group } => {
                 self.group_admin(request_id, group.to_native(), GroupOp::Join)
@@ -838,6 +834,26 @@ impl Conn {
             ArchivedClientBody::GroupMembers { group } => {
                 self.group_admin(request_id, group.to_native(), GroupOp::Members)
                     .await
+            }
+            ArchivedClientBody::GroupInfo { group } => {
+                self.group_admin(request_id, group.to_native(), GroupOp::Info)
+                    .await
+            }
+            ArchivedClientBody::GroupInvite { group, user: target } => {
+                let op = GroupOp::Invite(target.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
+            }
+            ArchivedClientBody::GroupKick { group, user: target } => {
+                let op = GroupOp::Kick(target.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
+            }
+            ArchivedClientBody::GroupSetRole {
+                group,
+                user: target,
+                role,
+            } => {
+                let op = GroupOp::SetRole(target.to_native(), role.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
             }
             ArchivedClientBody::Sync { cursors } => {
                 let cursors = cursors
@@ -992,6 +1008,23 @@ impl Conn {
         }
     }
 
+    /// Creates a group owned by this user (no home-shard state exists yet).
+    async fn group_create(&self, request_id: u64, name: &str, open: bool) -> ServerFrame {
+        let user = self.user;
+        let name = name.to_owned();
+        match self
+            .shard
+            .blocking(move |store| store.create_group_with(user, &name, open))
+            .await
+        {
+            Ok(group) => ServerFrame {
+                request_id,
+                body: ServerBody::GroupCreated { group },
+            },
+            Err(e) => store_error_frame(request_id, &e),
+        }
+    }
+
     async fn group_admin(&self, request_id: u64, group: u64, op: GroupOp) -> ServerFrame {
         let (tx, rx) = futures_channel::oneshot::channel();
         let request = Request::GroupAdmin {
@@ -1002,11 +1035,20 @@ impl Conn {
         };
         self.shard.send_request(self.shard.home_of(group), request).await;
         match rx.await {
-            Ok(Ok(members)) if op == GroupOp::Members => ServerFrame {
+            Ok(Ok(GroupAnswer::Members(members))) => ServerFrame {
                 request_id,
                 body: ServerBody::Members { group, members },
             },
-            Ok(Ok(_)) => ServerFrame {
+            Ok(Ok(GroupAnswer::Info { name, open, members })) => ServerFrame {
+                request_id,
+                body: ServerBody::GroupInfo {
+                    group,
+                    name,
+                    open,
+                    members,
+                },
+            },
+            Ok(Ok(GroupAnswer::Done)) => ServerFrame {
                 request_id,
                 body: ServerBody::Ok,
             },

@@ -64,17 +64,37 @@ pub enum Request {
     },
 }
 
-/// A membership operation, run on the group's home shard so its cached
-/// member list stays the single source of truth for fan-out.
+/// A membership, role or invite operation by the requesting user, run on
+/// the group's home shard so its cached member list and roles stay the
+/// single source of truth for fan-out and for the group rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupOp {
     Join,
     Leave,
     Members,
+    Info,
+    Invite(UserId),
+    Kick(UserId),
+    SetRole(UserId, tern_proto::GroupRole),
+}
+
+/// What a successful [`GroupOp`] answers.
+#[derive(Debug)]
+pub enum GroupAnswer {
+    /// A change was made (or there was nothing to change).
+    Done,
+    /// `Members`: ascending by id.
+    Members(Vec<UserId>),
+    /// `Info`: members ascending by id.
+    Info {
+        name: String,
+        open: bool,
+        members: Vec<tern_proto::GroupMember>,
+    },
 }
 
 /// The outcome of a [`GroupOp`].
-pub type GroupReply = Result<Vec<UserId>, tern_proto::session::Refusal>;
+pub type GroupReply = Result<GroupAnswer, tern_proto::session::Refusal>;
 
 /// Who a delivery is for.
 #[derive(Debug, Clone)]

@@ -1,0 +1,286 @@
+//! Group roles and invite-only groups over real sockets: who may join,
+//! invite, kick and change roles (docs/protocol.md 2.8.9), that a kicked
+//! member stops receiving and reading at once, and that roles and pending
+//! invites survive a restart. Members live on both shards, and each rule is
+//! exercised for a group homed on every shard.
+
+mod common;
+
+use common::*;
+use tern_client::proto::{GroupMember, GroupRole};
+use tern_client::{Client, ConvId, ErrorCode, GroupId, ServerBody};
+use tern_proto::shard_of;
+
+/// Creates groups until one is homed on `shard`.
+fn group_on_shard(owner: &mut Client, shard: usize, shards: usize, open: bool) -> GroupId {
+    for n in 0..64 {
+        let group = owner
+            .group_create_with(&format!("roles {n}"), open)
+            .expect("create group");
+        if shard_of(group, shards) == shard {
+            return group;
+        }
+    }
+    panic!("no group homed on shard {shard}");
+}
+
+/// The roles `GroupInfo` reports, as (user, role) ascending by user.
+fn roles(client: &mut Client, group: GroupId) -> Vec<(u64, GroupRole)> {
+    let info = client.group_info(group).expect("group info");
+    info.members
+        .into_iter()
+        .map(|GroupMember { user, role }| (user, role))
+        .collect()
+}
+
+fn sorted(mut v: Vec<(u64, GroupRole)>) -> Vec<(u64, GroupRole)> {
+    v.sort_unstable_by_key(|&(user, _)| user);
+    v
+}
+
+#[test]
+fn invite_only_join_is_refused_until_invited_and_the_invite_is_used_up() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut c = server.login(&carol);
+
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, false);
+        let info = a.group_info(group).expect("info");
+        assert!(!info.open);
+        assert_eq!(
+            info.members,
+            vec![GroupMember {
+                user: alice.id,
+                role: GroupRole::Owner
+            }]
+        );
+
+        assert_eq!(code_of(b.group_join(group)), ErrorCode::Forbidden);
+        assert_eq!(code_of(b.group_info(group)), ErrorCode::Forbidden);
+        // Only members with rights invite; unknown users are NotFound.
+        assert_eq!(code_of(c.group_invite(group, bob.id)), ErrorCode::Forbidden);
+        assert_eq!(code_of(a.group_invite(group, 999_999)), ErrorCode::NotFound);
+        a.group_invite(group, bob.id).expect("invite bob");
+        a.group_invite(group, bob.id).expect("inviting twice is harmless");
+        b.group_join(group).expect("invited join");
+        assert_eq!(
+            roles(&mut b, group),
+            sorted(vec![(alice.id, GroupRole::Owner), (bob.id, GroupRole::Member)])
+        );
+        // The join used the invite up: after leaving, bob needs a new one.
+        b.group_leave(group).expect("leave");
+        assert_eq!(code_of(b.group_join(group)), ErrorCode::Forbidden);
+        a.group_invite(group, bob.id).expect("invite again");
+        b.group_join(group).expect("join again");
+
+        // Members of an invite-only group hear each other like any group.
+        let ack = a.send_group_text(group, "welcome").expect("send");
+        let msg = expect_message(&mut b);
+        assert_eq!((msg.conv, msg.seq), (ConvId::Group { group }, ack.seq));
+        expect_quiet(&mut [&mut a, &mut b, &mut c]);
+
+        // An open group (GroupCreate) still lets anyone in.
+        let open = a.group_create("anyone").expect("create open");
+        assert!(a.group_info(open).expect("info").open);
+        c.group_join(open).expect("open join");
+    }
+}
+
+#[test]
+fn members_cannot_manage_admins_manage_members_and_the_owner_manages_roles() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let eve = server.user_on_shard("eve", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut c = server.login(&carol);
+    let mut d = server.login(&dave);
+    let mut e = server.login(&eve);
+
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, false);
+        for (user, client) in [(&bob, &mut b), (&carol, &mut c), (&dave, &mut d)] {
+            a.group_invite(group, user.id).expect("invite");
+            client.group_join(group).expect("join");
+        }
+
+        // A plain member may neither invite, kick nor change roles.
+        assert_eq!(code_of(c.group_invite(group, eve.id)), ErrorCode::Forbidden);
+        assert_eq!(code_of(c.group_kick(group, dave.id)), ErrorCode::Forbidden);
+        assert_eq!(
+            code_of(c.group_set_role(group, carol.id, GroupRole::Admin)),
+            ErrorCode::Forbidden
+        );
+        // Outsiders neither.
+        assert_eq!(code_of(e.group_kick(group, dave.id)), ErrorCode::Forbidden);
+
+        // The owner makes bob an admin.
+        a.group_set_role(group, bob.id, GroupRole::Admin)
+            .expect("promote bob");
+        assert_eq!(
+            roles(&mut d, group),
+            sorted(vec![
+                (alice.id, GroupRole::Owner),
+                (bob.id, GroupRole::Admin),
+                (carol.id, GroupRole::Member),
+                (dave.id, GroupRole::Member),
+            ])
+        );
+        // An admin invites and kicks plain members, but not roles.
+        b.group_invite(group, eve.id).expect("admin invites");
+        e.group_join(group).expect("eve joins");
+        b.group_kick(group, dave.id).expect("admin kicks a member");
+        assert_eq!(code_of(b.group_kick(group, dave.id)), ErrorCode::NotFound);
+        assert_eq!(code_of(b.group_kick(group, alice.id)), ErrorCode::Forbidden);
+        assert_eq!(
+            code_of(b.group_set_role(group, eve.id, GroupRole::Admin)),
+            ErrorCode::Forbidden
+        );
+        a.group_set_role(group, carol.id, GroupRole::Admin)
+            .expect("promote carol");
+        assert_eq!(code_of(b.group_kick(group, carol.id)), ErrorCode::Forbidden);
+        assert_eq!(code_of(b.group_kick(group, bob.id)), ErrorCode::InvalidArgument);
+
+        // The owner's own rules.
+        assert_eq!(
+            code_of(a.group_set_role(group, bob.id, GroupRole::Owner)),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code_of(a.group_set_role(group, alice.id, GroupRole::Member)),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code_of(a.group_set_role(group, dave.id, GroupRole::Admin)),
+            ErrorCode::NotFound
+        );
+        assert_eq!(code_of(a.group_leave(group)), ErrorCode::InvalidArgument);
+        // The owner demotes carol and kicks an admin.
+        a.group_set_role(group, carol.id, GroupRole::Member)
+            .expect("demote carol");
+        a.group_kick(group, bob.id).expect("owner kicks an admin");
+        assert_eq!(
+            roles(&mut e, group),
+            sorted(vec![
+                (alice.id, GroupRole::Owner),
+                (carol.id, GroupRole::Member),
+                (eve.id, GroupRole::Member),
+            ])
+        );
+        // Admins leave like anyone; members listing agrees with the roles.
+        let mut members = vec![alice.id, carol.id, eve.id];
+        members.sort_unstable();
+        assert_eq!(c.group_members(group).expect("members"), members);
+    }
+}
+
+#[test]
+fn a_kicked_member_gets_no_more_messages_and_is_forbidden_at_once() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let dave = server.user_on_shard("dave", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut c = server.login(&carol);
+    let mut d1 = server.login(&dave);
+    let mut d2 = server.login(&dave);
+
+    for home in 0..shards {
+        // An open group: the kick, not the invite list, must stop dave.
+        let group = group_on_shard(&mut a, home, shards, true);
+        let conv = ConvId::Group { group };
+        for client in [&mut b, &mut c, &mut d1] {
+            client.group_join(group).expect("join");
+        }
+        a.group_set_role(group, bob.id, GroupRole::Admin)
+            .expect("promote bob");
+        a.send_group_text(group, "before").expect("send");
+        for client in [&mut b, &mut c, &mut d1, &mut d2] {
+            assert_eq!(expect_message(client).content.body, b"before");
+        }
+
+        b.group_kick(group, dave.id).expect("kick dave");
+        // Every message sequenced after the kick's answer misses dave's
+        // sessions, both of them, while the others keep getting them.
+        for i in 0..3 {
+            let text = format!("after {i}");
+            a.send_group_text(group, &text).expect("send");
+            for client in [&mut b, &mut c] {
+                assert_eq!(expect_message(client).content.body, text.as_bytes());
+            }
+        }
+        expect_quiet(&mut [&mut a, &mut b, &mut c, &mut d1, &mut d2]);
+        assert_eq!(code_of(d1.send_group_text(group, "hello?")), ErrorCode::Forbidden);
+        assert_eq!(code_of(d2.history(conv, 1, true, 10)), ErrorCode::Forbidden);
+        assert_eq!(code_of(d1.group_info(group)), ErrorCode::Forbidden);
+        assert_eq!(code_of(d1.group_members(group)), ErrorCode::Forbidden);
+        // A fresh login's sync streams nothing said after the kick.
+        let mut d3 = server.login(&dave);
+        while let Some(push) = d3.next_push(QUIET).expect("read pushes") {
+            if let ServerBody::Message(m) = push {
+                assert!(m.conv != conv || m.seq == 1, "kicked dave got {m:?}");
+            }
+        }
+        // Those who stayed still read the whole history.
+        assert_eq!(c.history(conv, 1, true, 10).expect("history").len(), 4);
+    }
+}
+
+#[test]
+fn roles_openness_and_pending_invites_survive_a_restart() {
+    let mut server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 1);
+    let dave = server.user_on_shard("dave", 0);
+    let mut groups = Vec::new();
+    {
+        let mut a = server.login(&alice);
+        let mut b = server.login(&bob);
+        for home in 0..shards {
+            let group = group_on_shard(&mut a, home, shards, false);
+            a.group_invite(group, bob.id).expect("invite bob");
+            b.group_join(group).expect("join");
+            a.group_set_role(group, bob.id, GroupRole::Admin)
+                .expect("promote");
+            b.group_invite(group, carol.id).expect("invite carol");
+            groups.push(group);
+        }
+    }
+    server.restart();
+    let mut a = server.login(&alice);
+    let mut c = server.login(&carol);
+    let mut d = server.login(&dave);
+    for group in groups {
+        let info = a.group_info(group).expect("info");
+        assert!(!info.open);
+        assert_eq!(
+            info.members.iter().map(|m| (m.user, m.role)).collect::<Vec<_>>(),
+            sorted(vec![(alice.id, GroupRole::Owner), (bob.id, GroupRole::Admin)])
+        );
+        assert_eq!(code_of(d.group_join(group)), ErrorCode::Forbidden);
+        c.group_join(group).expect("carol's invite survived");
+        assert_eq!(
+            roles(&mut c, group),
+            sorted(vec![
+                (alice.id, GroupRole::Owner),
+                (bob.id, GroupRole::Admin),
+                (carol.id, GroupRole::Member),
+            ])
+        );
+    }
+}
