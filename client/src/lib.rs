@@ -37,7 +37,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 pub use tern_proto as proto;
 pub use tern_proto::{
     ChatMessage, ClientBody, ClientFrame, Content, ContentKind, ConvId, ConversationSummary, Cursor,
-    ErrorCode, Friend, GroupId, ReceiptKind, ServerBody, ServerFrame, UserId,
+    ErrorCode, Friend, GroupId, GroupMember, GroupRole, ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 
 use conn::{Conn, TlsSetup};
@@ -140,6 +140,17 @@ pub struct Session {
     pub username: String,
     /// Pass to [`Client::login_token`] on a later connection.
     pub token: Vec<u8>,
+}
+
+/// A group as `GroupInfo` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group: GroupId,
+    pub name: String,
+    /// Anyone may join; otherwise joining needs an invite.
+    pub open: bool,
+    /// Members ascending by user id, with their roles.
+    pub members: Vec<GroupMember>,
 }
 
 /// The server's acknowledgement of a sent message.
@@ -501,6 +512,59 @@ impl Client {
     /// Leaves a group.
     pub fn group_leave(&mut self, group: GroupId) -> Result<(), ClientError> {
         self.expect_ok(ClientBody::GroupLeave { group })
+    }
+
+    /// Creates a group (the caller joins it as owner); `open` lets anyone
+    /// join, otherwise joining needs an invite. Returns its id.
+    pub fn group_create_with(&mut self, name: &str, open: bool) -> Result<GroupId, ClientError> {
+        match self.request(ClientBody::GroupCreateWith {
+            name: name.to_owned(),
+            open,
+        })? {
+            ServerBody::GroupCreated { group } => Ok(group),
+            other => Err(unexpected("GroupCreated", &other)),
+        }
+    }
+
+    /// Invites a user to a group (the caller must be its owner or an admin).
+    pub fn group_invite(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupInvite { group, user })
+    }
+
+    /// Removes a user from a group (the caller must be its owner, or an
+    /// admin kicking a plain member).
+    pub fn group_kick(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupKick { group, user })
+    }
+
+    /// Makes a member an admin or a plain member (the caller must be the
+    /// group's owner).
+    pub fn group_set_role(
+        &mut self,
+        group: GroupId,
+        user: UserId,
+        role: GroupRole,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupSetRole { group, user, role })
+    }
+
+    /// A group's name, openness and members with their roles (the caller
+    /// must be a member).
+    pub fn group_info(&mut self, group: GroupId) -> Result<GroupInfo, ClientError> {
+        match self.request(ClientBody::GroupInfo { group })? {
+            ServerBody::GroupInfo {
+                group,
+                name,
+                open,
+                members,
+            } => Ok(GroupInfo {
+                group,
+                name,
+                open,
+                members,
+            }),
+            other => Err(unexpected("GroupInfo", &other)),
+        }
     }
 
     /// Lists a group's members (the caller must be one).

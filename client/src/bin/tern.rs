@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tern_client::{
-    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, GroupId, ReceiptKind,
-    ServerBody, Session, UserId,
+    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, GroupId, GroupRole,
+    ReceiptKind, ServerBody, Session, UserId,
 };
 
 #[derive(Parser, Debug)]
@@ -124,13 +124,37 @@ enum FriendsCommand {
 #[derive(Subcommand, Debug)]
 enum GroupCommand {
     /// Create a group and print its id.
-    Create { name: String },
-    /// Join a group.
+    Create {
+        name: String,
+        /// Only invited users may join (default: anyone may).
+        #[arg(long)]
+        invite_only: bool,
+    },
+    /// Join a group (an invite-only group needs an invite).
     Join { id: GroupId },
     /// Leave a group.
     Leave { id: GroupId },
     /// List a group's members.
     Members { id: GroupId },
+    /// Invite a user (by name) to a group; owner or admin only.
+    Invite { id: GroupId, user: String },
+    /// Remove a user (by name) from a group; owner, or admin for members.
+    Kick { id: GroupId, user: String },
+    /// Make a member an admin or a plain member; owner only.
+    Role {
+        id: GroupId,
+        user: String,
+        role: RoleArg,
+    },
+    /// Show a group's name, whether it is open, and its members' roles.
+    Info { id: GroupId },
+}
+
+/// A role the owner can give.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RoleArg {
+    Admin,
+    Member,
 }
 
 fn main() -> ExitCode {
@@ -226,7 +250,9 @@ fn run(cli: Cli) -> Result<()> {
             FriendsCommand::List => print_friends(&mut client, &mut names)?,
         },
         Command::Group { action } => match action {
-            GroupCommand::Create { name } => println!("{}", client.group_create(&name)?),
+            GroupCommand::Create { name, invite_only } => {
+                println!("{}", client.group_create_with(&name, !invite_only)?)
+            }
             GroupCommand::Join { id } => {
                 client.group_join(id)?;
                 println!("joined group {id}");
@@ -236,6 +262,26 @@ fn run(cli: Cli) -> Result<()> {
                 println!("left group {id}");
             }
             GroupCommand::Members { id } => print_members(&mut client, &mut names, id)?,
+            GroupCommand::Invite { id, user } => {
+                let target = client.resolve_user(&user)?;
+                client.group_invite(id, target)?;
+                println!("invited {user} to group {id}");
+            }
+            GroupCommand::Kick { id, user } => {
+                let target = client.resolve_user(&user)?;
+                client.group_kick(id, target)?;
+                println!("removed {user} from group {id}");
+            }
+            GroupCommand::Role { id, user, role } => {
+                let target = client.resolve_user(&user)?;
+                let role = match role {
+                    RoleArg::Admin => GroupRole::Admin,
+                    RoleArg::Member => GroupRole::Member,
+                };
+                client.group_set_role(id, target, role)?;
+                println!("{user} is now {role:?} in group {id}");
+            }
+            GroupCommand::Info { id } => print_group_info(&mut client, &mut names, id)?,
         },
         Command::Chat => chat(&mut client, &session, &mut names)?,
         Command::Logout { .. } => {
@@ -502,6 +548,22 @@ fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {
     for f in friends {
         let state = if f.online { "online" } else { "offline" };
         println!("{} (id {}) {state}", f.username, f.user);
+    }
+    Ok(())
+}
+
+fn print_group_info(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
+    let info = client.group_info(group)?;
+    let access = if info.open { "open" } else { "invite-only" };
+    println!("group {} \"{}\" ({access})", info.group, info.name);
+    for member in info.members {
+        let name = names.name(client, member.user)?;
+        let role = match member.role {
+            GroupRole::Owner => "owner",
+            GroupRole::Admin => "admin",
+            GroupRole::Member => "member",
+        };
+        println!("{name} (id {}) {role}", member.user);
     }
     Ok(())
 }
