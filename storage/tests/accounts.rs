@@ -224,7 +224,10 @@ fn set_password_replaces_the_old_one_and_survives_reopen() {
             store.set_password(alice, b"short"),
             Err(StoreError::InvalidArgument(_))
         ));
-        assert!(matches!(store.set_password(99, b"password9"), Err(StoreError::NotFound)));
+        assert!(matches!(
+            store.set_password(99, b"password9"),
+            Err(StoreError::NotFound)
+        ));
         assert_eq!(store.user_id("alice").unwrap(), Some(alice));
     }
     let store = open(dir.path());
