@@ -108,6 +108,63 @@ pub enum Scenario {
     /// LoginToken + Sync from their cursors, while messages trickle in
     /// (Tern only).
     Churn(ChurnArgs),
+    /// A realistic day from a TOML profile, open loop: online users chat
+    /// 1:1 and in groups, offline users catch up by `Sync` at the end
+    /// (Tern only; see loadgen/profiles/day.toml).
+    Mix(MixArgs),
+    /// Turns `--json` results into a capacity-planning summary (markdown on
+    /// stdout) and optionally a latency-percentile plot (SVG). Runs no load.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MixArgs {
+    /// The day to replay (TOML; see loadgen/profiles/day.toml).
+    #[arg(long)]
+    pub profile: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Results written by `--json`.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Write a latency-percentile plot (one line per result with a histogram) here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// An `--hdr-log` file for the plot; the n-th `--hdr` belongs to the
+    /// n-th result (repeat the flag). Without it a result's own histogram
+    /// (in results written since `report` existed) is plotted.
+    #[arg(long = "hdr")]
+    pub hdr: Vec<PathBuf>,
+    /// Cores the measured server ran on (its shards, writer and store together).
+    #[arg(long, default_value_t = 1.0)]
+    pub server_cores: f64,
+    /// Cores of the node to project for.
+    #[arg(long, default_value_t = 64)]
+    pub node_cores: usize,
+    /// Memory of the node to project for, GiB.
+    #[arg(long, default_value_t = 256.0)]
+    pub node_mem_gib: f64,
+    /// Share of the node's memory kept for the store's caches, the page
+    /// cache and headroom (docs/capacity-planning.md section 3).
+    #[arg(long, default_value_t = 0.25)]
+    pub reserve_share: f64,
+    /// Cores left to the storage writer, the store's workers, IRQs and the
+    /// blocking pool; the rest run shards.
+    #[arg(long, default_value_t = 8)]
+    pub reserved_cores: usize,
+    /// Kernel memory per idle TCP socket, KiB (not in the server's RSS).
+    #[arg(long, default_value_t = 4.0)]
+    pub kernel_kib_per_conn: f64,
+    /// Server KiB per idle session to assume when no result measured it.
+    #[arg(long, default_value_t = 6.5)]
+    pub assumed_server_kib_per_conn: f64,
+    /// Share of sessions busy at once, each holding `--active-kib` of buffers.
+    #[arg(long, default_value_t = 0.05)]
+    pub active_share: f64,
+    #[arg(long, default_value_t = 64.0)]
+    pub active_kib: f64,
 }
 
 /// The server protocol a run drives.
@@ -243,7 +300,10 @@ impl Cli {
             return Err("--setup-concurrency must be at least 1".into());
         }
         parse_source_ips(&c.source_ips, c.server)?;
-        let tern_only = matches!(self.scenario, Scenario::Offline(_) | Scenario::Churn(_));
+        let tern_only = matches!(
+            self.scenario,
+            Scenario::Offline(_) | Scenario::Churn(_) | Scenario::Mix(_)
+        );
         if tern_only && c.protocol != Protocol::Tern {
             return Err(format!("{} runs against Tern only", self.scenario_name()));
         }
@@ -300,6 +360,10 @@ impl Cli {
                     return Err(format!("--payload-bytes must be at least {MIN_PAYLOAD_BYTES}"));
                 }
             }
+            Scenario::Mix(a) => {
+                crate::profile::Profile::load(&a.profile)?.check_split(c.procs * c.threads)?;
+            }
+            Scenario::Report(a) => a.validate()?,
         }
         Ok(())
     }
@@ -312,7 +376,33 @@ impl Cli {
             Scenario::Groups(_) => "groups",
             Scenario::Offline(_) => "offline",
             Scenario::Churn(_) => "churn",
+            Scenario::Mix(_) => "mix",
+            Scenario::Report(_) => "report",
         }
+    }
+}
+
+impl ReportArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        let shares_ok = (0.0..1.0).contains(&self.reserve_share) && (0.0..=1.0).contains(&self.active_share);
+        if !positive(self.server_cores) || !positive(self.node_mem_gib) || self.node_cores == 0 {
+            return Err("--server-cores, --node-cores and --node-mem-gib must be > 0".into());
+        }
+        if !shares_ok {
+            return Err("--reserve-share must be in [0, 1), --active-share in [0, 1]".into());
+        }
+        let sizes = [
+            self.kernel_kib_per_conn,
+            self.assumed_server_kib_per_conn,
+            self.active_kib,
+        ];
+        if sizes.iter().any(|k| !(k.is_finite() && *k >= 0.0)) {
+            return Err("KiB figures must be finite and >= 0".into());
+        }
+        if self.hdr.len() > self.files.len() {
+            return Err("more --hdr logs than results: the n-th --hdr belongs to the n-th result".into());
+        }
+        Ok(())
     }
 }
 

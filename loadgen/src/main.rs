@@ -4,13 +4,15 @@
 //! `--procs` worker processes ([`worker`]), each running `--threads` glommio
 //! executors that open many connections from many source addresses
 //! ([`wire`]), set up users ([`users`]) and run one scenario ([`connect`],
-//! [`pairs`], [`groups`], [`offline`], [`churn`]; against nats-server or
+//! [`pairs`], [`groups`], [`offline`], [`churn`], [`mix`] from a
+//! [`profile`]; against nats-server or
 //! mosquitto [`peer_load`] over [`peer`], [`nats`] and [`mqtt`]). Every
 //! received stream is checked for loss, duplicates and reordering
 //! ([`verify`]). Latencies go into HdrHistograms ([`stats`]) that
 //! the coordinator merges into one result ([`report`]): a human summary on
-//! stdout, `--json` and `--hdr-log` files. [`sys`] handles fd limits and
-//! reading the server's memory. Usage: `loadgen --help`.
+//! stdout, `--json` and `--hdr-log` files. `loadgen report` turns results
+//! into a capacity plan ([`plan`]) and a percentile plot ([`plot`]). [`sys`]
+//! handles fd limits and reading the server's memory. Usage: `loadgen --help`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod churn;
@@ -18,12 +20,16 @@ mod cli;
 mod connect;
 mod coord;
 mod groups;
+mod mix;
 mod mqtt;
 mod nats;
 mod offline;
 mod pairs;
 mod peer;
 mod peer_load;
+mod plan;
+mod plot;
+mod profile;
 mod report;
 mod stats;
 mod sys;
@@ -38,6 +44,18 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if let cli::Scenario::Report(args) = &cli.scenario {
+        return match plan::run(args) {
+            Ok(markdown) => {
+                print!("{markdown}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadgen report: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = cli.validate() {
         eprintln!("loadgen: {e}");
         return ExitCode::from(2);
@@ -65,7 +83,7 @@ fn main() -> ExitCode {
                 status = ExitCode::FAILURE;
             }
             if let Some(path) = &cli.common.json {
-                if let Err(e) = report::write_json(path, &result) {
+                if let Err(e) = report::write_json(path, &result, &hist) {
                     eprintln!("loadgen: {e}");
                     status = ExitCode::FAILURE;
                 }

@@ -96,7 +96,14 @@ pub struct RunResult {
     /// recipients were offline, msgs/s.
     #[serde(default)]
     pub backlog_msgs_per_s: f64,
-    /// Worker → coordinator only: the latency histogram, V2 serialised, hex.
+    /// `mix`: the open-loop send rate the profile asked for, sends/s.
+    #[serde(default)]
+    pub target_send_per_s: f64,
+    /// `mix`: offline users who caught up by `Sync` at the end (verified).
+    #[serde(default)]
+    pub offline_synced: u64,
+    /// The latency histogram, V2 serialised, hex: from each worker to the
+    /// coordinator, and in the `--json` file so `loadgen report` can plot it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hdr_v2_hex: Option<String>,
 }
@@ -149,6 +156,8 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.reconnect_failures += part.reconnect_failures;
         out.reconnects_per_s += part.reconnects_per_s;
         out.backlog_msgs_per_s += part.backlog_msgs_per_s;
+        out.target_send_per_s += part.target_send_per_s;
+        out.offline_synced += part.offline_synced;
     }
     out.procs = parts.len();
     out.connect_rate_per_s = rate(out.connections, out.connect_secs);
@@ -208,6 +217,14 @@ pub fn summary(r: &RunResult) -> String {
             r.reconnects, r.reconnects_per_s, r.reconnect_failures
         ));
     }
+    if r.scenario == "mix" {
+        s.push_str(&format!(
+            "  mix          target {:.0} sends/s, sent {:.0}/s; {} offline users synced at the end\n",
+            r.target_send_per_s,
+            rate(r.sent, r.duration_s),
+            r.offline_synced
+        ));
+    }
     if r.scenario == "offline" {
         s.push_str(&format!(
             "  backlog      accepted at {:.0} msgs/s while recipients were offline\n",
@@ -218,9 +235,13 @@ pub fn summary(r: &RunResult) -> String {
     s
 }
 
-/// Writes the result as pretty JSON.
-pub fn write_json(path: &Path, r: &RunResult) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+/// Writes the result as pretty JSON, with the merged histogram attached.
+pub fn write_json(path: &Path, r: &RunResult, h: &Histogram<u64>) -> Result<(), String> {
+    let with_histogram = RunResult {
+        hdr_v2_hex: Some(histogram_to_hex(h)?),
+        ..r.clone()
+    };
+    let text = serde_json::to_string_pretty(&with_histogram).map_err(|e| e.to_string())?;
     std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 

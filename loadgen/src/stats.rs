@@ -114,6 +114,10 @@ pub struct ExecOutcome {
     pub reconnect_failures: u64,
     /// `offline`: seconds the backlog took to be acknowledged.
     pub backlog_secs: f64,
+    /// `mix`: the open-loop send rate asked of this executor, and offline
+    /// users who caught up by `Sync`.
+    pub target_send_per_s: f64,
+    pub synced: u64,
 }
 
 impl ExecOutcome {
@@ -134,6 +138,8 @@ impl ExecOutcome {
             reconnects: 0,
             reconnect_failures: 0,
             backlog_secs: 0.0,
+            target_send_per_s: 0.0,
+            synced: 0,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tern_proto::ErrorCode;
+use tern_proto::{ErrorCode, UserId};
 
 use crate::stats::LiveCounters;
 use crate::wire::{with_timeout, Conn, WireError};
@@ -24,7 +24,19 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Tokens for users `users` (global user numbers), in order; `None` where
 /// setup failed (already counted as an error and logged).
 pub async fn obtain_tokens(ctx: &Rc<Ctx>, users: Range<usize>) -> Vec<Option<Vec<u8>>> {
-    let tokens: Rc<RefCell<Vec<Option<Vec<u8>>>>> = Rc::new(RefCell::new(vec![None; users.len()]));
+    obtain_accounts(ctx, users)
+        .await
+        .into_iter()
+        .map(|account| account.map(|(_, token)| token))
+        .collect()
+}
+
+/// A user's id and session token.
+pub type Account = (UserId, Vec<u8>);
+
+/// Like [`obtain_tokens`], with each user's id (from its login).
+pub async fn obtain_accounts(ctx: &Rc<Ctx>, users: Range<usize>) -> Vec<Option<Account>> {
+    let tokens: Rc<RefCell<Vec<Option<Account>>>> = Rc::new(RefCell::new(vec![None; users.len()]));
     let start = users.start;
     let workers = ctx.setup_workers;
     let task_ctx = ctx.clone();
@@ -49,18 +61,17 @@ pub async fn obtain_tokens(ctx: &Rc<Ctx>, users: Range<usize>) -> Vec<Option<Vec
     Rc::try_unwrap(tokens).map_or_else(|rc| rc.borrow().clone(), RefCell::into_inner)
 }
 
-async fn token_for(ctx: &Ctx, n: usize) -> Result<Vec<u8>, WireError> {
+async fn token_for(ctx: &Ctx, n: usize) -> Result<Account, WireError> {
     let name = ctx.username(n);
     let password = ctx.plan.cli.common.password.as_str();
     let mut conn = Conn::open(ctx.plan.cli.common.server, ctx.source(n)).await?;
     if ctx.plan.reuse {
         match conn.login(&name, password).await {
-            Ok((_, token)) => return Ok(token),
+            Ok(account) => return Ok(account),
             Err(e) if matches!(e.server_code(), Some(ErrorCode::AuthFailed | ErrorCode::NotFound)) => {}
             Err(e) => return Err(e),
         }
     }
     conn.register(&name, password).await?;
-    let (_, token) = conn.login(&name, password).await?;
-    Ok(token)
+    conn.login(&name, password).await
 }

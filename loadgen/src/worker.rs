@@ -30,7 +30,7 @@ use crate::report::{histogram_to_hex, rate, Latency, RunResult};
 use crate::stats::{new_histogram, ExecOutcome, LiveCounters, Recorder};
 use crate::sys::{raise_nofile, SPARE_FDS};
 use crate::wire::WireError;
-use crate::{churn, connect, groups, offline, pairs, peer_load};
+use crate::{churn, connect, groups, mix, offline, pairs, peer_load};
 
 /// Connections one executor opens at once while connecting (pairs, groups).
 pub const CONNECT_CONCURRENCY: usize = 64;
@@ -70,6 +70,15 @@ impl Plan {
         sub_share(&mine, self.threads(), exec)
     }
 
+    /// The population a `mix` profile describes (0 if unreadable: the
+    /// executors then report the error).
+    fn mix_users(&self) -> usize {
+        match &self.cli.scenario {
+            Scenario::Mix(a) => crate::profile::Profile::load(&a.profile).map_or(0, |p| p.users),
+            _ => 0,
+        }
+    }
+
     /// File descriptors this worker will hold at its peak.
     fn fds_needed(&self) -> u64 {
         let held = match &self.cli.scenario {
@@ -81,6 +90,9 @@ impl Plan {
                 share(a.connections, self.cli.common.procs, self.child).len()
                     + churn::SENDERS * self.threads()
             }
+            // Online users, then the syncing offline ones, all at most.
+            Scenario::Mix(_) => share(self.mix_users(), self.cli.common.procs, self.child).len(),
+            Scenario::Report(_) => 0,
         };
         held as u64 + self.cli.common.setup_concurrency as u64 + SPARE_FDS
     }
@@ -227,6 +239,8 @@ async fn run_executor(plan: Arc<Plan>, exec: usize) -> ExecOutcome {
         Scenario::Groups(args) => groups::run(ctx.clone(), args).await,
         Scenario::Offline(args) => offline::run(ctx.clone(), args).await,
         Scenario::Churn(args) => churn::run(ctx.clone(), args).await,
+        Scenario::Mix(args) => mix::run(ctx.clone(), args).await,
+        Scenario::Report(_) => ExecOutcome::empty(),
     };
     drop(ticker);
     ctx.plan.flags.finished.fetch_add(1, Ordering::SeqCst);
@@ -381,6 +395,8 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.reordered += o.verdict.reordered;
         r.reconnects += o.reconnects;
         r.reconnect_failures += o.reconnect_failures;
+        r.target_send_per_s += o.target_send_per_s;
+        r.offline_synced += o.synced;
         if o.backlog_secs > 0.0 {
             backlog_sent += o.sent;
             backlog_secs = backlog_secs.max(o.backlog_secs);

@@ -1,7 +1,8 @@
 //! End to end: a real `ternd` process, driven by the `loadgen` binary over
-//! TCP with the `pairs`, `connect`, `offline` and `churn` scenarios; each
-//! must deliver every message exactly once, in order (`--verify`), and
-//! report no errors.
+//! TCP with the `pairs`, `connect`, `offline`, `churn` and `mix` scenarios;
+//! each must deliver every message exactly once, in order (`--verify`), and
+//! report no errors. `loadgen report` then turns a result into a capacity
+//! plan and a percentile plot.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -190,4 +191,92 @@ fn offline_backlog_drains_exactly_once_and_churn_resumes() {
     assert_eq!(churn["errors"].as_u64(), Some(0), "{churn}");
     assert!(churn["sent"].as_u64().expect("sent") > 0, "{churn}");
     assert_eq!(churn["messages"], churn["sent"], "{churn}");
+}
+
+/// A day small enough for a test: 40 users, half online, 60 sends/s for
+/// 2 s, 1:1 and groups, half the offline users syncing at the end.
+const TINY_DAY: &str = r#"
+users = 40
+online_share = 0.5
+messages_per_user_per_minute = 60.0
+rate_multiplier = 3.0
+group_share = 0.3
+group_sizes = [{ size = 3, weight = 1 }, { size = 8, weight = 1 }]
+payload_bytes = [{ bytes = 32, weight = 1 }, { bytes = 300, weight = 1 }]
+duration_secs = 2.0
+offline_sync_share = 0.5
+"#;
+
+#[test]
+fn mix_replays_a_day_and_report_plans_from_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+    let profile = dir.path().join("tiny.toml");
+    std::fs::write(&profile, TINY_DAY).expect("write profile");
+    let json = dir.path().join("mix.json");
+    let mix = loadgen(
+        &addr,
+        &json,
+        &[
+            "--verify",
+            "mix",
+            "--profile",
+            profile.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_eq!(mix["scenario"], "mix");
+    assert_eq!(mix["connections"].as_u64(), Some(20), "{mix}");
+    assert_eq!(mix["errors"].as_u64(), Some(0), "{mix}");
+    for key in ["lost", "duplicated", "reordered", "undelivered"] {
+        assert_eq!(mix[key].as_u64(), Some(0), "{key}: {mix}");
+    }
+    // 20 online x 60/min / 60 x 3 = 60 sends/s for 2 s, on schedule.
+    assert_eq!(mix["target_send_per_s"].as_f64(), Some(60.0), "{mix}");
+    assert_eq!(mix["sent"].as_u64(), Some(120), "{mix}");
+    assert_eq!(mix["offline_synced"].as_u64(), Some(10), "{mix}");
+    assert!(mix["messages"].as_u64().expect("messages") > 0, "{mix}");
+    assert!(mix["hdr_v2_hex"].is_string(), "the result carries its histogram");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, TINY_DAY.replace("online_share = 0.5", "online_share = 2.0")).expect("write");
+    let refused = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--server", &addr, "mix", "--profile"])
+        .arg(&bad)
+        .output()
+        .expect("run loadgen");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("online_share"));
+
+    let svg = dir.path().join("plot.svg");
+    let report = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .arg("report")
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .expect("run loadgen report");
+    let markdown = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        report.status.success(),
+        "{markdown}\n{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(markdown.contains("| mix | mix (tern) | 20 |"), "{markdown}");
+    assert!(markdown.contains("(projected, not measured)"), "{markdown}");
+    let doc = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(
+        doc.starts_with("<svg ") && doc.trim_end().ends_with("</svg>"),
+        "{doc}"
+    );
+    assert_eq!(doc.matches("<polyline").count(), 1, "one line per result");
+    assert_eq!(
+        doc.matches("<g").count(),
+        doc.matches("</g>").count(),
+        "groups close"
+    );
+    assert_eq!(
+        doc.matches("<text").count(),
+        doc.matches("</text>").count(),
+        "texts close"
+    );
 }
