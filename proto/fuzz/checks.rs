@@ -28,8 +28,8 @@ use tern_proto::limits::{
 use tern_proto::session::{Phase, Session};
 use tern_proto::{
     decode_client, decode_server, encode_client, encode_server, ClientBody, ClientFrame, Content,
-    ContentKind, ConvId, Cursor, ErrorCode, FrameBuf, FrameError, ReceiptKind, ServerFrame, HEADER_LEN,
-    SUPPORTED_VERSIONS,
+    ContentKind, ConvId, Cursor, ErrorCode, FrameBuf, FrameError, GroupRole, ReceiptKind, ServerFrame,
+    HEADER_LEN, SUPPORTED_VERSIONS,
 };
 
 // ---------------------------------------------------------------------------
@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 19 {
+        match self.u8() % 26 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -455,10 +455,37 @@ impl<'a> Input<'a> {
                 forward: self.u8() & 1 == 0,
                 limit: self.u8().into(),
             },
-            _ => ClientBody::Conversations {
+            18 => ClientBody::Conversations {
                 offset: self.u8().into(),
                 limit: self.u8().into(),
             },
+            19 => ClientBody::Logout,
+            20 => ClientBody::ChangePassword {
+                old_password: self.bytes(),
+                new_password: self.bytes(),
+            },
+            21 => ClientBody::GroupCreateWith {
+                name: self.text(),
+                open: self.u8() & 1 == 0,
+            },
+            22 => ClientBody::GroupInvite {
+                group: self.id(),
+                user: self.id(),
+            },
+            23 => ClientBody::GroupKick {
+                group: self.id(),
+                user: self.id(),
+            },
+            24 => ClientBody::GroupSetRole {
+                group: self.id(),
+                user: self.id(),
+                role: match self.u8() % 3 {
+                    0 => GroupRole::Owner,
+                    1 => GroupRole::Admin,
+                    _ => GroupRole::Member,
+                },
+            },
+            _ => ClientBody::GroupInfo { group: self.id() },
         }
     }
 }
@@ -549,7 +576,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
         (Phase::Authenticated(_), B::ResolveUser { username } | B::FriendAdd { username }) => {
             admit_if(valid_username(username))
         }
-        (Phase::Authenticated(_), B::GroupCreate { name }) => admit_if(
+        (Phase::Authenticated(_), B::GroupCreate { name } | B::GroupCreateWith { name, .. }) => admit_if(
             !name.is_empty() && name.len() <= GROUP_NAME_LEN_MAX && !name.chars().any(char::is_control),
         ),
         (Phase::Authenticated(_), B::SendDirect { to: 0, .. }) => keep(ErrorCode::InvalidArgument),
@@ -567,6 +594,28 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupMembers { .. }
             | B::History { .. }
             | B::Conversations { .. },
+        ) => Admit,
+        (
+            Phase::Authenticated(_),
+            B::GroupSetRole {
+                role: GroupRole::Owner,
+                ..
+            },
+        ) => keep(ErrorCode::InvalidArgument),
+        (
+            Phase::Authenticated(_),
+            B::ChangePassword {
+                old_password,
+                new_password,
+            },
+        ) => admit_if(valid_password(old_password) && valid_password(new_password)),
+        (
+            Phase::Authenticated(_),
+            B::GroupSetRole { .. }
+            | B::GroupInvite { .. }
+            | B::GroupKick { .. }
+            | B::GroupInfo { .. }
+            | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model
         _ => return None,
