@@ -68,6 +68,11 @@ pub struct Common {
     /// Write the merged result as JSON here.
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,
+    /// Create this file once every worker has connected its sessions (the
+    /// measured phase starts then); scripts wait for it, e.g. to restart
+    /// the server under a held load.
+    #[arg(long, global = true)]
+    pub connected_file: Option<PathBuf>,
     /// Write the latency histogram here (HdrHistogram interval log, V2 deflate).
     #[arg(long, global = true)]
     pub hdr_log: Option<PathBuf>,
@@ -105,7 +110,8 @@ pub enum Scenario {
     /// to first message (Tern only).
     Offline(OfflineArgs),
     /// Reconnect storm: every second K% of N sessions drop and resume with
-    /// LoginToken + Sync from their cursors, while messages trickle in
+    /// LoginToken + Sync from their cursors, while messages trickle in;
+    /// sessions the server drops (a restart) resume after its hint
     /// (Tern only).
     Churn(ChurnArgs),
     /// A realistic day from a TOML profile, open loop: online users chat
@@ -219,9 +225,15 @@ pub struct ChurnArgs {
     /// Sessions held (one user each; all processes together).
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
-    /// Percentage of the sessions dropped and resumed every second.
+    /// Percentage of the sessions dropped and resumed every second; 0 just
+    /// holds them (through a server restart, say: every session the server
+    /// drops resumes after its `retry_after_ms` hint plus jitter).
     #[arg(long, default_value_t = 10.0)]
     pub percent: f64,
+    /// Failed reconnect attempts in a row (capped, jittered exponential
+    /// backoff from 200 ms to 5 s) before a session gives up.
+    #[arg(long, default_value_t = 10)]
+    pub max_retries: u32,
     /// Messages per second (all senders of one executor together) sent to
     /// the churning users; 0 for none. Each must arrive exactly once, in order.
     #[arg(long, default_value_t = 200.0)]
@@ -350,8 +362,8 @@ impl Cli {
                 if a.connections == 0 {
                     return Err("--connections must be at least 1".into());
                 }
-                if !(positive(a.percent) && a.percent <= 100.0) {
-                    return Err("--percent must be in (0, 100]".into());
+                if !(a.percent.is_finite() && (0.0..=100.0).contains(&a.percent)) {
+                    return Err("--percent must be in [0, 100]".into());
                 }
                 if !(a.trickle_rate == 0.0 || positive(a.trickle_rate)) {
                     return Err("--trickle-rate must be >= 0".into());

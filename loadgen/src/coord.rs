@@ -177,6 +177,10 @@ fn supervise(
                         std::thread::sleep(RSS_SETTLE);
                         rss_after = Some(rss_kib(pid)?);
                     }
+                    if let Some(path) = &cli.common.connected_file {
+                        std::fs::write(path, "connected\n")
+                            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    }
                     workers.iter_mut().for_each(|w| w.tell("start"));
                 }
             }

@@ -102,6 +102,25 @@ pub struct RunResult {
     /// `mix`: offline users who caught up by `Sync` at the end (verified).
     #[serde(default)]
     pub offline_synced: u64,
+    /// `churn` through a server restart: `Disconnect { ShuttingDown }`
+    /// frames received, the first unplanned loss and the moment every
+    /// session was live again (unix µs; the end is `None` when some never
+    /// came back), the seconds between them, and trickle messages left
+    /// unacknowledged at the end, and sends written again after a
+    /// reconnect because their `Sent` had not arrived (deduplicated by
+    /// the server by `client_msg_id`).
+    #[serde(default)]
+    pub shutdown_disconnects: u64,
+    #[serde(default)]
+    pub outage_start_unix_us: Option<u64>,
+    #[serde(default)]
+    pub outage_end_unix_us: Option<u64>,
+    #[serde(default)]
+    pub recovery_s: Option<f64>,
+    #[serde(default)]
+    pub unacked: u64,
+    #[serde(default)]
+    pub resent: u64,
     /// The latency histogram, V2 serialised, hex: from each worker to the
     /// coordinator, and in the `--json` file so `loadgen report` can plot it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +148,8 @@ pub fn histogram_from_hex(text: &str) -> Result<Histogram<u64>, String> {
 pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String> {
     let mut hist = new_histogram();
     let mut out = RunResult::default();
+    // A worker that saw a loss but not every session back.
+    let mut incomplete = false;
     for part in parts {
         if let Some(hex) = &part.hdr_v2_hex {
             hist.add(histogram_from_hex(hex)?)
@@ -158,11 +179,34 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.backlog_msgs_per_s += part.backlog_msgs_per_s;
         out.target_send_per_s += part.target_send_per_s;
         out.offline_synced += part.offline_synced;
+        out.shutdown_disconnects += part.shutdown_disconnects;
+        out.unacked += part.unacked;
+        out.resent += part.resent;
+        if let Some(start) = part.outage_start_unix_us {
+            out.outage_start_unix_us = Some(out.outage_start_unix_us.map_or(start, |s| s.min(start)));
+            incomplete |= part.outage_end_unix_us.is_none();
+        }
+        if let Some(end) = part.outage_end_unix_us {
+            out.outage_end_unix_us = Some(out.outage_end_unix_us.map_or(end, |e| e.max(end)));
+        }
     }
+    if incomplete {
+        out.outage_end_unix_us = None;
+    }
+    out.recovery_s = recovery_secs(out.outage_start_unix_us, out.outage_end_unix_us);
     out.procs = parts.len();
     out.connect_rate_per_s = rate(out.connections, out.connect_secs);
     out.latency_us = Latency::of(&hist);
     Ok((out, hist))
+}
+
+/// Seconds from the first unplanned loss until every session was live
+/// again, if both happened.
+pub fn recovery_secs(start_unix_us: Option<u64>, end_unix_us: Option<u64>) -> Option<f64> {
+    match (start_unix_us, end_unix_us) {
+        (Some(start), Some(end)) => Some(end.saturating_sub(start) as f64 / 1e6),
+        _ => None,
+    }
 }
 
 /// `count / secs`, 0 when no time passed.
@@ -216,6 +260,16 @@ pub fn summary(r: &RunResult) -> String {
             "  churn        {} resumes ({:.0}/s), {} failed\n",
             r.reconnects, r.reconnects_per_s, r.reconnect_failures
         ));
+        if r.shutdown_disconnects > 0 || r.outage_start_unix_us.is_some() {
+            let recovery = r.recovery_s.map_or_else(
+                || "NOT all sessions came back".to_string(),
+                |s| format!("all sessions live again {s:.2} s after the first loss"),
+            );
+            s.push_str(&format!(
+                "  restart      {} ShuttingDown disconnects; {recovery}; {} sends resent, {} unacknowledged\n",
+                r.shutdown_disconnects, r.resent, r.unacked
+            ));
+        }
     }
     if r.scenario == "mix" {
         s.push_str(&format!(

@@ -118,6 +118,15 @@ pub struct ExecOutcome {
     /// users who caught up by `Sync`.
     pub target_send_per_s: f64,
     pub synced: u64,
+    /// `churn`: `Disconnect { ShuttingDown }` frames received; when the
+    /// first unplanned loss happened and when every session was live
+    /// again (unix µs; `None`: no loss, or not all came back); trickle
+    /// messages never acknowledged.
+    pub shutdown_disconnects: u64,
+    pub outage_start_unix_us: Option<u64>,
+    pub outage_end_unix_us: Option<u64>,
+    pub unacked: u64,
+    pub resent: u64,
 }
 
 impl ExecOutcome {
@@ -140,6 +149,11 @@ impl ExecOutcome {
             backlog_secs: 0.0,
             target_send_per_s: 0.0,
             synced: 0,
+            shutdown_disconnects: 0,
+            outage_start_unix_us: None,
+            outage_end_unix_us: None,
+            unacked: 0,
+            resent: 0,
         }
     }
 }

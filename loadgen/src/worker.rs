@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::Protocol;
 use crate::cli::{parse_source_ips, share, sub_share, Cli, Scenario};
-use crate::report::{histogram_to_hex, rate, Latency, RunResult};
+use crate::report::{histogram_to_hex, rate, recovery_secs, Latency, RunResult};
 use crate::stats::{new_histogram, ExecOutcome, LiveCounters, Recorder};
 use crate::sys::{raise_nofile, SPARE_FDS};
 use crate::wire::WireError;
@@ -377,6 +377,7 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
     let mut delivered_in_window = 0;
     let mut backlog_sent = 0;
     let mut backlog_secs: f64 = 0.0;
+    let mut outage_incomplete = false;
     for o in outcomes {
         hist.add(&o.latency)
             .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
@@ -397,11 +398,25 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.reconnect_failures += o.reconnect_failures;
         r.target_send_per_s += o.target_send_per_s;
         r.offline_synced += o.synced;
+        r.shutdown_disconnects += o.shutdown_disconnects;
+        r.unacked += o.unacked;
+        r.resent += o.resent;
+        if let Some(start) = o.outage_start_unix_us {
+            r.outage_start_unix_us = Some(r.outage_start_unix_us.map_or(start, |s| s.min(start)));
+            outage_incomplete |= o.outage_end_unix_us.is_none();
+        }
+        if let Some(end) = o.outage_end_unix_us {
+            r.outage_end_unix_us = Some(r.outage_end_unix_us.map_or(end, |e| e.max(end)));
+        }
         if o.backlog_secs > 0.0 {
             backlog_sent += o.sent;
             backlog_secs = backlog_secs.max(o.backlog_secs);
         }
     }
+    if outage_incomplete {
+        r.outage_end_unix_us = None;
+    }
+    r.recovery_s = recovery_secs(r.outage_start_unix_us, r.outage_end_unix_us);
     r.backlog_msgs_per_s = rate(backlog_sent, backlog_secs);
     r.reconnects_per_s = rate(r.reconnects, r.duration_s);
     r.msgs_per_s = rate(delivered_in_window, r.duration_s);

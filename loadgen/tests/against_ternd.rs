@@ -32,15 +32,13 @@ fn ternd_binary() -> PathBuf {
 }
 
 fn start_server(data_dir: &Path) -> (Server, String) {
+    start_server_on(data_dir, "127.0.0.1:0", &[])
+}
+
+fn start_server_on(data_dir: &Path, listen: &str, extra: &[&str]) -> (Server, String) {
     let mut child = Command::new(ternd_binary())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-            "--no-pin",
-            "--data-dir",
-        ])
+        .args(extra)
+        .args(["--listen", listen, "--shards", "1", "--no-pin", "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -191,6 +189,76 @@ fn offline_backlog_drains_exactly_once_and_churn_resumes() {
     assert_eq!(churn["errors"].as_u64(), Some(0), "{churn}");
     assert!(churn["sent"].as_u64().expect("sent") > 0, "{churn}");
     assert_eq!(churn["messages"], churn["sent"], "{churn}");
+}
+
+/// The client side of a restart: 50 held sessions and a trickle survive
+/// SIGTERM and a new `ternd` on the same data dir and port, told to come
+/// back by `Disconnect { ShuttingDown }`; every message arrives exactly
+/// once, in order, and nothing is left unacknowledged.
+#[test]
+fn churn_holds_sessions_through_a_server_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let fast_hint = ["--shutdown-retry-after-ms", "200"];
+    let (mut server, addr) = start_server_on(&data, "127.0.0.1:0", &fast_hint);
+    let json = dir.path().join("restart.json");
+    let connected = dir.path().join("connected");
+    let loadgen = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--quiet", "--verify", "--server", &addr, "--json"])
+        .arg(&json)
+        .arg("--connected-file")
+        .arg(&connected)
+        .args([
+            "--duration-secs",
+            "4",
+            "churn",
+            "--connections",
+            "50",
+            "--percent",
+            "0",
+            "--trickle-rate",
+            "100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start loadgen");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !connected.exists() {
+        assert!(Instant::now() < deadline, "loadgen did not connect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = i32::try_from(server.0.id()).expect("pid");
+    // SAFETY: signals our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = server.0.wait().expect("wait for ternd");
+    assert!(status.success(), "ternd exited with {status}");
+    let (_server, again) = start_server_on(&data, &addr, &fast_hint);
+    assert_eq!(again, addr);
+
+    let output = loadgen.wait_with_output().expect("loadgen output");
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "loadgen failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("valid json");
+    // 50 sessions and 2 senders, each told to come back, each back.
+    assert_eq!(r["shutdown_disconnects"].as_u64(), Some(52), "{r}");
+    assert_eq!(r["reconnects"].as_u64(), Some(52), "{r}");
+    assert_eq!(r["reconnect_failures"].as_u64(), Some(0), "{r}");
+    assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+    assert_eq!(r["unacked"].as_u64(), Some(0), "{r}");
+    for key in ["lost", "duplicated", "reordered"] {
+        assert_eq!(r[key].as_u64(), Some(0), "{key}: {r}");
+    }
+    assert!(r["sent"].as_u64().expect("sent") > 100, "{r}");
+    assert_eq!(r["messages"], r["sent"], "{r}");
+    let recovery = r["recovery_s"].as_f64().expect("every session came back");
+    assert!(recovery > 0.1 && recovery < 15.0, "{r}");
 }
 
 /// A day small enough for a test: 40 users, half online, 60 sends/s for

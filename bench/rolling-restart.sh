@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One node's turn in a rolling restart, under held load: ternd (one shard,
+# pinned to SERVER_CPU) holds SESSIONS sessions from `loadgen churn
+# --percent 0` (on CLIENT_CPU) with a trickle of messages; once all are
+# live, ternd gets SIGTERM, must exit 0, and is started again on the same
+# data dir and port. Every session resumes (LoginToken + Sync from its
+# cursors) after the Disconnect{ShuttingDown, retry_after_ms} hint plus
+# jitter; senders resend what was not acknowledged (deduplicated by
+# client_msg_id). loadgen then verifies exactly-once, in-order delivery and
+# prints the summary: reconnects, per-session resume time (p50/p99/max),
+# the total from the first loss until every session was live again, and
+# failures. See docs/operations.md "Rolling restarts".
+#
+# Usage: bench/rolling-restart.sh [RESULTS_DIR]
+# Environment: SESSIONS (10000), TRICKLE (msgs/s, 200), DURATION (loadgen's
+# window in s, 20; the restart happens HOLD s into it), HOLD (3),
+# RETRY_AFTER_MS (the server's hint, 1000), PROCS (loadgen processes: 1, 2
+# above 9000 sessions), SERVER_CPU (0), CLIENT_CPU (1), PORT (7882).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RESULTS=${1:-$ROOT/target/rolling-restart/$(date -u +%Y%m%dT%H%M%SZ)}
+SESSIONS=${SESSIONS:-10000}
+TRICKLE=${TRICKLE:-200}
+DURATION=${DURATION:-20}
+HOLD=${HOLD:-3}
+RETRY_AFTER_MS=${RETRY_AFTER_MS:-1000}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+PORT=${PORT:-7882}
+if [[ -z "${PROCS:-}" ]]; then
+    PROCS=1
+    ((SESSIONS > 9000)) && PROCS=2
+fi
+
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+log() { echo "rolling-restart: $*" >&2; }
+
+# ---- everything started here is stopped however the script ends ----
+SERVER_PID="" LOADGEN_PID=""
+cleanup() {
+    for pid in $LOADGEN_PID $SERVER_PID; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log "building release ternd and loadgen"
+# Two builds: `--bin ternd` would also narrow `-p loadgen` to no binary.
+(cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
+BIN="$RESULTS/bin"
+mkdir -p "$BIN"
+cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
+ulimit -n "$(ulimit -Hn)"
+FD_LIMIT=$(ulimit -n)
+log "this box caps a process at $FD_LIMIT file descriptors: one ternd holds at most" \
+    "~$((FD_LIMIT - 100)) sessions here ($SESSIONS asked, plus 2 trickle senders per loadgen executor)"
+if ((SESSIONS + 2 * PROCS + 100 > FD_LIMIT)); then
+    log "SESSIONS=$SESSIONS does not fit under $FD_LIMIT fds in one server process"; exit 2
+fi
+
+DATA="$RESULTS/data"
+rm -rf "$DATA"
+start_ternd() { # $1: log suffix; sets SERVER_PID, waits until it listens
+    local out="$RESULTS/ternd-$1.out"
+    # Cheap password hashing: only setup logs in with passwords; sessions
+    # resume with LoginToken.
+    taskset -c "$SERVER_CPU" "$BIN/ternd" --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
+        --shards 1 --no-pin --argon2-memory-kib 64 --argon2-iterations 1 \
+        --shutdown-retry-after-ms "$RETRY_AFTER_MS" >"$out" 2>"$RESULTS/ternd-$1.err" &
+    SERVER_PID=$!
+    for _ in $(seq 1 600); do
+        if grep -q "ternd listening on" "$out" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "ternd exited at start; see $RESULTS/ternd-$1.err"; exit 1
+        fi
+        sleep 0.05
+    done
+    log "ternd did not start listening"; exit 1
+}
+now() { date +%s.%N; }
+
+start_ternd first
+log "ternd on 127.0.0.1:$PORT (pid $SERVER_PID, CPU $SERVER_CPU); loadgen: $SESSIONS sessions, $PROCS procs, CPU $CLIENT_CPU"
+taskset -c "$CLIENT_CPU" "$BIN/loadgen" --server "127.0.0.1:$PORT" --procs "$PROCS" --verify \
+    --json "$RESULTS/churn.json" --connected-file "$RESULTS/connected" --duration-secs "$DURATION" \
+    --setup-concurrency 32 \
+    churn --connections "$SESSIONS" --percent 0 --trickle-rate "$TRICKLE" \
+    >"$RESULTS/loadgen.out" 2>"$RESULTS/loadgen.err" &
+LOADGEN_PID=$!
+for _ in $(seq 1 6000); do
+    [[ -e "$RESULTS/connected" ]] && break
+    if ! kill -0 "$LOADGEN_PID" 2>/dev/null; then
+        log "loadgen ended before connecting"; tail -5 "$RESULTS/loadgen.err" >&2; exit 1
+    fi
+    sleep 0.1
+done
+[[ -e "$RESULTS/connected" ]] || { log "loadgen did not connect within 10 minutes"; exit 1; }
+log "all sessions connected; restarting in $HOLD s"
+sleep "$HOLD"
+
+t_term=$(now)
+kill -TERM "$SERVER_PID"
+status=0
+wait "$SERVER_PID" || status=$?
+t_exit=$(now)
+SERVER_PID=""
+if ((status != 0)); then
+    log "ternd exited with status $status after SIGTERM; see $RESULTS/ternd-first.err"; exit 1
+fi
+start_ternd second
+t_up=$(now)
+log "$(awk -v a="$t_term" -v b="$t_exit" -v c="$t_up" \
+    'BEGIN { printf "SIGTERM -> exit 0 in %.2f s; start -> listening in %.2f s (down %.2f s)", b-a, c-b, c-a }')"
+
+lg_status=0
+wait "$LOADGEN_PID" || lg_status=$?
+LOADGEN_PID=""
+echo "# rolling restart: $SESSIONS sessions, trickle $TRICKLE msgs/s, hint ${RETRY_AFTER_MS} ms," \
+     "ternd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') (working tree)"
+cat "$RESULTS/loadgen.out"
+echo "# results in $RESULTS (churn.json, loadgen.err, ternd-*.err)"
+exit "$lg_status"
