@@ -64,7 +64,8 @@ done
 
 # ---- our binaries, copied so concurrent rebuilds cannot swap them ----
 log "building release ternd and loadgen"
-(cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd -p loadgen)
+# Two builds: `--bin ternd` would also filter `-p loadgen` down to nothing.
+(cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
 BIN="$RESULTS/bin"
 mkdir -p "$BIN"
 cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
