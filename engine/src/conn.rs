@@ -276,13 +276,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                         };
                         return move_to_home(shard, stream, buf, login).await;
                     }
-                    Err(e) => {
-                        shard.m().login(false);
-                        if matches!(e, tern_storage::StoreError::AuthFailed) {
-                            limits::login_failed(&config, peer, Some(&account));
-                        }
-                        store_error_frame(request_id, &e)
-                    }
+                    Err(e) => refused_login(&shard, peer, Some(&account), request_id, &e),
                 }
             }
             PreLogin::LoginToken { request_id, token } => 'login: {
@@ -310,13 +304,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                         };
                         return move_to_home(shard, stream, buf, login).await;
                     }
-                    Err(e) => {
-                        shard.m().login(false);
-                        if matches!(e, tern_storage::StoreError::AuthFailed) {
-                            limits::login_failed(&config, peer, None);
-                        }
-                        store_error_frame(request_id, &e)
-                    }
+                    Err(e) => refused_login(&shard, peer, None, request_id, &e),
                 }
             }
         };
@@ -347,6 +335,22 @@ async fn refuse_connection(shard: &Shard, tcp: TcpStream, tls: bool, refused: Re
     let mut out = AlignedVec::new();
     let bye = disconnect(refused.code, refused.message, refused.retry_after_ms);
     reply_and_close(&mut stream, &mut out, shard, &bye).await;
+}
+
+/// The answer to a refused login; wrong credentials count towards the
+/// address's (and the account's) backoff.
+fn refused_login(
+    shard: &Shard,
+    peer: Option<std::net::IpAddr>,
+    account: Option<&str>,
+    request_id: u64,
+    e: &tern_storage::StoreError,
+) -> ServerFrame {
+    shard.m().login(false);
+    if matches!(e, tern_storage::StoreError::AuthFailed) {
+        limits::login_failed(&shard.config, peer, account);
+    }
+    store_error_frame(request_id, e)
 }
 
 /// Parses the next buffered frame of a connection that has not logged in;

@@ -403,19 +403,23 @@ impl Shard {
             return Box::pin(self.handle_request(request)).await;
         }
         let tx = self.requests_out.borrow().get(shard).cloned().flatten();
-        if let Some(tx) = tx {
-            match tx.try_send(request) {
-                Ok(()) => self.m().cross_shard_send(false),
-                Err(GlommioError::WouldBlock(ResourceType::Channel(request))) => {
-                    // Full: wait, which stops the caller from taking more
-                    // work until the owner catches up.
-                    self.m().cross_shard_send(true);
-                    if tx.send(request).await.is_err() {
-                        tracing::warn!(shard, "request queue closed; shard is stopping");
-                    }
+        self.send_on(tx, request, shard, "request").await;
+    }
+
+    /// Sends on a cross-shard queue end: at once if there is room, else
+    /// waiting, which stops the caller from taking more work until the
+    /// owner catches up (counted as backpressure).
+    async fn send_on<T: Send>(&self, tx: Option<Rc<ConnectedSender<T>>>, item: T, shard: usize, kind: &str) {
+        let Some(tx) = tx else { return };
+        match tx.try_send(item) {
+            Ok(()) => self.m().cross_shard_send(false),
+            Err(GlommioError::WouldBlock(ResourceType::Channel(item))) => {
+                self.m().cross_shard_send(true);
+                if tx.send(item).await.is_err() {
+                    tracing::warn!(shard, kind, "cross-shard queue closed; shard is stopping");
                 }
-                Err(_) => tracing::warn!(shard, "request queue closed; shard is stopping"),
             }
+            Err(_) => tracing::warn!(shard, kind, "cross-shard queue closed; shard is stopping"),
         }
     }
 
@@ -426,18 +430,7 @@ impl Shard {
             return self.handle_event(event);
         }
         let tx = self.events_out.borrow().get(shard).cloned().flatten();
-        if let Some(tx) = tx {
-            match tx.try_send(event) {
-                Ok(()) => self.m().cross_shard_send(false),
-                Err(GlommioError::WouldBlock(ResourceType::Channel(event))) => {
-                    self.m().cross_shard_send(true);
-                    if tx.send(event).await.is_err() {
-                        tracing::warn!(shard, "event queue closed; shard is stopping");
-                    }
-                }
-                Err(_) => tracing::warn!(shard, "event queue closed; shard is stopping"),
-            }
-        }
+        self.send_on(tx, event, shard, "event").await;
     }
 
     /// Serves a request for a conversation or group homed here.
