@@ -41,7 +41,7 @@ use tern_proto::{
 
 use crate::catchup::{self, SyncError};
 use crate::filter::{FilterCache, Outcome};
-use crate::limits::{self, ConnLimiter, Refused, Verdict};
+use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Request};
 use crate::outbox::Outbox;
 use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
@@ -131,6 +131,13 @@ fn configure(stream: &TcpStream, shard: &Shard) {
     let _ = stream.set_write_timeout(Some(shard.config.write_timeout));
 }
 
+/// What a connection holds on its shard for as long as its socket is
+/// there: its per-address permit and its place in the open-connection count.
+struct Guards {
+    _permit: ConnectionPermit,
+    _open: OpenConnection,
+}
+
 /// Counts a connection's socket as open on a shard for as long as it lives.
 struct OpenConnection {
     shard: Rc<Shard>,
@@ -151,12 +158,15 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
     // Checked before anything is read or a TLS handshake is spent on it.
     // Counted on this shard while the socket is here (until it closes or
     // moves to its user's home shard, which counts it there).
-    let _permit = match limits::admit_connection(&shard.config, peer) {
+    let permit = match limits::admit_connection(&shard.config, peer) {
         Ok(permit) => permit,
         Err(refused) => return refuse_connection(&shard, tcp, tls.is_some(), refused).await,
     };
     shard.m().connection_accepted();
-    let _open = OpenConnection { shard: shard.clone() };
+    let guards = Guards {
+        _permit: permit,
+        _open: OpenConnection { shard: shard.clone() },
+    };
     configure(&tcp, &shard);
     let mut stream = match tls {
         None => Transport::Plain(tcp),
@@ -274,7 +284,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             token,
                             request_id,
                         };
-                        return move_to_home(shard, stream, buf, login).await;
+                        return move_to_home(shard, stream, buf, login, guards).await;
                     }
                     Err(e) => refused_login(&shard, peer, Some(&account), request_id, &e),
                 }
@@ -302,7 +312,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             token,
                             request_id,
                         };
-                        return move_to_home(shard, stream, buf, login).await;
+                        return move_to_home(shard, stream, buf, login, guards).await;
                     }
                     Err(e) => refused_login(&shard, peer, None, request_id, &e),
                 }
@@ -475,11 +485,24 @@ struct LoggedIn {
 }
 
 /// Continues a logged-in connection on its user's home shard.
-async fn move_to_home(shard: Rc<Shard>, stream: Transport, mut buf: FrameBuf, login: LoggedIn) {
+///
+/// The session runs in a task of its own, so the pre-login task (and its
+/// larger future) is freed once the user is known: a connection costs only
+/// what its session needs for the rest of its life.
+async fn move_to_home(
+    shard: Rc<Shard>,
+    stream: Transport,
+    mut buf: FrameBuf,
+    login: LoggedIn,
+    guards: Guards,
+) {
     let home = shard.home_of(login.user);
     if home == shard.index {
-        return run_session(shard, stream, buf, login).await;
+        return start_session(shard, stream, buf, login, guards);
     }
+    // Uncounted here (the guards go with this task); the home shard
+    // counts the socket when it adopts it.
+    drop(guards);
     let leftover = buf.take_buffered();
     let transport = match stream.into_parts() {
         Ok(parts) => parts,
@@ -496,23 +519,31 @@ async fn move_to_home(shard: Rc<Shard>, stream: Transport, mut buf: FrameBuf, lo
     shard.send_event(home, Event::Handoff(Box::new(handoff))).await;
 }
 
-/// Takes over a connection handed to this shard.
-pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
+/// Takes over a connection handed to this shard: its session starts in a
+/// task of its own (see [`move_to_home`]).
+pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
     let stream = Transport::from_parts(handoff.transport);
     let peer = stream.tcp().peer_addr().ok().map(|addr| addr.ip());
     // The home shard owns the socket from now on, so it counts it against
     // its address here (the accepting shard has uncounted it).
-    let _permit = match limits::adopt_connection(&shard.config, peer) {
+    let permit = match limits::adopt_connection(&shard.config, peer) {
         Ok(permit) => permit,
         Err(refused) => {
-            let mut stream = stream;
-            let mut out = AlignedVec::new();
             let reply = ServerFrame::error(handoff.request_id, refused.code, refused.message);
-            return reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+            glommio::spawn_local(async move {
+                let mut stream = stream;
+                let mut out = AlignedVec::new();
+                reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+            })
+            .detach();
+            return;
         }
     };
     shard.m().connection_adopted();
-    let _open = OpenConnection { shard: shard.clone() };
+    let guards = Guards {
+        _permit: permit,
+        _open: OpenConnection { shard: shard.clone() },
+    };
     configure(stream.tcp(), &shard);
     let mut buf = FrameBuf::new(shard.config.max_frame_bytes);
     buf.push_bytes(&handoff.leftover);
@@ -522,11 +553,15 @@ pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
         token: handoff.token,
         request_id: handoff.request_id,
     };
-    run_session(shard, stream, buf, login).await;
+    start_session(shard, stream, buf, login, guards);
 }
 
 /// Runs an authenticated session on its user's home shard.
-async fn run_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: LoggedIn) {
+/// Registers an authenticated session on its user's home shard and starts
+/// its reader and writer tasks. Synchronous setup, then small tasks: the
+/// reader's future is what every idle connection keeps, so it holds only
+/// the session's state.
+fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: LoggedIn, guards: Guards) {
     let config = shard.config.clone();
     let user = login.user;
     let outbox = Rc::new(Outbox::with_metrics(
@@ -539,9 +574,14 @@ async fn run_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: 
     let (key, first_session) = match shard.add_conn(user, fd, outbox.clone()) {
         Ok(added) => added,
         Err(refusal) => {
-            let mut stream = stream;
-            let mut out = AlignedVec::new();
-            return reply_and_close(&mut stream, &mut out, &shard, &error(login.request_id, &refusal)).await;
+            let reply = error(login.request_id, &refusal);
+            glommio::spawn_local(async move {
+                let mut stream = stream;
+                let mut out = AlignedVec::new();
+                reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+            })
+            .detach();
+            return;
         }
     };
     shard.m().session_opened();
@@ -564,26 +604,38 @@ async fn run_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: 
     let writer = glommio::spawn_local(write_loop(writer, outbox.clone()));
     let idle_ms = config.idle_timeout.as_millis() as u64;
     let session = Session::authenticated(user, now_ms(), idle_ms, config.max_message_bytes);
-    let mut conn = Conn {
-        shard: shard.clone(),
+    let conn = Conn {
+        shard,
         user,
         username,
         token,
         peer,
         key,
-        outbox: outbox.clone(),
+        outbox,
         session,
         limiter: ConnLimiter::new(&config.limits, peer),
         filter: FilterCache::default(),
     };
+    glommio::spawn_local(serve_session(conn, reader, buf, writer, guards)).detach();
+}
+
+/// Reads and serves a session's frames until it closes, then cleans up.
+async fn serve_session(
+    mut conn: Conn,
+    reader: ReadHalf<Transport>,
+    buf: FrameBuf,
+    writer: glommio::Task<()>,
+    _guards: Guards,
+) {
     conn.read_loop(reader, buf).await;
-    outbox.close();
+    conn.outbox.close();
     writer.await;
-    let last_session = shard.remove_conn(key);
+    let (shard, user) = (conn.shard.clone(), conn.user);
+    let last_session = shard.remove_conn(conn.key);
     shard.m().session_closed();
     tracing::debug!(user, shard = shard.index, "session closed");
     if last_session {
-        glommio::spawn_local(shard.clone().announce_presence(user, false)).detach();
+        glommio::spawn_local(shard.announce_presence(user, false)).detach();
     }
 }
 
@@ -698,7 +750,21 @@ impl Conn {
         self.outbox.close();
     }
 
+    /// Serves one admitted request. Pings and chat messages, which every
+    /// connection sends all the time, are served by `dispatch_hot`;
+    /// everything else runs boxed, so that the session's future, which
+    /// every idle connection keeps, is only as large as the hot path needs.
     async fn dispatch(&mut self, request_id: u64, body: &ArchivedClientBody) {
+        match body {
+            ArchivedClientBody::Ping { .. }
+            | ArchivedClientBody::SendDirect { .. }
+            | ArchivedClientBody::SendGroup { .. } => self.dispatch_hot(request_id, body).await,
+            _ => Box::pin(self.dispatch_cold(request_id, body)).await,
+        }
+    }
+
+    /// Pings and chat messages.
+    async fn dispatch_hot(&mut self, request_id: u64, body: &ArchivedClientBody) {
         let user = self.user;
         let shard = self.shard.clone();
         let reply = match body {
@@ -708,54 +774,6 @@ impl Conn {
                     nonce: nonce.to_native(),
                 },
             },
-            ArchivedClientBody::ResolveUser { username } => {
-                let name = username.as_str().to_owned();
-                match shard
-                    .blocking(move |store| store.user_id(&name).map(|id| (id, name)))
-                    .await
-                {
-                    Ok((Some(id), username)) => ServerFrame {
-                        request_id,
-                        body: ServerBody::User { user: id, username },
-                    },
-                    Ok((None, _)) => ServerFrame::error(request_id, ErrorCode::NotFound, "no such user"),
-                    Err(e) => store_error_frame(request_id, &e),
-                }
-            }
-            ArchivedClientBody::FriendAdd { username } => {
-                let name = username.as_str().to_owned();
-                let added = shard
-                    .blocking(move |store| {
-                        let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
-                        store.add_friend(user, friend)?;
-                        Ok((friend, name))
-                    })
-                    .await;
-                match added {
-                    Ok((friend, username)) => ServerFrame {
-                        request_id,
-                        body: ServerBody::User {
-                            user: friend,
-                            username,
-                        },
-                    },
-                    Err(e) => store_error_frame(request_id, &e),
-                }
-            }
-            ArchivedClientBody::FriendRemove { user: friend } => {
-                let friend = friend.to_native();
-                match shard
-                    .blocking(move |store| store.remove_friend(user, friend))
-                    .await
-                {
-                    Ok(()) => ServerFrame {
-                        request_id,
-                        body: ServerBody::Ok,
-                    },
-                    Err(e) => store_error_frame(request_id, &e),
-                }
-            }
-            ArchivedClientBody::FriendList => self.friend_list(request_id).await,
             ArchivedClientBody::SendDirect {
                 to,
                 client_msg_id,
@@ -821,6 +839,67 @@ impl Conn {
                 };
                 return shard.send_request(shard.home_of(group), request).await;
             }
+            _ => return,
+        };
+        self.push(&reply);
+    }
+
+    /// Every other request (account, friends, groups, sync, history...).
+    async fn dispatch_cold(&mut self, request_id: u64, body: &ArchivedClientBody) {
+        let user = self.user;
+        let shard = self.shard.clone();
+        let reply = match body {
+            ArchivedClientBody::ResolveUser { username } => {
+                let name = username.as_str().to_owned();
+                match shard
+                    .blocking(move |store| store.user_id(&name).map(|id| (id, name)))
+                    .await
+                {
+                    Ok((Some(id), username)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::User { user: id, username },
+                    },
+                    Ok((None, _)) => ServerFrame::error(request_id, ErrorCode::NotFound, "no such user"),
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::FriendAdd { username } => {
+                let name = username.as_str().to_owned();
+                let added = shard
+                    .blocking(move |store| {
+                        let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
+                        store.add_friend(user, friend)?;
+                        Ok((friend, name))
+                    })
+                    .await;
+                match added {
+                    Ok((friend, username)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::User {
+                            user: friend,
+                            username,
+                        },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::FriendRemove { user: friend } => {
+                let friend = friend.to_native();
+                match shard
+                    .blocking(move |store| store.remove_friend(user, friend))
+                    .await
+                {
+                    Ok(()) => ServerFrame {
+                        request_id,
+                        body: ServerBody::Ok,
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
+            ArchivedClientBody::FriendList => self.friend_list(request_id).await,
+            ArchivedClientBody::Ping { .. }
+            | ArchivedClientBody::SendDirect { .. }
+            | ArchivedClientBody::SendGroup { .. } => return self.dispatch_hot(request_id, body).await,
             ArchivedClientBody::GroupCreate { name } => {
                 self.group_create(request_id, name.as_str(), true).await
             }

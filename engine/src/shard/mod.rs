@@ -415,7 +415,9 @@ impl Shard {
             Ok(()) => self.m().cross_shard_send(false),
             Err(GlommioError::WouldBlock(ResourceType::Channel(item))) => {
                 self.m().cross_shard_send(true);
-                if tx.send(item).await.is_err() {
+                // Boxed: the waiting send is large and rare, and every
+                // connection's future would otherwise reserve room for it.
+                if Box::pin(tx.send(item)).await.is_err() {
                     tracing::warn!(shard, kind, "cross-shard queue closed; shard is stopping");
                 }
             }
@@ -545,7 +547,7 @@ impl Shard {
     pub fn handle_event(self: &Rc<Self>, event: Event) {
         match event {
             Event::Handoff(handoff) => {
-                glommio::spawn_local(crate::conn::adopt(self.clone(), *handoff)).detach();
+                crate::conn::adopt(self.clone(), *handoff);
             }
             Event::Sent {
                 user,
