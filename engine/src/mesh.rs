@@ -22,9 +22,10 @@ use std::sync::{Arc, Mutex};
 
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
-use rkyv::util::AlignedVec;
 use tern_net::transport::DetachedTransport;
 use tern_proto::{Content, ConvId, GroupId, UserId};
+
+use crate::shard::Encoded;
 
 /// Identifies a connection within its shard: slab slot and generation, so a
 /// reused slot is never mistaken for the connection that held it before.
@@ -119,7 +120,7 @@ pub enum Event {
         conv: ConvId,
         seq: u64,
         timestamp_ms: u64,
-        echo: Option<Arc<AlignedVec>>,
+        echo: Option<Encoded>,
     },
     /// Push an encoded message (`seq` of `conv`) to every synced session
     /// of the recipients, except the sending connection.
@@ -127,16 +128,16 @@ pub enum Event {
         to: Recipients,
         conv: ConvId,
         seq: u64,
-        frame: Arc<AlignedVec>,
+        frame: Encoded,
         skip: Option<(UserId, ConnKey)>,
     },
     /// Push an unsequenced frame (a receipt) to every session of a user.
-    Notify { to: UserId, frame: Arc<AlignedVec> },
+    Notify { to: UserId, frame: Encoded },
     /// An answer for one connection, encoded by the shard that produced it.
     Reply {
         user: UserId,
         conn: ConnKey,
-        frame: Arc<AlignedVec>,
+        frame: Encoded,
     },
     /// `subject` came online or went offline; tell these friends of theirs.
     Presence {

@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use rkyv::util::AlignedVec;
 use rustc_hash::FxHashMap;
 use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
 use tern_storage::SubmitError;
 use tern_storage::{ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
 
-use super::{encode_shared, store_error_frame, Shard};
+use super::{encode_shared, store_error_frame, Encoded, Shard};
 use crate::mesh::{ConnKey, Event};
 
 /// How long a shard waits before retrying a submission to a full writer.
@@ -86,9 +85,10 @@ pub(super) enum Effect {
     Done(futures_channel::oneshot::Sender<bool>),
 }
 
-/// The bytes of an encoded frame as the store keeps them.
-pub(super) fn store_frame(frame: &Arc<AlignedVec>) -> Arc<[u8]> {
-    Arc::from(frame.as_slice())
+/// The bytes of an encoded frame as the store keeps them: the same shared
+/// buffer the deliveries use, no copy.
+pub(super) fn store_frame(frame: &Encoded) -> Arc<[u8]> {
+    frame.clone()
 }
 
 /// Drops up to `count` cached conversations with no write in flight.

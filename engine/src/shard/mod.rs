@@ -67,7 +67,7 @@ enum Delivery {
 pub type Floors = FxHashMap<ConvId, u64>;
 
 /// A message that arrived live while its session was catching up.
-pub type Held = (ConvId, u64, Arc<AlignedVec>);
+pub type Held = (ConvId, u64, Encoded);
 
 /// The state and queues of one shard.
 pub struct Shard {
@@ -99,13 +99,31 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Encodes a frame into a fresh shareable buffer.
-pub fn encode_shared(frame: &ServerFrame, max_frame_bytes: u32) -> Arc<AlignedVec> {
-    let mut buf = AlignedVec::new();
-    if let Err(e) = encode_server(frame, &mut buf, max_frame_bytes) {
-        tracing::error!(error = %e, "server built an unencodable frame");
-    }
-    Arc::new(buf)
+/// An encoded frame, shared by every session, shard and store write it
+/// goes to. Writing needs no alignment, so plain bytes will do.
+pub type Encoded = Arc<[u8]>;
+
+thread_local! {
+    /// The shard's reused encoding buffer: each shared frame costs one
+    /// allocation (its `Encoded`), not a buffer and a copy.
+    static ENCODE_SCRATCH: RefCell<AlignedVec> = RefCell::new(AlignedVec::new());
+}
+
+/// Encodes a frame into a shareable buffer.
+pub fn encode_shared(frame: &ServerFrame, max_frame_bytes: u32) -> Encoded {
+    ENCODE_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        if let Err(e) = encode_server(frame, &mut scratch, max_frame_bytes) {
+            tracing::error!(error = %e, "server built an unencodable frame");
+        }
+        let encoded = Encoded::from(scratch.as_slice());
+        if scratch.capacity() > 64 * 1024 {
+            // One huge frame should not pin its buffer for the shard's life.
+            *scratch = AlignedVec::new();
+        }
+        encoded
+    })
 }
 
 /// The error answer for a store failure.
@@ -282,7 +300,7 @@ impl Shard {
 
     /// Pushes message `seq` of `conv` to a session, or holds it while the
     /// session catches up.
-    fn deliver_message(&self, entry: &ConnEntry, conv: ConvId, seq: u64, frame: &Arc<AlignedVec>) {
+    fn deliver_message(&self, entry: &ConnEntry, conv: ConvId, seq: u64, frame: &Encoded) {
         let mut delivery = entry.delivery.borrow_mut();
         match &mut *delivery {
             Delivery::Waiting => {}
@@ -535,7 +553,7 @@ impl Shard {
             .await;
     }
 
-    fn message_frame(&self, message: ChatMessage) -> Arc<AlignedVec> {
+    fn message_frame(&self, message: ChatMessage) -> Encoded {
         let frame = ServerFrame {
             request_id: 0,
             body: ServerBody::Message(message),
