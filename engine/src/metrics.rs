@@ -19,29 +19,9 @@ use std::time::Duration;
 use tern_proto::ErrorCode;
 use tern_storage::{WriterHandle, WriterStats};
 
-/// Every error code, in declaration order (`code as usize` indexes it).
-pub const ERROR_CODES: [ErrorCode; 16] = [
-    ErrorCode::MalformedFrame,
-    ErrorCode::FrameTooLarge,
-    ErrorCode::UnsupportedVersion,
-    ErrorCode::InvalidState,
-    ErrorCode::InvalidArgument,
-    ErrorCode::UsernameTaken,
-    ErrorCode::AuthFailed,
-    ErrorCode::NotFound,
-    ErrorCode::Forbidden,
-    ErrorCode::LimitExceeded,
-    ErrorCode::SlowConsumer,
-    ErrorCode::IdleTimeout,
-    ErrorCode::ShuttingDown,
-    ErrorCode::Internal,
-    ErrorCode::RateLimited,
-    ErrorCode::ContentRejected,
-];
-
 /// The `code` label of an error code. The match is exhaustive, so a new
 /// code fails to compile here until it is named (and added to
-/// [`ERROR_CODES`], which a test checks).
+/// [`ErrorCode::ALL`], which a test checks).
 pub fn error_code_label(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::MalformedFrame => "malformed_frame",
@@ -147,7 +127,7 @@ pub struct ShardMetrics {
     /// Submissions the storage writer refused because its queue was full.
     pub store_waits: AtomicU64,
     /// Error frames sent, by [`ErrorCode`] (`code as usize`).
-    pub errors: [AtomicU64; ERROR_CODES.len()],
+    pub errors: [AtomicU64; ErrorCode::ALL.len()],
     /// Write ops per commit this shard submitted.
     pub store_batch_ops: Histogram<{ BATCH_OPS_BUCKETS.len() }>,
     /// Time from submitting a commit to its completion, in µs.
@@ -639,16 +619,16 @@ impl Metrics {
             "Error frames sent to clients, by error code.",
             "counter",
         );
-        let mut totals = [0u64; ERROR_CODES.len()];
+        let mut totals = [0u64; ErrorCode::ALL.len()];
         for (i, shard) in self.shards.iter().enumerate() {
-            for (c, code) in ERROR_CODES.iter().enumerate() {
+            for (c, code) in ErrorCode::ALL.iter().enumerate() {
                 let value = shard.errors[c].load(Relaxed);
                 totals[c] += value;
                 let label = error_code_label(*code);
                 let _ = writeln!(out, "{name}{{shard=\"{i}\",code=\"{label}\"}} {value}");
             }
         }
-        for (c, code) in ERROR_CODES.iter().enumerate() {
+        for (c, code) in ErrorCode::ALL.iter().enumerate() {
             let label = error_code_label(*code);
             let _ = writeln!(out, "{name}{{code=\"{label}\"}} {}", totals[c]);
         }
@@ -870,10 +850,10 @@ mod tests {
 
     #[test]
     fn error_codes_are_listed_in_declaration_order() {
-        for (i, code) in ERROR_CODES.iter().enumerate() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(*code as usize, i, "{code:?}");
         }
-        assert_eq!(ErrorCode::ContentRejected as usize + 1, ERROR_CODES.len());
+        assert_eq!(ErrorCode::ContentRejected as usize + 1, ErrorCode::ALL.len());
     }
 
     #[test]

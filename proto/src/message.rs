@@ -410,6 +410,29 @@ impl ArchivedErrorCode {
     }
 }
 
+impl ErrorCode {
+    /// Every error code, in declaration order, so `code as usize` indexes
+    /// it (tables keyed by code: metrics, decoders).
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::MalformedFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidState,
+        ErrorCode::InvalidArgument,
+        ErrorCode::UsernameTaken,
+        ErrorCode::AuthFailed,
+        ErrorCode::NotFound,
+        ErrorCode::Forbidden,
+        ErrorCode::LimitExceeded,
+        ErrorCode::SlowConsumer,
+        ErrorCode::IdleTimeout,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+        ErrorCode::RateLimited,
+        ErrorCode::ContentRejected,
+    ];
+}
+
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self, f)

@@ -1209,7 +1209,7 @@ fn archived_layout_is_as_documented() {
     }
 
     // ErrorCode: one byte, declaration order.
-    for (i, code) in ERROR_CODES.iter().enumerate() {
+    for (i, code) in ErrorCode::ALL.iter().enumerate() {
         let wire = encode(&server(
             1,
             ServerBody::Disconnect {
@@ -1287,25 +1287,6 @@ fn archived_layout_is_as_documented() {
         assert!(last_message.is_some() == opt.is_some());
     }
 }
-
-const ERROR_CODES: [ErrorCode; 16] = [
-    ErrorCode::MalformedFrame,
-    ErrorCode::FrameTooLarge,
-    ErrorCode::UnsupportedVersion,
-    ErrorCode::InvalidState,
-    ErrorCode::InvalidArgument,
-    ErrorCode::UsernameTaken,
-    ErrorCode::AuthFailed,
-    ErrorCode::NotFound,
-    ErrorCode::Forbidden,
-    ErrorCode::LimitExceeded,
-    ErrorCode::SlowConsumer,
-    ErrorCode::IdleTimeout,
-    ErrorCode::ShuttingDown,
-    ErrorCode::Internal,
-    ErrorCode::RateLimited,
-    ErrorCode::ContentRejected,
-];
 
 // ---------------------------------------------------------------------------
 // The document's rules, implemented by hand as a client in another language
@@ -1578,7 +1559,7 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
         let (start, len) = vec_at(at);
         body[start..start + len].to_vec()
     };
-    let code_at = |at: usize| ERROR_CODES[u8_at(at) as usize];
+    let code_at = |at: usize| ErrorCode::ALL[u8_at(at) as usize];
     let conv_at = |at: usize| match u8_at(at) {
         0 => ConvId::Direct {
             low: u64_at(at + 8),
@@ -1782,7 +1763,7 @@ fn arb_conv() -> impl Strategy<Value = ConvId> {
 }
 
 fn arb_code() -> impl Strategy<Value = ErrorCode> {
-    prop::sample::select(ERROR_CODES.to_vec())
+    prop::sample::select(ErrorCode::ALL.to_vec())
 }
 
 fn arb_receipt_kind() -> impl Strategy<Value = ReceiptKind> {
