@@ -72,7 +72,8 @@ pub struct Config {
     /// Offline inbox entries older than this are deleted.
     pub inbox_ttl: Duration,
     /// History older than this is deleted (`None`: keep forever). Each
-    /// conversation's newest message is always kept.
+    /// conversation's newest message is always kept, and history is kept
+    /// at least `inbox_ttl` (inbox entries read their message from it).
     pub history_retention: Option<Duration>,
     /// How often expired inbox and history entries are swept.
     pub expiry_interval: Duration,

@@ -452,9 +452,7 @@ async fn expire_old_messages(shard: Rc<Shard>) {
         }
         let now = crate::shard::now_ms();
         let inbox_cutoff = now.saturating_sub(config.inbox_ttl.as_millis() as u64);
-        let history_cutoff = config
-            .history_retention
-            .map(|keep| now.saturating_sub(keep.as_millis() as u64));
+        let history_cutoff = history_cutoff(now, inbox_cutoff, config.history_retention);
         let swept = shard
             .blocking(move |store| {
                 let inbox = store.expire_inbox(inbox_cutoff)?;
@@ -470,6 +468,13 @@ async fn expire_old_messages(shard: Rc<Shard>) {
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }
     }
+}
+
+/// Where the history sweep cuts: `retention` before `now`, but never
+/// after the inbox's cutoff, because an inbox entry reads its message from
+/// the history record (history is kept at least as long as the inbox).
+fn history_cutoff(now: u64, inbox_cutoff: u64, retention: Option<Duration>) -> Option<u64> {
+    retention.map(|keep| now.saturating_sub(keep.as_millis() as u64).min(inbox_cutoff))
 }
 
 /// Starts connecting each sender end in its own task.
@@ -503,5 +508,24 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, tls: Option<Arc<
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_is_kept_at_least_as_long_as_the_inbox() {
+        let day = Duration::from_secs(86_400);
+        let now = 100 * 86_400_000;
+        let inbox_cutoff = now - 7 * 86_400_000;
+        assert_eq!(history_cutoff(now, inbox_cutoff, None), None);
+        assert_eq!(
+            history_cutoff(now, inbox_cutoff, Some(30 * day)),
+            Some(now - 30 * 86_400_000)
+        );
+        // One day of history under a seven-day inbox keeps seven days.
+        assert_eq!(history_cutoff(now, inbox_cutoff, Some(day)), Some(inbox_cutoff));
     }
 }

@@ -364,20 +364,47 @@ pub fn decode_history(value: &[u8]) -> Result<HistoryValue<'_>, String> {
     })
 }
 
-/// `inbox` value: `[v1][timestamp ms u64 BE][frame ..]`.
-pub fn encode_inbox(timestamp_ms: u64, frame: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + frame.len());
-    v.push(VALUE_V1);
-    v.extend_from_slice(&timestamp_ms.to_be_bytes());
-    v.extend_from_slice(frame);
+/// Version of an `inbox` value that points into `history` instead of
+/// carrying the frame (see [`encode_inbox`]).
+pub const INBOX_REF_V2: u8 = 2;
+
+/// `inbox` value: `[v2][timestamp ms u64 BE]` (9 bytes). The frame is not
+/// copied: the entry's key names the conversation and seq, whose
+/// `history` record holds it. Storing the frame once per message instead
+/// of once more per recipient is most of the bytes a message writes.
+pub fn encode_inbox(timestamp_ms: u64) -> [u8; 9] {
+    let mut v = [0u8; 9];
+    v[0] = INBOX_REF_V2;
+    v[1..].copy_from_slice(&timestamp_ms.to_be_bytes());
     v
 }
 
-/// Decodes an `inbox` value into `(timestamp_ms, frame)`.
-pub fn decode_inbox(value: &[u8]) -> Result<(u64, &[u8]), String> {
+/// An `inbox` value decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxValue<'a> {
+    pub timestamp_ms: u64,
+    /// The frame of a version-1 entry; `None` for a version-2 entry,
+    /// whose frame is in `history`.
+    pub frame: Option<&'a [u8]>,
+}
+
+/// Decodes an `inbox` value of either version.
+pub fn decode_inbox(value: &[u8]) -> Result<InboxValue<'_>, String> {
+    if let Some((&INBOX_REF_V2, rest)) = value.split_first() {
+        let mut r = Reader { rest };
+        let timestamp_ms = r.u64()?;
+        r.end()?;
+        return Ok(InboxValue {
+            timestamp_ms,
+            frame: None,
+        });
+    }
     let mut r = Reader::versioned(value)?;
-    let ts = r.u64()?;
-    Ok((ts, r.rest))
+    let timestamp_ms = r.u64()?;
+    Ok(InboxValue {
+        timestamp_ms,
+        frame: Some(r.rest),
+    })
 }
 
 /// `receipts` value: `[v1][delivered u64 BE][read u64 BE]` (17 bytes).
@@ -449,6 +476,17 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The old `inbox` value, `[v1][timestamp ms u64 BE][frame ..]`, which
+    /// carried its own copy of the frame. Stores written before version 2
+    /// hold these; they stay readable and are never written any more.
+    fn encode_inbox_v1(timestamp_ms: u64, frame: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + frame.len());
+        v.push(VALUE_V1);
+        v.extend_from_slice(&timestamp_ms.to_be_bytes());
+        v.extend_from_slice(frame);
+        v
+    }
 
     #[test]
     fn roundtrips() {
@@ -533,7 +571,9 @@ mod tests {
         assert!(decode_id_key(b"1234567").is_err());
         assert!(decode_pair_second(b"123456789").is_err());
         assert!(check_empty(b"x").is_err());
-        for bad in [&b""[..], b"\x01", b"\x02abc", b"\x01\x00\x00\x00\x00"] {
+        // A version-2 inbox value is exactly 9 bytes.
+        assert!(decode_inbox(b"\x02\0\0\0\0\0\0\0\0\0").is_err());
+        for bad in [&b""[..], b"\x01", b"\x02abc", b"\x03abc", b"\x01\x00\x00\x00\x00"] {
             assert!(decode_history(bad).is_err(), "{bad:?}");
             assert!(decode_inbox(bad).is_err(), "{bad:?}");
             assert!(decode_receipts(bad).is_err(), "{bad:?}");
@@ -569,7 +609,24 @@ mod tests {
                 frame: b"frame"
             }
         );
-        assert_eq!(decode_inbox(&encode_inbox(4, b"f")).unwrap(), (4, &b"f"[..]));
+        assert_eq!(
+            decode_inbox(&encode_inbox_v1(4, b"f")).unwrap(),
+            InboxValue {
+                timestamp_ms: 4,
+                frame: Some(b"f")
+            }
+        );
+        assert_eq!(
+            decode_inbox(&encode_inbox(4)).unwrap(),
+            InboxValue {
+                timestamp_ms: 4,
+                frame: None
+            }
+        );
+        assert_eq!(
+            encode_inbox(0x0102).to_vec(),
+            b"\x02\0\0\0\0\0\0\x01\x02".to_vec()
+        );
         assert_eq!(decode_receipts(&encode_receipts(5, 3)).unwrap(), (5, 3));
         assert!(history_key(d, 255) < history_key(d, 256));
         assert!(history_key(d, u64::MAX) < history_key(ConvId::direct(3, 10), 0));

@@ -128,7 +128,7 @@ pub struct ConvTail {
 struct Staged {
     /// `inbox` inserts not yet in the batch, ordered so a receipt can drop
     /// a `user ++ conv` range of them.
-    inbox: BTreeMap<[u8; INBOX_KEY_LEN], Vec<u8>>,
+    inbox: BTreeMap<[u8; INBOX_KEY_LEN], [u8; 9]>,
     /// `(delivered, read)` per `user ++ conv` after this call's receipts.
     receipts: HashMap<[u8; USER_CONV_KEY_LEN], (u64, u64)>,
     /// `user_convs` keys already in the batch (many messages of one
@@ -154,11 +154,11 @@ impl Inner {
                 );
                 let targets = m.inbox.as_slice();
                 if let Some((first, rest)) = targets.split_first() {
-                    let value = codec::encode_inbox(m.timestamp_ms, &m.frame);
+                    // A reference to the history record, not a copy of
+                    // the frame: the frame is written once per message.
+                    let value = codec::encode_inbox(m.timestamp_ms);
                     for &user in rest {
-                        staged
-                            .inbox
-                            .insert(codec::inbox_key(user, m.conv, m.seq), value.clone());
+                        staged.inbox.insert(codec::inbox_key(user, m.conv, m.seq), value);
                     }
                     staged
                         .inbox
@@ -319,6 +319,9 @@ impl Store {
     /// the exclusive position `after` (`None`: from the start), at most
     /// `limit` entries. Entries at or below the user's delivered cursor
     /// of their conversation are never returned, even if still stored.
+    /// An entry's frame is read from `history` (one range read per run of
+    /// a conversation's entries); an entry whose history record is gone
+    /// (history retention shorter than the inbox's) is skipped.
     pub fn inbox_after(
         &self,
         user: UserId,
@@ -334,6 +337,8 @@ impl Store {
         };
         let end = Bound::Included([&prefix[..], &[0xff; INBOX_KEY_LEN - 8]].concat());
         let mut out = Vec::new();
+        // Entries of the current conversation whose frame is in history.
+        let mut pending: Vec<(u64, u64)> = Vec::new();
         let mut cursor: Option<(ConvId, u64)> = None;
         for guard in inbox.handle.range((start, end)) {
             if out.len() >= limit {
@@ -343,7 +348,10 @@ impl Store {
             let (_, conv, seq) = codec::decode_inbox_key(&key).map_err(|d| inbox.corrupt(&key, d))?;
             let delivered = match cursor {
                 Some((c, d)) if c == conv => d,
-                _ => {
+                previous => {
+                    if let Some((c, _)) = previous {
+                        inner.resolve_inbox_run(c, &mut pending, &mut out)?;
+                    }
                     let d = inner.load_receipts(&codec::user_conv_key(user, conv))?.0;
                     cursor = Some((conv, d));
                     d
@@ -352,13 +360,30 @@ impl Store {
             if seq <= delivered {
                 continue;
             }
-            let (timestamp_ms, frame) = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
-            out.push(StoredFrame {
-                conv,
-                seq,
-                timestamp_ms,
-                frame: frame.to_vec(),
-            });
+            let entry = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
+            match entry.frame {
+                Some(frame) => {
+                    // A version-1 entry carries its frame; keep the order.
+                    inner.resolve_inbox_run(conv, &mut pending, &mut out)?;
+                    out.push(StoredFrame {
+                        conv,
+                        seq,
+                        timestamp_ms: entry.timestamp_ms,
+                        frame: frame.to_vec(),
+                    });
+                }
+                None => {
+                    pending.push((seq, entry.timestamp_ms));
+                    // Resolve before the page is full; a record that has
+                    // expired from history leaves room for more entries.
+                    if out.len() + pending.len() >= limit {
+                        inner.resolve_inbox_run(conv, &mut pending, &mut out)?;
+                    }
+                }
+            }
+        }
+        if let Some((conv, _)) = cursor {
+            inner.resolve_inbox_run(conv, &mut pending, &mut out)?;
         }
         Ok(out)
     }
@@ -439,8 +464,8 @@ impl Store {
         let mut removed = 0;
         for guard in inbox.handle.iter() {
             let (key, value) = guard.into_inner()?;
-            let (ts, _) = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
-            if ts < older_than_ms {
+            let entry = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
+            if entry.timestamp_ms < older_than_ms {
                 doomed.push(key);
                 if doomed.len() >= EXPIRE_CHUNK {
                     removed += inner.remove_all(inbox, std::mem::take(&mut doomed))?;
@@ -483,6 +508,44 @@ impl Store {
 }
 
 impl Inner {
+    /// Appends the history frames of `pending` (ascending seqs of `conv`,
+    /// with their inbox timestamps) to `out`, in order, with one range
+    /// read over `conv`'s history, and empties `pending`.
+    fn resolve_inbox_run(
+        &self,
+        conv: ConvId,
+        pending: &mut Vec<(u64, u64)>,
+        out: &mut Vec<StoredFrame>,
+    ) -> Result<(), StoreError> {
+        let (Some(&(first, _)), Some(&(last, _))) = (pending.first(), pending.last()) else {
+            return Ok(());
+        };
+        let history = &self.history;
+        let range = codec::history_key(conv, first)..=codec::history_key(conv, last);
+        let mut wanted = pending.drain(..).peekable();
+        for guard in history.handle.range(range) {
+            if wanted.peek().is_none() {
+                break;
+            }
+            let (key, value) = guard.into_inner()?;
+            let (_, stored_seq) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
+            // Wanted seqs below this record have expired from history;
+            // records between wanted seqs are the user's own messages.
+            while wanted.next_if(|&(seq, _)| seq < stored_seq).is_some() {}
+            let Some((seq, timestamp_ms)) = wanted.next_if(|&(seq, _)| seq == stored_seq) else {
+                continue;
+            };
+            let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
+            out.push(StoredFrame {
+                conv,
+                seq,
+                timestamp_ms,
+                frame: v.frame.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
     /// Removes `keys` from `ks` in one unsynced batch (expiry: losing a
     /// deletion in a machine crash only delays it to the next sweep).
     fn remove_all(&self, ks: &Ks, keys: Vec<fjall::Slice>) -> Result<usize, StoreError> {

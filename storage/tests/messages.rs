@@ -441,9 +441,71 @@ fn expiry_over_many_entries_crosses_chunks() {
         store.apply(chunk, false).unwrap();
     }
     assert_eq!(store.expire_inbox(20_001).unwrap(), 20_000);
-    assert_eq!(store.expire_history(n + 1).unwrap(), (n - 1) as usize);
     assert_eq!(store.inbox_after(2, None, usize::MAX).unwrap().len(), 5_000);
+    assert_eq!(store.expire_history(n + 1).unwrap(), (n - 1) as usize);
+    // Inbox entries point into history: only the newest is left to read.
+    assert_eq!(seqs(&store.inbox_after(2, None, usize::MAX).unwrap()), vec![n]);
     assert_eq!(store.conv_tail(conv, 1).unwrap().last_seq, n);
+}
+
+#[test]
+fn inbox_entries_read_their_frames_from_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = ConvId::direct(1, 2);
+    // User 2 writes seqs 3 and 6 (in user 1's inbox), user 1 the rest.
+    let ops: Vec<_> = (1..=10)
+        .map(|s| match s {
+            3 | 6 => msg(a, s, 2, 100 * s, InboxTargets::One(1)),
+            _ => msg(a, s, 1, 100 * s, InboxTargets::One(2)),
+        })
+        .collect();
+    store.apply(&ops, false).unwrap();
+    let all = store.inbox_after(2, None, 100).unwrap();
+    assert_eq!(seqs(&all), vec![1, 2, 4, 5, 7, 8, 9, 10]);
+    for f in &all {
+        assert_eq!(&f.frame[..], &frame(a, f.seq)[..]);
+        assert_eq!(f.timestamp_ms, 100 * f.seq);
+    }
+    assert_eq!(seqs(&store.inbox_after(1, None, 100).unwrap()), vec![3, 6]);
+
+    // History retention shorter than the inbox's: an entry whose record
+    // is gone is skipped, and a page is still filled from later entries.
+    assert_eq!(store.expire_history(450).unwrap(), 4);
+    assert_eq!(seqs(&store.inbox_after(2, None, 3).unwrap()), vec![5, 7, 8]);
+    assert_eq!(seqs(&store.inbox_after(2, Some((a, 8)), 3).unwrap()), vec![9, 10]);
+    assert_eq!(seqs(&store.inbox_after(1, None, 100).unwrap()), vec![6]);
+}
+
+#[test]
+fn version_1_inbox_entries_with_their_own_frame_stay_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = ConvId::direct(1, 2);
+    {
+        let store = open(dir.path());
+        store
+            .apply(&[msg(conv, 2, 1, 20, InboxTargets::One(2))], true)
+            .unwrap();
+    }
+    // What a store from before inbox references holds: seq 1 with no
+    // history record of its own left, its frame in the inbox value.
+    let key = [
+        &2u64.to_be_bytes()[..],
+        &crate_conv_key(conv),
+        &1u64.to_be_bytes(),
+    ]
+    .concat();
+    let value = [&[1u8][..], &10u64.to_be_bytes(), b"old frame"].concat();
+    write_raw(dir.path(), "inbox", &key, &value);
+
+    let store = open(dir.path());
+    let all = store.inbox_after(2, None, 100).unwrap();
+    assert_eq!(seqs(&all), vec![1, 2]);
+    assert_eq!(&all[0].frame[..], b"old frame");
+    assert_eq!(all[0].timestamp_ms, 10);
+    assert_eq!(&all[1].frame[..], &frame(conv, 2)[..]);
+    assert_eq!(store.expire_inbox(15).unwrap(), 1);
+    assert_eq!(seqs(&store.inbox_after(2, None, 100).unwrap()), vec![2]);
 }
 
 fn write_raw(dir: &std::path::Path, ks: &str, key: &[u8], value: &[u8]) {
