@@ -29,6 +29,11 @@ use crate::metrics::{Metrics, ProcessStats, Scrape};
 const MAX_COMMAND_BYTES: usize = 1024;
 /// How long one admin connection may take to send its command.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the idle accept loop looks at its stop flag. The loop does
+/// not rely on a connection to its own path to wake it: the socket file
+/// may have been removed or replaced (a second server on the same data
+/// directory), and shutdown must not hang on it.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// How long a command waits for the shard that owns the user.
 const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The counters `stats` shows, per shard and in total.
@@ -107,6 +112,9 @@ pub struct AdminContext {
 /// The admin socket's thread; removes the socket file when dropped.
 pub struct AdminServer {
     path: PathBuf,
+    /// Device and inode of the socket file we bound, so that dropping
+    /// removes our file and never another server's at the same path.
+    file_id: (u64, u64),
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -121,12 +129,12 @@ impl AdminServer {
 impl Drop for AdminServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if file_id(&self.path).ok() == Some(self.file_id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -145,29 +153,43 @@ pub fn serve_admin(path: &Path, context: AdminContext) -> io::Result<AdminServer
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("tern-admin".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    // One command at a time: admin traffic is rare, and this
-                    // bounds the work a local client can queue.
-                    if let Ok(stream) = stream {
-                        let _ = answer(stream, &context);
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        // One command at a time: admin traffic is rare, and
+                        // this bounds the work a local client can queue.
+                        Ok((stream, _)) => {
+                            let _ = stream
+                                .set_nonblocking(false)
+                                .and_then(|()| answer(stream, &context));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // WouldBlock, or a transient failure such as EMFILE:
+                        // wait rather than spin.
+                        Err(_) => std::thread::sleep(ACCEPT_POLL),
                     }
                 }
             })?
     };
     Ok(AdminServer {
         path: path.to_owned(),
+        file_id: file_id(path)?,
         stop,
         thread: Some(thread),
     })
+}
+
+/// The device and inode of the file at `path`.
+fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 fn answer(stream: UnixStream, context: &AdminContext) -> io::Result<()> {

@@ -67,3 +67,24 @@ fn sessions_kick_revoke_and_stats() {
     drop(admin);
     assert!(!path.exists(), "the socket file is removed on drop");
 }
+
+#[test]
+fn stopping_does_not_hang_or_remove_a_socket_file_that_is_not_ours() {
+    let server = TestServer::start();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let path = socket_dir.path().join("admin.sock");
+    let admin = serve_admin(&path, server.admin_context()).expect("admin socket");
+    // Someone removes the file and another listener takes the path: the
+    // first server can no longer be woken through it.
+    std::fs::remove_file(&path).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let started = std::time::Instant::now();
+    drop(admin);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drop took {:?}",
+        started.elapsed()
+    );
+    assert!(path.exists(), "the other listener's socket file is left alone");
+    drop(other);
+}
