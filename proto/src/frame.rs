@@ -224,6 +224,67 @@ impl FrameBuf {
         }
     }
 
+    /// How many bytes the next read should ask for: what
+    /// [`FrameBuf::read_slot`] would offer, without allocating it. For
+    /// reading through a buffer shared by many connections (see
+    /// [`FrameBuf::append_read`]).
+    ///
+    /// Fails like `read_slot` if the buffered header announces a frame over
+    /// the limit.
+    pub fn wanted(&self) -> Result<usize, FrameError> {
+        let needed = match self.pending_header()? {
+            Some(header) => header.frame_len(),
+            None => HEADER_LEN,
+        };
+        Ok(needed.saturating_sub(self.buffered()).max(self.read_bytes))
+    }
+
+    /// Adds `bytes`, the result of a read that asked for `wanted` bytes,
+    /// growing the buffer only by what arrived (or to the pending frame's
+    /// size once its header is in). Same bookkeeping as
+    /// [`FrameBuf::commit`]: a read that filled its request makes the next
+    /// one larger.
+    pub fn append_read(&mut self, bytes: &[u8], wanted: usize) {
+        if self.start == self.end || self.start > 0 {
+            self.compact();
+        }
+        let end = self.end + bytes.len();
+        if self.buf.len() < end {
+            self.buf.reserve_exact(end - self.buf.len());
+            self.buf.resize(end, 0);
+        }
+        if let Some(slot) = self.buf.get_mut(self.end..end) {
+            slot.copy_from_slice(bytes);
+        }
+        self.end = end;
+        self.read_bytes = if bytes.len() == wanted {
+            (self.read_bytes * 4).min(BUSY_READ_BYTES)
+        } else {
+            IDLE_BUF_BYTES
+        };
+        // The rest of a frame whose header is in arrives into one
+        // allocation, not one per read. The header was checked against the
+        // limit before anything was reserved for its body.
+        if let Ok(Some(header)) = self.pending_header() {
+            let frame_end = self.start + header.frame_len();
+            if self.buf.capacity() < frame_end {
+                self.buf.reserve_exact(frame_end - self.buf.len());
+            }
+        }
+    }
+
+    /// Frees the buffer if it holds nothing and the stream has gone quiet
+    /// (its last read did not fill its request), so that a connection
+    /// waiting for its next frame holds no receive memory. A busy stream
+    /// keeps its buffer for the next read.
+    pub fn release_if_idle(&mut self) {
+        if self.start == self.end && self.read_bytes == IDLE_BUF_BYTES && self.buf.capacity() > 0 {
+            self.buf = AlignedVec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     /// Records that `n` bytes were read into the last [`FrameBuf::read_slot`].
     pub fn commit(&mut self, n: usize) {
         assert!(
@@ -412,6 +473,41 @@ mod tests {
             "buffer stayed at {}",
             fb.buf.len()
         );
+    }
+
+    #[test]
+    fn frames_appended_from_a_shared_buffer_hold_nothing_when_idle() {
+        let mut wire = AlignedVec::new();
+        for i in 0..40 {
+            encode_client(&sample(i * 7), &mut wire, 1 << 20).unwrap();
+        }
+        let mut fb = FrameBuf::new(1 << 20);
+        let (mut off, mut seen, mut step) = (0, 0, 1);
+        while off < wire.len() {
+            // Reads of every size from 1 byte to a few frames at once.
+            let n = fb.wanted().unwrap().min(step).min(wire.len() - off);
+            fb.append_read(&wire[off..off + n], n.max(1) + 1);
+            off += n;
+            step = step % 300 + 13;
+            while let Some(body) = fb.next_body().unwrap() {
+                assert_eq!(decode_client(body).unwrap().request_id, seen * 7);
+                seen += 1;
+            }
+            fb.release_if_idle();
+            if fb.buffered() == 0 {
+                assert_eq!(fb.buf.capacity(), 0, "an idle buffer keeps no memory");
+            }
+        }
+        assert_eq!(seen, 40);
+    }
+
+    #[test]
+    fn appended_oversized_header_is_refused_before_allocation() {
+        let mut fb = FrameBuf::new(1024);
+        fb.append_read(&[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0], 256);
+        assert!(fb.wanted().is_err());
+        assert!(fb.next_body().is_err());
+        assert!(fb.buf.capacity() < 64, "reserved {}", fb.buf.capacity());
     }
 
     #[test]
