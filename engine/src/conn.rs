@@ -28,15 +28,15 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
-use tern_net::frame_io::{fill, write_batch, Filled, ReadError};
+use tern_net::frame_io::{fill_shared, write_batch, Filled, ReadError};
 use tern_net::split::{split, ReadHalf, WriteHalf};
 use tern_net::tls::{self, rustls::ServerConfig};
 use tern_net::transport::Transport;
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
-    decode_client, encode_server, ArchivedClientBody, Content, ContentKind, ConvId, Cursor, ErrorCode,
-    FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
+    decode_client, encode_server, limits::TOKEN_LEN, ArchivedClientBody, Content, ContentKind, ConvId,
+    Cursor, ErrorCode, FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 
 use crate::catchup::{self, SyncError};
@@ -172,7 +172,9 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
         None => Transport::Plain(tcp),
         // The handshake has its own deadline: a client that never finishes
         // it (slowloris) is dropped without ever reaching the protocol.
-        Some(config) => match tls::accept(tcp, config, shard.config.handshake_timeout).await {
+        // Boxed: the handshake's state is large and plain connections
+        // should not reserve room for it.
+        Some(config) => match Box::pin(tls::accept(tcp, config, shard.config.handshake_timeout)).await {
             Ok(tls) => Transport::Tls(Box::new(tls)),
             Err(e) => return tracing::debug!(error = %e, "TLS handshake failed"),
         },
@@ -193,7 +195,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 let remaining = login_deadline.saturating_duration_since(Instant::now());
                 let read = futures_lite::future::or(
                     futures_lite::future::or(
-                        async { PreLoginWake::Read(fill(&mut stream, &mut buf).await) },
+                        async { PreLoginWake::Read(fill_shared(&mut stream, &mut buf).await) },
                         async {
                             shard.stop.wait().await;
                             PreLoginWake::Stop
@@ -587,7 +589,8 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
     shard.m().session_opened();
     tracing::debug!(user, shard = shard.index, "session opened");
     let peer = stream.tcp().peer_addr().ok().map(|addr| addr.ip());
-    let (username, token) = (login.username.clone(), login.token.clone());
+    // Kept for `Logout`; a token that verified has exactly this length.
+    let token = <[u8; TOKEN_LEN]>::try_from(login.token.as_slice()).unwrap_or([0; TOKEN_LEN]);
     let logged_in = ServerFrame {
         request_id: login.request_id,
         body: ServerBody::LoggedIn {
@@ -607,7 +610,6 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
     let conn = Conn {
         shard,
         user,
-        username,
         token,
         peer,
         key,
@@ -620,22 +622,29 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
 }
 
 /// Reads and serves a session's frames until it closes, then cleans up.
-async fn serve_session(
+///
+/// Not an `async fn`: that would move its arguments into locals, and a
+/// future keeps room for both the arguments and the locals. The block
+/// below uses its captures in place.
+#[allow(clippy::manual_async_fn)]
+fn serve_session(
     mut conn: Conn,
-    reader: ReadHalf<Transport>,
-    buf: FrameBuf,
+    mut reader: ReadHalf<Transport>,
+    mut buf: FrameBuf,
     writer: glommio::Task<()>,
-    _guards: Guards,
-) {
-    conn.read_loop(reader, buf).await;
-    conn.outbox.close();
-    writer.await;
-    let (shard, user) = (conn.shard.clone(), conn.user);
-    let last_session = shard.remove_conn(conn.key);
-    shard.m().session_closed();
-    tracing::debug!(user, shard = shard.index, "session closed");
-    if last_session {
-        glommio::spawn_local(shard.announce_presence(user, false)).detach();
+    guards: Guards,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        conn.read_loop(&mut reader, &mut buf).await;
+        conn.outbox.close();
+        writer.await;
+        let last_session = conn.shard.remove_conn(conn.key);
+        conn.shard.m().session_closed();
+        tracing::debug!(user = conn.user, shard = conn.shard.index, "session closed");
+        if last_session {
+            glommio::spawn_local(conn.shard.clone().announce_presence(conn.user, false)).detach();
+        }
+        drop((reader, guards));
     }
 }
 
@@ -666,9 +675,8 @@ async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(mut writer: WriteHalf<S>, o
 struct Conn {
     shard: Rc<Shard>,
     user: UserId,
-    username: String,
     /// The token this session logged in with (or was issued), for `Logout`.
-    token: Vec<u8>,
+    token: [u8; TOKEN_LEN],
     peer: Option<IpAddr>,
     key: ConnKey,
     outbox: Rc<Outbox>,
@@ -678,7 +686,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn read_loop(&mut self, mut reader: ReadHalf<Transport>, mut buf: FrameBuf) {
+    async fn read_loop(&mut self, reader: &mut ReadHalf<Transport>, buf: &mut FrameBuf) {
         loop {
             loop {
                 let body = match buf.next_body() {
@@ -717,12 +725,14 @@ impl Conn {
                     self.push(&reply);
                     continue;
                 }
-                self.dispatch(request_id, &frame.body).await;
+                // Boxed: the session's future, which every idle
+                // connection keeps, holds no room for a request in flight.
+                Box::pin(self.dispatch(request_id, &frame.body)).await;
                 if self.outbox.is_closing() {
                     return;
                 }
             }
-            match fill(&mut reader, &mut buf).await {
+            match fill_shared(reader, buf).await {
                 Ok(Filled::Bytes(_)) => {}
                 Ok(Filled::Eof) => return,
                 Err(ReadError::Frame(e)) => return self.close_with(&frame_error_reply(&e)),
@@ -1005,7 +1015,7 @@ impl Conn {
                 }
             }
             ArchivedClientBody::Logout => {
-                let token = std::mem::take(&mut self.token);
+                let token = self.token;
                 match shard.blocking(move |store| store.revoke_token(&token)).await {
                     Ok(_) => {
                         tracing::debug!(user, "logged out");
@@ -1059,14 +1069,21 @@ impl Conn {
     /// the new one and revokes every token of the user.
     async fn change_password(&self, request_id: u64, old: Vec<u8>, new: Vec<u8>) -> ServerFrame {
         let config = &self.shard.config;
-        if let Err(wait) = limits::login_allowed(config, self.peer, Some(&self.username)) {
+        let user = self.user;
+        // Looked up here rather than kept by every session for this rare request.
+        let username = match self.shard.blocking(move |store| store.username(user)).await {
+            Ok(Some(username)) => username,
+            Ok(None) => return store_error_frame(request_id, &tern_storage::StoreError::NotFound),
+            Err(e) => return store_error_frame(request_id, &e),
+        };
+        if let Err(wait) = limits::login_allowed(config, self.peer, Some(&username)) {
             return rate_limited(request_id, "too many failed password checks", wait);
         }
-        let (user, username) = (self.user, self.username.clone());
+        let account = username.clone();
         let changed = self
             .shard
             .blocking(move |store| {
-                if store.verify_password(&username, &old)? != user {
+                if store.verify_password(&account, &old)? != user {
                     return Err(tern_storage::StoreError::AuthFailed);
                 }
                 store.set_password(user, &new)?;
@@ -1075,7 +1092,7 @@ impl Conn {
             .await;
         match changed {
             Ok(revoked) => {
-                limits::login_succeeded(&self.username);
+                limits::login_succeeded(&username);
                 tracing::debug!(user, revoked, "password changed");
                 ServerFrame {
                     request_id,
@@ -1084,7 +1101,7 @@ impl Conn {
             }
             Err(e) => {
                 if matches!(e, tern_storage::StoreError::AuthFailed) {
-                    limits::login_failed(config, self.peer, Some(&self.username));
+                    limits::login_failed(config, self.peer, Some(&username));
                 }
                 store_error_frame(request_id, &e)
             }

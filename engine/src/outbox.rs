@@ -247,6 +247,11 @@ impl Outbox {
             if inner.closing {
                 return Poll::Ready(false);
             }
+            // Going idle: an empty buffer is not worth its capacity on
+            // every quiet connection.
+            if inner.pending.capacity() > 0 {
+                inner.pending = AlignedVec::new();
+            }
             inner.waker = Some(cx.waker().clone());
             Poll::Pending
         })

@@ -250,6 +250,57 @@ fn frames_split_into_single_bytes_are_reassembled() {
     pair.exchange();
 }
 
+/// The server reads through a buffer shared by all connections and keeps
+/// only partial frames per connection: frames that straddle reads, several
+/// in one read, and a frame larger than one read must all come out whole.
+#[test]
+fn frames_straddling_reads_and_larger_than_one_read_are_reassembled() {
+    let server = TestServer::start();
+    let mut pair = Pair::new(&server, "p");
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("straddle{shard}_"), shard);
+        let mut conn = RawConn::connect(server.addr());
+        conn.login(&user);
+        let mut bytes = encoded(200, ClientBody::Ping { nonce: 1 });
+        bytes.extend(encoded(201, ClientBody::Ping { nonce: 2 }));
+        bytes.extend(encoded(
+            202,
+            ClientBody::ResolveUser {
+                username: "n".repeat(40_000),
+            },
+        ));
+        bytes.extend(encoded(203, ClientBody::Ping { nonce: 3 }));
+        let mut rest = bytes.as_slice();
+        for piece in [5, 30, 4_000, 17_000, 19_000] {
+            let (now, later) = rest.split_at(piece.min(rest.len()));
+            conn.send_raw(now).expect("write");
+            rest = later;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        conn.send_raw(rest).expect("write");
+        for request_id in 200..=203 {
+            let frame = conn.expect_frame();
+            assert_eq!(frame.request_id, request_id, "{frame:?}");
+            if request_id == 202 {
+                // Any answer but a framing error: the frame arrived whole.
+                assert!(
+                    !matches!(
+                        frame.body,
+                        ServerBody::Error {
+                            code: ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge,
+                            ..
+                        }
+                    ),
+                    "{frame:?}"
+                );
+            } else {
+                assert!(matches!(frame.body, ServerBody::Pong { .. }), "{frame:?}");
+            }
+        }
+        pair.exchange();
+    }
+}
+
 #[test]
 fn requests_pipelined_behind_login_survive_the_move_to_the_home_shard() {
     let server = TestServer::start();
