@@ -11,9 +11,16 @@
 # the total from the first loss until every session was live again, and
 # failures. See docs/operations.md "Rolling restarts".
 #
+# With SIGNAL=KILL it is the crash test at scale instead: ternd is
+# SIGKILLed (no drain, no hint) RESTARTS times at random moments 1-4 s
+# apart and restarted each time; every message loadgen was told is stored
+# must still arrive exactly once, in order (`--verify` fails the run
+# otherwise), and what was not acknowledged is resent and deduplicated.
+#
 # Usage: bench/rolling-restart.sh [RESULTS_DIR]
 # Environment: SESSIONS (10000), TRICKLE (msgs/s, 200), DURATION (loadgen's
 # window in s, 20; the restart happens HOLD s into it), HOLD (3),
+# SIGNAL (TERM: graceful restart; KILL: crash), RESTARTS (1),
 # RETRY_AFTER_MS (the server's hint, 1000), PROCS (loadgen processes: 1, 2
 # above 9000 sessions), SERVER_CPU (0), CLIENT_CPU (1), PORT (7882).
 set -euo pipefail
@@ -28,6 +35,11 @@ RETRY_AFTER_MS=${RETRY_AFTER_MS:-1000}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PORT=${PORT:-7882}
+SIGNAL=${SIGNAL:-TERM}
+RESTARTS=${RESTARTS:-1}
+case "$SIGNAL" in TERM | KILL) ;; *) echo "SIGNAL must be TERM or KILL" >&2; exit 2 ;; esac
+CRASHES=()
+[[ $SIGNAL == KILL ]] && CRASHES=(--server-crashes)
 if [[ -z "${PROCS:-}" ]]; then
     PROCS=1
     ((SESSIONS > 9000)) && PROCS=2
@@ -83,12 +95,12 @@ start_ternd() { # $1: log suffix; sets SERVER_PID, waits until it listens
 }
 now() { date +%s.%N; }
 
-start_ternd first
+start_ternd 1
 log "ternd on 127.0.0.1:$PORT (pid $SERVER_PID, CPU $SERVER_CPU); loadgen: $SESSIONS sessions, $PROCS procs, CPU $CLIENT_CPU"
 taskset -c "$CLIENT_CPU" "$BIN/loadgen" --server "127.0.0.1:$PORT" --procs "$PROCS" --verify \
     --json "$RESULTS/churn.json" --connected-file "$RESULTS/connected" --duration-secs "$DURATION" \
     --setup-concurrency 32 \
-    churn --connections "$SESSIONS" --percent 0 --trickle-rate "$TRICKLE" \
+    churn --connections "$SESSIONS" --percent 0 --trickle-rate "$TRICKLE" "${CRASHES[@]}" \
     >"$RESULTS/loadgen.out" 2>"$RESULTS/loadgen.err" &
 LOADGEN_PID=$!
 for _ in $(seq 1 6000); do
@@ -102,24 +114,30 @@ done
 log "all sessions connected; restarting in $HOLD s"
 sleep "$HOLD"
 
-t_term=$(now)
-kill -TERM "$SERVER_PID"
-status=0
-wait "$SERVER_PID" || status=$?
-t_exit=$(now)
-SERVER_PID=""
-if ((status != 0)); then
-    log "ternd exited with status $status after SIGTERM; see $RESULTS/ternd-first.err"; exit 1
-fi
-start_ternd second
-t_up=$(now)
-log "$(awk -v a="$t_term" -v b="$t_exit" -v c="$t_up" \
-    'BEGIN { printf "SIGTERM -> exit 0 in %.2f s; start -> listening in %.2f s (down %.2f s)", b-a, c-b, c-a }')"
+for round in $(seq 1 "$RESTARTS"); do
+    if ((round > 1)); then
+        # Crash at a random moment of the load, not on a fixed beat.
+        sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 1 + 3 * r / 32767 }')"
+    fi
+    t_term=$(now)
+    kill "-$SIGNAL" "$SERVER_PID"
+    status=0
+    wait "$SERVER_PID" || status=$?
+    t_exit=$(now)
+    SERVER_PID=""
+    if [[ $SIGNAL == TERM ]] && ((status != 0)); then
+        log "ternd exited with status $status after SIGTERM; see $RESULTS/ternd-$round.err"; exit 1
+    fi
+    start_ternd "$((round + 1))"
+    t_up=$(now)
+    log "$(awk -v a="$t_term" -v b="$t_exit" -v c="$t_up" -v s="$SIGNAL" -v n="$round" \
+        'BEGIN { printf "restart %d: SIG%s -> exited in %.2f s; start -> listening in %.2f s (down %.2f s)", n, s, b-a, c-b, c-a }')"
+done
 
 lg_status=0
 wait "$LOADGEN_PID" || lg_status=$?
 LOADGEN_PID=""
-echo "# rolling restart: $SESSIONS sessions, trickle $TRICKLE msgs/s, hint ${RETRY_AFTER_MS} ms," \
+echo "# rolling restart: $SESSIONS sessions, trickle $TRICKLE msgs/s, hint ${RETRY_AFTER_MS} ms, $RESTARTS x SIG$SIGNAL," \
      "ternd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') (working tree)"
 cat "$RESULTS/loadgen.out"
 echo "# results in $RESULTS (churn.json, loadgen.err, ternd-*.err)"

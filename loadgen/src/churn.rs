@@ -195,6 +195,9 @@ struct Shared {
     reconnects: Cell<u64>,
     failures: Cell<u64>,
     shutdown_disconnects: Cell<u64>,
+    /// Live sessions lost without a `Disconnect` (`--server-crashes`).
+    abrupt_losses: Cell<u64>,
+    server_crashes: bool,
     rng: Cell<u64>,
     max_retries: u32,
 }
@@ -242,6 +245,8 @@ pub async fn run(ctx: Rc<Ctx>, args: ChurnArgs) -> ExecOutcome {
         reconnects: Cell::new(0),
         failures: Cell::new(0),
         shutdown_disconnects: Cell::new(0),
+        abrupt_losses: Cell::new(0),
+        server_crashes: args.server_crashes,
         rng: Cell::new(now_ns() ^ ((global_exec as u64 + 1) << 32) | 1),
         max_retries: args.max_retries,
     });
@@ -389,6 +394,7 @@ pub async fn run(ctx: Rc<Ctx>, args: ChurnArgs) -> ExecOutcome {
             reconnects: shared.reconnects.get(),
             reconnect_failures: shared.failures.get() + still_down,
             shutdown_disconnects: shared.shutdown_disconnects.get(),
+            abrupt_losses: shared.abrupt_losses.get(),
             outage_start_unix_us: shared.first_loss_unix_us.get(),
             outage_end_unix_us: outage_end,
             unacked,
@@ -480,8 +486,13 @@ where
                     }
                     None => {
                         // Losing a connection without being told why is
-                        // a fault even during a restart: ternd says goodbye.
-                        ctx.fail("a live session was lost", &why);
+                        // a fault even during a restart (ternd says
+                        // goodbye), unless the run kills the server.
+                        if shared.server_crashes {
+                            shared.abrupt_losses.set(shared.abrupt_losses.get() + 1);
+                        } else {
+                            ctx.fail("a live session was lost", &why);
+                        }
                         shared.jitter(LOSS_JITTER)
                     }
                 };
@@ -756,6 +767,8 @@ mod tests {
             reconnects: Cell::new(0),
             failures: Cell::new(0),
             shutdown_disconnects: Cell::new(0),
+            abrupt_losses: Cell::new(0),
+            server_crashes: false,
             rng: Cell::new(0x9e37_79b9_7f4a_7c15),
             max_retries: 10,
         }

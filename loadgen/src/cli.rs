@@ -241,6 +241,11 @@ pub struct ChurnArgs {
     /// Message body size in bytes (at least 20).
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// The server will be killed during the run (a crash test): a live
+    /// session lost without a `Disconnect` is expected, counted and
+    /// resumed, not an error. Without it, ternd must say goodbye.
+    #[arg(long)]
+    pub server_crashes: bool,
 }
 
 #[derive(Args, Debug, Clone)]

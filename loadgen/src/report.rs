@@ -111,6 +111,10 @@ pub struct RunResult {
     /// the server by `client_msg_id`).
     #[serde(default)]
     pub shutdown_disconnects: u64,
+    /// `churn --server-crashes`: live sessions lost without a `Disconnect`
+    /// (the server was killed), resumed like the others.
+    #[serde(default)]
+    pub abrupt_losses: u64,
     #[serde(default)]
     pub outage_start_unix_us: Option<u64>,
     #[serde(default)]
@@ -180,6 +184,7 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.target_send_per_s += part.target_send_per_s;
         out.offline_synced += part.offline_synced;
         out.shutdown_disconnects += part.shutdown_disconnects;
+        out.abrupt_losses += part.abrupt_losses;
         out.unacked += part.unacked;
         out.resent += part.resent;
         if let Some(start) = part.outage_start_unix_us {
@@ -266,8 +271,8 @@ pub fn summary(r: &RunResult) -> String {
                 |s| format!("all sessions live again {s:.2} s after the first loss"),
             );
             s.push_str(&format!(
-                "  restart      {} ShuttingDown disconnects; {recovery}; {} sends resent, {} unacknowledged\n",
-                r.shutdown_disconnects, r.resent, r.unacked
+                "  restart      {} ShuttingDown disconnects, {} lost without one; {recovery}; {} sends resent, {} unacknowledged\n",
+                r.shutdown_disconnects, r.abrupt_losses, r.resent, r.unacked
             ));
         }
     }

@@ -123,6 +123,8 @@ pub struct ExecOutcome {
     /// again (unix µs; `None`: no loss, or not all came back); trickle
     /// messages never acknowledged.
     pub shutdown_disconnects: u64,
+    /// `churn --server-crashes`: live sessions lost without a `Disconnect`.
+    pub abrupt_losses: u64,
     pub outage_start_unix_us: Option<u64>,
     pub outage_end_unix_us: Option<u64>,
     pub unacked: u64,
@@ -150,6 +152,7 @@ impl ExecOutcome {
             target_send_per_s: 0.0,
             synced: 0,
             shutdown_disconnects: 0,
+            abrupt_losses: 0,
             outage_start_unix_us: None,
             outage_end_unix_us: None,
             unacked: 0,

@@ -399,6 +399,7 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.target_send_per_s += o.target_send_per_s;
         r.offline_synced += o.synced;
         r.shutdown_disconnects += o.shutdown_disconnects;
+        r.abrupt_losses += o.abrupt_losses;
         r.unacked += o.unacked;
         r.resent += o.resent;
         if let Some(start) = o.outage_start_unix_us {
