@@ -143,6 +143,9 @@ for target in "${TARGETS[@]}"; do
     loadgen "$target" pairs-w64 pairs --pairs 100 --window 64 --payload-bytes 64
     loadgen "$target" pairs-w1 pairs --pairs 100 --window 1 --payload-bytes 64
     loadgen "$target" groups groups --groups 1 --members 1000 --rate 1000 --payload-bytes 64
+    # 10,000 members: 10 msgs/s is already 100,000 deliveries/s to 10,000
+    # sockets, each delivery its own send (no batching at this rate).
+    loadgen "$target" groups-10k groups --groups 1 --members 10000 --rate 10 --payload-bytes 64
     stop_server
 done
 
@@ -178,6 +181,9 @@ rows = [
     ("fan-out deliveries (1 x 1000 members, 1000 msgs/s)", "groups", lambda r: r["msgs_per_s"], "deliv/s", True),
     ("fan-out p99", "groups", lambda r: r["latency_us"]["p99"] / 1000, "ms", False),
     ("fan-out delivered in drain", "groups", lambda r: 100.0 * (r["messages"] - r["duplicated"]) / max(1, r["sent"] * 999), "%", True),
+    ("fan-out deliveries (1 x 10,000 members, 10 msgs/s)", "groups-10k", lambda r: r["msgs_per_s"], "deliv/s", True),
+    ("fan-out p99 (10,000 members)", "groups-10k", lambda r: r["latency_us"]["p99"] / 1000, "ms", False),
+    ("fan-out delivered in drain (10,000 members)", "groups-10k", lambda r: 100.0 * (r["messages"] - r["duplicated"]) / max(1, r["sent"] * 9999), "%", True),
 ]
 
 def fmt(v):
@@ -207,7 +213,7 @@ for label, name, get, unit, _ in rows:
 print()
 problems = []
 for t in targets:
-    for name in ["connect", "pairs-w64", "pairs-w1", "groups"]:
+    for name in ["connect", "pairs-w64", "pairs-w1", "groups", "groups-10k"]:
         r = load(t, name)
         if r is None:
             problems.append(f"{t} {name}: no result")
