@@ -227,6 +227,7 @@ impl Outbox {
 
     /// Waits for queued bytes and swaps them into `out` (which must be
     /// empty). Returns `false` once the queue is closing and drained.
+    /// While it waits, neither the queue nor `out` keeps any capacity.
     pub async fn next_batch(&self, out: &mut AlignedVec) -> bool {
         debug_assert!(out.is_empty());
         poll_fn(|cx| {
@@ -248,9 +249,13 @@ impl Outbox {
                 return Poll::Ready(false);
             }
             // Going idle: an empty buffer is not worth its capacity on
-            // every quiet connection.
+            // every quiet connection, and neither is the writer's batch
+            // buffer, which holds the last batch's capacity once written.
             if inner.pending.capacity() > 0 {
                 inner.pending = AlignedVec::new();
+            }
+            if out.capacity() > 0 {
+                *out = AlignedVec::new();
             }
             inner.waker = Some(cx.waker().clone());
             Poll::Pending
@@ -369,5 +374,20 @@ mod tests {
         ));
         out.clear();
         assert!(!futures_lite::future::block_on(outbox.next_batch(&mut out)));
+    }
+
+    #[test]
+    fn an_idle_queue_and_its_writer_hold_no_buffer() {
+        let outbox = Outbox::new(1 << 16, 1 << 16);
+        outbox.push(&pong(1)).unwrap();
+        let mut out = AlignedVec::new();
+        assert!(futures_lite::future::block_on(outbox.next_batch(&mut out)));
+        out.clear();
+        assert!(out.capacity() > 0);
+        let waiting =
+            futures_lite::future::block_on(futures_lite::future::poll_once(outbox.next_batch(&mut out)));
+        assert_eq!(waiting, None);
+        assert_eq!(out.capacity(), 0);
+        assert_eq!(outbox.inner.borrow().pending.capacity(), 0);
     }
 }
