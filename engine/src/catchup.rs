@@ -67,10 +67,19 @@ pub async fn sync(
         *floor = (*floor).max(cursor.seq);
     }
     let pace = outbox.limit_bytes() / 2;
+    // The first inbox page and the user's groups in one store call: each
+    // hand-off to the blocking pool costs the shard two context switches,
+    // and most syncs (a resume with nothing new) need nothing more.
+    let page = shard.config.sync_page;
+    let (first_page, groups) = shard
+        .blocking(move |store| Ok((store.inbox_after(user, None, page)?, store.user_groups(user)?)))
+        .await
+        .map_err(SyncError::Store)?;
+    let (mut first_page, mut groups) = (Some(first_page), Some(groups));
     let mut streamed = 0;
     for _ in 0..SYNC_PASSES_MAX {
-        streamed += stream_inbox(shard, user, outbox, pace, &mut floors).await?;
-        streamed += stream_groups(shard, user, outbox, pace, &mut floors).await?;
+        streamed += stream_inbox(shard, user, outbox, pace, &mut floors, first_page.take()).await?;
+        streamed += stream_groups(shard, user, outbox, pace, &mut floors, groups.take()).await?;
         loop {
             let (held, overflowed) = shard.take_held(key);
             if overflowed {
@@ -115,21 +124,27 @@ async fn send_if_new(
     Ok(true)
 }
 
+/// Streams the user's inbox; `first_page`, when given, is its first page
+/// (`inbox_after(user, None, sync_page)`) already read.
 async fn stream_inbox(
     shard: &Rc<Shard>,
     user: UserId,
     outbox: &Outbox,
     pace: usize,
     floors: &mut Floors,
+    mut first_page: Option<Vec<StoredFrame>>,
 ) -> Result<u64, SyncError> {
     let page = shard.config.sync_page;
     let mut after: Option<(ConvId, u64)> = None;
     let mut streamed = 0;
     loop {
-        let entries = shard
-            .blocking(move |store| store.inbox_after(user, after, page))
-            .await
-            .map_err(SyncError::Store)?;
+        let entries = match first_page.take() {
+            Some(entries) => entries,
+            None => shard
+                .blocking(move |store| store.inbox_after(user, after, page))
+                .await
+                .map_err(SyncError::Store)?,
+        };
         for entry in &entries {
             if let ConvId::Group { .. } = entry.conv {
                 // A group that was above the write-diffusion threshold for a
@@ -208,18 +223,23 @@ async fn stream_history(
 
 /// Sends, for each of the user's groups, its history after the user's
 /// cursor: all of it for read-diffused groups, and whatever the inbox did
-/// not hold for the others.
+/// not hold for the others. `groups`, when given, is the user's group list
+/// already read.
 async fn stream_groups(
     shard: &Rc<Shard>,
     user: UserId,
     outbox: &Outbox,
     pace: usize,
     floors: &mut Floors,
+    groups: Option<Vec<tern_proto::GroupId>>,
 ) -> Result<u64, SyncError> {
-    let groups = shard
-        .blocking(move |store| store.user_groups(user))
-        .await
-        .map_err(SyncError::Store)?;
+    let groups = match groups {
+        Some(groups) => groups,
+        None => shard
+            .blocking(move |store| store.user_groups(user))
+            .await
+            .map_err(SyncError::Store)?,
+    };
     let mut streamed = 0;
     for group in groups {
         let conv = ConvId::Group { group };
