@@ -277,8 +277,9 @@ pub struct PairsArgs {
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
     /// Open loop: messages per second per pair, latency from the intended
-    /// send time. The window still caps what is in flight; waiting on it
-    /// shows up as latency.
+    /// send time. Pairs are spread evenly over one period (not all due at
+    /// once). The window still caps what is in flight; waiting on it shows
+    /// up as latency.
     #[arg(long)]
     pub rate: Option<f64>,
 }

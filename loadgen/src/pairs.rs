@@ -4,8 +4,10 @@
 //! connection, both on the same executor so the window (messages sent but
 //! not yet delivered) is a plain local semaphore. Closed loop (default):
 //! the sender keeps `--window` messages in flight and batches whatever the
-//! window allows into one write. Open loop (`--rate`): message k is due at
-//! start + k/rate and carries that intended time, so when the server (or
+//! window allows into one write. Open loop (`--rate`): message k of pair p
+//! is due at start + (k + p/P)/rate — the P pairs of an executor are spread
+//! evenly over one period, as independent clients would be, instead of all
+//! sending at the same instant — and carries that intended time, so when the server (or
 //! the window) holds the sender back the wait counts as latency — no
 //! coordinated omission. Receivers check the sender and the order of every
 //! message; anything unexpected is an error.
@@ -94,12 +96,16 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
+    let spread = pairs_up.len().max(1) as u64;
     let senders: Vec<_> = pairs_up
         .iter()
-        .map(|pair| {
+        .enumerate()
+        .map(|(p, pair)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
+            // Open loop: pair p starts p/P of a period late (see the module doc).
+            let phase_ns = args.rate.map_or(0, |r| (1e9 / r) as u64 * p as u64 / spread);
             glommio::spawn_local(async move {
-                let result = send_loop(&pair, &args, start_ns, end_ns).await;
+                let result = send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
                 pair.sender_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
