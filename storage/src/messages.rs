@@ -152,17 +152,11 @@ impl Inner {
                     codec::history_key(m.conv, m.seq),
                     codec::encode_history(m.from, m.client_msg_id, m.timestamp_ms, &m.frame),
                 );
-                let targets = m.inbox.as_slice();
-                if let Some((first, rest)) = targets.split_first() {
-                    // A reference to the history record, not a copy of
-                    // the frame: the frame is written once per message.
-                    let value = codec::encode_inbox(m.timestamp_ms);
-                    for &user in rest {
-                        staged.inbox.insert(codec::inbox_key(user, m.conv, m.seq), value);
-                    }
-                    staged
-                        .inbox
-                        .insert(codec::inbox_key(*first, m.conv, m.seq), value);
+                // A reference to the history record, not a copy of the
+                // frame: the frame is written once per message.
+                let value = codec::encode_inbox(m.timestamp_ms);
+                for &user in m.inbox.as_slice() {
+                    staged.inbox.insert(codec::inbox_key(user, m.conv, m.seq), value);
                 }
                 // A conversation's first message (seq 1) indexes it: every
                 // later message would only rewrite the same two keys, which
