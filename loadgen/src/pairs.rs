@@ -25,8 +25,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    frame_failure, keep_alive, message_body, now_ns, open_session, parse_message_body, read_frames,
-    sleep_until_ns, Writer,
+    frame_failure, keep_alive, message_body, now_ns, open_loop_phase_ns, open_session, parse_message_body,
+    read_frames, sleep_until_ns, Writer,
 };
 use crate::worker::{for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -96,14 +96,12 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
-    let spread = pairs_up.len().max(1) as u64;
     let senders: Vec<_> = pairs_up
         .iter()
         .enumerate()
         .map(|(p, pair)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
-            // Open loop: pair p starts p/P of a period late (see the module doc).
-            let phase_ns = args.rate.map_or(0, |r| (1e9 / r) as u64 * p as u64 / spread);
+            let phase_ns = open_loop_phase_ns(args.rate, p, pairs_up.len());
             glommio::spawn_local(async move {
                 let result = send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
                 pair.sender_done.set(true);

@@ -22,7 +22,7 @@ use crate::cli::{ConnectArgs, GroupsArgs, PairsArgs, Protocol};
 use crate::peer::{read_deliveries, subject, PeerConn, PeerWriter};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::verify::{StreamCheck, Verdict};
-use crate::wire::{message_body, now_ns, parse_message_body, sleep_until_ns, WireError};
+use crate::wire::{message_body, now_ns, open_loop_phase_ns, parse_message_body, sleep_until_ns, WireError};
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
 fn proto(ctx: &Ctx) -> Protocol {
@@ -254,10 +254,13 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     deadline.set(end_ns);
     let senders: Vec<_> = up
         .iter()
-        .map(|pair| {
+        .enumerate()
+        .map(|(p, pair)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
+            // The same spread as Tern's pairs, so both are measured alike.
+            let phase_ns = open_loop_phase_ns(args.rate, p, up.len());
             glommio::spawn_local(async move {
-                let result = pair_send_loop(&pair, &args, start_ns, end_ns).await;
+                let result = pair_send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
                 pair.sender_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {

@@ -79,6 +79,14 @@ pub async fn sleep_until_ns(at_ns: u64) {
     }
 }
 
+/// How late pair `index` of `count` starts an open loop at `rate`
+/// messages/s: the pairs are spread evenly over one period, as independent
+/// clients would be, instead of all sending at the same instant (which
+/// measures that burst, not the latency). Closed loop (`None`): 0.
+pub fn open_loop_phase_ns(rate: Option<f64>, index: usize, count: usize) -> u64 {
+    rate.map_or(0, |r| (1e9 / r) as u64 * index as u64 / count.max(1) as u64)
+}
+
 const BODY_MAGIC: [u8; 4] = *b"lg01";
 
 /// A message body: magic, intended send time (ns, process clock), sequence
@@ -475,6 +483,15 @@ pub fn frame_failure(frame: &ArchivedServerFrame) -> Option<WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_loop_pairs_are_spread_over_one_period() {
+        // 100 msgs/s: a 10 ms period, four pairs 2.5 ms apart.
+        let phases: Vec<_> = (0..4).map(|p| open_loop_phase_ns(Some(100.0), p, 4)).collect();
+        assert_eq!(phases, vec![0, 2_500_000, 5_000_000, 7_500_000]);
+        assert_eq!(open_loop_phase_ns(None, 3, 4), 0);
+        assert_eq!(open_loop_phase_ns(Some(100.0), 0, 0), 0);
+    }
 
     #[test]
     fn message_bodies_roundtrip() {
