@@ -20,12 +20,26 @@ pub struct DetachedSocket {
     fd: OwnedFd,
 }
 
+impl AsRawFd for DetachedSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 /// Detaches `stream` from its executor.
 pub fn detach(stream: TcpStream) -> io::Result<DetachedSocket> {
+    try_detach(stream).map_err(|(error, _)| error)
+}
+
+/// Detaches `stream` from its executor, or gives it back untouched if the
+/// descriptor cannot be duplicated (the process is out of descriptors).
+// The error hands the stream back whole; it is rare and moved once.
+#[allow(clippy::result_large_err)]
+pub fn try_detach(stream: TcpStream) -> Result<DetachedSocket, (io::Error, TcpStream)> {
     // SAFETY: `dup` has no memory-safety preconditions; the result is checked.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err((io::Error::last_os_error(), stream));
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };

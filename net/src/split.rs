@@ -40,6 +40,26 @@ impl<S> ReadHalf<S> {
     pub fn with_stream<R>(&self, f: impl FnOnce(&S) -> R) -> R {
         f(&self.stream.borrow())
     }
+
+    /// Puts the halves of one stream back together, so that it can be
+    /// detached (an idle session parking). Gives both halves back if they
+    /// come from different streams.
+    pub fn reunite(self, write: WriteHalf<S>) -> Result<S, (ReadHalf<S>, WriteHalf<S>)> {
+        if !Rc::ptr_eq(&self.stream, &write.stream) {
+            return Err((self, write));
+        }
+        drop(write);
+        match Rc::try_unwrap(self.stream) {
+            Ok(cell) => Ok(cell.into_inner()),
+            // Unreachable: only the two halves ever hold the stream.
+            Err(stream) => Err((
+                ReadHalf {
+                    stream: stream.clone(),
+                },
+                WriteHalf { stream },
+            )),
+        }
+    }
 }
 
 impl<S> WriteHalf<S> {
@@ -66,5 +86,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteHalf<S> {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.stream.borrow_mut()).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halves_of_one_stream_reunite_and_strangers_do_not() {
+        let (read, write) = split(futures_lite::io::Cursor::new(vec![1u8, 2, 3]));
+        let stream = read.reunite(write).ok().map(|cursor| cursor.into_inner());
+        assert_eq!(stream, Some(vec![1, 2, 3]));
+
+        let (read_a, _write_a) = split(futures_lite::io::Cursor::new(vec![1u8]));
+        let (_read_b, write_b) = split(futures_lite::io::Cursor::new(vec![2u8]));
+        assert!(read_a.reunite(write_b).is_err());
     }
 }

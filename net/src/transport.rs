@@ -3,7 +3,8 @@
 //! The engine serves both listeners with the same code, so it works on a
 //! [`Transport`], which forwards reads and writes to whichever stream it
 //! holds. [`Transport::into_parts`] and [`Transport::from_parts`] take a
-//! connection apart for the move to its user's home shard: the TCP socket
+//! connection apart for the move to its user's home shard (or for an idle
+//! session to park outside the executor): the TCP socket
 //! travels as a descriptor ([`crate::handoff`]) and a TLS session travels
 //! with it, keyed and with any plaintext it had already decrypted.
 
@@ -48,17 +49,32 @@ impl Transport {
     /// Takes the connection apart to move it to another executor. No read
     /// or write may be in flight.
     pub fn into_parts(self) -> io::Result<DetachedTransport> {
+        self.try_into_parts().map_err(|(error, _)| error)
+    }
+
+    /// Like [`Transport::into_parts`], but gives the connection back intact
+    /// when it cannot be taken apart (out of descriptors), so that it can
+    /// go on where it is.
+    // The error hands the stream back whole; it is rare and moved once.
+    #[allow(clippy::result_large_err)]
+    pub fn try_into_parts(self) -> Result<DetachedTransport, (io::Error, Transport)> {
         match self {
-            Transport::Plain(tcp) => Ok(DetachedTransport {
-                socket: handoff::detach(tcp)?,
-                tls: None,
-            }),
+            Transport::Plain(tcp) => match handoff::try_detach(tcp) {
+                Ok(socket) => Ok(DetachedTransport { socket, tls: None }),
+                Err((error, tcp)) => Err((error, Transport::Plain(tcp))),
+            },
             Transport::Tls(tls) => {
                 let (tcp, session) = tls.into_parts();
-                Ok(DetachedTransport {
-                    socket: handoff::detach(tcp)?,
-                    tls: Some(session),
-                })
+                match handoff::try_detach(tcp) {
+                    Ok(socket) => Ok(DetachedTransport {
+                        socket,
+                        tls: Some(session),
+                    }),
+                    Err((error, tcp)) => Err((
+                        error,
+                        Transport::Tls(Box::new(TlsStream::from_parts(tcp, session))),
+                    )),
+                }
             }
         }
     }
