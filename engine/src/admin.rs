@@ -40,6 +40,7 @@ const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const STATS_METRICS: &[&str] = &[
     "tern_connections_open",
     "tern_sessions_open",
+    "tern_sessions_parked",
     "tern_messages_sent_total",
     "tern_messages_delivered_total",
     "tern_messages_stored_total",

@@ -39,6 +39,11 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// A session that sends nothing for this long parks: its tasks,
+    /// buffers and pending read are released until it sends, or is sent,
+    /// something (see [`crate::park`]). Zero never parks; so does any
+    /// value not below `idle_timeout`.
+    pub park_after: Duration,
     /// A write that cannot progress for this long closes the connection.
     pub write_timeout: Duration,
     /// Bytes of encoded frames a connection may have queued for sending
@@ -252,6 +257,7 @@ impl Default for Config {
             max_frame_bytes: tern_proto::limits::DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(60),
+            park_after: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             outbound_queue_bytes: 1 << 20,
             cross_shard_queue_depth: 4096,
@@ -292,6 +298,11 @@ impl Config {
             },
             ..Config::default()
         }
+    }
+
+    /// Whether idle sessions park, and after how long.
+    pub fn parks_after(&self) -> Option<Duration> {
+        (!self.park_after.is_zero() && self.park_after < self.idle_timeout).then_some(self.park_after)
     }
 
     /// Checks values that would make the server misbehave.

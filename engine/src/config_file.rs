@@ -302,6 +302,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.idle_timeout.as_millis().to_string(),
     },
     Key {
+        name: "park_after_ms",
+        help: "A session silent this long parks, releasing its tasks and buffers until it is active again (0: never), in ms",
+        apply: |s, v| set(&mut s.config.park_after, expected_ms(v, 0, DAY_MS)),
+        show: |s| s.config.park_after.as_millis().to_string(),
+    },
+    Key {
         name: "write_timeout_ms",
         help: "A write that cannot progress for this long closes the connection, in ms",
         apply: |s, v| set(&mut s.config.write_timeout, expected_ms(v, 1, DAY_MS)),

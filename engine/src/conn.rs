@@ -18,7 +18,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +29,10 @@ use glommio::net::TcpStream;
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tern_net::frame_io::{fill_shared, write_batch, Filled, ReadError};
+use tern_net::handoff::DetachedSocket;
 use tern_net::split::{split, ReadHalf, WriteHalf};
 use tern_net::tls::{self, rustls::ServerConfig};
-use tern_net::transport::Transport;
+use tern_net::transport::{DetachedTransport, Transport};
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
     decode_client, encode_server, limits::TOKEN_LEN, ArchivedClientBody, Content, ContentKind, ConvId,
@@ -40,10 +41,11 @@ use tern_proto::{
 };
 
 use crate::catchup::{self, SyncError};
+use crate::config::Config;
 use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Request};
-use crate::outbox::Outbox;
+use crate::outbox::{Next, Outbox};
 use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
 
 /// What the pre-login loop must do after parsing a frame.
@@ -558,20 +560,12 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
     start_session(shard, stream, buf, login, guards);
 }
 
-/// Runs an authenticated session on its user's home shard.
-/// Registers an authenticated session on its user's home shard and starts
-/// its reader and writer tasks. Synchronous setup, then small tasks: the
-/// reader's future is what every idle connection keeps, so it holds only
-/// the session's state.
+/// Registers an authenticated session on its user's home shard, queues
+/// its `LoggedIn` and starts it (see [`run_session`]).
 fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: LoggedIn, guards: Guards) {
     let config = shard.config.clone();
     let user = login.user;
-    let outbox = Rc::new(Outbox::with_metrics(
-        config.outbound_queue_bytes,
-        config.max_frame_bytes,
-        shard.metrics().clone(),
-        shard.index,
-    ));
+    let outbox = new_outbox(&shard);
     let fd = stream.as_raw_fd();
     let (key, first_session) = match shard.add_conn(user, fd, outbox.clone()) {
         Ok(added) => added,
@@ -603,8 +597,6 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
     if first_session {
         glommio::spawn_local(shard.clone().announce_presence(user, true)).detach();
     }
-    let (reader, writer) = split(stream);
-    let writer = glommio::spawn_local(write_loop(writer, outbox.clone()));
     let idle_ms = config.idle_timeout.as_millis() as u64;
     let session = Session::authenticated(user, now_ms(), idle_ms, config.max_message_bytes);
     let conn = Conn {
@@ -618,10 +610,55 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         limiter: ConnLimiter::new(&config.limits, peer),
         filter: FilterCache::default(),
     };
+    run_session(conn, stream, buf, guards);
+}
+
+/// A session's outbound queue, counting into `shard`'s metrics.
+pub fn new_outbox(shard: &Shard) -> Rc<Outbox> {
+    Rc::new(Outbox::with_metrics(
+        shard.config.outbound_queue_bytes,
+        shard.config.max_frame_bytes,
+        shard.metrics().clone(),
+        shard.index,
+    ))
+}
+
+/// Starts a session's reader and writer tasks. Synchronous setup, then
+/// small tasks: the reader's future is what an idle connection keeps until
+/// it parks, so it holds only the session's state.
+fn run_session(conn: Conn, stream: Transport, buf: FrameBuf, guards: Guards) {
+    let config = &conn.shard.config;
+    let _ = stream.tcp().set_write_timeout(Some(config.write_timeout));
+    let _ = stream.tcp().set_read_timeout(Some(session_read_timeout(
+        config,
+        conn.session.idle_deadline_ms(),
+    )));
+    let (reader, writer) = split(stream);
+    let writer = glommio::spawn_local(write_loop(writer, conn.outbox.clone()));
     glommio::spawn_local(serve_session(conn, reader, buf, writer, guards)).detach();
 }
 
-/// Reads and serves a session's frames until it closes, then cleans up.
+/// How long a session's read may wait: until the session should park if
+/// sessions park, and never past its idle deadline.
+fn session_read_timeout(config: &Config, idle_deadline_ms: u64) -> Duration {
+    let idle_left = Duration::from_millis(idle_deadline_ms.saturating_sub(now_ms()));
+    let wait = config.parks_after().map_or(idle_left, |park| park.min(idle_left));
+    // A zero timeout would mean none at all.
+    wait.max(Duration::from_millis(1))
+}
+
+/// Why a session's read loop returned.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadEnd {
+    /// The connection is closing.
+    Closed,
+    /// Nothing arrived within the read timeout, short of the idle timeout:
+    /// the session may park.
+    Quiet,
+}
+
+/// Reads and serves a session's frames until it closes or parks, then
+/// cleans up if it closed.
 ///
 /// Not an `async fn`: that would move its arguments into locals, and a
 /// future keeps room for both the arguments and the locals. The block
@@ -631,13 +668,50 @@ fn serve_session(
     mut conn: Conn,
     mut reader: ReadHalf<Transport>,
     mut buf: FrameBuf,
-    writer: glommio::Task<()>,
-    guards: Guards,
+    writer: glommio::Task<Option<WriteHalf<Transport>>>,
+    mut guards: Guards,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        conn.read_loop(&mut reader, &mut buf).await;
+        let mut writer = Some(writer);
+        while conn.read_loop(&mut reader, &mut buf).await == ReadEnd::Quiet {
+            let may_park = buf.buffered() == 0 && conn.shard.park_set().is_some();
+            if !may_park || !conn.outbox.request_park() {
+                conn.keep_reading(&reader);
+                continue;
+            }
+            // The writer stops once the queue is drained; if it closed the
+            // connection instead (a write failed, or a kick), so do we.
+            let Some(task) = writer.take() else { break };
+            let Some(write_half) = task.await else { break };
+            let (stream, parked) = match reader.reunite(write_half) {
+                // Something was queued while the writer stopped: stay live.
+                Ok(stream) if !conn.outbox.is_idle() => (stream, false),
+                Ok(stream) => match park(conn, stream, guards) {
+                    Ok(()) => return,
+                    Err((back, stream, back_guards)) => {
+                        (conn, guards) = (back, back_guards);
+                        (stream, true)
+                    }
+                },
+                // Unreachable: both halves come from one split.
+                Err((read_half, write_half)) => {
+                    reader = read_half;
+                    writer = Some(glommio::spawn_local(write_loop(write_half, conn.outbox.clone())));
+                    conn.outbox.cancel_park();
+                    continue;
+                }
+            };
+            tracing::trace!(user = conn.user, tried = parked, "session stays live");
+            conn.outbox.cancel_park();
+            let (read_half, write_half) = split(stream);
+            reader = read_half;
+            writer = Some(glommio::spawn_local(write_loop(write_half, conn.outbox.clone())));
+            conn.keep_reading(&reader);
+        }
         conn.outbox.close();
-        writer.await;
+        if let Some(writer) = writer {
+            writer.await;
+        }
         let last_session = conn.shard.remove_conn(conn.key);
         conn.shard.m().session_closed();
         tracing::debug!(user = conn.user, shard = conn.shard.index, "session closed");
@@ -648,11 +722,20 @@ fn serve_session(
     }
 }
 
-/// Writes whatever the outbox holds, batch by batch, then shuts the socket
-/// down so that the reader stops too.
-async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(mut writer: WriteHalf<S>, outbox: Rc<Outbox>) {
+/// Writes whatever the outbox holds, batch by batch. When the outbox
+/// closes, shuts the socket down (so that the reader stops too) and returns
+/// `None`; when its session parks, returns its half of the socket intact.
+async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(
+    mut writer: WriteHalf<S>,
+    outbox: Rc<Outbox>,
+) -> Option<WriteHalf<S>> {
     let mut batch = AlignedVec::new();
-    while outbox.next_batch(&mut batch).await {
+    loop {
+        match outbox.next_batch(&mut batch).await {
+            Next::Write => {}
+            Next::Park => return Some(writer),
+            Next::Closed => break,
+        }
         if write_batch(&mut writer, &batch).await.is_err() {
             outbox.close();
             break;
@@ -669,6 +752,131 @@ async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(mut writer: WriteHalf<S>, o
     // SAFETY: shutdown has no memory effects; the descriptor is still owned
     // by the stream, which outlives this call.
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    None
+}
+
+/// A session parked while idle (see [`crate::park`]): everything it needs
+/// to resume, held in its shard's connection table instead of in tasks.
+pub struct Parked {
+    shard: Rc<Shard>,
+    socket: ParkedSocket,
+    user: UserId,
+    token: [u8; TOKEN_LEN],
+    peer: Option<IpAddr>,
+    key: ConnKey,
+    session: Session,
+    limiter: ConnLimiter,
+    filter: FilterCache,
+    guards: Guards,
+}
+
+/// A parked session's socket. TLS state is large and boxed, so that plain
+/// connections do not reserve room for it.
+enum ParkedSocket {
+    Plain(DetachedSocket),
+    Tls(Box<DetachedTransport>),
+}
+
+impl Parked {
+    /// The shard the session belongs to.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// When the session passes its idle timeout.
+    pub fn idle_deadline_ms(&self) -> u64 {
+        self.session.idle_deadline_ms()
+    }
+
+    fn fd(&self) -> RawFd {
+        match &self.socket {
+            ParkedSocket::Plain(socket) => socket.as_raw_fd(),
+            ParkedSocket::Tls(parts) => parts.socket.as_raw_fd(),
+        }
+    }
+
+    /// Back on this executor, as a live session's parts.
+    fn into_live(self, outbox: Rc<Outbox>) -> (Conn, Transport, Guards) {
+        let parts = match self.socket {
+            ParkedSocket::Plain(socket) => DetachedTransport { socket, tls: None },
+            ParkedSocket::Tls(parts) => *parts,
+        };
+        let conn = Conn {
+            shard: self.shard,
+            user: self.user,
+            token: self.token,
+            peer: self.peer,
+            key: self.key,
+            outbox,
+            session: self.session,
+            limiter: self.limiter,
+            filter: self.filter,
+        };
+        (conn, Transport::from_parts(parts), self.guards)
+    }
+}
+
+/// Parks a quiet session, whose writer has stopped: its socket leaves
+/// glommio for the shard's epoll set and its state waits in the shard's
+/// connection table, so no task, buffer or pending read is left. Gives
+/// everything back if the session cannot park.
+// The error hands the live session back; it is consumed at once, never
+// held across an await, so it adds nothing to the session future.
+#[allow(clippy::result_large_err)]
+fn park(conn: Conn, stream: Transport, guards: Guards) -> Result<(), (Conn, Transport, Guards)> {
+    let parts = match stream.try_into_parts() {
+        Ok(parts) => parts,
+        Err((e, stream)) => {
+            tracing::debug!(error = %e, "cannot detach a session's socket to park it");
+            return Err((conn, stream, guards));
+        }
+    };
+    let socket = match parts.tls {
+        None => ParkedSocket::Plain(parts.socket),
+        Some(tls) => ParkedSocket::Tls(Box::new(DetachedTransport {
+            socket: parts.socket,
+            tls: Some(tls),
+        })),
+    };
+    let Conn {
+        shard,
+        user,
+        token,
+        peer,
+        key,
+        outbox,
+        session,
+        limiter,
+        filter,
+    } = conn;
+    let parked = Box::new(Parked {
+        shard: shard.clone(),
+        socket,
+        user,
+        token,
+        peer,
+        key,
+        session,
+        limiter,
+        filter,
+        guards,
+    });
+    let fd = parked.fd();
+    shard
+        .park(key, fd, parked)
+        .map_err(|parked| parked.into_live(outbox))
+}
+
+/// Resumes a parked session with the outbox its shard entry now holds:
+/// its tasks start again and read whatever woke it.
+pub fn resume(parked: Parked, outbox: Rc<Outbox>) {
+    if let Some(set) = parked.shard.park_set() {
+        set.unwatch(parked.fd());
+    }
+    parked.shard.m().session_resumed();
+    let max_frame_bytes = parked.shard.config.max_frame_bytes;
+    let (conn, stream, guards) = parked.into_live(outbox);
+    run_session(conn, stream, FrameBuf::new(max_frame_bytes), guards);
 }
 
 /// The reading side of an authenticated session.
@@ -686,7 +894,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn read_loop(&mut self, reader: &mut ReadHalf<Transport>, buf: &mut FrameBuf) {
+    async fn read_loop(&mut self, reader: &mut ReadHalf<Transport>, buf: &mut FrameBuf) -> ReadEnd {
         loop {
             loop {
                 let body = match buf.next_body() {
@@ -695,11 +903,17 @@ impl Conn {
                         body
                     }
                     Ok(None) => break,
-                    Err(e) => return self.close_with(&frame_error_reply(&e)),
+                    Err(e) => {
+                        self.close_with(&frame_error_reply(&e));
+                        return ReadEnd::Closed;
+                    }
                 };
                 let frame = match decode_client(body) {
                     Ok(frame) => frame,
-                    Err(e) => return self.close_with(&frame_error_reply(&e)),
+                    Err(e) => {
+                        self.close_with(&frame_error_reply(&e));
+                        return ReadEnd::Closed;
+                    }
                 };
                 let request_id = frame.request_id.to_native();
                 let is_message = matches!(
@@ -714,13 +928,15 @@ impl Conn {
                     }
                     Some(_) => {
                         let message = "too many requests past the rate limit";
-                        return self.outbox.finish(ErrorCode::RateLimited, message, 1000);
+                        self.outbox.finish(ErrorCode::RateLimited, message, 1000);
+                        return ReadEnd::Closed;
                     }
                 }
                 if let Err(refusal) = self.session.admit(now_ms(), &frame.body) {
                     let reply = error(request_id, &refusal);
                     if refusal.close {
-                        return self.close_with(&reply);
+                        self.close_with(&reply);
+                        return ReadEnd::Closed;
                     }
                     self.push(&reply);
                     continue;
@@ -729,25 +945,38 @@ impl Conn {
                 // connection keeps, holds no room for a request in flight.
                 Box::pin(self.dispatch(request_id, &frame.body)).await;
                 if self.outbox.is_closing() {
-                    return;
+                    return ReadEnd::Closed;
                 }
             }
             match fill_shared(reader, buf).await {
                 Ok(Filled::Bytes(_)) => {}
-                Ok(Filled::Eof) => return,
-                Err(ReadError::Frame(e)) => return self.close_with(&frame_error_reply(&e)),
-                Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                    self.shard.m().idle_timeout();
-                    return self
-                        .outbox
-                        .finish(ErrorCode::IdleTimeout, "no frame within the idle timeout", 0);
+                Ok(Filled::Eof) => return ReadEnd::Closed,
+                Err(ReadError::Frame(e)) => {
+                    self.close_with(&frame_error_reply(&e));
+                    return ReadEnd::Closed;
                 }
-                Err(_) => return,
+                Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    if now_ms() < self.session.idle_deadline_ms() {
+                        return ReadEnd::Quiet;
+                    }
+                    self.shard.m().idle_timeout();
+                    self.outbox
+                        .finish(ErrorCode::IdleTimeout, "no frame within the idle timeout", 0);
+                    return ReadEnd::Closed;
+                }
+                Err(_) => return ReadEnd::Closed,
             }
             if self.outbox.is_closing() {
-                return;
+                return ReadEnd::Closed;
             }
         }
+    }
+
+    /// Goes on reading after a quiet spell that did not end in parking:
+    /// the next read waits no longer than the session may stay silent.
+    fn keep_reading(&self, reader: &ReadHalf<Transport>) {
+        let timeout = session_read_timeout(&self.shard.config, self.session.idle_deadline_ms());
+        let _ = reader.with_stream(|stream| stream.tcp().set_read_timeout(Some(timeout)));
     }
 
     fn push(&self, frame: &ServerFrame) {

@@ -26,6 +26,7 @@ pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod outbox;
+pub mod park;
 pub mod server;
 pub mod shard;
 mod stop;

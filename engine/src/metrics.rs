@@ -99,6 +99,8 @@ pub struct ShardMetrics {
     pub connections_open: AtomicI64,
     /// Logged-in sessions served by this shard.
     pub sessions_open: AtomicI64,
+    /// Of those, sessions parked while idle (no task, see `crate::park`).
+    pub sessions_parked: AtomicI64,
     pub connections_accepted: AtomicU64,
     pub logins_ok: AtomicU64,
     pub logins_failed: AtomicU64,
@@ -139,6 +141,7 @@ impl Default for ShardMetrics {
         ShardMetrics {
             connections_open: AtomicI64::new(0),
             sessions_open: AtomicI64::new(0),
+            sessions_parked: AtomicI64::new(0),
             connections_accepted: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
@@ -192,6 +195,18 @@ impl ShardMetrics {
     #[inline]
     pub fn session_closed(&self) {
         self.sessions_open.fetch_sub(1, Relaxed);
+    }
+
+    /// An idle session parked.
+    #[inline]
+    pub fn session_parked(&self) {
+        self.sessions_parked.fetch_add(1, Relaxed);
+    }
+
+    /// A parked session resumed.
+    #[inline]
+    pub fn session_resumed(&self) {
+        self.sessions_parked.fetch_sub(1, Relaxed);
     }
 
     /// A `Login` or `LoginToken` answered: accepted or not.
@@ -483,6 +498,11 @@ const GAUGES: &[(&str, &str, Getter)] = &[
     ("tern_sessions_open", "Logged-in sessions.", |m| {
         m.sessions_open.load(Relaxed)
     }),
+    (
+        "tern_sessions_parked",
+        "Logged-in sessions parked while idle (no task; woken by a frame or a delivery).",
+        |m| m.sessions_parked.load(Relaxed),
+    ),
     (
         "tern_outbound_queued_bytes",
         "Bytes queued in connections' outbound queues.",

@@ -33,6 +33,18 @@ pub enum PushError {
     Closing,
 }
 
+/// What a connection's writer is to do after [`Outbox::next_batch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Write the batch it was given.
+    Write,
+    /// The queue is closing and drained: close the connection.
+    Closed,
+    /// The queue is drained and its session is parking: hand the socket
+    /// back without closing it.
+    Park,
+}
+
 /// The outbound queue of one connection.
 pub struct Outbox {
     inner: RefCell<Inner>,
@@ -45,6 +57,8 @@ struct Inner {
     limit_bytes: usize,
     max_frame_bytes: u32,
     closing: bool,
+    /// The session asked its writer to stop, keeping the socket open.
+    parking: bool,
     waker: Option<Waker>,
     /// A producer waiting for the queue to drain (sync catch-up).
     room_waker: Option<Waker>,
@@ -73,6 +87,7 @@ impl Outbox {
                 limit_bytes,
                 max_frame_bytes,
                 closing: false,
+                parking: false,
                 waker: None,
                 room_waker: None,
             }),
@@ -225,10 +240,36 @@ impl Outbox {
         self.inner.borrow().limit_bytes
     }
 
+    /// Asks the writer to stop once the queue is drained, leaving the
+    /// socket open, so that an idle session can park. Refused (`false`) if
+    /// anything is queued or the queue is closing.
+    pub fn request_park(&self) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closing || !inner.pending.is_empty() {
+            return false;
+        }
+        inner.parking = true;
+        inner.wake();
+        true
+    }
+
+    /// Whether nothing is queued and the queue is open: a parking session
+    /// checks this once its writer has stopped, since a delivery may have
+    /// arrived meanwhile.
+    pub fn is_idle(&self) -> bool {
+        let inner = self.inner.borrow();
+        !inner.closing && inner.pending.is_empty()
+    }
+
+    /// Withdraws [`Outbox::request_park`] (the session stays live).
+    pub fn cancel_park(&self) {
+        self.inner.borrow_mut().parking = false;
+    }
+
     /// Waits for queued bytes and swaps them into `out` (which must be
-    /// empty). Returns `false` once the queue is closing and drained.
-    /// While it waits, neither the queue nor `out` keeps any capacity.
-    pub async fn next_batch(&self, out: &mut AlignedVec) -> bool {
+    /// empty), or says the writer is done ([`Next`]). While it waits,
+    /// neither the queue nor `out` keeps any capacity.
+    pub async fn next_batch(&self, out: &mut AlignedVec) -> Next {
         debug_assert!(out.is_empty());
         poll_fn(|cx| {
             let mut inner = self.inner.borrow_mut();
@@ -243,10 +284,10 @@ impl Outbox {
                 if let Some(waker) = inner.room_waker.take() {
                     waker.wake();
                 }
-                return Poll::Ready(true);
+                return Poll::Ready(Next::Write);
             }
             if inner.closing {
-                return Poll::Ready(false);
+                return Poll::Ready(Next::Closed);
             }
             // Going idle: an empty buffer is not worth its capacity on
             // every quiet connection, and neither is the writer's batch
@@ -256,6 +297,10 @@ impl Outbox {
             }
             if out.capacity() > 0 {
                 *out = AlignedVec::new();
+            }
+            if inner.parking {
+                inner.parking = false;
+                return Poll::Ready(Next::Park);
             }
             inner.waker = Some(cx.waker().clone());
             Poll::Pending
@@ -362,7 +407,10 @@ mod tests {
         }
         outbox.finish(ErrorCode::ShuttingDown, "bye", 500);
         let mut out = AlignedVec::new();
-        assert!(futures_lite::future::block_on(outbox.next_batch(&mut out)));
+        assert_eq!(
+            futures_lite::future::block_on(outbox.next_batch(&mut out)),
+            Next::Write
+        );
         let frames = decode_all(&out);
         assert_eq!(frames.len(), 4);
         assert!(matches!(
@@ -373,7 +421,10 @@ mod tests {
             }
         ));
         out.clear();
-        assert!(!futures_lite::future::block_on(outbox.next_batch(&mut out)));
+        assert_eq!(
+            futures_lite::future::block_on(outbox.next_batch(&mut out)),
+            Next::Closed
+        );
     }
 
     #[test]
@@ -381,7 +432,10 @@ mod tests {
         let outbox = Outbox::new(1 << 16, 1 << 16);
         outbox.push(&pong(1)).unwrap();
         let mut out = AlignedVec::new();
-        assert!(futures_lite::future::block_on(outbox.next_batch(&mut out)));
+        assert_eq!(
+            futures_lite::future::block_on(outbox.next_batch(&mut out)),
+            Next::Write
+        );
         out.clear();
         assert!(out.capacity() > 0);
         let waiting =
@@ -389,5 +443,38 @@ mod tests {
         assert_eq!(waiting, None);
         assert_eq!(out.capacity(), 0);
         assert_eq!(outbox.inner.borrow().pending.capacity(), 0);
+    }
+
+    #[test]
+    fn a_parking_writer_drains_first_and_a_busy_queue_refuses_to_park() {
+        let outbox = Outbox::new(1 << 16, 1 << 16);
+        outbox.push(&pong(1)).unwrap();
+        assert!(!outbox.request_park(), "something is queued");
+        let mut out = AlignedVec::new();
+        assert_eq!(
+            futures_lite::future::block_on(outbox.next_batch(&mut out)),
+            Next::Write
+        );
+        out.clear();
+        assert!(outbox.request_park());
+        // A delivery racing the park is written before the writer stops.
+        outbox.push(&pong(2)).unwrap();
+        assert_eq!(
+            futures_lite::future::block_on(outbox.next_batch(&mut out)),
+            Next::Write
+        );
+        out.clear();
+        assert_eq!(
+            futures_lite::future::block_on(outbox.next_batch(&mut out)),
+            Next::Park
+        );
+        assert!(outbox.is_idle());
+        // The request is used up: a new writer waits again.
+        let waiting =
+            futures_lite::future::block_on(futures_lite::future::poll_once(outbox.next_batch(&mut out)));
+        assert_eq!(waiting, None);
+        outbox.close();
+        assert!(!outbox.is_idle());
+        assert!(!outbox.request_park());
     }
 }

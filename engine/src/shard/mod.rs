@@ -31,21 +31,56 @@ use tern_storage::WriterHandle;
 use tern_storage::{InboxTargets, MessageWrite, Store, StoreError, WriteOp};
 
 use crate::config::Config;
+use crate::conn::Parked;
 use crate::mesh::{ConnKey, Event, Recipients, Request};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::Outbox;
+use crate::park::ParkSet;
 use crate::stop::StopSignal;
 
 use commit::{ConvState, Effect, Staged};
 use groups::GroupState;
 
-/// A live connection of a user homed on this shard.
+/// A connection of a user homed on this shard.
 struct ConnEntry {
     generation: u32,
     user: UserId,
-    fd: RawFd,
-    outbox: Rc<Outbox>,
+    /// The socket; parking moves it to a new descriptor, resuming keeps it.
+    fd: Cell<RawFd>,
+    link: RefCell<Link>,
     delivery: RefCell<Delivery>,
+}
+
+/// How the shard reaches a connection.
+enum Link {
+    /// Its tasks run; frames for it go to its queue.
+    Live(Rc<Outbox>),
+    /// Idle with no task (see [`crate::park`]); resumed by anything sent.
+    Parked(Box<Parked>),
+}
+
+impl ConnEntry {
+    /// The connection's outbound queue, resuming the session first if it
+    /// is parked: whatever is pushed then wakes it.
+    fn outbox(&self) -> Rc<Outbox> {
+        let mut link = self.link.borrow_mut();
+        let outbox = match &*link {
+            Link::Live(outbox) => return outbox.clone(),
+            Link::Parked(parked) => crate::conn::new_outbox(parked.shard()),
+        };
+        if let Link::Parked(parked) = std::mem::replace(&mut *link, Link::Live(outbox.clone())) {
+            crate::conn::resume(*parked, outbox.clone());
+        }
+        outbox
+    }
+
+    /// When a parked session passes its idle timeout; `None` if live.
+    fn parked_deadline_ms(&self) -> Option<u64> {
+        match &*self.link.borrow() {
+            Link::Parked(parked) => Some(parked.idle_deadline_ms()),
+            Link::Live(_) => None,
+        }
+    }
 }
 
 /// Whether a session receives messages yet.
@@ -90,6 +125,9 @@ pub struct Shard {
     staged: RefCell<Staged>,
     committer_waker: RefCell<Option<Waker>>,
     committing: Cell<bool>,
+    /// Where idle sessions park; `None` when parking is off (or the epoll
+    /// set could not be made, which only costs memory).
+    parking: Option<ParkSet>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -168,6 +206,13 @@ impl Shard {
         writer: WriterHandle,
         metrics: Arc<Metrics>,
     ) -> Shard {
+        let parking = config.parks_after().and_then(|_| match ParkSet::new(index) {
+            Ok(set) => Some(set),
+            Err(error) => {
+                tracing::warn!(shard = index, %error, "idle sessions will not park");
+                None
+            }
+        });
         Shard {
             index,
             shards: config.shards,
@@ -186,6 +231,7 @@ impl Shard {
             staged: RefCell::new(Staged::default()),
             committer_waker: RefCell::new(None),
             committing: Cell::new(false),
+            parking,
         }
     }
 
@@ -232,8 +278,8 @@ impl Shard {
         let entry = ConnEntry {
             generation,
             user,
-            fd,
-            outbox,
+            fd: Cell::new(fd),
+            link: RefCell::new(Link::Live(outbox)),
             delivery: RefCell::new(Delivery::Waiting),
         };
         let slot = self.conns.borrow_mut().insert(entry);
@@ -266,6 +312,78 @@ impl Shard {
             return true;
         }
         false
+    }
+
+    /// This shard's parked-session set, if sessions park.
+    pub fn park_set(&self) -> Option<&ParkSet> {
+        self.parking.as_ref()
+    }
+
+    /// Parks connection `key`, whose tasks have ended, on socket `fd`.
+    /// Gives the session back if it cannot park (no park set, the epoll
+    /// set is full, or the connection is unknown).
+    pub fn park(&self, key: ConnKey, fd: RawFd, parked: Box<Parked>) -> Result<(), Box<Parked>> {
+        let Some(set) = &self.parking else {
+            return Err(parked);
+        };
+        let conns = self.conns.borrow();
+        let Some(entry) = conns
+            .get(key.slot as usize)
+            .filter(|e| e.generation == key.generation)
+        else {
+            return Err(parked);
+        };
+        if let Err(error) = set.watch(fd, key) {
+            tracing::debug!(%error, "cannot park a session");
+            return Err(parked);
+        }
+        entry.fd.set(fd);
+        *entry.link.borrow_mut() = Link::Parked(parked);
+        self.m().session_parked();
+        Ok(())
+    }
+
+    /// Resumes connection `key` if it is parked (its socket turned
+    /// readable; a stale key does nothing).
+    pub fn resume_parked(&self, key: ConnKey) {
+        self.with_conn(key, |entry| {
+            if entry.parked_deadline_ms().is_some() {
+                entry.outbox();
+            }
+        });
+    }
+
+    /// Resumes every parked session (parking broke down).
+    pub fn resume_all_parked(&self) {
+        for (_, entry) in self.conns.borrow().iter() {
+            if entry.parked_deadline_ms().is_some() {
+                entry.outbox();
+            }
+        }
+    }
+
+    /// Resumes parked sessions that have sent nothing within the idle
+    /// timeout: a resumed session's read finds its deadline passed and
+    /// closes it with `Disconnect(IdleTimeout)`, unless a frame is there
+    /// after all.
+    pub fn sweep_parked(&self, now_ms: u64) {
+        let expired: Vec<ConnKey> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, entry)| {
+                entry
+                    .parked_deadline_ms()
+                    .is_some_and(|deadline| deadline <= now_ms)
+            })
+            .map(|(slot, entry)| ConnKey {
+                slot: slot as u32,
+                generation: entry.generation,
+            })
+            .collect();
+        for key in expired {
+            self.resume_parked(key);
+        }
     }
 
     /// Live connections on this shard.
@@ -328,7 +446,7 @@ impl Shard {
                         None => {}
                     }
                 }
-                if entry.outbox.push_encoded(frame).is_ok() {
+                if entry.outbox().push_encoded(frame).is_ok() {
                     self.m().message_delivered();
                 }
             }
@@ -379,7 +497,7 @@ impl Shard {
                 let mut count = 0;
                 self.for_each_session(user, None, |entry| {
                     entry
-                        .outbox
+                        .outbox()
                         .kill(ErrorCode::Forbidden, "disconnected by an administrator", 0);
                     count += 1;
                 });
@@ -399,7 +517,7 @@ impl Shard {
     pub fn drain_connections(&self, retry_after_ms: u32) {
         for (_, entry) in self.conns.borrow().iter() {
             entry
-                .outbox
+                .outbox()
                 .finish(ErrorCode::ShuttingDown, "server is shutting down", retry_after_ms);
         }
     }
@@ -407,10 +525,10 @@ impl Shard {
     /// Closes the sockets of connections that did not finish in time.
     pub fn abort_connections(&self) {
         for (_, entry) in self.conns.borrow().iter() {
-            entry.outbox.close();
+            entry.outbox().close();
             // SAFETY: shutdown on a descriptor we own has no memory effects;
             // it makes the connection's pending reads and writes complete.
-            unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
+            unsafe { libc::shutdown(entry.fd.get(), libc::SHUT_RDWR) };
         }
     }
 
@@ -586,7 +704,7 @@ impl Shard {
                         timestamp_ms,
                     },
                 };
-                if self.with_conn(conn, |entry| entry.outbox.push(&frame).is_ok()) == Some(true) {
+                if self.with_conn(conn, |entry| entry.outbox().push(&frame).is_ok()) == Some(true) {
                     self.m().message_sent();
                 }
                 if let Some(echo) = echo {
@@ -615,11 +733,11 @@ impl Shard {
             }
             Event::Notify { to, frame } => {
                 self.for_each_session(to, None, |entry| {
-                    let _ = entry.outbox.push_encoded(&frame);
+                    let _ = entry.outbox().push_encoded(&frame);
                 });
             }
             Event::Reply { conn, frame, .. } => {
-                self.with_conn(conn, |entry| entry.outbox.push_encoded(&frame));
+                self.with_conn(conn, |entry| entry.outbox().push_encoded(&frame));
             }
             Event::Presence { to, subject, online } => {
                 let frame = ServerFrame {
@@ -632,7 +750,7 @@ impl Shard {
                 let frame = encode_shared(&frame, self.config.max_frame_bytes);
                 for user in to {
                     self.for_each_session(user, None, |entry| {
-                        let _ = entry.outbox.push_encoded(&frame);
+                        let _ = entry.outbox().push_encoded(&frame);
                     });
                 }
             }
