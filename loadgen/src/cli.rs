@@ -65,6 +65,11 @@ pub struct Common {
     /// after connecting, and report KiB per connection.
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
+    /// With `--server-pid`: how long the connected sessions sit idle before
+    /// the "after" memory is read. The server parks sessions idle for its
+    /// `park_after_ms` (5 s by default), so idle memory is read past that.
+    #[arg(long, global = true, default_value_t = 1.0)]
+    pub rss_settle_secs: f64,
     /// Write the merged result as JSON here.
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,

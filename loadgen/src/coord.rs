@@ -20,10 +20,6 @@ use crate::report::{merge, RunResult};
 use crate::sys::rss_kib;
 use crate::worker::Progress;
 
-/// Let the server settle (lazy allocations, deferred frees) before reading
-/// its memory with every connection open.
-const RSS_SETTLE: Duration = Duration::from_secs(1);
-
 /// What a worker said.
 enum Said {
     Ready,
@@ -174,7 +170,12 @@ fn supervise(
                 connected += 1;
                 if connected == procs {
                     if let Some(pid) = server_pid {
-                        std::thread::sleep(RSS_SETTLE);
+                        // Let the server settle (lazy allocations, deferred
+                        // frees, parking) before reading its memory.
+                        std::thread::sleep(
+                            Duration::try_from_secs_f64(cli.common.rss_settle_secs)
+                                .unwrap_or(Duration::from_secs(1)),
+                        );
                         rss_after = Some(rss_kib(pid)?);
                     }
                     if let Some(path) = &cli.common.connected_file {
