@@ -229,6 +229,12 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
     // The chat port is real: a client can connect.
     TcpStream::connect_timeout(&server.chat, TIMEOUT).expect("chat port accepts");
 
+    // jemalloc runs with the compiled-in settings (its background thread
+    // returns freed memory), and idle sessions park by default.
+    let threads = thread_names(server.child.id());
+    assert!(threads.iter().any(|t| t == "jemalloc_bg_thd"), "{threads:?}");
+    assert!(threads.iter().any(|t| t == "tern-park-0"), "{threads:?}");
+
     let mut server = server;
     // SAFETY: kill has no memory effects; the pid is our live child's.
     let sent = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
@@ -246,6 +252,15 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
         TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).is_err(),
         "the metrics endpoint stopped with the process"
     );
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc task list");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
 }
 
 /// Starts an in-process server with the HTTP endpoint beside it and a real
