@@ -41,6 +41,7 @@ const STATS_METRICS: &[&str] = &[
     "tern_connections_open",
     "tern_sessions_open",
     "tern_sessions_parked",
+    "tern_parked_pings_total",
     "tern_messages_sent_total",
     "tern_messages_delivered_total",
     "tern_messages_stored_total",

@@ -16,6 +16,7 @@
 //! while their account or address is backing off, and text messages pass
 //! the content filter ([`crate::filter`]).
 
+use std::cell::RefCell;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -865,6 +866,152 @@ fn park(conn: Conn, stream: Transport, guards: Guards) -> Result<(), (Conn, Tran
     shard
         .park(key, fd, parked)
         .map_err(|parked| parked.into_live(outbox))
+}
+
+/// What a parked session's wake-up held.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// Nothing (a spurious wake-up) or only heartbeats, answered: the
+    /// session stays parked.
+    Answered,
+    /// Something only the live session can serve: a request, part of a
+    /// frame, a frame the meters refuse, the client's close, or a TLS
+    /// record. Resume it, and queue `unsent` (answers that did not fit the
+    /// socket) before anything else.
+    Resume { unsent: Vec<u8> },
+}
+
+/// Bytes of a parked session's socket looked at for heartbeats: a few
+/// `Ping`s. Anything longer is left to the live session.
+const PARKED_PEEK_BYTES: usize = 256;
+
+/// Frame bodies are validated in place, so they must be aligned.
+#[repr(align(16))]
+struct PeekBuf([u8; PARKED_PEEK_BYTES]);
+
+thread_local! {
+    /// The shard's reused buffer for answers to parked sessions' pings.
+    static PONGS: RefCell<AlignedVec> = RefCell::new(AlignedVec::new());
+}
+
+/// Answers a parked session's heartbeats in place, so that the most common
+/// wake-up of an idle session (its client's `Ping`) costs two syscalls and
+/// no resume and park (two task spawns, a `dup`, two epoll changes). Only
+/// for plain TCP (a TLS session's bytes need its keys, which stay parked)
+/// and only when every byte waiting is a whole `Ping` that the meters and
+/// the session admit, checked on copies before anything is taken off the
+/// socket; otherwise nothing is consumed and the session resumes.
+pub fn answer_while_parked(parked: &mut Parked) -> Heard {
+    let resume = Heard::Resume { unsent: Vec::new() };
+    let ParkedSocket::Plain(socket) = &parked.socket else {
+        return resume;
+    };
+    let fd = socket.as_raw_fd();
+    let mut peek = PeekBuf([0; PARKED_PEEK_BYTES]);
+    // SAFETY: the buffer is valid for its length; MSG_PEEK leaves the
+    // bytes queued on the socket.
+    let peeked = unsafe {
+        libc::recv(
+            fd,
+            peek.0.as_mut_ptr().cast(),
+            PARKED_PEEK_BYTES,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    let Ok(peeked) = usize::try_from(peeked) else {
+        let error = io::Error::last_os_error();
+        return if error.kind() == io::ErrorKind::WouldBlock {
+            Heard::Answered
+        } else {
+            resume
+        };
+    };
+    // Zero bytes: the client closed; the live session sees it too.
+    let Some(bytes) = peek.0.get(..peeked).filter(|b| !b.is_empty()) else {
+        return resume;
+    };
+    let shard = parked.shard.clone();
+    let max_body = shard.config.max_frame_bytes;
+    let (now, now_us) = (now_ms(), limits::monotonic_us());
+    let mut limiter = parked.limiter.clone();
+    let mut session = parked.session.clone();
+    PONGS.with(|pongs| {
+        let mut pongs = pongs.borrow_mut();
+        pongs.clear();
+        let mut offset = 0;
+        let mut pings = 0u64;
+        while offset < bytes.len() {
+            let Some(header) = bytes.get(offset..offset + tern_proto::HEADER_LEN) else {
+                return resume;
+            };
+            let mut raw = [0u8; tern_proto::HEADER_LEN];
+            raw.copy_from_slice(header);
+            let Ok(header) = tern_proto::FrameHeader::parse(raw, max_body) else {
+                return resume;
+            };
+            let body_start = offset + tern_proto::HEADER_LEN;
+            let end = offset + header.frame_len();
+            let (Some(body), true) = (
+                bytes.get(body_start..body_start + header.body_len as usize),
+                end <= bytes.len(),
+            ) else {
+                return resume;
+            };
+            let Ok(frame) = decode_client(body) else {
+                return resume;
+            };
+            let ArchivedClientBody::Ping { nonce } = &frame.body else {
+                return resume;
+            };
+            if limiter.check(false, now_us) != Verdict::Allow || session.admit(now, &frame.body).is_err() {
+                return resume;
+            }
+            let pong = ServerFrame {
+                request_id: frame.request_id.to_native(),
+                body: ServerBody::Pong {
+                    nonce: nonce.to_native(),
+                },
+            };
+            if encode_server(&pong, &mut pongs, max_body).is_err() {
+                return resume;
+            }
+            shard.m().frame_in(end - offset);
+            pings += 1;
+            offset = end;
+        }
+        // SAFETY: with MSG_TRUNC a TCP socket discards the bytes without
+        // writing anywhere. This takes exactly the pings just peeked at,
+        // which nothing else reads while the session is parked.
+        let taken = unsafe {
+            libc::recv(
+                fd,
+                std::ptr::null_mut(),
+                offset,
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        debug_assert_eq!(usize::try_from(taken).ok(), Some(offset));
+        parked.limiter = limiter;
+        parked.session = session;
+        shard.m().frames_out(pings, pongs.len());
+        shard.m().parked_pings_answered(pings);
+        // SAFETY: the buffer is valid for its length.
+        let sent = unsafe {
+            libc::send(
+                fd,
+                pongs.as_ptr().cast(),
+                pongs.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        let sent = usize::try_from(sent).unwrap_or(0);
+        match pongs.get(sent..) {
+            Some([]) => Heard::Answered,
+            rest => Heard::Resume {
+                unsent: rest.unwrap_or_default().to_vec(),
+            },
+        }
+    })
 }
 
 /// Resumes a parked session with the outbox its shard entry now holds:

@@ -103,8 +103,10 @@ pub enum Verdict {
     Disconnect { retry_after_ms: u32 },
 }
 
-/// The meters of one connection. Owned by the connection's task.
-#[derive(Debug)]
+/// The meters of one connection. Owned by the connection's task. Clone to
+/// meter on trial (a parked session answering heartbeats commits the copy
+/// only if every frame passes).
+#[derive(Debug, Clone)]
 pub struct ConnLimiter {
     frame_rate: Option<Rate>,
     message_rate: Option<Rate>,

@@ -101,6 +101,8 @@ pub struct ShardMetrics {
     pub sessions_open: AtomicI64,
     /// Of those, sessions parked while idle (no task, see `crate::park`).
     pub sessions_parked: AtomicI64,
+    /// Pings answered for parked sessions without resuming them.
+    pub parked_pings: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub logins_ok: AtomicU64,
     pub logins_failed: AtomicU64,
@@ -142,6 +144,7 @@ impl Default for ShardMetrics {
             connections_open: AtomicI64::new(0),
             sessions_open: AtomicI64::new(0),
             sessions_parked: AtomicI64::new(0),
+            parked_pings: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
@@ -207,6 +210,12 @@ impl ShardMetrics {
     #[inline]
     pub fn session_resumed(&self) {
         self.sessions_parked.fetch_sub(1, Relaxed);
+    }
+
+    /// Pings answered while their session stayed parked.
+    #[inline]
+    pub fn parked_pings_answered(&self, pings: u64) {
+        self.parked_pings.fetch_add(pings, Relaxed);
     }
 
     /// A `Login` or `LoginToken` answered: accepted or not.
@@ -477,6 +486,11 @@ const COUNTERS: &[(&str, &str, Getter)] = &[
         "tern_slow_consumer_disconnects_total",
         "Connections closed because their outbound queue overflowed.",
         |m| m.slow_consumer_disconnects.load(Relaxed) as i64,
+    ),
+    (
+        "tern_parked_pings_total",
+        "Pings answered for parked sessions without resuming them.",
+        |m| m.parked_pings.load(Relaxed) as i64,
     ),
     (
         "tern_idle_timeouts_total",

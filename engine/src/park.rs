@@ -13,12 +13,17 @@
 //! shutdown), and the idle sweep, which resumes it so that its read finds
 //! the idle deadline passed and closes it.
 //!
+//! Most wake-ups of an idle session are its client's heartbeats, so a
+//! readable plain-TCP socket that holds only whole `Ping`s is answered in
+//! place and stays parked ([`crate::conn::answer_while_parked`]).
+//!
 //! The epoll set is watched by one thread per shard that sleeps in
 //! `epoll_wait` and hands the keys of readable sockets to the shard over a
 //! socketpair, which the shard reads like any other socket. Registrations
-//! are one-shot: a socket reports once and is then removed by the shard,
-//! so a key that arrives late (its session already resumed by a delivery)
-//! is recognised as stale and ignored.
+//! are one-shot: a socket reports once and is then re-armed (heartbeats
+//! answered) or removed (session resumed) by the shard, so a key that
+//! arrives late (its session already resumed by a delivery) is recognised
+//! as stale and ignored.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
@@ -106,6 +111,21 @@ impl ParkSet {
         register(self.epoll.as_raw_fd(), fd, events as u32, key_bits(key))
     }
 
+    /// Watches `fd` again after a one-shot report that was served without
+    /// resuming its session (heartbeats answered in place).
+    pub fn rewatch(&self, fd: RawFd, key: ConnKey) -> io::Result<()> {
+        let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT;
+        let mut event = libc::epoll_event {
+            events: events as u32,
+            u64: key_bits(key),
+        };
+        // SAFETY: `event` is a valid epoll_event for the duration of the call.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut event) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Stops watching `fd` (its session resumed).
     pub fn unwatch(&self, fd: RawFd) {
         // The registration may already be gone (never an error that
@@ -169,7 +189,7 @@ pub async fn serve(shard: Rc<Shard>) {
         })
         .await;
         match woke {
-            Some(Ok(())) => keys.drain(..).for_each(|key| shard.resume_parked(key)),
+            Some(Ok(())) => keys.drain(..).for_each(|key| shard.wake_parked(key)),
             Some(Err(error)) => {
                 // Nothing would wake a parked session that has something
                 // to say, so none may stay parked.
@@ -189,21 +209,7 @@ pub async fn serve(shard: Rc<Shard>) {
 /// Closes parked sessions past their idle timeout, until the shard stops.
 async fn sweep(shard: Rc<Shard>) {
     let interval = (shard.config.idle_timeout / 8).clamp(SWEEP_INTERVAL_MIN, SWEEP_INTERVAL_MAX);
-    loop {
-        let stopped = futures_lite::future::or(
-            async {
-                glommio::timer::sleep(interval).await;
-                false
-            },
-            async {
-                shard.stop.wait().await;
-                true
-            },
-        )
-        .await;
-        if stopped {
-            return;
-        }
+    while !shard.stop.sleep_unless_fired(interval).await {
         shard.sweep_parked(now_ms());
     }
 }

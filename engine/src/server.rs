@@ -477,21 +477,7 @@ async fn run_shard(startup: Arc<Startup>) {
 /// every `expiry_interval`, for the life of the shard.
 async fn expire_old_messages(shard: Rc<Shard>) {
     let config = shard.config.clone();
-    loop {
-        let stopped = future::or(
-            async {
-                glommio::timer::sleep(config.expiry_interval).await;
-                false
-            },
-            async {
-                shard.stop.wait().await;
-                true
-            },
-        )
-        .await;
-        if stopped {
-            return;
-        }
+    while !shard.stop.sleep_unless_fired(config.expiry_interval).await {
         let now = crate::shard::now_ms();
         let inbox_cutoff = now.saturating_sub(config.inbox_ttl.as_millis() as u64);
         let history_cutoff = history_cutoff(now, inbox_cutoff, config.history_retention);

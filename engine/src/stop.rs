@@ -45,6 +45,22 @@ impl StopSignal {
         }
     }
 
+    /// Sleeps for `period` unless the signal fires first; returns whether
+    /// it fired (for periodic tasks that end with the shard).
+    pub async fn sleep_unless_fired(&self, period: std::time::Duration) -> bool {
+        futures_lite::future::or(
+            async {
+                glommio::timer::sleep(period).await;
+                false
+            },
+            async {
+                self.wait().await;
+                true
+            },
+        )
+        .await
+    }
+
     /// Waiters currently registered.
     #[cfg(test)]
     fn registered(&self) -> (usize, usize) {

@@ -3,7 +3,9 @@
 //! shard's epoll set), and it resumes when its client sends a frame, when
 //! a message or presence change is sent to it, and when its client goes
 //! away; the sweep closes it at its idle timeout, shutdown and kicks reach
-//! it, and TLS sessions park and resume with their keys intact.
+//! it, and TLS sessions park and resume with their keys intact. Heartbeats
+//! alone are answered without resuming; anything else that arrives with
+//! them (a request, half a frame) resumes the session with nothing lost.
 
 mod common;
 
@@ -13,8 +15,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{eventually, expect_message, TestServer, PASSWORD};
+use rkyv::util::AlignedVec;
+use tern_client::ClientBody;
 use tern_client::{Client, ClientOptions, ClientTls, ErrorCode, ServerBody};
 use tern_engine::admin::{admin_request, serve_admin, AdminServer};
+use tern_proto::{encode_client, ClientFrame};
 
 const PARK_AFTER: Duration = Duration::from_millis(150);
 
@@ -217,4 +222,101 @@ fn a_half_sent_frame_keeps_a_session_from_parking_until_its_idle_timeout() {
     eventually("the session to close", || {
         (total(&admin, "tern_sessions_open") == 0).then_some(())
     });
+}
+
+#[test]
+fn heartbeats_are_answered_without_resuming_the_session() {
+    let server = parking_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let alice = server.user_on_shard("parkhb_a", 0);
+    let mut a = server.login(&alice);
+    wait_parked(&admin, 1);
+    for round in 0..3 {
+        a.ping()
+            .unwrap_or_else(|e| panic!("ping {round} while parked: {e}"));
+        // A resumed session would stay live for PARK_AFTER.
+        assert_eq!(total(&admin, "tern_sessions_parked"), 1, "round {round}");
+    }
+    assert_eq!(total(&admin, "tern_parked_pings_total"), 3);
+    // Still a working session: a message from Bob reaches it.
+    let bob = server.user_on_shard("parkhb_b", 1 % server.shards());
+    let mut b = server.login_unsynced(&bob);
+    b.send_text(alice.id, "after the heartbeats").expect("send");
+    assert_eq!(expect_message(&mut a).content.body, b"after the heartbeats");
+}
+
+/// Frames encoded back to back, to arrive in one segment.
+fn frames(bodies: Vec<(u64, ClientBody)>) -> AlignedVec {
+    let mut out = AlignedVec::new();
+    for (request_id, body) in bodies {
+        encode_client(&ClientFrame { request_id, body }, &mut out, 1 << 20).expect("encode");
+    }
+    out
+}
+
+#[test]
+fn a_request_or_half_a_frame_behind_a_heartbeat_resumes_the_session_in_order() {
+    let server = parking_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let alice = server.user_on_shard("parkrq_a", 0);
+    let mut raw = common::RawConn::connect(server.addr());
+    raw.login(&alice);
+    wait_parked(&admin, 1);
+
+    // A ping and a request in one segment: both answered, in order.
+    let both = frames(vec![
+        (100, ClientBody::Ping { nonce: 7 }),
+        (
+            101,
+            ClientBody::ResolveUser {
+                username: alice.name.clone(),
+            },
+        ),
+    ]);
+    raw.send_raw(&both).expect("send");
+    let pong = raw.expect_frame();
+    assert_eq!(pong.request_id, 100);
+    assert!(matches!(pong.body, ServerBody::Pong { nonce: 7 }), "{pong:?}");
+    let user = raw.expect_frame();
+    assert_eq!(user.request_id, 101);
+    assert!(
+        matches!(user.body, ServerBody::User { user, .. } if user == alice.id),
+        "{user:?}"
+    );
+    assert_eq!(total(&admin, "tern_parked_pings_total"), 0);
+
+    // Half a ping: the session resumes and waits for the rest.
+    wait_parked(&admin, 1);
+    let ping = frames(vec![(102, ClientBody::Ping { nonce: 8 })]);
+    let (head, tail) = ping.split_at(5);
+    raw.send_raw(head).expect("send");
+    eventually("the session to resume", || {
+        (total(&admin, "tern_sessions_parked") == 0).then_some(())
+    });
+    raw.send_raw(tail).expect("send");
+    let pong = raw.expect_frame();
+    assert_eq!(pong.request_id, 102);
+    assert!(matches!(pong.body, ServerBody::Pong { nonce: 8 }), "{pong:?}");
+}
+
+#[test]
+fn heartbeats_answered_while_parked_keep_the_session_past_its_idle_timeout() {
+    let server = TestServer::start_with(|config| {
+        config.park_after = PARK_AFTER;
+        config.idle_timeout = Duration::from_millis(900);
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let alice = server.user_on_shard("parkka_a", 0);
+    let mut a = server.login(&alice);
+    wait_parked(&admin, 1);
+    // Three idle timeouts' worth of heartbeats, each a third of it apart.
+    for beat in 0..9 {
+        std::thread::sleep(Duration::from_millis(300));
+        a.ping().unwrap_or_else(|e| panic!("heartbeat {beat}: {e}"));
+    }
+    assert!(total(&admin, "tern_parked_pings_total") >= 6);
+    assert_eq!(total(&admin, "tern_sessions_open"), 1);
 }

@@ -31,7 +31,7 @@ use tern_storage::WriterHandle;
 use tern_storage::{InboxTargets, MessageWrite, Store, StoreError, WriteOp};
 
 use crate::config::Config;
-use crate::conn::Parked;
+use crate::conn::{Heard, Parked};
 use crate::mesh::{ConnKey, Event, Recipients, Request};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::Outbox;
@@ -343,8 +343,33 @@ impl Shard {
         Ok(())
     }
 
-    /// Resumes connection `key` if it is parked (its socket turned
-    /// readable; a stale key does nothing).
+    /// Serves a parked connection whose socket turned readable: answers
+    /// heartbeats in place and watches the socket again, or resumes the
+    /// session for anything else. A stale key does nothing.
+    pub fn wake_parked(&self, key: ConnKey) {
+        self.with_conn(key, |entry| {
+            let heard = match &mut *entry.link.borrow_mut() {
+                Link::Parked(parked) => crate::conn::answer_while_parked(parked),
+                Link::Live(_) => return,
+            };
+            let unsent = match heard {
+                Heard::Answered => {
+                    let watched = self.parking.as_ref().map(|set| set.rewatch(entry.fd.get(), key));
+                    if matches!(watched, Some(Ok(()))) {
+                        return;
+                    }
+                    Vec::new()
+                }
+                Heard::Resume { unsent } => unsent,
+            };
+            let outbox = entry.outbox();
+            if !unsent.is_empty() {
+                let _ = outbox.push_encoded(&unsent);
+            }
+        });
+    }
+
+    /// Resumes connection `key` if it is parked (a stale key does nothing).
     pub fn resume_parked(&self, key: ConnKey) {
         self.with_conn(key, |entry| {
             if entry.parked_deadline_ms().is_some() {
