@@ -297,15 +297,21 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 if let Err(wait) = limits::login_allowed(&config, peer, None) {
                     break 'login rate_limited(request_id, "too many failed logins", wait);
                 }
-                let login = shard
-                    .blocking(move |store| {
-                        let user = store.verify_token(&token)?;
-                        let username = store
-                            .username(user)?
-                            .ok_or(tern_storage::StoreError::AuthFailed)?;
-                        Ok((user, username, token))
-                    })
-                    .await;
+                // A reconnect with a token this server verified before is
+                // answered from memory on this thread; only a miss costs a
+                // hand-off to the blocking pool (two context switches on a
+                // shared core) and a store read.
+                let login = match shard.store.cached_token_login(&token) {
+                    Some((user, username)) => Ok((user, username, token)),
+                    None => {
+                        shard
+                            .blocking(move |store| {
+                                let (user, username) = store.token_login(&token)?;
+                                Ok((user, username, token))
+                            })
+                            .await
+                    }
+                };
                 match login {
                     Ok((user, username, token)) => {
                         shard.m().login(true);
