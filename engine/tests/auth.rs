@@ -254,3 +254,58 @@ fn hello_login_token_and_sync_in_one_write_are_answered_in_order() {
         );
     }
 }
+
+#[test]
+fn a_pipelined_login_that_is_refused_refuses_what_follows_it() {
+    use tern_proto::{encode_client, ClientBody, ClientFrame, ServerBody};
+
+    let server = TestServer::start();
+    let mut raw = RawConn::connect(server.addr());
+    let mut out = rkyv::util::AlignedVec::new();
+    let bodies = [
+        ClientBody::Hello {
+            version: tern_proto::PROTOCOL_VERSION,
+            client_name: "pipelined".into(),
+        },
+        ClientBody::LoginToken { token: vec![9; 32] },
+        ClientBody::Sync { cursors: Vec::new() },
+        ClientBody::Ping { nonce: 7 },
+    ];
+    for (request_id, body) in (1..).zip(bodies) {
+        encode_client(&ClientFrame { request_id, body }, &mut out, 1 << 20).expect("encode");
+    }
+    raw.send_raw(&out).expect("write");
+    let answers: Vec<_> = (0..4).map(|_| raw.expect_frame()).collect();
+    assert!(
+        matches!(answers[0].body, ServerBody::HelloOk { .. }),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(
+            answers[1].body,
+            ServerBody::Error {
+                code: ErrorCode::AuthFailed,
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(
+            answers[2].body,
+            ServerBody::Error {
+                code: ErrorCode::InvalidState,
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[3].body, ServerBody::Pong { nonce: 7 }),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().map(|a| a.request_id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+}
