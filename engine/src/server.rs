@@ -42,7 +42,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// (glommio cancels its preemption timer each time the shard parks) walks
 /// one bucket: at 128 entries that is 8 buckets, ~2,000 entries each at
 /// 16,000 connections, ~0.5 ms per park. 4,096 gives the full 256 buckets
-/// for about 1 MiB of ring memory per shard.
+/// for about 1.2 MiB of ring memory per shard (three rings), which kernels
+/// before 5.12 charge to RLIMIT_MEMLOCK.
 const RING_DEPTH: usize = 4096;
 
 /// Shared by the starting thread and every shard during startup.
