@@ -188,10 +188,23 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
     let mut session = Session::new(now_ms(), idle_ms, config.max_message_bytes);
     let mut limiter = ConnLimiter::new(&config.limits, peer);
     let mut out = AlignedVec::new();
+    // Answers not written yet because more of the client's frames were
+    // already buffered (a client that sends Hello, LoginToken and Sync in
+    // one write): they go out together, in one write, or ahead of the
+    // session's first frames if one of those frames logs in.
+    let mut deferred: Vec<ServerFrame> = Vec::new();
     loop {
         let action = match next_pre_login(&mut buf, &mut session, &mut limiter, &shard) {
             Some(action) => action,
             None => {
+                // Nothing deferred may wait on the client.
+                if !deferred.is_empty()
+                    && write_frames(&mut stream, &mut out, &shard, &mut deferred)
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
                 // Not yet a session the shard tracks, so watch for shutdown
                 // here, and for the login deadline: the idle timeout alone
                 // lets a client that trickles a byte now and then stay.
@@ -243,7 +256,9 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
         let reply = match action {
             PreLogin::Reply(frame) => frame,
             PreLogin::ReplyAndClose(frame) => {
-                return reply_and_close(&mut stream, &mut out, &shard, &frame).await
+                deferred.push(frame);
+                let _ = write_frames(&mut stream, &mut out, &shard, &mut deferred).await;
+                return stream.close().await;
             }
             PreLogin::Register {
                 request_id,
@@ -288,6 +303,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             username,
                             token,
                             request_id,
+                            answered: std::mem::take(&mut deferred),
                         };
                         return move_to_home(shard, stream, buf, login, guards).await;
                     }
@@ -298,15 +314,21 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 if let Err(wait) = limits::login_allowed(&config, peer, None) {
                     break 'login rate_limited(request_id, "too many failed logins", wait);
                 }
-                let login = shard
-                    .blocking(move |store| {
-                        let user = store.verify_token(&token)?;
-                        let username = store
-                            .username(user)?
-                            .ok_or(tern_storage::StoreError::AuthFailed)?;
-                        Ok((user, username, token))
-                    })
-                    .await;
+                // A reconnect with a token this server verified before is
+                // answered from memory on this thread; only a miss costs a
+                // hand-off to the blocking pool (two context switches on a
+                // shared core) and a store read.
+                let login = match shard.store.cached_token_login(&token) {
+                    Some((user, username)) => Ok((user, username, token)),
+                    None => {
+                        shard
+                            .blocking(move |store| {
+                                let (user, username) = store.token_login(&token)?;
+                                Ok((user, username, token))
+                            })
+                            .await
+                    }
+                };
                 match login {
                     Ok((user, username, token)) => {
                         shard.m().login(true);
@@ -316,6 +338,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             username,
                             token,
                             request_id,
+                            answered: std::mem::take(&mut deferred),
                         };
                         return move_to_home(shard, stream, buf, login, guards).await;
                     }
@@ -323,10 +346,40 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 }
             }
         };
-        if write_frame(&mut stream, &mut out, &shard, &reply).await.is_err() {
+        deferred.push(reply);
+        let more = buf.buffered() > 0 && deferred.len() < DEFERRED_MAX;
+        if !more
+            && write_frames(&mut stream, &mut out, &shard, &mut deferred)
+                .await
+                .is_err()
+        {
             return;
         }
     }
+}
+
+/// Most pre-login answers held back for one write (see `deferred` in
+/// [`serve`]): enough for Hello + LoginToken + Sync with room to spare,
+/// few enough that a client pipelining pings cannot make a large batch.
+const DEFERRED_MAX: usize = 8;
+
+/// Writes `frames` (in order) in one write and empties it.
+async fn write_frames(
+    stream: &mut Transport,
+    out: &mut AlignedVec,
+    shard: &Shard,
+    frames: &mut Vec<ServerFrame>,
+) -> io::Result<()> {
+    out.clear();
+    let count = frames.len() as u64;
+    for frame in frames.drain(..) {
+        encode_server(&frame, out, shard.config.max_frame_bytes).map_err(io::Error::other)?;
+        if let ServerBody::Error { code, .. } | ServerBody::Disconnect { code, .. } = &frame.body {
+            shard.m().error(*code);
+        }
+    }
+    shard.m().frames_out(count, out.len());
+    write_batch(stream, out).await
 }
 
 /// What ended a pre-login wait.
@@ -487,6 +540,9 @@ struct LoggedIn {
     username: String,
     token: Vec<u8>,
     request_id: u64,
+    /// Answers to earlier pre-login frames not written yet; they go out
+    /// before `LoggedIn`.
+    answered: Vec<ServerFrame>,
 }
 
 /// Continues a logged-in connection on its user's home shard.
@@ -496,14 +552,25 @@ struct LoggedIn {
 /// what its session needs for the rest of its life.
 async fn move_to_home(
     shard: Rc<Shard>,
-    stream: Transport,
+    mut stream: Transport,
     mut buf: FrameBuf,
-    login: LoggedIn,
+    mut login: LoggedIn,
     guards: Guards,
 ) {
     let home = shard.home_of(login.user);
     if home == shard.index {
         return start_session(shard, stream, buf, login, guards);
+    }
+    // Written here rather than carried along: the other shard answers
+    // only the login.
+    if !login.answered.is_empty() {
+        let mut out = AlignedVec::new();
+        if write_frames(&mut stream, &mut out, &shard, &mut login.answered)
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
     // Uncounted here (the guards go with this task); the home shard
     // counts the socket when it adopts it.
@@ -557,6 +624,7 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
         username: handoff.username,
         token: handoff.token,
         request_id: handoff.request_id,
+        answered: Vec::new(),
     };
     start_session(shard, stream, buf, login, guards);
 }
@@ -594,6 +662,9 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
             token: login.token,
         },
     };
+    for answer in &login.answered {
+        let _ = outbox.push(answer);
+    }
     let _ = outbox.push(&logged_in);
     if first_session {
         glommio::spawn_local(shard.clone().announce_presence(user, true)).detach();

@@ -127,3 +127,185 @@ fn third_session_is_limit_exceeded() {
         });
     }
 }
+
+/// Asserts that `token` no longer logs in.
+fn assert_token_refused(server: &TestServer, token: &[u8], why: &str) {
+    let refused = server.connect().login_token(token);
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Server {
+                code: ErrorCode::AuthFailed,
+                ..
+            })
+        ),
+        "{why}: {refused:?}"
+    );
+}
+
+#[test]
+fn tokens_that_logged_in_before_are_refused_after_logout_and_password_change() {
+    // A token that logged in once is answered from memory afterwards;
+    // revoking it must reach that memory too.
+    let server = TestServer::start();
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("tokc{shard}_"), shard);
+        let first = server
+            .connect()
+            .login(&user.name, PASSWORD)
+            .expect("password login");
+        for _ in 0..3 {
+            let again = server.connect().login_token(&first.token).expect("token login");
+            assert_eq!((again.user, again.username), (user.id, user.name.clone()));
+        }
+        let mut by_token = server.connect();
+        by_token.login_token(&first.token).expect("token login");
+        by_token.logout().expect("logout");
+        assert_token_refused(&server, &first.token, "a logged-out token");
+
+        let second = server
+            .connect()
+            .login(&user.name, PASSWORD)
+            .expect("password login");
+        let mut session = server.connect();
+        session.login_token(&second.token).expect("token login");
+        session
+            .change_password(PASSWORD, "a-new-password")
+            .expect("change password");
+        assert_token_refused(&server, &second.token, "a token from before a password change");
+        let third = server
+            .connect()
+            .login(&user.name, "a-new-password")
+            .expect("login with the new password");
+        server
+            .connect()
+            .login_token(&third.token)
+            .expect("a new token logs in");
+    }
+}
+
+#[test]
+fn tokens_that_logged_in_before_still_expire() {
+    let ttl = std::time::Duration::from_millis(400);
+    let server = TestServer::start_with(|config| config.store.token_ttl = ttl);
+    let user = server.user_on_shard("tokx_", 0);
+    let session = server
+        .connect()
+        .login(&user.name, PASSWORD)
+        .expect("password login");
+    server.connect().login_token(&session.token).expect("token login");
+    server
+        .connect()
+        .login_token(&session.token)
+        .expect("token login again");
+    std::thread::sleep(ttl * 2);
+    assert_token_refused(&server, &session.token, "an expired token");
+}
+
+#[test]
+fn hello_login_token_and_sync_in_one_write_are_answered_in_order() {
+    use tern_proto::{encode_client, ClientBody, ClientFrame, ServerBody};
+
+    let server = TestServer::start();
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("pipe{shard}_"), shard);
+        let session = server
+            .connect()
+            .login(&user.name, PASSWORD)
+            .expect("password login");
+        let mut raw = RawConn::connect(server.addr());
+        let mut out = rkyv::util::AlignedVec::new();
+        let bodies = [
+            ClientBody::Hello {
+                version: tern_proto::PROTOCOL_VERSION,
+                client_name: "pipelined".into(),
+            },
+            ClientBody::LoginToken {
+                token: session.token.clone(),
+            },
+            ClientBody::Sync { cursors: Vec::new() },
+        ];
+        for (request_id, body) in (1..).zip(bodies) {
+            encode_client(&ClientFrame { request_id, body }, &mut out, 1 << 20).expect("encode");
+        }
+        raw.send_raw(&out).expect("write");
+        let mut answers = Vec::new();
+        while answers.len() < 3 {
+            let frame = raw.expect_frame();
+            if frame.request_id != 0 {
+                answers.push(frame);
+            }
+        }
+        assert!(
+            matches!(answers[0].body, ServerBody::HelloOk { .. }),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(&answers[1].body, ServerBody::LoggedIn { user: id, .. } if *id == user.id),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[2].body, ServerBody::SyncDone { .. }),
+            "{answers:?}"
+        );
+        assert_eq!(
+            answers.iter().map(|a| a.request_id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+    }
+}
+
+#[test]
+fn a_pipelined_login_that_is_refused_refuses_what_follows_it() {
+    use tern_proto::{encode_client, ClientBody, ClientFrame, ServerBody};
+
+    let server = TestServer::start();
+    let mut raw = RawConn::connect(server.addr());
+    let mut out = rkyv::util::AlignedVec::new();
+    let bodies = [
+        ClientBody::Hello {
+            version: tern_proto::PROTOCOL_VERSION,
+            client_name: "pipelined".into(),
+        },
+        ClientBody::LoginToken { token: vec![9; 32] },
+        ClientBody::Sync { cursors: Vec::new() },
+        ClientBody::Ping { nonce: 7 },
+    ];
+    for (request_id, body) in (1..).zip(bodies) {
+        encode_client(&ClientFrame { request_id, body }, &mut out, 1 << 20).expect("encode");
+    }
+    raw.send_raw(&out).expect("write");
+    let answers: Vec<_> = (0..4).map(|_| raw.expect_frame()).collect();
+    assert!(
+        matches!(answers[0].body, ServerBody::HelloOk { .. }),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(
+            answers[1].body,
+            ServerBody::Error {
+                code: ErrorCode::AuthFailed,
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(
+            answers[2].body,
+            ServerBody::Error {
+                code: ErrorCode::InvalidState,
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[3].body, ServerBody::Pong { nonce: 7 }),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().map(|a| a.request_id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+}

@@ -268,6 +268,16 @@ pub struct ConnectArgs {
     /// per user means fewer slow password registrations before the run.
     #[arg(long, default_value_t = 1)]
     pub sessions_per_user: usize,
+    /// Open each session one round trip at a time (Hello, then LoginToken,
+    /// then Sync) instead of sending the three in one write.
+    #[arg(long)]
+    pub serial_setup: bool,
+    /// Connection attempts in flight at once (all processes together).
+    /// Keep it under the server's accept backlog (ternd: 1024 per shard):
+    /// past it the kernel drops SYNs, and each dropped one waits a second
+    /// to be retransmitted.
+    #[arg(long, default_value_t = 512)]
+    pub max_pending: usize,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,18 +8,28 @@
 //! idle timeout and validate whatever the server sends. Users may carry
 //! several sessions each (`--sessions-per-user`), which keeps the slow
 //! password setup short for large counts.
+//!
+//! At most `--max-pending` attempts are in flight at once: a burst larger
+//! than the server's accept backlog would otherwise lose SYNs, and each
+//! lost SYN costs its connection the kernel's one-second retransmit, which
+//! measures that timer rather than the server. A session's `Hello`,
+//! `LoginToken` and `Sync` go out in one write unless `--serial-setup`.
 
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::future;
+use glommio::sync::Semaphore;
 use tern_proto::ArchivedServerBody;
 
 use crate::cli::ConnectArgs;
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
-use crate::wire::{frame_failure, keep_alive, now_ns, open_session, read_frames, sleep_until_ns, WireError};
+use crate::wire::{
+    frame_failure, keep_alive, now_ns, open_session, open_session_serial, read_frames, sleep_until_ns,
+    WireError,
+};
 use crate::worker::{finish_outcome, secs_between, wait_until, Ctx};
 
 /// Total users for `connections` sessions at `per_user` sessions each.
@@ -34,6 +44,7 @@ pub fn sessions_of(u: usize, connections: usize, per_user: usize) -> usize {
 
 pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let per_user = args.sessions_per_user;
+    let serial = args.serial_setup;
     let users = ctx
         .plan
         .exec_share(users_needed(args.connections, per_user), ctx.exec);
@@ -54,14 +65,22 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let established = Rc::new(Cell::new(0u64));
     let failed = Rc::new(Cell::new(0u64));
     let last_done_ns = Rc::new(Cell::new(0u64));
+    // This executor's share of the attempts allowed in flight at once.
+    let pending = Rc::new(Semaphore::new(
+        (args.max_pending as f64 / slots).ceil().max(1.0) as u64
+    ));
     let start_ns = now_ns();
     let mut held = Vec::with_capacity(attempts.len());
     for (k, &(conn_no, token_index)) in attempts.iter().enumerate() {
         let intended_ns = start_ns + k as u64 * interval_ns;
         let (ctx, tokens) = (ctx.clone(), tokens.clone());
         let (established, failed, last_done_ns) = (established.clone(), failed.clone(), last_done_ns.clone());
+        let pending = pending.clone();
         held.push(glommio::spawn_local(async move {
             sleep_until_ns(intended_ns).await;
+            // Never closed, so this cannot fail; the attempt waits its turn
+            // (and that wait counts in its latency).
+            let permit = pending.acquire_permit(1).await;
             let Some(Some(token)) = tokens.get(token_index) else {
                 // The user's setup failed (already counted there).
                 failed.set(failed.get() + 1);
@@ -69,8 +88,14 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
                 return;
             };
             let timeout = ctx.plan.cli.common.connect_timeout();
-            let opened = open_session(ctx.plan.cli.common.server, ctx.source(conn_no), token, timeout).await;
+            let (server, source) = (ctx.plan.cli.common.server, ctx.source(conn_no));
+            let opened = if serial {
+                open_session_serial(server, source, token, timeout).await
+            } else {
+                open_session(server, source, token, timeout).await
+            };
             last_done_ns.set(now_ns());
+            drop(permit);
             let conn = match opened {
                 Ok((conn, _user)) => conn,
                 Err(e) => {

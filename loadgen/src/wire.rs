@@ -184,11 +184,18 @@ pub struct Conn {
     limits: ServerLimits,
 }
 
+/// The `Hello` every connection opens with.
+fn hello() -> ClientBody {
+    ClientBody::Hello {
+        version: PROTOCOL_VERSION,
+        client_name: concat!("loadgen/", env!("CARGO_PKG_VERSION")).into(),
+    }
+}
+
 impl Conn {
-    /// Dials and completes the Hello exchange.
-    pub async fn open(server: SocketAddr, source: Option<Ipv4Addr>) -> Result<Conn, WireError> {
-        let stream = dial(server, source)?;
-        let mut conn = Conn {
+    /// A connection that has sent nothing yet.
+    fn new(stream: TcpStream) -> Conn {
+        Conn {
             stream,
             buf: FrameBuf::new(DEFAULT_MAX_FRAME_BYTES),
             out: AlignedVec::new(),
@@ -197,12 +204,13 @@ impl Conn {
                 max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
                 idle_timeout: Duration::ZERO,
             },
-        };
-        let hello = ClientBody::Hello {
-            version: PROTOCOL_VERSION,
-            client_name: concat!("loadgen/", env!("CARGO_PKG_VERSION")).into(),
-        };
-        match conn.request(hello).await? {
+        }
+    }
+
+    /// Dials and completes the Hello exchange.
+    pub async fn open(server: SocketAddr, source: Option<Ipv4Addr>) -> Result<Conn, WireError> {
+        let mut conn = Conn::new(dial(server, source)?);
+        match conn.request(hello()).await? {
             ServerBody::HelloOk {
                 version,
                 max_frame_bytes,
@@ -245,6 +253,25 @@ impl Conn {
             }
             if let ServerBody::Disconnect { code, message, .. } = frame.body {
                 return Err(WireError::Disconnected { code, message });
+            }
+        }
+    }
+
+    /// Reads frames until `on_frame` returns a value, validating each
+    /// one in place (nothing is deserialized unless `on_frame` does it).
+    async fn recv_with<T>(
+        &mut self,
+        mut on_frame: impl FnMut(&ArchivedServerFrame) -> Result<Option<T>, WireError>,
+    ) -> Result<T, WireError> {
+        loop {
+            while let Some(body) = self.buf.next_body()? {
+                if let Some(done) = on_frame(decode_server(body)?)? {
+                    return Ok(done);
+                }
+            }
+            match fill(&mut self.stream, &mut self.buf).await? {
+                Filled::Bytes(_) => {}
+                Filled::Eof => return Err(WireError::Closed),
             }
         }
     }
@@ -332,7 +359,92 @@ fn unexpected(wanted: &str, got: &ServerBody) -> WireError {
 /// session syncs (with no cursors: this client keeps no history). Backlog
 /// streamed by the sync (left by an earlier run of reused users) arrives
 /// before `SyncDone` and is dropped by [`Conn::request`].
+///
+/// `Hello`, `LoginToken` and `Sync` go out in one write and their answers
+/// are read as they come: the server serves a connection's frames in order
+/// (protocol section 2.1), so a client need not wait a round trip between
+/// them. That is one write and, usually, one wake-up on each side instead
+/// of three; [`open_session_serial`] waits for each answer instead.
 pub async fn open_session(
+    server: SocketAddr,
+    source: Option<Ipv4Addr>,
+    token: &[u8],
+    timeout: Duration,
+) -> Result<(Conn, UserId), WireError> {
+    let attempt = async {
+        let mut conn = Conn::new(dial(server, source)?);
+        let bodies = [
+            hello(),
+            ClientBody::LoginToken {
+                token: token.to_vec(),
+            },
+            ClientBody::Sync { cursors: Vec::new() },
+        ];
+        conn.out.clear();
+        for (request_id, body) in (1..).zip(bodies) {
+            encode_client(
+                &ClientFrame { request_id, body },
+                &mut conn.out,
+                DEFAULT_MAX_FRAME_BYTES,
+            )?;
+        }
+        conn.next_request_id = 4;
+        write_batch(&mut conn.stream, &conn.out).await?;
+        let mut limits = None;
+        let mut user = None;
+        conn.recv_with(|frame| {
+            use tern_proto::ArchivedServerBody as B;
+            let request_id = frame.request_id.to_native();
+            if request_id == 0 {
+                // A push: only a `Disconnect` matters during setup.
+                return match &frame.body {
+                    B::Disconnect { .. } => Err(frame_failure(frame).unwrap_or(WireError::Closed)),
+                    _ => Ok(None),
+                };
+            }
+            if let Some(failure) = frame_failure(frame) {
+                return Err(failure);
+            }
+            match (request_id, &frame.body) {
+                (
+                    1,
+                    B::HelloOk {
+                        version,
+                        max_frame_bytes,
+                        idle_timeout_ms,
+                    },
+                ) if *version == PROTOCOL_VERSION => {
+                    limits = Some(ServerLimits {
+                        max_frame_bytes: max_frame_bytes.to_native(),
+                        idle_timeout: Duration::from_millis(u64::from(idle_timeout_ms.to_native())),
+                    });
+                    Ok(None)
+                }
+                (2, B::LoggedIn { user: id, .. }) if limits.is_some() => {
+                    user = Some(id.to_native());
+                    Ok(None)
+                }
+                (3, B::SyncDone { .. }) => match (limits, user) {
+                    (Some(limits), Some(user)) => Ok(Some((limits, user))),
+                    _ => Err(WireError::Protocol("SyncDone before HelloOk and LoggedIn".into())),
+                },
+                (id, _) => Err(WireError::Protocol(format!(
+                    "unexpected answer to request {id} while opening a session"
+                ))),
+            }
+        })
+        .await
+        .map(|(limits, user)| {
+            conn.limits = limits;
+            (conn, user)
+        })
+    };
+    with_timeout(timeout, attempt).await
+}
+
+/// [`open_session`] one round trip at a time: `Hello`, then `LoginToken`,
+/// then `Sync`, each sent once the previous answer is in.
+pub async fn open_session_serial(
     server: SocketAddr,
     source: Option<Ipv4Addr>,
     token: &[u8],

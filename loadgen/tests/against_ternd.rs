@@ -123,6 +123,24 @@ fn pairs_and_connect_against_a_real_server() {
     assert_eq!(connect["connections"].as_u64(), Some(50), "{connect}");
     assert_eq!(connect["errors"].as_u64(), Some(0), "{connect}");
     assert!(connect["server_rss_kib_per_conn"].is_number(), "{connect}");
+
+    // One round trip at a time, few attempts in flight: the other path.
+    let serial = loadgen(
+        &addr,
+        &dir.path().join("connect-serial.json"),
+        &[
+            "connect",
+            "--connections",
+            "20",
+            "--serial-setup",
+            "--max-pending",
+            "3",
+            "--hold-secs",
+            "1",
+        ],
+    );
+    assert_eq!(serial["connections"].as_u64(), Some(20), "{serial}");
+    assert_eq!(serial["errors"].as_u64(), Some(0), "{serial}");
 }
 
 #[test]

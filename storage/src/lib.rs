@@ -36,6 +36,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistM
 pub use error::StoreError;
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
+pub use tokens::TOKEN_CACHE_MAX;
 pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats};
 
 /// fjall's flush and compaction threads. The store is small and written
@@ -165,6 +166,8 @@ struct Inner {
     friends_lock: Mutex<()>,
     /// Serialises group changes (member counts) and owns the next group id.
     groups_lock: Mutex<u64>,
+    /// Live tokens recently verified (see the `tokens` module).
+    token_cache: tokens::TokenCache,
 }
 
 impl Store {
@@ -224,6 +227,7 @@ impl Store {
             highest_user: AtomicU64::new(next_user.saturating_sub(1)),
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
+            token_cache: tokens::TokenCache::new(),
         };
         Ok(Store {
             inner: Arc::new(inner),

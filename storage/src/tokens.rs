@@ -4,15 +4,92 @@
 //! does not hand out live sessions; the token itself is 32 random bytes,
 //! enough entropy that a fast unsalted hash is the right tool (nothing to
 //! brute-force, unlike a password).
+//!
+//! It also owns [`TokenCache`]: the tokens recently verified, with their
+//! user and username, in memory, so that a reconnect (`LoginToken`) can be
+//! answered without a disk read and without leaving the calling thread
+//! ([`Store::cached_token_login`]). Every revocation goes through this
+//! module and drops the cached entries it revokes; a cached entry past its
+//! expiry is never returned.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use tern_proto::limits::TOKEN_LEN;
 
 use crate::codec::{self, TOKEN_HASH_LEN};
-use crate::{now_unix_ms, Inner, Store, StoreError, UserId};
+use crate::{lock, now_unix_ms, Inner, Store, StoreError, UserId};
 
 fn digest(token: &[u8]) -> [u8; TOKEN_HASH_LEN] {
     Sha256::digest(token).into()
+}
+
+/// Most tokens the cache holds (about 100 bytes each). When full it is
+/// emptied and refills from the store on the next logins: simple, bounded,
+/// and a miss costs only what every token login cost before the cache.
+pub const TOKEN_CACHE_MAX: usize = 65_536;
+
+/// A verified token, as cached.
+struct CachedToken {
+    user: UserId,
+    username: String,
+    expires_at_ms: u64,
+}
+
+struct CacheState {
+    /// sha256(token) -> what it verified as: a memory dump shows digests,
+    /// which log no one in, as in the store.
+    entries: HashMap<[u8; TOKEN_HASH_LEN], CachedToken>,
+    /// Counts revocations. A fill carries the epoch it read before going
+    /// to the store and lands only if no revocation happened since: a
+    /// verify that read a token just before a revocation committed must
+    /// not put it back after the revocation cleared it.
+    epoch: u64,
+}
+
+/// Live tokens recently verified; see the module documentation.
+pub(crate) struct TokenCache {
+    state: Mutex<CacheState>,
+}
+
+impl TokenCache {
+    pub(crate) fn new() -> TokenCache {
+        TokenCache {
+            state: Mutex::new(CacheState {
+                entries: HashMap::new(),
+                epoch: 0,
+            }),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        lock(&self.state).epoch
+    }
+
+    fn get(&self, hash: &[u8; TOKEN_HASH_LEN], now_ms: u64) -> Option<(UserId, String)> {
+        let state = lock(&self.state);
+        let cached = state.entries.get(hash)?;
+        (cached.expires_at_ms > now_ms).then(|| (cached.user, cached.username.clone()))
+    }
+
+    fn fill(&self, hash: [u8; TOKEN_HASH_LEN], entry: CachedToken, epoch: u64) {
+        let mut state = lock(&self.state);
+        if state.epoch != epoch {
+            return;
+        }
+        if state.entries.len() >= TOKEN_CACHE_MAX {
+            state.entries.clear();
+        }
+        state.entries.insert(hash, entry);
+    }
+
+    /// Forgets the cached tokens `revoked` picks (and any fill in flight).
+    fn revoke(&self, revoked: impl Fn(&[u8; TOKEN_HASH_LEN], &CachedToken) -> bool) {
+        let mut state = lock(&self.state);
+        state.entries.retain(|hash, cached| !revoked(hash, cached));
+        state.epoch = state.epoch.wrapping_add(1);
+    }
 }
 
 impl Inner {
@@ -74,19 +151,38 @@ impl Store {
     /// The user a token belongs to. Unknown, expired and wrong-length
     /// tokens are all [`StoreError::AuthFailed`].
     pub fn verify_token(&self, token: &[u8]) -> Result<UserId, StoreError> {
-        if token.len() != TOKEN_LEN {
-            return Err(StoreError::AuthFailed);
-        }
-        let inner = &*self.inner;
-        let hash = digest(token);
-        let Some(value) = inner.tokens.get(&hash)? else {
-            return Err(StoreError::AuthFailed);
-        };
-        let (user, expires) = codec::decode_token(&value).map_err(|d| inner.tokens.corrupt(&hash, d))?;
-        if expires <= now_unix_ms() {
-            return Err(StoreError::AuthFailed);
-        }
+        let (user, _) = self.inner.live_token(token, &digest(token))?;
         Ok(user)
+    }
+
+    /// The user and username a token logs in as: [`Store::verify_token`]
+    /// and [`Store::username`] in one call, which also caches the answer
+    /// for [`Store::cached_token_login`].
+    pub fn token_login(&self, token: &[u8]) -> Result<(UserId, String), StoreError> {
+        let inner = &*self.inner;
+        // Read before the store: see `CacheState::epoch`.
+        let epoch = inner.token_cache.epoch();
+        let hash = digest(token);
+        let (user, expires_at_ms) = inner.live_token(token, &hash)?;
+        let username = self.username(user)?.ok_or(StoreError::AuthFailed)?;
+        let cached = CachedToken {
+            user,
+            username: username.clone(),
+            expires_at_ms,
+        };
+        inner.token_cache.fill(hash, cached, epoch);
+        Ok((user, username))
+    }
+
+    /// [`Store::token_login`] answered from memory, never touching the
+    /// disk (so a shard may call it on its own thread): `None` when the
+    /// token is not cached or has expired, and the caller asks
+    /// [`Store::token_login`]. A revoked token is never cached.
+    pub fn cached_token_login(&self, token: &[u8]) -> Option<(UserId, String)> {
+        if token.len() != TOKEN_LEN {
+            return None;
+        }
+        self.inner.token_cache.get(&digest(token), now_unix_ms())
     }
 
     /// Removes one token (a logout) and returns whether it was live.
@@ -97,15 +193,10 @@ impl Store {
         }
         let inner = &*self.inner;
         let hash = digest(token);
-        let Some(value) = inner.tokens.get(&hash)? else {
-            return Ok(false);
-        };
-        let (user, _) = codec::decode_token(&value).map_err(|d| inner.tokens.corrupt(&hash, d))?;
-        let mut batch = inner.db.batch();
-        batch.remove(&inner.tokens.handle, hash);
-        batch.remove(&inner.user_tokens.handle, codec::user_token_key(user, &hash));
-        inner.commit(batch, true)?;
-        Ok(true)
+        let revoked = inner.revoke_token(&hash);
+        // Also when the commit failed: it may have landed anyway.
+        inner.token_cache.revoke(|cached, _| *cached == hash);
+        revoked
     }
 
     /// Removes every token of `user` and returns how many there were.
@@ -114,8 +205,85 @@ impl Store {
     pub fn revoke_tokens(&self, user: UserId) -> Result<usize, StoreError> {
         let inner = &*self.inner;
         let mut batch = inner.db.batch();
-        let removed = inner.sweep_tokens(&mut batch, user, u64::MAX)?;
-        inner.commit(batch, true)?;
-        Ok(removed)
+        let swept = inner.sweep_tokens(&mut batch, user, u64::MAX);
+        let removed = swept.and_then(|removed| inner.commit(batch, true).map(|()| removed));
+        inner.token_cache.revoke(|_, cached| cached.user == user);
+        removed
+    }
+}
+
+impl Inner {
+    /// The user and expiry of a live token.
+    fn live_token(&self, token: &[u8], hash: &[u8; TOKEN_HASH_LEN]) -> Result<(UserId, u64), StoreError> {
+        if token.len() != TOKEN_LEN {
+            return Err(StoreError::AuthFailed);
+        }
+        let Some(value) = self.tokens.get(hash)? else {
+            return Err(StoreError::AuthFailed);
+        };
+        let (user, expires) = codec::decode_token(&value).map_err(|d| self.tokens.corrupt(hash, d))?;
+        if expires <= now_unix_ms() {
+            return Err(StoreError::AuthFailed);
+        }
+        Ok((user, expires))
+    }
+
+    fn revoke_token(&self, hash: &[u8; TOKEN_HASH_LEN]) -> Result<bool, StoreError> {
+        let Some(value) = self.tokens.get(hash)? else {
+            return Ok(false);
+        };
+        let (user, _) = codec::decode_token(&value).map_err(|d| self.tokens.corrupt(hash, d))?;
+        let mut batch = self.db.batch();
+        batch.remove(&self.tokens.handle, *hash);
+        batch.remove(&self.user_tokens.handle, codec::user_token_key(user, hash));
+        self.commit(batch, true)?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(user: UserId, expires_at_ms: u64) -> CachedToken {
+        CachedToken {
+            user,
+            username: format!("user{user}"),
+            expires_at_ms,
+        }
+    }
+
+    fn hash(n: usize) -> [u8; TOKEN_HASH_LEN] {
+        digest(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound() {
+        let cache = TokenCache::new();
+        for n in 0..TOKEN_CACHE_MAX {
+            cache.fill(hash(n), entry(1, u64::MAX), 0);
+        }
+        assert_eq!(lock(&cache.state).entries.len(), TOKEN_CACHE_MAX);
+        assert!(cache.get(&hash(0), 0).is_some());
+        // One more empties it first.
+        cache.fill(hash(TOKEN_CACHE_MAX), entry(1, u64::MAX), 0);
+        assert_eq!(lock(&cache.state).entries.len(), 1);
+        assert!(cache.get(&hash(0), 0).is_none());
+        assert!(cache.get(&hash(TOKEN_CACHE_MAX), 0).is_some());
+    }
+
+    #[test]
+    fn a_fill_that_started_before_a_revocation_is_dropped() {
+        let cache = TokenCache::new();
+        let before = cache.epoch();
+        cache.revoke(|_, cached| cached.user == 1);
+        cache.fill(hash(1), entry(1, u64::MAX), before);
+        assert!(cache.get(&hash(1), 0).is_none());
+        cache.fill(hash(1), entry(1, u64::MAX), cache.epoch());
+        assert_eq!(cache.get(&hash(1), 0), Some((1, "user1".to_owned())));
+        // Expired entries are not returned.
+        cache.fill(hash(2), entry(2, 100), cache.epoch());
+        assert!(cache.get(&hash(2), 99).is_some());
+        assert!(cache.get(&hash(2), 100).is_none());
     }
 }

@@ -206,6 +206,94 @@ fn revoke_token_removes_only_that_token() {
 }
 
 #[test]
+fn token_login_caches_and_every_revocation_clears_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    let bob = store.register("bob", b"password2").unwrap();
+    let a1 = store.issue_token(alice).unwrap();
+    let a2 = store.issue_token(alice).unwrap();
+    let b1 = store.issue_token(bob).unwrap();
+    // Not cached until a login verified it against the store.
+    assert_eq!(store.cached_token_login(&a1), None);
+    for token in [&a1, &a2] {
+        assert_eq!(store.token_login(token).unwrap(), (alice, "alice".to_owned()));
+        assert_eq!(store.cached_token_login(token), Some((alice, "alice".to_owned())));
+    }
+    assert_eq!(store.token_login(&b1).unwrap(), (bob, "bob".to_owned()));
+    assert_eq!(store.cached_token_login(&a1[..31]), None);
+    assert!(matches!(
+        store.token_login(&[7u8; 32]),
+        Err(StoreError::AuthFailed)
+    ));
+    assert_eq!(
+        store.cached_token_login(&[7u8; 32]),
+        None,
+        "a refused token is not cached"
+    );
+
+    // A logout forgets that token only.
+    assert!(store.revoke_token(&a1).unwrap());
+    assert_eq!(store.cached_token_login(&a1), None);
+    assert!(matches!(store.token_login(&a1), Err(StoreError::AuthFailed)));
+    assert_eq!(store.cached_token_login(&a2), Some((alice, "alice".to_owned())));
+
+    // Revoking a user's tokens (admin revoke, password change) forgets all
+    // of that user's, and no one else's.
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 1);
+    assert_eq!(store.cached_token_login(&a2), None);
+    assert!(matches!(store.token_login(&a2), Err(StoreError::AuthFailed)));
+    assert_eq!(store.cached_token_login(&b1), Some((bob, "bob".to_owned())));
+
+    // The same through a password change as the server does it.
+    store.set_password(bob, b"password3").unwrap();
+    store.revoke_tokens(bob).unwrap();
+    assert_eq!(store.cached_token_login(&b1), None);
+}
+
+#[test]
+fn cached_tokens_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.token_ttl = tiny_ttl());
+    let alice = store.register("alice", b"password1").unwrap();
+    let token = store.issue_token(alice).unwrap();
+    assert_eq!(store.token_login(&token).unwrap().0, alice);
+    assert!(store.cached_token_login(&token).is_some());
+    std::thread::sleep(tiny_ttl() * 2);
+    assert_eq!(store.cached_token_login(&token), None);
+    assert!(matches!(store.token_login(&token), Err(StoreError::AuthFailed)));
+}
+
+#[test]
+fn a_revocation_racing_token_logins_never_leaves_the_token_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    for _ in 0..20 {
+        let token = store.issue_token(alice).unwrap();
+        let barrier = Arc::new(Barrier::new(3));
+        let logins: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    for _ in 0..50 {
+                        let _ = store.token_login(&token);
+                    }
+                })
+            })
+            .collect();
+        barrier.wait();
+        store.revoke_token(&token).unwrap();
+        for login in logins {
+            login.join().unwrap();
+        }
+        assert_eq!(store.cached_token_login(&token), None);
+        assert!(matches!(store.token_login(&token), Err(StoreError::AuthFailed)));
+    }
+}
+
+#[test]
 fn set_password_replaces_the_old_one_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let alice;
