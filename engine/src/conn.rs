@@ -42,7 +42,6 @@ use tern_proto::{
 };
 
 use crate::catchup::{self, SyncError};
-use crate::config::Config;
 use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Request};
@@ -701,22 +700,10 @@ pub fn new_outbox(shard: &Shard) -> Rc<Outbox> {
 fn run_session(conn: Conn, stream: Transport, buf: FrameBuf, guards: Guards) {
     let config = &conn.shard.config;
     let _ = stream.tcp().set_write_timeout(Some(config.write_timeout));
-    let _ = stream.tcp().set_read_timeout(Some(session_read_timeout(
-        config,
-        conn.session.idle_deadline_ms(),
-    )));
+    let _ = stream.tcp().set_read_timeout(Some(conn.read_timeout()));
     let (reader, writer) = split(stream);
     let writer = glommio::spawn_local(write_loop(writer, conn.outbox.clone()));
     glommio::spawn_local(serve_session(conn, reader, buf, writer, guards)).detach();
-}
-
-/// How long a session's read may wait: until the session should park if
-/// sessions park, and never past its idle deadline.
-fn session_read_timeout(config: &Config, idle_deadline_ms: u64) -> Duration {
-    let idle_left = Duration::from_millis(idle_deadline_ms.saturating_sub(now_ms()));
-    let wait = config.parks_after().map_or(idle_left, |park| park.min(idle_left));
-    // A zero timeout would mean none at all.
-    wait.max(Duration::from_millis(1))
 }
 
 /// Why a session's read loop returned.
@@ -1193,8 +1180,21 @@ impl Conn {
     /// Goes on reading after a quiet spell that did not end in parking:
     /// the next read waits no longer than the session may stay silent.
     fn keep_reading(&self, reader: &ReadHalf<Transport>) {
-        let timeout = session_read_timeout(&self.shard.config, self.session.idle_deadline_ms());
+        let timeout = self.read_timeout();
         let _ = reader.with_stream(|stream| stream.tcp().set_read_timeout(Some(timeout)));
+    }
+
+    /// How long the session's next read may wait: until it should park if
+    /// sessions park, and never past its idle deadline.
+    fn read_timeout(&self) -> Duration {
+        let idle_left = Duration::from_millis(self.session.idle_deadline_ms().saturating_sub(now_ms()));
+        let wait = self
+            .shard
+            .config
+            .parks_after()
+            .map_or(idle_left, |park| park.min(idle_left));
+        // A zero timeout would mean none at all.
+        wait.max(Duration::from_millis(1))
     }
 
     fn push(&self, frame: &ServerFrame) {

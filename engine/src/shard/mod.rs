@@ -81,6 +81,14 @@ impl ConnEntry {
             Link::Live(_) => None,
         }
     }
+
+    /// Resumes the session if it is parked and `due` says so of its idle
+    /// deadline.
+    fn resume_if_parked(&self, due: impl FnOnce(u64) -> bool) {
+        if self.parked_deadline_ms().is_some_and(due) {
+            self.outbox();
+        }
+    }
 }
 
 /// Whether a session receives messages yet.
@@ -369,21 +377,12 @@ impl Shard {
         });
     }
 
-    /// Resumes connection `key` if it is parked (a stale key does nothing).
-    pub fn resume_parked(&self, key: ConnKey) {
-        self.with_conn(key, |entry| {
-            if entry.parked_deadline_ms().is_some() {
-                entry.outbox();
-            }
-        });
-    }
-
     /// Resumes every parked session (parking broke down).
     pub fn resume_all_parked(&self) {
+        // Resuming only spawns tasks and swaps the entry's link, so the
+        // table can stay borrowed.
         for (_, entry) in self.conns.borrow().iter() {
-            if entry.parked_deadline_ms().is_some() {
-                entry.outbox();
-            }
+            entry.resume_if_parked(|_| true);
         }
     }
 
@@ -392,22 +391,8 @@ impl Shard {
     /// closes it with `Disconnect(IdleTimeout)`, unless a frame is there
     /// after all.
     pub fn sweep_parked(&self, now_ms: u64) {
-        let expired: Vec<ConnKey> = self
-            .conns
-            .borrow()
-            .iter()
-            .filter(|(_, entry)| {
-                entry
-                    .parked_deadline_ms()
-                    .is_some_and(|deadline| deadline <= now_ms)
-            })
-            .map(|(slot, entry)| ConnKey {
-                slot: slot as u32,
-                generation: entry.generation,
-            })
-            .collect();
-        for key in expired {
-            self.resume_parked(key);
+        for (_, entry) in self.conns.borrow().iter() {
+            entry.resume_if_parked(|deadline| deadline <= now_ms);
         }
     }
 
