@@ -10,7 +10,9 @@
 //! sending at the same instant — and carries that intended time, so when the server (or
 //! the window) holds the sender back the wait counts as latency — no
 //! coordinated omission. Receivers check the sender and the order of every
-//! message; anything unexpected is an error.
+//! message; anything unexpected is an error. Senders time each `Sent`
+//! from the same intended time: the acknowledgement latency, reported
+//! beside the delivery latency.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -40,6 +42,43 @@ struct Pair {
     delivered: Cell<u64>,
     check: Rc<RefCell<StreamCheck>>,
     sender_done: Cell<bool>,
+    sends: SendTimes,
+}
+
+/// The intended send time of each message in flight, by `client_msg_id`,
+/// so that its `Sent` can be timed. A fixed ring of four windows: the
+/// window bounds what is sent but not yet delivered, and a `Sent` trails
+/// its delivery by far less than three windows. A slot already reused
+/// (which would take an acknowledgement lagging that far) is not timed
+/// rather than timed wrongly.
+struct SendTimes {
+    slots: RefCell<Vec<(u64, u64)>>,
+}
+
+impl SendTimes {
+    fn new(window: usize) -> SendTimes {
+        let len = window.saturating_mul(4).max(1).next_power_of_two();
+        SendTimes {
+            slots: RefCell::new(vec![(0, 0); len]),
+        }
+    }
+
+    fn slot(len: usize, client_msg_id: u64) -> usize {
+        (client_msg_id as usize) & (len - 1)
+    }
+
+    fn sent(&self, client_msg_id: u64, intended_ns: u64) {
+        let mut slots = self.slots.borrow_mut();
+        let at = Self::slot(slots.len(), client_msg_id);
+        slots[at] = (client_msg_id, intended_ns);
+    }
+
+    /// The intended send time of `client_msg_id`, if its slot still holds it.
+    fn acked(&self, client_msg_id: u64) -> Option<u64> {
+        let slots = self.slots.borrow();
+        let (id, intended_ns) = slots[Self::slot(slots.len(), client_msg_id)];
+        (id == client_msg_id && client_msg_id != 0).then_some(intended_ns)
+    }
 }
 
 pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
@@ -192,15 +231,24 @@ async fn connect_pair(
         delivered: Cell::new(0),
         check: Rc::default(),
         sender_done: Cell::new(false),
+        sends: SendTimes::new(window),
     });
     LiveCounters::add(&ctx.live().open_connections, 2);
 
     // The sender's side: acks, and any error answers.
     let ack_ctx = ctx.clone();
+    let ack_pair = pair.clone();
     let acks = read_frames(sender_reader, move |frame| {
         match (&frame.body, frame_failure(frame)) {
             (ArchivedServerBody::Disconnect { .. }, Some(failure)) => return Err(failure),
             (_, Some(failure)) => ack_ctx.fail("a send was refused", &failure),
+            (ArchivedServerBody::Sent { client_msg_id, .. }, None) => {
+                if let Some(intended_ns) = ack_pair.sends.acked(client_msg_id.to_native()) {
+                    ack_ctx
+                        .recorder
+                        .record_ack_ns(now_ns().saturating_sub(intended_ns));
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -342,6 +390,7 @@ async fn send_loop(
             let this_seq = seq + i;
             // Closed loop: the message is "intended" when it is sent.
             let intended = period_ns.map_or(now, |p| start_ns + this_seq * p);
+            pair.sends.sent(this_seq + 1, intended);
             ClientBody::SendDirect {
                 to: pair.receiver_user,
                 client_msg_id: this_seq + 1,
@@ -352,5 +401,24 @@ async fn send_loop(
         pair.sender.send_batch(bodies).await?;
         seq += batch;
         pair.sent.set(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SendTimes;
+
+    #[test]
+    fn send_times_answer_for_messages_in_flight_only() {
+        let times = SendTimes::new(2); // 8 slots
+        for id in 1..=8 {
+            times.sent(id, 1_000 * id);
+        }
+        assert_eq!(times.acked(3), Some(3_000));
+        assert_eq!(times.acked(9), None, "never sent");
+        assert_eq!(times.acked(0), None, "no message has id 0");
+        times.sent(11, 11_000);
+        assert_eq!(times.acked(3), None, "slot reused: not timed");
+        assert_eq!(times.acked(11), Some(11_000));
     }
 }

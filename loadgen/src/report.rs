@@ -55,6 +55,11 @@ pub struct RunResult {
     /// receipt) or "session_setup" (intended connect time to LoggedIn).
     pub latency_of: String,
     pub latency_us: Latency,
+    /// `pairs` against Tern: intended send time to the sender's `Sent`
+    /// (the message is stored, and fsynced in sync durability). Absent
+    /// where nothing acknowledges a send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_latency_us: Option<Latency>,
     /// Everything that went wrong: failed connections and setups, server
     /// error answers, disconnects, invalid frames, lost deliveries.
     pub errors: u64,
@@ -129,6 +134,10 @@ pub struct RunResult {
     /// coordinator, and in the `--json` file so `loadgen report` can plot it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hdr_v2_hex: Option<String>,
+    /// The acknowledgement histogram, the same way, from each worker to
+    /// the coordinator (not written to the `--json` file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_hdr_v2_hex: Option<String>,
 }
 
 /// Serialises a histogram for the coordinator.
@@ -151,12 +160,17 @@ pub fn histogram_from_hex(text: &str) -> Result<Histogram<u64>, String> {
 /// Merges worker results into one, with the merged histogram.
 pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String> {
     let mut hist = new_histogram();
+    let mut acks = new_histogram();
     let mut out = RunResult::default();
     // A worker that saw a loss but not every session back.
     let mut incomplete = false;
     for part in parts {
         if let Some(hex) = &part.hdr_v2_hex {
             hist.add(histogram_from_hex(hex)?)
+                .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
+        }
+        if let Some(hex) = &part.ack_hdr_v2_hex {
+            acks.add(histogram_from_hex(hex)?)
                 .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
         }
         out.scenario.clone_from(&part.scenario);
@@ -202,6 +216,7 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
     out.procs = parts.len();
     out.connect_rate_per_s = rate(out.connections, out.connect_secs);
     out.latency_us = Latency::of(&hist);
+    out.ack_latency_us = (!acks.is_empty()).then(|| Latency::of(&acks));
     Ok((out, hist))
 }
 
@@ -247,6 +262,12 @@ pub fn summary(r: &RunResult) -> String {
         "  latency ({})  p50 {} us  p90 {} us  p99 {} us  p99.9 {} us  max {} us\n",
         r.latency_of, l.p50, l.p90, l.p99, l.p999, l.max
     ));
+    if let Some(a) = &r.ack_latency_us {
+        s.push_str(&format!(
+            "  latency (ack)  p50 {} us  p90 {} us  p99 {} us  p99.9 {} us  max {} us\n",
+            a.p50, a.p90, a.p99, a.p999, a.max
+        ));
+    }
     if let (Some(before), Some(after)) = (r.server_rss_kib_before, r.server_rss_kib_after) {
         s.push_str(&format!(
             "  server RSS   {before} KiB before, {after} KiB with connections open: {} KiB/conn\n",
@@ -368,6 +389,26 @@ mod tests {
         assert_eq!(merged.latency_us.p50, 100);
         assert!(merged.latency_us.max >= 10_000 && merged.latency_us.max < 10_010);
         assert!(merged.hdr_v2_hex.is_none());
+    }
+
+    #[test]
+    fn ack_histograms_merge_apart_from_delivery_latency() {
+        let mut acks = new_histogram();
+        acks.record(7).unwrap();
+        let mut a = part(&[100], 1, 1.0, 2, 1.0);
+        a.ack_hdr_v2_hex = Some(histogram_to_hex(&acks).unwrap());
+        let b = part(&[200], 1, 1.0, 2, 1.0);
+        let (merged, hist) = merge(&[a, b.clone()]).unwrap();
+        assert_eq!(hist.len(), 2, "acks stay out of the delivery histogram");
+        assert_eq!(merged.ack_latency_us.map(|l| l.max), Some(7));
+        assert!(summary(&merged).contains("latency (ack)  p50 7 us"));
+        let value: serde_json::Value = serde_json::to_value(&merged).unwrap();
+        assert_eq!(value["ack_latency_us"]["p99"], 7);
+        assert!(value.get("ack_hdr_v2_hex").is_none());
+
+        let (merged, _) = merge(&[b]).unwrap();
+        assert_eq!(merged.ack_latency_us, None, "no acks, no figure");
+        assert!(!summary(&merged).contains("(ack)"));
     }
 
     #[test]

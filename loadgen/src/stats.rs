@@ -55,10 +55,12 @@ impl LiveCounters {
     }
 }
 
-/// One executor's latency histograms: the whole run and the current second.
+/// One executor's latency histograms: the whole run and the current second,
+/// and (`pairs`) the senders' acknowledgement latency over the whole run.
 pub struct Recorder {
     pub total: RefCell<Histogram<u64>>,
     interval: RefCell<Histogram<u64>>,
+    pub acks: RefCell<Histogram<u64>>,
 }
 
 impl Recorder {
@@ -66,14 +68,23 @@ impl Recorder {
         Recorder {
             total: RefCell::new(new_histogram()),
             interval: RefCell::new(new_histogram()),
+            acks: RefCell::new(new_histogram()),
         }
     }
 
     /// Records one latency in nanoseconds (rounded up to whole µs).
     pub fn record_ns(&self, latency_ns: u64) {
-        let us = latency_ns.div_ceil(1000).clamp(1, MAX_LATENCY_US);
+        let us = as_recorded_us(latency_ns);
         self.total.borrow_mut().saturating_record(us);
         self.interval.borrow_mut().saturating_record(us);
+    }
+
+    /// Records one acknowledgement latency (intended send time to the
+    /// sender's `Sent`) in nanoseconds.
+    pub fn record_ack_ns(&self, latency_ns: u64) {
+        self.acks
+            .borrow_mut()
+            .saturating_record(as_recorded_us(latency_ns));
     }
 
     /// The p99 of what was recorded since the last call (0 if nothing), and
@@ -90,9 +101,16 @@ impl Recorder {
     }
 }
 
+/// Nanoseconds as recorded: whole µs rounded up, within the histogram's range.
+fn as_recorded_us(latency_ns: u64) -> u64 {
+    latency_ns.div_ceil(1000).clamp(1, MAX_LATENCY_US)
+}
+
 /// What one executor measured.
 pub struct ExecOutcome {
     pub latency: Histogram<u64>,
+    /// `pairs`: intended send time to the sender's `Sent` (empty elsewhere).
+    pub ack_latency: Histogram<u64>,
     pub users: u64,
     pub connections: u64,
     pub connect_failures: u64,
@@ -135,6 +153,7 @@ impl ExecOutcome {
     pub fn empty() -> ExecOutcome {
         ExecOutcome {
             latency: new_histogram(),
+            ack_latency: new_histogram(),
             users: 0,
             connections: 0,
             connect_failures: 0,
@@ -176,6 +195,10 @@ mod tests {
         assert!(rec.total.borrow().max() >= MAX_LATENCY_US);
         assert!(rec.take_interval_p99() >= MAX_LATENCY_US);
         assert_eq!(rec.take_interval_p99(), 0);
+        assert_eq!(rec.total.borrow().len(), 3);
+        assert!(rec.acks.borrow().is_empty(), "acks are kept apart");
+        rec.record_ack_ns(2_001);
+        assert_eq!(rec.acks.borrow().max(), 3);
         assert_eq!(rec.total.borrow().len(), 3);
     }
 }

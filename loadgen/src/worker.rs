@@ -361,6 +361,7 @@ fn follow_coordinator(plan: &Plan) {
 
 fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, String> {
     let mut hist = new_histogram();
+    let mut acks = new_histogram();
     let mut r = RunResult {
         scenario: plan.cli.scenario_name().into(),
         latency_of: match plan.cli.scenario {
@@ -380,6 +381,8 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
     let mut outage_incomplete = false;
     for o in outcomes {
         hist.add(&o.latency)
+            .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
+        acks.add(&o.ack_latency)
             .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
         r.users += o.users;
         r.connections += o.connections;
@@ -424,12 +427,17 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
     r.connect_rate_per_s = rate(r.connections, r.connect_secs);
     r.latency_us = Latency::of(&hist);
     r.hdr_v2_hex = Some(histogram_to_hex(&hist)?);
+    if !acks.is_empty() {
+        r.ack_latency_us = Some(Latency::of(&acks));
+        r.ack_hdr_v2_hex = Some(histogram_to_hex(&acks)?);
+    }
     Ok(r)
 }
 
 /// Builds an executor's outcome from the counters every scenario keeps.
 pub fn finish_outcome(ctx: &Ctx, mut outcome: ExecOutcome) -> ExecOutcome {
     outcome.latency = ctx.recorder.total.borrow().clone();
+    outcome.ack_latency = ctx.recorder.acks.borrow().clone();
     // Lost messages are in `undelivered`; copies and reorders count too.
     outcome.errors = LiveCounters::get(&ctx.live().errors)
         + outcome.undelivered

@@ -87,6 +87,8 @@ fn pairs_and_connect_against_a_real_server() {
         &dir.path().join("pairs.json"),
         &[
             "--verify",
+            "--procs",
+            "2",
             "pairs",
             "--pairs",
             "4",
@@ -101,6 +103,9 @@ fn pairs_and_connect_against_a_real_server() {
     assert_eq!(pairs["errors"].as_u64(), Some(0), "{pairs}");
     assert_eq!(pairs["connections"].as_u64(), Some(8), "{pairs}");
     assert!(pairs["latency_us"]["p99"].as_u64().expect("p99") > 0, "{pairs}");
+    // Every send is acknowledged and timed, merged over both processes.
+    let ack_p99 = pairs["ack_latency_us"]["p99"].as_u64().expect("ack p99");
+    assert!(ack_p99 > 0, "{pairs}");
     for key in ["lost", "duplicated", "reordered"] {
         assert_eq!(pairs[key].as_u64(), Some(0), "{key}: {pairs}");
     }
