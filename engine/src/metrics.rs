@@ -46,12 +46,13 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
 /// Upper bounds of the store batch-size buckets, in write ops.
 pub const BATCH_OPS_BUCKETS: [u64; 13] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
 
-/// Upper bounds of the commit-latency buckets, in microseconds (50 µs to
-/// 2.5 s: an fsync on NVMe is ~200 µs, a stalled disk is seconds).
-pub const COMMIT_MICROS_BUCKETS: [u64; 15] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000,
-];
+/// Recorded microseconds per exposed second.
+const MICROS_PER_SECOND: f64 = 1e6;
+
+/// Upper bounds of the commit-latency buckets, in microseconds: the
+/// storage writer's own buckets, so the two commit histograms compare
+/// bucket by bucket.
+pub const COMMIT_MICROS_BUCKETS: [u64; 15] = tern_storage::LATENCY_MICROS_BUCKETS;
 
 /// A fixed-bucket histogram: per-bucket (not cumulative) counts, the last
 /// slot counting values above every bound, plus the sum of all values.
@@ -617,7 +618,7 @@ impl Metrics {
             "Time from a shard submitting a commit to its completion (fsync included in sync durability).",
             |m| m.store_commit_micros.snapshot(),
             &COMMIT_MICROS_BUCKETS,
-            1e-6,
+            MICROS_PER_SECOND,
         );
         if let Some(store) = scrape.store {
             render_store(&mut out, &store);
@@ -694,7 +695,7 @@ impl Metrics {
         help: &str,
         snapshot: fn(&ShardMetrics) -> (Vec<u64>, u64),
         bounds: &[u64],
-        scale: f64,
+        per_unit: f64,
     ) {
         family(out, name, help, "histogram");
         let mut total_counts = vec![0u64; bounds.len() + 1];
@@ -705,9 +706,17 @@ impl Metrics {
                 *t += c;
             }
             total_sum = total_sum.wrapping_add(sum);
-            histogram_lines(out, name, &format!("shard=\"{i}\","), bounds, &counts, sum, scale);
+            histogram_lines(
+                out,
+                name,
+                &format!("shard=\"{i}\","),
+                bounds,
+                &counts,
+                sum,
+                per_unit,
+            );
         }
-        histogram_lines(out, name, "", bounds, &total_counts, total_sum, scale);
+        histogram_lines(out, name, "", bounds, &total_counts, total_sum, per_unit);
     }
 }
 
@@ -716,7 +725,8 @@ fn family(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// `labels` is empty or ends with a comma.
+/// One histogram series: `bounds` and `sum` in recorded units, exposed
+/// divided by `per_unit`. `labels` is empty or ends with a comma.
 fn histogram_lines(
     out: &mut String,
     name: &str,
@@ -724,12 +734,14 @@ fn histogram_lines(
     bounds: &[u64],
     counts: &[u64],
     sum: u64,
-    scale: f64,
+    per_unit: f64,
 ) {
     let mut cumulative = 0u64;
     for (bound, count) in bounds.iter().zip(counts) {
         cumulative += count;
-        let le = *bound as f64 * scale;
+        // Dividing (not multiplying by 1e-6) keeps bounds like 50 µs
+        // printing as 0.00005 rather than 0.000049999999999999996.
+        let le = *bound as f64 / per_unit;
         let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
     }
     cumulative += counts.get(bounds.len()).copied().unwrap_or(0);
@@ -740,7 +752,7 @@ fn histogram_lines(
     } else {
         format!("{{{labels}}}")
     };
-    let _ = writeln!(out, "{name}_sum{braces} {}", sum as f64 * scale);
+    let _ = writeln!(out, "{name}_sum{braces} {}", sum as f64 / per_unit);
     let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
 
@@ -794,6 +806,22 @@ fn render_store(out: &mut String, store: &StoreSnapshot) {
         family(out, name, help, kind);
         let _ = writeln!(out, "{name} {value}");
     }
+    let name = "tern_store_writer_commit_seconds";
+    family(
+        out,
+        name,
+        "Time the storage writer took per group commit: the batch write plus, in sync durability, its fdatasync.",
+        "histogram",
+    );
+    histogram_lines(
+        out,
+        name,
+        "",
+        &tern_storage::LATENCY_MICROS_BUCKETS,
+        &s.commit_micros_counts,
+        s.commit_micros_sum,
+        MICROS_PER_SECOND,
+    );
 }
 
 fn render_process(out: &mut String, p: &ProcessStats) {
@@ -965,6 +993,26 @@ mod tests {
         has("tern_ready 1");
         assert!(!text.contains("shard=\"99\""));
         assert!(!text.contains("tern_store_writer"), "no writer, no writer series");
+        parse_exposition(&text).unwrap();
+    }
+
+    #[test]
+    fn the_writer_commit_histogram_is_rendered_cumulatively() {
+        let mut stats = tern_storage::WriterStats::default();
+        stats.commit_micros_counts[3] = 2; // le 500 µs
+        stats.commit_micros_counts[8] = 1; // le 25 ms
+        stats.commit_micros_sum = 30_000;
+        let text = Metrics::new(1).render(&Scrape {
+            store: Some(StoreSnapshot { stats, queued: 0 }),
+            ..Scrape::default()
+        });
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        has("tern_store_writer_commit_seconds_bucket{le=\"0.00025\"} 0");
+        has("tern_store_writer_commit_seconds_bucket{le=\"0.0005\"} 2");
+        has("tern_store_writer_commit_seconds_bucket{le=\"0.025\"} 3");
+        has("tern_store_writer_commit_seconds_bucket{le=\"+Inf\"} 3");
+        has("tern_store_writer_commit_seconds_sum 0.03");
+        has("tern_store_writer_commit_seconds_count 3");
         parse_exposition(&text).unwrap();
     }
 

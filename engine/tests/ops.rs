@@ -225,6 +225,11 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
     assert_eq!(sample(&text, "tern_shards"), Some(1.0));
     assert_eq!(sample(&text, "tern_ready"), Some(1.0));
     assert!(sample(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6);
+    assert!(sample(&text, "process_open_fds").unwrap_or(0.0) >= 3.0, "{text}");
+    assert!(
+        sample(&text, "tern_store_writer_commit_seconds_count").is_some(),
+        "{text}"
+    );
 
     // The chat port is real: a client can connect.
     TcpStream::connect_timeout(&server.chat, TIMEOUT).expect("chat port accepts");

@@ -37,7 +37,7 @@ pub use error::StoreError;
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;
-pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats};
+pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats, LATENCY_MICROS_BUCKETS};
 
 /// fjall's flush and compaction threads. The store is small and written
 /// rarely; two threads keep flushes from stalling behind a compaction

@@ -62,6 +62,16 @@ impl std::fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
+/// Upper bounds of the latency buckets the writer and its callers count
+/// in, microseconds (50 µs to 2.5 s: an fsync on NVMe is ~200 µs, a
+/// stalled disk is seconds). Values above the last bound go to one more
+/// bucket.
+pub const LATENCY_MICROS_BUCKETS: [u64; 15] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+const LATENCY_SLOTS: usize = LATENCY_MICROS_BUCKETS.len() + 1;
+
 /// Counters of a writer, read with [`WriterHandle::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriterStats {
@@ -77,6 +87,14 @@ pub struct WriterStats {
     pub errors: u64,
     /// Largest number of submissions in one group commit.
     pub max_group: u64,
+    /// How long each group commit took the writer thread (the fjall batch
+    /// write plus, in `Sync`, its `fdatasync`), counted per bucket of
+    /// [`LATENCY_MICROS_BUCKETS`] (not cumulative; the last slot is above
+    /// every bound). Set apart from the time a submission waited in the
+    /// queue, this tells a slow disk from a writer that cannot keep up.
+    pub commit_micros_counts: [u64; LATENCY_SLOTS],
+    /// The sum of those times, µs.
+    pub commit_micros_sum: u64,
 }
 
 #[derive(Default)]
@@ -87,6 +105,20 @@ struct Counters {
     fsyncs: AtomicU64,
     errors: AtomicU64,
     max_group: AtomicU64,
+    commit_micros_counts: [AtomicU64; LATENCY_SLOTS],
+    commit_micros_sum: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one group commit that took `elapsed`.
+    fn commit_took(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let slot = LATENCY_MICROS_BUCKETS.partition_point(|&bound| bound < micros);
+        if let Some(count) = self.commit_micros_counts.get(slot) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.commit_micros_sum.fetch_add(micros, Ordering::Relaxed);
+    }
 }
 
 enum Msg {
@@ -226,6 +258,11 @@ impl WriterHandle {
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             max_group: c.max_group.load(Ordering::Relaxed),
+            commit_micros_counts: c
+                .commit_micros_counts
+                .each_ref()
+                .map(|n| n.load(Ordering::Relaxed)),
+            commit_micros_sum: c.commit_micros_sum.load(Ordering::Relaxed),
         }
     }
 }
@@ -308,7 +345,9 @@ fn commit_group(store: &Store, sync: bool, group: &mut Vec<(Vec<WriteOp>, Done)>
     counters
         .max_group
         .fetch_max(group.len() as u64, Ordering::Relaxed);
+    let started = Instant::now();
     let result = inner.apply_all(group.iter().map(|(ops, _)| ops.as_slice()), sync);
+    counters.commit_took(started.elapsed());
     if sync {
         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
     }

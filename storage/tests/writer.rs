@@ -83,6 +83,9 @@ fn concurrent_submitters_get_every_callback_once_in_order() {
         assert_eq!(stats.ops, threads * per_thread);
         assert_eq!(stats.errors, 0);
         assert!(stats.batches <= stats.submissions);
+        // Every group commit (no retries here) was timed.
+        assert_eq!(stats.commit_micros_counts.iter().sum::<u64>(), stats.batches);
+        assert!(stats.commit_micros_sum > 0, "{stats:?}");
         eprintln!("{stats:?}");
         // Submitting after shutdown is refused with the ops back.
         match handle.submit(vec![msg(ConvId::direct(1, 2), 1, 1, 2)], Box::new(|_| panic!())) {
