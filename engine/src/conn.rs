@@ -933,9 +933,9 @@ pub enum Heard {
     /// session stays parked.
     Answered,
     /// Something only the live session can serve: a request, part of a
-    /// frame, a frame the meters refuse, the client's close, or a TLS
-    /// record. Resume it, and queue `unsent` (answers that did not fit the
-    /// socket) before anything else.
+    /// frame, a frame the meters refuse, the client's close. Resume it, and
+    /// queue `unsent` (plain-TCP answers that did not fit the socket)
+    /// before anything else.
     Resume { unsent: Vec<u8> },
 }
 
@@ -953,18 +953,25 @@ thread_local! {
 }
 
 /// Answers a parked session's heartbeats in place, so that the most common
-/// wake-up of an idle session (its client's `Ping`) costs two syscalls and
-/// no resume and park (two task spawns, a `dup`, two epoll changes). Only
-/// for plain TCP (a TLS session's bytes need its keys, which stay parked)
-/// and only when every byte waiting is a whole `Ping` that the meters and
-/// the session admit, checked on copies before anything is taken off the
-/// socket; otherwise nothing is consumed and the session resumes.
+/// wake-up of an idle session (its client's `Ping`) costs a few syscalls
+/// and no resume and park (two task spawns, a `dup`, two epoll changes).
+/// Only when every byte waiting is a whole `Ping` that the meters and the
+/// session admit, checked on copies before anything is taken; otherwise
+/// the session resumes with nothing lost: plain TCP leaves the bytes on the
+/// socket, TLS leaves the decrypted ones in the session, where the live
+/// stream reads them first.
 pub fn answer_while_parked(parked: &mut Parked) -> Heard {
+    match &parked.socket {
+        ParkedSocket::Plain(socket) => {
+            let fd = socket.as_raw_fd();
+            answer_plain_while_parked(parked, fd)
+        }
+        ParkedSocket::Tls(_) => answer_tls_while_parked(parked),
+    }
+}
+
+fn answer_plain_while_parked(parked: &mut Parked, fd: std::os::fd::RawFd) -> Heard {
     let resume = Heard::Resume { unsent: Vec::new() };
-    let ParkedSocket::Plain(socket) = &parked.socket else {
-        return resume;
-    };
-    let fd = socket.as_raw_fd();
     let mut peek = PeekBuf([0; PARKED_PEEK_BYTES]);
     // SAFETY: the buffer is valid for its length; MSG_PEEK leaves the
     // bytes queued on the socket.
@@ -989,54 +996,14 @@ pub fn answer_while_parked(parked: &mut Parked) -> Heard {
         return resume;
     };
     let shard = parked.shard.clone();
-    let max_body = shard.config.max_frame_bytes;
-    let (now, now_us) = (now_ms(), limits::monotonic_us());
     let mut limiter = parked.limiter.clone();
     let mut session = parked.session.clone();
     PONGS.with(|pongs| {
         let mut pongs = pongs.borrow_mut();
         pongs.clear();
-        let mut offset = 0;
-        let mut pings = 0u64;
-        while offset < bytes.len() {
-            let Some(header) = bytes.get(offset..offset + tern_proto::HEADER_LEN) else {
-                return resume;
-            };
-            let mut raw = [0u8; tern_proto::HEADER_LEN];
-            raw.copy_from_slice(header);
-            let Ok(header) = tern_proto::FrameHeader::parse(raw, max_body) else {
-                return resume;
-            };
-            let body_start = offset + tern_proto::HEADER_LEN;
-            let end = offset + header.frame_len();
-            let (Some(body), true) = (
-                bytes.get(body_start..body_start + header.body_len as usize),
-                end <= bytes.len(),
-            ) else {
-                return resume;
-            };
-            let Ok(frame) = decode_client(body) else {
-                return resume;
-            };
-            let ArchivedClientBody::Ping { nonce } = &frame.body else {
-                return resume;
-            };
-            if limiter.check(false, now_us) != Verdict::Allow || session.admit(now, &frame.body).is_err() {
-                return resume;
-            }
-            let pong = ServerFrame {
-                request_id: frame.request_id.to_native(),
-                body: ServerBody::Pong {
-                    nonce: nonce.to_native(),
-                },
-            };
-            if encode_server(&pong, &mut pongs, max_body).is_err() {
-                return resume;
-            }
-            shard.m().frame_in(end - offset);
-            pings += 1;
-            offset = end;
-        }
+        let Some(pings) = answer_pings(&shard, bytes, &mut limiter, &mut session, &mut pongs) else {
+            return resume;
+        };
         // SAFETY: with MSG_TRUNC a TCP socket discards the bytes without
         // writing anywhere. This takes exactly the pings just peeked at,
         // which nothing else reads while the session is parked.
@@ -1044,13 +1011,14 @@ pub fn answer_while_parked(parked: &mut Parked) -> Heard {
             libc::recv(
                 fd,
                 std::ptr::null_mut(),
-                offset,
+                bytes.len(),
                 libc::MSG_DONTWAIT | libc::MSG_TRUNC,
             )
         };
-        debug_assert_eq!(usize::try_from(taken).ok(), Some(offset));
+        debug_assert_eq!(usize::try_from(taken).ok(), Some(bytes.len()));
         parked.limiter = limiter;
         parked.session = session;
+        shard.m().frames_in(pings, bytes.len());
         shard.m().frames_out(pings, pongs.len());
         shard.m().parked_pings_answered(pings);
         // SAFETY: the buffer is valid for its length.
@@ -1070,6 +1038,125 @@ pub fn answer_while_parked(parked: &mut Parked) -> Heard {
             },
         }
     })
+}
+
+/// The TLS side of [`answer_while_parked`]: one read into the session's
+/// rustls state, then record by record (a client's heartbeat is one record)
+/// each decrypted chunk that is nothing but admitted `Ping`s is taken and
+/// answered; the first other chunk stops the walk and resumes the session,
+/// which reads it from the TLS state.
+fn answer_tls_while_parked(parked: &mut Parked) -> Heard {
+    let resume = Heard::Resume { unsent: Vec::new() };
+    let ParkedSocket::Tls(transport) = &mut parked.socket else {
+        return resume;
+    };
+    let fd = transport.socket.as_raw_fd();
+    let Some(tls) = transport.tls.as_mut() else {
+        return resume;
+    };
+    match tls.recv_detached(fd) {
+        // The client closed: the live session sees it too.
+        Ok(0) => return resume,
+        Ok(_) => {}
+        // Nothing new; nothing can be buffered either, as a parked
+        // session's plaintext is always empty or resumed on.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Heard::Answered,
+        // A bad record: the live session reads the same error and closes.
+        Err(_) => return resume,
+    }
+    let shard = parked.shard.clone();
+    let mut pings = 0u64;
+    let mut ping_bytes = 0usize;
+    let mut rest_is_pings = true;
+    PONGS.with(|pongs| {
+        let mut pongs = pongs.borrow_mut();
+        pongs.clear();
+        loop {
+            let chunk = tls.first_plaintext();
+            if chunk.is_empty() {
+                break;
+            }
+            // Bodies are validated in place, so the chunk is copied to an
+            // aligned buffer; a chunk too long for it is no heartbeat.
+            let mut copy = PeekBuf([0; PARKED_PEEK_BYTES]);
+            let Some(slot) = copy.0.get_mut(..chunk.len()) else {
+                rest_is_pings = false;
+                break;
+            };
+            slot.copy_from_slice(chunk);
+            let len = chunk.len();
+            let mut limiter = parked.limiter.clone();
+            let mut session = parked.session.clone();
+            let answered = pongs.len();
+            let Some(n) = answer_pings(&shard, &copy.0[..len], &mut limiter, &mut session, &mut pongs) else {
+                pongs.resize(answered, 0); // shrinking: drops the partial answers
+                rest_is_pings = false;
+                break;
+            };
+            tls.consume_plaintext(len);
+            parked.limiter = limiter;
+            parked.session = session;
+            pings += n;
+            ping_bytes += len;
+        }
+        if pings > 0 {
+            shard.m().frames_in(pings, ping_bytes);
+            shard.m().frames_out(pings, pongs.len());
+            shard.m().parked_pings_answered(pings);
+        }
+        // Also sends what reading queued (a key-update reply, say).
+        match tls.send_detached(fd, &pongs) {
+            Ok(true) if rest_is_pings => Heard::Answered,
+            // Not all sent, or a request waits: the live session goes on,
+            // sending what is queued in the TLS state first.
+            Ok(_) | Err(_) => resume,
+        }
+    })
+}
+
+/// Appends to `pongs` the answers to `bytes` when it holds nothing but
+/// whole `Ping`s that `limiter` and `session` admit, charging both, and
+/// returns how many; `None` otherwise, with `limiter`, `session` and
+/// `pongs` possibly changed (callers pass copies and cut `pongs` back).
+fn answer_pings(
+    shard: &Shard,
+    bytes: &[u8],
+    limiter: &mut ConnLimiter,
+    session: &mut Session,
+    pongs: &mut AlignedVec,
+) -> Option<u64> {
+    let max_body = shard.config.max_frame_bytes;
+    let (now, now_us) = (now_ms(), limits::monotonic_us());
+    let mut offset = 0;
+    let mut pings = 0u64;
+    while offset < bytes.len() {
+        let mut raw = [0u8; tern_proto::HEADER_LEN];
+        raw.copy_from_slice(bytes.get(offset..offset + tern_proto::HEADER_LEN)?);
+        let header = tern_proto::FrameHeader::parse(raw, max_body).ok()?;
+        let body_start = offset + tern_proto::HEADER_LEN;
+        let end = offset + header.frame_len();
+        if end > bytes.len() {
+            return None;
+        }
+        let body = bytes.get(body_start..body_start + header.body_len as usize)?;
+        let frame = decode_client(body).ok()?;
+        let ArchivedClientBody::Ping { nonce } = &frame.body else {
+            return None;
+        };
+        if limiter.check(false, now_us) != Verdict::Allow || session.admit(now, &frame.body).is_err() {
+            return None;
+        }
+        let pong = ServerFrame {
+            request_id: frame.request_id.to_native(),
+            body: ServerBody::Pong {
+                nonce: nonce.to_native(),
+            },
+        };
+        encode_server(&pong, pongs, max_body).ok()?;
+        pings += 1;
+        offset = end;
+    }
+    Some(pings)
 }
 
 /// Resumes a parked session with the outbox its shard entry now holds:

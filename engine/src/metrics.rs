@@ -236,6 +236,13 @@ impl ShardMetrics {
         self.bytes_in.fetch_add(bytes as u64, Relaxed);
     }
 
+    /// `frames` frames totalling `bytes` read from a client at once.
+    #[inline]
+    pub fn frames_in(&self, frames: u64, bytes: usize) {
+        self.frames_in.fetch_add(frames, Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+
     /// `frames` frames totalling `bytes` queued for a client.
     #[inline]
     pub fn frames_out(&self, frames: u64, bytes: usize) {

@@ -14,8 +14,10 @@
 //! the idle deadline passed and closes it.
 //!
 //! Most wake-ups of an idle session are its client's heartbeats, so a
-//! readable plain-TCP socket that holds only whole `Ping`s is answered in
-//! place and stays parked ([`crate::conn::answer_while_parked`]).
+//! readable socket that holds only whole `Ping`s is answered in place and
+//! stays parked ([`crate::conn::answer_while_parked`]); for TLS the bytes
+//! are decrypted with the session's parked rustls state and the answers
+//! encrypted with it.
 //!
 //! The epoll set is watched by one thread per shard that sleeps in
 //! `epoll_wait` and hands the keys of readable sockets to the shard over a

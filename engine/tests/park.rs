@@ -4,8 +4,9 @@
 //! a message or presence change is sent to it, and when its client goes
 //! away; the sweep closes it at its idle timeout, shutdown and kicks reach
 //! it, and TLS sessions park and resume with their keys intact. Heartbeats
-//! alone are answered without resuming; anything else that arrives with
-//! them (a request, half a frame) resumes the session with nothing lost.
+//! alone are answered without resuming, over plain TCP and TLS; anything
+//! else that arrives with them (a request, half a frame) resumes the
+//! session with nothing lost.
 
 mod common;
 
@@ -161,10 +162,10 @@ fn kicks_and_shutdown_reach_parked_sessions() {
     stopping.join().expect("shutdown");
 }
 
-#[test]
-fn tls_sessions_park_and_resume_with_their_keys() {
-    let certs = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = tern_net::tls::generate_self_signed(certs.path(), &[]).expect("self-signed cert");
+/// A parking server with a TLS listener, its admin socket, and options for
+/// clients that trust its self-signed certificate.
+fn tls_parking_server(certs: &Path) -> (TestServer, AdminServer, ClientOptions) {
+    let (cert, key) = tern_net::tls::generate_self_signed(certs, &[]).expect("self-signed cert");
     let server = TestServer::start_with(|config| {
         config.park_after = PARK_AFTER;
         config.tls = Some(tern_engine::config::TlsListener {
@@ -174,12 +175,19 @@ fn tls_sessions_park_and_resume_with_their_keys() {
             allow_tls12: false,
         });
     });
-    let admin = admin(&server, certs.path());
+    let admin = admin(&server, certs);
     let opts = ClientOptions {
         timeout: Duration::from_secs(10),
-        tls: Some(ClientTls::new("localhost").with_ca_file(certs.path().join("cert.pem"))),
+        tls: Some(ClientTls::new("localhost").with_ca_file(certs.join("cert.pem"))),
         ..ClientOptions::default()
     };
+    (server, admin, opts)
+}
+
+#[test]
+fn tls_sessions_park_and_resume_with_their_keys() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (server, admin, opts) = tls_parking_server(certs.path());
     let tls_addr = server.tls_addr().expect("TLS listener");
     let alice = server.user_on_shard("parkt_a", 0);
     let bob = server.user_on_shard("parkt_b", 1 % server.shards());
@@ -196,6 +204,60 @@ fn tls_sessions_park_and_resume_with_their_keys() {
             format!("secret {round}").into_bytes()
         );
     }
+}
+
+#[test]
+fn tls_heartbeats_are_answered_without_resuming_and_requests_still_resume() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (server, admin, opts) = tls_parking_server(certs.path());
+    let tls_addr = server.tls_addr().expect("TLS listener");
+    let alice = server.user_on_shard("parktp_a", 0);
+    let mut a = Client::connect(tls_addr, opts).expect("TLS connect");
+    a.login(&alice.name, PASSWORD).expect("login over TLS");
+    wait_parked(&admin, 1);
+    for round in 0..3 {
+        a.ping()
+            .unwrap_or_else(|e| panic!("TLS ping {round} while parked: {e}"));
+        assert_eq!(total(&admin, "tern_sessions_parked"), 1, "round {round}");
+    }
+    assert_eq!(total(&admin, "tern_parked_pings_total"), 3);
+
+    // A ping record then a request record, sent back to back: the ping is
+    // answered in place, the request resumes the session, which finds it
+    // decrypted in the TLS state; the answers keep their order.
+    let ping = frames(vec![(200, ClientBody::Ping { nonce: 9 })]);
+    let request = frames(vec![(
+        201,
+        ClientBody::ResolveUser {
+            username: alice.name.clone(),
+        },
+    )]);
+    a.send_raw(&ping).expect("send");
+    a.send_raw(&request).expect("send");
+    let timeout = Duration::from_secs(10);
+    let pong = a.read_frame(timeout).expect("read").expect("pong");
+    assert_eq!(pong.request_id, 200);
+    assert!(matches!(pong.body, ServerBody::Pong { nonce: 9 }), "{pong:?}");
+    let user = a.read_frame(timeout).expect("read").expect("answer");
+    assert_eq!(user.request_id, 201);
+    assert!(
+        matches!(user.body, ServerBody::User { user, .. } if user == alice.id),
+        "{user:?}"
+    );
+
+    // Half a ping in its own record: the session resumes and waits for
+    // the rest.
+    wait_parked(&admin, 1);
+    let ping = frames(vec![(202, ClientBody::Ping { nonce: 10 })]);
+    let (head, tail) = ping.split_at(5);
+    a.send_raw(head).expect("send");
+    eventually("the session to resume", || {
+        (total(&admin, "tern_sessions_parked") == 0).then_some(())
+    });
+    a.send_raw(tail).expect("send");
+    let pong = a.read_frame(timeout).expect("read").expect("pong");
+    assert_eq!(pong.request_id, 202);
+    assert!(matches!(pong.body, ServerBody::Pong { nonce: 10 }), "{pong:?}");
 }
 
 #[test]

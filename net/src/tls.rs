@@ -338,6 +338,92 @@ impl TlsSession {
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
         self.conn.protocol_version()
     }
+
+    /// For a session whose socket is detached from any executor (a parked
+    /// session): reads once from `fd` without blocking and decrypts what
+    /// arrived. `Ok(0)` when the peer closed, `WouldBlock` when nothing
+    /// waits, any other error (a bad record among them) when the session
+    /// is over. What is decrypted waits in the session: take it with
+    /// [`TlsSession::first_plaintext`] here, or read it from the stream
+    /// rebuilt by [`TlsStream::from_parts`], which reads buffered plaintext
+    /// before the socket.
+    pub fn recv_detached(&mut self, fd: RawFd) -> io::Result<usize> {
+        let n = self.conn.read_tls(&mut FdIo(fd))?;
+        if let Err(e) = self.conn.process_new_packets() {
+            // rustls queued an alert saying why; the live stream sends it.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        Ok(n)
+    }
+
+    /// The first decrypted chunk not yet read (one record's plaintext),
+    /// left in place; empty when there is none.
+    pub fn first_plaintext(&mut self) -> &[u8] {
+        // Errors are the no-bytes states (closed, would block): no chunk.
+        self.conn.reader().into_first_chunk().unwrap_or_default()
+    }
+
+    /// Takes the first `n` bytes of [`TlsSession::first_plaintext`].
+    pub fn consume_plaintext(&mut self, n: usize) {
+        use std::io::BufRead;
+        self.conn.reader().consume(n);
+    }
+
+    /// Encrypts `plain` (when not empty) and sends what `fd` takes without
+    /// blocking, together with any record already queued (a key-update
+    /// reply, say). `Ok(true)` when nothing is left queued; `Ok(false)`
+    /// when the socket is full, and the rest goes out first once the
+    /// stream is rebuilt and read or written.
+    pub fn send_detached(&mut self, fd: RawFd, plain: &[u8]) -> io::Result<bool> {
+        if self.close_sent {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "TLS session already closed for writing",
+            ));
+        }
+        if !plain.is_empty() {
+            self.conn.writer().write_all(plain)?;
+        }
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut FdIo(fd)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// `Read`/`Write` on a raw socket descriptor that never blocks, for
+/// [`TlsSession`]s whose socket no executor owns.
+struct FdIo(RawFd);
+
+impl Read for FdIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+}
+
+impl Write for FdIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe {
+            libc::send(
+                self.0,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A server TLS connection over `S`, with the handshake done.
