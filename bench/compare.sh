@@ -6,7 +6,9 @@
 #
 # Usage: bench/compare.sh [RESULTS_DIR]
 # Environment: DURATION (s per scenario, default 10), CONNECTIONS (idle
-# connections for the memory/connect test, default 10000), SERVER_CPU (0),
+# connections for the memory/connect test, default 10000), SETTLE (s the
+# connections sit idle before the server's memory is read, default 12: past
+# ternd's 5 s park_after_ms, the same wait for every server), SERVER_CPU (0),
 # CLIENT_CPU (1), NO_INSTALL=1 (never apt-get), PEERS ("nats mqtt").
 set -euo pipefail
 
@@ -14,6 +16,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=${1:-$ROOT/target/compare/$(date -u +%Y%m%dT%H%M%SZ)}
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-10000}
+SETTLE=${SETTLE:-12}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PEERS=${PEERS:-nats mqtt}
@@ -137,7 +140,7 @@ for target in "${TARGETS[@]}"; do
     per_user=()
     [[ $PROTO == tern ]] && per_user=(--sessions-per-user 16)
     # A fresh server for the memory figure: nothing else has run on it yet.
-    loadgen "$target" connect --server-pid "$SERVER_PID" \
+    loadgen "$target" connect --server-pid "$SERVER_PID" --rss-settle-secs "$SETTLE" \
         connect --connections "$CONNECTIONS" --rate 100000 --hold-secs 3 "${per_user[@]}"
     start_server "$target"
     loadgen "$target" pairs-w64 pairs --pairs 100 --window 64 --payload-bytes 64
@@ -155,7 +158,7 @@ done
     # mosquitto -h prints its version and exits 1.
     mosquitto_version=$(mosquitto -h 2>/dev/null | head -1 || true)
     echo "# ternd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') (working tree), ${nats_version:-no nats-server}, ${mosquitto_version:-no mosquitto}"
-    echo "# command: DURATION=$DURATION CONNECTIONS=$CONNECTIONS bench/compare.sh $RESULTS"
+    echo "# command: DURATION=$DURATION CONNECTIONS=$CONNECTIONS SETTLE=$SETTLE bench/compare.sh $RESULTS"
 } >"$RESULTS/versions.txt"
 
 python3 - "$RESULTS" "${TARGETS[@]}" <<'EOF' | tee "$RESULTS/table.md"
