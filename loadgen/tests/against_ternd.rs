@@ -2,7 +2,8 @@
 //! TCP with the `pairs`, `connect`, `offline`, `churn` and `mix` scenarios;
 //! each must deliver every message exactly once, in order (`--verify`), and
 //! report no errors. `loadgen report` then turns a result into a capacity
-//! plan and a percentile plot.
+//! plan and a percentile plot. `tls-idle` holds and pings TLS sessions
+//! against a `ternd` with a TLS listener.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -370,4 +371,82 @@ fn mix_replays_a_day_and_report_plans_from_it() {
         doc.matches("</text>").count(),
         "texts close"
     );
+}
+
+#[test]
+fn tls_idle_reports_memory_and_cpu_of_parked_tls_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let made = Command::new(ternd_binary())
+        .args(["gen-cert", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("gen-cert");
+    assert!(made.status.success(), "{made:?}");
+    let mut child = Command::new(ternd_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--no-pin",
+        ])
+        .args([
+            "--park-after-ms",
+            "200",
+            "--argon2-memory-kib",
+            "64",
+            "--argon2-iterations",
+            "1",
+        ])
+        .arg("--tls-cert")
+        .arg(certs.join("cert.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("key.pem"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ternd");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("ternd stdout");
+    let server = Server(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let tls_addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("ternd TLS listening on ").map(str::to_owned))
+        .expect("ternd printed its TLS address");
+    // Keep reading, so that ternd never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let output = Command::new(env!("CARGO_BIN_EXE_tls-idle"))
+        .args(["--server", &tls_addr, "--connections", "40", "--prefix", "ti_"])
+        .args([
+            "--settle-secs",
+            "1",
+            "--hold-secs",
+            "2",
+            "--ping-interval-secs",
+            "0.5",
+        ])
+        .args(["--server-pid", &pid.to_string(), "--ca"])
+        .arg(certs.join("cert.pem"))
+        .output()
+        .expect("run tls-idle");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("sessions 40 (TLS)"), "{text}");
+    assert!(text.contains("failed 0"), "{text}");
+    assert!(!text.contains("pings answered 0,"), "{text}");
+    assert!(text.contains("KiB/session"), "{text}");
+    assert!(text.contains("us per ping"), "{text}");
+    drop(server);
 }

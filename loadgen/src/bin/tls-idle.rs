@@ -8,10 +8,11 @@
 //! the server's resident memory per session (before connecting against
 //! after settling, and at the end of the hold, when heartbeats have woken
 //! every session at least once) and its CPU time per ping over the hold
-//! (utime + stime of every thread, from `/proc/PID/stat`). `loadgen` speaks plain TCP
-//! only; this is its TLS counterpart for idle cost, built on the blocking
-//! client library: one thread, every call waits, which suits the few
-//! thousand sessions one process may hold here.
+//! (utime + stime of every thread, from `/proc/PID/stat`). `loadgen`'s
+//! own connections are plain TCP; this is its TLS counterpart for idle
+//! cost, built on the blocking client library: one thread, every call
+//! waits, which suits the few thousand sessions one process may hold here
+//! (run several for more).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
