@@ -560,17 +560,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends records that reading produced, without making the reader wait
-    /// for the socket. A waiting writer's waker is used when there is one:
-    /// glommio keeps one waker per direction, and the writer must not lose
-    /// its wake-up to the reader. Errors resurface on the writer's next call.
+    /// Sends records that reading produced (or that a waiting writer
+    /// queued), without making the reader wait for the socket. A waiting
+    /// writer's waker is used when there is one: glommio keeps one waker per
+    /// direction, and the writer must not lose its wake-up to the reader.
+    /// When that send goes through, the writer is woken here: glommio drops
+    /// its pending readiness poll, and the writer's waker with it, as soon
+    /// as a send succeeds, so nothing else would wake a writer waiting in
+    /// `poll_flush` for bytes the reader has just sent (a TLS echo under
+    /// backpressure stalled that way, once in about a hundred runs).
+    /// Errors resurface on the writer's next call.
     fn send_for_reader(&mut self, cx: &mut Context<'_>) {
         if !self.session.conn.wants_write() {
             return;
         }
         match self.write_waker.clone() {
             Some(waker) => {
-                let _ = self.poll_send_tls(&mut Context::from_waker(&waker));
+                if self.poll_send_tls(&mut Context::from_waker(&waker)).is_ready() {
+                    waker.wake();
+                }
             }
             None => {
                 let _ = self.poll_send_tls(cx);
@@ -589,7 +597,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         if let Err(e) = self.session.conn.process_new_packets() {
             // rustls queued an alert telling the peer why; send it if the
             // socket takes it now, the connection is over anyway.
-            let _ = self.poll_send_tls(cx);
+            self.send_for_reader(cx);
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
         }
         Poll::Ready(Ok(n))
