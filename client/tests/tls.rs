@@ -40,7 +40,8 @@ fn tls_server(dir: &Path, conns: usize) -> (SocketAddr, JoinHandle<Vec<Result<()
     .unwrap();
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
-        let io_memory = tern_net::memlock::io_memory_per_shard(8).unwrap();
+        let io_memory =
+            tern_net::memlock::io_memory_per_shard(8, tern_net::memlock::GLOMMIO_DEFAULT_RING_DEPTH).unwrap();
         let executor = LocalExecutorBuilder::new(Placement::Unbound)
             .io_memory(io_memory)
             .make()

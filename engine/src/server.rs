@@ -43,7 +43,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// one bucket: at 128 entries that is 8 buckets, ~2,000 entries each at
 /// 16,000 connections, ~0.5 ms per park. 4,096 gives the full 256 buckets
 /// for about 1.2 MiB of ring memory per shard (three rings), which kernels
-/// before 5.12 charge to RLIMIT_MEMLOCK.
+/// before 5.12 charge to RLIMIT_MEMLOCK; `memlock::io_memory_per_shard`
+/// leaves room for it there.
 const RING_DEPTH: usize = 4096;
 
 /// Shared by the starting thread and every shard during startup.
@@ -96,7 +97,7 @@ impl Server {
             .validate()
             .map_err(|e| anyhow!("invalid configuration: {e}"))?;
         limit_allocator_retention();
-        let io_memory = memlock::io_memory_per_shard(config.shards).map_err(|e| anyhow!(e))?;
+        let io_memory = memlock::io_memory_per_shard(config.shards, RING_DEPTH).map_err(|e| anyhow!(e))?;
         let store = with_background_priority(|| Store::open(&config.data_dir, config.store.clone()))
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
         let writer = Writer::spawn(store.clone(), config.durability, config.writer_queue_depth)

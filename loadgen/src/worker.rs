@@ -303,7 +303,9 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
     raise_nofile(plan.fds_needed())?;
     // The worker does no file I/O through glommio: keep registered memory
     // small so several workers fit in a non-root memlock limit.
-    let io_memory = tern_net::memlock::io_memory_per_shard(threads)?.min(1 << 20);
+    let io_memory =
+        tern_net::memlock::io_memory_per_shard(threads, tern_net::memlock::GLOMMIO_DEFAULT_RING_DEPTH)?
+            .min(1 << 20);
 
     let stdin_plan = plan.clone();
     std::thread::spawn(move || follow_coordinator(&stdin_plan));

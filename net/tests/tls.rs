@@ -24,7 +24,8 @@ const HANDSHAKE: Duration = Duration::from_secs(5);
 const CLIENT_WAIT: Duration = Duration::from_secs(10);
 
 fn run_executor<T>(name: &str, fut: impl Future<Output = T>) -> T {
-    let io_memory = tern_net::memlock::io_memory_per_shard(8).unwrap();
+    let io_memory =
+        tern_net::memlock::io_memory_per_shard(8, tern_net::memlock::GLOMMIO_DEFAULT_RING_DEPTH).unwrap();
     LocalExecutorBuilder::new(Placement::Unbound)
         .name(name)
         .io_memory(io_memory)
