@@ -12,8 +12,10 @@
 # CLIENT_CPU (1), NO_INSTALL=1 (never apt-get), PEERS ("nats mqtt").
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RESULTS=${1:-$ROOT/target/compare/$(date -u +%Y%m%dT%H%M%SZ)}
+BENCH=compare
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_results "${1:-}"
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-10000}
 SETTLE=${SETTLE:-12}
@@ -22,18 +24,11 @@ CLIENT_CPU=${CLIENT_CPU:-1}
 PEERS=${PEERS:-nats mqtt}
 TERN_PORT=7881 NATS_PORT=4223 MQTT_PORT=1884
 
-mkdir -p "$RESULTS"
-RESULTS=$(cd "$RESULTS" && pwd)
-log() { echo "compare: $*" >&2; }
-
 # ---- servers we start are stopped however the script ends ----
 SERVER_PID=""
 stop_server() {
-    if [[ -n "$SERVER_PID" ]]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
+    stop_pids "$SERVER_PID"
+    SERVER_PID=""
 }
 trap stop_server EXIT
 trap 'exit 130' INT TERM
@@ -65,14 +60,7 @@ for peer in $PEERS; do
     esac
 done
 
-# ---- our binaries, copied so concurrent rebuilds cannot swap them ----
-log "building release ternd and loadgen"
-# Two builds: `--bin ternd` would also filter `-p loadgen` down to nothing.
-(cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
-BIN="$RESULTS/bin"
-mkdir -p "$BIN"
-cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
-ulimit -n "$(ulimit -Hn)"
+bench_binaries
 
 wait_port() { # $1 port
     for _ in $(seq 1 200); do

@@ -21,8 +21,10 @@
 # PROCS (2), SERVER_CPU (0), CLIENT_CPU (1), PORT (7883).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RESULTS=${1:-$ROOT/target/idle-memory/$(date -u +%Y%m%dT%H%M%SZ)}
+BENCH=idle-memory
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_results "${1:-}"
 SESSIONS=${SESSIONS:-19000}
 ROUNDS=${ROUNDS:-3}
 RATE=${RATE:-20000}
@@ -33,26 +35,11 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PORT=${PORT:-7883}
 
-mkdir -p "$RESULTS"
-RESULTS=$(cd "$RESULTS" && pwd)
-log() { echo "idle-memory: $*" >&2; }
-
 SERVER_PID=""
-cleanup() {
-    if [[ -n "$SERVER_PID" ]]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
+trap 'stop_pids "$SERVER_PID"' EXIT
 trap 'exit 130' INT TERM
 
-log "building release ternd and loadgen"
-(cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
-BIN="$RESULTS/bin"
-mkdir -p "$BIN"
-cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
-ulimit -n "$(ulimit -Hn)"
+bench_binaries
 if ((SESSIONS + 100 > $(ulimit -n))); then
     log "SESSIONS=$SESSIONS does not fit under $(ulimit -n) fds in one server process"; exit 2
 fi
@@ -65,11 +52,7 @@ run() { # $1: park_after_ms, $2: round; prints KiB per session
         --data-dir "$data" --shards 1 --no-pin --argon2-memory-kib 64 --argon2-iterations 1 \
         >"$RESULTS/ternd-$tag.out" 2>&1 &
     SERVER_PID=$!
-    for _ in $(seq 1 600); do
-        grep -q "ternd listening on" "$RESULTS/ternd-$tag.out" 2>/dev/null && break
-        kill -0 "$SERVER_PID" 2>/dev/null || { log "ternd exited at start"; exit 1; }
-        sleep 0.05
-    done
+    wait_listening "$RESULTS/ternd-$tag.out" "$SERVER_PID"
     taskset -c "$CLIENT_CPU" "$BIN/loadgen" --server "127.0.0.1:$PORT" --prefix "m${round}_" \
         --procs "$PROCS" --server-pid "$SERVER_PID" --rss-settle-secs "$SETTLE" --quiet \
         --json "$RESULTS/$tag.json" \

@@ -25,8 +25,10 @@
 # above 9000 sessions), SERVER_CPU (0), CLIENT_CPU (1), PORT (7882).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RESULTS=${1:-$ROOT/target/rolling-restart/$(date -u +%Y%m%dT%H%M%SZ)}
+BENCH=rolling-restart
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_results "${1:-}"
 SESSIONS=${SESSIONS:-10000}
 TRICKLE=${TRICKLE:-200}
 DURATION=${DURATION:-20}
@@ -45,28 +47,12 @@ if [[ -z "${PROCS:-}" ]]; then
     ((SESSIONS > 9000)) && PROCS=2
 fi
 
-mkdir -p "$RESULTS"
-RESULTS=$(cd "$RESULTS" && pwd)
-log() { echo "rolling-restart: $*" >&2; }
-
 # ---- everything started here is stopped however the script ends ----
 SERVER_PID="" LOADGEN_PID=""
-cleanup() {
-    for pid in $LOADGEN_PID $SERVER_PID; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
+trap 'stop_pids "$LOADGEN_PID" "$SERVER_PID"' EXIT
 trap 'exit 130' INT TERM
 
-log "building release ternd and loadgen"
-# Two builds: `--bin ternd` would also narrow `-p loadgen` to no binary.
-(cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
-BIN="$RESULTS/bin"
-mkdir -p "$BIN"
-cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
-ulimit -n "$(ulimit -Hn)"
+bench_binaries
 FD_LIMIT=$(ulimit -n)
 log "this box caps a process at $FD_LIMIT file descriptors: one ternd holds at most" \
     "~$((FD_LIMIT - 100)) sessions here ($SESSIONS asked, plus 2 trickle senders per loadgen executor)"
@@ -84,14 +70,7 @@ start_ternd() { # $1: log suffix; sets SERVER_PID, waits until it listens
         --shards 1 --no-pin --argon2-memory-kib 64 --argon2-iterations 1 \
         --shutdown-retry-after-ms "$RETRY_AFTER_MS" >"$out" 2>"$RESULTS/ternd-$1.err" &
     SERVER_PID=$!
-    for _ in $(seq 1 600); do
-        if grep -q "ternd listening on" "$out" 2>/dev/null; then return 0; fi
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            log "ternd exited at start; see $RESULTS/ternd-$1.err"; exit 1
-        fi
-        sleep 0.05
-    done
-    log "ternd did not start listening"; exit 1
+    wait_listening "$out" "$SERVER_PID" "$RESULTS/ternd-$1.err"
 }
 now() { date +%s.%N; }
 

@@ -1,0 +1,57 @@
+# Shared set-up of the end-to-end bench scripts (compare.sh,
+# idle-memory.sh, rolling-restart.sh). Source it after `set -euo pipefail`
+# with BENCH set to the script's name:
+#
+#   bench_results [DIR]      RESULTS: DIR, or target/$BENCH/<UTC time>;
+#                            created and made absolute
+#   log MESSAGE...           "$BENCH: MESSAGE..." on stderr
+#   bench_binaries           BIN: release ternd and loadgen, built and copied
+#                            there so a concurrent rebuild cannot swap them;
+#                            the open-file limit raised to the hard limit
+#   wait_listening OUT PID [ERR]
+#                            waits until the ternd writing OUT listens;
+#                            exits the script (citing ERR, default OUT) if
+#                            it dies or takes 30 s
+#   stop_pids PID...         kills and reaps each PID given (empty ones are
+#                            skipped); for the scripts' EXIT traps
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { echo "$BENCH: $*" >&2; }
+
+bench_results() {
+    RESULTS=${1:-$ROOT/target/$BENCH/$(date -u +%Y%m%dT%H%M%SZ)}
+    mkdir -p "$RESULTS"
+    RESULTS=$(cd "$RESULTS" && pwd)
+}
+
+bench_binaries() {
+    log "building release ternd and loadgen"
+    # Two builds: `--bin ternd` would also narrow `-p loadgen` to no binary.
+    (cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
+    BIN="$RESULTS/bin"
+    mkdir -p "$BIN"
+    cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
+    ulimit -n "$(ulimit -Hn)"
+}
+
+wait_listening() { # $1: ternd's stdout file, $2: its pid, $3: file to cite
+    local cite=${3:-$1}
+    for _ in $(seq 1 600); do
+        if grep -q "ternd listening on" "$1" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$2" 2>/dev/null; then
+            log "ternd exited at start; see $cite"; exit 1
+        fi
+        sleep 0.05
+    done
+    log "ternd did not start listening; see $cite"; exit 1
+}
+
+stop_pids() {
+    local pid
+    for pid in "$@"; do
+        [[ -n "$pid" ]] || continue
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
