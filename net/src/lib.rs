@@ -10,6 +10,8 @@
 //! limit ([`memlock`]), TLS on those sockets ([`tls`]), and one stream type
 //! for both ([`transport`]). It knows
 //! nothing of users or messages: that is the engine's business.
+// Bytes from peers and errors from the kernel reach every function here.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod frame_io;
 pub mod handoff;

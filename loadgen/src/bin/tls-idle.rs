@@ -14,6 +14,8 @@
 //! waits, which suits the few thousand sessions one process may hold here
 //! (run several for more).
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
