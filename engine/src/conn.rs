@@ -1072,10 +1072,17 @@ fn answer_tls_while_parked(parked: &mut Parked) -> Heard {
         let mut pongs = pongs.borrow_mut();
         pongs.clear();
         loop {
-            let chunk = tls.first_plaintext();
-            if chunk.is_empty() {
-                break;
-            }
+            let chunk = match tls.first_plaintext() {
+                Ok(chunk) if !chunk.is_empty() => chunk,
+                // Nothing more decrypted yet.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // The client's close_notify (or a close without one): the
+                // live session reads the end and closes.
+                Ok(_) | Err(_) => {
+                    rest_is_pings = false;
+                    break;
+                }
+            };
             // Bodies are validated in place, so the chunk is copied to an
             // aligned buffer; a chunk too long for it is no heartbeat.
             let mut copy = PeekBuf([0; PARKED_PEEK_BYTES]);

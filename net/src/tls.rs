@@ -357,10 +357,11 @@ impl TlsSession {
     }
 
     /// The first decrypted chunk not yet read (one record's plaintext),
-    /// left in place; empty when there is none.
-    pub fn first_plaintext(&mut self) -> &[u8] {
-        // Errors are the no-bytes states (closed, would block): no chunk.
-        self.conn.reader().into_first_chunk().unwrap_or_default()
+    /// left in place. With nothing decrypted: `WouldBlock` while the
+    /// session goes on, `Ok` of an empty slice once the peer sent
+    /// `close_notify`, `UnexpectedEof` once the socket closed without it.
+    pub fn first_plaintext(&mut self) -> io::Result<&[u8]> {
+        self.conn.reader().into_first_chunk()
     }
 
     /// Takes the first `n` bytes of [`TlsSession::first_plaintext`].

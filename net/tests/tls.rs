@@ -376,6 +376,94 @@ fn session_moves_to_another_executor_mid_conversation() {
     assert_eq!(second_shard.join().unwrap(), 14 + 30_000);
 }
 
+/// Polls `step` on a detached session until it gives a value, sleeping
+/// between tries (the socket is nobody's: no reactor wakes us).
+fn poll_detached<T>(mut step: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + CLIENT_WAIT;
+    loop {
+        if let Some(value) = step() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing arrived on the detached session"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_detached_session_reads_and_answers_records_without_an_executor() {
+    use std::os::fd::AsRawFd;
+    let dir = new_cert_dir();
+    let store = CertStore::open(settings(dir.path(), false)).unwrap();
+    let config = store.current();
+    let (parked_tx, parked_rx) = mpsc::channel::<(handoff::DetachedSocket, tls::TlsSession)>();
+    let (addr, server) = server(move |listener| async move {
+        let stream = listener.accept().await.unwrap();
+        let tls = tls::accept(stream, config, HANDSHAKE).await.unwrap();
+        let (socket, session) = tls.into_parts();
+        parked_tx
+            .send((handoff::detach(socket).unwrap(), session))
+            .unwrap();
+    });
+    let mut client = connect(addr, trusting(&dir.path().join("cert.pem"))).unwrap();
+    server.join().unwrap();
+    let (socket, mut session) = parked_rx.recv_timeout(CLIENT_WAIT).unwrap();
+    let fd = socket.as_raw_fd();
+
+    // Nothing sent yet: nothing to read, nothing decrypted.
+    let idle = session.recv_detached(fd).unwrap_err();
+    assert_eq!(idle.kind(), io::ErrorKind::WouldBlock);
+    assert_eq!(
+        session.first_plaintext().unwrap_err().kind(),
+        io::ErrorKind::WouldBlock
+    );
+
+    // Two records: each is one chunk, taken one at a time.
+    client.write_all(b"ping").unwrap();
+    client.flush().unwrap();
+    client.write_all(b"request").unwrap();
+    client.flush().unwrap();
+    let mut chunks = Vec::new();
+    poll_detached(|| {
+        match session.recv_detached(fd) {
+            Ok(n) => assert!(n > 0, "the client is still there"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+        }
+        while let Ok(chunk) = session.first_plaintext() {
+            let chunk = chunk.to_vec();
+            session.consume_plaintext(chunk.len());
+            chunks.push(chunk);
+        }
+        (chunks.concat() == b"pingrequest").then_some(())
+    });
+    assert_eq!(chunks.first().map(Vec::as_slice), Some(&b"ping"[..]));
+
+    // An answer goes out encrypted, without an executor.
+    assert!(session.send_detached(fd, b"pong").unwrap());
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"pong");
+
+    // close_notify with the TCP connection still open reads as a clean end.
+    client.conn.send_close_notify();
+    client.flush().unwrap();
+    poll_detached(|| {
+        let _ = session.recv_detached(fd);
+        match session.first_plaintext() {
+            Ok(chunk) => {
+                assert!(chunk.is_empty(), "no data after close_notify");
+                Some(())
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+                None
+            }
+        }
+    });
+}
+
 #[test]
 fn handshake_timeout_closes_a_silent_peer() {
     let dir = new_cert_dir();
