@@ -514,6 +514,16 @@ async fn reply_and_close(stream: &mut Transport, out: &mut AlignedVec, shard: &S
     stream.close().await;
 }
 
+/// Sends `reply` on a connection the shard will not serve, and closes it,
+/// in a task of its own: the caller (starting a session) cannot wait.
+fn refuse_in_background(shard: Rc<Shard>, mut stream: Transport, reply: ServerFrame) {
+    glommio::spawn_local(async move {
+        let mut out = AlignedVec::new();
+        reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+    })
+    .detach();
+}
+
 async fn close_after_read_error(stream: &mut Transport, out: &mut AlignedVec, shard: &Shard, e: ReadError) {
     let frame = match &e {
         ReadError::Frame(e) => frame_error_reply(e),
@@ -601,12 +611,7 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
         Ok(permit) => permit,
         Err(refused) => {
             let reply = ServerFrame::error(handoff.request_id, refused.code, refused.message);
-            glommio::spawn_local(async move {
-                let mut stream = stream;
-                let mut out = AlignedVec::new();
-                reply_and_close(&mut stream, &mut out, &shard, &reply).await;
-            })
-            .detach();
+            refuse_in_background(shard, stream, reply);
             return;
         }
     };
@@ -639,12 +644,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         Ok(added) => added,
         Err(refusal) => {
             let reply = error(login.request_id, &refusal);
-            glommio::spawn_local(async move {
-                let mut stream = stream;
-                let mut out = AlignedVec::new();
-                reply_and_close(&mut stream, &mut out, &shard, &reply).await;
-            })
-            .detach();
+            refuse_in_background(shard, stream, reply);
             return;
         }
     };
