@@ -12,8 +12,11 @@
 //! `rustls::ServerConnection` over any futures-io stream itself (rather than
 //! through futures-rustls) so that [`TlsStream::into_parts`] can hand the
 //! whole TLS state, a `Send` [`TlsSession`], to another shard together with
-//! the socket's descriptor (see [`crate::handoff`]). [`generate_self_signed`]
-//! writes a certificate for local use.
+//! the socket's descriptor (see [`crate::handoff`]), and so that a parked
+//! session can read and answer records with no executor at all
+//! ([`TlsSession::recv_detached`]). The same stream drives the client side
+//! ([`connect`]) for glommio clients such as the load generator.
+//! [`generate_self_signed`] writes a certificate for local use.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -29,10 +32,15 @@ use futures_lite::{AsyncRead, AsyncWrite};
 /// The rustls this module is built on, so callers can name its types
 /// without depending on it separately.
 pub use rustls;
+use rustls::client::ClientConnectionData;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::ServerName;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ServerConnectionData;
 use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
-use rustls::{HandshakeKind, ServerConfig, ServerConnection};
+use rustls::{
+    ClientConfig, ClientConnection, ConnectionCommon, HandshakeKind, ServerConfig, ServerConnection,
+};
 
 /// A reasonable bound on a handshake; a peer still handshaking after this
 /// is either hostile or too slow to serve.
@@ -312,20 +320,37 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsEr
     })
 }
 
+/// The side of a TLS connection a [`TlsStream`] drives: rustls's server
+/// connection (what `ternd` accepts) or its client connection (what the
+/// load generator opens). Both are a `ConnectionCommon` underneath, which
+/// is all the stream uses.
+pub trait Side: std::ops::DerefMut<Target = ConnectionCommon<Self::Data>> + Unpin {
+    /// rustls's per-side state.
+    type Data;
+}
+
+impl Side for ServerConnection {
+    type Data = ServerConnectionData;
+}
+
+impl Side for ClientConnection {
+    type Data = ClientConnectionData;
+}
+
 /// The TLS state of one connection, detached from its socket: keys,
 /// sequence numbers and any bytes rustls still holds in either direction
 /// (records not yet sent, plaintext not yet read). `Send`, so it can travel
 /// to another shard beside the socket's descriptor.
 #[derive(Debug)]
-pub struct TlsSession {
-    conn: ServerConnection,
+pub struct TlsSession<C = ServerConnection> {
+    conn: C,
     /// `close_notify` is queued; nothing more may be written.
     close_sent: bool,
 }
 
-impl TlsSession {
+impl<C: Side> TlsSession<C> {
     /// The rustls connection, for inspection (negotiated version, SNI, ...).
-    pub fn connection(&self) -> &ServerConnection {
+    pub fn connection(&self) -> &C {
         &self.conn
     }
 
@@ -427,7 +452,8 @@ impl Write for FdIo {
     }
 }
 
-/// A server TLS connection over `S`, with the handshake done.
+/// A TLS connection over `S`, with the handshake done: the server side by
+/// default ([`accept`]), or the client side ([`connect`]).
 ///
 /// Reading and writing may happen from two tasks of one executor (through
 /// [`crate::split`]): a read never waits for the socket to accept writes,
@@ -435,9 +461,9 @@ impl Write for FdIo {
 /// with the writer's waker when a writer is waiting, so neither side can
 /// steal the other's wake-up.
 #[derive(Debug)]
-pub struct TlsStream<S> {
+pub struct TlsStream<S, C = ServerConnection> {
     io: S,
-    session: TlsSession,
+    session: TlsSession<C>,
     /// The writer's waker while a write or flush waits for the socket.
     write_waker: Option<Waker>,
 }
@@ -466,9 +492,35 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(stream)
 }
 
-impl<S> TlsStream<S> {
+/// Runs the client side of a TLS handshake with `server_name` on `io`,
+/// giving up after `timeout`.
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    timeout: Duration,
+) -> Result<TlsStream<S, ClientConnection>, TlsError> {
+    let mut conn = ClientConnection::new(config, server_name).map_err(TlsError::Handshake)?;
+    conn.set_buffer_limit(Some(BUFFER_LIMIT));
+    let mut stream = TlsStream::from_parts(
+        io,
+        TlsSession {
+            conn,
+            close_sent: false,
+        },
+    );
+    let handshake = futures_lite::future::poll_fn(|cx| stream.poll_handshake(cx));
+    let deadline = async {
+        glommio::timer::sleep(timeout).await;
+        Err(TlsError::HandshakeTimeout(timeout))
+    };
+    futures_lite::future::or(handshake, deadline).await?;
+    Ok(stream)
+}
+
+impl<S, C> TlsStream<S, C> {
     /// Reassembles a stream from a socket and the session that was running on it.
-    pub fn from_parts(io: S, session: TlsSession) -> TlsStream<S> {
+    pub fn from_parts(io: S, session: TlsSession<C>) -> TlsStream<S, C> {
         TlsStream {
             io,
             session,
@@ -480,7 +532,7 @@ impl<S> TlsStream<S> {
     /// connection to another shard. No read or write may be in flight. Records
     /// not yet sent stay in the session and go out on the next write or flush
     /// after [`TlsStream::from_parts`]; flush first to send them now.
-    pub fn into_parts(self) -> (S, TlsSession) {
+    pub fn into_parts(self) -> (S, TlsSession<C>) {
         (self.io, self.session)
     }
 
@@ -495,12 +547,12 @@ impl<S> TlsStream<S> {
     }
 
     /// The TLS state.
-    pub fn session(&self) -> &TlsSession {
+    pub fn session(&self) -> &TlsSession<C> {
         &self.session
     }
 }
 
-impl<S: AsRawFd> AsRawFd for TlsStream<S> {
+impl<S: AsRawFd, C> AsRawFd for TlsStream<S, C> {
     fn as_raw_fd(&self) -> RawFd {
         self.io.as_raw_fd()
     }
@@ -545,7 +597,7 @@ impl<S: AsyncWrite + Unpin> Write for SyncIo<'_, '_, S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<S, C> {
     /// Sends queued records until none are left, the socket is full
     /// (`Pending`, with `cx` registered) or it fails.
     fn poll_send_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -637,7 +689,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncRead for TlsStream<S, C> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         loop {
@@ -657,7 +709,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncWrite for TlsStream<S, C> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         this.write_waker = None;

@@ -376,6 +376,43 @@ fn session_moves_to_another_executor_mid_conversation() {
     assert_eq!(second_shard.join().unwrap(), 14 + 30_000);
 }
 
+#[test]
+fn the_client_side_runs_on_glommio_too() {
+    let dir = new_cert_dir();
+    let store = Arc::new(CertStore::open(settings(dir.path(), false)).unwrap());
+    let (addr, echoing) = server(move |l| echo_server(l, store, 1));
+    let config = trusting(&dir.path().join("cert.pem"));
+    let echoed = run_executor("tls-test-client", async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = tls::connect(tcp, config, name, HANDSHAKE).await.unwrap();
+        assert_eq!(tls.session().protocol_version(), Some(ProtocolVersion::TLSv1_3));
+        let msg = vec![9u8; 40 * 1024];
+        tls.write_all(&msg).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+        tls.close().await.unwrap();
+        back.len()
+    });
+    assert_eq!(echoed, 40 * 1024);
+    let outcomes = echoing.join().unwrap();
+    assert_eq!(outcomes[0].as_ref().unwrap(), &(false, 40 * 1024));
+
+    // A client that does not trust the server's certificate fails its handshake.
+    let other = new_cert_dir();
+    let store = Arc::new(CertStore::open(settings(dir.path(), false)).unwrap());
+    let (addr, _server) = server(move |l| echo_server(l, store, 1));
+    let distrust = trusting(&other.path().join("cert.pem"));
+    let refused = run_executor("tls-test-client", async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        tls::connect(tcp, distrust, name, HANDSHAKE).await.err()
+    });
+    assert!(matches!(refused, Some(TlsError::Handshake(_))), "{refused:?}");
+}
+
 /// Polls `step` on a detached session until it gives a value, sleeping
 /// between tries (the socket is nobody's: no reactor wakes us).
 fn poll_detached<T>(mut step: impl FnMut() -> Option<T>) -> T {
