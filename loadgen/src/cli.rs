@@ -92,6 +92,14 @@ pub struct Common {
     /// `pairs` and `groups`.
     #[arg(long, global = true, value_enum, default_value_t = Protocol::Tern)]
     pub protocol: Protocol,
+    /// Connect over TLS (Tern only), trusting exactly the certificates in
+    /// this PEM file (e.g. the `cert.pem` that `ternd gen-cert` writes);
+    /// `--server` is then ternd's TLS listener.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// With `--tls-ca`: the name the server's certificate must carry.
+    #[arg(long, global = true, default_value = "localhost")]
+    pub tls_server_name: String,
     /// Verify exactly-once, in-order delivery of every message (always
     /// counted and reported as `lost`, `duplicated`, `reordered`); with this
     /// flag any of them makes the run fail (exit status 1).
@@ -339,6 +347,9 @@ impl Cli {
         );
         if tern_only && c.protocol != Protocol::Tern {
             return Err(format!("{} runs against Tern only", self.scenario_name()));
+        }
+        if c.tls_ca.is_some() && c.protocol != Protocol::Tern {
+            return Err("--tls-ca is for Tern's TLS listener only".into());
         }
         match &self.scenario {
             Scenario::Connect(a) => {
@@ -612,6 +623,9 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = Cli::try_parse_from(["loadgen", "--source-ips", "x", "connect"]).unwrap();
         assert!(bad.validate().is_err());
+        let bad =
+            Cli::try_parse_from(["loadgen", "--protocol", "nats", "--tls-ca", "ca.pem", "pairs"]).unwrap();
+        assert!(bad.validate().unwrap_err().contains("--tls-ca"));
         assert!(Cli::try_parse_from(["loadgen", "bogus"]).is_err());
     }
 

@@ -1,6 +1,7 @@
 //! One client connection to `ternd` on a glommio executor.
 //!
-//! This module owns dialing from a chosen source address, the request/answer
+//! This module owns dialing from a chosen source address (over TLS when the
+//! process was given `--tls-ca`, see [`use_tls`]), the request/answer
 //! exchange used while setting up (Hello, Register, Login, LoginToken,
 //! group create/join), and the split a running connection uses afterwards:
 //! a [`Writer`] that several tasks of one executor may share (the sender
@@ -15,7 +16,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
@@ -26,6 +27,9 @@ use rkyv::util::AlignedVec;
 use socket2::{Domain, Protocol, Socket, Type};
 use tern_net::frame_io::{fill, write_batch, Filled, ReadError};
 use tern_net::split::{split, ReadHalf, WriteHalf};
+use tern_net::tls::rustls::pki_types::ServerName;
+use tern_net::tls::rustls::{ClientConfig, ClientConnection};
+use tern_net::transport::Transport;
 use tern_proto::limits::DEFAULT_MAX_FRAME_BYTES;
 use tern_proto::{
     decode_server, encode_client, ArchivedServerFrame, ClientBody, ClientFrame, ErrorCode, FrameBuf,
@@ -141,6 +145,48 @@ pub fn dial(server: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStrea
     Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
 }
 
+/// A connection's byte stream: plain TCP, or TLS over it.
+type Stream = Transport<ClientConnection>;
+
+/// What every Tern connection of this process dials with over TLS.
+struct TlsDial {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+/// Set once, before any executor starts, from `--tls-ca`: connections are
+/// plain TCP while it is unset. One setting for the whole process, since a
+/// run targets one listener.
+static TLS_DIAL: OnceLock<TlsDial> = OnceLock::new();
+
+/// Makes every later Tern connection of this process TLS, trusting
+/// `config`'s roots for a certificate naming `server_name`.
+pub fn use_tls(config: Arc<ClientConfig>, server_name: &str) -> Result<(), String> {
+    let server_name = ServerName::try_from(server_name.to_owned())
+        .map_err(|e| format!("invalid --tls-server-name {server_name:?}: {e}"))?;
+    TLS_DIAL
+        .set(TlsDial { config, server_name })
+        .map_err(|_| "TLS is already configured".to_string())
+}
+
+/// Dials like [`dial`], then runs the TLS handshake when [`use_tls`] asked
+/// for it.
+async fn open_stream(server: SocketAddr, source: Option<Ipv4Addr>) -> Result<Stream, WireError> {
+    let tcp = dial(server, source)?;
+    let Some(tls) = TLS_DIAL.get() else {
+        return Ok(Transport::Plain(tcp));
+    };
+    let stream = tern_net::tls::connect(
+        tcp,
+        tls.config.clone(),
+        tls.server_name.clone(),
+        tern_net::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+    )
+    .await
+    .map_err(|e| WireError::Protocol(format!("TLS: {e}")))?;
+    Ok(Transport::Tls(Box::new(stream)))
+}
+
 fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd, a pointer to a live c_int and its size.
@@ -177,7 +223,7 @@ impl ServerLimits {
 
 /// A connection during setup: one request at a time.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: FrameBuf,
     out: AlignedVec,
     next_request_id: u64,
@@ -194,7 +240,7 @@ fn hello() -> ClientBody {
 
 impl Conn {
     /// A connection that has sent nothing yet.
-    fn new(stream: TcpStream) -> Conn {
+    fn new(stream: Stream) -> Conn {
         Conn {
             stream,
             buf: FrameBuf::new(DEFAULT_MAX_FRAME_BYTES),
@@ -209,7 +255,7 @@ impl Conn {
 
     /// Dials and completes the Hello exchange.
     pub async fn open(server: SocketAddr, source: Option<Ipv4Addr>) -> Result<Conn, WireError> {
-        let mut conn = Conn::new(dial(server, source)?);
+        let mut conn = Conn::new(open_stream(server, source).await?);
         match conn.request(hello()).await? {
             ServerBody::HelloOk {
                 version,
@@ -372,7 +418,7 @@ pub async fn open_session(
     timeout: Duration,
 ) -> Result<(Conn, UserId), WireError> {
     let attempt = async {
-        let mut conn = Conn::new(dial(server, source)?);
+        let mut conn = Conn::new(open_stream(server, source).await?);
         let bodies = [
             hello(),
             ClientBody::LoginToken {
@@ -475,7 +521,7 @@ pub async fn with_timeout<T>(
 
 /// The read half of a running connection with its frame buffer.
 pub struct ReadSide {
-    half: ReadHalf<TcpStream>,
+    half: ReadHalf<Stream>,
     buf: FrameBuf,
 }
 
@@ -510,7 +556,7 @@ pub async fn read_frames(
 }
 
 struct WriterState {
-    half: WriteHalf<TcpStream>,
+    half: WriteHalf<Stream>,
     out: AlignedVec,
     next_request_id: u64,
 }

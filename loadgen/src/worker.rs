@@ -290,6 +290,10 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
         .clone()
         .ok_or("a worker needs --run-id from the coordinator")?;
     let (prefix, reuse) = cli.common.user_prefix(&run_id);
+    if let Some(ca) = &cli.common.tls_ca {
+        let config = tern_net::tls::client_config(ca).map_err(|e| e.to_string())?;
+        crate::wire::use_tls(config, &cli.common.tls_server_name)?;
+    }
     let threads = cli.common.threads;
     let plan = Arc::new(Plan {
         sources: parse_source_ips(&cli.common.source_ips, cli.common.server)?,

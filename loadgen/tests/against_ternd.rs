@@ -2,8 +2,8 @@
 //! TCP with the `pairs`, `connect`, `offline`, `churn` and `mix` scenarios;
 //! each must deliver every message exactly once, in order (`--verify`), and
 //! report no errors. `loadgen report` then turns a result into a capacity
-//! plan and a percentile plot. `tls-idle` holds and pings TLS sessions
-//! against a `ternd` with a TLS listener.
+//! plan and a percentile plot. With `--tls-ca` the same scenarios run over
+//! ternd's TLS listener.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -374,7 +374,7 @@ fn mix_replays_a_day_and_report_plans_from_it() {
 }
 
 #[test]
-fn tls_idle_reports_memory_and_cpu_of_parked_tls_sessions() {
+fn scenarios_run_over_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     let made = Command::new(ternd_binary())
@@ -422,31 +422,76 @@ fn tls_idle_reports_memory_and_cpu_of_parked_tls_sessions() {
         .expect("ternd printed its TLS address");
     // Keep reading, so that ternd never writes to a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
+    let ca = certs.join("cert.pem");
+    let ca = ca.to_str().expect("utf-8 path");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_tls-idle"))
-        .args(["--server", &tls_addr, "--connections", "40", "--prefix", "ti_"])
-        .args([
-            "--settle-secs",
-            "1",
-            "--hold-secs",
+    // loadgen's own scenarios over the TLS listener, verified.
+    let pairs = loadgen(
+        &tls_addr,
+        &dir.path().join("tls-pairs.json"),
+        &[
+            "--tls-ca",
+            ca,
+            "--verify",
+            "--procs",
             "2",
-            "--ping-interval-secs",
-            "0.5",
-        ])
-        .args(["--server-pid", &pid.to_string(), "--ca"])
-        .arg(certs.join("cert.pem"))
-        .output()
-        .expect("run tls-idle");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+            "pairs",
+            "--pairs",
+            "4",
+            "--window",
+            "8",
+            "--duration-secs",
+            "2",
+        ],
     );
-    assert!(text.contains("sessions 40 (TLS)"), "{text}");
-    assert!(text.contains("failed 0"), "{text}");
-    assert!(!text.contains("pings answered 0,"), "{text}");
-    assert!(text.contains("KiB/session"), "{text}");
-    assert!(text.contains("us per ping"), "{text}");
+    assert!(pairs["messages"].as_u64().expect("messages") > 0, "{pairs}");
+    assert_eq!(pairs["errors"].as_u64(), Some(0), "{pairs}");
+    // Parked TLS sessions' memory, read past park_after.
+    let pid = pid.to_string();
+    let connect = loadgen(
+        &tls_addr,
+        &dir.path().join("tls-connect.json"),
+        &[
+            "--tls-ca",
+            ca,
+            "--server-pid",
+            &pid,
+            "--rss-settle-secs",
+            "0.5",
+            "connect",
+            "--connections",
+            "30",
+            "--hold-secs",
+            "1",
+        ],
+    );
+    assert_eq!(connect["connections"].as_u64(), Some(30), "{connect}");
+    assert_eq!(connect["errors"].as_u64(), Some(0), "{connect}");
+    assert!(connect["server_rss_kib_per_conn"].is_number(), "{connect}");
+    // A certificate loadgen does not trust: every connection fails.
+    let stranger = dir.path().join("stranger");
+    let made = Command::new(ternd_binary())
+        .args(["gen-cert", "--out"])
+        .arg(&stranger)
+        .output()
+        .expect("gen-cert");
+    assert!(made.status.success(), "{made:?}");
+    let refused = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--quiet", "--server", &tls_addr, "--tls-ca"])
+        .arg(stranger.join("cert.pem"))
+        .args([
+            "connect",
+            "--connections",
+            "3",
+            "--hold-secs",
+            "0.1",
+            "--connect-timeout-secs",
+            "3",
+        ])
+        .output()
+        .expect("run loadgen");
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(text.contains("0 established, 3 failed"), "{text}");
+
     drop(server);
 }

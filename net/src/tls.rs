@@ -337,6 +337,26 @@ impl Side for ClientConnection {
     type Data = ClientConnectionData;
 }
 
+/// A client configuration that trusts exactly the certificates in
+/// `ca_file` (PEM, e.g. the `cert.pem` that `ternd gen-cert` writes), for
+/// glommio clients such as the load generator; errors name the file.
+pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_cert_chain(ca_file)? {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            path: ca_file.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    // An explicit provider, so nothing depends on a process-wide default.
+    let config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Handshake)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The TLS state of one connection, detached from its socket: keys,
 /// sequence numbers and any bytes rustls still holds in either direction
 /// (records not yet sent, plaintext not yet read). `Send`, so it can travel

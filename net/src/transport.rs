@@ -17,22 +17,24 @@ use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::handoff::{self, DetachedSocket};
-use crate::tls::{TlsSession, TlsStream};
+use crate::tls::{Side, TlsSession, TlsStream};
+use rustls::ServerConnection;
 
-/// A connection's stream.
-pub enum Transport {
+/// A connection's stream: the server's side by default, or (with
+/// `rustls::ClientConnection`) a glommio client's.
+pub enum Transport<C = ServerConnection> {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<TcpStream, C>>),
 }
 
 /// A connection taken apart to move between shards.
 #[derive(Debug)]
-pub struct DetachedTransport {
+pub struct DetachedTransport<C = ServerConnection> {
     pub socket: DetachedSocket,
-    pub tls: Option<TlsSession>,
+    pub tls: Option<TlsSession<C>>,
 }
 
-impl Transport {
+impl<C: Side> Transport<C> {
     /// The TCP socket underneath (for socket options).
     pub fn tcp(&self) -> &TcpStream {
         match self {
@@ -48,7 +50,7 @@ impl Transport {
 
     /// Takes the connection apart to move it to another executor. No read
     /// or write may be in flight.
-    pub fn into_parts(self) -> io::Result<DetachedTransport> {
+    pub fn into_parts(self) -> io::Result<DetachedTransport<C>> {
         self.try_into_parts().map_err(|(error, _)| error)
     }
 
@@ -57,7 +59,7 @@ impl Transport {
     /// go on where it is.
     // The error hands the stream back whole; it is rare and moved once.
     #[allow(clippy::result_large_err)]
-    pub fn try_into_parts(self) -> Result<DetachedTransport, (io::Error, Transport)> {
+    pub fn try_into_parts(self) -> Result<DetachedTransport<C>, (io::Error, Transport<C>)> {
         match self {
             Transport::Plain(tcp) => match handoff::try_detach(tcp) {
                 Ok(socket) => Ok(DetachedTransport { socket, tls: None }),
@@ -80,7 +82,7 @@ impl Transport {
     }
 
     /// Puts a detached connection back together on the current executor.
-    pub fn from_parts(parts: DetachedTransport) -> Transport {
+    pub fn from_parts(parts: DetachedTransport<C>) -> Transport<C> {
         let tcp = handoff::attach(parts.socket);
         match parts.tls {
             None => Transport::Plain(tcp),
@@ -98,13 +100,13 @@ impl Transport {
     }
 }
 
-impl AsRawFd for Transport {
+impl<C: Side> AsRawFd for Transport<C> {
     fn as_raw_fd(&self) -> RawFd {
         self.tcp().as_raw_fd()
     }
 }
 
-impl AsyncRead for Transport {
+impl<C: Side> AsyncRead for Transport<C> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
@@ -113,7 +115,7 @@ impl AsyncRead for Transport {
     }
 }
 
-impl AsyncWrite for Transport {
+impl<C: Side> AsyncWrite for Transport<C> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
