@@ -494,22 +494,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
     timeout: Duration,
 ) -> Result<TlsStream<S>, TlsError> {
-    let mut conn = ServerConnection::new(config).map_err(TlsError::Handshake)?;
-    conn.set_buffer_limit(Some(BUFFER_LIMIT));
-    let mut stream = TlsStream::from_parts(
-        io,
-        TlsSession {
-            conn,
-            close_sent: false,
-        },
-    );
-    let handshake = futures_lite::future::poll_fn(|cx| stream.poll_handshake(cx));
-    let deadline = async {
-        glommio::timer::sleep(timeout).await;
-        Err(TlsError::HandshakeTimeout(timeout))
-    };
-    futures_lite::future::or(handshake, deadline).await?;
-    Ok(stream)
+    let conn = ServerConnection::new(config).map_err(TlsError::Handshake)?;
+    handshake(io, conn, timeout).await
 }
 
 /// Runs the client side of a TLS handshake with `server_name` on `io`,
@@ -520,7 +506,16 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     server_name: ServerName<'static>,
     timeout: Duration,
 ) -> Result<TlsStream<S, ClientConnection>, TlsError> {
-    let mut conn = ClientConnection::new(config, server_name).map_err(TlsError::Handshake)?;
+    let conn = ClientConnection::new(config, server_name).map_err(TlsError::Handshake)?;
+    handshake(io, conn, timeout).await
+}
+
+/// Runs `conn`'s handshake on `io` under `timeout`, for either side.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin, C: Side>(
+    io: S,
+    mut conn: C,
+    timeout: Duration,
+) -> Result<TlsStream<S, C>, TlsError> {
     conn.set_buffer_limit(Some(BUFFER_LIMIT));
     let mut stream = TlsStream::from_parts(
         io,
