@@ -211,6 +211,28 @@ pub fn markdown(args: &ReportArgs, inputs: &[Input]) -> String {
             r.reordered
         );
     }
+    let acked: Vec<_> = inputs
+        .iter()
+        .filter_map(|i| i.result.ack_latency_us.map(|a| (i, a)))
+        .collect();
+    if !acked.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nAcknowledgement latency, from the intended send time to the sender's `Sent` \
+             (the message is stored; fsynced in `sync` durability):\n"
+        );
+        for (i, a) in acked {
+            let _ = writeln!(
+                s,
+                "* `{}`: p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+                i.label,
+                thousands(a.p50 as f64),
+                thousands(a.p99 as f64),
+                thousands(a.p999 as f64),
+                thousands(a.max as f64)
+            );
+        }
+    }
     for i in inputs.iter().filter(|i| i.result.scenario == "mix") {
         let r = &i.result;
         let _ = writeln!(
@@ -392,6 +414,13 @@ mod tests {
             connections: 200,
             msgs_per_s: 100_000.0,
             latency_us: Latency::of(&h),
+            ack_latency_us: Some(Latency {
+                p50: 1_200,
+                p90: 1_500,
+                p99: 4_100,
+                p999: 9_000,
+                max: 12_000,
+            }),
             ..RunResult::default()
         };
         let connect = RunResult {
@@ -414,6 +443,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 5.50 |"), "{md}");
+        assert!(
+            md.contains("* `pairs`: p50 1,200 µs, p99 4,100 µs, p99.9 9,000 µs, max 12,000 µs"),
+            "{md}"
+        );
         assert!(md.contains("5.50 KiB server RSS, measured in `connect`"), "{md}");
         assert!(md.contains("(projected, not measured)"), "{md}");
         // 50,000 per core × 56 shards.
