@@ -92,6 +92,10 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
+        /// Don't interrupt the ring's task when a completion arrives while it
+        /// runs in userspace: the completion is posted at its next kernel
+        /// entry instead. A sleeping task is still woken. Since Linux 5.19.
+        const COOP_TASKRUN = 1 << 8;
     }
 }
 

@@ -895,6 +895,34 @@ struct SleepableRing {
     in_kernel: usize,
 }
 
+/// Creates a main or latency ring with `IORING_SETUP_COOP_TASKRUN`, falling
+/// back to no flags on kernels that do not know it (before 5.19: `EINVAL`).
+///
+/// [Tern patch] Without the flag, a completion for a task that is running in
+/// userspace (a busy executor) is delivered with an inter-processor interrupt
+/// that kicks the task into the kernel. Each glommio ring is used by its own
+/// executor thread only, which enters the kernel at every submission and when
+/// it goes to sleep, so the kick buys nothing; a sleeping executor is still
+/// woken at once. On a VM the interrupt costs a VM exit, charged to the core
+/// that *sent* the data: Tern measured 45 -> 30 us of server CPU per
+/// unbatched message over loopback (docs/benchmarks.md).
+/// `GLOMMIO_COOP_TASKRUN=0` in the environment turns it off, for
+/// side-by-side measurement.
+fn new_sleepable_ring(entries: u32) -> io::Result<iou::IoUring> {
+    let disabled = std::env::var_os("GLOMMIO_COOP_TASKRUN").is_some_and(|v| v == "0");
+    if disabled {
+        return iou::IoUring::new(entries);
+    }
+    match iou::IoUring::new_with_flags(
+        entries,
+        iou::SetupFlags::COOP_TASKRUN,
+        iou::SetupFeatures::empty(),
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(entries),
+        other => other,
+    }
+}
+
 impl SleepableRing {
     fn new(
         size: usize,
@@ -904,7 +932,7 @@ impl SleepableRing {
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring: new_sleepable_ring(size as _)?,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
