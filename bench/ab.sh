@@ -7,7 +7,8 @@
 # B_ENV: space-separated NAME=VALUE pairs given to both ternd and loadgen)
 # and/or binaries (A_BIN, B_BIN: folders holding `ternd` and `loadgen`,
 # default: a release build of this working tree). Prints one row per run
-# (msgs/s, p50, p99, server CPU per message) and the medians per variant.
+# (msgs/s, p50, p99, server CPU per message; for `connect`, sessions/s,
+# setup latency and CPU per session) and the medians per variant.
 #
 # Usage: bench/ab.sh [RESULTS_DIR] -- LOADGEN_SCENARIO_ARGS...
 #   e.g. A_ENV=GLOMMIO_COOP_TASKRUN=0 bench/ab.sh -- pairs --pairs 100 --window 1
@@ -79,10 +80,14 @@ run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 round, re
     SERVER_PID=""
     # Server CPU covers set-up (logins) too: compare it between variants
     # of the same scenario, not across scenarios.
+    # `connect` reports sessions, not messages: its rate and CPU are per
+    # session (and its latency is session setup).
     jq -r --arg tag "$tag" --argjson ticks "$((after - before))" --argjson hz "$CLK_TCK" '
-        [$tag, (.msgs_per_s | floor), .latency_us.p50, .latency_us.p99,
-         (if .messages > 0 then ($ticks / $hz * 1e6 / .messages * 10 | round / 10) else "-" end),
-         .errors, (.lost // 0)] | @tsv' "$RESULTS/$tag.json" >>"$RESULTS/rows.tsv" \
+        (if .scenario == "connect" then [.connect_rate_per_s, .connections]
+         else [.msgs_per_s, .messages] end) as [$rate, $count]
+        | [$tag, ($rate | floor), .latency_us.p50, .latency_us.p99,
+           (if $count > 0 then ($ticks / $hz * 1e6 / $count * 10 | round / 10) else "-" end),
+           .errors, (.lost // 0)] | @tsv' "$RESULTS/$tag.json" >>"$RESULTS/rows.tsv" \
         || log "$tag: no result; see $RESULTS/$tag.txt"
 }
 
