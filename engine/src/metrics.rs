@@ -601,6 +601,17 @@ impl Metrics {
         let _ = writeln!(out, "tern_ready {}", u8::from(scrape.ready));
         family(&mut out, "tern_shards", "Number of shards.", "gauge");
         let _ = writeln!(out, "tern_shards {}", self.shards.len());
+        // Unknown (no sample) until the first shard has made its rings.
+        if let Some(coop) = glommio::coop_taskrun_rings() {
+            family(
+                &mut out,
+                "tern_io_uring_coop_taskrun",
+                "1 if every shard's io_uring rings take completions at the shard's next system call \
+                 instead of interrupting it (IORING_SETUP_COOP_TASKRUN, Linux 5.19+), 0 if any ring interrupts.",
+                "gauge",
+            );
+            let _ = writeln!(out, "tern_io_uring_coop_taskrun {}", u8::from(coop));
+        }
 
         for (name, help, get) in COUNTERS {
             self.per_shard(&mut out, name, help, "counter", *get, false);

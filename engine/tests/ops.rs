@@ -37,7 +37,7 @@ fn ternd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternd"));
     // Only what each test sets: a developer's TERN_* must not leak in.
     for (var, _) in std::env::vars() {
-        if var.starts_with("TERN_") || var == "RUST_LOG" {
+        if var.starts_with("TERN_") || var == "RUST_LOG" || var == "GLOMMIO_COOP_TASKRUN" {
             cmd.env_remove(var);
         }
     }
@@ -224,6 +224,13 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
     parse_exposition(&text).expect("well-formed exposition");
     assert_eq!(sample(&text, "tern_shards"), Some(1.0));
     assert_eq!(sample(&text, "tern_ready"), Some(1.0));
+    // The vendored glommio sets its rings up with COOP_TASKRUN wherever
+    // the kernel knows the flag (vendor/README.md).
+    assert_eq!(
+        sample(&text, "tern_io_uring_coop_taskrun"),
+        Some(if kernel_at_least(5, 19) { 1.0 } else { 0.0 }),
+        "{text}"
+    );
     assert!(sample(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6);
     assert!(sample(&text, "process_open_fds").unwrap_or(0.0) >= 3.0, "{text}");
     assert!(
@@ -257,6 +264,32 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
         TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).is_err(),
         "the metrics endpoint stopped with the process"
     );
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let running = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    running >= (major, minor)
+}
+
+#[test]
+fn ternd_reports_rings_that_interrupt_when_coop_taskrun_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = ternd();
+    cmd.args(["--shards", "1", "--no-pin", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("GLOMMIO_COOP_TASKRUN", "0");
+    let server = start(cmd);
+    let metrics = server.metrics.expect("ternd printed its metrics address");
+    let (status, text) = get(metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&text, "tern_io_uring_coop_taskrun"), Some(0.0), "{text}");
 }
 
 /// The names of a process's threads.

@@ -281,6 +281,13 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(addr) = server.tls_addr() {
         println!("ternd TLS listening on {addr}");
     }
+    if glommio::coop_taskrun_rings() == Some(false) {
+        tracing::warn!(
+            "io_uring rings interrupt busy shards for every completion (a kernel before 5.19, \
+             or GLOMMIO_COOP_TASKRUN=0): expect about 1.5x the CPU per unbatched message; \
+             see docs/operations.md"
+        );
+    }
     let admin_path = data_dir.join(ADMIN_SOCKET);
     let admin = serve_admin(&admin_path, server.admin_context(Some(log_reload)))
         .map_err(|e| anyhow::anyhow!("cannot serve the admin socket {}: {e}", admin_path.display()))?;

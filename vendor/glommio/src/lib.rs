@@ -454,7 +454,7 @@ pub use crate::{
         PoolThreadHandles, ScopedTask, Task, TaskQueueHandle, TaskQueueStats,
     },
     shares::{Shares, SharesManager},
-    sys::hardware_topology::CpuLocation,
+    sys::{coop_taskrun_rings, hardware_topology::CpuLocation},
 };
 pub use enclose::enclose;
 pub use scopeguard::defer;

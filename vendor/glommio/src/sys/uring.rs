@@ -25,7 +25,10 @@ use std::{
     pin::Pin,
     ptr,
     rc::Rc,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -910,16 +913,43 @@ struct SleepableRing {
 /// side-by-side measurement.
 fn new_sleepable_ring(entries: u32) -> io::Result<iou::IoUring> {
     let disabled = std::env::var_os("GLOMMIO_COOP_TASKRUN").is_some_and(|v| v == "0");
-    if disabled {
-        return iou::IoUring::new(entries);
-    }
-    match iou::IoUring::new_with_flags(
-        entries,
-        iou::SetupFlags::COOP_TASKRUN,
-        iou::SetupFeatures::empty(),
-    ) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(entries),
-        other => other,
+    let ring = if disabled {
+        iou::IoUring::new(entries)
+    } else {
+        match iou::IoUring::new_with_flags(
+            entries,
+            iou::SetupFlags::COOP_TASKRUN,
+            iou::SetupFeatures::empty(),
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(entries),
+            other => {
+                if other.is_ok() {
+                    COOP_TASKRUN_RINGS.fetch_or(RINGS_COOP, Ordering::Relaxed);
+                }
+                return other;
+            }
+        }
+    }?;
+    COOP_TASKRUN_RINGS.fetch_or(RINGS_PLAIN, Ordering::Relaxed);
+    Ok(ring)
+}
+
+/// Which kinds of sleepable ring this process has created: `RINGS_COOP`
+/// and/or `RINGS_PLAIN` bits.
+static COOP_TASKRUN_RINGS: AtomicU8 = AtomicU8::new(0);
+const RINGS_COOP: u8 = 1;
+const RINGS_PLAIN: u8 = 2;
+
+/// [Tern patch] Whether the executors' rings skip the interrupt per
+/// completion (`IORING_SETUP_COOP_TASKRUN`): `Some(true)` if every main and
+/// latency ring created so far in this process has the flag, `Some(false)`
+/// if any was created without it (a kernel before 5.19, or
+/// `GLOMMIO_COOP_TASKRUN=0`), `None` before the first executor started.
+pub fn coop_taskrun_rings() -> Option<bool> {
+    match COOP_TASKRUN_RINGS.load(Ordering::Relaxed) {
+        0 => None,
+        RINGS_COOP => Some(true),
+        _ => Some(false),
     }
 }
 
