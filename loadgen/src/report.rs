@@ -130,6 +130,13 @@ pub struct RunResult {
     pub unacked: u64,
     #[serde(default)]
     pub resent: u64,
+    /// Whether every loadgen process's io_uring rings skip the interrupt
+    /// per completion (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19+). Without
+    /// it each delivery costs the *server's* core an extra interrupt over
+    /// loopback, so runs compare only when this matches (docs/benchmarks.md,
+    /// "Completions without interrupts"). `None` from an older loadgen.
+    #[serde(default)]
+    pub io_uring_coop_taskrun: Option<bool>,
     /// The latency histogram, V2 serialised, hex: from each worker to the
     /// coordinator, and in the `--json` file so `loadgen report` can plot it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,6 +208,11 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.abrupt_losses += part.abrupt_losses;
         out.unacked += part.unacked;
         out.resent += part.resent;
+        // One process with interrupting rings makes the run one of those.
+        out.io_uring_coop_taskrun = match (out.io_uring_coop_taskrun, part.io_uring_coop_taskrun) {
+            (None, mode) | (mode, None) => mode,
+            (Some(a), Some(b)) => Some(a && b),
+        };
         if let Some(start) = part.outage_start_unix_us {
             out.outage_start_unix_us = Some(out.outage_start_unix_us.map_or(start, |s| s.min(start)));
             incomplete |= part.outage_end_unix_us.is_none();
@@ -246,6 +258,12 @@ pub fn summary(r: &RunResult) -> String {
         "scenario {} ({}): {} procs x {} threads, {} users\n",
         r.scenario, r.protocol, r.procs, r.threads, r.users
     ));
+    if r.io_uring_coop_taskrun == Some(false) {
+        s.push_str(
+            "  note         loadgen's io_uring rings interrupt for every completion (kernel before 5.19, \
+             or GLOMMIO_COOP_TASKRUN=0): the server pays more per delivery than with 5.19+ rings\n",
+        );
+    }
     s.push_str(&format!(
         "  connections  {} established, {} failed, in {:.2} s ({:.0}/s)\n",
         r.connections, r.connect_failures, r.connect_secs, r.connect_rate_per_s
@@ -389,6 +407,24 @@ mod tests {
         assert_eq!(merged.latency_us.p50, 100);
         assert!(merged.latency_us.max >= 10_000 && merged.latency_us.max < 10_010);
         assert!(merged.hdr_v2_hex.is_none());
+    }
+
+    #[test]
+    fn one_process_with_interrupting_rings_marks_the_merged_run() {
+        let with = |mode| RunResult {
+            io_uring_coop_taskrun: mode,
+            ..part(&[100], 1, 1.0, 1, 1.0)
+        };
+        let merged = |modes: &[Option<bool>]| {
+            let parts: Vec<_> = modes.iter().map(|m| with(*m)).collect();
+            merge(&parts).unwrap().0.io_uring_coop_taskrun
+        };
+        assert_eq!(merged(&[Some(true), Some(true)]), Some(true));
+        assert_eq!(merged(&[Some(true), Some(false)]), Some(false));
+        assert_eq!(merged(&[None, Some(true)]), Some(true));
+        assert_eq!(merged(&[None, None]), None);
+        assert!(summary(&with(Some(false))).contains("interrupt for every completion"));
+        assert!(!summary(&with(Some(true))).contains("interrupt"));
     }
 
     #[test]

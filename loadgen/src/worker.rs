@@ -379,6 +379,7 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         protocol: plan.cli.common.protocol.name().into(),
         procs: 1,
         threads: plan.threads(),
+        io_uring_coop_taskrun: glommio::coop_taskrun_rings(),
         ..RunResult::default()
     };
     let mut delivered_in_window = 0;

@@ -110,6 +110,8 @@ fn pairs_and_connect_against_a_real_server() {
     for key in ["lost", "duplicated", "reordered"] {
         assert_eq!(pairs[key].as_u64(), Some(0), "{key}: {pairs}");
     }
+    // Both processes report their rings, so runs can be told apart.
+    assert!(pairs["io_uring_coop_taskrun"].is_boolean(), "{pairs}");
 
     let connect = loadgen(
         &addr,
