@@ -913,23 +913,21 @@ struct SleepableRing {
 /// side-by-side measurement.
 fn new_sleepable_ring(entries: u32) -> io::Result<iou::IoUring> {
     let disabled = std::env::var_os("GLOMMIO_COOP_TASKRUN").is_some_and(|v| v == "0");
-    let ring = if disabled {
-        iou::IoUring::new(entries)
-    } else {
+    if !disabled {
         match iou::IoUring::new_with_flags(
             entries,
             iou::SetupFlags::COOP_TASKRUN,
             iou::SetupFeatures::empty(),
         ) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(entries),
-            other => {
-                if other.is_ok() {
-                    COOP_TASKRUN_RINGS.fetch_or(RINGS_COOP, Ordering::Relaxed);
-                }
-                return other;
+            Ok(ring) => {
+                COOP_TASKRUN_RINGS.fetch_or(RINGS_COOP, Ordering::Relaxed);
+                return Ok(ring);
             }
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
+            Err(_) => {} // a kernel before 5.19: plain rings below
         }
-    }?;
+    }
+    let ring = iou::IoUring::new(entries)?;
     COOP_TASKRUN_RINGS.fetch_or(RINGS_PLAIN, Ordering::Relaxed);
     Ok(ring)
 }
