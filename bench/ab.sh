@@ -15,7 +15,7 @@
 # Environment: A_ENV, B_ENV (empty), A_BIN, B_BIN (this tree), A_NAME (a),
 # B_NAME (b), ROUNDS (2), DURATION (8 s), DURABILITY (sync), SERVER_CPU (0),
 # CLIENT_CPU (1), PORT (7884). Setting C_NAME adds a third variant (C_ENV,
-# C_BIN) to each round.
+# C_BIN) to each round. Needs jq (Debian package jq) to read the results.
 set -euo pipefail
 
 BENCH=ab
