@@ -14,6 +14,7 @@ use tern_engine::config_file::KEYS;
 use tern_engine::http::{serve_http, MAX_CONCURRENT, MAX_REQUEST_BYTES};
 use tern_engine::metrics::{parse_exposition, Metrics};
 use tern_engine::{Config, Server};
+use tern_net::memlock::{kernel_release, kernel_version};
 use tern_storage::{Durability, Store, StoreOptions, Writer};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -228,7 +229,11 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
     // the kernel knows the flag (vendor/README.md).
     assert_eq!(
         sample(&text, "tern_io_uring_coop_taskrun"),
-        Some(if kernel_at_least(5, 19) { 1.0 } else { 0.0 }),
+        Some(if kernel_version(&kernel_release()) >= Some((5, 19)) {
+            1.0
+        } else {
+            0.0
+        }),
         "{text}"
     );
     assert!(sample(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6);
@@ -264,17 +269,6 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
         TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).is_err(),
         "the metrics endpoint stopped with the process"
     );
-}
-
-/// Whether the running kernel is at least `major.minor`.
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let running = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    running >= (major, minor)
 }
 
 #[test]

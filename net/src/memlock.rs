@@ -35,17 +35,23 @@ pub fn ring_bytes_per_executor(ring_depth: usize) -> usize {
 /// `RLIMIT_MEMLOCK`: those before 5.12 do (later ones charge the memory
 /// cgroup). A release that does not parse is assumed to.
 fn charges_rings_to_memlock(release: &str) -> bool {
+    kernel_version(release).is_none_or(|version| version < (5, 12))
+}
+
+/// `(major, minor)` of a kernel release string as `uname -r` prints it
+/// (`"6.18.44-fc-v669"` → `(6, 18)`), or `None` if it does not start so.
+/// io_uring features come with kernel versions: what the rings cost
+/// (here) and whether they can skip interrupts (5.19,
+/// `glommio::coop_taskrun_rings`) both depend on it.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().ok());
-    match (numbers.next().flatten(), numbers.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) < (5, 12),
-        _ => true,
-    }
+    Some((numbers.next().flatten()?, numbers.next().flatten()?))
 }
 
 /// This kernel's release string, as `uname -r` prints it.
-fn kernel_release() -> String {
+pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
 }
 
@@ -161,5 +167,8 @@ mod tests {
         ] {
             assert_eq!(charges_rings_to_memlock(release), charged, "{release}");
         }
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("5.19"), Some((5, 19)));
+        assert_eq!(kernel_version("6"), None);
     }
 }
