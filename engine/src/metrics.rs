@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tern_proto::ErrorCode;
-use tern_storage::{WriterHandle, WriterStats};
+use tern_storage::{SyncStats, WriterHandle, WriterStats};
 
 /// The `code` label of an error code. The match is exhaustive, so a new
 /// code fails to compile here until it is named (and added to
@@ -335,6 +335,8 @@ pub struct StoreSnapshot {
     pub stats: WriterStats,
     /// Submissions waiting in the writer's queue.
     pub queued: usize,
+    /// The group commit of durable changes made outside the writer.
+    pub syncs: SyncStats,
 }
 
 impl StoreSnapshot {
@@ -343,6 +345,7 @@ impl StoreSnapshot {
         StoreSnapshot {
             stats: writer.stats(),
             queued: writer.queued(),
+            syncs: writer.store_sync_stats(),
         }
     }
 }
@@ -776,7 +779,7 @@ fn histogram_lines(
 
 fn render_store(out: &mut String, store: &StoreSnapshot) {
     let s = &store.stats;
-    let rows: [(&str, &str, &str, u64); 7] = [
+    let rows: [(&str, &str, &str, u64); 9] = [
         (
             "tern_store_writer_batches_total",
             "counter",
@@ -818,6 +821,18 @@ fn render_store(out: &mut String, store: &StoreSnapshot) {
             "gauge",
             "Submissions waiting in the storage writer's queue.",
             store.queued as u64,
+        ),
+        (
+            "tern_store_meta_durable_writes_total",
+            "counter",
+            "Durable changes outside the storage writer (accounts, friendships, groups, token revocations).",
+            store.syncs.durable_writes,
+        ),
+        (
+            "tern_store_meta_syncs_total",
+            "counter",
+            "fdatasyncs run for those changes; concurrent ones share one.",
+            store.syncs.syncs,
         ),
     ];
     for (name, kind, help, value) in rows {
@@ -1021,7 +1036,14 @@ mod tests {
         stats.commit_micros_counts[8] = 1; // le 25 ms
         stats.commit_micros_sum = 30_000;
         let text = Metrics::new(1).render(&Scrape {
-            store: Some(StoreSnapshot { stats, queued: 0 }),
+            store: Some(StoreSnapshot {
+                stats,
+                queued: 0,
+                syncs: SyncStats {
+                    durable_writes: 5,
+                    syncs: 2,
+                },
+            }),
             ..Scrape::default()
         });
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
@@ -1031,6 +1053,8 @@ mod tests {
         has("tern_store_writer_commit_seconds_bucket{le=\"+Inf\"} 3");
         has("tern_store_writer_commit_seconds_sum 0.03");
         has("tern_store_writer_commit_seconds_count 3");
+        has("tern_store_meta_durable_writes_total 5");
+        has("tern_store_meta_syncs_total 2");
         parse_exposition(&text).unwrap();
     }
 

@@ -99,9 +99,11 @@ impl Store {
             codec::id_key(user),
             codec::encode_user(username),
         );
-        inner.commit(batch, true)?;
+        let pending = inner.write(batch, true)?;
         *next_id = user + 1;
         inner.highest_user.store(user, Ordering::Release);
+        drop(next_id);
+        inner.sync(pending)?;
         Ok(user)
     }
 
@@ -137,14 +139,16 @@ impl Store {
         let phc = inner.hash_password(new_password)?;
         // Taken so that a registration's check-then-insert of the same
         // key never interleaves with this overwrite.
-        let _guard = lock(&inner.register_lock);
+        let guard = lock(&inner.register_lock);
         let mut batch = inner.db.batch();
         batch.insert(
             &inner.accounts.handle,
             username.as_bytes(),
             codec::encode_account(user, &phc),
         );
-        inner.commit(batch, true)
+        let pending = inner.write(batch, true)?;
+        drop(guard);
+        inner.sync(pending)
     }
 
     /// The username of `user`, if registered.

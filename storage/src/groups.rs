@@ -105,8 +105,10 @@ impl Store {
             codec::encode_member(GroupRole::Owner),
         );
         batch.insert(&inner.user_groups.handle, codec::pair_key(owner, group), []);
-        inner.commit(batch, true)?;
+        let pending = inner.write(batch, true)?;
         *next_id = group + 1;
+        drop(next_id);
+        inner.sync(pending)?;
         Ok(group)
     }
 
@@ -148,7 +150,7 @@ impl Store {
         if !inner.user_exists(user)? {
             return Err(StoreError::NotFound);
         }
-        let _guard = lock(&inner.groups_lock);
+        let guard = lock(&inner.groups_lock);
         let Some(mut record) = inner.load_group(group)? else {
             return Err(StoreError::NotFound);
         };
@@ -177,7 +179,9 @@ impl Store {
             codec::id_key(group),
             codec::encode_group(&record),
         );
-        inner.commit(batch, true)
+        let pending = inner.write(batch, true)?;
+        drop(guard);
+        inner.sync(pending)
     }
 
     /// Removes `user` from `group` (a leave or a kick). Removing a
@@ -185,7 +189,7 @@ impl Store {
     /// is refused, since a group never lacks one.
     pub fn remove_member(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let _guard = lock(&inner.groups_lock);
+        let guard = lock(&inner.groups_lock);
         let key = codec::pair_key(group, user);
         if !inner.members.handle.contains_key(key)? {
             return Ok(());
@@ -205,7 +209,9 @@ impl Store {
                 codec::encode_group(&record),
             );
         }
-        inner.commit(batch, true)
+        let pending = inner.write(batch, true)?;
+        drop(guard);
+        inner.sync(pending)
     }
 
     /// Sets a member's role to `Admin` or `Member`. `NotFound` for a
@@ -216,7 +222,7 @@ impl Store {
             return Err(StoreError::InvalidArgument("the Owner role cannot be assigned"));
         }
         let inner = &*self.inner;
-        let _guard = lock(&inner.groups_lock);
+        let guard = lock(&inner.groups_lock);
         let Some(record) = inner.load_group(group)? else {
             return Err(StoreError::NotFound);
         };
@@ -230,7 +236,9 @@ impl Store {
             Some(_) => {
                 let mut batch = inner.db.batch();
                 batch.insert(&inner.members.handle, key, codec::encode_member(role));
-                inner.commit(batch, true)
+                let pending = inner.write(batch, true)?;
+                drop(guard);
+                inner.sync(pending)
             }
         }
     }
@@ -244,7 +252,7 @@ impl Store {
         if !inner.user_exists(user)? {
             return Err(StoreError::NotFound);
         }
-        let _guard = lock(&inner.groups_lock);
+        let guard = lock(&inner.groups_lock);
         let Some(mut record) = inner.load_group(group)? else {
             return Err(StoreError::NotFound);
         };
@@ -266,7 +274,9 @@ impl Store {
             codec::id_key(group),
             codec::encode_group(&record),
         );
-        inner.commit(batch, true)
+        let pending = inner.write(batch, true)?;
+        drop(guard);
+        inner.sync(pending)
     }
 
     /// Whether `user` holds a pending invite to `group`.

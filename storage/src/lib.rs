@@ -7,9 +7,11 @@
 //! multi-key change in one atomic batch. Message writes go through
 //! [`Writer`], a dedicated thread that group-commits the submissions of all
 //! shards with one fsync per batch. Every other call blocks on disk I/O and
-//! is meant for a blocking thread pool; [`Store`] is a cheap
-//! `Clone + Send + Sync` handle. The byte layout and the durability
-//! promises are documented in `docs/storage.md`.
+//! is meant for a blocking thread pool; concurrent durable changes there
+//! (registrations, joins, friendships) share their fsyncs too (see
+//! [`SyncStats`]). [`Store`] is a cheap `Clone + Send + Sync` handle. The
+//! byte layout and the durability promises are documented in
+//! `docs/storage.md`.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -168,6 +170,50 @@ struct Inner {
     groups_lock: Mutex<u64>,
     /// Live tokens recently verified (see the `tokens` module).
     token_cache: tokens::TokenCache,
+    /// Group commit of the durable changes made outside the [`Writer`].
+    syncs: SyncTickets,
+}
+
+/// Group commit for the durable changes made on blocking threads
+/// (accounts, friendships, groups, token revocations). Each change is
+/// written through to the OS under whatever lock keeps its invariants,
+/// takes a ticket, lets go of the lock, and then waits for an fdatasync
+/// that began after the ticket: callers that arrive while one is running
+/// share the next instead of each queueing its own behind a lock. One
+/// fdatasync covers every earlier write, whoever made it, because fjall
+/// keeps a single journal for all keyspaces (and syncs a journal before
+/// rotating away from it). The same order means a change that others saw
+/// before its sync (a new member, a new user id) can be lost in a crash
+/// only together with everything written after it.
+#[derive(Default)]
+struct SyncTickets {
+    /// Tickets handed out: ticket `n` is the `n`th durable change, already
+    /// in the OS when it was handed out.
+    written: AtomicU64,
+    /// Every ticket up to this one is on disk.
+    synced: AtomicU64,
+    /// Held for the length of one fdatasync, so at most one runs and the
+    /// callers behind it find their ticket covered when they get the lock.
+    sync_turn: Mutex<()>,
+    /// fdatasyncs run.
+    syncs: AtomicU64,
+}
+
+/// A durable change written through to the OS, not yet known to be on
+/// disk: pass it to [`Inner::sync`] (after releasing any lock) before
+/// telling anyone it is durable. `None`: nothing to wait for (a change that
+/// needs no sync, or syncing is off).
+#[must_use = "a durable change is not on disk until `Inner::sync` returns"]
+struct Pending(Option<u64>);
+
+/// Counters of [`Store`]'s group commit for changes made outside the
+/// [`Writer`]: `durable_writes - syncs` fdatasyncs were saved by sharing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Changes that had to reach the disk before their caller returned.
+    pub durable_writes: u64,
+    /// fdatasyncs run for them.
+    pub syncs: u64,
 }
 
 impl Store {
@@ -228,6 +274,7 @@ impl Store {
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
             token_cache: tokens::TokenCache::new(),
+            syncs: SyncTickets::default(),
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -245,6 +292,16 @@ impl Store {
         &self.inner.dir
     }
 
+    /// How the durable changes made outside the [`Writer`] shared their
+    /// fdatasyncs so far.
+    pub fn sync_stats(&self) -> SyncStats {
+        let syncs = &self.inner.syncs;
+        SyncStats {
+            durable_writes: syncs.written.load(Ordering::Relaxed),
+            syncs: syncs.syncs.load(Ordering::Relaxed),
+        }
+    }
+
     /// Syncs everything written so far to disk (`fsync` of the journal).
     /// Call on clean shutdown, so that writes made without `fsync` (tokens,
     /// or everything when [`StoreOptions::fsync`] is off) survive a crash
@@ -256,19 +313,57 @@ impl Store {
 }
 
 impl Inner {
-    /// Commits `batch`, syncing it first when it carries state the caller
-    /// was promised is durable and the options ask for syncing. Otherwise
-    /// the batch is still written through to the OS (`Buffer`): fjall's
+    /// Commits `batch` and, when it carries state the caller was promised
+    /// is durable and the options ask for syncing, waits until it is on
+    /// disk. For a batch written under a lock, use [`Inner::write`] under
+    /// the lock and [`Inner::sync`] after it, so the fdatasync is shared.
+    fn commit(&self, batch: OwnedWriteBatch, durable: bool) -> Result<(), StoreError> {
+        let pending = self.write(batch, durable)?;
+        self.sync(pending)
+    }
+
+    /// Commits `batch`, written through to the OS (`Buffer`): fjall's
     /// journal sits behind an 8 KiB `BufWriter`, and a commit with no
     /// persist mode at all may leave the batch in that buffer, where a
-    /// crash of this process would lose it.
-    fn commit(&self, batch: OwnedWriteBatch, durable: bool) -> Result<(), StoreError> {
-        let mode = if durable && self.opts.fsync {
-            PersistMode::SyncData
-        } else {
-            PersistMode::Buffer
+    /// crash of this process would lose it. Readers see the change from
+    /// here on. A `durable` batch (with syncing on) gets a ticket to wait
+    /// on with [`Inner::sync`].
+    fn write(&self, batch: OwnedWriteBatch, durable: bool) -> Result<Pending, StoreError> {
+        batch.durability(Some(PersistMode::Buffer)).commit()?;
+        if !(durable && self.opts.fsync) {
+            return Ok(Pending(None));
+        }
+        // Taken after the write returned: any fdatasync that starts after
+        // this ticket is visible covers the write.
+        let ticket = self.syncs.written.fetch_add(1, Ordering::AcqRel) + 1;
+        Ok(Pending(Some(ticket)))
+    }
+
+    /// Returns once `pending` is on disk: at once if an fdatasync that
+    /// began after it was written has finished, otherwise after running
+    /// one, which also covers every change written before it started.
+    /// Call it holding no lock that other writers need.
+    fn sync(&self, pending: Pending) -> Result<(), StoreError> {
+        let Some(ticket) = pending.0 else {
+            return Ok(());
         };
-        batch.durability(Some(mode)).commit()?;
+        let syncs = &self.syncs;
+        if syncs.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _turn = lock(&syncs.sync_turn);
+        if syncs.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to here was handed out after its write: this
+        // sync, which starts later, covers them all.
+        let covers = syncs.written.load(Ordering::Acquire);
+        debug_assert!(covers >= ticket);
+        // A failed fdatasync poisons fjall, so no caller behind this one
+        // is ever told its change is durable.
+        self.db.persist(PersistMode::SyncData)?;
+        syncs.syncs.fetch_add(1, Ordering::Relaxed);
+        syncs.synced.fetch_max(covers, Ordering::AcqRel);
         Ok(())
     }
 }
@@ -374,4 +469,84 @@ fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_store(fsync: bool) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            fsync,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        (dir, store)
+    }
+
+    fn friend_batch(inner: &Inner, a: u64, b: u64) -> OwnedWriteBatch {
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.friends.handle, codec::pair_key(a, b), []);
+        batch
+    }
+
+    #[test]
+    fn one_sync_covers_every_change_written_before_it() {
+        let (_dir, store) = open_store(true);
+        let inner = &*store.inner;
+        let first = inner.write(friend_batch(inner, 1, 2), true).unwrap();
+        let second = inner.write(friend_batch(inner, 3, 4), true).unwrap();
+        assert_eq!((first.0, second.0), (Some(1), Some(2)));
+        // Both changes are readable before either is synced.
+        assert!(inner.friends.handle.contains_key(codec::pair_key(1, 2)).unwrap());
+
+        inner.sync(second).unwrap();
+        assert_eq!(
+            store.sync_stats(),
+            SyncStats {
+                durable_writes: 2,
+                syncs: 1
+            }
+        );
+        // The first was written before that sync began: nothing left to do.
+        inner.sync(first).unwrap();
+        assert_eq!(
+            store.sync_stats(),
+            SyncStats {
+                durable_writes: 2,
+                syncs: 1
+            }
+        );
+
+        // A change written after the sync needs a sync of its own.
+        let third = inner.write(friend_batch(inner, 5, 6), true).unwrap();
+        inner.sync(third).unwrap();
+        assert_eq!(
+            store.sync_stats(),
+            SyncStats {
+                durable_writes: 3,
+                syncs: 2
+            }
+        );
+    }
+
+    #[test]
+    fn changes_that_need_no_sync_take_no_ticket() {
+        let (_dir, store) = open_store(true);
+        let inner = &*store.inner;
+        let pending = inner.write(friend_batch(inner, 1, 2), false).unwrap();
+        assert_eq!(pending.0, None);
+        inner.sync(pending).unwrap();
+        assert_eq!(store.sync_stats(), SyncStats::default());
+
+        let (_dir2, unsynced) = open_store(false);
+        let inner = &*unsynced.inner;
+        let pending = inner.write(friend_batch(inner, 1, 2), true).unwrap();
+        assert_eq!(pending.0, None, "syncing is off");
+        inner.sync(pending).unwrap();
+        assert_eq!(unsynced.sync_stats(), SyncStats::default());
+    }
 }

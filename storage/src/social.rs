@@ -22,7 +22,7 @@ impl Store {
         let backward = codec::pair_key(friend, user);
         // Held across count, check and commit, so two concurrent adds
         // cannot both see room for one more friend.
-        let _guard = lock(&inner.friends_lock);
+        let guard = lock(&inner.friends_lock);
         let has = |key: &[u8]| inner.friends.handle.contains_key(key);
         if has(&forward)? && has(&backward)? {
             return Ok(());
@@ -34,14 +34,16 @@ impl Store {
         let mut batch = inner.db.batch();
         batch.insert(&inner.friends.handle, forward, []);
         batch.insert(&inner.friends.handle, backward, []);
-        inner.commit(batch, true)
+        let pending = inner.write(batch, true)?;
+        drop(guard);
+        inner.sync(pending)
     }
 
     /// Ends the friendship between `user` and `friend` on both sides.
     /// Removing a friendship that does not exist succeeds.
     pub fn remove_friend(&self, user: UserId, friend: UserId) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let _guard = lock(&inner.friends_lock);
+        let guard = lock(&inner.friends_lock);
         let forward = codec::pair_key(user, friend);
         let backward = codec::pair_key(friend, user);
         let has = |key: &[u8]| inner.friends.handle.contains_key(key);
@@ -51,7 +53,9 @@ impl Store {
         let mut batch = inner.db.batch();
         batch.remove(&inner.friends.handle, forward);
         batch.remove(&inner.friends.handle, backward);
-        inner.commit(batch, true)
+        let pending = inner.write(batch, true)?;
+        drop(guard);
+        inner.sync(pending)
     }
 
     /// `user`'s friends, ascending by id.

@@ -132,6 +132,8 @@ struct Shared {
     /// shutdown marker and gets its `done`.
     stopped: RwLock<bool>,
     counters: Counters,
+    /// The store written to, for [`WriterHandle::store_sync_stats`].
+    store: Store,
 }
 
 /// Owns the writer thread. Dropping it shuts down like [`Writer::shutdown`].
@@ -164,6 +166,7 @@ impl Writer {
         let shared = Arc::new(Shared {
             stopped: RwLock::new(false),
             counters: Counters::default(),
+            store: store.clone(),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -246,6 +249,13 @@ impl WriterHandle {
     /// Submissions waiting in the queue.
     pub fn queued(&self) -> usize {
         self.tx.len()
+    }
+
+    /// How the store's durable changes made outside this writer (accounts,
+    /// friendships, groups) shared their fdatasyncs: [`Store::sync_stats`],
+    /// here so that whoever watches the writer sees both.
+    pub fn store_sync_stats(&self) -> crate::SyncStats {
+        self.shared.store.sync_stats()
     }
 
     /// A snapshot of the writer's counters.
