@@ -7,8 +7,9 @@
 # B_ENV: space-separated NAME=VALUE pairs given to both ternd and loadgen)
 # and/or binaries (A_BIN, B_BIN: folders holding `ternd` and `loadgen`,
 # default: a release build of this working tree). Prints one row per run
-# (msgs/s, p50, p99, server CPU per message; for `connect`, sessions/s,
-# setup latency and CPU per session) and the medians per variant.
+# (msgs/s, sessions set up per second before the measured phase, joins
+# included for `groups`, p50, p99, server CPU per message; for `connect`,
+# sessions/s, setup latency and CPU per session) and the medians per variant.
 #
 # Usage: bench/ab.sh [RESULTS_DIR] -- LOADGEN_SCENARIO_ARGS...
 #   e.g. A_ENV=GLOMMIO_COOP_TASKRUN=0 bench/ab.sh -- pairs --pairs 100 --window 1
@@ -85,7 +86,7 @@ run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 round, re
     jq -r --arg tag "$tag" --argjson ticks "$((after - before))" --argjson hz "$CLK_TCK" '
         (if .scenario == "connect" then [.connect_rate_per_s, .connections]
          else [.msgs_per_s, .messages] end) as [$rate, $count]
-        | [$tag, ($rate | floor), .latency_us.p50, .latency_us.p99,
+        | [$tag, ($rate | floor), (.connect_rate_per_s // 0 | floor), .latency_us.p50, .latency_us.p99,
            (if $count > 0 then ($ticks / $hz * 1e6 / $count * 10 | round / 10) else "-" end),
            .errors, (.lost // 0)] | @tsv' "$RESULTS/$tag.json" >>"$RESULTS/rows.tsv" \
         || log "$tag: no result; see $RESULTS/$tag.txt"
@@ -110,11 +111,12 @@ done
         name_var=${v}_NAME bin_var=${v}_BIN env_var=${v}_ENV
         echo "# ${!name_var}: ${!env_var:-} ${!bin_var}"
     done
-    printf 'run\tmsgs/s\tp50 us\tp99 us\tserver CPU us/msg\terrors\tlost\n'
+    printf 'run\tmsgs/s\tsetup/s\tp50 us\tp99 us\tserver CPU us/msg\terrors\tlost\n'
     cat "$RESULTS/rows.tsv"
     for v in "${VARIANTS[@]}"; do
         name_var=${v}_NAME
         name=${!name_var}
-        printf 'median %s\t%s\t\t%s\n' "$name" "$(median "$name" 2)" "$(median "$name" 4)"
+        printf 'median %s\t%s\t%s\t\t%s\n' "$name" "$(median "$name" 2)" "$(median "$name" 3)" \
+            "$(median "$name" 5)"
     done
 } | tee "$RESULTS/summary.tsv"

@@ -18,6 +18,9 @@ use tern_storage::StoreOptions;
 /// Default chat port.
 pub const DEFAULT_PORT: u16 = 7878;
 
+/// Most [`Config::blocking_threads`] per shard.
+pub const MAX_BLOCKING_THREADS: usize = 64;
+
 /// Everything `ternd` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +36,10 @@ pub struct Config {
     pub shards: usize,
     /// Pin each shard to its own CPU (off when there are more shards than CPUs).
     pub pin_shards: bool,
+    /// Threads per shard that run its store calls and password hashing
+    /// off the reactor. They float over every CPU `ternd` may use; each
+    /// hashing thread holds `argon2_memory_kib` while it hashes.
+    pub blocking_threads: usize,
     /// Largest frame body accepted from a client, in bytes.
     pub max_frame_bytes: u32,
     /// Largest chat message body (text or caption), in bytes.
@@ -254,6 +261,7 @@ impl Default for Config {
             data_dir: PathBuf::from("tern-data"),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,
+            blocking_threads: 4,
             max_frame_bytes: tern_proto::limits::DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(60),
@@ -309,6 +317,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.shards == 0 || self.shards > 1024 {
             return Err(format!("shards must be 1..=1024, got {}", self.shards));
+        }
+        if self.blocking_threads == 0 || self.blocking_threads > MAX_BLOCKING_THREADS {
+            return Err(format!(
+                "blocking_threads must be 1..={MAX_BLOCKING_THREADS}, got {}",
+                self.blocking_threads
+            ));
         }
         let max = tern_proto::limits::ABSOLUTE_MAX_FRAME_BYTES;
         if self.max_frame_bytes < 1024 || self.max_frame_bytes > max {

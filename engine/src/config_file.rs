@@ -281,6 +281,15 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.pin_shards.to_string(),
     },
     Key {
+        name: "blocking_threads",
+        help: "Threads per shard for store calls and password hashing, floating over the server's CPUs",
+        apply: |s, v| {
+            let max = crate::config::MAX_BLOCKING_THREADS;
+            set(&mut s.config.blocking_threads, expected_usize(v, 1, max))
+        },
+        show: |s| s.config.blocking_threads.to_string(),
+    },
+    Key {
         name: "max_frame_bytes",
         help: "Largest frame body accepted from a client, in bytes",
         apply: |s, v| {

@@ -124,10 +124,19 @@ impl Server {
             .map(|(r, certs)| (r.addr(), certs.clone()));
         let shards = config.shards;
         let admin = Arc::new(AdminQueues::new(shards));
+        // Read here, before any executor pins itself: this thread keeps
+        // the CPU set the process was started with (taskset, a cgroup).
+        let cpus = process_cpu_set();
         let placement = if config.pin_shards && shards <= available_cpus() {
-            PoolPlacement::MaxSpread(shards, None)
+            PoolPlacement::MaxSpread(shards, cpus.clone())
         } else {
             PoolPlacement::Unbound(shards)
+        };
+        let blocking_placement = match cpus {
+            Some(cpus) => PoolPlacement::Fenced(config.blocking_threads, cpus),
+            // Unbound threads inherit their shard's CPU set: pinned with
+            // the shard, but never all on one CPU.
+            None => PoolPlacement::Unbound(config.blocking_threads),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -151,6 +160,7 @@ impl Server {
                     .name("tern-shard")
                     .io_memory(io_memory)
                     .ring_depth(RING_DEPTH)
+                    .blocking_thread_pool_placement(blocking_placement)
                     .on_all_shards(move || run_shard(startup));
                 match handles {
                     Ok(handles) => {
@@ -334,6 +344,39 @@ fn lower_thread_priority(increment: i32) {
         let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
         libc::setpriority(libc::PRIO_PROCESS, 0, (nice + increment).min(19));
     }
+}
+
+/// The CPUs this thread may run on, as glommio places executors and
+/// threads: `None` if unknown. Shards are pinned within it (glommio's
+/// `MaxSpread` without a set would pick from every online CPU, ignoring a
+/// `taskset` or cpuset), and each shard's blocking threads float over all
+/// of it: glommio's default, one thread placed like the executor pool
+/// shrunk to one, puts every shard's blocking thread on the *same* CPU when
+/// shards are pinned, so all password hashing and store reads of the node
+/// would run on one core, beside that core's shard.
+fn process_cpu_set() -> Option<glommio::CpuSet> {
+    let allowed = process_cpus();
+    let set = glommio::CpuSet::online()
+        .ok()?
+        .filter(|location| allowed.contains(&location.cpu));
+    (!set.is_empty()).then_some(set)
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity`).
+fn process_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data, zeroed is a valid empty set, and
+    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        set
+    };
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads one bit of a set we own, index in range.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
 }
 
 fn available_cpus() -> usize {

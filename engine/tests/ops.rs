@@ -161,6 +161,10 @@ fn bad_config_stops_startup_naming_the_key() {
             "shards = 0\n",
             "config key `shards`: expected an integer in 1..=1024, got 0",
         ),
+        (
+            "blocking_threads = 65\n",
+            "config key `blocking_threads`: expected an integer in 1..=64, got 65",
+        ),
     ];
     for (text, want) in cases {
         let file = dir.path().join("bad.toml");
@@ -284,6 +288,57 @@ fn ternd_reports_rings_that_interrupt_when_coop_taskrun_is_off() {
     let (status, text) = get(metrics, "/metrics");
     assert_eq!(status, 200);
     assert_eq!(sample(&text, "tern_io_uring_coop_taskrun"), Some(0.0), "{text}");
+}
+
+#[test]
+fn blocking_threads_float_over_the_servers_cpus_while_shards_are_pinned() {
+    let cpus = cpus_allowed(&format!("/proc/{}/status", std::process::id()));
+    let shards = cpus.len().min(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = ternd();
+    cmd.args(["--shards", &shards.to_string(), "--blocking-threads", "3"])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir"])
+        .arg(dir.path().join("data"));
+    let server = start(cmd);
+    let pid = server.child.id();
+    let mut shard_threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        // glommio's blocking threads carry their executor's name.
+        if name.starts_with("tern-shard") {
+            shard_threads.push(cpus_allowed(&path.join("status").display().to_string()));
+        }
+    }
+    assert_eq!(shard_threads.len(), shards * (1 + 3), "{shard_threads:?}");
+    let floating = shard_threads.iter().filter(|set| **set == cpus).count();
+    assert!(floating >= shards * 3, "{shard_threads:?}, process {cpus:?}");
+    if cpus.len() >= 2 {
+        // Each executor on a CPU of its own; no blocking thread pinned
+        // beside one (glommio's default put all of them on one CPU).
+        let mut pinned: Vec<_> = shard_threads.iter().filter(|set| set.len() == 1).collect();
+        assert_eq!(pinned.len(), shards, "{shard_threads:?}");
+        pinned.dedup();
+        assert_eq!(pinned.len(), shards, "executors share a CPU: {shard_threads:?}");
+    }
+}
+
+/// The CPUs in the `Cpus_allowed_list` of a `/proc/.../status` file.
+fn cpus_allowed(status: &str) -> Vec<usize> {
+    let text = std::fs::read_to_string(status).expect("status");
+    let list = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
 }
 
 /// The names of a process's threads.
