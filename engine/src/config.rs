@@ -40,6 +40,9 @@ pub struct Config {
     /// off the reactor. They float over every CPU `ternd` may use; each
     /// hashing thread holds `argon2_memory_kib` while it hashes.
     pub blocking_threads: usize,
+    /// Run those threads under `SCHED_IDLE`: they get only CPU time the
+    /// shards leave idle, so a burst of password logins never slows chat.
+    pub blocking_idle_priority: bool,
     /// Largest frame body accepted from a client, in bytes.
     pub max_frame_bytes: u32,
     /// Largest chat message body (text or caption), in bytes.
@@ -262,6 +265,7 @@ impl Default for Config {
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,
             blocking_threads: 4,
+            blocking_idle_priority: true,
             max_frame_bytes: tern_proto::limits::DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(60),
@@ -299,6 +303,10 @@ impl Config {
             data_dir: data_dir.into(),
             shards: 2,
             pin_shards: false,
+            // Tests share two cores with each other: under SCHED_IDLE a
+            // test's logins would wait for every other test's busy threads.
+            // engine/tests/ops.rs checks the default through `ternd`.
+            blocking_idle_priority: false,
             store: StoreOptions {
                 argon2_memory_kib: 64,
                 argon2_iterations: 1,

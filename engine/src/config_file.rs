@@ -290,6 +290,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.blocking_threads.to_string(),
     },
     Key {
+        name: "blocking_idle_priority",
+        help: "Run the blocking threads under SCHED_IDLE, on CPU time the shards leave idle",
+        apply: |s, v| set(&mut s.config.blocking_idle_priority, expected_bool(v)),
+        show: |s| s.config.blocking_idle_priority.to_string(),
+    },
+    Key {
         name: "max_frame_bytes",
         help: "Largest frame body accepted from a client, in bytes",
         apply: |s, v| {

@@ -301,26 +301,52 @@ fn blocking_threads_float_over_the_servers_cpus_while_shards_are_pinned() {
         .arg(dir.path().join("data"));
     let server = start(cmd);
     let pid = server.child.id();
+    // The executors start the blocking threads, then move them to
+    // SCHED_IDLE before accepting: by the listening line all is settled.
     let mut shard_threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let path = task.unwrap().path();
         let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         // glommio's blocking threads carry their executor's name.
         if name.starts_with("tern-shard") {
-            shard_threads.push(cpus_allowed(&path.join("status").display().to_string()));
+            let status = path.join("status").display().to_string();
+            let stat = path.join("stat").display().to_string();
+            shard_threads.push((cpus_allowed(&status), sched_policy(&stat)));
         }
     }
     assert_eq!(shard_threads.len(), shards * (1 + 3), "{shard_threads:?}");
-    let floating = shard_threads.iter().filter(|set| **set == cpus).count();
-    assert!(floating >= shards * 3, "{shard_threads:?}, process {cpus:?}");
+    // The executors keep SCHED_OTHER; every blocking thread runs on the
+    // process's whole CPU set, under SCHED_IDLE.
+    let executors = shard_threads
+        .iter()
+        .filter(|(_, policy)| *policy == libc::SCHED_OTHER);
+    assert_eq!(executors.count(), shards, "{shard_threads:?}");
+    let idle_floating = shard_threads
+        .iter()
+        .filter(|(set, policy)| *set == cpus && *policy == libc::SCHED_IDLE)
+        .count();
+    assert_eq!(idle_floating, shards * 3, "{shard_threads:?}, process {cpus:?}");
     if cpus.len() >= 2 {
-        // Each executor on a CPU of its own; no blocking thread pinned
-        // beside one (glommio's default put all of them on one CPU).
-        let mut pinned: Vec<_> = shard_threads.iter().filter(|set| set.len() == 1).collect();
+        // Each executor on a CPU of its own (glommio's default put every
+        // blocking thread on one CPU too).
+        let mut pinned: Vec<_> = shard_threads.iter().filter(|(set, _)| set.len() == 1).collect();
         assert_eq!(pinned.len(), shards, "{shard_threads:?}");
         pinned.dedup();
         assert_eq!(pinned.len(), shards, "executors share a CPU: {shard_threads:?}");
     }
+}
+
+/// The scheduling policy in a `/proc/.../stat` file (field 41).
+fn sched_policy(stat: &str) -> i32 {
+    let text = std::fs::read_to_string(stat).expect("stat");
+    // The command name may hold spaces: fields count from its ')'.
+    let after_name = &text[text.rfind(')').expect("comm") + 2..];
+    after_name
+        .split(' ')
+        .nth(38)
+        .expect("policy")
+        .parse()
+        .expect("policy number")
 }
 
 /// The CPUs in the `Cpus_allowed_list` of a `/proc/.../status` file.
