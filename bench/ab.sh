@@ -92,11 +92,6 @@ run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 round, re
         || log "$tag: no result; see $RESULTS/$tag.txt"
 }
 
-median() { # $1 variant name, $2 column of rows.tsv
-    awk -F'\t' -v n="$1" -v c="$2" 'index($1, n "-r") == 1 { print $c }' "$RESULTS/rows.tsv" \
-        | sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
 : >"$RESULTS/rows.tsv"
 for round in $(seq 1 "$ROUNDS"); do
     for v in "${VARIANTS[@]}"; do
@@ -116,7 +111,7 @@ done
     for v in "${VARIANTS[@]}"; do
         name_var=${v}_NAME
         name=${!name_var}
-        printf 'median %s\t%s\t%s\t\t%s\n' "$name" "$(median "$name" 2)" "$(median "$name" 3)" \
-            "$(median "$name" 5)"
+        printf 'median %s\t%s\t%s\t\t%s\n' "$name" "$(variant_median "$name" 2)" "$(variant_median "$name" 3)" \
+            "$(variant_median "$name" 5)"
     done
 } | tee "$RESULTS/summary.tsv"

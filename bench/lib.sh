@@ -1,5 +1,5 @@
-# Shared set-up of the end-to-end bench scripts (compare.sh,
-# idle-memory.sh, rolling-restart.sh). Source it after `set -euo pipefail`
+# Shared set-up of the end-to-end bench scripts (compare.sh, ab.sh,
+# idle-memory.sh, login-storm.sh, rolling-restart.sh). Source it after `set -euo pipefail`
 # with BENCH set to the script's name:
 #
 #   bench_results [DIR]      RESULTS: DIR, or target/$BENCH/<UTC time>;
@@ -14,6 +14,8 @@
 #                            it dies or takes 30 s
 #   stop_pids PID...         kills and reaps each PID given (empty ones are
 #                            skipped); for the scripts' EXIT traps
+#   variant_median NAME COL  the median of column COL of $RESULTS/rows.tsv
+#                            over the rows of variant NAME (tagged NAME-rN)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -54,4 +56,9 @@ stop_pids() {
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
+}
+
+variant_median() { # $1 variant name, $2 column of $RESULTS/rows.tsv
+    awk -F'\t' -v n="$1" -v c="$2" 'index($1, n "-r") == 1 { print $c }' "$RESULTS/rows.tsv" \
+        | sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }

@@ -80,11 +80,6 @@ run_one() { # $1 variant name, $2 its binaries, $3 extra ternd flags, $4 round
         || log "$tag: no result; see $RESULTS/$tag.chat.txt"
 }
 
-median() { # $1 variant name, $2 column of rows.tsv
-    awk -F'\t' -v n="$1" -v c="$2" 'index($1, n "-r") == 1 { print $c }' "$RESULTS/rows.tsv" \
-        | sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
 : >"$RESULTS/rows.tsv"
 for round in $(seq 1 "$ROUNDS"); do
     run_one "$A_NAME" "$A_BIN" "${A_ARGS:-}" "$round"
@@ -98,7 +93,7 @@ done
     printf 'run\tburst s\tchat p50 us\tp99 us\tp99.9 us\tmax us\terrors\n'
     cat "$RESULTS/rows.tsv"
     for name in "$A_NAME" "$B_NAME"; do
-        printf 'median %s\t%s\t%s\t%s\t%s\n' "$name" "$(median "$name" 2)" "$(median "$name" 3)" \
-            "$(median "$name" 4)" "$(median "$name" 5)"
+        printf 'median %s\t%s\t%s\t%s\t%s\n' "$name" "$(variant_median "$name" 2)" "$(variant_median "$name" 3)" \
+            "$(variant_median "$name" 4)" "$(variant_median "$name" 5)"
     done
 } | tee "$RESULTS/summary.tsv"
