@@ -284,3 +284,73 @@ fn roles_openness_and_pending_invites_survive_a_restart() {
         );
     }
 }
+
+#[test]
+fn a_crowd_joining_at_once_is_admitted_up_to_the_limit_and_hears_what_follows() {
+    const CROWD: usize = 24;
+    const ROOM: usize = 16; // members besides the owner
+    let server = TestServer::start_with(|c| c.store.max_group_members = ROOM + 1);
+    let shards = server.shards();
+    let owner = server.user_on_shard("host", 0);
+    let mut host = server.login(&owner);
+    let crowd: Vec<User> = (0..CROWD)
+        .map(|i| server.user_where(&format!("fan{i}x"), |_| true))
+        .collect();
+    // Groups homed on each shard: the joins queue on the group's home.
+    for home in 0..shards {
+        let group = group_on_shard(&mut host, home, shards, true);
+        let start = std::sync::Barrier::new(CROWD);
+        let results: Vec<(User, Result<(), ErrorCode>, Client)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = crowd
+                .iter()
+                .map(|user| {
+                    let (server, start) = (&server, &start);
+                    scope.spawn(move || {
+                        let mut client = server.login(user);
+                        start.wait();
+                        let joined = client.group_join(group).map_err(|e| code_of::<()>(Err(e)));
+                        (user.clone(), joined, client)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let (mut admitted, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, r, _)| r.is_ok());
+        assert_eq!(admitted.len(), ROOM, "home {home}");
+        assert!(refused
+            .iter()
+            .all(|(_, r, _)| *r == Err(ErrorCode::LimitExceeded)));
+        let mut expected: Vec<u64> = admitted.iter().map(|(u, _, _)| u.id).collect();
+        expected.push(owner.id);
+        expected.sort_unstable();
+        let mut listed = host.group_members(group).expect("members");
+        listed.sort_unstable();
+        assert_eq!(listed, expected, "home {home}");
+
+        // Every admitted member hears the next message.
+        host.send_group_text(group, "welcome").expect("send");
+        for (user, _, client) in admitted.iter_mut() {
+            // Fans admitted to an earlier group may first be synced its
+            // welcome, unread: skip those.
+            let message = (0..shards)
+                .map(|_| expect_message(client))
+                .find(|m| m.conv == ConvId::Group { group })
+                .unwrap_or_else(|| panic!("{} missed the welcome", user.name));
+            assert_eq!(message.from, owner.id);
+            assert_eq!(message.seq, 1, "{}", user.name);
+        }
+        // Leaving frees room for exactly one more.
+        let (_, _, leaver) = admitted.first_mut().expect("someone joined");
+        leaver.group_leave(group).expect("leave");
+        let mut latecomers = refused.into_iter().map(|(_, _, client)| client);
+        latecomers
+            .next()
+            .expect("a refused fan")
+            .group_join(group)
+            .expect("room for one");
+        assert_eq!(
+            code_of(latecomers.next().expect("another").group_join(group)),
+            ErrorCode::LimitExceeded
+        );
+    }
+}

@@ -15,6 +15,24 @@
 use tern_proto::limits::check_group_name;
 
 use crate::codec::{self, GroupValue};
+
+/// Most users one [`Store::add_members`] call takes.
+pub const MAX_JOIN_BATCH: usize = 1024;
+
+/// What [`Store::add_members`] did for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// Now a member.
+    Joined,
+    /// Was a member already (or earlier in the same batch); nothing written.
+    AlreadyMember,
+    /// No such user.
+    NoSuchUser,
+    /// The group is invite-only and the user holds no invite.
+    NotInvited,
+    /// The group reached `max_group_members`.
+    GroupFull,
+}
 use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
 
 impl Inner {
@@ -146,34 +164,71 @@ impl Store {
     /// Whether the user may join (open group or invited) is the caller's
     /// check.
     pub fn add_member(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        if !inner.user_exists(user)? {
-            return Err(StoreError::NotFound);
+        match self.add_members(group, &[user], false)?.first() {
+            Some(JoinOutcome::Joined | JoinOutcome::AlreadyMember) => Ok(()),
+            Some(JoinOutcome::GroupFull) => Err(StoreError::LimitExceeded("group is full")),
+            Some(JoinOutcome::NoSuchUser | JoinOutcome::NotInvited) | None => Err(StoreError::NotFound),
         }
+    }
+
+    /// Adds each of `users` to `group` as a `Member` in one batch and one
+    /// sync, in order, until the group is full: a crowd joining at once
+    /// costs one write, not one each. With `invited_only`, only users
+    /// holding a pending invite join; each join consumes its invite. The
+    /// outcomes are in the order of `users`; `NotFound` (the error) means
+    /// the group does not exist. At most [`MAX_JOIN_BATCH`] users.
+    pub fn add_members(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+        invited_only: bool,
+    ) -> Result<Vec<JoinOutcome>, StoreError> {
+        if users.len() > MAX_JOIN_BATCH {
+            return Err(StoreError::InvalidArgument("too many joins in one batch"));
+        }
+        let inner = &*self.inner;
         let guard = lock(&inner.groups_lock);
         let Some(mut record) = inner.load_group(group)? else {
             return Err(StoreError::NotFound);
         };
-        let key = codec::pair_key(group, user);
-        if inner.members.handle.contains_key(key)? {
-            return Ok(());
-        }
-        let full = usize::try_from(record.member_count).map_or(true, |n| n >= inner.opts.max_group_members);
-        if full || record.member_count == u32::MAX {
-            return Err(StoreError::LimitExceeded("group is full"));
-        }
-        record.member_count += 1;
         let mut batch = inner.db.batch();
-        if inner.group_invites.handle.contains_key(key)? {
-            batch.remove(&inner.group_invites.handle, key);
-            record.invite_count = record.invite_count.saturating_sub(1);
+        let mut outcomes = Vec::with_capacity(users.len());
+        let mut joined_here: Vec<UserId> = Vec::new();
+        for &user in users {
+            let key = codec::pair_key(group, user);
+            let outcome = if !inner.user_exists(user)? {
+                JoinOutcome::NoSuchUser
+            } else if joined_here.contains(&user) || inner.members.handle.contains_key(key)? {
+                JoinOutcome::AlreadyMember
+            } else if usize::try_from(record.member_count).map_or(true, |n| n >= inner.opts.max_group_members)
+                || record.member_count == u32::MAX
+            {
+                JoinOutcome::GroupFull
+            } else {
+                let invited = inner.group_invites.handle.contains_key(key)?;
+                if invited_only && !invited {
+                    JoinOutcome::NotInvited
+                } else {
+                    if invited {
+                        batch.remove(&inner.group_invites.handle, key);
+                        record.invite_count = record.invite_count.saturating_sub(1);
+                    }
+                    batch.insert(
+                        &inner.members.handle,
+                        key,
+                        codec::encode_member(GroupRole::Member),
+                    );
+                    batch.insert(&inner.user_groups.handle, codec::pair_key(user, group), []);
+                    record.member_count += 1;
+                    joined_here.push(user);
+                    JoinOutcome::Joined
+                }
+            };
+            outcomes.push(outcome);
         }
-        batch.insert(
-            &inner.members.handle,
-            key,
-            codec::encode_member(GroupRole::Member),
-        );
-        batch.insert(&inner.user_groups.handle, codec::pair_key(user, group), []);
+        if joined_here.is_empty() {
+            return Ok(outcomes);
+        }
         batch.insert(
             &inner.groups.handle,
             codec::id_key(group),
@@ -181,7 +236,8 @@ impl Store {
         );
         let pending = inner.write(batch, true)?;
         drop(guard);
-        inner.sync(pending)
+        inner.sync(pending)?;
+        Ok(outcomes)
     }
 
     /// Removes `user` from `group` (a leave or a kick). Removing a
@@ -279,8 +335,10 @@ impl Store {
         inner.sync(pending)
     }
 
-    /// Whether `user` holds a pending invite to `group`.
-    pub fn has_invite(&self, group: GroupId, user: UserId) -> Result<bool, StoreError> {
+    /// Whether `user` holds a pending invite to `group` (joins check it
+    /// themselves, in [`Store::add_members`]).
+    #[cfg(test)]
+    pub(crate) fn has_invite(&self, group: GroupId, user: UserId) -> Result<bool, StoreError> {
         let invites = &self.inner.group_invites;
         let key = codec::pair_key(group, user);
         match invites.get(&key)? {

@@ -36,6 +36,7 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
 pub use error::StoreError;
+pub use groups::{JoinOutcome, MAX_JOIN_BATCH};
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;

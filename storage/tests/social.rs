@@ -194,3 +194,70 @@ fn concurrent_member_adds_respect_the_limit() {
     assert_eq!(ok, 3);
     assert_eq!(store.members(g).unwrap().len(), 4);
 }
+
+#[test]
+fn a_crowd_joins_in_one_batch_until_the_group_is_full() {
+    use tern_storage::{JoinOutcome::*, MAX_JOIN_BATCH};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_with(dir.path(), |o| {
+            o.max_group_members = 5;
+            o.fsync = true;
+        });
+        users(&store, 8);
+        let g = store.create_group(1, "crowd").unwrap();
+        store.add_member(g, 2).unwrap();
+        let syncs = store.sync_stats().syncs;
+        let outcomes = store.add_members(g, &[2, 3, 99, 4, 3, 5, 6, 7], false).unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                AlreadyMember,
+                Joined,
+                NoSuchUser,
+                Joined,
+                AlreadyMember,
+                Joined,
+                GroupFull,
+                GroupFull
+            ]
+        );
+        assert_eq!(store.sync_stats().syncs, syncs + 1, "one batch, one sync");
+        assert_eq!(store.members(g).unwrap(), vec![1, 2, 3, 4, 5]);
+        // Nothing to write: nothing synced.
+        assert_eq!(
+            store.add_members(g, &[3, 8], false).unwrap(),
+            vec![AlreadyMember, GroupFull]
+        );
+        assert_eq!(store.sync_stats().syncs, syncs + 1);
+
+        assert!(matches!(
+            store.add_members(77, &[3], false),
+            Err(StoreError::NotFound)
+        ));
+        let too_many = vec![3; MAX_JOIN_BATCH + 1];
+        assert!(matches!(
+            store.add_members(g, &too_many, false),
+            Err(StoreError::InvalidArgument(_))
+        ));
+
+        // Invite-only: only the invited join.
+        let closed = store.create_group_with(1, "closed", false).unwrap();
+        store.invite(closed, 4).unwrap();
+        store.invite(closed, 6).unwrap();
+        assert_eq!(
+            store.add_members(closed, &[3, 4, 6], true).unwrap(),
+            vec![NotInvited, Joined, Joined]
+        );
+        assert_eq!(store.members(closed).unwrap(), vec![1, 4, 6]);
+    }
+    // The member count was written with the batch: the limit holds after
+    // a reopen, and a leave makes room for exactly one.
+    let store = open_with(dir.path(), |o| o.max_group_members = 5);
+    assert_eq!(store.add_members(1, &[6], false).unwrap(), vec![GroupFull]);
+    store.remove_member(1, 5).unwrap();
+    assert_eq!(
+        store.add_members(1, &[6, 7], false).unwrap(),
+        vec![Joined, GroupFull]
+    );
+}

@@ -8,7 +8,9 @@
 //! rules of docs/protocol.md 2.8.9 are checked against the cache, then the
 //! store is written, then the cache is updated, with the group's changes
 //! serialised by a per-group semaphore so no check sees a state another
-//! change is about to replace.
+//! change is about to replace. Joins queue per group and are applied in
+//! batches by whichever of them holds the permit: a crowd joining a group
+//! at once costs a few store writes, not one each.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,11 +22,22 @@ use tern_proto::{
     ChatMessage, Content, ConvId, ErrorCode, GroupId, GroupMember, GroupRole, ReceiptKind, ServerFrame,
     UserId,
 };
-use tern_storage::{GroupRoster, InboxTargets, MessageWrite, StoreError, WriteOp};
+use tern_storage::{
+    GroupRoster, InboxTargets, JoinOutcome, MessageWrite, StoreError, WriteOp, MAX_JOIN_BATCH,
+};
 
 use super::commit::{store_frame, Effect};
 use super::{refusal, store_error_frame, Shard};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, GroupReply, Recipients};
+
+/// The joins of one group waiting to be applied.
+#[derive(Default)]
+pub(super) struct JoinQueue {
+    /// Who, and where each answer goes, in arrival order.
+    waiting: Vec<(UserId, futures_channel::oneshot::Sender<GroupReply>)>,
+    /// A task is applying this queue's joins (and will take these too).
+    draining: bool,
+}
 
 /// A group homed on this shard, as cached for fan-out and the group rules.
 pub(super) struct GroupState {
@@ -216,6 +229,13 @@ impl Shard {
             }
             _ => {}
         }
+        if op == GroupOp::Join {
+            if caller_role.is_some() {
+                return Ok(GroupAnswer::Done);
+            }
+            drop(state);
+            return self.queue_join(user, group).await;
+        }
         // Changes: check, write and update the cache under the group's
         // permit, against the state as it is once the permit is ours.
         let changes = state.changes.clone();
@@ -230,25 +250,8 @@ impl Shard {
             .map_err(|e| store_refusal(e, group, "no such group"))?;
         let caller_role = state.members.get(&user).copied();
         match op {
-            GroupOp::Members | GroupOp::Info => Err(refusal(ErrorCode::Internal, "not a change")),
-            GroupOp::Join => {
-                if caller_role.is_some() {
-                    return Ok(GroupAnswer::Done);
-                }
-                if !state.open {
-                    let invited = self
-                        .blocking(move |store| store.has_invite(group, user))
-                        .await
-                        .map_err(|e| store_refusal(e, group, "no such group"))?;
-                    if !invited {
-                        return Err(refusal(
-                            ErrorCode::Forbidden,
-                            "this group is invite-only; ask its owner or an admin for an invite",
-                        ));
-                    }
-                }
-                drop(state);
-                self.join(user, group).await
+            GroupOp::Members | GroupOp::Info | GroupOp::Join => {
+                Err(refusal(ErrorCode::Internal, "not a change made here"))
             }
             GroupOp::Leave => match caller_role {
                 None => Ok(GroupAnswer::Done),
@@ -335,35 +338,180 @@ impl Shard {
         }
     }
 
-    /// Adds `user` to `group` (the checks are done): store, read cursor,
-    /// cache.
-    async fn join(&self, user: UserId, group: GroupId) -> GroupReply {
+    /// Joins `user` to `group` and answers once the join is stored. The
+    /// first joiner to find the group's queue idle drains it: under the
+    /// group's permit it applies every join queued by then together, and
+    /// again while more arrived. Others only wait for their answer.
+    async fn queue_join(&self, user: UserId, group: GroupId) -> GroupReply {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let drain = {
+            let mut queues = self.join_queues.borrow_mut();
+            let queue = queues.entry(group).or_default();
+            queue.waiting.push((user, tx));
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if drain {
+            self.drain_joins(group).await;
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(refusal(ErrorCode::ShuttingDown, "server is shutting down")))
+    }
+
+    /// Applies `group`'s queued joins, at most [`MAX_JOIN_BATCH`] per
+    /// store batch, until none are left.
+    async fn drain_joins(&self, group: GroupId) {
+        loop {
+            let permit = match self.group_state(group).await {
+                Ok(state) => {
+                    let changes = state.changes.clone();
+                    drop(state);
+                    changes
+                        .acquire_static_permit(1)
+                        .await
+                        .map_err(|_| refusal(ErrorCode::ShuttingDown, "server is shutting down"))
+                }
+                Err(e) => Err(store_refusal(e, group, "no such group")),
+            };
+            let batch = {
+                let mut queues = self.join_queues.borrow_mut();
+                let Some(queue) = queues.get_mut(&group) else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    // Nothing yields between this check and the return, so
+                    // the next joiner finds the queue idle and drains it.
+                    queues.remove(&group);
+                    return;
+                }
+                let take = queue.waiting.len().min(MAX_JOIN_BATCH);
+                queue.waiting.drain(..take).collect::<Vec<_>>()
+            };
+            let replies = match &permit {
+                Ok(_) => {
+                    let users: Vec<UserId> = batch.iter().map(|(user, _)| *user).collect();
+                    self.apply_joins(group, users).await
+                }
+                Err(refused) => batch.iter().map(|_| Err(refused.clone())).collect(),
+            };
+            for ((_, answer), reply) in batch.into_iter().zip(replies) {
+                let _ = answer.send(reply);
+            }
+            drop(permit);
+        }
+    }
+
+    /// Adds `users` to `group` (the permit is held): one store batch, one
+    /// read of the group's seq, their read cursors in one commit, one cache
+    /// rebuild. A new member starts at the group's current seq, so a sync
+    /// does not replay what was said before they joined. The replies are
+    /// in the order of `users`.
+    async fn apply_joins(&self, group: GroupId, users: Vec<UserId>) -> Vec<GroupReply> {
         let map_err = |e| store_refusal(e, group, "no such group");
-        self.blocking(move |store| store.add_member(group, user))
-            .await
-            .map_err(map_err)?;
-        // A new member starts at the group's current seq, so a sync does
-        // not replay what was said before they joined.
-        let conv = ConvId::Group { group };
-        let joined_at = self.last_seq(conv).await.map_err(map_err)?;
-        // From here to the cache update nothing yields: every message
-        // sequenced after `joined_at` sees the new member list.
-        let cursor_stored = (joined_at > 0).then(|| {
-            let (tx, rx) = futures_channel::oneshot::channel();
-            self.stage_receipt(user, conv, ReceiptKind::Read, joined_at, Some(tx), None);
-            rx
-        });
-        self.update_members(group, |members| {
-            members.insert(user, GroupRole::Member);
-        });
-        // Answer only once the cursor is stored, or a sync right after the
-        // join would replay the whole group.
-        if let Some(stored) = cursor_stored {
-            if stored.await != Ok(true) {
-                return Err(refusal(ErrorCode::Internal, "join not stored; retry"));
+        let state = match self.group_state(group).await {
+            Ok(state) => state,
+            Err(e) => {
+                let refused = map_err(e);
+                return users.iter().map(|_| Err(refused.clone())).collect();
+            }
+        };
+        // Members by the cache are answered without a write.
+        let replies: Vec<Option<GroupReply>> = users
+            .iter()
+            .map(|user| state.members.contains_key(user).then_some(Ok(GroupAnswer::Done)))
+            .collect();
+        let invited_only = !state.open;
+        drop(state);
+        let to_add: Vec<UserId> = users
+            .iter()
+            .zip(&replies)
+            .filter(|(_, reply)| reply.is_none())
+            .map(|(&user, _)| user)
+            .collect();
+        let outcomes = if to_add.is_empty() {
+            Vec::new()
+        } else {
+            let adding = to_add.clone();
+            match self
+                .blocking(move |store| store.add_members(group, &adding, invited_only))
+                .await
+            {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    let refused = map_err(e);
+                    return fill(replies, || Err(refused.clone()));
+                }
+            }
+        };
+        // (index in `to_add`, user) of each new member.
+        let mut joined = Vec::new();
+        let mut cached = Vec::new();
+        for (index, (&user, outcome)) in to_add.iter().zip(&outcomes).enumerate() {
+            match outcome {
+                JoinOutcome::Joined => joined.push((index, user)),
+                // In the store but not the cache: make them agree.
+                JoinOutcome::AlreadyMember => cached.push(user),
+                _ => {}
             }
         }
-        Ok(GroupAnswer::Done)
+        let conv = ConvId::Group { group };
+        let joined_at = if joined.is_empty() {
+            0
+        } else {
+            match self.last_seq(conv).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    let refused = map_err(e);
+                    return fill(replies, || Err(refused.clone()));
+                }
+            }
+        };
+        // From here to the cache update nothing yields: every message
+        // sequenced after `joined_at` sees the new members.
+        let cursors: Vec<_> = joined
+            .iter()
+            .map(|&(_, user)| {
+                (joined_at > 0).then(|| {
+                    let (tx, rx) = futures_channel::oneshot::channel();
+                    self.stage_receipt(user, conv, ReceiptKind::Read, joined_at, Some(tx), None);
+                    rx
+                })
+            })
+            .collect();
+        self.update_members(group, |members| {
+            for &user in joined.iter().map(|(_, user)| user).chain(&cached) {
+                members.insert(user, GroupRole::Member);
+            }
+        });
+        let mut answers: Vec<GroupReply> = outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                JoinOutcome::Joined | JoinOutcome::AlreadyMember => Ok(GroupAnswer::Done),
+                JoinOutcome::NoSuchUser => Err(refusal(ErrorCode::NotFound, "no such user")),
+                JoinOutcome::NotInvited => Err(refusal(
+                    ErrorCode::Forbidden,
+                    "this group is invite-only; ask its owner or an admin for an invite",
+                )),
+                JoinOutcome::GroupFull => Err(refusal(ErrorCode::LimitExceeded, "group is full")),
+            })
+            .collect();
+        // Answer only once the cursors are stored, or a sync right after
+        // the join would replay the whole group.
+        for (&(index, _), cursor) in joined.iter().zip(cursors) {
+            if let Some(stored) = cursor {
+                if stored.await != Ok(true) {
+                    if let Some(answer) = answers.get_mut(index) {
+                        *answer = Err(refusal(ErrorCode::Internal, "join not stored; retry"));
+                    }
+                }
+            }
+        }
+        // `to_add` holds the unanswered users in order: so do `answers`.
+        let mut answers = answers.into_iter();
+        fill(replies, || {
+            answers
+                .next()
+                .unwrap_or_else(|| Err(refusal(ErrorCode::Internal, "join not applied; retry")))
+        })
     }
 
     /// Removes `user` from `group` (a leave or a kick; the checks are
@@ -386,6 +534,14 @@ struct GroupBase {
     owner: UserId,
     open: bool,
     changes: Rc<Semaphore>,
+}
+
+/// `replies` with every missing one made by `make`.
+fn fill(replies: Vec<Option<GroupReply>>, mut make: impl FnMut() -> GroupReply) -> Vec<GroupReply> {
+    replies
+        .into_iter()
+        .map(|reply| reply.unwrap_or_else(&mut make))
+        .collect()
 }
 
 /// The refusal for a store error of a group operation; `not_found` says

@@ -124,6 +124,9 @@ pub struct Shard {
     sessions: RefCell<FxHashMap<UserId, Vec<ConnKey>>>,
     convs: RefCell<FxHashMap<ConvId, ConvState>>,
     groups: RefCell<FxHashMap<u64, Rc<GroupState>>>,
+    /// Joins waiting for their group's permit, applied together by the
+    /// first of them to find the queue idle.
+    join_queues: RefCell<FxHashMap<u64, groups::JoinQueue>>,
     /// Queue ends to other shards, dropped at shutdown so that the peers'
     /// consumer tasks end (`Rc` so a send in flight keeps its end alive).
     requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
@@ -232,6 +235,7 @@ impl Shard {
             sessions: RefCell::new(FxHashMap::default()),
             convs: RefCell::new(FxHashMap::default()),
             groups: RefCell::new(FxHashMap::default()),
+            join_queues: RefCell::new(FxHashMap::default()),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             writer,
