@@ -372,8 +372,8 @@ const BLOCKING_RENDEZVOUS: Duration = Duration::from_secs(5);
 /// thread wants: password hashing (tens of ms of CPU and 19 MiB of memory
 /// traffic each) then never takes a reactor's turn. Measured on two cores
 /// with 200 users registering at once beside 5,000 chat messages/s: chat
-/// p99 3.5-4.5 s with the threads at normal priority, 31-42 ms at nice 19,
-/// 12-29 ms under SCHED_IDLE (docs/benchmarks.md). glommio has no hook on
+/// p99 3.5-5.6 s with the threads at normal priority, 31-42 ms at nice 19,
+/// 12-32 ms under SCHED_IDLE (docs/benchmarks.md). glommio has no hook on
 /// its threads, so one job per thread sets the policy and waits until all
 /// have: no thread can take two, so each takes exactly one.
 async fn idle_blocking_threads(threads: usize) {
