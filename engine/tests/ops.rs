@@ -303,17 +303,7 @@ fn blocking_threads_float_over_the_servers_cpus_while_shards_are_pinned() {
     let pid = server.child.id();
     // The executors start the blocking threads, then move them to
     // SCHED_IDLE before accepting: by the listening line all is settled.
-    let mut shard_threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = task.unwrap().path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        // glommio's blocking threads carry their executor's name.
-        if name.starts_with("tern-shard") {
-            let status = path.join("status").display().to_string();
-            let stat = path.join("stat").display().to_string();
-            shard_threads.push((cpus_allowed(&status), sched_policy(&stat)));
-        }
-    }
+    let shard_threads = shard_threads(pid);
     assert_eq!(shard_threads.len(), shards * (1 + 3), "{shard_threads:?}");
     // The executors keep SCHED_OTHER; every blocking thread runs on the
     // process's whole CPU set, under SCHED_IDLE.
@@ -334,6 +324,40 @@ fn blocking_threads_float_over_the_servers_cpus_while_shards_are_pinned() {
         pinned.dedup();
         assert_eq!(pinned.len(), shards, "executors share a CPU: {shard_threads:?}");
     }
+}
+
+#[test]
+fn blocking_threads_keep_normal_priority_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = ternd();
+    cmd.args(["--shards", "1", "--no-pin", "--blocking-threads", "2"])
+        .args(["--blocking-idle-priority", "false", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--data-dir"])
+        .arg(dir.path().join("data"));
+    let server = start(cmd);
+    let threads = shard_threads(server.child.id());
+    assert_eq!(threads.len(), 1 + 2, "{threads:?}");
+    assert!(
+        threads.iter().all(|(_, policy)| *policy == libc::SCHED_OTHER),
+        "{threads:?}"
+    );
+}
+
+/// (CPU set, scheduling policy) of each executor and blocking thread of
+/// `ternd` process `pid` (glommio's blocking threads carry their
+/// executor's name).
+fn shard_threads(pid: u32) -> Vec<(Vec<usize>, i32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if name.starts_with("tern-shard") {
+            let status = path.join("status").display().to_string();
+            let stat = path.join("stat").display().to_string();
+            threads.push((cpus_allowed(&status), sched_policy(&stat)));
+        }
+    }
+    threads
 }
 
 /// The scheduling policy in a `/proc/.../stat` file (field 41).
