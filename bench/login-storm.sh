@@ -12,7 +12,7 @@
 # Usage: A_BIN=DIR [B_BIN=DIR] bench/login-storm.sh [RESULTS_DIR]
 # Environment: A_BIN, B_BIN (folders holding `ternd` and `loadgen`; default
 # for B: a release build of this working tree), A_NAME (a), B_NAME (b),
-# A_ARGS, B_ARGS (extra ternd flags, e.g. "--blocking-idle-priority false"),
+# A_ARGS, B_ARGS (extra ternd flags, e.g. "--hash-idle-priority false"),
 # ROUNDS (2), USERS (200), SETUP_CONCURRENCY (32), CHAT_PAIRS (50),
 # CHAT_RATE (100 per pair), CHAT_SECS (20), WARMUP (8), PORT (7885). Both
 # variants' runs use B's loadgen. Needs jq.

@@ -21,6 +21,9 @@ pub const DEFAULT_PORT: u16 = 7878;
 /// Most [`Config::blocking_threads`] per shard.
 pub const MAX_BLOCKING_THREADS: usize = 64;
 
+/// Most password-hashing threads (`store.hash_threads`).
+pub const MAX_HASH_THREADS: usize = 1024;
+
 /// Everything `ternd` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -36,13 +39,14 @@ pub struct Config {
     pub shards: usize,
     /// Pin each shard to its own CPU (off when there are more shards than CPUs).
     pub pin_shards: bool,
-    /// Threads per shard that run its store calls and password hashing
-    /// off the reactor. They float over every CPU `ternd` may use; each
-    /// hashing thread holds `argon2_memory_kib` while it hashes.
+    /// Threads per shard that run its store calls off the reactor (and
+    /// wait there for password hashes, which run on the store's hashing
+    /// threads). They float over every CPU `ternd` may use.
     pub blocking_threads: usize,
-    /// Run those threads under `SCHED_IDLE`: they get only CPU time the
-    /// shards leave idle, so a burst of password logins never slows chat.
-    pub blocking_idle_priority: bool,
+    /// Run the password-hashing threads (`store.hash_threads`) under
+    /// `SCHED_IDLE`: they get only CPU time the shards leave idle, so a
+    /// burst of password logins never slows chat.
+    pub hash_idle_priority: bool,
     /// Largest frame body accepted from a client, in bytes.
     pub max_frame_bytes: u32,
     /// Largest chat message body (text or caption), in bytes.
@@ -265,7 +269,7 @@ impl Default for Config {
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,
             blocking_threads: 4,
-            blocking_idle_priority: true,
+            hash_idle_priority: true,
             max_frame_bytes: tern_proto::limits::DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(60),
@@ -276,7 +280,10 @@ impl Default for Config {
             max_sessions_per_user: 16,
             shutdown_retry_after: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(2),
-            store: StoreOptions::default(),
+            store: StoreOptions {
+                hash_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ..StoreOptions::default()
+            },
             durability: Durability::Sync,
             writer_queue_depth: 1024,
             dedup_window: 128,
@@ -306,8 +313,9 @@ impl Config {
             // Tests share two cores with each other: under SCHED_IDLE a
             // test's logins would wait for every other test's busy threads.
             // engine/tests/ops.rs checks the default through `ternd`.
-            blocking_idle_priority: false,
+            hash_idle_priority: false,
             store: StoreOptions {
+                hash_threads: 2,
                 argon2_memory_kib: 64,
                 argon2_iterations: 1,
                 ..StoreOptions::default()
@@ -325,6 +333,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.shards == 0 || self.shards > 1024 {
             return Err(format!("shards must be 1..=1024, got {}", self.shards));
+        }
+        if self.store.hash_threads > MAX_HASH_THREADS {
+            return Err(format!(
+                "hash_threads must be 0..={MAX_HASH_THREADS}, got {}",
+                self.store.hash_threads
+            ));
         }
         if self.blocking_threads == 0 || self.blocking_threads > MAX_BLOCKING_THREADS {
             return Err(format!(

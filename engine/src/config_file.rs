@@ -282,7 +282,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "blocking_threads",
-        help: "Threads per shard for store calls and password hashing, floating over the server's CPUs",
+        help: "Threads per shard for store calls, floating over the server's CPUs",
         apply: |s, v| {
             let max = crate::config::MAX_BLOCKING_THREADS;
             set(&mut s.config.blocking_threads, expected_usize(v, 1, max))
@@ -290,10 +290,19 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.blocking_threads.to_string(),
     },
     Key {
-        name: "blocking_idle_priority",
-        help: "Run the blocking threads under SCHED_IDLE, on CPU time the shards leave idle",
-        apply: |s, v| set(&mut s.config.blocking_idle_priority, expected_bool(v)),
-        show: |s| s.config.blocking_idle_priority.to_string(),
+        name: "hash_threads",
+        help: "Threads that hash passwords (argon2), each holding argon2_memory_kib while it hashes; 0: on the blocking threads (default: one per available CPU)",
+        apply: |s, v| {
+            let max = crate::config::MAX_HASH_THREADS;
+            set(&mut s.config.store.hash_threads, expected_usize(v, 0, max))
+        },
+        show: |s| s.config.store.hash_threads.to_string(),
+    },
+    Key {
+        name: "hash_idle_priority",
+        help: "Run the password-hashing threads under SCHED_IDLE, on CPU time the shards leave idle",
+        apply: |s, v| set(&mut s.config.hash_idle_priority, expected_bool(v)),
+        show: |s| s.config.hash_idle_priority.to_string(),
     },
     Key {
         name: "max_frame_bytes",

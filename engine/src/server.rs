@@ -98,7 +98,11 @@ impl Server {
             .map_err(|e| anyhow!("invalid configuration: {e}"))?;
         limit_allocator_retention();
         let io_memory = memlock::io_memory_per_shard(config.shards, RING_DEPTH).map_err(|e| anyhow!(e))?;
-        let store = with_background_priority(|| Store::open(&config.data_dir, config.store.clone()))
+        let mut store_opts = config.store.clone();
+        if config.hash_idle_priority {
+            store_opts.hash_thread_start = Some(idle_priority);
+        }
+        let store = with_background_priority(|| Store::open(&config.data_dir, store_opts))
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
         let writer = Writer::spawn(store.clone(), config.durability, config.writer_queue_depth)
             .context("cannot start the storage writer")?;
@@ -362,45 +366,25 @@ fn process_cpu_set() -> Option<glommio::CpuSet> {
     (!set.is_empty()).then_some(set)
 }
 
-/// How long the shard's blocking threads may take to meet while being
-/// moved to `SCHED_IDLE`: they are idle at startup, so this only matters
-/// if the pool had fewer threads than asked for.
-const BLOCKING_RENDEZVOUS: Duration = Duration::from_secs(5);
-
-/// Moves each of this shard's `threads` blocking threads to `SCHED_IDLE`.
-/// The threads run only on CPU time no shard, writer or other normal
-/// thread wants: password hashing (tens of ms of CPU and 19 MiB of memory
-/// traffic each) then never takes a reactor's turn. Measured on two cores
-/// with 200 users registering at once beside 5,000 chat messages/s: chat
-/// p99 3.5-5.6 s with the threads at normal priority, 31-42 ms at nice 19,
-/// 12-32 ms under SCHED_IDLE (docs/benchmarks.md). glommio has no hook on
-/// its threads, so one job per thread sets the policy and waits until all
-/// have: no thread can take two, so each takes exactly one.
-async fn idle_blocking_threads(threads: usize) {
-    let met = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
-    let jobs: Vec<_> = (0..threads)
-        .map(|_| {
-            let met = met.clone();
-            glommio::spawn_local(glommio::executor().spawn_blocking(move || {
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: sets the calling thread's policy (pid 0), reading
-                // `param`; lowering to SCHED_IDLE needs no privilege.
-                let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
-                let (count, all_here) = &*met;
-                let mut here = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                *here += 1;
-                all_here.notify_all();
-                let _ = all_here.wait_timeout_while(here, BLOCKING_RENDEZVOUS, |n| *n < threads);
-                set
-            }))
-        })
-        .collect();
-    let mut set = 0;
-    for job in jobs {
-        set += usize::from(job.await);
-    }
-    if set < threads {
-        tracing::warn!(set, threads, "could not move every blocking thread to SCHED_IDLE");
+/// Moves the calling thread to `SCHED_IDLE`, run first on each of the
+/// store's password-hashing threads: they then get only CPU time no shard,
+/// writer or other normal thread wants, so a burst of password logins
+/// (tens of ms of CPU and 19 MiB of memory traffic each) never takes a
+/// reactor's turn. Only hashing runs there: the store calls, which hold
+/// fjall's locks, stay on normal-priority blocking threads. Measured on two
+/// cores with 200 users registering at once beside 5,000 chat messages/s:
+/// chat p99 3.5-5.6 s with hashing at normal priority, 31-42 ms at nice 19,
+/// 12-32 ms under SCHED_IDLE (docs/benchmarks.md). Lowering a policy needs
+/// no privilege; if it fails the thread keeps the nice value it inherited.
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the calling thread's policy (pid 0), reading `param`.
+    let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+    if !set {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot move a password-hashing thread to SCHED_IDLE"
+        );
     }
 }
 
@@ -472,9 +456,6 @@ async fn run_shard(startup: Arc<Startup>) {
         startup.writer.clone(),
         startup.metrics.clone(),
     ));
-    if startup.config.blocking_idle_priority {
-        idle_blocking_threads(startup.config.blocking_threads).await;
-    }
     glommio::spawn_local(shard.clone().run_committer()).detach();
     glommio::spawn_local(crate::park::serve(shard.clone())).detach();
     if index == 0 {

@@ -291,31 +291,28 @@ fn ternd_reports_rings_that_interrupt_when_coop_taskrun_is_off() {
 }
 
 #[test]
-fn blocking_threads_float_over_the_servers_cpus_while_shards_are_pinned() {
+fn blocking_threads_float_over_the_servers_cpus_and_hashing_runs_idle() {
     let cpus = cpus_allowed(&format!("/proc/{}/status", std::process::id()));
     let shards = cpus.len().min(2);
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = ternd();
     cmd.args(["--shards", &shards.to_string(), "--blocking-threads", "3"])
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir"])
+        .args(["--hash-threads", "2", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--data-dir"])
         .arg(dir.path().join("data"));
     let server = start(cmd);
     let pid = server.child.id();
-    // The executors start the blocking threads, then move them to
-    // SCHED_IDLE before accepting: by the listening line all is settled.
-    let shard_threads = shard_threads(pid);
-    assert_eq!(shard_threads.len(), shards * (1 + 3), "{shard_threads:?}");
-    // The executors keep SCHED_OTHER; every blocking thread runs on the
-    // process's whole CPU set, under SCHED_IDLE.
-    let executors = shard_threads
-        .iter()
-        .filter(|(_, policy)| *policy == libc::SCHED_OTHER);
-    assert_eq!(executors.count(), shards, "{shard_threads:?}");
-    let idle_floating = shard_threads
-        .iter()
-        .filter(|(set, policy)| *set == cpus && *policy == libc::SCHED_IDLE)
-        .count();
-    assert_eq!(idle_floating, shards * 3, "{shard_threads:?}, process {cpus:?}");
+    let shard_threads = shard_threads_settled(pid, shards * (1 + 3));
+    // Executors and blocking threads run at normal priority; every
+    // blocking thread runs on the process's whole CPU set.
+    assert!(
+        shard_threads
+            .iter()
+            .all(|(_, policy)| *policy == libc::SCHED_OTHER),
+        "{shard_threads:?}"
+    );
+    let floating = shard_threads.iter().filter(|(set, _)| *set == cpus).count();
+    assert!(floating >= shards * 3, "{shard_threads:?}, process {cpus:?}");
     if cpus.len() >= 2 {
         // Each executor on a CPU of its own (glommio's default put every
         // blocking thread on one CPU too).
@@ -324,34 +321,66 @@ fn blocking_threads_float_over_the_servers_cpus_while_shards_are_pinned() {
         pinned.dedup();
         assert_eq!(pinned.len(), shards, "executors share a CPU: {shard_threads:?}");
     }
+    // Password hashing runs on its own threads, under SCHED_IDLE. They
+    // set their policy as they start, so give them a moment.
+    let hashers = eventually("two idle hashing threads", || {
+        let hashers = threads_named(pid, "tern-hash-");
+        (hashers.len() == 2 && hashers.iter().all(|(_, policy)| *policy == libc::SCHED_IDLE))
+            .then_some(hashers)
+    });
+    assert!(hashers.iter().all(|(set, _)| *set == cpus), "{hashers:?}");
 }
 
 #[test]
-fn blocking_threads_keep_normal_priority_when_asked() {
+fn hashing_keeps_normal_priority_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = ternd();
     cmd.args(["--shards", "1", "--no-pin", "--blocking-threads", "2"])
-        .args(["--blocking-idle-priority", "false", "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "off", "--data-dir"])
+        .args(["--hash-threads", "3", "--hash-idle-priority", "false"])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir"])
         .arg(dir.path().join("data"));
     let server = start(cmd);
-    let threads = shard_threads(server.child.id());
-    assert_eq!(threads.len(), 1 + 2, "{threads:?}");
+    let pid = server.child.id();
+    shard_threads_settled(pid, 1 + 2);
+    let hashers = threads_named(pid, "tern-hash-");
+    assert_eq!(hashers.len(), 3, "{hashers:?}");
     assert!(
-        threads.iter().all(|(_, policy)| *policy == libc::SCHED_OTHER),
-        "{threads:?}"
+        hashers.iter().all(|(_, policy)| *policy == libc::SCHED_OTHER),
+        "{hashers:?}"
     );
 }
 
-/// (CPU set, scheduling policy) of each executor and blocking thread of
-/// `ternd` process `pid` (glommio's blocking threads carry their
-/// executor's name).
-fn shard_threads(pid: u32) -> Vec<(Vec<usize>, i32)> {
+/// The `tern-shard` threads of `pid` once there are `expected`: a thread
+/// a shard spawns (`tern-park-N`) carries the shard's name until it has
+/// named itself.
+fn shard_threads_settled(pid: u32, expected: usize) -> Vec<(Vec<usize>, i32)> {
+    eventually(&format!("{expected} tern-shard threads"), || {
+        let threads = threads_named(pid, "tern-shard");
+        (threads.len() == expected).then_some(threads)
+    })
+}
+
+/// Polls `f` until it gives a value, for up to ten seconds.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// (CPU set, scheduling policy) of each thread of process `pid` whose name
+/// starts with `prefix` (glommio's blocking threads carry their
+/// executor's name, `tern-shard-N`).
+fn threads_named(pid: u32, prefix: &str) -> Vec<(Vec<usize>, i32)> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let path = task.unwrap().path();
         let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if name.starts_with("tern-shard") {
+        if name.starts_with(prefix) {
             let status = path.join("status").display().to_string();
             let stat = path.join("stat").display().to_string();
             threads.push((cpus_allowed(&status), sched_policy(&stat)));

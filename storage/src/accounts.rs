@@ -25,23 +25,44 @@ pub(crate) fn hasher(opts: &StoreOptions) -> Result<Argon2<'static>, StoreError>
     Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
 }
 
+/// A new PHC string for `password`, with a random salt.
+fn hash_with(argon2: &Argon2<'static>, password: &[u8]) -> Result<String, StoreError> {
+    let mut salt = [0u8; SALT_LEN];
+    getrandom::fill(&mut salt).map_err(|e| StoreError::Crypto(format!("random source: {e}")))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| StoreError::Crypto(e.to_string()))?;
+    let hash = argon2
+        .hash_password(password, &salt)
+        .map_err(|e| StoreError::Crypto(e.to_string()))?;
+    Ok(hash.to_string())
+}
+
+/// Whether `password` matches `phc`.
+fn matches_with(argon2: &Argon2<'static>, phc: &str, password: &[u8]) -> Result<bool, String> {
+    let parsed = PasswordHash::new(phc).map_err(|e| format!("bad password hash: {e}"))?;
+    Ok(argon2.verify_password(password, &parsed).is_ok())
+}
+
 impl Inner {
+    /// Runs `f` (argon2 work) on the hashing threads if the store has
+    /// them, else here.
+    fn hashing<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
+        match &self.hash_pool {
+            Some(pool) => pool.run(f),
+            None => Ok(f()),
+        }
+    }
+
     fn hash_password(&self, password: &[u8]) -> Result<String, StoreError> {
-        let mut salt = [0u8; SALT_LEN];
-        getrandom::fill(&mut salt).map_err(|e| StoreError::Crypto(format!("random source: {e}")))?;
-        let salt = SaltString::encode_b64(&salt).map_err(|e| StoreError::Crypto(e.to_string()))?;
-        let hash = self
-            .argon2
-            .hash_password(password, &salt)
-            .map_err(|e| StoreError::Crypto(e.to_string()))?;
-        Ok(hash.to_string())
+        let (argon2, password) = (self.argon2.clone(), password.to_vec());
+        self.hashing(move || hash_with(&argon2, &password))?
     }
 
     /// Whether `password` matches `phc`. An unparsable PHC string is corrupt
-    /// data, not a failed login, so it is reported as such by the caller.
-    fn password_matches(&self, phc: &str, password: &[u8]) -> Result<bool, String> {
-        let parsed = PasswordHash::new(phc).map_err(|e| format!("bad password hash: {e}"))?;
-        Ok(self.argon2.verify_password(password, &parsed).is_ok())
+    /// data, not a failed login, so it is reported as such by the caller
+    /// (the inner error); the outer one is the hashing threads failing.
+    fn password_matches(&self, phc: &str, password: &[u8]) -> Result<Result<bool, String>, StoreError> {
+        let (argon2, phc, password) = (self.argon2.clone(), phc.to_owned(), password.to_vec());
+        self.hashing(move || matches_with(&argon2, &phc, &password))
     }
 
     /// Spends about as long as a real check, so response time does not
@@ -121,7 +142,7 @@ impl Store {
             inner.dummy_verify(password);
             return Err(StoreError::AuthFailed);
         };
-        match inner.password_matches(&phc, password) {
+        match inner.password_matches(&phc, password)? {
             Ok(true) => Ok(user),
             Ok(false) => Err(StoreError::AuthFailed),
             Err(detail) => Err(inner.accounts.corrupt(username.as_bytes(), detail)),

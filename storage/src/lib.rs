@@ -22,6 +22,7 @@ mod accounts;
 mod codec;
 mod error;
 mod groups;
+mod hashing;
 mod messages;
 mod social;
 mod tokens;
@@ -65,11 +66,18 @@ pub struct StoreOptions {
     /// Sync account, token-revocation, friend and group writes to disk
     /// before returning (`fdatasync`); see `docs/storage.md`.
     pub fsync: bool,
+    /// Threads that run password hashing (`tern-hash-N`); 0 hashes on the
+    /// calling thread. At most this many hashes run at once, each holding
+    /// `argon2_memory_kib`.
+    pub hash_threads: usize,
+    /// Run first on each hashing thread (the server lowers their priority
+    /// here; this crate has no `unsafe`).
+    pub hash_thread_start: Option<fn()>,
 }
 
 impl Default for StoreOptions {
     /// OWASP's argon2id baseline (19 MiB, 2 iterations, 1 lane), 30-day
-    /// tokens, and syncing on.
+    /// tokens, syncing on, and hashing on the calling thread.
     fn default() -> StoreOptions {
         StoreOptions {
             argon2_memory_kib: 19_456,
@@ -79,6 +87,8 @@ impl Default for StoreOptions {
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
             fsync: true,
+            hash_threads: 0,
+            hash_thread_start: None,
         }
     }
 }
@@ -158,6 +168,8 @@ struct Inner {
     user_convs: Ks,
     opts: StoreOptions,
     argon2: argon2::Argon2<'static>,
+    /// Where hashing runs, if not on the caller (see `hashing`).
+    hash_pool: Option<hashing::HashPool>,
     /// A hash to verify against for unknown usernames, built on first use.
     dummy_hash: OnceLock<String>,
     /// Serialises registration (name check + insert) and owns the next user id.
@@ -267,6 +279,7 @@ impl Store {
             receipts: ks("receipts")?,
             user_convs: ks("user_convs")?,
             db,
+            hash_pool: hashing::HashPool::start(&opts)?,
             opts,
             argon2,
             dummy_hash: OnceLock::new(),

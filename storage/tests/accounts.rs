@@ -394,3 +394,52 @@ fn concurrent_registration_of_many_names_gets_dense_ids() {
     ids.sort_unstable();
     assert_eq!(ids, (1..=8).collect::<Vec<_>>());
 }
+
+static HASH_THREADS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_hash_thread() {
+    HASH_THREADS_STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let name = std::thread::current()
+        .name()
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(name.starts_with("tern-hash-"), "{name}");
+}
+
+#[test]
+fn hashing_threads_register_and_check_passwords_for_every_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| {
+        o.hash_threads = 2;
+        o.hash_thread_start = Some(count_hash_thread);
+    });
+    // More callers than hashing threads, all at once.
+    std::thread::scope(|scope| {
+        for t in 0..6 {
+            let store = &store;
+            scope.spawn(move || {
+                let name = format!("hasher{t}");
+                let id = store.register(&name, b"password1").unwrap();
+                assert_eq!(store.verify_password(&name, b"password1").unwrap(), id);
+                assert!(matches!(
+                    store.verify_password(&name, b"password2"),
+                    Err(StoreError::AuthFailed)
+                ));
+                store.set_password(id, b"password3").unwrap();
+                assert_eq!(store.verify_password(&name, b"password3").unwrap(), id);
+            });
+        }
+    });
+    assert!(matches!(
+        store.verify_password("nobody", b"password1"),
+        Err(StoreError::AuthFailed)
+    ));
+    // Dropping the store stops its hashing threads; a store hashing
+    // inline reads the same accounts.
+    drop(store);
+    // Joined by the drop: both ran their start hook.
+    assert_eq!(HASH_THREADS_STARTED.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let inline = open(dir.path());
+    let id = inline.user_id("hasher3").unwrap().expect("registered");
+    assert_eq!(inline.verify_password("hasher3", b"password3").unwrap(), id);
+}
