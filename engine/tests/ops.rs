@@ -17,6 +17,9 @@ use tern_engine::{Config, Server};
 use tern_net::memlock::{kernel_release, kernel_version};
 use tern_storage::{Durability, Store, StoreOptions, Writer};
 
+mod common;
+use common::eventually;
+
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A `ternd` child process, killed if the test ends early.
@@ -358,18 +361,6 @@ fn shard_threads_settled(pid: u32, expected: usize) -> Vec<(Vec<usize>, i32)> {
         let threads = threads_named(pid, "tern-shard");
         (threads.len() == expected).then_some(threads)
     })
-}
-
-/// Polls `f` until it gives a value, for up to ten seconds.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// (CPU set, scheduling policy) of each thread of process `pid` whose name
