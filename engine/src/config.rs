@@ -261,12 +261,13 @@ pub struct TlsListener {
 
 impl Default for Config {
     fn default() -> Config {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             tls: None,
             handshake_timeout: Duration::from_secs(10),
             data_dir: PathBuf::from("tern-data"),
-            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shards: cpus,
             pin_shards: true,
             blocking_threads: 4,
             hash_idle_priority: true,
@@ -281,7 +282,7 @@ impl Default for Config {
             shutdown_retry_after: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(2),
             store: StoreOptions {
-                hash_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                hash_threads: cpus,
                 ..StoreOptions::default()
             },
             durability: Durability::Sync,

@@ -167,9 +167,7 @@ impl Store {
             username.as_bytes(),
             codec::encode_account(user, &phc),
         );
-        let pending = inner.write(batch, true)?;
-        drop(guard);
-        inner.sync(pending)
+        inner.commit_unlocked(batch, guard)
     }
 
     /// The username of `user`, if registered.

@@ -15,6 +15,7 @@
 use tern_proto::limits::check_group_name;
 
 use crate::codec::{self, GroupValue};
+use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
 
 /// Most users one [`Store::add_members`] call takes.
 pub const MAX_JOIN_BATCH: usize = 1024;
@@ -33,7 +34,6 @@ pub enum JoinOutcome {
     /// The group reached `max_group_members`.
     GroupFull,
 }
-use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
 
 impl Inner {
     fn load_group(&self, group: GroupId) -> Result<Option<GroupValue>, StoreError> {
@@ -234,9 +234,7 @@ impl Store {
             codec::id_key(group),
             codec::encode_group(&record),
         );
-        let pending = inner.write(batch, true)?;
-        drop(guard);
-        inner.sync(pending)?;
+        inner.commit_unlocked(batch, guard)?;
         Ok(outcomes)
     }
 
@@ -265,9 +263,7 @@ impl Store {
                 codec::encode_group(&record),
             );
         }
-        let pending = inner.write(batch, true)?;
-        drop(guard);
-        inner.sync(pending)
+        inner.commit_unlocked(batch, guard)
     }
 
     /// Sets a member's role to `Admin` or `Member`. `NotFound` for a
@@ -292,9 +288,7 @@ impl Store {
             Some(_) => {
                 let mut batch = inner.db.batch();
                 batch.insert(&inner.members.handle, key, codec::encode_member(role));
-                let pending = inner.write(batch, true)?;
-                drop(guard);
-                inner.sync(pending)
+                inner.commit_unlocked(batch, guard)
             }
         }
     }
@@ -330,9 +324,7 @@ impl Store {
             codec::id_key(group),
             codec::encode_group(&record),
         );
-        let pending = inner.write(batch, true)?;
-        drop(guard);
-        inner.sync(pending)
+        inner.commit_unlocked(batch, guard)
     }
 
     /// Whether `user` holds a pending invite to `group` (joins check it

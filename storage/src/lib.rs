@@ -336,6 +336,15 @@ impl Inner {
         self.sync(pending)
     }
 
+    /// Commits a durable `batch` built under `guard`, releases `guard`,
+    /// then waits for the sync: the usual end of a locked check-then-write,
+    /// so that callers queued on the lock share the fdatasync.
+    fn commit_unlocked<G>(&self, batch: OwnedWriteBatch, guard: G) -> Result<(), StoreError> {
+        let pending = self.write(batch, true)?;
+        drop(guard);
+        self.sync(pending)
+    }
+
     /// Commits `batch`, written through to the OS (`Buffer`): fjall's
     /// journal sits behind an 8 KiB `BufWriter`, and a commit with no
     /// persist mode at all may leave the batch in that buffer, where a

@@ -34,9 +34,7 @@ impl Store {
         let mut batch = inner.db.batch();
         batch.insert(&inner.friends.handle, forward, []);
         batch.insert(&inner.friends.handle, backward, []);
-        let pending = inner.write(batch, true)?;
-        drop(guard);
-        inner.sync(pending)
+        inner.commit_unlocked(batch, guard)
     }
 
     /// Ends the friendship between `user` and `friend` on both sides.
@@ -53,9 +51,7 @@ impl Store {
         let mut batch = inner.db.batch();
         batch.remove(&inner.friends.handle, forward);
         batch.remove(&inner.friends.handle, backward);
-        let pending = inner.write(batch, true)?;
-        drop(guard);
-        inner.sync(pending)
+        inner.commit_unlocked(batch, guard)
     }
 
     /// `user`'s friends, ascending by id.
