@@ -36,22 +36,7 @@ trap 'exit 130' INT TERM
 # ---- peers: install from Debian's packages when absent ----
 declare -A HAVE=()
 install_peer() { # $1 package, $2 binary
-    if command -v "$2" >/dev/null 2>&1; then HAVE[$1]=1; return; fi
-    if [[ "${NO_INSTALL:-}" == 1 ]]; then log "$1 not installed (NO_INSTALL=1)"; return; fi
-    local candidate
-    candidate=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}')
-    if [[ -z "$candidate" || "$candidate" == "(none)" ]]; then
-        log "no Debian package $1 here (apt-cache policy $1 shows no candidate); skipping it"
-        return
-    fi
-    log "installing $1 $candidate"
-    local sudo=""
-    [[ $(id -u) -ne 0 ]] && sudo="sudo"
-    if DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "$1" >"$RESULTS/apt-$1.log" 2>&1; then
-        HAVE[$1]=1
-    else
-        log "installing $1 failed (see $RESULTS/apt-$1.log); skipping it"
-    fi
+    if install_package "$1" "$2"; then HAVE[$1]=1; else log "skipping $1"; fi
 }
 for peer in $PEERS; do
     case $peer in

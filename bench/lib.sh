@@ -1,6 +1,6 @@
 # Shared set-up of the end-to-end bench scripts (compare.sh, ab.sh,
-# idle-memory.sh, login-storm.sh, rolling-restart.sh). Source it after `set -euo pipefail`
-# with BENCH set to the script's name:
+# idle-memory.sh, login-storm.sh, rolling-restart.sh, disk-probe.sh).
+# Source it after `set -euo pipefail` with BENCH set to the script's name:
 #
 #   bench_results [DIR]      RESULTS: DIR, or target/$BENCH/<UTC time>;
 #                            created and made absolute
@@ -16,6 +16,9 @@
 #                            skipped); for the scripts' EXIT traps
 #   variant_median NAME COL  the median of column COL of $RESULTS/rows.tsv
 #                            over the rows of variant NAME (tagged NAME-rN)
+#   install_package PKG BIN  succeeds if BIN is on PATH, installing Debian's
+#                            PKG first when absent (not with NO_INSTALL=1);
+#                            apt's output goes to $RESULTS/apt-PKG.log
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -61,4 +64,23 @@ stop_pids() {
 variant_median() { # $1 variant name, $2 column of $RESULTS/rows.tsv
     awk -F'\t' -v n="$1" -v c="$2" 'index($1, n "-r") == 1 { print $c }' "$RESULTS/rows.tsv" \
         | sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+install_package() { # $1 Debian package, $2 the binary it provides
+    if command -v "$2" >/dev/null 2>&1; then return 0; fi
+    if [[ "${NO_INSTALL:-}" == 1 ]]; then log "$1 not installed (NO_INSTALL=1)"; return 1; fi
+    local candidate
+    candidate=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}')
+    if [[ -z "$candidate" || "$candidate" == "(none)" ]]; then
+        log "no Debian package $1 here (apt-cache policy $1 shows no candidate)"
+        return 1
+    fi
+    log "installing $1 $candidate"
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    if DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "$1" >"$RESULTS/apt-$1.log" 2>&1; then
+        return 0
+    fi
+    log "installing $1 failed (see $RESULTS/apt-$1.log)"
+    return 1
 }
