@@ -339,6 +339,63 @@ fn with_background_priority<T: Send>(
     })
 }
 
+/// How long each of a shard's blocking threads waits at start for the
+/// others to take their naming task ([`name_blocking_threads`]).
+const BLOCKING_NAME_WAIT: Duration = Duration::from_secs(2);
+
+/// Names the calling executor's `threads` blocking threads
+/// `tern-blk-{shard}`. glommio starts them unnamed, so they carried the
+/// executor's name and `top -H`, `perf` and `/proc` could not tell a
+/// reactor from the threads running its store calls. One task per thread
+/// names the thread it runs on and then waits until every task has
+/// started: a thread runs one task at a time, so the tasks land on
+/// distinct threads. The wait is bounded, so a pool smaller than `threads`
+/// would leave threads unnamed, not hang the shard.
+async fn name_blocking_threads(shard: usize, threads: usize) {
+    let name = format!("tern-blk-{shard}");
+    let started = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+    let tasks: Vec<_> = (0..threads)
+        .map(|_| {
+            let name = name.clone();
+            let started = started.clone();
+            glommio::spawn_local(glommio::executor().spawn_blocking(move || {
+                name_this_thread(&name);
+                let (count, all_started) = &*started;
+                let mut count = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                *count += 1;
+                all_started.notify_all();
+                let deadline = Instant::now() + BLOCKING_NAME_WAIT;
+                while *count < threads {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    count = all_started
+                        .wait_timeout(count, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            }))
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+}
+
+/// Sets the calling thread's name as `/proc`, `top -H` and `perf` show it
+/// (the kernel keeps 15 bytes; a longer name is cut).
+fn name_this_thread(name: &str) {
+    let mut bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes from the pointer and renames the calling thread only; `bytes`
+    // is NUL-terminated and outlives the call. A failure keeps the name.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+}
+
 /// Raises the calling thread's nice value by `increment` (at most to 19).
 fn lower_thread_priority(increment: i32) {
     // SAFETY: getpriority/setpriority only read and set a nice value; on
@@ -411,6 +468,10 @@ fn available_cpus() -> usize {
 
 async fn run_shard(startup: Arc<Startup>) {
     let index = startup.next_index.fetch_add(1, Ordering::SeqCst);
+    // Every thread of this shard carries its index, as its metrics and logs
+    // do (`shard="0"`): glommio names the executor after its own id.
+    name_this_thread(&format!("tern-shard-{index}"));
+    name_blocking_threads(index, startup.config.blocking_threads).await;
     let report = |result: Result<usize, String>| {
         if let Ok(tx) = startup.ready.lock() {
             let _ = tx.send(result);

@@ -305,24 +305,45 @@ fn blocking_threads_float_over_the_servers_cpus_and_hashing_runs_idle() {
         .arg(dir.path().join("data"));
     let server = start(cmd);
     let pid = server.child.id();
-    let shard_threads = shard_threads_settled(pid, shards * (1 + 3));
+    let executors = shard_threads_settled(pid, shards);
+    // Each shard's threads carry its index (tern-shard-0, its blocking
+    // threads tern-blk-0, ...), all named before the shard serves.
+    let mut blocking_names = thread_names(pid);
+    blocking_names.retain(|name| name.starts_with("tern-blk-"));
+    blocking_names.sort();
+    let mut expected: Vec<String> = thread_names(pid)
+        .into_iter()
+        .filter_map(|name| Some(format!("tern-blk-{}", name.strip_prefix("tern-shard-")?)))
+        .flat_map(|name| std::iter::repeat_n(name, 3))
+        .collect();
+    expected.sort();
+    assert_eq!(blocking_names, expected);
+    let mut executor_names = thread_names(pid);
+    executor_names.retain(|name| name.starts_with("tern-shard-"));
+    executor_names.sort();
+    let indices: Vec<String> = (0..shards).map(|i| format!("tern-shard-{i}")).collect();
+    assert_eq!(executor_names, indices);
     // Executors and blocking threads run at normal priority; every
     // blocking thread runs on the process's whole CPU set.
+    let blocking = threads_named(pid, "tern-blk-");
     assert!(
-        shard_threads
+        executors
             .iter()
+            .chain(&blocking)
             .all(|(_, policy)| *policy == libc::SCHED_OTHER),
-        "{shard_threads:?}"
+        "{executors:?} {blocking:?}"
     );
-    let floating = shard_threads.iter().filter(|(set, _)| *set == cpus).count();
-    assert!(floating >= shards * 3, "{shard_threads:?}, process {cpus:?}");
+    assert!(
+        blocking.iter().all(|(set, _)| *set == cpus),
+        "{blocking:?}, process {cpus:?}"
+    );
     if cpus.len() >= 2 {
         // Each executor on a CPU of its own (glommio's default put every
         // blocking thread on one CPU too).
-        let mut pinned: Vec<_> = shard_threads.iter().filter(|(set, _)| set.len() == 1).collect();
-        assert_eq!(pinned.len(), shards, "{shard_threads:?}");
+        let mut pinned: Vec<_> = executors.iter().filter(|(set, _)| set.len() == 1).collect();
+        assert_eq!(pinned.len(), shards, "{executors:?}");
         pinned.dedup();
-        assert_eq!(pinned.len(), shards, "executors share a CPU: {shard_threads:?}");
+        assert_eq!(pinned.len(), shards, "executors share a CPU: {executors:?}");
     }
     // Password hashing runs on its own threads, under SCHED_IDLE. They
     // set their policy as they start, so give them a moment.
@@ -344,7 +365,7 @@ fn hashing_keeps_normal_priority_when_asked() {
         .arg(dir.path().join("data"));
     let server = start(cmd);
     let pid = server.child.id();
-    shard_threads_settled(pid, 1 + 2);
+    shard_threads_settled(pid, 1);
     let hashers = threads_named(pid, "tern-hash-");
     assert_eq!(hashers.len(), 3, "{hashers:?}");
     assert!(
@@ -364,8 +385,7 @@ fn shard_threads_settled(pid: u32, expected: usize) -> Vec<(Vec<usize>, i32)> {
 }
 
 /// (CPU set, scheduling policy) of each thread of process `pid` whose name
-/// starts with `prefix` (glommio's blocking threads carry their
-/// executor's name, `tern-shard-N`).
+/// starts with `prefix`.
 fn threads_named(pid: u32, prefix: &str) -> Vec<(Vec<usize>, i32)> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
