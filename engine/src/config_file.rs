@@ -400,6 +400,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.max_group_members.to_string(),
     },
     Key {
+        name: "max_group_invites",
+        help: "Most pending invites one group may hold (a join uses its invite up)",
+        apply: |s, v| set(&mut s.config.store.max_group_invites, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_group_invites.to_string(),
+    },
+    Key {
         name: "store_fsync",
         help: "fdatasync account, token, friend and group writes before answering",
         apply: |s, v| set(&mut s.config.store.fsync, expected_bool(v)),

@@ -240,6 +240,34 @@ fn a_kicked_member_gets_no_more_messages_and_is_forbidden_at_once() {
 }
 
 #[test]
+fn a_group_holds_at_most_max_group_invites_pending_invites() {
+    let server = TestServer::start_with(|c| c.store.max_group_invites = 2);
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let guests: Vec<User> = (0..3)
+        .map(|i| server.user_on_shard(&format!("guest{i}x"), i % shards))
+        .collect();
+    let mut a = server.login(&alice);
+    let mut first_guest = server.login(&guests[0]);
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, false);
+        a.group_invite(group, guests[0].id).expect("first invite");
+        a.group_invite(group, guests[1].id).expect("second invite");
+        assert_eq!(
+            code_of(a.group_invite(group, guests[2].id)),
+            ErrorCode::LimitExceeded,
+            "home {home}"
+        );
+        // Inviting someone already invited writes nothing, so it is no
+        // refusal even when the group is full.
+        a.group_invite(group, guests[1].id).expect("repeated invite");
+        // A join uses its invite up and frees a place.
+        first_guest.group_join(group).expect("invited join");
+        a.group_invite(group, guests[2].id).expect("invite after a join");
+    }
+}
+
+#[test]
 fn roles_openness_and_pending_invites_survive_a_restart() {
     let mut server = TestServer::start();
     let shards = server.shards();
