@@ -129,6 +129,10 @@ pub struct Limits {
     pub connection_burst_per_ip: u32,
     /// Open sockets from one address (per shard).
     pub max_connections_per_ip: u32,
+    /// `Register` requests per hour from one address (per shard), and the
+    /// burst: each costs a password hash and a new account.
+    pub registration_rate_per_ip_per_hour: u32,
+    pub registration_burst_per_ip: u32,
     /// Failed logins of one account before attempts back off.
     pub login_failures_per_account: u32,
     /// Failed logins from one address before attempts back off.
@@ -157,6 +161,8 @@ impl Default for Limits {
             connection_rate_per_ip: 50,
             connection_burst_per_ip: 100,
             max_connections_per_ip: 1000,
+            registration_rate_per_ip_per_hour: 30,
+            registration_burst_per_ip: 10,
             login_failures_per_account: 5,
             login_failures_per_ip: 20,
             login_backoff_base: Duration::from_secs(1),

@@ -607,6 +607,23 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.limits.max_connections_per_ip.to_string(),
     },
     Key {
+        name: "registration_rate_per_ip_per_hour",
+        help: "Register requests per hour from one address, per shard (0: no limit)",
+        apply: |s, v| {
+            set(
+                &mut s.config.limits.registration_rate_per_ip_per_hour,
+                expected_u32(v, 0, 1_000_000),
+            )
+        },
+        show: |s| s.config.limits.registration_rate_per_ip_per_hour.to_string(),
+    },
+    Key {
+        name: "registration_burst_per_ip",
+        help: "Register requests one address may make at once, per shard",
+        apply: |s, v| set(&mut s.config.limits.registration_burst_per_ip, expected_u32(v, 1, 1_000_000)),
+        show: |s| s.config.limits.registration_burst_per_ip.to_string(),
+    },
+    Key {
         name: "login_failures_per_account",
         help: "Failed logins of one account before further attempts back off (0: no back-off)",
         apply: |s, v| set(&mut s.config.limits.login_failures_per_account, expected_u32(v, 0, 1_000_000)),

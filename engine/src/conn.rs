@@ -263,7 +263,16 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 request_id,
                 username,
                 password,
-            } => {
+            } => 'register: {
+                // Metered before argon2 runs, like logins: a flood of
+                // registrations costs neither hashing nor accounts.
+                if let Err(wait) = limits::registration_allowed(&config, peer) {
+                    break 'register rate_limited(
+                        request_id,
+                        "too many registrations from this address",
+                        wait,
+                    );
+                }
                 match shard
                     .blocking(move |store| store.register(&username, &password))
                     .await

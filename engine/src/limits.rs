@@ -1,5 +1,5 @@
-//! Abuse limits: request rates per connection, login back-off, and
-//! connections per address.
+//! Abuse limits: request rates per connection, login back-off,
+//! registrations and connections per address.
 //!
 //! This module owns every limiter's state and the rules that read it. A
 //! connection's own meters ([`ConnLimiter`]: a frame bucket and a stricter
@@ -55,10 +55,24 @@ impl Rate {
             return None;
         }
         let interval_us = (1_000_000 / u64::from(per_second)).max(1);
-        Some(Rate {
+        Some(Rate::every(interval_us, burst))
+    }
+
+    /// `per_hour` tokens per hour, up to `burst` at once; `None` (no limit)
+    /// when `per_hour` is 0.
+    pub fn per_hour(per_hour: u32, burst: u32) -> Option<Rate> {
+        const HOUR_US: u64 = 3_600_000_000;
+        if per_hour == 0 {
+            return None;
+        }
+        Some(Rate::every((HOUR_US / u64::from(per_hour)).max(1), burst))
+    }
+
+    fn every(interval_us: u64, burst: u32) -> Rate {
+        Rate {
             interval_us,
             tolerance_us: interval_us.saturating_mul(u64::from(burst.max(1) - 1)),
-        })
+        }
     }
 }
 
@@ -233,6 +247,7 @@ impl Failures {
 #[derive(Debug, Clone, Copy, Default)]
 struct Recent {
     connections: Bucket,
+    registrations: Bucket,
     logins: Failures,
 }
 
@@ -267,8 +282,11 @@ impl Tables {
         if now_us.saturating_sub(self.last_sweep_us) >= SWEEP_INTERVAL_US || self.last_sweep_us == 0 {
             self.last_sweep_us = now_us.max(1);
             let now_ms = now_us / 1000;
-            self.recent
-                .retain(|_, r| !(r.connections.is_full(now_us) && r.logins.is_idle(limits, now_ms)));
+            self.recent.retain(|_, r| {
+                !(r.connections.is_full(now_us)
+                    && r.registrations.is_full(now_us)
+                    && r.logins.is_idle(limits, now_ms))
+            });
             self.accounts.retain(|_, f| !f.is_idle(limits, now_ms));
             let swept = self.recent.len() < cap && self.accounts.len() < cap;
             if !swept {
@@ -377,6 +395,32 @@ fn admit(config: &Config, peer: Option<IpAddr>, new: bool) -> Result<ConnectionP
     })
 }
 
+/// Takes one of `peer`'s registrations on this shard, before the password
+/// is hashed; `Err` is the wait in ms until the next one. An exempt or
+/// unknown address, and one that finds the tables full, is not metered.
+pub fn registration_allowed(config: &Config, peer: Option<IpAddr>) -> Result<(), u32> {
+    let limits = &config.limits;
+    let Some(ip) = peer.filter(|ip| !limits.is_exempt(*ip)) else {
+        return Ok(());
+    };
+    let Some(rate) = Rate::per_hour(
+        limits.registration_rate_per_ip_per_hour,
+        limits.registration_burst_per_ip,
+    ) else {
+        return Ok(());
+    };
+    let key = AddrKey::of(ip);
+    let now_us = monotonic_us();
+    TABLES.with(|tables| {
+        let mut tables = tables.borrow_mut();
+        if !(tables.recent.contains_key(&key) || tables.room(limits, now_us)) {
+            return Ok(());
+        }
+        let recent = tables.recent.entry(key).or_default();
+        recent.registrations.take(&rate, now_us).map_err(us_to_ms_ceil)
+    })
+}
+
 /// Checks, before any password is hashed, whether a login for `account`
 /// (when named) from `peer` may be tried now; `Err` is the wait in ms.
 pub fn login_allowed(config: &Config, peer: Option<IpAddr>, account: Option<&str>) -> Result<(), u32> {
@@ -481,6 +525,31 @@ mod tests {
             assert!(matches!(conn.check(true, now), Verdict::Refuse { .. }));
         }
         assert!(matches!(conn.check(true, now), Verdict::Disconnect { .. }));
+    }
+
+    #[test]
+    fn registrations_take_a_burst_per_address_then_one_per_interval() {
+        let rate = Rate::per_hour(3600, 2).unwrap();
+        let mut bucket = Bucket::default();
+        bucket.take(&rate, 10).unwrap();
+        bucket.take(&rate, 10).unwrap();
+        assert_eq!(bucket.take(&rate, 10), Err(1_000_000), "one per second");
+        assert!(Rate::per_hour(0, 5).is_none());
+
+        let mut config = Config::default();
+        config.limits.registration_rate_per_ip_per_hour = 1;
+        config.limits.registration_burst_per_ip = 2;
+        config.limits.limits_exempt.clear();
+        let guest: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(registration_allowed(&config, Some(guest)).is_ok());
+        assert!(registration_allowed(&config, Some(guest)).is_ok());
+        let wait = registration_allowed(&config, Some(guest)).unwrap_err();
+        assert!((3_599_000..=3_600_000).contains(&wait), "{wait} ms");
+        assert!(registration_allowed(&config, Some(other)).is_ok(), "per address");
+        assert!(registration_allowed(&config, None).is_ok(), "unknown peer");
+        config.limits.registration_rate_per_ip_per_hour = 0;
+        assert!(registration_allowed(&config, Some(guest)).is_ok(), "0 is off");
     }
 
     #[test]

@@ -24,6 +24,10 @@ fn encoded(request_id: u64, body: ClientBody) -> Vec<u8> {
 
 fn unexempt(config: &mut Config) {
     config.limits.limits_exempt.clear();
+    // The helpers register test users from this one address, as many as
+    // it takes to land one on a shard; only the registration test meters
+    // them.
+    config.limits.registration_rate_per_ip_per_hour = 0;
 }
 
 fn code_of<T: std::fmt::Debug>(result: Result<T, tern_client::ClientError>) -> ErrorCode {
@@ -282,6 +286,36 @@ fn new_connections_per_address_are_rate_limited() {
     std::thread::sleep(Duration::from_millis(600));
     let mut later = RawConn::connect(server.addr());
     later.hello();
+}
+
+#[test]
+fn registrations_per_address_are_rate_limited_before_hashing() {
+    let server = slow_hash_server(|c| {
+        c.limits.registration_rate_per_ip_per_hour = 1;
+        c.limits.registration_burst_per_ip = 2;
+    });
+    let mut client = server.connect();
+    client.register("henry", PASSWORD).expect("first registration");
+    client.register("irene", PASSWORD).expect("second registration");
+    match client.register("jack", PASSWORD) {
+        Err(tern_client::ClientError::Server {
+            code: ErrorCode::RateLimited,
+            message,
+        }) => assert!(message.contains("retry after"), "{message}"),
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    // Refused before anything was stored: the name is still free, and
+    // the connection, logins and the accounts made before carry on.
+    assert_eq!(code_of(client.login("jack", PASSWORD)), ErrorCode::AuthFailed);
+    let mut other = server.connect();
+    assert_eq!(
+        code_of(other.register("kate", PASSWORD)),
+        ErrorCode::RateLimited,
+        "the limit is per address, not per connection"
+    );
+    client
+        .login("henry", PASSWORD)
+        .expect("login is not metered as a registration");
 }
 
 #[test]
