@@ -272,6 +272,16 @@ thread_local! {
 const SWEEP_INTERVAL_US: u64 = 1_000_000;
 
 impl Tables {
+    /// The address's entry in the table of recent activity, made if there
+    /// is room; `None` when the table is full of live entries (the address
+    /// then goes unmetered: fail open).
+    fn recent_mut(&mut self, limits: &Limits, key: AddrKey, now_us: u64) -> Option<&mut Recent> {
+        if !self.recent.contains_key(&key) && !self.room(limits, now_us) {
+            return None;
+        }
+        Some(self.recent.entry(key).or_default())
+    }
+
     /// Makes room for a new key in the tables of recent activity if it
     /// can; `false` means the tables are full of live entries.
     fn room(&mut self, limits: &Limits, now_us: u64) -> bool {
@@ -374,9 +384,7 @@ fn admit(config: &Config, peer: Option<IpAddr>, new: bool) -> Result<ConnectionP
         }
         if new {
             if let Some(rate) = Rate::new(limits.connection_rate_per_ip, limits.connection_burst_per_ip) {
-                let tracked = tables.recent.contains_key(&key) || tables.room(limits, now_us);
-                if tracked {
-                    let recent = tables.recent.entry(key).or_default();
+                if let Some(recent) = tables.recent_mut(limits, key, now_us) {
                     if let Err(wait_us) = recent.connections.take(&rate, now_us) {
                         return Err(Refused {
                             code: ErrorCode::RateLimited,
@@ -411,14 +419,12 @@ pub fn registration_allowed(config: &Config, peer: Option<IpAddr>) -> Result<(),
     };
     let key = AddrKey::of(ip);
     let now_us = monotonic_us();
-    TABLES.with(|tables| {
-        let mut tables = tables.borrow_mut();
-        if !(tables.recent.contains_key(&key) || tables.room(limits, now_us)) {
-            return Ok(());
-        }
-        let recent = tables.recent.entry(key).or_default();
-        recent.registrations.take(&rate, now_us).map_err(us_to_ms_ceil)
-    })
+    TABLES.with(
+        |tables| match tables.borrow_mut().recent_mut(limits, key, now_us) {
+            Some(recent) => recent.registrations.take(&rate, now_us).map_err(us_to_ms_ceil),
+            None => Ok(()),
+        },
+    )
 }
 
 /// Checks, before any password is hashed, whether a login for `account`
@@ -453,12 +459,10 @@ pub fn login_failed(config: &Config, peer: Option<IpAddr>, account: Option<&str>
     TABLES.with(|tables| {
         let mut tables = tables.borrow_mut();
         if let Some(ip) = peer.filter(|ip| !limits.is_exempt(*ip)) {
-            let key = AddrKey::of(ip);
-            if limits.login_failures_per_ip > 0
-                && (tables.recent.contains_key(&key) || tables.room(limits, now_us))
-            {
-                let recent = tables.recent.entry(key).or_default();
-                recent.logins.record(limits, limits.login_failures_per_ip, now_ms);
+            if limits.login_failures_per_ip > 0 {
+                if let Some(recent) = tables.recent_mut(limits, AddrKey::of(ip), now_us) {
+                    recent.logins.record(limits, limits.login_failures_per_ip, now_ms);
+                }
             }
         }
         if let Some(name) = account.filter(|_| limits.login_failures_per_account > 0) {
