@@ -136,14 +136,26 @@ enum GroupCommand {
     Leave { id: GroupId },
     /// List a group's members.
     Members { id: GroupId },
+    // The other user is `target`, never `user`: a field named `user` would
+    // share its id with the global `--user`, and clap would then log in as
+    // the user named here.
     /// Invite a user (by name) to a group; owner or admin only.
-    Invite { id: GroupId, user: String },
+    Invite {
+        id: GroupId,
+        #[arg(value_name = "USER")]
+        target: String,
+    },
     /// Remove a user (by name) from a group; owner, or admin for members.
-    Kick { id: GroupId, user: String },
+    Kick {
+        id: GroupId,
+        #[arg(value_name = "USER")]
+        target: String,
+    },
     /// Make a member an admin or a plain member; owner only.
     Role {
         id: GroupId,
-        user: String,
+        #[arg(value_name = "USER")]
+        target: String,
         role: RoleArg,
     },
     /// Show a group's name, whether it is open, and its members' roles.
@@ -262,24 +274,24 @@ fn run(cli: Cli) -> Result<()> {
                 println!("left group {id}");
             }
             GroupCommand::Members { id } => print_members(&mut client, &mut names, id)?,
-            GroupCommand::Invite { id, user } => {
-                let target = client.resolve_user(&user)?;
-                client.group_invite(id, target)?;
-                println!("invited {user} to group {id}");
+            GroupCommand::Invite { id, target } => {
+                let user = client.resolve_user(&target)?;
+                client.group_invite(id, user)?;
+                println!("invited {target} to group {id}");
             }
-            GroupCommand::Kick { id, user } => {
-                let target = client.resolve_user(&user)?;
-                client.group_kick(id, target)?;
-                println!("removed {user} from group {id}");
+            GroupCommand::Kick { id, target } => {
+                let user = client.resolve_user(&target)?;
+                client.group_kick(id, user)?;
+                println!("removed {target} from group {id}");
             }
-            GroupCommand::Role { id, user, role } => {
-                let target = client.resolve_user(&user)?;
+            GroupCommand::Role { id, target, role } => {
+                let user = client.resolve_user(&target)?;
                 let role = match role {
                     RoleArg::Admin => GroupRole::Admin,
                     RoleArg::Member => GroupRole::Member,
                 };
-                client.group_set_role(id, target, role)?;
-                println!("{user} is now {role:?} in group {id}");
+                client.group_set_role(id, user, role)?;
+                println!("{target} is now {role:?} in group {id}");
             }
             GroupCommand::Info { id } => print_group_info(&mut client, &mut names, id)?,
         },
@@ -784,6 +796,28 @@ mod tests {
                 assert_eq!(text.join(" "), "hello there");
             }
             other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_group_command_naming_another_user_keeps_the_login_user() {
+        for args in [
+            &["group", "invite", "7", "bob"][..],
+            &["group", "kick", "7", "bob"],
+            &["group", "role", "7", "bob", "admin"],
+        ] {
+            let cli = Cli::try_parse_from(["tern", "--user", "alice"].iter().chain(args)).unwrap();
+            assert_eq!(cli.user.as_deref(), Some("alice"), "{args:?}");
+            let target = match cli.command {
+                Command::Group {
+                    action:
+                        GroupCommand::Invite { target, .. }
+                        | GroupCommand::Kick { target, .. }
+                        | GroupCommand::Role { target, .. },
+                } => target,
+                other => panic!("{args:?} parsed as {other:?}"),
+            };
+            assert_eq!(target, "bob", "{args:?}");
         }
     }
 
