@@ -531,6 +531,12 @@ impl Client {
         self.expect_ok(ClientBody::GroupInvite { group, user })
     }
 
+    /// Withdraws a user's pending invite to a group (the caller must be its
+    /// owner or an admin); `Ok` also when there was none.
+    pub fn group_uninvite(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupUninvite { group, user })
+    }
+
     /// Removes a user from a group (the caller must be its owner, or an
     /// admin kicking a plain member).
     pub fn group_kick(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {

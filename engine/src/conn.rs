@@ -1490,6 +1490,10 @@ impl Conn {
                 let op = GroupOp::Kick(target.to_native());
                 self.group_admin(request_id, group.to_native(), op).await
             }
+            ArchivedClientBody::GroupUninvite { group, user: target } => {
+                let op = GroupOp::Uninvite(target.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
+            }
             ArchivedClientBody::GroupSetRole {
                 group,
                 user: target,

@@ -75,6 +75,7 @@ pub enum GroupOp {
     Members,
     Info,
     Invite(UserId),
+    Uninvite(UserId),
     Kick(UserId),
     SetRole(UserId, tern_proto::GroupRole),
 }

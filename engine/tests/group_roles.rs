@@ -268,6 +268,46 @@ fn a_group_holds_at_most_max_group_invites_pending_invites() {
 }
 
 #[test]
+fn a_withdrawn_invite_no_longer_admits_and_frees_its_place() {
+    let server = TestServer::start_with(|c| c.store.max_group_invites = 1);
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut c = server.login(&carol);
+    let mut d = server.login(&dave);
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, false);
+        a.group_invite(group, bob.id).expect("invite bob");
+        // Only the owner and admins may withdraw; a stranger may not.
+        assert_eq!(code_of(d.group_uninvite(group, bob.id)), ErrorCode::Forbidden);
+        a.group_uninvite(group, bob.id).expect("withdraw bob's invite");
+        assert_eq!(code_of(b.group_join(group)), ErrorCode::Forbidden, "home {home}");
+        // Withdrawing again, or an invite never made, changes nothing.
+        a.group_uninvite(group, bob.id).expect("withdraw twice");
+        a.group_uninvite(group, dave.id).expect("withdraw one never made");
+        // The withdrawn invite's place is free again (the limit is 1).
+        a.group_invite(group, carol.id).expect("invite carol");
+        assert_eq!(
+            code_of(a.group_invite(group, dave.id)),
+            ErrorCode::LimitExceeded,
+            "home {home}"
+        );
+        // An admin may withdraw too, and the invite kept its effect until then.
+        c.group_join(group).expect("carol joins with her invite");
+        a.group_set_role(group, carol.id, GroupRole::Admin)
+            .expect("promote carol");
+        c.group_invite(group, dave.id).expect("admin invites dave");
+        c.group_uninvite(group, dave.id).expect("admin withdraws it");
+        assert_eq!(code_of(d.group_join(group)), ErrorCode::Forbidden, "home {home}");
+    }
+    assert_eq!(code_of(a.group_uninvite(u64::MAX, bob.id)), ErrorCode::NotFound);
+}
+
+#[test]
 fn roles_openness_and_pending_invites_survive_a_restart() {
     let mut server = TestServer::start();
     let shards = server.shards();

@@ -255,6 +255,24 @@ fn ternd_and_the_tern_cli_end_to_end() {
     common::expect_no_message(&mut bob_lib);
     drop(bob_lib);
 
+    // An invite withdrawn before it is used: the join is refused.
+    let private = cli.run("alice", &["group", "create", "--invite-only", "private"]);
+    let private = private.trim();
+    let out = cli.run("alice", &["group", "invite", private, "bob"]);
+    assert!(out.contains(&format!("invited bob to group {private}")), "{out}");
+    let out = cli.run("alice", &["group", "uninvite", private, "bob"]);
+    assert!(
+        out.contains(&format!("withdrew any invite of bob to group {private}")),
+        "{out}"
+    );
+    let refused = cli
+        .command("bob", &["group", "join", private])
+        .output()
+        .expect("run tern");
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("Forbidden"), "{stderr}");
+
     // A group round.
     let group = cli.run("alice", &["group", "create", "team"]);
     let group = group.trim();

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 26 {
+        match self.u8() % 27 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -485,7 +485,11 @@ impl<'a> Input<'a> {
                     _ => GroupRole::Member,
                 },
             },
-            _ => ClientBody::GroupInfo { group: self.id() },
+            25 => ClientBody::GroupInfo { group: self.id() },
+            _ => ClientBody::GroupUninvite {
+                group: self.id(),
+                user: self.id(),
+            },
         }
     }
 }
@@ -613,6 +617,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             Phase::Authenticated(_),
             B::GroupSetRole { .. }
             | B::GroupInvite { .. }
+            | B::GroupUninvite { .. }
             | B::GroupKick { .. }
             | B::GroupInfo { .. }
             | B::Logout,

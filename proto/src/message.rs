@@ -122,6 +122,9 @@ pub enum ClientBody {
     /// A group's name, openness and members with their roles (caller must
     /// be a member); answered with `GroupInfo`.
     GroupInfo { group: GroupId },
+    /// Withdraws `user`'s pending invite to `group` (owner or admin only);
+    /// answered with `Ok`, whether or not there was one.
+    GroupUninvite { group: GroupId, user: UserId },
 }
 
 /// A member's role in a group.

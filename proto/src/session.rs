@@ -218,6 +218,7 @@ impl Session {
                 | B::GroupLeave { .. }
                 | B::GroupMembers { .. }
                 | B::GroupInvite { .. }
+                | B::GroupUninvite { .. }
                 | B::GroupKick { .. }
                 | B::GroupInfo { .. }
                 | B::History { .. }

@@ -407,6 +407,10 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             client(22, ClientBody::GroupInfo { group: 9 }),
         ),
         (
+            "client-group-uninvite",
+            client(23, ClientBody::GroupUninvite { group: 9, user: 3 }),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -659,6 +663,7 @@ fn client_samples() -> Vec<ClientBody> {
             role: GroupRole::Member,
         },
         ClientBody::GroupInfo { group: 1 },
+        ClientBody::GroupUninvite { group: 1, user: 2 },
     ]
 }
 
@@ -783,7 +788,9 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             new_password,
         } => vec![o(addr(old_password)), o(addr(new_password))],
         B::GroupCreateWith { name, open } => vec![o(addr(name)), o(addr(open))],
-        B::GroupInvite { group, user } | B::GroupKick { group, user } => vec![o(addr(group)), o(addr(user))],
+        B::GroupInvite { group, user } | B::GroupKick { group, user } | B::GroupUninvite { group, user } => {
+            vec![o(addr(group)), o(addr(user))]
+        }
         B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
         B::GroupInfo { group } => vec![o(addr(group))],
     }
@@ -1098,7 +1105,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 26] = [
+    let client_expected: [&[usize]; 27] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1125,6 +1132,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16],         // GroupKick
         &[8, 16, 24],     // GroupSetRole
         &[8],             // GroupInfo
+        &[8, 16],         // GroupUninvite
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1470,11 +1478,13 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(string(B + 4, name, &mut ool));
             fields.push(Field::U8(B + 12, u8::from(*open)));
         }
-        ClientBody::GroupInvite { group, user } | ClientBody::GroupKick { group, user } => {
-            fields.push(tag(if matches!(frame.body, ClientBody::GroupInvite { .. }) {
-                22
-            } else {
-                23
+        ClientBody::GroupInvite { group, user }
+        | ClientBody::GroupKick { group, user }
+        | ClientBody::GroupUninvite { group, user } => {
+            fields.push(tag(match frame.body {
+                ClientBody::GroupInvite { .. } => 22,
+                ClientBody::GroupKick { .. } => 23,
+                _ => 26,
             }));
             fields.push(Field::U64(B + 8, *group));
             fields.push(Field::U64(B + 16, *user));
@@ -1867,6 +1877,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         (any::<u64>(), any::<u64>(), arb_group_role())
             .prop_map(|(group, user, role)| { ClientBody::GroupSetRole { group, user, role } }),
         any::<u64>().prop_map(|group| ClientBody::GroupInfo { group }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupUninvite { group, user }),
     ]
 }
 

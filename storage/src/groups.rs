@@ -327,6 +327,31 @@ impl Store {
         inner.commit_unlocked(batch, guard)
     }
 
+    /// Withdraws `user`'s pending invite to `group`, freeing its place
+    /// under [`crate::StoreOptions::max_group_invites`]. `NotFound` for a
+    /// missing group; withdrawing an invite that is not pending (never
+    /// made, used by a join, or withdrawn before) succeeds without writing.
+    pub fn uninvite(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let guard = lock(&inner.groups_lock);
+        let Some(mut record) = inner.load_group(group)? else {
+            return Err(StoreError::NotFound);
+        };
+        let key = codec::pair_key(group, user);
+        if !inner.group_invites.handle.contains_key(key)? {
+            return Ok(());
+        }
+        record.invite_count = record.invite_count.saturating_sub(1);
+        let mut batch = inner.db.batch();
+        batch.remove(&inner.group_invites.handle, key);
+        batch.insert(
+            &inner.groups.handle,
+            codec::id_key(group),
+            codec::encode_group(&record),
+        );
+        inner.commit_unlocked(batch, guard)
+    }
+
     /// Whether `user` holds a pending invite to `group` (joins check it
     /// themselves, in [`Store::add_members`]).
     #[cfg(test)]
@@ -388,6 +413,36 @@ mod tests {
             ..StoreOptions::default()
         };
         Store::open(dir, opts).unwrap()
+    }
+
+    #[test]
+    fn a_withdrawn_invite_is_gone_frees_its_slot_and_stays_gone_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let g;
+        {
+            let store = open(dir.path(), 1);
+            for name in ["alice", "bob", "carol"] {
+                store.register(name, b"password1").unwrap();
+            }
+            g = store.create_group_with(1, "closed", false).unwrap();
+            store.invite(g, 2).unwrap();
+            assert!(matches!(store.invite(g, 3), Err(StoreError::LimitExceeded(_))));
+            store.uninvite(g, 2).unwrap();
+            assert!(!store.has_invite(g, 2).unwrap());
+            store.uninvite(g, 2).unwrap(); // not pending: nothing to do
+            store.uninvite(g, 99).unwrap(); // no such user: nothing pending either
+            assert!(matches!(store.uninvite(g + 1, 2), Err(StoreError::NotFound)));
+            store.invite(g, 3).unwrap(); // the slot is free again
+        }
+        let store = open(dir.path(), 1);
+        assert!(!store.has_invite(g, 2).unwrap());
+        assert!(store.has_invite(g, 3).unwrap());
+        assert_eq!(
+            store.add_members(g, &[2], true).unwrap(),
+            vec![JoinOutcome::NotInvited],
+            "a withdrawn invite admits no one"
+        );
+        assert!(matches!(store.invite(g, 2), Err(StoreError::LimitExceeded(_))));
     }
 
     #[test]

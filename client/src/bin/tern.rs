@@ -145,6 +145,12 @@ enum GroupCommand {
         #[arg(value_name = "USER")]
         target: String,
     },
+    /// Withdraw a user's (by name) pending invite; owner or admin only.
+    Uninvite {
+        id: GroupId,
+        #[arg(value_name = "USER")]
+        target: String,
+    },
     /// Remove a user (by name) from a group; owner, or admin for members.
     Kick {
         id: GroupId,
@@ -278,6 +284,11 @@ fn run(cli: Cli) -> Result<()> {
                 let user = client.resolve_user(&target)?;
                 client.group_invite(id, user)?;
                 println!("invited {target} to group {id}");
+            }
+            GroupCommand::Uninvite { id, target } => {
+                let user = client.resolve_user(&target)?;
+                client.group_uninvite(id, user)?;
+                println!("withdrew any invite of {target} to group {id}");
             }
             GroupCommand::Kick { id, target } => {
                 let user = client.resolve_user(&target)?;
@@ -803,6 +814,7 @@ mod tests {
     fn a_group_command_naming_another_user_keeps_the_login_user() {
         for args in [
             &["group", "invite", "7", "bob"][..],
+            &["group", "uninvite", "7", "bob"],
             &["group", "kick", "7", "bob"],
             &["group", "role", "7", "bob", "admin"],
         ] {
@@ -812,6 +824,7 @@ mod tests {
                 Command::Group {
                     action:
                         GroupCommand::Invite { target, .. }
+                        | GroupCommand::Uninvite { target, .. }
                         | GroupCommand::Kick { target, .. }
                         | GroupCommand::Role { target, .. },
                 } => target,

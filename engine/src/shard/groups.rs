@@ -276,6 +276,18 @@ impl Shard {
                     .map_err(|e| store_refusal(e, group, "no such user"))?;
                 Ok(GroupAnswer::Done)
             }
+            GroupOp::Uninvite(target) => {
+                if !matches!(caller_role, Some(GroupRole::Owner | GroupRole::Admin)) {
+                    return Err(refusal(
+                        ErrorCode::Forbidden,
+                        "only the group's owner or an admin can withdraw an invite",
+                    ));
+                }
+                self.blocking(move |store| store.uninvite(group, target))
+                    .await
+                    .map_err(|e| store_refusal(e, group, "no such group"))?;
+                Ok(GroupAnswer::Done)
+            }
             GroupOp::Kick(target) => {
                 if !matches!(caller_role, Some(GroupRole::Owner | GroupRole::Admin)) {
                     return Err(refusal(
