@@ -18,8 +18,8 @@ use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tern_proto::limits::PAGE_LIMIT_MAX;
 use tern_proto::{
-    decode_server, ChatMessage, ConvId, ConversationSummary, Cursor, FrameHeader, ServerBody, ServerFrame,
-    UserId, HEADER_LEN,
+    decode_server, ArchivedChatMessage, ArchivedConversationSummary, ChatMessage, ContentKind, ConvId,
+    ConversationSummary, Cursor, FrameHeader, ServerBody, ServerFrame, UserId, HEADER_LEN,
 };
 use tern_storage::{Store, StoreError, StoredFrame};
 
@@ -279,13 +279,50 @@ pub fn history(
     from_seq: u64,
     forward: bool,
     limit: u32,
+    max_frame_bytes: u32,
 ) -> Result<Option<Vec<ChatMessage>>, StoreError> {
     if !may_read(store, user, conv)? {
         return Ok(None);
     }
     let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
     let stored = store.history(conv, from_seq, forward, limit)?;
-    Ok(Some(stored.iter().filter_map(decode_stored).collect()))
+    let mut page: Vec<ChatMessage> = stored.iter().filter_map(decode_stored).collect();
+    fit_in_frame(&mut page, max_frame_bytes, archived_message_bound);
+    Ok(Some(page))
+}
+
+/// Bytes of a page reply kept free of its items: the 112-byte server root,
+/// the list's header and alignment padding, with room to spare.
+const PAGE_OVERHEAD_BYTES: usize = 256;
+
+/// An upper bound of the bytes `message` takes in an archived page: its
+/// fixed part plus its out-of-line body, URL and MIME type, each with up
+/// to 8 bytes of alignment.
+fn archived_message_bound(message: &ChatMessage) -> usize {
+    let media = match &message.content.kind {
+        ContentKind::Text => 0,
+        ContentKind::Media { url, mime, .. } => url.len() + mime.len() + 16,
+    };
+    std::mem::size_of::<ArchivedChatMessage>() + message.content.body.len() + 8 + media
+}
+
+/// Cuts `items` to the longest prefix whose bounds fit in one frame of
+/// `max_frame_bytes`, so that a page is never too large to send: 200
+/// messages of 16 KiB would be 3 MiB. A page may therefore hold fewer
+/// items than asked for; clients page on from its last item, and only an
+/// empty page ends the list. The first item always stays: the config
+/// keeps `max_message_bytes` 512 bytes below `max_frame_bytes`.
+fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) -> usize) {
+    let budget = (max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
+    let mut used = 0usize;
+    let fits = items
+        .iter()
+        .position(|item| {
+            used = used.saturating_add(bound(item));
+            used > budget
+        })
+        .unwrap_or(items.len());
+    items.truncate(fits.max(1));
 }
 
 /// Most conversations one list considers (it is sorted by recency before
@@ -298,6 +335,7 @@ pub fn conversations(
     user: UserId,
     offset: u32,
     limit: u32,
+    max_frame_bytes: u32,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
     let mut convs = store.direct_conversations(user)?;
     convs.extend(
@@ -327,5 +365,87 @@ pub fn conversations(
     }
     summaries.sort_by_key(|s| std::cmp::Reverse(s.last_message.as_ref().map_or(0, |m| m.timestamp_ms)));
     let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
-    Ok(summaries.into_iter().skip(offset as usize).take(limit).collect())
+    let mut page: Vec<ConversationSummary> =
+        summaries.into_iter().skip(offset as usize).take(limit).collect();
+    fit_in_frame(&mut page, max_frame_bytes, |summary| {
+        std::mem::size_of::<ArchivedConversationSummary>()
+            + summary.last_message.as_ref().map_or(0, archived_message_bound)
+    });
+    Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::{encode_server, Content};
+
+    fn message(seq: u64, content: Content) -> ChatMessage {
+        ChatMessage {
+            conv: ConvId::Group { group: 7 },
+            seq,
+            from: 3,
+            client_msg_id: seq,
+            timestamp_ms: 1_700_000_000_000,
+            content,
+        }
+    }
+
+    /// The bound must never undercount: whatever the mix of sizes, a page
+    /// cut by `fit_in_frame` encodes within the frame limit.
+    #[test]
+    fn a_fitted_page_always_encodes_within_the_frame() {
+        let media = |n: usize| Content {
+            kind: ContentKind::Media {
+                url: "u".repeat(n % 2048),
+                mime: "m".repeat(n % 128),
+                size: n as u64,
+            },
+            body: vec![b'c'; n % 300],
+        };
+        for max_frame_bytes in [1024u32, 4096, 65_536] {
+            for size in [0usize, 1, 7, 9, 100, 511, 512] {
+                let mut page: Vec<ChatMessage> = (1..=200)
+                    .map(|seq| {
+                        let n = size + seq as usize;
+                        let content = if seq % 3 == 0 {
+                            media(n)
+                        } else {
+                            Content::text("t".repeat(n.min(512)))
+                        };
+                        message(seq, content)
+                    })
+                    .filter(|m| archived_message_bound(m) + PAGE_OVERHEAD_BYTES <= max_frame_bytes as usize)
+                    .collect();
+                fit_in_frame(&mut page, max_frame_bytes, archived_message_bound);
+                assert!(!page.is_empty());
+                let frame = ServerFrame {
+                    request_id: u64::MAX,
+                    body: ServerBody::HistoryPage {
+                        conv: ConvId::Group { group: 7 },
+                        messages: page,
+                    },
+                };
+                let mut out = AlignedVec::new();
+                encode_server(&frame, &mut out, max_frame_bytes)
+                    .unwrap_or_else(|e| panic!("{max_frame_bytes} / {size}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn fitting_keeps_the_longest_prefix_and_at_least_one_item() {
+        let mut items = vec![100usize, 200, 300, 400];
+        fit_in_frame(&mut items, (PAGE_OVERHEAD_BYTES + 600) as u32, |n| *n);
+        assert_eq!(items, [100, 200, 300]);
+        let mut huge = vec![10_000usize, 1];
+        fit_in_frame(&mut huge, 1024, |n| *n);
+        assert_eq!(
+            huge,
+            [10_000],
+            "the first item stays; the outbox refuses it if it cannot be sent"
+        );
+        let mut none: Vec<usize> = Vec::new();
+        fit_in_frame(&mut none, 1024, |n| *n);
+        assert!(none.is_empty());
+    }
 }

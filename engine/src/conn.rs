@@ -1408,6 +1408,7 @@ impl Conn {
     async fn dispatch_cold(&mut self, request_id: u64, body: &ArchivedClientBody) {
         let user = self.user;
         let shard = self.shard.clone();
+        let max_frame_bytes = shard.config.max_frame_bytes;
         let reply = match body {
             ArchivedClientBody::ResolveUser { username } => {
                 let name = username.as_str().to_owned();
@@ -1540,7 +1541,9 @@ impl Conn {
                     limit.to_native(),
                 );
                 let page = shard
-                    .blocking(move |store| catchup::history(store, user, conv, from_seq, forward, limit))
+                    .blocking(move |store| {
+                        catchup::history(store, user, conv, from_seq, forward, limit, max_frame_bytes)
+                    })
                     .await;
                 match page {
                     Ok(Some(messages)) => ServerFrame {
@@ -1558,7 +1561,9 @@ impl Conn {
             ArchivedClientBody::Conversations { offset, limit } => {
                 let (offset, limit) = (offset.to_native(), limit.to_native());
                 match shard
-                    .blocking(move |store| catchup::conversations(store, user, offset, limit))
+                    .blocking(move |store| {
+                        catchup::conversations(store, user, offset, limit, max_frame_bytes)
+                    })
                     .await
                 {
                     Ok(conversations) => ServerFrame {

@@ -102,11 +102,22 @@ impl Outbox {
         }
         let before = inner.pending.len();
         let max = inner.max_frame_bytes;
+        let mut frame = frame;
+        let refusal;
         if encode_server(frame, &mut inner.pending, max).is_err() {
-            // Only a server bug can build an oversized frame; refuse it
-            // rather than send something the client would reject.
-            debug_assert!(false, "server built an unencodable frame");
-            return Ok(());
+            // An answer larger than a frame (pages are cut to fit, but a
+            // group listed whole is not): the request gets a typed refusal
+            // rather than no answer, and the connection carries on.
+            refusal = ServerFrame::error(
+                frame.request_id,
+                ErrorCode::LimitExceeded,
+                "the answer is larger than the server's max_frame_bytes",
+            );
+            frame = &refusal;
+            if encode_server(frame, &mut inner.pending, max).is_err() {
+                debug_assert!(false, "an error frame is always small enough");
+                return Ok(());
+            }
         }
         if inner.pending.len() > inner.limit_bytes {
             inner.pending.resize(before, 0);

@@ -567,6 +567,62 @@ fn receipts_are_forwarded_live_stored_for_offline_peers_and_trim_the_inbox() {
 // 6. History.
 
 #[test]
+fn pages_of_big_messages_are_cut_to_one_frame_and_paging_on_reaches_them_all() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+    // 40 messages of 4,000 bytes: 160 kB, well past one 64 KiB frame.
+    let big = |i: u64| format!("{i:04}{}", "x".repeat(3996));
+    for i in 1..=40 {
+        a.send_text(bob.id, &big(i)).expect("send");
+    }
+    let mut b = server.login_unsynced(&bob);
+    let mut all = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = b.history(conv, from, true, 200).expect("a page, not a timeout");
+        assert!(page.len() < 40, "one page held all {} messages", page.len());
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        all.extend(page);
+    }
+    assert_seqs(&all, conv, 1..=40);
+    for (i, m) in (1..).zip(&all) {
+        assert_eq!(m.content, Content::text(big(i)));
+    }
+    // Backwards too, from the newest.
+    let page = b.history(conv, u64::MAX, false, 200).expect("page");
+    assert!(!page.is_empty() && page.len() < 40);
+    assert_eq!(page[0].seq, 40);
+
+    // The conversation list cuts its pages the same way: 20 conversations
+    // whose last messages are 4,000 bytes each.
+    let peers: Vec<User> = (0..20)
+        .map(|i| server.user_where(&format!("peer{i}x"), |_| true))
+        .collect();
+    for peer in &peers {
+        a.send_text(peer.id, &big(0)).expect("send");
+    }
+    let mut listed = Vec::new();
+    loop {
+        let page = a
+            .conversations(listed.len() as u32, 200)
+            .expect("a page, not a timeout");
+        assert!(page.len() < 21, "one page held all {} conversations", page.len());
+        if page.is_empty() {
+            break;
+        }
+        listed.extend(page.into_iter().map(|c| c.conv));
+    }
+    listed.sort_unstable_by_key(|c| format!("{c:?}"));
+    listed.dedup();
+    assert_eq!(listed.len(), 21, "bob's conversation and the 20 new ones");
+    a.ping().expect("the connection carries on");
+}
+
+#[test]
 fn history_pages_forwards_and_backwards_and_is_for_participants_only() {
     let server = TestServer::start();
     let alice = server.user_on_shard("alice", 0);

@@ -308,6 +308,26 @@ fn a_withdrawn_invite_no_longer_admits_and_frees_its_place() {
 }
 
 #[test]
+fn an_answer_too_large_for_a_frame_is_refused_not_lost() {
+    // The smallest frames a server allows: 70 members listed with their
+    // roles (16 bytes each) no longer fit, their bare ids (8 bytes) do.
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 1024;
+        c.max_message_bytes = 512;
+    });
+    let owner = server.user_on_shard("owner", 0);
+    let mut host = server.login(&owner);
+    let group = host.group_create("crowd").expect("create");
+    for i in 0..69 {
+        let user = server.user_where(&format!("m{i}x"), |_| true);
+        server.login(&user).group_join(group).expect("join");
+    }
+    assert_eq!(code_of(host.group_info(group)), ErrorCode::LimitExceeded);
+    assert_eq!(host.group_members(group).expect("ids fit").len(), 70);
+    host.ping().expect("the connection carries on");
+}
+
+#[test]
 fn roles_openness_and_pending_invites_survive_a_restart() {
     let mut server = TestServer::start();
     let shards = server.shards();
