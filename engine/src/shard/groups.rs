@@ -262,12 +262,7 @@ impl Shard {
                 Some(_) => self.remove(group, user).await,
             },
             GroupOp::Invite(target) => {
-                if !matches!(caller_role, Some(GroupRole::Owner | GroupRole::Admin)) {
-                    return Err(refusal(
-                        ErrorCode::Forbidden,
-                        "only the group's owner or an admin can invite",
-                    ));
-                }
+                owner_or_admin(caller_role, "only the group's owner or an admin can invite")?;
                 if state.members.contains_key(&target) {
                     return Ok(GroupAnswer::Done);
                 }
@@ -277,24 +272,17 @@ impl Shard {
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Uninvite(target) => {
-                if !matches!(caller_role, Some(GroupRole::Owner | GroupRole::Admin)) {
-                    return Err(refusal(
-                        ErrorCode::Forbidden,
-                        "only the group's owner or an admin can withdraw an invite",
-                    ));
-                }
+                owner_or_admin(
+                    caller_role,
+                    "only the group's owner or an admin can withdraw an invite",
+                )?;
                 self.blocking(move |store| store.uninvite(group, target))
                     .await
                     .map_err(|e| store_refusal(e, group, "no such group"))?;
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Kick(target) => {
-                if !matches!(caller_role, Some(GroupRole::Owner | GroupRole::Admin)) {
-                    return Err(refusal(
-                        ErrorCode::Forbidden,
-                        "only the group's owner or an admin can kick",
-                    ));
-                }
+                owner_or_admin(caller_role, "only the group's owner or an admin can kick")?;
                 if target == user {
                     return Err(refusal(
                         ErrorCode::InvalidArgument,
@@ -558,6 +546,15 @@ fn fill(replies: Vec<Option<GroupReply>>, mut make: impl FnMut() -> GroupReply) 
 
 /// The refusal for a store error of a group operation; `not_found` says
 /// what was missing.
+/// `Forbidden` with `refused` unless the caller owns or administers the
+/// group: the rule for inviting, withdrawing invites and kicking.
+fn owner_or_admin(caller_role: Option<GroupRole>, refused: &'static str) -> Result<(), Refusal> {
+    match caller_role {
+        Some(GroupRole::Owner | GroupRole::Admin) => Ok(()),
+        _ => Err(refusal(ErrorCode::Forbidden, refused)),
+    }
+}
+
 fn store_refusal(e: StoreError, group: GroupId, not_found: &'static str) -> Refusal {
     match e {
         StoreError::NotFound => refusal(ErrorCode::NotFound, not_found),
