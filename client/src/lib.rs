@@ -42,7 +42,7 @@ pub use tern_proto::{
 
 use conn::{Conn, TlsSetup};
 pub use error::ClientError;
-use tern_proto::limits::DEFAULT_MAX_FRAME_BYTES;
+use tern_proto::limits::{DEFAULT_MAX_FRAME_BYTES, MEMBERS_PAGE_LIMIT_MAX};
 
 /// How a [`Client`] behaves; [`ClientOptions::default`] suits most uses.
 #[derive(Debug, Clone)]
@@ -151,6 +151,15 @@ pub struct GroupInfo {
     pub open: bool,
     /// Members ascending by user id, with their roles.
     pub members: Vec<GroupMember>,
+}
+
+/// One page of a group's members, as `MembersPage` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersPage {
+    /// Members ascending by user id, with their roles.
+    pub members: Vec<GroupMember>,
+    /// Members with larger ids exist: ask again after the last one listed.
+    pub more: bool,
 }
 
 /// The server's acknowledgement of a sent message.
@@ -573,7 +582,53 @@ impl Client {
         }
     }
 
-    /// Lists a group's members (the caller must be one).
+    /// A page of a group's members with their roles (the caller must be
+    /// one): those with ids above `after`, ascending, at most `limit` (the
+    /// server clamps it to 1..=1000 and may cut the page to fit a frame).
+    pub fn group_members_page(
+        &mut self,
+        group: GroupId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<MembersPage, ClientError> {
+        match self.request(ClientBody::GroupMembersPage { group, after, limit })? {
+            ServerBody::MembersPage { members, more, .. } => Ok(MembersPage { members, more }),
+            other => Err(unexpected("MembersPage", &other)),
+        }
+    }
+
+    /// Every member of a group with their role, ascending by id, asked a
+    /// page at a time so that groups of any size can be listed. Stops with
+    /// [`ClientError::Protocol`] if the server's pages do not move forward.
+    pub fn group_members_all(&mut self, group: GroupId) -> Result<Vec<GroupMember>, ClientError> {
+        let mut all: Vec<GroupMember> = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.group_members_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
+            if page.more && page.members.is_empty() {
+                return Err(ClientError::Protocol(
+                    "MembersPage said more but listed none".into(),
+                ));
+            }
+            for member in page.members {
+                if member.user <= after {
+                    return Err(ClientError::Protocol(format!(
+                        "MembersPage listed user {} after {after}",
+                        member.user
+                    )));
+                }
+                after = member.user;
+                all.push(member);
+            }
+            if !page.more {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Lists a group's members (the caller must be one). A group too large
+    /// for one frame is refused with `LimitExceeded`; see
+    /// [`Client::group_members_all`].
     pub fn group_members(&mut self, group: GroupId) -> Result<Vec<UserId>, ClientError> {
         match self.request(ClientBody::GroupMembers { group })? {
             ServerBody::Members { members, .. } => Ok(members),

@@ -432,6 +432,59 @@ fn typed_helpers_send_the_right_requests() {
 }
 
 #[test]
+fn members_all_pages_on_and_refuses_pages_that_do_not_move_forward() {
+    use tern_client::{GroupMember, GroupRole};
+    let member = |user| GroupMember {
+        user,
+        role: GroupRole::Member,
+    };
+    let (mut client, server) = connected(move |mut peer| {
+        let page = |peer: &mut Peer, after, members: Vec<GroupMember>, more| {
+            let f = peer.recv();
+            assert_eq!(
+                f.body,
+                ClientBody::GroupMembersPage {
+                    group: 9,
+                    after,
+                    limit: 1000
+                }
+            );
+            peer.send(
+                f.request_id,
+                ServerBody::MembersPage {
+                    group: 9,
+                    members,
+                    more,
+                },
+            );
+        };
+        // A well-behaved listing in two pages.
+        page(&mut peer, 0, vec![member(2), member(5)], true);
+        page(&mut peer, 5, vec![member(8)], false);
+        // "More" with an empty page would loop forever.
+        page(&mut peer, 0, vec![], true);
+        // A page that goes backwards.
+        page(&mut peer, 0, vec![member(4)], true);
+        page(&mut peer, 4, vec![member(3)], false);
+        peer.wait_closed();
+    });
+    assert_eq!(
+        client.group_members_all(9).unwrap(),
+        vec![member(2), member(5), member(8)]
+    );
+    assert!(matches!(
+        client.group_members_all(9),
+        Err(ClientError::Protocol(_))
+    ));
+    assert!(matches!(
+        client.group_members_all(9),
+        Err(ClientError::Protocol(_))
+    ));
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
 fn request_over_the_servers_frame_limit_is_refused_locally() {
     let (addr, server) = fake_server(|mut peer| {
         peer.hello(256);

@@ -293,7 +293,7 @@ pub fn history(
 
 /// Bytes of a page reply kept free of its items: the 112-byte server root,
 /// the list's header and alignment padding, with room to spare.
-const PAGE_OVERHEAD_BYTES: usize = 256;
+pub(crate) const PAGE_OVERHEAD_BYTES: usize = 256;
 
 /// An upper bound of the bytes `message` takes in an archived page: its
 /// fixed part plus its out-of-line body, URL and MIME type, each with up

@@ -36,9 +36,10 @@ use tern_net::tls::{self, rustls::ServerConfig};
 use tern_net::transport::{DetachedTransport, Transport};
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
-    decode_client, encode_server, limits::TOKEN_LEN, ArchivedClientBody, Content, ContentKind, ConvId,
-    Cursor, ErrorCode, FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId,
-    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    decode_client, encode_server,
+    limits::{MEMBERS_PAGE_LIMIT_MAX, TOKEN_LEN},
+    ArchivedClientBody, Content, ContentKind, ConvId, Cursor, ErrorCode, FrameBuf, FrameError, Friend,
+    ReceiptKind, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 
 use crate::catchup::{self, SyncError};
@@ -1479,6 +1480,13 @@ impl Conn {
                 self.group_admin(request_id, group.to_native(), GroupOp::Members)
                     .await
             }
+            ArchivedClientBody::GroupMembersPage { group, after, limit } => {
+                let op = GroupOp::MembersPage {
+                    after: after.to_native(),
+                    limit: limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX),
+                };
+                self.group_admin(request_id, group.to_native(), op).await
+            }
             ArchivedClientBody::GroupInfo { group } => {
                 self.group_admin(request_id, group.to_native(), GroupOp::Info)
                     .await
@@ -1706,6 +1714,10 @@ impl Conn {
                     open,
                     members,
                 },
+            },
+            Ok(Ok(GroupAnswer::MembersPage { members, more })) => ServerFrame {
+                request_id,
+                body: ServerBody::MembersPage { group, members, more },
             },
             Ok(Ok(GroupAnswer::Done)) => ServerFrame {
                 request_id,

@@ -74,6 +74,11 @@ pub enum GroupOp {
     Leave,
     Members,
     Info,
+    /// Members with ids above `after`, at most `limit` (already clamped).
+    MembersPage {
+        after: UserId,
+        limit: u32,
+    },
     Invite(UserId),
     Uninvite(UserId),
     Kick(UserId),
@@ -92,6 +97,11 @@ pub enum GroupAnswer {
         name: String,
         open: bool,
         members: Vec<tern_proto::GroupMember>,
+    },
+    /// `MembersPage`: ascending by id; `more` if larger ids exist.
+    MembersPage {
+        members: Vec<tern_proto::GroupMember>,
+        more: bool,
     },
 }
 

@@ -325,6 +325,108 @@ fn an_answer_too_large_for_a_frame_is_refused_not_lost() {
     assert_eq!(code_of(host.group_info(group)), ErrorCode::LimitExceeded);
     assert_eq!(host.group_members(group).expect("ids fit").len(), 70);
     host.ping().expect("the connection carries on");
+
+    // Pages list the same group at any size: 48 members fit in a 1 KiB
+    // frame (768 bytes of 16-byte members), so asking for 1000 gives 48
+    // and then the other 22.
+    let ids = host.group_members(group).expect("ids");
+    let first = host.group_members_page(group, 0, 1000).expect("first page");
+    assert_eq!(first.members.len(), 48);
+    assert!(first.more);
+    let last = first.members.last().expect("48 members").user;
+    let second = host.group_members_page(group, last, 1000).expect("second page");
+    assert_eq!(second.members.len(), 22);
+    assert!(!second.more);
+    let paged: Vec<GroupMember> = first.members.into_iter().chain(second.members).collect();
+    assert_eq!(paged.iter().map(|m| m.user).collect::<Vec<_>>(), ids);
+    assert_eq!(paged.iter().filter(|m| m.role == GroupRole::Owner).count(), 1);
+    assert!(paged.contains(&GroupMember {
+        user: owner.id,
+        role: GroupRole::Owner
+    }));
+    assert_eq!(host.group_members_all(group).expect("all pages"), paged);
+}
+
+#[test]
+fn member_pages_follow_the_limit_the_ids_and_the_group_rules() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let eve = server.user_on_shard("eve", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut c = server.login(&carol);
+    let mut e = server.login(&eve);
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, true);
+        b.group_join(group).expect("bob joins");
+        c.group_join(group).expect("carol joins");
+        a.group_set_role(group, bob.id, GroupRole::Admin)
+            .expect("promote bob");
+        let mut everyone = sorted(vec![
+            (alice.id, GroupRole::Owner),
+            (bob.id, GroupRole::Admin),
+            (carol.id, GroupRole::Member),
+        ]);
+        let pairs = |members: &[GroupMember]| -> Vec<(u64, GroupRole)> {
+            members.iter().map(|m| (m.user, m.role)).collect()
+        };
+
+        // One at a time, then all at once; limit 0 counts as 1.
+        let mut after = 0;
+        let mut one_by_one = Vec::new();
+        loop {
+            let page = c.group_members_page(group, after, 0).expect("page");
+            assert!(page.members.len() <= 1, "home {home}");
+            one_by_one.extend(pairs(&page.members));
+            match page.members.last() {
+                Some(last) => after = last.user,
+                None => break,
+            }
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(one_by_one, everyone, "home {home}");
+        let whole = b.group_members_page(group, 0, 1000).expect("one page");
+        assert_eq!(pairs(&whole.members), everyone, "home {home}");
+        assert!(!whole.more);
+        assert_eq!(pairs(&a.group_members_all(group).expect("all")), everyone);
+
+        // `after` is a position, not a member: any id works.
+        let mid = everyone[1].0;
+        let rest = a.group_members_page(group, mid, 1000).expect("after mid");
+        assert_eq!(pairs(&rest.members), everyone[2..].to_vec(), "home {home}");
+        let past = a.group_members_page(group, u64::MAX, 5).expect("after the last");
+        assert!(past.members.is_empty() && !past.more, "home {home}");
+
+        // Between two pages the membership may change: a member who left
+        // is gone from the next page, and nobody is listed twice.
+        let page = a.group_members_page(group, 0, 1).expect("first");
+        assert_eq!(pairs(&page.members), everyone[..1].to_vec());
+        // The larger of bob and carol is never first (the other is smaller).
+        let leaver = bob.id.max(carol.id);
+        let leaving = if leaver == carol.id { &mut c } else { &mut b };
+        leaving.group_leave(group).expect("leave");
+        everyone.retain(|&(user, _)| user != leaver);
+        let next = a
+            .group_members_page(group, page.members[0].user, 1000)
+            .expect("next");
+        assert_eq!(pairs(&next.members), everyone[1..].to_vec(), "home {home}");
+
+        // Members only; no group is NotFound.
+        assert_eq!(
+            code_of(e.group_members_page(group, 0, 10)),
+            ErrorCode::Forbidden,
+            "home {home}"
+        );
+    }
+    assert_eq!(
+        code_of(a.group_members_page(u64::MAX, 0, 10)),
+        ErrorCode::NotFound
+    );
 }
 
 #[test]

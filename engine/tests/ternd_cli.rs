@@ -281,10 +281,11 @@ fn ternd_and_the_tern_cli_end_to_end() {
     assert!(out.contains(&format!("joined group {group}")), "{out}");
     let members = cli.run("bob", &["group", "members", group]);
     assert!(
-        members.contains(&format!("alice (id {alice})")) || members.contains(&format!("user {alice}")),
+        members.contains(&format!("alice (id {alice}) owner"))
+            || members.contains(&format!("user {alice} owner")),
         "{members}"
     );
-    assert!(members.contains(&format!("bob (id {bob})")), "{members}");
+    assert!(members.contains(&format!("bob (id {bob}) member")), "{members}");
     let listener = cli.spawn("bob", &["listen", "--count", "1", "--timeout-secs", "20"]);
     wait_online(&mut watcher, bob);
     let out = cli.run("alice", &["send-group", "--group", group, "hi", "team"]);

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 27 {
+        match self.u8() % 28 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -486,9 +486,14 @@ impl<'a> Input<'a> {
                 },
             },
             25 => ClientBody::GroupInfo { group: self.id() },
-            _ => ClientBody::GroupUninvite {
+            26 => ClientBody::GroupUninvite {
                 group: self.id(),
                 user: self.id(),
+            },
+            _ => ClientBody::GroupMembersPage {
+                group: self.id(),
+                after: self.id(),
+                limit: self.u64() as u32,
             },
         }
     }
@@ -620,6 +625,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupUninvite { .. }
             | B::GroupKick { .. }
             | B::GroupInfo { .. }
+            | B::GroupMembersPage { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

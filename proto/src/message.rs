@@ -125,6 +125,15 @@ pub enum ClientBody {
     /// Withdraws `user`'s pending invite to `group` (owner or admin only);
     /// answered with `Ok`, whether or not there was one.
     GroupUninvite { group: GroupId, user: UserId },
+    /// A page of a group's members with their roles (caller must be a
+    /// member): those with ids above `after`, ascending, at most `limit`
+    /// (clamped to 1..=1000). Answered with `MembersPage`; unlike
+    /// `GroupInfo` and `GroupMembers` it lists a group of any size.
+    GroupMembersPage {
+        group: GroupId,
+        after: UserId,
+        limit: u32,
+    },
 }
 
 /// A member's role in a group.
@@ -322,6 +331,15 @@ pub enum ServerBody {
         name: String,
         open: bool,
         members: Vec<GroupMember>,
+    },
+    /// The answer to `GroupMembersPage`: members ascending by user id.
+    /// `more` says whether members with larger ids exist; ask again with
+    /// `after` set to the last id listed. A page may be shorter than asked
+    /// (cut to fit one frame) and still have `more`.
+    MembersPage {
+        group: GroupId,
+        members: Vec<GroupMember>,
+        more: bool,
     },
 }
 

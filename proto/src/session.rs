@@ -221,6 +221,7 @@ impl Session {
                 | B::GroupUninvite { .. }
                 | B::GroupKick { .. }
                 | B::GroupInfo { .. }
+                | B::GroupMembersPage { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

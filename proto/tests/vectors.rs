@@ -411,6 +411,37 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             client(23, ClientBody::GroupUninvite { group: 9, user: 3 }),
         ),
         (
+            "client-group-members-page",
+            client(
+                24,
+                ClientBody::GroupMembersPage {
+                    group: 9,
+                    after: 4,
+                    limit: 2,
+                },
+            ),
+        ),
+        (
+            "server-members-page",
+            server(
+                24,
+                ServerBody::MembersPage {
+                    group: 9,
+                    members: vec![
+                        GroupMember {
+                            user: 7,
+                            role: GroupRole::Member,
+                        },
+                        GroupMember {
+                            user: 12,
+                            role: GroupRole::Admin,
+                        },
+                    ],
+                    more: true,
+                },
+            ),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -664,6 +695,11 @@ fn client_samples() -> Vec<ClientBody> {
         },
         ClientBody::GroupInfo { group: 1 },
         ClientBody::GroupUninvite { group: 1, user: 2 },
+        ClientBody::GroupMembersPage {
+            group: 1,
+            after: 2,
+            limit: 3,
+        },
     ]
 }
 
@@ -741,6 +777,11 @@ fn server_samples() -> Vec<ServerBody> {
             open: true,
             members: vec![],
         },
+        ServerBody::MembersPage {
+            group: 1,
+            members: vec![],
+            more: false,
+        },
     ]
 }
 
@@ -793,6 +834,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         }
         B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
         B::GroupInfo { group } => vec![o(addr(group))],
+        B::GroupMembersPage { group, after, limit } => vec![o(addr(group)), o(addr(after)), o(addr(limit))],
     }
 }
 
@@ -863,6 +905,7 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             open,
             members,
         } => vec![o(addr(group)), o(addr(name)), o(addr(open)), o(addr(members))],
+        B::MembersPage { group, members, more } => vec![o(addr(group)), o(addr(members)), o(addr(more))],
     }
 }
 
@@ -1105,7 +1148,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 27] = [
+    let client_expected: [&[usize]; 28] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1133,6 +1176,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16, 24],     // GroupSetRole
         &[8],             // GroupInfo
         &[8, 16],         // GroupUninvite
+        &[8, 16, 24],     // GroupMembersPage
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1156,7 +1200,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 19] = [
+    let server_expected: [&[usize]; 20] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -1176,6 +1220,7 @@ fn archived_layout_is_as_documented() {
         &[8, 32],         // HistoryPage
         &[4],             // Conversations
         &[8, 16, 24, 28], // GroupInfo
+        &[8, 16, 24],     // MembersPage
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1499,6 +1544,12 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(tag(25));
             fields.push(Field::U64(B + 8, *group));
         }
+        ClientBody::GroupMembersPage { group, after, limit } => {
+            fields.push(tag(27));
+            fields.push(Field::U64(B + 8, *group));
+            fields.push(Field::U64(B + 16, *after));
+            fields.push(Field::U32(B + 24, *limit));
+        }
     }
     // Then the root, 8-aligned, at the very end: zero padding, 72 bytes.
     while !body.len().is_multiple_of(8) {
@@ -1610,6 +1661,22 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
         1 => ReceiptKind::Read,
         t => panic!("bad ReceiptKind tag {t}"),
     };
+    // A `Vec<GroupMember>`: 16 bytes each, the role byte at 8.
+    let members_at = |at: usize| -> Vec<GroupMember> {
+        let (start, len) = vec_at(at);
+        (0..len)
+            .map(|i| start + 16 * i)
+            .map(|m| GroupMember {
+                user: u64_at(m),
+                role: match u8_at(m + 8) {
+                    0 => GroupRole::Owner,
+                    1 => GroupRole::Admin,
+                    2 => GroupRole::Member,
+                    t => panic!("bad GroupRole tag {t}"),
+                },
+            })
+            .collect()
+    };
     let root = body.len() - 112;
     let b = root + 8;
     let reply = match u8_at(b) {
@@ -1715,21 +1782,12 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             group: u64_at(b + 8),
             name: string_at(b + 16),
             open: bool_at(b + 24),
-            members: {
-                let (start, len) = vec_at(b + 28);
-                (0..len)
-                    .map(|i| start + 16 * i)
-                    .map(|m| GroupMember {
-                        user: u64_at(m),
-                        role: match u8_at(m + 8) {
-                            0 => GroupRole::Owner,
-                            1 => GroupRole::Admin,
-                            2 => GroupRole::Member,
-                            t => panic!("bad GroupRole tag {t}"),
-                        },
-                    })
-                    .collect()
-            },
+            members: members_at(b + 28),
+        },
+        19 => ServerBody::MembersPage {
+            group: u64_at(b + 8),
+            members: members_at(b + 16),
+            more: bool_at(b + 24),
         },
         t => panic!("bad ServerBody tag {t}"),
     };
@@ -1878,6 +1936,8 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
             .prop_map(|(group, user, role)| { ClientBody::GroupSetRole { group, user, role } }),
         any::<u64>().prop_map(|group| ClientBody::GroupInfo { group }),
         (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupUninvite { group, user }),
+        (any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(group, after, limit)| ClientBody::GroupMembersPage { group, after, limit }),
     ]
 }
 
@@ -1963,6 +2023,15 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
                 open,
                 members
             }),
+        (
+            any::<u64>(),
+            prop::collection::vec(
+                (any::<u64>(), arb_group_role()).prop_map(|(user, role)| GroupMember { user, role }),
+                0..6
+            ),
+            any::<bool>()
+        )
+            .prop_map(|(group, members, more)| ServerBody::MembersPage { group, members, more }),
     ]
 }
 

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use tern_client::proto::limits::MEMBERS_PAGE_LIMIT_MAX;
 use tern_client::{
-    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, GroupId, GroupRole,
-    ReceiptKind, ServerBody, Session, UserId,
+    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, ErrorCode, GroupId,
+    GroupRole, ReceiptKind, ServerBody, Session, UserId,
 };
 
 #[derive(Parser, Debug)]
@@ -134,7 +135,7 @@ enum GroupCommand {
     Join { id: GroupId },
     /// Leave a group.
     Leave { id: GroupId },
-    /// List a group's members.
+    /// List a group's members with their roles (any size: asked a page at a time).
     Members { id: GroupId },
     // The other user is `target`, never `user`: a field named `user` would
     // share its id with the global `--user`, and clap would then log in as
@@ -576,32 +577,52 @@ fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {
 }
 
 fn print_group_info(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
-    let info = client.group_info(group)?;
+    let info = client.group_info(group).map_err(|e| match e.code() {
+        Some(ErrorCode::LimitExceeded) => {
+            anyhow!("{e}\n(`tern group members {group}` lists a group of any size)")
+        }
+        _ => anyhow::Error::from(e),
+    })?;
     let access = if info.open { "open" } else { "invite-only" };
     println!("group {} \"{}\" ({access})", info.group, info.name);
     for member in info.members {
         let name = names.name(client, member.user)?;
-        let role = match member.role {
-            GroupRole::Owner => "owner",
-            GroupRole::Admin => "admin",
-            GroupRole::Member => "member",
-        };
+        let role = role_name(member.role);
         println!("{name} (id {}) {role}", member.user);
     }
     Ok(())
 }
 
+/// Lists the members a page at a time, printing each page as it comes, so
+/// a group of any size is listed (`GroupInfo` must fit in one frame).
 fn print_members(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
-    let members = client.group_members(group)?;
-    for id in members {
-        let name = names.name(client, id)?;
-        if name.starts_with("user ") {
-            println!("{name}");
-        } else {
-            println!("{name} (id {id})");
+    let mut after = 0;
+    loop {
+        let page = client.group_members_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
+        for member in &page.members {
+            let id = member.user;
+            let name = names.name(client, id)?;
+            let role = role_name(member.role);
+            if name.starts_with("user ") {
+                println!("{name} {role}");
+            } else {
+                println!("{name} (id {id}) {role}");
+            }
+        }
+        match page.members.last() {
+            Some(last) if page.more && last.user > after => after = last.user,
+            _ if page.more => bail!("the server's member pages did not move forward"),
+            _ => return Ok(()),
         }
     }
-    Ok(())
+}
+
+fn role_name(role: GroupRole) -> &'static str {
+    match role {
+        GroupRole::Owner => "owner",
+        GroupRole::Admin => "admin",
+        GroupRole::Member => "member",
+    }
 }
 
 const CHAT_HELP: &str = "\

@@ -19,8 +19,8 @@ use glommio::sync::Semaphore;
 use rustc_hash::FxHashMap;
 use tern_proto::session::Refusal;
 use tern_proto::{
-    ChatMessage, Content, ConvId, ErrorCode, GroupId, GroupMember, GroupRole, ReceiptKind, ServerFrame,
-    UserId,
+    ArchivedGroupMember, ChatMessage, Content, ConvId, ErrorCode, GroupId, GroupMember, GroupRole,
+    ReceiptKind, ServerFrame, UserId,
 };
 use tern_storage::{
     GroupRoster, InboxTargets, JoinOutcome, MessageWrite, StoreError, WriteOp, MAX_JOIN_BATCH,
@@ -28,6 +28,7 @@ use tern_storage::{
 
 use super::commit::{store_frame, Effect};
 use super::{refusal, store_error_frame, Shard};
+use crate::catchup::PAGE_OVERHEAD_BYTES;
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, GroupReply, Recipients};
 
 /// The joins of one group waiting to be applied.
@@ -49,10 +50,64 @@ pub(super) struct GroupState {
     /// One permit: held from a change's checks to its cache update. Shared
     /// by every rebuilt state of the group (entries are never evicted).
     changes: Rc<Semaphore>,
-    /// Every member, for write diffusion into inboxes.
+    /// Every member, ascending by id: for write diffusion into inboxes and
+    /// for listing the group (a page starts with a binary search).
     all: Arc<[UserId]>,
     /// Members by home shard: one shared list per destination.
     by_shard: Vec<Arc<[UserId]>>,
+}
+
+impl GroupState {
+    /// The members in `ids` (taken from `all`) with their roles.
+    fn with_roles(&self, ids: &[UserId]) -> Vec<GroupMember> {
+        ids.iter()
+            .filter_map(|&user| self.members.get(&user).map(|&role| GroupMember { user, role }))
+            .collect()
+    }
+
+    /// Answers `Members`, `Info` or `MembersPage` for a member. A listing
+    /// of the whole group that could not fit in one frame is refused here,
+    /// before it is built, with a pointer to the paged request.
+    fn listing(&self, op: GroupOp, max_frame_bytes: u32) -> GroupReply {
+        let budget = (max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
+        let too_large = || {
+            refusal(
+                ErrorCode::LimitExceeded,
+                "the group is too large to list in one frame; use GroupMembersPage",
+            )
+        };
+        match op {
+            GroupOp::Members => {
+                if self.all.len().saturating_mul(size_of::<u64>()) > budget {
+                    return Err(too_large());
+                }
+                Ok(GroupAnswer::Members(self.all.to_vec()))
+            }
+            GroupOp::Info => {
+                let bytes = self.all.len().saturating_mul(size_of::<ArchivedGroupMember>());
+                if bytes.saturating_add(self.name.len()) > budget {
+                    return Err(too_large());
+                }
+                Ok(GroupAnswer::Info {
+                    name: self.name.clone(),
+                    open: self.open,
+                    members: self.with_roles(&self.all),
+                })
+            }
+            GroupOp::MembersPage { after, limit } => {
+                let fit = budget / size_of::<ArchivedGroupMember>();
+                let take = (limit as usize).min(fit).max(1);
+                let start = self.all.partition_point(|&user| user <= after);
+                let end = start.saturating_add(take).min(self.all.len());
+                let page = self.all.get(start..end).unwrap_or_default();
+                Ok(GroupAnswer::MembersPage {
+                    members: self.with_roles(page),
+                    more: end < self.all.len(),
+                })
+            }
+            _ => Err(refusal(ErrorCode::Internal, "not a listing")),
+        }
+    }
 }
 
 impl Shard {
@@ -87,13 +142,15 @@ impl Shard {
     }
 
     fn build_group(&self, base: GroupBase, members: FxHashMap<UserId, GroupRole>) -> GroupState {
+        let mut all: Vec<UserId> = members.keys().copied().collect();
+        all.sort_unstable();
         let mut by_shard: Vec<Vec<UserId>> = vec![Vec::new(); self.shards];
-        for &member in members.keys() {
+        for &member in &all {
             if let Some(list) = by_shard.get_mut(self.home_of(member)) {
                 list.push(member);
             }
         }
-        let all: Arc<[UserId]> = members.keys().copied().collect();
+        let all: Arc<[UserId]> = all.into();
         GroupState {
             name: base.name,
             owner: base.owner,
@@ -207,25 +264,11 @@ impl Shard {
             .map_err(|e| store_refusal(e, group, "no such group"))?;
         let caller_role = state.members.get(&user).copied();
         match op {
-            GroupOp::Members | GroupOp::Info => {
+            GroupOp::Members | GroupOp::Info | GroupOp::MembersPage { .. } => {
                 if caller_role.is_none() {
                     return Err(refusal(ErrorCode::Forbidden, "not a member of this group"));
                 }
-                let mut members: Vec<GroupMember> = state
-                    .members
-                    .iter()
-                    .map(|(&user, &role)| GroupMember { user, role })
-                    .collect();
-                members.sort_unstable_by_key(|m| m.user);
-                return Ok(if op == GroupOp::Members {
-                    GroupAnswer::Members(members.into_iter().map(|m| m.user).collect())
-                } else {
-                    GroupAnswer::Info {
-                        name: state.name.clone(),
-                        open: state.open,
-                        members,
-                    }
-                });
+                return state.listing(op, self.config.max_frame_bytes);
             }
             _ => {}
         }
@@ -250,7 +293,7 @@ impl Shard {
             .map_err(|e| store_refusal(e, group, "no such group"))?;
         let caller_role = state.members.get(&user).copied();
         match op {
-            GroupOp::Members | GroupOp::Info | GroupOp::Join => {
+            GroupOp::Members | GroupOp::Info | GroupOp::MembersPage { .. } | GroupOp::Join => {
                 Err(refusal(ErrorCode::Internal, "not a change made here"))
             }
             GroupOp::Leave => match caller_role {
