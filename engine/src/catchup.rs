@@ -54,15 +54,6 @@ pub async fn sync(
     shard.begin_sync(key);
     let mut floors = Floors::default();
     for cursor in cursors {
-        // A presented cursor is the client's own delivered receipt.
-        shard.stage_receipt(
-            user,
-            cursor.conv,
-            tern_proto::ReceiptKind::Delivered,
-            cursor.seq,
-            None,
-            None,
-        );
         let floor = floors.entry(cursor.conv).or_insert(0);
         *floor = (*floor).max(cursor.seq);
     }
@@ -75,6 +66,15 @@ pub async fn sync(
         .blocking(move |store| Ok((store.inbox_after(user, None, page)?, store.user_groups(user)?)))
         .await
         .map_err(SyncError::Store)?;
+    // A presented cursor is the client's own delivered receipt, stored
+    // once per conversation. Cursors of conversations the user takes no
+    // part in are dropped: they can match no message, and storing them
+    // would let a client write receipt rows for made-up conversations.
+    let member_of: rustc_hash::FxHashSet<tern_proto::GroupId> = groups.iter().copied().collect();
+    floors.retain(|&conv, _| takes_part(&shard.store, user, conv, &member_of));
+    for (&conv, &seq) in floors.iter().filter(|(_, &seq)| seq > 0) {
+        shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
+    }
     let (mut first_page, mut groups) = (Some(first_page), Some(groups));
     let mut streamed = 0;
     for _ in 0..SYNC_PASSES_MAX {
@@ -100,6 +100,34 @@ pub async fn sync(
         }
     }
     Err(SyncError::TooBusy)
+}
+
+/// Whether `conv` is a conversation `user` takes part in: a 1:1 with an
+/// existing user, in its one valid spelling (low id first), or a group
+/// in `groups`. Checks memory only.
+fn takes_part(
+    store: &Store,
+    user: UserId,
+    conv: ConvId,
+    groups: &rustc_hash::FxHashSet<tern_proto::GroupId>,
+) -> bool {
+    match conv {
+        ConvId::Direct { .. } => in_direct(store, user, conv),
+        ConvId::Group { group } => groups.contains(&group),
+    }
+}
+
+/// Whether `conv` is a 1:1 conversation of `user` with an existing user,
+/// spelled as [`ConvId::direct`] spells it (any other spelling names no
+/// stored conversation). Checks memory only.
+pub(crate) fn in_direct(store: &Store, user: UserId, conv: ConvId) -> bool {
+    match conv {
+        ConvId::Direct { low, high } => {
+            conv == ConvId::direct(low, high)
+                && conv.peer_of(user).is_some_and(|peer| store.user_exists(peer))
+        }
+        ConvId::Group { .. } => false,
+    }
 }
 
 /// Sends a stored or held message unless the session already has it.
@@ -151,7 +179,7 @@ async fn stream_inbox(
                 // while has messages only in its history: send those first,
                 // so that its seqs still go out in order.
                 let base = group_base(shard, user, entry.conv, floors).await?;
-                if entry.seq > base + 1 {
+                if entry.seq > base.saturating_add(1) {
                     streamed +=
                         stream_history(shard, outbox, pace, floors, entry.conv, Some(entry.seq)).await?;
                 }
@@ -201,8 +229,13 @@ async fn stream_history(
 ) -> Result<u64, SyncError> {
     let page = shard.config.sync_page;
     let mut streamed = 0;
+    // A floor of u64::MAX (a cursor or receipt a client set that high)
+    // leaves nothing to send. Each page starts after the last one, so the
+    // scan moves forward whatever the floors say.
+    let Some(mut from) = floors.get(&conv).copied().unwrap_or(0).checked_add(1) else {
+        return Ok(streamed);
+    };
     loop {
-        let from = floors.get(&conv).copied().unwrap_or(0) + 1;
         let entries = shard
             .blocking(move |store| store.history(conv, from, true, page))
             .await
@@ -215,8 +248,9 @@ async fn stream_history(
                 streamed += 1;
             }
         }
-        if entries.len() < page {
-            return Ok(streamed);
+        match entries.last().and_then(|last| last.seq.checked_add(1)) {
+            Some(next) if entries.len() >= page && next > from => from = next,
+            _ => return Ok(streamed),
         }
     }
 }

@@ -1732,7 +1732,7 @@ impl Conn {
     async fn receipt(&self, request_id: u64, conv: ConvId, kind: ReceiptKind, seq: u64) -> ServerFrame {
         let user = self.user;
         let allowed = match conv {
-            ConvId::Direct { low, high } => low == user || high == user,
+            ConvId::Direct { .. } => crate::catchup::in_direct(&self.shard.store, user, conv),
             ConvId::Group { group } => match self
                 .shard
                 .blocking(move |store| store.is_member(group, user))

@@ -1022,3 +1022,71 @@ fn expired_inbox_entries_leave_sync_but_not_history() {
     assert_seqs(&history, conv, 1..=2);
     assert_eq!(history[0].content, Content::text("old"));
 }
+
+#[test]
+fn cursors_and_receipts_at_the_top_of_the_seq_range_end_the_catch_up() {
+    // A cursor or receipt of u64::MAX once made the catch-up's next seq
+    // overflow: a panic in debug builds, and in release builds a history
+    // scan that re-read its first page forever, holding a blocking thread.
+    // More messages than a sync page, so the scan has to page.
+    let server = TestServer::start_with(|c| c.sync_page = 4);
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    let group = a.group_create("top").expect("create");
+    server.login(&bob).group_join(group).expect("join");
+    let (in_group, direct) = (ConvId::Group { group }, ConvId::direct(alice.id, bob.id));
+    for i in 0..10 {
+        a.send_group_text(group, &format!("g{i}")).expect("group send");
+        a.send_text(bob.id, &format!("d{i}")).expect("direct send");
+    }
+
+    let mut top = server.login_unsynced(&bob);
+    top.set_cursor(in_group, u64::MAX);
+    top.set_cursor(direct, u64::MAX);
+    assert_eq!(top.sync().expect("a sync from the top ends"), 0);
+    top.receipt(in_group, ReceiptKind::Read, u64::MAX)
+        .expect("group receipt");
+    top.receipt(direct, ReceiptKind::Read, u64::MAX)
+        .expect("direct receipt");
+    let mut fresh = server.login_unsynced(&bob);
+    assert_eq!(fresh.sync().expect("a sync from stored top cursors ends"), 0);
+    a.ping().expect("the server carries on");
+}
+
+#[test]
+fn receipts_and_cursors_for_conversations_not_ones_own_are_refused_or_ignored() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login(&alice);
+    let group = a.group_create("closed circle").expect("create");
+    a.send_text(bob.id, "hello").expect("send");
+    let nobody = u64::MAX - 7;
+    let not_mine = [
+        ConvId::direct(alice.id, carol.id),
+        ConvId::direct(alice.id, nobody),
+        // The right pair, spelled backwards: names no stored conversation.
+        ConvId::Direct {
+            low: alice.id.max(bob.id),
+            high: alice.id.min(bob.id),
+        },
+        ConvId::Group { group },
+    ];
+    let mut b = server.login_unsynced(&bob);
+    for conv in not_mine {
+        assert_eq!(
+            code_of(b.receipt(conv, ReceiptKind::Read, 1)),
+            ErrorCode::Forbidden,
+            "{conv:?}"
+        );
+        b.set_cursor(conv, 5);
+    }
+    // Cursors for them are ignored: the sync streams bob's own message.
+    assert_eq!(b.sync().expect("sync"), 1);
+    let got = expect_message(&mut b);
+    assert_eq!((got.conv, got.seq), (ConvId::direct(alice.id, bob.id), 1));
+    b.receipt(got.conv, ReceiptKind::Read, 1)
+        .expect("own conversation");
+}
