@@ -388,6 +388,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.token_ttl.as_secs().to_string(),
     },
     Key {
+        name: "max_tokens_per_user",
+        help: "Most live session tokens one user may hold; a new login drops the oldest",
+        apply: |s, v| set(&mut s.config.store.max_tokens_per_user, expected_usize(v, 1, 1 << 16)),
+        show: |s| s.config.store.max_tokens_per_user.to_string(),
+    },
+    Key {
         name: "max_friends",
         help: "Most friends one user may have",
         apply: |s, v| set(&mut s.config.store.max_friends, expected_usize(v, 0, MAX_COUNT)),

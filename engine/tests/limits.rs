@@ -386,6 +386,30 @@ fn logout_revokes_only_that_sessions_token() {
 }
 
 #[test]
+fn a_user_keeps_at_most_max_tokens_per_user_and_loses_the_oldest() {
+    let server = TestServer::start_with(|c| c.store.max_tokens_per_user = 2);
+    let user = server.user_on_shard("ivan", 1);
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let mut client = server.connect();
+        tokens.push(client.login(&user.name, PASSWORD).expect("login").token);
+        // Tokens are ordered by expiry, in milliseconds.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let mut client = server.connect();
+    assert_eq!(code_of(client.login_token(&tokens[0])), ErrorCode::AuthFailed);
+    for token in &tokens[1..] {
+        server
+            .connect()
+            .login_token(token)
+            .expect("the newest tokens still work");
+    }
+    client
+        .login(&user.name, PASSWORD)
+        .expect("a password login still works");
+}
+
+#[test]
 fn password_change_revokes_every_token_and_keeps_sessions_open() {
     let server = TestServer::start();
     let user = server.user_on_shard("jack", 0);

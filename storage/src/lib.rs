@@ -57,6 +57,10 @@ pub struct StoreOptions {
     pub argon2_iterations: u32,
     /// How long an issued session token stays valid.
     pub token_ttl: Duration,
+    /// Most live session tokens one user may hold; issuing one more drops
+    /// the oldest (that session's next `LoginToken` fails and it logs in
+    /// by password again).
+    pub max_tokens_per_user: usize,
     /// Most friends one user may have.
     pub max_friends: usize,
     /// Most members one group may have (the owner included).
@@ -83,6 +87,7 @@ impl Default for StoreOptions {
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
             token_ttl: Duration::from_secs(30 * 24 * 60 * 60),
+            max_tokens_per_user: DEFAULT_MAX_TOKENS_PER_USER,
             max_friends: 1000,
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
@@ -92,6 +97,11 @@ impl Default for StoreOptions {
         }
     }
 }
+
+/// Default of [`StoreOptions::max_tokens_per_user`]: four times `ternd`'s
+/// default sessions per user, so devices that log in by password now and
+/// then keep their tokens.
+pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 64;
 
 /// Default of [`StoreOptions::max_group_invites`].
 pub const DEFAULT_MAX_GROUP_INVITES: usize = 1000;

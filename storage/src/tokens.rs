@@ -94,15 +94,20 @@ impl TokenCache {
 
 impl Inner {
     /// Adds tombstones to `batch` for every token of `user` that has
-    /// expired by `now` (or all of them if `now` is `u64::MAX`) and returns
-    /// how many.
+    /// expired by `now` (or all of them if `now` is `u64::MAX`), and for
+    /// the live ones closest to expiry (the oldest) past the newest `keep`.
+    /// Returns how many tokens it removed in all, and the hashes of the
+    /// live ones among them, which the caller must also drop from the
+    /// token cache.
     fn sweep_tokens(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         user: UserId,
         now: u64,
-    ) -> Result<usize, StoreError> {
-        let mut removed = 0;
+        keep: usize,
+    ) -> Result<(usize, Vec<[u8; TOKEN_HASH_LEN]>), StoreError> {
+        let mut live = Vec::new();
+        let mut expired = 0;
         for guard in self.user_tokens.handle.prefix(codec::id_key(user)) {
             let (key, value) = guard.into_inner()?;
             let hash = codec::decode_user_token_hash(&key).map_err(|d| self.user_tokens.corrupt(&key, d))?;
@@ -110,17 +115,35 @@ impl Inner {
             if expires <= now {
                 batch.remove(&self.tokens.handle, hash);
                 batch.remove(&self.user_tokens.handle, key);
-                removed += 1;
+                expired += 1;
+            } else {
+                live.push((expires, hash, key));
             }
         }
-        Ok(removed)
+        let excess = live.len().saturating_sub(keep);
+        if excess == 0 {
+            return Ok((expired, Vec::new()));
+        }
+        live.sort_unstable_by_key(|&(expires, ..)| expires);
+        let mut dropped = Vec::with_capacity(excess);
+        for (_, hash, key) in live.into_iter().take(excess) {
+            batch.remove(&self.tokens.handle, hash);
+            batch.remove(&self.user_tokens.handle, key);
+            dropped.push(hash);
+        }
+        Ok((expired + excess, dropped))
     }
 }
 
 impl Store {
     /// Issues a new session token for `user`, valid for
     /// [`crate::StoreOptions::token_ttl`]. Also drops the user's expired
-    /// tokens, so the index does not grow with abandoned sessions.
+    /// tokens, so the index does not grow with abandoned sessions, and,
+    /// when the user already holds
+    /// [`crate::StoreOptions::max_tokens_per_user`] live tokens, the oldest
+    /// of them: a client that logs in by password again and again (each
+    /// login issues a token) cannot grow the user's tokens, or the cost of
+    /// this sweep, without bound.
     ///
     /// Issuing is not synced even with `fsync` on: a token lost in a
     /// machine crash costs the client one password login, while a sync
@@ -137,14 +160,20 @@ impl Store {
         let ttl_ms = u64::try_from(inner.opts.token_ttl.as_millis()).unwrap_or(u64::MAX);
         let expires = now.saturating_add(ttl_ms);
         let mut batch = inner.db.batch();
-        inner.sweep_tokens(&mut batch, user, now)?;
+        let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
+        let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep)?;
         batch.insert(&inner.tokens.handle, hash, codec::encode_token(user, expires));
         batch.insert(
             &inner.user_tokens.handle,
             codec::user_token_key(user, &hash),
             codec::encode_user_token(expires),
         );
-        inner.commit(batch, false)?;
+        let committed = inner.commit(batch, false);
+        if !dropped.is_empty() {
+            // Also when the commit failed: it may have landed anyway.
+            inner.token_cache.revoke(|cached, _| dropped.contains(cached));
+        }
+        committed?;
         Ok(token)
     }
 
@@ -205,8 +234,8 @@ impl Store {
     pub fn revoke_tokens(&self, user: UserId) -> Result<usize, StoreError> {
         let inner = &*self.inner;
         let mut batch = inner.db.batch();
-        let swept = inner.sweep_tokens(&mut batch, user, u64::MAX);
-        let removed = swept.and_then(|removed| inner.commit(batch, true).map(|()| removed));
+        let swept = inner.sweep_tokens(&mut batch, user, u64::MAX, 0);
+        let removed = swept.and_then(|(removed, _)| inner.commit(batch, true).map(|()| removed));
         inner.token_cache.revoke(|_, cached| cached.user == user);
         removed
     }

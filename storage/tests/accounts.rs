@@ -19,6 +19,7 @@ fn default_options_follow_the_spec() {
     let o = StoreOptions::default();
     assert_eq!((o.argon2_memory_kib, o.argon2_iterations), (19_456, 2));
     assert_eq!(o.token_ttl.as_secs(), 30 * 24 * 3600);
+    assert_eq!(o.max_tokens_per_user, 64);
     assert_eq!(
         (o.max_friends, o.max_group_members, o.fsync),
         (1000, 10_000, true)
@@ -168,6 +169,43 @@ fn tokens_expire() {
     let fresh = store.issue_token(alice).unwrap();
     assert_eq!(store.verify_token(&fresh).unwrap(), alice);
     assert_eq!(store.revoke_tokens(alice).unwrap(), 1);
+}
+
+#[test]
+fn a_user_holds_at_most_max_tokens_per_user_and_the_oldest_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_tokens_per_user = 3);
+    let alice = store.register("alice", b"password1").unwrap();
+    let bob = store.register("bob", b"password2").unwrap();
+    let b1 = store.issue_token(bob).unwrap();
+    let mut issued = Vec::new();
+    for _ in 0..5 {
+        issued.push(store.issue_token(alice).unwrap());
+        // Tokens are ordered by expiry, in milliseconds.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    // A cached token is dropped from the cache too, not only the store.
+    assert_eq!(store.token_login(&issued[2]).unwrap().0, alice);
+    assert_eq!(store.cached_token_login(&issued[2]).map(|(u, _)| u), Some(alice));
+    issued.push(store.issue_token(alice).unwrap());
+    for (i, token) in issued.iter().enumerate() {
+        if i < 3 {
+            assert!(
+                matches!(store.verify_token(token), Err(StoreError::AuthFailed)),
+                "token {i} should be dropped"
+            );
+        } else {
+            assert_eq!(store.verify_token(token).unwrap(), alice, "token {i}");
+        }
+    }
+    assert_eq!(store.cached_token_login(&issued[2]), None);
+    assert!(matches!(
+        store.token_login(&issued[2]),
+        Err(StoreError::AuthFailed)
+    ));
+    // Another user's tokens are not counted or touched.
+    assert_eq!(store.verify_token(&b1).unwrap(), bob);
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 3);
 }
 
 #[test]
