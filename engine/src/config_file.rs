@@ -412,6 +412,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.max_group_invites.to_string(),
     },
     Key {
+        name: "max_groups_per_user",
+        help: "Most groups one user may be a member of (created ones included)",
+        apply: |s, v| set(&mut s.config.store.max_groups_per_user, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_groups_per_user.to_string(),
+    },
+    Key {
         name: "store_fsync",
         help: "fdatasync account, token, friend and group writes before answering",
         apply: |s, v| set(&mut s.config.store.fsync, expected_bool(v)),

@@ -544,3 +544,27 @@ fn a_crowd_joining_at_once_is_admitted_up_to_the_limit_and_hears_what_follows() 
         );
     }
 }
+
+#[test]
+fn a_user_joins_and_creates_at_most_max_groups_per_user_groups() {
+    let server = TestServer::start_with(|c| c.store.max_groups_per_user = 2);
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let first = b.group_create("bob's").expect("bob's group");
+    let second = server
+        .login(&carol)
+        .group_create("carol's")
+        .expect("carol's group");
+    a.group_create("alice's").expect("alice's first group");
+    a.group_join(first).expect("alice's second group");
+    assert_eq!(code_of(a.group_join(second)), ErrorCode::LimitExceeded);
+    assert_eq!(code_of(a.group_create("one more")), ErrorCode::LimitExceeded);
+    a.group_join(first).expect("joining again is no new group");
+    a.group_leave(first).expect("leave");
+    a.group_join(second).expect("a place is free again");
+    b.group_create("bob's second").expect("bob's second group");
+    assert_eq!(code_of(b.group_create("bob's third")), ErrorCode::LimitExceeded);
+}

@@ -17,6 +17,9 @@ use tern_proto::limits::check_group_name;
 use crate::codec::{self, GroupValue};
 use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
 
+/// Why a user may not create or join one more group.
+pub const TOO_MANY_GROUPS: &str = "you are a member of as many groups as the server allows; leave one first";
+
 /// Most users one [`Store::add_members`] call takes.
 pub const MAX_JOIN_BATCH: usize = 1024;
 
@@ -33,6 +36,8 @@ pub enum JoinOutcome {
     NotInvited,
     /// The group reached `max_group_members`.
     GroupFull,
+    /// The user is in `max_groups_per_user` groups already.
+    TooManyGroups,
 }
 
 impl Inner {
@@ -60,6 +65,23 @@ impl Inner {
         };
         let role = codec::decode_member(&value).map_err(|d| self.members.corrupt(&key, d))?;
         Ok(Some(effective_role(owner, user, role)))
+    }
+
+    /// Whether `user` is a member of at least `max_groups_per_user`
+    /// groups. A prefix scan of the user's groups that stops at the limit:
+    /// no separate counter to keep consistent, and the limit bounds it.
+    /// Call it under `groups_lock`, so no concurrent join slips past it.
+    fn group_count_reaches_limit(&self, user: UserId) -> Result<bool, StoreError> {
+        let max = self.opts.max_groups_per_user;
+        let mut seen = 0usize;
+        for guard in self.user_groups.handle.prefix(codec::id_key(user)) {
+            if seen >= max {
+                break;
+            }
+            guard.key()?;
+            seen += 1;
+        }
+        Ok(seen >= max)
     }
 
     /// Every member of `group` with their stored role, ascending by id.
@@ -103,6 +125,9 @@ impl Store {
             return Err(StoreError::NotFound);
         }
         let mut next_id = lock(&inner.groups_lock);
+        if inner.group_count_reaches_limit(owner)? {
+            return Err(StoreError::LimitExceeded(TOO_MANY_GROUPS));
+        }
         let group = *next_id;
         let record = GroupValue {
             owner,
@@ -167,6 +192,7 @@ impl Store {
         match self.add_members(group, &[user], false)?.first() {
             Some(JoinOutcome::Joined | JoinOutcome::AlreadyMember) => Ok(()),
             Some(JoinOutcome::GroupFull) => Err(StoreError::LimitExceeded("group is full")),
+            Some(JoinOutcome::TooManyGroups) => Err(StoreError::LimitExceeded(TOO_MANY_GROUPS)),
             Some(JoinOutcome::NoSuchUser | JoinOutcome::NotInvited) | None => Err(StoreError::NotFound),
         }
     }
@@ -204,6 +230,8 @@ impl Store {
                 || record.member_count == u32::MAX
             {
                 JoinOutcome::GroupFull
+            } else if inner.group_count_reaches_limit(user)? {
+                JoinOutcome::TooManyGroups
             } else {
                 let invited = inner.group_invites.handle.contains_key(key)?;
                 if invited_only && !invited {

@@ -37,7 +37,7 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
 pub use error::StoreError;
-pub use groups::{JoinOutcome, MAX_JOIN_BATCH};
+pub use groups::{JoinOutcome, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;
@@ -67,6 +67,9 @@ pub struct StoreOptions {
     pub max_group_members: usize,
     /// Most pending (unused) invites one group may have.
     pub max_group_invites: usize,
+    /// Most groups one user may be a member of (created ones included):
+    /// each costs a login's catch-up two store reads.
+    pub max_groups_per_user: usize,
     /// Sync account, token-revocation, friend and group writes to disk
     /// before returning (`fdatasync`); see `docs/storage.md`.
     pub fsync: bool,
@@ -91,6 +94,7 @@ impl Default for StoreOptions {
             max_friends: 1000,
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
+            max_groups_per_user: DEFAULT_MAX_GROUPS_PER_USER,
             fsync: true,
             hash_threads: 0,
             hash_thread_start: None,
@@ -102,6 +106,9 @@ impl Default for StoreOptions {
 /// default sessions per user, so devices that log in by password now and
 /// then keep their tokens.
 pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 64;
+
+/// Default of [`StoreOptions::max_groups_per_user`].
+pub const DEFAULT_MAX_GROUPS_PER_USER: usize = 1000;
 
 /// Default of [`StoreOptions::max_group_invites`].
 pub const DEFAULT_MAX_GROUP_INVITES: usize = 1000;

@@ -175,6 +175,36 @@ fn group_member_limit_counts_the_owner() {
 }
 
 #[test]
+fn a_user_is_in_at_most_max_groups_per_user_groups() {
+    use tern_storage::JoinOutcome::*;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_groups_per_user = 2);
+    users(&store, 3);
+    let own = store.create_group(1, "own").unwrap();
+    let other = store.create_group(2, "other").unwrap();
+    let third = store.create_group(3, "third").unwrap();
+    store.add_member(other, 1).unwrap();
+    // Created groups count: user 1 is in two groups and may not join or
+    // create a third; someone else still may join.
+    assert_eq!(
+        store.add_members(third, &[1, 2], false).unwrap(),
+        vec![TooManyGroups, Joined]
+    );
+    assert!(matches!(
+        store.create_group(1, "one more"),
+        Err(StoreError::LimitExceeded(_))
+    ));
+    assert!(matches!(
+        store.add_member(third, 1),
+        Err(StoreError::LimitExceeded(_))
+    ));
+    store.add_member(other, 1).unwrap(); // already a member: fine at the limit
+    store.remove_member(other, 1).unwrap();
+    store.add_member(third, 1).unwrap();
+    assert_eq!(store.user_groups(1).unwrap(), vec![own, third]);
+}
+
+#[test]
 fn concurrent_member_adds_respect_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(dir.path(), |o| o.max_group_members = 4);

@@ -535,6 +535,9 @@ impl Shard {
                     "this group is invite-only; ask its owner or an admin for an invite",
                 )),
                 JoinOutcome::GroupFull => Err(refusal(ErrorCode::LimitExceeded, "group is full")),
+                JoinOutcome::TooManyGroups => {
+                    Err(refusal(ErrorCode::LimitExceeded, tern_storage::TOO_MANY_GROUPS))
+                }
             })
             .collect();
         // Answer only once the cursors are stored, or a sync right after
