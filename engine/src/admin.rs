@@ -47,6 +47,8 @@ const STATS_METRICS: &[&str] = &[
     "tern_messages_stored_total",
     "tern_slow_consumer_disconnects_total",
     "tern_outbound_queued_bytes",
+    "tern_groups_cached",
+    "tern_group_members_cached",
 ];
 
 /// A request for the shard that owns `user`.

@@ -84,6 +84,10 @@ pub struct Config {
     /// Conversations whose sequence state a shard keeps in memory; idle
     /// ones beyond this are dropped and reloaded from the store on use.
     pub max_cached_conversations: usize,
+    /// Members of cached groups a shard keeps in memory, summed over its
+    /// groups; past it, the least recently used idle groups are dropped
+    /// (and loaded again from the store when next used).
+    pub max_cached_group_members: usize,
     /// Groups up to this many members also copy each message into every
     /// member's inbox (write diffusion); larger groups are caught up from
     /// the group's history by member cursor (read diffusion).
@@ -295,6 +299,7 @@ impl Default for Config {
             writer_queue_depth: 1024,
             dedup_window: 128,
             max_cached_conversations: 100_000,
+            max_cached_group_members: 1_000_000,
             write_diffusion_max_members: 200,
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             history_retention: None,

@@ -472,6 +472,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.max_cached_conversations.to_string(),
     },
     Key {
+        name: "max_cached_group_members",
+        help: "Members of cached groups a shard keeps in memory (least recently used idle groups are dropped past it)",
+        apply: |s, v| set(&mut s.config.max_cached_group_members, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.max_cached_group_members.to_string(),
+    },
+    Key {
         name: "write_diffusion_max_members",
         help: "Groups up to this size copy each message into every member's inbox",
         apply: |s, v| {

@@ -104,6 +104,9 @@ pub struct ShardMetrics {
     pub sessions_parked: AtomicI64,
     /// Pings answered for parked sessions without resuming them.
     pub parked_pings: AtomicU64,
+    /// Groups homed here whose members are cached, and their members.
+    pub groups_cached: AtomicI64,
+    pub group_members_cached: AtomicI64,
     pub connections_accepted: AtomicU64,
     pub logins_ok: AtomicU64,
     pub logins_failed: AtomicU64,
@@ -146,6 +149,8 @@ impl Default for ShardMetrics {
             sessions_open: AtomicI64::new(0),
             sessions_parked: AtomicI64::new(0),
             parked_pings: AtomicU64::new(0),
+            groups_cached: AtomicI64::new(0),
+            group_members_cached: AtomicI64::new(0),
             connections_accepted: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
@@ -199,6 +204,14 @@ impl ShardMetrics {
     #[inline]
     pub fn session_closed(&self) {
         self.sessions_open.fetch_sub(1, Relaxed);
+    }
+
+    /// The group cache now holds `groups` groups of `members` members.
+    pub fn groups_cached(&self, groups: usize, members: usize) {
+        self.groups_cached
+            .store(i64::try_from(groups).unwrap_or(i64::MAX), Relaxed);
+        self.group_members_cached
+            .store(i64::try_from(members).unwrap_or(i64::MAX), Relaxed);
     }
 
     /// An idle session parked.
@@ -546,6 +559,16 @@ const GAUGES: &[(&str, &str, Getter)] = &[
         "tern_sessions_parked",
         "Logged-in sessions parked while idle (no task; woken by a frame or a delivery).",
         |m| m.sessions_parked.load(Relaxed),
+    ),
+    (
+        "tern_groups_cached",
+        "Groups whose members and roles are cached on their home shard.",
+        |m| m.groups_cached.load(Relaxed),
+    ),
+    (
+        "tern_group_members_cached",
+        "Members of the cached groups, summed (bounded by max_cached_group_members per shard).",
+        |m| m.group_members_cached.load(Relaxed),
     ),
     (
         "tern_outbound_queued_bytes",

@@ -568,3 +568,62 @@ fn a_user_joins_and_creates_at_most_max_groups_per_user_groups() {
     b.group_create("bob's second").expect("bob's second group");
     assert_eq!(code_of(b.group_create("bob's third")), ErrorCode::LimitExceeded);
 }
+
+#[test]
+fn groups_dropped_from_a_full_cache_come_back_with_every_change() {
+    // A cache of 4 members per shard holds one 3-member group at a time:
+    // almost every use below loads its group again from the store.
+    let server = TestServer::start_with(|c| c.max_cached_group_members = 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut c = server.login(&carol);
+    let groups: Vec<GroupId> = (0..6)
+        .map(|i| {
+            let group = a.group_create(&format!("evicted {i}")).expect("create");
+            b.group_join(group).expect("bob joins");
+            c.group_join(group).expect("carol joins");
+            group
+        })
+        .collect();
+    // Changes to every group, each made while others crowd it out.
+    for (i, &group) in groups.iter().enumerate() {
+        if i % 2 == 0 {
+            a.group_set_role(group, bob.id, GroupRole::Admin)
+                .expect("promote");
+        }
+        if i % 3 == 0 {
+            c.group_leave(group).expect("carol leaves");
+        }
+    }
+    for (i, &group) in groups.iter().enumerate() {
+        let bob_role = if i % 2 == 0 {
+            GroupRole::Admin
+        } else {
+            GroupRole::Member
+        };
+        let mut want = vec![(alice.id, GroupRole::Owner), (bob.id, bob_role)];
+        if i % 3 != 0 {
+            want.push((carol.id, GroupRole::Member));
+        }
+        assert_eq!(roles(&mut a, group), sorted(want), "group {i}");
+        // Fan-out follows the reloaded membership.
+        a.send_group_text(group, &format!("to {i}")).expect("send");
+        assert_eq!(expect_message(&mut b).conv, ConvId::Group { group });
+        if i % 3 == 0 {
+            assert_eq!(
+                code_of(c.history(ConvId::Group { group }, u64::MAX, false, 5)),
+                ErrorCode::Forbidden
+            );
+        } else {
+            assert_eq!(expect_message(&mut c).conv, ConvId::Group { group });
+        }
+    }
+    let cached = total(&admin, "tern_group_members_cached");
+    assert!(cached <= 2 * 4, "{cached} members cached");
+    assert!(total(&admin, "tern_groups_cached") < 6);
+}

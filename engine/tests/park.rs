@@ -15,30 +15,17 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{eventually, expect_message, TestServer, PASSWORD};
+use common::{admin, eventually, expect_message, total, TestServer, PASSWORD};
 use rkyv::util::AlignedVec;
 use tern_client::ClientBody;
 use tern_client::{Client, ClientOptions, ClientTls, ErrorCode, ServerBody};
-use tern_engine::admin::{admin_request, serve_admin, AdminServer};
+use tern_engine::admin::{admin_request, AdminServer};
 use tern_proto::{encode_client, ClientFrame};
 
 const PARK_AFTER: Duration = Duration::from_millis(150);
 
 fn parking_server() -> TestServer {
     TestServer::start_with(|config| config.park_after = PARK_AFTER)
-}
-
-fn admin(server: &TestServer, dir: &Path) -> AdminServer {
-    serve_admin(&dir.join("admin.sock"), server.admin_context()).expect("admin socket")
-}
-
-/// A gauge's total over all shards, from the admin socket's `stats`.
-fn total(admin: &AdminServer, metric: &str) -> i64 {
-    let stats = admin_request(admin.path(), "stats").expect("stats");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no total for {metric} in {stats}"))
 }
 
 fn wait_parked(admin: &AdminServer, sessions: i64) {

@@ -12,6 +12,7 @@
 //! batches by whichever of them holds the permit: a crowd joining a group
 //! at once costs a few store writes, not one each.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -40,6 +41,76 @@ pub(super) struct JoinQueue {
     draining: bool,
 }
 
+/// The groups homed on this shard that are cached, within
+/// `max_cached_group_members` members in all: past it, loading a group
+/// evicts the least recently used idle ones (no task holds their state or
+/// their permit, no joins queued) down to 7/8 of the budget. An evicted
+/// group is loaded again from the store, which has every change: a change
+/// writes the store before it updates the cache, and holds the group's
+/// permit (so the group is not idle) from its checks to that update.
+#[derive(Default)]
+pub(super) struct GroupCache {
+    map: FxHashMap<GroupId, Rc<GroupState>>,
+    /// Members of the cached groups, summed.
+    members: usize,
+    /// Ticks on every use, for least-recently-used eviction.
+    clock: u64,
+    /// Evictions so far: a load that saw this move while it read the
+    /// store may hold a roster older than a change made, cached and
+    /// evicted meanwhile, and reads it again.
+    evictions: u64,
+}
+
+impl GroupCache {
+    fn get(&mut self, group: GroupId) -> Option<Rc<GroupState>> {
+        self.clock += 1;
+        let state = self.map.get(&group)?;
+        state.last_used.set(self.clock);
+        Some(state.clone())
+    }
+
+    fn insert(&mut self, group: GroupId, state: Rc<GroupState>) {
+        self.members += state.members.len();
+        if let Some(old) = self.map.insert(group, state) {
+            self.members = self.members.saturating_sub(old.members.len());
+        }
+    }
+
+    /// Evicts idle groups, least recently used first, until the members
+    /// cached are within 7/8 of `budget` (or no idle group is left).
+    fn evict_over(&mut self, budget: usize, joins: &FxHashMap<GroupId, JoinQueue>) {
+        if self.members <= budget {
+            return;
+        }
+        let target = budget - budget / 8;
+        let mut idle: Vec<(u64, GroupId)> = self
+            .map
+            .iter()
+            .filter(|(group, state)| {
+                Rc::strong_count(state) == 1
+                    && Rc::strong_count(&state.changes) == 1
+                    && !joins.contains_key(*group)
+            })
+            .map(|(&group, state)| (state.last_used.get(), group))
+            .collect();
+        idle.sort_unstable();
+        for (_, group) in idle {
+            if self.members <= target {
+                break;
+            }
+            if let Some(state) = self.map.remove(&group) {
+                self.members = self.members.saturating_sub(state.members.len());
+                self.evictions += 1;
+            }
+        }
+    }
+
+    /// (groups, members) cached, for the metrics.
+    pub(super) fn size(&self) -> (usize, usize) {
+        (self.map.len(), self.members)
+    }
+}
+
 /// A group homed on this shard, as cached for fan-out and the group rules.
 pub(super) struct GroupState {
     name: String,
@@ -48,8 +119,11 @@ pub(super) struct GroupState {
     /// Every member's role; the keys are the member set.
     members: FxHashMap<UserId, GroupRole>,
     /// One permit: held from a change's checks to its cache update. Shared
-    /// by every rebuilt state of the group (entries are never evicted).
+    /// by every rebuilt state of the group; a group whose semaphore anyone
+    /// holds or waits on is never evicted, so no two live for one group.
     changes: Rc<Semaphore>,
+    /// [`GroupCache::clock`] at the last use.
+    last_used: Cell<u64>,
     /// Every member, ascending by id: for write diffusion into inboxes and
     /// for listing the group (a page starts with a binary search).
     all: Arc<[UserId]>,
@@ -113,16 +187,27 @@ impl GroupState {
 impl Shard {
     /// The cached state of a group homed here, loaded on first use.
     async fn group_state(&self, group: GroupId) -> Result<Rc<GroupState>, StoreError> {
-        if let Some(state) = self.groups.borrow().get(&group) {
-            return Ok(state.clone());
-        }
-        let roster = self
-            .blocking(move |store| store.group_roster(group)?.ok_or(StoreError::NotFound))
-            .await?;
-        // Another task may have loaded it while we waited; keep theirs,
-        // which may already include later membership changes.
-        let mut groups = self.groups.borrow_mut();
-        let state = groups.entry(group).or_insert_with(|| {
+        loop {
+            let evictions = {
+                let mut cache = self.groups.borrow_mut();
+                if let Some(state) = cache.get(group) {
+                    return Ok(state);
+                }
+                cache.evictions
+            };
+            let roster = self
+                .blocking(move |store| store.group_roster(group)?.ok_or(StoreError::NotFound))
+                .await?;
+            let mut cache = self.groups.borrow_mut();
+            // Another task may have loaded it while we waited; keep theirs,
+            // which may already include later membership changes.
+            if let Some(state) = cache.get(group) {
+                return Ok(state);
+            }
+            if cache.evictions != evictions {
+                // It may have been loaded, changed and evicted meanwhile.
+                continue;
+            }
             let GroupRoster {
                 name,
                 owner,
@@ -136,9 +221,18 @@ impl Shard {
                 open,
                 changes: Rc::new(Semaphore::new(1)),
             };
-            Rc::new(self.build_group(base, members.into_iter().collect()))
-        });
-        Ok(state.clone())
+            let state = Rc::new(self.build_group(base, members.into_iter().collect()));
+            state.last_used.set(cache.clock);
+            cache.insert(group, state.clone());
+            cache.evict_over(self.config.max_cached_group_members, &self.join_queues.borrow());
+            self.note_group_cache(&cache);
+            return Ok(state);
+        }
+    }
+
+    fn note_group_cache(&self, cache: &GroupCache) {
+        let (groups, members) = cache.size();
+        self.m().groups_cached(groups, members);
     }
 
     fn build_group(&self, base: GroupBase, members: FxHashMap<UserId, GroupRole>) -> GroupState {
@@ -157,6 +251,7 @@ impl Shard {
             open: base.open,
             members,
             changes: base.changes,
+            last_used: Cell::new(0),
             all,
             by_shard: by_shard.into_iter().map(Arc::from).collect(),
         }
@@ -165,8 +260,8 @@ impl Shard {
     /// Replaces the cached state of `group` (if loaded) by one with
     /// `change` applied to its members. Does not yield.
     fn update_members(&self, group: GroupId, change: impl FnOnce(&mut FxHashMap<UserId, GroupRole>)) {
-        let mut groups = self.groups.borrow_mut();
-        if let Some(state) = groups.get(&group) {
+        let mut cache = self.groups.borrow_mut();
+        if let Some(state) = cache.get(group) {
             let mut members = state.members.clone();
             change(&mut members);
             let base = GroupBase {
@@ -176,7 +271,10 @@ impl Shard {
                 changes: state.changes.clone(),
             };
             let rebuilt = Rc::new(self.build_group(base, members));
-            groups.insert(group, rebuilt);
+            rebuilt.last_used.set(state.last_used.get());
+            drop(state);
+            cache.insert(group, rebuilt);
+            self.note_group_cache(&cache);
         }
     }
 

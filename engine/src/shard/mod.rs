@@ -39,7 +39,7 @@ use crate::park::ParkSet;
 use crate::stop::StopSignal;
 
 use commit::{ConvState, Effect, Staged};
-use groups::GroupState;
+use groups::GroupCache;
 
 /// A connection of a user homed on this shard.
 struct ConnEntry {
@@ -123,7 +123,7 @@ pub struct Shard {
     next_generation: Cell<u32>,
     sessions: RefCell<FxHashMap<UserId, Vec<ConnKey>>>,
     convs: RefCell<FxHashMap<ConvId, ConvState>>,
-    groups: RefCell<FxHashMap<u64, Rc<GroupState>>>,
+    groups: RefCell<GroupCache>,
     /// Joins waiting for their group's permit, applied together by the
     /// first of them to find the queue idle.
     join_queues: RefCell<FxHashMap<u64, groups::JoinQueue>>,
@@ -234,7 +234,7 @@ impl Shard {
             next_generation: Cell::new(0),
             sessions: RefCell::new(FxHashMap::default()),
             convs: RefCell::new(FxHashMap::default()),
-            groups: RefCell::new(FxHashMap::default()),
+            groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),

@@ -500,3 +500,17 @@ impl Pair {
         assert_eq!(msg.from, self.b_user.id);
     }
 }
+
+/// An admin socket for `server` in `dir`.
+pub fn admin(server: &TestServer, dir: &std::path::Path) -> tern_engine::admin::AdminServer {
+    tern_engine::admin::serve_admin(&dir.join("admin.sock"), server.admin_context()).expect("admin socket")
+}
+
+/// A gauge's total over all shards, from the admin socket's `stats`.
+pub fn total(admin: &tern_engine::admin::AdminServer, metric: &str) -> i64 {
+    let stats = tern_engine::admin::admin_request(admin.path(), "stats").expect("stats");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total for {metric} in {stats}"))
+}
