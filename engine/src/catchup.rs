@@ -364,6 +364,12 @@ fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) 
 const CONVERSATIONS_MAX: usize = 10_000;
 
 /// The conversation list of `user`, most recent first.
+///
+/// Recency needs the newest message of every conversation (up to
+/// [`CONVERSATIONS_MAX`]), but only its time is kept for the sort: the
+/// cursors and the decoded message are read for the page alone, so a
+/// user with thousands of conversations costs one read per conversation
+/// and a few per listed one, not three reads and a decode each.
 pub fn conversations(
     store: &Store,
     user: UserId,
@@ -371,7 +377,7 @@ pub fn conversations(
     limit: u32,
     max_frame_bytes: u32,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
-    let mut convs = store.direct_conversations(user)?;
+    let mut convs = store.direct_conversations(user, CONVERSATIONS_MAX)?;
     convs.extend(
         store
             .user_groups(user)?
@@ -379,8 +385,16 @@ pub fn conversations(
             .map(|group| ConvId::Group { group }),
     );
     convs.truncate(CONVERSATIONS_MAX);
-    let mut summaries = Vec::with_capacity(convs.len());
+    let mut recency = Vec::with_capacity(convs.len());
     for conv in convs {
+        let newest = store.last_message(conv)?.map_or(0, |m| m.timestamp_ms);
+        recency.push((newest, conv));
+    }
+    // Stable: conversations with equal times keep the index's order.
+    recency.sort_by_key(|&(newest, _)| std::cmp::Reverse(newest));
+    let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
+    let mut page = Vec::with_capacity(limit.min(recency.len()));
+    for (_, conv) in recency.into_iter().skip(offset as usize).take(limit) {
         let last = store.last_message(conv)?;
         let (_, read) = store.receipts(user, conv)?;
         let (peer_delivered, peer_read) = match conv.peer_of(user) {
@@ -388,7 +402,7 @@ pub fn conversations(
             None => (0, 0),
         };
         let last_seq = last.as_ref().map_or(0, |m| m.seq);
-        summaries.push(ConversationSummary {
+        page.push(ConversationSummary {
             conv,
             last_seq,
             unread: last_seq.saturating_sub(read),
@@ -397,10 +411,6 @@ pub fn conversations(
             peer_read,
         });
     }
-    summaries.sort_by_key(|s| std::cmp::Reverse(s.last_message.as_ref().map_or(0, |m| m.timestamp_ms)));
-    let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
-    let mut page: Vec<ConversationSummary> =
-        summaries.into_iter().skip(offset as usize).take(limit).collect();
     fit_in_frame(&mut page, max_frame_bytes, |summary| {
         std::mem::size_of::<ArchivedConversationSummary>()
             + summary.last_message.as_ref().map_or(0, archived_message_bound)
@@ -464,6 +474,98 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{max_frame_bytes} / {size}: {e}"));
             }
         }
+    }
+
+    /// A store where user 1 has a 1:1 with each of users 2..=`peers`+1,
+    /// the conversation with user `n` holding one message at time `n`
+    /// (so the most recent is the highest id); user 1 read up to it in the
+    /// odd ones and each peer delivered it.
+    fn busy_user(peers: u64) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = tern_storage::StoreOptions {
+            fsync: false,
+            ..tern_storage::StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).expect("store");
+        let mut ops = Vec::new();
+        for peer in 2..peers + 2 {
+            let conv = ConvId::direct(1, peer);
+            let mut m = message(1, Content::text(format!("hi from {peer}")));
+            (m.conv, m.from, m.timestamp_ms) = (conv, peer, peer);
+            let mut frame = AlignedVec::new();
+            let push = ServerFrame {
+                request_id: 0,
+                body: ServerBody::Message(m),
+            };
+            encode_server(&push, &mut frame, u32::MAX).expect("encode");
+            ops.push(tern_storage::WriteOp::Message(tern_storage::MessageWrite {
+                conv,
+                seq: 1,
+                from: peer,
+                client_msg_id: 1,
+                timestamp_ms: peer,
+                frame: frame.as_slice().into(),
+                inbox: tern_storage::InboxTargets::One(1),
+            }));
+            let receipt = |user, kind| tern_storage::WriteOp::Receipt {
+                user,
+                conv,
+                kind,
+                seq: 1,
+            };
+            ops.push(receipt(peer, tern_storage::ReceiptKind::Delivered));
+            if peer % 2 == 1 {
+                ops.push(receipt(1, tern_storage::ReceiptKind::Read));
+            }
+        }
+        store.apply(&ops, false).expect("apply");
+        (dir, store)
+    }
+
+    #[test]
+    fn a_conversation_list_is_most_recent_first_with_cursors_and_pages() {
+        let (_dir, store) = busy_user(30);
+        let page = conversations(&store, 1, 0, 10, 65_536).expect("first page");
+        let peers: Vec<u64> = page.iter().map(|s| s.conv.peer_of(1).unwrap_or(0)).collect();
+        assert_eq!(peers, (22..=31).rev().collect::<Vec<_>>());
+        for summary in &page {
+            let peer = summary.conv.peer_of(1).unwrap_or(0);
+            assert_eq!(summary.last_seq, 1);
+            assert_eq!(summary.unread, u64::from(peer % 2 == 0), "peer {peer}");
+            assert_eq!((summary.peer_delivered, summary.peer_read), (1, 0));
+            let last = summary.last_message.as_ref().expect("last message");
+            assert_eq!(last.content.body, format!("hi from {peer}").into_bytes());
+        }
+        let rest = conversations(&store, 1, 25, 200, 65_536).expect("last page");
+        let peers: Vec<u64> = rest.iter().map(|s| s.conv.peer_of(1).unwrap_or(0)).collect();
+        assert_eq!(peers, (2..=6).rev().collect::<Vec<_>>());
+        assert!(conversations(&store, 1, 30, 10, 65_536)
+            .expect("past the end")
+            .is_empty());
+        assert!(conversations(&store, 99, 0, 10, 65_536)
+            .expect("nobody")
+            .is_empty());
+    }
+
+    /// Not a test: prints how long one conversation list of a user with
+    /// 5,000 conversations takes (`cargo test --release -p tern-engine
+    /// --lib -- --ignored conversation_list_timing --nocapture`).
+    #[test]
+    #[ignore]
+    fn conversation_list_timing() {
+        let (_dir, store) = busy_user(5_000);
+        let mut times = Vec::new();
+        for _ in 0..11 {
+            let start = std::time::Instant::now();
+            let page = conversations(&store, 1, 0, 50, 65_536).expect("list");
+            times.push(start.elapsed());
+            assert_eq!(page.len(), 50);
+        }
+        times.sort();
+        eprintln!(
+            "conversations(5,000, first 50): median {:?}, min {:?}, max {:?}",
+            times[5], times[0], times[10]
+        );
     }
 
     #[test]

@@ -419,11 +419,12 @@ impl Store {
     }
 
     /// The 1:1 conversations `user` has sent or received a message in,
-    /// in conversation-key order.
-    pub fn direct_conversations(&self, user: UserId) -> Result<Vec<ConvId>, StoreError> {
+    /// in conversation-key order, at most `max` of them (the index grows
+    /// with everyone who ever wrote to the user).
+    pub fn direct_conversations(&self, user: UserId, max: usize) -> Result<Vec<ConvId>, StoreError> {
         let ks = &self.inner.user_convs;
         let mut out = Vec::new();
-        for guard in ks.handle.prefix(codec::id_key(user)) {
+        for guard in ks.handle.prefix(codec::id_key(user)).take(max) {
             let (key, value) = guard.into_inner()?;
             codec::check_empty(&value).map_err(|d| ks.corrupt(&key, d))?;
             out.push(codec::decode_user_conv_key(&key).map_err(|d| ks.corrupt(&key, d))?);

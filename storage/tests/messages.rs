@@ -302,18 +302,24 @@ fn direct_conversations_index_both_participants() {
     ];
     store.apply(&ops, false).unwrap();
     assert_eq!(
-        store.direct_conversations(1).unwrap(),
+        store.direct_conversations(1, usize::MAX).unwrap(),
         vec![ConvId::direct(1, 2), ConvId::direct(1, 3)]
     );
     assert_eq!(
-        store.direct_conversations(2).unwrap(),
+        store.direct_conversations(2, usize::MAX).unwrap(),
         vec![ConvId::direct(1, 2), ConvId::direct(2, 3)]
     );
     assert_eq!(
-        store.direct_conversations(3).unwrap(),
+        store.direct_conversations(3, usize::MAX).unwrap(),
         vec![ConvId::direct(1, 3), ConvId::direct(2, 3)]
     );
-    assert!(store.direct_conversations(4).unwrap().is_empty());
+    assert!(store.direct_conversations(4, usize::MAX).unwrap().is_empty());
+    // At most `max`, the first in key order.
+    assert_eq!(
+        store.direct_conversations(3, 1).unwrap(),
+        vec![ConvId::direct(1, 3)]
+    );
+    assert!(store.direct_conversations(3, 0).unwrap().is_empty());
 }
 
 #[test]
@@ -562,7 +568,10 @@ fn corrupt_message_records_are_errors_naming_the_keyspace() {
             .unwrap_err(),
         "receipts",
     );
-    assert_corrupt(store.direct_conversations(1).unwrap_err(), "user_convs");
+    assert_corrupt(
+        store.direct_conversations(1, usize::MAX).unwrap_err(),
+        "user_convs",
+    );
     // Intact records still read.
     assert_eq!(seqs(&store.history(conv, 0, true, 1).unwrap()), vec![1]);
 }
