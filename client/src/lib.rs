@@ -597,6 +597,22 @@ impl Client {
         }
     }
 
+    /// A page of a group's pending invites (the caller must be its owner
+    /// or an admin): the invited users with ids above `after`, ascending,
+    /// at most `limit` (clamped to 1..=1000 and cut to fit a frame), and
+    /// whether more follow.
+    pub fn group_invites_page(
+        &mut self,
+        group: GroupId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<(Vec<UserId>, bool), ClientError> {
+        match self.request(ClientBody::GroupInvitesPage { group, after, limit })? {
+            ServerBody::InvitesPage { users, more, .. } => Ok((users, more)),
+            other => Err(unexpected("InvitesPage", &other)),
+        }
+    }
+
     /// Every member of a group with their role, ascending by id, asked a
     /// page at a time so that groups of any size can be listed. Stops with
     /// [`ClientError::Protocol`] if the server's pages do not move forward.

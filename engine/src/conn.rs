@@ -1487,6 +1487,13 @@ impl Conn {
                 };
                 self.group_admin(request_id, group.to_native(), op).await
             }
+            ArchivedClientBody::GroupInvitesPage { group, after, limit } => {
+                let op = GroupOp::InvitesPage {
+                    after: after.to_native(),
+                    limit: limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX),
+                };
+                self.group_admin(request_id, group.to_native(), op).await
+            }
             ArchivedClientBody::GroupInfo { group } => {
                 self.group_admin(request_id, group.to_native(), GroupOp::Info)
                     .await
@@ -1718,6 +1725,10 @@ impl Conn {
             Ok(Ok(GroupAnswer::MembersPage { members, more })) => ServerFrame {
                 request_id,
                 body: ServerBody::MembersPage { group, members, more },
+            },
+            Ok(Ok(GroupAnswer::InvitesPage { users, more })) => ServerFrame {
+                request_id,
+                body: ServerBody::InvitesPage { group, users, more },
             },
             Ok(Ok(GroupAnswer::Done)) => ServerFrame {
                 request_id,

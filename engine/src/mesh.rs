@@ -79,6 +79,11 @@ pub enum GroupOp {
         after: UserId,
         limit: u32,
     },
+    /// Pending invites with ids above `after`, at most `limit` (clamped).
+    InvitesPage {
+        after: UserId,
+        limit: u32,
+    },
     Invite(UserId),
     Uninvite(UserId),
     Kick(UserId),
@@ -103,6 +108,8 @@ pub enum GroupAnswer {
         members: Vec<tern_proto::GroupMember>,
         more: bool,
     },
+    /// `InvitesPage`: invited users ascending by id; `more` if larger ids exist.
+    InvitesPage { users: Vec<UserId>, more: bool },
 }
 
 /// The outcome of a [`GroupOp`].

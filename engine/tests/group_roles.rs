@@ -627,3 +627,55 @@ fn groups_dropped_from_a_full_cache_come_back_with_every_change() {
     assert!(cached <= 2 * 4, "{cached} members cached");
     assert!(total(&admin, "tern_groups_cached") < 6);
 }
+
+#[test]
+fn owners_and_admins_list_pending_invites_a_page_at_a_time() {
+    // 1 KiB frames hold 96 ids (768 bytes at 8 bytes an id).
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 1024;
+        c.max_message_bytes = 512;
+    });
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let guests: Vec<u64> = (0..100)
+        .map(|i| server.user_where(&format!("guest{i}x"), |_| true).id)
+        .collect();
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, false);
+        assert_eq!(
+            a.group_invites_page(group, 0, 10).expect("none yet"),
+            (vec![], false)
+        );
+        for &guest in &guests {
+            a.group_invite(group, guest).expect("invite");
+        }
+        let (first, more) = a.group_invites_page(group, 0, 1000).expect("first page");
+        assert_eq!((first.len(), more), (96, true), "home {home}");
+        let last = *first.last().expect("96 ids");
+        let (rest, more) = a.group_invites_page(group, last, 1000).expect("second page");
+        assert!(!more);
+        let listed: Vec<u64> = first.into_iter().chain(rest).collect();
+        let mut want = guests.clone();
+        want.sort_unstable();
+        assert_eq!(listed, want, "home {home}");
+        assert_eq!(
+            a.group_invites_page(group, 0, 0).expect("limit 0 counts as 1"),
+            (want[..1].to_vec(), true)
+        );
+
+        // A plain member may not list them; an admin may, and sees a
+        // withdrawn invite gone.
+        a.group_invite(group, bob.id).expect("invite bob");
+        b.group_join(group).expect("bob joins");
+        assert_eq!(code_of(b.group_invites_page(group, 0, 10)), ErrorCode::Forbidden);
+        a.group_set_role(group, bob.id, GroupRole::Admin)
+            .expect("promote bob");
+        a.group_uninvite(group, want[0]).expect("withdraw");
+        let (seen, more) = b.group_invites_page(group, 0, 3).expect("admin lists");
+        assert_eq!((seen, more), (want[1..4].to_vec(), true), "home {home}");
+    }
+    assert_eq!(code_of(a.group_invites_page(u64::MAX, 0, 1)), ErrorCode::NotFound);
+}

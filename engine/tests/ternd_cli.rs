@@ -260,6 +260,8 @@ fn ternd_and_the_tern_cli_end_to_end() {
     let private = private.trim();
     let out = cli.run("alice", &["group", "invite", private, "bob"]);
     assert!(out.contains(&format!("invited bob to group {private}")), "{out}");
+    let out = cli.run("alice", &["group", "invites", private]);
+    assert!(out.contains(&format!("bob (id {bob}) invited")), "{out}");
     let out = cli.run("alice", &["group", "uninvite", private, "bob"]);
     assert!(
         out.contains(&format!("withdrew any invite of bob to group {private}")),
@@ -272,6 +274,11 @@ fn ternd_and_the_tern_cli_end_to_end() {
     assert!(!refused.status.success(), "{refused:?}");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("Forbidden"), "{stderr}");
+    let out = cli.run("alice", &["group", "invites", private]);
+    assert!(
+        out.contains(&format!("no pending invites to group {private}")),
+        "{out}"
+    );
 
     // A group round.
     let group = cli.run("alice", &["group", "create", "team"]);

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 28 {
+        match self.u8() % 29 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -490,7 +490,12 @@ impl<'a> Input<'a> {
                 group: self.id(),
                 user: self.id(),
             },
-            _ => ClientBody::GroupMembersPage {
+            27 => ClientBody::GroupMembersPage {
+                group: self.id(),
+                after: self.id(),
+                limit: self.u64() as u32,
+            },
+            _ => ClientBody::GroupInvitesPage {
                 group: self.id(),
                 after: self.id(),
                 limit: self.u64() as u32,
@@ -626,6 +631,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupKick { .. }
             | B::GroupInfo { .. }
             | B::GroupMembersPage { .. }
+            | B::GroupInvitesPage { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

@@ -30,8 +30,9 @@ pub const MEDIA_MIME_LEN_MAX: usize = 128;
 /// Most messages one `History` page or conversations one `Conversations`
 /// page returns; larger requests are clamped.
 pub const PAGE_LIMIT_MAX: u32 = 200;
-/// Most members one `GroupMembersPage` answer lists; larger requests are
-/// clamped (a page may also be cut shorter to fit one frame).
+/// Most members one `GroupMembersPage` answer lists, and most users one
+/// `GroupInvitesPage` answer lists; larger requests are clamped (a page
+/// may also be cut shorter to fit one frame).
 pub const MEMBERS_PAGE_LIMIT_MAX: u32 = 1000;
 /// Most cursors one `Sync` may carry.
 pub const SYNC_CURSORS_MAX: usize = 4096;

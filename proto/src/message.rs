@@ -134,6 +134,14 @@ pub enum ClientBody {
         after: UserId,
         limit: u32,
     },
+    /// A page of a group's pending invites (owner or admin only): the
+    /// invited users with ids above `after`, ascending, at most `limit`
+    /// (clamped to 1..=1000). Answered with `InvitesPage`.
+    GroupInvitesPage {
+        group: GroupId,
+        after: UserId,
+        limit: u32,
+    },
 }
 
 /// A member's role in a group.
@@ -339,6 +347,13 @@ pub enum ServerBody {
     MembersPage {
         group: GroupId,
         members: Vec<GroupMember>,
+        more: bool,
+    },
+    /// The answer to `GroupInvitesPage`: invited users ascending by id;
+    /// `more` as in `MembersPage`.
+    InvitesPage {
+        group: GroupId,
+        users: Vec<UserId>,
         more: bool,
     },
 }

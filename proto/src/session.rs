@@ -222,6 +222,7 @@ impl Session {
                 | B::GroupKick { .. }
                 | B::GroupInfo { .. }
                 | B::GroupMembersPage { .. }
+                | B::GroupInvitesPage { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

@@ -442,6 +442,28 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "client-group-invites-page",
+            client(
+                25,
+                ClientBody::GroupInvitesPage {
+                    group: 9,
+                    after: 0,
+                    limit: 100,
+                },
+            ),
+        ),
+        (
+            "server-invites-page",
+            server(
+                25,
+                ServerBody::InvitesPage {
+                    group: 9,
+                    users: vec![3, 8],
+                    more: false,
+                },
+            ),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -700,6 +722,11 @@ fn client_samples() -> Vec<ClientBody> {
             after: 2,
             limit: 3,
         },
+        ClientBody::GroupInvitesPage {
+            group: 1,
+            after: 2,
+            limit: 3,
+        },
     ]
 }
 
@@ -782,6 +809,11 @@ fn server_samples() -> Vec<ServerBody> {
             members: vec![],
             more: false,
         },
+        ServerBody::InvitesPage {
+            group: 1,
+            users: vec![],
+            more: false,
+        },
     ]
 }
 
@@ -834,7 +866,9 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         }
         B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
         B::GroupInfo { group } => vec![o(addr(group))],
-        B::GroupMembersPage { group, after, limit } => vec![o(addr(group)), o(addr(after)), o(addr(limit))],
+        B::GroupMembersPage { group, after, limit } | B::GroupInvitesPage { group, after, limit } => {
+            vec![o(addr(group)), o(addr(after)), o(addr(limit))]
+        }
     }
 }
 
@@ -906,6 +940,7 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             members,
         } => vec![o(addr(group)), o(addr(name)), o(addr(open)), o(addr(members))],
         B::MembersPage { group, members, more } => vec![o(addr(group)), o(addr(members)), o(addr(more))],
+        B::InvitesPage { group, users, more } => vec![o(addr(group)), o(addr(users)), o(addr(more))],
     }
 }
 
@@ -1148,7 +1183,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 28] = [
+    let client_expected: [&[usize]; 29] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1177,6 +1212,7 @@ fn archived_layout_is_as_documented() {
         &[8],             // GroupInfo
         &[8, 16],         // GroupUninvite
         &[8, 16, 24],     // GroupMembersPage
+        &[8, 16, 24],     // GroupInvitesPage
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1200,7 +1236,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 20] = [
+    let server_expected: [&[usize]; 21] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -1221,6 +1257,7 @@ fn archived_layout_is_as_documented() {
         &[4],             // Conversations
         &[8, 16, 24, 28], // GroupInfo
         &[8, 16, 24],     // MembersPage
+        &[8, 16, 24],     // InvitesPage
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1544,8 +1581,15 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(tag(25));
             fields.push(Field::U64(B + 8, *group));
         }
-        ClientBody::GroupMembersPage { group, after, limit } => {
-            fields.push(tag(27));
+        ClientBody::GroupMembersPage { group, after, limit }
+        | ClientBody::GroupInvitesPage { group, after, limit } => {
+            fields.push(tag(
+                if matches!(frame.body, ClientBody::GroupMembersPage { .. }) {
+                    27
+                } else {
+                    28
+                },
+            ));
             fields.push(Field::U64(B + 8, *group));
             fields.push(Field::U64(B + 16, *after));
             fields.push(Field::U32(B + 24, *limit));
@@ -1789,6 +1833,14 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             members: members_at(b + 16),
             more: bool_at(b + 24),
         },
+        20 => ServerBody::InvitesPage {
+            group: u64_at(b + 8),
+            users: {
+                let (start, len) = vec_at(b + 16);
+                (0..len).map(|i| u64_at(start + 8 * i)).collect()
+            },
+            more: bool_at(b + 24),
+        },
         t => panic!("bad ServerBody tag {t}"),
     };
     ServerFrame {
@@ -1938,6 +1990,8 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupUninvite { group, user }),
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(group, after, limit)| ClientBody::GroupMembersPage { group, after, limit }),
+        (any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(group, after, limit)| ClientBody::GroupInvitesPage { group, after, limit }),
     ]
 }
 
@@ -2032,6 +2086,12 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
             any::<bool>()
         )
             .prop_map(|(group, members, more)| ServerBody::MembersPage { group, members, more }),
+        (
+            any::<u64>(),
+            prop::collection::vec(any::<u64>(), 0..20),
+            any::<bool>()
+        )
+            .prop_map(|(group, users, more)| ServerBody::InvitesPage { group, users, more }),
     ]
 }
 

@@ -380,6 +380,36 @@ impl Store {
         inner.commit_unlocked(batch, guard)
     }
 
+    /// The users holding a pending invite to `group` with ids above
+    /// `after`, ascending, at most `limit`, and whether more follow.
+    /// `NotFound` for a missing group.
+    pub fn invites_after(
+        &self,
+        group: GroupId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<(Vec<UserId>, bool), StoreError> {
+        let inner = &*self.inner;
+        if inner.load_group(group)?.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let Some(first) = after.checked_add(1) else {
+            return Ok((Vec::new(), false));
+        };
+        let invites = &inner.group_invites;
+        let mut users = Vec::new();
+        let range = codec::pair_key(group, first)..=codec::pair_key(group, u64::MAX);
+        for guard in invites.handle.range(range) {
+            let (key, value) = guard.into_inner()?;
+            if users.len() >= limit {
+                return Ok((users, true));
+            }
+            codec::check_empty(&value).map_err(|d| invites.corrupt(&key, d))?;
+            users.push(codec::decode_pair_second(&key).map_err(|d| invites.corrupt(&key, d))?);
+        }
+        Ok((users, false))
+    }
+
     /// Whether `user` holds a pending invite to `group` (joins check it
     /// themselves, in [`Store::add_members`]).
     #[cfg(test)]
@@ -441,6 +471,36 @@ mod tests {
             ..StoreOptions::default()
         };
         Store::open(dir, opts).unwrap()
+    }
+
+    #[test]
+    fn invites_are_listed_in_id_order_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10);
+        for i in 0..6 {
+            store.register(&format!("user{i}"), b"password1").unwrap();
+        }
+        let g = store.create_group_with(1, "closed", false).unwrap();
+        let other = store.create_group_with(1, "other", false).unwrap();
+        assert_eq!(store.invites_after(g, 0, 10).unwrap(), (vec![], false));
+        for user in [5, 2, 4, 3] {
+            store.invite(g, user).unwrap();
+        }
+        store.invite(other, 6).unwrap(); // another group's: never listed here
+        assert_eq!(store.invites_after(g, 0, 10).unwrap(), (vec![2, 3, 4, 5], false));
+        assert_eq!(store.invites_after(g, 0, 2).unwrap(), (vec![2, 3], true));
+        assert_eq!(store.invites_after(g, 3, 2).unwrap(), (vec![4, 5], false));
+        assert_eq!(store.invites_after(g, 4, 1).unwrap(), (vec![5], false));
+        assert_eq!(store.invites_after(g, 5, 1).unwrap(), (vec![], false));
+        assert_eq!(store.invites_after(g, u64::MAX, 1).unwrap(), (vec![], false));
+        // A join uses its invite up; a withdrawn one is gone.
+        store.add_members(g, &[3], true).unwrap();
+        store.uninvite(g, 5).unwrap();
+        assert_eq!(store.invites_after(g, 0, 10).unwrap(), (vec![2, 4], false));
+        assert!(matches!(
+            store.invites_after(other + 1, 0, 1),
+            Err(StoreError::NotFound)
+        ));
     }
 
     #[test]

@@ -146,6 +146,8 @@ enum GroupCommand {
         #[arg(value_name = "USER")]
         target: String,
     },
+    /// List a group's pending invites; owner or admin only.
+    Invites { id: GroupId },
     /// Withdraw a user's (by name) pending invite; owner or admin only.
     Uninvite {
         id: GroupId,
@@ -286,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
                 client.group_invite(id, user)?;
                 println!("invited {target} to group {id}");
             }
+            GroupCommand::Invites { id } => print_invites(&mut client, &mut names, id)?,
             GroupCommand::Uninvite { id, target } => {
                 let user = client.resolve_user(&target)?;
                 client.group_uninvite(id, user)?;
@@ -615,6 +618,33 @@ fn print_members(client: &mut Client, names: &mut Names, group: GroupId) -> Resu
             _ => return Ok(()),
         }
     }
+}
+
+/// Lists the pending invites a page at a time.
+fn print_invites(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
+    let mut after = 0;
+    let mut listed = 0usize;
+    loop {
+        let (users, more) = client.group_invites_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
+        for &id in &users {
+            let name = names.name(client, id)?;
+            if name.starts_with("user ") {
+                println!("{name} invited");
+            } else {
+                println!("{name} (id {id}) invited");
+            }
+        }
+        listed += users.len();
+        match users.last() {
+            Some(&last) if more && last > after => after = last,
+            _ if more => bail!("the server's invite pages did not move forward"),
+            _ => break,
+        }
+    }
+    if listed == 0 {
+        println!("no pending invites to group {group}");
+    }
+    Ok(())
 }
 
 fn role_name(role: GroupRole) -> &'static str {

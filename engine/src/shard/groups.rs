@@ -368,6 +368,17 @@ impl Shard {
                 }
                 return state.listing(op, self.config.max_frame_bytes);
             }
+            GroupOp::InvitesPage { after, limit } => {
+                owner_or_admin(caller_role, "only the group's owner or an admin can list invites")?;
+                drop(state);
+                let budget = (self.config.max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
+                let take = (limit as usize).min(budget / size_of::<u64>()).max(1);
+                let (users, more) = self
+                    .blocking(move |store| store.invites_after(group, after, take))
+                    .await
+                    .map_err(|e| store_refusal(e, group, "no such group"))?;
+                return Ok(GroupAnswer::InvitesPage { users, more });
+            }
             _ => {}
         }
         if op == GroupOp::Join {
@@ -391,9 +402,11 @@ impl Shard {
             .map_err(|e| store_refusal(e, group, "no such group"))?;
         let caller_role = state.members.get(&user).copied();
         match op {
-            GroupOp::Members | GroupOp::Info | GroupOp::MembersPage { .. } | GroupOp::Join => {
-                Err(refusal(ErrorCode::Internal, "not a change made here"))
-            }
+            GroupOp::Members
+            | GroupOp::Info
+            | GroupOp::MembersPage { .. }
+            | GroupOp::InvitesPage { .. }
+            | GroupOp::Join => Err(refusal(ErrorCode::Internal, "not a change made here")),
             GroupOp::Leave => match caller_role {
                 None => Ok(GroupAnswer::Done),
                 Some(GroupRole::Owner) => Err(refusal(
