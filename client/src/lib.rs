@@ -563,6 +563,12 @@ impl Client {
         self.expect_ok(ClientBody::GroupSetRole { group, user, role })
     }
 
+    /// Hands a group over to one of its members (the caller must be its
+    /// owner, and becomes an admin, free to leave).
+    pub fn group_transfer_ownership(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupTransferOwnership { group, user })
+    }
+
     /// A group's name, openness and members with their roles (the caller
     /// must be a member).
     pub fn group_info(&mut self, group: GroupId) -> Result<GroupInfo, ClientError> {

@@ -1494,6 +1494,10 @@ impl Conn {
                 };
                 self.group_admin(request_id, group.to_native(), op).await
             }
+            ArchivedClientBody::GroupTransferOwnership { group, user: target } => {
+                let op = GroupOp::TransferOwnership(target.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
+            }
             ArchivedClientBody::GroupInfo { group } => {
                 self.group_admin(request_id, group.to_native(), GroupOp::Info)
                     .await

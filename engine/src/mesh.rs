@@ -88,6 +88,7 @@ pub enum GroupOp {
     Uninvite(UserId),
     Kick(UserId),
     SetRole(UserId, tern_proto::GroupRole),
+    TransferOwnership(UserId),
 }
 
 /// What a successful [`GroupOp`] answers.

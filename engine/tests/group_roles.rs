@@ -679,3 +679,82 @@ fn owners_and_admins_list_pending_invites_a_page_at_a_time() {
     }
     assert_eq!(code_of(a.group_invites_page(u64::MAX, 0, 1)), ErrorCode::NotFound);
 }
+
+#[test]
+fn the_owner_hands_the_group_over_and_may_then_leave() {
+    let mut server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut groups = Vec::new();
+    {
+        let mut a = server.login(&alice);
+        let mut b = server.login(&bob);
+        let mut c = server.login(&carol);
+        for home in 0..shards {
+            let group = group_on_shard(&mut a, home, shards, true);
+            b.group_join(group).expect("bob joins");
+            c.group_join(group).expect("carol joins");
+            a.group_set_role(group, carol.id, GroupRole::Admin)
+                .expect("promote carol");
+            // Only the owner, only to another member.
+            assert_eq!(
+                code_of(c.group_transfer_ownership(group, bob.id)),
+                ErrorCode::Forbidden,
+                "an admin, home {home}"
+            );
+            assert_eq!(
+                code_of(b.group_transfer_ownership(group, bob.id)),
+                ErrorCode::Forbidden,
+                "a member, home {home}"
+            );
+            assert_eq!(
+                code_of(a.group_transfer_ownership(group, alice.id)),
+                ErrorCode::InvalidArgument
+            );
+            let stranger = server.user_where(&format!("x{home}y"), |_| true);
+            assert_eq!(
+                code_of(a.group_transfer_ownership(group, stranger.id)),
+                ErrorCode::NotFound
+            );
+            a.group_transfer_ownership(group, bob.id).expect("hand over");
+            assert_eq!(
+                roles(&mut c, group),
+                sorted(vec![
+                    (alice.id, GroupRole::Admin),
+                    (bob.id, GroupRole::Owner),
+                    (carol.id, GroupRole::Admin),
+                ]),
+                "home {home}"
+            );
+            // The rules follow at once: bob now changes roles, alice no
+            // longer does, and the new owner cannot leave.
+            assert_eq!(
+                code_of(a.group_set_role(group, carol.id, GroupRole::Member)),
+                ErrorCode::Forbidden
+            );
+            b.group_set_role(group, carol.id, GroupRole::Member)
+                .expect("the new owner sets roles");
+            assert_eq!(code_of(b.group_leave(group)), ErrorCode::InvalidArgument);
+            assert_eq!(code_of(a.group_kick(group, bob.id)), ErrorCode::Forbidden);
+            groups.push(group);
+        }
+    }
+    // The new ownership is in the store: after a restart too.
+    server.restart();
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    for &group in &groups {
+        assert_eq!(
+            roles(&mut b, group),
+            sorted(vec![
+                (alice.id, GroupRole::Admin),
+                (bob.id, GroupRole::Owner),
+                (carol.id, GroupRole::Member),
+            ])
+        );
+        a.group_leave(group).expect("the former owner may leave");
+        b.group_kick(group, carol.id).expect("the owner kicks");
+    }
+}

@@ -280,6 +280,17 @@ fn ternd_and_the_tern_cli_end_to_end() {
         "{out}"
     );
 
+    // Ownership handed over: alice becomes an admin and may leave.
+    let out = cli.run("alice", &["group", "invite", private, "bob"]);
+    assert!(out.contains("invited bob"), "{out}");
+    cli.run("bob", &["group", "join", private]);
+    let out = cli.run("alice", &["group", "transfer", private, "bob"]);
+    assert!(out.contains(&format!("bob now owns group {private}")), "{out}");
+    let out = cli.run("bob", &["group", "members", private]);
+    assert!(out.contains(&format!("bob (id {bob}) owner")), "{out}");
+    let out = cli.run("alice", &["group", "leave", private]);
+    assert!(out.contains(&format!("left group {private}")), "{out}");
+
     // A group round.
     let group = cli.run("alice", &["group", "create", "team"]);
     let group = group.trim();

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 29 {
+        match self.u8() % 30 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -495,10 +495,14 @@ impl<'a> Input<'a> {
                 after: self.id(),
                 limit: self.u64() as u32,
             },
-            _ => ClientBody::GroupInvitesPage {
+            28 => ClientBody::GroupInvitesPage {
                 group: self.id(),
                 after: self.id(),
                 limit: self.u64() as u32,
+            },
+            _ => ClientBody::GroupTransferOwnership {
+                group: self.id(),
+                user: self.id(),
             },
         }
     }
@@ -632,6 +636,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupInfo { .. }
             | B::GroupMembersPage { .. }
             | B::GroupInvitesPage { .. }
+            | B::GroupTransferOwnership { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

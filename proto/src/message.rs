@@ -142,6 +142,9 @@ pub enum ClientBody {
         after: UserId,
         limit: u32,
     },
+    /// Makes member `user` the group's owner (the owner only); the caller
+    /// becomes an `Admin`, and may then leave. Answered with `Ok`.
+    GroupTransferOwnership { group: GroupId, user: UserId },
 }
 
 /// A member's role in a group.

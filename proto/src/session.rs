@@ -164,7 +164,7 @@ impl Session {
                 if role.to_native() == GroupRole::Owner {
                     return Err(Refusal::keep(
                         ErrorCode::InvalidArgument,
-                        "the Owner role cannot be assigned (ownership transfer is not supported)",
+                        "the Owner role cannot be assigned; use GroupTransferOwnership",
                     ));
                 }
                 Ok(())
@@ -223,6 +223,7 @@ impl Session {
                 | B::GroupInfo { .. }
                 | B::GroupMembersPage { .. }
                 | B::GroupInvitesPage { .. }
+                | B::GroupTransferOwnership { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

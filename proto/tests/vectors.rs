@@ -464,6 +464,10 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "client-group-transfer-ownership",
+            client(26, ClientBody::GroupTransferOwnership { group: 9, user: 4 }),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -727,6 +731,7 @@ fn client_samples() -> Vec<ClientBody> {
             after: 2,
             limit: 3,
         },
+        ClientBody::GroupTransferOwnership { group: 1, user: 2 },
     ]
 }
 
@@ -861,7 +866,10 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             new_password,
         } => vec![o(addr(old_password)), o(addr(new_password))],
         B::GroupCreateWith { name, open } => vec![o(addr(name)), o(addr(open))],
-        B::GroupInvite { group, user } | B::GroupKick { group, user } | B::GroupUninvite { group, user } => {
+        B::GroupInvite { group, user }
+        | B::GroupKick { group, user }
+        | B::GroupUninvite { group, user }
+        | B::GroupTransferOwnership { group, user } => {
             vec![o(addr(group)), o(addr(user))]
         }
         B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
@@ -1183,7 +1191,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 29] = [
+    let client_expected: [&[usize]; 30] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1213,6 +1221,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16],         // GroupUninvite
         &[8, 16, 24],     // GroupMembersPage
         &[8, 16, 24],     // GroupInvitesPage
+        &[8, 16],         // GroupTransferOwnership
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1562,11 +1571,13 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
         }
         ClientBody::GroupInvite { group, user }
         | ClientBody::GroupKick { group, user }
-        | ClientBody::GroupUninvite { group, user } => {
+        | ClientBody::GroupUninvite { group, user }
+        | ClientBody::GroupTransferOwnership { group, user } => {
             fields.push(tag(match frame.body {
                 ClientBody::GroupInvite { .. } => 22,
                 ClientBody::GroupKick { .. } => 23,
-                _ => 26,
+                ClientBody::GroupUninvite { .. } => 26,
+                _ => 29,
             }));
             fields.push(Field::U64(B + 8, *group));
             fields.push(Field::U64(B + 16, *user));
@@ -1992,6 +2003,8 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
             .prop_map(|(group, after, limit)| ClientBody::GroupMembersPage { group, after, limit }),
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(group, after, limit)| ClientBody::GroupInvitesPage { group, after, limit }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(group, user)| ClientBody::GroupTransferOwnership { group, user }),
     ]
 }
 

@@ -321,6 +321,48 @@ impl Store {
         }
     }
 
+    /// Makes member `to` the owner of `group`, whose owner must be `from`;
+    /// `from` becomes an `Admin`. In one batch under the groups lock, so
+    /// the group always has exactly one owner. `NotFound` for a missing
+    /// group or a `to` who is not a member; `InvalidArgument` if `from` is
+    /// not the owner or `to` is `from`.
+    pub fn transfer_ownership(&self, group: GroupId, from: UserId, to: UserId) -> Result<(), StoreError> {
+        if from == to {
+            return Err(StoreError::InvalidArgument("the owner already owns the group"));
+        }
+        let inner = &*self.inner;
+        let guard = lock(&inner.groups_lock);
+        let Some(mut record) = inner.load_group(group)? else {
+            return Err(StoreError::NotFound);
+        };
+        if record.owner != from {
+            return Err(StoreError::InvalidArgument(
+                "only the owner can hand the group over",
+            ));
+        }
+        if !inner.members.handle.contains_key(codec::pair_key(group, to))? {
+            return Err(StoreError::NotFound);
+        }
+        record.owner = to;
+        let mut batch = inner.db.batch();
+        batch.insert(
+            &inner.groups.handle,
+            codec::id_key(group),
+            codec::encode_group(&record),
+        );
+        batch.insert(
+            &inner.members.handle,
+            codec::pair_key(group, to),
+            codec::encode_member(GroupRole::Owner),
+        );
+        batch.insert(
+            &inner.members.handle,
+            codec::pair_key(group, from),
+            codec::encode_member(GroupRole::Admin),
+        );
+        inner.commit_unlocked(batch, guard)
+    }
+
     /// Records a pending invite of `user` to `group`. `NotFound` for a
     /// missing group or user; inviting a member or inviting twice succeeds
     /// without writing; `LimitExceeded` past
@@ -471,6 +513,43 @@ mod tests {
             ..StoreOptions::default()
         };
         Store::open(dir, opts).unwrap()
+    }
+
+    #[test]
+    fn ownership_moves_in_one_write_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let g;
+        {
+            let store = open(dir.path(), 10);
+            for name in ["alice", "bob", "carol"] {
+                store.register(name, b"password1").unwrap();
+            }
+            g = store.create_group(1, "handed over").unwrap();
+            store.add_member(g, 2).unwrap();
+            let refused = |r: Result<(), StoreError>| matches!(r, Err(StoreError::InvalidArgument(_)));
+            assert!(refused(store.transfer_ownership(g, 2, 1)), "not the owner");
+            assert!(refused(store.transfer_ownership(g, 1, 1)), "to oneself");
+            assert!(matches!(
+                store.transfer_ownership(g, 1, 3),
+                Err(StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.transfer_ownership(g + 1, 1, 2),
+                Err(StoreError::NotFound)
+            ));
+            store.transfer_ownership(g, 1, 2).unwrap();
+        }
+        let store = open(dir.path(), 10);
+        let roster = store.group_roster(g).unwrap().unwrap();
+        assert_eq!(roster.owner, 2);
+        let mut members = roster.members;
+        members.sort_unstable_by_key(|&(user, _)| user);
+        assert_eq!(members, vec![(1, GroupRole::Admin), (2, GroupRole::Owner)]);
+        store.remove_member(g, 1).unwrap();
+        assert!(matches!(
+            store.remove_member(g, 2),
+            Err(StoreError::InvalidArgument(_))
+        ));
     }
 
     #[test]

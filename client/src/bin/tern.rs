@@ -148,6 +148,12 @@ enum GroupCommand {
     },
     /// List a group's pending invites; owner or admin only.
     Invites { id: GroupId },
+    /// Hand the group over to a member (by name); owner only. You become an admin.
+    Transfer {
+        id: GroupId,
+        #[arg(value_name = "USER")]
+        target: String,
+    },
     /// Withdraw a user's (by name) pending invite; owner or admin only.
     Uninvite {
         id: GroupId,
@@ -289,6 +295,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("invited {target} to group {id}");
             }
             GroupCommand::Invites { id } => print_invites(&mut client, &mut names, id)?,
+            GroupCommand::Transfer { id, target } => {
+                let user = client.resolve_user(&target)?;
+                client.group_transfer_ownership(id, user)?;
+                println!("{target} now owns group {id}; you are an admin");
+            }
             GroupCommand::Uninvite { id, target } => {
                 let user = client.resolve_user(&target)?;
                 client.group_uninvite(id, user)?;

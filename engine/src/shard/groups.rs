@@ -260,13 +260,23 @@ impl Shard {
     /// Replaces the cached state of `group` (if loaded) by one with
     /// `change` applied to its members. Does not yield.
     fn update_members(&self, group: GroupId, change: impl FnOnce(&mut FxHashMap<UserId, GroupRole>)) {
+        self.update_cached(group, |_, members| change(members));
+    }
+
+    /// [`Shard::update_members`] that may also change the owner.
+    fn update_cached(
+        &self,
+        group: GroupId,
+        change: impl FnOnce(&mut UserId, &mut FxHashMap<UserId, GroupRole>),
+    ) {
         let mut cache = self.groups.borrow_mut();
         if let Some(state) = cache.get(group) {
             let mut members = state.members.clone();
-            change(&mut members);
+            let mut owner = state.owner;
+            change(&mut owner, &mut members);
             let base = GroupBase {
                 name: state.name.clone(),
-                owner: state.owner,
+                owner,
                 open: state.open,
                 changes: state.changes.clone(),
             };
@@ -411,7 +421,7 @@ impl Shard {
                 None => Ok(GroupAnswer::Done),
                 Some(GroupRole::Owner) => Err(refusal(
                     ErrorCode::InvalidArgument,
-                    "the owner cannot leave; delete is not supported",
+                    "the owner cannot leave; hand the group over first (GroupTransferOwnership)",
                 )),
                 Some(_) => self.remove(group, user).await,
             },
@@ -468,7 +478,7 @@ impl Shard {
                 if role == GroupRole::Owner {
                     return Err(refusal(
                         ErrorCode::InvalidArgument,
-                        "the Owner role cannot be assigned (ownership transfer is not supported)",
+                        "the Owner role cannot be assigned; use GroupTransferOwnership",
                     ));
                 }
                 if target == user {
@@ -486,6 +496,30 @@ impl Shard {
                     .map_err(|e| store_refusal(e, group, "not a member of this group"))?;
                 self.update_members(group, |members| {
                     members.insert(target, role);
+                });
+                Ok(GroupAnswer::Done)
+            }
+            GroupOp::TransferOwnership(target) => {
+                if caller_role != Some(GroupRole::Owner) {
+                    return Err(refusal(
+                        ErrorCode::Forbidden,
+                        "only the group's owner can hand it over",
+                    ));
+                }
+                if target == user {
+                    return Err(refusal(ErrorCode::InvalidArgument, "you already own this group"));
+                }
+                if !state.members.contains_key(&target) {
+                    return Err(refusal(ErrorCode::NotFound, "not a member of this group"));
+                }
+                drop(state);
+                self.blocking(move |store| store.transfer_ownership(group, user, target))
+                    .await
+                    .map_err(|e| store_refusal(e, group, "not a member of this group"))?;
+                self.update_cached(group, |owner, members| {
+                    *owner = target;
+                    members.insert(target, GroupRole::Owner);
+                    members.insert(user, GroupRole::Admin);
                 });
                 Ok(GroupAnswer::Done)
             }
