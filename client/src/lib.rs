@@ -563,6 +563,20 @@ impl Client {
         self.expect_ok(ClientBody::GroupSetRole { group, user, role })
     }
 
+    /// A page of the groups whose invites to the caller are pending: ids
+    /// above `after`, ascending, at most `limit` (clamped to 1..=1000 and
+    /// cut to fit a frame), and whether more follow.
+    pub fn my_invites_page(
+        &mut self,
+        after: GroupId,
+        limit: u32,
+    ) -> Result<(Vec<GroupId>, bool), ClientError> {
+        match self.request(ClientBody::MyInvitesPage { after, limit })? {
+            ServerBody::MyInvites { groups, more } => Ok((groups, more)),
+            other => Err(unexpected("MyInvites", &other)),
+        }
+    }
+
     /// Hands a group over to one of its members (the caller must be its
     /// owner, and becomes an admin, free to leave).
     pub fn group_transfer_ownership(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {

@@ -1592,6 +1592,23 @@ impl Conn {
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
+            ArchivedClientBody::MyInvitesPage { after, limit } => {
+                let after = after.to_native();
+                let budget = (max_frame_bytes as usize).saturating_sub(crate::catchup::PAGE_OVERHEAD_BYTES);
+                let take = (limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX) as usize)
+                    .min(budget / size_of::<u64>())
+                    .max(1);
+                match shard
+                    .blocking(move |store| store.user_invites_after(user, after, take))
+                    .await
+                {
+                    Ok((groups, more)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::MyInvites { groups, more },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
             ArchivedClientBody::Logout => {
                 let token = self.token;
                 match shard.blocking(move |store| store.revoke_token(&token)).await {

@@ -33,6 +33,14 @@ fn roles(client: &mut Client, group: GroupId) -> Vec<(u64, GroupRole)> {
         .collect()
 }
 
+/// The next push of `client` is the news of an invite to `group` by `by`.
+fn expect_invited(client: &mut Client, group: GroupId, by: u64) {
+    match expect_any_push(client) {
+        ServerBody::Invited { group: g, by: b } => assert_eq!((g, b), (group, by)),
+        other => panic!("expected Invited to {group}, got {other:?}"),
+    }
+}
+
 fn sorted(mut v: Vec<(u64, GroupRole)>) -> Vec<(u64, GroupRole)> {
     v.sort_unstable_by_key(|&(user, _)| user);
     v
@@ -68,6 +76,10 @@ fn invite_only_join_is_refused_until_invited_and_the_invite_is_used_up() {
         assert_eq!(code_of(a.group_invite(group, 999_999)), ErrorCode::NotFound);
         a.group_invite(group, bob.id).expect("invite bob");
         a.group_invite(group, bob.id).expect("inviting twice is harmless");
+        // Bob hears of each invite (twice: a repeated invite reminds).
+        for _ in 0..2 {
+            expect_invited(&mut b, group, alice.id);
+        }
         b.group_join(group).expect("invited join");
         assert_eq!(
             roles(&mut b, group),
@@ -77,6 +89,7 @@ fn invite_only_join_is_refused_until_invited_and_the_invite_is_used_up() {
         b.group_leave(group).expect("leave");
         assert_eq!(code_of(b.group_join(group)), ErrorCode::Forbidden);
         a.group_invite(group, bob.id).expect("invite again");
+        expect_invited(&mut b, group, alice.id);
         b.group_join(group).expect("join again");
 
         // Members of an invite-only group hear each other like any group.
@@ -757,4 +770,40 @@ fn the_owner_hands_the_group_over_and_may_then_leave() {
         a.group_leave(group).expect("the former owner may leave");
         b.group_kick(group, carol.id).expect("the owner kicks");
     }
+}
+
+#[test]
+fn an_invited_user_is_told_at_once_and_can_list_their_invites() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let mut invited_to = Vec::new();
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, false);
+        a.group_invite(group, bob.id).expect("invite bob");
+        expect_invited(&mut b, group, alice.id);
+        invited_to.push(group);
+    }
+    invited_to.sort_unstable();
+    assert_eq!(
+        b.my_invites_page(0, 1000).expect("list"),
+        (invited_to.clone(), false)
+    );
+    assert_eq!(
+        b.my_invites_page(0, 1).expect("first page"),
+        (invited_to[..1].to_vec(), true)
+    );
+    // A session that was offline at the time finds them too; a join uses
+    // one up and a withdrawal removes the other.
+    let mut later = server.login(&bob);
+    later.group_join(invited_to[0]).expect("join with the invite");
+    a.group_uninvite(invited_to[1], bob.id).expect("withdraw");
+    assert_eq!(later.my_invites_page(0, 1000).expect("list"), (vec![], false));
+    assert_eq!(
+        a.my_invites_page(0, 1000).expect("alice has none"),
+        (vec![], false)
+    );
 }

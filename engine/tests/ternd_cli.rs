@@ -262,6 +262,8 @@ fn ternd_and_the_tern_cli_end_to_end() {
     assert!(out.contains(&format!("invited bob to group {private}")), "{out}");
     let out = cli.run("alice", &["group", "invites", private]);
     assert!(out.contains(&format!("bob (id {bob}) invited")), "{out}");
+    let out = cli.run("bob", &["group", "my-invites"]);
+    assert!(out.contains(&format!("invited to group {private}")), "{out}");
     let out = cli.run("alice", &["group", "uninvite", private, "bob"]);
     assert!(
         out.contains(&format!("withdrew any invite of bob to group {private}")),

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 30 {
+        match self.u8() % 31 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -500,9 +500,13 @@ impl<'a> Input<'a> {
                 after: self.id(),
                 limit: self.u64() as u32,
             },
-            _ => ClientBody::GroupTransferOwnership {
+            29 => ClientBody::GroupTransferOwnership {
                 group: self.id(),
                 user: self.id(),
+            },
+            _ => ClientBody::MyInvitesPage {
+                after: self.id(),
+                limit: self.u64() as u32,
             },
         }
     }
@@ -637,6 +641,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupMembersPage { .. }
             | B::GroupInvitesPage { .. }
             | B::GroupTransferOwnership { .. }
+            | B::MyInvitesPage { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

@@ -145,6 +145,10 @@ pub enum ClientBody {
     /// Makes member `user` the group's owner (the owner only); the caller
     /// becomes an `Admin`, and may then leave. Answered with `Ok`.
     GroupTransferOwnership { group: GroupId, user: UserId },
+    /// A page of the groups that invited the caller and whose invites are
+    /// still pending: ids above `after`, ascending, at most `limit`
+    /// (clamped to 1..=1000). Answered with `MyInvites`.
+    MyInvitesPage { after: GroupId, limit: u32 },
 }
 
 /// A member's role in a group.
@@ -359,6 +363,12 @@ pub enum ServerBody {
         users: Vec<UserId>,
         more: bool,
     },
+    /// The answer to `MyInvitesPage`: groups ascending by id; `more` as in
+    /// `MembersPage`.
+    MyInvites { groups: Vec<GroupId>, more: bool },
+    /// Pushed to the invited user's live sessions when `by` invites them
+    /// to `group` (and again if invited again while the invite is pending).
+    Invited { group: GroupId, by: UserId },
 }
 
 /// A friend and whether they are online now.

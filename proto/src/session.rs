@@ -224,6 +224,7 @@ impl Session {
                 | B::GroupMembersPage { .. }
                 | B::GroupInvitesPage { .. }
                 | B::GroupTransferOwnership { .. }
+                | B::MyInvitesPage { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

@@ -468,6 +468,24 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             client(26, ClientBody::GroupTransferOwnership { group: 9, user: 4 }),
         ),
         (
+            "client-my-invites-page",
+            client(27, ClientBody::MyInvitesPage { after: 0, limit: 50 }),
+        ),
+        (
+            "server-my-invites",
+            server(
+                27,
+                ServerBody::MyInvites {
+                    groups: vec![9],
+                    more: false,
+                },
+            ),
+        ),
+        (
+            "server-invited",
+            server(0, ServerBody::Invited { group: 9, by: 1 }),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -732,6 +750,7 @@ fn client_samples() -> Vec<ClientBody> {
             limit: 3,
         },
         ClientBody::GroupTransferOwnership { group: 1, user: 2 },
+        ClientBody::MyInvitesPage { after: 1, limit: 2 },
     ]
 }
 
@@ -819,6 +838,11 @@ fn server_samples() -> Vec<ServerBody> {
             users: vec![],
             more: false,
         },
+        ServerBody::MyInvites {
+            groups: vec![],
+            more: false,
+        },
+        ServerBody::Invited { group: 1, by: 2 },
     ]
 }
 
@@ -877,6 +901,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         B::GroupMembersPage { group, after, limit } | B::GroupInvitesPage { group, after, limit } => {
             vec![o(addr(group)), o(addr(after)), o(addr(limit))]
         }
+        B::MyInvitesPage { after, limit } => vec![o(addr(after)), o(addr(limit))],
     }
 }
 
@@ -949,6 +974,8 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
         } => vec![o(addr(group)), o(addr(name)), o(addr(open)), o(addr(members))],
         B::MembersPage { group, members, more } => vec![o(addr(group)), o(addr(members)), o(addr(more))],
         B::InvitesPage { group, users, more } => vec![o(addr(group)), o(addr(users)), o(addr(more))],
+        B::MyInvites { groups, more } => vec![o(addr(groups)), o(addr(more))],
+        B::Invited { group, by } => vec![o(addr(group)), o(addr(by))],
     }
 }
 
@@ -1191,7 +1218,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 30] = [
+    let client_expected: [&[usize]; 31] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1222,6 +1249,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16, 24],     // GroupMembersPage
         &[8, 16, 24],     // GroupInvitesPage
         &[8, 16],         // GroupTransferOwnership
+        &[8, 16],         // MyInvitesPage
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1245,7 +1273,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 21] = [
+    let server_expected: [&[usize]; 23] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -1267,6 +1295,8 @@ fn archived_layout_is_as_documented() {
         &[8, 16, 24, 28], // GroupInfo
         &[8, 16, 24],     // MembersPage
         &[8, 16, 24],     // InvitesPage
+        &[4, 12],         // MyInvites
+        &[8, 16],         // Invited
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1592,6 +1622,11 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(tag(25));
             fields.push(Field::U64(B + 8, *group));
         }
+        ClientBody::MyInvitesPage { after, limit } => {
+            fields.push(tag(30));
+            fields.push(Field::U64(B + 8, *after));
+            fields.push(Field::U32(B + 16, *limit));
+        }
         ClientBody::GroupMembersPage { group, after, limit }
         | ClientBody::GroupInvitesPage { group, after, limit } => {
             fields.push(tag(
@@ -1844,6 +1879,17 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             members: members_at(b + 16),
             more: bool_at(b + 24),
         },
+        21 => ServerBody::MyInvites {
+            groups: {
+                let (start, len) = vec_at(b + 4);
+                (0..len).map(|i| u64_at(start + 8 * i)).collect()
+            },
+            more: bool_at(b + 12),
+        },
+        22 => ServerBody::Invited {
+            group: u64_at(b + 8),
+            by: u64_at(b + 16),
+        },
         20 => ServerBody::InvitesPage {
             group: u64_at(b + 8),
             users: {
@@ -2005,6 +2051,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
             .prop_map(|(group, after, limit)| ClientBody::GroupInvitesPage { group, after, limit }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(group, user)| ClientBody::GroupTransferOwnership { group, user }),
+        (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::MyInvitesPage { after, limit }),
     ]
 }
 
@@ -2105,6 +2152,9 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
             any::<bool>()
         )
             .prop_map(|(group, users, more)| ServerBody::InvitesPage { group, users, more }),
+        (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
+            .prop_map(|(groups, more)| ServerBody::MyInvites { groups, more }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, by)| ServerBody::Invited { group, by }),
     ]
 }
 

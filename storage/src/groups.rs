@@ -1,7 +1,8 @@
 //! Groups, their membership, roles and invites. It owns the `groups`
 //! keyspace (id -> owner, member count, invite count, open flag, name), the
 //! `members` keyspace (`group ++ user` -> role) and the `group_invites`
-//! keyspace (`group ++ user`, no value). The member and invite counts live
+//! keyspace (`group ++ user`, no value) with its reverse index
+//! `user_invites` (`user ++ group`). The member and invite counts live
 //! in the group's record and are rewritten in the same batch as each
 //! membership or invite change, so the limit checks are one point read
 //! however large the group is, and the counts can never drift from the
@@ -239,6 +240,7 @@ impl Store {
                 } else {
                     if invited {
                         batch.remove(&inner.group_invites.handle, key);
+                        batch.remove(&inner.user_invites.handle, codec::pair_key(user, group));
                         record.invite_count = record.invite_count.saturating_sub(1);
                     }
                     batch.insert(
@@ -389,6 +391,7 @@ impl Store {
         record.invite_count += 1;
         let mut batch = inner.db.batch();
         batch.insert(&inner.group_invites.handle, key, []);
+        batch.insert(&inner.user_invites.handle, codec::pair_key(user, group), []);
         batch.insert(
             &inner.groups.handle,
             codec::id_key(group),
@@ -414,6 +417,7 @@ impl Store {
         record.invite_count = record.invite_count.saturating_sub(1);
         let mut batch = inner.db.batch();
         batch.remove(&inner.group_invites.handle, key);
+        batch.remove(&inner.user_invites.handle, codec::pair_key(user, group));
         batch.insert(
             &inner.groups.handle,
             codec::id_key(group),
@@ -435,21 +439,18 @@ impl Store {
         if inner.load_group(group)?.is_none() {
             return Err(StoreError::NotFound);
         }
-        let Some(first) = after.checked_add(1) else {
-            return Ok((Vec::new(), false));
-        };
-        let invites = &inner.group_invites;
-        let mut users = Vec::new();
-        let range = codec::pair_key(group, first)..=codec::pair_key(group, u64::MAX);
-        for guard in invites.handle.range(range) {
-            let (key, value) = guard.into_inner()?;
-            if users.len() >= limit {
-                return Ok((users, true));
-            }
-            codec::check_empty(&value).map_err(|d| invites.corrupt(&key, d))?;
-            users.push(codec::decode_pair_second(&key).map_err(|d| invites.corrupt(&key, d))?);
-        }
-        Ok((users, false))
+        inner.group_invites.pairs_after(group, after, limit)
+    }
+
+    /// The groups with a pending invite for `user` with ids above
+    /// `after`, ascending, at most `limit`, and whether more follow.
+    pub fn user_invites_after(
+        &self,
+        user: UserId,
+        after: GroupId,
+        limit: usize,
+    ) -> Result<(Vec<GroupId>, bool), StoreError> {
+        self.inner.user_invites.pairs_after(user, after, limit)
     }
 
     /// Whether `user` holds a pending invite to `group` (joins check it
@@ -572,10 +573,18 @@ mod tests {
         assert_eq!(store.invites_after(g, 4, 1).unwrap(), (vec![5], false));
         assert_eq!(store.invites_after(g, 5, 1).unwrap(), (vec![], false));
         assert_eq!(store.invites_after(g, u64::MAX, 1).unwrap(), (vec![], false));
-        // A join uses its invite up; a withdrawn one is gone.
+        // Each invited user sees the invite too, and only theirs.
+        assert_eq!(store.user_invites_after(3, 0, 10).unwrap(), (vec![g], false));
+        assert_eq!(store.user_invites_after(6, 0, 10).unwrap(), (vec![other], false));
+        store.invite(other, 3).unwrap();
+        assert_eq!(store.user_invites_after(3, 0, 1).unwrap(), (vec![g], true));
+        assert_eq!(store.user_invites_after(3, g, 1).unwrap(), (vec![other], false));
+        // A join uses its invite up; a withdrawn one is gone, on both sides.
         store.add_members(g, &[3], true).unwrap();
         store.uninvite(g, 5).unwrap();
         assert_eq!(store.invites_after(g, 0, 10).unwrap(), (vec![2, 4], false));
+        assert_eq!(store.user_invites_after(3, 0, 10).unwrap(), (vec![other], false));
+        assert_eq!(store.user_invites_after(5, 0, 10).unwrap(), (vec![], false));
         assert!(matches!(
             store.invites_after(other + 1, 0, 1),
             Err(StoreError::NotFound)

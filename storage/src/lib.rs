@@ -173,6 +173,9 @@ struct Inner {
     members: Ks,
     /// group ++ user -> (): pending invites, consumed by the join.
     group_invites: Ks,
+    /// user ++ group -> (): the same invites by invited user, kept with
+    /// `group_invites` in the same batches.
+    user_invites: Ks,
     /// user ++ group -> (): the groups of a user, kept with `members`.
     user_groups: Ks,
     /// conv ++ seq -> (from, client msg id, timestamp, frame).
@@ -279,7 +282,10 @@ impl Store {
         let next_group = next_id(&groups)?;
         let members = ks("members")?;
         let user_groups = ks("user_groups")?;
-        backfill_user_groups(&db, &members, &user_groups)?;
+        backfill_reverse_index(&db, &members, &user_groups)?;
+        let group_invites = ks("group_invites")?;
+        let user_invites = ks("user_invites")?;
+        backfill_reverse_index(&db, &group_invites, &user_invites)?;
         let inner = Inner {
             dir: dir.to_path_buf(),
             accounts: ks("accounts")?,
@@ -289,7 +295,8 @@ impl Store {
             friends: ks("friends")?,
             groups,
             members,
-            group_invites: ks("group_invites")?,
+            group_invites,
+            user_invites,
             user_groups,
             history: ks("history")?,
             inbox: ks("inbox")?,
@@ -420,6 +427,27 @@ impl Ks {
         Ok(self.handle.get(key)?)
     }
 
+    /// The second ids of the `first ++ id` keys with ids above `after`,
+    /// ascending, at most `limit`, and whether more follow.
+    fn pairs_after(&self, first: u64, after: u64, limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
+        let Some(from) = after.checked_add(1) else {
+            return Ok((Vec::new(), false));
+        };
+        let mut out = Vec::new();
+        for guard in self
+            .handle
+            .range(codec::pair_key(first, from)..=codec::pair_key(first, u64::MAX))
+        {
+            let (key, value) = guard.into_inner()?;
+            if out.len() >= limit {
+                return Ok((out, true));
+            }
+            codec::check_empty(&value).map_err(|d| self.corrupt(&key, d))?;
+            out.push(codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?);
+        }
+        Ok((out, false))
+    }
+
     /// The second ids of every `prefix ++ id` key, ascending.
     fn scan_pairs(&self, first: u64) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();
@@ -432,19 +460,21 @@ impl Ks {
     }
 }
 
-/// Builds the `user_groups` index from `members` in a store written before
-/// the index existed (an empty index next to a non-empty `members`).
-fn backfill_user_groups(db: &Database, members: &Ks, user_groups: &Ks) -> Result<(), StoreError> {
-    if !user_groups.handle.is_empty()? || members.handle.is_empty()? {
+/// Builds a reverse index (`second ++ first` keys, as `user_groups` is to
+/// `members` and `user_invites` to `group_invites`) from its `first ++
+/// second` keyspace in a store written before the index existed (an empty
+/// index next to a non-empty source).
+fn backfill_reverse_index(db: &Database, source: &Ks, index: &Ks) -> Result<(), StoreError> {
+    if !index.handle.is_empty()? || source.handle.is_empty()? {
         return Ok(());
     }
     let mut batch = db.batch();
-    for guard in members.handle.iter() {
+    for guard in source.handle.iter() {
         let key = guard.key()?;
-        let group =
-            codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| members.corrupt(&key, d))?;
-        let user = codec::decode_pair_second(&key).map_err(|d| members.corrupt(&key, d))?;
-        batch.insert(&user_groups.handle, codec::pair_key(user, group), []);
+        let first =
+            codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| source.corrupt(&key, d))?;
+        let second = codec::decode_pair_second(&key).map_err(|d| source.corrupt(&key, d))?;
+        batch.insert(&index.handle, codec::pair_key(second, first), []);
     }
     batch.durability(Some(PersistMode::SyncData)).commit()?;
     Ok(())

@@ -383,6 +383,37 @@ fn user_groups_is_backfilled_for_an_older_store() {
 }
 
 #[test]
+fn user_invites_is_backfilled_for_an_older_store() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        for name in ["alice", "bob", "carol"] {
+            store.register(name, b"password1").unwrap();
+        }
+        let g = store.create_group_with(1, "g", false).unwrap();
+        let h = store.create_group_with(1, "h", false).unwrap();
+        store.invite(g, 2).unwrap();
+        store.invite(h, 2).unwrap();
+        store.invite(h, 3).unwrap();
+    }
+    {
+        let db = Database::builder(dir.path()).open().unwrap();
+        let ks = db
+            .keyspace("user_invites", KeyspaceCreateOptions::default)
+            .unwrap();
+        let keys: Vec<_> = ks.iter().map(|g| g.key().unwrap()).collect();
+        assert_eq!(keys.len(), 3);
+        for k in keys {
+            ks.remove(k).unwrap();
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.user_invites_after(2, 0, 10).unwrap(), (vec![1, 2], false));
+    assert_eq!(store.user_invites_after(3, 0, 10).unwrap(), (vec![2], false));
+}
+
+#[test]
 fn expiry_removes_only_expired_entries_and_keeps_each_newest() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

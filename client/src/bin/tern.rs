@@ -148,6 +148,8 @@ enum GroupCommand {
     },
     /// List a group's pending invites; owner or admin only.
     Invites { id: GroupId },
+    /// List the groups that invited you (pending invites).
+    MyInvites,
     /// Hand the group over to a member (by name); owner only. You become an admin.
     Transfer {
         id: GroupId,
@@ -295,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("invited {target} to group {id}");
             }
             GroupCommand::Invites { id } => print_invites(&mut client, &mut names, id)?,
+            GroupCommand::MyInvites => print_my_invites(&mut client)?,
             GroupCommand::Transfer { id, target } => {
                 let user = client.resolve_user(&target)?;
                 client.group_transfer_ownership(id, user)?;
@@ -507,6 +510,25 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
             println!("* {name} is {}", if online { "online" } else { "offline" });
             Ok(Pushed::Other)
         }
+        ServerBody::Invited { group, by } => {
+            let name = names.name(client, by)?;
+            println!("* {name} invited you to group {group} (tern group join {group})");
+            Ok(Pushed::Other)
+        }
+        ServerBody::Receipt {
+            conv,
+            user,
+            kind,
+            seq,
+        } => {
+            let name = names.name(client, user)?;
+            let what = match kind {
+                ReceiptKind::Delivered => "received",
+                ReceiptKind::Read => "read",
+            };
+            println!("* {name} has {what} {} up to #{seq}", conv_name(conv));
+            Ok(Pushed::Other)
+        }
         ServerBody::Disconnect { code, message, .. } => {
             bail!(
                 "server closed the connection: {code}: {}",
@@ -631,31 +653,72 @@ fn print_members(client: &mut Client, names: &mut Names, group: GroupId) -> Resu
     }
 }
 
-/// Lists the pending invites a page at a time.
-fn print_invites(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
+/// Asks `fetch(after)` for pages of ids until one says there are no more,
+/// handing each id to `each`; returns how many there were. Refuses pages
+/// that do not move forward, so a faulty server cannot loop it.
+fn each_paged_id(
+    client: &mut Client,
+    mut fetch: impl FnMut(&mut Client, u64) -> Result<(Vec<u64>, bool), ClientError>,
+    mut each: impl FnMut(&mut Client, u64) -> Result<()>,
+) -> Result<usize> {
     let mut after = 0;
     let mut listed = 0usize;
     loop {
-        let (users, more) = client.group_invites_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
-        for &id in &users {
+        let (ids, more) = fetch(client, after)?;
+        for &id in &ids {
+            each(client, id)?;
+        }
+        listed += ids.len();
+        match ids.last() {
+            Some(&last) if more && last > after => after = last,
+            _ if more => bail!("the server's pages did not move forward"),
+            _ => return Ok(listed),
+        }
+    }
+}
+
+/// Lists the groups that invited this user.
+fn print_my_invites(client: &mut Client) -> Result<()> {
+    let listed = each_paged_id(
+        client,
+        |client, after| client.my_invites_page(after, MEMBERS_PAGE_LIMIT_MAX),
+        |_, group| {
+            println!("invited to group {group}");
+            Ok(())
+        },
+    )?;
+    if listed == 0 {
+        println!("no pending invites");
+    }
+    Ok(())
+}
+
+/// Lists a group's pending invites.
+fn print_invites(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
+    let listed = each_paged_id(
+        client,
+        |client, after| client.group_invites_page(group, after, MEMBERS_PAGE_LIMIT_MAX),
+        |client, id| {
             let name = names.name(client, id)?;
             if name.starts_with("user ") {
                 println!("{name} invited");
             } else {
                 println!("{name} (id {id}) invited");
             }
-        }
-        listed += users.len();
-        match users.last() {
-            Some(&last) if more && last > after => after = last,
-            _ if more => bail!("the server's invite pages did not move forward"),
-            _ => break,
-        }
-    }
+            Ok(())
+        },
+    )?;
     if listed == 0 {
         println!("no pending invites to group {group}");
     }
     Ok(())
+}
+
+fn conv_name(conv: ConvId) -> String {
+    match conv {
+        ConvId::Direct { .. } => "your messages".to_owned(),
+        ConvId::Group { group } => format!("group {group}"),
+    }
 }
 
 fn role_name(role: GroupRole) -> &'static str {

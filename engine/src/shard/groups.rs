@@ -21,7 +21,7 @@ use rustc_hash::FxHashMap;
 use tern_proto::session::Refusal;
 use tern_proto::{
     ArchivedGroupMember, ChatMessage, Content, ConvId, ErrorCode, GroupId, GroupMember, GroupRole,
-    ReceiptKind, ServerFrame, UserId,
+    ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 use tern_storage::{
     GroupRoster, InboxTargets, JoinOutcome, MessageWrite, StoreError, WriteOp, MAX_JOIN_BATCH,
@@ -365,7 +365,12 @@ impl Shard {
     }
 
     /// Runs a membership, role or invite operation for a group homed here.
-    pub(super) async fn group_admin(&self, user: UserId, group: GroupId, op: GroupOp) -> GroupReply {
+    pub(super) async fn group_admin(
+        self: &Rc<Self>,
+        user: UserId,
+        group: GroupId,
+        op: GroupOp,
+    ) -> GroupReply {
         let state = self
             .group_state(group)
             .await
@@ -433,6 +438,15 @@ impl Shard {
                 self.blocking(move |store| store.invite(group, target))
                     .await
                     .map_err(|e| store_refusal(e, group, "no such user"))?;
+                // Tell the invited user's live sessions; offline ones find
+                // the invite with MyInvitesPage.
+                let push = ServerFrame {
+                    request_id: 0,
+                    body: ServerBody::Invited { group, by: user },
+                };
+                let frame = super::encode_shared(&push, self.config.max_frame_bytes);
+                self.send_event(self.home_of(target), Event::Notify { to: target, frame })
+                    .await;
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Uninvite(target) => {
