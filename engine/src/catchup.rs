@@ -67,13 +67,17 @@ pub async fn sync(
         .await
         .map_err(SyncError::Store)?;
     // A presented cursor is the client's own delivered receipt, stored
-    // once per conversation. Cursors of conversations the user takes no
-    // part in are dropped: they can match no message, and storing them
-    // would let a client write receipt rows for made-up conversations.
-    let member_of: rustc_hash::FxHashSet<tern_proto::GroupId> = groups.iter().copied().collect();
-    floors.retain(|&conv, _| takes_part(&shard.store, user, conv, &member_of));
+    // once per conversation, and every presented cursor is a floor. Only
+    // conversations that can exist are stored: a 1:1 with an existing
+    // user spelled low id first, or an existing group, member or not (a
+    // user who left a group may still hold its messages in their inbox,
+    // and only a cursor can acknowledge those). Others can match no
+    // message, and storing them would let a client write receipt rows
+    // for made-up conversations.
     for (&conv, &seq) in floors.iter().filter(|(_, &seq)| seq > 0) {
-        shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
+        if may_exist(&shard.store, user, conv) {
+            shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
+        }
     }
     let (mut first_page, mut groups) = (Some(first_page), Some(groups));
     let mut streamed = 0;
@@ -102,18 +106,12 @@ pub async fn sync(
     Err(SyncError::TooBusy)
 }
 
-/// Whether `conv` is a conversation `user` takes part in: a 1:1 with an
-/// existing user, in its one valid spelling (low id first), or a group
-/// in `groups`. Checks memory only.
-fn takes_part(
-    store: &Store,
-    user: UserId,
-    conv: ConvId,
-    groups: &rustc_hash::FxHashSet<tern_proto::GroupId>,
-) -> bool {
+/// Whether `conv` can hold messages for `user`: a 1:1 as [`in_direct`]
+/// says, or an existing group. Checks memory only.
+fn may_exist(store: &Store, user: UserId, conv: ConvId) -> bool {
     match conv {
         ConvId::Direct { .. } => in_direct(store, user, conv),
-        ConvId::Group { group } => groups.contains(&group),
+        ConvId::Group { group } => store.group_exists(group),
     }
 }
 

@@ -1090,3 +1090,37 @@ fn receipts_and_cursors_for_conversations_not_ones_own_are_refused_or_ignored() 
     b.receipt(got.conv, ReceiptKind::Read, 1)
         .expect("own conversation");
 }
+
+#[test]
+fn a_cursor_acknowledges_what_the_inbox_holds_of_a_group_one_has_left() {
+    // Messages of a small group wait in the member's inbox until
+    // acknowledged; after leaving, Receipt for the group is Forbidden, so
+    // the cursor in Sync is what acknowledges them.
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    let group = a.group_create("left behind").expect("create");
+    let conv = ConvId::Group { group };
+    let mut b = server.login(&bob);
+    b.group_join(group).expect("join");
+    for i in 0..3 {
+        a.send_group_text(group, &format!("m{i}")).expect("send");
+        assert_eq!(expect_message(&mut b).conv, conv);
+    }
+    b.group_leave(group).expect("leave");
+    assert_eq!(
+        code_of(b.receipt(conv, ReceiptKind::Delivered, 3)),
+        ErrorCode::Forbidden
+    );
+    drop(b);
+    let mut again = server.login_unsynced(&bob);
+    again.set_cursor(conv, 3);
+    assert_eq!(again.sync().expect("sync"), 0, "the cursor bounds this sync");
+    // ... and stored (receipts commit in the background): a device
+    // without the cursor then gets nothing either.
+    common::eventually("the cursor stored", || {
+        let mut probe = server.login_unsynced(&bob);
+        (probe.sync().expect("sync") == 0).then_some(())
+    });
+}

@@ -151,6 +151,9 @@ impl Store {
         batch.insert(&inner.user_groups.handle, codec::pair_key(owner, group), []);
         let pending = inner.write(batch, true)?;
         *next_id = group + 1;
+        inner
+            .highest_group
+            .store(group, std::sync::atomic::Ordering::Release);
         drop(next_id);
         inner.sync(pending)?;
         Ok(group)
@@ -231,12 +234,14 @@ impl Store {
                 || record.member_count == u32::MAX
             {
                 JoinOutcome::GroupFull
-            } else if inner.group_count_reaches_limit(user)? {
-                JoinOutcome::TooManyGroups
             } else {
+                // The invite first: one point read, where the group count
+                // is a scan of up to `max_groups_per_user` keys.
                 let invited = inner.group_invites.handle.contains_key(key)?;
                 if invited_only && !invited {
                     JoinOutcome::NotInvited
+                } else if inner.group_count_reaches_limit(user)? {
+                    JoinOutcome::TooManyGroups
                 } else {
                     if invited {
                         batch.remove(&inner.group_invites.handle, key);

@@ -197,6 +197,8 @@ struct Inner {
     /// The highest user id assigned, readable without the lock: ids are
     /// dense and never reused, so `1..=highest` is exactly the set of users.
     highest_user: AtomicU64,
+    /// The highest group id assigned, likewise (groups are never deleted).
+    highest_group: AtomicU64,
     /// Serialises friendship changes so limit checks see a stable count.
     friends_lock: Mutex<()>,
     /// Serialises group changes (member counts) and owns the next group id.
@@ -309,6 +311,7 @@ impl Store {
             dummy_hash: OnceLock::new(),
             register_lock: Mutex::new(next_user),
             highest_user: AtomicU64::new(next_user.saturating_sub(1)),
+            highest_group: AtomicU64::new(next_group.saturating_sub(1)),
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
             token_cache: tokens::TokenCache::new(),
@@ -323,6 +326,12 @@ impl Store {
     /// message path checks every recipient with this).
     pub fn user_exists(&self, user: UserId) -> bool {
         user >= 1 && user <= self.inner.highest_user.load(Ordering::Acquire)
+    }
+
+    /// Whether `group` is an assigned group id, without touching the disk
+    /// or taking a lock (ids are dense and groups are never deleted).
+    pub fn group_exists(&self, group: GroupId) -> bool {
+        group >= 1 && group <= self.inner.highest_group.load(Ordering::Acquire)
     }
 
     /// The directory the store lives in.

@@ -12,7 +12,7 @@
 //! batches by whichever of them holds the permit: a crowd joining a group
 //! at once costs a few store writes, not one each.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -55,10 +55,37 @@ pub(super) struct GroupCache {
     members: usize,
     /// Ticks on every use, for least-recently-used eviction.
     clock: u64,
-    /// Evictions so far: a load that saw this move while it read the
-    /// store may hold a roster older than a change made, cached and
-    /// evicted meanwhile, and reads it again.
+    /// Groups being read from the store, with how many tasks read each
+    /// and how often it was evicted since the first began: a load that
+    /// sees its group evicted while it read may hold a roster older than a
+    /// change made, cached and evicted meanwhile, and reads it again.
+    /// Holds only groups with a read in flight.
+    loading: FxHashMap<GroupId, Loading>,
+}
+
+/// One group's reads in flight (see [`GroupCache::loading`]).
+#[derive(Default)]
+struct Loading {
+    readers: usize,
     evictions: u64,
+}
+
+/// Ends a read of a group from the store, however its task leaves it.
+struct LoadGuard<'a> {
+    cache: &'a RefCell<GroupCache>,
+    group: GroupId,
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        let mut cache = self.cache.borrow_mut();
+        if let Some(loading) = cache.loading.get_mut(&self.group) {
+            loading.readers = loading.readers.saturating_sub(1);
+            if loading.readers == 0 {
+                cache.loading.remove(&self.group);
+            }
+        }
+    }
 }
 
 impl GroupCache {
@@ -67,6 +94,18 @@ impl GroupCache {
         let state = self.map.get(&group)?;
         state.last_used.set(self.clock);
         Some(state.clone())
+    }
+
+    /// Notes a read of `group` from the store; returns its evictions so
+    /// far, to compare when the read is done.
+    fn begin_load(&mut self, group: GroupId) -> u64 {
+        let loading = self.loading.entry(group).or_default();
+        loading.readers += 1;
+        loading.evictions
+    }
+
+    fn evicted_since(&self, group: GroupId, seen: u64) -> bool {
+        self.loading.get(&group).is_some_and(|l| l.evictions != seen)
     }
 
     fn insert(&mut self, group: GroupId, state: Rc<GroupState>) {
@@ -100,7 +139,9 @@ impl GroupCache {
             }
             if let Some(state) = self.map.remove(&group) {
                 self.members = self.members.saturating_sub(state.members.len());
-                self.evictions += 1;
+                if let Some(loading) = self.loading.get_mut(&group) {
+                    loading.evictions += 1;
+                }
             }
         }
     }
@@ -188,12 +229,16 @@ impl Shard {
     /// The cached state of a group homed here, loaded on first use.
     async fn group_state(&self, group: GroupId) -> Result<Rc<GroupState>, StoreError> {
         loop {
-            let evictions = {
+            let seen = {
                 let mut cache = self.groups.borrow_mut();
                 if let Some(state) = cache.get(group) {
                     return Ok(state);
                 }
-                cache.evictions
+                cache.begin_load(group)
+            };
+            let _load = LoadGuard {
+                cache: &self.groups,
+                group,
             };
             let roster = self
                 .blocking(move |store| store.group_roster(group)?.ok_or(StoreError::NotFound))
@@ -204,7 +249,7 @@ impl Shard {
             if let Some(state) = cache.get(group) {
                 return Ok(state);
             }
-            if cache.evictions != evictions {
+            if cache.evicted_since(group, seen) {
                 // It may have been loaded, changed and evicted meanwhile.
                 continue;
             }
@@ -284,6 +329,9 @@ impl Shard {
             rebuilt.last_used.set(state.last_used.get());
             drop(state);
             cache.insert(group, rebuilt);
+            // Joins may take the cache past its budget too; this group is
+            // in use (its permit is held), so only others go.
+            cache.evict_over(self.config.max_cached_group_members, &self.join_queues.borrow());
             self.note_group_cache(&cache);
         }
     }
