@@ -577,6 +577,32 @@ impl Client {
         }
     }
 
+    /// Bans a user from a group (the caller must be its owner, or an admin
+    /// banning anyone but admins): removes them if a member, withdraws
+    /// their invite, and refuses their joins until [`Client::group_unban`].
+    pub fn group_ban(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupBan { group, user })
+    }
+
+    /// Lifts a user's ban from a group (owner or admin).
+    pub fn group_unban(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupUnban { group, user })
+    }
+
+    /// A page of the users banned from a group (owner or admin), as
+    /// [`Client::group_invites_page`] pages invites.
+    pub fn group_bans_page(
+        &mut self,
+        group: GroupId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<(Vec<UserId>, bool), ClientError> {
+        match self.request(ClientBody::GroupBansPage { group, after, limit })? {
+            ServerBody::BansPage { users, more, .. } => Ok((users, more)),
+            other => Err(unexpected("BansPage", &other)),
+        }
+    }
+
     /// Hands a group over to one of its members (the caller must be its
     /// owner, and becomes an admin, free to leave).
     pub fn group_transfer_ownership(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {

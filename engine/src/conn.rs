@@ -1494,6 +1494,21 @@ impl Conn {
                 };
                 self.group_admin(request_id, group.to_native(), op).await
             }
+            ArchivedClientBody::GroupBan { group, user: target } => {
+                let op = GroupOp::Ban(target.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
+            }
+            ArchivedClientBody::GroupUnban { group, user: target } => {
+                let op = GroupOp::Unban(target.to_native());
+                self.group_admin(request_id, group.to_native(), op).await
+            }
+            ArchivedClientBody::GroupBansPage { group, after, limit } => {
+                let op = GroupOp::BansPage {
+                    after: after.to_native(),
+                    limit: limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX),
+                };
+                self.group_admin(request_id, group.to_native(), op).await
+            }
             ArchivedClientBody::GroupTransferOwnership { group, user: target } => {
                 let op = GroupOp::TransferOwnership(target.to_native());
                 self.group_admin(request_id, group.to_native(), op).await
@@ -1750,6 +1765,10 @@ impl Conn {
             Ok(Ok(GroupAnswer::InvitesPage { users, more })) => ServerFrame {
                 request_id,
                 body: ServerBody::InvitesPage { group, users, more },
+            },
+            Ok(Ok(GroupAnswer::BansPage { users, more })) => ServerFrame {
+                request_id,
+                body: ServerBody::BansPage { group, users, more },
             },
             Ok(Ok(GroupAnswer::Done)) => ServerFrame {
                 request_id,

@@ -89,6 +89,13 @@ pub enum GroupOp {
     Kick(UserId),
     SetRole(UserId, tern_proto::GroupRole),
     TransferOwnership(UserId),
+    Ban(UserId),
+    Unban(UserId),
+    /// Banned users with ids above `after`, at most `limit` (clamped).
+    BansPage {
+        after: UserId,
+        limit: u32,
+    },
 }
 
 /// What a successful [`GroupOp`] answers.
@@ -111,6 +118,8 @@ pub enum GroupAnswer {
     },
     /// `InvitesPage`: invited users ascending by id; `more` if larger ids exist.
     InvitesPage { users: Vec<UserId>, more: bool },
+    /// `BansPage`: banned users ascending by id; `more` if larger ids exist.
+    BansPage { users: Vec<UserId>, more: bool },
 }
 
 /// The outcome of a [`GroupOp`].

@@ -807,3 +807,66 @@ fn an_invited_user_is_told_at_once_and_can_list_their_invites() {
         (vec![], false)
     );
 }
+
+#[test]
+fn a_banned_user_is_removed_and_kept_out_until_unbanned() {
+    let mut server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let mut groups = Vec::new();
+    {
+        let mut a = server.login(&alice);
+        let mut b = server.login(&bob);
+        let mut c = server.login(&carol);
+        let mut d = server.login(&dave);
+        for home in 0..shards {
+            let group = group_on_shard(&mut a, home, shards, true);
+            for client in [&mut b, &mut c, &mut d] {
+                client.group_join(group).expect("join");
+            }
+            a.group_set_role(group, carol.id, GroupRole::Admin)
+                .expect("promote carol");
+            // Who may ban whom: as kicks.
+            assert_eq!(code_of(b.group_ban(group, dave.id)), ErrorCode::Forbidden);
+            assert_eq!(code_of(c.group_ban(group, alice.id)), ErrorCode::Forbidden);
+            assert_eq!(code_of(a.group_ban(group, alice.id)), ErrorCode::InvalidArgument);
+            a.group_set_role(group, dave.id, GroupRole::Admin)
+                .expect("promote dave");
+            assert_eq!(code_of(c.group_ban(group, dave.id)), ErrorCode::Forbidden);
+            a.group_set_role(group, dave.id, GroupRole::Member)
+                .expect("demote dave");
+            assert_eq!(code_of(b.group_bans_page(group, 0, 10)), ErrorCode::Forbidden);
+
+            // The admin bans bob: out at once, and kept out of an open group.
+            c.group_ban(group, bob.id).expect("ban bob");
+            c.group_ban(group, bob.id).expect("banning again is Ok");
+            a.send_group_text(group, "after the ban").expect("send");
+            assert_eq!(expect_message(&mut c).conv, ConvId::Group { group });
+            assert_eq!(expect_message(&mut d).conv, ConvId::Group { group });
+            expect_no_message(&mut b);
+            assert_eq!(code_of(b.group_join(group)), ErrorCode::Forbidden);
+            assert_eq!(code_of(a.group_invite(group, bob.id)), ErrorCode::InvalidArgument);
+            assert_eq!(
+                a.group_bans_page(group, 0, 10).expect("bans"),
+                (vec![bob.id], false)
+            );
+            groups.push(group);
+        }
+        assert_eq!(code_of(a.group_ban(u64::MAX, bob.id)), ErrorCode::NotFound);
+        assert_eq!(code_of(a.group_ban(groups[0], 999_999)), ErrorCode::NotFound);
+    }
+    // Bans are stored: after a restart bob is still out, until unbanned.
+    server.restart();
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    for &group in &groups {
+        assert_eq!(code_of(b.group_join(group)), ErrorCode::Forbidden);
+        a.group_unban(group, bob.id).expect("unban");
+        a.group_unban(group, bob.id).expect("unbanning again is Ok");
+        b.group_join(group).expect("joins again");
+        assert_eq!(a.group_bans_page(group, 0, 10).expect("bans"), (vec![], false));
+    }
+}

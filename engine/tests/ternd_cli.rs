@@ -293,6 +293,22 @@ fn ternd_and_the_tern_cli_end_to_end() {
     let out = cli.run("alice", &["group", "leave", private]);
     assert!(out.contains(&format!("left group {private}")), "{out}");
 
+    // A ban, listed and lifted by the new owner.
+    let out = cli.run("bob", &["group", "ban", private, "alice"]);
+    assert!(
+        out.contains(&format!("banned alice from group {private}")),
+        "{out}"
+    );
+    let out = cli.run("bob", &["group", "bans", private]);
+    assert!(out.contains("alice (id") && out.contains(") banned"), "{out}");
+    let out = cli.run("bob", &["group", "unban", private, "alice"]);
+    assert!(out.contains("lifted any ban of alice"), "{out}");
+    let out = cli.run("bob", &["group", "bans", private]);
+    assert!(
+        out.contains(&format!("nobody is banned from group {private}")),
+        "{out}"
+    );
+
     // A group round.
     let group = cli.run("alice", &["group", "create", "team"]);
     let group = group.trim();

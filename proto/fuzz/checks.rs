@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 31 {
+        match self.u8() % 34 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -504,7 +504,20 @@ impl<'a> Input<'a> {
                 group: self.id(),
                 user: self.id(),
             },
-            _ => ClientBody::MyInvitesPage {
+            30 => ClientBody::MyInvitesPage {
+                after: self.id(),
+                limit: self.u64() as u32,
+            },
+            31 => ClientBody::GroupBan {
+                group: self.id(),
+                user: self.id(),
+            },
+            32 => ClientBody::GroupUnban {
+                group: self.id(),
+                user: self.id(),
+            },
+            _ => ClientBody::GroupBansPage {
+                group: self.id(),
                 after: self.id(),
                 limit: self.u64() as u32,
             },
@@ -642,6 +655,9 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupInvitesPage { .. }
             | B::GroupTransferOwnership { .. }
             | B::MyInvitesPage { .. }
+            | B::GroupBan { .. }
+            | B::GroupUnban { .. }
+            | B::GroupBansPage { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

@@ -149,6 +149,20 @@ pub enum ClientBody {
     /// still pending: ids above `after`, ascending, at most `limit`
     /// (clamped to 1..=1000). Answered with `MyInvites`.
     MyInvitesPage { after: GroupId, limit: u32 },
+    /// Bans `user` from `group` (owner, or admin for anyone but admins and
+    /// the owner): removes them if a member, withdraws their invite, and
+    /// refuses their joins until `GroupUnban`. Answered with `Ok`.
+    GroupBan { group: GroupId, user: UserId },
+    /// Lifts `user`'s ban from `group` (owner or admin); answered with
+    /// `Ok`, whether or not there was one.
+    GroupUnban { group: GroupId, user: UserId },
+    /// A page of the users banned from `group` (owner or admin), paged
+    /// like `GroupInvitesPage`. Answered with `BansPage`.
+    GroupBansPage {
+        group: GroupId,
+        after: UserId,
+        limit: u32,
+    },
 }
 
 /// A member's role in a group.
@@ -369,6 +383,13 @@ pub enum ServerBody {
     /// Pushed to the invited user's live sessions when `by` invites them
     /// to `group` (and again if invited again while the invite is pending).
     Invited { group: GroupId, by: UserId },
+    /// The answer to `GroupBansPage`: banned users ascending by id; `more`
+    /// as in `MembersPage`.
+    BansPage {
+        group: GroupId,
+        users: Vec<UserId>,
+        more: bool,
+    },
 }
 
 /// A friend and whether they are online now.

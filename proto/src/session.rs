@@ -225,6 +225,9 @@ impl Session {
                 | B::GroupInvitesPage { .. }
                 | B::GroupTransferOwnership { .. }
                 | B::MyInvitesPage { .. }
+                | B::GroupBan { .. }
+                | B::GroupUnban { .. }
+                | B::GroupBansPage { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

@@ -486,6 +486,36 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             server(0, ServerBody::Invited { group: 9, by: 1 }),
         ),
         (
+            "client-group-ban",
+            client(28, ClientBody::GroupBan { group: 9, user: 3 }),
+        ),
+        (
+            "client-group-unban",
+            client(29, ClientBody::GroupUnban { group: 9, user: 3 }),
+        ),
+        (
+            "client-group-bans-page",
+            client(
+                30,
+                ClientBody::GroupBansPage {
+                    group: 9,
+                    after: 0,
+                    limit: 10,
+                },
+            ),
+        ),
+        (
+            "server-bans-page",
+            server(
+                30,
+                ServerBody::BansPage {
+                    group: 9,
+                    users: vec![3],
+                    more: false,
+                },
+            ),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -751,6 +781,13 @@ fn client_samples() -> Vec<ClientBody> {
         },
         ClientBody::GroupTransferOwnership { group: 1, user: 2 },
         ClientBody::MyInvitesPage { after: 1, limit: 2 },
+        ClientBody::GroupBan { group: 1, user: 2 },
+        ClientBody::GroupUnban { group: 1, user: 2 },
+        ClientBody::GroupBansPage {
+            group: 1,
+            after: 2,
+            limit: 3,
+        },
     ]
 }
 
@@ -843,6 +880,11 @@ fn server_samples() -> Vec<ServerBody> {
             more: false,
         },
         ServerBody::Invited { group: 1, by: 2 },
+        ServerBody::BansPage {
+            group: 1,
+            users: vec![],
+            more: false,
+        },
     ]
 }
 
@@ -893,12 +935,16 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         B::GroupInvite { group, user }
         | B::GroupKick { group, user }
         | B::GroupUninvite { group, user }
-        | B::GroupTransferOwnership { group, user } => {
+        | B::GroupTransferOwnership { group, user }
+        | B::GroupBan { group, user }
+        | B::GroupUnban { group, user } => {
             vec![o(addr(group)), o(addr(user))]
         }
         B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
         B::GroupInfo { group } => vec![o(addr(group))],
-        B::GroupMembersPage { group, after, limit } | B::GroupInvitesPage { group, after, limit } => {
+        B::GroupMembersPage { group, after, limit }
+        | B::GroupInvitesPage { group, after, limit }
+        | B::GroupBansPage { group, after, limit } => {
             vec![o(addr(group)), o(addr(after)), o(addr(limit))]
         }
         B::MyInvitesPage { after, limit } => vec![o(addr(after)), o(addr(limit))],
@@ -973,7 +1019,9 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             members,
         } => vec![o(addr(group)), o(addr(name)), o(addr(open)), o(addr(members))],
         B::MembersPage { group, members, more } => vec![o(addr(group)), o(addr(members)), o(addr(more))],
-        B::InvitesPage { group, users, more } => vec![o(addr(group)), o(addr(users)), o(addr(more))],
+        B::InvitesPage { group, users, more } | B::BansPage { group, users, more } => {
+            vec![o(addr(group)), o(addr(users)), o(addr(more))]
+        }
         B::MyInvites { groups, more } => vec![o(addr(groups)), o(addr(more))],
         B::Invited { group, by } => vec![o(addr(group)), o(addr(by))],
     }
@@ -1218,7 +1266,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 31] = [
+    let client_expected: [&[usize]; 34] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1250,6 +1298,9 @@ fn archived_layout_is_as_documented() {
         &[8, 16, 24],     // GroupInvitesPage
         &[8, 16],         // GroupTransferOwnership
         &[8, 16],         // MyInvitesPage
+        &[8, 16],         // GroupBan
+        &[8, 16],         // GroupUnban
+        &[8, 16, 24],     // GroupBansPage
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1273,7 +1324,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 23] = [
+    let server_expected: [&[usize]; 24] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -1297,6 +1348,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16, 24],     // InvitesPage
         &[4, 12],         // MyInvites
         &[8, 16],         // Invited
+        &[8, 16, 24],     // BansPage
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1602,12 +1654,16 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
         ClientBody::GroupInvite { group, user }
         | ClientBody::GroupKick { group, user }
         | ClientBody::GroupUninvite { group, user }
-        | ClientBody::GroupTransferOwnership { group, user } => {
+        | ClientBody::GroupTransferOwnership { group, user }
+        | ClientBody::GroupBan { group, user }
+        | ClientBody::GroupUnban { group, user } => {
             fields.push(tag(match frame.body {
                 ClientBody::GroupInvite { .. } => 22,
                 ClientBody::GroupKick { .. } => 23,
                 ClientBody::GroupUninvite { .. } => 26,
-                _ => 29,
+                ClientBody::GroupTransferOwnership { .. } => 29,
+                ClientBody::GroupBan { .. } => 31,
+                _ => 32,
             }));
             fields.push(Field::U64(B + 8, *group));
             fields.push(Field::U64(B + 16, *user));
@@ -1628,14 +1684,13 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(Field::U32(B + 16, *limit));
         }
         ClientBody::GroupMembersPage { group, after, limit }
-        | ClientBody::GroupInvitesPage { group, after, limit } => {
-            fields.push(tag(
-                if matches!(frame.body, ClientBody::GroupMembersPage { .. }) {
-                    27
-                } else {
-                    28
-                },
-            ));
+        | ClientBody::GroupInvitesPage { group, after, limit }
+        | ClientBody::GroupBansPage { group, after, limit } => {
+            fields.push(tag(match frame.body {
+                ClientBody::GroupMembersPage { .. } => 27,
+                ClientBody::GroupInvitesPage { .. } => 28,
+                _ => 33,
+            }));
             fields.push(Field::U64(B + 8, *group));
             fields.push(Field::U64(B + 16, *after));
             fields.push(Field::U32(B + 24, *limit));
@@ -1886,6 +1941,14 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             },
             more: bool_at(b + 12),
         },
+        23 => ServerBody::BansPage {
+            group: u64_at(b + 8),
+            users: {
+                let (start, len) = vec_at(b + 16);
+                (0..len).map(|i| u64_at(start + 8 * i)).collect()
+            },
+            more: bool_at(b + 24),
+        },
         22 => ServerBody::Invited {
             group: u64_at(b + 8),
             by: u64_at(b + 16),
@@ -2052,6 +2115,10 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(group, user)| ClientBody::GroupTransferOwnership { group, user }),
         (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::MyInvitesPage { after, limit }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupBan { group, user }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupUnban { group, user }),
+        (any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(group, after, limit)| ClientBody::GroupBansPage { group, after, limit }),
     ]
 }
 
@@ -2155,6 +2222,12 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
             .prop_map(|(groups, more)| ServerBody::MyInvites { groups, more }),
         (any::<u64>(), any::<u64>()).prop_map(|(group, by)| ServerBody::Invited { group, by }),
+        (
+            any::<u64>(),
+            prop::collection::vec(any::<u64>(), 0..20),
+            any::<bool>()
+        )
+            .prop_map(|(group, users, more)| ServerBody::BansPage { group, users, more }),
     ]
 }
 

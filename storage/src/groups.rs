@@ -18,6 +18,9 @@ use tern_proto::limits::check_group_name;
 use crate::codec::{self, GroupValue};
 use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
 
+/// Why a banned user may not join, or be invited to, a group.
+pub const BANNED: &str = "this user is banned from the group";
+
 /// Why a user may not create or join one more group.
 pub const TOO_MANY_GROUPS: &str = "you are a member of as many groups as the server allows; leave one first";
 
@@ -37,6 +40,8 @@ pub enum JoinOutcome {
     NotInvited,
     /// The group reached `max_group_members`.
     GroupFull,
+    /// The user is banned from the group.
+    Banned,
     /// The user is in `max_groups_per_user` groups already.
     TooManyGroups,
 }
@@ -197,6 +202,7 @@ impl Store {
             Some(JoinOutcome::Joined | JoinOutcome::AlreadyMember) => Ok(()),
             Some(JoinOutcome::GroupFull) => Err(StoreError::LimitExceeded("group is full")),
             Some(JoinOutcome::TooManyGroups) => Err(StoreError::LimitExceeded(TOO_MANY_GROUPS)),
+            Some(JoinOutcome::Banned) => Err(StoreError::InvalidArgument(BANNED)),
             Some(JoinOutcome::NoSuchUser | JoinOutcome::NotInvited) | None => Err(StoreError::NotFound),
         }
     }
@@ -230,6 +236,8 @@ impl Store {
                 JoinOutcome::NoSuchUser
             } else if joined_here.contains(&user) || inner.members.handle.contains_key(key)? {
                 JoinOutcome::AlreadyMember
+            } else if inner.group_bans.handle.contains_key(key)? {
+                JoinOutcome::Banned
             } else if usize::try_from(record.member_count).map_or(true, |n| n >= inner.opts.max_group_members)
                 || record.member_count == u32::MAX
             {
@@ -387,6 +395,11 @@ impl Store {
         if inner.members.handle.contains_key(key)? || inner.group_invites.handle.contains_key(key)? {
             return Ok(());
         }
+        if inner.group_bans.handle.contains_key(key)? {
+            return Err(StoreError::InvalidArgument(
+                "this user is banned from the group; unban them before inviting",
+            ));
+        }
         let full = usize::try_from(record.invite_count).map_or(true, |n| n >= inner.opts.max_group_invites);
         if full || record.invite_count == u32::MAX {
             return Err(StoreError::LimitExceeded(
@@ -458,6 +471,92 @@ impl Store {
         self.inner.user_invites.pairs_after(user, after, limit)
     }
 
+    /// Bans `user` from `group`: removes their membership (if any) and
+    /// pending invite (if any) and records the ban, in one batch under the
+    /// groups lock; a banned user's joins are refused (`Banned`) and
+    /// invites to them are `InvalidArgument`. Banning again succeeds
+    /// without writing. `NotFound` for a missing group or user;
+    /// `InvalidArgument` for the owner; `LimitExceeded` past
+    /// [`crate::StoreOptions::max_group_bans`]. Whether the caller may ban
+    /// is the engine's check.
+    pub fn ban(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        if !inner.user_exists(user)? {
+            return Err(StoreError::NotFound);
+        }
+        let guard = lock(&inner.groups_lock);
+        let Some(mut record) = inner.load_group(group)? else {
+            return Err(StoreError::NotFound);
+        };
+        if record.owner == user {
+            return Err(StoreError::InvalidArgument("the owner cannot be banned"));
+        }
+        let key = codec::pair_key(group, user);
+        if inner.group_bans.handle.contains_key(key)? {
+            return Ok(());
+        }
+        let max = inner.opts.max_group_bans;
+        let banned = inner
+            .group_bans
+            .handle
+            .prefix(codec::id_key(group))
+            .take(max)
+            .try_fold(0usize, |n, guard| guard.key().map(|_| n + 1))?;
+        if banned >= max {
+            return Err(StoreError::LimitExceeded("too many users banned from this group"));
+        }
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.group_bans.handle, key, []);
+        if inner.members.handle.contains_key(key)? {
+            batch.remove(&inner.members.handle, key);
+            batch.remove(&inner.user_groups.handle, codec::pair_key(user, group));
+            record.member_count = record.member_count.saturating_sub(1);
+        }
+        if inner.group_invites.handle.contains_key(key)? {
+            batch.remove(&inner.group_invites.handle, key);
+            batch.remove(&inner.user_invites.handle, codec::pair_key(user, group));
+            record.invite_count = record.invite_count.saturating_sub(1);
+        }
+        batch.insert(
+            &inner.groups.handle,
+            codec::id_key(group),
+            codec::encode_group(&record),
+        );
+        inner.commit_unlocked(batch, guard)
+    }
+
+    /// Lifts `user`'s ban from `group`; succeeds whether or not there was
+    /// one. `NotFound` for a missing group.
+    pub fn unban(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let guard = lock(&inner.groups_lock);
+        if inner.load_group(group)?.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let key = codec::pair_key(group, user);
+        if !inner.group_bans.handle.contains_key(key)? {
+            return Ok(());
+        }
+        let mut batch = inner.db.batch();
+        batch.remove(&inner.group_bans.handle, key);
+        inner.commit_unlocked(batch, guard)
+    }
+
+    /// The users banned from `group` with ids above `after`, ascending, at
+    /// most `limit`, and whether more follow. `NotFound` for a missing group.
+    pub fn bans_after(
+        &self,
+        group: GroupId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<(Vec<UserId>, bool), StoreError> {
+        let inner = &*self.inner;
+        if inner.load_group(group)?.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        inner.group_bans.pairs_after(group, after, limit)
+    }
+
     /// Whether `user` holds a pending invite to `group` (joins check it
     /// themselves, in [`Store::add_members`]).
     #[cfg(test)]
@@ -519,6 +618,68 @@ mod tests {
             ..StoreOptions::default()
         };
         Store::open(dir, opts).unwrap()
+    }
+
+    #[test]
+    fn a_ban_removes_member_and_invite_keeps_them_out_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let g;
+        {
+            let store = open(dir.path(), 10);
+            for name in ["alice", "bob", "carol", "dave"] {
+                store.register(name, b"password1").unwrap();
+            }
+            g = store.create_group(1, "moderated").unwrap();
+            store.add_member(g, 2).unwrap();
+            store.invite(g, 3).unwrap();
+            store.ban(g, 2).unwrap();
+            store.ban(g, 3).unwrap();
+            store.ban(g, 4).unwrap(); // before they ever joined
+            store.ban(g, 4).unwrap(); // again: nothing to do
+            assert_eq!(store.members(g).unwrap(), vec![1]);
+            assert!(store.user_groups(2).unwrap().is_empty());
+            assert_eq!(store.invites_after(g, 0, 10).unwrap(), (vec![], false));
+            assert_eq!(store.user_invites_after(3, 0, 10).unwrap(), (vec![], false));
+            assert!(matches!(store.ban(g, 1), Err(StoreError::InvalidArgument(_))));
+            assert!(matches!(store.ban(g, 99), Err(StoreError::NotFound)));
+            assert!(matches!(store.ban(g + 1, 2), Err(StoreError::NotFound)));
+        }
+        let store = open(dir.path(), 10);
+        assert_eq!(store.bans_after(g, 0, 10).unwrap(), (vec![2, 3, 4], false));
+        assert_eq!(store.bans_after(g, 2, 1).unwrap(), (vec![3], true));
+        assert_eq!(
+            store.add_members(g, &[2, 4], false).unwrap(),
+            vec![JoinOutcome::Banned, JoinOutcome::Banned]
+        );
+        assert!(matches!(store.invite(g, 3), Err(StoreError::InvalidArgument(_))));
+        store.unban(g, 2).unwrap();
+        store.unban(g, 2).unwrap(); // not banned: nothing to do
+        store.add_member(g, 2).unwrap();
+        assert_eq!(store.bans_after(g, 0, 10).unwrap(), (vec![3, 4], false));
+        assert_eq!(store.group_roster(g).unwrap().unwrap().members.len(), 2);
+    }
+
+    #[test]
+    fn bans_per_group_are_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            fsync: false,
+            max_group_bans: 2,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        for name in ["alice", "bob", "carol", "dave"] {
+            store.register(name, b"password1").unwrap();
+        }
+        let g = store.create_group(1, "strict").unwrap();
+        store.ban(g, 2).unwrap();
+        store.ban(g, 3).unwrap();
+        assert!(matches!(store.ban(g, 4), Err(StoreError::LimitExceeded(_))));
+        store.ban(g, 3).unwrap(); // already banned: no new place needed
+        store.unban(g, 2).unwrap();
+        store.ban(g, 4).unwrap();
     }
 
     #[test]

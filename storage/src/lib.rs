@@ -37,7 +37,7 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
 pub use error::StoreError;
-pub use groups::{JoinOutcome, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
+pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;
@@ -67,6 +67,8 @@ pub struct StoreOptions {
     pub max_group_members: usize,
     /// Most pending (unused) invites one group may have.
     pub max_group_invites: usize,
+    /// Most users one group may have banned.
+    pub max_group_bans: usize,
     /// Most groups one user may be a member of (created ones included):
     /// each costs a login's catch-up two store reads.
     pub max_groups_per_user: usize,
@@ -95,6 +97,7 @@ impl Default for StoreOptions {
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
             max_groups_per_user: DEFAULT_MAX_GROUPS_PER_USER,
+            max_group_bans: DEFAULT_MAX_GROUP_BANS,
             fsync: true,
             hash_threads: 0,
             hash_thread_start: None,
@@ -106,6 +109,9 @@ impl Default for StoreOptions {
 /// default sessions per user, so devices that log in by password now and
 /// then keep their tokens.
 pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 64;
+
+/// Default of [`StoreOptions::max_group_bans`].
+pub const DEFAULT_MAX_GROUP_BANS: usize = 10_000;
 
 /// Default of [`StoreOptions::max_groups_per_user`].
 pub const DEFAULT_MAX_GROUPS_PER_USER: usize = 1000;
@@ -176,6 +182,8 @@ struct Inner {
     /// user ++ group -> (): the same invites by invited user, kept with
     /// `group_invites` in the same batches.
     user_invites: Ks,
+    /// group ++ user -> (): users banned from the group.
+    group_bans: Ks,
     /// user ++ group -> (): the groups of a user, kept with `members`.
     user_groups: Ks,
     /// conv ++ seq -> (from, client msg id, timestamp, frame).
@@ -299,6 +307,7 @@ impl Store {
             members,
             group_invites,
             user_invites,
+            group_bans: ks("group_bans")?,
             user_groups,
             history: ks("history")?,
             inbox: ks("inbox")?,

@@ -150,6 +150,20 @@ enum GroupCommand {
     Invites { id: GroupId },
     /// List the groups that invited you (pending invites).
     MyInvites,
+    /// Ban a user (by name) from a group: removed, invite withdrawn, joins refused; owner or admin only.
+    Ban {
+        id: GroupId,
+        #[arg(value_name = "USER")]
+        target: String,
+    },
+    /// Lift a user's (by name) ban; owner or admin only.
+    Unban {
+        id: GroupId,
+        #[arg(value_name = "USER")]
+        target: String,
+    },
+    /// List the users banned from a group; owner or admin only.
+    Bans { id: GroupId },
     /// Hand the group over to a member (by name); owner only. You become an admin.
     Transfer {
         id: GroupId,
@@ -298,6 +312,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             GroupCommand::Invites { id } => print_invites(&mut client, &mut names, id)?,
             GroupCommand::MyInvites => print_my_invites(&mut client)?,
+            GroupCommand::Ban { id, target } => {
+                let user = client.resolve_user(&target)?;
+                client.group_ban(id, user)?;
+                println!("banned {target} from group {id}");
+            }
+            GroupCommand::Unban { id, target } => {
+                let user = client.resolve_user(&target)?;
+                client.group_unban(id, user)?;
+                println!("lifted any ban of {target} from group {id}");
+            }
+            GroupCommand::Bans { id } => print_bans(&mut client, &mut names, id)?,
             GroupCommand::Transfer { id, target } => {
                 let user = client.resolve_user(&target)?;
                 client.group_transfer_ownership(id, user)?;
@@ -693,23 +718,40 @@ fn print_my_invites(client: &mut Client) -> Result<()> {
     Ok(())
 }
 
+/// Lists the users banned from a group.
+fn print_bans(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
+    let fetch = |client: &mut Client, after| client.group_bans_page(group, after, MEMBERS_PAGE_LIMIT_MAX);
+    let none = format!("nobody is banned from group {group}");
+    print_paged_users(client, names, fetch, "banned", &none)
+}
+
 /// Lists a group's pending invites.
 fn print_invites(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
-    let listed = each_paged_id(
-        client,
-        |client, after| client.group_invites_page(group, after, MEMBERS_PAGE_LIMIT_MAX),
-        |client, id| {
-            let name = names.name(client, id)?;
-            if name.starts_with("user ") {
-                println!("{name} invited");
-            } else {
-                println!("{name} (id {id}) invited");
-            }
-            Ok(())
-        },
-    )?;
+    let fetch = |client: &mut Client, after| client.group_invites_page(group, after, MEMBERS_PAGE_LIMIT_MAX);
+    let none = format!("no pending invites to group {group}");
+    print_paged_users(client, names, fetch, "invited", &none)
+}
+
+/// Prints each user of a paged listing as "NAME (id ID) WHAT", or `none`
+/// if there are none.
+fn print_paged_users(
+    client: &mut Client,
+    names: &mut Names,
+    fetch: impl FnMut(&mut Client, u64) -> Result<(Vec<u64>, bool), ClientError>,
+    what: &str,
+    none: &str,
+) -> Result<()> {
+    let listed = each_paged_id(client, fetch, |client, id| {
+        let name = names.name(client, id)?;
+        if name.starts_with("user ") {
+            println!("{name} {what}");
+        } else {
+            println!("{name} (id {id}) {what}");
+        }
+        Ok(())
+    })?;
     if listed == 0 {
-        println!("no pending invites to group {group}");
+        println!("{none}");
     }
     Ok(())
 }

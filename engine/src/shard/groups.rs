@@ -431,16 +431,34 @@ impl Shard {
                 }
                 return state.listing(op, self.config.max_frame_bytes);
             }
-            GroupOp::InvitesPage { after, limit } => {
-                owner_or_admin(caller_role, "only the group's owner or an admin can list invites")?;
+            GroupOp::InvitesPage { after, limit } | GroupOp::BansPage { after, limit } => {
+                let invites = matches!(op, GroupOp::InvitesPage { .. });
+                owner_or_admin(
+                    caller_role,
+                    if invites {
+                        "only the group's owner or an admin can list invites"
+                    } else {
+                        "only the group's owner or an admin can list bans"
+                    },
+                )?;
                 drop(state);
                 let budget = (self.config.max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
                 let take = (limit as usize).min(budget / size_of::<u64>()).max(1);
                 let (users, more) = self
-                    .blocking(move |store| store.invites_after(group, after, take))
+                    .blocking(move |store| {
+                        if invites {
+                            store.invites_after(group, after, take)
+                        } else {
+                            store.bans_after(group, after, take)
+                        }
+                    })
                     .await
                     .map_err(|e| store_refusal(e, group, "no such group"))?;
-                return Ok(GroupAnswer::InvitesPage { users, more });
+                return Ok(if invites {
+                    GroupAnswer::InvitesPage { users, more }
+                } else {
+                    GroupAnswer::BansPage { users, more }
+                });
             }
             _ => {}
         }
@@ -469,6 +487,7 @@ impl Shard {
             | GroupOp::Info
             | GroupOp::MembersPage { .. }
             | GroupOp::InvitesPage { .. }
+            | GroupOp::BansPage { .. }
             | GroupOp::Join => Err(refusal(ErrorCode::Internal, "not a change made here")),
             GroupOp::Leave => match caller_role {
                 None => Ok(GroupAnswer::Done),
@@ -503,6 +522,38 @@ impl Shard {
                     "only the group's owner or an admin can withdraw an invite",
                 )?;
                 self.blocking(move |store| store.uninvite(group, target))
+                    .await
+                    .map_err(|e| store_refusal(e, group, "no such group"))?;
+                Ok(GroupAnswer::Done)
+            }
+            GroupOp::Ban(target) => {
+                owner_or_admin(caller_role, "only the group's owner or an admin can ban")?;
+                if target == user {
+                    return Err(refusal(ErrorCode::InvalidArgument, "you cannot ban yourself"));
+                }
+                match (caller_role, state.members.get(&target)) {
+                    (_, Some(GroupRole::Owner)) => {
+                        Err(refusal(ErrorCode::Forbidden, "the owner cannot be banned"))
+                    }
+                    (Some(GroupRole::Admin), Some(GroupRole::Admin)) => {
+                        Err(refusal(ErrorCode::Forbidden, "an admin cannot ban another admin"))
+                    }
+                    _ => {
+                        drop(state);
+                        self.blocking(move |store| store.ban(group, target))
+                            .await
+                            .map_err(|e| store_refusal(e, group, "no such user"))?;
+                        self.update_members(group, |members| {
+                            members.remove(&target);
+                        });
+                        Ok(GroupAnswer::Done)
+                    }
+                }
+            }
+            GroupOp::Unban(target) => {
+                owner_or_admin(caller_role, "only the group's owner or an admin can lift a ban")?;
+                drop(state);
+                self.blocking(move |store| store.unban(group, target))
                     .await
                     .map_err(|e| store_refusal(e, group, "no such group"))?;
                 Ok(GroupAnswer::Done)
@@ -742,6 +793,7 @@ impl Shard {
                     "this group is invite-only; ask its owner or an admin for an invite",
                 )),
                 JoinOutcome::GroupFull => Err(refusal(ErrorCode::LimitExceeded, "group is full")),
+                JoinOutcome::Banned => Err(refusal(ErrorCode::Forbidden, "you are banned from this group")),
                 JoinOutcome::TooManyGroups => {
                     Err(refusal(ErrorCode::LimitExceeded, tern_storage::TOO_MANY_GROUPS))
                 }
