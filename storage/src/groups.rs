@@ -90,6 +90,45 @@ impl Inner {
         Ok(seen >= max)
     }
 
+    /// Adds the group's record to `batch`, as changed by the batch.
+    fn put_group(&self, batch: &mut fjall::OwnedWriteBatch, group: GroupId, record: &GroupValue) {
+        batch.insert(
+            &self.groups.handle,
+            codec::id_key(group),
+            codec::encode_group(record),
+        );
+    }
+
+    /// Adds to `batch` the removal of `user`'s membership of `group` with
+    /// its `user_groups` mirror, and counts it in `record` if given.
+    fn drop_membership(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        record: Option<&mut GroupValue>,
+        group: GroupId,
+        user: UserId,
+    ) {
+        batch.remove(&self.members.handle, codec::pair_key(group, user));
+        batch.remove(&self.user_groups.handle, codec::pair_key(user, group));
+        if let Some(record) = record {
+            record.member_count = record.member_count.saturating_sub(1);
+        }
+    }
+
+    /// Adds to `batch` the removal of `user`'s pending invite to `group`
+    /// with its `user_invites` mirror, and counts it in `record`.
+    fn drop_invite(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        record: &mut GroupValue,
+        group: GroupId,
+        user: UserId,
+    ) {
+        batch.remove(&self.group_invites.handle, codec::pair_key(group, user));
+        batch.remove(&self.user_invites.handle, codec::pair_key(user, group));
+        record.invite_count = record.invite_count.saturating_sub(1);
+    }
+
     /// Every member of `group` with their stored role, ascending by id.
     fn scan_members(&self, group: GroupId) -> Result<Vec<(UserId, GroupRole)>, StoreError> {
         let members = &self.members;
@@ -143,11 +182,7 @@ impl Store {
             name: name.to_owned(),
         };
         let mut batch = inner.db.batch();
-        batch.insert(
-            &inner.groups.handle,
-            codec::id_key(group),
-            codec::encode_group(&record),
-        );
+        inner.put_group(&mut batch, group, &record);
         batch.insert(
             &inner.members.handle,
             codec::pair_key(group, owner),
@@ -252,9 +287,7 @@ impl Store {
                     JoinOutcome::TooManyGroups
                 } else {
                     if invited {
-                        batch.remove(&inner.group_invites.handle, key);
-                        batch.remove(&inner.user_invites.handle, codec::pair_key(user, group));
-                        record.invite_count = record.invite_count.saturating_sub(1);
+                        inner.drop_invite(&mut batch, &mut record, group, user);
                     }
                     batch.insert(
                         &inner.members.handle,
@@ -272,11 +305,7 @@ impl Store {
         if joined_here.is_empty() {
             return Ok(outcomes);
         }
-        batch.insert(
-            &inner.groups.handle,
-            codec::id_key(group),
-            codec::encode_group(&record),
-        );
+        inner.put_group(&mut batch, group, &record);
         inner.commit_unlocked(batch, guard)?;
         Ok(outcomes)
     }
@@ -296,22 +325,18 @@ impl Store {
             return Err(StoreError::InvalidArgument("the owner cannot leave the group"));
         }
         let mut batch = inner.db.batch();
-        batch.remove(&inner.members.handle, key);
-        batch.remove(&inner.user_groups.handle, codec::pair_key(user, group));
-        if let Some(mut record) = record {
-            record.member_count = record.member_count.saturating_sub(1);
-            batch.insert(
-                &inner.groups.handle,
-                codec::id_key(group),
-                codec::encode_group(&record),
-            );
+        let mut record = record;
+        inner.drop_membership(&mut batch, record.as_mut(), group, user);
+        if let Some(record) = &record {
+            inner.put_group(&mut batch, group, record);
         }
         inner.commit_unlocked(batch, guard)
     }
 
     /// Sets a member's role to `Admin` or `Member`. `NotFound` for a
     /// missing group or a non-member; `InvalidArgument` for the role
-    /// `Owner` or for the owner (ownership is never transferred).
+    /// `Owner` or for the owner (ownership moves only with
+    /// [`Store::transfer_ownership`]).
     pub fn set_member_role(&self, group: GroupId, user: UserId, role: GroupRole) -> Result<(), StoreError> {
         if role == GroupRole::Owner {
             return Err(StoreError::InvalidArgument("the Owner role cannot be assigned"));
@@ -360,11 +385,7 @@ impl Store {
         }
         record.owner = to;
         let mut batch = inner.db.batch();
-        batch.insert(
-            &inner.groups.handle,
-            codec::id_key(group),
-            codec::encode_group(&record),
-        );
+        inner.put_group(&mut batch, group, &record);
         batch.insert(
             &inner.members.handle,
             codec::pair_key(group, to),
@@ -410,11 +431,7 @@ impl Store {
         let mut batch = inner.db.batch();
         batch.insert(&inner.group_invites.handle, key, []);
         batch.insert(&inner.user_invites.handle, codec::pair_key(user, group), []);
-        batch.insert(
-            &inner.groups.handle,
-            codec::id_key(group),
-            codec::encode_group(&record),
-        );
+        inner.put_group(&mut batch, group, &record);
         inner.commit_unlocked(batch, guard)
     }
 
@@ -432,15 +449,9 @@ impl Store {
         if !inner.group_invites.handle.contains_key(key)? {
             return Ok(());
         }
-        record.invite_count = record.invite_count.saturating_sub(1);
         let mut batch = inner.db.batch();
-        batch.remove(&inner.group_invites.handle, key);
-        batch.remove(&inner.user_invites.handle, codec::pair_key(user, group));
-        batch.insert(
-            &inner.groups.handle,
-            codec::id_key(group),
-            codec::encode_group(&record),
-        );
+        inner.drop_invite(&mut batch, &mut record, group, user);
+        inner.put_group(&mut batch, group, &record);
         inner.commit_unlocked(batch, guard)
     }
 
@@ -508,20 +519,12 @@ impl Store {
         let mut batch = inner.db.batch();
         batch.insert(&inner.group_bans.handle, key, []);
         if inner.members.handle.contains_key(key)? {
-            batch.remove(&inner.members.handle, key);
-            batch.remove(&inner.user_groups.handle, codec::pair_key(user, group));
-            record.member_count = record.member_count.saturating_sub(1);
+            inner.drop_membership(&mut batch, Some(&mut record), group, user);
         }
         if inner.group_invites.handle.contains_key(key)? {
-            batch.remove(&inner.group_invites.handle, key);
-            batch.remove(&inner.user_invites.handle, codec::pair_key(user, group));
-            record.invite_count = record.invite_count.saturating_sub(1);
+            inner.drop_invite(&mut batch, &mut record, group, user);
         }
-        batch.insert(
-            &inner.groups.handle,
-            codec::id_key(group),
-            codec::encode_group(&record),
-        );
+        inner.put_group(&mut batch, group, &record);
         inner.commit_unlocked(batch, guard)
     }
 
