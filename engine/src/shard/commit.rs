@@ -61,6 +61,9 @@ enum Sequenced {
     },
     /// A retry of a message still being written: answered on commit.
     Waiting,
+    /// The conversation's sequence is at `u64::MAX`: only a damaged store
+    /// (a history key written at that seq) gets here.
+    Exhausted,
 }
 
 /// Writes staged on this shard for the next commit, and what follows them.
@@ -192,6 +195,19 @@ impl Shard {
                 None
             }
             Sequenced::Waiting => None,
+            Sequenced::Exhausted => {
+                tracing::error!(
+                    ?conv,
+                    "conversation sequence exhausted: the store holds seq u64::MAX"
+                );
+                let frame = ServerFrame::error(
+                    request_id,
+                    ErrorCode::Internal,
+                    "this conversation cannot take more messages",
+                );
+                self.reply(from, conn, frame).await;
+                None
+            }
         }
     }
 
@@ -409,9 +425,11 @@ fn assign(
             };
         }
     }
-    state.last_seq += 1;
+    let Some(seq) = state.last_seq.checked_add(1) else {
+        return Sequenced::Exhausted;
+    };
+    state.last_seq = seq;
     state.inflight += 1;
-    let seq = state.last_seq;
     let timestamp_ms = super::now_ms();
     if client_msg_id != 0 {
         let key = (from, client_msg_id);
@@ -482,6 +500,20 @@ mod tests {
             Sequenced::New { seq: 14, .. }
         ));
         assert_eq!(s.inflight, 4);
+    }
+
+    #[test]
+    fn a_sequence_at_its_end_refuses_instead_of_wrapping() {
+        let mut s = state();
+        s.last_seq = u64::MAX - 1;
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 1, 100),
+            Sequenced::New { seq: u64::MAX, .. }
+        ));
+        assert!(matches!(assign(&mut s, 4, 1, CONN, 2, 101), Sequenced::Exhausted));
+        assert_eq!((s.last_seq, s.inflight), (u64::MAX, 1));
+        // A retry of the last message still gets its answer.
+        assert!(matches!(assign(&mut s, 4, 1, CONN, 3, 100), Sequenced::Waiting));
     }
 
     #[test]
