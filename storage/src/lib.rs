@@ -110,6 +110,10 @@ impl Default for StoreOptions {
 /// then keep their tokens.
 pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 64;
 
+/// Stripes of [`Inner::token_issue_locks`]: logins of different users
+/// rarely wait on each other.
+const TOKEN_ISSUE_STRIPES: usize = 64;
+
 /// Default of [`StoreOptions::max_group_bans`].
 pub const DEFAULT_MAX_GROUP_BANS: usize = 10_000;
 
@@ -213,6 +217,10 @@ struct Inner {
     groups_lock: Mutex<u64>,
     /// Live tokens recently verified (see the `tokens` module).
     token_cache: tokens::TokenCache,
+    /// Serialises token issuing per user (striped by id), so concurrent
+    /// logins of one user cannot each sweep the same snapshot and leave
+    /// more than `max_tokens_per_user` tokens.
+    token_issue_locks: Box<[Mutex<()>]>,
     /// Group commit of the durable changes made outside the [`Writer`].
     syncs: SyncTickets,
 }
@@ -324,6 +332,7 @@ impl Store {
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
             token_cache: tokens::TokenCache::new(),
+            token_issue_locks: (0..TOKEN_ISSUE_STRIPES).map(|_| Mutex::new(())).collect(),
             syncs: SyncTickets::default(),
         };
         Ok(Store {

@@ -159,6 +159,9 @@ impl Store {
         let now = now_unix_ms();
         let ttl_ms = u64::try_from(inner.opts.token_ttl.as_millis()).unwrap_or(u64::MAX);
         let expires = now.saturating_add(ttl_ms);
+        // Sweep, insert and commit as one step per user (a stripe of them).
+        let stripe = usize::try_from(user).unwrap_or(0) % inner.token_issue_locks.len().max(1);
+        let _issuing = inner.token_issue_locks.get(stripe).map(lock);
         let mut batch = inner.db.batch();
         let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
         let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep)?;

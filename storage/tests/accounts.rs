@@ -209,6 +209,29 @@ fn a_user_holds_at_most_max_tokens_per_user_and_the_oldest_go_first() {
 }
 
 #[test]
+fn concurrent_logins_of_one_user_stay_within_max_tokens_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_tokens_per_user = 4);
+    let alice = store.register("alice", b"password1").unwrap();
+    let barrier = Arc::new(Barrier::new(16));
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..8 {
+                    store.issue_token(alice).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(store.revoke_tokens(alice).unwrap(), 4);
+}
+
+#[test]
 fn revoke_removes_only_that_users_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
