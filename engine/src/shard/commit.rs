@@ -108,8 +108,14 @@ fn evict_idle(convs: &mut FxHashMap<ConvId, ConvState>, count: usize) {
 }
 
 impl Shard {
+    /// Whether a conversation's sequence state is cached: then sequencing
+    /// it does not yield.
+    pub(super) fn conv_cached(&self, conv: ConvId) -> bool {
+        self.convs.borrow().contains_key(&conv)
+    }
+
     /// Loads a conversation's sequence state from the store if not cached.
-    async fn ensure_conv(&self, conv: ConvId) -> Result<(), StoreError> {
+    pub(super) async fn ensure_conv(&self, conv: ConvId) -> Result<(), StoreError> {
         if self.convs.borrow().contains_key(&conv) {
             return Ok(());
         }

@@ -346,15 +346,29 @@ impl Shard {
         client_msg_id: u64,
         content: Content,
     ) {
-        let state = match self.group_state(group).await {
-            Ok(state) => state,
-            Err(e) => return self.reply(from, conn, store_error_frame(request_id, &e)).await,
+        let conv = ConvId::Group { group };
+        // The membership check, the seq and the fan-out list must come
+        // from one moment: a kick or ban that completes in between would
+        // otherwise let a removed member send, or receive, a message
+        // sequenced after its Ok. So load both the conversation and the
+        // group first, and take the snapshot only when both are cached:
+        // from there to the assigned seq nothing yields.
+        let state = loop {
+            if let Err(e) = self.ensure_conv(conv).await {
+                return self.reply(from, conn, store_error_frame(request_id, &e)).await;
+            }
+            let state = match self.group_state(group).await {
+                Ok(state) => state,
+                Err(e) => return self.reply(from, conn, store_error_frame(request_id, &e)).await,
+            };
+            if self.conv_cached(conv) {
+                break state;
+            }
         };
         if !state.members.contains_key(&from) {
             let frame = ServerFrame::error(request_id, ErrorCode::Forbidden, "not a member of this group");
             return self.reply(from, conn, frame).await;
         }
-        let conv = ConvId::Group { group };
         let Some((seq, timestamp_ms)) = self.sequence(conv, from, conn, request_id, client_msg_id).await
         else {
             return;
@@ -506,7 +520,11 @@ impl Shard {
                     .await
                     .map_err(|e| store_refusal(e, group, "no such user"))?;
                 // Tell the invited user's live sessions; offline ones find
-                // the invite with MyInvitesPage.
+                // the invite with MyInvitesPage. The invite is stored, so
+                // the group's other changes need not wait on this push
+                // (a full queue to the invitee's shard would hold them).
+                drop(state);
+                drop(_permit);
                 let push = ServerFrame {
                     request_id: 0,
                     body: ServerBody::Invited { group, by: user },
