@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
-use tern_proto::limits::PAGE_LIMIT_MAX;
+use tern_proto::limits::{MEMBERS_PAGE_LIMIT_MAX, PAGE_LIMIT_MAX};
 use tern_proto::{
     decode_server, ArchivedChatMessage, ArchivedConversationSummary, ChatMessage, ContentKind, ConvId,
     ConversationSummary, Cursor, FrameHeader, ServerBody, ServerFrame, UserId, HEADER_LEN,
@@ -325,7 +325,22 @@ pub fn history(
 
 /// Bytes of a page reply kept free of its items: the 112-byte server root,
 /// the list's header and alignment padding, with room to spare.
-pub(crate) const PAGE_OVERHEAD_BYTES: usize = 256;
+const PAGE_OVERHEAD_BYTES: usize = 256;
+
+/// Bytes one page reply may spend on its items.
+pub(crate) fn page_budget(max_frame_bytes: u32) -> usize {
+    (max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES)
+}
+
+/// How many fixed-size items (`item_bytes` each: 8 for an id, 16 for a
+/// `GroupMember`) one page of an id listing (`GroupMembersPage`,
+/// `GroupInvitesPage`, `GroupBansPage`, `MyInvitesPage`) holds: the
+/// asked-for `limit` clamped to 1..=[`MEMBERS_PAGE_LIMIT_MAX`], and no
+/// more than fit in one frame.
+pub(crate) fn ids_per_page(limit: u32, max_frame_bytes: u32, item_bytes: usize) -> usize {
+    let asked = limit.clamp(1, MEMBERS_PAGE_LIMIT_MAX) as usize;
+    asked.min(page_budget(max_frame_bytes) / item_bytes.max(1)).max(1)
+}
 
 /// An upper bound of the bytes `message` takes in an archived page: its
 /// fixed part plus its out-of-line body, URL and MIME type, each with up
@@ -345,7 +360,7 @@ fn archived_message_bound(message: &ChatMessage) -> usize {
 /// empty page ends the list. The first item always stays: the config
 /// keeps `max_message_bytes` 512 bytes below `max_frame_bytes`.
 fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) -> usize) {
-    let budget = (max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
+    let budget = page_budget(max_frame_bytes);
     let mut used = 0usize;
     let fits = items
         .iter()

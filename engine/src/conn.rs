@@ -36,10 +36,9 @@ use tern_net::tls::{self, rustls::ServerConfig};
 use tern_net::transport::{DetachedTransport, Transport};
 use tern_proto::session::{Refusal, Session};
 use tern_proto::{
-    decode_client, encode_server,
-    limits::{MEMBERS_PAGE_LIMIT_MAX, TOKEN_LEN},
-    ArchivedClientBody, Content, ContentKind, ConvId, Cursor, ErrorCode, FrameBuf, FrameError, Friend,
-    ReceiptKind, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    decode_client, encode_server, limits::TOKEN_LEN, ArchivedClientBody, Content, ContentKind, ConvId,
+    Cursor, ErrorCode, FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 
 use crate::catchup::{self, SyncError};
@@ -1483,14 +1482,14 @@ impl Conn {
             ArchivedClientBody::GroupMembersPage { group, after, limit } => {
                 let op = GroupOp::MembersPage {
                     after: after.to_native(),
-                    limit: limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX),
+                    limit: limit.to_native(),
                 };
                 self.group_admin(request_id, group.to_native(), op).await
             }
             ArchivedClientBody::GroupInvitesPage { group, after, limit } => {
                 let op = GroupOp::InvitesPage {
                     after: after.to_native(),
-                    limit: limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX),
+                    limit: limit.to_native(),
                 };
                 self.group_admin(request_id, group.to_native(), op).await
             }
@@ -1505,7 +1504,7 @@ impl Conn {
             ArchivedClientBody::GroupBansPage { group, after, limit } => {
                 let op = GroupOp::BansPage {
                     after: after.to_native(),
-                    limit: limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX),
+                    limit: limit.to_native(),
                 };
                 self.group_admin(request_id, group.to_native(), op).await
             }
@@ -1609,10 +1608,7 @@ impl Conn {
             }
             ArchivedClientBody::MyInvitesPage { after, limit } => {
                 let after = after.to_native();
-                let budget = (max_frame_bytes as usize).saturating_sub(crate::catchup::PAGE_OVERHEAD_BYTES);
-                let take = (limit.to_native().clamp(1, MEMBERS_PAGE_LIMIT_MAX) as usize)
-                    .min(budget / size_of::<u64>())
-                    .max(1);
+                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, size_of::<u64>());
                 match shard
                     .blocking(move |store| store.user_invites_after(user, after, take))
                     .await

@@ -74,12 +74,13 @@ pub enum GroupOp {
     Leave,
     Members,
     Info,
-    /// Members with ids above `after`, at most `limit` (already clamped).
+    /// Members with ids above `after`, at most `limit` (as asked; the
+    /// shard clamps it with `catchup::ids_per_page`).
     MembersPage {
         after: UserId,
         limit: u32,
     },
-    /// Pending invites with ids above `after`, at most `limit` (clamped).
+    /// Pending invites with ids above `after`, at most `limit` (as asked).
     InvitesPage {
         after: UserId,
         limit: u32,
@@ -91,7 +92,7 @@ pub enum GroupOp {
     TransferOwnership(UserId),
     Ban(UserId),
     Unban(UserId),
-    /// Banned users with ids above `after`, at most `limit` (clamped).
+    /// Banned users with ids above `after`, at most `limit` (as asked).
     BansPage {
         after: UserId,
         limit: u32,

@@ -16,7 +16,7 @@
 use tern_proto::limits::check_group_name;
 
 use crate::codec::{self, GroupValue};
-use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Store, StoreError, UserId};
+use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Ks, Store, StoreError, UserId};
 
 /// Why a banned user may not join, or be invited to, a group.
 pub const BANNED: &str = "this user is banned from the group";
@@ -74,20 +74,26 @@ impl Inner {
     }
 
     /// Whether `user` is a member of at least `max_groups_per_user`
-    /// groups. A prefix scan of the user's groups that stops at the limit:
-    /// no separate counter to keep consistent, and the limit bounds it.
-    /// Call it under `groups_lock`, so no concurrent join slips past it.
+    /// groups. Call it under `groups_lock`, so no concurrent join slips
+    /// past it.
     fn group_count_reaches_limit(&self, user: UserId) -> Result<bool, StoreError> {
-        let max = self.opts.max_groups_per_user;
-        let mut seen = 0usize;
-        for guard in self.user_groups.handle.prefix(codec::id_key(user)) {
-            if seen >= max {
-                break;
-            }
-            guard.key()?;
-            seen += 1;
+        self.user_groups
+            .prefix_reaches(user, self.opts.max_groups_per_user)
+    }
+
+    /// A page of one of the group-keyed id lists (`group_invites`,
+    /// `group_bans`): `NotFound` for a missing group.
+    fn group_ids_after(
+        &self,
+        list: &Ks,
+        group: GroupId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<(Vec<UserId>, bool), StoreError> {
+        if self.load_group(group)?.is_none() {
+            return Err(StoreError::NotFound);
         }
-        Ok(seen >= max)
+        list.pairs_after(group, after, limit)
     }
 
     /// Adds the group's record to `batch`, as changed by the batch.
@@ -465,10 +471,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
         let inner = &*self.inner;
-        if inner.load_group(group)?.is_none() {
-            return Err(StoreError::NotFound);
-        }
-        inner.group_invites.pairs_after(group, after, limit)
+        inner.group_ids_after(&inner.group_invites, group, after, limit)
     }
 
     /// The groups with a pending invite for `user` with ids above
@@ -506,14 +509,10 @@ impl Store {
         if inner.group_bans.handle.contains_key(key)? {
             return Ok(());
         }
-        let max = inner.opts.max_group_bans;
-        let banned = inner
+        if inner
             .group_bans
-            .handle
-            .prefix(codec::id_key(group))
-            .take(max)
-            .try_fold(0usize, |n, guard| guard.key().map(|_| n + 1))?;
-        if banned >= max {
+            .prefix_reaches(group, inner.opts.max_group_bans)?
+        {
             return Err(StoreError::LimitExceeded("too many users banned from this group"));
         }
         let mut batch = inner.db.batch();
@@ -554,10 +553,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
         let inner = &*self.inner;
-        if inner.load_group(group)?.is_none() {
-            return Err(StoreError::NotFound);
-        }
-        inner.group_bans.pairs_after(group, after, limit)
+        inner.group_ids_after(&inner.group_bans, group, after, limit)
     }
 
     /// Whether `user` holds a pending invite to `group` (joins check it

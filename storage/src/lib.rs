@@ -454,6 +454,18 @@ impl Ks {
         Ok(self.handle.get(key)?)
     }
 
+    /// Whether at least `max` keys start with `first`: a prefix scan that
+    /// stops at `max`, for limits on small lists (friends, groups per
+    /// user, bans per group) that keeps no separate counter to drift.
+    fn prefix_reaches(&self, first: u64, max: usize) -> Result<bool, StoreError> {
+        let mut seen = 0usize;
+        for guard in self.handle.prefix(codec::id_key(first)).take(max) {
+            guard.key()?;
+            seen += 1;
+        }
+        Ok(seen >= max)
+    }
+
     /// The second ids of the `first ++ id` keys with ids above `after`,
     /// ascending, at most `limit`, and whether more follow.
     fn pairs_after(&self, first: u64, after: u64, limit: usize) -> Result<(Vec<u64>, bool), StoreError> {

@@ -28,7 +28,8 @@ impl Store {
             return Ok(());
         }
         let max = inner.opts.max_friends;
-        if self.friend_count_reaches(user, max)? || self.friend_count_reaches(friend, max)? {
+        let friends = &inner.friends;
+        if friends.prefix_reaches(user, max)? || friends.prefix_reaches(friend, max)? {
             return Err(StoreError::LimitExceeded("friend list is full"));
         }
         let mut batch = inner.db.batch();
@@ -57,21 +58,5 @@ impl Store {
     /// `user`'s friends, ascending by id.
     pub fn friends(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
         self.inner.friends.scan_pairs(user)
-    }
-
-    /// Whether `user` has at least `max` friends. Friend lists are small
-    /// and bounded, so a prefix scan that stops at `max` is cheap enough
-    /// and leaves no separate counter to keep consistent.
-    fn friend_count_reaches(&self, user: UserId, max: usize) -> Result<bool, StoreError> {
-        let friends = &self.inner.friends.handle;
-        let mut seen = 0usize;
-        for guard in friends.prefix(codec::id_key(user)) {
-            if seen >= max {
-                break;
-            }
-            guard.key()?;
-            seen += 1;
-        }
-        Ok(seen >= max)
     }
 }

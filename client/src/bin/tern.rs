@@ -654,28 +654,21 @@ fn print_group_info(client: &mut Client, names: &mut Names, group: GroupId) -> R
     Ok(())
 }
 
-/// Lists the members a page at a time, printing each page as it comes, so
-/// a group of any size is listed (`GroupInfo` must fit in one frame).
+/// Lists the members with their roles. The library asks a page at a time
+/// (and refuses pages that do not move forward), so a group of any size is
+/// listed; `GroupInfo` must fit in one frame.
 fn print_members(client: &mut Client, names: &mut Names, group: GroupId) -> Result<()> {
-    let mut after = 0;
-    loop {
-        let page = client.group_members_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
-        for member in &page.members {
-            let id = member.user;
-            let name = names.name(client, id)?;
-            let role = role_name(member.role);
-            if name.starts_with("user ") {
-                println!("{name} {role}");
-            } else {
-                println!("{name} (id {id}) {role}");
-            }
-        }
-        match page.members.last() {
-            Some(last) if page.more && last.user > after => after = last.user,
-            _ if page.more => bail!("the server's member pages did not move forward"),
-            _ => return Ok(()),
+    for member in client.group_members_all(group)? {
+        let id = member.user;
+        let name = names.name(client, id)?;
+        let role = role_name(member.role);
+        if name.starts_with("user ") {
+            println!("{name} {role}");
+        } else {
+            println!("{name} (id {id}) {role}");
         }
     }
+    Ok(())
 }
 
 /// Asks `fetch(after)` for pages of ids until one says there are no more,

@@ -29,7 +29,7 @@ use tern_storage::{
 
 use super::commit::{store_frame, Effect};
 use super::{refusal, store_error_frame, Shard};
-use crate::catchup::PAGE_OVERHEAD_BYTES;
+use crate::catchup::{ids_per_page, page_budget};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, GroupReply, Recipients};
 
 /// The joins of one group waiting to be applied.
@@ -184,7 +184,7 @@ impl GroupState {
     /// of the whole group that could not fit in one frame is refused here,
     /// before it is built, with a pointer to the paged request.
     fn listing(&self, op: GroupOp, max_frame_bytes: u32) -> GroupReply {
-        let budget = (max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
+        let budget = page_budget(max_frame_bytes);
         let too_large = || {
             refusal(
                 ErrorCode::LimitExceeded,
@@ -210,8 +210,7 @@ impl GroupState {
                 })
             }
             GroupOp::MembersPage { after, limit } => {
-                let fit = budget / size_of::<ArchivedGroupMember>();
-                let take = (limit as usize).min(fit).max(1);
+                let take = ids_per_page(limit, max_frame_bytes, size_of::<ArchivedGroupMember>());
                 let start = self.all.partition_point(|&user| user <= after);
                 let end = start.saturating_add(take).min(self.all.len());
                 let page = self.all.get(start..end).unwrap_or_default();
@@ -445,34 +444,25 @@ impl Shard {
                 }
                 return state.listing(op, self.config.max_frame_bytes);
             }
-            GroupOp::InvitesPage { after, limit } | GroupOp::BansPage { after, limit } => {
-                let invites = matches!(op, GroupOp::InvitesPage { .. });
-                owner_or_admin(
-                    caller_role,
-                    if invites {
-                        "only the group's owner or an admin can list invites"
-                    } else {
-                        "only the group's owner or an admin can list bans"
-                    },
-                )?;
+            GroupOp::InvitesPage { after, limit } => {
+                owner_or_admin(caller_role, "only the group's owner or an admin can list invites")?;
                 drop(state);
-                let budget = (self.config.max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES);
-                let take = (limit as usize).min(budget / size_of::<u64>()).max(1);
                 let (users, more) = self
-                    .blocking(move |store| {
-                        if invites {
-                            store.invites_after(group, after, take)
-                        } else {
-                            store.bans_after(group, after, take)
-                        }
+                    .id_page(group, limit, move |store, take| {
+                        store.invites_after(group, after, take)
                     })
-                    .await
-                    .map_err(|e| store_refusal(e, group, "no such group"))?;
-                return Ok(if invites {
-                    GroupAnswer::InvitesPage { users, more }
-                } else {
-                    GroupAnswer::BansPage { users, more }
-                });
+                    .await?;
+                return Ok(GroupAnswer::InvitesPage { users, more });
+            }
+            GroupOp::BansPage { after, limit } => {
+                owner_or_admin(caller_role, "only the group's owner or an admin can list bans")?;
+                drop(state);
+                let (users, more) = self
+                    .id_page(group, limit, move |store, take| {
+                        store.bans_after(group, after, take)
+                    })
+                    .await?;
+                return Ok(GroupAnswer::BansPage { users, more });
             }
             _ => {}
         }
@@ -655,6 +645,20 @@ impl Shard {
                 Ok(GroupAnswer::Done)
             }
         }
+    }
+
+    /// One page of a stored id list of `group`, read by `read(store, take)`
+    /// on the blocking pool with `take` from [`ids_per_page`].
+    async fn id_page(
+        &self,
+        group: GroupId,
+        limit: u32,
+        read: impl FnOnce(&tern_storage::Store, usize) -> Result<(Vec<UserId>, bool), StoreError> + Send + 'static,
+    ) -> Result<(Vec<UserId>, bool), Refusal> {
+        let take = ids_per_page(limit, self.config.max_frame_bytes, size_of::<u64>());
+        self.blocking(move |store| read(store, take))
+            .await
+            .map_err(|e| store_refusal(e, group, "no such group"))
     }
 
     /// Joins `user` to `group` and answers once the join is stored. The
