@@ -11,13 +11,14 @@
 mod common;
 mod durable_common;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use durable_common::*;
 use tern_client::{
-    Client, ClientBody, Content, ConvId, Cursor, ErrorCode, ReceiptKind, ServerBody, ServerFrame,
+    Client, ClientBody, Content, ConvId, Cursor, ErrorCode, ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 
 fn cursor(conv: ConvId, seq: u64) -> Cursor {
@@ -504,6 +505,61 @@ fn retries_are_deduplicated_even_after_a_restart() {
 }
 
 // 5. Receipts.
+
+/// A conversation cache far smaller than the conversations in use, so
+/// states are dropped and reloaded from the store all the time, with
+/// several sessions writing to each conversation at once so that reloads
+/// of one conversation overlap: every conversation must still number its
+/// messages 1, 2, 3, … with no seq handed out twice (a reload that began
+/// before a drop and returned after it holds a stale last seq).
+#[test]
+fn a_conversation_cache_under_pressure_never_reuses_a_seq() {
+    const RECIPIENTS: usize = 48;
+    const ROUNDS: u64 = 4;
+    const SENDERS: usize = 2;
+    const SESSIONS: usize = 4;
+    let server = TestServer::start_with(|c| c.max_cached_conversations = 16);
+    let mut admin = server.connect();
+    let recipients: Vec<UserId> = (0..RECIPIENTS)
+        .map(|n| admin.register(&format!("reader{n}"), PASSWORD).expect("register"))
+        .collect();
+    let recipients = Arc::new(recipients);
+    let mut threads = Vec::new();
+    for n in 0..SENDERS {
+        let sender = server.user_where(&format!("writer{n}_"), |_| true);
+        for session in 0..SESSIONS {
+            let mut client = server.login_unsynced(&sender);
+            let recipients = recipients.clone();
+            let sender = sender.id;
+            threads.push(thread::spawn(move || {
+                let mut acks = Vec::new();
+                // Every session walks the recipients in the same order, so
+                // they reach each conversation at about the same time.
+                for round in 0..ROUNDS {
+                    for (index, &to) in recipients.iter().enumerate() {
+                        let id = ((round * RECIPIENTS as u64 + index as u64) << 8) + session as u64 + 1;
+                        let acked = send_pipelined(&mut client, To::User(to), &[id], 1);
+                        acks.extend(acked.into_iter().map(|ack| (sender, to, ack)));
+                    }
+                }
+                acks
+            }));
+        }
+    }
+    let mut seqs: HashMap<ConvId, Vec<u64>> = HashMap::new();
+    for handle in threads {
+        for (sender, to, ack) in handle.join().expect("sender thread") {
+            assert_eq!(ack.conv, ConvId::direct(sender, to));
+            seqs.entry(ack.conv).or_default().push(ack.seq);
+        }
+    }
+    assert_eq!(seqs.len(), SENDERS * RECIPIENTS);
+    let expected: Vec<u64> = (1..=ROUNDS * SESSIONS as u64).collect();
+    for (conv, mut got) in seqs {
+        got.sort_unstable();
+        assert_eq!(got, expected, "{conv:?}");
+    }
+}
 
 #[test]
 fn receipts_are_forwarded_live_stored_for_offline_peers_and_trim_the_inbox() {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
 use tern_storage::SubmitError;
-use tern_storage::{ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
+use tern_storage::{ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
 
 use super::{encode_shared, store_error_frame, Encoded, Shard};
 use crate::mesh::{ConnKey, Event};
@@ -38,6 +38,32 @@ pub(super) struct ConvState {
     dedup: FxHashMap<(UserId, u64), Dedup>,
     /// Insertion order of `dedup`, to forget the oldest beyond the window.
     order: VecDeque<(UserId, u64)>,
+}
+
+impl ConvState {
+    /// The state as the store has it: the last seq and the recent client
+    /// message ids, for deduplication.
+    fn from_tail(tail: ConvTail) -> ConvState {
+        let mut state = ConvState {
+            last_seq: tail.last_seq,
+            inflight: 0,
+            dedup: FxHashMap::default(),
+            order: VecDeque::new(),
+        };
+        // `recent` is in ascending seq order, so trimming forgets the oldest.
+        for recent in tail.recent.iter().filter(|r| r.client_msg_id != 0) {
+            let key = (recent.from, recent.client_msg_id);
+            let entry = Dedup {
+                seq: recent.seq,
+                timestamp_ms: recent.timestamp_ms,
+                waiters: None,
+            };
+            if state.dedup.insert(key, entry).is_none() {
+                state.order.push_back(key);
+            }
+        }
+        state
+    }
 }
 
 /// What a client message id was sequenced as.
@@ -94,16 +120,93 @@ pub(super) fn store_frame(frame: &Encoded) -> Arc<[u8]> {
     frame.clone()
 }
 
-/// Drops up to `count` cached conversations with no write in flight.
-fn evict_idle(convs: &mut FxHashMap<ConvId, ConvState>, count: usize) {
-    let idle: Vec<ConvId> = convs
-        .iter()
-        .filter(|(_, s)| s.inflight == 0)
-        .map(|(c, _)| *c)
-        .take(count)
-        .collect();
-    for conv in idle {
-        convs.remove(&conv);
+/// The conversations homed here whose sequence state is cached, and the
+/// reads of it from the store in flight. A read that began before a
+/// cached state was changed and dropped (evicted when the cache is full,
+/// or forgotten after a failed commit) returns what the store held then,
+/// which may lack messages sequenced since: inserting it would hand out
+/// their seqs again. So every drop is counted against the reads in flight
+/// for that conversation, and a read that sees its count moved reads
+/// again. Holds reads only while they are in flight.
+#[derive(Default)]
+pub(super) struct ConvCache {
+    map: FxHashMap<ConvId, ConvState>,
+    loading: FxHashMap<ConvId, Loading>,
+}
+
+/// One conversation's reads in flight (see [`ConvCache`]).
+#[derive(Default)]
+struct Loading {
+    readers: usize,
+    drops: u64,
+}
+
+/// Ends a read of a conversation's state, however its task leaves it.
+struct LoadGuard<'a> {
+    cache: &'a std::cell::RefCell<ConvCache>,
+    conv: ConvId,
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        let mut cache = self.cache.borrow_mut();
+        if let Some(loading) = cache.loading.get_mut(&self.conv) {
+            loading.readers = loading.readers.saturating_sub(1);
+            if loading.readers == 0 {
+                cache.loading.remove(&self.conv);
+            }
+        }
+    }
+}
+
+impl ConvCache {
+    pub(super) fn contains(&self, conv: ConvId) -> bool {
+        self.map.contains_key(&conv)
+    }
+
+    fn get_mut(&mut self, conv: ConvId) -> Option<&mut ConvState> {
+        self.map.get_mut(&conv)
+    }
+
+    /// Notes a read of `conv` from the store; returns its drops so far,
+    /// to compare when the read is done.
+    fn begin_load(&mut self, conv: ConvId) -> u64 {
+        let loading = self.loading.entry(conv).or_default();
+        loading.readers += 1;
+        loading.drops
+    }
+
+    fn dropped_since(&self, conv: ConvId, seen: u64) -> bool {
+        self.loading.get(&conv).is_some_and(|l| l.drops != seen)
+    }
+
+    /// Forgets `conv`'s cached state, telling reads in flight.
+    fn remove(&mut self, conv: ConvId) {
+        if self.map.remove(&conv).is_some() {
+            if let Some(loading) = self.loading.get_mut(&conv) {
+                loading.drops += 1;
+            }
+        }
+    }
+
+    /// Drops up to `count` cached conversations with no write in flight.
+    fn evict_idle(&mut self, count: usize) {
+        let idle: Vec<ConvId> = self
+            .map
+            .iter()
+            .filter(|(_, s)| s.inflight == 0)
+            .map(|(c, _)| *c)
+            .take(count)
+            .collect();
+        for conv in idle {
+            self.remove(conv);
+        }
+    }
+
+    /// Conversations cached, for tests.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
@@ -111,50 +214,47 @@ impl Shard {
     /// Whether a conversation's sequence state is cached: then sequencing
     /// it does not yield.
     pub(super) fn conv_cached(&self, conv: ConvId) -> bool {
-        self.convs.borrow().contains_key(&conv)
+        self.convs.borrow().contains(conv)
     }
 
     /// Loads a conversation's sequence state from the store if not cached.
     pub(super) async fn ensure_conv(&self, conv: ConvId) -> Result<(), StoreError> {
-        if self.convs.borrow().contains_key(&conv) {
-            return Ok(());
-        }
-        let window = self.config.dedup_window;
-        let tail = self.blocking(move |store| store.conv_tail(conv, window)).await?;
-        let mut convs = self.convs.borrow_mut();
-        if convs.contains_key(&conv) {
-            // Loaded by another task while we waited; theirs may be newer.
-            return Ok(());
-        }
-        if convs.len() >= self.config.max_cached_conversations {
-            evict_idle(&mut convs, self.config.max_cached_conversations / 8);
-        }
-        let mut state = ConvState {
-            last_seq: tail.last_seq,
-            inflight: 0,
-            dedup: FxHashMap::default(),
-            order: VecDeque::new(),
-        };
-        // `recent` is in ascending seq order, so trimming forgets the oldest.
-        for recent in tail.recent.iter().filter(|r| r.client_msg_id != 0) {
-            let key = (recent.from, recent.client_msg_id);
-            let entry = Dedup {
-                seq: recent.seq,
-                timestamp_ms: recent.timestamp_ms,
-                waiters: None,
+        loop {
+            let seen = {
+                let mut convs = self.convs.borrow_mut();
+                if convs.contains(conv) {
+                    return Ok(());
+                }
+                convs.begin_load(conv)
             };
-            if state.dedup.insert(key, entry).is_none() {
-                state.order.push_back(key);
+            let _load = LoadGuard {
+                cache: &self.convs,
+                conv,
+            };
+            let window = self.config.dedup_window;
+            let tail = self.blocking(move |store| store.conv_tail(conv, window)).await?;
+            let mut convs = self.convs.borrow_mut();
+            if convs.contains(conv) {
+                // Loaded by another task while we waited; theirs may be newer.
+                return Ok(());
             }
+            if convs.dropped_since(conv, seen) {
+                // Loaded, written to and dropped meanwhile: `tail` may
+                // predate those writes.
+                continue;
+            }
+            if convs.map.len() >= self.config.max_cached_conversations {
+                convs.evict_idle(self.config.max_cached_conversations / 8);
+            }
+            convs.map.insert(conv, ConvState::from_tail(tail));
+            return Ok(());
         }
-        convs.insert(conv, state);
-        Ok(())
     }
 
     /// The last sequence number of a conversation homed here.
     pub async fn last_seq(&self, conv: ConvId) -> Result<u64, StoreError> {
         self.ensure_conv(conv).await?;
-        Ok(self.convs.borrow().get(&conv).map_or(0, |s| s.last_seq))
+        Ok(self.convs.borrow_mut().get_mut(conv).map_or(0, |s| s.last_seq))
     }
 
     /// Assigns the next seq of `conv` to a message, unless it is a retry.
@@ -174,7 +274,7 @@ impl Shard {
         }
         let outcome = {
             let mut convs = self.convs.borrow_mut();
-            let state = convs.get_mut(&conv)?;
+            let state = convs.get_mut(conv)?;
             assign(
                 state,
                 self.config.dedup_window,
@@ -372,7 +472,7 @@ impl Shard {
     /// returns the acks owed to retries that waited for it.
     fn release(&self, conv: ConvId, from: UserId, client_msg_id: u64, ok: bool) -> Vec<Event> {
         let mut convs = self.convs.borrow_mut();
-        let Some(state) = convs.get_mut(&conv) else {
+        let Some(state) = convs.get_mut(conv) else {
             return Vec::new();
         };
         state.inflight = state.inflight.saturating_sub(1);
@@ -385,7 +485,7 @@ impl Shard {
             // next message reloads the last durable seq. Retries that
             // waited get no ack and will retry again.
             if state.inflight == 0 {
-                convs.remove(&conv);
+                convs.remove(conv);
             }
             return Vec::new();
         }
@@ -485,6 +585,43 @@ mod tests {
         slot: 0,
         generation: 1,
     };
+
+    #[test]
+    fn a_read_that_straddles_a_drop_is_told_and_the_guard_forgets_it() {
+        let cache = std::cell::RefCell::new(ConvCache::default());
+        let conv = ConvId::direct(1, 2);
+        let other = ConvId::direct(1, 3);
+        // A read begins while the conversation is not cached...
+        let seen = cache.borrow_mut().begin_load(conv);
+        let guard = LoadGuard { cache: &cache, conv };
+        // ...another task loads it, writes seq 11 and the cache drops it.
+        {
+            let mut c = cache.borrow_mut();
+            c.map.insert(conv, state());
+            c.map.insert(other, state());
+            c.get_mut(conv).unwrap().last_seq = 11;
+            assert!(!c.dropped_since(conv, seen));
+            c.evict_idle(10);
+            assert_eq!(c.len(), 0);
+            assert!(c.dropped_since(conv, seen), "the stale read must read again");
+            assert!(!c.dropped_since(other, 0), "no read of it was in flight");
+        }
+        drop(guard);
+        assert!(cache.borrow().loading.is_empty());
+    }
+
+    #[test]
+    fn a_conversation_with_writes_in_flight_is_never_evicted() {
+        let mut cache = ConvCache::default();
+        let busy = ConvId::direct(1, 2);
+        let idle = ConvId::direct(1, 3);
+        cache.map.insert(busy, state());
+        cache.map.insert(idle, state());
+        assign(cache.get_mut(busy).unwrap(), 4, 1, CONN, 1, 7);
+        cache.evict_idle(10);
+        assert!(cache.contains(busy));
+        assert!(!cache.contains(idle));
+    }
 
     #[test]
     fn new_messages_get_consecutive_seqs() {

@@ -38,7 +38,7 @@ use crate::outbox::Outbox;
 use crate::park::ParkSet;
 use crate::stop::StopSignal;
 
-use commit::{ConvState, Effect, Staged};
+use commit::{ConvCache, Effect, Staged};
 use groups::GroupCache;
 
 /// A connection of a user homed on this shard.
@@ -122,7 +122,7 @@ pub struct Shard {
     conns: RefCell<Slab<ConnEntry>>,
     next_generation: Cell<u32>,
     sessions: RefCell<FxHashMap<UserId, Vec<ConnKey>>>,
-    convs: RefCell<FxHashMap<ConvId, ConvState>>,
+    convs: RefCell<ConvCache>,
     groups: RefCell<GroupCache>,
     /// Joins waiting for their group's permit, applied together by the
     /// first of them to find the queue idle.
@@ -233,7 +233,7 @@ impl Shard {
             conns: RefCell::new(Slab::new()),
             next_generation: Cell::new(0),
             sessions: RefCell::new(FxHashMap::default()),
-            convs: RefCell::new(FxHashMap::default()),
+            convs: RefCell::new(ConvCache::default()),
             groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
