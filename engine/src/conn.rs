@@ -296,8 +296,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 let account = username.clone();
                 let login = shard
                     .blocking(move |store| {
-                        let user = store.verify_password(&username, &password)?;
-                        let token = store.issue_token(user)?;
+                        let (user, token) = store.login(&username, &password)?;
                         Ok((user, username, token.to_vec()))
                     })
                     .await;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use tern_proto::limits::{check_password, check_username};
+use tern_proto::limits::{check_password, check_username, TOKEN_LEN};
 
 use crate::codec;
 use crate::{lock, Inner, Store, StoreError, StoreOptions, UserId};
@@ -87,10 +87,48 @@ impl Inner {
         Ok(Some((user, phc.to_owned())))
     }
 
+    /// Checks a username and password; returns the user's id and the
+    /// stored password hash the password matched.
+    pub(crate) fn check_password(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<(UserId, String), StoreError> {
+        // A name that could never have been registered is simply unknown;
+        // checking it first keeps arbitrary bytes out of the key lookup.
+        let account = match check_username(username) {
+            Ok(()) => self.lookup_account(username)?,
+            Err(_) => None,
+        };
+        let Some((user, phc)) = account else {
+            self.dummy_verify(password);
+            return Err(StoreError::AuthFailed);
+        };
+        match self.password_matches(&phc, password)? {
+            Ok(true) => Ok((user, phc)),
+            Ok(false) => Err(StoreError::AuthFailed),
+            Err(detail) => Err(self.accounts.corrupt(username.as_bytes(), detail)),
+        }
+    }
+
+    /// Whether `username`'s stored password hash is still `checked.phc`.
+    pub(crate) fn password_unchanged(&self, checked: &PasswordChecked<'_>) -> Result<bool, StoreError> {
+        Ok(self
+            .lookup_account(checked.username)?
+            .is_some_and(|(_, phc)| phc == checked.phc))
+    }
+
     /// Whether `user` is a registered id.
     pub(crate) fn user_exists(&self, user: UserId) -> Result<bool, StoreError> {
         Ok(self.users.handle.contains_key(codec::id_key(user))?)
     }
+}
+
+/// A password that matched an account's stored hash, for
+/// [`Store::login`] to check again when it issues the token.
+pub(crate) struct PasswordChecked<'a> {
+    pub(crate) username: &'a str,
+    pub(crate) phc: &'a str,
 }
 
 impl Store {
@@ -131,22 +169,23 @@ impl Store {
     /// Checks a username and password and returns the user's id.
     /// Unknown user and wrong password are both [`StoreError::AuthFailed`].
     pub fn verify_password(&self, username: &str, password: &[u8]) -> Result<UserId, StoreError> {
-        let inner = &*self.inner;
-        // A name that could never have been registered is simply unknown;
-        // checking it first keeps arbitrary bytes out of the key lookup.
-        let account = match check_username(username) {
-            Ok(()) => inner.lookup_account(username)?,
-            Err(_) => None,
-        };
-        let Some((user, phc)) = account else {
-            inner.dummy_verify(password);
-            return Err(StoreError::AuthFailed);
-        };
-        match inner.password_matches(&phc, password)? {
-            Ok(true) => Ok(user),
-            Ok(false) => Err(StoreError::AuthFailed),
-            Err(detail) => Err(inner.accounts.corrupt(username.as_bytes(), detail)),
-        }
+        self.inner
+            .check_password(username, password)
+            .map(|(user, _)| user)
+    }
+
+    /// A password login: checks the username and password and issues a
+    /// session token, as [`Store::verify_password`] then
+    /// [`Store::issue_token`] would, except that a password changed in
+    /// between fails the login. The check hashes for tens of milliseconds
+    /// outside any lock, so a `ChangePassword` can commit meanwhile; a
+    /// token issued after it, on the strength of the old password, would
+    /// outlive the revocation that went with the change.
+    pub fn login(&self, username: &str, password: &[u8]) -> Result<(UserId, [u8; TOKEN_LEN]), StoreError> {
+        let (user, phc) = self.inner.check_password(username, password)?;
+        let checked = PasswordChecked { username, phc: &phc };
+        let token = self.issue_token_checked(user, Some(checked))?;
+        Ok((user, token))
     }
 
     /// Replaces the password of `user`. Does not revoke tokens: the

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 use tern_proto::limits::TOKEN_LEN;
 
+use crate::accounts::PasswordChecked;
 use crate::codec::{self, TOKEN_HASH_LEN};
 use crate::{lock, now_unix_ms, Inner, Store, StoreError, UserId};
 
@@ -149,6 +150,19 @@ impl Store {
     /// machine crash costs the client one password login, while a sync
     /// per login would cost every login an fsync.
     pub fn issue_token(&self, user: UserId) -> Result<[u8; TOKEN_LEN], StoreError> {
+        self.issue_token_checked(user, None)
+    }
+
+    /// [`Store::issue_token`]; with `checked`, only if the account's
+    /// password is still the one checked, tested under the same per-user
+    /// lock that [`Store::revoke_tokens`] takes. A password change writes
+    /// the new hash, then revokes: a token issued before the new hash is
+    /// seen is swept by that revocation, and one issued after is refused.
+    pub(crate) fn issue_token_checked(
+        &self,
+        user: UserId,
+        checked: Option<PasswordChecked<'_>>,
+    ) -> Result<[u8; TOKEN_LEN], StoreError> {
         let inner = &*self.inner;
         if !inner.user_exists(user)? {
             return Err(StoreError::NotFound);
@@ -159,9 +173,13 @@ impl Store {
         let now = now_unix_ms();
         let ttl_ms = u64::try_from(inner.opts.token_ttl.as_millis()).unwrap_or(u64::MAX);
         let expires = now.saturating_add(ttl_ms);
-        // Sweep, insert and commit as one step per user (a stripe of them).
-        let stripe = usize::try_from(user).unwrap_or(0) % inner.token_issue_locks.len().max(1);
-        let _issuing = inner.token_issue_locks.get(stripe).map(lock);
+        // Check, sweep, insert and commit as one step per user.
+        let _issuing = inner.token_lock(user);
+        if let Some(checked) = &checked {
+            if !inner.password_unchanged(checked)? {
+                return Err(StoreError::AuthFailed);
+            }
+        }
         let mut batch = inner.db.batch();
         let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
         let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep)?;
@@ -236,6 +254,8 @@ impl Store {
     /// bring a session the user ended back to life.
     pub fn revoke_tokens(&self, user: UserId) -> Result<usize, StoreError> {
         let inner = &*self.inner;
+        // No token of the user is issued between the sweep and the commit.
+        let _issuing = inner.token_lock(user);
         let mut batch = inner.db.batch();
         let swept = inner.sweep_tokens(&mut batch, user, u64::MAX, 0);
         let removed = swept.and_then(|(removed, _)| inner.commit(batch, true).map(|()| removed));
@@ -245,6 +265,12 @@ impl Store {
 }
 
 impl Inner {
+    /// Serialises the token changes of one user (a stripe of users).
+    fn token_lock(&self, user: UserId) -> Option<std::sync::MutexGuard<'_, ()>> {
+        let stripe = usize::try_from(user).unwrap_or(0) % self.token_issue_locks.len().max(1);
+        self.token_issue_locks.get(stripe).map(lock)
+    }
+
     /// The user and expiry of a live token.
     fn live_token(&self, token: &[u8], hash: &[u8; TOKEN_HASH_LEN]) -> Result<(UserId, u64), StoreError> {
         if token.len() != TOKEN_LEN {
@@ -287,6 +313,50 @@ mod tests {
 
     fn hash(n: usize) -> [u8; TOKEN_HASH_LEN] {
         digest(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn a_login_that_checked_the_password_before_a_change_gets_no_token_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            fsync: false,
+            ..crate::StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        let alice = store.register("alice", b"password1").unwrap();
+        // A login checks the old password (tens of milliseconds of argon2,
+        // no lock held)...
+        let (user, phc) = store.inner.check_password("alice", b"password1").unwrap();
+        // ...while the user changes it, which revokes every token...
+        store.set_password(alice, b"password2").unwrap();
+        store.revoke_tokens(alice).unwrap();
+        // ...so the login may not issue one now.
+        let checked = PasswordChecked {
+            username: "alice",
+            phc: &phc,
+        };
+        assert!(matches!(
+            store.issue_token_checked(user, Some(checked)),
+            Err(StoreError::AuthFailed)
+        ));
+        assert!(matches!(
+            store.login("alice", b"password1"),
+            Err(StoreError::AuthFailed)
+        ));
+        // A login that issued before the change loses its token to it.
+        let (user, token) = store.login("alice", b"password2").unwrap();
+        assert_eq!((user, store.verify_token(&token).unwrap()), (alice, alice));
+        store.set_password(alice, b"password3").unwrap();
+        store.revoke_tokens(alice).unwrap();
+        assert!(matches!(store.verify_token(&token), Err(StoreError::AuthFailed)));
+        assert!(matches!(
+            store.login("nobody", b"password3"),
+            Err(StoreError::AuthFailed)
+        ));
+        let (_, token) = store.login("alice", b"password3").unwrap();
+        assert_eq!(store.verify_token(&token).unwrap(), alice);
     }
 
     #[test]
