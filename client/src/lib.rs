@@ -577,6 +577,29 @@ impl Client {
         }
     }
 
+    /// Blocks a user: from the `Ok` on, no 1:1 message passes between the
+    /// two in either direction, and neither can befriend the other (an
+    /// existing friendship ends). Groups are not affected.
+    pub fn block_user(&mut self, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::UserBlock { user })
+    }
+
+    /// Lifts the caller's block of a user (the friendship the block ended
+    /// does not come back).
+    pub fn unblock_user(&mut self, user: UserId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::UserUnblock { user })
+    }
+
+    /// A page of the users the caller blocks: ids above `after`,
+    /// ascending, at most `limit` (clamped to 1..=1000 and cut to fit a
+    /// frame), and whether more follow.
+    pub fn blocks_page(&mut self, after: UserId, limit: u32) -> Result<(Vec<UserId>, bool), ClientError> {
+        match self.request(ClientBody::BlocksPage { after, limit })? {
+            ServerBody::Blocks { users, more } => Ok((users, more)),
+            other => Err(unexpected("Blocks", &other)),
+        }
+    }
+
     /// Bans a user from a group (the caller must be its owner, or an admin
     /// banning anyone but admins): removes them if a member, withdraws
     /// their invite, and refuses their joins until [`Client::group_unban`].

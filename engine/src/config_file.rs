@@ -400,6 +400,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.max_friends.to_string(),
     },
     Key {
+        name: "max_blocks_per_user",
+        help: "Most users one user may block",
+        apply: |s, v| set(&mut s.config.store.max_blocks_per_user, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_blocks_per_user.to_string(),
+    },
+    Key {
         name: "max_group_members",
         help: "Most members one group may have (the owner included)",
         apply: |s, v| set(&mut s.config.store.max_group_members, expected_usize(v, 1, MAX_COUNT)),

@@ -1605,6 +1605,26 @@ impl Conn {
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
+            ArchivedClientBody::UserBlock { user: peer } => {
+                self.block(request_id, peer.to_native(), true).await
+            }
+            ArchivedClientBody::UserUnblock { user: peer } => {
+                self.block(request_id, peer.to_native(), false).await
+            }
+            ArchivedClientBody::BlocksPage { after, limit } => {
+                let after = after.to_native();
+                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, size_of::<u64>());
+                match shard
+                    .blocking(move |store| store.blocks_after(user, after, take))
+                    .await
+                {
+                    Ok((users, more)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::Blocks { users, more },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
             ArchivedClientBody::MyInvitesPage { after, limit } => {
                 let after = after.to_native();
                 let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, size_of::<u64>());
@@ -1727,6 +1747,41 @@ impl Conn {
                 body: ServerBody::GroupCreated { group },
             },
             Err(e) => store_error_frame(request_id, &e),
+        }
+    }
+
+    /// `UserBlock` (`block`) or `UserUnblock` of `peer`, changed on the
+    /// home shard of the two users' conversation, which enforces it.
+    async fn block(&self, request_id: u64, peer: UserId, block: bool) -> ServerFrame {
+        if peer == self.user {
+            let why = if block {
+                "you cannot block yourself"
+            } else {
+                "you cannot unblock yourself"
+            };
+            return ServerFrame::error(request_id, ErrorCode::InvalidArgument, why);
+        }
+        if !self.shard.store.user_exists(peer) {
+            return ServerFrame::error(request_id, ErrorCode::NotFound, "no such user");
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let request = Request::Block {
+            user: self.user,
+            peer,
+            block,
+            reply: tx,
+        };
+        let home = self
+            .shard
+            .home_of(ConvId::direct(self.user, peer).placement_key());
+        self.shard.send_request(home, request).await;
+        match rx.await {
+            Ok(Ok(())) => ServerFrame {
+                request_id,
+                body: ServerBody::Ok,
+            },
+            Ok(Err(refusal)) => error(request_id, &refusal),
+            Err(_) => ServerFrame::error(request_id, ErrorCode::ShuttingDown, "server is shutting down"),
         }
     }
 

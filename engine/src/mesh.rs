@@ -6,7 +6,7 @@
 //!
 //! * the **request** queue carries work to the shard that *owns* a
 //!   conversation or group (assign a sequence number, check membership,
-//!   change a member list). Its consumer may wait on storage and on the
+//!   change a member list or a block between two users). Its consumer may wait on storage and on the
 //!   event queue.
 //! * the **event** queue carries results to the shard that owns a *user*
 //!   (deliveries, acks, presence, a socket being handed over). Its consumer
@@ -62,6 +62,14 @@ pub enum Request {
         group: GroupId,
         op: GroupOp,
         reply: oneshot::Sender<GroupReply>,
+    },
+    /// `user` blocks `peer` (`block`) or lifts that block; for the home
+    /// shard of their 1:1 conversation, whose cached state enforces it.
+    Block {
+        user: UserId,
+        peer: UserId,
+        block: bool,
+        reply: oneshot::Sender<Result<(), tern_proto::session::Refusal>>,
     },
 }
 

@@ -346,6 +346,31 @@ fn ternd_and_the_tern_cli_end_to_end() {
         }
     }
 
+    // A block: bob's messages to alice are refused until she lifts it,
+    // and their friendship ends.
+    let out = cli.run("alice", &["block", "bob"]);
+    assert!(out.contains("blocked bob"), "{out}");
+    let out = cli.run("alice", &["blocks"]);
+    assert!(
+        out.contains(&format!("{bob}")) && out.contains("blocked"),
+        "{out}"
+    );
+    let refused = cli
+        .command("bob", &["send", "--to", "alice", "let me in"])
+        .output()
+        .expect("run tern");
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("Forbidden"), "{stderr}");
+    let out = cli.run("alice", &["friends", "list"]);
+    assert!(!out.contains("bob"), "{out}");
+    let out = cli.run("alice", &["unblock", "bob"]);
+    assert!(out.contains("unblocked bob"), "{out}");
+    let out = cli.run("alice", &["blocks"]);
+    assert!(out.contains("you block nobody"), "{out}");
+    let out = cli.run("bob", &["send", "--to", "alice", "thanks"]);
+    assert!(out.contains("sent to alice"), "{out}");
+
     // SIGTERM: connected clients are told to come back later, and ternd
     // exits 0 promptly.
     kill(pid, libc::SIGTERM);

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 34 {
+        match self.u8() % 37 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -516,8 +516,14 @@ impl<'a> Input<'a> {
                 group: self.id(),
                 user: self.id(),
             },
-            _ => ClientBody::GroupBansPage {
+            33 => ClientBody::GroupBansPage {
                 group: self.id(),
+                after: self.id(),
+                limit: self.u64() as u32,
+            },
+            34 => ClientBody::UserBlock { user: self.id() },
+            35 => ClientBody::UserUnblock { user: self.id() },
+            _ => ClientBody::BlocksPage {
                 after: self.id(),
                 limit: self.u64() as u32,
             },
@@ -658,6 +664,9 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::GroupBan { .. }
             | B::GroupUnban { .. }
             | B::GroupBansPage { .. }
+            | B::UserBlock { .. }
+            | B::UserUnblock { .. }
+            | B::BlocksPage { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

@@ -163,6 +163,18 @@ pub enum ClientBody {
         after: UserId,
         limit: u32,
     },
+    /// Blocks `user`: from the `Ok` on, no 1:1 message passes between the
+    /// two in either direction and neither can befriend the other; an
+    /// existing friendship ends. Groups are not affected. Answered with
+    /// `Ok`, also if already blocked.
+    UserBlock { user: UserId },
+    /// Lifts the caller's block of `user`; answered with `Ok`, whether or
+    /// not there was one.
+    UserUnblock { user: UserId },
+    /// A page of the users the caller blocks: ids above `after`,
+    /// ascending, at most `limit` (clamped to 1..=1000). Answered with
+    /// `Blocks`.
+    BlocksPage { after: UserId, limit: u32 },
 }
 
 /// A member's role in a group.
@@ -390,6 +402,9 @@ pub enum ServerBody {
         users: Vec<UserId>,
         more: bool,
     },
+    /// The answer to `BlocksPage`: blocked users ascending by id; `more`
+    /// as in `MembersPage`.
+    Blocks { users: Vec<UserId>, more: bool },
 }
 
 /// A friend and whether they are online now.

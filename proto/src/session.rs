@@ -228,6 +228,9 @@ impl Session {
                 | B::GroupBan { .. }
                 | B::GroupUnban { .. }
                 | B::GroupBansPage { .. }
+                | B::UserBlock { .. }
+                | B::UserUnblock { .. }
+                | B::BlocksPage { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

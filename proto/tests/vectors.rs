@@ -515,6 +515,25 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        ("client-user-block", client(31, ClientBody::UserBlock { user: 3 })),
+        (
+            "client-user-unblock",
+            client(32, ClientBody::UserUnblock { user: 3 }),
+        ),
+        (
+            "client-blocks-page",
+            client(33, ClientBody::BlocksPage { after: 0, limit: 50 }),
+        ),
+        (
+            "server-blocks",
+            server(
+                33,
+                ServerBody::Blocks {
+                    users: vec![3],
+                    more: false,
+                },
+            ),
+        ),
         (
             "server-group-info",
             server(
@@ -788,6 +807,9 @@ fn client_samples() -> Vec<ClientBody> {
             after: 2,
             limit: 3,
         },
+        ClientBody::UserBlock { user: 2 },
+        ClientBody::UserUnblock { user: 2 },
+        ClientBody::BlocksPage { after: 1, limit: 2 },
     ]
 }
 
@@ -885,6 +907,10 @@ fn server_samples() -> Vec<ServerBody> {
             users: vec![],
             more: false,
         },
+        ServerBody::Blocks {
+            users: vec![],
+            more: false,
+        },
     ]
 }
 
@@ -902,7 +928,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         B::Ping { nonce } => vec![o(addr(nonce))],
         B::ResolveUser { username } | B::FriendAdd { username } => vec![o(addr(username))],
         B::GroupCreate { name } => vec![o(addr(name))],
-        B::FriendRemove { user } => vec![o(addr(user))],
+        B::FriendRemove { user } | B::UserBlock { user } | B::UserUnblock { user } => vec![o(addr(user))],
         B::FriendList => vec![],
         B::GroupJoin { group } | B::GroupLeave { group } | B::GroupMembers { group } => vec![o(addr(group))],
         B::SendDirect {
@@ -947,7 +973,9 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         | B::GroupBansPage { group, after, limit } => {
             vec![o(addr(group)), o(addr(after)), o(addr(limit))]
         }
-        B::MyInvitesPage { after, limit } => vec![o(addr(after)), o(addr(limit))],
+        B::MyInvitesPage { after, limit } | B::BlocksPage { after, limit } => {
+            vec![o(addr(after)), o(addr(limit))]
+        }
     }
 }
 
@@ -1023,6 +1051,7 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             vec![o(addr(group)), o(addr(users)), o(addr(more))]
         }
         B::MyInvites { groups, more } => vec![o(addr(groups)), o(addr(more))],
+        B::Blocks { users, more } => vec![o(addr(users)), o(addr(more))],
         B::Invited { group, by } => vec![o(addr(group)), o(addr(by))],
     }
 }
@@ -1266,7 +1295,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 34] = [
+    let client_expected: [&[usize]; 37] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1301,6 +1330,9 @@ fn archived_layout_is_as_documented() {
         &[8, 16],         // GroupBan
         &[8, 16],         // GroupUnban
         &[8, 16, 24],     // GroupBansPage
+        &[8],             // UserBlock
+        &[8],             // UserUnblock
+        &[8, 16],         // BlocksPage
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1324,7 +1356,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 24] = [
+    let server_expected: [&[usize]; 25] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12],      // Error
         &[],              // Ok
@@ -1349,6 +1381,7 @@ fn archived_layout_is_as_documented() {
         &[4, 12],         // MyInvites
         &[8, 16],         // Invited
         &[8, 16, 24],     // BansPage
+        &[4, 12],         // Blocks
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1575,12 +1608,16 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
         ClientBody::FriendRemove { user: id }
         | ClientBody::GroupJoin { group: id }
         | ClientBody::GroupLeave { group: id }
-        | ClientBody::GroupMembers { group: id } => {
+        | ClientBody::GroupMembers { group: id }
+        | ClientBody::UserBlock { user: id }
+        | ClientBody::UserUnblock { user: id } => {
             fields.push(tag(match frame.body {
                 ClientBody::FriendRemove { .. } => 7,
                 ClientBody::GroupJoin { .. } => 11,
                 ClientBody::GroupLeave { .. } => 12,
-                _ => 13,
+                ClientBody::GroupMembers { .. } => 13,
+                ClientBody::UserBlock { .. } => 34,
+                _ => 35,
             }));
             fields.push(Field::U64(B + 8, *id));
         }
@@ -1678,8 +1715,12 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(tag(25));
             fields.push(Field::U64(B + 8, *group));
         }
-        ClientBody::MyInvitesPage { after, limit } => {
-            fields.push(tag(30));
+        ClientBody::MyInvitesPage { after, limit } | ClientBody::BlocksPage { after, limit } => {
+            fields.push(tag(if matches!(frame.body, ClientBody::MyInvitesPage { .. }) {
+                30
+            } else {
+                36
+            }));
             fields.push(Field::U64(B + 8, *after));
             fields.push(Field::U32(B + 16, *limit));
         }
@@ -1941,6 +1982,13 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             },
             more: bool_at(b + 12),
         },
+        24 => ServerBody::Blocks {
+            users: {
+                let (start, len) = vec_at(b + 4);
+                (0..len).map(|i| u64_at(start + 8 * i)).collect()
+            },
+            more: bool_at(b + 12),
+        },
         23 => ServerBody::BansPage {
             group: u64_at(b + 8),
             users: {
@@ -2119,6 +2167,9 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         (any::<u64>(), any::<u64>()).prop_map(|(group, user)| ClientBody::GroupUnban { group, user }),
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(group, after, limit)| ClientBody::GroupBansPage { group, after, limit }),
+        any::<u64>().prop_map(|user| ClientBody::UserBlock { user }),
+        any::<u64>().prop_map(|user| ClientBody::UserUnblock { user }),
+        (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::BlocksPage { after, limit }),
     ]
 }
 
@@ -2228,6 +2279,8 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
             any::<bool>()
         )
             .prop_map(|(group, users, more)| ServerBody::BansPage { group, users, more }),
+        (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
+            .prop_map(|(users, more)| ServerBody::Blocks { users, more }),
     ]
 }
 

@@ -2,7 +2,7 @@
 //! (fjall, argon2, the OS random source, the filesystem) onto the few cases
 //! the engine distinguishes: a caller mistake it can report to the client
 //! (`UsernameTaken`, `AuthFailed`, `NotFound`, `InvalidArgument`,
-//! `LimitExceeded`), and a server fault it must log (`Corrupt`, `Io`,
+//! `Forbidden`, `LimitExceeded`), and a server fault it must log (`Corrupt`, `Io`,
 //! `Fjall`, `Crypto`). Backend errors are carried as text so that fjall's
 //! types never leak into the engine's API.
 
@@ -24,6 +24,9 @@ pub enum StoreError {
     /// The call's input breaks a rule (names, lengths, befriending oneself).
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// The other party does not allow it (a block between two users).
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
     /// A configured bound (friends per user, members per group) is reached.
     #[error("limit exceeded: {0}")]
     LimitExceeded(&'static str),

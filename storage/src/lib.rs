@@ -39,6 +39,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistM
 pub use error::StoreError;
 pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
+pub use social::{Blocks, BLOCKED_BY_THEM, YOU_BLOCKED};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;
 pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats, LATENCY_MICROS_BUCKETS};
@@ -63,6 +64,8 @@ pub struct StoreOptions {
     pub max_tokens_per_user: usize,
     /// Most friends one user may have.
     pub max_friends: usize,
+    /// Most users one user may block.
+    pub max_blocks_per_user: usize,
     /// Most members one group may have (the owner included).
     pub max_group_members: usize,
     /// Most pending (unused) invites one group may have.
@@ -94,6 +97,7 @@ impl Default for StoreOptions {
             token_ttl: Duration::from_secs(30 * 24 * 60 * 60),
             max_tokens_per_user: DEFAULT_MAX_TOKENS_PER_USER,
             max_friends: 1000,
+            max_blocks_per_user: DEFAULT_MAX_BLOCKS_PER_USER,
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
             max_groups_per_user: DEFAULT_MAX_GROUPS_PER_USER,
@@ -113,6 +117,9 @@ pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 64;
 /// Stripes of [`Inner::token_issue_locks`]: logins of different users
 /// rarely wait on each other.
 const TOKEN_ISSUE_STRIPES: usize = 64;
+
+/// Default of [`StoreOptions::max_blocks_per_user`].
+pub const DEFAULT_MAX_BLOCKS_PER_USER: usize = 10_000;
 
 /// Default of [`StoreOptions::max_group_bans`].
 pub const DEFAULT_MAX_GROUP_BANS: usize = 10_000;
@@ -177,6 +184,8 @@ struct Inner {
     user_tokens: Ks,
     /// user ++ friend -> (), both directions.
     friends: Ks,
+    /// blocker ++ blocked -> (): one direction per block.
+    blocks: Ks,
     /// group id -> (owner, member count, invite count, open, name).
     groups: Ks,
     /// group ++ user -> role.
@@ -311,6 +320,7 @@ impl Store {
             tokens: ks("tokens")?,
             user_tokens: ks("user_tokens")?,
             friends: ks("friends")?,
+            blocks: ks("blocks")?,
             groups,
             members,
             group_invites,

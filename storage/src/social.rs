@@ -1,11 +1,47 @@
-//! Friendships. It owns the `friends` keyspace, where a friendship between
-//! `a` and `b` is the two keys `a ++ b` and `b ++ a` (no value), always
-//! written and removed together in one batch so that the relation stays
-//! symmetric across crashes. Keying by the user first makes "my friends" a
-//! single prefix scan, already sorted by id.
+//! Friendships and blocks. It owns the `friends` keyspace, where a
+//! friendship between `a` and `b` is the two keys `a ++ b` and `b ++ a`
+//! (no value), always written and removed together in one batch so that
+//! the relation stays symmetric across crashes, and the `blocks` keyspace,
+//! where `a` blocking `b` is the one key `a ++ b`. Keying by the user first
+//! makes "my friends" and "whom I block" single prefix scans, already
+//! sorted by id. A block and a friendship never coexist: blocking ends the
+//! friendship in the same batch, and befriending checks both directions
+//! of blocks, under the one lock both take.
 
 use crate::codec;
-use crate::{lock, Store, StoreError, UserId};
+use crate::{lock, Inner, Store, StoreError, UserId};
+
+/// Why `blocker` may not befriend, or message, a user they block.
+pub const YOU_BLOCKED: &str = "you blocked this user; unblock them first";
+
+/// Why a user may not befriend, or message, a user who blocks them.
+pub const BLOCKED_BY_THEM: &str = "this user does not accept requests or messages from you";
+
+/// The blocks between two users, each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Blocks {
+    /// The first user of the pair blocks the second.
+    pub first_blocks_second: bool,
+    /// The second user of the pair blocks the first.
+    pub second_blocks_first: bool,
+}
+
+impl Blocks {
+    /// Whether either blocks the other.
+    pub fn any(self) -> bool {
+        self.first_blocks_second || self.second_blocks_first
+    }
+}
+
+impl Inner {
+    fn blocks_between(&self, a: UserId, b: UserId) -> Result<Blocks, StoreError> {
+        let has = |key: [u8; 16]| self.blocks.handle.contains_key(key);
+        Ok(Blocks {
+            first_blocks_second: has(codec::pair_key(a, b))?,
+            second_blocks_first: has(codec::pair_key(b, a))?,
+        })
+    }
+}
 
 impl Store {
     /// Makes `user` and `friend` friends of each other. Adding an existing
@@ -26,6 +62,13 @@ impl Store {
         let has = |key: &[u8]| inner.friends.handle.contains_key(key);
         if has(&forward)? && has(&backward)? {
             return Ok(());
+        }
+        let blocks = inner.blocks_between(user, friend)?;
+        if blocks.first_blocks_second {
+            return Err(StoreError::Forbidden(YOU_BLOCKED));
+        }
+        if blocks.second_blocks_first {
+            return Err(StoreError::Forbidden(BLOCKED_BY_THEM));
         }
         let max = inner.opts.max_friends;
         let friends = &inner.friends;
@@ -58,5 +101,66 @@ impl Store {
     /// `user`'s friends, ascending by id.
     pub fn friends(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
         self.inner.friends.scan_pairs(user)
+    }
+
+    /// `blocker` blocks `blocked`: records the block and ends any
+    /// friendship between them, in one synced batch. Blocking again
+    /// succeeds without writing. `NotFound` for an unknown user,
+    /// `InvalidArgument` for oneself, `LimitExceeded` past
+    /// [`crate::StoreOptions::max_blocks_per_user`].
+    pub fn block(&self, blocker: UserId, blocked: UserId) -> Result<(), StoreError> {
+        if blocker == blocked {
+            return Err(StoreError::InvalidArgument("you cannot block yourself"));
+        }
+        let inner = &*self.inner;
+        if !inner.user_exists(blocker)? || !inner.user_exists(blocked)? {
+            return Err(StoreError::NotFound);
+        }
+        let key = codec::pair_key(blocker, blocked);
+        let guard = lock(&inner.friends_lock);
+        if inner.blocks.handle.contains_key(key)? {
+            return Ok(());
+        }
+        if inner
+            .blocks
+            .prefix_reaches(blocker, inner.opts.max_blocks_per_user)?
+        {
+            return Err(StoreError::LimitExceeded("block list is full"));
+        }
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.blocks.handle, key, []);
+        batch.remove(&inner.friends.handle, codec::pair_key(blocker, blocked));
+        batch.remove(&inner.friends.handle, codec::pair_key(blocked, blocker));
+        inner.commit_unlocked(batch, guard)
+    }
+
+    /// Lifts `blocker`'s block of `blocked`; succeeds whether or not there
+    /// was one. The friendship the block ended does not come back.
+    pub fn unblock(&self, blocker: UserId, blocked: UserId) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let key = codec::pair_key(blocker, blocked);
+        let guard = lock(&inner.friends_lock);
+        if !inner.blocks.handle.contains_key(key)? {
+            return Ok(());
+        }
+        let mut batch = inner.db.batch();
+        batch.remove(&inner.blocks.handle, key);
+        inner.commit_unlocked(batch, guard)
+    }
+
+    /// The blocks between `a` and `b`, each direction.
+    pub fn blocks_between(&self, a: UserId, b: UserId) -> Result<Blocks, StoreError> {
+        self.inner.blocks_between(a, b)
+    }
+
+    /// The users `blocker` blocks with ids above `after`, ascending, at
+    /// most `limit`, and whether more follow.
+    pub fn blocks_after(
+        &self,
+        blocker: UserId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<(Vec<UserId>, bool), StoreError> {
+        self.inner.blocks.pairs_after(blocker, after, limit)
     }
 }

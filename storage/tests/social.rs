@@ -1,9 +1,10 @@
-//! Friends and groups over a real store: symmetry, limits, idempotence.
+//! Friends, blocks and groups over a real store: symmetry, limits,
+//! idempotence.
 
 mod common;
 
 use common::{open, open_with};
-use tern_storage::{GroupRecord, StoreError};
+use tern_storage::{Blocks, GroupRecord, StoreError, BLOCKED_BY_THEM, YOU_BLOCKED};
 
 fn users(store: &tern_storage::Store, n: u64) {
     for i in 1..=n {
@@ -32,6 +33,74 @@ fn friendship_is_mutual_sorted_and_idempotent() {
     assert_eq!(store.friends(1).unwrap(), vec![3, 4]);
     assert_eq!(store.friends(2).unwrap(), Vec::<u64>::new());
     assert_eq!(store.friends(99).unwrap(), Vec::<u64>::new());
+}
+
+#[test]
+fn a_block_ends_the_friendship_keeps_both_from_befriending_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        users(&store, 4);
+        store.add_friend(1, 2).unwrap();
+        store.add_friend(1, 3).unwrap();
+        store.block(2, 1).unwrap();
+        store.block(2, 1).unwrap(); // again: nothing to do
+        store.block(2, 4).unwrap(); // never friends
+        assert_eq!(store.friends(1).unwrap(), vec![3]);
+        assert!(store.friends(2).unwrap().is_empty());
+        assert!(matches!(
+            store.add_friend(1, 2),
+            Err(StoreError::Forbidden(BLOCKED_BY_THEM))
+        ));
+        assert!(matches!(
+            store.add_friend(2, 1),
+            Err(StoreError::Forbidden(YOU_BLOCKED))
+        ));
+        assert!(matches!(store.block(1, 1), Err(StoreError::InvalidArgument(_))));
+        assert!(matches!(store.block(1, 99), Err(StoreError::NotFound)));
+        assert!(matches!(store.block(99, 1), Err(StoreError::NotFound)));
+        assert_eq!(
+            store.blocks_between(1, 2).unwrap(),
+            Blocks {
+                first_blocks_second: false,
+                second_blocks_first: true,
+            }
+        );
+        // Both may block each other; each lifts only their own.
+        store.block(1, 2).unwrap();
+        assert!(store.blocks_between(2, 1).unwrap().first_blocks_second);
+        store.unblock(1, 2).unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.blocks_after(2, 0, 10).unwrap(), (vec![1, 4], false));
+    assert_eq!(store.blocks_after(2, 0, 1).unwrap(), (vec![1], true));
+    assert_eq!(store.blocks_after(2, 1, 1).unwrap(), (vec![4], false));
+    assert_eq!(store.blocks_after(1, 0, 10).unwrap(), (vec![], false));
+    assert!(!store.blocks_between(1, 3).unwrap().any());
+    store.unblock(2, 1).unwrap();
+    store.unblock(2, 1).unwrap(); // not blocked: nothing to do
+    assert!(!store.blocks_between(1, 2).unwrap().any());
+    assert!(
+        store.friends(2).unwrap().is_empty(),
+        "the friendship does not come back"
+    );
+    store.add_friend(2, 1).unwrap();
+    assert_eq!(store.friends(2).unwrap(), vec![1]);
+}
+
+#[test]
+fn blocks_per_user_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_blocks_per_user = 2);
+    users(&store, 4);
+    store.block(1, 2).unwrap();
+    store.block(1, 3).unwrap();
+    assert!(matches!(store.block(1, 4), Err(StoreError::LimitExceeded(_))));
+    store.block(1, 3).unwrap(); // already blocked: no new place needed
+    store.block(4, 1).unwrap(); // others' lists are their own
+    store.unblock(1, 2).unwrap();
+    store.block(1, 4).unwrap();
+    assert_eq!(store.blocks_after(1, 0, 10).unwrap(), (vec![3, 4], false));
 }
 
 #[test]

@@ -93,6 +93,13 @@ enum Command {
         #[command(subcommand)]
         action: GroupCommand,
     },
+    /// Block a user by username: no 1:1 messages either way and no
+    /// friendship until you unblock them (groups are not affected).
+    Block { name: String },
+    /// Lift your block of a user.
+    Unblock { name: String },
+    /// List the users you block.
+    Blocks,
     /// Interactive chat; type /help once connected.
     Chat,
     /// End a session: revoke its token and close. With --token, the
@@ -292,6 +299,24 @@ fn run(cli: Cli) -> Result<()> {
             }
             FriendsCommand::List => print_friends(&mut client, &mut names)?,
         },
+        Command::Block { name } => {
+            let id = client
+                .resolve_user(&name)
+                .with_context(|| format!("cannot find user {name}"))?;
+            client.block_user(id)?;
+            println!("blocked {name}");
+        }
+        Command::Unblock { name } => {
+            let id = client
+                .resolve_user(&name)
+                .with_context(|| format!("cannot find user {name}"))?;
+            client.unblock_user(id)?;
+            println!("unblocked {name}");
+        }
+        Command::Blocks => {
+            let fetch = |client: &mut Client, after| client.blocks_page(after, MEMBERS_PAGE_LIMIT_MAX);
+            print_paged_users(&mut client, &mut names, fetch, "blocked", "you block nobody")?;
+        }
         Command::Group { action } => match action {
             GroupCommand::Create { name, invite_only } => {
                 println!("{}", client.group_create_with(&name, !invite_only)?)

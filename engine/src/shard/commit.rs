@@ -21,7 +21,8 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
 use tern_storage::SubmitError;
-use tern_storage::{ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
+use tern_storage::{Blocks, ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
+use tern_storage::{BLOCKED_BY_THEM, YOU_BLOCKED};
 
 use super::{encode_shared, store_error_frame, Encoded, Shard};
 use crate::mesh::{ConnKey, Event};
@@ -38,17 +39,22 @@ pub(super) struct ConvState {
     dedup: FxHashMap<(UserId, u64), Dedup>,
     /// Insertion order of `dedup`, to forget the oldest beyond the window.
     order: VecDeque<(UserId, u64)>,
+    /// For a 1:1 conversation, who blocks whom (`low` is the first user):
+    /// loaded with the state and changed only on this shard
+    /// ([`Shard::change_block`]), so the check costs no store read.
+    blocks: Blocks,
 }
 
 impl ConvState {
     /// The state as the store has it: the last seq and the recent client
     /// message ids, for deduplication.
-    fn from_tail(tail: ConvTail) -> ConvState {
+    fn from_tail(tail: ConvTail, blocks: Blocks) -> ConvState {
         let mut state = ConvState {
             last_seq: tail.last_seq,
             inflight: 0,
             dedup: FxHashMap::default(),
             order: VecDeque::new(),
+            blocks,
         };
         // `recent` is in ascending seq order, so trimming forgets the oldest.
         for recent in tail.recent.iter().filter(|r| r.client_msg_id != 0) {
@@ -90,6 +96,8 @@ enum Sequenced {
     /// The conversation's sequence is at `u64::MAX`: only a damaged store
     /// (a history key written at that seq) gets here.
     Exhausted,
+    /// A new message between two users one of whom blocks the other.
+    Refused(&'static str),
 }
 
 /// Writes staged on this shard for the next commit, and what follows them.
@@ -125,9 +133,11 @@ pub(super) fn store_frame(frame: &Encoded) -> Arc<[u8]> {
 /// cached state was changed and dropped (evicted when the cache is full,
 /// or forgotten after a failed commit) returns what the store held then,
 /// which may lack messages sequenced since: inserting it would hand out
-/// their seqs again. So every drop is counted against the reads in flight
-/// for that conversation, and a read that sees its count moved reads
-/// again. Holds reads only while they are in flight.
+/// their seqs again. Likewise a read that began before a block between
+/// the two users changed may hold the old blocks. So every drop and every
+/// block change is counted against the reads in flight for that
+/// conversation, and a read that sees its count moved reads again. Holds
+/// reads only while they are in flight.
 #[derive(Default)]
 pub(super) struct ConvCache {
     map: FxHashMap<ConvId, ConvState>,
@@ -180,12 +190,30 @@ impl ConvCache {
         self.loading.get(&conv).is_some_and(|l| l.drops != seen)
     }
 
+    /// Tells the reads of `conv` in flight that what they read is stale.
+    fn outdate_reads(&mut self, conv: ConvId) {
+        if let Some(loading) = self.loading.get_mut(&conv) {
+            loading.drops += 1;
+        }
+    }
+
     /// Forgets `conv`'s cached state, telling reads in flight.
     fn remove(&mut self, conv: ConvId) {
         if self.map.remove(&conv).is_some() {
-            if let Some(loading) = self.loading.get_mut(&conv) {
-                loading.drops += 1;
-            }
+            self.outdate_reads(conv);
+        }
+    }
+
+    /// Records a changed block between the two users of `conv`: in the
+    /// cached state if there is one, and for the reads in flight.
+    /// `None` (the change's outcome is unknown) forgets an idle state
+    /// instead, so the next message reads the store.
+    pub(super) fn set_blocks(&mut self, conv: ConvId, blocks: Option<Blocks>) {
+        self.outdate_reads(conv);
+        match (blocks, self.map.get_mut(&conv)) {
+            (Some(blocks), Some(state)) => state.blocks = blocks,
+            (None, Some(state)) if state.inflight == 0 => self.remove(conv),
+            _ => {}
         }
     }
 
@@ -232,7 +260,16 @@ impl Shard {
                 conv,
             };
             let window = self.config.dedup_window;
-            let tail = self.blocking(move |store| store.conv_tail(conv, window)).await?;
+            let (tail, blocks) = self
+                .blocking(move |store| {
+                    let tail = store.conv_tail(conv, window)?;
+                    let blocks = match conv {
+                        ConvId::Direct { low, high } => store.blocks_between(low, high)?,
+                        ConvId::Group { .. } => Blocks::default(),
+                    };
+                    Ok::<_, StoreError>((tail, blocks))
+                })
+                .await?;
             let mut convs = self.convs.borrow_mut();
             if convs.contains(conv) {
                 // Loaded by another task while we waited; theirs may be newer.
@@ -246,7 +283,7 @@ impl Shard {
             if convs.map.len() >= self.config.max_cached_conversations {
                 convs.evict_idle(self.config.max_cached_conversations / 8);
             }
-            convs.map.insert(conv, ConvState::from_tail(tail));
+            convs.map.insert(conv, ConvState::from_tail(tail, blocks));
             return Ok(());
         }
     }
@@ -275,6 +312,7 @@ impl Shard {
         let outcome = {
             let mut convs = self.convs.borrow_mut();
             let state = convs.get_mut(conv)?;
+            let refused = block_refusal(conv, state.blocks, from);
             assign(
                 state,
                 self.config.dedup_window,
@@ -282,6 +320,7 @@ impl Shard {
                 conn,
                 request_id,
                 client_msg_id,
+                refused,
             )
         };
         match outcome {
@@ -301,6 +340,11 @@ impl Shard {
                 None
             }
             Sequenced::Waiting => None,
+            Sequenced::Refused(why) => {
+                let frame = ServerFrame::error(request_id, ErrorCode::Forbidden, why);
+                self.reply(from, conn, frame).await;
+                None
+            }
             Sequenced::Exhausted => {
                 tracing::error!(
                     ?conv,
@@ -508,7 +552,28 @@ impl Shard {
     }
 }
 
-/// Sequences one message in `state`.
+/// Why `from` may not send a new message in `conv`, if a block between
+/// its two users forbids it.
+fn block_refusal(conv: ConvId, blocks: Blocks, from: UserId) -> Option<&'static str> {
+    let ConvId::Direct { low, .. } = conv else {
+        return None;
+    };
+    let (sender_blocks, blocked_by_peer) = if from == low {
+        (blocks.first_blocks_second, blocks.second_blocks_first)
+    } else {
+        (blocks.second_blocks_first, blocks.first_blocks_second)
+    };
+    if sender_blocks {
+        Some(YOU_BLOCKED)
+    } else if blocked_by_peer {
+        Some(BLOCKED_BY_THEM)
+    } else {
+        None
+    }
+}
+
+/// Sequences one message in `state`; `refused` says why a new message may
+/// not be (a retry of one sequenced before still gets its answer).
 fn assign(
     state: &mut ConvState,
     window: usize,
@@ -516,6 +581,7 @@ fn assign(
     conn: ConnKey,
     request_id: u64,
     client_msg_id: u64,
+    refused: Option<&'static str>,
 ) -> Sequenced {
     if client_msg_id != 0 {
         if let Some(seen) = state.dedup.get_mut(&(from, client_msg_id)) {
@@ -530,6 +596,9 @@ fn assign(
                 },
             };
         }
+    }
+    if let Some(why) = refused {
+        return Sequenced::Refused(why);
     }
     let Some(seq) = state.last_seq.checked_add(1) else {
         return Sequenced::Exhausted;
@@ -578,6 +647,7 @@ mod tests {
             inflight: 0,
             dedup: FxHashMap::default(),
             order: VecDeque::new(),
+            blocks: Blocks::default(),
         }
     }
 
@@ -617,7 +687,7 @@ mod tests {
         let idle = ConvId::direct(1, 3);
         cache.map.insert(busy, state());
         cache.map.insert(idle, state());
-        assign(cache.get_mut(busy).unwrap(), 4, 1, CONN, 1, 7);
+        assign(cache.get_mut(busy).unwrap(), 4, 1, CONN, 1, 7, None);
         cache.evict_idle(10);
         assert!(cache.contains(busy));
         assert!(!cache.contains(idle));
@@ -627,19 +697,19 @@ mod tests {
     fn new_messages_get_consecutive_seqs() {
         let mut s = state();
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 1, 100),
+            assign(&mut s, 4, 1, CONN, 1, 100, None),
             Sequenced::New { seq: 11, .. }
         ));
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 2, 101),
+            assign(&mut s, 4, 1, CONN, 2, 101, None),
             Sequenced::New { seq: 12, .. }
         ));
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 3, 0),
+            assign(&mut s, 4, 1, CONN, 3, 0, None),
             Sequenced::New { seq: 13, .. }
         ));
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 4, 0),
+            assign(&mut s, 4, 1, CONN, 4, 0, None),
             Sequenced::New { seq: 14, .. }
         ));
         assert_eq!(s.inflight, 4);
@@ -650,48 +720,97 @@ mod tests {
         let mut s = state();
         s.last_seq = u64::MAX - 1;
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 1, 100),
+            assign(&mut s, 4, 1, CONN, 1, 100, None),
             Sequenced::New { seq: u64::MAX, .. }
         ));
-        assert!(matches!(assign(&mut s, 4, 1, CONN, 2, 101), Sequenced::Exhausted));
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 2, 101, None),
+            Sequenced::Exhausted
+        ));
         assert_eq!((s.last_seq, s.inflight), (u64::MAX, 1));
         // A retry of the last message still gets its answer.
-        assert!(matches!(assign(&mut s, 4, 1, CONN, 3, 100), Sequenced::Waiting));
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 3, 100, None),
+            Sequenced::Waiting
+        ));
     }
 
     #[test]
     fn retries_wait_then_get_the_original_seq() {
         let mut s = state();
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 1, 100),
+            assign(&mut s, 4, 1, CONN, 1, 100, None),
             Sequenced::New { seq: 11, .. }
         ));
-        assert!(matches!(assign(&mut s, 4, 1, CONN, 2, 100), Sequenced::Waiting));
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 2, 100, None),
+            Sequenced::Waiting
+        ));
         // Another sender may reuse the same client id.
         assert!(matches!(
-            assign(&mut s, 4, 2, CONN, 3, 100),
+            assign(&mut s, 4, 2, CONN, 3, 100, None),
             Sequenced::New { seq: 12, .. }
         ));
         let entry = s.dedup.get_mut(&(1, 100)).unwrap();
         assert_eq!(entry.waiters.take().unwrap(), vec![(CONN, 2)]);
         assert!(matches!(
-            assign(&mut s, 4, 1, CONN, 4, 100),
+            assign(&mut s, 4, 1, CONN, 4, 100, None),
             Sequenced::Duplicate { seq: 11, .. }
         ));
+    }
+
+    #[test]
+    fn a_block_refuses_new_messages_both_ways_but_not_retries_of_old_ones() {
+        let conv = ConvId::direct(3, 7);
+        let three_blocks = Blocks {
+            first_blocks_second: true,
+            second_blocks_first: false,
+        };
+        assert_eq!(block_refusal(conv, three_blocks, 3), Some(YOU_BLOCKED));
+        assert_eq!(block_refusal(conv, three_blocks, 7), Some(BLOCKED_BY_THEM));
+        let seven_blocks = Blocks {
+            first_blocks_second: false,
+            second_blocks_first: true,
+        };
+        assert_eq!(block_refusal(conv, seven_blocks, 3), Some(BLOCKED_BY_THEM));
+        assert_eq!(block_refusal(conv, seven_blocks, 7), Some(YOU_BLOCKED));
+        assert_eq!(block_refusal(conv, Blocks::default(), 3), None);
+        assert_eq!(block_refusal(ConvId::Group { group: 3 }, three_blocks, 3), None);
+
+        let mut s = state();
+        assert!(matches!(
+            assign(&mut s, 4, 7, CONN, 1, 100, None),
+            Sequenced::New { seq: 11, .. }
+        ));
+        // Sequenced before the block: its retries still get the answer.
+        assert!(matches!(
+            assign(&mut s, 4, 7, CONN, 2, 100, Some(BLOCKED_BY_THEM)),
+            Sequenced::Waiting
+        ));
+        s.dedup.get_mut(&(7, 100)).unwrap().waiters = None;
+        assert!(matches!(
+            assign(&mut s, 4, 7, CONN, 3, 100, Some(BLOCKED_BY_THEM)),
+            Sequenced::Duplicate { seq: 11, .. }
+        ));
+        assert!(matches!(
+            assign(&mut s, 4, 7, CONN, 4, 101, Some(BLOCKED_BY_THEM)),
+            Sequenced::Refused(BLOCKED_BY_THEM)
+        ));
+        assert_eq!((s.last_seq, s.inflight), (11, 1), "a refusal takes no seq");
     }
 
     #[test]
     fn window_forgets_oldest_durable_ids_only() {
         let mut s = state();
         for id in 1..=3 {
-            assign(&mut s, 2, 1, CONN, id, id);
+            assign(&mut s, 2, 1, CONN, id, id, None);
         }
         // All three still in flight: none may be forgotten.
         assert_eq!(s.dedup.len(), 3);
         for entry in s.dedup.values_mut() {
             entry.waiters = None;
         }
-        assign(&mut s, 2, 1, CONN, 4, 4);
+        assign(&mut s, 2, 1, CONN, 4, 4, None);
         assert_eq!(s.dedup.len(), 2);
         assert!(!s.dedup.contains_key(&(1, 1)));
     }

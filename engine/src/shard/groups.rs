@@ -871,8 +871,6 @@ fn fill(replies: Vec<Option<GroupReply>>, mut make: impl FnMut() -> GroupReply) 
         .collect()
 }
 
-/// The refusal for a store error of a group operation; `not_found` says
-/// what was missing.
 /// `Forbidden` with `refused` unless the caller owns or administers the
 /// group: the rule for inviting, withdrawing invites and kicking.
 fn owner_or_admin(caller_role: Option<GroupRole>, refused: &'static str) -> Result<(), Refusal> {
@@ -882,11 +880,14 @@ fn owner_or_admin(caller_role: Option<GroupRole>, refused: &'static str) -> Resu
     }
 }
 
+/// The refusal for a store error of a group operation; `not_found` says
+/// what was missing.
 fn store_refusal(e: StoreError, group: GroupId, not_found: &'static str) -> Refusal {
     match e {
         StoreError::NotFound => refusal(ErrorCode::NotFound, not_found),
         StoreError::LimitExceeded(why) => refusal(ErrorCode::LimitExceeded, why),
         StoreError::InvalidArgument(why) => refusal(ErrorCode::InvalidArgument, why),
+        StoreError::Forbidden(why) => refusal(ErrorCode::Forbidden, why),
         other => {
             tracing::error!(error = %other, group, "group store failure");
             refusal(ErrorCode::Internal, "internal storage error; retry later")

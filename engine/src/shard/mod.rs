@@ -10,6 +10,7 @@
 //! conversations and groups owned here, [`Shard::handle_event`] applies
 //! results for users owned here.
 
+mod blocks;
 mod commit;
 mod groups;
 
@@ -127,6 +128,9 @@ pub struct Shard {
     /// Joins waiting for their group's permit, applied together by the
     /// first of them to find the queue idle.
     join_queues: RefCell<FxHashMap<u64, groups::JoinQueue>>,
+    /// One permit: held by a block change from its store write to its
+    /// cache update ([`blocks`]).
+    block_changes: glommio::sync::Semaphore,
     /// Queue ends to other shards, dropped at shutdown so that the peers'
     /// consumer tasks end (`Rc` so a send in flight keeps its end alive).
     requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
@@ -186,6 +190,7 @@ pub fn store_error_frame(request_id: u64, error: &StoreError) -> ServerFrame {
         StoreError::NotFound => (ErrorCode::NotFound, "no such user or group".to_owned()),
         StoreError::InvalidArgument(m) => (ErrorCode::InvalidArgument, (*m).to_owned()),
         StoreError::LimitExceeded(m) => (ErrorCode::LimitExceeded, (*m).to_owned()),
+        StoreError::Forbidden(m) => (ErrorCode::Forbidden, (*m).to_owned()),
         other => {
             tracing::error!(error = %other, "store failure");
             (
@@ -236,6 +241,7 @@ impl Shard {
             convs: RefCell::new(ConvCache::default()),
             groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
+            block_changes: glommio::sync::Semaphore::new(1),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             writer,
@@ -673,6 +679,19 @@ impl Shard {
                 glommio::spawn_local(async move {
                     let answer = shard.group_admin(user, group, op).await;
                     let _ = reply.send(answer);
+                })
+                .detach();
+            }
+            Request::Block {
+                user,
+                peer,
+                block,
+                reply,
+            } => {
+                // Waits on the disk too: beside the queue, as above.
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.change_block(user, peer, block).await);
                 })
                 .detach();
             }

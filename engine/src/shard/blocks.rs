@@ -1,0 +1,69 @@
+//! Blocks between two users, enforced by the home shard of their 1:1
+//! conversation.
+//!
+//! A block is stored by the store (`blocks` keyspace, which also ends the
+//! friendship), and enforced where every message between the two is
+//! sequenced anyway: the conversation's cached state carries who blocks
+//! whom ([`super::commit`]), so a message costs no store read for it. A
+//! change therefore runs on that shard: the store is written, then the
+//! cached state is updated before the answer goes out, so no message
+//! sequenced after a block's `Ok` passes. Changes are serialised per shard
+//! by one permit: two changes of the same pair cannot reach the cache in
+//! the other order than they reached the store.
+
+use std::rc::Rc;
+
+use tern_proto::session::Refusal;
+use tern_proto::{ConvId, ErrorCode, UserId};
+use tern_storage::StoreError;
+
+use super::{refusal, Shard};
+
+impl Shard {
+    /// `user` blocks `peer` (or, with `block` false, lifts that block);
+    /// answers once the conversation's home shard (this one) enforces it.
+    pub(super) async fn change_block(
+        self: &Rc<Self>,
+        user: UserId,
+        peer: UserId,
+        block: bool,
+    ) -> Result<(), Refusal> {
+        let _permit = self
+            .block_changes
+            .acquire_permit(1)
+            .await
+            .map_err(|_| refusal(ErrorCode::ShuttingDown, "server is shutting down"))?;
+        let conv = ConvId::direct(user, peer);
+        let (low, high) = (user.min(peer), user.max(peer));
+        let changed = self
+            .blocking(move |store| {
+                if block {
+                    store.block(user, peer)?;
+                } else {
+                    store.unblock(user, peer)?;
+                }
+                store.blocks_between(low, high)
+            })
+            .await;
+        let mut convs = self.convs.borrow_mut();
+        match changed {
+            Ok(blocks) => {
+                convs.set_blocks(conv, Some(blocks));
+                Ok(())
+            }
+            Err(e) => {
+                // A failed commit may still have landed: read it again.
+                convs.set_blocks(conv, None);
+                Err(match e {
+                    StoreError::NotFound => refusal(ErrorCode::NotFound, "no such user"),
+                    StoreError::InvalidArgument(why) => refusal(ErrorCode::InvalidArgument, why),
+                    StoreError::LimitExceeded(why) => refusal(ErrorCode::LimitExceeded, why),
+                    other => {
+                        tracing::error!(error = %other, user, peer, "block store failure");
+                        refusal(ErrorCode::Internal, "internal storage error; retry later")
+                    }
+                })
+            }
+        }
+    }
+}
