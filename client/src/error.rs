@@ -18,11 +18,23 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     /// The server answered the request with an error; the connection is still usable
     /// unless the code says otherwise (e.g. [`ErrorCode::UnsupportedVersion`]).
+    /// `retry_after_ms` is the server's hint for [`ErrorCode::RateLimited`]
+    /// (0: none); see [`ClientError::retry_after`].
     #[error("server refused the request: {code}: {message}")]
-    Server { code: ErrorCode, message: String },
-    /// The server pushed `Disconnect` while a request was waiting for its answer.
+    Server {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u32,
+    },
+    /// The server pushed `Disconnect` while a request was waiting for its
+    /// answer; `retry_after_ms` is how long it asks the client to wait
+    /// before reconnecting (0: no hint).
     #[error("server is closing the connection: {code}: {message}")]
-    Disconnected { code: ErrorCode, message: String },
+    Disconnected {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u32,
+    },
     /// The server closed (or reset) the connection.
     #[error("connection closed by the server")]
     Closed,
@@ -47,6 +59,21 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } | ClientError::Disconnected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// How long the server asked the client to wait before trying again:
+    /// before resending a rate-limited request ([`ClientError::Server`]) or
+    /// reconnecting ([`ClientError::Disconnected`]). `None` when the server
+    /// gave no hint.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ClientError::Server { retry_after_ms, .. } | ClientError::Disconnected { retry_after_ms, .. }
+                if *retry_after_ms > 0 =>
+            {
+                Some(std::time::Duration::from_millis(u64::from(*retry_after_ms)))
+            }
             _ => None,
         }
     }

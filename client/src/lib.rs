@@ -254,7 +254,16 @@ impl Client {
             };
             if frame.request_id == request_id {
                 return match frame.body {
-                    ServerBody::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+                    ServerBody::Error {
+                        code,
+                        message,
+                        retry_after_ms,
+                        ..
+                    } => Err(ClientError::Server {
+                        code,
+                        message,
+                        retry_after_ms,
+                    }),
                     body => Ok(body),
                 };
             }
@@ -262,8 +271,17 @@ impl Client {
                 // The answer to a request whose caller already got Timeout.
                 continue;
             }
-            if let ServerBody::Disconnect { code, message, .. } = frame.body {
-                return Err(ClientError::Disconnected { code, message });
+            if let ServerBody::Disconnect {
+                code,
+                message,
+                retry_after_ms,
+            } = frame.body
+            {
+                return Err(ClientError::Disconnected {
+                    code,
+                    message,
+                    retry_after_ms,
+                });
             }
             self.queued.push_back(frame);
         }

@@ -108,7 +108,11 @@ fn error_answer_is_a_server_error_and_the_connection_lives_on() {
         peer.wait_closed();
     });
     match client.register("alice", "password1") {
-        Err(ClientError::Server { code, message }) => {
+        Err(e @ ClientError::Server { .. }) => {
+            assert_eq!(e.retry_after(), None);
+            let ClientError::Server { code, message, .. } = e else {
+                unreachable!()
+            };
             assert_eq!(code, ErrorCode::UsernameTaken);
             assert_eq!(message, "taken");
         }
@@ -131,9 +135,14 @@ fn disconnect_push_while_waiting_is_disconnected_then_closed() {
         // Dropping the peer closes the socket.
     });
     match client.send_text(5, "hi") {
-        Err(ClientError::Disconnected { code, message }) => {
+        Err(ClientError::Disconnected {
+            code,
+            message,
+            retry_after_ms,
+        }) => {
             assert_eq!(code, ErrorCode::ShuttingDown);
             assert_eq!(message, "bye");
+            assert_eq!(retry_after_ms, 1000);
         }
         other => panic!("expected Disconnected, got {other:?}"),
     }
@@ -196,6 +205,7 @@ fn refused_version_fails_connect() {
                 code: ErrorCode::UnsupportedVersion,
                 message: "no".into(),
                 supported_versions: vec![2],
+                retry_after_ms: 0,
             },
         );
     });

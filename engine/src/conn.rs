@@ -82,10 +82,10 @@ fn error(request_id: u64, refusal: &Refusal) -> ServerFrame {
 }
 
 fn rate_limited(request_id: u64, what: &str, retry_after_ms: u32) -> ServerFrame {
-    ServerFrame::error(
+    ServerFrame::rate_limited(
         request_id,
-        ErrorCode::RateLimited,
         format!("{what}; retry after {retry_after_ms} ms"),
+        retry_after_ms,
     )
 }
 

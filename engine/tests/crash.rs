@@ -302,7 +302,7 @@ fn run_sender(
                 }) => {
                     // "not stored; retry": the connection is fine.
                 }
-                Err(ClientError::Server { code, message }) => {
+                Err(ClientError::Server { code, message, .. }) => {
                     panic!("{name}: send refused: {code}: {message}")
                 }
                 Err(_) => client = None,

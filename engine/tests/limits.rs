@@ -89,14 +89,17 @@ fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
     let frames = flood.expect_closed();
     let refused = frames
         .iter()
-        .filter(|f| {
-            matches!(
-                f.body,
-                ServerBody::Error {
-                    code: ErrorCode::RateLimited,
-                    ..
-                }
-            )
+        .filter(|f| match f.body {
+            ServerBody::Error {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            } => {
+                // One message's worth of tokens at 5/s comes back within 200 ms.
+                assert!((1..=200).contains(&retry_after_ms), "{f:?}");
+                true
+            }
+            _ => false,
         })
         .count();
     assert!(refused >= 40, "only {refused} refusals before the disconnect");
@@ -298,10 +301,20 @@ fn registrations_per_address_are_rate_limited_before_hashing() {
     client.register("henry", PASSWORD).expect("first registration");
     client.register("irene", PASSWORD).expect("second registration");
     match client.register("jack", PASSWORD) {
-        Err(tern_client::ClientError::Server {
-            code: ErrorCode::RateLimited,
-            message,
-        }) => assert!(message.contains("retry after"), "{message}"),
+        Err(
+            e @ tern_client::ClientError::Server {
+                code: ErrorCode::RateLimited,
+                ..
+            },
+        ) => {
+            // The wait is machine-readable, and named in the text too.
+            let wait = e.retry_after().expect("a retry hint");
+            assert!(
+                wait > Duration::ZERO && wait <= Duration::from_secs(3600),
+                "{wait:?}"
+            );
+            assert!(e.to_string().contains("retry after"), "{e}");
+        }
         other => panic!("expected RateLimited, got {other:?}"),
     }
     // Refused before anything was stored: the name is still free, and

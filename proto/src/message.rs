@@ -305,11 +305,15 @@ pub enum ServerBody {
         idle_timeout_ms: u32,
     },
     /// A request failed. `supported_versions` is filled only for
-    /// [`ErrorCode::UnsupportedVersion`].
+    /// [`ErrorCode::UnsupportedVersion`]; `retry_after_ms` only for
+    /// [`ErrorCode::RateLimited`]: how long until a request of the same
+    /// kind would be served (0 elsewhere, and from servers older than the
+    /// field, which wrote zero bytes there).
     Error {
         code: ErrorCode,
         message: String,
         supported_versions: Vec<u16>,
+        retry_after_ms: u32,
     },
     /// A generic success with nothing to return.
     Ok,
@@ -533,6 +537,21 @@ impl ServerFrame {
                 code,
                 message: message.into(),
                 supported_versions: Vec::new(),
+                retry_after_ms: 0,
+            },
+        }
+    }
+
+    /// A `RateLimited` answer to `request_id`: a request of the same kind
+    /// is served again after `retry_after_ms`.
+    pub fn rate_limited(request_id: u64, message: impl Into<String>, retry_after_ms: u32) -> ServerFrame {
+        ServerFrame {
+            request_id,
+            body: ServerBody::Error {
+                code: ErrorCode::RateLimited,
+                message: message.into(),
+                supported_versions: Vec::new(),
+                retry_after_ms,
             },
         }
     }

@@ -125,6 +125,7 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                     code: ErrorCode::UnsupportedVersion,
                     message: "protocol version not supported".into(),
                     supported_versions: vec![1],
+                    retry_after_ms: 0,
                 },
             ),
         ),
@@ -356,10 +357,10 @@ fn vectors() -> Vec<(&'static str, Frame)> {
         ),
         (
             "server-error-rate-limited",
-            Frame::Server(ServerFrame::error(
+            Frame::Server(ServerFrame::rate_limited(
                 17,
-                ErrorCode::RateLimited,
                 "rate limited; retry after 250 ms",
+                250,
             )),
         ),
         (
@@ -825,6 +826,7 @@ fn server_samples() -> Vec<ServerBody> {
             code: ErrorCode::NotFound,
             message: "no".into(),
             supported_versions: vec![],
+            retry_after_ms: 4,
         },
         ServerBody::Ok,
         ServerBody::Registered { user: 1 },
@@ -998,7 +1000,13 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             code,
             message,
             supported_versions,
-        } => vec![o(addr(code)), o(addr(message)), o(addr(supported_versions))],
+            retry_after_ms,
+        } => vec![
+            o(addr(code)),
+            o(addr(message)),
+            o(addr(supported_versions)),
+            o(addr(retry_after_ms)),
+        ],
         B::Ok => vec![],
         B::Registered { user } => vec![o(addr(user))],
         B::LoggedIn {
@@ -1358,7 +1366,7 @@ fn archived_layout_is_as_documented() {
 
     let server_expected: [&[usize]; 25] = [
         &[2, 4, 8],       // HelloOk
-        &[1, 4, 12],      // Error
+        &[1, 4, 12, 20],  // Error
         &[],              // Ok
         &[8],             // Registered
         &[8, 16, 24],     // LoggedIn
@@ -1878,6 +1886,7 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
                 let (start, len) = vec_at(b + 12);
                 (0..len).map(|i| u16_at(start + 2 * i)).collect()
             },
+            retry_after_ms: u32_at(b + 20),
         },
         2 => ServerBody::Ok,
         3 => ServerBody::Registered { user: u64_at(b + 8) },
@@ -2190,13 +2199,17 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         (
             arb_code(),
             arb_string(),
-            prop::collection::vec(any::<u16>(), 0..5)
+            prop::collection::vec(any::<u16>(), 0..5),
+            any::<u32>()
         )
-            .prop_map(|(code, message, supported_versions)| ServerBody::Error {
-                code,
-                message,
-                supported_versions
-            }),
+            .prop_map(
+                |(code, message, supported_versions, retry_after_ms)| ServerBody::Error {
+                    code,
+                    message,
+                    supported_versions,
+                    retry_after_ms
+                }
+            ),
         Just(ServerBody::Ok),
         any::<u64>().prop_map(|user| ServerBody::Registered { user }),
         (any::<u64>(), arb_string(), arb_bytes()).prop_map(|(user, username, token)| ServerBody::LoggedIn {
