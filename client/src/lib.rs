@@ -541,6 +541,13 @@ impl Client {
         self.expect_ok(ClientBody::GroupLeave { group })
     }
 
+    /// Deletes a group (the caller must own it): from the `Ok` on it is
+    /// gone for everyone, and its members' live sessions get the push
+    /// `GroupDeleted`.
+    pub fn group_delete(&mut self, group: GroupId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::GroupDelete { group })
+    }
+
     /// Creates a group (the caller joins it as owner); `open` lets anyone
     /// join, otherwise joining needs an invite. Returns its id.
     pub fn group_create_with(&mut self, name: &str, open: bool) -> Result<GroupId, ClientError> {

@@ -44,7 +44,7 @@ use tern_proto::{
 use crate::catchup::{self, SyncError};
 use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
-use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Request};
+use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Recipients, Request};
 use crate::outbox::{Next, Outbox};
 use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
 
@@ -1474,6 +1474,10 @@ impl Conn {
                 self.group_admin(request_id, group.to_native(), GroupOp::Leave)
                     .await
             }
+            ArchivedClientBody::GroupDelete { group } => {
+                self.group_admin(request_id, group.to_native(), GroupOp::Delete)
+                    .await
+            }
             ArchivedClientBody::GroupMembers { group } => {
                 self.group_admin(request_id, group.to_native(), GroupOp::Members)
                     .await
@@ -1861,7 +1865,13 @@ impl Conn {
                 },
             };
             let frame = encode_shared(&push, self.shard.config.max_frame_bytes);
-            (self.shard.home_of(peer), Event::Notify { to: peer, frame })
+            (
+                self.shard.home_of(peer),
+                Event::Notify {
+                    to: Recipients::One(peer),
+                    frame,
+                },
+            )
         });
         let (tx, rx) = futures_channel::oneshot::channel();
         self.shard.stage_receipt(user, conv, kind, seq, Some(tx), notify);

@@ -105,6 +105,8 @@ pub enum GroupOp {
         after: UserId,
         limit: u32,
     },
+    /// Delete the group (its owner only).
+    Delete,
 }
 
 /// What a successful [`GroupOp`] answers.
@@ -168,8 +170,9 @@ pub enum Event {
         frame: Encoded,
         skip: Option<(UserId, ConnKey)>,
     },
-    /// Push an unsequenced frame (a receipt) to every session of a user.
-    Notify { to: UserId, frame: Encoded },
+    /// Push an unsequenced frame (a receipt, an invite, a group's
+    /// deletion) to every session of the recipients.
+    Notify { to: Recipients, frame: Encoded },
     /// An answer for one connection, encoded by the shard that produced it.
     Reply {
         user: UserId,

@@ -518,6 +518,7 @@ async fn run_shard(startup: Arc<Startup>) {
         startup.metrics.clone(),
     ));
     glommio::spawn_local(shard.clone().run_committer()).detach();
+    shard.resume_group_purges();
     glommio::spawn_local(crate::park::serve(shard.clone())).detach();
     if index == 0 {
         glommio::spawn_local(expire_old_messages(shard.clone())).detach();

@@ -371,12 +371,28 @@ fn ternd_and_the_tern_cli_end_to_end() {
     let out = cli.run("bob", &["send", "--to", "alice", "thanks"]);
     assert!(out.contains("sent to alice"), "{out}");
 
+    // The owner deletes the team group: gone for bob too.
+    let out = cli.run("alice", &["group", "delete", group]);
+    assert!(out.contains(&format!("deleted group {group}")), "{out}");
+    let refused = cli
+        .command("bob", &["group", "members", group])
+        .output()
+        .expect("run tern");
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("NotFound"), "{stderr}");
+
     // SIGTERM: connected clients are told to come back later, and ternd
     // exits 0 promptly.
     kill(pid, libc::SIGTERM);
     loop {
         match watcher.next_push(TIMEOUT) {
-            Ok(Some(ServerBody::Presence { .. } | ServerBody::Message(_) | ServerBody::Receipt { .. })) => {}
+            Ok(Some(
+                ServerBody::Presence { .. }
+                | ServerBody::Message(_)
+                | ServerBody::Receipt { .. }
+                | ServerBody::GroupDeleted { .. },
+            )) => {}
             Ok(Some(ServerBody::Disconnect {
                 code, retry_after_ms, ..
             })) => {

@@ -388,7 +388,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 37 {
+        match self.u8() % 38 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -523,10 +523,11 @@ impl<'a> Input<'a> {
             },
             34 => ClientBody::UserBlock { user: self.id() },
             35 => ClientBody::UserUnblock { user: self.id() },
-            _ => ClientBody::BlocksPage {
+            36 => ClientBody::BlocksPage {
                 after: self.id(),
                 limit: self.u64() as u32,
             },
+            _ => ClientBody::GroupDelete { group: self.id() },
         }
     }
 }
@@ -667,6 +668,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::UserBlock { .. }
             | B::UserUnblock { .. }
             | B::BlocksPage { .. }
+            | B::GroupDelete { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

@@ -175,6 +175,11 @@ pub enum ClientBody {
     /// ascending, at most `limit` (clamped to 1..=1000). Answered with
     /// `Blocks`.
     BlocksPage { after: UserId, limit: u32 },
+    /// Deletes `group` (its owner only): from the `Ok` on the group is
+    /// gone for every request, its id is never reused, and its members'
+    /// live sessions get `GroupDeleted`. Its history, invites, bans and
+    /// cursors are removed by the server in the background.
+    GroupDelete { group: GroupId },
 }
 
 /// A member's role in a group.
@@ -409,6 +414,9 @@ pub enum ServerBody {
     /// The answer to `BlocksPage`: blocked users ascending by id; `more`
     /// as in `MembersPage`.
     Blocks { users: Vec<UserId>, more: bool },
+    /// Pushed to every member's live sessions when `by` (its owner)
+    /// deletes `group`: the last frame a session gets for the group.
+    GroupDeleted { group: GroupId, by: UserId },
 }
 
 /// A friend and whether they are online now.

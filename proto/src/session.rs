@@ -231,6 +231,7 @@ impl Session {
                 | B::UserBlock { .. }
                 | B::UserUnblock { .. }
                 | B::BlocksPage { .. }
+                | B::GroupDelete { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

@@ -536,6 +536,14 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "client-group-delete",
+            client(34, ClientBody::GroupDelete { group: 9 }),
+        ),
+        (
+            "server-group-deleted",
+            server(0, ServerBody::GroupDeleted { group: 9, by: 1 }),
+        ),
+        (
             "server-group-info",
             server(
                 22,
@@ -811,6 +819,7 @@ fn client_samples() -> Vec<ClientBody> {
         ClientBody::UserBlock { user: 2 },
         ClientBody::UserUnblock { user: 2 },
         ClientBody::BlocksPage { after: 1, limit: 2 },
+        ClientBody::GroupDelete { group: 1 },
     ]
 }
 
@@ -913,6 +922,7 @@ fn server_samples() -> Vec<ServerBody> {
             users: vec![],
             more: false,
         },
+        ServerBody::GroupDeleted { group: 1, by: 2 },
     ]
 }
 
@@ -969,7 +979,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             vec![o(addr(group)), o(addr(user))]
         }
         B::GroupSetRole { group, user, role } => vec![o(addr(group)), o(addr(user)), o(addr(role))],
-        B::GroupInfo { group } => vec![o(addr(group))],
+        B::GroupInfo { group } | B::GroupDelete { group } => vec![o(addr(group))],
         B::GroupMembersPage { group, after, limit }
         | B::GroupInvitesPage { group, after, limit }
         | B::GroupBansPage { group, after, limit } => {
@@ -1060,7 +1070,7 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
         }
         B::MyInvites { groups, more } => vec![o(addr(groups)), o(addr(more))],
         B::Blocks { users, more } => vec![o(addr(users)), o(addr(more))],
-        B::Invited { group, by } => vec![o(addr(group)), o(addr(by))],
+        B::Invited { group, by } | B::GroupDeleted { group, by } => vec![o(addr(group)), o(addr(by))],
     }
 }
 
@@ -1303,7 +1313,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 37] = [
+    let client_expected: [&[usize]; 38] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1341,6 +1351,7 @@ fn archived_layout_is_as_documented() {
         &[8],             // UserBlock
         &[8],             // UserUnblock
         &[8, 16],         // BlocksPage
+        &[8],             // GroupDelete
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1364,7 +1375,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 25] = [
+    let server_expected: [&[usize]; 26] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12, 20],  // Error
         &[],              // Ok
@@ -1390,6 +1401,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16],         // Invited
         &[8, 16, 24],     // BansPage
         &[4, 12],         // Blocks
+        &[8, 16],         // GroupDeleted
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1719,8 +1731,12 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(Field::U64(B + 16, *user));
             fields.push(Field::U8(B + 24, *role as u8));
         }
-        ClientBody::GroupInfo { group } => {
-            fields.push(tag(25));
+        ClientBody::GroupInfo { group } | ClientBody::GroupDelete { group } => {
+            fields.push(tag(if matches!(frame.body, ClientBody::GroupInfo { .. }) {
+                25
+            } else {
+                37
+            }));
             fields.push(Field::U64(B + 8, *group));
         }
         ClientBody::MyInvitesPage { after, limit } | ClientBody::BlocksPage { after, limit } => {
@@ -2010,6 +2026,10 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             group: u64_at(b + 8),
             by: u64_at(b + 16),
         },
+        25 => ServerBody::GroupDeleted {
+            group: u64_at(b + 8),
+            by: u64_at(b + 16),
+        },
         20 => ServerBody::InvitesPage {
             group: u64_at(b + 8),
             users: {
@@ -2179,6 +2199,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         any::<u64>().prop_map(|user| ClientBody::UserBlock { user }),
         any::<u64>().prop_map(|user| ClientBody::UserUnblock { user }),
         (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::BlocksPage { after, limit }),
+        any::<u64>().prop_map(|group| ClientBody::GroupDelete { group }),
     ]
 }
 
@@ -2294,6 +2315,7 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
             .prop_map(|(group, users, more)| ServerBody::BansPage { group, users, more }),
         (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
             .prop_map(|(users, more)| ServerBody::Blocks { users, more }),
+        (any::<u64>(), any::<u64>()).prop_map(|(group, by)| ServerBody::GroupDeleted { group, by }),
     ]
 }
 

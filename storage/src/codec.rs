@@ -12,6 +12,9 @@ pub const VALUE_V1: u8 = 1;
 /// Version byte of the `groups` values written since groups have roles and
 /// invites (v1 records still decode, as open groups with no invites).
 pub const GROUP_V2: u8 = 2;
+/// Version byte of a deleted group's `groups` value, `[3][deleted_at_ms
+/// u64 BE]`: the key stays, so the id is never handed out again.
+pub const GROUP_DELETED: u8 = 3;
 
 use tern_proto::{ConvId, GroupRole};
 
@@ -152,6 +155,26 @@ pub fn encode_group(g: &GroupValue) -> Vec<u8> {
     v.push(if g.open { GROUP_FLAG_OPEN } else { 0 });
     v.extend_from_slice(g.name.as_bytes());
     v
+}
+
+/// A deleted group's `groups` value.
+pub fn encode_group_tombstone(deleted_at_ms: u64) -> [u8; 9] {
+    let mut v = [0u8; 9];
+    v[0] = GROUP_DELETED;
+    v[1..].copy_from_slice(&deleted_at_ms.to_be_bytes());
+    v
+}
+
+/// When the group was deleted, if `value` is a deleted group's value;
+/// `None` for any other version (decode it with [`decode_group`]).
+pub fn decode_group_tombstone(value: &[u8]) -> Result<Option<u64>, String> {
+    let Some((&GROUP_DELETED, rest)) = value.split_first() else {
+        return Ok(None);
+    };
+    let mut r = Reader { rest };
+    let at = r.u64()?;
+    r.end()?;
+    Ok(Some(at))
 }
 
 /// Decodes a `groups` value: v2, or v1 (`[v1][owner][member_count][name]`,

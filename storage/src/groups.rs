@@ -47,11 +47,19 @@ pub enum JoinOutcome {
 }
 
 impl Inner {
-    fn load_group(&self, group: GroupId) -> Result<Option<GroupValue>, StoreError> {
+    /// The group's record; `None` for a group that never existed or was
+    /// deleted.
+    pub(crate) fn load_group(&self, group: GroupId) -> Result<Option<GroupValue>, StoreError> {
         let key = codec::id_key(group);
         let Some(value) = self.groups.get(&key)? else {
             return Ok(None);
         };
+        if codec::decode_group_tombstone(&value)
+            .map_err(|d| self.groups.corrupt(&key, d))?
+            .is_some()
+        {
+            return Ok(None);
+        }
         codec::decode_group(&value)
             .map(Some)
             .map_err(|d| self.groups.corrupt(&key, d))
@@ -570,8 +578,12 @@ impl Store {
         }
     }
 
-    /// The members of `group`, ascending by id (empty for a missing group).
+    /// The members of `group`, ascending by id (empty for a missing or
+    /// deleted group).
     pub fn members(&self, group: GroupId) -> Result<Vec<UserId>, StoreError> {
+        if self.inner.purging(group) {
+            return Ok(Vec::new());
+        }
         Ok(self
             .inner
             .scan_members(group)?
@@ -580,8 +592,12 @@ impl Store {
             .collect())
     }
 
-    /// Whether `user` is a member of `group`.
+    /// Whether `user` is a member of `group` (never of a deleted group,
+    /// whose member keys may still await their purge).
     pub fn is_member(&self, group: GroupId, user: UserId) -> Result<bool, StoreError> {
+        if self.inner.purging(group) {
+            return Ok(false);
+        }
         let members = &self.inner.members;
         let key = codec::pair_key(group, user);
         match members.get(&key)? {

@@ -21,6 +21,7 @@
 mod accounts;
 mod codec;
 mod error;
+mod group_deletion;
 mod groups;
 mod hashing;
 mod messages;
@@ -37,6 +38,7 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
 pub use error::StoreError;
+pub use group_deletion::ONLY_THE_OWNER_DELETES;
 pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
 pub use social::{Blocks, BLOCKED_BY_THEM, YOU_BLOCKED};
@@ -186,8 +188,11 @@ struct Inner {
     friends: Ks,
     /// blocker ++ blocked -> (): one direction per block.
     blocks: Ks,
-    /// group id -> (owner, member count, invite count, open, name).
+    /// group id -> (owner, member count, invite count, open, name), or a
+    /// deleted group's tombstone.
     groups: Ks,
+    /// group id -> (): deleted groups whose data is not all purged yet.
+    group_purges: Ks,
     /// group ++ user -> role.
     members: Ks,
     /// group ++ user -> (): pending invites, consumed by the join.
@@ -218,8 +223,11 @@ struct Inner {
     /// The highest user id assigned, readable without the lock: ids are
     /// dense and never reused, so `1..=highest` is exactly the set of users.
     highest_user: AtomicU64,
-    /// The highest group id assigned, likewise (groups are never deleted).
+    /// The highest group id assigned, likewise (a deleted group's id is
+    /// never reused).
     highest_group: AtomicU64,
+    /// The ids in `group_purges`: groups deleted, data not all purged yet.
+    purging: Mutex<std::collections::HashSet<GroupId>>,
     /// Serialises friendship changes so limit checks see a stable count.
     friends_lock: Mutex<()>,
     /// Serialises group changes (member counts) and owns the next group id.
@@ -313,6 +321,8 @@ impl Store {
         let group_invites = ks("group_invites")?;
         let user_invites = ks("user_invites")?;
         backfill_reverse_index(&db, &group_invites, &user_invites)?;
+        let group_purges = ks("group_purges")?;
+        let purging = group_deletion::load_purges(&group_purges)?;
         let inner = Inner {
             dir: dir.to_path_buf(),
             accounts: ks("accounts")?,
@@ -322,6 +332,7 @@ impl Store {
             friends: ks("friends")?,
             blocks: ks("blocks")?,
             groups,
+            group_purges,
             members,
             group_invites,
             user_invites,
@@ -339,6 +350,7 @@ impl Store {
             register_lock: Mutex::new(next_user),
             highest_user: AtomicU64::new(next_user.saturating_sub(1)),
             highest_group: AtomicU64::new(next_group.saturating_sub(1)),
+            purging: Mutex::new(purging),
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
             token_cache: tokens::TokenCache::new(),
@@ -357,9 +369,10 @@ impl Store {
     }
 
     /// Whether `group` is an assigned group id, without touching the disk
-    /// or taking a lock (ids are dense and groups are never deleted).
+    /// (ids are dense and never reused): true also for a group deleted
+    /// since, once its purge is done (only the tombstone, on disk, knows).
     pub fn group_exists(&self, group: GroupId) -> bool {
-        group >= 1 && group <= self.inner.highest_group.load(Ordering::Acquire)
+        group >= 1 && group <= self.inner.highest_group.load(Ordering::Acquire) && !self.inner.purging(group)
     }
 
     /// The directory the store lives in.

@@ -340,6 +340,12 @@ impl Store {
             }
             let (key, value) = guard.into_inner()?;
             let (_, conv, seq) = codec::decode_inbox_key(&key).map_err(|d| inbox.corrupt(&key, d))?;
+            if let ConvId::Group { group } = conv {
+                // A deleted group's entries wait for their purge, unseen.
+                if inner.purging(group) {
+                    continue;
+                }
+            }
             let delivered = match cursor {
                 Some((c, d)) if c == conv => d,
                 previous => {
@@ -432,9 +438,12 @@ impl Store {
         Ok(out)
     }
 
-    /// The groups `user` is a member of, ascending by id.
+    /// The groups `user` is a member of, ascending by id (never a deleted
+    /// group, whose keys may still await their purge).
     pub fn user_groups(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
-        self.inner.user_groups.scan_pairs(user)
+        let mut groups = self.inner.user_groups.scan_pairs(user)?;
+        groups.retain(|&group| !self.inner.purging(group));
+        Ok(groups)
     }
 
     /// The newest stored message of `conv`, if any.

@@ -142,6 +142,9 @@ enum GroupCommand {
     Join { id: GroupId },
     /// Leave a group.
     Leave { id: GroupId },
+    /// Delete a group you own, for everyone: its history, members and
+    /// invites go; the id is never used again.
+    Delete { id: GroupId },
     /// List a group's members with their roles (any size: asked a page at a time).
     Members { id: GroupId },
     // The other user is `target`, never `user`: a field named `user` would
@@ -328,6 +331,10 @@ fn run(cli: Cli) -> Result<()> {
             GroupCommand::Leave { id } => {
                 client.group_leave(id)?;
                 println!("left group {id}");
+            }
+            GroupCommand::Delete { id } => {
+                client.group_delete(id)?;
+                println!("deleted group {id}");
             }
             GroupCommand::Members { id } => print_members(&mut client, &mut names, id)?,
             GroupCommand::Invite { id, target } => {
@@ -563,6 +570,11 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
         ServerBody::Invited { group, by } => {
             let name = names.name(client, by)?;
             println!("* {name} invited you to group {group} (tern group join {group})");
+            Ok(Pushed::Other)
+        }
+        ServerBody::GroupDeleted { group, by } => {
+            let name = names.name(client, by)?;
+            println!("* {name} deleted group {group}");
             Ok(Pushed::Other)
         }
         ServerBody::Receipt {

@@ -231,6 +231,18 @@ impl ConvCache {
         }
     }
 
+    /// Messages of `conv` sequenced and not yet durable.
+    pub(super) fn inflight(&self, conv: ConvId) -> u32 {
+        self.map.get(&conv).map_or(0, |s| s.inflight)
+    }
+
+    /// Forgets `conv`'s state unless writes are in flight.
+    pub(super) fn forget_idle(&mut self, conv: ConvId) {
+        if self.inflight(conv) == 0 {
+            self.remove(conv);
+        }
+    }
+
     /// Conversations cached, for tests.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -439,6 +451,7 @@ impl Shard {
             }
             self.settle(batch.effects, committed.is_ok()).await;
             self.committing.set(false);
+            self.settled.set(self.settled.get().wrapping_add(1));
         }
     }
 

@@ -146,6 +146,16 @@ impl GroupCache {
         }
     }
 
+    /// Drops `group` (deleted), telling loads in flight.
+    pub(super) fn remove(&mut self, group: GroupId) -> Option<Rc<GroupState>> {
+        let state = self.map.remove(&group)?;
+        self.members = self.members.saturating_sub(state.members.len());
+        if let Some(loading) = self.loading.get_mut(&group) {
+            loading.evictions += 1;
+        }
+        Some(state)
+    }
+
     /// (groups, members) cached, for the metrics.
     pub(super) fn size(&self) -> (usize, usize) {
         (self.map.len(), self.members)
@@ -173,6 +183,14 @@ pub(super) struct GroupState {
 }
 
 impl GroupState {
+    /// Each shard with members homed on it, and those members.
+    pub(super) fn members_by_shard(&self) -> impl Iterator<Item = (usize, &Arc<[UserId]>)> {
+        self.by_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, members)| !members.is_empty())
+    }
+
     /// The members in `ids` (taken from `all`) with their roles.
     fn with_roles(&self, ids: &[UserId]) -> Vec<GroupMember> {
         ids.iter()
@@ -274,7 +292,7 @@ impl Shard {
         }
     }
 
-    fn note_group_cache(&self, cache: &GroupCache) {
+    pub(super) fn note_group_cache(&self, cache: &GroupCache) {
         let (groups, members) = cache.size();
         self.m().groups_cached(groups, members);
     }
@@ -401,7 +419,7 @@ impl Shard {
             from,
             client_msg_id,
         }];
-        for (shard, members) in state.by_shard.iter().enumerate().filter(|(_, m)| !m.is_empty()) {
+        for (shard, members) in state.members_by_shard() {
             let deliver = Event::Deliver {
                 to: Recipients::Many(members.clone()),
                 conv,
@@ -493,6 +511,16 @@ impl Shard {
             | GroupOp::InvitesPage { .. }
             | GroupOp::BansPage { .. }
             | GroupOp::Join => Err(refusal(ErrorCode::Internal, "not a change made here")),
+            GroupOp::Delete => {
+                if caller_role != Some(GroupRole::Owner) {
+                    return Err(refusal(
+                        ErrorCode::Forbidden,
+                        tern_storage::ONLY_THE_OWNER_DELETES,
+                    ));
+                }
+                drop(state);
+                self.delete_group(group, user).await
+            }
             GroupOp::Leave => match caller_role {
                 None => Ok(GroupAnswer::Done),
                 Some(GroupRole::Owner) => Err(refusal(
@@ -520,8 +548,11 @@ impl Shard {
                     body: ServerBody::Invited { group, by: user },
                 };
                 let frame = super::encode_shared(&push, self.config.max_frame_bytes);
-                self.send_event(self.home_of(target), Event::Notify { to: target, frame })
-                    .await;
+                let notify = Event::Notify {
+                    to: Recipients::One(target),
+                    frame,
+                };
+                self.send_event(self.home_of(target), notify).await;
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Uninvite(target) => {
@@ -882,7 +913,7 @@ fn owner_or_admin(caller_role: Option<GroupRole>, refused: &'static str) -> Resu
 
 /// The refusal for a store error of a group operation; `not_found` says
 /// what was missing.
-fn store_refusal(e: StoreError, group: GroupId, not_found: &'static str) -> Refusal {
+pub(super) fn store_refusal(e: StoreError, group: GroupId, not_found: &'static str) -> Refusal {
     match e {
         StoreError::NotFound => refusal(ErrorCode::NotFound, not_found),
         StoreError::LimitExceeded(why) => refusal(ErrorCode::LimitExceeded, why),

@@ -12,6 +12,7 @@
 
 mod blocks;
 mod commit;
+mod deletion;
 mod groups;
 
 use std::cell::{Cell, RefCell};
@@ -140,6 +141,9 @@ pub struct Shard {
     staged: RefCell<Staged>,
     committer_waker: RefCell<Option<Waker>>,
     committing: Cell<bool>,
+    /// Batches the committer has settled (all their effects run), for
+    /// waiting until a conversation's last writes are out ([`deletion`]).
+    settled: Cell<u64>,
     /// Where idle sessions park; `None` when parking is off (or the epoll
     /// set could not be made, which only costs memory).
     parking: Option<ParkSet>,
@@ -249,6 +253,7 @@ impl Shard {
             staged: RefCell::new(Staged::default()),
             committer_waker: RefCell::new(None),
             committing: Cell::new(false),
+            settled: Cell::new(0),
             parking,
         }
     }
@@ -765,9 +770,19 @@ impl Shard {
                 }
             }
             Event::Notify { to, frame } => {
-                self.for_each_session(to, None, |entry| {
-                    let _ = entry.outbox().push_encoded(&frame);
-                });
+                let one;
+                let users: &[UserId] = match &to {
+                    Recipients::One(user) => {
+                        one = [*user];
+                        &one
+                    }
+                    Recipients::Many(users) => users,
+                };
+                for &user in users {
+                    self.for_each_session(user, None, |entry| {
+                        let _ = entry.outbox().push_encoded(&frame);
+                    });
+                }
             }
             Event::Reply { conn, frame, .. } => {
                 self.with_conn(conn, |entry| entry.outbox().push_encoded(&frame));

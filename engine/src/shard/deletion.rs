@@ -1,0 +1,123 @@
+//! Deleting a group homed on this shard, and purging its data.
+//!
+//! The owner's `GroupDelete` runs under the group's permit, like every
+//! change: the store turns the group's record into a tombstone (one small
+//! synced write, see `storage::group_deletion`), then the cached member
+//! list is dropped, so no message is sequenced for the group after the
+//! `Ok`. Messages sequenced just before may still be committing: the
+//! deletion waits until the last of them is durable and its deliveries are
+//! on their way, then pushes `GroupDeleted` to every member, so on each
+//! member's queue the push comes after the group's last message. Finally a
+//! background task removes the group's members, invites, bans, history,
+//! inbox entries and cursors from the store in bounded steps on the
+//! blocking pool; a purge cut short by a restart resumes when the group's
+//! home shard starts ([`Shard::resume_group_purges`]).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_proto::{ConvId, GroupId, ServerBody, ServerFrame, UserId};
+
+use super::{encode_shared, Shard};
+use crate::mesh::{Event, GroupAnswer, GroupReply, Recipients};
+
+/// Keys one purge step removes at most: one store batch of about 100 KB,
+/// so a purge never holds a blocking thread or the journal for long.
+const PURGE_STEP_KEYS: usize = 1024;
+
+/// How often a deletion checks whether the group's last writes are out.
+const SETTLE_POLL: Duration = Duration::from_millis(1);
+
+/// How long a failed purge step waits before it is tried again.
+const PURGE_RETRY: Duration = Duration::from_secs(1);
+
+impl Shard {
+    /// Deletes `group` for its owner `by` (checked by the caller, under
+    /// the group's permit, which the caller holds).
+    pub(super) async fn delete_group(self: &Rc<Self>, group: GroupId, by: UserId) -> GroupReply {
+        self.blocking(move |store| store.delete_group(group, by))
+            .await
+            .map_err(|e| super::groups::store_refusal(e, group, "no such group"))?;
+        // Cached, since the caller holds its permit. Joins still queued
+        // find the group gone when they get the permit.
+        let state = {
+            let mut cache = self.groups.borrow_mut();
+            let state = cache.remove(group);
+            self.note_group_cache(&cache);
+            state
+        };
+        let conv = ConvId::Group { group };
+        self.settle_conv(conv).await;
+        self.convs.borrow_mut().forget_idle(conv);
+        let push = ServerFrame {
+            request_id: 0,
+            body: ServerBody::GroupDeleted { group, by },
+        };
+        let frame = encode_shared(&push, self.config.max_frame_bytes);
+        for (shard, members) in state.iter().flat_map(|state| state.members_by_shard()) {
+            let notify = Event::Notify {
+                to: Recipients::Many(Arc::clone(members)),
+                frame: frame.clone(),
+            };
+            self.send_event(shard, notify).await;
+        }
+        self.spawn_purge(group);
+        Ok(GroupAnswer::Done)
+    }
+
+    /// Waits until every message of `conv` sequenced so far is durable and
+    /// the batch that committed the last of them has run all its effects
+    /// (its deliveries are queued to the members' shards).
+    async fn settle_conv(&self, conv: ConvId) {
+        while self.convs.borrow().inflight(conv) > 0 {
+            glommio::timer::sleep(SETTLE_POLL).await;
+        }
+        if self.committing.get() {
+            let batch = self.settled.get();
+            while self.settled.get() == batch {
+                glommio::timer::sleep(SETTLE_POLL).await;
+            }
+        }
+    }
+
+    /// Purges the deleted groups homed here whose purge a restart cut short.
+    pub fn resume_group_purges(self: &Rc<Self>) {
+        for group in self.store.pending_group_purges() {
+            if self.home_of(group) == self.index {
+                self.spawn_purge(group);
+            }
+        }
+    }
+
+    fn spawn_purge(self: &Rc<Self>, group: GroupId) {
+        let shard = self.clone();
+        glommio::spawn_local(async move { shard.purge_group(group).await }).detach();
+    }
+
+    /// Removes a deleted group's data, a step at a time, until none is
+    /// left or the shard stops (the next start resumes it).
+    async fn purge_group(&self, group: GroupId) {
+        let mut steps = 0u64;
+        loop {
+            if self.stop.is_fired() {
+                return;
+            }
+            steps += 1;
+            match self
+                .blocking(move |store| store.purge_group_step(group, PURGE_STEP_KEYS))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(group, steps, "deleted group purged");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, group, "group purge step failed; retrying");
+                    glommio::timer::sleep(PURGE_RETRY).await;
+                }
+            }
+        }
+    }
+}
