@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use tern_client::{Client, Content, ContentKind, ConvId, ErrorCode, GroupId};
-use tern_proto::shard_of;
+use tern_client::{Client, Content, ContentKind, ConvId, ErrorCode};
 
 fn media() -> Content {
     Content {
@@ -129,17 +128,6 @@ fn every_device_gets_each_message_and_other_devices_get_the_echo() {
     expect_quiet(&mut [&mut a1, &mut a2, &mut b1, &mut b2]);
 }
 
-/// Creates groups until one is homed on `shard`.
-fn group_on_shard(owner: &mut Client, shard: usize, shards: usize) -> GroupId {
-    for n in 0..64 {
-        let group = owner.group_create(&format!("group {n}")).expect("create group");
-        if shard_of(group, shards) == shard {
-            return group;
-        }
-    }
-    panic!("no group homed on shard {shard}");
-}
-
 #[test]
 fn groups_fan_out_to_every_member_session_on_every_shard() {
     let server = TestServer::start();
@@ -158,7 +146,7 @@ fn groups_fan_out_to_every_member_session_on_every_shard() {
     let mut e = server.login(&eve);
 
     for home in 0..shards {
-        let group = group_on_shard(&mut a1, home, shards);
+        let group = group_on_shard(&mut a1, home, shards, true);
         for member in [&mut b1, &mut c, &mut d] {
             member.group_join(group).expect("join");
         }

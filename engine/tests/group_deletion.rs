@@ -9,19 +9,7 @@ mod common;
 
 use common::*;
 use tern_client::{Client, ConvId, ErrorCode, GroupId, ServerBody};
-use tern_proto::shard_of;
 use tern_storage::{Store, StoreOptions};
-
-/// Creates groups until one is homed on `shard`.
-fn group_on_shard(owner: &mut Client, shard: usize, shards: usize) -> GroupId {
-    for n in 0..64 {
-        let group = owner.group_create(&format!("doomed {n}")).expect("create group");
-        if shard_of(group, shards) == shard {
-            return group;
-        }
-    }
-    panic!("no group homed on shard {shard}");
-}
 
 fn expect_deleted(client: &mut Client, group: GroupId, by: u64) {
     match expect_push(client) {
@@ -40,7 +28,7 @@ fn the_owner_deletes_a_group_members_are_told_last_and_it_is_gone_for_every_requ
     let mut a = server.login_unsynced(&alice);
     let mut b = server.login(&bob);
     for shard in 0..shards {
-        let group = group_on_shard(&mut a, shard, shards);
+        let group = group_on_shard(&mut a, shard, shards, true);
         b.group_join(group).expect("bob joins");
         {
             let mut c = server.login(&carol);

@@ -9,20 +9,6 @@ mod common;
 use common::*;
 use tern_client::proto::{GroupMember, GroupRole};
 use tern_client::{Client, ConvId, ErrorCode, GroupId, ServerBody};
-use tern_proto::shard_of;
-
-/// Creates groups until one is homed on `shard`.
-fn group_on_shard(owner: &mut Client, shard: usize, shards: usize, open: bool) -> GroupId {
-    for n in 0..64 {
-        let group = owner
-            .group_create_with(&format!("roles {n}"), open)
-            .expect("create group");
-        if shard_of(group, shards) == shard {
-            return group;
-        }
-    }
-    panic!("no group homed on shard {shard}");
-}
 
 /// The roles `GroupInfo` reports, as (user, role) ascending by user.
 fn roles(client: &mut Client, group: GroupId) -> Vec<(u64, GroupRole)> {

@@ -24,6 +24,7 @@ use tern_storage::SubmitError;
 use tern_storage::{Blocks, ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
 use tern_storage::{BLOCKED_BY_THEM, YOU_BLOCKED};
 
+use super::loads::{InFlight, ReadGuard};
 use super::{encode_shared, store_error_frame, Encoded, Shard};
 use crate::mesh::{ConnKey, Event};
 
@@ -141,32 +142,7 @@ pub(super) fn store_frame(frame: &Encoded) -> Arc<[u8]> {
 #[derive(Default)]
 pub(super) struct ConvCache {
     map: FxHashMap<ConvId, ConvState>,
-    loading: FxHashMap<ConvId, Loading>,
-}
-
-/// One conversation's reads in flight (see [`ConvCache`]).
-#[derive(Default)]
-struct Loading {
-    readers: usize,
-    drops: u64,
-}
-
-/// Ends a read of a conversation's state, however its task leaves it.
-struct LoadGuard<'a> {
-    cache: &'a std::cell::RefCell<ConvCache>,
-    conv: ConvId,
-}
-
-impl Drop for LoadGuard<'_> {
-    fn drop(&mut self) {
-        let mut cache = self.cache.borrow_mut();
-        if let Some(loading) = cache.loading.get_mut(&self.conv) {
-            loading.readers = loading.readers.saturating_sub(1);
-            if loading.readers == 0 {
-                cache.loading.remove(&self.conv);
-            }
-        }
-    }
+    loading: InFlight<ConvId>,
 }
 
 impl ConvCache {
@@ -178,29 +154,14 @@ impl ConvCache {
         self.map.get_mut(&conv)
     }
 
-    /// Notes a read of `conv` from the store; returns its drops so far,
-    /// to compare when the read is done.
-    fn begin_load(&mut self, conv: ConvId) -> u64 {
-        let loading = self.loading.entry(conv).or_default();
-        loading.readers += 1;
-        loading.drops
-    }
-
-    fn dropped_since(&self, conv: ConvId, seen: u64) -> bool {
-        self.loading.get(&conv).is_some_and(|l| l.drops != seen)
-    }
-
-    /// Tells the reads of `conv` in flight that what they read is stale.
-    fn outdate_reads(&mut self, conv: ConvId) {
-        if let Some(loading) = self.loading.get_mut(&conv) {
-            loading.drops += 1;
-        }
+    fn reads(&mut self) -> &mut InFlight<ConvId> {
+        &mut self.loading
     }
 
     /// Forgets `conv`'s cached state, telling reads in flight.
     fn remove(&mut self, conv: ConvId) {
         if self.map.remove(&conv).is_some() {
-            self.outdate_reads(conv);
+            self.loading.outdate(conv);
         }
     }
 
@@ -209,7 +170,7 @@ impl ConvCache {
     /// `None` (the change's outcome is unknown) forgets an idle state
     /// instead, so the next message reads the store.
     pub(super) fn set_blocks(&mut self, conv: ConvId, blocks: Option<Blocks>) {
-        self.outdate_reads(conv);
+        self.loading.outdate(conv);
         match (blocks, self.map.get_mut(&conv)) {
             (Some(blocks), Some(state)) => state.blocks = blocks,
             (None, Some(state)) if state.inflight == 0 => self.remove(conv),
@@ -265,12 +226,9 @@ impl Shard {
                 if convs.contains(conv) {
                     return Ok(());
                 }
-                convs.begin_load(conv)
+                convs.loading.begin(conv)
             };
-            let _load = LoadGuard {
-                cache: &self.convs,
-                conv,
-            };
+            let _read = ReadGuard::new(&self.convs, ConvCache::reads, conv);
             let window = self.config.dedup_window;
             let (tail, blocks) = self
                 .blocking(move |store| {
@@ -287,7 +245,7 @@ impl Shard {
                 // Loaded by another task while we waited; theirs may be newer.
                 return Ok(());
             }
-            if convs.dropped_since(conv, seen) {
+            if convs.loading.changed_since(conv, seen) {
                 // Loaded, written to and dropped meanwhile: `tail` may
                 // predate those writes.
                 continue;
@@ -675,19 +633,22 @@ mod tests {
         let conv = ConvId::direct(1, 2);
         let other = ConvId::direct(1, 3);
         // A read begins while the conversation is not cached...
-        let seen = cache.borrow_mut().begin_load(conv);
-        let guard = LoadGuard { cache: &cache, conv };
+        let seen = cache.borrow_mut().loading.begin(conv);
+        let guard = ReadGuard::new(&cache, ConvCache::reads, conv);
         // ...another task loads it, writes seq 11 and the cache drops it.
         {
             let mut c = cache.borrow_mut();
             c.map.insert(conv, state());
             c.map.insert(other, state());
             c.get_mut(conv).unwrap().last_seq = 11;
-            assert!(!c.dropped_since(conv, seen));
+            assert!(!c.loading.changed_since(conv, seen));
             c.evict_idle(10);
             assert_eq!(c.len(), 0);
-            assert!(c.dropped_since(conv, seen), "the stale read must read again");
-            assert!(!c.dropped_since(other, 0), "no read of it was in flight");
+            assert!(
+                c.loading.changed_since(conv, seen),
+                "the stale read must read again"
+            );
+            assert!(!c.loading.changed_since(other, 0), "no read of it was in flight");
         }
         drop(guard);
         assert!(cache.borrow().loading.is_empty());

@@ -12,7 +12,7 @@
 //! batches by whichever of them holds the permit: a crowd joining a group
 //! at once costs a few store writes, not one each.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -28,6 +28,7 @@ use tern_storage::{
 };
 
 use super::commit::{store_frame, Effect};
+use super::loads::{InFlight, ReadGuard};
 use super::{refusal, store_error_frame, Shard};
 use crate::catchup::{ids_per_page, page_budget};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, GroupReply, Recipients};
@@ -55,37 +56,11 @@ pub(super) struct GroupCache {
     members: usize,
     /// Ticks on every use, for least-recently-used eviction.
     clock: u64,
-    /// Groups being read from the store, with how many tasks read each
-    /// and how often it was evicted since the first began: a load that
-    /// sees its group evicted while it read may hold a roster older than a
-    /// change made, cached and evicted meanwhile, and reads it again.
-    /// Holds only groups with a read in flight.
-    loading: FxHashMap<GroupId, Loading>,
-}
-
-/// One group's reads in flight (see [`GroupCache::loading`]).
-#[derive(Default)]
-struct Loading {
-    readers: usize,
-    evictions: u64,
-}
-
-/// Ends a read of a group from the store, however its task leaves it.
-struct LoadGuard<'a> {
-    cache: &'a RefCell<GroupCache>,
-    group: GroupId,
-}
-
-impl Drop for LoadGuard<'_> {
-    fn drop(&mut self) {
-        let mut cache = self.cache.borrow_mut();
-        if let Some(loading) = cache.loading.get_mut(&self.group) {
-            loading.readers = loading.readers.saturating_sub(1);
-            if loading.readers == 0 {
-                cache.loading.remove(&self.group);
-            }
-        }
-    }
+    /// Groups being read from the store: every eviction or removal of one
+    /// outdates its reads in flight, since a load that sees its group
+    /// evicted while it read may hold a roster older than a change made,
+    /// cached and evicted meanwhile, and must read again.
+    loading: InFlight<GroupId>,
 }
 
 impl GroupCache {
@@ -96,16 +71,8 @@ impl GroupCache {
         Some(state.clone())
     }
 
-    /// Notes a read of `group` from the store; returns its evictions so
-    /// far, to compare when the read is done.
-    fn begin_load(&mut self, group: GroupId) -> u64 {
-        let loading = self.loading.entry(group).or_default();
-        loading.readers += 1;
-        loading.evictions
-    }
-
-    fn evicted_since(&self, group: GroupId, seen: u64) -> bool {
-        self.loading.get(&group).is_some_and(|l| l.evictions != seen)
+    fn reads(&mut self) -> &mut InFlight<GroupId> {
+        &mut self.loading
     }
 
     fn insert(&mut self, group: GroupId, state: Rc<GroupState>) {
@@ -139,9 +106,7 @@ impl GroupCache {
             }
             if let Some(state) = self.map.remove(&group) {
                 self.members = self.members.saturating_sub(state.members.len());
-                if let Some(loading) = self.loading.get_mut(&group) {
-                    loading.evictions += 1;
-                }
+                self.loading.outdate(group);
             }
         }
     }
@@ -150,9 +115,7 @@ impl GroupCache {
     pub(super) fn remove(&mut self, group: GroupId) -> Option<Rc<GroupState>> {
         let state = self.map.remove(&group)?;
         self.members = self.members.saturating_sub(state.members.len());
-        if let Some(loading) = self.loading.get_mut(&group) {
-            loading.evictions += 1;
-        }
+        self.loading.outdate(group);
         Some(state)
     }
 
@@ -251,12 +214,9 @@ impl Shard {
                 if let Some(state) = cache.get(group) {
                     return Ok(state);
                 }
-                cache.begin_load(group)
+                cache.loading.begin(group)
             };
-            let _load = LoadGuard {
-                cache: &self.groups,
-                group,
-            };
+            let _read = ReadGuard::new(&self.groups, GroupCache::reads, group);
             let roster = self
                 .blocking(move |store| store.group_roster(group)?.ok_or(StoreError::NotFound))
                 .await?;
@@ -266,7 +226,7 @@ impl Shard {
             if let Some(state) = cache.get(group) {
                 return Ok(state);
             }
-            if cache.evicted_since(group, seen) {
+            if cache.loading.changed_since(group, seen) {
                 // It may have been loaded, changed and evicted meanwhile.
                 continue;
             }

@@ -14,6 +14,7 @@ mod blocks;
 mod commit;
 mod deletion;
 mod groups;
+mod loads;
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;

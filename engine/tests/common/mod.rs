@@ -12,7 +12,7 @@ use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tempfile::TempDir;
 use tern_client::{
-    ChatMessage, Client, ClientBody, ClientError, ClientOptions, ServerBody, ServerFrame, UserId,
+    ChatMessage, Client, ClientBody, ClientError, ClientOptions, GroupId, ServerBody, ServerFrame, UserId,
 };
 use tern_engine::{Config, Server};
 use tern_proto::{decode_server, encode_client, shard_of, ClientFrame, FrameBuf, PROTOCOL_VERSION};
@@ -193,6 +193,20 @@ pub fn register_on_shard(client: &mut Client, prefix: &str, shard: usize, shards
         }
     }
     panic!("64 registrations and none homed on shard {shard} of {shards}");
+}
+
+/// Creates groups owned by `owner` (open or invite-only) until one is
+/// homed on `shard`; the others stay.
+pub fn group_on_shard(owner: &mut Client, shard: usize, shards: usize, open: bool) -> GroupId {
+    for n in 0..64 {
+        let group = owner
+            .group_create_with(&format!("group {n} on {shard}"), open)
+            .expect("create group");
+        if shard_of(group, shards) == shard {
+            return group;
+        }
+    }
+    panic!("no group homed on shard {shard}");
 }
 
 /// The next frame pushed to `client` (request id 0), read raw so that the
