@@ -3,7 +3,7 @@
 //!
 //! This module owns the word list file format (one word or phrase per
 //! line, `#` comments and blank lines ignored, matched case-insensitively
-//! for ASCII letters and only as whole words), the Aho-Corasick automaton
+//! in any script and only as whole words), the Aho-Corasick automaton
 //! built from it, and how a shard reads it without a lock: the list lives
 //! behind a `Mutex<Arc<_>>` that only a reload writes, beside a generation
 //! counter; each connection keeps its own `Arc` and a copy of the
@@ -49,6 +49,10 @@ impl FilterMode {
 struct WordList {
     matcher: Option<AhoCorasick>,
     words: usize,
+    /// Some word has a non-ASCII character: non-ASCII text is then
+    /// lowercased before matching (otherwise ASCII case-insensitivity,
+    /// which costs nothing extra, is all the matching needs).
+    unicode: bool,
 }
 
 impl WordList {
@@ -77,7 +81,7 @@ impl WordList {
                     n + 1
                 ));
             }
-            words.push(word);
+            words.push(lowercase(word));
             if words.len() > MAX_WORDS {
                 return Err(format!("{} has more than {MAX_WORDS} words", path.display()));
             }
@@ -93,6 +97,7 @@ impl WordList {
             )
         };
         Ok(WordList {
+            unicode: words.iter().any(|word| !word.is_ascii()),
             matcher,
             words: words.len(),
         })
@@ -173,10 +178,78 @@ pub fn reload_and_log(filter: Option<&Arc<ContentFilter>>) {
     }
 }
 
+/// `text` in lowercase, character by character (Unicode's lowercase
+/// mapping, not full case folding: `ß` stays `ß`, never `ss`).
+fn lowercase(text: &str) -> String {
+    text.chars().flat_map(char::to_lowercase).collect()
+}
+
 /// A connection's copy of the current list.
 #[derive(Default)]
 pub struct FilterCache {
     seen: Option<(u64, Arc<WordList>)>,
+}
+
+thread_local! {
+    /// Where a thread lowercases non-ASCII bodies: one buffer per shard
+    /// thread, not per connection (an idle connection keeps none), reused
+    /// so a message allocates nothing new once it has grown.
+    static LOWERED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Fills `out` with `text` in lowercase (as [`lowercase`] does).
+fn lower_into(text: &str, out: &mut String) {
+    out.clear();
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.extend(c.to_lowercase());
+        }
+    }
+}
+
+/// `ranges` of `text` lowercased by [`lower_into`], as byte ranges of
+/// `text` itself: each covers the whole characters its bytes came from.
+/// Walks `text` once; needed only when there is something to mask.
+fn ranges_in_original(text: &str, mut ranges: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    // Every range boundary, in lowered bytes, mapped in one pass: a start
+    // to the start of its character, an end to the end of the character
+    // holding its last byte.
+    let mut starts: Vec<(usize, usize)> = ranges.iter().enumerate().map(|(i, r)| (r.0, i)).collect();
+    let mut ends: Vec<(usize, usize)> = ranges.iter().enumerate().map(|(i, r)| (r.1, i)).collect();
+    starts.sort_unstable();
+    ends.sort_unstable();
+    let (mut next_start, mut next_end) = (0, 0);
+    let mut lowered_at = 0;
+    for (at, c) in text.char_indices() {
+        let lowered_len: usize = if c.is_ascii() {
+            1
+        } else {
+            c.to_lowercase().map(char::len_utf8).sum()
+        };
+        let lowered_end = lowered_at + lowered_len;
+        while let Some(&(start, i)) = starts.get(next_start) {
+            if start >= lowered_end {
+                break;
+            }
+            if let Some(r) = ranges.get_mut(i) {
+                r.0 = at;
+            }
+            next_start += 1;
+        }
+        while let Some(&(end, i)) = ends.get(next_end) {
+            if end > lowered_end {
+                break;
+            }
+            if let Some(r) = ranges.get_mut(i) {
+                r.1 = at + c.len_utf8();
+            }
+            next_end += 1;
+        }
+        lowered_at = lowered_end;
+    }
+    ranges
 }
 
 /// What the filter did to a message body.
@@ -204,23 +277,71 @@ impl FilterCache {
         let Some(matcher) = &list.matcher else {
             return Outcome::Clean;
         };
-        let mut masked: Option<Vec<(usize, usize)>> = None;
-        for m in matcher.find_overlapping_iter(body.as_slice()) {
-            if !whole_word(body, m.start(), m.end()) {
-                continue;
-            }
-            if filter.mode == FilterMode::Reject {
-                return Outcome::Rejected;
-            }
-            masked.get_or_insert_with(Vec::new).push((m.start(), m.end()));
-        }
-        match masked {
-            None => Outcome::Clean,
-            Some(ranges) => {
+        // ASCII bodies (most), and every body when the list is all ASCII,
+        // are matched as they are, the automaton ignoring ASCII case.
+        // Other UTF-8 text meets a list with non-ASCII words in lowercase,
+        // and the matches are mapped back to the characters they came
+        // from. Bodies are bytes, not checked UTF-8: others match as ASCII.
+        let text = if !list.unicode || body.is_ascii() {
+            None
+        } else {
+            std::str::from_utf8(body).ok()
+        };
+        let found = match text {
+            Some(text) => LOWERED.with(|lowered| {
+                let mut lowered = lowered.borrow_mut();
+                lower_into(text, &mut lowered);
+                let found = match find(matcher, filter.mode, lowered.as_bytes()) {
+                    Found::Mask(ranges) => Found::Mask(ranges_in_original(text, ranges)),
+                    other => other,
+                };
+                if lowered.capacity() > LOWERED_KEEP_BYTES {
+                    // One long message must not pin its buffer forever.
+                    *lowered = String::new();
+                }
+                found
+            }),
+            None => find(matcher, filter.mode, body),
+        };
+        match found {
+            Found::Nothing => Outcome::Clean,
+            Found::Reject => Outcome::Rejected,
+            Found::Mask(ranges) => {
                 *body = mask(body, &ranges);
                 Outcome::Masked
             }
         }
+    }
+}
+
+/// The most bytes of lowercased text a thread keeps between messages.
+const LOWERED_KEEP_BYTES: usize = 4096;
+
+/// What [`find`] found.
+enum Found {
+    Nothing,
+    Reject,
+    /// The byte ranges to mask.
+    Mask(Vec<(usize, usize)>),
+}
+
+/// The whole-word matches in `haystack`, as `mode` wants them: the first
+/// one rejects; in mask mode, all of them as byte ranges of `haystack`.
+fn find(matcher: &AhoCorasick, mode: FilterMode, haystack: &[u8]) -> Found {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for m in matcher.find_overlapping_iter(haystack) {
+        if !whole_word(haystack, m.start(), m.end()) {
+            continue;
+        }
+        if mode == FilterMode::Reject {
+            return Found::Reject;
+        }
+        ranges.push((m.start(), m.end()));
+    }
+    if ranges.is_empty() {
+        Found::Nothing
+    } else {
+        Found::Mask(ranges)
     }
 }
 
@@ -302,6 +423,66 @@ mod tests {
         assert_eq!(run(&f, "darnation"), (Outcome::Clean, "darnation".into()));
         assert_eq!(run(&f, "né ok"), (Outcome::Masked, "** ok".into()));
         assert_eq!(run(&f, "clean"), (Outcome::Clean, "clean".into()));
+    }
+
+    #[test]
+    fn matches_any_script_in_any_case_and_masks_the_original_characters() {
+        let (_d, f) = filter("привет\nΣΟΦΊΑ\nstraße\nİstanbul\n", FilterMode::Mask);
+        assert_eq!(
+            run(&f, "ПРИВЕТ, Привет и приветствие"),
+            (Outcome::Masked, "******, ****** и приветствие".into())
+        );
+        assert_eq!(run(&f, "σοφία!"), (Outcome::Masked, "*****!".into()));
+        assert_eq!(run(&f, "STRAßE"), (Outcome::Masked, "******".into()));
+        assert_eq!(
+            run(&f, "strasse"),
+            (Outcome::Clean, "strasse".into()),
+            "no full folding"
+        );
+        // İ lowercases to two characters (i + a combining dot): the mask
+        // still covers exactly the original word.
+        assert_eq!(run(&f, "to İSTANBUL."), (Outcome::Masked, "to ********.".into()));
+        // ASCII words still match in ASCII text, and inside non-ASCII text.
+        let (_d, f) = filter("darn\n", FilterMode::Mask);
+        assert_eq!(run(&f, "DARN — ça"), (Outcome::Masked, "**** — ça".into()));
+        // Bytes that are not UTF-8 are matched as ASCII, never panic.
+        let mut body = b"darn \xff\xfe".to_vec();
+        assert_eq!(FilterCache::default().apply(&f, &mut body), Outcome::Masked);
+        assert_eq!(body, b"**** \xff\xfe".to_vec());
+    }
+
+    proptest::proptest! {
+        /// The one-pass mapping agrees with the plain one: every byte of
+        /// the lowercase text knows the character it came from.
+        #[test]
+        fn ranges_map_back_to_whole_original_characters(
+            text in "[a-zA-Zß İΣσ\u{130}Ωω\u{212a}жЖ—é]{1,24}",
+            picks in proptest::collection::vec((0usize..100, 1usize..8), 1..6),
+        ) {
+            let mut lowered = String::new();
+            lower_into(&text, &mut lowered);
+            let mut origin = Vec::new();
+            for (at, c) in text.char_indices() {
+                for lower in c.to_lowercase() {
+                    for _ in 0..lower.len_utf8() {
+                        origin.push((at, at + c.len_utf8()));
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(origin.len(), lowered.len());
+            let ranges: Vec<(usize, usize)> = picks
+                .iter()
+                .map(|&(start, len)| {
+                    let start = start % lowered.len();
+                    (start, (start + len).min(lowered.len()))
+                })
+                .collect();
+            let naive: Vec<(usize, usize)> = ranges
+                .iter()
+                .map(|&(start, end)| (origin[start].0, origin[end - 1].1))
+                .collect();
+            proptest::prop_assert_eq!(ranges_in_original(&text, ranges), naive);
+        }
     }
 
     #[test]
