@@ -42,6 +42,7 @@ pub enum SyncError {
 }
 
 pub use crate::shard::Floors;
+use crate::shard::NOTICE_SEQ;
 
 /// Catches a session up; returns how many messages were streamed.
 pub async fn sync(
@@ -87,6 +88,11 @@ pub async fn sync(
         loop {
             let (held, overflowed) = shard.take_held(key);
             if overflowed {
+                // Only notices were kept: send them now (each raises its
+                // conversation's floor past anything the rescan finds).
+                for (conv, seq, frame) in held {
+                    send_if_new(outbox, pace, &mut floors, conv, seq, &frame).await?;
+                }
                 break;
             }
             if held.is_empty() {
@@ -97,7 +103,8 @@ pub async fn sync(
                 return Ok(streamed);
             }
             for (conv, seq, frame) in held {
-                if send_if_new(outbox, pace, &mut floors, conv, seq, &frame).await? {
+                // `SyncDone` counts messages; a notice is not one.
+                if send_if_new(outbox, pace, &mut floors, conv, seq, &frame).await? && seq != NOTICE_SEQ {
                     streamed += 1;
                 }
             }
@@ -274,6 +281,10 @@ async fn stream_groups(
     };
     let mut streamed = 0;
     for group in groups {
+        if !shard.store.group_exists(group) {
+            // Deleted since the list was read: its notice is on its way.
+            continue;
+        }
         let conv = ConvId::Group { group };
         group_base(shard, user, conv, floors).await?;
         streamed += stream_history(shard, outbox, pace, floors, conv, None).await?;

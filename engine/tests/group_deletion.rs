@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use tern_client::{Client, ConvId, ErrorCode, GroupId, ServerBody};
+use tern_client::{Client, ClientBody, ConvId, ErrorCode, GroupId, ServerBody};
 use tern_storage::{Store, StoreOptions};
 
 fn expect_deleted(client: &mut Client, group: GroupId, by: u64) {
@@ -109,4 +109,55 @@ fn a_purge_cut_short_resumes_when_the_server_starts() {
     let mut member = server.connect();
     member.login("member", PASSWORD).expect("login");
     assert_eq!(code_of(member.group_info(group)), ErrorCode::NotFound);
+}
+
+/// A member catching up (`Sync`) while the owner deletes the group gets
+/// the group's messages the catch-up finds, then `GroupDeleted`, and none
+/// of its messages after it, whichever moment the deletion lands at.
+#[test]
+fn a_member_catching_up_during_the_deletion_gets_the_notice_last() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login_unsynced(&alice);
+    for round in 0..4 {
+        let group = group_on_shard(&mut a, round % shards, shards, true);
+        server.login(&bob).group_join(group).expect("join");
+        // Bob is offline: a backlog for his catch-up to stream.
+        for n in 0..150 {
+            a.send_group_text(group, &format!("backlog {n}")).expect("send");
+        }
+        let mut raw = RawConn::connect(server.addr());
+        raw.login(&bob);
+        let sync = raw.send(ClientBody::Sync { cursors: Vec::new() });
+        let deleter = std::thread::spawn(move || {
+            a.group_delete(group).expect("delete");
+            a
+        });
+        let conv = ConvId::Group { group };
+        let (mut notice, mut done, mut messages) = (false, false, 0);
+        while !(notice && done) {
+            let frame = raw.expect_frame();
+            match frame.body {
+                ServerBody::Message(m) if m.conv == conv => {
+                    assert!(!notice, "round {round}: message {} after GroupDeleted", m.seq);
+                    messages += 1;
+                }
+                ServerBody::GroupDeleted { group: g, by } if g == group => {
+                    assert!(!notice, "round {round}: GroupDeleted twice");
+                    assert_eq!(by, alice.id);
+                    notice = true;
+                }
+                ServerBody::SyncDone { .. } if frame.request_id == sync => done = true,
+                _ => {}
+            }
+        }
+        assert!(messages <= 150, "round {round}: {messages} messages");
+        a = deleter.join().expect("deleter");
+        match raw.read(QUIET) {
+            RawRead::Timeout => {}
+            other => panic!("round {round}: after the notice and SyncDone: {other:?}"),
+        }
+    }
 }

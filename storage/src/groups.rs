@@ -490,7 +490,11 @@ impl Store {
         after: GroupId,
         limit: usize,
     ) -> Result<(Vec<GroupId>, bool), StoreError> {
-        self.inner.user_invites.pairs_after(user, after, limit)
+        let (mut groups, more) = self.inner.user_invites.pairs_after(user, after, limit)?;
+        // Invites to a deleted group wait for its purge, unseen (the page
+        // may come out short; `more` still says whether to ask again).
+        groups.retain(|&group| !self.inner.purging(group));
+        Ok((groups, more))
     }
 
     /// Bans `user` from `group`: removes their membership (if any) and

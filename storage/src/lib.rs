@@ -227,7 +227,7 @@ struct Inner {
     /// never reused).
     highest_group: AtomicU64,
     /// The ids in `group_purges`: groups deleted, data not all purged yet.
-    purging: Mutex<std::collections::HashSet<GroupId>>,
+    purging: Mutex<std::collections::HashMap<GroupId, group_deletion::PurgeCursor>>,
     /// Serialises friendship changes so limit checks see a stable count.
     friends_lock: Mutex<()>,
     /// Serialises group changes (member counts) and owns the next group id.

@@ -254,13 +254,19 @@ impl Store {
     /// bring a session the user ended back to life.
     pub fn revoke_tokens(&self, user: UserId) -> Result<usize, StoreError> {
         let inner = &*self.inner;
-        // No token of the user is issued between the sweep and the commit.
-        let _issuing = inner.token_lock(user);
+        // No token of the user is issued between the sweep and the write;
+        // the sync waits with the lock released (logins of the users on
+        // this stripe need not wait for the disk).
+        let issuing = inner.token_lock(user);
         let mut batch = inner.db.batch();
-        let swept = inner.sweep_tokens(&mut batch, user, u64::MAX, 0);
-        let removed = swept.and_then(|(removed, _)| inner.commit(batch, true).map(|()| removed));
+        let written = inner
+            .sweep_tokens(&mut batch, user, u64::MAX, 0)
+            .and_then(|(removed, _)| inner.write(batch, true).map(|pending| (removed, pending)));
+        drop(issuing);
         inner.token_cache.revoke(|_, cached| cached.user == user);
-        removed
+        let (removed, pending) = written?;
+        inner.sync(pending)?;
+        Ok(removed)
     }
 }
 

@@ -6,8 +6,10 @@
 //! sequenced anyway: the conversation's cached state carries who blocks
 //! whom ([`super::commit`]), so a message costs no store read for it. A
 //! change therefore runs on that shard: the store is written, then the
-//! cached state is updated before the answer goes out, so no message
-//! sequenced after a block's `Ok` passes. Changes are serialised per shard
+//! cached state is updated, so no message is sequenced after it; a block
+//! then waits until the messages sequenced before it are out (durable,
+//! their deliveries queued) and only then answers, so no 1:1 message
+//! between the two arrives after a block's `Ok`. Changes are serialised per shard
 //! by one permit: two changes of the same pair cannot reach the cache in
 //! the other order than they reached the store.
 
@@ -45,15 +47,24 @@ impl Shard {
                 store.blocks_between(low, high)
             })
             .await;
-        let mut convs = self.convs.borrow_mut();
         match changed {
             Ok(blocks) => {
-                convs.set_blocks(conv, Some(blocks));
+                self.convs.borrow_mut().set_blocks(conv, Some(blocks));
+                if block {
+                    self.settle_conv(conv).await;
+                }
                 Ok(())
             }
             Err(e) => {
-                // A failed commit may still have landed: read it again.
-                convs.set_blocks(conv, None);
+                // A failed commit may still have landed: take the blocks
+                // from the store again, or, if that fails too, drop the
+                // cached state if no write holds it (the next message then
+                // reads the store).
+                let reread = self
+                    .blocking(move |store| store.blocks_between(low, high))
+                    .await
+                    .ok();
+                self.convs.borrow_mut().set_blocks(conv, reread);
                 Err(match e {
                     StoreError::NotFound => refusal(ErrorCode::NotFound, "no such user"),
                     StoreError::InvalidArgument(why) => refusal(ErrorCode::InvalidArgument, why),

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tern_proto::{ConvId, GroupId, ServerBody, ServerFrame, UserId};
+use tern_storage::StoreError;
 
-use super::{encode_shared, Shard};
+use super::{encode_shared, Shard, NOTICE_SEQ};
 use crate::mesh::{Event, GroupAnswer, GroupReply, Recipients};
 
 /// Keys one purge step removes at most: one store batch of about 100 KB,
@@ -36,9 +37,23 @@ impl Shard {
     /// Deletes `group` for its owner `by` (checked by the caller, under
     /// the group's permit, which the caller holds).
     pub(super) async fn delete_group(self: &Rc<Self>, group: GroupId, by: UserId) -> GroupReply {
-        self.blocking(move |store| store.delete_group(group, by))
-            .await
-            .map_err(|e| super::groups::store_refusal(e, group, "no such group"))?;
+        let deleted = self.blocking(move |store| store.delete_group(group, by)).await;
+        if let Err(e) = deleted {
+            // A failed sync may still have left the tombstone in place,
+            // visible to every lookup: then the deletion happened, and the
+            // rest of it must follow, or members would go on sending to a
+            // group the store no longer knows.
+            let refused = matches!(e, StoreError::NotFound | StoreError::Forbidden(_));
+            let landed = !refused
+                && self
+                    .blocking(move |store| store.group(group))
+                    .await
+                    .is_ok_and(|record| record.is_none());
+            if !landed {
+                return Err(super::groups::store_refusal(e, group, "no such group"));
+            }
+            tracing::error!(error = %e, group, "group deletion failed to sync but is visible; completing it");
+        }
         // Cached, since the caller holds its permit. Joins still queued
         // find the group gone when they get the permit.
         let state = {
@@ -56,11 +71,16 @@ impl Shard {
         };
         let frame = encode_shared(&push, self.config.max_frame_bytes);
         for (shard, members) in state.iter().flat_map(|state| state.members_by_shard()) {
-            let notify = Event::Notify {
+            // On the delivery path, behind the group's last messages on
+            // each member's queue and in each catch-up (see NOTICE_SEQ).
+            let notice = Event::Deliver {
                 to: Recipients::Many(Arc::clone(members)),
+                conv,
+                seq: NOTICE_SEQ,
                 frame: frame.clone(),
+                skip: None,
             };
-            self.send_event(shard, notify).await;
+            self.send_event(shard, notice).await;
         }
         self.spawn_purge(group);
         Ok(GroupAnswer::Done)
@@ -69,7 +89,7 @@ impl Shard {
     /// Waits until every message of `conv` sequenced so far is durable and
     /// the batch that committed the last of them has run all its effects
     /// (its deliveries are queued to the members' shards).
-    async fn settle_conv(&self, conv: ConvId) {
+    pub(super) async fn settle_conv(&self, conv: ConvId) {
         while self.convs.borrow().inflight(conv) > 0 {
             glommio::timer::sleep(SETTLE_POLL).await;
         }
@@ -104,6 +124,9 @@ impl Shard {
                 return;
             }
             steps += 1;
+            let Ok(_step) = self.purge_steps.acquire_permit(1).await else {
+                return; // closed: the shard is stopping
+            };
             match self
                 .blocking(move |store| store.purge_group_step(group, PURGE_STEP_KEYS))
                 .await

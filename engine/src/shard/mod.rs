@@ -115,6 +115,14 @@ pub type Floors = FxHashMap<ConvId, u64>;
 /// A message that arrived live while its session was catching up.
 pub type Held = (ConvId, u64, Encoded);
 
+/// The `seq` a conversation's *closing notice* travels with on the
+/// delivery path (today: `GroupDeleted`): above every message's, so it
+/// passes every floor and, once sent, raises the conversation's floor
+/// past any message of it a catch-up could still find. It reaches every
+/// session: held in order behind a catch-up's messages (and kept when
+/// the hold buffer overflows), pushed at once to a session not syncing.
+pub const NOTICE_SEQ: u64 = u64::MAX;
+
 /// The state and queues of one shard.
 pub struct Shard {
     pub index: usize,
@@ -133,6 +141,10 @@ pub struct Shard {
     /// One permit: held by a block change from its store write to its
     /// cache update ([`blocks`]).
     block_changes: glommio::sync::Semaphore,
+    /// One permit: held by a group purge for each step ([`deletion`]), so
+    /// however many purges there are, one blocking thread at a time does
+    /// that work and the others stay free for logins and requests.
+    purge_steps: glommio::sync::Semaphore,
     /// Queue ends to other shards, dropped at shutdown so that the peers'
     /// consumer tasks end (`Rc` so a send in flight keeps its end alive).
     requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
@@ -247,6 +259,7 @@ impl Shard {
             groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
             block_changes: glommio::sync::Semaphore::new(1),
+            purge_steps: glommio::sync::Semaphore::new(1),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             writer,
@@ -447,13 +460,22 @@ impl Shard {
     fn deliver_message(&self, entry: &ConnEntry, conv: ConvId, seq: u64, frame: &Encoded) {
         let mut delivery = entry.delivery.borrow_mut();
         match &mut *delivery {
+            Delivery::Waiting if seq == NOTICE_SEQ => {
+                let _ = entry.outbox().push_encoded(frame);
+            }
             Delivery::Waiting => {}
+            Delivery::Syncing { held, .. } if seq == NOTICE_SEQ => {
+                // Not in the store: a notice is never dropped, and there
+                // is at most one per conversation.
+                held.push((conv, seq, frame.clone()));
+            }
             Delivery::Syncing { overflowed: true, .. } => {}
             Delivery::Syncing { held, overflowed } => {
                 if held.len() >= self.config.sync_hold_max {
                     // The catch-up scans the store again instead; the
-                    // message is there, since deliveries follow durable writes.
-                    held.clear();
+                    // message is there, since deliveries follow durable
+                    // writes. Notices are not, and stay.
+                    held.retain(|&(_, seq, _)| seq == NOTICE_SEQ);
                     *overflowed = true;
                 } else {
                     held.push((conv, seq, frame.clone()));
@@ -472,7 +494,7 @@ impl Shard {
                         None => {}
                     }
                 }
-                if entry.outbox().push_encoded(frame).is_ok() {
+                if entry.outbox().push_encoded(frame).is_ok() && seq != NOTICE_SEQ {
                     self.m().message_delivered();
                 }
             }
@@ -490,7 +512,8 @@ impl Shard {
     }
 
     /// Takes the messages held during a catch-up, and whether some were
-    /// dropped (then the store must be scanned again).
+    /// dropped (then the store must be scanned again, and what is
+    /// returned is only the notices, which the store does not have).
     pub fn take_held(&self, key: ConnKey) -> (Vec<Held>, bool) {
         self.with_conn(key, |entry| match &mut *entry.delivery.borrow_mut() {
             Delivery::Syncing { held, overflowed } => {
