@@ -145,3 +145,48 @@ fn a_purge_cut_short_resumes_after_reopening_and_ids_are_never_reused() {
     assert!(store.pending_group_purges().is_empty());
     assert!(store.group(group).unwrap().is_none(), "the tombstone stays");
 }
+
+/// Times the purge of a long history (`cargo test --release -p
+/// tern-storage --test group_deletion -- --ignored --nocapture`): steps
+/// of 1,024 keys, the first and last tenth of the steps timed apart, since
+/// a purge that walked the tombstones of earlier steps again would slow
+/// down as it went.
+#[test]
+#[ignore]
+fn purge_timing() {
+    const MESSAGES: u64 = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.register("owner", b"password1").unwrap();
+    store.register("member", b"password1").unwrap();
+    let group = store.create_group(1, "long").unwrap();
+    store.add_member(group, 2).unwrap();
+    for chunk in (1..=MESSAGES).collect::<Vec<_>>().chunks(1000) {
+        let ops: Vec<WriteOp> = chunk.iter().map(|&seq| msg(group, seq, &[])).collect();
+        store.apply(&ops, false).unwrap();
+    }
+    store.delete_group(group, 1).unwrap();
+    let mut times = Vec::new();
+    let started = std::time::Instant::now();
+    loop {
+        let step = std::time::Instant::now();
+        let done = store.purge_group_step(group, 1024).unwrap();
+        times.push(step.elapsed());
+        if done {
+            break;
+        }
+    }
+    let total = started.elapsed();
+    let tenth = (times.len() / 10).max(1);
+    let first: std::time::Duration = times.iter().take(tenth).sum();
+    let last: std::time::Duration = times.iter().rev().take(tenth).sum();
+    println!(
+        "purged {MESSAGES} messages in {} steps, {total:?} ({:.0} keys/s); first tenth of the steps {first:?}, last tenth {last:?}",
+        times.len(),
+        MESSAGES as f64 / total.as_secs_f64()
+    );
+    assert!(store
+        .history(ConvId::Group { group }, 1, true, 10)
+        .unwrap()
+        .is_empty());
+}
