@@ -1708,16 +1708,9 @@ impl Conn {
         if let Err(wait) = limits::login_allowed(config, self.peer, Some(&username)) {
             return rate_limited(request_id, "too many failed password checks", wait);
         }
-        let account = username.clone();
         let changed = self
             .shard
-            .blocking(move |store| {
-                if store.verify_password(&account, &old)? != user {
-                    return Err(tern_storage::StoreError::AuthFailed);
-                }
-                store.set_password(user, &new)?;
-                store.revoke_tokens(user)
-            })
+            .blocking(move |store| store.change_password(user, &old, &new))
             .await;
         match changed {
             Ok(revoked) => {

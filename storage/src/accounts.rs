@@ -188,8 +188,55 @@ impl Store {
         Ok((user, token))
     }
 
+    /// A user's password change: checks `old` against the account, then
+    /// stores `new` and revokes every token of the user in one write, as
+    /// one step against logins and other changes (under the per-user
+    /// token lock): a login that checked the old password gets no token
+    /// after it (see [`Store::login`]), a login with the new one gets a
+    /// token that stays valid, and of two changes from the same old
+    /// password only the first succeeds (`AuthFailed` for the other).
+    /// Returns how many tokens were revoked. Synced.
+    pub fn change_password(&self, user: UserId, old: &[u8], new: &[u8]) -> Result<usize, StoreError> {
+        check_password(new).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
+        let inner = &*self.inner;
+        let username = self.username(user)?.ok_or(StoreError::NotFound)?;
+        // Both hashes outside any lock: each costs tens of milliseconds.
+        let (owner, old_phc) = inner.check_password(&username, old)?;
+        if owner != user {
+            return Err(StoreError::AuthFailed);
+        }
+        let new_phc = inner.hash_password(new)?;
+        let checked = PasswordChecked {
+            username: &username,
+            phc: &old_phc,
+        };
+        let issuing = inner.token_lock(user);
+        if !inner.password_unchanged(&checked)? {
+            // Another change got here first: `old` is no longer the password.
+            return Err(StoreError::AuthFailed);
+        }
+        // As in `set_password`: no registration's check-then-insert of the
+        // same key interleaves with this overwrite.
+        let registering = lock(&inner.register_lock);
+        let mut batch = inner.db.batch();
+        batch.insert(
+            &inner.accounts.handle,
+            username.as_bytes(),
+            codec::encode_account(user, &new_phc),
+        );
+        let written = inner
+            .sweep_tokens(&mut batch, user, u64::MAX, 0)
+            .and_then(|(revoked, _)| inner.write(batch, true).map(|pending| (revoked, pending)));
+        drop(registering);
+        drop(issuing);
+        inner.forget_cached_tokens(user);
+        let (revoked, pending) = written?;
+        inner.sync(pending)?;
+        Ok(revoked)
+    }
+
     /// Replaces the password of `user`. Does not revoke tokens: the
-    /// caller decides (a password change revokes them all). Synced like a
+    /// caller decides ([`Store::change_password`] does both as one step). Synced like a
     /// registration, so that an acknowledged change survives a crash and
     /// the old password never comes back.
     pub fn set_password(&self, user: UserId, new_password: &[u8]) -> Result<(), StoreError> {

@@ -100,7 +100,7 @@ impl Inner {
     /// Returns how many tokens it removed in all, and the hashes of the
     /// live ones among them, which the caller must also drop from the
     /// token cache.
-    fn sweep_tokens(
+    pub(crate) fn sweep_tokens(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         user: UserId,
@@ -263,7 +263,7 @@ impl Store {
             .sweep_tokens(&mut batch, user, u64::MAX, 0)
             .and_then(|(removed, _)| inner.write(batch, true).map(|pending| (removed, pending)));
         drop(issuing);
-        inner.token_cache.revoke(|_, cached| cached.user == user);
+        inner.forget_cached_tokens(user);
         let (removed, pending) = written?;
         inner.sync(pending)?;
         Ok(removed)
@@ -271,8 +271,13 @@ impl Store {
 }
 
 impl Inner {
+    /// Drops every cached token of `user`, after a revocation of them all.
+    pub(crate) fn forget_cached_tokens(&self, user: UserId) {
+        self.token_cache.revoke(|_, cached| cached.user == user);
+    }
+
     /// Serialises the token changes of one user (a stripe of users).
-    fn token_lock(&self, user: UserId) -> Option<std::sync::MutexGuard<'_, ()>> {
+    pub(crate) fn token_lock(&self, user: UserId) -> Option<std::sync::MutexGuard<'_, ()>> {
         let stripe = usize::try_from(user).unwrap_or(0) % self.token_issue_locks.len().max(1);
         self.token_issue_locks.get(stripe).map(lock)
     }

@@ -504,3 +504,79 @@ fn hashing_threads_register_and_check_passwords_for_every_caller() {
     let id = inline.user_id("hasher3").unwrap().expect("registered");
     assert_eq!(inline.verify_password("hasher3", b"password3").unwrap(), id);
 }
+
+#[test]
+fn a_password_change_revokes_every_token_and_a_login_with_the_new_password_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    let bob = store.register("bob", b"password2").unwrap();
+    let (_, old_a) = store.login("alice", b"password1").unwrap();
+    let (_, old_b) = store.login("alice", b"password1").unwrap();
+    let (_, bobs) = store.login("bob", b"password2").unwrap();
+    assert!(matches!(
+        store.change_password(alice, b"wrong one", b"password3"),
+        Err(StoreError::AuthFailed)
+    ));
+    assert!(matches!(
+        store.change_password(alice, b"password1", b"short"),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.change_password(99, b"password1", b"password3"),
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store.change_password(alice, b"password1", b"password3").unwrap(),
+        2
+    );
+    for token in [old_a, old_b] {
+        assert!(matches!(store.verify_token(&token), Err(StoreError::AuthFailed)));
+    }
+    assert_eq!(store.verify_token(&bobs).unwrap(), bob, "other users keep theirs");
+    assert!(matches!(
+        store.login("alice", b"password1"),
+        Err(StoreError::AuthFailed)
+    ));
+    let (_, fresh) = store.login("alice", b"password3").unwrap();
+    assert_eq!(store.verify_token(&fresh).unwrap(), alice);
+    // The old password cannot change it again.
+    assert!(matches!(
+        store.change_password(alice, b"password1", b"password4"),
+        Err(StoreError::AuthFailed)
+    ));
+}
+
+#[test]
+fn of_concurrent_changes_from_the_same_password_exactly_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    // Hashing that takes a few milliseconds, so the changes overlap.
+    let store = open_with(dir.path(), |o| o.argon2_memory_kib = 4096);
+    let alice = store.register("alice", b"password0").unwrap();
+    const CHANGES: usize = 6;
+    let barrier = Barrier::new(CHANGES);
+    let outcomes: Vec<Result<usize, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=CHANGES)
+            .map(|n| {
+                let (store, barrier) = (&store, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    store.change_password(alice, b"password0", format!("password{n}").as_bytes())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won: Vec<usize> = (1..=CHANGES).filter(|n| outcomes[n - 1].is_ok()).collect();
+    assert_eq!(won.len(), 1, "{outcomes:?}");
+    for (n, outcome) in outcomes.iter().enumerate() {
+        if !won.contains(&(n + 1)) {
+            assert!(matches!(outcome, Err(StoreError::AuthFailed)), "{outcome:?}");
+        }
+    }
+    let password = format!("password{}", won[0]);
+    assert_eq!(
+        store.verify_password("alice", password.as_bytes()).unwrap(),
+        alice
+    );
+}
