@@ -294,6 +294,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     break 'login rate_limited(request_id, "too many failed logins", wait);
                 }
                 let account = username.clone();
+                let revocations = shard.store.revocations();
                 let login = shard
                     .blocking(move |store| {
                         let (user, token) = store.login(&username, &password)?;
@@ -311,6 +312,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             token,
                             request_id,
                             answered: std::mem::take(&mut deferred),
+                            revocations,
                         };
                         return move_to_home(shard, stream, buf, login, guards).await;
                     }
@@ -325,6 +327,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 // answered from memory on this thread; only a miss costs a
                 // hand-off to the blocking pool (two context switches on a
                 // shared core) and a store read.
+                let revocations = shard.store.revocations();
                 let login = match shard.store.cached_token_login(&token) {
                     Some((user, username)) => Ok((user, username, token)),
                     None => {
@@ -346,6 +349,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             token,
                             request_id,
                             answered: std::mem::take(&mut deferred),
+                            revocations,
                         };
                         return move_to_home(shard, stream, buf, login, guards).await;
                     }
@@ -560,6 +564,9 @@ struct LoggedIn {
     /// Answers to earlier pre-login frames not written yet; they go out
     /// before `LoggedIn`.
     answered: Vec<ServerFrame>,
+    /// [`tern_storage::Store::revocations`] before the credentials were
+    /// checked.
+    revocations: u64,
 }
 
 /// Continues a logged-in connection on its user's home shard.
@@ -604,6 +611,7 @@ async fn move_to_home(
         token: login.token,
         request_id: login.request_id,
         leftover,
+        revocations: login.revocations,
     };
     shard.send_event(home, Event::Handoff(Box::new(handoff))).await;
 }
@@ -637,13 +645,49 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
         token: handoff.token,
         request_id: handoff.request_id,
         answered: Vec::new(),
+        revocations: handoff.revocations,
     };
     start_session(shard, stream, buf, login, guards);
+}
+
+/// Checks again, on the blocking pool, the token of a login that a
+/// revocation may have overtaken (see [`tern_storage::Store::revocations`]),
+/// then starts its session or refuses it.
+fn recheck_then_start(
+    shard: Rc<Shard>,
+    stream: Transport,
+    buf: FrameBuf,
+    mut login: LoggedIn,
+    guards: Guards,
+) {
+    glommio::spawn_local(async move {
+        login.revocations = shard.store.revocations();
+        let token = login.token.clone();
+        let owner = shard.blocking(move |store| store.verify_token(&token)).await;
+        if owner.is_ok_and(|owner| owner == login.user) {
+            start_session(shard, stream, buf, login, guards);
+        } else {
+            let reply = ServerFrame::error(
+                login.request_id,
+                ErrorCode::AuthFailed,
+                "this session's token was revoked while it logged in",
+            );
+            drop(guards);
+            refuse_in_background(shard, stream, reply);
+        }
+    })
+    .detach();
 }
 
 /// Registers an authenticated session on its user's home shard, queues
 /// its `LoggedIn` and starts it (see [`run_session`]).
 fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: LoggedIn, guards: Guards) {
+    // Compared with no yield before the session is registered: a kick that
+    // follows a revocation either finds the session here or was preceded
+    // by a change of the count.
+    if shard.store.revocations() != login.revocations {
+        return recheck_then_start(shard, stream, buf, login, guards);
+    }
     let config = shard.config.clone();
     let user = login.user;
     let outbox = new_outbox(&shard);

@@ -202,6 +202,8 @@ pub struct Handoff {
     pub request_id: u64,
     /// Bytes the client sent after its login frame.
     pub leftover: Vec<u8>,
+    /// The store's revocation count before the login was checked.
+    pub revocations: u64,
 }
 
 /// One shard's ends of the mesh.

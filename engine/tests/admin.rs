@@ -88,3 +88,51 @@ fn stopping_does_not_hang_or_remove_a_socket_file_that_is_not_ours() {
     assert!(path.exists(), "the other listener's socket file is left alone");
     drop(other);
 }
+
+/// `revoke` while the user's token logs in again and again from several
+/// threads: once it has answered, and the logins under way have settled,
+/// no session of the user is left, and the token opens none.
+#[test]
+fn a_revoke_leaves_no_session_that_was_logging_in_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let server = TestServer::start();
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let admin = serve_admin(&socket_dir.path().join("admin.sock"), server.admin_context()).expect("admin");
+    let mut setup = server.connect();
+    let user = register_on_shard(&mut setup, "racer", 1, server.shards());
+    let token = server.connect().login(&user.name, PASSWORD).expect("login").token;
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = server.addr();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, token) = (stop.clone(), token.clone());
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut client = common::connect(addr);
+                    if client.login_token(&token).is_ok() {
+                        kept.push(client); // held open: the revoke must end it
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let answer = admin_request(admin.path(), &format!("revoke {}", user.name)).expect("revoke");
+    assert!(answer.contains("revoked"), "{answer}");
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let kept: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("thread"))
+        .collect();
+    assert!(!kept.is_empty(), "no login got in before the revoke");
+    common::eventually("every session of the user to be gone", || {
+        let answer = admin_request(admin.path(), &format!("sessions {}", user.name)).expect("sessions");
+        answer.contains(": 0 sessions").then_some(())
+    });
+    assert!(server.connect().login_token(&token).is_err());
+}

@@ -240,6 +240,9 @@ struct Inner {
     token_issue_locks: Box<[Mutex<()>]>,
     /// Group commit of the durable changes made outside the [`Writer`].
     syncs: SyncTickets,
+    /// Counts the revocations of all of a user's tokens (admin revoke,
+    /// password change), any user's: see [`Store::revocations`].
+    revocations: AtomicU64,
 }
 
 /// Group commit for the durable changes made on blocking threads
@@ -356,6 +359,7 @@ impl Store {
             token_cache: tokens::TokenCache::new(),
             token_issue_locks: (0..TOKEN_ISSUE_STRIPES).map(|_| Mutex::new(())).collect(),
             syncs: SyncTickets::default(),
+            revocations: AtomicU64::new(0),
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -373,6 +377,18 @@ impl Store {
     /// since, once its purge is done (only the tombstone, on disk, knows).
     pub fn group_exists(&self, group: GroupId) -> bool {
         group >= 1 && group <= self.inner.highest_group.load(Ordering::Acquire) && !self.inner.purging(group)
+    }
+
+    /// How many times all of some user's tokens were revoked since the
+    /// store opened. A login reads it before checking its credentials and
+    /// the session compares it once registered: if it moved, a revocation
+    /// may have removed the token the login just checked or was issued,
+    /// after the check, and the session must check the token again (a
+    /// kick sent with the revocation can reach the home shard before the
+    /// session does). Single logouts do not count: they close their own
+    /// session.
+    pub fn revocations(&self) -> u64 {
+        self.inner.revocations.load(Ordering::Acquire)
     }
 
     /// The directory the store lives in.

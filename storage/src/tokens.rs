@@ -271,9 +271,11 @@ impl Store {
 }
 
 impl Inner {
-    /// Drops every cached token of `user`, after a revocation of them all.
+    /// Drops every cached token of `user` and counts the revocation (see
+    /// [`Store::revocations`]), after all of them were removed.
     pub(crate) fn forget_cached_tokens(&self, user: UserId) {
         self.token_cache.revoke(|_, cached| cached.user == user);
+        self.revocations.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Serialises the token changes of one user (a stripe of users).
