@@ -840,6 +840,18 @@ impl Shard {
             Ok(friends) => friends,
             Err(e) => return tracing::warn!(error = %e, user, "cannot load friends for presence"),
         };
+        // Announcements run side by side, each after its own store read:
+        // when the user went offline and came back (or the reverse) while
+        // this one read, a later one announces the state that holds now,
+        // and this one, sent after it, would undo it at the friends.
+        let online_now = self
+            .sessions
+            .borrow()
+            .get(&user)
+            .is_some_and(|keys| !keys.is_empty());
+        if online_now != online {
+            return;
+        }
         for (shard, friends) in self.partition(friends).into_iter().enumerate() {
             if !friends.is_empty() {
                 self.send_event(
