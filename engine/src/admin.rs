@@ -49,6 +49,7 @@ const STATS_METRICS: &[&str] = &[
     "tern_outbound_queued_bytes",
     "tern_groups_cached",
     "tern_group_members_cached",
+    "tern_group_purges_running",
 ];
 
 /// A request for the shard that owns `user`.

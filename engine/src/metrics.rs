@@ -107,6 +107,8 @@ pub struct ShardMetrics {
     /// Groups homed here whose members are cached, and their members.
     pub groups_cached: AtomicI64,
     pub group_members_cached: AtomicI64,
+    /// Deleted groups homed here whose data is being purged.
+    pub group_purges_running: AtomicI64,
     pub connections_accepted: AtomicU64,
     pub logins_ok: AtomicU64,
     pub logins_failed: AtomicU64,
@@ -151,6 +153,7 @@ impl Default for ShardMetrics {
             parked_pings: AtomicU64::new(0),
             groups_cached: AtomicI64::new(0),
             group_members_cached: AtomicI64::new(0),
+            group_purges_running: AtomicI64::new(0),
             connections_accepted: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
@@ -212,6 +215,12 @@ impl ShardMetrics {
             .store(i64::try_from(groups).unwrap_or(i64::MAX), Relaxed);
         self.group_members_cached
             .store(i64::try_from(members).unwrap_or(i64::MAX), Relaxed);
+    }
+
+    /// A deleted group's purge started (`true`) or ended (`false`).
+    pub fn group_purge(&self, started: bool) {
+        self.group_purges_running
+            .fetch_add(if started { 1 } else { -1 }, Relaxed);
     }
 
     /// An idle session parked.
@@ -569,6 +578,11 @@ const GAUGES: &[(&str, &str, Getter)] = &[
         "tern_group_members_cached",
         "Members of the cached groups, summed (bounded by max_cached_group_members per shard).",
         |m| m.group_members_cached.load(Relaxed),
+    ),
+    (
+        "tern_group_purges_running",
+        "Deleted groups whose history, members and cursors are being removed in the background.",
+        |m| m.group_purges_running.load(Relaxed),
     ),
     (
         "tern_outbound_queued_bytes",

@@ -67,10 +67,16 @@ fn the_owner_deletes_a_group_members_are_told_last_and_it_is_gone_for_every_requ
         assert_eq!(c.sync().expect("sync"), 0);
         expect_quiet(&mut [&mut b, &mut c]);
     }
-    // Every purge finishes, and ids are never handed out again.
+    // Every purge finishes (the gauge says so too), and ids are never
+    // handed out again.
     let store = server.admin_context().store;
     eventually("the purges to finish", || {
         store.pending_group_purges().is_empty().then_some(())
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    eventually("the purge gauge to read 0", || {
+        (total(&admin, "tern_group_purges_running") == 0).then_some(())
     });
     let newest = a.group_create("after").expect("create");
     assert!(

@@ -118,6 +118,15 @@ impl Shard {
     /// Removes a deleted group's data, a step at a time, until none is
     /// left or the shard stops (the next start resumes it).
     async fn purge_group(&self, group: GroupId) {
+        /// Counts the purge in the metrics for as long as its task runs.
+        struct Running<'a>(&'a crate::metrics::ShardMetrics);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.group_purge(false);
+            }
+        }
+        self.m().group_purge(true);
+        let _running = Running(self.m());
         let mut steps = 0u64;
         loop {
             if self.stop.is_fired() {
