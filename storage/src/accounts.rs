@@ -118,6 +118,16 @@ impl Inner {
             .is_some_and(|(_, phc)| phc == checked.phc))
     }
 
+    /// Adds `username`'s account record (its id and password hash) to
+    /// `batch`.
+    fn put_account(&self, batch: &mut fjall::OwnedWriteBatch, username: &str, user: UserId, phc: &str) {
+        batch.insert(
+            &self.accounts.handle,
+            username.as_bytes(),
+            codec::encode_account(user, phc),
+        );
+    }
+
     /// Whether `user` is a registered id.
     pub(crate) fn user_exists(&self, user: UserId) -> Result<bool, StoreError> {
         Ok(self.users.handle.contains_key(codec::id_key(user))?)
@@ -148,11 +158,7 @@ impl Store {
         }
         let user = *next_id;
         let mut batch = inner.db.batch();
-        batch.insert(
-            &inner.accounts.handle,
-            username.as_bytes(),
-            codec::encode_account(user, &phc),
-        );
+        inner.put_account(&mut batch, username, user, &phc);
         batch.insert(
             &inner.users.handle,
             codec::id_key(user),
@@ -219,20 +225,8 @@ impl Store {
         // same key interleaves with this overwrite.
         let registering = lock(&inner.register_lock);
         let mut batch = inner.db.batch();
-        batch.insert(
-            &inner.accounts.handle,
-            username.as_bytes(),
-            codec::encode_account(user, &new_phc),
-        );
-        let written = inner
-            .sweep_tokens(&mut batch, user, u64::MAX, 0)
-            .and_then(|(revoked, _)| inner.write(batch, true).map(|pending| (revoked, pending)));
-        drop(registering);
-        drop(issuing);
-        inner.forget_cached_tokens(user);
-        let (revoked, pending) = written?;
-        inner.sync(pending)?;
-        Ok(revoked)
+        inner.put_account(&mut batch, &username, user, &new_phc);
+        inner.commit_revoking_all(batch, user, (registering, issuing))
     }
 
     /// Replaces the password of `user`. Does not revoke tokens: the
@@ -248,11 +242,7 @@ impl Store {
         // key never interleaves with this overwrite.
         let guard = lock(&inner.register_lock);
         let mut batch = inner.db.batch();
-        batch.insert(
-            &inner.accounts.handle,
-            username.as_bytes(),
-            codec::encode_account(user, &phc),
-        );
+        inner.put_account(&mut batch, &username, user, &phc);
         inner.commit_unlocked(batch, guard)
     }
 

@@ -258,24 +258,32 @@ impl Store {
         // the sync waits with the lock released (logins of the users on
         // this stripe need not wait for the disk).
         let issuing = inner.token_lock(user);
-        let mut batch = inner.db.batch();
-        let written = inner
-            .sweep_tokens(&mut batch, user, u64::MAX, 0)
-            .and_then(|(removed, _)| inner.write(batch, true).map(|pending| (removed, pending)));
-        drop(issuing);
-        inner.forget_cached_tokens(user);
-        let (removed, pending) = written?;
-        inner.sync(pending)?;
-        Ok(removed)
+        inner.commit_revoking_all(inner.db.batch(), user, issuing)
     }
 }
 
 impl Inner {
-    /// Drops every cached token of `user` and counts the revocation (see
-    /// [`Store::revocations`]), after all of them were removed.
-    pub(crate) fn forget_cached_tokens(&self, user: UserId) {
+    /// Adds the removal of every token of `user` to `batch` and writes
+    /// it; then releases `held` (the locks the batch's checks needed, the
+    /// user's token lock among them), drops the user's cached tokens,
+    /// counts the revocation (see [`Store::revocations`]) and waits for
+    /// the sync, so no lock is held on the disk. Returns how many tokens
+    /// were removed.
+    pub(crate) fn commit_revoking_all<G>(
+        &self,
+        mut batch: fjall::OwnedWriteBatch,
+        user: UserId,
+        held: G,
+    ) -> Result<usize, StoreError> {
+        let written = self
+            .sweep_tokens(&mut batch, user, u64::MAX, 0)
+            .and_then(|(removed, _)| self.write(batch, true).map(|pending| (removed, pending)));
+        drop(held);
         self.token_cache.revoke(|_, cached| cached.user == user);
         self.revocations.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let (removed, pending) = written?;
+        self.sync(pending)?;
+        Ok(removed)
     }
 
     /// Serialises the token changes of one user (a stripe of users).
