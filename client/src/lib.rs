@@ -327,6 +327,18 @@ impl Client {
         Ok(session)
     }
 
+    /// Logs in with a JSON Web Token from the operator's login system (on
+    /// a server configured for it; docs/protocol.md 2.3), then syncs. The
+    /// session's `username` is the token's `sub`; its `token` resumes the
+    /// session with [`Client::login_token`] like any other.
+    pub fn login_jwt(&mut self, jwt: &str) -> Result<Session, ClientError> {
+        let session = self.logged_in(ClientBody::LoginJwt {
+            token: jwt.to_owned(),
+        })?;
+        self.sync()?;
+        Ok(session)
+    }
+
     /// Ends this session: the server revokes the session's token (a later
     /// [`Client::login_token`] with it fails), answers and closes the
     /// connection. Other sessions of the user are not affected.

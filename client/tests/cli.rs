@@ -24,6 +24,7 @@ fn tern(addr: SocketAddr, args: &[&str], stdin: &str) -> Output {
         ])
         .args(args)
         .env_remove("TERN_SERVER")
+        .env_remove("TERN_JWT")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -248,8 +249,28 @@ fn missing_user_is_reported_before_connecting() {
         .args(["--server", "127.0.0.1:1", "send", "--to", "bob", "hi"])
         .env_remove("TERN_USER")
         .env_remove("TERN_PASSWORD")
+        .env_remove("TERN_JWT")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--user is required"));
+}
+
+#[test]
+fn a_jwt_cannot_register_or_change_a_password() {
+    for command in [&["register"][..], &["passwd", "--new-password", "password2"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["--server", "127.0.0.1:1", "--jwt", "a.b.c"])
+            .args(command)
+            .env_remove("TERN_USER")
+            .env_remove("TERN_PASSWORD")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("needs --user and --password, not --jwt"),
+            "{stderr}"
+        );
+    }
 }

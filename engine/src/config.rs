@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::filter::ContentFilter;
+use crate::jwt::JwtVerifier;
 
 use tern_storage::StoreOptions;
 
@@ -113,6 +114,11 @@ pub struct Config {
     /// The word list text messages are checked against, if any; shared by
     /// every shard and reloadable ([`ContentFilter::reload`]).
     pub content_filter: Option<Arc<ContentFilter>>,
+    /// Accept `Register` (password accounts). Off when every account comes
+    /// from the operator's login system (JWT) or is provisioned otherwise.
+    pub registration: bool,
+    /// JWT logins (`LoginJwt`), when configured: the keys and policy.
+    pub jwt: Option<Arc<JwtVerifier>>,
 }
 
 /// Limits against abusive clients; `docs/security.md` explains each. A
@@ -309,6 +315,8 @@ impl Default for Config {
             login_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             content_filter: None,
+            registration: true,
+            jwt: None,
         }
     }
 }

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use crate::config::{Config, Durability, IpNet};
 use crate::filter::{ContentFilter, FilterMode};
+use crate::jwt::{self, JwtSettings, JwtVerifier};
+use tern_storage::ExternalPolicy;
 
 /// Default for `flush_interval_ms` when `durability = "async"`.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
@@ -51,6 +53,77 @@ pub struct Settings {
     /// by [`Settings::finish`].
     content_filter_file: Option<PathBuf>,
     content_filter_mode: FilterMode,
+    /// JWT logins' parts, put together into `config.jwt` by
+    /// [`Settings::finish`].
+    jwt: JwtParts,
+}
+
+/// The `jwt_*` keys as given.
+#[derive(Debug, Clone)]
+struct JwtParts {
+    hs256_secret_file: Option<PathBuf>,
+    ed25519_public_key_file: Option<PathBuf>,
+    issuer: String,
+    audience: String,
+    leeway_secs: u64,
+    create_accounts: bool,
+    password_accounts: bool,
+}
+
+impl Default for JwtParts {
+    fn default() -> JwtParts {
+        JwtParts {
+            hs256_secret_file: None,
+            ed25519_public_key_file: None,
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 30,
+            create_accounts: true,
+            password_accounts: false,
+        }
+    }
+}
+
+impl JwtParts {
+    /// The verifier these parts describe; `None` when no key is set.
+    fn load(&self) -> Result<Option<JwtVerifier>, String> {
+        if self.hs256_secret_file.is_none() && self.ed25519_public_key_file.is_none() {
+            if !self.issuer.is_empty() || !self.audience.is_empty() {
+                return Err(
+                    "jwt_issuer and jwt_audience need jwt_hs256_secret_file or jwt_ed25519_public_key_file"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        let hs256_secret = match &self.hs256_secret_file {
+            Some(path) => Some(jwt::trim_secret(jwt::read_key_file(
+                path,
+                "jwt_hs256_secret_file",
+            )?)),
+            None => None,
+        };
+        let ed25519_public_key_pem = match &self.ed25519_public_key_file {
+            Some(path) => Some(jwt::read_key_file(path, "jwt_ed25519_public_key_file")?),
+            None => None,
+        };
+        let settings = JwtSettings {
+            hs256_secret,
+            ed25519_public_key_pem,
+            issuer: (!self.issuer.is_empty()).then(|| self.issuer.clone()),
+            audience: (!self.audience.is_empty()).then(|| self.audience.clone()),
+            leeway_secs: self.leeway_secs,
+            policy: ExternalPolicy {
+                create_accounts: self.create_accounts,
+                password_accounts: self.password_accounts,
+            },
+        };
+        JwtVerifier::new(&settings).map(Some)
+    }
+}
+
+fn path_or_empty(path: &Option<PathBuf>) -> String {
+    toml_str(&path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
 }
 
 /// Where a value came from, for error messages.
@@ -735,6 +808,68 @@ pub static KEYS: &[Key] = &[
         show: |s| toml_str(s.content_filter_mode.name()),
     },
     Key {
+        name: "registration",
+        help: "Accept Register (password accounts); false when accounts come only from JWT logins",
+        apply: |s, v| set(&mut s.config.registration, expected_bool(v)),
+        show: |s| s.config.registration.to_string(),
+    },
+    Key {
+        name: "jwt_hs256_secret_file",
+        help: "File holding the HS256 secret (at least 32 bytes) that signs LoginJwt tokens; \"\" for none",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.jwt.hs256_secret_file = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| path_or_empty(&s.jwt.hs256_secret_file),
+    },
+    Key {
+        name: "jwt_ed25519_public_key_file",
+        help: "PEM file with the Ed25519 public key that verifies EdDSA LoginJwt tokens; \"\" for none",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.jwt.ed25519_public_key_file = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| path_or_empty(&s.jwt.ed25519_public_key_file),
+    },
+    Key {
+        name: "jwt_issuer",
+        help: "The iss claim every LoginJwt token must carry; \"\" to not check it",
+        apply: |s, v| {
+            s.jwt.issuer = expected_text(v, "an issuer such as \"https://login.example.com\"")?.to_owned();
+            Ok(())
+        },
+        show: |s| toml_str(&s.jwt.issuer),
+    },
+    Key {
+        name: "jwt_audience",
+        help: "A value the aud claim of every LoginJwt token must hold; \"\" refuses tokens that carry aud",
+        apply: |s, v| {
+            s.jwt.audience = expected_text(v, "an audience such as \"tern\"")?.to_owned();
+            Ok(())
+        },
+        show: |s| toml_str(&s.jwt.audience),
+    },
+    Key {
+        name: "jwt_leeway_secs",
+        help: "Clock skew allowed on a JWT's exp and nbf, seconds",
+        apply: |s, v| set(&mut s.jwt.leeway_secs, expected_uint(v, 0, 3600)),
+        show: |s| s.jwt.leeway_secs.to_string(),
+    },
+    Key {
+        name: "jwt_create_accounts",
+        help: "A LoginJwt for a name with no account creates it (without a password)",
+        apply: |s, v| set(&mut s.jwt.create_accounts, expected_bool(v)),
+        show: |s| s.jwt.create_accounts.to_string(),
+    },
+    Key {
+        name: "jwt_password_accounts",
+        help: "A LoginJwt may log into an account registered with a password (only if both systems' names are the same people)",
+        apply: |s, v| set(&mut s.jwt.password_accounts, expected_bool(v)),
+        show: |s| s.jwt.password_accounts.to_string(),
+    },
+    Key {
         name: "metrics_listen",
         help: "Address of the HTTP endpoint for /metrics, /healthz and /readyz, or \"off\"",
         apply: |s, v| {
@@ -786,6 +921,7 @@ impl Default for Settings {
             tls_allow_tls12: false,
             content_filter_file: None,
             content_filter_mode: FilterMode::Reject,
+            jwt: JwtParts::default(),
         }
     }
 }
@@ -897,6 +1033,7 @@ impl Settings {
                 ContentFilter::open(path, self.content_filter_mode).map_err(ConfigError::Invalid)?,
             )),
         };
+        self.config.jwt = self.jwt.load().map_err(ConfigError::Invalid)?.map(Arc::new);
         self.config.validate().map_err(ConfigError::Invalid)?;
         if let Some(metrics) = self.metrics_listen {
             if metrics.port() != 0 && metrics == self.config.listen {

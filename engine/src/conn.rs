@@ -40,6 +40,7 @@ use tern_proto::{
     Cursor, ErrorCode, FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId,
     PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
+use tern_storage::ExternalLogin;
 
 use crate::catchup::{self, SyncError};
 use crate::filter::{FilterCache, Outcome};
@@ -65,6 +66,10 @@ enum PreLogin {
     LoginToken {
         request_id: u64,
         token: Vec<u8>,
+    },
+    LoginJwt {
+        request_id: u64,
+        token: String,
     },
 }
 
@@ -264,6 +269,13 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 username,
                 password,
             } => 'register: {
+                if !config.registration {
+                    break 'register ServerFrame::error(
+                        request_id,
+                        ErrorCode::Forbidden,
+                        "registration is closed on this server",
+                    );
+                }
                 // Metered before argon2 runs, like logins: a flood of
                 // registrations costs neither hashing nor accounts.
                 if let Err(wait) = limits::registration_allowed(&config, peer) {
@@ -352,6 +364,66 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             revocations,
                         };
                         return move_to_home(shard, stream, buf, login, guards).await;
+                    }
+                    Err(e) => refused_login(&shard, peer, None, request_id, &e),
+                }
+            }
+            PreLogin::LoginJwt { request_id, token } => 'login: {
+                let Some(verifier) = config.jwt.clone() else {
+                    shard.m().login(false);
+                    break 'login ServerFrame::error(
+                        request_id,
+                        ErrorCode::AuthFailed,
+                        "this server does not accept JWT logins",
+                    );
+                };
+                if let Err(wait) = limits::login_allowed(&config, peer, None) {
+                    break 'login rate_limited(request_id, "too many failed logins", wait);
+                }
+                let revocations = shard.store.revocations();
+                let login = shard
+                    .blocking(move |store| {
+                        let claims = match verifier.verify(&token) {
+                            Ok(claims) => claims,
+                            Err(why) => return Ok(Err(why)),
+                        };
+                        let outcome =
+                            store.external_login(&claims.username, claims.issued_at_ms, verifier.policy)?;
+                        Ok(match outcome {
+                            ExternalLogin::LoggedIn { user, token, created } => {
+                                Ok((claims.username, user, token, created))
+                            }
+                            ExternalLogin::NoAccount => Err("no account has the JWT's sub"),
+                            ExternalLogin::PasswordAccount => Err(
+                                "the JWT's sub names a password account, which JWT logins may not use here",
+                            ),
+                            ExternalLogin::IssuedBeforeRevocation => {
+                                Err("JWT issued before the account's sessions were revoked (iat)")
+                            }
+                        })
+                    })
+                    .await;
+                match login {
+                    Ok(Ok((username, user, token, created))) => {
+                        if created {
+                            tracing::info!(user, username = %username, "account created by a JWT login");
+                        }
+                        shard.m().login(true);
+                        session.logged_in(user);
+                        let login = LoggedIn {
+                            user,
+                            username,
+                            token: token.to_vec(),
+                            request_id,
+                            answered: std::mem::take(&mut deferred),
+                            revocations,
+                        };
+                        return move_to_home(shard, stream, buf, login, guards).await;
+                    }
+                    Ok(Err(why)) => {
+                        shard.m().login(false);
+                        limits::login_failed(&config, peer, None);
+                        ServerFrame::error(request_id, ErrorCode::AuthFailed, why)
                     }
                     Err(e) => refused_login(&shard, peer, None, request_id, &e),
                 }
@@ -495,6 +567,10 @@ fn next_pre_login(
         ArchivedClientBody::LoginToken { token } => PreLogin::LoginToken {
             request_id,
             token: token.as_slice().to_vec(),
+        },
+        ArchivedClientBody::LoginJwt { token } => PreLogin::LoginJwt {
+            request_id,
+            token: token.as_str().to_owned(),
         },
         // `admit` refuses everything else before login.
         _ => PreLogin::Reply(ServerFrame::error(
@@ -1714,7 +1790,8 @@ impl Conn {
             ArchivedClientBody::Hello { .. }
             | ArchivedClientBody::Register { .. }
             | ArchivedClientBody::Login { .. }
-            | ArchivedClientBody::LoginToken { .. } => {
+            | ArchivedClientBody::LoginToken { .. }
+            | ArchivedClientBody::LoginJwt { .. } => {
                 ServerFrame::error(request_id, ErrorCode::InvalidState, "already logged in")
             }
         };

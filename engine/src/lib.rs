@@ -22,6 +22,7 @@ pub mod config_file;
 pub mod conn;
 pub mod filter;
 pub mod http;
+pub mod jwt;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;

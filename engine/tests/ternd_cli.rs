@@ -110,6 +110,7 @@ fn cli_env(cmd: &mut Command) -> &mut Command {
         "TERN_SERVER",
         "TERN_USER",
         "TERN_PASSWORD",
+        "TERN_JWT",
         "TERN_LISTEN",
         "TERN_DATA_DIR",
         "TERN_SHARDS",
@@ -173,6 +174,64 @@ fn wait_online(watcher: &mut Client, who: UserId) {
     }
 }
 
+/// A `ternd` child process listening on a free port.
+struct Ternd {
+    process: Reaped,
+    addr: SocketAddr,
+    /// Drains stdout (so logging never blocks the server); joins with the
+    /// lines once the process is gone.
+    log_reader: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Ternd {
+    /// Starts `ternd` with two shards and its data under `dir`, plus
+    /// `args`, and waits until it listens.
+    fn start(dir: &Path, args: &[&str]) -> Ternd {
+        let mut ternd = Command::new(env!("CARGO_BIN_EXE_ternd"));
+        cli_env(&mut ternd)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                "2",
+                "--no-pin",
+                "--data-dir",
+            ])
+            .arg(dir.join("data"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut process = Reaped(Some(ternd.spawn().expect("spawn ternd")));
+        // Find the address in "ternd listening on ADDR (...)".
+        let stdout = process.child().stdout.take().expect("stdout");
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let log_reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("ternd listening on ") {
+                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = addr_tx.send(addr);
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        let addr: SocketAddr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("ternd printed its address")
+            .parse()
+            .expect("a socket address");
+        assert_ne!(addr.port(), 0);
+        Ternd {
+            process,
+            addr,
+            log_reader,
+        }
+    }
+}
+
 #[test]
 fn ternd_and_the_tern_cli_end_to_end() {
     let Some(tern) = tern_bin() else {
@@ -183,45 +242,12 @@ fn ternd_and_the_tern_cli_end_to_end() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut ternd = Command::new(env!("CARGO_BIN_EXE_ternd"));
-    cli_env(&mut ternd)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--no-pin",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut ternd = Reaped(Some(ternd.spawn().expect("spawn ternd")));
+    let Ternd {
+        process: mut ternd,
+        addr,
+        log_reader,
+    } = Ternd::start(dir.path(), &[]);
     let pid = ternd.child().id();
-
-    // Find the address in "ternd listening on ADDR (...)", and keep
-    // draining stdout so that logging never blocks the server.
-    let stdout = ternd.child().stdout.take().expect("stdout");
-    let (addr_tx, addr_rx) = mpsc::channel();
-    let log_reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix("ternd listening on ") {
-                let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
-                let _ = addr_tx.send(addr);
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr: SocketAddr = addr_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("ternd printed its address")
-        .parse()
-        .expect("a socket address");
-    assert_ne!(addr.port(), 0);
     let cli = Cli {
         bin: tern,
         server: addr,
@@ -409,4 +435,91 @@ fn ternd_and_the_tern_cli_end_to_end() {
     let status =
         status.unwrap_or_else(|| panic!("ternd still running {STOP_TIMEOUT:?} after SIGTERM; log {logs:#?}"));
     assert!(status.success(), "ternd exited with {status}; log {logs:#?}");
+}
+
+/// JWT logins configured through `ternd`'s flags (key file, issuer,
+/// registration closed) and used from the `tern` CLI (`--jwt`).
+#[test]
+fn ternd_accepts_jwt_logins_from_the_cli_with_registration_closed() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    let Some(tern) = tern_bin() else {
+        eprintln!("SKIPPED: the tern CLI binary is not built and could not be built");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("jwt.secret");
+    // As an editor or `echo` writes it: the trailing newline is not part
+    // of the secret.
+    std::fs::write(&secret_file, "a-shared-secret-of-more-than-32-bytes\n").expect("write secret");
+    let ternd = Ternd::start(
+        dir.path(),
+        &[
+            "--jwt-hs256-secret-file",
+            secret_file.to_str().expect("utf-8 path"),
+            "--jwt-issuer",
+            "login.example",
+            "--registration",
+            "false",
+        ],
+    );
+    let jwt = |sub: &str| {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({"sub": sub, "iss": "login.example", "iat": now, "exp": now + 300});
+        let key = EncodingKey::from_secret(b"a-shared-secret-of-more-than-32-bytes");
+        encode(&Header::new(Algorithm::HS256), &claims, &key).expect("sign")
+    };
+    let tern = |args: &[&str]| {
+        let mut cmd = Command::new(&tern);
+        cli_env(&mut cmd)
+            .arg("--server")
+            .arg(ternd.addr.to_string())
+            .args(args)
+            .stdin(Stdio::null());
+        cmd.output().expect("run tern")
+    };
+
+    // Bob's first login creates his account; Alice's message reaches it.
+    let mut bob = Client::connect(ternd.addr, opts()).expect("connect");
+    let bob_id = bob.login_jwt(&jwt("bob")).expect("bob's JWT login").user;
+    let out = tern(&[
+        "--jwt",
+        &jwt("alice"),
+        "send",
+        "--to",
+        "bob",
+        "hello",
+        "from",
+        "sso",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sent to bob"),
+        "{out:?}"
+    );
+    let message = common::expect_message(&mut bob);
+    assert_eq!(message.content.body, b"hello from sso");
+    assert_ne!(message.from, bob_id);
+
+    // Registration is closed; a token from another issuer is refused.
+    let out = tern(&["--user", "carol", "--password", PASSWORD, "register"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("registration is closed"),
+        "{out:?}"
+    );
+    let forged = {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({"sub": "carol", "iss": "elsewhere", "exp": now + 300});
+        let key = EncodingKey::from_secret(b"a-shared-secret-of-more-than-32-bytes");
+        encode(&Header::new(Algorithm::HS256), &claims, &key).expect("sign")
+    };
+    let out = tern(&["--jwt", &forged, "friends", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("issuer not accepted"),
+        "{out:?}"
+    );
+    drop(ternd.process);
+    let _ = ternd.log_reader.join();
 }

@@ -22,8 +22,9 @@ use std::cell::Cell;
 use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tern_proto::limits::{
-    ABSOLUTE_MAX_FRAME_BYTES, CLIENT_NAME_LEN_MAX, GROUP_NAME_LEN_MAX, MEDIA_MIME_LEN_MAX, MEDIA_URL_LEN_MAX,
-    PASSWORD_LEN_MAX, PASSWORD_LEN_MIN, SYNC_CURSORS_MAX, TOKEN_LEN, USERNAME_LEN_MAX, USERNAME_LEN_MIN,
+    ABSOLUTE_MAX_FRAME_BYTES, CLIENT_NAME_LEN_MAX, GROUP_NAME_LEN_MAX, JWT_LEN_MAX, MEDIA_MIME_LEN_MAX,
+    MEDIA_URL_LEN_MAX, PASSWORD_LEN_MAX, PASSWORD_LEN_MIN, SYNC_CURSORS_MAX, TOKEN_LEN, USERNAME_LEN_MAX,
+    USERNAME_LEN_MIN,
 };
 use tern_proto::session::{Phase, Session};
 use tern_proto::{
@@ -388,7 +389,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 38 {
+        match self.u8() % 39 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -527,7 +528,8 @@ impl<'a> Input<'a> {
                 after: self.id(),
                 limit: self.u64() as u32,
             },
-            _ => ClientBody::GroupDelete { group: self.id() },
+            37 => ClientBody::GroupDelete { group: self.id() },
+            _ => ClientBody::LoginJwt { token: self.text() },
         }
     }
 }
@@ -585,7 +587,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
     use ClientBody as B;
     let pre_login = matches!(
         body,
-        B::Ping { .. } | B::Register { .. } | B::Login { .. } | B::LoginToken { .. }
+        B::Ping { .. } | B::Register { .. } | B::Login { .. } | B::LoginToken { .. } | B::LoginJwt { .. }
     );
     Some(match (phase, body) {
         (Phase::AwaitingHello, B::Hello { version, client_name }) => {
@@ -613,6 +615,9 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             admit_if(valid_username(username) && valid_password(password))
         }
         (Phase::Anonymous, B::LoginToken { token }) => admit_if(token.len() == TOKEN_LEN),
+        (Phase::Anonymous, B::LoginJwt { token }) => {
+            admit_if(!token.is_empty() && token.len() <= JWT_LEN_MAX)
+        }
         (Phase::Anonymous, _) if !pre_login => keep(ErrorCode::InvalidState),
         (Phase::Authenticated(_), _) if pre_login => keep(ErrorCode::InvalidState),
         (Phase::Authenticated(_), B::ResolveUser { username } | B::FriendAdd { username }) => {
@@ -790,9 +795,11 @@ pub fn check_session(data: &[u8]) -> SessionRun {
             }
             // Right or wrong credentials: the store's answer, read from
             // the input whenever a login is admitted.
-            (Admit, Phase::Anonymous, ClientBody::Login { .. } | ClientBody::LoginToken { .. })
-                if input.u8() & 1 == 0 =>
-            {
+            (
+                Admit,
+                Phase::Anonymous,
+                ClientBody::Login { .. } | ClientBody::LoginToken { .. } | ClientBody::LoginJwt { .. },
+            ) if input.u8() & 1 == 0 => {
                 let user = input.id().max(1);
                 session.logged_in(user);
                 assert_eq!(session.user(), Some(user));
@@ -849,7 +856,7 @@ pub fn session_seed(setup: u8, steps: Vec<Step>) -> Vec<u8> {
         out.extend_from_slice(&wire[HEADER_LEN..HEADER_LEN + body_len]);
         if matches!(
             frame.body,
-            ClientBody::Login { .. } | ClientBody::LoginToken { .. }
+            ClientBody::Login { .. } | ClientBody::LoginToken { .. } | ClientBody::LoginJwt { .. }
         ) {
             match step.login_as {
                 Some(user) => {

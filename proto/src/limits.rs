@@ -38,6 +38,9 @@ pub const MEMBERS_PAGE_LIMIT_MAX: u32 = 1000;
 pub const SYNC_CURSORS_MAX: usize = 4096;
 /// Session tokens are exactly this many random bytes.
 pub const TOKEN_LEN: usize = 32;
+/// Longest JSON Web Token `LoginJwt` accepts, in bytes: room for an
+/// identity provider's usual claims, far below a frame.
+pub const JWT_LEN_MAX: usize = 4096;
 
 /// Checks a username against the protocol's rules.
 pub fn check_username(name: &str) -> Result<(), (ErrorCode, &'static str)> {

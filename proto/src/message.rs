@@ -180,6 +180,11 @@ pub enum ClientBody {
     /// live sessions get `GroupDeleted`. Its history, invites, bans and
     /// cursors are removed by the server in the background.
     GroupDelete { group: GroupId },
+    /// Logs in with a JSON Web Token issued by the operator's own login
+    /// system, on a server configured to trust it: the token's `sub`
+    /// claim is the username. Answered with `LoggedIn` (whose token
+    /// resumes the session with `LoginToken`, as after `Login`).
+    LoginJwt { token: String },
 }
 
 /// A member's role in a group.
@@ -324,7 +329,8 @@ pub enum ServerBody {
     Ok,
     /// The answer to `Register`.
     Registered { user: UserId },
-    /// The answer to `Login` / `LoginToken`: the session is authenticated.
+    /// The answer to `Login`, `LoginToken` and `LoginJwt`: the session is
+    /// authenticated.
     LoggedIn {
         user: UserId,
         username: String,

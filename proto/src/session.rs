@@ -9,7 +9,7 @@
 //! as milliseconds so that idle deadlines are deterministic under test.
 
 use crate::limits::{
-    check_group_name, check_password, check_username, CLIENT_NAME_LEN_MAX, MEDIA_MIME_LEN_MAX,
+    check_group_name, check_password, check_username, CLIENT_NAME_LEN_MAX, JWT_LEN_MAX, MEDIA_MIME_LEN_MAX,
     MEDIA_URL_LEN_MAX, SYNC_CURSORS_MAX, TOKEN_LEN,
 };
 use crate::message::{ArchivedClientBody, ArchivedContent, ArchivedContentKind, ErrorCode, GroupRole};
@@ -148,10 +148,20 @@ impl Session {
                 }
                 Ok(())
             }
-            (Phase::Anonymous, _) => Err(Refusal::keep(ErrorCode::InvalidState, "log in first")),
-            (Phase::Authenticated(_), B::Register { .. } | B::Login { .. } | B::LoginToken { .. }) => {
-                Err(Refusal::keep(ErrorCode::InvalidState, "already logged in"))
+            (Phase::Anonymous, B::LoginJwt { token }) => {
+                if token.is_empty() || token.len() > JWT_LEN_MAX {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "JWT must be 1 to 4096 bytes",
+                    ));
+                }
+                Ok(())
             }
+            (Phase::Anonymous, _) => Err(Refusal::keep(ErrorCode::InvalidState, "log in first")),
+            (
+                Phase::Authenticated(_),
+                B::Register { .. } | B::Login { .. } | B::LoginToken { .. } | B::LoginJwt { .. },
+            ) => Err(Refusal::keep(ErrorCode::InvalidState, "already logged in")),
             (Phase::Authenticated(_), B::ResolveUser { username } | B::FriendAdd { username }) => {
                 check_username(username.as_str())?;
                 Ok(())
@@ -390,6 +400,25 @@ mod tests {
         };
         admit(&mut s, ok).unwrap();
         admit(&mut s, ClientBody::Logout).unwrap();
+    }
+
+    #[test]
+    fn jwt_logins_are_bounded_and_only_before_a_login() {
+        let mut s = Session::new(0, 1000, 1024);
+        admit(&mut s, hello()).unwrap();
+        s.hello_accepted();
+        let jwt = |len: usize| ClientBody::LoginJwt {
+            token: "a".repeat(len),
+        };
+        for len in [0, JWT_LEN_MAX + 1] {
+            let r = admit(&mut s, jwt(len)).unwrap_err();
+            assert_eq!(r.code, ErrorCode::InvalidArgument);
+            assert!(!r.close, "a bad JWT is a failed login, not a broken connection");
+        }
+        admit(&mut s, jwt(1)).unwrap();
+        admit(&mut s, jwt(JWT_LEN_MAX)).unwrap();
+        s.logged_in(5);
+        assert_eq!(admit(&mut s, jwt(10)).unwrap_err().code, ErrorCode::InvalidState);
     }
 
     #[test]

@@ -540,6 +540,15 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             client(34, ClientBody::GroupDelete { group: 9 }),
         ),
         (
+            "client-login-jwt",
+            client(
+                35,
+                ClientBody::LoginJwt {
+                    token: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln".into(),
+                },
+            ),
+        ),
+        (
             "server-group-deleted",
             server(0, ServerBody::GroupDeleted { group: 9, by: 1 }),
         ),
@@ -820,6 +829,9 @@ fn client_samples() -> Vec<ClientBody> {
         ClientBody::UserUnblock { user: 2 },
         ClientBody::BlocksPage { after: 1, limit: 2 },
         ClientBody::GroupDelete { group: 1 },
+        ClientBody::LoginJwt {
+            token: "a.b.c".into(),
+        },
     ]
 }
 
@@ -937,6 +949,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             vec![o(addr(username)), o(addr(password))]
         }
         B::LoginToken { token } => vec![o(addr(token))],
+        B::LoginJwt { token } => vec![o(addr(token))],
         B::Ping { nonce } => vec![o(addr(nonce))],
         B::ResolveUser { username } | B::FriendAdd { username } => vec![o(addr(username))],
         B::GroupCreate { name } => vec![o(addr(name))],
@@ -1313,7 +1326,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 38] = [
+    let client_expected: [&[usize]; 39] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1352,6 +1365,7 @@ fn archived_layout_is_as_documented() {
         &[8],             // UserUnblock
         &[8, 16],         // BlocksPage
         &[8],             // GroupDelete
+        &[4],             // LoginJwt
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1610,6 +1624,10 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
         ClientBody::LoginToken { token } => {
             fields.push(tag(3));
             fields.push(Field::Vec(B + 4, ool(token, 1), token.len()));
+        }
+        ClientBody::LoginJwt { token } => {
+            fields.push(tag(38));
+            fields.push(string(B + 4, token, &mut ool));
         }
         ClientBody::Ping { nonce } => {
             fields.push(tag(4));
@@ -2200,6 +2218,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         any::<u64>().prop_map(|user| ClientBody::UserUnblock { user }),
         (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::BlocksPage { after, limit }),
         any::<u64>().prop_map(|group| ClientBody::GroupDelete { group }),
+        arb_string().prop_map(|token| ClientBody::LoginJwt { token }),
     ]
 }
 

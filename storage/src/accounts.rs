@@ -10,7 +10,11 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::{Algorithm, Argon2, Params, Version};
 use tern_proto::limits::{check_password, check_username, TOKEN_LEN};
 
+use std::sync::MutexGuard;
+
 use crate::codec;
+use crate::external::NO_PASSWORD;
+use crate::tokens::IssueCheck;
 use crate::{lock, Inner, Store, StoreError, StoreOptions, UserId};
 
 /// Bytes of random salt per password (the PHC recommendation's 16).
@@ -78,7 +82,7 @@ impl Inner {
         let _ = self.password_matches(phc, password);
     }
 
-    fn lookup_account(&self, username: &str) -> Result<Option<(UserId, String)>, StoreError> {
+    pub(crate) fn lookup_account(&self, username: &str) -> Result<Option<(UserId, String)>, StoreError> {
         let key = username.as_bytes();
         let Some(value) = self.accounts.get(key)? else {
             return Ok(None);
@@ -100,7 +104,9 @@ impl Inner {
             Ok(()) => self.lookup_account(username)?,
             Err(_) => None,
         };
-        let Some((user, phc)) = account else {
+        let Some((user, phc)) = account.filter(|(_, phc)| phc != NO_PASSWORD) else {
+            // Unknown, or created by an external login: no password
+            // matches, and the answer takes as long as a real check.
             self.dummy_verify(password);
             return Err(StoreError::AuthFailed);
         };
@@ -128,6 +134,31 @@ impl Inner {
         );
     }
 
+    /// Writes a new account under the registration lock (`next_id`, the
+    /// caller checked the name is free under it), releases the lock, waits
+    /// for the sync and returns the new id.
+    pub(crate) fn insert_account(
+        &self,
+        mut next_id: MutexGuard<'_, u64>,
+        username: &str,
+        phc: &str,
+    ) -> Result<UserId, StoreError> {
+        let user = *next_id;
+        let mut batch = self.db.batch();
+        self.put_account(&mut batch, username, user, phc);
+        batch.insert(
+            &self.users.handle,
+            codec::id_key(user),
+            codec::encode_user(username),
+        );
+        let pending = self.write(batch, true)?;
+        *next_id = user + 1;
+        self.highest_user.store(user, Ordering::Release);
+        drop(next_id);
+        self.sync(pending)?;
+        Ok(user)
+    }
+
     /// Whether `user` is a registered id.
     pub(crate) fn user_exists(&self, user: UserId) -> Result<bool, StoreError> {
         Ok(self.users.handle.contains_key(codec::id_key(user))?)
@@ -152,24 +183,11 @@ impl Store {
         check_password(password).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
         let inner = &*self.inner;
         let phc = inner.hash_password(password)?;
-        let mut next_id = lock(&inner.register_lock);
+        let next_id = lock(&inner.register_lock);
         if inner.accounts.handle.contains_key(username.as_bytes())? {
             return Err(StoreError::UsernameTaken);
         }
-        let user = *next_id;
-        let mut batch = inner.db.batch();
-        inner.put_account(&mut batch, username, user, &phc);
-        batch.insert(
-            &inner.users.handle,
-            codec::id_key(user),
-            codec::encode_user(username),
-        );
-        let pending = inner.write(batch, true)?;
-        *next_id = user + 1;
-        inner.highest_user.store(user, Ordering::Release);
-        drop(next_id);
-        inner.sync(pending)?;
-        Ok(user)
+        inner.insert_account(next_id, username, &phc)
     }
 
     /// Checks a username and password and returns the user's id.
@@ -190,7 +208,7 @@ impl Store {
     pub fn login(&self, username: &str, password: &[u8]) -> Result<(UserId, [u8; TOKEN_LEN]), StoreError> {
         let (user, phc) = self.inner.check_password(username, password)?;
         let checked = PasswordChecked { username, phc: &phc };
-        let token = self.issue_token_checked(user, Some(checked))?;
+        let token = self.issue_token_checked(user, IssueCheck::PasswordUnchanged(checked))?;
         Ok((user, token))
     }
 

@@ -121,6 +121,16 @@ pub fn encode_user_token(expires_at_ms: u64) -> [u8; 9] {
     v
 }
 
+/// Encodes a `revocations` value: when the user's sessions were revoked.
+pub fn encode_revocation(at_ms: u64) -> [u8; 9] {
+    encode_user_token(at_ms)
+}
+
+/// Decodes a `revocations` value into its Unix ms.
+pub fn decode_revocation(value: &[u8]) -> Result<u64, String> {
+    decode_user_token(value)
+}
+
 /// Decodes a `user_tokens` value into `expires_at_ms`.
 pub fn decode_user_token(value: &[u8]) -> Result<u64, String> {
     let mut r = Reader::versioned(value)?;

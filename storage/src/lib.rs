@@ -21,6 +21,7 @@
 mod accounts;
 mod codec;
 mod error;
+mod external;
 mod group_deletion;
 mod groups;
 mod hashing;
@@ -38,6 +39,7 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
 pub use error::StoreError;
+pub use external::{ExternalLogin, ExternalPolicy};
 pub use group_deletion::ONLY_THE_OWNER_DELETES;
 pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
 pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
@@ -184,6 +186,8 @@ struct Inner {
     tokens: Ks,
     /// user ++ sha256(token) -> expiry: lets `revoke_tokens` find a user's tokens.
     user_tokens: Ks,
+    /// user id -> when the user's sessions were last revoked (see `external`).
+    revocation_times: Ks,
     /// user ++ friend -> (), both directions.
     friends: Ks,
     /// blocker ++ blocked -> (): one direction per block.
@@ -332,6 +336,7 @@ impl Store {
             users,
             tokens: ks("tokens")?,
             user_tokens: ks("user_tokens")?,
+            revocation_times: ks("revocations")?,
             friends: ks("friends")?,
             blocks: ks("blocks")?,
             groups,

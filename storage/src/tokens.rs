@@ -136,6 +136,17 @@ impl Inner {
     }
 }
 
+/// What must still hold, under the user's token lock, for a token to be
+/// issued.
+pub(crate) enum IssueCheck<'a> {
+    Nothing,
+    /// A password login: the password it checked is still the account's.
+    PasswordUnchanged(PasswordChecked<'a>),
+    /// An external login: the provider's token (issued at this Unix ms,
+    /// if it says) is newer than the user's last revocation.
+    NotRevokedSince(Option<u64>),
+}
+
 impl Store {
     /// Issues a new session token for `user`, valid for
     /// [`crate::StoreOptions::token_ttl`]. Also drops the user's expired
@@ -150,18 +161,19 @@ impl Store {
     /// machine crash costs the client one password login, while a sync
     /// per login would cost every login an fsync.
     pub fn issue_token(&self, user: UserId) -> Result<[u8; TOKEN_LEN], StoreError> {
-        self.issue_token_checked(user, None)
+        self.issue_token_checked(user, IssueCheck::Nothing)
     }
 
-    /// [`Store::issue_token`]; with `checked`, only if the account's
-    /// password is still the one checked, tested under the same per-user
-    /// lock that [`Store::revoke_tokens`] takes. A password change writes
-    /// the new hash, then revokes: a token issued before the new hash is
-    /// seen is swept by that revocation, and one issued after is refused.
+    /// [`Store::issue_token`], only if `check` holds (else
+    /// [`StoreError::AuthFailed`]), tested under the same per-user lock
+    /// that [`Store::revoke_tokens`] takes. A password change writes the
+    /// new hash and the revocation in one batch under that lock: a token
+    /// issued before it is swept by the revocation, and one issued after
+    /// fails the check.
     pub(crate) fn issue_token_checked(
         &self,
         user: UserId,
-        checked: Option<PasswordChecked<'_>>,
+        check: IssueCheck<'_>,
     ) -> Result<[u8; TOKEN_LEN], StoreError> {
         let inner = &*self.inner;
         if !inner.user_exists(user)? {
@@ -175,10 +187,15 @@ impl Store {
         let expires = now.saturating_add(ttl_ms);
         // Check, sweep, insert and commit as one step per user.
         let _issuing = inner.token_lock(user);
-        if let Some(checked) = &checked {
-            if !inner.password_unchanged(checked)? {
-                return Err(StoreError::AuthFailed);
+        let refused = match &check {
+            IssueCheck::Nothing => false,
+            IssueCheck::PasswordUnchanged(checked) => !inner.password_unchanged(checked)?,
+            IssueCheck::NotRevokedSince(issued_at_ms) => {
+                inner.issued_before_revocation(user, *issued_at_ms)?
             }
+        };
+        if refused {
+            return Err(StoreError::AuthFailed);
         }
         let mut batch = inner.db.batch();
         let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
@@ -275,6 +292,9 @@ impl Inner {
         user: UserId,
         held: G,
     ) -> Result<usize, StoreError> {
+        // Tokens of the operator's identity provider cannot be swept:
+        // recording when is what refuses the older ones (see `external`).
+        self.put_revocation(&mut batch, user, now_unix_ms());
         let written = self
             .sweep_tokens(&mut batch, user, u64::MAX, 0)
             .and_then(|(removed, _)| self.write(batch, true).map(|pending| (removed, pending)));
@@ -359,7 +379,7 @@ mod tests {
             phc: &phc,
         };
         assert!(matches!(
-            store.issue_token_checked(user, Some(checked)),
+            store.issue_token_checked(user, IssueCheck::PasswordUnchanged(checked)),
             Err(StoreError::AuthFailed)
         ));
         assert!(matches!(

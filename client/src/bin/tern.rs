@@ -36,6 +36,10 @@ struct Cli {
     /// Password for --user.
     #[arg(long, global = true, env = "TERN_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Log in with this JSON Web Token from the server's trusted login
+    /// system instead of --user and --password (the token names the user).
+    #[arg(long, global = true, env = "TERN_JWT", hide_env_values = true, conflicts_with_all = ["user", "password"])]
+    jwt: Option<String>,
     /// Connect over TLS, verifying the server's certificate (against the
     /// public web roots unless --ca is given).
     #[arg(long, global = true)]
@@ -232,6 +236,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// How the command logs in.
+enum Credentials<'a> {
+    Password { user: &'a str, password: &'a str },
+    Jwt(&'a str),
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Command::Logout { token: Some(token) } = &cli.command {
         let token = parse_hex(token).ok_or_else(|| anyhow!("--token must be hex digits"))?;
@@ -246,26 +256,44 @@ fn run(cli: Cli) -> Result<()> {
     }
     // Every command acts as a user, so a missing credential is reported
     // before anything touches the network.
-    let user = cli
-        .user
-        .as_deref()
-        .ok_or_else(|| anyhow!("--user is required (or set TERN_USER)"))?;
-    let password = cli
-        .password
-        .as_deref()
-        .ok_or_else(|| anyhow!("--password is required (or set TERN_PASSWORD)"))?;
+    let credentials = match (&cli.jwt, &cli.command) {
+        (Some(_), Command::Register | Command::Passwd { .. }) => {
+            bail!("this command needs --user and --password, not --jwt")
+        }
+        (Some(jwt), _) => Credentials::Jwt(jwt),
+        (None, _) => Credentials::Password {
+            user: cli
+                .user
+                .as_deref()
+                .ok_or_else(|| anyhow!("--user is required (or set TERN_USER, or log in with --jwt)"))?,
+            password: cli
+                .password
+                .as_deref()
+                .ok_or_else(|| anyhow!("--password is required (or set TERN_PASSWORD)"))?,
+        },
+    };
     let mut client = Client::connect(cli.server.as_str(), client_options(&cli))
         .with_context(|| format!("cannot connect to {}", cli.server))?;
-    if let Command::Register = cli.command {
-        let id = client
-            .register(user, password)
-            .with_context(|| format!("cannot register {user}"))?;
-        println!("registered {user} (id {id})");
-        return Ok(());
-    }
-    let session = client
-        .login(user, password)
-        .with_context(|| format!("cannot log in as {user}"))?;
+    let (session, password) = match credentials {
+        Credentials::Jwt(jwt) => {
+            let session = client.login_jwt(jwt).context("cannot log in with the JWT")?;
+            (session, "")
+        }
+        Credentials::Password { user, password } => {
+            if let Command::Register = cli.command {
+                let id = client
+                    .register(user, password)
+                    .with_context(|| format!("cannot register {user}"))?;
+                println!("registered {user} (id {id})");
+                return Ok(());
+            }
+            let session = client
+                .login(user, password)
+                .with_context(|| format!("cannot log in as {user}"))?;
+            (session, password)
+        }
+    };
+    let user = session.username.clone();
     let mut names = Names::new(&session);
     match cli.command {
         Command::Register => {}

@@ -1,0 +1,343 @@
+//! JWT logins: lets an operator's own login system front Tern. The
+//! operator's system signs a JSON Web Token naming the user (`sub`); the
+//! client presents it in `LoginJwt`; this module checks it and says who
+//! it names and when it was issued, and the store
+//! ([`tern_storage::Store::external_login`]) does the rest. It owns the
+//! verification keys (an HS256 secret, an Ed25519 public key, or both),
+//! the accepted issuer and audience, the clock leeway, and the policy on
+//! which accounts such a login may use. Verification is pure computation
+//! (an HMAC or one Ed25519 check, microseconds), run on the shard's
+//! blocking threads together with the store work, never on the reactor.
+//!
+//! Only the two algorithms are accepted, each with its own key, chosen by
+//! the token's header: a token cannot pick a key of the other family (the
+//! classic "HS256 signed with the public key" confusion) because the
+//! library refuses a key whose family does not match the algorithm, and
+//! `none` is never accepted.
+
+use std::fmt;
+use std::path::Path;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use tern_proto::limits::check_username;
+use tern_storage::ExternalPolicy;
+
+/// Shortest HS256 secret accepted: RFC 7518 asks for a key at least as
+/// long as the hash (32 bytes for SHA-256).
+pub const HS256_SECRET_MIN_BYTES: usize = 32;
+
+/// Largest key file read (a secret or a PEM public key is well under 1 KiB).
+const KEY_FILE_MAX_BYTES: u64 = 64 * 1024;
+
+/// What a verified token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The `sub` claim: a valid Tern username.
+    pub username: String,
+    /// The `iat` claim in Unix milliseconds, if present.
+    pub issued_at_ms: Option<u64>,
+}
+
+/// The claims this module reads beyond those the library checks.
+#[derive(serde::Deserialize)]
+struct Claims {
+    /// Optional here so that a token without it gets the library's
+    /// missing-claim answer, not a parse failure.
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    iat: Option<u64>,
+}
+
+/// The server's JWT settings, ready to verify tokens.
+pub struct JwtVerifier {
+    hs256: Option<DecodingKey>,
+    ed25519: Option<DecodingKey>,
+    hs256_validation: Validation,
+    ed25519_validation: Validation,
+    /// Which accounts a verified token may log into.
+    pub policy: ExternalPolicy,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the keys themselves.
+        f.debug_struct("JwtVerifier")
+            .field("hs256", &self.hs256.is_some())
+            .field("ed25519", &self.ed25519.is_some())
+            .field("issuer", &self.hs256_validation.iss)
+            .field("audience", &self.hs256_validation.aud)
+            .field("leeway_secs", &self.hs256_validation.leeway)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// The parts of the JWT settings, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSettings {
+    /// The HS256 secret, read from a file (raw bytes; a trailing newline
+    /// is not part of it).
+    pub hs256_secret: Option<Vec<u8>>,
+    /// An Ed25519 public key in PEM (`-----BEGIN PUBLIC KEY-----`).
+    pub ed25519_public_key_pem: Option<Vec<u8>>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` (one of the token's), if set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub leeway_secs: u64,
+    pub policy: ExternalPolicy,
+}
+
+impl JwtVerifier {
+    /// Builds a verifier; `Err` says what is wrong with the settings.
+    pub fn new(settings: &JwtSettings) -> Result<JwtVerifier, String> {
+        let hs256 = match &settings.hs256_secret {
+            None => None,
+            Some(secret) if secret.len() < HS256_SECRET_MIN_BYTES => {
+                return Err(format!(
+                    "the HS256 secret is {} bytes; at least {HS256_SECRET_MIN_BYTES} are needed",
+                    secret.len()
+                ))
+            }
+            Some(secret) => Some(DecodingKey::from_secret(secret)),
+        };
+        let ed25519 = match &settings.ed25519_public_key_pem {
+            None => None,
+            Some(pem) => Some(
+                DecodingKey::from_ed_pem(pem)
+                    .map_err(|e| format!("not an Ed25519 public key in PEM: {e}"))?,
+            ),
+        };
+        if hs256.is_none() && ed25519.is_none() {
+            return Err("JWT logins need an HS256 secret or an Ed25519 public key".into());
+        }
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.leeway = settings.leeway_secs;
+            v.validate_exp = true;
+            v.validate_nbf = true;
+            let mut required = vec!["exp", "sub"];
+            if let Some(issuer) = &settings.issuer {
+                v.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            match &settings.audience {
+                Some(audience) => {
+                    v.set_audience(&[audience]);
+                    required.push("aud");
+                }
+                // A token with an `aud` is then refused (RFC 7519 4.1.3:
+                // this server cannot be among its audience).
+                None => v.aud = None,
+            }
+            v.set_required_spec_claims(&required);
+            v
+        };
+        Ok(JwtVerifier {
+            hs256,
+            ed25519,
+            hs256_validation: validation(Algorithm::HS256),
+            ed25519_validation: validation(Algorithm::EdDSA),
+            policy: settings.policy,
+        })
+    }
+
+    /// Checks `token` (compact form) and returns what it says, or why it
+    /// is refused, in words fit for the client.
+    pub fn verify(&self, token: &str) -> Result<Verified, &'static str> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed JWT")?;
+        let (key, validation) = match (header.alg, &self.hs256, &self.ed25519) {
+            (Algorithm::HS256, Some(key), _) => (key, &self.hs256_validation),
+            (Algorithm::EdDSA, _, Some(key)) => (key, &self.ed25519_validation),
+            _ => return Err("JWT algorithm not accepted by this server"),
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| refusal(e.kind()))?;
+        let Claims { sub, iat } = data.claims;
+        let sub = sub.ok_or(MISSING_CLAIM)?;
+        if check_username(&sub).is_err() {
+            return Err("JWT sub is not a valid username");
+        }
+        Ok(Verified {
+            username: sub,
+            issued_at_ms: iat.map(|secs| secs.saturating_mul(1000)),
+        })
+    }
+}
+
+const MISSING_CLAIM: &str = "JWT lacks a required claim (exp, sub, and iss or aud where configured)";
+
+fn refusal(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "JWT has expired",
+        ErrorKind::ImmatureSignature => "JWT is not valid yet (nbf)",
+        ErrorKind::InvalidSignature => "JWT signature does not verify",
+        ErrorKind::InvalidIssuer => "JWT issuer not accepted",
+        ErrorKind::InvalidAudience => "JWT audience not accepted",
+        ErrorKind::MissingRequiredClaim(_) => MISSING_CLAIM,
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+            "JWT algorithm not accepted by this server"
+        }
+        _ => "malformed JWT",
+    }
+}
+
+/// Reads a key file, refusing anything too large to be a key.
+pub fn read_key_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    let fail = |e: std::io::Error| format!("cannot read the {what} {}: {e}", path.display());
+    let len = std::fs::metadata(path).map_err(fail)?.len();
+    if len > KEY_FILE_MAX_BYTES {
+        return Err(format!(
+            "the {what} {} is {len} bytes; a key file has at most {KEY_FILE_MAX_BYTES}",
+            path.display()
+        ));
+    }
+    std::fs::read(path).map_err(fail)
+}
+
+/// A secret file's bytes without the line end an editor adds.
+pub fn trim_secret(mut secret: Vec<u8>) -> Vec<u8> {
+    while secret.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+        secret.pop();
+    }
+    secret
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn settings() -> JwtSettings {
+        JwtSettings {
+            hs256_secret: Some(SECRET.to_vec()),
+            ed25519_public_key_pem: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+            policy: ExternalPolicy {
+                create_accounts: true,
+                password_accounts: false,
+            },
+        }
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn hs256(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_good_token_names_its_user_and_issue_time() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let token = hs256(serde_json::json!({"sub": "alice", "exp": now() + 60, "iat": 1_700_000_000}));
+        assert_eq!(
+            v.verify(&token).unwrap(),
+            Verified {
+                username: "alice".into(),
+                issued_at_ms: Some(1_700_000_000_000)
+            }
+        );
+    }
+
+    #[test]
+    fn each_refusal_says_why() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let exp = now() + 60;
+        let cases = [
+            (
+                serde_json::json!({"sub": "alice", "exp": now() - 10}),
+                "JWT has expired",
+            ),
+            (
+                serde_json::json!({"sub": "alice"}),
+                "JWT lacks a required claim (exp, sub, and iss or aud where configured)",
+            ),
+            (
+                serde_json::json!({"exp": exp}),
+                "JWT lacks a required claim (exp, sub, and iss or aud where configured)",
+            ),
+            (
+                serde_json::json!({"sub": "alice", "exp": exp, "nbf": now() + 30}),
+                "JWT is not valid yet (nbf)",
+            ),
+            (
+                serde_json::json!({"sub": "Alice!", "exp": exp}),
+                "JWT sub is not a valid username",
+            ),
+            (
+                serde_json::json!({"sub": "alice", "exp": exp, "aud": "other"}),
+                "JWT audience not accepted",
+            ),
+        ];
+        for (claims, why) in cases {
+            assert_eq!(v.verify(&hs256(claims.clone())), Err(why), "{claims}");
+        }
+        let other_key = encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "alice", "exp": exp}),
+            &EncodingKey::from_secret(b"another secret of thirty-two bytes!"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&other_key), Err("JWT signature does not verify"));
+        let hs384 = encode(
+            &Header::new(Algorithm::HS384),
+            &serde_json::json!({"sub": "alice", "exp": exp}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&hs384), Err("JWT algorithm not accepted by this server"));
+        for garbage in [
+            "",
+            "a.b.c",
+            "not a jwt",
+            "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.",
+        ] {
+            assert!(v.verify(garbage).is_err(), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn issuer_and_audience_are_required_once_configured() {
+        let mut s = settings();
+        s.issuer = Some("https://login.example".into());
+        s.audience = Some("tern".into());
+        let v = JwtVerifier::new(&s).unwrap();
+        let exp = now() + 60;
+        let good = hs256(
+            serde_json::json!({"sub": "bob", "exp": exp, "iss": "https://login.example", "aud": ["x", "tern"]}),
+        );
+        assert_eq!(v.verify(&good).unwrap().username, "bob");
+        let wrong_iss = hs256(
+            serde_json::json!({"sub": "bob", "exp": exp, "iss": "https://evil.example", "aud": "tern"}),
+        );
+        assert_eq!(v.verify(&wrong_iss), Err("JWT issuer not accepted"));
+        let no_aud = hs256(serde_json::json!({"sub": "bob", "exp": exp, "iss": "https://login.example"}));
+        assert!(v.verify(&no_aud).is_err());
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let mut s = settings();
+        s.hs256_secret = Some(b"short".to_vec());
+        assert!(JwtVerifier::new(&s).unwrap_err().contains("at least 32"));
+        s.hs256_secret = None;
+        assert!(JwtVerifier::new(&s).is_err());
+        s.ed25519_public_key_pem =
+            Some(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_vec());
+        assert!(JwtVerifier::new(&s).is_err());
+        assert_eq!(trim_secret(b"secret\r\n".to_vec()), b"secret");
+    }
+}
