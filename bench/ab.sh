@@ -6,17 +6,18 @@
 # against it on CLIENT_CPU; the variants differ by environment (A_ENV,
 # B_ENV: space-separated NAME=VALUE pairs given to both ternd and loadgen)
 # and/or binaries (A_BIN, B_BIN: folders holding `ternd` and `loadgen`,
-# default: a release build of this working tree). Prints one row per run
+# default: a release build of this working tree) and/or loadgen arguments
+# (A_ARGS, B_ARGS: appended to the scenario's, e.g. B_ARGS="--login jwt"). Prints one row per run
 # (msgs/s, sessions set up per second before the measured phase, joins
 # included for `groups`, p50, p99, server CPU per message; for `connect`,
 # sessions/s, setup latency and CPU per session) and the medians per variant.
 #
 # Usage: bench/ab.sh [RESULTS_DIR] -- LOADGEN_SCENARIO_ARGS...
 #   e.g. A_ENV=GLOMMIO_COOP_TASKRUN=0 bench/ab.sh -- pairs --pairs 100 --window 1
-# Environment: A_ENV, B_ENV (empty), A_BIN, B_BIN (this tree), A_NAME (a),
+# Environment: A_ENV, B_ENV, A_ARGS, B_ARGS (empty), A_BIN, B_BIN (this tree), A_NAME (a),
 # B_NAME (b), ROUNDS (2), DURATION (8 s), DURABILITY (sync), SERVER_CPU (0),
 # CLIENT_CPU (1), PORT (7884). Setting C_NAME adds a third variant (C_ENV,
-# C_BIN) to each round. Needs jq (Debian package jq) to read the results.
+# C_ARGS, C_BIN) to each round. Needs jq (Debian package jq) to read the results.
 set -euo pipefail
 
 BENCH=ab
@@ -56,12 +57,13 @@ CLK_TCK=$(getconf CLK_TCK)
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 round, rest: scenario
-    local name=$1 bin=$2 vars=$3 round=$4
-    shift 4
+run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 its loadgen args, $5 round, rest: scenario
+    local name=$1 bin=$2 vars=$3 extra=$4 round=$5
+    shift 5
     local tag="$name-r$round" data="$RESULTS/data"
-    local -a env_vars
+    local -a env_vars extra_args
     read -r -a env_vars <<<"$vars"
+    read -r -a extra_args <<<"$extra"
     rm -rf "$data"
     env "${env_vars[@]}" taskset -c "$SERVER_CPU" "$bin/ternd" --listen "127.0.0.1:$PORT" \
         --data-dir "$data" --shards 1 --no-pin --durability "$DURABILITY" \
@@ -73,7 +75,7 @@ run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 round, re
     before=$(cpu_ticks "$SERVER_PID")
     if ! env "${env_vars[@]}" taskset -c "$CLIENT_CPU" "$bin/loadgen" --quiet \
         --server "127.0.0.1:$PORT" --duration-secs "$DURATION" --json "$RESULTS/$tag.json" \
-        "$@" >"$RESULTS/$tag.txt" 2>&1; then
+        "$@" "${extra_args[@]}" >"$RESULTS/$tag.txt" 2>&1; then
         log "$tag: loadgen failed; see $RESULTS/$tag.txt"
     fi
     after=$(cpu_ticks "$SERVER_PID")
@@ -95,16 +97,16 @@ run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 round, re
 : >"$RESULTS/rows.tsv"
 for round in $(seq 1 "$ROUNDS"); do
     for v in "${VARIANTS[@]}"; do
-        name_var=${v}_NAME bin_var=${v}_BIN env_var=${v}_ENV
-        run_one "${!name_var}" "${!bin_var}" "${!env_var:-}" "$round" "$@"
+        name_var=${v}_NAME bin_var=${v}_BIN env_var=${v}_ENV args_var=${v}_ARGS
+        run_one "${!name_var}" "${!bin_var}" "${!env_var:-}" "${!args_var:-}" "$round" "$@"
     done
 done
 
 {
     echo "# loadgen $* (durability $DURABILITY, ${DURATION} s, ternd on CPU $SERVER_CPU, loadgen on CPU $CLIENT_CPU)"
     for v in "${VARIANTS[@]}"; do
-        name_var=${v}_NAME bin_var=${v}_BIN env_var=${v}_ENV
-        echo "# ${!name_var}: ${!env_var:-} ${!bin_var}"
+        name_var=${v}_NAME bin_var=${v}_BIN env_var=${v}_ENV args_var=${v}_ARGS
+        echo "# ${!name_var}: ${!env_var:-} ${!bin_var} ${!args_var:-}"
     done
     printf 'run\tmsgs/s\tsetup/s\tp50 us\tp99 us\tserver CPU us/msg\terrors\tlost\n'
     cat "$RESULTS/rows.tsv"

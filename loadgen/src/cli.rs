@@ -48,6 +48,15 @@ pub struct Common {
     /// Password of every load-generator user.
     #[arg(long, global = true, default_value = "loadgen-password")]
     pub password: String,
+    /// The server's HS256 JWT secret (its `jwt_hs256_secret_file`): users
+    /// log in with JWTs minted from it instead of registering with a
+    /// password (no password hashing during setup; the server creates each
+    /// account on its first JWT login).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub jwt_secret_file: Option<std::path::PathBuf>,
+    /// The `iss` claim of minted JWTs (the server's `jwt_issuer`).
+    #[arg(long, global = true, requires = "jwt_secret_file")]
+    pub jwt_issuer: Option<String>,
     /// Registrations/logins in flight at once during setup (all processes
     /// together); the server hashes passwords, so more rarely helps.
     #[arg(long, global = true, default_value_t = 16)]
@@ -261,6 +270,13 @@ pub struct ChurnArgs {
     pub server_crashes: bool,
 }
 
+/// How a `connect` session logs in.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginKind {
+    Token,
+    Jwt,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// Connections to open (all processes together).
@@ -280,6 +296,11 @@ pub struct ConnectArgs {
     /// then Sync) instead of sending the three in one write.
     #[arg(long)]
     pub serial_setup: bool,
+    /// How each measured session logs in: `token` (LoginToken, a session
+    /// resume) or `jwt` (LoginJwt with a freshly minted token; needs
+    /// --jwt-secret-file).
+    #[arg(long, value_enum, default_value_t = LoginKind::Token)]
+    pub login: LoginKind,
     /// Connection attempts in flight at once (all processes together).
     /// Keep it under the server's accept backlog (ternd: 1024 per shard):
     /// past it the kernel drops SYNs, and each dropped one waits a second

@@ -14,6 +14,8 @@
 //! lost SYN costs its connection the kernel's one-second retransmit, which
 //! measures that timer rather than the server. A session's `Hello`,
 //! `LoginToken` and `Sync` go out in one write unless `--serial-setup`.
+//! With `--login jwt` each session logs in with a JWT minted for it
+//! (`--jwt-secret-file`), which measures JWT logins instead of resumes.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -21,13 +23,13 @@ use std::time::Duration;
 
 use futures_lite::future;
 use glommio::sync::Semaphore;
-use tern_proto::ArchivedServerBody;
+use tern_proto::{ArchivedServerBody, ClientBody};
 
-use crate::cli::ConnectArgs;
+use crate::cli::{ConnectArgs, LoginKind};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::wire::{
-    frame_failure, keep_alive, now_ns, open_session, open_session_serial, read_frames, sleep_until_ns,
+    frame_failure, keep_alive, now_ns, open_session_serial, open_session_with, read_frames, sleep_until_ns,
     WireError,
 };
 use crate::worker::{finish_outcome, secs_between, wait_until, Ctx};
@@ -45,9 +47,11 @@ pub fn sessions_of(u: usize, connections: usize, per_user: usize) -> usize {
 pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let per_user = args.sessions_per_user;
     let serial = args.serial_setup;
+    let login_kind = args.login;
     let users = ctx
         .plan
         .exec_share(users_needed(args.connections, per_user), ctx.exec);
+    let users_start = users.start;
     let tokens = obtain_tokens(&ctx, users.clone()).await;
     ctx.setup_done().await;
 
@@ -89,10 +93,20 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
             };
             let timeout = ctx.plan.cli.common.connect_timeout();
             let (server, source) = (ctx.plan.cli.common.server, ctx.source(conn_no));
-            let opened = if serial {
-                open_session_serial(server, source, token, timeout).await
-            } else {
-                open_session(server, source, token, timeout).await
+            let login = match (login_kind, &ctx.plan.jwt) {
+                (LoginKind::Jwt, Some(minter)) => minter
+                    .mint(&ctx.username(users_start + token_index))
+                    .map(|token| ClientBody::LoginJwt { token })
+                    .map_err(WireError::Protocol),
+                (LoginKind::Jwt, None) => {
+                    Err(WireError::Protocol("--login jwt needs --jwt-secret-file".into()))
+                }
+                (LoginKind::Token, _) => Ok(ClientBody::LoginToken { token: token.clone() }),
+            };
+            let opened = match login {
+                Ok(login) if serial => open_session_serial(server, source, login, timeout).await,
+                Ok(login) => open_session_with(server, source, login, timeout).await,
+                Err(e) => Err(e),
             };
             last_done_ns.set(now_ns());
             drop(permit);

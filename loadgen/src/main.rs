@@ -20,6 +20,7 @@ mod cli;
 mod connect;
 mod coord;
 mod groups;
+mod jwt;
 mod mix;
 mod mqtt;
 mod nats;

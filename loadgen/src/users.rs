@@ -5,7 +5,9 @@
 //! short-lived connections with bounded concurrency, and yields tokens:
 //! the measured phases then log in with `LoginToken`, which is cheap. With
 //! `--prefix`, existing users are reused: login is tried first and
-//! registration only follows when the user does not exist.
+//! registration only follows when the user does not exist. With
+//! `--jwt-secret-file` each user logs in with a minted JWT instead, which
+//! creates the account on the server if needed and hashes no password.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -63,6 +65,11 @@ pub async fn obtain_accounts(ctx: &Rc<Ctx>, users: Range<usize>) -> Vec<Option<A
 
 async fn token_for(ctx: &Ctx, n: usize) -> Result<Account, WireError> {
     let name = ctx.username(n);
+    if let Some(minter) = &ctx.plan.jwt {
+        let jwt = minter.mint(&name).map_err(WireError::Protocol)?;
+        let mut conn = Conn::open(ctx.plan.cli.common.server, ctx.source(n)).await?;
+        return conn.login_jwt(&jwt).await;
+    }
     let password = ctx.plan.cli.common.password.as_str();
     let mut conn = Conn::open(ctx.plan.cli.common.server, ctx.source(n)).await?;
     if ctx.plan.reuse {

@@ -348,6 +348,14 @@ impl Conn {
         }
     }
 
+    /// Logs in with a JWT; returns the user and the session token.
+    pub async fn login_jwt(&mut self, jwt: &str) -> Result<(UserId, Vec<u8>), WireError> {
+        match self.request(ClientBody::LoginJwt { token: jwt.into() }).await? {
+            ServerBody::LoggedIn { user, token, .. } => Ok((user, token)),
+            other => Err(unexpected("LoggedIn", &other)),
+        }
+    }
+
     /// Logs in with a token from an earlier login.
     pub async fn login_token(&mut self, token: &[u8]) -> Result<UserId, WireError> {
         match self
@@ -417,15 +425,22 @@ pub async fn open_session(
     token: &[u8],
     timeout: Duration,
 ) -> Result<(Conn, UserId), WireError> {
+    let login = ClientBody::LoginToken {
+        token: token.to_vec(),
+    };
+    open_session_with(server, source, login, timeout).await
+}
+
+/// [`open_session`] with any login request (`LoginToken` or `LoginJwt`).
+pub async fn open_session_with(
+    server: SocketAddr,
+    source: Option<Ipv4Addr>,
+    login: ClientBody,
+    timeout: Duration,
+) -> Result<(Conn, UserId), WireError> {
     let attempt = async {
         let mut conn = Conn::new(open_stream(server, source).await?);
-        let bodies = [
-            hello(),
-            ClientBody::LoginToken {
-                token: token.to_vec(),
-            },
-            ClientBody::Sync { cursors: Vec::new() },
-        ];
+        let bodies = [hello(), login, ClientBody::Sync { cursors: Vec::new() }];
         conn.out.clear();
         for (request_id, body) in (1..).zip(bodies) {
             encode_client(
@@ -493,12 +508,15 @@ pub async fn open_session(
 pub async fn open_session_serial(
     server: SocketAddr,
     source: Option<Ipv4Addr>,
-    token: &[u8],
+    login: ClientBody,
     timeout: Duration,
 ) -> Result<(Conn, UserId), WireError> {
     let attempt = async {
         let mut conn = Conn::open(server, source).await?;
-        let user = conn.login_token(token).await?;
+        let user = match conn.request(login).await? {
+            ServerBody::LoggedIn { user, .. } => user,
+            other => return Err(unexpected("LoggedIn", &other)),
+        };
         match conn.request(ClientBody::Sync { cursors: Vec::new() }).await? {
             ServerBody::SyncDone { .. } => Ok((conn, user)),
             other => Err(unexpected("SyncDone", &other)),

@@ -56,6 +56,8 @@ pub struct Plan {
     pub reuse: bool,
     pub flags: Flags,
     pub live: Vec<LiveCounters>,
+    /// Mints JWTs when `--jwt-secret-file` is given.
+    pub jwt: Option<crate::jwt::JwtMinter>,
 }
 
 impl Plan {
@@ -295,7 +297,15 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
         crate::wire::use_tls(config, &cli.common.tls_server_name)?;
     }
     let threads = cli.common.threads;
+    let jwt = match &cli.common.jwt_secret_file {
+        Some(path) => Some(crate::jwt::JwtMinter::from_file(
+            path,
+            cli.common.jwt_issuer.clone(),
+        )?),
+        None => None,
+    };
     let plan = Arc::new(Plan {
+        jwt,
         sources: parse_source_ips(&cli.common.source_ips, cli.common.server)?,
         prefix,
         reuse,

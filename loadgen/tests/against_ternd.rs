@@ -151,6 +151,63 @@ fn pairs_and_connect_against_a_real_server() {
     assert_eq!(serial["errors"].as_u64(), Some(0), "{serial}");
 }
 
+/// Against a server that trusts an HS256 secret: users are set up by JWT
+/// logins (no registration, no password hashing), `pairs` runs on them,
+/// and `connect --login jwt` opens every session with a fresh JWT, one
+/// round trip at a time and pipelined.
+#[test]
+fn jwt_logins_set_up_users_and_open_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("jwt.secret");
+    std::fs::write(&secret, "loadgen-test-secret-of-at-least-32-bytes\n").expect("secret");
+    let secret = secret.to_str().expect("utf-8 path");
+    let (_server, addr) = start_server_on(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &[
+            "--jwt-hs256-secret-file",
+            secret,
+            "--jwt-issuer",
+            "lg",
+            "--registration",
+            "false",
+        ],
+    );
+    let jwt = ["--jwt-secret-file", secret, "--jwt-issuer", "lg"];
+    let pairs = loadgen(
+        &addr,
+        &dir.path().join("pairs.json"),
+        &[
+            &jwt[..],
+            &["--verify", "pairs", "--pairs", "3", "--duration-secs", "1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(pairs["errors"].as_u64(), Some(0), "{pairs}");
+    assert!(pairs["messages"].as_u64().expect("messages") > 0, "{pairs}");
+    for (name, serial) in [("connect-jwt", false), ("connect-jwt-serial", true)] {
+        let mut args = vec![
+            "connect",
+            "--connections",
+            "30",
+            "--login",
+            "jwt",
+            "--hold-secs",
+            "1",
+        ];
+        if serial {
+            args.push("--serial-setup");
+        }
+        let connect = loadgen(
+            &addr,
+            &dir.path().join(format!("{name}.json")),
+            &[&jwt[..], &args].concat(),
+        );
+        assert_eq!(connect["connections"].as_u64(), Some(30), "{connect}");
+        assert_eq!(connect["errors"].as_u64(), Some(0), "{connect}");
+    }
+}
+
 #[test]
 fn offline_backlog_drains_exactly_once_and_churn_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
