@@ -391,6 +391,13 @@ impl Client {
         }
     }
 
+    /// Tells the other participants of `conv` that this user is typing
+    /// (their live sessions get a `Typing` push; nothing is stored). Send
+    /// it at most every few seconds while the user types.
+    pub fn typing(&mut self, conv: ConvId) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::Typing { conv })
+    }
+
     /// Acknowledges every message returned so far as delivered.
     pub fn ack_all(&mut self) -> Result<(), ClientError> {
         let cursors: Vec<Cursor> = self.cursors().collect();

@@ -1343,9 +1343,13 @@ impl Conn {
                     }
                 };
                 let request_id = frame.request_id.to_native();
+                // Typing hints share the message rate: as frequent, and
+                // each fans out like one.
                 let is_message = matches!(
                     frame.body,
-                    ArchivedClientBody::SendDirect { .. } | ArchivedClientBody::SendGroup { .. }
+                    ArchivedClientBody::SendDirect { .. }
+                        | ArchivedClientBody::SendGroup { .. }
+                        | ArchivedClientBody::Typing { .. }
                 );
                 match metered(&mut self.limiter, request_id, is_message) {
                     None => {}
@@ -1437,7 +1441,8 @@ impl Conn {
         match body {
             ArchivedClientBody::Ping { .. }
             | ArchivedClientBody::SendDirect { .. }
-            | ArchivedClientBody::SendGroup { .. } => self.dispatch_hot(request_id, body).await,
+            | ArchivedClientBody::SendGroup { .. }
+            | ArchivedClientBody::Typing { .. } => self.dispatch_hot(request_id, body).await,
             _ => Box::pin(self.dispatch_cold(request_id, body)).await,
         }
     }
@@ -1518,6 +1523,43 @@ impl Conn {
                 };
                 return shard.send_request(shard.home_of(group), request).await;
             }
+            ArchivedClientBody::Typing { conv } => {
+                let conv = conv.to_native();
+                let home = match conv {
+                    ConvId::Direct { .. } => match conv.peer_of(user) {
+                        None => {
+                            return self.push(&ServerFrame::error(
+                                request_id,
+                                ErrorCode::Forbidden,
+                                "not a participant of this conversation",
+                            ))
+                        }
+                        Some(peer) if peer == user => {
+                            return self.push(&ServerFrame::error(
+                                request_id,
+                                ErrorCode::InvalidArgument,
+                                "a conversation with yourself has no one to tell",
+                            ))
+                        }
+                        Some(peer) if !shard.store.user_exists(peer) => {
+                            return self.push(&ServerFrame::error(
+                                request_id,
+                                ErrorCode::NotFound,
+                                "no such user",
+                            ))
+                        }
+                        Some(peer) => shard.home_of(ConvId::direct(user, peer).placement_key()),
+                    },
+                    ConvId::Group { group } => shard.home_of(group),
+                };
+                let request = Request::Typing {
+                    from: user,
+                    conn: self.key,
+                    request_id,
+                    conv,
+                };
+                return shard.send_request(home, request).await;
+            }
             _ => return,
         };
         self.push(&reply);
@@ -1579,7 +1621,8 @@ impl Conn {
             ArchivedClientBody::FriendList => self.friend_list(request_id).await,
             ArchivedClientBody::Ping { .. }
             | ArchivedClientBody::SendDirect { .. }
-            | ArchivedClientBody::SendGroup { .. } => return self.dispatch_hot(request_id, body).await,
+            | ArchivedClientBody::SendGroup { .. }
+            | ArchivedClientBody::Typing { .. } => return self.dispatch_hot(request_id, body).await,
             ArchivedClientBody::GroupCreate { name } => {
                 self.group_create(request_id, name.as_str(), true).await
             }

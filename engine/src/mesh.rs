@@ -56,6 +56,13 @@ pub enum Request {
         client_msg_id: u64,
         content: Content,
     },
+    /// Tell the other participants of `conv` that `from` is typing.
+    Typing {
+        from: UserId,
+        conn: ConnKey,
+        request_id: u64,
+        conv: ConvId,
+    },
     /// Change or read a group's member list.
     GroupAdmin {
         user: UserId,

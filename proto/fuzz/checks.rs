@@ -389,7 +389,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 39 {
+        match self.u8() % 40 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -529,7 +529,8 @@ impl<'a> Input<'a> {
                 limit: self.u64() as u32,
             },
             37 => ClientBody::GroupDelete { group: self.id() },
-            _ => ClientBody::LoginJwt { token: self.text() },
+            38 => ClientBody::LoginJwt { token: self.text() },
+            _ => ClientBody::Typing { conv: self.conv() },
         }
     }
 }
@@ -674,6 +675,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::UserUnblock { .. }
             | B::BlocksPage { .. }
             | B::GroupDelete { .. }
+            | B::Typing { .. }
             | B::Logout,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model

@@ -185,6 +185,11 @@ pub enum ClientBody {
     /// claim is the username. Answered with `LoggedIn` (whose token
     /// resumes the session with `LoginToken`, as after `Login`).
     LoginJwt { token: String },
+    /// The caller is typing in `conv`: its other participants' live
+    /// sessions get `Typing` (nothing is stored). Answered with `Ok`.
+    /// Clients send it at most every few seconds while the user types;
+    /// receivers show it for about 6 s unless it is repeated.
+    Typing { conv: ConvId },
 }
 
 /// A member's role in a group.
@@ -423,6 +428,9 @@ pub enum ServerBody {
     /// Pushed to every member's live sessions when `by` (its owner)
     /// deletes `group`: the last frame a session gets for the group.
     GroupDeleted { group: GroupId, by: UserId },
+    /// Pushed to the live sessions of `conv`'s other participants when
+    /// `user` sends `Typing`.
+    Typing { conv: ConvId, user: UserId },
 }
 
 /// A friend and whether they are online now.

@@ -242,6 +242,7 @@ impl Session {
                 | B::UserUnblock { .. }
                 | B::BlocksPage { .. }
                 | B::GroupDelete { .. }
+                | B::Typing { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
                 | B::Logout,

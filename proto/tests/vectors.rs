@@ -540,6 +540,25 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             client(34, ClientBody::GroupDelete { group: 9 }),
         ),
         (
+            "client-typing",
+            client(
+                36,
+                ClientBody::Typing {
+                    conv: ConvId::direct(1, 2),
+                },
+            ),
+        ),
+        (
+            "server-typing",
+            server(
+                0,
+                ServerBody::Typing {
+                    conv: ConvId::Group { group: 9 },
+                    user: 1,
+                },
+            ),
+        ),
+        (
             "client-login-jwt",
             client(
                 35,
@@ -832,6 +851,9 @@ fn client_samples() -> Vec<ClientBody> {
         ClientBody::LoginJwt {
             token: "a.b.c".into(),
         },
+        ClientBody::Typing {
+            conv: ConvId::Group { group: 1 },
+        },
     ]
 }
 
@@ -935,6 +957,10 @@ fn server_samples() -> Vec<ServerBody> {
             more: false,
         },
         ServerBody::GroupDeleted { group: 1, by: 2 },
+        ServerBody::Typing {
+            conv: ConvId::Group { group: 1 },
+            user: 2,
+        },
     ]
 }
 
@@ -950,6 +976,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         }
         B::LoginToken { token } => vec![o(addr(token))],
         B::LoginJwt { token } => vec![o(addr(token))],
+        B::Typing { conv } => vec![o(addr(conv))],
         B::Ping { nonce } => vec![o(addr(nonce))],
         B::ResolveUser { username } | B::FriendAdd { username } => vec![o(addr(username))],
         B::GroupCreate { name } => vec![o(addr(name))],
@@ -1070,6 +1097,7 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
             vec![o(addr(conv)), o(addr(user)), o(addr(kind)), o(addr(seq))]
         }
         B::HistoryPage { conv, messages } => vec![o(addr(conv)), o(addr(messages))],
+        B::Typing { conv, user } => vec![o(addr(conv)), o(addr(user))],
         B::Conversations { conversations } => vec![o(addr(conversations))],
         B::GroupInfo {
             group,
@@ -1326,7 +1354,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 39] = [
+    let client_expected: [&[usize]; 40] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1366,6 +1394,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16],         // BlocksPage
         &[8],             // GroupDelete
         &[4],             // LoginJwt
+        &[8],             // Typing
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1389,7 +1418,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 26] = [
+    let server_expected: [&[usize]; 27] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12, 20],  // Error
         &[],              // Ok
@@ -1416,6 +1445,7 @@ fn archived_layout_is_as_documented() {
         &[8, 16, 24],     // BansPage
         &[4, 12],         // Blocks
         &[8, 16],         // GroupDeleted
+        &[8, 32],         // Typing
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1688,6 +1718,10 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             }
             fields.push(tag(15));
             fields.push(Field::Vec(B + 4, ool(&array, 8), cursors.len()));
+        }
+        ClientBody::Typing { conv } => {
+            fields.push(tag(39));
+            fields.push(Field::Raw(B + 8, conv_bytes(conv)));
         }
         ClientBody::Receipt { conv, kind, seq } => {
             fields.push(tag(16));
@@ -1980,6 +2014,10 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             kind: kind_at(b + 40),
             seq: u64_at(b + 48),
         },
+        26 => ServerBody::Typing {
+            conv: conv_at(b + 8),
+            user: u64_at(b + 32),
+        },
         16 => ServerBody::HistoryPage {
             conv: conv_at(b + 8),
             messages: {
@@ -2219,6 +2257,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::BlocksPage { after, limit }),
         any::<u64>().prop_map(|group| ClientBody::GroupDelete { group }),
         arb_string().prop_map(|token| ClientBody::LoginJwt { token }),
+        arb_conv().prop_map(|conv| ClientBody::Typing { conv }),
     ]
 }
 
@@ -2291,6 +2330,7 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         }),
         (arb_conv(), prop::collection::vec(arb_chat(), 0..4))
             .prop_map(|(conv, messages)| ServerBody::HistoryPage { conv, messages }),
+        (arb_conv(), any::<u64>()).prop_map(|(conv, user)| ServerBody::Typing { conv, user }),
         prop::collection::vec(arb_summary(), 0..4)
             .prop_map(|conversations| ServerBody::Conversations { conversations }),
         (

@@ -605,6 +605,14 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
             println!("* {name} deleted group {group}");
             Ok(Pushed::Other)
         }
+        ServerBody::Typing { conv, user } => {
+            let name = names.name(client, user)?;
+            match conv {
+                ConvId::Direct { .. } => println!("* {name} is typing"),
+                ConvId::Group { group } => println!("* {name} is typing in group {group}"),
+            }
+            Ok(Pushed::Other)
+        }
         ServerBody::Receipt {
             conv,
             user,

@@ -131,7 +131,7 @@ pub(super) struct GroupState {
     owner: UserId,
     open: bool,
     /// Every member's role; the keys are the member set.
-    members: FxHashMap<UserId, GroupRole>,
+    pub(super) members: FxHashMap<UserId, GroupRole>,
     /// One permit: held from a change's checks to its cache update. Shared
     /// by every rebuilt state of the group; a group whose semaphore anyone
     /// holds or waits on is never evicted, so no two live for one group.
@@ -140,7 +140,7 @@ pub(super) struct GroupState {
     last_used: Cell<u64>,
     /// Every member, ascending by id: for write diffusion into inboxes and
     /// for listing the group (a page starts with a binary search).
-    all: Arc<[UserId]>,
+    pub(super) all: Arc<[UserId]>,
     /// Members by home shard: one shared list per destination.
     by_shard: Vec<Arc<[UserId]>>,
 }
@@ -207,7 +207,7 @@ impl GroupState {
 
 impl Shard {
     /// The cached state of a group homed here, loaded on first use.
-    async fn group_state(&self, group: GroupId) -> Result<Rc<GroupState>, StoreError> {
+    pub(super) async fn group_state(&self, group: GroupId) -> Result<Rc<GroupState>, StoreError> {
         loop {
             let seen = {
                 let mut cache = self.groups.borrow_mut();

@@ -15,6 +15,7 @@ mod commit;
 mod deletion;
 mod groups;
 mod loads;
+mod typing;
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
@@ -711,6 +712,12 @@ impl Shard {
                 })
                 .detach();
             }
+            Request::Typing {
+                from,
+                conn,
+                request_id,
+                conv,
+            } => self.typing(from, conn, request_id, conv).await,
             Request::Block {
                 user,
                 peer,
