@@ -86,15 +86,29 @@ impl Default for JwtParts {
 
 impl JwtParts {
     /// The verifier these parts describe; `None` when no key is set.
-    fn load(&self) -> Result<Option<JwtVerifier>, String> {
+    fn load(&self, registration: bool) -> Result<Option<JwtVerifier>, String> {
         if self.hs256_secret_file.is_none() && self.ed25519_public_key_file.is_none() {
-            if !self.issuer.is_empty() || !self.audience.is_empty() {
+            let defaults = JwtParts::default();
+            let set = !self.issuer.is_empty()
+                || !self.audience.is_empty()
+                || self.leeway_secs != defaults.leeway_secs
+                || self.create_accounts != defaults.create_accounts
+                || self.password_accounts != defaults.password_accounts;
+            if set {
                 return Err(
-                    "jwt_issuer and jwt_audience need jwt_hs256_secret_file or jwt_ed25519_public_key_file"
-                        .into(),
+                    "jwt_* settings need jwt_hs256_secret_file or jwt_ed25519_public_key_file".into(),
                 );
             }
             return Ok(None);
+        }
+        if self.password_accounts && registration {
+            // Whoever registers a name first would own the provider's
+            // user of that name, with a password the user does not know.
+            return Err(
+                "jwt_password_accounts = true needs registration = false: with both, anyone could \
+                 register a name before its owner's first JWT login and keep their account"
+                    .into(),
+            );
         }
         let hs256_secret = match &self.hs256_secret_file {
             Some(path) => Some(jwt::trim_secret(jwt::read_key_file(
@@ -1033,7 +1047,11 @@ impl Settings {
                 ContentFilter::open(path, self.content_filter_mode).map_err(ConfigError::Invalid)?,
             )),
         };
-        self.config.jwt = self.jwt.load().map_err(ConfigError::Invalid)?.map(Arc::new);
+        self.config.jwt = self
+            .jwt
+            .load(self.config.registration)
+            .map_err(ConfigError::Invalid)?
+            .map(Arc::new);
         self.config.validate().map_err(ConfigError::Invalid)?;
         if let Some(metrics) = self.metrics_listen {
             if metrics.port() != 0 && metrics == self.config.listen {
@@ -1124,6 +1142,49 @@ mod tests {
             .to_string();
         assert!(err.contains("prefix length"), "{err}");
         let err = load_toml("content_filter_file = \"/nonexistent/words\"").unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn jwt_settings_load_and_unsafe_combinations_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("jwt.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let with_secret = |rest: &str| {
+            format!(
+                "jwt_hs256_secret_file = {:?}\n{rest}",
+                secret.display().to_string()
+            )
+        };
+        let settings = load_toml(&with_secret(
+            "jwt_issuer = \"login.example\"\nregistration = false\n",
+        ))
+        .unwrap();
+        let jwt = settings.config.jwt.as_ref().expect("JWT logins on");
+        assert!(jwt.policy.create_accounts && !jwt.policy.password_accounts);
+        assert!(!settings.config.registration);
+        let again = load_toml(&settings.effective_toml()).unwrap();
+        assert_eq!(again.effective_toml(), settings.effective_toml());
+
+        // Password accounts reachable by JWT only with registration closed.
+        let err = load_toml(&with_secret("jwt_password_accounts = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("registration = false"), "{err}");
+        load_toml(&with_secret(
+            "jwt_password_accounts = true\nregistration = false\n",
+        ))
+        .unwrap();
+        // jwt_* settings without a key are a mistake, not silently ignored.
+        for text in [
+            "jwt_issuer = \"x\"",
+            "jwt_create_accounts = false",
+            "jwt_leeway_secs = 5",
+        ] {
+            let err = load_toml(text).unwrap_err().to_string();
+            assert!(err.contains("need jwt_hs256_secret_file"), "{text}: {err}");
+        }
+        let err = load_toml("jwt_hs256_secret_file = \"/nonexistent/secret\"").unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
     }
 

@@ -42,6 +42,8 @@ use tern_proto::{
 };
 use tern_storage::ExternalLogin;
 
+use crate::jwt::JwtRefusal;
+
 use crate::catchup::{self, SyncError};
 use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
@@ -385,7 +387,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     .blocking(move |store| {
                         let claims = match verifier.verify(&token) {
                             Ok(claims) => claims,
-                            Err(why) => return Ok(Err(why)),
+                            Err(refused) => return Ok(Err(refused)),
                         };
                         let outcome =
                             store.external_login(&claims.username, claims.issued_at_ms, verifier.policy)?;
@@ -393,13 +395,18 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             ExternalLogin::LoggedIn { user, token, created } => {
                                 Ok((claims.username, user, token, created))
                             }
-                            ExternalLogin::NoAccount => Err("no account has the JWT's sub"),
-                            ExternalLogin::PasswordAccount => Err(
-                                "the JWT's sub names a password account, which JWT logins may not use here",
-                            ),
-                            ExternalLogin::IssuedBeforeRevocation => {
-                                Err("JWT issued before the account's sessions were revoked (iat)")
-                            }
+                            ExternalLogin::NoAccount => Err(JwtRefusal {
+                                why: "no account has the JWT's sub",
+                                signed: true,
+                            }),
+                            ExternalLogin::PasswordAccount => Err(JwtRefusal {
+                                why: "the JWT's sub names a password account, which JWT logins may not use here",
+                                signed: true,
+                            }),
+                            ExternalLogin::IssuedBeforeRevocation => Err(JwtRefusal {
+                                why: "JWT issued before the account's sessions were revoked (iat)",
+                                signed: true,
+                            }),
                         })
                     })
                     .await;
@@ -420,10 +427,14 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                         };
                         return move_to_home(shard, stream, buf, login, guards).await;
                     }
-                    Ok(Err(why)) => {
+                    Ok(Err(refused)) => {
                         shard.m().login(false);
-                        limits::login_failed(&config, peer, None);
-                        ServerFrame::error(request_id, ErrorCode::AuthFailed, why)
+                        // Only tokens the server could not verify count
+                        // as guesses; see `JwtRefusal::signed`.
+                        if !refused.signed {
+                            limits::login_failed(&config, peer, None);
+                        }
+                        ServerFrame::error(request_id, ErrorCode::AuthFailed, refused.why)
                     }
                     Err(e) => refused_login(&shard, peer, None, request_id, &e),
                 }

@@ -35,8 +35,32 @@ const KEY_FILE_MAX_BYTES: u64 = 64 * 1024;
 pub struct Verified {
     /// The `sub` claim: a valid Tern username.
     pub username: String,
-    /// The `iat` claim in Unix milliseconds, if present.
+    /// The `iat` claim in Unix milliseconds less the leeway, if present:
+    /// the earliest the token may have been issued by this server's clock,
+    /// which is what a revocation is compared with.
     pub issued_at_ms: Option<u64>,
+}
+
+/// Why a token is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwtRefusal {
+    /// In words fit for the client.
+    pub why: &'static str,
+    /// The signature verified: the refusal is about the claims (expired,
+    /// wrong audience...). Such tokens come from the operator's login
+    /// system, so they do not count as guesses for the login back-off;
+    /// a client retrying a stale token must not lock out its address.
+    pub signed: bool,
+}
+
+impl JwtRefusal {
+    fn unsigned(why: &'static str) -> JwtRefusal {
+        JwtRefusal { why, signed: false }
+    }
+
+    fn signed(why: &'static str) -> JwtRefusal {
+        JwtRefusal { why, signed: true }
+    }
 }
 
 /// The claims this module reads beyond those the library checks.
@@ -46,8 +70,13 @@ struct Claims {
     /// missing-claim answer, not a parse failure.
     #[serde(default)]
     sub: Option<String>,
+    /// RFC 7519 allows a fractional NumericDate.
     #[serde(default)]
-    iat: Option<u64>,
+    iat: Option<f64>,
+    /// Present at all (and not null) is what matters when no audience
+    /// is configured; the library only refuses an `aud` it can parse.
+    #[serde(default)]
+    aud: Option<serde::de::IgnoredAny>,
 }
 
 /// The server's JWT settings, ready to verify tokens.
@@ -56,6 +85,9 @@ pub struct JwtVerifier {
     ed25519: Option<DecodingKey>,
     hs256_validation: Validation,
     ed25519_validation: Validation,
+    /// Whether an `aud` claim is expected (then the library checks it).
+    audience_configured: bool,
+    leeway_secs: u64,
     /// Which accounts a verified token may log into.
     pub policy: ExternalPolicy,
 }
@@ -102,6 +134,13 @@ impl JwtVerifier {
                     secret.len()
                 ))
             }
+            // The public key given as the secret would let anyone who can
+            // read it sign tokens.
+            Some(secret) if secret.starts_with(b"-----BEGIN") => {
+                return Err(
+                    "the HS256 secret file holds a PEM block; it must hold the raw shared secret".into(),
+                )
+            }
             Some(secret) => Some(DecodingKey::from_secret(secret)),
         };
         let ed25519 = match &settings.ed25519_public_key_pem {
@@ -141,46 +180,68 @@ impl JwtVerifier {
             ed25519,
             hs256_validation: validation(Algorithm::HS256),
             ed25519_validation: validation(Algorithm::EdDSA),
+            audience_configured: settings.audience.is_some(),
+            leeway_secs: settings.leeway_secs,
             policy: settings.policy,
         })
     }
 
     /// Checks `token` (compact form) and returns what it says, or why it
     /// is refused, in words fit for the client.
-    pub fn verify(&self, token: &str) -> Result<Verified, &'static str> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed JWT")?;
+    pub fn verify(&self, token: &str) -> Result<Verified, JwtRefusal> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtRefusal::unsigned(MALFORMED))?;
         let (key, validation) = match (header.alg, &self.hs256, &self.ed25519) {
             (Algorithm::HS256, Some(key), _) => (key, &self.hs256_validation),
             (Algorithm::EdDSA, _, Some(key)) => (key, &self.ed25519_validation),
-            _ => return Err("JWT algorithm not accepted by this server"),
+            _ => return Err(JwtRefusal::unsigned(ALGORITHM)),
         };
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| refusal(e.kind()))?;
-        let Claims { sub, iat } = data.claims;
-        let sub = sub.ok_or(MISSING_CLAIM)?;
+        let Claims { sub, iat, aud } = data.claims;
+        let sub = sub.ok_or(JwtRefusal::signed(MISSING_CLAIM))?;
         if check_username(&sub).is_err() {
-            return Err("JWT sub is not a valid username");
+            return Err(JwtRefusal::signed("JWT sub is not a valid username"));
         }
+        if aud.is_some() && !self.audience_configured {
+            return Err(JwtRefusal::signed(AUDIENCE));
+        }
+        let issued_at_ms = match iat {
+            None => None,
+            Some(secs) if !(secs >= 0.0 && secs.is_finite()) => return Err(JwtRefusal::signed(MALFORMED)),
+            Some(secs) => {
+                let now = jsonwebtoken::get_current_timestamp();
+                if secs > now.saturating_add(self.leeway_secs) as f64 {
+                    // Would escape every revocation until it expires.
+                    return Err(JwtRefusal::signed("JWT issued in the future (iat)"));
+                }
+                // Float to int `as` saturates; the value is finite and >= 0.
+                let ms = (secs * 1000.0) as u64;
+                Some(ms.saturating_sub(self.leeway_secs.saturating_mul(1000)))
+            }
+        };
         Ok(Verified {
             username: sub,
-            issued_at_ms: iat.map(|secs| secs.saturating_mul(1000)),
+            issued_at_ms,
         })
     }
 }
 
 const MISSING_CLAIM: &str = "JWT lacks a required claim (exp, sub, and iss or aud where configured)";
+const MALFORMED: &str = "malformed JWT";
+const ALGORITHM: &str = "JWT algorithm not accepted by this server";
+const AUDIENCE: &str = "JWT audience not accepted";
 
-fn refusal(kind: &ErrorKind) -> &'static str {
+/// The library's error as a refusal. It checks the signature before the
+/// claims, so the claim errors come only from signed tokens.
+fn refusal(kind: &ErrorKind) -> JwtRefusal {
     match kind {
-        ErrorKind::ExpiredSignature => "JWT has expired",
-        ErrorKind::ImmatureSignature => "JWT is not valid yet (nbf)",
-        ErrorKind::InvalidSignature => "JWT signature does not verify",
-        ErrorKind::InvalidIssuer => "JWT issuer not accepted",
-        ErrorKind::InvalidAudience => "JWT audience not accepted",
-        ErrorKind::MissingRequiredClaim(_) => MISSING_CLAIM,
-        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
-            "JWT algorithm not accepted by this server"
-        }
-        _ => "malformed JWT",
+        ErrorKind::ExpiredSignature => JwtRefusal::signed("JWT has expired"),
+        ErrorKind::ImmatureSignature => JwtRefusal::signed("JWT is not valid yet (nbf)"),
+        ErrorKind::InvalidIssuer => JwtRefusal::signed("JWT issuer not accepted"),
+        ErrorKind::InvalidAudience => JwtRefusal::signed(AUDIENCE),
+        ErrorKind::MissingRequiredClaim(_) => JwtRefusal::signed(MISSING_CLAIM),
+        ErrorKind::InvalidSignature => JwtRefusal::unsigned("JWT signature does not verify"),
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => JwtRefusal::unsigned(ALGORITHM),
+        _ => JwtRefusal::unsigned(MALFORMED),
     }
 }
 
@@ -283,7 +344,31 @@ mod tests {
             ),
         ];
         for (claims, why) in cases {
-            assert_eq!(v.verify(&hs256(claims.clone())), Err(why), "{claims}");
+            // Signed by the right key: a claim refusal, not a guess.
+            assert_eq!(
+                v.verify(&hs256(claims.clone())),
+                Err(JwtRefusal::signed(why)),
+                "{claims}"
+            );
+        }
+        // Any `aud` at all is refused when no audience is configured,
+        // also one the library cannot parse.
+        for aud in [serde_json::json!(["other-app", 5]), serde_json::json!(7)] {
+            let token = hs256(serde_json::json!({"sub": "alice", "exp": exp, "aud": aud}));
+            assert_eq!(
+                v.verify(&token).map_err(|r| r.why),
+                Err("JWT audience not accepted")
+            );
+        }
+        // An issue time in the future would escape revocations.
+        let future = hs256(serde_json::json!({"sub": "alice", "exp": exp, "iat": now() + 120}));
+        assert_eq!(
+            v.verify(&future).map_err(|r| r.why),
+            Err("JWT issued in the future (iat)")
+        );
+        for iat in [serde_json::json!(-1), serde_json::json!("yesterday")] {
+            let token = hs256(serde_json::json!({"sub": "alice", "exp": exp, "iat": iat}));
+            assert!(v.verify(&token).is_err(), "{iat}");
         }
         let other_key = encode(
             &Header::new(Algorithm::HS256),
@@ -291,22 +376,42 @@ mod tests {
             &EncodingKey::from_secret(b"another secret of thirty-two bytes!"),
         )
         .unwrap();
-        assert_eq!(v.verify(&other_key), Err("JWT signature does not verify"));
+        assert_eq!(
+            v.verify(&other_key),
+            Err(JwtRefusal::unsigned("JWT signature does not verify"))
+        );
         let hs384 = encode(
             &Header::new(Algorithm::HS384),
             &serde_json::json!({"sub": "alice", "exp": exp}),
             &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
-        assert_eq!(v.verify(&hs384), Err("JWT algorithm not accepted by this server"));
+        assert_eq!(v.verify(&hs384), Err(JwtRefusal::unsigned(ALGORITHM)));
         for garbage in [
             "",
             "a.b.c",
             "not a jwt",
             "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.",
         ] {
-            assert!(v.verify(garbage).is_err(), "{garbage:?}");
+            assert_eq!(v.verify(garbage).map_err(|r| r.signed), Err(false), "{garbage:?}");
         }
+    }
+
+    #[test]
+    fn fractional_issue_times_count_and_the_leeway_moves_them_earlier() {
+        let mut s = settings();
+        s.leeway_secs = 30;
+        let v = JwtVerifier::new(&s).unwrap();
+        let token = hs256(serde_json::json!({"sub": "alice", "exp": now() + 60, "iat": 1_700_000_000.25}));
+        // 30 s earlier than it says: a provider clock up to the leeway
+        // fast cannot slip a token past a revocation.
+        assert_eq!(
+            v.verify(&token).unwrap().issued_at_ms,
+            Some(1_700_000_000_250 - 30_000)
+        );
+        // Up to the leeway in the future is clock skew, not refused.
+        let ahead = hs256(serde_json::json!({"sub": "alice", "exp": now() + 60, "iat": now() + 20}));
+        assert!(v.verify(&ahead).is_ok());
     }
 
     #[test]
@@ -323,7 +428,10 @@ mod tests {
         let wrong_iss = hs256(
             serde_json::json!({"sub": "bob", "exp": exp, "iss": "https://evil.example", "aud": "tern"}),
         );
-        assert_eq!(v.verify(&wrong_iss), Err("JWT issuer not accepted"));
+        assert_eq!(
+            v.verify(&wrong_iss).map_err(|r| r.why),
+            Err("JWT issuer not accepted")
+        );
         let no_aud = hs256(serde_json::json!({"sub": "bob", "exp": exp, "iss": "https://login.example"}));
         assert!(v.verify(&no_aud).is_err());
     }
@@ -333,6 +441,9 @@ mod tests {
         let mut s = settings();
         s.hs256_secret = Some(b"short".to_vec());
         assert!(JwtVerifier::new(&s).unwrap_err().contains("at least 32"));
+        s.hs256_secret =
+            Some(b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAexample-public-key-text\n".to_vec());
+        assert!(JwtVerifier::new(&s).unwrap_err().contains("PEM"));
         s.hs256_secret = None;
         assert!(JwtVerifier::new(&s).is_err());
         s.ed25519_public_key_pem =

@@ -190,10 +190,10 @@ fn password_accounts_stay_out_of_reach_and_revocation_retires_older_tokens() {
         code_of(server.connect().login_token(&session.token)),
         ErrorCode::AuthFailed
     );
-    // A token the provider issues after the revocation (iat in a later
-    // second) logs in.
-    let mut later = claims("kate");
-    later["iat"] = (now_secs() + 1).into();
+    // A token the provider issues after the revocation, in a later second
+    // (whole seconds, and this server's leeway is 0), logs in.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let later = claims("kate");
     let back = server
         .connect()
         .login_jwt(&hs256(&later))
@@ -229,4 +229,38 @@ fn without_keys_jwt_logins_are_refused_and_registration_can_be_closed() {
         refusal(server.connect().login_jwt(&token)),
         "no account has the JWT's sub"
     );
+}
+
+#[test]
+fn only_unverifiable_tokens_count_toward_the_login_back_off() {
+    let keys = keys();
+    let verifier = Arc::new(JwtVerifier::new(&keys.settings).expect("jwt settings"));
+    let server = TestServer::start_with(move |config| {
+        config.jwt = Some(verifier);
+        config.limits.limits_exempt.clear();
+        config.limits.login_failures_per_ip = 2;
+        config.limits.login_failures_per_account = 0;
+    });
+    let mut client = server.connect();
+    // A client retrying a stale token the provider signed: refused, never
+    // backed off.
+    let mut expired = claims("mona");
+    expired["exp"] = (now_secs() - 60).into();
+    for _ in 0..4 {
+        assert_eq!(refusal(client.login_jwt(&hs256(&expired))), "JWT has expired");
+    }
+    // Tokens nobody could verify are guesses: past the limit, backed off.
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &claims("mona"),
+        &EncodingKey::from_secret(b"a forger's secret, thirty-two bytes long"),
+    )
+    .expect("sign");
+    for _ in 0..2 {
+        assert_eq!(
+            refusal(client.login_jwt(&forged)),
+            "JWT signature does not verify"
+        );
+    }
+    assert_eq!(code_of(client.login_jwt(&forged)), ErrorCode::RateLimited);
 }

@@ -57,6 +57,9 @@ pub struct Common {
     /// The `iss` claim of minted JWTs (the server's `jwt_issuer`).
     #[arg(long, global = true, requires = "jwt_secret_file")]
     pub jwt_issuer: Option<String>,
+    /// The `aud` claim of minted JWTs (the server's `jwt_audience`).
+    #[arg(long, global = true, requires = "jwt_secret_file")]
+    pub jwt_audience: Option<String>,
     /// Registrations/logins in flight at once during setup (all processes
     /// together); the server hashes passwords, so more rarely helps.
     #[arg(long, global = true, default_value_t = 16)]

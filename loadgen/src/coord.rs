@@ -79,6 +79,11 @@ impl Worker {
 
 /// Runs the whole load test; returns the merged result and histogram.
 pub fn run(cli: &Cli) -> Result<(RunResult, Histogram<u64>), String> {
+    if let crate::cli::Scenario::Connect(args) = &cli.scenario {
+        if args.login == crate::cli::LoginKind::Jwt && cli.common.jwt_secret_file.is_none() {
+            return Err("connect --login jwt needs --jwt-secret-file (the server's HS256 secret)".into());
+        }
+    }
     let procs = cli.common.procs;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let mut base_args: Vec<OsString> = std::env::args_os().skip(1).collect();

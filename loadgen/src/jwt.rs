@@ -17,6 +17,7 @@ pub struct JwtMinter {
     key: EncodingKey,
     header: Header,
     issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl std::fmt::Debug for JwtMinter {
@@ -35,12 +36,18 @@ struct Claims<'a> {
     exp: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
 }
 
 impl JwtMinter {
     /// Reads the secret as `ternd` does (a trailing line end is not part
     /// of it).
-    pub fn from_file(path: &Path, issuer: Option<String>) -> Result<JwtMinter, String> {
+    pub fn from_file(
+        path: &Path,
+        issuer: Option<String>,
+        audience: Option<String>,
+    ) -> Result<JwtMinter, String> {
         let mut secret = std::fs::read(path)
             .map_err(|e| format!("cannot read --jwt-secret-file {}: {e}", path.display()))?;
         while secret.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
@@ -53,6 +60,7 @@ impl JwtMinter {
             key: EncodingKey::from_secret(&secret),
             header: Header::new(Algorithm::HS256),
             issuer,
+            audience,
         })
     }
 
@@ -64,6 +72,7 @@ impl JwtMinter {
             iat: now,
             exp: now + TOKEN_LIFETIME_SECS,
             iss: self.issuer.as_deref(),
+            aud: self.audience.as_deref(),
         };
         encode(&self.header, &claims, &self.key).map_err(|e| format!("cannot sign a JWT: {e}"))
     }
@@ -78,10 +87,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret");
         std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").unwrap();
-        let minter = JwtMinter::from_file(&path, Some("login.example".into())).unwrap();
+        let minter = JwtMinter::from_file(&path, Some("login.example".into()), Some("tern".into())).unwrap();
         let token = minter.mint("lg_7").unwrap();
         let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
         validation.set_issuer(&["login.example"]);
+        validation.set_audience(&["tern"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(
             &token,
             &jsonwebtoken::DecodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
@@ -90,6 +100,6 @@ mod tests {
         .unwrap();
         assert_eq!(data.claims["sub"], "lg_7");
         std::fs::write(&path, "\n").unwrap();
-        assert!(JwtMinter::from_file(&path, None).is_err());
+        assert!(JwtMinter::from_file(&path, None, None).is_err());
     }
 }

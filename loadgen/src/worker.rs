@@ -301,6 +301,7 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
         Some(path) => Some(crate::jwt::JwtMinter::from_file(
             path,
             cli.common.jwt_issuer.clone(),
+            cli.common.jwt_audience.clone(),
         )?),
         None => None,
     };

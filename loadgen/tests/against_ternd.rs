@@ -173,6 +173,16 @@ fn jwt_logins_set_up_users_and_open_sessions() {
             "false",
         ],
     );
+    // Without the secret, `--login jwt` is refused before anything runs.
+    let refused = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--quiet", "--server", &addr, "connect", "--login", "jwt"])
+        .output()
+        .expect("run loadgen");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs --jwt-secret-file"),
+        "{refused:?}"
+    );
     let jwt = ["--jwt-secret-file", secret, "--jwt-issuer", "lg"];
     let pairs = loadgen(
         &addr,

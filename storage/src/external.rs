@@ -60,13 +60,24 @@ impl Inner {
         }
     }
 
-    /// Adds "`user`'s sessions revoked at `at_ms`" to `batch`.
-    pub(crate) fn put_revocation(&self, batch: &mut fjall::OwnedWriteBatch, user: UserId, at_ms: u64) {
+    /// Adds "`user`'s sessions revoked at `at_ms`" to `batch`, unless an
+    /// earlier revocation is recorded as later (the clock was stepped
+    /// back): the recorded time never moves backwards, so a token one
+    /// revocation refused no later one lets in. Call under the user's
+    /// token lock.
+    pub(crate) fn put_revocation(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        user: UserId,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let at_ms = at_ms.max(self.revoked_at(user)?.unwrap_or(0));
         batch.insert(
             &self.revocation_times.handle,
             codec::id_key(user),
             codec::encode_revocation(at_ms),
         );
+        Ok(())
     }
 
     /// Whether a token issued at `issued_at_ms` (None: unknown) predates
@@ -138,5 +149,35 @@ impl Inner {
         }
         let user = self.insert_account(next_id, username, phc)?;
         Ok((user, phc.to_owned(), true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revocation_time_never_moves_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            fsync: false,
+            ..crate::StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        let inner = &*store.inner;
+        for (at, recorded) in [(5_000, 5_000), (3_000, 5_000), (9_000, 9_000)] {
+            // As a revocation after the clock was stepped back would.
+            let mut batch = inner.db.batch();
+            inner.put_revocation(&mut batch, 7, at).unwrap();
+            inner.commit(batch, false).unwrap();
+            assert_eq!(inner.revoked_at(7).unwrap(), Some(recorded));
+        }
+        // Refused up to and including the recorded time.
+        assert!(inner.issued_before_revocation(7, Some(9_000)).unwrap());
+        assert!(!inner.issued_before_revocation(7, Some(9_001)).unwrap());
+        assert!(inner.issued_before_revocation(7, None).unwrap());
+        assert!(!inner.issued_before_revocation(8, None).unwrap());
     }
 }

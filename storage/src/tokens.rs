@@ -294,9 +294,9 @@ impl Inner {
     ) -> Result<usize, StoreError> {
         // Tokens of the operator's identity provider cannot be swept:
         // recording when is what refuses the older ones (see `external`).
-        self.put_revocation(&mut batch, user, now_unix_ms());
         let written = self
-            .sweep_tokens(&mut batch, user, u64::MAX, 0)
+            .put_revocation(&mut batch, user, now_unix_ms())
+            .and_then(|()| self.sweep_tokens(&mut batch, user, u64::MAX, 0))
             .and_then(|(removed, _)| self.write(batch, true).map(|pending| (removed, pending)));
         drop(held);
         self.token_cache.revoke(|_, cached| cached.user == user);

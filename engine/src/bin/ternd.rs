@@ -267,6 +267,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let data_dir = config.data_dir.clone();
     let content_filter = config.content_filter.clone();
+    let jwt_with_open_registration = config.jwt.is_some() && config.registration;
     let server = Server::start_with_metrics(config, metrics.clone())?;
     if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
         http.set_writer(writer);
@@ -286,6 +287,13 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             "io_uring rings interrupt busy shards for every completion (a kernel before 5.19, \
              or GLOMMIO_COOP_TASKRUN=0): expect about 1.5x the CPU per unbatched message; \
              see docs/operations.md"
+        );
+    }
+    if jwt_with_open_registration {
+        tracing::warn!(
+            "JWT logins are on and so is Register: anyone may take a name before its owner's \
+             first JWT login (which then fails); set registration = false unless users also \
+             sign up with passwords (docs/configuration.md)"
         );
     }
     let admin_path = data_dir.join(ADMIN_SOCKET);
