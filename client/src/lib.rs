@@ -524,6 +524,29 @@ impl Client {
         self.send_direct(to, client_msg_id, Content::text(text))
     }
 
+    /// Withdraws this user's message `seq` of `conv` for everyone ("delete
+    /// for everyone"; docs/protocol.md 2.8.12): the server erases its
+    /// content and delivers a `Recall` message that tells clients to hide
+    /// it. Answered like a send.
+    pub fn recall(&mut self, conv: ConvId, seq: u64) -> Result<Sent, ClientError> {
+        let client_msg_id = self.fresh_id();
+        let content = Content {
+            kind: ContentKind::Recall { seq },
+            body: Vec::new(),
+        };
+        match conv {
+            ConvId::Group { group } => self.send_group(group, client_msg_id, content),
+            ConvId::Direct { .. } => {
+                let to = conv
+                    .peer_of(self.user().unwrap_or(0))
+                    .ok_or(ClientError::Protocol(
+                        "recall: not logged in as a participant of that conversation".into(),
+                    ))?;
+                self.send_direct(to, client_msg_id, content)
+            }
+        }
+    }
+
     /// Sends a 1:1 message. Resending with the same `client_msg_id` lets the
     /// server recognise a retry.
     pub fn send_direct(

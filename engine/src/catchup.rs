@@ -294,8 +294,13 @@ async fn stream_groups(
 
 /// Turns a stored push frame back into the message it carries.
 fn decode_stored(stored: &StoredFrame) -> Option<ChatMessage> {
-    let mut aligned = AlignedVec::<16>::with_capacity(stored.frame.len());
-    aligned.extend_from_slice(&stored.frame);
+    decode_stored_frame(&stored.frame)
+}
+
+/// The message in a stored `Message` frame (header included), if it is one.
+pub(crate) fn decode_stored_frame(frame: &[u8]) -> Option<ChatMessage> {
+    let mut aligned = AlignedVec::<16>::with_capacity(frame.len());
+    aligned.extend_from_slice(frame);
     let header: [u8; HEADER_LEN] = aligned.get(..HEADER_LEN)?.try_into().ok()?;
     let header = FrameHeader::parse(header, u32::MAX).ok()?;
     let body = aligned.get(HEADER_LEN..HEADER_LEN + header.body_len as usize)?;
@@ -358,7 +363,7 @@ pub(crate) fn ids_per_page(limit: u32, max_frame_bytes: u32, item_bytes: usize) 
 /// to 8 bytes of alignment.
 fn archived_message_bound(message: &ChatMessage) -> usize {
     let media = match &message.content.kind {
-        ContentKind::Text => 0,
+        ContentKind::Text | ContentKind::Recall { .. } | ContentKind::Recalled => 0,
         ContentKind::Media { url, mime, .. } => url.len() + mime.len() + 16,
     };
     std::mem::size_of::<ArchivedChatMessage>() + message.content.body.len() + 8 + media

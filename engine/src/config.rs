@@ -93,6 +93,9 @@ pub struct Config {
     /// member's inbox (write diffusion); larger groups are caught up from
     /// the group's history by member cursor (read diffusion).
     pub write_diffusion_max_members: usize,
+    /// A sender may withdraw (`Recall`) a message for this long after
+    /// sending it; zero allows no recalls.
+    pub recall_window: Duration,
     /// Offline inbox entries older than this are deleted.
     pub inbox_ttl: Duration,
     /// History older than this is deleted (`None`: keep forever). Each
@@ -307,6 +310,7 @@ impl Default for Config {
             max_cached_conversations: 100_000,
             max_cached_group_members: 1_000_000,
             write_diffusion_max_members: 200,
+            recall_window: Duration::from_secs(48 * 3600),
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             history_retention: None,
             expiry_interval: Duration::from_secs(3600),

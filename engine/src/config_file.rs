@@ -585,6 +585,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.write_diffusion_max_members.to_string(),
     },
     Key {
+        name: "recall_window_secs",
+        help: "How long after sending a message its sender may withdraw it for everyone (Recall), in seconds; 0: never",
+        apply: |s, v| set(&mut s.config.recall_window, expected_secs(v, 0, DECADE_SECS)),
+        show: |s| s.config.recall_window.as_secs().to_string(),
+    },
+    Key {
         name: "inbox_ttl_secs",
         help: "Offline inbox entries older than this are deleted, in seconds",
         apply: |s, v| set(&mut s.config.inbox_ttl, expected_secs(v, 1, DECADE_SECS)),

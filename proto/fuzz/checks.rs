@@ -372,14 +372,15 @@ impl<'a> Input<'a> {
     }
 
     fn content(&mut self) -> Content {
-        let kind = if self.u8() & 1 == 0 {
-            ContentKind::Text
-        } else {
-            ContentKind::Media {
+        let kind = match self.u8() % 6 {
+            0 | 1 => ContentKind::Text,
+            2 | 3 => ContentKind::Media {
                 url: self.text(),
                 mime: self.text(),
                 size: self.u64(),
-            }
+            },
+            4 => ContentKind::Recall { seq: self.u64() % 3 },
+            _ => ContentKind::Recalled,
         };
         Content {
             kind,
@@ -566,6 +567,8 @@ fn content_verdict(content: &Content, max_message_bytes: usize) -> Verdict {
         ContentKind::Media { url, mime, .. } => {
             (1..=MEDIA_URL_LEN_MAX).contains(&url.len()) && (1..=MEDIA_MIME_LEN_MAX).contains(&mime.len())
         }
+        ContentKind::Recall { seq } => *seq != 0 && content.body.is_empty(),
+        ContentKind::Recalled => false,
     };
     if content.body.len() <= max_message_bytes && media_ok {
         Admit

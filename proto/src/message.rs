@@ -287,6 +287,14 @@ pub enum ContentKind {
     Text,
     /// A reference to a media object stored elsewhere.
     Media { url: String, mime: String, size: u64 },
+    /// Sent by a message's sender: message `seq` of the same conversation
+    /// is withdrawn for everyone ("delete for everyone"). `body` is empty.
+    /// The server erases that message's content from its store and
+    /// delivers this like any message; clients hide message `seq`.
+    Recall { seq: u64 },
+    /// What a recalled message becomes in the store (history, sync): its
+    /// content is gone. Only the server sends it; `body` is empty.
+    Recalled,
 }
 
 impl Content {

@@ -257,6 +257,23 @@ impl Session {
                 "message body too large",
             ));
         }
+        match &content.kind {
+            ArchivedContentKind::Recall { seq } => {
+                if seq.to_native() == 0 || !content.body.is_empty() {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "a recall names a message (seq 1 or more) and has no body",
+                    ));
+                }
+            }
+            ArchivedContentKind::Recalled => {
+                return Err(Refusal::keep(
+                    ErrorCode::InvalidArgument,
+                    "Recalled marks erased messages; send Recall to withdraw one",
+                ));
+            }
+            ArchivedContentKind::Text | ArchivedContentKind::Media { .. } => {}
+        }
         if let ArchivedContentKind::Media { url, mime, .. } = &content.kind {
             if url.is_empty() || url.len() > MEDIA_URL_LEN_MAX {
                 return Err(Refusal::keep(

@@ -559,6 +559,37 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "client-send-recall",
+            client(
+                37,
+                ClientBody::SendDirect {
+                    to: 2,
+                    client_msg_id: 8,
+                    content: Content {
+                        kind: ContentKind::Recall { seq: 3 },
+                        body: Vec::new(),
+                    },
+                },
+            ),
+        ),
+        (
+            "server-message-recalled",
+            server(
+                0,
+                ServerBody::Message(ChatMessage {
+                    conv: ConvId::direct(1, 2),
+                    seq: 3,
+                    from: 1,
+                    client_msg_id: 7,
+                    timestamp_ms: 1_700_000_000_000,
+                    content: Content {
+                        kind: ContentKind::Recalled,
+                        body: Vec::new(),
+                    },
+                }),
+            ),
+        ),
+        (
             "client-login-jwt",
             client(
                 35,
@@ -1627,6 +1658,11 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
                 f.push(string(at + 12, mime, ool));
                 f.push(Field::U64(at + 24, *size));
             }
+            ContentKind::Recall { seq } => {
+                f.push(Field::U8(at, 2));
+                f.push(Field::U64(at + 8, *seq));
+            }
+            ContentKind::Recalled => f.push(Field::U8(at, 3)),
         }
         let b = ool(&content.body, 1);
         f.push(Field::Vec(at + 32, b, content.body.len()));
@@ -1901,6 +1937,8 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
                 mime: string_at(at + 12),
                 size: u64_at(at + 24),
             },
+            2 => ContentKind::Recall { seq: u64_at(at + 8) },
+            3 => ContentKind::Recalled,
             t => panic!("bad ContentKind tag {t}"),
         },
         body: bytes_at(at + 32),
@@ -2124,6 +2162,8 @@ fn arb_content() -> impl Strategy<Value = Content> {
             mime,
             size
         }),
+        any::<u64>().prop_map(|seq| ContentKind::Recall { seq }),
+        Just(ContentKind::Recalled),
     ];
     (kind, arb_bytes()).prop_map(|(kind, body)| Content { kind, body })
 }

@@ -42,7 +42,9 @@ pub use error::StoreError;
 pub use external::{ExternalLogin, ExternalPolicy};
 pub use group_deletion::ONLY_THE_OWNER_DELETES;
 pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
-pub use messages::{ConvTail, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp};
+pub use messages::{
+    ConvTail, HistoryEntry, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp,
+};
 pub use social::{Blocks, BLOCKED_BY_THEM, YOU_BLOCKED};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;

@@ -81,6 +81,18 @@ pub enum WriteOp {
         kind: ReceiptKind,
         seq: u64,
     },
+    /// Replaces the stored frame of message `seq` of `conv` (a recalled
+    /// message: its content erased), keeping its sender, client message
+    /// id and time. Nothing is written if the message is gone (expired or
+    /// purged): an erasure never brings a message back.
+    Erase {
+        conv: ConvId,
+        seq: u64,
+        from: UserId,
+        client_msg_id: u64,
+        timestamp_ms: u64,
+        frame: Arc<[u8]>,
+    },
 }
 
 impl WriteOp {
@@ -88,7 +100,7 @@ impl WriteOp {
     pub fn weight(&self) -> usize {
         match self {
             WriteOp::Message(m) => 1 + m.inbox.as_slice().len(),
-            WriteOp::Receipt { .. } => 1,
+            WriteOp::Receipt { .. } | WriteOp::Erase { .. } => 1,
         }
     }
 }
@@ -99,6 +111,16 @@ pub struct StoredFrame {
     pub conv: ConvId,
     pub seq: u64,
     pub timestamp_ms: u64,
+    pub frame: Vec<u8>,
+}
+
+/// One stored message as [`Store::history_entry`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub from: UserId,
+    pub client_msg_id: u64,
+    pub timestamp_ms: u64,
+    /// The encoded `Message` frame as stored.
     pub frame: Vec<u8>,
 }
 
@@ -201,6 +223,20 @@ impl Inner {
                 let doomed: Vec<_> = staged.inbox.range(from..=to).map(|(k, _)| *k).collect();
                 for k in doomed {
                     staged.inbox.remove(&k);
+                }
+            }
+            WriteOp::Erase {
+                conv,
+                seq,
+                from,
+                client_msg_id,
+                timestamp_ms,
+                frame,
+            } => {
+                let key = codec::history_key(*conv, *seq);
+                if self.history.handle.contains_key(key)? {
+                    let value = codec::encode_history(*from, *client_msg_id, *timestamp_ms, frame);
+                    batch.insert(&self.history.handle, key, value);
                 }
             }
         }
@@ -391,6 +427,22 @@ impl Store {
     /// A page of `conv`'s history: `forward`, entries with seq >=
     /// `from_seq` ascending; backward, entries with seq <= `from_seq`
     /// descending. At most `limit` entries.
+    /// Message `seq` of `conv`, if stored.
+    pub fn history_entry(&self, conv: ConvId, seq: u64) -> Result<Option<HistoryEntry>, StoreError> {
+        let history = &self.inner.history;
+        let key = codec::history_key(conv, seq);
+        let Some(value) = history.get(&key)? else {
+            return Ok(None);
+        };
+        let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
+        Ok(Some(HistoryEntry {
+            from: v.from,
+            client_msg_id: v.client_msg_id,
+            timestamp_ms: v.timestamp_ms,
+            frame: v.frame.to_vec(),
+        }))
+    }
+
     pub fn history(
         &self,
         conv: ConvId,

@@ -613,3 +613,51 @@ fn crate_conv_key(conv: ConvId) -> Vec<u8> {
         ConvId::Group { group } => [&[2u8][..], &group.to_be_bytes(), &[0; 8]].concat(),
     }
 }
+
+#[test]
+fn an_erasure_replaces_a_stored_message_and_never_recreates_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = ConvId::direct(1, 2);
+    let erased: Arc<[u8]> = b"erased".to_vec().into();
+    let erase = |seq: u64| WriteOp::Erase {
+        conv,
+        seq,
+        from: 1,
+        client_msg_id: 1000 + seq,
+        timestamp_ms: 100 + seq,
+        frame: erased.clone(),
+    };
+    {
+        let store = open(dir.path());
+        store
+            .apply(
+                &[
+                    msg(conv, 1, 1, 101, InboxTargets::One(2)),
+                    msg(conv, 2, 1, 102, InboxTargets::One(2)),
+                ],
+                false,
+            )
+            .unwrap();
+        // Seq 1 erased, seq 7 never stored, in one batch with a new message.
+        store
+            .apply(
+                &[msg(conv, 3, 1, 103, InboxTargets::One(2)), erase(1), erase(7)],
+                false,
+            )
+            .unwrap();
+        let entry = store.history_entry(conv, 1).unwrap().expect("still there");
+        assert_eq!(
+            (entry.from, entry.client_msg_id, entry.timestamp_ms),
+            (1, 1001, 101)
+        );
+        assert_eq!(entry.frame, b"erased");
+        assert_eq!(store.history_entry(conv, 7).unwrap(), None);
+        assert_eq!(seqs(&store.history(conv, 0, true, 10).unwrap()), vec![1, 2, 3]);
+    }
+    // Durable, and the inbox (which points into history) serves it erased.
+    let store = open(dir.path());
+    let inbox = store.inbox_after(2, None, 10).unwrap();
+    assert_eq!(positions(&inbox), vec![(conv, 1), (conv, 2), (conv, 3)]);
+    assert_eq!(&*inbox[0].frame, b"erased");
+    assert_eq!(&*inbox[1].frame, &*frame(conv, 2));
+}

@@ -100,6 +100,18 @@ enum Command {
     /// Block a user by username: no 1:1 messages either way and no
     /// friendship until you unblock them (groups are not affected).
     Block { name: String },
+    /// Withdraw one of your messages for everyone: message SEQ of your
+    /// conversation with --to, or of --group.
+    Recall {
+        /// The other user of the 1:1 conversation.
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        to: Option<String>,
+        /// The group.
+        #[arg(long)]
+        group: Option<GroupId>,
+        /// The message's sequence number (as `send` printed it).
+        seq: u64,
+    },
     /// Lift your block of a user.
     Unblock { name: String },
     /// List the users you block.
@@ -330,6 +342,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             FriendsCommand::List => print_friends(&mut client, &mut names)?,
         },
+        Command::Recall { to, group, seq } => {
+            let conv = match (to, group) {
+                (_, Some(group)) => ConvId::Group { group },
+                (Some(name), None) => {
+                    let peer = client
+                        .resolve_user(&name)
+                        .with_context(|| format!("cannot find user {name}"))?;
+                    ConvId::direct(session.user, peer)
+                }
+                (None, None) => bail!("recall needs --to or --group"),
+            };
+            let sent = client.recall(conv, seq).context("cannot withdraw the message")?;
+            println!("withdrew message {seq} (the recall is message {})", sent.seq);
+        }
         Command::Block { name } => {
             let id = client
                 .resolve_user(&name)
@@ -570,6 +596,8 @@ fn fmt_message(client: &mut Client, names: &mut Names, msg: &ChatMessage) -> Res
                 sanitize(url.as_bytes())
             )
         }
+        ContentKind::Recall { seq } => format!("<withdrew message #{seq}>"),
+        ContentKind::Recalled => "<message withdrawn>".to_owned(),
     };
     Ok(match msg.conv {
         ConvId::Direct { .. } => format!("[{from}] {content}"),

@@ -324,6 +324,18 @@ impl Shard {
         content: Content,
     ) {
         let conv = ConvId::Group { group };
+        // A recall's target is read before the snapshot below: that read
+        // waits on the disk, and nothing may wait between the snapshot and
+        // the seq.
+        let erase = match content.kind {
+            tern_proto::ContentKind::Recall { seq: target } => {
+                match self.check_recall(conv, from, target).await {
+                    Ok(erase) => erase,
+                    Err(refused) => return self.reply(from, conn, refused.frame(request_id)).await,
+                }
+            }
+            _ => None,
+        };
         // The membership check, the seq and the fan-out list must come
         // from one moment: a kick or ban that completes in between would
         // otherwise let a removed member send, or receive, a message
@@ -401,6 +413,10 @@ impl Shard {
         };
         effects.push(Effect::Event(self.home_of(from), sent));
         self.stage(WriteOp::Message(write), effects);
+        // With the recall, in the same store batch.
+        if let Some(erase) = erase {
+            self.stage(erase, []);
+        }
     }
 
     /// Runs a membership, role or invite operation for a group homed here.

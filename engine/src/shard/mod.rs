@@ -15,6 +15,7 @@ mod commit;
 mod deletion;
 mod groups;
 mod loads;
+mod recall;
 mod typing;
 
 use std::cell::{Cell, RefCell};
@@ -30,7 +31,9 @@ use rkyv::util::AlignedVec;
 use rustc_hash::{FxHashMap, FxHashSet};
 use slab::Slab;
 use tern_proto::session::Refusal;
-use tern_proto::{encode_server, shard_of, ChatMessage, ConvId, ErrorCode, ServerBody, ServerFrame, UserId};
+use tern_proto::{
+    encode_server, shard_of, ChatMessage, ContentKind, ConvId, ErrorCode, ServerBody, ServerFrame, UserId,
+};
 use tern_storage::WriterHandle;
 use tern_storage::{InboxTargets, MessageWrite, Store, StoreError, WriteOp};
 
@@ -633,6 +636,15 @@ impl Shard {
                 content,
             } => {
                 let conv = ConvId::direct(from, to);
+                let erase = match content.kind {
+                    ContentKind::Recall { seq: target } => {
+                        match self.check_recall(conv, from, target).await {
+                            Ok(erase) => erase,
+                            Err(refused) => return self.reply(from, conn, refused.frame(request_id)).await,
+                        }
+                    }
+                    _ => None,
+                };
                 let Some((seq, timestamp_ms)) =
                     self.sequence(conv, from, conn, request_id, client_msg_id).await
                 else {
@@ -685,6 +697,11 @@ impl Shard {
                         Effect::Event(self.home_of(from), sent),
                     ],
                 );
+                // Staged with the recall, nothing awaited in between: one
+                // store batch holds both.
+                if let Some(erase) = erase {
+                    self.stage(erase, []);
+                }
             }
             Request::Group {
                 from,
