@@ -683,7 +683,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "message_rate_per_sec",
-        help: "SendDirect/SendGroup per second per connection (0: no limit)",
+        help: "SendDirect/SendGroup/Typing per second per connection (0: no limit)",
         apply: |s, v| set(&mut s.config.limits.message_rate_per_sec, expected_u32(v, 0, 1_000_000)),
         show: |s| s.config.limits.message_rate_per_sec.to_string(),
     },

@@ -1559,7 +1559,17 @@ impl Conn {
                                 "no such user",
                             ))
                         }
-                        Some(peer) => shard.home_of(ConvId::direct(user, peer).placement_key()),
+                        Some(_) if !is_canonical(conv) => {
+                            // The conversation cache and block state are
+                            // keyed by the canonical id (smaller user
+                            // first); a reversed one would slip past them.
+                            return self.push(&ServerFrame::error(
+                                request_id,
+                                ErrorCode::InvalidArgument,
+                                "a 1:1 conversation id names the smaller user id first",
+                            ));
+                        }
+                        Some(_) => shard.home_of(conv.placement_key()),
                     },
                     ConvId::Group { group } => shard.home_of(group),
                 };
@@ -2090,3 +2100,12 @@ impl Conn {
 
 /// How long a shard waits between checks of the server-wide stop flag.
 pub const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// Whether a 1:1 conversation id is in its one canonical form (smaller
+/// user id first), as every id the server hands out is.
+fn is_canonical(conv: ConvId) -> bool {
+    match conv {
+        ConvId::Direct { low, high } => conv == ConvId::direct(low, high),
+        ConvId::Group { .. } => true,
+    }
+}

@@ -141,3 +141,25 @@ fn typing_in_a_crowd_is_answered_and_not_forwarded() {
     quiet.push(&mut o);
     expect_quiet(&mut quiet);
 }
+
+#[test]
+fn a_reversed_direct_id_is_refused_and_cannot_slip_past_a_block() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("tr_a", 0);
+    let bob = server.user_on_shard("tr_b", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let ConvId::Direct { low, high } = conv else {
+        unreachable!()
+    };
+    let reversed = ConvId::Direct { low: high, high: low };
+    assert_eq!(code_of(a.typing(reversed)), ErrorCode::InvalidArgument);
+    b.block_user(alice.id).expect("block");
+    assert_eq!(code_of(a.typing(reversed)), ErrorCode::InvalidArgument);
+    assert_eq!(code_of(a.typing(conv)), ErrorCode::Forbidden);
+    // Unblocked: hints flow again.
+    b.unblock_user(alice.id).expect("unblock");
+    a.typing(conv).expect("typing");
+    assert_eq!(expect_typing(&mut b), (conv, alice.id));
+}

@@ -212,8 +212,6 @@ impl ConvCache {
 }
 
 impl Shard {
-    /// Whether a conversation's sequence state is cached: then sequencing
-    /// it does not yield.
     /// Why a 1:1 message (or typing hint) from `from` in `conv` is refused
     /// by a block, from the cached state: `None` if `conv` is not cached.
     pub(super) fn cached_block_refusal(&self, conv: ConvId, from: UserId) -> Option<Option<&'static str>> {
@@ -222,6 +220,8 @@ impl Shard {
         Some(block_refusal(conv, state.blocks, from))
     }
 
+    /// Whether a conversation's sequence state is cached: then sequencing
+    /// it does not yield.
     pub(super) fn conv_cached(&self, conv: ConvId) -> bool {
         self.convs.borrow().contains(conv)
     }
