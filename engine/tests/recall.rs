@@ -168,3 +168,27 @@ fn a_server_with_no_recall_window_refuses_recalls() {
         ErrorCode::InvalidArgument
     );
 }
+
+#[test]
+fn outsiders_learn_nothing_about_a_groups_messages_from_recalls() {
+    let server = TestServer::start();
+    let owner = server.user_on_shard("ro_owner", 0);
+    let outsider = server.user_on_shard("ro_out", 1 % server.shards());
+    let mut o = server.login(&owner);
+    let mut x = server.login(&outsider);
+    let group = o.group_create("private-ish").expect("group");
+    let sent = o.send_group_text(group, "members only").expect("send");
+    let conv = ConvId::Group { group };
+    // Existing or not, someone else's or not: the same answer.
+    for seq in [sent.seq, sent.seq + 50] {
+        match x.recall(conv, seq) {
+            Err(tern_client::ClientError::Server { code, message, .. }) => {
+                assert_eq!(
+                    (code, message.as_str()),
+                    (ErrorCode::Forbidden, "not a member of this group")
+                );
+            }
+            other => panic!("expected Forbidden, got {other:?}"),
+        }
+    }
+}

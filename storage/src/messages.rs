@@ -424,9 +424,6 @@ impl Store {
         Ok(out)
     }
 
-    /// A page of `conv`'s history: `forward`, entries with seq >=
-    /// `from_seq` ascending; backward, entries with seq <= `from_seq`
-    /// descending. At most `limit` entries.
     /// Message `seq` of `conv`, if stored.
     pub fn history_entry(&self, conv: ConvId, seq: u64) -> Result<Option<HistoryEntry>, StoreError> {
         let history = &self.inner.history;
@@ -443,6 +440,9 @@ impl Store {
         }))
     }
 
+    /// A page of `conv`'s history: `forward`, entries with seq >=
+    /// `from_seq` ascending; backward, entries with seq <= `from_seq`
+    /// descending. At most `limit` entries.
     pub fn history(
         &self,
         conv: ConvId,

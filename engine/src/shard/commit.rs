@@ -47,6 +47,15 @@ pub(super) struct ConvState {
 }
 
 impl ConvState {
+    /// Forgets that `from` sent `client_msg_id` (its write failed): a
+    /// retry is then sequenced anew.
+    fn forget_client_msg_id(&mut self, from: UserId, client_msg_id: u64) {
+        let key = (from, client_msg_id);
+        if self.dedup.remove(&key).is_some() {
+            self.order.retain(|seen| *seen != key);
+        }
+    }
+
     /// The state as the store has it: the last seq and the recent client
     /// message ids, for deduplication.
     fn from_tail(tail: ConvTail, blocks: Blocks) -> ConvState {
@@ -218,6 +227,18 @@ impl Shard {
         let mut convs = self.convs.borrow_mut();
         let state = convs.get_mut(conv)?;
         Some(block_refusal(conv, state.blocks, from))
+    }
+
+    /// Whether `from` already sent `client_msg_id` in `conv` (within the
+    /// dedup window of the cached state): sequencing will answer it as a
+    /// retry.
+    pub(super) fn seen_client_msg_id(&self, conv: ConvId, from: UserId, client_msg_id: u64) -> bool {
+        client_msg_id != 0
+            && self
+                .convs
+                .borrow_mut()
+                .get_mut(conv)
+                .is_some_and(|state| state.dedup.contains_key(&(from, client_msg_id)))
     }
 
     /// Whether a conversation's sequence state is cached: then sequencing
@@ -506,7 +527,11 @@ impl Shard {
         if !ok {
             // The store refused the batch: forget the cached state so the
             // next message reloads the last durable seq. Retries that
-            // waited get no ack and will retry again.
+            // waited get no ack and will retry again; the id is forgotten
+            // even while other messages keep the state cached, so that the
+            // retry is sequenced anew rather than acked with a seq that
+            // was never stored (for a recall: an erasure that never ran).
+            state.forget_client_msg_id(from, client_msg_id);
             if state.inflight == 0 {
                 convs.remove(conv);
             }
@@ -738,6 +763,28 @@ mod tests {
         assert!(matches!(
             assign(&mut s, 4, 1, CONN, 4, 100, None),
             Sequenced::Duplicate { seq: 11, .. }
+        ));
+    }
+
+    #[test]
+    fn a_failed_write_is_forgotten_so_its_retry_is_sequenced_anew() {
+        let mut s = state();
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 1, 100, None),
+            Sequenced::New { seq: 11, .. }
+        ));
+        // Another message keeps the state busy while the first one's
+        // batch fails.
+        assert!(matches!(
+            assign(&mut s, 4, 2, CONN, 2, 200, None),
+            Sequenced::New { seq: 12, .. }
+        ));
+        s.forget_client_msg_id(1, 100);
+        assert!(!s.order.contains(&(1, 100)));
+        // Not acked with seq 11, which was never stored.
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 3, 100, None),
+            Sequenced::New { seq: 13, .. }
         ));
     }
 

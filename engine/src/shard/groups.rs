@@ -326,10 +326,23 @@ impl Shard {
         let conv = ConvId::Group { group };
         // A recall's target is read before the snapshot below: that read
         // waits on the disk, and nothing may wait between the snapshot and
-        // the seq.
+        // the seq. Members only, first: the answers about the target (its
+        // sender, whether it exists) are for the group's members.
         let erase = match content.kind {
             tern_proto::ContentKind::Recall { seq: target } => {
-                match self.check_recall(conv, from, target).await {
+                match self.group_state(group).await {
+                    Ok(state) if state.members.contains_key(&from) => {}
+                    Ok(_) => {
+                        let frame = ServerFrame::error(
+                            request_id,
+                            ErrorCode::Forbidden,
+                            "not a member of this group",
+                        );
+                        return self.reply(from, conn, frame).await;
+                    }
+                    Err(e) => return self.reply(from, conn, store_error_frame(request_id, &e)).await,
+                }
+                match self.check_recall(conv, from, client_msg_id, target).await {
                     Ok(erase) => erase,
                     Err(refused) => return self.reply(from, conn, refused.frame(request_id)).await,
                 }

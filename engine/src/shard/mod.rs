@@ -638,7 +638,7 @@ impl Shard {
                 let conv = ConvId::direct(from, to);
                 let erase = match content.kind {
                     ContentKind::Recall { seq: target } => {
-                        match self.check_recall(conv, from, target).await {
+                        match self.check_recall(conv, from, client_msg_id, target).await {
                             Ok(erase) => erase,
                             Err(refused) => return self.reply(from, conn, refused.frame(request_id)).await,
                         }

@@ -34,13 +34,20 @@ impl Shard {
     /// Checks that `from` may withdraw message `target` of `conv` and
     /// returns the erasure to stage with the recall (`None` when the
     /// target was already erased: the recall is still sequenced, as a
-    /// retry would be, and erases nothing).
+    /// retry would be, and erases nothing). A retry of a recall already
+    /// sequenced (same `client_msg_id`) is not checked again: sequencing
+    /// answers it with its original ack, whatever became of the target.
     pub(super) async fn check_recall(
         self: &Rc<Self>,
         conv: ConvId,
         from: UserId,
+        client_msg_id: u64,
         target: u64,
     ) -> Result<Option<WriteOp>, RecallRefused> {
+        self.ensure_conv(conv).await.map_err(RecallRefused::Store)?;
+        if self.seen_client_msg_id(conv, from, client_msg_id) {
+            return Ok(None);
+        }
         let window_ms = u64::try_from(self.config.recall_window.as_millis()).unwrap_or(u64::MAX);
         if window_ms == 0 {
             return Err(RecallRefused::Because(
