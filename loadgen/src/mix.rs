@@ -303,8 +303,13 @@ impl Sender<'_> {
                 };
                 let bytes = self.profile.payload_bytes[rng.weighted(&payload_weights)].bytes;
                 if let Some(body) = self.body(stream, due(k), bytes) {
-                    let sender = self.streams[stream].sender;
-                    batches.entry(sender).or_default().push(body);
+                    let s = &self.streams[stream];
+                    let batch = batches.entry(s.sender).or_default();
+                    // Typing hints go ahead of the message they announce.
+                    let typing = self.profile.typing_per_message;
+                    let hints = typing.trunc() as usize + usize::from(rng.unit() < typing.fract());
+                    batch.extend((0..hints).map(|_| ClientBody::Typing { conv: s.conv }));
+                    batch.push(body);
                 }
                 k += 1;
             }

@@ -61,6 +61,11 @@ pub struct Profile {
     /// catch-up is verified exactly-once like live delivery.
     #[serde(default = "default_sync_share")]
     pub offline_sync_share: f64,
+    /// `Typing` hints per message sent (before it, to the same
+    /// conversation), as apps send while their user types; 0..=10, the
+    /// fraction drawn at random. Not part of the message rate.
+    #[serde(default)]
+    pub typing_per_message: f64,
 }
 
 fn one() -> f64 {
@@ -125,6 +130,7 @@ impl Profile {
         }
         finite_in("group_share", self.group_share, 0.0, 1.0)?;
         finite_in("offline_sync_share", self.offline_sync_share, 0.0, 1.0)?;
+        finite_in("typing_per_message", self.typing_per_message, 0.0, 10.0)?;
         finite_in("rate_multiplier", self.rate_multiplier, 0.0, 1e6)?;
         if self.rate_multiplier == 0.0 {
             return Err("`rate_multiplier` must be above 0".into());

@@ -366,6 +366,7 @@ group_sizes = [{ size = 3, weight = 1 }, { size = 8, weight = 1 }]
 payload_bytes = [{ bytes = 32, weight = 1 }, { bytes = 300, weight = 1 }]
 duration_secs = 2.0
 offline_sync_share = 0.5
+typing_per_message = 1.5
 "#;
 
 #[test]
