@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
 use tern_storage::SubmitError;
 use tern_storage::{Blocks, ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
@@ -44,6 +44,10 @@ pub(super) struct ConvState {
     /// loaded with the state and changed only on this shard
     /// ([`Shard::change_block`]), so the check costs no store read.
     blocks: Blocks,
+    /// A write of this conversation failed: `last_seq` counts seqs that
+    /// were never stored, so nothing new is sequenced until the state is
+    /// dropped (when `inflight` reaches 0) and reloaded.
+    poisoned: bool,
 }
 
 impl ConvState {
@@ -65,6 +69,7 @@ impl ConvState {
             dedup: FxHashMap::default(),
             order: VecDeque::new(),
             blocks,
+            poisoned: false,
         };
         // `recent` is in ascending seq order, so trimming forgets the oldest.
         for recent in tail.recent.iter().filter(|r| r.client_msg_id != 0) {
@@ -108,6 +113,9 @@ enum Sequenced {
     Exhausted,
     /// A new message between two users one of whom blocks the other.
     Refused(&'static str),
+    /// A write of the conversation failed and its state has not reloaded
+    /// yet: the sender retries.
+    Unstored,
 }
 
 /// Writes staged on this shard for the next commit, and what follows them.
@@ -130,6 +138,53 @@ pub(super) enum Effect {
     Event(usize, Event),
     /// Tell a waiting connection whether the write succeeded.
     Done(futures_channel::oneshot::Sender<bool>),
+}
+
+/// The conversation a staged op sequences a message in, if it does.
+fn message_conv(op: &WriteOp) -> Option<ConvId> {
+    match op {
+        WriteOp::Message(m) => Some(m.conv),
+        WriteOp::Receipt { .. } | WriteOp::Erase { .. } => None,
+    }
+}
+
+/// Splits the staged writes after a failed commit of `failed`'s messages:
+/// the messages (and recall erasures) of those conversations, with their
+/// deliveries, come out as failed effects (their `Durable` releases them
+/// as failed, their `Sent` becomes an error answer, their deliveries are
+/// dropped); everything else stays staged. Notices (seq `NOTICE_SEQ`) and
+/// receipts are not messages and stay.
+fn split_failed(staged: Staged, failed: &FxHashSet<ConvId>) -> (Staged, Vec<Effect>) {
+    let Staged { ops, effects } = staged;
+    let mut dropped: FxHashSet<(ConvId, u64)> = FxHashSet::default();
+    let ops = ops
+        .into_iter()
+        .filter(|op| match op {
+            WriteOp::Message(m) if failed.contains(&m.conv) => {
+                dropped.insert((m.conv, m.seq));
+                false
+            }
+            WriteOp::Erase { conv, .. } => !failed.contains(conv),
+            _ => true,
+        })
+        .collect();
+    let mut kept = Vec::new();
+    let mut lost = Vec::new();
+    for effect in effects {
+        let failed_with = match &effect {
+            Effect::Durable { conv, .. } => failed.contains(conv),
+            Effect::Event(_, Event::Deliver { conv, seq, .. } | Event::Sent { conv, seq, .. }) => {
+                dropped.contains(&(*conv, *seq))
+            }
+            Effect::Event(..) | Effect::Done(_) => false,
+        };
+        if failed_with {
+            lost.push(effect);
+        } else {
+            kept.push(effect);
+        }
+    }
+    (Staged { ops, effects: kept }, lost)
 }
 
 /// The bytes of an encoded frame as the store keeps them: the same shared
@@ -344,6 +399,11 @@ impl Shard {
                 self.reply(from, conn, frame).await;
                 None
             }
+            Sequenced::Unstored => {
+                let frame = ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry");
+                self.reply(from, conn, frame).await;
+                None
+            }
             Sequenced::Exhausted => {
                 tracing::error!(
                     ?conv,
@@ -432,11 +492,23 @@ impl Shard {
             .await;
             let Some(batch) = batch else { return };
             self.committing.set(true);
+            let convs_written: FxHashSet<ConvId> = batch.ops.iter().filter_map(message_conv).collect();
             let committed = self.commit(batch.ops).await;
+            let mut effects = batch.effects;
             if let Err(e) = &committed {
                 tracing::error!(error = %e, shard = self.index, "storage commit failed; senders get errors");
+                // Messages of these conversations staged since were given
+                // seqs after the lost ones: committed, they would leave a
+                // hole between acknowledged messages. They fail with the
+                // batch, and nothing more is sequenced in these
+                // conversations until their state reloads from the store.
+                self.poison(&convs_written);
+                let staged = std::mem::take(&mut *self.staged.borrow_mut());
+                let (kept, failed) = split_failed(staged, &convs_written);
+                *self.staged.borrow_mut() = kept;
+                effects.extend(failed);
             }
-            self.settle(batch.effects, committed.is_ok()).await;
+            self.settle(effects, committed.is_ok()).await;
             self.committing.set(false);
             self.settled.set(self.settled.get().wrapping_add(1));
         }
@@ -508,6 +580,18 @@ impl Shard {
                 Effect::Done(tx) => {
                     let _ = tx.send(ok);
                 }
+            }
+        }
+    }
+
+    /// Marks `convs` as having lost a write: their cached states refuse new
+    /// messages until the in-flight ones are released, when they are
+    /// dropped and reload the last durable seq.
+    fn poison(&self, convs: &FxHashSet<ConvId>) {
+        let mut cache = self.convs.borrow_mut();
+        for &conv in convs {
+            if let Some(state) = cache.get_mut(conv) {
+                state.poisoned = true;
             }
         }
     }
@@ -604,6 +688,9 @@ fn assign(
     if let Some(why) = refused {
         return Sequenced::Refused(why);
     }
+    if state.poisoned {
+        return Sequenced::Unstored;
+    }
     let Some(seq) = state.last_seq.checked_add(1) else {
         return Sequenced::Exhausted;
     };
@@ -652,6 +739,7 @@ mod tests {
             dedup: FxHashMap::default(),
             order: VecDeque::new(),
             blocks: Blocks::default(),
+            poisoned: false,
         }
     }
 
@@ -762,6 +850,145 @@ mod tests {
         assert_eq!(entry.waiters.take().unwrap(), vec![(CONN, 2)]);
         assert!(matches!(
             assign(&mut s, 4, 1, CONN, 4, 100, None),
+            Sequenced::Duplicate { seq: 11, .. }
+        ));
+    }
+
+    fn message(conv: ConvId, seq: u64) -> WriteOp {
+        WriteOp::Message(tern_storage::MessageWrite {
+            conv,
+            seq,
+            from: 1,
+            client_msg_id: seq,
+            timestamp_ms: 0,
+            frame: Arc::from(&b"m"[..]),
+            inbox: tern_storage::InboxTargets::None,
+        })
+    }
+
+    fn deliver(conv: ConvId, seq: u64) -> Effect {
+        Effect::Event(
+            0,
+            Event::Deliver {
+                to: crate::mesh::Recipients::One(2),
+                conv,
+                seq,
+                frame: Arc::from(&b"m"[..]),
+                skip: None,
+            },
+        )
+    }
+
+    fn sent(conv: ConvId, seq: u64) -> Effect {
+        Effect::Event(
+            0,
+            Event::Sent {
+                user: 1,
+                conn: CONN,
+                request_id: seq,
+                client_msg_id: seq,
+                conv,
+                seq,
+                timestamp_ms: 0,
+                echo: None,
+            },
+        )
+    }
+
+    fn durable(conv: ConvId, seq: u64) -> Effect {
+        Effect::Durable {
+            conv,
+            from: 1,
+            client_msg_id: seq,
+        }
+    }
+
+    #[test]
+    fn after_a_failed_commit_later_messages_of_its_conversations_fail_too() {
+        let lost = ConvId::direct(1, 2);
+        let fine = ConvId::direct(1, 3);
+        let (tx, _rx) = futures_channel::oneshot::channel();
+        let staged = Staged {
+            ops: vec![
+                message(lost, 7),
+                message(fine, 4),
+                WriteOp::Receipt {
+                    user: 2,
+                    conv: lost,
+                    kind: StoredReceiptKind::Read,
+                    seq: 5,
+                },
+                WriteOp::Erase {
+                    conv: lost,
+                    seq: 3,
+                    from: 1,
+                    client_msg_id: 3,
+                    timestamp_ms: 0,
+                    frame: Arc::from(&b"x"[..]),
+                },
+            ],
+            effects: vec![
+                durable(lost, 7),
+                deliver(lost, 7),
+                sent(lost, 7),
+                durable(fine, 4),
+                deliver(fine, 4),
+                sent(fine, 4),
+                Effect::Done(tx),
+                // A group's deletion notice is not a message: it stays.
+                deliver(lost, super::super::NOTICE_SEQ),
+            ],
+        };
+        let failed: FxHashSet<ConvId> = [lost].into_iter().collect();
+        let (kept, gone) = split_failed(staged, &failed);
+        assert_eq!(kept.ops.len(), 2);
+        assert!(matches!(&kept.ops[0], WriteOp::Message(m) if m.conv == fine));
+        assert!(matches!(&kept.ops[1], WriteOp::Receipt { .. }));
+        let kept_seqs: Vec<_> = kept
+            .effects
+            .iter()
+            .map(|e| match e {
+                Effect::Durable { conv, .. } => (*conv, 0),
+                Effect::Event(_, Event::Deliver { conv, seq, .. } | Event::Sent { conv, seq, .. }) => {
+                    (*conv, *seq)
+                }
+                _ => (ConvId::Group { group: 0 }, 0),
+            })
+            .collect();
+        assert_eq!(
+            kept_seqs,
+            vec![
+                (fine, 0),
+                (fine, 4),
+                (fine, 4),
+                (ConvId::Group { group: 0 }, 0),
+                (lost, super::super::NOTICE_SEQ)
+            ]
+        );
+        assert_eq!(gone.len(), 3);
+        assert!(gone.iter().all(|e| match e {
+            Effect::Durable { conv, .. } => *conv == lost,
+            Effect::Event(_, Event::Deliver { conv, .. } | Event::Sent { conv, .. }) => *conv == lost,
+            _ => false,
+        }));
+    }
+
+    #[test]
+    fn a_poisoned_conversation_sequences_nothing_new_but_answers_retries() {
+        let mut s = state();
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 1, 100, None),
+            Sequenced::New { seq: 11, .. }
+        ));
+        s.dedup.get_mut(&(1, 100)).unwrap().waiters = None; // durable
+        s.poisoned = true;
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 2, 101, None),
+            Sequenced::Unstored
+        ));
+        assert_eq!(s.last_seq, 11, "no seq handed out");
+        assert!(matches!(
+            assign(&mut s, 4, 1, CONN, 3, 100, None),
             Sequenced::Duplicate { seq: 11, .. }
         ));
     }
