@@ -159,13 +159,7 @@ mod tests {
     #[test]
     fn a_revocation_time_never_moves_backwards() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = crate::StoreOptions {
-            argon2_memory_kib: 64,
-            argon2_iterations: 1,
-            fsync: false,
-            ..crate::StoreOptions::default()
-        };
-        let store = Store::open(dir.path(), opts).unwrap();
+        let store = Store::open(dir.path(), crate::test_options()).unwrap();
         let inner = &*store.inner;
         for (at, recorded) in [(5_000, 5_000), (3_000, 5_000), (9_000, 9_000)] {
             // As a revocation after the clock was stepped back would.

@@ -630,11 +630,8 @@ mod tests {
 
     fn open(dir: &std::path::Path, max_group_invites: usize) -> Store {
         let opts = StoreOptions {
-            argon2_memory_kib: 64,
-            argon2_iterations: 1,
-            fsync: false,
             max_group_invites,
-            ..StoreOptions::default()
+            ..crate::test_options()
         };
         Store::open(dir, opts).unwrap()
     }
@@ -682,11 +679,8 @@ mod tests {
     fn bans_per_group_are_limited() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
-            argon2_memory_kib: 64,
-            argon2_iterations: 1,
-            fsync: false,
             max_group_bans: 2,
-            ..StoreOptions::default()
+            ..crate::test_options()
         };
         let store = Store::open(dir.path(), opts).unwrap();
         for name in ["alice", "bob", "carol", "dave"] {

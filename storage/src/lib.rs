@@ -626,6 +626,17 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Options for the crate's unit tests: cheap hashing, no fsync.
+#[cfg(test)]
+pub(crate) fn test_options() -> StoreOptions {
+    StoreOptions {
+        argon2_memory_kib: 64,
+        argon2_iterations: 1,
+        fsync: false,
+        ..StoreOptions::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,10 +644,8 @@ mod tests {
     fn open_store(fsync: bool) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
-            argon2_memory_kib: 64,
-            argon2_iterations: 1,
             fsync,
-            ..StoreOptions::default()
+            ..test_options()
         };
         let store = Store::open(dir.path(), opts).unwrap();
         (dir, store)

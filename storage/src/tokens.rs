@@ -359,13 +359,7 @@ mod tests {
     #[test]
     fn a_login_that_checked_the_password_before_a_change_gets_no_token_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = crate::StoreOptions {
-            argon2_memory_kib: 64,
-            argon2_iterations: 1,
-            fsync: false,
-            ..crate::StoreOptions::default()
-        };
-        let store = Store::open(dir.path(), opts).unwrap();
+        let store = Store::open(dir.path(), crate::test_options()).unwrap();
         let alice = store.register("alice", b"password1").unwrap();
         // A login checks the old password (tens of milliseconds of argon2,
         // no lock held)...
