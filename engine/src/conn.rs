@@ -259,8 +259,9 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 }
             }
         };
-        let reply = match action {
-            PreLogin::Reply(frame) => frame,
+        // A frame to answer with, or a login accepted (handed off below).
+        let answer: Result<LoggedIn, ServerFrame> = match action {
+            PreLogin::Reply(frame) => Err(frame),
             PreLogin::ReplyAndClose(frame) => {
                 deferred.push(frame);
                 let _ = write_frames(&mut stream, &mut out, &shard, &mut deferred).await;
@@ -270,7 +271,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 request_id,
                 username,
                 password,
-            } => 'register: {
+            } => Err('register: {
                 if !config.registration {
                     break 'register ServerFrame::error(
                         request_id,
@@ -297,7 +298,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     },
                     Err(e) => store_error_frame(request_id, &e),
                 }
-            }
+            }),
             PreLogin::Login {
                 request_id,
                 username,
@@ -305,7 +306,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
             } => 'login: {
                 // Refused before argon2 runs: a guessing flood costs no CPU.
                 if let Err(wait) = limits::login_allowed(&config, peer, Some(&username)) {
-                    break 'login rate_limited(request_id, "too many failed logins", wait);
+                    break 'login Err(rate_limited(request_id, "too many failed logins", wait));
                 }
                 let account = username.clone();
                 let revocations = shard.store.revocations();
@@ -317,25 +318,15 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     .await;
                 match login {
                     Ok((user, username, token)) => {
-                        shard.m().login(true);
                         limits::login_succeeded(&username);
-                        session.logged_in(user);
-                        let login = LoggedIn {
-                            user,
-                            username,
-                            token,
-                            request_id,
-                            answered: std::mem::take(&mut deferred),
-                            revocations,
-                        };
-                        return move_to_home(shard, stream, buf, login, guards).await;
+                        Ok(LoggedIn::new(user, username, token, request_id, revocations))
                     }
-                    Err(e) => refused_login(&shard, peer, Some(&account), request_id, &e),
+                    Err(e) => Err(refused_login(&shard, peer, Some(&account), request_id, &e)),
                 }
             }
             PreLogin::LoginToken { request_id, token } => 'login: {
                 if let Err(wait) = limits::login_allowed(&config, peer, None) {
-                    break 'login rate_limited(request_id, "too many failed logins", wait);
+                    break 'login Err(rate_limited(request_id, "too many failed logins", wait));
                 }
                 // A reconnect with a token this server verified before is
                 // answered from memory on this thread; only a miss costs a
@@ -355,32 +346,22 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 };
                 match login {
                     Ok((user, username, token)) => {
-                        shard.m().login(true);
-                        session.logged_in(user);
-                        let login = LoggedIn {
-                            user,
-                            username,
-                            token,
-                            request_id,
-                            answered: std::mem::take(&mut deferred),
-                            revocations,
-                        };
-                        return move_to_home(shard, stream, buf, login, guards).await;
+                        Ok(LoggedIn::new(user, username, token, request_id, revocations))
                     }
-                    Err(e) => refused_login(&shard, peer, None, request_id, &e),
+                    Err(e) => Err(refused_login(&shard, peer, None, request_id, &e)),
                 }
             }
             PreLogin::LoginJwt { request_id, token } => 'login: {
                 let Some(verifier) = config.jwt.clone() else {
                     shard.m().login(false);
-                    break 'login ServerFrame::error(
+                    break 'login Err(ServerFrame::error(
                         request_id,
                         ErrorCode::AuthFailed,
                         "this server does not accept JWT logins",
-                    );
+                    ));
                 };
                 if let Err(wait) = limits::login_allowed(&config, peer, None) {
-                    break 'login rate_limited(request_id, "too many failed logins", wait);
+                    break 'login Err(rate_limited(request_id, "too many failed logins", wait));
                 }
                 let revocations = shard.store.revocations();
                 let login = shard
@@ -395,18 +376,15 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             ExternalLogin::LoggedIn { user, token, created } => {
                                 Ok((claims.username, user, token, created))
                             }
-                            ExternalLogin::NoAccount => Err(JwtRefusal {
-                                why: "no account has the JWT's sub",
-                                signed: true,
-                            }),
-                            ExternalLogin::PasswordAccount => Err(JwtRefusal {
-                                why: "the JWT's sub names a password account, which JWT logins may not use here",
-                                signed: true,
-                            }),
-                            ExternalLogin::IssuedBeforeRevocation => Err(JwtRefusal {
-                                why: "JWT issued before the account's sessions were revoked (iat)",
-                                signed: true,
-                            }),
+                            ExternalLogin::NoAccount => {
+                                Err(JwtRefusal::signed("no account has the JWT's sub"))
+                            }
+                            ExternalLogin::PasswordAccount => Err(JwtRefusal::signed(
+                                "the JWT's sub names a password account, which JWT logins may not use here",
+                            )),
+                            ExternalLogin::IssuedBeforeRevocation => Err(JwtRefusal::signed(
+                                "JWT issued before the account's sessions were revoked (iat)",
+                            )),
                         })
                     })
                     .await;
@@ -415,17 +393,13 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                         if created {
                             tracing::info!(user, username = %username, "account created by a JWT login");
                         }
-                        shard.m().login(true);
-                        session.logged_in(user);
-                        let login = LoggedIn {
+                        Ok(LoggedIn::new(
                             user,
                             username,
-                            token: token.to_vec(),
+                            token.to_vec(),
                             request_id,
-                            answered: std::mem::take(&mut deferred),
                             revocations,
-                        };
-                        return move_to_home(shard, stream, buf, login, guards).await;
+                        ))
                     }
                     Ok(Err(refused)) => {
                         shard.m().login(false);
@@ -434,11 +408,20 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                         if !refused.signed {
                             limits::login_failed(&config, peer, None);
                         }
-                        ServerFrame::error(request_id, ErrorCode::AuthFailed, refused.why)
+                        Err(ServerFrame::error(request_id, ErrorCode::AuthFailed, refused.why))
                     }
-                    Err(e) => refused_login(&shard, peer, None, request_id, &e),
+                    Err(e) => Err(refused_login(&shard, peer, None, request_id, &e)),
                 }
             }
+        };
+        let reply = match answer {
+            Ok(mut login) => {
+                shard.m().login(true);
+                session.logged_in(login.user);
+                login.answered = std::mem::take(&mut deferred);
+                return move_to_home(shard, stream, buf, login, guards).await;
+            }
+            Err(frame) => frame,
         };
         deferred.push(reply);
         let more = buf.buffered() > 0 && deferred.len() < DEFERRED_MAX;
@@ -654,6 +637,21 @@ struct LoggedIn {
     /// [`tern_storage::Store::revocations`] before the credentials were
     /// checked.
     revocations: u64,
+}
+
+impl LoggedIn {
+    /// A login the credentials were just accepted for; `answered` is
+    /// filled when it is handed off.
+    fn new(user: UserId, username: String, token: Vec<u8>, request_id: u64, revocations: u64) -> LoggedIn {
+        LoggedIn {
+            user,
+            username,
+            token,
+            request_id,
+            answered: Vec::new(),
+            revocations,
+        }
+    }
 }
 
 /// Continues a logged-in connection on its user's home shard.

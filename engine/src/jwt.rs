@@ -58,7 +58,7 @@ impl JwtRefusal {
         JwtRefusal { why, signed: false }
     }
 
-    fn signed(why: &'static str) -> JwtRefusal {
+    pub(crate) fn signed(why: &'static str) -> JwtRefusal {
         JwtRefusal { why, signed: true }
     }
 }
