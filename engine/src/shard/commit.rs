@@ -140,14 +140,6 @@ pub(super) enum Effect {
     Done(futures_channel::oneshot::Sender<bool>),
 }
 
-/// The conversation a staged op sequences a message in, if it does.
-fn message_conv(op: &WriteOp) -> Option<ConvId> {
-    match op {
-        WriteOp::Message(m) => Some(m.conv),
-        WriteOp::Receipt { .. } | WriteOp::Erase { .. } => None,
-    }
-}
-
 /// Splits the staged writes after a failed commit of `failed`'s messages:
 /// the messages (and recall erasures) of those conversations, with their
 /// deliveries, come out as failed effects (their `Durable` releases them
@@ -492,10 +484,19 @@ impl Shard {
             .await;
             let Some(batch) = batch else { return };
             self.committing.set(true);
-            let convs_written: FxHashSet<ConvId> = batch.ops.iter().filter_map(message_conv).collect();
             let committed = self.commit(batch.ops).await;
             let mut effects = batch.effects;
             if let Err(e) = &committed {
+                // Every message staged carries a `Durable` effect naming its
+                // conversation: the failed batch's conversations, derived
+                // only on this rare path.
+                let convs_written: FxHashSet<ConvId> = effects
+                    .iter()
+                    .filter_map(|effect| match effect {
+                        Effect::Durable { conv, .. } => Some(*conv),
+                        _ => None,
+                    })
+                    .collect();
                 tracing::error!(error = %e, shard = self.index, "storage commit failed; senders get errors");
                 // Messages of these conversations staged since were given
                 // seqs after the lost ones: committed, they would leave a
