@@ -346,6 +346,14 @@ impl Client {
         self.expect_ok(ClientBody::Logout)
     }
 
+    /// Logs the user out of every other device: every token of the user
+    /// but this session's is revoked, and the user's other sessions get
+    /// `Disconnect` ([`ErrorCode::AuthFailed`]) and are closed. This
+    /// session and its token go on working.
+    pub fn logout_others(&mut self) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::LogoutOthers)
+    }
+
     /// Changes the logged-in user's password. Every token of the user is
     /// revoked (this session's too); open sessions stay connected, but the
     /// next login needs the new password. A wrong `old_password` is

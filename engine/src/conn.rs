@@ -1838,6 +1838,7 @@ impl Conn {
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
+            ArchivedClientBody::LogoutOthers => self.logout_others(request_id).await,
             ArchivedClientBody::ChangePassword {
                 old_password,
                 new_password,
@@ -1910,6 +1911,29 @@ impl Conn {
                 }
                 store_error_frame(request_id, &e)
             }
+        }
+    }
+
+    /// `LogoutOthers`: revokes every token of the user but this session's
+    /// (on disk before anything else happens), then ends the user's other
+    /// sessions, which all live on this shard, the user's home.
+    async fn logout_others(&self, request_id: u64) -> ServerFrame {
+        let user = self.user;
+        let token = self.token;
+        match self
+            .shard
+            .blocking(move |store| store.revoke_other_tokens(user, &token))
+            .await
+        {
+            Ok(revoked) => {
+                let ended = self.shard.end_other_sessions(user, self.key);
+                tracing::debug!(user, revoked, ended, "logged out other devices");
+                ServerFrame {
+                    request_id,
+                    body: ServerBody::Ok,
+                }
+            }
+            Err(e) => store_error_frame(request_id, &e),
         }
     }
 

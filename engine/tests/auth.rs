@@ -184,6 +184,85 @@ fn tokens_that_logged_in_before_are_refused_after_logout_and_password_change() {
     }
 }
 
+/// Asserts that `client` gets `Disconnect { AuthFailed }` (after any
+/// messages and presence changes pushed before it) and is closed.
+fn assert_logged_out_elsewhere(client: &mut tern_client::Client, why: &str) {
+    use tern_client::ServerBody;
+    loop {
+        match client.next_push(std::time::Duration::from_secs(5)) {
+            Ok(Some(ServerBody::Message(_) | ServerBody::Presence { .. })) => continue,
+            Ok(Some(ServerBody::Disconnect { code, message, .. })) => {
+                assert_eq!(code, ErrorCode::AuthFailed, "{why}: {message}");
+                break;
+            }
+            other => panic!("{why}: expected a Disconnect, got {other:?}"),
+        }
+    }
+    assert!(client.ping().is_err(), "{why}: still open");
+}
+
+#[test]
+fn logout_others_ends_the_other_sessions_and_keeps_this_one() {
+    let server = TestServer::start_with(|config| config.max_sessions_per_user = 4);
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("lo{shard}_"), shard);
+        let peer = server.user_on_shard(&format!("lp{shard}_"), (shard + 1) % server.shards());
+        let mut mine = server.connect();
+        let my_session = mine.login(&user.name, PASSWORD).expect("login");
+        let mut by_password = server.connect();
+        let other = by_password.login(&user.name, PASSWORD).expect("login");
+        let mut by_token = server.connect();
+        by_token.login_token(&other.token).expect("token login");
+        // A token with no session open.
+        let unused = server.connect().login(&user.name, PASSWORD).expect("login").token;
+
+        mine.logout_others().expect("logout others");
+        assert_logged_out_elsewhere(&mut by_password, "a password session");
+        assert_logged_out_elsewhere(&mut by_token, "a token session");
+        assert_token_refused(&server, &other.token, "another device's token");
+        assert_token_refused(&server, &unused, "a token of no open session");
+
+        // This session goes on: it is answered, and messages reach it.
+        mine.ping().expect("this session stays");
+        let mut sender = server.login(&peer);
+        let sent = sender.send_text(user.id, "still here?").expect("send");
+        let got = expect_message(&mut mine);
+        assert_eq!((got.seq, got.from), (sent.seq, peer.id));
+        // Its token still logs in, and a password login starts afresh.
+        let mut resumed = server.connect();
+        assert_eq!(
+            resumed.login_token(&my_session.token).expect("token login").user,
+            user.id
+        );
+        server
+            .connect()
+            .login(&user.name, PASSWORD)
+            .expect("password login");
+        // The resumed session is another device now: it goes too.
+        mine.logout_others().expect("logout others again");
+        assert_logged_out_elsewhere(&mut resumed, "the resumed session");
+        mine.ping().expect("this session stays");
+    }
+}
+
+#[test]
+fn logout_others_reaches_parked_sessions() {
+    let park_after = std::time::Duration::from_millis(150);
+    let server = TestServer::start_with(|config| config.park_after = park_after);
+    let user = server.user_on_shard("lopark_", 0);
+    let mut mine = server.connect();
+    mine.login(&user.name, PASSWORD).expect("login");
+    let mut idle = server.connect();
+    let idle_session = idle.login(&user.name, PASSWORD).expect("login");
+    // Both sessions park; this one's request wakes it, the other's kill
+    // must reach it where it waits.
+    std::thread::sleep(park_after * 4);
+    mine.logout_others().expect("logout others");
+    assert_logged_out_elsewhere(&mut idle, "a parked session");
+    assert_token_refused(&server, &idle_session.token, "the parked session's token");
+    mine.ping().expect("this session stays");
+}
+
 #[test]
 fn tokens_that_logged_in_before_still_expire() {
     let ttl = std::time::Duration::from_millis(400);

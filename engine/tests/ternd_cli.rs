@@ -408,6 +408,27 @@ fn ternd_and_the_tern_cli_end_to_end() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("NotFound"), "{stderr}");
 
+    // Bob logs out everywhere: his open session is closed, its token dead.
+    let mut bob_lib = Client::connect(addr, opts()).expect("connect");
+    let bob_session = bob_lib.login("bob", PASSWORD).expect("login bob");
+    let out = cli.run("bob", &["logout-everywhere"]);
+    assert!(out.contains("logged out every session of bob"), "{out}");
+    loop {
+        match bob_lib.next_push(TIMEOUT) {
+            Ok(Some(ServerBody::Presence { .. } | ServerBody::Message(_) | ServerBody::Receipt { .. })) => {}
+            Ok(Some(ServerBody::Disconnect { code, .. })) => {
+                assert_eq!(code, ErrorCode::AuthFailed);
+                break;
+            }
+            other => panic!("bob's session after logout-everywhere: {other:?}"),
+        }
+    }
+    let mut again = Client::connect(addr, opts()).expect("connect");
+    assert!(
+        again.login_token(&bob_session.token).is_err(),
+        "bob's token still works"
+    );
+
     // SIGTERM: connected clients are told to come back later, and ternd
     // exits 0 promptly.
     kill(pid, libc::SIGTERM);

@@ -390,7 +390,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 40 {
+        match self.u8() % 41 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -531,7 +531,8 @@ impl<'a> Input<'a> {
             },
             37 => ClientBody::GroupDelete { group: self.id() },
             38 => ClientBody::LoginJwt { token: self.text() },
-            _ => ClientBody::Typing { conv: self.conv() },
+            39 => ClientBody::Typing { conv: self.conv() },
+            _ => ClientBody::LogoutOthers,
         }
     }
 }
@@ -679,7 +680,8 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::BlocksPage { .. }
             | B::GroupDelete { .. }
             | B::Typing { .. }
-            | B::Logout,
+            | B::Logout
+            | B::LogoutOthers,
         ) => Admit,
         #[allow(unreachable_patterns)] // requests added after this model
         _ => return None,

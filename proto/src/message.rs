@@ -190,6 +190,12 @@ pub enum ClientBody {
     /// Clients send it at most every few seconds while the user types;
     /// receivers show it for about 6 s unless it is repeated.
     Typing { conv: ConvId },
+    /// Logs the caller out of every other device: every token of the user
+    /// but this session's is revoked, JWTs issued before now are refused,
+    /// and the user's other sessions get `Disconnect { AuthFailed }`.
+    /// This session stays logged in and its token keeps working. Answered
+    /// with `Ok`.
+    LogoutOthers,
 }
 
 /// A member's role in a group.

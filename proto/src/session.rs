@@ -245,7 +245,8 @@ impl Session {
                 | B::Typing { .. }
                 | B::History { .. }
                 | B::Conversations { .. }
-                | B::Logout,
+                | B::Logout
+                | B::LogoutOthers,
             ) => Ok(()),
         }
     }
@@ -417,6 +418,7 @@ mod tests {
             new_password: b"longer password".to_vec(),
         };
         admit(&mut s, ok).unwrap();
+        admit(&mut s, ClientBody::LogoutOthers).unwrap();
         admit(&mut s, ClientBody::Logout).unwrap();
     }
 
@@ -444,10 +446,9 @@ mod tests {
         let mut s = Session::new(0, 1000, 1024);
         admit(&mut s, hello()).unwrap();
         s.hello_accepted();
-        assert_eq!(
-            admit(&mut s, ClientBody::Logout).unwrap_err().code,
-            ErrorCode::InvalidState
-        );
+        for logout in [ClientBody::Logout, ClientBody::LogoutOthers] {
+            assert_eq!(admit(&mut s, logout).unwrap_err().code, ErrorCode::InvalidState);
+        }
         let change = ClientBody::ChangePassword {
             old_password: b"password".to_vec(),
             new_password: b"password2".to_vec(),

@@ -345,6 +345,7 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             ),
         ),
         ("client-logout", client(15, ClientBody::Logout)),
+        ("client-logout-others", client(38, ClientBody::LogoutOthers)),
         (
             "client-change-password",
             client(
@@ -885,6 +886,7 @@ fn client_samples() -> Vec<ClientBody> {
         ClientBody::Typing {
             conv: ConvId::Group { group: 1 },
         },
+        ClientBody::LogoutOthers,
     ]
 }
 
@@ -1035,7 +1037,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             limit,
         } => vec![o(addr(conv)), o(addr(from_seq)), o(addr(forward)), o(addr(limit))],
         B::Conversations { offset, limit } => vec![o(addr(offset)), o(addr(limit))],
-        B::Logout => vec![],
+        B::Logout | B::LogoutOthers => vec![],
         B::ChangePassword {
             old_password,
             new_password,
@@ -1385,7 +1387,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 40] = [
+    let client_expected: [&[usize]; 41] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1426,6 +1428,7 @@ fn archived_layout_is_as_documented() {
         &[8],             // GroupDelete
         &[4],             // LoginJwt
         &[8],             // Typing
+        &[],              // LogoutOthers
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1783,6 +1786,7 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(Field::U32(B + 8, *limit));
         }
         ClientBody::Logout => fields.push(tag(19)),
+        ClientBody::LogoutOthers => fields.push(tag(40)),
         ClientBody::ChangePassword {
             old_password,
             new_password,
@@ -2298,6 +2302,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         any::<u64>().prop_map(|group| ClientBody::GroupDelete { group }),
         arb_string().prop_map(|token| ClientBody::LoginJwt { token }),
         arb_conv().prop_map(|conv| ClientBody::Typing { conv }),
+        Just(ClientBody::LogoutOthers),
     ]
 }
 

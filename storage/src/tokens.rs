@@ -106,12 +106,16 @@ impl Inner {
         user: UserId,
         now: u64,
         keep: usize,
+        spare: Option<&[u8; TOKEN_HASH_LEN]>,
     ) -> Result<(usize, Vec<[u8; TOKEN_HASH_LEN]>), StoreError> {
         let mut live = Vec::new();
         let mut expired = 0;
         for guard in self.user_tokens.handle.prefix(codec::id_key(user)) {
             let (key, value) = guard.into_inner()?;
             let hash = codec::decode_user_token_hash(&key).map_err(|d| self.user_tokens.corrupt(&key, d))?;
+            if spare == Some(&hash) {
+                continue;
+            }
             let expires = codec::decode_user_token(&value).map_err(|d| self.user_tokens.corrupt(&key, d))?;
             if expires <= now {
                 batch.remove(&self.tokens.handle, hash);
@@ -199,7 +203,7 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
-        let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep)?;
+        let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep, None)?;
         batch.insert(&inner.tokens.handle, hash, codec::encode_token(user, expires));
         batch.insert(
             &inner.user_tokens.handle,
@@ -275,13 +279,25 @@ impl Store {
         // the sync waits with the lock released (logins of the users on
         // this stripe need not wait for the disk).
         let issuing = inner.token_lock(user);
-        inner.commit_revoking_all(inner.db.batch(), user, issuing)
+        inner.commit_revoking_all(inner.db.batch(), user, None, issuing)
+    }
+
+    /// Removes every token of `user` except `keep` (the caller's own
+    /// session's: "log out my other devices") and refuses the JWTs issued
+    /// before now, as [`Store::revoke_tokens`] does; returns how many
+    /// tokens were removed. `keep` is spared only if it is a token of
+    /// `user`; synced when `fsync` is on.
+    pub fn revoke_other_tokens(&self, user: UserId, keep: &[u8]) -> Result<usize, StoreError> {
+        let inner = &*self.inner;
+        let spare = digest(keep);
+        let issuing = inner.token_lock(user);
+        inner.commit_revoking_all(inner.db.batch(), user, Some(&spare), issuing)
     }
 }
 
 impl Inner {
-    /// Adds the removal of every token of `user` to `batch` and writes
-    /// it; then releases `held` (the locks the batch's checks needed, the
+    /// Adds the removal of every token of `user` (but `spare`, if given)
+    /// to `batch` and writes it; then releases `held` (the locks the batch's checks needed, the
     /// user's token lock among them), drops the user's cached tokens,
     /// counts the revocation (see [`Store::revocations`]) and waits for
     /// the sync, so no lock is held on the disk. Returns how many tokens
@@ -290,13 +306,14 @@ impl Inner {
         &self,
         mut batch: fjall::OwnedWriteBatch,
         user: UserId,
+        spare: Option<&[u8; TOKEN_HASH_LEN]>,
         held: G,
     ) -> Result<usize, StoreError> {
         // Tokens of the operator's identity provider cannot be swept:
         // recording when is what refuses the older ones (see `external`).
         let written = self
             .put_revocation(&mut batch, user, now_unix_ms())
-            .and_then(|()| self.sweep_tokens(&mut batch, user, u64::MAX, 0))
+            .and_then(|()| self.sweep_tokens(&mut batch, user, u64::MAX, 0, spare))
             .and_then(|(removed, _)| self.write(batch, true).map(|pending| (removed, pending)));
         drop(held);
         self.token_cache.revoke(|_, cached| cached.user == user);

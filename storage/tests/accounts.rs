@@ -251,6 +251,46 @@ fn revoke_removes_only_that_users_tokens() {
 }
 
 #[test]
+fn revoke_other_tokens_spares_only_the_callers_token_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, a2, a3, b1);
+    {
+        let store = open(dir.path());
+        let alice = store.register("alice", b"password1").unwrap();
+        let bob = store.register("bob", b"password2").unwrap();
+        a1 = store.issue_token(alice).unwrap();
+        a2 = store.issue_token(alice).unwrap();
+        a3 = store.issue_token(alice).unwrap();
+        b1 = store.issue_token(bob).unwrap();
+        for token in [&a1, &a2, &a3] {
+            store.token_login(token).unwrap(); // cached
+        }
+        assert_eq!(store.revoke_other_tokens(alice, &a2).unwrap(), 2);
+        assert_eq!(store.token_login(&a2).unwrap(), (alice, "alice".to_owned()));
+        for token in [&a1, &a3] {
+            assert_eq!(store.cached_token_login(token), None);
+            assert!(matches!(store.token_login(token), Err(StoreError::AuthFailed)));
+        }
+        assert_eq!(store.verify_token(&b1).unwrap(), bob);
+        // Sparing a token of someone else spares nothing of alice's, and
+        // leaves bob's token alone.
+        assert_eq!(store.revoke_other_tokens(alice, &b1).unwrap(), 1);
+        assert!(matches!(store.verify_token(&a2), Err(StoreError::AuthFailed)));
+        assert_eq!(store.verify_token(&b1).unwrap(), bob);
+        // With nothing left but the spared token, nothing is removed.
+        let a4 = store.issue_token(alice).unwrap();
+        assert_eq!(store.revoke_other_tokens(alice, &a4).unwrap(), 0);
+        assert_eq!(store.verify_token(&a4).unwrap(), alice);
+        assert_eq!(store.revoke_other_tokens(alice, b"short").unwrap(), 1);
+    }
+    let store = open(dir.path());
+    for token in [&a1, &a2, &a3] {
+        assert!(matches!(store.verify_token(token), Err(StoreError::AuthFailed)));
+    }
+    assert!(store.verify_token(&b1).is_ok());
+}
+
+#[test]
 fn revoke_token_removes_only_that_token() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

@@ -129,6 +129,24 @@ fn provider_tokens_older_than_a_revocation_are_refused_after_a_reopen() {
 }
 
 #[test]
+fn logging_out_other_devices_retires_older_provider_tokens_but_not_the_callers_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (dave, mine, _) = logged_in(store.external_login("dave", Some(now_ms()), CREATE).unwrap());
+    let (_, theirs, _) = logged_in(store.external_login("dave", Some(now_ms()), CREATE).unwrap());
+    let issued_before = now_ms();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(store.revoke_other_tokens(dave, &mine).unwrap(), 1);
+    assert_eq!(store.token_login(&mine).unwrap().0, dave);
+    assert!(matches!(store.token_login(&theirs), Err(StoreError::AuthFailed)));
+    assert_eq!(
+        store.external_login("dave", Some(issued_before), CREATE).unwrap(),
+        ExternalLogin::IssuedBeforeRevocation
+    );
+    logged_in(store.external_login("dave", Some(now_ms() + 1), CREATE).unwrap());
+}
+
+#[test]
 fn a_password_change_also_retires_older_provider_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

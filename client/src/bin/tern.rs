@@ -126,6 +126,9 @@ enum Command {
         #[arg(long, value_name = "HEX")]
         token: Option<String>,
     },
+    /// End every session of the user on every device: revokes all of the
+    /// user's tokens and closes their open sessions (this command's too).
+    LogoutEverywhere,
     /// Change the password of --user; revokes every token of the user
     /// (open sessions stay connected, their next login needs the new password).
     Passwd {
@@ -439,6 +442,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logout { .. } => {
             client.logout().context("logout failed")?;
             println!("logged out {user}");
+        }
+        Command::LogoutEverywhere => {
+            // The other devices first; then this command's own session,
+            // which revokes the one token the first step spared.
+            client
+                .logout_others()
+                .context("cannot log out the other devices")?;
+            client.logout().context("logout failed")?;
+            println!("logged out every session of {user}; every token of {user} is revoked");
         }
         Command::Passwd { new_password } => {
             client

@@ -559,6 +559,20 @@ impl Shard {
         }
     }
 
+    /// Ends every session of `user` homed here but `keep`, after the user
+    /// logged out their other devices (whose tokens are revoked by then);
+    /// returns how many.
+    pub fn end_other_sessions(&self, user: UserId, keep: ConnKey) -> usize {
+        let mut ended = 0;
+        self.for_each_session(user, Some(keep), |entry| {
+            entry
+                .outbox()
+                .kill(ErrorCode::AuthFailed, "logged out from another device", 0);
+            ended += 1;
+        });
+        ended
+    }
+
     /// Drops this shard's ends of the queues to other shards, so that
     /// their consumer tasks end once drained (shutdown).
     pub fn close_queues(&self) {
