@@ -347,11 +347,15 @@ impl Client {
     }
 
     /// Logs the user out of every other device: every token of the user
-    /// but this session's is revoked, and the user's other sessions get
-    /// `Disconnect` ([`ErrorCode::AuthFailed`]) and are closed. This
-    /// session and its token go on working.
-    pub fn logout_others(&mut self) -> Result<(), ClientError> {
-        self.expect_ok(ClientBody::LogoutOthers)
+    /// is revoked (this session's too, so a copy of it elsewhere stops
+    /// working), the user's other sessions get `Disconnect`
+    /// ([`ErrorCode::AuthFailed`]) and are closed, and this session goes
+    /// on with the new token the returned [`Session`] holds (save it for
+    /// [`Client::login_token`]). [`ErrorCode::AuthFailed`] if this
+    /// session's token was already revoked; [`ErrorCode::RateLimited`]
+    /// if asked again within a few seconds.
+    pub fn logout_others(&mut self) -> Result<Session, ClientError> {
+        self.logged_in(ClientBody::LogoutOthers)
     }
 
     /// Changes the logged-in user's password. Every token of the user is

@@ -440,6 +440,11 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
 /// few enough that a client pipelining pings cannot make a large batch.
 const DEFERRED_MAX: usize = 8;
 
+/// Shortest time between two `LogoutOthers` of one session. Each is a
+/// synced write that also empties the store's token cache for every
+/// user, so it is metered like the rare request it is.
+const LOGOUT_OTHERS_INTERVAL_MS: u64 = 5_000;
+
 /// Writes `frames` (in order) in one write and empties it.
 async fn write_frames(
     stream: &mut Transport,
@@ -817,6 +822,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         session,
         limiter: ConnLimiter::new(&config.limits, peer),
         filter: FilterCache::default(),
+        logout_others_after_ms: 0,
     };
     run_session(conn, stream, buf, guards);
 }
@@ -1007,6 +1013,10 @@ impl Parked {
             session: self.session,
             limiter: self.limiter,
             filter: self.filter,
+            // Not kept while parked (it would cost every parked session 8
+            // bytes): a session parks only after `park_after` of silence
+            // (5 s by default), so requests stay about that far apart.
+            logout_others_after_ms: 0,
         };
         (conn, Transport::from_parts(parts), self.guards)
     }
@@ -1044,6 +1054,7 @@ fn park(conn: Conn, stream: Transport, guards: Guards) -> Result<(), (Conn, Tran
         session,
         limiter,
         filter,
+        logout_others_after_ms: _,
     } = conn;
     let parked = Box::new(Parked {
         shard: shard.clone(),
@@ -1327,6 +1338,9 @@ struct Conn {
     session: Session,
     limiter: ConnLimiter,
     filter: FilterCache,
+    /// When this session may next send `LogoutOthers` (monotonic ms):
+    /// each one is a synced write and empties the store's token cache.
+    logout_others_after_ms: u64,
 }
 
 impl Conn {
@@ -1914,25 +1928,48 @@ impl Conn {
         }
     }
 
-    /// `LogoutOthers`: revokes every token of the user but this session's
-    /// (on disk before anything else happens), then ends the user's other
-    /// sessions, which all live on this shard, the user's home.
-    async fn logout_others(&self, request_id: u64) -> ServerFrame {
+    /// `LogoutOthers`: if this session's token is still live, replaces
+    /// every token of the user with one new token for this session (on
+    /// disk before anything else happens), then ends the user's other
+    /// sessions, which all live on this shard, the user's home. A session
+    /// whose token is gone (logged out by another device a moment ago,
+    /// say) gets `AuthFailed` and logs no one out.
+    async fn logout_others(&mut self, request_id: u64) -> ServerFrame {
+        let now_ms = limits::monotonic_us() / 1000;
+        if now_ms < self.logout_others_after_ms {
+            let wait = u32::try_from(self.logout_others_after_ms - now_ms).unwrap_or(u32::MAX);
+            return rate_limited(request_id, "logging out other devices again so soon", wait);
+        }
+        self.logout_others_after_ms = now_ms + LOGOUT_OTHERS_INTERVAL_MS;
         let user = self.user;
-        let token = self.token;
-        match self
+        let current = self.token;
+        let reissued = self
             .shard
-            .blocking(move |store| store.revoke_other_tokens(user, &token))
-            .await
-        {
-            Ok(revoked) => {
+            .blocking(move |store| {
+                let username = store.username(user)?.ok_or(tern_storage::StoreError::NotFound)?;
+                let (token, revoked) = store.reissue_sole_token(user, &current)?;
+                Ok((username, token, revoked))
+            })
+            .await;
+        match reissued {
+            Ok((username, token, revoked)) => {
+                self.token = token;
                 let ended = self.shard.end_other_sessions(user, self.key);
                 tracing::debug!(user, revoked, ended, "logged out other devices");
                 ServerFrame {
                     request_id,
-                    body: ServerBody::Ok,
+                    body: ServerBody::LoggedIn {
+                        user,
+                        username,
+                        token: token.to_vec(),
+                    },
                 }
             }
+            Err(tern_storage::StoreError::AuthFailed) => ServerFrame::error(
+                request_id,
+                ErrorCode::AuthFailed,
+                "this session's token was revoked (logged out elsewhere, or a password change): log in again first",
+            ),
             Err(e) => store_error_frame(request_id, &e),
         }
     }

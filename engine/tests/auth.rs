@@ -203,7 +203,7 @@ fn assert_logged_out_elsewhere(client: &mut tern_client::Client, why: &str) {
 
 #[test]
 fn logout_others_ends_the_other_sessions_and_keeps_this_one() {
-    let server = TestServer::start_with(|config| config.max_sessions_per_user = 4);
+    let server = TestServer::start_with(|config| config.max_sessions_per_user = 5);
     for shard in 0..server.shards() {
         let user = server.user_on_shard(&format!("lo{shard}_"), shard);
         let peer = server.user_on_shard(&format!("lp{shard}_"), (shard + 1) % server.shards());
@@ -213,14 +213,21 @@ fn logout_others_ends_the_other_sessions_and_keeps_this_one() {
         let other = by_password.login(&user.name, PASSWORD).expect("login");
         let mut by_token = server.connect();
         by_token.login_token(&other.token).expect("token login");
+        // A copy of this session's own token, in use elsewhere.
+        let mut copy = server.connect();
+        copy.login_token(&my_session.token).expect("token login");
         // A token with no session open.
         let unused = server.connect().login(&user.name, PASSWORD).expect("login").token;
 
-        mine.logout_others().expect("logout others");
+        let renewed = mine.logout_others().expect("logout others");
+        assert_eq!((renewed.user, &renewed.username), (user.id, &user.name));
+        assert_ne!(renewed.token, my_session.token);
         assert_logged_out_elsewhere(&mut by_password, "a password session");
         assert_logged_out_elsewhere(&mut by_token, "a token session");
+        assert_logged_out_elsewhere(&mut copy, "a session with this session's token");
         assert_token_refused(&server, &other.token, "another device's token");
         assert_token_refused(&server, &unused, "a token of no open session");
+        assert_token_refused(&server, &my_session.token, "this session's old token");
 
         // This session goes on: it is answered, and messages reach it.
         mine.ping().expect("this session stays");
@@ -228,20 +235,61 @@ fn logout_others_ends_the_other_sessions_and_keeps_this_one() {
         let sent = sender.send_text(user.id, "still here?").expect("send");
         let got = expect_message(&mut mine);
         assert_eq!((got.seq, got.from), (sent.seq, peer.id));
-        // Its token still logs in, and a password login starts afresh.
+        // Its new token logs in, and a password login starts afresh.
         let mut resumed = server.connect();
         assert_eq!(
-            resumed.login_token(&my_session.token).expect("token login").user,
+            resumed.login_token(&renewed.token).expect("token login").user,
             user.id
         );
         server
             .connect()
             .login(&user.name, PASSWORD)
             .expect("password login");
-        // The resumed session is another device now: it goes too.
-        mine.logout_others().expect("logout others again");
-        assert_logged_out_elsewhere(&mut resumed, "the resumed session");
+        // Asking again at once is metered.
+        assert_eq!(code_of(mine.logout_others()), ErrorCode::RateLimited);
         mine.ping().expect("this session stays");
+        // A Logout after it revokes the new token: nothing of the user's is left.
+        mine.logout().expect("logout");
+        assert_token_refused(&server, &renewed.token, "the renewed token after Logout");
+    }
+}
+
+#[test]
+fn a_session_logged_out_by_another_device_cannot_log_that_device_out() {
+    let server = TestServer::start();
+    let user = server.user_on_shard("duel_", 0);
+    for round in 0..10 {
+        let mut a = server.connect();
+        a.login_unsynced(&user.name, PASSWORD).expect("login");
+        let mut b = server.connect();
+        b.login_unsynced(&user.name, PASSWORD).expect("login");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let outcomes: Vec<_> = [a, b]
+            .into_iter()
+            .map(|mut client| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    client.logout_others().map(|session| (session, client))
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        let mut winners: Vec<_> = outcomes.into_iter().filter_map(Result::ok).collect();
+        assert_eq!(winners.len(), 1, "round {round}: exactly one device wins");
+        let (session, mut winner) = winners.pop().expect("a winner");
+        // Once both have their answer, nothing ends the winner or a new login.
+        let mut fresh = server.connect();
+        fresh.login_unsynced(&user.name, PASSWORD).expect("login");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        fresh.ping().expect("a later login stays");
+        winner.ping().expect("the winner stays");
+        server
+            .connect()
+            .login_token(&session.token)
+            .expect("the winner's token works");
     }
 }
 

@@ -191,10 +191,11 @@ pub enum ClientBody {
     /// receivers show it for about 6 s unless it is repeated.
     Typing { conv: ConvId },
     /// Logs the caller out of every other device: every token of the user
-    /// but this session's is revoked, JWTs issued before now are refused,
-    /// and the user's other sessions get `Disconnect { AuthFailed }`.
-    /// This session stays logged in and its token keeps working. Answered
-    /// with `Ok`.
+    /// is revoked (this session's too), JWTs issued before now are
+    /// refused, and the user's other sessions get `Disconnect {
+    /// AuthFailed }`. This session stays logged in with a new token, the
+    /// user's only one: answered with `LoggedIn`. `AuthFailed` if this
+    /// session's own token was revoked already.
     LogoutOthers,
 }
 
@@ -349,7 +350,7 @@ pub enum ServerBody {
     /// The answer to `Register`.
     Registered { user: UserId },
     /// The answer to `Login`, `LoginToken` and `LoginJwt`: the session is
-    /// authenticated.
+    /// authenticated; and to `LogoutOthers`, with the session's new token.
     LoggedIn {
         user: UserId,
         username: String,
@@ -486,7 +487,8 @@ pub enum ErrorCode {
     InvalidArgument,
     /// The username is taken.
     UsernameTaken,
-    /// Wrong username, password or token.
+    /// Wrong username, password or token; as a `Disconnect`, the session
+    /// was logged out from another device.
     AuthFailed,
     /// The user, group or conversation does not exist.
     NotFound,

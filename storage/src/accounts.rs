@@ -244,7 +244,7 @@ impl Store {
         let registering = lock(&inner.register_lock);
         let mut batch = inner.db.batch();
         inner.put_account(&mut batch, &username, user, &new_phc);
-        inner.commit_revoking_all(batch, user, None, (registering, issuing))
+        inner.commit_revoking_all(batch, user, (registering, issuing))
     }
 
     /// Replaces the password of `user`. Does not revoke tokens: the

@@ -247,7 +247,8 @@ struct Inner {
     /// Group commit of the durable changes made outside the [`Writer`].
     syncs: SyncTickets,
     /// Counts the revocations of all of a user's tokens (admin revoke,
-    /// password change), any user's: see [`Store::revocations`].
+    /// password change, logging out other devices), any user's: see
+    /// [`Store::revocations`].
     revocations: AtomicU64,
 }
 

@@ -106,16 +106,12 @@ impl Inner {
         user: UserId,
         now: u64,
         keep: usize,
-        spare: Option<&[u8; TOKEN_HASH_LEN]>,
     ) -> Result<(usize, Vec<[u8; TOKEN_HASH_LEN]>), StoreError> {
         let mut live = Vec::new();
         let mut expired = 0;
         for guard in self.user_tokens.handle.prefix(codec::id_key(user)) {
             let (key, value) = guard.into_inner()?;
             let hash = codec::decode_user_token_hash(&key).map_err(|d| self.user_tokens.corrupt(&key, d))?;
-            if spare == Some(&hash) {
-                continue;
-            }
             let expires = codec::decode_user_token(&value).map_err(|d| self.user_tokens.corrupt(&key, d))?;
             if expires <= now {
                 batch.remove(&self.tokens.handle, hash);
@@ -183,12 +179,8 @@ impl Store {
         if !inner.user_exists(user)? {
             return Err(StoreError::NotFound);
         }
-        let mut token = [0u8; TOKEN_LEN];
-        getrandom::fill(&mut token).map_err(|e| StoreError::Crypto(format!("random source: {e}")))?;
-        let hash = digest(&token);
+        let (token, hash, expires) = inner.new_token()?;
         let now = now_unix_ms();
-        let ttl_ms = u64::try_from(inner.opts.token_ttl.as_millis()).unwrap_or(u64::MAX);
-        let expires = now.saturating_add(ttl_ms);
         // Check, sweep, insert and commit as one step per user.
         let _issuing = inner.token_lock(user);
         let refused = match &check {
@@ -203,7 +195,7 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
-        let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep, None)?;
+        let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep)?;
         batch.insert(&inner.tokens.handle, hash, codec::encode_token(user, expires));
         batch.insert(
             &inner.user_tokens.handle,
@@ -279,25 +271,47 @@ impl Store {
         // the sync waits with the lock released (logins of the users on
         // this stripe need not wait for the disk).
         let issuing = inner.token_lock(user);
-        inner.commit_revoking_all(inner.db.batch(), user, None, issuing)
+        inner.commit_revoking_all(inner.db.batch(), user, issuing)
     }
 
-    /// Removes every token of `user` except `keep` (the caller's own
-    /// session's: "log out my other devices") and refuses the JWTs issued
-    /// before now, as [`Store::revoke_tokens`] does; returns how many
-    /// tokens were removed. `keep` is spared only if it is a token of
-    /// `user`; synced when `fsync` is on.
-    pub fn revoke_other_tokens(&self, user: UserId, keep: &[u8]) -> Result<usize, StoreError> {
+    /// Logs `user` out of every other device: if `current` (the calling
+    /// session's token) is still a live token of `user`, revokes every
+    /// token of the user, `current` included (a copy of it elsewhere is
+    /// logged out too), records the revocation time (the user's older JWTs
+    /// are refused) and issues one new token, the only one left, all in
+    /// one batch, synced when `fsync` is on. Returns the new token and how
+    /// many were revoked. [`StoreError::AuthFailed`] if `current` is not
+    /// live: that session was itself logged out (by another device, a
+    /// password change or the operator) and may not log anyone out.
+    pub fn reissue_sole_token(
+        &self,
+        user: UserId,
+        current: &[u8],
+    ) -> Result<([u8; TOKEN_LEN], usize), StoreError> {
         let inner = &*self.inner;
-        let spare = digest(keep);
+        let (token, hash, expires) = inner.new_token()?;
         let issuing = inner.token_lock(user);
-        inner.commit_revoking_all(inner.db.batch(), user, Some(&spare), issuing)
+        match inner.live_token(current, &digest(current)) {
+            Ok((owner, _)) if owner == user => {}
+            Ok(_) | Err(StoreError::AuthFailed) => return Err(StoreError::AuthFailed),
+            Err(e) => return Err(e),
+        }
+        let mut batch = inner.db.batch();
+        // Not on disk yet, so the revocation's sweep does not see it.
+        batch.insert(&inner.tokens.handle, hash, codec::encode_token(user, expires));
+        batch.insert(
+            &inner.user_tokens.handle,
+            codec::user_token_key(user, &hash),
+            codec::encode_user_token(expires),
+        );
+        let revoked = inner.commit_revoking_all(batch, user, issuing)?;
+        Ok((token, revoked))
     }
 }
 
 impl Inner {
-    /// Adds the removal of every token of `user` (but `spare`, if given)
-    /// to `batch` and writes it; then releases `held` (the locks the batch's checks needed, the
+    /// Adds the removal of every token of `user` to `batch` and writes
+    /// it; then releases `held` (the locks the batch's checks needed, the
     /// user's token lock among them), drops the user's cached tokens,
     /// counts the revocation (see [`Store::revocations`]) and waits for
     /// the sync, so no lock is held on the disk. Returns how many tokens
@@ -306,14 +320,13 @@ impl Inner {
         &self,
         mut batch: fjall::OwnedWriteBatch,
         user: UserId,
-        spare: Option<&[u8; TOKEN_HASH_LEN]>,
         held: G,
     ) -> Result<usize, StoreError> {
         // Tokens of the operator's identity provider cannot be swept:
         // recording when is what refuses the older ones (see `external`).
         let written = self
             .put_revocation(&mut batch, user, now_unix_ms())
-            .and_then(|()| self.sweep_tokens(&mut batch, user, u64::MAX, 0, spare))
+            .and_then(|()| self.sweep_tokens(&mut batch, user, u64::MAX, 0))
             .and_then(|(removed, _)| self.write(batch, true).map(|pending| (removed, pending)));
         drop(held);
         self.token_cache.revoke(|_, cached| cached.user == user);
@@ -321,6 +334,14 @@ impl Inner {
         let (removed, pending) = written?;
         self.sync(pending)?;
         Ok(removed)
+    }
+
+    /// A fresh random token, its digest and its expiry.
+    fn new_token(&self) -> Result<([u8; TOKEN_LEN], [u8; TOKEN_HASH_LEN], u64), StoreError> {
+        let mut token = [0u8; TOKEN_LEN];
+        getrandom::fill(&mut token).map_err(|e| StoreError::Crypto(format!("random source: {e}")))?;
+        let ttl_ms = u64::try_from(self.opts.token_ttl.as_millis()).unwrap_or(u64::MAX);
+        Ok((token, digest(&token), now_unix_ms().saturating_add(ttl_ms)))
     }
 
     /// Serialises the token changes of one user (a stripe of users).

@@ -251,9 +251,9 @@ fn revoke_removes_only_that_users_tokens() {
 }
 
 #[test]
-fn revoke_other_tokens_spares_only_the_callers_token_and_survives_a_reopen() {
+fn reissue_sole_token_leaves_one_new_token_and_survives_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let (a1, a2, a3, b1);
+    let (a1, a2, a3, fresh, b1);
     {
         let store = open(dir.path());
         let alice = store.register("alice", b"password1").unwrap();
@@ -265,29 +265,64 @@ fn revoke_other_tokens_spares_only_the_callers_token_and_survives_a_reopen() {
         for token in [&a1, &a2, &a3] {
             store.token_login(token).unwrap(); // cached
         }
-        assert_eq!(store.revoke_other_tokens(alice, &a2).unwrap(), 2);
-        assert_eq!(store.token_login(&a2).unwrap(), (alice, "alice".to_owned()));
-        for token in [&a1, &a3] {
+        let (new, revoked) = store.reissue_sole_token(alice, &a2).unwrap();
+        assert_eq!(revoked, 3, "the caller's own token goes too");
+        fresh = new;
+        assert_eq!(store.token_login(&fresh).unwrap(), (alice, "alice".to_owned()));
+        for token in [&a1, &a2, &a3] {
             assert_eq!(store.cached_token_login(token), None);
             assert!(matches!(store.token_login(token), Err(StoreError::AuthFailed)));
         }
         assert_eq!(store.verify_token(&b1).unwrap(), bob);
-        // Sparing a token of someone else spares nothing of alice's, and
-        // leaves bob's token alone.
-        assert_eq!(store.revoke_other_tokens(alice, &b1).unwrap(), 1);
-        assert!(matches!(store.verify_token(&a2), Err(StoreError::AuthFailed)));
+        // A token that is no longer live (or someone else's, or garbage)
+        // may not log anyone out.
+        for current in [&a1[..], &b1[..], b"short"] {
+            assert!(matches!(
+                store.reissue_sole_token(alice, current),
+                Err(StoreError::AuthFailed)
+            ));
+        }
+        assert_eq!(store.verify_token(&fresh).unwrap(), alice);
         assert_eq!(store.verify_token(&b1).unwrap(), bob);
-        // With nothing left but the spared token, nothing is removed.
-        let a4 = store.issue_token(alice).unwrap();
-        assert_eq!(store.revoke_other_tokens(alice, &a4).unwrap(), 0);
-        assert_eq!(store.verify_token(&a4).unwrap(), alice);
-        assert_eq!(store.revoke_other_tokens(alice, b"short").unwrap(), 1);
     }
     let store = open(dir.path());
     for token in [&a1, &a2, &a3] {
         assert!(matches!(store.verify_token(token), Err(StoreError::AuthFailed)));
     }
+    assert!(store.verify_token(&fresh).is_ok());
     assert!(store.verify_token(&b1).is_ok());
+}
+
+#[test]
+fn of_two_devices_logging_each_other_out_at_once_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = store.register("alice", b"password1").unwrap();
+    for _ in 0..20 {
+        let tokens = [
+            store.issue_token(alice).unwrap(),
+            store.issue_token(alice).unwrap(),
+        ];
+        let barrier = Arc::new(Barrier::new(2));
+        let outcomes: Vec<_> = tokens
+            .iter()
+            .map(|token| {
+                let (store, barrier, token) = (store.clone(), barrier.clone(), *token);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.reissue_sole_token(alice, &token)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let winners: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "{outcomes:?}");
+        assert!(outcomes.iter().any(|o| matches!(o, Err(StoreError::AuthFailed))));
+        // The winner's new token is the user's only one.
+        assert_eq!(store.revoke_tokens(alice).unwrap(), 1);
+    }
 }
 
 #[test]

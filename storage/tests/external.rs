@@ -136,9 +136,12 @@ fn logging_out_other_devices_retires_older_provider_tokens_but_not_the_callers_s
     let (_, theirs, _) = logged_in(store.external_login("dave", Some(now_ms()), CREATE).unwrap());
     let issued_before = now_ms();
     std::thread::sleep(std::time::Duration::from_millis(5));
-    assert_eq!(store.revoke_other_tokens(dave, &mine).unwrap(), 1);
-    assert_eq!(store.token_login(&mine).unwrap().0, dave);
-    assert!(matches!(store.token_login(&theirs), Err(StoreError::AuthFailed)));
+    let (fresh, revoked) = store.reissue_sole_token(dave, &mine).unwrap();
+    assert_eq!(revoked, 2);
+    assert_eq!(store.token_login(&fresh).unwrap().0, dave);
+    for token in [&mine, &theirs] {
+        assert!(matches!(store.token_login(token), Err(StoreError::AuthFailed)));
+    }
     assert_eq!(
         store.external_login("dave", Some(issued_before), CREATE).unwrap(),
         ExternalLogin::IssuedBeforeRevocation

@@ -126,8 +126,8 @@ enum Command {
         #[arg(long, value_name = "HEX")]
         token: Option<String>,
     },
-    /// End every session of the user on every device: revokes all of the
-    /// user's tokens and closes their open sessions (this command's too).
+    /// End every session of the user on every device: revokes every token
+    /// the user has and closes their open sessions (this command's too).
     LogoutEverywhere,
     /// Change the password of --user; revokes every token of the user
     /// (open sessions stay connected, their next login needs the new password).
@@ -445,12 +445,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::LogoutEverywhere => {
             // The other devices first; then this command's own session,
-            // which revokes the one token the first step spared.
+            // which revokes the one token the first step issued it.
             client
                 .logout_others()
                 .context("cannot log out the other devices")?;
             client.logout().context("logout failed")?;
-            println!("logged out every session of {user}; every token of {user} is revoked");
+            println!("logged out every session of {user}; every token {user} had is revoked");
         }
         Command::Passwd { new_password } => {
             client
