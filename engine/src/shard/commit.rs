@@ -185,6 +185,20 @@ pub(super) fn store_frame(frame: &Encoded) -> Arc<[u8]> {
     frame.clone()
 }
 
+/// What became of a message whose batch the store answered, for the
+/// retries that waited on it (connection, request id).
+#[derive(Debug, PartialEq, Eq)]
+enum Released {
+    Durable {
+        seq: u64,
+        timestamp_ms: u64,
+        waiters: Vec<(ConnKey, u64)>,
+    },
+    Unstored {
+        waiters: Vec<(ConnKey, u64)>,
+    },
+}
+
 /// The conversations homed here whose sequence state is cached, and the
 /// reads of it from the store in flight. A read that began before a
 /// cached state was changed and dropped (evicted when the cache is full,
@@ -232,6 +246,37 @@ impl ConvCache {
             (None, Some(state)) if state.inflight == 0 => self.remove(conv),
             _ => {}
         }
+    }
+
+    /// Marks a message durable (`ok`) or lost in `conv`'s state and hands
+    /// back the retries that waited for it (connection, request id).
+    fn release(&mut self, conv: ConvId, from: UserId, client_msg_id: u64, ok: bool) -> Released {
+        let Some(state) = self.map.get_mut(&conv) else {
+            // Not cached, so nothing waited on it here.
+            return Released::Unstored { waiters: Vec::new() };
+        };
+        state.inflight = state.inflight.saturating_sub(1);
+        let entry = state.dedup.get_mut(&(from, client_msg_id));
+        let (seq, timestamp_ms) = entry.as_ref().map_or((0, 0), |e| (e.seq, e.timestamp_ms));
+        let waiters = entry.and_then(|e| e.waiters.take()).unwrap_or_default();
+        if ok {
+            return Released::Durable {
+                seq,
+                timestamp_ms,
+                waiters,
+            };
+        }
+        // The store refused the batch: forget the cached state so the next
+        // message reloads the last durable seq. The id is forgotten even
+        // while other messages keep the state cached, so that a retry is
+        // sequenced anew rather than acked with a seq that was never
+        // stored (for a recall: an erasure that never ran); the retries
+        // that waited are told, like the original, to send again.
+        state.forget_client_msg_id(from, client_msg_id);
+        if state.inflight == 0 {
+            self.remove(conv);
+        }
+        Released::Unstored { waiters }
     }
 
     /// Drops up to `count` cached conversations with no write in flight.
@@ -598,46 +643,41 @@ impl Shard {
     }
 
     /// Marks a message durable (or failed) in its conversation's state and
-    /// returns the acks owed to retries that waited for it.
+    /// returns the answers owed to retries that waited for it: its ack,
+    /// or the error the original request got.
     fn release(&self, conv: ConvId, from: UserId, client_msg_id: u64, ok: bool) -> Vec<Event> {
-        let mut convs = self.convs.borrow_mut();
-        let Some(state) = convs.get_mut(conv) else {
-            return Vec::new();
-        };
-        state.inflight = state.inflight.saturating_sub(1);
-        let waiters = state.dedup.get_mut(&(from, client_msg_id)).and_then(|entry| {
-            let waiters = entry.waiters.take()?;
-            Some((entry.seq, entry.timestamp_ms, waiters))
-        });
-        if !ok {
-            // The store refused the batch: forget the cached state so the
-            // next message reloads the last durable seq. Retries that
-            // waited get no ack and will retry again; the id is forgotten
-            // even while other messages keep the state cached, so that the
-            // retry is sequenced anew rather than acked with a seq that
-            // was never stored (for a recall: an erasure that never ran).
-            state.forget_client_msg_id(from, client_msg_id);
-            if state.inflight == 0 {
-                convs.remove(conv);
-            }
-            return Vec::new();
-        }
-        let Some((seq, timestamp_ms, waiters)) = waiters else {
-            return Vec::new();
-        };
-        waiters
-            .into_iter()
-            .map(|(conn, request_id)| Event::Sent {
-                user: from,
-                conn,
-                request_id,
-                client_msg_id,
-                conv,
+        let released = self.convs.borrow_mut().release(conv, from, client_msg_id, ok);
+        match released {
+            Released::Durable {
                 seq,
                 timestamp_ms,
-                echo: None,
-            })
-            .collect()
+                waiters,
+            } => waiters
+                .into_iter()
+                .map(|(conn, request_id)| Event::Sent {
+                    user: from,
+                    conn,
+                    request_id,
+                    client_msg_id,
+                    conv,
+                    seq,
+                    timestamp_ms,
+                    echo: None,
+                })
+                .collect(),
+            Released::Unstored { waiters } => waiters
+                .into_iter()
+                .map(|(conn, request_id)| {
+                    let frame =
+                        ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry");
+                    Event::Reply {
+                        user: from,
+                        conn,
+                        frame: encode_shared(&frame, self.config.max_frame_bytes),
+                    }
+                })
+                .collect(),
+        }
     }
 }
 
@@ -1054,6 +1094,54 @@ mod tests {
             Sequenced::Refused(BLOCKED_BY_THEM)
         ));
         assert_eq!((s.last_seq, s.inflight), (11, 1), "a refusal takes no seq");
+    }
+
+    #[test]
+    fn retries_that_waited_on_a_lost_write_are_answered_and_its_id_forgotten() {
+        let conv = ConvId::direct(1, 2);
+        let mut cache = ConvCache::default();
+        cache.map.insert(conv, state());
+        let s = cache.get_mut(conv).unwrap();
+        assert!(matches!(
+            assign(s, 8, 1, CONN, 1, 100, None),
+            Sequenced::New { seq: 11, .. }
+        ));
+        assert!(matches!(
+            assign(s, 8, 1, CONN, 2, 101, None),
+            Sequenced::New { seq: 12, .. }
+        ));
+        // Two retries of the first arrive while its batch is in flight.
+        assert!(matches!(assign(s, 8, 1, CONN, 3, 100, None), Sequenced::Waiting));
+        assert!(matches!(assign(s, 8, 1, CONN, 4, 100, None), Sequenced::Waiting));
+        assert_eq!(
+            cache.release(conv, 1, 100, false),
+            Released::Unstored {
+                waiters: vec![(CONN, 3), (CONN, 4)]
+            }
+        );
+        // Still cached (101 is in flight), but a retry of 100 is sequenced
+        // anew rather than acked with seq 11, which was never stored.
+        let s = cache.get_mut(conv).unwrap();
+        assert!(!s.dedup.contains_key(&(1, 100)));
+        assert_eq!(
+            cache.release(conv, 1, 101, false),
+            Released::Unstored { waiters: vec![] }
+        );
+        assert!(
+            !cache.contains(conv),
+            "dropped: the next message reloads the durable seq"
+        );
+
+        // A durable write's waiters get its ack.
+        cache.map.insert(conv, state());
+        let s = cache.get_mut(conv).unwrap();
+        assign(s, 8, 1, CONN, 1, 200, None);
+        assign(s, 8, 1, CONN, 2, 200, None);
+        match cache.release(conv, 1, 200, true) {
+            Released::Durable { seq, waiters, .. } => assert_eq!((seq, waiters), (11, vec![(CONN, 2)])),
+            other => panic!("{other:?}"),
+        }
+        assert!(cache.contains(conv));
     }
 
     #[test]
