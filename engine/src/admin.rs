@@ -46,6 +46,7 @@ const STATS_METRICS: &[&str] = &[
     "tern_messages_delivered_total",
     "tern_messages_stored_total",
     "tern_slow_consumer_disconnects_total",
+    "tern_sync_hold_overflows_total",
     "tern_outbound_queued_bytes",
     "tern_groups_cached",
     "tern_group_members_cached",

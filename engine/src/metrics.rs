@@ -104,6 +104,9 @@ pub struct ShardMetrics {
     pub sessions_parked: AtomicI64,
     /// Pings answered for parked sessions without resuming them.
     pub parked_pings: AtomicU64,
+    /// Catch-ups whose held live messages passed their bound, so that
+    /// the store was scanned again instead.
+    pub sync_hold_overflows: AtomicU64,
     /// Groups homed here whose members are cached, and their members.
     pub groups_cached: AtomicI64,
     pub group_members_cached: AtomicI64,
@@ -151,6 +154,7 @@ impl Default for ShardMetrics {
             sessions_open: AtomicI64::new(0),
             sessions_parked: AtomicI64::new(0),
             parked_pings: AtomicU64::new(0),
+            sync_hold_overflows: AtomicU64::new(0),
             groups_cached: AtomicI64::new(0),
             group_members_cached: AtomicI64::new(0),
             group_purges_running: AtomicI64::new(0),
@@ -233,6 +237,12 @@ impl ShardMetrics {
     #[inline]
     pub fn session_resumed(&self) {
         self.sessions_parked.fetch_sub(1, Relaxed);
+    }
+
+    /// A catch-up's hold buffer overflowed (it rescans the store).
+    #[inline]
+    pub fn sync_hold_overflowed(&self) {
+        self.sync_hold_overflows.fetch_add(1, Relaxed);
     }
 
     /// Pings answered while their session stayed parked.
@@ -543,6 +553,11 @@ const COUNTERS: &[(&str, &str, Getter)] = &[
         "tern_parked_pings_total",
         "Pings answered for parked sessions without resuming them.",
         |m| m.parked_pings.load(Relaxed) as i64,
+    ),
+    (
+        "tern_sync_hold_overflows_total",
+        "Catch-ups whose held live messages passed sync_hold_max or outbound_queue_bytes, so the store was scanned again.",
+        |m| m.sync_hold_overflows.load(Relaxed) as i64,
     ),
     (
         "tern_idle_timeouts_total",

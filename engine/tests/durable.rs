@@ -306,6 +306,42 @@ fn seam_survives_overflowing_the_hold_buffer() {
 }
 
 #[test]
+fn seam_holds_by_bytes_too_and_survives_overflowing_them() {
+    // The hold buffer's count bound is left at its default; the byte bound
+    // (outbound_queue_bytes, at its minimum for 4 KiB frames) is what
+    // overflows: the catch-up must rescan the store, not lose messages,
+    // and the overflow is counted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start_with(|c| {
+        c.sync_page = 16;
+        c.max_frame_bytes = 4096;
+        c.max_message_bytes = 2048;
+        c.outbound_queue_bytes = 8192;
+    });
+    let admin = common::admin(&server, dir.path());
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let (backlog, live) = (600, 300);
+    let mut a = server.login_unsynced(&alice);
+    // A window of acks that fits the small outbound queue.
+    send_pipelined(&mut a, To::User(bob.id), &ids(1, backlog), 20);
+    // Live messages of 1.5 KB: a handful fill the byte bound.
+    let mut a2 = server.login_unsynced(&alice);
+    let bob_id = bob.id;
+    let sender = thread::spawn(move || {
+        let body = "y".repeat(1500);
+        (0..live).filter(|_| a2.send_text(bob_id, &body).is_ok()).count()
+    });
+    let (got, resyncs) = raw_sync_resuming(&server, &bob, conv, backlog + live);
+    assert_eq!(sender.join().expect("sender"), live as usize);
+    assert_seqs(&got, conv, 1..=backlog + live);
+    let overflows = common::total(&admin, "tern_sync_hold_overflows_total");
+    assert!(overflows > 0, "the byte bound never tripped");
+    eprintln!("hold bytes overflowed {overflows} times; {resyncs} sessions dropped as too busy and resumed");
+}
+
+#[test]
 fn seam_holds_over_many_syncs_during_continuous_sends() {
     // Many short sessions, each syncing from the cursors of the last one
     // while two senders keep going: one conversation homed on the

@@ -103,7 +103,12 @@ enum Delivery {
     /// Logged in, not synced: messages wait in the inbox.
     Waiting,
     /// Catching up: live messages are held here until the catch-up ends.
-    Syncing { held: Vec<Held>, overflowed: bool },
+    /// `held_bytes` counts their frames against `outbound_queue_bytes`.
+    Syncing {
+        held: Vec<Held>,
+        held_bytes: u32,
+        overflowed: bool,
+    },
     /// Synced: messages are pushed as they come. `floors` holds, per
     /// conversation, the highest seq the catch-up sent from the store: a
     /// message can be durable (so the scan saw it) while its delivery is
@@ -474,15 +479,30 @@ impl Shard {
                 held.push((conv, seq, frame.clone()));
             }
             Delivery::Syncing { overflowed: true, .. } => {}
-            Delivery::Syncing { held, overflowed } => {
-                if held.len() >= self.config.sync_hold_max {
+            Delivery::Syncing {
+                held,
+                held_bytes,
+                overflowed,
+            } => {
+                // Bounded in count and in bytes: a session that reads its
+                // catch-up slowly while 1:1 messages (each frame its own,
+                // up to max_frame_bytes) keep coming may hold no more than
+                // its outbound queue could.
+                let bytes = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+                let total = held_bytes.saturating_add(bytes);
+                if held.len() >= self.config.sync_hold_max
+                    || total as usize > self.config.outbound_queue_bytes
+                {
                     // The catch-up scans the store again instead; the
                     // message is there, since deliveries follow durable
                     // writes. Notices are not, and stay.
                     held.retain(|&(_, seq, _)| seq == NOTICE_SEQ);
+                    *held_bytes = 0;
                     *overflowed = true;
+                    self.m().sync_hold_overflowed();
                 } else {
                     held.push((conv, seq, frame.clone()));
+                    *held_bytes = total;
                 }
             }
             Delivery::Live { floors } => {
@@ -510,6 +530,7 @@ impl Shard {
         self.with_conn(key, |entry| {
             *entry.delivery.borrow_mut() = Delivery::Syncing {
                 held: Vec::new(),
+                held_bytes: 0,
                 overflowed: false,
             };
         });
@@ -520,7 +541,12 @@ impl Shard {
     /// returned is only the notices, which the store does not have).
     pub fn take_held(&self, key: ConnKey) -> (Vec<Held>, bool) {
         self.with_conn(key, |entry| match &mut *entry.delivery.borrow_mut() {
-            Delivery::Syncing { held, overflowed } => {
+            Delivery::Syncing {
+                held,
+                held_bytes,
+                overflowed,
+            } => {
+                *held_bytes = 0;
                 (std::mem::take(held), std::mem::replace(overflowed, false))
             }
             _ => (Vec::new(), false),
