@@ -268,6 +268,13 @@ thread_local! {
     static TABLES: RefCell<Tables> = RefCell::new(Tables::default());
 }
 
+/// One of the bounded tables of [`Tables`].
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Addresses,
+    Accounts,
+}
+
 /// How long between sweeps of a full table.
 const SWEEP_INTERVAL_US: u64 = 1_000_000;
 
@@ -276,17 +283,23 @@ impl Tables {
     /// is room; `None` when the table is full of live entries (the address
     /// then goes unmetered: fail open).
     fn recent_mut(&mut self, limits: &Limits, key: AddrKey, now_us: u64) -> Option<&mut Recent> {
-        if !self.recent.contains_key(&key) && !self.room(limits, now_us) {
+        if !self.recent.contains_key(&key) && !self.room(limits, now_us, Table::Addresses) {
             return None;
         }
         Some(self.recent.entry(key).or_default())
     }
 
-    /// Makes room for a new key in the tables of recent activity if it
-    /// can; `false` means the tables are full of live entries.
-    fn room(&mut self, limits: &Limits, now_us: u64) -> bool {
+    /// Makes room for a new key in `table` if it can; `false` means that
+    /// table is full of live entries. Each table is judged on its own:
+    /// failed logins for made-up account names fill only the accounts
+    /// table, and must not switch off the limits on new addresses.
+    fn room(&mut self, limits: &Limits, now_us: u64, table: Table) -> bool {
         let cap = limits.max_tracked_addresses;
-        if self.recent.len() < cap && self.accounts.len() < cap {
+        let has_room = |tables: &Tables| match table {
+            Table::Addresses => tables.recent.len() < cap,
+            Table::Accounts => tables.accounts.len() < cap,
+        };
+        if has_room(self) {
             return true;
         }
         if now_us.saturating_sub(self.last_sweep_us) >= SWEEP_INTERVAL_US || self.last_sweep_us == 0 {
@@ -298,11 +311,12 @@ impl Tables {
                     && r.logins.is_idle(limits, now_ms))
             });
             self.accounts.retain(|_, f| !f.is_idle(limits, now_ms));
-            let swept = self.recent.len() < cap && self.accounts.len() < cap;
+            let swept = has_room(self);
             if !swept {
                 tracing::warn!(
                     cap,
-                    "abuse-limit tables are full of live entries; new addresses and accounts go untracked"
+                    ?table,
+                    "an abuse-limit table is full of live entries; its new keys go untracked"
                 );
             }
             return swept;
@@ -468,7 +482,7 @@ pub fn login_failed(config: &Config, peer: Option<IpAddr>, account: Option<&str>
         if let Some(name) = account.filter(|_| limits.login_failures_per_account > 0) {
             if let Some(failures) = tables.accounts.get_mut(name) {
                 failures.record(limits, limits.login_failures_per_account, now_ms);
-            } else if tables.room(limits, now_us) {
+            } else if tables.room(limits, now_us, Table::Accounts) {
                 let mut failures = Failures::default();
                 failures.record(limits, limits.login_failures_per_account, now_ms);
                 tables.accounts.insert(name.into(), failures);

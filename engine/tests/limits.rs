@@ -7,13 +7,18 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{expect_message, RawConn, RawRead, TestServer, PASSWORD};
-use tern_client::{ClientBody, ErrorCode, ServerBody};
+use common::{expect_message, RawConn, RawRead, TestServer, PASSWORD, TIMEOUT};
+use rkyv::rancor::BoxedError;
+use rkyv::util::AlignedVec;
+use tern_client::{ClientBody, ErrorCode, ServerBody, ServerFrame};
 use tern_engine::filter::{ContentFilter, FilterMode};
 use tern_engine::Config;
+use tern_proto::{decode_server, encode_client, ClientFrame, FrameBuf, PROTOCOL_VERSION};
 
 fn encoded(request_id: u64, body: ClientBody) -> Vec<u8> {
     let mut out = rkyv::util::AlignedVec::new();
@@ -508,4 +513,92 @@ fn content_filter_masks_matches() {
     // History holds the masked text too: the original is never stored.
     a.send_text(bob.id, "fine").expect("send");
     assert_eq!(expect_message(&mut b).content.body, b"fine");
+}
+
+/// Logs in `count` times from `from` (a loopback address) with `names(i)`
+/// and a wrong password; returns each answer's error code.
+fn failed_logins(
+    addr: SocketAddr,
+    from: [u8; 4],
+    names: impl Fn(usize) -> String,
+    count: usize,
+) -> Vec<ErrorCode> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::from((from, 0)).into()).expect("bind");
+    socket.connect_timeout(&addr.into(), TIMEOUT).expect("connect");
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut rx = FrameBuf::new(1 << 20);
+    let mut call = |id: u64, body: ClientBody| -> ServerFrame {
+        let mut out = AlignedVec::new();
+        encode_client(&ClientFrame { request_id: id, body }, &mut out, 1 << 20).expect("encode");
+        stream.write_all(&out).expect("write");
+        loop {
+            if let Some(body) = rx.next_body().expect("frame") {
+                let archived = decode_server(body).expect("decode");
+                let frame = rkyv::deserialize::<ServerFrame, BoxedError>(archived).expect("de");
+                if frame.request_id == id {
+                    return frame;
+                }
+                continue;
+            }
+            let slot = rx.read_slot().expect("slot");
+            let n = stream.read(slot).expect("read");
+            assert!(n > 0, "closed");
+            rx.commit(n);
+        }
+    };
+    let hello = call(
+        1,
+        ClientBody::Hello {
+            version: PROTOCOL_VERSION,
+            client_name: "guess".into(),
+        },
+    );
+    assert!(matches!(hello.body, ServerBody::HelloOk { .. }), "{hello:?}");
+    (0..count)
+        .map(|i| {
+            let frame = call(
+                2 + i as u64,
+                ClientBody::Login {
+                    username: names(i),
+                    password: b"wrong password".to_vec(),
+                },
+            );
+            match frame.body {
+                ServerBody::Error { code, .. } => code,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Failed logins for made-up account names fill the per-account table
+/// (3 per address here, about 20 at the defaults); that must not switch
+/// off the per-address limits for addresses seen afterwards, which a
+/// shared room check for both tables did.
+#[test]
+fn junk_account_names_do_not_switch_off_the_limits_on_new_addresses() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.shards = 1;
+        c.limits.max_tracked_addresses = 12;
+        c.limits.login_failures_per_ip = 3;
+        c.limits.login_failures_per_account = 3;
+    });
+    let victim = server.user_on_shard("victim", 0);
+    // Control: a fresh address backs off after 3 failures.
+    let control = failed_logins(server.addr(), [127, 0, 0, 2], |i| format!("ctrl{i}"), 6);
+    assert_eq!(control[..3], [ErrorCode::AuthFailed; 3]);
+    assert_eq!(control[3..], [ErrorCode::RateLimited; 3]);
+    // Three more addresses, three junk names each: 12 accounts tracked.
+    for host in 3..6u8 {
+        let codes = failed_logins(server.addr(), [127, 0, 0, host], |i| format!("junk{host}x{i}"), 3);
+        assert_eq!(codes, [ErrorCode::AuthFailed; 3]);
+    }
+    // The accounts table is full of junk names, the addresses table is
+    // not: a new address still backs off after its 3 failures.
+    let codes = failed_logins(server.addr(), [127, 0, 0, 9], |_| victim.name.clone(), 6);
+    assert_eq!(codes[..3], [ErrorCode::AuthFailed; 3]);
+    assert_eq!(codes[3..], [ErrorCode::RateLimited; 3], "{codes:?}");
 }
