@@ -440,11 +440,6 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
 /// few enough that a client pipelining pings cannot make a large batch.
 const DEFERRED_MAX: usize = 8;
 
-/// Shortest time between two `LogoutOthers` of one session. Each is a
-/// synced write that also empties the store's token cache for every
-/// user, so it is metered like the rare request it is.
-const LOGOUT_OTHERS_INTERVAL_MS: u64 = 5_000;
-
 /// Writes `frames` (in order) in one write and empties it.
 async fn write_frames(
     stream: &mut Transport,
@@ -822,7 +817,6 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         session,
         limiter: ConnLimiter::new(&config.limits, peer),
         filter: FilterCache::default(),
-        logout_others_after_ms: 0,
     };
     run_session(conn, stream, buf, guards);
 }
@@ -1013,10 +1007,6 @@ impl Parked {
             session: self.session,
             limiter: self.limiter,
             filter: self.filter,
-            // Not kept while parked (it would cost every parked session 8
-            // bytes): a session parks only after `park_after` of silence
-            // (5 s by default), so requests stay about that far apart.
-            logout_others_after_ms: 0,
         };
         (conn, Transport::from_parts(parts), self.guards)
     }
@@ -1054,7 +1044,6 @@ fn park(conn: Conn, stream: Transport, guards: Guards) -> Result<(), (Conn, Tran
         session,
         limiter,
         filter,
-        logout_others_after_ms: _,
     } = conn;
     let parked = Box::new(Parked {
         shard: shard.clone(),
@@ -1338,9 +1327,6 @@ struct Conn {
     session: Session,
     limiter: ConnLimiter,
     filter: FilterCache,
-    /// When this session may next send `LogoutOthers` (monotonic ms):
-    /// each one is a synced write and empties the store's token cache.
-    logout_others_after_ms: u64,
 }
 
 impl Conn {
@@ -1897,6 +1883,11 @@ impl Conn {
     async fn change_password(&self, request_id: u64, old: Vec<u8>, new: Vec<u8>) -> ServerFrame {
         let config = &self.shard.config;
         let user = self.user;
+        if let Err(wait) =
+            limits::account_change_allowed(config, self.peer, user, limits::AccountChange::Password)
+        {
+            return rate_limited(request_id, "changing the password again so soon", wait);
+        }
         // Looked up here rather than kept by every session for this rare request.
         let username = match self.shard.blocking(move |store| store.username(user)).await {
             Ok(Some(username)) => username,
@@ -1935,13 +1926,11 @@ impl Conn {
     /// whose token is gone (logged out by another device a moment ago,
     /// say) gets `AuthFailed` and logs no one out.
     async fn logout_others(&mut self, request_id: u64) -> ServerFrame {
-        let now_ms = limits::monotonic_us() / 1000;
-        if now_ms < self.logout_others_after_ms {
-            let wait = u32::try_from(self.logout_others_after_ms - now_ms).unwrap_or(u32::MAX);
+        let user = self.user;
+        let change = limits::AccountChange::LogoutOthers;
+        if let Err(wait) = limits::account_change_allowed(&self.shard.config, self.peer, user, change) {
             return rate_limited(request_id, "logging out other devices again so soon", wait);
         }
-        self.logout_others_after_ms = now_ms + LOGOUT_OTHERS_INTERVAL_MS;
-        let user = self.user;
         let current = self.token;
         let reissued = self
             .shard

@@ -259,6 +259,9 @@ struct Tables {
     open: FxHashMap<AddrKey, u32>,
     recent: FxHashMap<AddrKey, Recent>,
     accounts: FxHashMap<Box<str>, Failures>,
+    /// When each user homed here may next change their account
+    /// (monotonic ms): see [`account_change_allowed`].
+    account_changes: FxHashMap<(u64, AccountChange), u64>,
     /// When a full table was last swept, so that a table full of live
     /// entries is not rescanned on every insert.
     last_sweep_us: u64,
@@ -273,7 +276,27 @@ thread_local! {
 enum Table {
     Addresses,
     Accounts,
+    AccountChanges,
 }
+
+/// An account-wide change a user may make only every
+/// [`ACCOUNT_CHANGE_INTERVAL_MS`], each kind on its own clock (so that
+/// changing the password and then logging out the other devices, the
+/// documented way to lock out someone who knows the old password, need
+/// not wait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccountChange {
+    Password,
+    LogoutOthers,
+}
+
+/// Shortest time between two account-wide changes of one kind by one
+/// user (`ChangePassword`, `LogoutOthers`). Each is a synced write that also
+/// empties the store's token cache for every user, and a password change
+/// costs two argon2 hashes: a user (or a stolen session) may not repeat
+/// them at the frame rate. Kept per user on the home shard, where all of
+/// a user's sessions live, so a new connection does not reset it.
+pub const ACCOUNT_CHANGE_INTERVAL_MS: u64 = 5_000;
 
 /// How long between sweeps of a full table.
 const SWEEP_INTERVAL_US: u64 = 1_000_000;
@@ -298,6 +321,7 @@ impl Tables {
         let has_room = |tables: &Tables| match table {
             Table::Addresses => tables.recent.len() < cap,
             Table::Accounts => tables.accounts.len() < cap,
+            Table::AccountChanges => tables.account_changes.len() < cap,
         };
         if has_room(self) {
             return true;
@@ -311,6 +335,7 @@ impl Tables {
                     && r.logins.is_idle(limits, now_ms))
             });
             self.accounts.retain(|_, f| !f.is_idle(limits, now_ms));
+            self.account_changes.retain(|_, &mut after_ms| after_ms > now_ms);
             let swept = has_room(self);
             if !swept {
                 tracing::warn!(
@@ -489,6 +514,38 @@ pub fn login_failed(config: &Config, peer: Option<IpAddr>, account: Option<&str>
             }
         }
     });
+}
+
+/// Whether `user` may change their account now (`ChangePassword`,
+/// `LogoutOthers`); if so, the next change must wait
+/// [`ACCOUNT_CHANGE_INTERVAL_MS`]. `Err` is the wait in ms. Call on the
+/// user's home shard. Exempt addresses are not metered.
+pub fn account_change_allowed(
+    config: &Config,
+    peer: Option<IpAddr>,
+    user: u64,
+    change: AccountChange,
+) -> Result<(), u32> {
+    let limits = &config.limits;
+    if peer.is_some_and(|ip| limits.is_exempt(ip)) {
+        return Ok(());
+    }
+    let now_us = monotonic_us();
+    let now_ms = now_us / 1000;
+    TABLES.with(|tables| {
+        let mut tables = tables.borrow_mut();
+        if let Some(&after_ms) = tables.account_changes.get(&(user, change)) {
+            if after_ms > now_ms {
+                return Err(u32::try_from(after_ms - now_ms).unwrap_or(u32::MAX));
+            }
+        } else if !tables.room(limits, now_us, Table::AccountChanges) {
+            return Ok(());
+        }
+        tables
+            .account_changes
+            .insert((user, change), now_ms + ACCOUNT_CHANGE_INTERVAL_MS);
+        Ok(())
+    })
 }
 
 /// Forgets an account's failures after a successful login. The address's

@@ -203,7 +203,13 @@ fn assert_logged_out_elsewhere(client: &mut tern_client::Client, why: &str) {
 
 #[test]
 fn logout_others_ends_the_other_sessions_and_keeps_this_one() {
-    let server = TestServer::start_with(|config| config.max_sessions_per_user = 5);
+    let server = TestServer::start_with(|config| {
+        config.max_sessions_per_user = 5;
+        // Loopback is exempt from the limits by default; the interval
+        // between two LogoutOthers is one of them.
+        config.limits.limits_exempt.clear();
+        config.limits.registration_rate_per_ip_per_hour = 0;
+    });
     for shard in 0..server.shards() {
         let user = server.user_on_shard(&format!("lo{shard}_"), shard);
         let peer = server.user_on_shard(&format!("lp{shard}_"), (shard + 1) % server.shards());
@@ -245,8 +251,9 @@ fn logout_others_ends_the_other_sessions_and_keeps_this_one() {
             .connect()
             .login(&user.name, PASSWORD)
             .expect("password login");
-        // Asking again at once is metered.
+        // Asking again at once is metered, also from a new connection.
         assert_eq!(code_of(mine.logout_others()), ErrorCode::RateLimited);
+        assert_eq!(code_of(resumed.logout_others()), ErrorCode::RateLimited);
         mine.ping().expect("this session stays");
         // A Logout after it revokes the new token: nothing of the user's is left.
         mine.logout().expect("logout");
@@ -291,6 +298,40 @@ fn a_session_logged_out_by_another_device_cannot_log_that_device_out() {
             .login_token(&session.token)
             .expect("the winner's token works");
     }
+}
+
+#[test]
+fn password_changes_are_metered_per_user_before_any_hashing() {
+    let server = TestServer::start_with(|config| {
+        config.limits.limits_exempt.clear();
+        config.limits.registration_rate_per_ip_per_hour = 0;
+    });
+    let user = server.user_on_shard("pwrate_", 0);
+    let mut first = server.connect();
+    first.login(&user.name, PASSWORD).expect("login");
+    first
+        .change_password(PASSWORD, "second-password")
+        .expect("change");
+    // Again at once, from this session or another: refused, even with the
+    // right password, and the password stays the second one.
+    assert_eq!(
+        code_of(first.change_password("second-password", "third-password")),
+        ErrorCode::RateLimited
+    );
+    let mut other = server.connect();
+    other.login(&user.name, "second-password").expect("login");
+    assert_eq!(
+        code_of(other.change_password("second-password", "third-password")),
+        ErrorCode::RateLimited
+    );
+    // Logging the other devices out has a clock of its own: the documented
+    // way to lock someone out (change the password, log in, log out the
+    // others) does not wait.
+    other.logout_others().expect("logout others right after");
+    server
+        .connect()
+        .login(&user.name, "second-password")
+        .expect("login");
 }
 
 #[test]
