@@ -19,7 +19,7 @@ use rkyv::util::AlignedVec;
 use tern_proto::limits::{MEMBERS_PAGE_LIMIT_MAX, PAGE_LIMIT_MAX};
 use tern_proto::{
     decode_server, ArchivedChatMessage, ArchivedConversationSummary, ChatMessage, ContentKind, ConvId,
-    ConversationSummary, Cursor, FrameHeader, ServerBody, ServerFrame, UserId, HEADER_LEN,
+    ConversationSummary, Cursor, FrameHeader, GroupId, ServerBody, ServerFrame, UserId, HEADER_LEN,
 };
 use tern_storage::{Store, StoreError, StoredFrame};
 
@@ -81,10 +81,15 @@ pub async fn sync(
         }
     }
     let (mut first_page, mut groups) = (Some(first_page), Some(groups));
+    let mut based = Based::default();
     let mut streamed = 0;
     for _ in 0..SYNC_PASSES_MAX {
-        streamed += stream_inbox(shard, user, outbox, pace, &mut floors, first_page.take()).await?;
-        streamed += stream_groups(shard, user, outbox, pace, &mut floors, groups.take()).await?;
+        let scan = &mut Scan {
+            floors: &mut floors,
+            based: &mut based,
+        };
+        streamed += stream_inbox(shard, user, outbox, pace, scan, first_page.take()).await?;
+        streamed += stream_groups(shard, user, outbox, pace, scan, groups.take()).await?;
         loop {
             let (held, overflowed) = shard.take_held(key);
             if overflowed {
@@ -164,7 +169,7 @@ async fn stream_inbox(
     user: UserId,
     outbox: &Outbox,
     pace: usize,
-    floors: &mut Floors,
+    scan: &mut Scan<'_>,
     mut first_page: Option<Vec<StoredFrame>>,
 ) -> Result<u64, SyncError> {
     let page = shard.config.sync_page;
@@ -183,13 +188,20 @@ async fn stream_inbox(
                 // A group that was above the write-diffusion threshold for a
                 // while has messages only in its history: send those first,
                 // so that its seqs still go out in order.
-                let base = group_base(shard, user, entry.conv, floors).await?;
+                let base = group_base(shard, user, entry.conv, scan).await?;
                 if entry.seq > base.saturating_add(1) {
-                    streamed +=
-                        stream_history(shard, outbox, pace, floors, entry.conv, Some(entry.seq)).await?;
+                    // Bounded by an inbox entry written for the user as a
+                    // member, and starting past their delivered cursor
+                    // (set when they joined): all within the membership.
+                    let range = History {
+                        conv: entry.conv,
+                        until: Some(entry.seq),
+                        member: None,
+                    };
+                    streamed += stream_history(shard, outbox, pace, scan.floors, range).await?;
                 }
             }
-            if send_if_new(outbox, pace, floors, entry.conv, entry.seq, &entry.frame).await? {
+            if send_if_new(outbox, pace, scan.floors, entry.conv, entry.seq, &entry.frame).await? {
                 streamed += 1;
             }
         }
@@ -200,38 +212,62 @@ async fn stream_inbox(
     }
 }
 
-/// Where the catch-up of group `conv` starts: the user's delivered cursor,
-/// or what was already sent. Recorded as the floor, so later lookups are free.
+/// What a catch-up pass carries from one conversation to the next.
+struct Scan<'a> {
+    /// The highest seq sent (or presented by the client) per conversation.
+    floors: &'a mut Floors,
+    /// The groups whose stored delivered cursor is already in `floors`.
+    based: &'a mut Based,
+}
+
+/// Groups whose stored delivered cursor was read during this sync.
+type Based = rustc_hash::FxHashSet<ConvId>;
+
+/// Where the catch-up of group `conv` starts: the higher of the user's
+/// stored delivered cursor and what was presented or already sent. A
+/// presented cursor can only raise the start, never lower it: the stored
+/// cursor is where the user's membership began (a join sets it to the
+/// group's last seq), and a lower cursor must not replay what came before
+/// it. Read once per group and sync.
 async fn group_base(
     shard: &Rc<Shard>,
     user: UserId,
     conv: ConvId,
-    floors: &mut Floors,
+    scan: &mut Scan<'_>,
 ) -> Result<u64, SyncError> {
-    if let Some(&floor) = floors.get(&conv) {
-        if floor > 0 {
-            return Ok(floor);
-        }
+    if !scan.based.contains(&conv) {
+        let (delivered, _) = shard
+            .blocking(move |store| store.receipts(user, conv))
+            .await
+            .map_err(SyncError::Store)?;
+        scan.based.insert(conv);
+        let floor = scan.floors.entry(conv).or_insert(0);
+        *floor = (*floor).max(delivered);
     }
-    let (delivered, _) = shard
-        .blocking(move |store| store.receipts(user, conv))
-        .await
-        .map_err(SyncError::Store)?;
-    let floor = floors.entry(conv).or_insert(0);
-    *floor = (*floor).max(delivered);
-    Ok(*floor)
+    Ok(scan.floors.get(&conv).copied().unwrap_or(0))
 }
 
-/// Sends the history of `conv` after its floor, up to (not including)
-/// `until` if given.
+/// A range of a group's history to stream: after its floor, up to (not
+/// including) `until` if given; while `member` (if given) still is one.
+struct History {
+    conv: ConvId,
+    until: Option<u64>,
+    member: Option<(GroupId, UserId)>,
+}
+
+/// Sends the history `range` describes. With `member`, each page is read
+/// together with a membership check and dropped, ending the stream, once
+/// the user is no longer a member: a kick or a leave writes the store
+/// before its `Ok`, so a page read while the check still passes holds only
+/// messages sequenced before that `Ok`.
 async fn stream_history(
     shard: &Rc<Shard>,
     outbox: &Outbox,
     pace: usize,
     floors: &mut Floors,
-    conv: ConvId,
-    until: Option<u64>,
+    range: History,
 ) -> Result<u64, SyncError> {
+    let History { conv, until, member } = range;
     let page = shard.config.sync_page;
     let mut streamed = 0;
     // A floor of u64::MAX (a cursor or receipt a client set that high)
@@ -241,10 +277,20 @@ async fn stream_history(
         return Ok(streamed);
     };
     loop {
-        let entries = shard
-            .blocking(move |store| store.history(conv, from, true, page))
+        let (entries, still_member) = shard
+            .blocking(move |store| {
+                let entries = store.history(conv, from, true, page)?;
+                let still_member = match member {
+                    Some((group, user)) => store.is_member(group, user)?,
+                    None => true,
+                };
+                Ok((entries, still_member))
+            })
             .await
             .map_err(SyncError::Store)?;
+        if !still_member {
+            return Ok(streamed);
+        }
         for entry in &entries {
             if until.is_some_and(|until| entry.seq >= until) {
                 return Ok(streamed);
@@ -269,8 +315,8 @@ async fn stream_groups(
     user: UserId,
     outbox: &Outbox,
     pace: usize,
-    floors: &mut Floors,
-    groups: Option<Vec<tern_proto::GroupId>>,
+    scan: &mut Scan<'_>,
+    groups: Option<Vec<GroupId>>,
 ) -> Result<u64, SyncError> {
     let groups = match groups {
         Some(groups) => groups,
@@ -286,8 +332,13 @@ async fn stream_groups(
             continue;
         }
         let conv = ConvId::Group { group };
-        group_base(shard, user, conv, floors).await?;
-        streamed += stream_history(shard, outbox, pace, floors, conv, None).await?;
+        group_base(shard, user, conv, scan).await?;
+        let range = History {
+            conv,
+            until: None,
+            member: Some((group, user)),
+        };
+        streamed += stream_history(shard, outbox, pace, scan.floors, range).await?;
     }
     Ok(streamed)
 }

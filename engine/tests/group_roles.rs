@@ -856,3 +856,99 @@ fn a_banned_user_is_removed_and_kept_out_until_unbanned() {
         assert_eq!(a.group_bans_page(group, 0, 10).expect("bans"), (vec![], false));
     }
 }
+
+/// A `Sync` already streaming a group's history when its user is kicked
+/// must stop at the kick: nothing sequenced after the kick's `Ok` reaches
+/// them (the catch-up is held back by a client that reads slowly).
+#[test]
+fn a_sync_under_way_streams_no_message_sequenced_after_a_kick() {
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 4096;
+        c.max_message_bytes = 2048;
+        c.outbound_queue_bytes = 8192;
+        c.write_timeout = std::time::Duration::from_secs(60);
+        c.durability = tern_engine::config::Durability::Async {
+            flush_interval: std::time::Duration::from_millis(100),
+        };
+    });
+    let owner = server.user_on_shard("owner", 0);
+    let victim = server.user_on_shard("victim", 1);
+    let mut o = server.login_unsynced(&owner);
+    let group = group_on_shard(&mut o, 0, server.shards(), true);
+    let mut v = server.login_unsynced(&victim);
+    v.group_join(group).expect("victim joins");
+    let body = "b".repeat(1900);
+    let backlog = 3000u64;
+    for i in 1..=backlog {
+        assert_eq!(o.send_group_text(group, &body).expect("send").seq, i);
+    }
+    let mut slow = RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    slow.login(&victim);
+    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors: Vec::new() });
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    o.group_kick(group, victim.id).expect("kick");
+    assert_eq!(
+        code_of(v.history(ConvId::Group { group }, u64::MAX, false, 10)),
+        ErrorCode::Forbidden
+    );
+    let after = o.send_group_text(group, "said after the kick").expect("send");
+    assert_eq!(after.seq, backlog + 1);
+    let mut leaked = Vec::new();
+    loop {
+        let frame = slow.expect_frame();
+        match frame.body {
+            ServerBody::SyncDone { .. } if frame.request_id == sync_id => break,
+            ServerBody::Message(msg) if msg.seq > backlog => leaked.push(msg.seq),
+            _ => {}
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "a kicked user's sync got post-kick messages: {leaked:?}"
+    );
+}
+
+/// A cursor presented in `Sync` can raise where a group's catch-up starts,
+/// never lower it below the user's stored cursor: a kicked user with an
+/// undelivered inbox entry must not pull the history from before their
+/// join by presenting a low cursor.
+#[test]
+fn a_low_sync_cursor_does_not_replay_a_groups_history_from_before_the_join() {
+    let server = TestServer::start();
+    let owner = server.user_on_shard("owner", 0);
+    let victim = server.user_on_shard("victim", 1);
+    let mut o = server.login_unsynced(&owner);
+    let group = group_on_shard(&mut o, 0, server.shards(), true);
+    let conv = ConvId::Group { group };
+    for i in 1..=50u64 {
+        assert_eq!(
+            o.send_group_text(group, &format!("before {i}"))
+                .expect("send")
+                .seq,
+            i
+        );
+    }
+    let mut v = server.login_unsynced(&victim);
+    v.group_join(group).expect("join");
+    assert_eq!(o.send_group_text(group, "while a member").expect("send").seq, 51);
+    o.group_kick(group, victim.id).expect("kick");
+    assert_eq!(
+        code_of(v.history(conv, u64::MAX, false, 200)),
+        ErrorCode::Forbidden
+    );
+    let mut raw = RawConn::connect(server.addr());
+    raw.login(&victim);
+    let id = raw.send(tern_client::ClientBody::Sync {
+        cursors: vec![tern_client::proto::Cursor { conv, seq: 1 }],
+    });
+    let mut got = Vec::new();
+    loop {
+        let frame = raw.expect_frame();
+        match frame.body {
+            ServerBody::SyncDone { .. } if frame.request_id == id => break,
+            ServerBody::Message(msg) if msg.conv == conv => got.push(msg.seq),
+            _ => {}
+        }
+    }
+    assert_eq!(got, vec![51], "only the message sent while a member");
+}
