@@ -1353,12 +1353,17 @@ impl Conn {
                 };
                 let request_id = frame.request_id.to_native();
                 // Typing hints share the message rate: as frequent, and
-                // each fans out like one.
+                // each fans out like one. So do 1:1 receipts, each a store
+                // write and a push to the peer (group receipts push nothing).
                 let is_message = matches!(
                     frame.body,
                     ArchivedClientBody::SendDirect { .. }
                         | ArchivedClientBody::SendGroup { .. }
                         | ArchivedClientBody::Typing { .. }
+                        | ArchivedClientBody::Receipt {
+                            conv: tern_proto::ArchivedConvId::Direct { .. },
+                            ..
+                        }
                 );
                 match metered(&mut self.limiter, request_id, is_message) {
                     None => {}

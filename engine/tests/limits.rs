@@ -119,6 +119,41 @@ fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
 }
 
 #[test]
+fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.limits.message_rate_per_sec = 5;
+        c.limits.message_burst = 5;
+        c.limits.rate_limit_disconnect_after = 50;
+    });
+    let alice = server.user_on_shard("ralice", 0);
+    let bob = server.user_on_shard("rbob", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    b.send_text(alice.id, "hello").expect("send");
+    let conv = tern_client::ConvId::direct(alice.id, bob.id);
+    // Each 1:1 receipt is a store write and a push to the peer: a client
+    // cannot send them faster than messages (a blocked one included).
+    for _ in 0..5 {
+        a.receipt(conv, tern_client::ReceiptKind::Read, 1)
+            .expect("within the burst");
+    }
+    assert_eq!(
+        code_of(a.receipt(conv, tern_client::ReceiptKind::Read, 1)),
+        ErrorCode::RateLimited
+    );
+    // Group receipts push nothing and are metered only as frames.
+    let group = a.group_create("receipts").expect("create");
+    let group_conv = tern_client::ConvId::Group { group };
+    std::thread::sleep(Duration::from_millis(1100)); // the message bucket refills
+    let sent = a.send_group_text(group, "one").expect("send");
+    for _ in 0..20 {
+        a.receipt(group_conv, tern_client::ReceiptKind::Read, sent.seq)
+            .expect("group receipts are not messages");
+    }
+}
+
+#[test]
 fn frame_rate_meters_cheap_requests_even_before_login() {
     let server = TestServer::start_with(|c| {
         unexempt(c);
