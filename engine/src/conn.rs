@@ -440,6 +440,13 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
 /// few enough that a client pipelining pings cannot make a large batch.
 const DEFERRED_MAX: usize = 8;
 
+/// How many of a `Sync`'s cursors cost one message of the connection's
+/// message rate (each cursor is a receipt write on the node's one storage
+/// writer): a resume with 1,000 conversations costs 16, and a client
+/// cannot make the writer store thousands of cursors per frame at the
+/// frame rate.
+const SYNC_CURSORS_PER_MESSAGE: u64 = 64;
+
 /// Writes `frames` (in order) in one write and empties it.
 async fn write_frames(
     stream: &mut Transport,
@@ -1727,6 +1734,12 @@ impl Conn {
                 self.group_admin(request_id, group.to_native(), op).await
             }
             ArchivedClientBody::Sync { cursors } => {
+                // Each cursor above 0 is a receipt write: a Sync pays for
+                // them as messages, one per SYNC_CURSORS_PER_MESSAGE or
+                // part of it (a login's Sync with no cursors costs none).
+                let stored = cursors.iter().filter(|c| c.seq.to_native() > 0).count() as u64;
+                let cost = stored.div_ceil(SYNC_CURSORS_PER_MESSAGE);
+                self.limiter.charge_messages(cost, limits::monotonic_us());
                 let cursors = cursors
                     .iter()
                     .map(|c| Cursor {

@@ -153,6 +153,16 @@ impl ConnLimiter {
         }
     }
 
+    /// Charges `tokens` more to the message bucket of a request already
+    /// served, as a debt the next messages wait out (a `Sync`'s cursors,
+    /// each a receipt write): never refuses.
+    pub fn charge_messages(&mut self, tokens: u64, now_us: u64) {
+        if let Some(rate) = &self.message_rate {
+            let tat = self.messages.tat_us.max(now_us);
+            self.messages.tat_us = tat.saturating_add(rate.interval_us.saturating_mul(tokens));
+        }
+    }
+
     /// Meters one frame; `is_message` for `SendDirect`/`SendGroup`.
     pub fn check(&mut self, is_message: bool, now_us: u64) -> Verdict {
         let mut result = match &self.frame_rate {

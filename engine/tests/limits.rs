@@ -154,6 +154,35 @@ fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
 }
 
 #[test]
+fn a_syncs_cursors_are_paid_for_as_messages() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.limits.message_rate_per_sec = 5;
+        c.limits.message_burst = 10;
+        c.limits.rate_limit_disconnect_after = 50;
+    });
+    let alice = server.user_on_shard("salice", 0);
+    let bob = server.user_on_shard("sbob", 1);
+    // The login's Sync has no cursors and costs nothing; one message.
+    let mut a = server.login(&alice);
+    a.send_text(bob.id, "before").expect("within the burst");
+    // 640 cursors, each a receipt write to store: 640 / 64 = 10 messages
+    // more, past the burst of 10. The Sync itself is served...
+    let cursors: Vec<tern_client::proto::Cursor> = (1..=640u64)
+        .map(|peer| tern_client::proto::Cursor {
+            conv: tern_client::ConvId::direct(alice.id, bob.id + peer),
+            seq: 1,
+        })
+        .collect();
+    match a.request(ClientBody::Sync { cursors }) {
+        Ok(ServerBody::SyncDone { .. }) => {}
+        other => panic!("the Sync is served: {other:?}"),
+    }
+    // ...and the next message waits out the debt.
+    assert_eq!(code_of(a.send_text(bob.id, "after")), ErrorCode::RateLimited);
+}
+
+#[test]
 fn frame_rate_meters_cheap_requests_even_before_login() {
     let server = TestServer::start_with(|c| {
         unexempt(c);
