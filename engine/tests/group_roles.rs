@@ -952,3 +952,41 @@ fn a_low_sync_cursor_does_not_replay_a_groups_history_from_before_the_join() {
     }
     assert_eq!(got, vec![51], "only the message sent while a member");
 }
+
+/// A stranger's request about a group that is not cached is refused from
+/// the store, without loading the group's member list into the cache
+/// (which anyone could otherwise do for every group id, evicting groups in
+/// use); a deleted group is NotFound and a stranger's leave is a no-op.
+#[test]
+fn a_strangers_refused_request_does_not_load_the_group() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let owner = server.user_on_shard("gowner", 0);
+    let stranger = server.user_on_shard("gstranger", 1);
+    let mut o = server.login(&owner);
+    let group = o.group_create("big").expect("create");
+    let before = total(&admin, "tern_groups_cached");
+    let mut s = server.login(&stranger);
+    for body in [
+        tern_client::ClientBody::GroupInfo { group },
+        tern_client::ClientBody::GroupMembers { group },
+        tern_client::ClientBody::GroupKick {
+            group,
+            user: owner.id,
+        },
+    ] {
+        match s.request(body) {
+            Err(tern_client::ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::Forbidden),
+            other => panic!("a stranger's request: {other:?}"),
+        }
+    }
+    s.group_leave(group)
+        .expect("leaving a group one is not in is a no-op");
+    assert_eq!(total(&admin, "tern_groups_cached"), before, "nothing was loaded");
+    // The owner's own request still loads and answers it.
+    o.group_info(group).expect("the owner's info");
+    assert_eq!(total(&admin, "tern_groups_cached"), before + 1);
+    o.group_delete(group).expect("delete");
+    assert_eq!(code_of(s.group_info(group)), ErrorCode::NotFound);
+}

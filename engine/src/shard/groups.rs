@@ -439,6 +439,26 @@ impl Shard {
         group: GroupId,
         op: GroupOp,
     ) -> GroupReply {
+        // Every request but a join is a member's. For a group not cached,
+        // ask the store (two point reads) before loading its roster (up to
+        // max_group_members rows): otherwise anyone could make this shard
+        // load every group by id, each one evicting groups in use, with
+        // requests that are then refused.
+        if op != GroupOp::Join && !self.groups.borrow().map.contains_key(&group) {
+            let (member, exists) = self
+                .blocking(move |store| Ok((store.is_member(group, user)?, store.group(group)?.is_some())))
+                .await
+                .map_err(|e| store_refusal(e, group, "no such group"))?;
+            if !exists {
+                return Err(refusal(ErrorCode::NotFound, "no such group"));
+            }
+            if !member {
+                return match op {
+                    GroupOp::Leave => Ok(GroupAnswer::Done),
+                    _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
+                };
+            }
+        }
         let state = self
             .group_state(group)
             .await
