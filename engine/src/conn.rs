@@ -1361,7 +1361,10 @@ impl Conn {
                 let request_id = frame.request_id.to_native();
                 // Typing hints share the message rate: as frequent, and
                 // each fans out like one. So do 1:1 receipts, each a store
-                // write and a push to the peer (group receipts push nothing).
+                // write and a push to the peer (group receipts push nothing),
+                // and the rare requests that are each a synced write or a
+                // read of many keys: a client needs them now and then, and
+                // must not repeat them at the frame rate.
                 let is_message = matches!(
                     frame.body,
                     ArchivedClientBody::SendDirect { .. }
@@ -1371,6 +1374,19 @@ impl Conn {
                             conv: tern_proto::ArchivedConvId::Direct { .. },
                             ..
                         }
+                        | ArchivedClientBody::FriendAdd { .. }
+                        | ArchivedClientBody::FriendRemove { .. }
+                        | ArchivedClientBody::FriendList
+                        | ArchivedClientBody::UserBlock { .. }
+                        | ArchivedClientBody::UserUnblock { .. }
+                        | ArchivedClientBody::GroupCreate { .. }
+                        | ArchivedClientBody::GroupCreateWith { .. }
+                        | ArchivedClientBody::GroupDelete { .. }
+                        | ArchivedClientBody::GroupInvite { .. }
+                        | ArchivedClientBody::GroupUninvite { .. }
+                        | ArchivedClientBody::GroupBan { .. }
+                        | ArchivedClientBody::GroupUnban { .. }
+                        | ArchivedClientBody::Conversations { .. }
                 );
                 match metered(&mut self.limiter, request_id, is_message) {
                     None => {}

@@ -143,14 +143,36 @@ fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
         ErrorCode::RateLimited
     );
     // Group receipts push nothing and are metered only as frames.
+    std::thread::sleep(Duration::from_millis(1100)); // the message bucket refills
     let group = a.group_create("receipts").expect("create");
     let group_conv = tern_client::ConvId::Group { group };
-    std::thread::sleep(Duration::from_millis(1100)); // the message bucket refills
     let sent = a.send_group_text(group, "one").expect("send");
     for _ in 0..20 {
         a.receipt(group_conv, tern_client::ReceiptKind::Read, sent.seq)
             .expect("group receipts are not messages");
     }
+}
+
+#[test]
+fn rare_costly_requests_share_the_message_rate() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.limits.message_rate_per_sec = 5;
+        c.limits.message_burst = 5;
+        c.limits.rate_limit_disconnect_after = 50;
+    });
+    let alice = server.user_on_shard("calice", 0);
+    let mut a = server.login(&alice);
+    // Each a synced write (and a tombstone kept for ever for a deleted
+    // group), or a read of many keys: not at the frame rate.
+    for _ in 0..2 {
+        let group = a.group_create("churn").expect("within the burst");
+        a.group_delete(group).expect("within the burst");
+    }
+    a.conversations(0, 10).expect("within the burst");
+    assert_eq!(code_of(a.group_create("churn")), ErrorCode::RateLimited);
+    assert_eq!(code_of(a.conversations(0, 10)), ErrorCode::RateLimited);
+    a.ping().expect("cheap requests are not messages");
 }
 
 #[test]
