@@ -137,3 +137,28 @@ fn blocking_oneself_or_nobody_is_refused_and_the_list_is_limited_and_paged() {
     first.unblock_user(users[3].id).expect("unblock");
     first.block_user(users[2].id).expect("a place is free again");
 }
+
+/// A block refuses group invites between the two, either way round: a
+/// blocked user cannot push `Invited` to the blocker from a group of
+/// theirs, again and again. Lifting the block lets invites through.
+#[test]
+fn a_block_refuses_group_invites_both_ways() {
+    let server = TestServer::start();
+    for shard in 0..server.shards() {
+        let (alice, bob) = pair_homed_on(&server, shard);
+        let mut a = server.login(&alice);
+        let mut b = server.login(&bob);
+        let alices = a.group_create_with("alices", false).expect("create");
+        let bobs = b.group_create_with("bobs", false).expect("create");
+        a.block_user(bob.id).expect("block");
+        assert_eq!(code_of(b.group_invite(bobs, alice.id)), ErrorCode::Forbidden);
+        assert_eq!(code_of(a.group_invite(alices, bob.id)), ErrorCode::Forbidden);
+        expect_quiet(&mut [&mut a]);
+        a.unblock_user(bob.id).expect("unblock");
+        b.group_invite(bobs, alice.id).expect("invite after the unblock");
+        match expect_push(&mut a) {
+            tern_client::ServerBody::Invited { group, by } => assert_eq!((group, by), (bobs, bob.id)),
+            other => panic!("expected Invited, got {other:?}"),
+        }
+    }
+}

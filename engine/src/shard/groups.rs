@@ -543,9 +543,23 @@ impl Shard {
                 if state.members.contains_key(&target) {
                     return Ok(GroupAnswer::Done);
                 }
-                self.blocking(move |store| store.invite(group, target))
-                    .await
-                    .map_err(|e| store_refusal(e, group, "no such user"))?;
+                // A block between the two refuses the invite, as it refuses
+                // a message: otherwise a blocked user could push `Invited`
+                // to the blocker again and again from any group of theirs.
+                self.blocking(move |store| {
+                    let blocks = store.blocks_between(user, target)?;
+                    if blocks.second_blocks_first {
+                        return Err(StoreError::Forbidden(
+                            "this user does not accept requests or messages from you",
+                        ));
+                    }
+                    if blocks.first_blocks_second {
+                        return Err(StoreError::Forbidden("you blocked this user; unblock them first"));
+                    }
+                    store.invite(group, target)
+                })
+                .await
+                .map_err(|e| store_refusal(e, group, "no such user"))?;
                 // Tell the invited user's live sessions; offline ones find
                 // the invite with MyInvitesPage. The invite is stored, so
                 // the group's other changes need not wait on this push
