@@ -46,14 +46,20 @@ fn disconnect_code(frames: &[tern_client::ServerFrame]) -> Option<ErrorCode> {
     })
 }
 
-#[test]
-fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
-    let server = TestServer::start_with(|c| {
+/// A server that meters loopback, with a message rate of 5/s and `burst`
+/// at once, disconnecting only after 50 refusals in a row.
+fn message_rate_server(burst: u32) -> TestServer {
+    TestServer::start_with(|c| {
         unexempt(c);
         c.limits.message_rate_per_sec = 5;
-        c.limits.message_burst = 5;
+        c.limits.message_burst = burst;
         c.limits.rate_limit_disconnect_after = 50;
-    });
+    })
+}
+
+#[test]
+fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
+    let server = message_rate_server(5);
     let alice = server.user_on_shard("alice", 0);
     let bob = server.user_on_shard("bob", 1);
     let mut pair = common::Pair::new(&server, "calm");
@@ -120,12 +126,7 @@ fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
 
 #[test]
 fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
-    let server = TestServer::start_with(|c| {
-        unexempt(c);
-        c.limits.message_rate_per_sec = 5;
-        c.limits.message_burst = 5;
-        c.limits.rate_limit_disconnect_after = 50;
-    });
+    let server = message_rate_server(5);
     let alice = server.user_on_shard("ralice", 0);
     let bob = server.user_on_shard("rbob", 1);
     let mut a = server.login(&alice);
@@ -155,12 +156,7 @@ fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
 
 #[test]
 fn rare_costly_requests_share_the_message_rate() {
-    let server = TestServer::start_with(|c| {
-        unexempt(c);
-        c.limits.message_rate_per_sec = 5;
-        c.limits.message_burst = 5;
-        c.limits.rate_limit_disconnect_after = 50;
-    });
+    let server = message_rate_server(5);
     let alice = server.user_on_shard("calice", 0);
     let mut a = server.login(&alice);
     // Each a synced write (and a tombstone kept for ever for a deleted
@@ -177,12 +173,7 @@ fn rare_costly_requests_share_the_message_rate() {
 
 #[test]
 fn a_syncs_cursors_are_paid_for_as_messages() {
-    let server = TestServer::start_with(|c| {
-        unexempt(c);
-        c.limits.message_rate_per_sec = 5;
-        c.limits.message_burst = 10;
-        c.limits.rate_limit_disconnect_after = 50;
-    });
+    let server = message_rate_server(10);
     let alice = server.user_on_shard("salice", 0);
     let bob = server.user_on_shard("sbob", 1);
     // The login's Sync has no cursors and costs nothing; one message.
