@@ -31,6 +31,28 @@ impl Blocks {
     pub fn any(self) -> bool {
         self.first_blocks_second || self.second_blocks_first
     }
+
+    /// Why the first user may not reach the second (a message, a friend
+    /// request, an invite), if a block between them forbids it: their own
+    /// block first ([`YOU_BLOCKED`]), then the other's
+    /// ([`BLOCKED_BY_THEM`]).
+    pub fn refusal(self) -> Option<&'static str> {
+        if self.first_blocks_second {
+            Some(YOU_BLOCKED)
+        } else if self.second_blocks_first {
+            Some(BLOCKED_BY_THEM)
+        } else {
+            None
+        }
+    }
+
+    /// The same blocks, seen from the second user.
+    pub fn reversed(self) -> Blocks {
+        Blocks {
+            first_blocks_second: self.second_blocks_first,
+            second_blocks_first: self.first_blocks_second,
+        }
+    }
 }
 
 impl Inner {
@@ -63,12 +85,8 @@ impl Store {
         if has(&forward)? && has(&backward)? {
             return Ok(());
         }
-        let blocks = inner.blocks_between(user, friend)?;
-        if blocks.first_blocks_second {
-            return Err(StoreError::Forbidden(YOU_BLOCKED));
-        }
-        if blocks.second_blocks_first {
-            return Err(StoreError::Forbidden(BLOCKED_BY_THEM));
+        if let Some(why) = inner.blocks_between(user, friend)?.refusal() {
+            return Err(StoreError::Forbidden(why));
         }
         let max = inner.opts.max_friends;
         let friends = &inner.friends;

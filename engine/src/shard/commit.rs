@@ -22,7 +22,6 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
 use tern_storage::SubmitError;
 use tern_storage::{Blocks, ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
-use tern_storage::{BLOCKED_BY_THEM, YOU_BLOCKED};
 
 use super::loads::{InFlight, ReadGuard};
 use super::{encode_shared, store_error_frame, Encoded, Shard};
@@ -687,17 +686,11 @@ fn block_refusal(conv: ConvId, blocks: Blocks, from: UserId) -> Option<&'static 
     let ConvId::Direct { low, .. } = conv else {
         return None;
     };
-    let (sender_blocks, blocked_by_peer) = if from == low {
-        (blocks.first_blocks_second, blocks.second_blocks_first)
+    // `blocks` is the pair (low, high); the sender comes first.
+    if from == low {
+        blocks.refusal()
     } else {
-        (blocks.second_blocks_first, blocks.first_blocks_second)
-    };
-    if sender_blocks {
-        Some(YOU_BLOCKED)
-    } else if blocked_by_peer {
-        Some(BLOCKED_BY_THEM)
-    } else {
-        None
+        blocks.reversed().refusal()
     }
 }
 
@@ -772,6 +765,7 @@ fn trim(state: &mut ConvState, window: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_storage::{BLOCKED_BY_THEM, YOU_BLOCKED};
 
     fn state() -> ConvState {
         ConvState {

@@ -547,14 +547,8 @@ impl Shard {
                 // a message: otherwise a blocked user could push `Invited`
                 // to the blocker again and again from any group of theirs.
                 self.blocking(move |store| {
-                    let blocks = store.blocks_between(user, target)?;
-                    if blocks.second_blocks_first {
-                        return Err(StoreError::Forbidden(
-                            "this user does not accept requests or messages from you",
-                        ));
-                    }
-                    if blocks.first_blocks_second {
-                        return Err(StoreError::Forbidden("you blocked this user; unblock them first"));
+                    if let Some(why) = store.blocks_between(user, target)?.refusal() {
+                        return Err(StoreError::Forbidden(why));
                     }
                     store.invite(group, target)
                 })
