@@ -436,8 +436,7 @@ impl Shard {
                 None
             }
             Sequenced::Unstored => {
-                let frame = ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry");
-                self.reply(from, conn, frame).await;
+                self.reply(from, conn, unstored(request_id)).await;
                 None
             }
             Sequenced::Exhausted => {
@@ -616,9 +615,7 @@ impl Shard {
                         ..
                     },
                 ) => {
-                    let frame =
-                        ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry");
-                    let frame = encode_shared(&frame, self.config.max_frame_bytes);
+                    let frame = encode_shared(&unstored(request_id), self.config.max_frame_bytes);
                     self.send_event(shard, Event::Reply { user, conn, frame }).await;
                 }
                 Effect::Event(..) => {}
@@ -666,18 +663,20 @@ impl Shard {
                 .collect(),
             Released::Unstored { waiters } => waiters
                 .into_iter()
-                .map(|(conn, request_id)| {
-                    let frame =
-                        ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry");
-                    Event::Reply {
-                        user: from,
-                        conn,
-                        frame: encode_shared(&frame, self.config.max_frame_bytes),
-                    }
+                .map(|(conn, request_id)| Event::Reply {
+                    user: from,
+                    conn,
+                    frame: encode_shared(&unstored(request_id), self.config.max_frame_bytes),
                 })
                 .collect(),
         }
     }
+}
+
+/// The answer to a send whose store write failed (or that came after one
+/// in its conversation): not stored, send it again (protocol.md 2.8.4).
+fn unstored(request_id: u64) -> ServerFrame {
+    ServerFrame::error(request_id, ErrorCode::Internal, "message not stored; retry")
 }
 
 /// Why `from` may not send a new message in `conv`, if a block between
