@@ -196,12 +196,7 @@ impl Store {
         let mut batch = inner.db.batch();
         let keep = inner.opts.max_tokens_per_user.saturating_sub(1);
         let (_, dropped) = inner.sweep_tokens(&mut batch, user, now, keep)?;
-        batch.insert(&inner.tokens.handle, hash, codec::encode_token(user, expires));
-        batch.insert(
-            &inner.user_tokens.handle,
-            codec::user_token_key(user, &hash),
-            codec::encode_user_token(expires),
-        );
+        inner.put_token(&mut batch, user, &hash, expires);
         let committed = inner.commit(batch, false);
         if !dropped.is_empty() {
             // Also when the commit failed: it may have landed anyway.
@@ -298,12 +293,7 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         // Not on disk yet, so the revocation's sweep does not see it.
-        batch.insert(&inner.tokens.handle, hash, codec::encode_token(user, expires));
-        batch.insert(
-            &inner.user_tokens.handle,
-            codec::user_token_key(user, &hash),
-            codec::encode_user_token(expires),
-        );
+        inner.put_token(&mut batch, user, &hash, expires);
         let revoked = inner.commit_revoking_all(batch, user, issuing)?;
         Ok((token, revoked))
     }
@@ -334,6 +324,23 @@ impl Inner {
         let (removed, pending) = written?;
         self.sync(pending)?;
         Ok(removed)
+    }
+
+    /// Adds a token's two keys to `batch`: the token by its digest, and
+    /// the user's index entry of it.
+    fn put_token(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        user: UserId,
+        hash: &[u8; TOKEN_HASH_LEN],
+        expires: u64,
+    ) {
+        batch.insert(&self.tokens.handle, *hash, codec::encode_token(user, expires));
+        batch.insert(
+            &self.user_tokens.handle,
+            codec::user_token_key(user, hash),
+            codec::encode_user_token(expires),
+        );
     }
 
     /// A fresh random token, its digest and its expiry.
