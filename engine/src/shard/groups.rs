@@ -825,23 +825,21 @@ impl Shard {
             }
         }
         let conv = ConvId::Group { group };
+        // The store has the new members whether or not their start can be
+        // read: on a failed read the cache still takes them (cache and
+        // store agree) and they are answered as when their cursor fails
+        // to store.
         let joined_at = if joined.is_empty() {
-            0
+            Some(0)
         } else {
-            match self.last_seq(conv).await {
-                Ok(seq) => seq,
-                Err(e) => {
-                    let refused = map_err(e);
-                    return fill(replies, || Err(refused.clone()));
-                }
-            }
+            self.last_seq(conv).await.ok()
         };
         // From here to the cache update nothing yields: every message
         // sequenced after `joined_at` sees the new members.
         let cursors: Vec<_> = joined
             .iter()
             .map(|&(_, user)| {
-                (joined_at > 0).then(|| {
+                joined_at.filter(|&seq| seq > 0).map(|joined_at| {
                     let (tx, rx) = futures_channel::oneshot::channel();
                     self.stage_receipt(user, conv, ReceiptKind::Read, joined_at, Some(tx), None);
                     rx
@@ -872,11 +870,13 @@ impl Shard {
         // Answer only once the cursors are stored, or a sync right after
         // the join would replay the whole group.
         for (&(index, _), cursor) in joined.iter().zip(cursors) {
-            if let Some(stored) = cursor {
-                if stored.await != Ok(true) {
-                    if let Some(answer) = answers.get_mut(index) {
-                        *answer = Err(refusal(ErrorCode::Internal, "join not stored; retry"));
-                    }
+            let stored = match cursor {
+                Some(stored) => stored.await == Ok(true),
+                None => joined_at.is_some(),
+            };
+            if !stored {
+                if let Some(answer) = answers.get_mut(index) {
+                    *answer = Err(refusal(ErrorCode::Internal, "join not stored; retry"));
                 }
             }
         }
