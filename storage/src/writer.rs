@@ -290,6 +290,13 @@ fn run(
     let mut group: Vec<(Vec<WriteOp>, Done)> = Vec::new();
     let mut stopping = false;
     while !stopping {
+        // A due flush comes first: under steady load the queue is never
+        // empty, and `recv_timeout` hands out a queued message before it
+        // reports a timeout, so the timeout alone would never sync.
+        if flush_due.is_some_and(|due| Instant::now() >= due) {
+            flush(store, counters);
+            flush_due = None;
+        }
         let first = match flush_due {
             None => rx.recv().ok(),
             Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
