@@ -161,7 +161,7 @@ impl Inner {
 
     /// Whether `user` is a registered id.
     pub(crate) fn user_exists(&self, user: UserId) -> Result<bool, StoreError> {
-        Ok(self.users.handle.contains_key(codec::id_key(user))?)
+        self.users.contains(codec::id_key(user))
     }
 }
 
@@ -184,7 +184,7 @@ impl Store {
         let inner = &*self.inner;
         let phc = inner.hash_password(password)?;
         let next_id = lock(&inner.register_lock);
-        if inner.accounts.handle.contains_key(username.as_bytes())? {
+        if inner.accounts.contains(username.as_bytes())? {
             return Err(StoreError::UsernameTaken);
         }
         inner.insert_account(next_id, username, &phc)

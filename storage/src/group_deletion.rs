@@ -74,7 +74,7 @@ impl Inner {
             .prefix(codec::user_conv_key(user, conv))
             .take(budget)
         {
-            batch.remove(&self.inbox.handle, guard.key()?);
+            batch.remove(&self.inbox.handle, self.inbox.key_of(guard)?);
             removed += 1;
         }
         Ok(removed)
@@ -100,7 +100,7 @@ impl Inner {
             if removed >= budget {
                 return Ok((removed, false));
             }
-            let key = guard.key()?;
+            let key = self.members.key_of(guard)?;
             let user = codec::decode_pair_second(&key).map_err(|d| self.members.corrupt(&key, d))?;
             let left = budget - removed;
             let inbox = self.purge_inbox(batch, user, conv, left)?;
@@ -139,7 +139,7 @@ impl Inner {
                 if removed >= budget {
                     return Ok((removed, false));
                 }
-                let key = guard.key()?;
+                let key = list.key_of(guard)?;
                 if let Some(mirror) = mirror {
                     let user = codec::decode_pair_second(&key).map_err(|d| list.corrupt(&key, d))?;
                     batch.remove(&mirror.handle, codec::pair_key(user, group));
@@ -171,7 +171,7 @@ impl Inner {
             if removed >= budget {
                 return Ok((removed, false));
             }
-            let key = guard.key()?;
+            let key = self.history.key_of(guard)?;
             let (_, seq) = codec::decode_history_key(&key).map_err(|d| self.history.corrupt(&key, d))?;
             batch.remove(&self.history.handle, key);
             removed += 1;
@@ -185,7 +185,7 @@ impl Inner {
 pub(crate) fn load_purges(group_purges: &crate::Ks) -> Result<HashMap<GroupId, PurgeCursor>, StoreError> {
     let mut out = HashMap::new();
     for guard in group_purges.handle.iter() {
-        let (key, value) = guard.into_inner()?;
+        let (key, value) = group_purges.entry(guard)?;
         codec::check_empty(&value).map_err(|d| group_purges.corrupt(&key, d))?;
         let group = codec::decode_id_key(&key).map_err(|d| group_purges.corrupt(&key, d))?;
         out.insert(group, PurgeCursor::default());

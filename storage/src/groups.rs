@@ -148,7 +148,7 @@ impl Inner {
         let members = &self.members;
         let mut out = Vec::new();
         for guard in members.handle.prefix(codec::id_key(group)) {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = members.entry(guard)?;
             let user = codec::decode_pair_second(&key).map_err(|d| members.corrupt(&key, d))?;
             let role = codec::decode_member(&value).map_err(|d| members.corrupt(&key, d))?;
             out.push((user, role));
@@ -283,9 +283,9 @@ impl Store {
             let key = codec::pair_key(group, user);
             let outcome = if !inner.user_exists(user)? {
                 JoinOutcome::NoSuchUser
-            } else if joined_here.contains(&user) || inner.members.handle.contains_key(key)? {
+            } else if joined_here.contains(&user) || inner.members.contains(key)? {
                 JoinOutcome::AlreadyMember
-            } else if inner.group_bans.handle.contains_key(key)? {
+            } else if inner.group_bans.contains(key)? {
                 JoinOutcome::Banned
             } else if usize::try_from(record.member_count).map_or(true, |n| n >= inner.opts.max_group_members)
                 || record.member_count == u32::MAX
@@ -294,7 +294,7 @@ impl Store {
             } else {
                 // The invite first: one point read, where the group count
                 // is a scan of up to `max_groups_per_user` keys.
-                let invited = inner.group_invites.handle.contains_key(key)?;
+                let invited = inner.group_invites.contains(key)?;
                 if invited_only && !invited {
                     JoinOutcome::NotInvited
                 } else if inner.group_count_reaches_limit(user)? {
@@ -331,7 +331,7 @@ impl Store {
         let inner = &*self.inner;
         let guard = lock(&inner.groups_lock);
         let key = codec::pair_key(group, user);
-        if !inner.members.handle.contains_key(key)? {
+        if !inner.members.contains(key)? {
             return Ok(());
         }
         let record = inner.load_group(group)?;
@@ -394,7 +394,7 @@ impl Store {
                 "only the owner can hand the group over",
             ));
         }
-        if !inner.members.handle.contains_key(codec::pair_key(group, to))? {
+        if !inner.members.contains(codec::pair_key(group, to))? {
             return Err(StoreError::NotFound);
         }
         record.owner = to;
@@ -427,10 +427,10 @@ impl Store {
             return Err(StoreError::NotFound);
         };
         let key = codec::pair_key(group, user);
-        if inner.members.handle.contains_key(key)? || inner.group_invites.handle.contains_key(key)? {
+        if inner.members.contains(key)? || inner.group_invites.contains(key)? {
             return Ok(());
         }
-        if inner.group_bans.handle.contains_key(key)? {
+        if inner.group_bans.contains(key)? {
             return Err(StoreError::InvalidArgument(
                 "this user is banned from the group; unban them before inviting",
             ));
@@ -460,7 +460,7 @@ impl Store {
             return Err(StoreError::NotFound);
         };
         let key = codec::pair_key(group, user);
-        if !inner.group_invites.handle.contains_key(key)? {
+        if !inner.group_invites.contains(key)? {
             return Ok(());
         }
         let mut batch = inner.db.batch();
@@ -518,7 +518,7 @@ impl Store {
             return Err(StoreError::InvalidArgument("the owner cannot be banned"));
         }
         let key = codec::pair_key(group, user);
-        if inner.group_bans.handle.contains_key(key)? {
+        if inner.group_bans.contains(key)? {
             return Ok(());
         }
         if inner
@@ -529,10 +529,10 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         batch.insert(&inner.group_bans.handle, key, []);
-        if inner.members.handle.contains_key(key)? {
+        if inner.members.contains(key)? {
             inner.drop_membership(&mut batch, Some(&mut record), group, user);
         }
-        if inner.group_invites.handle.contains_key(key)? {
+        if inner.group_invites.contains(key)? {
             inner.drop_invite(&mut batch, &mut record, group, user);
         }
         inner.put_group(&mut batch, group, &record);
@@ -548,7 +548,7 @@ impl Store {
             return Err(StoreError::NotFound);
         }
         let key = codec::pair_key(group, user);
-        if !inner.group_bans.handle.contains_key(key)? {
+        if !inner.group_bans.contains(key)? {
             return Ok(());
         }
         let mut batch = inner.db.batch();

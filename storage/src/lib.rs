@@ -497,8 +497,43 @@ impl Ks {
         }
     }
 
+    /// A read of this keyspace failed inside fjall: a damaged table file
+    /// is found only when a read reaches it, so the error names the
+    /// keyspace and its directory (fjall does not say which file).
+    fn read_failed(&self, e: fjall::Error) -> StoreError {
+        let path = self.handle.path().to_path_buf();
+        let detail = format!("reading keyspace `{}`: {e}", self.name);
+        match e {
+            fjall::Error::Io(_) | fjall::Error::Storage(fjall::LsmError::Io(_)) => {
+                StoreError::Io { path, detail }
+            }
+            fjall::Error::Poisoned | fjall::Error::Locked | fjall::Error::KeyspaceDeleted => {
+                StoreError::Fjall(detail)
+            }
+            _ => StoreError::Corrupt { path, detail },
+        }
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
-        Ok(self.handle.get(key)?)
+        self.handle.get(key).map_err(|e| self.read_failed(e))
+    }
+
+    fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool, StoreError> {
+        self.handle.contains_key(key).map_err(|e| self.read_failed(e))
+    }
+
+    /// The key and value an iterator of this keyspace reached.
+    fn entry(&self, guard: fjall::Guard) -> Result<(fjall::Slice, fjall::Slice), StoreError> {
+        guard.into_inner().map_err(|e| self.read_failed(e))
+    }
+
+    /// The key an iterator of this keyspace reached.
+    fn key_of(&self, guard: fjall::Guard) -> Result<fjall::Slice, StoreError> {
+        guard.key().map_err(|e| self.read_failed(e))
+    }
+
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        self.handle.is_empty().map_err(|e| self.read_failed(e))
     }
 
     /// Whether at least `max` keys start with `first`: a prefix scan that
@@ -507,7 +542,7 @@ impl Ks {
     fn prefix_reaches(&self, first: u64, max: usize) -> Result<bool, StoreError> {
         let mut seen = 0usize;
         for guard in self.handle.prefix(codec::id_key(first)).take(max) {
-            guard.key()?;
+            self.key_of(guard)?;
             seen += 1;
         }
         Ok(seen >= max)
@@ -524,7 +559,7 @@ impl Ks {
             .handle
             .range(codec::pair_key(first, from)..=codec::pair_key(first, u64::MAX))
         {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = self.entry(guard)?;
             if out.len() >= limit {
                 return Ok((out, true));
             }
@@ -538,7 +573,7 @@ impl Ks {
     fn scan_pairs(&self, first: u64) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();
         for guard in self.handle.prefix(codec::id_key(first)) {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = self.entry(guard)?;
             codec::check_empty(&value).map_err(|d| self.corrupt(&key, d))?;
             out.push(codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?);
         }
@@ -551,12 +586,12 @@ impl Ks {
 /// second` keyspace in a store written before the index existed (an empty
 /// index next to a non-empty source).
 fn backfill_reverse_index(db: &Database, source: &Ks, index: &Ks) -> Result<(), StoreError> {
-    if !index.handle.is_empty()? || source.handle.is_empty()? {
+    if !index.is_empty()? || source.is_empty()? {
         return Ok(());
     }
     let mut batch = db.batch();
     for guard in source.handle.iter() {
-        let key = guard.key()?;
+        let key = source.key_of(guard)?;
         let first =
             codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| source.corrupt(&key, d))?;
         let second = codec::decode_pair_second(&key).map_err(|d| source.corrupt(&key, d))?;
@@ -571,7 +606,7 @@ fn next_id(ks: &Ks) -> Result<u64, StoreError> {
     let Some(guard) = ks.handle.last_key_value() else {
         return Ok(1);
     };
-    let key = guard.key()?;
+    let key = ks.key_of(guard)?;
     let last = codec::decode_id_key(&key).map_err(|d| ks.corrupt(&key, d))?;
     last.checked_add(1)
         .ok_or_else(|| ks.corrupt(&key, "id space exhausted"))

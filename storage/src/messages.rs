@@ -214,7 +214,7 @@ impl Inner {
                     let from = codec::inbox_key(user, conv, old_delivered.saturating_add(1));
                     let to = codec::inbox_key(user, conv, delivered);
                     for guard in self.inbox.handle.range(from..=to) {
-                        batch.remove(&self.inbox.handle, guard.key()?);
+                        batch.remove(&self.inbox.handle, self.inbox.key_of(guard)?);
                     }
                 }
                 // Entries staged in this call, whatever their seq.
@@ -234,7 +234,7 @@ impl Inner {
                 frame,
             } => {
                 let key = codec::history_key(*conv, *seq);
-                if self.history.handle.contains_key(key)? {
+                if self.history.contains(key)? {
                     let value = codec::encode_history(*from, *client_msg_id, *timestamp_ms, frame);
                     batch.insert(&self.history.handle, key, value);
                 }
@@ -325,7 +325,7 @@ impl Store {
         let history = &self.inner.history;
         let mut tail = ConvTail::default();
         for guard in history.handle.prefix(codec::conv_key(conv)).rev() {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = history.entry(guard)?;
             let (_, seq) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
             if tail.last_seq == 0 {
                 tail.last_seq = seq;
@@ -374,7 +374,7 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = inbox.entry(guard)?;
             let (_, conv, seq) = codec::decode_inbox_key(&key).map_err(|d| inbox.corrupt(&key, d))?;
             if let ConvId::Group { group } = conv {
                 // A deleted group's entries wait for their purge, unseen.
@@ -465,7 +465,7 @@ impl Store {
         };
         let mut out = Vec::new();
         for guard in iter.take(limit) {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = history.entry(guard)?;
             out.push(history_frame(history, &key, &value)?);
         }
         Ok(out)
@@ -483,7 +483,7 @@ impl Store {
         let ks = &self.inner.user_convs;
         let mut out = Vec::new();
         for guard in ks.handle.prefix(codec::id_key(user)).take(max) {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = ks.entry(guard)?;
             codec::check_empty(&value).map_err(|d| ks.corrupt(&key, d))?;
             out.push(codec::decode_user_conv_key(&key).map_err(|d| ks.corrupt(&key, d))?);
         }
@@ -503,7 +503,7 @@ impl Store {
         let history = &self.inner.history;
         match history.handle.prefix(codec::conv_key(conv)).next_back() {
             Some(guard) => {
-                let (key, value) = guard.into_inner()?;
+                let (key, value) = history.entry(guard)?;
                 history_frame(history, &key, &value).map(Some)
             }
             None => Ok(None),
@@ -519,7 +519,7 @@ impl Store {
         let mut doomed = Vec::new();
         let mut removed = 0;
         for guard in inbox.handle.iter() {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = inbox.entry(guard)?;
             let entry = codec::decode_inbox(&value).map_err(|d| inbox.corrupt(&key, d))?;
             if entry.timestamp_ms < older_than_ms {
                 doomed.push(key);
@@ -545,7 +545,7 @@ impl Store {
         // conversation's newest: (key, conversation, expired?).
         let mut pending: Option<(fjall::Slice, ConvId, bool)> = None;
         for guard in history.handle.iter() {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = history.entry(guard)?;
             let (conv, _) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
             let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
             if let Some((prev_key, prev_conv, expired)) = pending.take() {
@@ -583,7 +583,7 @@ impl Inner {
             if wanted.peek().is_none() {
                 break;
             }
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = history.entry(guard)?;
             let (_, stored_seq) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
             // Wanted seqs below this record have expired from history;
             // records between wanted seqs are the user's own messages.

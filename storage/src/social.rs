@@ -57,7 +57,7 @@ impl Blocks {
 
 impl Inner {
     fn blocks_between(&self, a: UserId, b: UserId) -> Result<Blocks, StoreError> {
-        let has = |key: [u8; 16]| self.blocks.handle.contains_key(key);
+        let has = |key: [u8; 16]| self.blocks.contains(key);
         Ok(Blocks {
             first_blocks_second: has(codec::pair_key(a, b))?,
             second_blocks_first: has(codec::pair_key(b, a))?,
@@ -81,7 +81,7 @@ impl Store {
         // Held across count, check and commit, so two concurrent adds
         // cannot both see room for one more friend.
         let guard = lock(&inner.friends_lock);
-        let has = |key: &[u8]| inner.friends.handle.contains_key(key);
+        let has = |key: &[u8]| inner.friends.contains(key);
         if has(&forward)? && has(&backward)? {
             return Ok(());
         }
@@ -106,7 +106,7 @@ impl Store {
         let guard = lock(&inner.friends_lock);
         let forward = codec::pair_key(user, friend);
         let backward = codec::pair_key(friend, user);
-        let has = |key: &[u8]| inner.friends.handle.contains_key(key);
+        let has = |key: &[u8]| inner.friends.contains(key);
         if !has(&forward)? && !has(&backward)? {
             return Ok(());
         }
@@ -136,7 +136,7 @@ impl Store {
         }
         let key = codec::pair_key(blocker, blocked);
         let guard = lock(&inner.friends_lock);
-        if inner.blocks.handle.contains_key(key)? {
+        if inner.blocks.contains(key)? {
             return Ok(());
         }
         if inner
@@ -158,7 +158,7 @@ impl Store {
         let inner = &*self.inner;
         let key = codec::pair_key(blocker, blocked);
         let guard = lock(&inner.friends_lock);
-        if !inner.blocks.handle.contains_key(key)? {
+        if !inner.blocks.contains(key)? {
             return Ok(());
         }
         let mut batch = inner.db.batch();

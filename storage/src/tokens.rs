@@ -110,7 +110,7 @@ impl Inner {
         let mut live = Vec::new();
         let mut expired = 0;
         for guard in self.user_tokens.handle.prefix(codec::id_key(user)) {
-            let (key, value) = guard.into_inner()?;
+            let (key, value) = self.user_tokens.entry(guard)?;
             let hash = codec::decode_user_token_hash(&key).map_err(|d| self.user_tokens.corrupt(&key, d))?;
             let expires = codec::decode_user_token(&value).map_err(|d| self.user_tokens.corrupt(&key, d))?;
             if expires <= now {
