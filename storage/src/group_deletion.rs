@@ -149,7 +149,9 @@ impl Inner {
                 removed += 1;
             }
         }
-        Ok((removed, removed == 0))
+        // The whole of both lists is in `batch`: the next call would only
+        // find the same keys again (the batch is not committed yet).
+        Ok((removed, true))
     }
 
     /// Adds to `batch` the removal of `conv`'s history after

@@ -190,3 +190,22 @@ fn purge_timing() {
         .unwrap()
         .is_empty());
 }
+
+/// A group whose keys fit one budget is purged in one step: the invite
+/// and ban lists, once all in the step's batch, are not scanned again
+/// (their removals are not committed yet, so a second scan would find
+/// the same keys and spend the budget on them).
+#[test]
+fn a_small_group_is_purged_in_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (group, _) = populated(&store);
+    store.delete_group(group, 1).unwrap();
+    assert_eq!(purge(&store, group, 1024), 1);
+    assert!(store.pending_group_purges().is_empty());
+    assert!(store
+        .history(ConvId::Group { group }, 1, true, 100)
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.user_invites_after(6, 0, 10).unwrap(), (vec![], false));
+}
