@@ -319,7 +319,14 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 match login {
                     Ok((user, username, token)) => {
                         limits::login_succeeded(&username);
-                        Ok(LoggedIn::new(user, username, token, request_id, revocations))
+                        Ok(LoggedIn::new(
+                            user,
+                            username,
+                            token,
+                            request_id,
+                            revocations,
+                            true,
+                        ))
                     }
                     Err(e) => Err(refused_login(&shard, peer, Some(&account), request_id, &e)),
                 }
@@ -345,9 +352,14 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                     }
                 };
                 match login {
-                    Ok((user, username, token)) => {
-                        Ok(LoggedIn::new(user, username, token, request_id, revocations))
-                    }
+                    Ok((user, username, token)) => Ok(LoggedIn::new(
+                        user,
+                        username,
+                        token,
+                        request_id,
+                        revocations,
+                        false,
+                    )),
                     Err(e) => Err(refused_login(&shard, peer, None, request_id, &e)),
                 }
             }
@@ -399,6 +411,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                             token.to_vec(),
                             request_id,
                             revocations,
+                            true,
                         ))
                     }
                     Ok(Err(refused)) => {
@@ -644,12 +657,22 @@ struct LoggedIn {
     /// [`tern_storage::Store::revocations`] before the credentials were
     /// checked.
     revocations: u64,
+    /// Whether this login issued `token` (a password or JWT login) rather
+    /// than presenting it (`LoginToken`).
+    minted: bool,
 }
 
 impl LoggedIn {
     /// A login the credentials were just accepted for; `answered` is
     /// filled when it is handed off.
-    fn new(user: UserId, username: String, token: Vec<u8>, request_id: u64, revocations: u64) -> LoggedIn {
+    fn new(
+        user: UserId,
+        username: String,
+        token: Vec<u8>,
+        request_id: u64,
+        revocations: u64,
+        minted: bool,
+    ) -> LoggedIn {
         LoggedIn {
             user,
             username,
@@ -657,7 +680,35 @@ impl LoggedIn {
             request_id,
             answered: Vec::new(),
             revocations,
+            minted,
         }
+    }
+
+    /// This login's session will not start, so its `LoggedIn` never
+    /// reaches the client: a token it issued is revoked. Otherwise that
+    /// token would stay live with nobody holding it, and each refused
+    /// login (say, one past `max_sessions_per_user`) would count towards
+    /// `max_tokens_per_user`, whose overflow drops a device's saved token.
+    async fn abandon(self, shard: &Shard) {
+        if !self.minted {
+            return;
+        }
+        let token = self.token;
+        if let Err(e) = shard.blocking(move |store| store.revoke_token(&token)).await {
+            tracing::warn!(error = %e, "cannot revoke the token of a login that was refused");
+        }
+    }
+
+    /// Refuses this login with `reply` and closes, once a token it issued
+    /// is revoked: a client that retries on the answer cannot have its
+    /// next login issued while this token still counts.
+    fn refuse(self, shard: Rc<Shard>, mut stream: Transport, reply: ServerFrame) {
+        glommio::spawn_local(async move {
+            self.abandon(&shard).await;
+            let mut out = AlignedVec::new();
+            reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+        })
+        .detach();
     }
 }
 
@@ -685,7 +736,7 @@ async fn move_to_home(
             .await
             .is_err()
         {
-            return;
+            return login.abandon(&shard).await;
         }
     }
     // Uncounted here (the guards go with this task); the home shard
@@ -694,7 +745,10 @@ async fn move_to_home(
     let leftover = buf.take_buffered();
     let transport = match stream.into_parts() {
         Ok(parts) => parts,
-        Err(e) => return tracing::warn!(error = %e, "cannot hand a connection to its home shard"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand a connection to its home shard");
+            return login.abandon(&shard).await;
+        }
     };
     let handoff = Handoff {
         transport,
@@ -704,6 +758,7 @@ async fn move_to_home(
         request_id: login.request_id,
         leftover,
         revocations: login.revocations,
+        minted: login.minted,
     };
     shard.send_event(home, Event::Handoff(Box::new(handoff))).await;
 }
@@ -715,12 +770,20 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
     let peer = stream.tcp().peer_addr().ok().map(|addr| addr.ip());
     // The home shard owns the socket from now on, so it counts it against
     // its address here (the accepting shard has uncounted it).
+    let login = LoggedIn {
+        user: handoff.user,
+        username: handoff.username,
+        token: handoff.token,
+        request_id: handoff.request_id,
+        answered: Vec::new(),
+        revocations: handoff.revocations,
+        minted: handoff.minted,
+    };
     let permit = match limits::adopt_connection(&shard.config, peer) {
         Ok(permit) => permit,
         Err(refused) => {
-            let reply = ServerFrame::error(handoff.request_id, refused.code, refused.message);
-            refuse_in_background(shard, stream, reply);
-            return;
+            let reply = ServerFrame::error(login.request_id, refused.code, refused.message);
+            return login.refuse(shard, stream, reply);
         }
     };
     shard.m().connection_adopted();
@@ -731,14 +794,6 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
     configure(stream.tcp(), &shard);
     let mut buf = FrameBuf::new(shard.config.max_frame_bytes);
     buf.push_bytes(&handoff.leftover);
-    let login = LoggedIn {
-        user: handoff.user,
-        username: handoff.username,
-        token: handoff.token,
-        request_id: handoff.request_id,
-        answered: Vec::new(),
-        revocations: handoff.revocations,
-    };
     start_session(shard, stream, buf, login, guards);
 }
 
@@ -788,8 +843,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         Ok(added) => added,
         Err(refusal) => {
             let reply = error(login.request_id, &refusal);
-            refuse_in_background(shard, stream, reply);
-            return;
+            return login.refuse(shard, stream, reply);
         }
     };
     shard.m().session_opened();

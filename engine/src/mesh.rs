@@ -211,6 +211,8 @@ pub struct Handoff {
     pub leftover: Vec<u8>,
     /// The store's revocation count before the login was checked.
     pub revocations: u64,
+    /// Whether the login issued `token` (see `conn::LoggedIn`).
+    pub minted: bool,
 }
 
 /// One shard's ends of the mesh.

@@ -128,6 +128,43 @@ fn third_session_is_limit_exceeded() {
     }
 }
 
+/// A login refused for the session limit is told so only after its token
+/// was issued: that token is revoked, so refused logins neither leave live
+/// tokens nobody holds nor push a device's saved token out of the user's
+/// most live tokens (protocol.md 2.7, "Sessions per user").
+#[test]
+fn a_login_refused_for_too_many_sessions_keeps_the_devices_token() {
+    let server = TestServer::start_with(|c| {
+        c.max_sessions_per_user = 1;
+        c.store.max_tokens_per_user = 2;
+    });
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("tokens{shard}_"), shard);
+        let mut device = server.connect();
+        let saved = device.login(&user.name, PASSWORD).expect("login").token;
+        for _ in 0..3 {
+            let mut extra = server.connect();
+            assert_eq!(
+                code_of(extra.login(&user.name, PASSWORD)),
+                ErrorCode::LimitExceeded
+            );
+        }
+        drop(device);
+        // The device reconnects with its saved token once its session is
+        // gone (removal is asynchronous).
+        let resumed = eventually("the device's session slot to free up", || {
+            match server.connect().login_token(&saved) {
+                Err(e) if e.code() == Some(ErrorCode::LimitExceeded) => None,
+                other => Some(other.map(|_| ())),
+            }
+        });
+        assert!(
+            resumed.is_ok(),
+            "refused logins evicted the device's token: {resumed:?}"
+        );
+    }
+}
+
 /// Asserts that `token` no longer logs in.
 fn assert_token_refused(server: &TestServer, token: &[u8], why: &str) {
     let refused = server.connect().login_token(token);
