@@ -983,10 +983,19 @@ fn a_strangers_refused_request_does_not_load_the_group() {
     }
     s.group_leave(group)
         .expect("leaving a group one is not in is a no-op");
+    // A message (a recall too) and a typing hint are members' requests as well.
+    assert_eq!(code_of(s.send_group_text(group, "hi")), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(s.recall(ConvId::Group { group }, 1)),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(code_of(s.typing(ConvId::Group { group })), ErrorCode::Forbidden);
     assert_eq!(total(&admin, "tern_groups_cached"), before, "nothing was loaded");
     // The owner's own request still loads and answers it.
     o.group_info(group).expect("the owner's info");
     assert_eq!(total(&admin, "tern_groups_cached"), before + 1);
     o.group_delete(group).expect("delete");
     assert_eq!(code_of(s.group_info(group)), ErrorCode::NotFound);
+    assert_eq!(code_of(s.send_group_text(group, "hi")), ErrorCode::NotFound);
+    assert_eq!(code_of(s.typing(ConvId::Group { group })), ErrorCode::NotFound);
 }

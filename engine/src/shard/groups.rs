@@ -324,6 +324,15 @@ impl Shard {
         content: Content,
     ) {
         let conv = ConvId::Group { group };
+        let refused = match self.may_be_member(group, from).await {
+            Ok(true) => None,
+            Ok(false) => Some(refusal(ErrorCode::Forbidden, "not a member of this group")),
+            Err(refused) => Some(refused),
+        };
+        if let Some(refused) = refused {
+            let frame = ServerFrame::error(request_id, refused.code, refused.message);
+            return self.reply(from, conn, frame).await;
+        }
         // A recall's target is read before the snapshot below: that read
         // waits on the disk, and nothing may wait between the snapshot and
         // the seq. Members only, first: the answers about the target (its
@@ -432,6 +441,27 @@ impl Shard {
         }
     }
 
+    /// Whether `user` may be a member of `group`, asked before a request
+    /// that only members may make loads the group. For a group not cached
+    /// here the store answers with two point reads, before the roster (up
+    /// to `max_group_members` rows) is loaded: otherwise anyone could make
+    /// this shard load every group by id, each one evicting groups in use,
+    /// with requests that are then refused. `true` for a cached group (its
+    /// roster answers), `NotFound` for a group that does not exist.
+    pub(super) async fn may_be_member(&self, group: GroupId, user: UserId) -> Result<bool, Refusal> {
+        if self.groups.borrow().map.contains_key(&group) {
+            return Ok(true);
+        }
+        let (member, exists) = self
+            .blocking(move |store| Ok((store.is_member(group, user)?, store.group(group)?.is_some())))
+            .await
+            .map_err(|e| store_refusal(e, group, "no such group"))?;
+        if !exists {
+            return Err(refusal(ErrorCode::NotFound, "no such group"));
+        }
+        Ok(member)
+    }
+
     /// Runs a membership, role or invite operation for a group homed here.
     pub(super) async fn group_admin(
         self: &Rc<Self>,
@@ -439,25 +469,12 @@ impl Shard {
         group: GroupId,
         op: GroupOp,
     ) -> GroupReply {
-        // Every request but a join is a member's. For a group not cached,
-        // ask the store (two point reads) before loading its roster (up to
-        // max_group_members rows): otherwise anyone could make this shard
-        // load every group by id, each one evicting groups in use, with
-        // requests that are then refused.
-        if op != GroupOp::Join && !self.groups.borrow().map.contains_key(&group) {
-            let (member, exists) = self
-                .blocking(move |store| Ok((store.is_member(group, user)?, store.group(group)?.is_some())))
-                .await
-                .map_err(|e| store_refusal(e, group, "no such group"))?;
-            if !exists {
-                return Err(refusal(ErrorCode::NotFound, "no such group"));
-            }
-            if !member {
-                return match op {
-                    GroupOp::Leave => Ok(GroupAnswer::Done),
-                    _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
-                };
-            }
+        // Every request but a join is a member's.
+        if op != GroupOp::Join && !self.may_be_member(group, user).await? {
+            return match op {
+                GroupOp::Leave => Ok(GroupAnswer::Done),
+                _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
+            };
         }
         let state = self
             .group_state(group)

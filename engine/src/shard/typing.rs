@@ -71,12 +71,17 @@ impl Shard {
                 }
             }
             ConvId::Group { group } => {
+                let not_member = || Refused::Because(ErrorCode::Forbidden, "not a member of this group");
+                let may_be = self
+                    .may_be_member(group, from)
+                    .await
+                    .map_err(|refused| Refused::Because(refused.code, refused.message))?;
+                if !may_be {
+                    return Err(not_member());
+                }
                 let state = self.group_state(group).await.map_err(Refused::Store)?;
                 if !state.members.contains_key(&from) {
-                    return Err(Refused::Because(
-                        ErrorCode::Forbidden,
-                        "not a member of this group",
-                    ));
+                    return Err(not_member());
                 }
                 if state.all.len() > self.config.write_diffusion_max_members {
                     // A crowd: the hint is noise and would cost a push per member.
