@@ -2168,7 +2168,41 @@ impl Conn {
                 "not a participant of this conversation",
             );
         }
-        let notify = conv.peer_of(user).map(|peer| {
+        // A 1:1 receipt is checked by the conversation's home shard: its
+        // seq may not pass the last one sent, and it is not pushed between
+        // two users one of whom blocks the other.
+        let (seq, push) = match conv {
+            ConvId::Direct { .. } => {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                let check = Request::DirectReceiptCheck {
+                    user,
+                    conv,
+                    reply: tx,
+                };
+                let home = self.shard.home_of(conv.placement_key());
+                self.shard.send_request(home, check).await;
+                match rx.await {
+                    // Nothing sent yet: nothing to acknowledge.
+                    Ok(Ok(check)) if check.last_seq == 0 => {
+                        return ServerFrame {
+                            request_id,
+                            body: ServerBody::Ok,
+                        }
+                    }
+                    Ok(Ok(check)) => (seq.min(check.last_seq), check.push),
+                    Ok(Err(e)) => return store_error_frame(request_id, &e),
+                    Err(_) => {
+                        return ServerFrame::error(
+                            request_id,
+                            ErrorCode::ShuttingDown,
+                            "server is shutting down",
+                        )
+                    }
+                }
+            }
+            ConvId::Group { .. } => (seq, false),
+        };
+        let notify = conv.peer_of(user).filter(|_| push).map(|peer| {
             let push = ServerFrame {
                 request_id: 0,
                 body: ServerBody::Receipt {

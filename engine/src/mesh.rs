@@ -63,6 +63,13 @@ pub enum Request {
         request_id: u64,
         conv: ConvId,
     },
+    /// What `user`'s receipt in the 1:1 `conv` may say (its seq's cap,
+    /// whether it may be pushed), asked of the conversation's home shard.
+    DirectReceiptCheck {
+        user: UserId,
+        conv: ConvId,
+        reply: oneshot::Sender<Result<DirectReceiptCheck, tern_storage::StoreError>>,
+    },
     /// Change or read a group's member list.
     GroupAdmin {
         user: UserId,
@@ -114,6 +121,16 @@ pub enum GroupOp {
     },
     /// Delete the group (its owner only).
     Delete,
+}
+
+/// The answer to [`Request::DirectReceiptCheck`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectReceiptCheck {
+    /// The conversation's last seq: a receipt's seq is capped at it.
+    pub last_seq: u64,
+    /// Whether the receipt may be pushed to the peer: neither blocks the
+    /// other.
+    pub push: bool,
 }
 
 /// What a successful [`GroupOp`] answers.

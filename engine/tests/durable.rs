@@ -16,6 +16,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::next_raw_push;
 use durable_common::*;
 use tern_client::{
     Client, ClientBody, Content, ConvId, Cursor, ErrorCode, ReceiptKind, ServerBody, ServerFrame, UserId,
@@ -1113,6 +1114,49 @@ fn expired_inbox_entries_leave_sync_but_not_history() {
     let history = b.history(conv, 1, true, 10).expect("history");
     assert_seqs(&history, conv, 1..=2);
     assert_eq!(history[0].content, Content::text("old"));
+}
+
+/// A 1:1 receipt cannot claim more than was sent: its seq is capped at the
+/// conversation's last, in the push and in the stored cursor. Between two
+/// users one of whom blocks the other, a receipt is stored for its sender
+/// but pushed to neither (protocol.md 2.8.5, 2.8.10).
+#[test]
+fn direct_receipts_are_capped_at_the_last_seq_and_not_pushed_across_a_block() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("capalice", 0);
+    let bob = server.user_on_shard("capbob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    // Before any message there is nothing to acknowledge or push.
+    b.receipt(conv, ReceiptKind::Read, 5).expect("receipt of nothing");
+    a.send_text(bob.id, "hi").expect("send");
+    assert_eq!(expect_message(&mut b).seq, 1);
+    b.receipt(conv, ReceiptKind::Read, 424_242).expect("receipt");
+    assert_eq!(expect_receipt(&mut a), (conv, bob.id, ReceiptKind::Read, 1));
+    let summary = a.conversations(0, 10).expect("conversations");
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0].peer_read, 1, "{summary:?}");
+    // A message after the capped receipt is still streamed to a new device.
+    a.send_text(bob.id, "after").expect("send");
+    assert_eq!(expect_message(&mut b).seq, 2);
+    let mut fresh = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut fresh, vec![], 1).messages, conv, 2..=2);
+    drop(fresh);
+
+    a.block_user(bob.id).expect("block");
+    b.receipt(conv, ReceiptKind::Read, 2)
+        .expect("stored for the blocked user");
+    a.receipt(conv, ReceiptKind::Read, 2)
+        .expect("stored for the blocker");
+    assert!(next_raw_push(&mut a, Duration::from_millis(300)).is_none());
+    assert!(next_raw_push(&mut b, Duration::from_millis(300)).is_none());
+    let mut fresh = server.login_unsynced(&bob);
+    assert_eq!(
+        raw_sync_all(&mut fresh, vec![], 0).messages.len(),
+        0,
+        "bob's receipt was stored"
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ mod deletion;
 mod groups;
 mod loads;
 mod recall;
+mod receipts;
 mod typing;
 
 use std::cell::{Cell, RefCell};
@@ -775,6 +776,9 @@ impl Shard {
                 request_id,
                 conv,
             } => self.typing(from, conn, request_id, conv).await,
+            Request::DirectReceiptCheck { user, conv, reply } => {
+                let _ = reply.send(self.direct_receipt_check(user, conv).await);
+            }
             Request::Block {
                 user,
                 peer,
