@@ -440,8 +440,12 @@ fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) 
 }
 
 /// Most conversations one list considers (it is sorted by recency before
-/// paging, so it must be bounded).
-const CONVERSATIONS_MAX: usize = 10_000;
+/// paging, so it must be bounded): every group of the user (at most
+/// `max_groups_per_user`), then 1:1 conversations in the order of the
+/// index, by the peer's id. Recency is the newest message in history, one
+/// read per conversation; an index kept in recency order would cost every
+/// 1:1 message two more writes (protocol.md 2.8.7 states the bound).
+pub const CONVERSATIONS_MAX: usize = 10_000;
 
 /// The conversation list of `user`, most recent first.
 ///
@@ -457,14 +461,14 @@ pub fn conversations(
     limit: u32,
     max_frame_bytes: u32,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
-    let mut convs = store.direct_conversations(user, CONVERSATIONS_MAX)?;
-    convs.extend(
-        store
-            .user_groups(user)?
-            .into_iter()
-            .map(|group| ConvId::Group { group }),
-    );
+    let mut convs: Vec<ConvId> = store
+        .user_groups(user)?
+        .into_iter()
+        .map(|group| ConvId::Group { group })
+        .collect();
     convs.truncate(CONVERSATIONS_MAX);
+    let directs = CONVERSATIONS_MAX - convs.len();
+    convs.extend(store.direct_conversations(user, directs)?);
     let mut recency = Vec::with_capacity(convs.len());
     for conv in convs {
         let newest = store.last_message(conv)?.map_or(0, |m| m.timestamp_ms);
@@ -625,6 +629,42 @@ mod tests {
         assert!(conversations(&store, 99, 0, 10, 65_536)
             .expect("nobody")
             .is_empty());
+    }
+
+    /// A user at the bound still sees their groups: they are taken before
+    /// the 1:1 conversations, which fill the rest in index order.
+    #[test]
+    fn groups_are_listed_however_many_direct_conversations_there_are() {
+        let (_dir, store) = busy_user(CONVERSATIONS_MAX as u64);
+        let user = store.register("busy", b"password1").expect("register");
+        assert_eq!(user, 1, "busy_user's conversations are user 1's");
+        let group = store.create_group(1, "team").expect("group");
+        let conv = ConvId::Group { group };
+        let mut m = message(1, Content::text("newest"));
+        (m.conv, m.from, m.timestamp_ms) = (conv, 1, u64::MAX / 2);
+        let mut frame = AlignedVec::new();
+        let push = ServerFrame {
+            request_id: 0,
+            body: ServerBody::Message(m),
+        };
+        encode_server(&push, &mut frame, u32::MAX).expect("encode");
+        let write = tern_storage::MessageWrite {
+            conv,
+            seq: 1,
+            from: 1,
+            client_msg_id: 1,
+            timestamp_ms: u64::MAX / 2,
+            frame: frame.as_slice().into(),
+            inbox: tern_storage::InboxTargets::None,
+        };
+        store
+            .apply(&[tern_storage::WriteOp::Message(write)], false)
+            .expect("apply");
+        let page = conversations(&store, 1, 0, 2, 65_536).expect("page");
+        let convs: Vec<ConvId> = page.iter().map(|s| s.conv).collect();
+        // The newest 1:1 within the bound follows the group.
+        let last_direct = ConvId::direct(1, CONVERSATIONS_MAX as u64);
+        assert_eq!(convs, vec![conv, last_direct]);
     }
 
     /// Not a test: prints how long one conversation list of a user with
