@@ -365,7 +365,7 @@ pub(crate) fn decode_stored_frame(frame: &[u8]) -> Option<ChatMessage> {
 /// Whether `user` may read `conv`.
 fn may_read(store: &Store, user: UserId, conv: ConvId) -> Result<bool, StoreError> {
     match conv {
-        ConvId::Direct { low, high } => Ok(low == user || high == user),
+        ConvId::Direct { .. } => Ok(in_direct(store, user, conv)),
         ConvId::Group { group } => store.is_member(group, user),
     }
 }

@@ -780,6 +780,14 @@ fn history_pages_forwards_and_backwards_and_is_for_participants_only() {
         code_of(c.history(conv, u64::MAX, false, 10)),
         ErrorCode::Forbidden
     );
+    // So is a 1:1 id that is not one: reversed, or with nobody.
+    let reversed = ConvId::Direct {
+        low: carol.id.max(alice.id),
+        high: carol.id.min(alice.id),
+    };
+    assert_eq!(code_of(c.history(reversed, 1, true, 10)), ErrorCode::Forbidden);
+    let nobody = ConvId::direct(carol.id, 1_000_000);
+    assert_eq!(code_of(c.history(nobody, 1, true, 10)), ErrorCode::Forbidden);
     let group = a.group_create("history").expect("create");
     let gconv = ConvId::Group { group };
     b.group_join(group).expect("join");
