@@ -2,8 +2,10 @@
 //!
 //! Member 0 of each group creates it and publishes; members 1..M join it
 //! and receive. Everything of one group lives on one executor. The
-//! publisher runs open loop at `--rate` messages per second: message k is
-//! due at start + k/rate and carries that intended time, and every member
+//! publisher runs open loop at `--rate` messages per second: message k of
+//! group g is due at start + (k + g/G)/rate (the G publishers spread over
+//! one period as `pairs` spreads its senders: publishers in step would
+//! measure their own burst) and carries that intended time; every member
 //! records its latency from it, so a slow fan-out shows up as latency and,
 //! past the drain time, as undelivered messages (expected deliveries =
 //! messages sent × members that joined, the publisher's own session
@@ -20,7 +22,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    frame_failure, message_body, now_ns, open_session, read_frames, sleep_until_ns, WireError, Writer,
+    frame_failure, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, open_session, read_frames,
+    sleep_until_ns, WireError, Writer,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -96,12 +99,14 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
+    let starts = publisher_starts_ns(start_ns, args.rate, groups_up.len(), ctx.slot());
     let publishers: Vec<_> = groups_up
         .iter()
-        .map(|group| {
+        .zip(starts)
+        .map(|(group, first_due_ns)| {
             let (ctx, group, args) = (ctx.clone(), group.clone(), args.clone());
             glommio::spawn_local(async move {
-                let result = publish(&group, &args, start_ns, end_ns).await;
+                let result = publish(&group, &args, first_due_ns, end_ns).await;
                 group.publisher_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
@@ -147,6 +152,14 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     drop(publishers);
     drop(tasks);
     outcome
+}
+
+/// When each of an executor's `count` publishers sends its first message:
+/// spread over one period (`(slot, slots)`: see [`open_loop_phase_ns`]).
+fn publisher_starts_ns(start_ns: u64, rate: f64, count: usize, (slot, slots): (usize, usize)) -> Vec<u64> {
+    (0..count)
+        .map(|g| start_ns + open_loop_phase_ns(Some(rate), g, count, slot, slots))
+        .collect()
 }
 
 /// Creates group `group_no` with its owner (token at `first_token`), joins
@@ -284,7 +297,7 @@ async fn connect_group(
 /// Publishes at `args.rate` until `end_ns`; messages already due when the
 /// publisher gets to run go out in one write.
 async fn publish(group: &Group, args: &GroupsArgs, start_ns: u64, end_ns: u64) -> Result<(), WireError> {
-    let period = ((1e9 / args.rate) as u64).max(1);
+    let period = open_loop_period_ns(args.rate);
     let mut seq = 0u64;
     loop {
         let due = start_ns + seq * period;
@@ -306,5 +319,43 @@ async fn publish(group: &Group, args: &GroupsArgs, start_ns: u64, end_ns: u64) -
         group.publisher.send_batch(bodies).await?;
         seq += due_now;
         group.sent.set(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publisher_starts_ns;
+    use crate::wire::open_loop_period_ns;
+
+    /// 50 groups at 10 msgs/s each: message k of every group used to be
+    /// due at the same instant, one burst of 50 sends (× members) per
+    /// period. Now the 50 first sends are 2 ms apart and so is every later
+    /// round, as for one group at 500/s.
+    #[test]
+    fn publishers_of_one_executor_never_send_together() {
+        let start = 1_000_000_000;
+        let period = open_loop_period_ns(10.0);
+        let starts = publisher_starts_ns(start, 10.0, 50, (0, 1));
+        assert_eq!(starts.len(), 50);
+        assert_eq!(starts[0], start);
+        assert!(starts.windows(2).all(|w| w[1] - w[0] == 2_000_000), "{starts:?}");
+        assert!(starts.iter().all(|&s| s < start + period));
+        let mut due: Vec<u64> = starts
+            .iter()
+            .flat_map(|&first| (0..20).map(move |k| first + k * period))
+            .collect();
+        due.sort_unstable();
+        assert!(due.windows(2).all(|w| w[1] - w[0] == 2_000_000), "sends coincide");
+    }
+
+    #[test]
+    fn publishers_of_different_executors_interleave() {
+        // Two processes × one thread, two groups each, at 100/s (10 ms):
+        // one first send every 2.5 ms across the whole run.
+        let mut starts: Vec<u64> = (0..2)
+            .flat_map(|slot| publisher_starts_ns(0, 100.0, 2, (slot, 2)))
+            .collect();
+        starts.sort_unstable();
+        assert_eq!(starts, vec![0, 2_500_000, 5_000_000, 7_500_000]);
     }
 }

@@ -7,7 +7,8 @@
 //! window allows into one write. Open loop (`--rate`): message k of pair p
 //! is due at start + (k + p/P)/rate — the P pairs of an executor are spread
 //! evenly over one period, as independent clients would be, instead of all
-//! sending at the same instant — and carries that intended time, so when the server (or
+//! sending at the same instant, and the executors interleave theirs
+//! (`open_loop_phase_ns`) — and carries that intended time, so when the server (or
 //! the window) holds the sender back the wait counts as latency — no
 //! coordinated omission. Receivers check the sender and the order of every
 //! message; anything unexpected is an error. Senders time each `Sent`
@@ -140,7 +141,8 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
         .enumerate()
         .map(|(p, pair)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
-            let phase_ns = open_loop_phase_ns(args.rate, p, pairs_up.len());
+            let (slot, slots) = ctx.slot();
+            let phase_ns = open_loop_phase_ns(args.rate, p, pairs_up.len(), slot, slots);
             glommio::spawn_local(async move {
                 let result = send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
                 pair.sender_done.set(true);

@@ -22,7 +22,10 @@ use crate::cli::{ConnectArgs, GroupsArgs, PairsArgs, Protocol};
 use crate::peer::{read_deliveries, subject, PeerConn, PeerWriter};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::verify::{StreamCheck, Verdict};
-use crate::wire::{message_body, now_ns, open_loop_phase_ns, parse_message_body, sleep_until_ns, WireError};
+use crate::wire::{
+    message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, parse_message_body, sleep_until_ns,
+    WireError,
+};
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
 fn proto(ctx: &Ctx) -> Protocol {
@@ -258,7 +261,8 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
         .map(|(p, pair)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
             // The same spread as Tern's pairs, so both are measured alike.
-            let phase_ns = open_loop_phase_ns(args.rate, p, up.len());
+            let (slot, slots) = ctx.slot();
+            let phase_ns = open_loop_phase_ns(args.rate, p, up.len(), slot, slots);
             glommio::spawn_local(async move {
                 let result = pair_send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
                 pair.sender_done.set(true);
@@ -434,10 +438,14 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     deadline.set(end_ns);
     let publishers: Vec<_> = up
         .iter()
-        .map(|group| {
+        .enumerate()
+        .map(|(g, group)| {
             let (ctx, group, args) = (ctx.clone(), group.clone(), args.clone());
+            // The same spread as Tern's groups, so both are measured alike.
+            let (slot, slots) = ctx.slot();
+            let phase_ns = open_loop_phase_ns(Some(args.rate), g, up.len(), slot, slots);
             glommio::spawn_local(async move {
-                let result = publish(&group, &args, start_ns, end_ns).await;
+                let result = publish(&group, &args, start_ns + phase_ns, end_ns).await;
                 group.publisher_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
@@ -489,7 +497,7 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
 }
 
 async fn publish(group: &PeerGroup, args: &GroupsArgs, start_ns: u64, end_ns: u64) -> Result<(), WireError> {
-    let period = ((1e9 / args.rate) as u64).max(1);
+    let period = open_loop_period_ns(args.rate);
     let mut seq = 0u64;
     loop {
         let due = start_ns + seq * period;

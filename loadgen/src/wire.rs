@@ -83,12 +83,29 @@ pub async fn sleep_until_ns(at_ns: u64) {
     }
 }
 
-/// How late pair `index` of `count` starts an open loop at `rate`
-/// messages/s: the pairs are spread evenly over one period, as independent
-/// clients would be, instead of all sending at the same instant (which
-/// measures that burst, not the latency). Closed loop (`None`): 0.
-pub fn open_loop_phase_ns(rate: Option<f64>, index: usize, count: usize) -> u64 {
-    rate.map_or(0, |r| (1e9 / r) as u64 * index as u64 / count.max(1) as u64)
+/// The open-loop period at `rate` messages/s, in ns: at least 1, as a
+/// period of 0 would make every message due at once, without end.
+pub fn open_loop_period_ns(rate: f64) -> u64 {
+    ((1e9 / rate) as u64).max(1)
+}
+
+/// How late sender `index` of the `count` on one executor starts an open
+/// loop at `rate` messages/s; the executor is `slot` of `slots` (every
+/// executor of every process). Senders that start together send message k
+/// together: the latency would measure that self-made burst, not the
+/// server. So each executor spreads its senders evenly over one period, as
+/// independent clients would be, and the executors interleave theirs
+/// (slot s starts s/slots of a gap later), which with equal shares spreads
+/// every sender of the run evenly. Closed loop (`None`): 0.
+pub fn open_loop_phase_ns(rate: Option<f64>, index: usize, count: usize, slot: usize, slots: usize) -> u64 {
+    let Some(rate) = rate else {
+        return 0;
+    };
+    let slots = slots.max(1) as u128;
+    let position = index as u128 * slots + slot as u128 % slots;
+    let positions = count.max(1) as u128 * slots;
+    // position < positions, so the phase is below one period and fits.
+    (open_loop_period_ns(rate) as u128 * position / positions) as u64
 }
 
 const BODY_MAGIC: [u8; 4] = *b"lg01";
@@ -661,12 +678,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn open_loop_pairs_are_spread_over_one_period() {
-        // 100 msgs/s: a 10 ms period, four pairs 2.5 ms apart.
-        let phases: Vec<_> = (0..4).map(|p| open_loop_phase_ns(Some(100.0), p, 4)).collect();
+    fn open_loop_senders_of_one_executor_are_spread_over_one_period() {
+        // 100 msgs/s: a 10 ms period, four senders 2.5 ms apart.
+        let phases: Vec<_> = (0..4)
+            .map(|p| open_loop_phase_ns(Some(100.0), p, 4, 0, 1))
+            .collect();
         assert_eq!(phases, vec![0, 2_500_000, 5_000_000, 7_500_000]);
-        assert_eq!(open_loop_phase_ns(None, 3, 4), 0);
-        assert_eq!(open_loop_phase_ns(Some(100.0), 0, 0), 0);
+        assert_eq!(open_loop_phase_ns(None, 3, 4, 1, 2), 0);
+        assert_eq!(open_loop_phase_ns(Some(100.0), 0, 0, 0, 0), 0);
+    }
+
+    #[test]
+    fn open_loop_senders_of_every_executor_interleave() {
+        // 2 processes × 2 threads, 3 senders each, at 120 msgs/s: 12
+        // senders, one every 1/12 of the 8,333,333 ns period.
+        let period = open_loop_period_ns(120.0);
+        let mut phases: Vec<u64> = (0..4)
+            .flat_map(|slot| (0..3).map(move |i| open_loop_phase_ns(Some(120.0), i, 3, slot, 4)))
+            .collect();
+        phases.sort_unstable();
+        let even: Vec<u64> = (0..12).map(|n| period * n / 12).collect();
+        assert_eq!(phases, even);
+
+        // Unequal shares (4, 3, 3 over three executors): each executor's
+        // own senders stay evenly spread, none shares an instant, and all
+        // start within the first period.
+        let counts = [4usize, 3, 3];
+        let mut all = Vec::new();
+        for (slot, &count) in counts.iter().enumerate() {
+            let own: Vec<u64> = (0..count)
+                .map(|i| open_loop_phase_ns(Some(120.0), i, count, slot, 3))
+                .collect();
+            let gaps: Vec<u64> = own.windows(2).map(|w| w[1] - w[0]).collect();
+            assert!(
+                gaps.iter().all(|g| g.abs_diff(period / count as u64) <= 1),
+                "{own:?}"
+            );
+            all.extend(own);
+        }
+        assert!(all.iter().all(|&p| p < period));
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 10, "two senders share a start");
+    }
+
+    #[test]
+    fn open_loop_period_is_never_zero() {
+        assert_eq!(open_loop_period_ns(1_000.0), 1_000_000);
+        assert_eq!(open_loop_period_ns(2e9), 1);
+        assert_eq!(open_loop_period_ns(f64::MAX), 1);
+        assert_eq!(open_loop_phase_ns(Some(2e9), 5, 10, 0, 1), 0);
+        // A rate far below one a second: the phase saturates, no overflow.
+        assert!(open_loop_phase_ns(Some(1e-30), 1, 2, 1, 2) > 0);
     }
 
     #[test]

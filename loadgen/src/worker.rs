@@ -129,6 +129,16 @@ impl Ctx {
         }
     }
 
+    /// This executor's place among every executor of the run, and how
+    /// many there are: (slot, slots).
+    pub fn slot(&self) -> (usize, usize) {
+        let threads = self.plan.threads();
+        (
+            self.plan.child * threads + self.exec,
+            self.plan.cli.common.procs * threads,
+        )
+    }
+
     pub fn live(&self) -> &LiveCounters {
         &self.plan.live[self.exec]
     }
