@@ -28,8 +28,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    frame_failure, keep_alive, message_body, now_ns, open_loop_phase_ns, open_session, parse_message_body,
-    read_frames, sleep_until_ns, Writer,
+    frame_failure, keep_alive, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, open_session,
+    parse_message_body, read_frames, sleep_until_ns, Writer,
 };
 use crate::worker::{for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -354,6 +354,14 @@ pub fn spawn_connection(
     })
 }
 
+/// The open-loop period of one pair's sender (`None`: closed loop). Never
+/// 0: above 1e9 msgs/s a 0 period made every message due at the start,
+/// and the sender wrote without end (the loop ends at the first message
+/// due at or after the window's end).
+fn send_period_ns(args: &PairsArgs) -> Option<u64> {
+    args.rate.map(open_loop_period_ns)
+}
+
 /// Sends until `end_ns`: closed loop, or open loop at `args.rate`.
 async fn send_loop(
     pair: &Pair,
@@ -361,7 +369,7 @@ async fn send_loop(
     start_ns: u64,
     end_ns: u64,
 ) -> Result<(), crate::wire::WireError> {
-    let period_ns = args.rate.map(|r| (1e9 / r) as u64);
+    let period_ns = send_period_ns(args);
     let mut seq = 0u64;
     loop {
         if let Some(period) = period_ns {
@@ -382,7 +390,7 @@ async fn send_loop(
         let now = now_ns();
         // Open loop: only messages already due may join the batch.
         let due_count = match period_ns {
-            Some(period) => ((now.saturating_sub(start_ns)) / period.max(1) + 1).saturating_sub(seq),
+            Some(period) => ((now.saturating_sub(start_ns)) / period + 1).saturating_sub(seq),
             None => u64::MAX,
         };
         while batch < due_count.min(args.window as u64) && matches!(pair.window.try_acquire(1), Ok(true)) {
@@ -408,7 +416,26 @@ async fn send_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::SendTimes;
+    use super::{send_period_ns, SendTimes};
+    use crate::cli::PairsArgs;
+
+    #[test]
+    fn open_loop_period_is_never_zero() {
+        let at = |rate| {
+            send_period_ns(&PairsArgs {
+                pairs: 1,
+                window: 1,
+                payload_bytes: 64,
+                rate,
+            })
+        };
+        assert_eq!(at(None), None, "closed loop");
+        assert_eq!(at(Some(1_000.0)), Some(1_000_000));
+        // Above one message per ns the period was 0: every send due at
+        // the start, and the window's end never reached.
+        assert_eq!(at(Some(2e9)), Some(1));
+        assert_eq!(at(Some(1e300)), Some(1));
+    }
 
     #[test]
     fn send_times_answer_for_messages_in_flight_only() {
