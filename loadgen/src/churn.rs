@@ -35,8 +35,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    frame_failure, keep_alive, message_body, now_ns, parse_message_body, sleep_until_ns, with_timeout, Conn,
-    ReadSide, WireError, Writer,
+    due_ns, frame_failure, keep_alive, message_body, now_ns, parse_message_body, sleep_until_ns,
+    with_timeout, Conn, ReadSide, WireError, Writer,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, Ctx, CONNECT_CONCURRENCY};
 
@@ -724,7 +724,7 @@ async fn send_trickle(
     let period = ((1e9 * slots / rate) as u64).max(1);
     let mut n = 0u64;
     loop {
-        let due = start_ns + n * period;
+        let due = due_ns(start_ns, n, period);
         if due >= end_ns {
             return;
         }

@@ -29,8 +29,8 @@ use crate::cli::{ConnectArgs, LoginKind};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::wire::{
-    frame_failure, keep_alive, now_ns, open_session_serial, open_session_with, read_frames, sleep_until_ns,
-    WireError,
+    due_ns, frame_failure, keep_alive, now_ns, open_session_serial, open_session_with, read_frames,
+    sleep_until_ns, WireError,
 };
 use crate::worker::{finish_outcome, secs_between, wait_until, Ctx};
 
@@ -76,7 +76,7 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let mut held = Vec::with_capacity(attempts.len());
     for (k, &(conn_no, token_index)) in attempts.iter().enumerate() {
-        let intended_ns = start_ns + k as u64 * interval_ns;
+        let intended_ns = due_ns(start_ns, k as u64, interval_ns);
         let (ctx, tokens) = (ctx.clone(), tokens.clone());
         let (established, failed, last_done_ns) = (established.clone(), failed.clone(), last_done_ns.clone());
         let pending = pending.clone();

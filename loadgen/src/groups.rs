@@ -22,8 +22,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    frame_failure, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, open_session, read_frames,
-    sleep_until_ns, WireError, Writer,
+    due_ns, frame_failure, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, open_session,
+    read_frames, sleep_until_ns, WireError, Writer,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -300,7 +300,7 @@ async fn publish(group: &Group, args: &GroupsArgs, start_ns: u64, end_ns: u64) -
     let period = open_loop_period_ns(args.rate);
     let mut seq = 0u64;
     loop {
-        let due = start_ns + seq * period;
+        let due = due_ns(start_ns, seq, period);
         if due >= end_ns {
             return Ok(());
         }
@@ -313,7 +313,7 @@ async fn publish(group: &Group, args: &GroupsArgs, start_ns: u64, end_ns: u64) -
             .map(|s| ClientBody::SendGroup {
                 group: group.id,
                 client_msg_id: s + 1,
-                content: Content::text(message_body(start_ns + s * period, s, args.payload_bytes)),
+                content: Content::text(message_body(due_ns(start_ns, s, period), s, args.payload_bytes)),
             })
             .collect();
         group.publisher.send_batch(bodies).await?;

@@ -288,7 +288,8 @@ impl Sender<'_> {
         let payload_weights: Vec<f64> = self.profile.payload_bytes.iter().map(|p| p.weight).collect();
         let mut rng = Rng::new(seed ^ 0x5eed);
         let period_ns = 1e9 / rate;
-        let due = |k: u64| start_ns + (k as f64 * period_ns) as u64;
+        // Saturating (the cast saturates too): see `due_ns`.
+        let due = |k: u64| start_ns.saturating_add((k as f64 * period_ns) as u64);
         let mut k = 0u64;
         while due(k) < end_ns {
             sleep_until_ns(due(k)).await;

@@ -28,8 +28,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    frame_failure, keep_alive, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, open_session,
-    parse_message_body, read_frames, sleep_until_ns, Writer,
+    due_ns, frame_failure, keep_alive, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns,
+    open_session, parse_message_body, read_frames, sleep_until_ns, Writer,
 };
 use crate::worker::{for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -373,7 +373,7 @@ async fn send_loop(
     let mut seq = 0u64;
     loop {
         if let Some(period) = period_ns {
-            let due = start_ns + seq * period;
+            let due = due_ns(start_ns, seq, period);
             if due >= end_ns {
                 return Ok(());
             }
@@ -399,7 +399,7 @@ async fn send_loop(
         let bodies = (0..batch).map(|i| {
             let this_seq = seq + i;
             // Closed loop: the message is "intended" when it is sent.
-            let intended = period_ns.map_or(now, |p| start_ns + this_seq * p);
+            let intended = period_ns.map_or(now, |p| due_ns(start_ns, this_seq, p));
             pair.sends.sent(this_seq + 1, intended);
             ClientBody::SendDirect {
                 to: pair.receiver_user,

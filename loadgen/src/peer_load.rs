@@ -23,8 +23,8 @@ use crate::peer::{read_deliveries, subject, PeerConn, PeerWriter};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, parse_message_body, sleep_until_ns,
-    WireError,
+    due_ns, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, parse_message_body,
+    sleep_until_ns, WireError,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -122,7 +122,7 @@ pub async fn connect(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let mut attempts = Vec::with_capacity(conns.len());
     for (k, conn_no) in conns.clone().enumerate() {
-        let intended_ns = start_ns + k as u64 * interval_ns;
+        let intended_ns = due_ns(start_ns, k as u64, interval_ns);
         let (ctx, established, failed, last_done_ns, held) = (
             ctx.clone(),
             established.clone(),
@@ -318,7 +318,7 @@ async fn pair_send_loop(
     let mut seq = 0u64;
     loop {
         if let Some(period) = period_ns {
-            let due = start_ns + seq * period;
+            let due = due_ns(start_ns, seq, period);
             if due >= end_ns {
                 return Ok(());
             }
@@ -341,7 +341,7 @@ async fn pair_send_loop(
         }
         let payloads: Vec<Vec<u8>> = (seq..seq + batch)
             .map(|s| {
-                let intended = period_ns.map_or(now, |p| start_ns + s * p);
+                let intended = period_ns.map_or(now, |p| due_ns(start_ns, s, p));
                 message_body(intended, s, args.payload_bytes)
             })
             .collect();
@@ -500,7 +500,7 @@ async fn publish(group: &PeerGroup, args: &GroupsArgs, start_ns: u64, end_ns: u6
     let period = open_loop_period_ns(args.rate);
     let mut seq = 0u64;
     loop {
-        let due = start_ns + seq * period;
+        let due = due_ns(start_ns, seq, period);
         if due >= end_ns {
             return Ok(());
         }
@@ -510,7 +510,7 @@ async fn publish(group: &PeerGroup, args: &GroupsArgs, start_ns: u64, end_ns: u6
             .saturating_sub(seq)
             .max(1);
         let payloads: Vec<Vec<u8>> = (seq..seq + due_now)
-            .map(|s| message_body(start_ns + s * period, s, args.payload_bytes))
+            .map(|s| message_body(due_ns(start_ns, s, period), s, args.payload_bytes))
             .collect();
         group.publisher.publish_batch(&group.subject, &payloads).await?;
         seq += due_now;

@@ -89,6 +89,15 @@ pub fn open_loop_period_ns(rate: f64) -> u64 {
     ((1e9 / rate) as u64).max(1)
 }
 
+/// When message (or attempt) `k` of an open loop that starts at
+/// `start_ns` with `period_ns` is due. Saturating: a rate far below one a
+/// second makes a period near u64::MAX ns, and the product or the sum
+/// would overflow (a panic in debug builds, a due time in the past after
+/// wrapping). Saturated, the message is simply due after the run ends.
+pub fn due_ns(start_ns: u64, k: u64, period_ns: u64) -> u64 {
+    start_ns.saturating_add(k.saturating_mul(period_ns))
+}
+
 /// How late sender `index` of the `count` on one executor starts an open
 /// loop at `rate` messages/s; the executor is `slot` of `slots` (every
 /// executor of every process). Senders that start together send message k
@@ -730,6 +739,19 @@ mod tests {
         assert_eq!(open_loop_phase_ns(Some(2e9), 5, 10, 0, 1), 0);
         // A rate far below one a second: the phase saturates, no overflow.
         assert!(open_loop_phase_ns(Some(1e-30), 1, 2, 1, 2) > 0);
+    }
+
+    #[test]
+    fn due_times_saturate_instead_of_overflowing() {
+        assert_eq!(due_ns(1_000, 3, 10), 1_030);
+        // `connect --rate 1e-12`: an interval of u64::MAX ns (the cast
+        // saturates), attempt 2 due "never", not wrapped into the past.
+        let interval = (1e9 / 1e-12) as u64;
+        assert_eq!(interval, u64::MAX);
+        assert_eq!(due_ns(5_000, 0, interval), 5_000);
+        assert_eq!(due_ns(5_000, 1, interval), u64::MAX);
+        assert_eq!(due_ns(5_000, 2, interval), u64::MAX);
+        assert_eq!(due_ns(u64::MAX - 1, 1, 10), u64::MAX);
     }
 
     #[test]
