@@ -102,7 +102,7 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     let starts = publisher_starts_ns(start_ns, args.rate, groups_up.len(), ctx.slot());
     let publishers: Vec<_> = groups_up
         .iter()
-        .zip(starts)
+        .zip(starts.iter().copied())
         .map(|(group, first_due_ns)| {
             let (ctx, group, args) = (ctx.clone(), group.clone(), args.clone());
             glommio::spawn_local(async move {
@@ -128,6 +128,16 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     };
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
+    let close_ns = now_ns();
+    let period = open_loop_period_ns(args.rate);
+    let unsent: u64 = groups_up
+        .iter()
+        .zip(&starts)
+        .map(|(g, &first_ns)| {
+            ctx.recorder
+                .record_unsent(first_ns, period, end_ns, g.sent.get(), close_ns)
+        })
+        .sum();
 
     let mut verdict = Verdict::default();
     for g in &groups_up {
@@ -144,6 +154,8 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         delivered: groups_up.iter().map(|g| g.delivered.get()).sum(),
         delivered_in_window: ctx.in_window.get(),
         undelivered: verdict.lost,
+        unsent,
+        target_send_per_s: args.rate * groups.len() as f64,
         window_secs: secs_between(start_ns, end_ns),
         verdict,
         ..ExecOutcome::empty()

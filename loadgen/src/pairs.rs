@@ -10,10 +10,12 @@
 //! sending at the same instant, and the executors interleave theirs
 //! (`open_loop_phase_ns`) — and carries that intended time, so when the server (or
 //! the window) holds the sender back the wait counts as latency — no
-//! coordinated omission. Receivers check the sender and the order of every
-//! message; anything unexpected is an error. Senders time each `Sent`
-//! from the same intended time: the acknowledgement latency, reported
-//! beside the delivery latency.
+//! coordinated omission. Sends due inside the window that the sender still
+//! has not made when the run closes are counted as `unsent` (and as
+//! errors), each timed from its intended time to the close. Receivers
+//! check the sender and the order of every message; anything unexpected
+//! is an error. Senders time each `Sent` from the same intended time: the
+//! acknowledgement latency, reported beside the delivery latency.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -28,8 +30,8 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    due_ns, frame_failure, keep_alive, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns,
-    open_session, parse_message_body, read_frames, sleep_until_ns, Writer,
+    due_before, due_ns, frame_failure, keep_alive, message_body, now_ns, open_loop_period_ns,
+    open_loop_phase_ns, open_session, parse_message_body, read_frames, sleep_until_ns, Writer,
 };
 use crate::worker::{for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -136,15 +138,17 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
+    let (slot, slots) = ctx.slot();
+    let firsts: Vec<u64> = (0..pairs_up.len())
+        .map(|p| start_ns + open_loop_phase_ns(args.rate, p, pairs_up.len(), slot, slots))
+        .collect();
     let senders: Vec<_> = pairs_up
         .iter()
-        .enumerate()
-        .map(|(p, pair)| {
+        .zip(&firsts)
+        .map(|(pair, &first_ns)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
-            let (slot, slots) = ctx.slot();
-            let phase_ns = open_loop_phase_ns(args.rate, p, pairs_up.len(), slot, slots);
             glommio::spawn_local(async move {
-                let result = send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
+                let result = send_loop(&pair, &args, first_ns, end_ns).await;
                 pair.sender_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
@@ -162,6 +166,18 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     };
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
+    let close_ns = now_ns();
+    let unsent: u64 = match send_period_ns(&args) {
+        Some(period) => pairs_up
+            .iter()
+            .zip(&firsts)
+            .map(|(p, &first_ns)| {
+                ctx.recorder
+                    .record_unsent(first_ns, period, end_ns, p.sent.get(), close_ns)
+            })
+            .sum(),
+        None => 0,
+    };
 
     let sent: u64 = pairs_up.iter().map(|p| p.sent.get()).sum();
     let delivered: u64 = pairs_up.iter().map(|p| p.delivered.get()).sum();
@@ -179,6 +195,8 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
         delivered,
         delivered_in_window: ctx.in_window.get(),
         undelivered,
+        unsent,
+        target_send_per_s: args.rate.map_or(0.0, |r| r * pairs.len() as f64),
         window_secs: secs_between(start_ns, end_ns),
         verdict,
         ..ExecOutcome::empty()
@@ -388,9 +406,12 @@ async fn send_loop(
             .map_err(|e| crate::wire::WireError::Protocol(format!("window: {e}")))?;
         let mut batch = 1u64;
         let now = now_ns();
-        // Open loop: only messages already due may join the batch.
+        // Open loop: only messages already due, and due inside the window
+        // (the window's count is what the run accounts for), may join.
         let due_count = match period_ns {
-            Some(period) => ((now.saturating_sub(start_ns)) / period + 1).saturating_sub(seq),
+            Some(period) => {
+                due_before(start_ns, period, now.saturating_add(1).min(end_ns)).saturating_sub(seq)
+            }
             None => u64::MAX,
         };
         while batch < due_count.min(args.window as u64) && matches!(pair.window.try_acquire(1), Ok(true)) {

@@ -23,7 +23,7 @@ use crate::peer::{read_deliveries, subject, PeerConn, PeerWriter};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    due_ns, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, parse_message_body,
+    due_before, due_ns, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, parse_message_body,
     sleep_until_ns, WireError,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
@@ -255,16 +255,18 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
+    // The same spread as Tern's pairs, so both are measured alike.
+    let (slot, slots) = ctx.slot();
+    let firsts: Vec<u64> = (0..up.len())
+        .map(|p| start_ns + open_loop_phase_ns(args.rate, p, up.len(), slot, slots))
+        .collect();
     let senders: Vec<_> = up
         .iter()
-        .enumerate()
-        .map(|(p, pair)| {
+        .zip(&firsts)
+        .map(|(pair, &first_ns)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
-            // The same spread as Tern's pairs, so both are measured alike.
-            let (slot, slots) = ctx.slot();
-            let phase_ns = open_loop_phase_ns(args.rate, p, up.len(), slot, slots);
             glommio::spawn_local(async move {
-                let result = pair_send_loop(&pair, &args, start_ns + phase_ns, end_ns).await;
+                let result = pair_send_loop(&pair, &args, first_ns, end_ns).await;
                 pair.sender_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
@@ -281,6 +283,23 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     };
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
+    let close_ns = now_ns();
+    let unsent: u64 = match args.rate {
+        Some(rate) => up
+            .iter()
+            .zip(&firsts)
+            .map(|(p, &first_ns)| {
+                ctx.recorder.record_unsent(
+                    first_ns,
+                    open_loop_period_ns(rate),
+                    end_ns,
+                    p.sent.get(),
+                    close_ns,
+                )
+            })
+            .sum(),
+        None => 0,
+    };
 
     let mut verdict = Verdict::default();
     for p in &up {
@@ -296,6 +315,8 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
             delivered: up.iter().map(|p| p.stream.delivered.get()).sum(),
             delivered_in_window: ctx.in_window.get(),
             undelivered: verdict.lost,
+            unsent,
+            target_send_per_s: args.rate.map_or(0.0, |r| r * pairs.len() as f64),
             window_secs: secs_between(start_ns, end_ns),
             verdict,
             ..ExecOutcome::empty()
@@ -314,7 +335,7 @@ async fn pair_send_loop(
     start_ns: u64,
     end_ns: u64,
 ) -> Result<(), WireError> {
-    let period_ns = args.rate.map(|r| ((1e9 / r) as u64).max(1));
+    let period_ns = args.rate.map(open_loop_period_ns);
     let mut seq = 0u64;
     loop {
         if let Some(period) = period_ns {
@@ -333,7 +354,11 @@ async fn pair_send_loop(
         let mut batch = 1u64;
         let now = now_ns();
         let due_count = match period_ns {
-            Some(period) => (now.saturating_sub(start_ns) / period + 1).saturating_sub(seq),
+            // Only messages due inside the window: its count is what the
+            // run accounts for.
+            Some(period) => {
+                due_before(start_ns, period, now.saturating_add(1).min(end_ns)).saturating_sub(seq)
+            }
             None => u64::MAX,
         };
         while batch < due_count.min(args.window as u64) && matches!(pair.window.try_acquire(1), Ok(true)) {
@@ -436,16 +461,18 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
+    // The same spread as Tern's groups, so both are measured alike.
+    let (slot, slots) = ctx.slot();
+    let firsts: Vec<u64> = (0..up.len())
+        .map(|g| start_ns + open_loop_phase_ns(Some(args.rate), g, up.len(), slot, slots))
+        .collect();
     let publishers: Vec<_> = up
         .iter()
-        .enumerate()
-        .map(|(g, group)| {
+        .zip(&firsts)
+        .map(|(group, &first_ns)| {
             let (ctx, group, args) = (ctx.clone(), group.clone(), args.clone());
-            // The same spread as Tern's groups, so both are measured alike.
-            let (slot, slots) = ctx.slot();
-            let phase_ns = open_loop_phase_ns(Some(args.rate), g, up.len(), slot, slots);
             glommio::spawn_local(async move {
-                let result = publish(&group, &args, start_ns + phase_ns, end_ns).await;
+                let result = publish(&group, &args, first_ns, end_ns).await;
                 group.publisher_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
@@ -467,6 +494,16 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     };
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
+    let close_ns = now_ns();
+    let period = open_loop_period_ns(args.rate);
+    let unsent: u64 = up
+        .iter()
+        .zip(&firsts)
+        .map(|(g, &first_ns)| {
+            ctx.recorder
+                .record_unsent(first_ns, period, end_ns, g.sent.get(), close_ns)
+        })
+        .sum();
 
     let mut verdict = Verdict::default();
     let mut delivered = 0;
@@ -486,6 +523,8 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
             delivered,
             delivered_in_window: ctx.in_window.get(),
             undelivered: verdict.lost,
+            unsent,
+            target_send_per_s: args.rate * groups.len() as f64,
             window_secs: secs_between(start_ns, end_ns),
             verdict,
             ..ExecOutcome::empty()

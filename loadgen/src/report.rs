@@ -73,6 +73,12 @@ pub struct RunResult {
     pub sent: u64,
     /// Deliveries that did not arrive within the drain time (counted in `errors` too).
     pub undelivered: u64,
+    /// Open loops (`pairs --rate`, `groups`): messages due inside the
+    /// window that the senders never got to send before the run closed
+    /// (counted in `errors` too; each timed from its intended send time to
+    /// the close, so a sender that fell behind shows in the latency).
+    #[serde(default)]
+    pub unsent: u64,
     pub connect_failures: u64,
     pub connect_secs: f64,
     pub connect_rate_per_s: f64,
@@ -101,7 +107,8 @@ pub struct RunResult {
     /// recipients were offline, msgs/s.
     #[serde(default)]
     pub backlog_msgs_per_s: f64,
-    /// `mix`: the open-loop send rate the profile asked for, sends/s.
+    /// Open loops (`mix`, `pairs --rate`, `groups`): the send rate asked
+    /// for, sends/s (`sent / duration_s` is the rate achieved).
     #[serde(default)]
     pub target_send_per_s: f64,
     /// `mix`: offline users who caught up by `Sync` at the end (verified).
@@ -190,6 +197,7 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.users += part.users;
         out.sent += part.sent;
         out.undelivered += part.undelivered;
+        out.unsent += part.unsent;
         out.connect_failures += part.connect_failures;
         out.duration_s = out.duration_s.max(part.duration_s);
         out.connect_secs = out.connect_secs.max(part.connect_secs);
@@ -323,6 +331,15 @@ pub fn summary(r: &RunResult) -> String {
             r.offline_synced
         ));
     }
+    if r.target_send_per_s > 0.0 && r.scenario != "mix" {
+        s.push_str(&format!(
+            "  open loop    target {:.0} sends/s, sent {:.0}/s; {} due in the window never sent \
+             (counted in errors, timed until the run closed)\n",
+            r.target_send_per_s,
+            rate(r.sent, r.duration_s),
+            r.unsent
+        ));
+    }
     if r.scenario == "offline" {
         s.push_str(&format!(
             "  backlog      accepted at {:.0} msgs/s while recipients were offline\n",
@@ -407,6 +424,39 @@ mod tests {
         assert_eq!(merged.latency_us.p50, 100);
         assert!(merged.latency_us.max >= 10_000 && merged.latency_us.max < 10_010);
         assert!(merged.hdr_v2_hex.is_none());
+    }
+
+    #[test]
+    fn open_loop_runs_show_target_achieved_and_unsent_sends() {
+        let open = |sent, unsent| RunResult {
+            sent,
+            unsent,
+            errors: unsent,
+            duration_s: 1.0,
+            target_send_per_s: 50_000.0,
+            ..part(&[100], 1, 1.0, 2, 1.0)
+        };
+        let (m, _) = merge(&[open(1_000, 49_000), open(807, 49_193)]).unwrap();
+        assert_eq!((m.sent, m.unsent, m.errors), (1_807, 98_193, 98_193));
+        assert_eq!(m.target_send_per_s, 100_000.0);
+        let text = summary(&m);
+        assert!(
+            text.contains(
+                "open loop    target 100000 sends/s, sent 1807/s; 98193 due in the window never sent"
+            ),
+            "{text}"
+        );
+        let value: serde_json::Value = serde_json::to_value(&m).unwrap();
+        assert_eq!(value["unsent"], 98_193);
+
+        // Closed loop: no target, no line.
+        let (closed, _) = merge(&[part(&[100], 1, 1.0, 2, 1.0)]).unwrap();
+        assert!(!summary(&closed).contains("open loop"));
+        // A result written before `unsent` existed still reads.
+        let mut old = serde_json::to_value(&closed).unwrap();
+        old.as_object_mut().unwrap().remove("unsent");
+        let back: RunResult = serde_json::from_value(old).unwrap();
+        assert_eq!(back.unsent, 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 
 use crate::verify::Verdict;
+use crate::wire::{due_before, due_ns};
 
 /// Highest latency recorded, in µs (larger values saturate here): 10 min.
 pub const MAX_LATENCY_US: u64 = 600_000_000;
@@ -87,6 +88,40 @@ impl Recorder {
             .saturating_record(as_recorded_us(latency_ns));
     }
 
+    /// Accounts for an open-loop sender whose messages start at
+    /// `first_ns`, one per `period_ns`, and have been sent up to `sent`
+    /// when the run closes at `close_ns`: every message due before
+    /// `end_ns` but never sent is recorded as late by close − intended
+    /// (it was at least that late; leaving it out is coordinated
+    /// omission: a sender that falls behind would hide exactly the
+    /// latency it failed to measure). Returns how many there were.
+    pub fn record_unsent(&self, first_ns: u64, period_ns: u64, end_ns: u64, sent: u64, close_ns: u64) -> u64 {
+        let period = period_ns.max(1);
+        let due = due_before(first_ns, period, end_ns);
+        let unsent = due.saturating_sub(sent);
+        let mut total = self.total.borrow_mut();
+        // Up to rate × duration messages: each run of them that rounds to
+        // the same µs is one record, so a sender far behind at a high
+        // rate costs at most one record per µs of the window.
+        let mut k = sent.min(due);
+        while k < due {
+            let latency_ns = close_ns.saturating_sub(due_ns(first_ns, k, period));
+            let us = as_recorded_us(latency_ns);
+            // Later messages wait less; those still above `floor_ns`
+            // round to `us` too (1 µs takes everything below).
+            let last = if us <= 1 {
+                due - 1
+            } else {
+                let floor_ns = (us - 1) * 1000 + 1;
+                let room = close_ns.saturating_sub(first_ns).saturating_sub(floor_ns);
+                (room / period).clamp(k, due - 1)
+            };
+            total.saturating_record_n(us, last - k + 1);
+            k = last + 1;
+        }
+        unsent
+    }
+
     /// The p99 of what was recorded since the last call (0 if nothing), and
     /// starts a new interval.
     pub fn take_interval_p99(&self) -> u64 {
@@ -123,6 +158,9 @@ pub struct ExecOutcome {
     pub delivered_in_window: u64,
     /// Deliveries that never arrived within the drain time.
     pub undelivered: u64,
+    /// Open loops: messages due inside the window that the senders never
+    /// got to send before the run closed (timed up to the close).
+    pub unsent: u64,
     pub errors: u64,
     /// Length of the measured window, seconds.
     pub window_secs: f64,
@@ -132,8 +170,8 @@ pub struct ExecOutcome {
     pub reconnect_failures: u64,
     /// `offline`: seconds the backlog took to be acknowledged.
     pub backlog_secs: f64,
-    /// `mix`: the open-loop send rate asked of this executor, and offline
-    /// users who caught up by `Sync`.
+    /// Open loops (`mix`, `pairs --rate`, `groups`): the send rate asked
+    /// of this executor; `mix`: offline users who caught up by `Sync`.
     pub target_send_per_s: f64,
     pub synced: u64,
     /// `churn`: `Disconnect { ShuttingDown }` frames received; when the
@@ -162,6 +200,7 @@ impl ExecOutcome {
             delivered: 0,
             delivered_in_window: 0,
             undelivered: 0,
+            unsent: 0,
             errors: 0,
             window_secs: 0.0,
             verdict: Verdict::default(),
@@ -200,5 +239,57 @@ mod tests {
         rec.record_ack_ns(2_001);
         assert_eq!(rec.acks.borrow().max(), 3);
         assert_eq!(rec.total.borrow().len(), 3);
+    }
+
+    /// What recording each unsent message on its own would give.
+    fn one_by_one(first: u64, period: u64, end: u64, sent: u64, close: u64) -> Histogram<u64> {
+        let rec = Recorder::new();
+        let mut k = sent;
+        while first + k * period < end {
+            rec.record_ns(close.saturating_sub(first + k * period));
+            k += 1;
+        }
+        rec.total.into_inner()
+    }
+
+    #[test]
+    fn unsent_messages_are_counted_and_timed_from_their_intended_time() {
+        // The review's run: 100,000/s for 1 s, drain 0.5 s, 1,807 sent.
+        let (first, period, end, close) = (0, 10_000, 1_000_000_000, 1_500_000_000);
+        let rec = Recorder::new();
+        assert_eq!(rec.record_unsent(first, period, end, 1_807, close), 98_193);
+        let total = rec.total.borrow();
+        assert_eq!(total.len(), 98_193);
+        // The first one unsent was due at 18.07 ms, the last at 999.99 ms.
+        assert_eq!(total.max(), total.highest_equivalent(1_481_930));
+        assert_eq!(total.min(), total.lowest_equivalent(500_010));
+        assert_eq!(*total, one_by_one(first, period, end, 1_807, close));
+    }
+
+    #[test]
+    fn unsent_runs_sharing_a_microsecond_match_recording_one_by_one() {
+        for (first, period, end, sent, close) in [
+            (5, 1, 20_000, 0, 30_000),          // 1 ns apart: 1,000 a µs
+            (0, 333, 1_000_000, 17, 1_000_000), // closing at the end
+            (100, 7, 5_000, 3, 4_000),          // intended after the close: 1 µs
+            (0, 1_000, 10_000, 10, 20_000),     // all sent
+            (0, 1_000, 10_000, 99, 20_000),     // more sent than due
+        ] {
+            let rec = Recorder::new();
+            let unsent = rec.record_unsent(first, period, end, sent, close);
+            let expected = one_by_one(first, period, end, sent, close);
+            assert_eq!(unsent, expected.len(), "{first} {period} {end} {sent} {close}");
+            assert_eq!(
+                *rec.total.borrow(),
+                expected,
+                "{first} {period} {end} {sent} {close}"
+            );
+        }
+        // Beyond the histogram's range: saturated, still counted.
+        let rec = Recorder::new();
+        assert_eq!(rec.record_unsent(0, 1_000_000_000, 3_000_000_000, 0, u64::MAX), 3);
+        assert_eq!(rec.total.borrow().len(), 3);
+        let total = rec.total.borrow();
+        assert!(total.equivalent(total.min(), MAX_LATENCY_US));
     }
 }

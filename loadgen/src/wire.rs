@@ -98,6 +98,15 @@ pub fn due_ns(start_ns: u64, k: u64, period_ns: u64) -> u64 {
     start_ns.saturating_add(k.saturating_mul(period_ns))
 }
 
+/// How many messages of an open loop that starts at `start_ns` with
+/// `period_ns` are due before `end_ns`.
+pub fn due_before(start_ns: u64, period_ns: u64, end_ns: u64) -> u64 {
+    match end_ns.checked_sub(start_ns) {
+        Some(span) if span > 0 => (span - 1) / period_ns.max(1) + 1,
+        _ => 0,
+    }
+}
+
 /// How late sender `index` of the `count` on one executor starts an open
 /// loop at `rate` messages/s; the executor is `slot` of `slots` (every
 /// executor of every process). Senders that start together send message k
@@ -752,6 +761,17 @@ mod tests {
         assert_eq!(due_ns(5_000, 1, interval), u64::MAX);
         assert_eq!(due_ns(5_000, 2, interval), u64::MAX);
         assert_eq!(due_ns(u64::MAX - 1, 1, 10), u64::MAX);
+    }
+
+    #[test]
+    fn due_before_counts_the_messages_of_the_window() {
+        // 100,000/s for 1 s: 100,000 due, the last at 999,990,000 ns.
+        assert_eq!(due_before(0, 10_000, 1_000_000_000), 100_000);
+        assert_eq!(due_before(5, 10, 6), 1);
+        assert_eq!(due_before(5, 10, 5), 0);
+        assert_eq!(due_before(7, 10, 5), 0, "starts after the end");
+        assert_eq!(due_before(0, 10, 21), 3);
+        assert_eq!(due_before(0, u64::MAX, u64::MAX), 1);
     }
 
     #[test]

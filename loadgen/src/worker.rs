@@ -420,6 +420,7 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.messages += o.delivered;
         delivered_in_window += o.delivered_in_window;
         r.undelivered += o.undelivered;
+        r.unsent += o.unsent;
         r.errors += o.errors;
         r.duration_s = r.duration_s.max(o.window_secs);
         r.lost += o.verdict.lost;
@@ -466,9 +467,11 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
 pub fn finish_outcome(ctx: &Ctx, mut outcome: ExecOutcome) -> ExecOutcome {
     outcome.latency = ctx.recorder.total.borrow().clone();
     outcome.ack_latency = ctx.recorder.acks.borrow().clone();
-    // Lost messages are in `undelivered`; copies and reorders count too.
+    // Lost messages are in `undelivered`; copies, reorders and sends the
+    // open loop never made count too.
     outcome.errors = LiveCounters::get(&ctx.live().errors)
         + outcome.undelivered
+        + outcome.unsent
         + outcome.verdict.duplicated
         + outcome.verdict.reordered;
     outcome
