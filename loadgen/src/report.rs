@@ -51,6 +51,11 @@ pub struct RunResult {
     pub messages: u64,
     /// Deliveries per second inside the measured window.
     pub msgs_per_s: f64,
+    /// The deliveries `msgs_per_s` counts (those inside the window): rates
+    /// of workers whose windows differ (`offline` ends each at its own
+    /// last drain) do not add, counts do.
+    #[serde(default)]
+    pub delivered_in_window: u64,
     /// What `latency_us` measures: "delivery" (intended send time to
     /// receipt) or "session_setup" (intended connect time to LoggedIn).
     pub latency_of: String,
@@ -107,6 +112,12 @@ pub struct RunResult {
     /// recipients were offline, msgs/s.
     #[serde(default)]
     pub backlog_msgs_per_s: f64,
+    /// `offline`: the backlog messages accepted and the seconds it took
+    /// (`backlog_msgs_per_s` is their quotient; kept so workers merge).
+    #[serde(default)]
+    pub backlog_sent: u64,
+    #[serde(default)]
+    pub backlog_s: f64,
     /// Open loops (`mix`, `pairs --rate`, `groups`): the send rate asked
     /// for, sends/s (`sent / duration_s` is the rate achieved).
     #[serde(default)]
@@ -191,8 +202,7 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.latency_of.clone_from(&part.latency_of);
         out.connections += part.connections;
         out.messages += part.messages;
-        // Workers measure over the same synchronised window, so rates add.
-        out.msgs_per_s += part.msgs_per_s;
+        out.delivered_in_window += part.delivered_in_window;
         out.errors += part.errors;
         out.users += part.users;
         out.sent += part.sent;
@@ -208,8 +218,8 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.reordered += part.reordered;
         out.reconnects += part.reconnects;
         out.reconnect_failures += part.reconnect_failures;
-        out.reconnects_per_s += part.reconnects_per_s;
-        out.backlog_msgs_per_s += part.backlog_msgs_per_s;
+        out.backlog_sent += part.backlog_sent;
+        out.backlog_s = out.backlog_s.max(part.backlog_s);
         out.target_send_per_s += part.target_send_per_s;
         out.offline_synced += part.offline_synced;
         out.shutdown_disconnects += part.shutdown_disconnects;
@@ -234,6 +244,13 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
     }
     out.recovery_s = recovery_secs(out.outage_start_unix_us, out.outage_end_unix_us);
     out.procs = parts.len();
+    // Totals over the longest window, as a worker does over its executors:
+    // windows differ between workers (`offline` ends each one's when its
+    // last recipient has its backlog), and a sum of rates measured over
+    // different windows is no rate at all.
+    out.msgs_per_s = rate(out.delivered_in_window, out.duration_s);
+    out.backlog_msgs_per_s = rate(out.backlog_sent, out.backlog_s);
+    out.reconnects_per_s = rate(out.reconnects, out.duration_s);
     out.connect_rate_per_s = rate(out.connections, out.connect_secs);
     out.latency_us = Latency::of(&hist);
     out.ack_latency_us = (!acks.is_empty()).then(|| Latency::of(&acks));
@@ -398,6 +415,7 @@ mod tests {
             connections,
             messages,
             msgs_per_s: rate,
+            delivered_in_window: (rate * 2.0).round() as u64,
             connect_secs: secs,
             errors: 1,
             duration_s: 2.0,
@@ -424,6 +442,51 @@ mod tests {
         assert_eq!(merged.latency_us.p50, 100);
         assert!(merged.latency_us.max >= 10_000 && merged.latency_us.max < 10_010);
         assert!(merged.hdr_v2_hex.is_none());
+    }
+
+    /// `offline` ends each worker's window when its own last recipient
+    /// holds its backlog, so windows differ between processes: one drained
+    /// 1,000 messages in 1 s, the other 1,000 in 10 s. Summing their rates
+    /// said 1,100 msgs/s; 2,000 messages over the 10 s are 200/s.
+    #[test]
+    fn merged_rates_divide_the_totals_by_the_longest_window() {
+        let offline = |secs: f64, backlog_s: f64, reconnects: u64| RunResult {
+            scenario: "offline".into(),
+            messages: 1_000,
+            delivered_in_window: 1_000,
+            duration_s: secs,
+            msgs_per_s: rate(1_000, secs),
+            backlog_sent: 1_000,
+            backlog_s,
+            backlog_msgs_per_s: rate(1_000, backlog_s),
+            reconnects,
+            reconnects_per_s: rate(reconnects, secs),
+            ..RunResult::default()
+        };
+        let (m, _) = merge(&[offline(1.0, 0.5, 10), offline(10.0, 5.0, 30)]).unwrap();
+        assert_eq!(
+            (m.messages, m.delivered_in_window, m.duration_s),
+            (2_000, 2_000, 10.0)
+        );
+        assert_eq!(m.msgs_per_s, 200.0);
+        assert_eq!(
+            (m.backlog_sent, m.backlog_s, m.backlog_msgs_per_s),
+            (2_000, 5.0, 400.0)
+        );
+        assert_eq!(m.reconnects_per_s, 4.0);
+
+        // Equal windows (every scenario but offline): the same as adding.
+        let (m, _) = merge(&[offline(2.0, 1.0, 0), offline(2.0, 1.0, 0)]).unwrap();
+        assert_eq!(m.msgs_per_s, 1_000.0);
+        assert_eq!(m.backlog_msgs_per_s, 2_000.0);
+
+        // A result file from before the counts existed still reads.
+        let mut old = serde_json::to_value(&m).unwrap();
+        for key in ["delivered_in_window", "backlog_sent", "backlog_s"] {
+            old.as_object_mut().unwrap().remove(key);
+        }
+        let back: RunResult = serde_json::from_value(old).unwrap();
+        assert_eq!((back.msgs_per_s, back.delivered_in_window), (1_000.0, 0));
     }
 
     #[test]

@@ -450,6 +450,9 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.outage_end_unix_us = None;
     }
     r.recovery_s = recovery_secs(r.outage_start_unix_us, r.outage_end_unix_us);
+    r.backlog_sent = backlog_sent;
+    r.backlog_s = backlog_secs;
+    r.delivered_in_window = delivered_in_window;
     r.backlog_msgs_per_s = rate(backlog_sent, backlog_secs);
     r.reconnects_per_s = rate(r.reconnects, r.duration_s);
     r.msgs_per_s = rate(delivered_in_window, r.duration_s);
