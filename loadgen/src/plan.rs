@@ -181,11 +181,12 @@ pub fn markdown(args: &ReportArgs, inputs: &[Input]) -> String {
         // Connect rates are capacity figures only where connecting is the
         // scenario; elsewhere they time a setup burst.
         let (msgs, msgs_core, connects) = if r.scenario == "connect" {
-            (
-                "—".into(),
-                "—".into(),
-                thousands(per_core(r.connect_rate_per_s, cores)),
-            )
+            let rate = thousands(per_core(r.connect_rate_per_s, cores));
+            let connects = match r.connect_paced_by_rate() {
+                Some(true) => format!("{rate} (limited by --rate, not a capacity)"),
+                _ => rate,
+            };
+            ("—".into(), "—".into(), connects)
         } else {
             (
                 thousands(r.msgs_per_s),
@@ -296,12 +297,27 @@ pub fn markdown(args: &ReportArgs, inputs: &[Input]) -> String {
     for i in inputs {
         let r = &i.result;
         let connect_core = per_core(r.connect_rate_per_s, cores);
-        if r.scenario == "connect" {
+        if r.scenario == "connect" && r.connect_paced_by_rate() == Some(true) {
+            let _ = writeln!(
+                s,
+                "* `{}`: {} session setups/s is the offered `--rate` (limited by --rate, not a capacity): \
+                 no reconnect storm projected from it; raise `--rate` until setups fall behind it.",
+                i.label,
+                thousands(r.connect_rate_per_s)
+            );
+        } else if r.scenario == "connect" {
+            // Without the offered rate (an older result) this may still be
+            // the `--rate` typed, so say so beside the projection.
+            let caveat = if r.connect_offered_per_s.is_none() {
+                " The offered `--rate` was not recorded: if it was about this figure, it is not a capacity."
+            } else {
+                ""
+            };
             if let Some(secs) = storm_secs(connect_core, p.shards) {
                 let _ = writeln!(
                     s,
                     "* `{}`: {} session setups/s per core × {} shards = {} /s: a million sessions \
-                     resume in **{secs:.1} s** (token logins; p99 setup {} µs as measured).",
+                     resume in **{secs:.1} s** (token logins; p99 setup {} µs as measured).{caveat}",
                     i.label,
                     thousands(connect_core),
                     p.shards,
@@ -388,6 +404,43 @@ mod tests {
         assert_eq!(small.usable_gib, 4.0);
         assert_eq!(small.shards, 1, "never fewer than one shard");
         assert_eq!(per_core(100.0, 4.0), 25.0);
+    }
+
+    #[test]
+    fn connect_runs_paced_by_their_rate_are_not_projected() {
+        let input = |label: &str, offered: Option<f64>, achieved: f64| Input {
+            label: label.into(),
+            result: RunResult {
+                scenario: "connect".into(),
+                connections: 200,
+                connect_offered_per_s: offered,
+                connect_rate_per_s: achieved,
+                ..RunResult::default()
+            },
+            histogram: None,
+        };
+        let md = markdown(&args(&[]), &[input("paced", Some(100.0), 98.0)]);
+        assert!(md.contains("| 98 (limited by --rate, not a capacity) |"), "{md}");
+        assert!(
+            md.contains("`paced`: 98 session setups/s is the offered `--rate` (limited by --rate"),
+            "{md}"
+        );
+        assert!(!md.contains("resume in"), "projected from the knob: {md}");
+
+        // Fell behind 20,000/s offered: the server's figure, projected.
+        let md = markdown(&args(&[]), &[input("saturated", Some(20_000.0), 11_000.0)]);
+        assert!(md.contains("| 11,000 |"), "{md}");
+        assert!(
+            md.contains("11,000 session setups/s per core × 56 shards"),
+            "{md}"
+        );
+        assert!(md.contains("resume in **1.6 s**"), "{md}");
+        assert!(!md.contains("not recorded"), "{md}");
+
+        // An older result: projected, with the caveat.
+        let md = markdown(&args(&[]), &[input("old", None, 11_000.0)]);
+        assert!(md.contains("resume in **1.6 s**"), "{md}");
+        assert!(md.contains("The offered `--rate` was not recorded"), "{md}");
     }
 
     #[test]

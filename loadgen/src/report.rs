@@ -87,6 +87,12 @@ pub struct RunResult {
     pub connect_failures: u64,
     pub connect_secs: f64,
     pub connect_rate_per_s: f64,
+    /// `connect`: the attempt rate asked for (`--rate`, all processes).
+    /// Attempts are paced at it, so `connect_rate_per_s` reaches it and no
+    /// more: only a run that falls behind it measures the server. `None`
+    /// from an older loadgen.
+    #[serde(default)]
+    pub connect_offered_per_s: Option<f64>,
     pub procs: usize,
     pub threads: usize,
     /// The server protocol driven: "tern", "nats" or "mqtt".
@@ -165,6 +171,23 @@ pub struct RunResult {
     pub ack_hdr_v2_hex: Option<String>,
 }
 
+/// How close to the offered `--rate` a connect run must come to count as
+/// paced by it: the ramp's last setup adds its latency to the time, so a
+/// server that keeps up reads a little under the offer, never above.
+pub const PACED_SHARE: f64 = 0.9;
+
+impl RunResult {
+    /// Whether this `connect` run's setup rate is only the `--rate` it was
+    /// paced at (the server kept up), not what the server can do. `None`
+    /// when not a connect run or the offered rate was not recorded.
+    pub fn connect_paced_by_rate(&self) -> Option<bool> {
+        let offered = self
+            .connect_offered_per_s
+            .filter(|_| self.scenario == "connect")?;
+        Some(self.connect_rate_per_s >= PACED_SHARE * offered)
+    }
+}
+
 /// Serialises a histogram for the coordinator.
 pub fn histogram_to_hex(h: &Histogram<u64>) -> Result<String, String> {
     let mut bytes = Vec::new();
@@ -211,6 +234,7 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.connect_failures += part.connect_failures;
         out.duration_s = out.duration_s.max(part.duration_s);
         out.connect_secs = out.connect_secs.max(part.connect_secs);
+        out.connect_offered_per_s = out.connect_offered_per_s.or(part.connect_offered_per_s);
         out.threads = out.threads.max(part.threads);
         out.protocol.clone_from(&part.protocol);
         out.lost += part.lost;
@@ -293,6 +317,18 @@ pub fn summary(r: &RunResult) -> String {
         "  connections  {} established, {} failed, in {:.2} s ({:.0}/s)\n",
         r.connections, r.connect_failures, r.connect_secs, r.connect_rate_per_s
     ));
+    match (r.connect_paced_by_rate(), r.connect_offered_per_s) {
+        (Some(true), Some(offered)) => s.push_str(&format!(
+            "  connect rate offered {offered:.0}/s: limited by --rate (not a capacity); \
+             raise --rate until setups fall behind it\n"
+        )),
+        (Some(false), Some(offered)) => s.push_str(&format!(
+            "  connect rate offered {offered:.0}/s, achieved {:.0}/s: setups fell behind the offer \
+             (the server's limit, or --max-pending's)\n",
+            r.connect_rate_per_s
+        )),
+        _ => {}
+    }
     if r.scenario != "connect" {
         s.push_str(&format!(
             "  messages     {} sent, {} delivered, {} undelivered; {:.0} msgs/s over {:.2} s\n",
@@ -487,6 +523,44 @@ mod tests {
         }
         let back: RunResult = serde_json::from_value(old).unwrap();
         assert_eq!((back.msgs_per_s, back.delivered_in_window), (1_000.0, 0));
+    }
+
+    #[test]
+    fn connect_rates_at_the_offered_rate_are_labelled_as_such() {
+        let connect = |offered, achieved| RunResult {
+            scenario: "connect".into(),
+            connect_offered_per_s: offered,
+            connect_rate_per_s: achieved,
+            ..RunResult::default()
+        };
+        assert_eq!(connect(Some(100.0), 101.8).connect_paced_by_rate(), Some(true));
+        assert_eq!(connect(Some(100.0), 90.0).connect_paced_by_rate(), Some(true));
+        assert_eq!(connect(Some(2_000.0), 640.0).connect_paced_by_rate(), Some(false));
+        assert_eq!(connect(None, 640.0).connect_paced_by_rate(), None, "older result");
+        let pairs = RunResult {
+            scenario: "pairs".into(),
+            ..connect(Some(100.0), 100.0)
+        };
+        assert_eq!(
+            pairs.connect_paced_by_rate(),
+            None,
+            "a setup burst, not a connect run"
+        );
+
+        let text = summary(&connect(Some(100.0), 99.0));
+        assert!(
+            text.contains("offered 100/s: limited by --rate (not a capacity)"),
+            "{text}"
+        );
+        let text = summary(&connect(Some(2_000.0), 640.0));
+        assert!(
+            text.contains("offered 2000/s, achieved 640/s: setups fell behind"),
+            "{text}"
+        );
+
+        // Every worker carries the same offer; the merge keeps it.
+        let (m, _) = merge(&[connect(Some(100.0), 50.0), connect(Some(100.0), 50.0)]).unwrap();
+        assert_eq!(m.connect_offered_per_s, Some(100.0));
     }
 
     #[test]

@@ -400,6 +400,10 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         protocol: plan.cli.common.protocol.name().into(),
         procs: 1,
         threads: plan.threads(),
+        connect_offered_per_s: match &plan.cli.scenario {
+            Scenario::Connect(a) => Some(a.rate),
+            _ => None,
+        },
         io_uring_coop_taskrun: glommio::coop_taskrun_rings(),
         ..RunResult::default()
     };
