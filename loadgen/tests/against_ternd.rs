@@ -640,3 +640,33 @@ fn connect_results_record_the_offered_rate_and_report_projects_no_knob() {
         assert!(md.contains("resume in"), "{md}");
     }
 }
+
+/// `--prefix` reuses users across runs (the way to skip registration on big
+/// runs). A second `offline` run with the same prefix must count only its
+/// own backlog: nothing the first run left behind may come back as
+/// duplicates of (or stand in for) this run's messages.
+#[test]
+fn offline_rerun_with_the_same_prefix_counts_only_its_own_backlog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+    let args = [
+        "--prefix",
+        "revoff_",
+        "offline",
+        "--users",
+        "2",
+        "--backlog",
+        "50",
+        "--send-window",
+        "8",
+    ];
+    let first = loadgen(&addr, &dir.path().join("first.json"), &args);
+    assert_eq!(first["duplicated"].as_u64(), Some(0), "{first}");
+    let second = loadgen(&addr, &dir.path().join("second.json"), &args);
+    assert_eq!(second["sent"].as_u64(), Some(50), "{second}");
+    assert_eq!(
+        (second["messages"].as_u64(), second["duplicated"].as_u64()),
+        (Some(50), Some(0)),
+        "second run with the same --prefix: {second}"
+    );
+}
