@@ -1417,8 +1417,9 @@ impl Conn {
                 // each fans out like one. So do 1:1 receipts, each a store
                 // write and a push to the peer (group receipts push nothing),
                 // and the rare requests that are each a synced write or a
-                // read of many keys: a client needs them now and then, and
-                // must not repeat them at the frame rate.
+                // read of many keys (a membership change also rebuilds the
+                // group's cached roster): a client needs them now and then,
+                // and must not repeat them at the frame rate.
                 let is_message = matches!(
                     frame.body,
                     ArchivedClientBody::SendDirect { .. }
@@ -1436,6 +1437,11 @@ impl Conn {
                         | ArchivedClientBody::GroupCreate { .. }
                         | ArchivedClientBody::GroupCreateWith { .. }
                         | ArchivedClientBody::GroupDelete { .. }
+                        | ArchivedClientBody::GroupJoin { .. }
+                        | ArchivedClientBody::GroupLeave { .. }
+                        | ArchivedClientBody::GroupKick { .. }
+                        | ArchivedClientBody::GroupSetRole { .. }
+                        | ArchivedClientBody::GroupTransferOwnership { .. }
                         | ArchivedClientBody::GroupInvite { .. }
                         | ArchivedClientBody::GroupUninvite { .. }
                         | ArchivedClientBody::GroupBan { .. }

@@ -172,6 +172,24 @@ fn rare_costly_requests_share_the_message_rate() {
 }
 
 #[test]
+fn membership_changes_share_the_message_rate() {
+    let server = message_rate_server(4);
+    let owner = server.user_on_shard("mowner", 0);
+    let joiner = server.user_on_shard("mjoiner", 1);
+    let group = server.login(&owner).group_create("open door").expect("create");
+    let mut j = server.login(&joiner);
+    // A join and a leave are each a synced write and a rebuild of the
+    // group's cached roster: a join/leave loop is not at the frame rate.
+    for _ in 0..2 {
+        j.group_join(group).expect("within the burst");
+        j.group_leave(group).expect("within the burst");
+    }
+    assert_eq!(code_of(j.group_join(group)), ErrorCode::RateLimited);
+    assert_eq!(code_of(j.group_leave(group)), ErrorCode::RateLimited);
+    j.ping().expect("cheap requests are not messages");
+}
+
+#[test]
 fn a_syncs_cursors_are_paid_for_as_messages() {
     let server = message_rate_server(10);
     let alice = server.user_on_shard("salice", 0);
