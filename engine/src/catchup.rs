@@ -491,8 +491,11 @@ pub fn conversations(
             last_seq,
             unread: last_seq.saturating_sub(read),
             last_message: last.as_ref().and_then(decode_stored),
-            peer_delivered,
-            peer_read,
+            // A `Sync` cursor is stored as the client presented it, up to
+            // u64::MAX (only receipts are capped when they arrive): the
+            // peer's cursors never claim more than was sent.
+            peer_delivered: peer_delivered.min(last_seq),
+            peer_read: peer_read.min(last_seq),
         });
     }
     fit_in_frame(&mut page, max_frame_bytes, |summary| {
@@ -629,6 +632,27 @@ mod tests {
         assert!(conversations(&store, 99, 0, 10, 65_536)
             .expect("nobody")
             .is_empty());
+    }
+
+    /// A peer's cursor stored past the last message (a `Sync` cursor is
+    /// stored as presented) is shown as the last message.
+    #[test]
+    fn a_peers_cursors_never_pass_the_last_seq() {
+        let (_dir, store) = busy_user(3);
+        let conv = ConvId::direct(1, 2);
+        let receipt = tern_storage::WriteOp::Receipt {
+            user: 2,
+            conv,
+            kind: tern_storage::ReceiptKind::Read,
+            seq: u64::MAX,
+        };
+        store.apply(&[receipt], false).expect("apply");
+        let page = conversations(&store, 1, 0, 10, 65_536).expect("page");
+        let summary = page.iter().find(|s| s.conv == conv).expect("listed");
+        assert_eq!(
+            (summary.last_seq, summary.peer_delivered, summary.peer_read),
+            (1, 1, 1)
+        );
     }
 
     /// A user at the bound still sees their groups: they are taken before
