@@ -120,7 +120,14 @@ pub async fn run(ctx: Rc<Ctx>, args: OfflineArgs) -> ExecOutcome {
     let common = &ctx.plan.cli.common;
     let limit = common.duration() + common.drain();
     wait_until(limit, || boxes.iter().all(|m| m.complete())).await;
-    let last_done = boxes.iter().map(|m| m.done_ns.get()).max().unwrap_or(start_ns);
+    // A mailbox still incomplete was draining until now: its deliveries
+    // count in `received`, so the window runs to now too, or the rate
+    // would divide them by the time the complete ones took.
+    let last_done = if boxes.iter().all(|m| m.complete()) {
+        boxes.iter().map(|m| m.done_ns.get()).max().unwrap_or(start_ns)
+    } else {
+        now_ns()
+    };
     let drain_secs = secs_between(start_ns, last_done.max(start_ns));
     ctx.closing.set(true);
 
