@@ -11,20 +11,22 @@
 //! stop-watcher tick (every 50 ms): admin commands never touch the message
 //! path, and the mutex they take is never taken by it.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tern_proto::{shard_of, UserId};
 use tern_storage::Store;
 
 use crate::metrics::{Metrics, ProcessStats, Scrape};
 
+/// The admin socket's file name in the data directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
 /// Longest command line accepted.
 const MAX_COMMAND_BYTES: usize = 1024;
 /// How long one admin connection may take to send its command.
@@ -173,7 +175,7 @@ pub fn serve_admin(path: &Path, context: AdminContext) -> io::Result<AdminServer
                         Ok((stream, _)) => {
                             let _ = stream
                                 .set_nonblocking(false)
-                                .and_then(|()| answer(stream, &context));
+                                .and_then(|()| answer(stream, &context, &stop));
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         // WouldBlock, or a transient failure such as EMFILE:
@@ -198,15 +200,46 @@ fn file_id(path: &Path) -> io::Result<(u64, u64)> {
     Ok((meta.dev(), meta.ino()))
 }
 
-fn answer(stream: UnixStream, context: &AdminContext) -> io::Result<()> {
-    stream.set_read_timeout(Some(READ_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new(io::Read::take(stream.try_clone()?, MAX_COMMAND_BYTES as u64)).read_line(&mut line)?;
+fn answer(stream: UnixStream, context: &AdminContext, stop: &AtomicBool) -> io::Result<()> {
+    let line = read_command(&stream, stop)?;
     let reply = match run(line.trim(), context) {
         Ok(text) => text,
         Err(e) => format!("error: {e}\n"),
     };
+    stream.set_write_timeout(Some(READ_TIMEOUT))?;
     (&stream).write_all(reply.as_bytes())
+}
+
+/// Reads one command line: up to its newline, the end of the stream or
+/// [`MAX_COMMAND_BYTES`], all within [`READ_TIMEOUT`] from the start (a
+/// limit per read would let a client that sends a byte at a time hold
+/// this thread, and with it the server's shutdown, for an hour), and
+/// given up as soon as the server stops.
+fn read_command(stream: &UnixStream, stop: &AtomicBool) -> io::Result<String> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut command = Vec::with_capacity(64);
+    let mut chunk = [0u8; 256];
+    while !command.contains(&b'\n') && command.len() < MAX_COMMAND_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stop.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no command in time"));
+        }
+        stream.set_read_timeout(Some(left.min(ACCEPT_POLL)))?;
+        match (&*stream).read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => command.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    command.truncate(MAX_COMMAND_BYTES);
+    let end = command.iter().position(|&b| b == b'\n').unwrap_or(command.len());
+    command.truncate(end);
+    Ok(String::from_utf8_lossy(&command).into_owned())
 }
 
 fn run(command: &str, context: &AdminContext) -> Result<String, String> {

@@ -1059,12 +1059,36 @@ impl Settings {
             .map_err(ConfigError::Invalid)?
             .map(Arc::new);
         self.config.validate().map_err(ConfigError::Invalid)?;
-        if let Some(metrics) = self.metrics_listen {
-            if metrics.port() != 0 && metrics == self.config.listen {
+        // The listeners bind with SO_REUSEPORT among the shards, so two of
+        // them on one port would share it rather than fail.
+        let listen = self.config.listen;
+        let others = [
+            ("metrics_listen", self.metrics_listen),
+            ("tls_listen", self.config.tls.as_ref().map(|tls| tls.listen)),
+        ];
+        for (key, addr) in others {
+            if let Some(addr) = addr.filter(|&addr| same_port(addr, listen)) {
                 return Err(ConfigError::Invalid(format!(
-                    "metrics_listen and listen are both {metrics}; the metrics endpoint needs its own port"
+                    "{key} ({addr}) and listen ({listen}) share a port; each listener needs its own"
                 )));
             }
+        }
+        if let (Some(metrics), Some(tls)) = (self.metrics_listen, &self.config.tls) {
+            if same_port(metrics, tls.listen) {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics_listen ({metrics}) and tls_listen ({}) share a port; each listener needs its own",
+                    tls.listen
+                )));
+            }
+        }
+        let admin = self.config.data_dir.join(crate::admin::ADMIN_SOCKET);
+        if admin.as_os_str().len() > UNIX_SOCKET_PATH_MAX {
+            return Err(ConfigError::Invalid(format!(
+                "data_dir is too long: its admin socket {} would be {} bytes, and a Unix socket \
+                 path holds at most {UNIX_SOCKET_PATH_MAX}; use a shorter path (or a symlink to it)",
+                admin.display(),
+                admin.as_os_str().len()
+            )));
         }
         Ok(self)
     }
@@ -1083,6 +1107,18 @@ impl Settings {
         }
         out
     }
+}
+
+/// Longest path a Unix socket can be bound to (`sun_path` is 108 bytes
+/// with its terminating NUL).
+const UNIX_SOCKET_PATH_MAX: usize = 107;
+
+/// Whether two fixed listen addresses would take the same port: the same
+/// port on the same address, or on an address and the wildcard.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[cfg(test)]
@@ -1195,6 +1231,51 @@ mod tests {
     }
 
     #[test]
+    fn listeners_sharing_a_port_and_unservable_data_dirs_are_refused() {
+        let tls =
+            |listen: &str| format!("tls_listen = \"{listen}\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n");
+        for (text, key) in [
+            (
+                format!("listen = \"127.0.0.1:7000\"\n{}", tls("127.0.0.1:7000")),
+                "tls_listen",
+            ),
+            (
+                format!("listen = \"0.0.0.0:7000\"\n{}", tls("127.0.0.1:7000")),
+                "tls_listen",
+            ),
+            (
+                "listen = \"127.0.0.1:7000\"\nmetrics_listen = \"0.0.0.0:7000\"\n".to_owned(),
+                "metrics_listen",
+            ),
+            (
+                format!("metrics_listen = \"127.0.0.1:7001\"\n{}", tls("127.0.0.1:7001")),
+                "metrics_listen",
+            ),
+        ] {
+            let err = load_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("share a port"), "{text}: {err}");
+        }
+        // Other ports, other addresses, or port 0 (each picks its own).
+        for text in [
+            format!("listen = \"127.0.0.1:7000\"\n{}", tls("127.0.0.1:7443")),
+            format!("listen = \"127.0.0.1:7000\"\n{}", tls("127.0.0.2:7000")),
+            format!(
+                "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n{}",
+                tls("127.0.0.1:0")
+            ),
+        ] {
+            load_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        // admin.sock must fit a Unix socket path.
+        let long = format!("/{}", "d".repeat(120));
+        let err = load_toml(&format!("data_dir = \"{long}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data_dir is too long"), "{err}");
+        load_toml(&format!("data_dir = \"/{}\"", "d".repeat(90))).unwrap();
+    }
+
+    #[test]
     fn defaults_match_the_engine_defaults() {
         let settings = Settings::load(None, no_env, &[]).unwrap();
         let engine = Config::default();
@@ -1292,7 +1373,7 @@ mod tests {
         let err = load_toml("max_frame_bytes = 2048\nmax_message_bytes = 4096").unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
         let err = load_toml("listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"").unwrap_err();
-        assert!(err.to_string().contains("its own port"), "{err}");
+        assert!(err.to_string().contains("needs its own"), "{err}");
     }
 
     #[test]

@@ -598,3 +598,216 @@ fn every_metric_the_dashboard_queries_is_exported() {
     );
     server.shutdown().unwrap();
 }
+
+/// Waits up to `limit` for `child` to exit; `None` if it is still running.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `cmd` and waits for it to exit by itself (a refused start).
+fn refused_start(mut cmd: Command) -> (Option<std::process::ExitStatus>, String) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ternd");
+    let mut server = Ternd {
+        child,
+        metrics: None,
+        chat: "127.0.0.1:0".parse().expect("addr"),
+        banner: String::new(),
+    };
+    let status = exit_within(&mut server.child, Duration::from_secs(15));
+    let mut output = String::new();
+    if status.is_some() {
+        for pipe in [
+            server.child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
+            server.child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut pipe = pipe;
+            let _ = pipe.read_to_string(&mut output);
+        }
+    }
+    (status, output)
+}
+
+/// Every listener binds with SO_REUSEPORT among the shards, which would
+/// also let a second ternd of the same user share a port already served,
+/// and take half the new clients to its own store: it must refuse to start.
+#[test]
+fn a_second_ternd_on_a_port_already_served_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = ternd();
+    cmd.args([
+        "--shards",
+        "1",
+        "--no-pin",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("a"));
+    let first = start(cmd);
+    let mut second = ternd();
+    second
+        .args([
+            "--shards",
+            "1",
+            "--no-pin",
+            "--listen",
+            &first.chat.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("b"));
+    let (status, output) = refused_start(second);
+    assert!(
+        matches!(status, Some(s) if !s.success()),
+        "a second ternd serves {} beside the first ({status:?}): {output}",
+        first.chat
+    );
+    assert!(
+        output.contains("cannot listen on") && !output.contains("ternd listening"),
+        "{output}"
+    );
+}
+
+/// `tls_listen` on the plain listener's port is refused before anything
+/// is bound (both would otherwise share it).
+#[test]
+fn tls_listen_on_the_plain_port_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = "127.0.0.1:7999";
+    let mut cmd = ternd();
+    cmd.args([
+        "--shards",
+        "1",
+        "--no-pin",
+        "--listen",
+        addr,
+        "--tls-listen",
+        addr,
+    ])
+    .args(["--tls-cert", "cert.pem", "--tls-key", "key.pem", "--data-dir"])
+    .arg(dir.path().join("data"));
+    let (status, output) = refused_start(cmd);
+    assert!(matches!(status, Some(s) if !s.success()), "{status:?}: {output}");
+    assert!(
+        output.contains("tls_listen") && output.contains("share a port"),
+        "{output}"
+    );
+}
+
+/// A data directory too long for its admin socket is refused before the
+/// server says it is listening (it used to announce itself, then exit 1).
+#[test]
+fn a_data_dir_too_long_for_the_admin_socket_is_refused_before_listening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = ternd();
+    cmd.args([
+        "--shards",
+        "1",
+        "--no-pin",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("d".repeat(110)));
+    let (status, output) = refused_start(cmd);
+    assert!(matches!(status, Some(s) if !s.success()), "{status:?}: {output}");
+    assert!(
+        output.contains("data_dir is too long") && !output.contains("ternd listening"),
+        "{output}"
+    );
+}
+
+/// Connects to a running ternd's admin socket, which it serves just
+/// after its listening line.
+fn admin_connection(data: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(data.join("admin.sock")) {
+            Ok(admin) => return admin,
+            Err(e) => assert!(Instant::now() < deadline, "admin socket: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a space to `admin` every second, never a newline, until told
+/// to stop: a local client sending its command a byte at a time.
+fn drip(mut admin: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if admin.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    })
+}
+
+fn signal(server: &Ternd, signal: libc::c_int) {
+    // SAFETY: kill has no memory effects; the pid is our live child's.
+    assert_eq!(unsafe { libc::kill(server.child.id() as libc::pid_t, signal) }, 0);
+}
+
+/// The admin socket gives a command 5 s in all, not 5 s per read, and
+/// gives up when the server stops: a client dripping bytes cannot hold
+/// SIGTERM's shutdown.
+#[test]
+fn a_slow_admin_client_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut cmd = ternd();
+    cmd.args(["--shards", "1", "--no-pin", "--listen", "127.0.0.1:0"])
+        .args(["--shutdown-grace-ms", "100", "--data-dir"])
+        .arg(&data);
+    let mut server = start(cmd);
+    let stop = Arc::new(AtomicBool::new(false));
+    let dripping = drip(admin_connection(&data), stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&server, libc::SIGTERM);
+    let status = exit_within(&mut server.child, Duration::from_secs(15));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    dripping.join().expect("drip");
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "not stopped cleanly: {status:?}"
+    );
+}
+
+/// A second SIGINT or SIGTERM during a drain ends ternd at once (status
+/// 1), for an operator whose first one is taking too long. The second
+/// follows the first at once: a drain takes at least one tick of the
+/// shards' stop watchers (50 ms), so it always lands inside one.
+#[test]
+fn a_second_signal_ends_a_drain_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = ternd();
+    cmd.args([
+        "--shards",
+        "1",
+        "--no-pin",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("data"));
+    let mut server = start(cmd);
+    signal(&server, libc::SIGTERM);
+    signal(&server, libc::SIGINT);
+    let status = exit_within(&mut server.child, Duration::from_secs(10));
+    assert!(matches!(status, Some(s) if s.code() == Some(1)), "{status:?}");
+}

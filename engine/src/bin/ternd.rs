@@ -20,7 +20,7 @@ use std::sync::Arc;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tern_engine::admin::{admin_request, serve_admin, LogReload};
+use tern_engine::admin::{admin_request, serve_admin, LogReload, ADMIN_SOCKET};
 use tern_engine::config_file::{Origin, Settings, KEYS};
 use tern_engine::http::serve_http;
 use tern_engine::metrics::Metrics;
@@ -201,9 +201,6 @@ fn gen_cert(sub: &ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin socket's file name inside the data directory.
-const ADMIN_SOCKET: &str = "admin.sock";
-
 fn admin_command(matches: &ArgMatches, sub: &ArgMatches) -> anyhow::Result<()> {
     // The same layering as the server, so `--data-dir`, TERN_DATA_DIR or
     // --config find the same directory the server uses.
@@ -272,6 +269,17 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
         http.set_writer(writer);
     }
+    // Bound before ternd says it is up, so that a server that cannot serve
+    // it never announces itself (scripts, /readyz) and then exits.
+    let admin_path = data_dir.join(ADMIN_SOCKET);
+    let admin = match serve_admin(&admin_path, server.admin_context(Some(log_reload))) {
+        Ok(admin) => admin,
+        Err(e) => {
+            server.stop_handle().store(true, Ordering::SeqCst);
+            server.wait()?;
+            anyhow::bail!("cannot serve the admin socket {}: {e}", admin_path.display());
+        }
+    };
     ready.store(true, Ordering::SeqCst);
     println!(
         "ternd listening on {} ({} shards, data in {})",
@@ -296,9 +304,6 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
              sign up with passwords (docs/configuration.md)"
         );
     }
-    let admin_path = data_dir.join(ADMIN_SOCKET);
-    let admin = serve_admin(&admin_path, server.admin_context(Some(log_reload)))
-        .map_err(|e| anyhow::anyhow!("cannot serve the admin socket {}: {e}", admin_path.display()))?;
     let stop = server.stop_handle();
     let not_ready = ready.clone();
     let certs = server.tls_certs();
@@ -315,10 +320,18 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
                 }
                 continue;
             }
-            tracing::info!(signal, "stopping: draining connections");
+            if stop.load(Ordering::SeqCst) {
+                // The operator's second Ctrl-C during a stuck drain: what
+                // was acknowledged is in the store's journal already.
+                tracing::warn!(signal, "second stop signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+            tracing::info!(
+                signal,
+                "stopping: draining connections (a second signal exits at once)"
+            );
             not_ready.store(false, Ordering::SeqCst);
             stop.store(true, Ordering::SeqCst);
-            break;
         }
     });
     server.wait()?;
