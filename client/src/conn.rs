@@ -145,12 +145,12 @@ impl Conn {
             max_send: max_recv,
             read_timeout: None,
         };
-        conn.handshake(Instant::now() + timeout)?;
+        conn.handshake(crate::deadline_after(timeout))?;
         Ok(conn)
     }
 
-    /// Completes the TLS handshake, if any, by `deadline`.
-    fn handshake(&mut self, deadline: Instant) -> Result<(), ClientError> {
+    /// Completes the TLS handshake, if any, by `deadline` (`None`: no deadline).
+    fn handshake(&mut self, deadline: Option<Instant>) -> Result<(), ClientError> {
         let Stream::Tls(conn) = &mut self.stream else {
             return Ok(());
         };
@@ -158,11 +158,16 @@ impl Conn {
         let result = (|| {
             while tls.is_handshaking() {
                 send_pending(tls, tcp).map_err(map_write)?;
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(ClientError::Timeout);
-                }
-                let wait = Some(left.max(MIN_READ_WAIT));
+                let wait = match deadline {
+                    Some(deadline) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(ClientError::Timeout);
+                        }
+                        Some(left.max(MIN_READ_WAIT))
+                    }
+                    None => None,
+                };
                 if self.read_timeout != wait {
                     tcp.set_read_timeout(wait)?;
                     self.read_timeout = wait;

@@ -247,9 +247,9 @@ impl Client {
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         self.conn.send(&ClientFrame { request_id, body })?;
-        let deadline = Instant::now() + self.opts.timeout;
+        let deadline = deadline_after(self.opts.timeout);
         loop {
-            let Some(frame) = self.conn.recv(Some(deadline))? else {
+            let Some(frame) = self.conn.recv(deadline)? else {
                 return Err(ClientError::Timeout);
             };
             if frame.request_id == request_id {
@@ -831,9 +831,9 @@ impl Client {
                 return Ok(Some(frame.body));
             }
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
-            match self.conn.recv(Some(deadline))? {
+            match self.conn.recv(deadline)? {
                 None => return Ok(None),
                 Some(frame) if frame.request_id == 0 => {
                     // Messages at or below the cursor were already returned.
@@ -859,7 +859,7 @@ impl Client {
         if let Some(frame) = self.queued.pop_front() {
             return Ok(Some(frame));
         }
-        self.conn.recv(Some(Instant::now() + timeout))
+        self.conn.recv(deadline_after(timeout))
     }
 
     /// The server's idle timeout from `HelloOk` (zero if it announced none):
@@ -929,6 +929,13 @@ impl std::fmt::Debug for Client {
             .field("queued", &self.queued.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The instant `timeout` from now; `None` (no deadline) when that is past
+/// what `Instant` can represent, so that `Duration::MAX` means "wait as
+/// long as it takes" instead of a panic.
+pub(crate) fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
 }
 
 fn connect_any(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ClientError> {

@@ -182,6 +182,26 @@ fn listen_fails_when_count_is_not_reached_in_time() {
 }
 
 #[test]
+fn listen_with_a_timeout_too_large_for_a_deadline_waits_without_one() {
+    let (addr, server) = fake_server(|mut peer| {
+        login(&mut peer);
+        answer_friends(&mut peer);
+        peer.push(message(5, "hello"));
+        answer_receipt(&mut peer, ConvId::direct(1, 5), 7);
+        peer.wait_closed();
+    });
+    // Accepted by clap as a u64, too large for an Instant: it used to panic (exit 101).
+    let out = tern(
+        addr,
+        &["listen", "--count", "1", "--timeout-secs", &u64::MAX.to_string()],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "[bob] hello\n");
+    server.join().unwrap();
+}
+
+#[test]
 fn chat_sends_lines_and_quits() {
     let (addr, server) = fake_server(|mut peer| {
         login(&mut peer);

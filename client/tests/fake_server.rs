@@ -525,3 +525,26 @@ fn connecting_to_a_closed_port_is_an_io_error() {
         other => panic!("expected an I/O error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_timeout_too_large_for_a_deadline_means_no_deadline() {
+    let (addr, server) = fake_server(|mut peer| {
+        peer.hello(64 * 1024);
+        let frame = peer.recv();
+        let ClientBody::Ping { nonce } = frame.body else {
+            panic!("expected Ping, got {:?}", frame.body)
+        };
+        peer.send(frame.request_id, ServerBody::Pong { nonce });
+        peer.push(message(5, "later"));
+        peer.wait_closed();
+    });
+    // Instant::now() + Duration::MAX overflows; it must not panic.
+    let mut client = Client::connect(addr, opts(Duration::MAX)).unwrap();
+    client.ping().unwrap();
+    assert_eq!(
+        client.next_push(Duration::MAX).unwrap(),
+        Some(message(5, "later"))
+    );
+    drop(client);
+    server.join().unwrap();
+}

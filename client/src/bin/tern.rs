@@ -688,7 +688,8 @@ fn listen(client: &mut Client, names: &mut Names, count: Option<u64>, limit: Opt
     names.refresh(client)?;
     let interval = ping_interval(client.idle_timeout());
     let started = Instant::now();
-    let stop_at = limit.map(|l| started + l);
+    // A limit past what Instant can hold is no limit, not a panic.
+    let stop_at = limit.and_then(|l| started.checked_add(l));
     let mut next_ping = started + interval;
     let mut seen = 0u64;
     loop {
