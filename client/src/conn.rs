@@ -298,10 +298,13 @@ impl Conn {
     }
 }
 
-/// A write that hit the socket's write timeout is [`ClientError::Timeout`].
+/// A write that hit the socket's write timeout is [`ClientError::WriteTimeout`],
+/// not the recoverable [`ClientError::Timeout`]: the caller shuts the
+/// socket down after any failed write (part of a frame may be out), so
+/// the connection is gone.
 fn map_write(e: io::Error) -> ClientError {
     match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::WriteTimeout,
         _ => map_io(e),
     }
 }

@@ -4,7 +4,9 @@
 //! refused one request but the connection lives on ([`ClientError::Server`]),
 //! the server announced it is closing the connection
 //! ([`ClientError::Disconnected`]), the connection is simply gone
-//! ([`ClientError::Closed`]), the server was too slow ([`ClientError::Timeout`]),
+//! ([`ClientError::Closed`]), the server was too slow to answer
+//! ([`ClientError::Timeout`]) or to take a request ([`ClientError::WriteTimeout`],
+//! which ends the connection),
 //! the bytes made no sense ([`ClientError::Protocol`]), or TLS failed
 //! ([`ClientError::Tls`], [`ClientError::TlsSetup`]).
 
@@ -45,9 +47,16 @@ pub enum ClientError {
     /// TLS could not be set up locally: an unreadable CA file or an invalid server name.
     #[error("TLS setup: {0}")]
     TlsSetup(String),
-    /// No answer arrived within the configured time.
+    /// No answer arrived within the configured time. The connection lives
+    /// on (a late answer is dropped when it comes).
     #[error("timed out waiting for the server")]
     Timeout,
+    /// A request could not be written within the configured time (the
+    /// server stopped reading). Part of it may be on the wire, so the
+    /// connection was shut down: unlike [`ClientError::Timeout`] this is
+    /// fatal; reconnect.
+    #[error("timed out sending to the server; the connection is closed")]
+    WriteTimeout,
     /// The server sent something this client cannot make sense of, or a
     /// request could not be encoded within the frame limit.
     #[error("protocol error: {0}")]

@@ -548,3 +548,40 @@ fn a_timeout_too_large_for_a_deadline_means_no_deadline() {
     drop(client);
     server.join().unwrap();
 }
+
+#[test]
+fn a_write_that_times_out_is_fatal_and_the_connection_is_closed() {
+    let (unblock, blocked) = std::sync::mpsc::channel::<()>();
+    let (addr, server) = fake_server(move |mut peer| {
+        peer.hello(16 * 1024 * 1024);
+        // Read nothing until the client gave up writing, so its socket
+        // buffers fill and the write times out.
+        let _ = blocked.recv();
+        // Drain raw bytes: the last frame is cut short.
+        let mut sink = [0u8; 64 * 1024];
+        while matches!(peer.stream.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let mut client = Client::connect(addr, opts(Duration::from_millis(300))).unwrap();
+    let big = "x".repeat(15 * 1024 * 1024);
+    // Socket buffers may swallow a frame or two whole; each of those then
+    // only waits for an answer that does not come (a recoverable Timeout).
+    let mut err = None;
+    for _ in 0..20 {
+        match client.send_text(5, &big) {
+            Err(ClientError::Timeout) => continue,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+            Ok(sent) => panic!("nobody answered, yet {sent:?}"),
+        }
+    }
+    let err = err.expect("the socket buffers never filled");
+    assert!(matches!(err, ClientError::WriteTimeout), "{err:?}");
+    assert!(err.is_fatal());
+    let next = client.ping().unwrap_err();
+    assert!(next.is_fatal(), "{next:?}");
+    unblock.send(()).unwrap();
+    drop(client);
+    server.join().unwrap();
+}
