@@ -115,6 +115,12 @@ pub(crate) struct Conn {
     max_send: u32,
     /// The read timeout currently set on the socket, to skip redundant syscalls.
     read_timeout: Option<Duration>,
+    /// The body length of the frame `recv` returned last, so the caller
+    /// can account for what it keeps.
+    last_body_len: usize,
+    /// Set by `shutdown`: frames still buffered are discarded, since the
+    /// caller dropped one before them and must not see a hole.
+    shut_down: bool,
 }
 
 impl Conn {
@@ -144,6 +150,8 @@ impl Conn {
             tx: AlignedVec::new(),
             max_send: max_recv,
             read_timeout: None,
+            last_body_len: 0,
+            shut_down: false,
         };
         conn.handshake(crate::deadline_after(timeout))?;
         Ok(conn)
@@ -204,6 +212,18 @@ impl Conn {
         self.max_send = max_send;
     }
 
+    /// The body length, on the wire, of the frame `recv` returned last.
+    pub(crate) fn last_body_len(&self) -> usize {
+        self.last_body_len
+    }
+
+    /// Shuts the socket down: every later read, of frames already
+    /// buffered too, sees the connection closed.
+    pub(crate) fn shutdown(&mut self) {
+        self.shut_down = true;
+        let _ = self.stream.tcp().shutdown(Shutdown::Both);
+    }
+
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.stream.tcp().local_addr()
     }
@@ -250,6 +270,9 @@ impl Conn {
     /// The next frame, or `Ok(None)` once `deadline` passes without one.
     /// `None` as deadline waits indefinitely.
     pub(crate) fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<ServerFrame>, ClientError> {
+        if self.shut_down {
+            return Err(ClientError::Closed);
+        }
         loop {
             if let Some(frame) = self.buffered_frame()? {
                 return Ok(Some(frame));
@@ -291,6 +314,7 @@ impl Conn {
             Ok(None) => return Ok(None),
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         };
+        self.last_body_len = body.len();
         let archived = decode_server(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         rkyv::deserialize::<ServerFrame, BoxedError>(archived)
             .map(Some)

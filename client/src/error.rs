@@ -7,6 +7,7 @@
 //! ([`ClientError::Closed`]), the server was too slow to answer
 //! ([`ClientError::Timeout`]) or to take a request ([`ClientError::WriteTimeout`],
 //! which ends the connection),
+//! the application left too many pushes queued ([`ClientError::PushQueueFull`]),
 //! the bytes made no sense ([`ClientError::Protocol`]), or TLS failed
 //! ([`ClientError::Tls`], [`ClientError::TlsSetup`]).
 
@@ -57,6 +58,15 @@ pub enum ClientError {
     /// fatal; reconnect.
     #[error("timed out sending to the server; the connection is closed")]
     WriteTimeout,
+    /// Pushes that arrived while requests waited for their answers, and
+    /// that the application has not taken with `Client::next_push`, passed
+    /// `ClientOptions::max_queued_push_bytes`. The client stopped reading
+    /// and shut the connection down (the pushes already queued can still
+    /// be taken): messages it never returned are not acknowledged, so the
+    /// next connection's `Sync` streams them again. Call `next_push`
+    /// between requests, or raise the limit for a long catch-up.
+    #[error("more than {limit} bytes of pushes queued without next_push; the connection is closed")]
+    PushQueueFull { limit: usize },
     /// The server sent something this client cannot make sense of, or a
     /// request could not be encoded within the frame limit.
     #[error("protocol error: {0}")]

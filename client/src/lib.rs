@@ -57,7 +57,18 @@ pub struct ClientOptions {
     /// Speak TLS (verifying the server's certificate); `None`, the default,
     /// is plain TCP.
     pub tls: Option<ClientTls>,
+    /// The most bytes of pushes (counted as their size on the wire plus a
+    /// fixed per-frame cost) held for [`Client::next_push`] while requests
+    /// wait for their answers; past it a request fails with
+    /// [`ClientError::PushQueueFull`] and the connection is closed. A
+    /// `Sync` queues its whole catch-up, so this also bounds the backlog a
+    /// login can take in. Default [`DEFAULT_MAX_QUEUED_PUSH_BYTES`].
+    pub max_queued_push_bytes: usize,
 }
+
+/// The default [`ClientOptions::max_queued_push_bytes`]: 64 MiB, a catch-up
+/// of a few hundred thousand short messages.
+pub const DEFAULT_MAX_QUEUED_PUSH_BYTES: usize = 64 * 1024 * 1024;
 
 impl Default for ClientOptions {
     fn default() -> ClientOptions {
@@ -66,6 +77,7 @@ impl Default for ClientOptions {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             client_name: concat!("tern-client/", env!("CARGO_PKG_VERSION")).to_string(),
             tls: None,
+            max_queued_push_bytes: DEFAULT_MAX_QUEUED_PUSH_BYTES,
         }
     }
 }
@@ -179,8 +191,16 @@ pub struct Client {
     next_request_id: u64,
     /// Source of `client_msg_id`s and ping nonces.
     next_msg_id: u64,
-    /// Frames that arrived while a request waited for its answer, oldest first.
-    queued: VecDeque<ServerFrame>,
+    /// Pushes that arrived while a request waited for its answer, oldest
+    /// first, each with the bytes it counts against
+    /// `opts.max_queued_push_bytes`.
+    queued: VecDeque<(ServerFrame, usize)>,
+    /// The sum of the sizes in `queued`.
+    queued_bytes: usize,
+    /// Per conversation with a message in `queued`, the highest seq queued:
+    /// a message at or below it (or below the cursor) is a duplicate and
+    /// is not queued. Never more entries than `queued` has frames.
+    queued_high: HashMap<ConvId, u64>,
     idle_timeout: Duration,
     server_max_frame_bytes: u32,
     user: Option<UserId>,
@@ -205,6 +225,8 @@ impl Client {
             next_request_id: 1,
             next_msg_id: initial_msg_id(),
             queued: VecDeque::new(),
+            queued_bytes: 0,
+            queued_high: HashMap::new(),
             idle_timeout: Duration::ZERO,
             server_max_frame_bytes: opts.max_frame_bytes,
             user: None,
@@ -239,8 +261,12 @@ impl Client {
     /// Sends one request and waits for its answer.
     ///
     /// Pushes (frames with `request_id` 0) that arrive first are queued for
-    /// [`Client::next_push`] / [`Client::read_frame`]; late answers to
-    /// earlier requests that timed out are dropped. An `Error` answer
+    /// [`Client::next_push`] / [`Client::read_frame`], except messages at or
+    /// below one already returned or queued for their conversation; late
+    /// answers to earlier requests that timed out are dropped. The queue is
+    /// bounded by [`ClientOptions::max_queued_push_bytes`]: an application
+    /// that sends requests must also take pushes with `next_push`, or a
+    /// request fails with [`ClientError::PushQueueFull`]. An `Error` answer
     /// becomes [`ClientError::Server`]; a `Disconnect` push while waiting
     /// becomes [`ClientError::Disconnected`].
     pub fn request(&mut self, body: ClientBody) -> Result<ServerBody, ClientError> {
@@ -283,8 +309,54 @@ impl Client {
                     retry_after_ms,
                 });
             }
-            self.queued.push_back(frame);
+            self.enqueue(frame)?;
         }
+    }
+
+    /// Queues a push that arrived while a request waited, unless it is a
+    /// message this client already returned or queued.
+    fn enqueue(&mut self, frame: ServerFrame) -> Result<(), ClientError> {
+        if let ServerBody::Message(message) = &frame.body {
+            let returned = self.cursors.get(&message.conv).copied().unwrap_or(0);
+            let queued = self.queued_high.get(&message.conv).copied().unwrap_or(0);
+            if message.seq <= returned.max(queued) {
+                return Ok(());
+            }
+        }
+        // The body's size on the wire stands in for the heap its strings and
+        // vectors take once decoded; the struct itself is the fixed part.
+        let size = std::mem::size_of::<ServerFrame>() + self.conn.last_body_len();
+        let limit = self.opts.max_queued_push_bytes;
+        if self.queued_bytes.saturating_add(size) > limit {
+            // Dropping the push would leave a hole the caller cannot see;
+            // closing makes the server stream the unacknowledged rest again.
+            self.conn.shutdown();
+            return Err(ClientError::PushQueueFull { limit });
+        }
+        if let ServerBody::Message(message) = &frame.body {
+            self.queued_high.insert(message.conv, message.seq);
+        }
+        self.queued_bytes += size;
+        self.queued.push_back((frame, size));
+        Ok(())
+    }
+
+    /// The oldest queued push, keeping the queue's accounting.
+    fn pop_queued(&mut self) -> Option<ServerFrame> {
+        let (frame, size) = self.queued.pop_front()?;
+        self.queued_bytes -= size;
+        if let ServerBody::Message(message) = &frame.body {
+            // Queued seqs rise per conversation, so this was its last one.
+            if self.queued_high.get(&message.conv) == Some(&message.seq) {
+                self.queued_high.remove(&message.conv);
+            }
+        }
+        Some(frame)
+    }
+
+    /// How many pushes wait to be taken with [`Client::next_push`].
+    pub fn queued_pushes(&self) -> usize {
+        self.queued.len()
     }
 
     /// Creates an account; returns its user id. Does not log in.
@@ -826,7 +898,7 @@ impl Client {
     /// other; the call after it normally fails with [`ClientError::Closed`].
     pub fn next_push(&mut self, timeout: Duration) -> Result<Option<ServerBody>, ClientError> {
         // Only pushes are ever queued (see `request`).
-        while let Some(frame) = self.queued.pop_front() {
+        while let Some(frame) = self.pop_queued() {
             if self.is_new(&frame.body) {
                 return Ok(Some(frame.body));
             }
@@ -856,7 +928,7 @@ impl Client {
     /// `timeout`. Nothing is interpreted, so `Error` frames come back as
     /// frames: this is for tests that check how the server reacts to bad input.
     pub fn read_frame(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, ClientError> {
-        if let Some(frame) = self.queued.pop_front() {
+        if let Some(frame) = self.pop_queued() {
             return Ok(Some(frame));
         }
         self.conn.recv(deadline_after(timeout))

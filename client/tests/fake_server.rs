@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use common::{connected, fake_server, message, opts, Peer, IDLE_MS};
 use rkyv::util::AlignedVec;
 use tern_client::{
-    Client, ClientBody, ClientError, Content, ConvId, ErrorCode, Friend, ServerBody, ServerFrame,
+    Client, ClientBody, ClientError, ClientOptions, Content, ConvId, ErrorCode, Friend, ServerBody,
+    ServerFrame,
 };
 use tern_proto::{encode_server, PROTOCOL_VERSION};
 
@@ -582,6 +583,113 @@ fn a_write_that_times_out_is_fatal_and_the_connection_is_closed() {
     let next = client.ping().unwrap_err();
     assert!(next.is_fatal(), "{next:?}");
     unblock.send(()).unwrap();
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_message_already_queued_is_not_queued_again() {
+    const COPIES: usize = 10_000;
+    let (mut client, server) = connected(|mut peer| {
+        let frame = peer.recv();
+        let ClientBody::Ping { nonce } = frame.body else {
+            panic!("{:?}", frame.body)
+        };
+        // The same message (conv 1:5, seq 7) over and over, then seq 8.
+        let mut burst = AlignedVec::<16>::new();
+        let mut later = message(5, "later");
+        if let ServerBody::Message(m) = &mut later {
+            m.seq = 8;
+        }
+        let same = ServerFrame {
+            request_id: 0,
+            body: message(5, "same"),
+        };
+        for _ in 0..COPIES {
+            encode_server(&same, &mut burst, 1 << 20).unwrap();
+        }
+        let later = ServerFrame {
+            request_id: 0,
+            body: later,
+        };
+        encode_server(&later, &mut burst, 1 << 20).unwrap();
+        encode_server(&same, &mut burst, 1 << 20).unwrap();
+        peer.stream.write_all(&burst).unwrap();
+        peer.send(frame.request_id, ServerBody::Pong { nonce });
+        peer.wait_closed();
+    });
+    client.ping().unwrap();
+    assert_eq!(client.queued_pushes(), 2);
+    let wait = Duration::from_secs(1);
+    assert_eq!(client.next_push(wait).unwrap(), Some(message(5, "same")));
+    let Some(ServerBody::Message(m)) = client.next_push(wait).unwrap() else {
+        panic!("expected the message with seq 8")
+    };
+    assert_eq!(m.seq, 8);
+    assert_eq!(client.next_push(Duration::from_millis(50)).unwrap(), None);
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn too_many_queued_pushes_close_the_connection_with_push_queue_full() {
+    const LIMIT: usize = 16 * 1024;
+    const PUSHES: usize = 1_000;
+    let (addr, server) = fake_server(|mut peer| {
+        peer.hello(64 * 1024);
+        let frame = peer.recv();
+        let ClientBody::Ping { nonce } = frame.body else {
+            panic!("{:?}", frame.body)
+        };
+        let mut burst = AlignedVec::<16>::new();
+        for n in 0..PUSHES {
+            let presence = ServerFrame {
+                request_id: 0,
+                body: ServerBody::Presence {
+                    user: n as u64,
+                    online: true,
+                },
+            };
+            encode_server(&presence, &mut burst, 1 << 20).unwrap();
+        }
+        let pong = ServerFrame {
+            request_id: frame.request_id,
+            body: ServerBody::Pong { nonce },
+        };
+        encode_server(&pong, &mut burst, 1 << 20).unwrap();
+        // The client hangs up part way; its reset may fail these.
+        let _ = peer.stream.write_all(&burst);
+        let mut sink = [0u8; 4096];
+        while matches!(peer.stream.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let options = ClientOptions {
+        max_queued_push_bytes: LIMIT,
+        ..opts(Duration::from_secs(2))
+    };
+    let mut client = Client::connect(addr, options).unwrap();
+    let err = client.ping().unwrap_err();
+    assert!(
+        matches!(err, ClientError::PushQueueFull { limit: LIMIT }),
+        "{err:?}"
+    );
+    assert!(err.is_fatal());
+    // What was queued is still handed out, in order; then the connection is gone.
+    let queued = client.queued_pushes();
+    assert!(queued > 0 && queued < PUSHES, "{queued}");
+    for n in 0..queued {
+        let push = client.next_push(Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            push,
+            Some(ServerBody::Presence {
+                user: n as u64,
+                online: true
+            })
+        );
+    }
+    assert!(matches!(
+        client.next_push(Duration::from_secs(1)),
+        Err(ClientError::Closed)
+    ));
     drop(client);
     server.join().unwrap();
 }
