@@ -42,7 +42,12 @@ pub use tern_proto::{
 
 use conn::{Conn, TlsSetup};
 pub use error::ClientError;
-use tern_proto::limits::{DEFAULT_MAX_FRAME_BYTES, MEMBERS_PAGE_LIMIT_MAX};
+use rkyv::util::AlignedVec;
+use tern_proto::limits::{DEFAULT_MAX_FRAME_BYTES, MEMBERS_PAGE_LIMIT_MAX, SYNC_CURSORS_MAX};
+use tern_proto::{encode_client, FrameError};
+
+/// The bytes one `Cursor` takes in an encoded frame (docs/protocol.md 5.11).
+const CURSOR_WIRE_BYTES: usize = 32;
 
 /// How a [`Client`] behaves; [`ClientOptions::default`] suits most uses.
 #[derive(Debug, Clone)]
@@ -204,9 +209,19 @@ pub struct Client {
     idle_timeout: Duration,
     server_max_frame_bytes: u32,
     user: Option<UserId>,
-    /// Per conversation, the highest seq handed to the caller: presented
-    /// on `Sync`, and used to drop anything at or below it.
-    cursors: HashMap<ConvId, u64>,
+    /// Per conversation, the highest seq handed to the caller (or set):
+    /// presented on `Sync`, and used to drop anything at or below it.
+    cursors: HashMap<ConvId, Held>,
+    /// Counts cursor advances, to order the cursors by recency.
+    advances: u64,
+}
+
+/// A conversation's cursor and when it last moved.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    seq: u64,
+    /// The value of `Client::advances` when `seq` last rose.
+    advanced: u64,
 }
 
 impl Client {
@@ -231,6 +246,7 @@ impl Client {
             server_max_frame_bytes: opts.max_frame_bytes,
             user: None,
             cursors: HashMap::new(),
+            advances: 0,
             opts,
         };
         let hello = ClientBody::Hello {
@@ -317,7 +333,7 @@ impl Client {
     /// message this client already returned or queued.
     fn enqueue(&mut self, frame: ServerFrame) -> Result<(), ClientError> {
         if let ServerBody::Message(message) = &frame.body {
-            let returned = self.cursors.get(&message.conv).copied().unwrap_or(0);
+            let returned = self.cursors.get(&message.conv).map_or(0, |held| held.seq);
             let queued = self.queued_high.get(&message.conv).copied().unwrap_or(0);
             if message.seq <= returned.max(queued) {
                 return Ok(());
@@ -444,27 +460,99 @@ impl Client {
     /// Catches up: presents this client's cursors, queues every message
     /// after them for [`Client::next_push`], and makes the session live.
     /// Returns how many messages the server streamed.
+    ///
+    /// One `Sync` carries at most [`SYNC_CURSORS_MAX`] cursors and must fit
+    /// in one frame (about 2,000 at the default 64 KiB), so a client that
+    /// holds more presents the ones that advanced most recently (see
+    /// [`Client::set_cursor`]) and leaves the rest out. That costs no
+    /// message and no login: for a conversation left out the server
+    /// streams after the delivered cursor it stored, and anything at or
+    /// below this client's own cursor is dropped here as a duplicate. A
+    /// presented cursor matters where the client holds messages the server
+    /// has not yet stored as delivered, and those are in the conversations
+    /// that moved last; one that moved long ago has been acknowledged by a
+    /// receipt or an earlier `Sync` in all likelihood.
     pub fn sync(&mut self) -> Result<u64, ClientError> {
-        let cursors = self.cursors().collect();
+        let cursors = self.sync_cursors();
         match self.request(ClientBody::Sync { cursors })? {
             ServerBody::SyncDone { messages } => Ok(messages),
             other => Err(unexpected("SyncDone", &other)),
         }
     }
 
-    /// The highest seq this client has returned per conversation.
+    /// The cursors `sync` presents: those above 0 (0 acknowledges and
+    /// bounds nothing), most recently advanced first, as many as the
+    /// protocol allows and the server's frame limit takes.
+    fn sync_cursors(&self) -> Vec<Cursor> {
+        let mut held: Vec<(ConvId, Held)> = self
+            .cursors
+            .iter()
+            .filter(|(_, held)| held.seq > 0)
+            .map(|(conv, held)| (*conv, *held))
+            .collect();
+        // `advanced` is unique per cursor, so the order is total.
+        held.sort_unstable_by_key(|(_, held)| std::cmp::Reverse(held.advanced));
+        held.truncate(SYNC_CURSORS_MAX);
+        let cursors: Vec<Cursor> = held
+            .into_iter()
+            .map(|(conv, held)| Cursor { conv, seq: held.seq })
+            .collect();
+        // Encode to measure rather than trust a per-cursor size: each try
+        // drops at least the excess, so this ends within a few tries.
+        let mut fits = cursors.len();
+        let mut probe = AlignedVec::new();
+        while fits > 0 {
+            probe.clear();
+            let frame = ClientFrame {
+                request_id: self.next_request_id,
+                body: ClientBody::Sync {
+                    cursors: cursors[..fits].to_vec(),
+                },
+            };
+            match encode_client(&frame, &mut probe, self.server_max_frame_bytes) {
+                Err(FrameError::TooLarge { len, max }) => {
+                    let excess = (len.saturating_sub(max) as usize).div_ceil(CURSOR_WIRE_BYTES);
+                    fits -= excess.clamp(1, fits);
+                }
+                // Anything else fails the same way on the real send.
+                _ => break,
+            }
+        }
+        let mut cursors = cursors;
+        cursors.truncate(fits);
+        cursors
+    }
+
+    /// The highest seq this client has returned (or was set) per conversation.
     pub fn cursors(&self) -> impl Iterator<Item = Cursor> + '_ {
-        self.cursors.iter().map(|(conv, seq)| Cursor {
+        self.cursors.iter().map(|(conv, held)| Cursor {
             conv: *conv,
-            seq: *seq,
+            seq: held.seq,
         })
     }
 
     /// Sets a cursor (e.g. restored from the app's own storage): messages
     /// of `conv` at or below `seq` are no longer returned or re-sent.
+    /// Raising a cursor counts as its most recent advance, which decides
+    /// which cursors [`Client::sync`] presents when they are too many for
+    /// one `Sync`: restore them least recently used first.
     pub fn set_cursor(&mut self, conv: ConvId, seq: u64) {
-        let cursor = self.cursors.entry(conv).or_insert(0);
-        *cursor = (*cursor).max(seq);
+        self.advance(conv, seq);
+    }
+
+    /// Raises `conv`'s cursor to `seq`; false (and nothing changes) if it
+    /// already was at or above it.
+    fn advance(&mut self, conv: ConvId, seq: u64) -> bool {
+        let held = self.cursors.entry(conv).or_insert(Held { seq: 0, advanced: 0 });
+        if seq <= held.seq {
+            return false;
+        }
+        self.advances += 1;
+        *held = Held {
+            seq,
+            advanced: self.advances,
+        };
+        true
     }
 
     /// Sends a cumulative receipt for `conv` up to `seq`.
@@ -528,12 +616,7 @@ impl Client {
         let ServerBody::Message(message) = body else {
             return true;
         };
-        let cursor = self.cursors.entry(message.conv).or_insert(0);
-        if message.seq <= *cursor {
-            return false;
-        }
-        *cursor = message.seq;
-        true
+        self.advance(message.conv, message.seq)
     }
 
     fn logged_in(&mut self, body: ClientBody) -> Result<Session, ClientError> {

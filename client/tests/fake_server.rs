@@ -693,3 +693,77 @@ fn too_many_queued_pushes_close_the_connection_with_push_queue_full() {
     drop(client);
     server.join().unwrap();
 }
+
+/// The groups a `Sync` presented, checking each cursor's seq is its group id.
+fn synced_groups(frame: &tern_client::ClientFrame) -> Vec<u64> {
+    let ClientBody::Sync { cursors } = &frame.body else {
+        panic!("expected Sync, got {:?}", frame.body)
+    };
+    cursors
+        .iter()
+        .map(|c| {
+            let ConvId::Group { group } = c.conv else {
+                panic!("{c:?}")
+            };
+            assert_eq!(c.seq, group);
+            group
+        })
+        .collect()
+}
+
+#[test]
+fn login_with_more_cursors_than_a_frame_holds_presents_the_most_recent() {
+    const HELD: u64 = 2_100;
+    let (mut client, server) = connected(|mut peer| {
+        let f = peer.recv();
+        assert!(matches!(f.body, ClientBody::Login { .. }), "{:?}", f.body);
+        let answer = ServerBody::LoggedIn {
+            user: 1,
+            username: "alice".into(),
+            token: vec![0; 32],
+        };
+        peer.send(f.request_id, answer);
+        let f = peer.recv();
+        let groups = synced_groups(&f);
+        // As many as fit in 64 KiB, the most recently advanced first.
+        assert!(groups.len() > 1_900 && groups.len() < 2_100, "{}", groups.len());
+        let expected: Vec<u64> = (1..=HELD).rev().take(groups.len()).collect();
+        assert_eq!(groups, expected);
+        peer.send(f.request_id, ServerBody::SyncDone { messages: 0 });
+        peer.wait_closed();
+    });
+    // E.g. restored from the app's storage, least recently used first.
+    for group in 1..=HELD {
+        client.set_cursor(ConvId::Group { group }, group);
+    }
+    let session = client.login("alice", "password1").unwrap();
+    assert_eq!(session.user, 1);
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn sync_presents_at_most_the_protocol_limit_of_cursors() {
+    const HELD: u64 = 5_000;
+    let (addr, server) = fake_server(|mut peer| {
+        peer.hello(1 << 20);
+        let f = peer.recv();
+        let groups = synced_groups(&f);
+        let expected: Vec<u64> = (1..=HELD)
+            .rev()
+            .take(tern_proto::limits::SYNC_CURSORS_MAX)
+            .collect();
+        assert_eq!(groups, expected);
+        peer.send(f.request_id, ServerBody::SyncDone { messages: 3 });
+        peer.wait_closed();
+    });
+    let mut client = Client::connect(addr, opts(Duration::from_secs(2))).unwrap();
+    for group in 1..=HELD {
+        client.set_cursor(ConvId::Group { group }, group);
+    }
+    // A cursor at 0 acknowledges and bounds nothing: it is not presented.
+    client.set_cursor(ConvId::direct(1, 5), 0);
+    assert_eq!(client.sync().unwrap(), 3);
+    drop(client);
+    server.join().unwrap();
+}
