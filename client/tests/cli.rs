@@ -77,6 +77,46 @@ fn answer_receipt(peer: &mut Peer, conv: ConvId, seq: u64) {
     peer.send(f.request_id, ServerBody::Ok);
 }
 
+/// Answers friend lists and `Delivered` receipts until the client hangs
+/// up; returns the receipts in order. With `refuse`, the receipts it
+/// names (by position, from 0) are refused as rate-limited for 5 ms.
+fn answer_until_closed(peer: &mut Peer, refuse: Option<&[usize]>) -> Vec<(ConvId, u64)> {
+    let mut receipts = Vec::new();
+    let mut asked = 0;
+    while let Some(f) = peer.try_recv() {
+        match f.body {
+            ClientBody::FriendList => {
+                let friends = vec![Friend {
+                    user: 5,
+                    username: "bob".into(),
+                    online: false,
+                }];
+                peer.send(f.request_id, ServerBody::Friends { friends });
+            }
+            ClientBody::Receipt { conv, kind, seq } => {
+                assert_eq!(kind, ReceiptKind::Delivered);
+                let nth = asked;
+                asked += 1;
+                if refuse.is_some_and(|r| r.contains(&nth)) {
+                    // As ternd refuses a receipt over the message rate.
+                    let mut error =
+                        ServerFrame::error(0, ErrorCode::RateLimited, "too many requests; retry after 5 ms")
+                            .body;
+                    if let ServerBody::Error { retry_after_ms, .. } = &mut error {
+                        *retry_after_ms = 5;
+                    }
+                    peer.send(f.request_id, error);
+                } else {
+                    receipts.push((conv, seq));
+                    peer.send(f.request_id, ServerBody::Ok);
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    receipts
+}
+
 fn answer_friends(peer: &mut Peer) {
     let f = peer.recv();
     assert_eq!(f.body, ClientBody::FriendList);
@@ -149,12 +189,15 @@ fn listen_prints_pushes_and_stops_after_count() {
             timestamp_ms: 1,
             content: Content::text("hi\x1b[2J"),
         }));
-        // Each shown message is acknowledged, so the next login skips it.
-        answer_receipt(&mut peer, ConvId::direct(1, 5), 7);
-        // User 6 is no friend: the CLI refreshes the friend list once to look for a name.
-        answer_friends(&mut peer);
-        answer_receipt(&mut peer, ConvId::Group { group: 3 }, 1);
-        peer.wait_closed();
+        // User 6 is no friend: the CLI refreshes the friend list once to
+        // look for a name. Each shown message is acknowledged, so the next
+        // login skips it; when depends on how the pushes arrive.
+        let mut receipts = answer_until_closed(&mut peer, None);
+        receipts.sort_by_key(|(conv, _)| matches!(conv, ConvId::Group { .. }));
+        assert_eq!(
+            receipts,
+            [(ConvId::direct(1, 5), 7), (ConvId::Group { group: 3 }, 1)]
+        );
     });
     let out = tern(addr, &["listen", "--count", "2", "--timeout-secs", "10"], "");
     assert!(out.status.success(), "{out:?}");
@@ -162,6 +205,44 @@ fn listen_prints_pushes_and_stops_after_count() {
         stdout(&out),
         "* bob is online\n[bob] hello there\n[#group 3 user 6] hi\\u{1b}[2J\n"
     );
+    server.join().unwrap();
+}
+
+/// ternd meters 1:1 receipts at the message rate; `listen` used to send
+/// one per message and exit 1 on the first `RateLimited`.
+#[test]
+fn listen_acknowledges_cumulatively_and_waits_out_a_rate_limited_receipt() {
+    const MESSAGES: u64 = 150;
+    let (addr, server) = fake_server(|mut peer| {
+        login(&mut peer);
+        answer_friends(&mut peer);
+        let mut burst = rkyv::util::AlignedVec::<16>::new();
+        for seq in 1..=MESSAGES {
+            let frame = ServerFrame {
+                request_id: 0,
+                body: ServerBody::Message(ChatMessage {
+                    conv: ConvId::direct(1, 5),
+                    seq,
+                    from: 5,
+                    client_msg_id: seq,
+                    timestamp_ms: 1,
+                    content: Content::text(format!("m{seq}")),
+                }),
+            };
+            tern_proto::encode_server(&frame, &mut burst, 1 << 20).unwrap();
+        }
+        peer.stream.write_all(&burst).unwrap();
+        let receipts = answer_until_closed(&mut peer, Some(&[0, 1]));
+        // Cumulative: fewer receipts than messages, rising, ending at the last.
+        assert!(receipts.len() < MESSAGES as usize, "{receipts:?}");
+        assert!(receipts.windows(2).all(|w| w[0].1 < w[1].1), "{receipts:?}");
+        assert_eq!(receipts.last(), Some(&(ConvId::direct(1, 5), MESSAGES)));
+    });
+    let count = MESSAGES.to_string();
+    let out = tern(addr, &["listen", "--count", &count, "--timeout-secs", "30"], "");
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<String> = (1..=MESSAGES).map(|seq| format!("[bob] m{seq}\n")).collect();
+    assert_eq!(stdout(&out), lines.concat());
     server.join().unwrap();
 }
 

@@ -692,12 +692,14 @@ fn listen(client: &mut Client, names: &mut Names, count: Option<u64>, limit: Opt
     let stop_at = limit.and_then(|l| started.checked_add(l));
     let mut next_ping = started + interval;
     let mut seen = 0u64;
+    let mut acks = Acks::default();
     loop {
         if count.is_some_and(|n| seen >= n) {
-            return Ok(());
+            return acks.finish(client);
         }
         let now = Instant::now();
         if let Some(stop_at) = stop_at.filter(|&s| now >= s) {
+            acks.finish(client)?;
             let waited = stop_at.duration_since(started).as_secs();
             return match count {
                 Some(n) => Err(anyhow!("timed out after {waited}s with {seen} of {n} messages")),
@@ -710,33 +712,112 @@ fn listen(client: &mut Client, names: &mut Names, count: Option<u64>, limit: Opt
             continue;
         }
         let wake = stop_at.map_or(next_ping, |s| s.min(next_ping));
-        if let Some(body) = client.next_push(wake - now)? {
-            let delivered = delivered_at(&body);
-            if let Pushed::Message = print_push(client, names, body)? {
-                seen += 1;
+        match client.next_push(acks.poll_wait(now, wake - now))? {
+            Some(body) => {
+                acks.note(&body);
+                if let Pushed::Message = print_push(client, names, body)? {
+                    seen += 1;
+                }
+                if acks.full() {
+                    acks.finish(client)?;
+                }
             }
-            acknowledge(client, delivered)?;
+            // Nothing more is waiting: acknowledge what was shown so far.
+            None => acks.send(client)?,
         }
     }
 }
 
-/// The conversation and seq of a pushed message, to acknowledge once shown.
-fn delivered_at(body: &ServerBody) -> Option<(ConvId, u64)> {
-    match body {
-        ServerBody::Message(message) => Some((message.conv, message.seq)),
-        _ => None,
-    }
+/// Most conversations with a receipt owed; past it the receipts go out
+/// before anything else is shown.
+const PENDING_ACKS_MAX: usize = 256;
+/// How long to hold receipts when the server rate-limited one without a hint.
+const RATE_LIMIT_FALLBACK: Duration = Duration::from_secs(1);
+/// Rate-limited rounds to wait out before exiting with receipts unsent.
+const FINAL_ACK_ROUNDS: usize = 10;
+
+/// `Delivered` receipts owed for shown messages, so that they leave the
+/// inbox and the next login does not show them again. The server meters
+/// 1:1 receipts at the message rate (docs/protocol.md 2.9.4), so they
+/// are cumulative: one per conversation for the highest seq shown, sent
+/// once no more frames are waiting (after a catch-up batch, or a live
+/// message), and a rate-limited one waits out the server's hint.
+#[derive(Default)]
+struct Acks {
+    /// Per conversation, the highest seq shown and not yet acknowledged.
+    pending: HashMap<ConvId, u64>,
+    /// The server rate-limited a receipt: none goes out before this.
+    not_before: Option<Instant>,
 }
 
-/// Tells the server a shown message was delivered, so that it leaves the
-/// inbox and the next login does not show it again.
-fn acknowledge(client: &mut Client, delivered: Option<(ConvId, u64)>) -> Result<()> {
-    if let Some((conv, seq)) = delivered {
-        client
-            .receipt(conv, ReceiptKind::Delivered, seq)
-            .context("cannot acknowledge a message")?;
+impl Acks {
+    fn note(&mut self, body: &ServerBody) {
+        if let ServerBody::Message(message) = body {
+            let seq = self.pending.entry(message.conv).or_insert(0);
+            *seq = (*seq).max(message.seq);
+        }
     }
-    Ok(())
+
+    fn full(&self) -> bool {
+        self.pending.len() >= PENDING_ACKS_MAX
+    }
+
+    /// How long to wait for the next push: not at all while receipts are
+    /// due (only frames already received are taken, so a batch is
+    /// acknowledged as soon as it is shown), otherwise up to `limit`.
+    fn poll_wait(&self, now: Instant, limit: Duration) -> Duration {
+        if self.pending.is_empty() {
+            return limit;
+        }
+        match self.not_before {
+            Some(at) if at > now => limit.min(at - now),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Sends the owed receipts unless the server asked to wait. A
+    /// rate-limited one stays owed until the server's retry hint has passed.
+    fn send(&mut self, client: &mut Client) -> Result<()> {
+        if self.not_before.is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        self.not_before = None;
+        let owed: Vec<(ConvId, u64)> = self.pending.iter().map(|(c, s)| (*c, *s)).collect();
+        for (conv, seq) in owed {
+            match client.receipt(conv, ReceiptKind::Delivered, seq) {
+                Ok(()) => {
+                    self.pending.remove(&conv);
+                }
+                Err(e) if e.code() == Some(ErrorCode::RateLimited) => {
+                    let wait = e.retry_after().unwrap_or(RATE_LIMIT_FALLBACK);
+                    self.not_before = Some(Instant::now() + wait);
+                    return Ok(());
+                }
+                Err(e) => return Err(e).context("cannot acknowledge a message"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every owed receipt, waiting out rate limits, before the
+    /// command exits or shows more; gives up (with a warning, not an
+    /// error: the messages were shown) after a few refused rounds.
+    fn finish(&mut self, client: &mut Client) -> Result<()> {
+        for _ in 0..FINAL_ACK_ROUNDS {
+            if let Some(at) = self.not_before {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            }
+            self.send(client)?;
+            if self.pending.is_empty() {
+                return Ok(());
+            }
+        }
+        eprintln!(
+            "tern: the server kept refusing receipts; the next login shows {} conversation(s) again",
+            self.pending.len()
+        );
+        Ok(())
+    }
 }
 
 fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {
@@ -927,22 +1008,30 @@ fn chat(client: &mut Client, session: &Session, names: &mut Names) -> Result<()>
     let interval = ping_interval(client.idle_timeout());
     let mut next_ping = Instant::now() + interval;
     let mut target: Option<Target> = None;
+    let mut acks = Acks::default();
     loop {
-        if let Some(body) = client.next_push(Duration::from_millis(100))? {
-            let delivered = delivered_at(&body);
-            print_push(client, names, body)?;
-            acknowledge(client, delivered)?;
+        let wait = acks.poll_wait(Instant::now(), Duration::from_millis(100));
+        match client.next_push(wait)? {
+            Some(body) => {
+                acks.note(&body);
+                print_push(client, names, body)?;
+                if acks.full() {
+                    acks.finish(client)?;
+                }
+            }
+            // Nothing more is waiting: acknowledge what was shown so far.
+            None => acks.send(client)?,
         }
         loop {
             let line = match lines.try_recv() {
                 Ok(line) => line,
                 Err(TryRecvError::Empty) => break,
                 // Stdin closed: nothing more to send.
-                Err(TryRecvError::Disconnected) => return Ok(()),
+                Err(TryRecvError::Disconnected) => return acks.finish(client),
             };
             match chat_line(client, names, &mut target, line.trim()) {
                 Ok(Flow::Continue) => {}
-                Ok(Flow::Quit) => return Ok(()),
+                Ok(Flow::Quit) => return acks.finish(client),
                 Err(e) => {
                     // A refused request is the user's to fix; a dead connection ends the chat.
                     if e.downcast_ref::<ClientError>().is_some_and(ClientError::is_fatal) {
