@@ -599,6 +599,15 @@ fn every_metric_the_dashboard_queries_is_exported() {
     server.shutdown().unwrap();
 }
 
+/// `ternd` with one unpinned shard listening on `listen`, its store in
+/// `data`.
+fn one_shard(listen: &str, data: &Path) -> Command {
+    let mut cmd = ternd();
+    cmd.args(["--shards", "1", "--no-pin", "--listen", listen, "--data-dir"])
+        .arg(data);
+    cmd
+}
+
 /// Waits up to `limit` for `child` to exit; `None` if it is still running.
 fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
@@ -649,28 +658,8 @@ fn refused_start(mut cmd: Command) -> (Option<std::process::ExitStatus>, String)
 #[test]
 fn a_second_ternd_on_a_port_already_served_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cmd = ternd();
-    cmd.args([
-        "--shards",
-        "1",
-        "--no-pin",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(dir.path().join("a"));
-    let first = start(cmd);
-    let mut second = ternd();
-    second
-        .args([
-            "--shards",
-            "1",
-            "--no-pin",
-            "--listen",
-            &first.chat.to_string(),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("b"));
+    let first = start(one_shard("127.0.0.1:0", &dir.path().join("a")));
+    let second = one_shard(&first.chat.to_string(), &dir.path().join("b"));
     let (status, output) = refused_start(second);
     assert!(
         matches!(status, Some(s) if !s.success()),
@@ -689,18 +678,15 @@ fn a_second_ternd_on_a_port_already_served_refuses_to_start() {
 fn tls_listen_on_the_plain_port_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let addr = "127.0.0.1:7999";
-    let mut cmd = ternd();
+    let mut cmd = one_shard(addr, &dir.path().join("data"));
     cmd.args([
-        "--shards",
-        "1",
-        "--no-pin",
-        "--listen",
-        addr,
         "--tls-listen",
         addr,
-    ])
-    .args(["--tls-cert", "cert.pem", "--tls-key", "key.pem", "--data-dir"])
-    .arg(dir.path().join("data"));
+        "--tls-cert",
+        "cert.pem",
+        "--tls-key",
+        "key.pem",
+    ]);
     let (status, output) = refused_start(cmd);
     assert!(matches!(status, Some(s) if !s.success()), "{status:?}: {output}");
     assert!(
@@ -714,16 +700,7 @@ fn tls_listen_on_the_plain_port_is_refused() {
 #[test]
 fn a_data_dir_too_long_for_the_admin_socket_is_refused_before_listening() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cmd = ternd();
-    cmd.args([
-        "--shards",
-        "1",
-        "--no-pin",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(dir.path().join("d".repeat(110)));
+    let cmd = one_shard("127.0.0.1:0", &dir.path().join("d".repeat(110)));
     let (status, output) = refused_start(cmd);
     assert!(matches!(status, Some(s) if !s.success()), "{status:?}: {output}");
     assert!(
@@ -770,10 +747,8 @@ fn signal(server: &Ternd, signal: libc::c_int) {
 fn a_slow_admin_client_does_not_hold_up_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut cmd = ternd();
-    cmd.args(["--shards", "1", "--no-pin", "--listen", "127.0.0.1:0"])
-        .args(["--shutdown-grace-ms", "100", "--data-dir"])
-        .arg(&data);
+    let mut cmd = one_shard("127.0.0.1:0", &data);
+    cmd.args(["--shutdown-grace-ms", "100"]);
     let mut server = start(cmd);
     let stop = Arc::new(AtomicBool::new(false));
     let dripping = drip(admin_connection(&data), stop.clone());
@@ -795,17 +770,7 @@ fn a_slow_admin_client_does_not_hold_up_shutdown() {
 #[test]
 fn a_second_signal_ends_a_drain_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cmd = ternd();
-    cmd.args([
-        "--shards",
-        "1",
-        "--no-pin",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(dir.path().join("data"));
-    let mut server = start(cmd);
+    let mut server = start(one_shard("127.0.0.1:0", &dir.path().join("data")));
     signal(&server, libc::SIGTERM);
     signal(&server, libc::SIGINT);
     let status = exit_within(&mut server.child, Duration::from_secs(10));

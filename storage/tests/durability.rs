@@ -197,12 +197,7 @@ fn damaging_any_single_file_gives_an_error_naming_the_store_or_a_readable_store(
     let originals = files(base.path());
     let mut refused = 0;
     for victim in &originals {
-        let dir = tempfile::tempdir().unwrap();
-        for f in &originals {
-            let dst = dir.path().join(f.strip_prefix(base.path()).unwrap());
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::copy(f, &dst).unwrap();
-        }
+        let dir = copy_of(base.path(), &originals);
         let target = dir.path().join(victim.strip_prefix(base.path()).unwrap());
         let len = std::fs::metadata(&target).unwrap().len() as usize;
         let mut bytes = std::fs::read(&target).unwrap();
@@ -260,12 +255,7 @@ fn a_damaged_table_file_is_an_error_naming_the_store_and_keyspace() {
     assert!(tables.len() >= 2, "no table files were written: {originals:?}");
     let mut refused = 0;
     for victim in tables {
-        let dir = tempfile::tempdir().unwrap();
-        for f in &originals {
-            let dst = dir.path().join(f.strip_prefix(base.path()).unwrap());
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::copy(f, &dst).unwrap();
-        }
+        let dir = copy_of(base.path(), &originals);
         let target = dir.path().join(victim.strip_prefix(base.path()).unwrap());
         let mut bytes = std::fs::read(&target).unwrap();
         // Garbage over the middle third: the data blocks, past the head.
@@ -311,6 +301,17 @@ fn a_file_where_the_directory_should_be_fails_open() {
     let err = Store::open(&path, fast_opts()).err().unwrap();
     assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
     assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
+
+/// A fresh directory holding a copy of `files`, which are under `base`.
+fn copy_of(base: &std::path::Path, files: &[std::path::PathBuf]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in files {
+        let dst = dir.path().join(f.strip_prefix(base).unwrap());
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(f, &dst).unwrap();
+    }
+    dir
 }
 
 fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
