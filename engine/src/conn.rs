@@ -1476,6 +1476,13 @@ impl Conn {
                     return ReadEnd::Closed;
                 }
             }
+            // Only whole frames are activity. A read times out only when no
+            // byte comes, so a client trickling a frame it never finishes
+            // (or, over TLS, records that carry no plaintext) would never
+            // reach the timeout below: its deadline is checked here too.
+            if self.session.is_idle(now_ms()) {
+                return self.close_idle();
+            }
             match fill_shared(reader, buf).await {
                 Ok(Filled::Bytes(_)) => {}
                 Ok(Filled::Eof) => return ReadEnd::Closed,
@@ -1487,10 +1494,7 @@ impl Conn {
                     if now_ms() < self.session.idle_deadline_ms() {
                         return ReadEnd::Quiet;
                     }
-                    self.shard.m().idle_timeout();
-                    self.outbox
-                        .finish(ErrorCode::IdleTimeout, "no frame within the idle timeout", 0);
-                    return ReadEnd::Closed;
+                    return self.close_idle();
                 }
                 Err(_) => return ReadEnd::Closed,
             }
@@ -1498,6 +1502,14 @@ impl Conn {
                 return ReadEnd::Closed;
             }
         }
+    }
+
+    /// Closes a session past its idle deadline with `IdleTimeout`.
+    fn close_idle(&self) -> ReadEnd {
+        self.shard.m().idle_timeout();
+        self.outbox
+            .finish(ErrorCode::IdleTimeout, "no frame within the idle timeout", 0);
+        ReadEnd::Closed
     }
 
     /// Goes on reading after a quiet spell that did not end in parking:

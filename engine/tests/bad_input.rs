@@ -458,3 +458,42 @@ fn invalid_messages_are_refused_and_keep_the_connection() {
     let msg = expect_message(&mut pair.b);
     assert_eq!((msg.seq, msg.content.body.as_slice()), (next.seq, &b"after"[..]));
 }
+
+/// A logged-in connection that trickles the bytes of a frame it never
+/// finishes is closed at its idle timeout: only whole frames are activity
+/// (protocol.md 2.5), and a read that brings a byte never times out.
+#[test]
+fn a_frame_trickled_past_the_idle_timeout_is_closed() {
+    let idle = Duration::from_secs(1);
+    let server = TestServer::start_with(|c| c.idle_timeout = idle);
+    let user = server.user_on_shard("trickler", 0);
+    let mut conn = RawConn::connect(server.addr());
+    conn.login(&user);
+    // A header announcing a 4 KiB body, then one byte of it every 200 ms.
+    let mut header = [0u8; tern_proto::HEADER_LEN];
+    header[..4].copy_from_slice(&4096u32.to_le_bytes());
+    conn.send_raw(&header).expect("header");
+    let started = std::time::Instant::now();
+    while started.elapsed() < idle * 3 {
+        std::thread::sleep(Duration::from_millis(200));
+        if conn.send_raw(&[0]).is_err() {
+            break;
+        }
+    }
+    // Closed while the bytes still came, not once they stopped: the
+    // notice is already here.
+    match conn.read(Duration::from_millis(300)) {
+        RawRead::Frame(frame) => assert!(
+            matches!(
+                frame.body,
+                ServerBody::Disconnect {
+                    code: ErrorCode::IdleTimeout,
+                    ..
+                }
+            ),
+            "{frame:?}"
+        ),
+        other => panic!("still open after {:?} of trickling: {other:?}", started.elapsed()),
+    }
+    conn.expect_closed();
+}
