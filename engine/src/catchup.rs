@@ -445,7 +445,7 @@ fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) 
 /// index, by the peer's id. Recency is the newest message in history, one
 /// read per conversation; an index kept in recency order would cost every
 /// 1:1 message two more writes (protocol.md 2.8.7 states the bound).
-pub const CONVERSATIONS_MAX: usize = 10_000;
+const CONVERSATIONS_MAX: usize = 10_000;
 
 /// The conversation list of `user`, most recent first.
 ///

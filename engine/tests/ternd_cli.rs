@@ -544,3 +544,53 @@ fn ternd_accepts_jwt_logins_from_the_cli_with_registration_closed() {
     drop(ternd.process);
     let _ = ternd.log_reader.join();
 }
+
+/// `tern listen` used to send one `Delivered` receipt per message; ternd
+/// meters 1:1 receipts at the message rate (burst 100) on addresses not
+/// exempt, so a catch-up of more than about 100 messages got `RateLimited`
+/// and listen exited 1 part way through. Loopback is metered here
+/// (`limits_exempt = []`), as any client's address would be.
+#[test]
+fn listen_catches_up_on_more_messages_than_the_receipt_rate_allows() {
+    const SENDERS: usize = 3;
+    const PER_SENDER: usize = 75; // within one connection's burst of 100
+    let Some(tern) = tern_bin() else {
+        eprintln!("SKIPPED: the tern CLI binary is not built and could not be built");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ternd.toml");
+    // Cheap password hashes: the debug build hashes slowly.
+    std::fs::write(
+        &config,
+        "limits_exempt = []\nargon2_memory_kib = 8\nargon2_iterations = 1\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let ternd = Ternd::start(dir.path(), &["--config", &config]);
+    let connect = || Client::connect(ternd.addr, opts()).expect("connect");
+    let alice = connect().register("alice", PASSWORD).expect("register alice");
+    connect().register("bob", PASSWORD).expect("register bob");
+    for sender in 0..SENDERS {
+        let mut bob = connect();
+        bob.login("bob", PASSWORD).expect("login bob");
+        for n in 0..PER_SENDER {
+            bob.send_text(alice, &format!("m{sender}-{n}")).expect("send");
+        }
+    }
+    let total = SENDERS * PER_SENDER;
+    let cli = Cli {
+        bin: tern,
+        server: ternd.addr,
+    };
+    let out = cli.run(
+        "alice",
+        &["listen", "--count", &total.to_string(), "--timeout-secs", "25"],
+    );
+    assert_eq!(out.lines().count(), total, "{out}");
+    // Everything shown was acknowledged: a fresh session (no cursors) is
+    // streamed nothing.
+    let mut again = connect();
+    again.login_unsynced("alice", PASSWORD).expect("login alice");
+    assert_eq!(again.sync().expect("sync"), 0);
+}

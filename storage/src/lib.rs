@@ -304,7 +304,7 @@ impl Store {
             path: dir.to_path_buf(),
             detail: e.to_string(),
         })?;
-        let open_err = |e: fjall::Error| open_error(dir, e);
+        let open_err = |e: fjall::Error| fjall_error(dir, None, e);
         // fjall asserts on some states it cannot recover from; a damaged
         // store must surface as an error the operator can act on, not
         // take down the process that opened it.
@@ -501,17 +501,8 @@ impl Ks {
     /// is found only when a read reaches it, so the error names the
     /// keyspace and its directory (fjall does not say which file).
     fn read_failed(&self, e: fjall::Error) -> StoreError {
-        let path = self.handle.path().to_path_buf();
-        let detail = format!("reading keyspace `{}`: {e}", self.name);
-        match e {
-            fjall::Error::Io(_) | fjall::Error::Storage(fjall::LsmError::Io(_)) => {
-                StoreError::Io { path, detail }
-            }
-            fjall::Error::Poisoned | fjall::Error::Locked | fjall::Error::KeyspaceDeleted => {
-                StoreError::Fjall(detail)
-            }
-            _ => StoreError::Corrupt { path, detail },
-        }
+        let context = format!("reading keyspace `{}`", self.name);
+        fjall_error(self.handle.path(), Some(&context), e)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
@@ -612,20 +603,29 @@ fn next_id(ks: &Ks) -> Result<u64, StoreError> {
         .ok_or_else(|| ks.corrupt(&key, "id space exhausted"))
 }
 
-fn open_error(dir: &Path, e: fjall::Error) -> StoreError {
-    let path = dir.to_path_buf();
+/// A fjall error as the store reports it, naming `path` (and, with
+/// `context`, what was being done): an I/O error or a store locked
+/// elsewhere as `Io`; a store poisoned by a failed fsync, or a deleted
+/// keyspace, as `Fjall`; anything else (bytes that do not parse) as
+/// `Corrupt`.
+fn fjall_error(path: &Path, context: Option<&str>, e: fjall::Error) -> StoreError {
+    let path = path.to_path_buf();
+    let detail = |what: String| context.map_or_else(|| what.clone(), |context| format!("{context}: {what}"));
     match e {
-        fjall::Error::Io(io) => StoreError::Io {
+        fjall::Error::Io(io) | fjall::Error::Storage(fjall::LsmError::Io(io)) => StoreError::Io {
             path,
-            detail: io.to_string(),
+            detail: detail(io.to_string()),
         },
         fjall::Error::Locked => StoreError::Io {
             path,
-            detail: "the store is locked by another process or handle".to_owned(),
+            detail: detail("the store is locked by another process or handle".to_owned()),
         },
+        e @ (fjall::Error::Poisoned | fjall::Error::KeyspaceDeleted) => {
+            StoreError::Fjall(detail(e.to_string()))
+        }
         other => StoreError::Corrupt {
             path,
-            detail: other.to_string(),
+            detail: detail(other.to_string()),
         },
     }
 }

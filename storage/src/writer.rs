@@ -301,11 +301,8 @@ fn run(
             None => rx.recv().ok(),
             Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                 Ok(msg) => Some(msg),
-                Err(RecvTimeoutError::Timeout) => {
-                    flush(store, counters);
-                    flush_due = None;
-                    continue;
-                }
+                // Due now: the check at the top of the loop flushes.
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => None,
             },
         };
