@@ -22,7 +22,7 @@ use crate::stats::{ExecOutcome, LiveCounters};
 use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    due_ns, frame_failure, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, open_session,
+    due_ns, frame_failure, message_body, now_ns, open_loop_period_ns, open_loop_starts_ns, open_session,
     read_frames, sleep_until_ns, WireError, Writer,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
@@ -99,7 +99,7 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
-    let starts = publisher_starts_ns(start_ns, args.rate, groups_up.len(), ctx.slot());
+    let starts = open_loop_starts_ns(start_ns, Some(args.rate), groups_up.len(), ctx.slot());
     let publishers: Vec<_> = groups_up
         .iter()
         .zip(starts.iter().copied())
@@ -129,15 +129,10 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
     let close_ns = now_ns();
-    let period = open_loop_period_ns(args.rate);
-    let unsent: u64 = groups_up
-        .iter()
-        .zip(&starts)
-        .map(|(g, &first_ns)| {
-            ctx.recorder
-                .record_unsent(first_ns, period, end_ns, g.sent.get(), close_ns)
-        })
-        .sum();
+    let schedule = starts.iter().copied().zip(groups_up.iter().map(|g| g.sent.get()));
+    let unsent = ctx
+        .recorder
+        .record_all_unsent(Some(args.rate), schedule, end_ns, close_ns);
 
     let mut verdict = Verdict::default();
     for g in &groups_up {
@@ -164,14 +159,6 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     drop(publishers);
     drop(tasks);
     outcome
-}
-
-/// When each of an executor's `count` publishers sends its first message:
-/// spread over one period (`(slot, slots)`: see [`open_loop_phase_ns`]).
-fn publisher_starts_ns(start_ns: u64, rate: f64, count: usize, (slot, slots): (usize, usize)) -> Vec<u64> {
-    (0..count)
-        .map(|g| start_ns + open_loop_phase_ns(Some(rate), g, count, slot, slots))
-        .collect()
 }
 
 /// Creates group `group_no` with its owner (token at `first_token`), joins
@@ -331,43 +318,5 @@ async fn publish(group: &Group, args: &GroupsArgs, start_ns: u64, end_ns: u64) -
         group.publisher.send_batch(bodies).await?;
         seq += due_now;
         group.sent.set(seq);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::publisher_starts_ns;
-    use crate::wire::open_loop_period_ns;
-
-    /// 50 groups at 10 msgs/s each: message k of every group used to be
-    /// due at the same instant, one burst of 50 sends (× members) per
-    /// period. Now the 50 first sends are 2 ms apart and so is every later
-    /// round, as for one group at 500/s.
-    #[test]
-    fn publishers_of_one_executor_never_send_together() {
-        let start = 1_000_000_000;
-        let period = open_loop_period_ns(10.0);
-        let starts = publisher_starts_ns(start, 10.0, 50, (0, 1));
-        assert_eq!(starts.len(), 50);
-        assert_eq!(starts[0], start);
-        assert!(starts.windows(2).all(|w| w[1] - w[0] == 2_000_000), "{starts:?}");
-        assert!(starts.iter().all(|&s| s < start + period));
-        let mut due: Vec<u64> = starts
-            .iter()
-            .flat_map(|&first| (0..20).map(move |k| first + k * period))
-            .collect();
-        due.sort_unstable();
-        assert!(due.windows(2).all(|w| w[1] - w[0] == 2_000_000), "sends coincide");
-    }
-
-    #[test]
-    fn publishers_of_different_executors_interleave() {
-        // Two processes × one thread, two groups each, at 100/s (10 ms):
-        // one first send every 2.5 ms across the whole run.
-        let mut starts: Vec<u64> = (0..2)
-            .flat_map(|slot| publisher_starts_ns(0, 100.0, 2, (slot, 2)))
-            .collect();
-        starts.sort_unstable();
-        assert_eq!(starts, vec![0, 2_500_000, 5_000_000, 7_500_000]);
     }
 }

@@ -31,7 +31,7 @@ use crate::users::obtain_tokens;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
     due_before, due_ns, frame_failure, keep_alive, message_body, now_ns, open_loop_period_ns,
-    open_loop_phase_ns, open_session, parse_message_body, read_frames, sleep_until_ns, Writer,
+    open_loop_starts_ns, open_session, parse_message_body, read_frames, sleep_until_ns, Writer,
 };
 use crate::worker::{for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
 
@@ -138,10 +138,7 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
-    let (slot, slots) = ctx.slot();
-    let firsts: Vec<u64> = (0..pairs_up.len())
-        .map(|p| start_ns + open_loop_phase_ns(args.rate, p, pairs_up.len(), slot, slots))
-        .collect();
+    let firsts = open_loop_starts_ns(start_ns, args.rate, pairs_up.len(), ctx.slot());
     let senders: Vec<_> = pairs_up
         .iter()
         .zip(&firsts)
@@ -167,17 +164,10 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
     let close_ns = now_ns();
-    let unsent: u64 = match send_period_ns(&args) {
-        Some(period) => pairs_up
-            .iter()
-            .zip(&firsts)
-            .map(|(p, &first_ns)| {
-                ctx.recorder
-                    .record_unsent(first_ns, period, end_ns, p.sent.get(), close_ns)
-            })
-            .sum(),
-        None => 0,
-    };
+    let schedule = firsts.iter().copied().zip(pairs_up.iter().map(|p| p.sent.get()));
+    let unsent = ctx
+        .recorder
+        .record_all_unsent(args.rate, schedule, end_ns, close_ns);
 
     let sent: u64 = pairs_up.iter().map(|p| p.sent.get()).sum();
     let delivered: u64 = pairs_up.iter().map(|p| p.delivered.get()).sum();

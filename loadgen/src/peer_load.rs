@@ -23,7 +23,7 @@ use crate::peer::{read_deliveries, subject, PeerConn, PeerWriter};
 use crate::stats::{ExecOutcome, LiveCounters};
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
-    due_before, due_ns, message_body, now_ns, open_loop_period_ns, open_loop_phase_ns, parse_message_body,
+    due_before, due_ns, message_body, now_ns, open_loop_period_ns, open_loop_starts_ns, parse_message_body,
     sleep_until_ns, WireError,
 };
 use crate::worker::{finish_outcome, for_each_bounded, secs_between, wait_until, Ctx, CONNECT_CONCURRENCY};
@@ -256,10 +256,7 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
     // The same spread as Tern's pairs, so both are measured alike.
-    let (slot, slots) = ctx.slot();
-    let firsts: Vec<u64> = (0..up.len())
-        .map(|p| start_ns + open_loop_phase_ns(args.rate, p, up.len(), slot, slots))
-        .collect();
+    let firsts = open_loop_starts_ns(start_ns, args.rate, up.len(), ctx.slot());
     let senders: Vec<_> = up
         .iter()
         .zip(&firsts)
@@ -284,22 +281,10 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
     let close_ns = now_ns();
-    let unsent: u64 = match args.rate {
-        Some(rate) => up
-            .iter()
-            .zip(&firsts)
-            .map(|(p, &first_ns)| {
-                ctx.recorder.record_unsent(
-                    first_ns,
-                    open_loop_period_ns(rate),
-                    end_ns,
-                    p.sent.get(),
-                    close_ns,
-                )
-            })
-            .sum(),
-        None => 0,
-    };
+    let schedule = firsts.iter().copied().zip(up.iter().map(|p| p.sent.get()));
+    let unsent = ctx
+        .recorder
+        .record_all_unsent(args.rate, schedule, end_ns, close_ns);
 
     let mut verdict = Verdict::default();
     for p in &up {
@@ -462,10 +447,7 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     deadline.set(end_ns);
     // The same spread as Tern's groups, so both are measured alike.
-    let (slot, slots) = ctx.slot();
-    let firsts: Vec<u64> = (0..up.len())
-        .map(|g| start_ns + open_loop_phase_ns(Some(args.rate), g, up.len(), slot, slots))
-        .collect();
+    let firsts = open_loop_starts_ns(start_ns, Some(args.rate), up.len(), ctx.slot());
     let publishers: Vec<_> = up
         .iter()
         .zip(&firsts)
@@ -495,15 +477,10 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     wait_until(ctx.plan.cli.common.drain(), all_delivered).await;
     ctx.closing.set(true);
     let close_ns = now_ns();
-    let period = open_loop_period_ns(args.rate);
-    let unsent: u64 = up
-        .iter()
-        .zip(&firsts)
-        .map(|(g, &first_ns)| {
-            ctx.recorder
-                .record_unsent(first_ns, period, end_ns, g.sent.get(), close_ns)
-        })
-        .sum();
+    let schedule = firsts.iter().copied().zip(up.iter().map(|g| g.sent.get()));
+    let unsent = ctx
+        .recorder
+        .record_all_unsent(Some(args.rate), schedule, end_ns, close_ns);
 
     let mut verdict = Verdict::default();
     let mut delivered = 0;

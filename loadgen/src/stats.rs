@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 
 use crate::verify::Verdict;
-use crate::wire::{due_before, due_ns};
+use crate::wire::{due_before, due_ns, open_loop_period_ns};
 
 /// Highest latency recorded, in µs (larger values saturate here): 10 min.
 pub const MAX_LATENCY_US: u64 = 600_000_000;
@@ -120,6 +120,26 @@ impl Recorder {
             k = last + 1;
         }
         unsent
+    }
+
+    /// [`Recorder::record_unsent`] for each sender, given as (first_ns,
+    /// sent), of an open loop at `rate`; returns their total. A closed
+    /// loop (`None`) has no schedule, so nothing is ever due unsent.
+    pub fn record_all_unsent(
+        &self,
+        rate: Option<f64>,
+        senders: impl IntoIterator<Item = (u64, u64)>,
+        end_ns: u64,
+        close_ns: u64,
+    ) -> u64 {
+        let Some(rate) = rate else {
+            return 0;
+        };
+        let period = open_loop_period_ns(rate);
+        senders
+            .into_iter()
+            .map(|(first_ns, sent)| self.record_unsent(first_ns, period, end_ns, sent, close_ns))
+            .sum()
     }
 
     /// The p99 of what was recorded since the last call (0 if nothing), and
@@ -291,5 +311,29 @@ mod tests {
         assert_eq!(rec.total.borrow().len(), 3);
         let total = rec.total.borrow();
         assert!(total.equivalent(total.min(), MAX_LATENCY_US));
+    }
+
+    #[test]
+    fn all_unsent_is_the_sum_over_senders_and_nothing_for_a_closed_loop() {
+        let senders = [(0, 3), (2_500_000, 0), (5_000_000, 100)];
+        let rec = Recorder::new();
+        assert_eq!(
+            rec.record_all_unsent(None, senders, 1_000_000_000, 1_500_000_000),
+            0
+        );
+        assert_eq!(rec.total.borrow().len(), 0);
+
+        let one_each = Recorder::new();
+        let period = crate::wire::open_loop_period_ns(100.0);
+        let expected: u64 = senders
+            .iter()
+            .map(|&(first, sent)| one_each.record_unsent(first, period, 1_000_000_000, sent, 1_500_000_000))
+            .sum();
+        assert_eq!(expected, 97 + 100);
+        assert_eq!(
+            rec.record_all_unsent(Some(100.0), senders, 1_000_000_000, 1_500_000_000),
+            expected
+        );
+        assert_eq!(*rec.total.borrow(), *one_each.total.borrow());
     }
 }

@@ -126,6 +126,21 @@ pub fn open_loop_phase_ns(rate: Option<f64>, index: usize, count: usize, slot: u
     (open_loop_period_ns(rate) as u128 * position / positions) as u64
 }
 
+/// When each of an executor's `count` senders sends its first message, the
+/// executor being `slot` of `slots`: spread over one period as
+/// [`open_loop_phase_ns`] says; a closed loop (`None`) starts them all at
+/// `start_ns`.
+pub fn open_loop_starts_ns(
+    start_ns: u64,
+    rate: Option<f64>,
+    count: usize,
+    (slot, slots): (usize, usize),
+) -> Vec<u64> {
+    (0..count)
+        .map(|i| start_ns + open_loop_phase_ns(rate, i, count, slot, slots))
+        .collect()
+}
+
 const BODY_MAGIC: [u8; 4] = *b"lg01";
 
 /// A message body: magic, intended send time (ns, process clock), sequence
@@ -738,6 +753,38 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 10, "two senders share a start");
+    }
+
+    /// 50 groups at 10 msgs/s each: message k of every group used to be
+    /// due at the same instant, one burst of 50 sends (× members) per
+    /// period. Now the 50 first sends are 2 ms apart and so is every later
+    /// round, as for one group at 500/s.
+    #[test]
+    fn publishers_of_one_executor_never_send_together() {
+        let start = 1_000_000_000;
+        let period = open_loop_period_ns(10.0);
+        let starts = open_loop_starts_ns(start, Some(10.0), 50, (0, 1));
+        assert_eq!(starts.len(), 50);
+        assert_eq!(starts[0], start);
+        assert!(starts.windows(2).all(|w| w[1] - w[0] == 2_000_000), "{starts:?}");
+        assert!(starts.iter().all(|&s| s < start + period));
+        let mut due: Vec<u64> = starts
+            .iter()
+            .flat_map(|&first| (0..20).map(move |k| first + k * period))
+            .collect();
+        due.sort_unstable();
+        assert!(due.windows(2).all(|w| w[1] - w[0] == 2_000_000), "sends coincide");
+    }
+
+    #[test]
+    fn publishers_of_different_executors_interleave() {
+        // Two processes × one thread, two groups each, at 100/s (10 ms):
+        // one first send every 2.5 ms across the whole run.
+        let mut starts: Vec<u64> = (0..2)
+            .flat_map(|slot| open_loop_starts_ns(0, Some(100.0), 2, (slot, 2)))
+            .collect();
+        starts.sort_unstable();
+        assert_eq!(starts, vec![0, 2_500_000, 5_000_000, 7_500_000]);
     }
 
     #[test]
