@@ -197,9 +197,6 @@ struct Shared {
     shutdown_disconnects: Cell<u64>,
     /// Live sessions lost without a `Disconnect` (`--server-crashes`).
     abrupt_losses: Cell<u64>,
-    /// End of the measured window: deliveries after it (the drain) are
-    /// not counted in msgs/s, as in every other scenario.
-    window_end_ns: Cell<u64>,
     server_crashes: bool,
     rng: Cell<u64>,
     max_retries: u32,
@@ -249,7 +246,6 @@ pub async fn run(ctx: Rc<Ctx>, args: ChurnArgs) -> ExecOutcome {
         failures: Cell::new(0),
         shutdown_disconnects: Cell::new(0),
         abrupt_losses: Cell::new(0),
-        window_end_ns: Cell::new(u64::MAX),
         server_crashes: args.server_crashes,
         rng: Cell::new(now_ns() ^ ((global_exec as u64 + 1) << 32) | 1),
         max_retries: args.max_retries,
@@ -306,7 +302,7 @@ pub async fn run(ctx: Rc<Ctx>, args: ChurnArgs) -> ExecOutcome {
 
     let start_ns = now_ns();
     let end_ns = start_ns + common.duration().as_nanos() as u64;
-    shared.window_end_ns.set(end_ns);
+    ctx.set_window_end(end_ns);
     let trickle = {
         let (ctx, sessions, senders, rate) =
             (ctx.clone(), sessions.clone(), senders.clone(), args.trickle_rate);
@@ -617,9 +613,7 @@ async fn run_receiver(
                 }
                 s.advance_cursor(msg.conv.to_native(), msg.seq.to_native());
                 LiveCounters::add(&ctx.live().delivered, 1);
-                if now_ns() <= shared.window_end_ns.get() {
-                    ctx.in_window.set(ctx.in_window.get() + 1);
-                }
+                ctx.count_delivery_in_window(now_ns());
             }
             ArchivedServerBody::SyncDone { .. } if frame.request_id.to_native() == sync_id => {
                 s.link.mark_synced(&ctx, &shared)
@@ -775,7 +769,6 @@ mod tests {
             failures: Cell::new(0),
             shutdown_disconnects: Cell::new(0),
             abrupt_losses: Cell::new(0),
-            window_end_ns: Cell::new(u64::MAX),
             server_crashes: false,
             rng: Cell::new(0x9e37_79b9_7f4a_7c15),
             max_retries: 10,

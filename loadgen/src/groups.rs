@@ -53,36 +53,15 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
 
     let running: Rc<RefCell<Vec<Rc<Group>>>> = Rc::default();
     let tasks: Tasks = Rc::default();
-    let deadline = Rc::new(Cell::new(u64::MAX));
     let start_ns = now_ns();
     {
-        let (ctx, tokens, running, tasks, deadline) = (
-            ctx.clone(),
-            tokens.clone(),
-            running.clone(),
-            tasks.clone(),
-            deadline.clone(),
-        );
+        let (ctx, tokens, running, tasks) = (ctx.clone(), tokens.clone(), running.clone(), tasks.clone());
         let first_group = groups.start;
         for_each_bounded(groups.len(), GROUP_CONCURRENCY, move |i| {
-            let (ctx, tokens, running, tasks, deadline) = (
-                ctx.clone(),
-                tokens.clone(),
-                running.clone(),
-                tasks.clone(),
-                deadline.clone(),
-            );
+            let (ctx, tokens, running, tasks) = (ctx.clone(), tokens.clone(), running.clone(), tasks.clone());
             async move {
-                if let Some(group) = connect_group(
-                    &ctx,
-                    &tokens,
-                    first_group + i,
-                    i * members,
-                    members,
-                    &tasks,
-                    &deadline,
-                )
-                .await
+                if let Some(group) =
+                    connect_group(&ctx, &tokens, first_group + i, i * members, members, &tasks).await
                 {
                     running.borrow_mut().push(group);
                 }
@@ -98,7 +77,7 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
 
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
-    deadline.set(end_ns);
+    ctx.set_window_end(end_ns);
     let starts = open_loop_starts_ns(start_ns, Some(args.rate), groups_up.len(), ctx.slot());
     let publishers: Vec<_> = groups_up
         .iter()
@@ -171,7 +150,6 @@ async fn connect_group(
     first_token: usize,
     members: usize,
     tasks: &Tasks,
-    deadline: &Rc<Cell<u64>>,
 ) -> Option<Rc<Group>> {
     let common = &ctx.plan.cli.common;
     let owner_no = group_no * members;
@@ -230,20 +208,14 @@ async fn connect_group(
         publisher_done: Cell::new(false),
     });
 
-    let (join_ctx, join_tokens, join_group, join_tasks, join_deadline) = (
-        ctx.clone(),
-        tokens.clone(),
-        group.clone(),
-        tasks.clone(),
-        deadline.clone(),
-    );
+    let (join_ctx, join_tokens, join_group, join_tasks) =
+        (ctx.clone(), tokens.clone(), group.clone(), tasks.clone());
     for_each_bounded(members - 1, CONNECT_CONCURRENCY, move |i| {
-        let (ctx, tokens, group, tasks, deadline) = (
+        let (ctx, tokens, group, tasks) = (
             join_ctx.clone(),
             join_tokens.clone(),
             join_group.clone(),
             join_tasks.clone(),
-            join_deadline.clone(),
         );
         async move {
             let member = i + 1;
@@ -280,7 +252,7 @@ async fn connect_group(
             let counted = group.clone();
             let check: Rc<RefCell<StreamCheck>> = Rc::default();
             group.checks.borrow_mut().push(check.clone());
-            let on_delivery = deliveries_from(ctx.clone(), owner, check, deadline, move || {
+            let on_delivery = deliveries_from(ctx.clone(), owner, check, move || {
                 counted.delivered.set(counted.delivered.get() + 1);
             });
             let reading = read_frames(reader, on_delivery);

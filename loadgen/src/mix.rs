@@ -144,28 +144,25 @@ pub async fn run(ctx: Rc<Ctx>, args: MixArgs) -> ExecOutcome {
     ctx.setup_done().await;
 
     // Online users connect and stay.
-    let deadline = Rc::new(Cell::new(u64::MAX));
     let writers: Rc<RefCell<Vec<Option<Rc<Writer>>>>> = Rc::new(RefCell::new(vec![None; day.online]));
     let tasks: Rc<RefCell<Vec<glommio::Task<()>>>> = Rc::default();
     let connect_start = now_ns();
     {
-        let (ctx, accounts, inboxes, writers, tasks, deadline) = (
+        let (ctx, accounts, inboxes, writers, tasks) = (
             ctx.clone(),
             accounts.clone(),
             inboxes.clone(),
             writers.clone(),
             tasks.clone(),
-            deadline.clone(),
         );
         let first = users.start;
         for_each_bounded(day.online, CONNECT_CONCURRENCY, move |u| {
-            let (ctx, accounts, inboxes, writers, tasks, deadline) = (
+            let (ctx, accounts, inboxes, writers, tasks) = (
                 ctx.clone(),
                 accounts.clone(),
                 inboxes.clone(),
                 writers.clone(),
                 tasks.clone(),
-                deadline.clone(),
             );
             async move {
                 let Some(Some((_, token))) = accounts.get(u) else {
@@ -186,7 +183,7 @@ pub async fn run(ctx: Rc<Ctx>, args: MixArgs) -> ExecOutcome {
                 let ping = conn.limits().ping_interval();
                 let (reader, writer) = conn.into_running();
                 LiveCounters::add(&ctx.live().open_connections, 1);
-                let handler = receive(ctx.clone(), inboxes, u, Some(deadline), None);
+                let handler = receive(ctx.clone(), inboxes, u, true, None);
                 let task = spawn_connection(
                     ctx.clone(),
                     read_frames(reader, handler),
@@ -209,7 +206,7 @@ pub async fn run(ctx: Rc<Ctx>, args: MixArgs) -> ExecOutcome {
     // The measured window: open-loop sends on schedule.
     let start_ns = now_ns();
     let end_ns = start_ns + Duration::from_secs_f64(profile.duration_secs).as_nanos() as u64;
-    deadline.set(end_ns);
+    ctx.set_window_end(end_ns);
     let writers = writers.borrow().clone();
     let sender = Sender {
         profile: &profile,
@@ -487,14 +484,14 @@ where
 }
 
 /// A frame handler for user `u`'s connection: deliveries are checked
-/// against the user's expected streams; live ones (`deadline` given)
-/// record latency from the intended send time; the `SyncDone` answering
-/// `sync_id` marks a catch-up complete.
+/// against the user's expected streams; live ones (`live`) record latency
+/// from the intended send time and count toward the measured window; the
+/// `SyncDone` answering `sync_id` marks a catch-up complete.
 fn receive(
     ctx: Rc<Ctx>,
     inboxes: Rc<Vec<Inbox>>,
     u: usize,
-    deadline: Option<Rc<Cell<u64>>>,
+    live: bool,
     sync_id: Option<Rc<Cell<u64>>>,
 ) -> impl FnMut(&tern_proto::ArchivedServerFrame) -> Result<(), WireError> {
     move |frame| {
@@ -524,11 +521,9 @@ fn receive(
                 inbox.checks.borrow_mut().entry(conv).or_default().observe(seq);
                 inbox.received.set(inbox.received.get() + 1);
                 LiveCounters::add(&ctx.live().delivered, 1);
-                if let Some(deadline) = &deadline {
+                if live {
                     ctx.recorder.record_ns(now.saturating_sub(intended_ns));
-                    if now <= deadline.get() {
-                        ctx.in_window.set(ctx.in_window.get() + 1);
-                    }
+                    ctx.count_delivery_in_window(now);
                 }
             }
             ArchivedServerBody::SyncDone { .. }
@@ -593,7 +588,7 @@ async fn sync_offline(
             // The handler learns the Sync's request id once it is sent; the
             // SyncDone cannot arrive before that.
             let sync_id = Rc::new(Cell::new(u64::MAX));
-            let handler = receive(ctx.clone(), inboxes, u, None, Some(sync_id.clone()));
+            let handler = receive(ctx.clone(), inboxes, u, false, Some(sync_id.clone()));
             let task = spawn_connection(
                 ctx.clone(),
                 read_frames(reader, handler),

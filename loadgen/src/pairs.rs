@@ -93,33 +93,30 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let running: Rc<std::cell::RefCell<Vec<Rc<Pair>>>> = Rc::default();
     let tasks: Rc<std::cell::RefCell<Vec<glommio::Task<()>>>> = Rc::default();
     let failed = Rc::new(Cell::new(0u64));
-    let deadline = Rc::new(Cell::new(u64::MAX));
     let window = args.window;
     let start_ns = now_ns();
     let last_done_ns = Rc::new(Cell::new(start_ns));
     {
-        let (ctx, tokens, running, tasks, failed, deadline, last_done_ns) = (
+        let (ctx, tokens, running, tasks, failed, last_done_ns) = (
             ctx.clone(),
             tokens.clone(),
             running.clone(),
             tasks.clone(),
             failed.clone(),
-            deadline.clone(),
             last_done_ns.clone(),
         );
         let first_pair = pairs.start;
         for_each_bounded(pairs.len(), CONNECT_CONCURRENCY, move |i| {
-            let (ctx, tokens, running, tasks, failed, deadline, last_done_ns) = (
+            let (ctx, tokens, running, tasks, failed, last_done_ns) = (
                 ctx.clone(),
                 tokens.clone(),
                 running.clone(),
                 tasks.clone(),
                 failed.clone(),
-                deadline.clone(),
                 last_done_ns.clone(),
             );
             async move {
-                match connect_pair(&ctx, &tokens, first_pair + i, 2 * i, window, &deadline).await {
+                match connect_pair(&ctx, &tokens, first_pair + i, 2 * i, window).await {
                     Some((pair, pair_tasks)) => {
                         running.borrow_mut().push(pair);
                         tasks.borrow_mut().extend(pair_tasks);
@@ -137,7 +134,7 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
 
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
-    deadline.set(end_ns);
+    ctx.set_window_end(end_ns);
     let firsts = open_loop_starts_ns(start_ns, args.rate, pairs_up.len(), ctx.slot());
     let senders: Vec<_> = pairs_up
         .iter()
@@ -205,7 +202,6 @@ async fn connect_pair(
     pair_no: usize,
     token_at: usize,
     window: usize,
-    deadline: &Rc<Cell<u64>>,
 ) -> Option<(Rc<Pair>, Vec<glommio::Task<()>>)> {
     let (Some(Some(sender_token)), Some(Some(receiver_token))) =
         (tokens.get(token_at), tokens.get(token_at + 1))
@@ -267,16 +263,10 @@ async fn connect_pair(
 
     // The receiver's side: deliveries.
     let recv_pair = pair.clone();
-    let on_delivery = deliveries_from(
-        ctx.clone(),
-        sender_user,
-        pair.check.clone(),
-        deadline.clone(),
-        move || {
-            recv_pair.delivered.set(recv_pair.delivered.get() + 1);
-            recv_pair.window.signal(1);
-        },
-    );
+    let on_delivery = deliveries_from(ctx.clone(), sender_user, pair.check.clone(), move || {
+        recv_pair.delivered.set(recv_pair.delivered.get() + 1);
+        recv_pair.window.signal(1);
+    });
     let deliveries = read_frames(receiver_reader, on_delivery);
     let receiver_task = spawn_connection(
         ctx.clone(),
@@ -292,14 +282,13 @@ async fn connect_pair(
 /// messages from `sender`: it checks the sender, records each sequence
 /// number in `check` (loss, duplicates, reordering), records the latency
 /// from the intended send time, counts the delivery (and whether it came
-/// inside the measured window, which ends at `deadline`), and calls
+/// inside the measured window), and calls
 /// `delivered`. A `Disconnect` ends the connection; other error frames and
 /// foreign messages are counted.
 pub fn deliveries_from(
     ctx: Rc<Ctx>,
     sender: UserId,
     check: Rc<RefCell<StreamCheck>>,
-    deadline: Rc<Cell<u64>>,
     delivered: impl Fn() + 'static,
 ) -> impl FnMut(&tern_proto::ArchivedServerFrame) -> Result<(), crate::wire::WireError> {
     move |frame| {
@@ -318,9 +307,7 @@ pub fn deliveries_from(
                 ctx.recorder.record_ns(now.saturating_sub(intended_ns));
                 delivered();
                 LiveCounters::add(&ctx.live().delivered, 1);
-                if now <= deadline.get() {
-                    ctx.in_window.set(ctx.in_window.get() + 1);
-                }
+                ctx.count_delivery_in_window(now);
             }
             _ => {
                 if let Some(failure) = frame_failure(frame) {

@@ -82,12 +82,7 @@ struct Stream {
 
 /// The payload handler of a receiving connection: latency, window and
 /// exactly-once bookkeeping, shared by pairs and groups.
-fn on_delivery(
-    ctx: Rc<Ctx>,
-    stream: Rc<Stream>,
-    deadline: Rc<Cell<u64>>,
-    window: Option<Rc<Semaphore>>,
-) -> impl FnMut(&[u8]) {
+fn on_delivery(ctx: Rc<Ctx>, stream: Rc<Stream>, window: Option<Rc<Semaphore>>) -> impl FnMut(&[u8]) {
     move |payload| {
         let now = now_ns();
         let Some((intended_ns, seq)) = parse_message_body(payload) else {
@@ -101,9 +96,7 @@ fn on_delivery(
         stream.delivered.set(stream.delivered.get() + 1);
         ctx.recorder.record_ns(now.saturating_sub(intended_ns));
         LiveCounters::add(&ctx.live().delivered, 1);
-        if now <= deadline.get() {
-            ctx.in_window.set(ctx.in_window.get() + 1);
-        }
+        ctx.count_delivery_in_window(now);
         if let Some(window) = &window {
             window.signal(1);
         }
@@ -187,26 +180,18 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let running: Rc<RefCell<Vec<Rc<PeerPair>>>> = Rc::default();
     let tasks: Rc<RefCell<Vec<glommio::Task<()>>>> = Rc::default();
     let failed = Rc::new(Cell::new(0u64));
-    let deadline = Rc::new(Cell::new(u64::MAX));
     let start_ns = now_ns();
     {
-        let (ctx, running, tasks, failed, deadline, window) = (
+        let (ctx, running, tasks, failed, window) = (
             ctx.clone(),
             running.clone(),
             tasks.clone(),
             failed.clone(),
-            deadline.clone(),
             args.window,
         );
         let first = pairs.start;
         for_each_bounded(pairs.len(), CONNECT_CONCURRENCY, move |i| {
-            let (ctx, running, tasks, failed, deadline) = (
-                ctx.clone(),
-                running.clone(),
-                tasks.clone(),
-                failed.clone(),
-                deadline.clone(),
-            );
+            let (ctx, running, tasks, failed) = (ctx.clone(), running.clone(), tasks.clone(), failed.clone());
             async move {
                 let pair_no = first + i;
                 let subj = subject(proto(&ctx), &run_name(&ctx), &format!("p{pair_no}"));
@@ -229,7 +214,7 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
                     delivered: Cell::new(0),
                 });
                 let window_sem = Rc::new(Semaphore::new(window as u64));
-                let handler = on_delivery(ctx.clone(), stream.clone(), deadline, Some(window_sem.clone()));
+                let handler = on_delivery(ctx.clone(), stream.clone(), Some(window_sem.clone()));
                 let (_, receiver_task) = spawn_running(&ctx, receiver, "receiver", handler);
                 let ack_ctx = ctx.clone();
                 let (sender, sender_task) = spawn_running(&ctx, sender, "sender", move |_| {
@@ -254,7 +239,7 @@ pub async fn pairs(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
 
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
-    deadline.set(end_ns);
+    ctx.set_window_end(end_ns);
     // The same spread as Tern's pairs, so both are measured alike.
     let firsts = open_loop_starts_ns(start_ns, args.rate, up.len(), ctx.slot());
     let senders: Vec<_> = up
@@ -375,7 +360,6 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     ctx.setup_done().await;
     let running: Rc<RefCell<Vec<Rc<PeerGroup>>>> = Rc::default();
     let tasks: Rc<RefCell<Vec<glommio::Task<()>>>> = Rc::default();
-    let deadline = Rc::new(Cell::new(u64::MAX));
     let start_ns = now_ns();
     for group_no in groups.clone() {
         let subj = subject(proto(&ctx), &run_name(&ctx), &format!("g{group_no}"));
@@ -402,15 +386,9 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
             sent: Cell::new(0),
             publisher_done: Cell::new(false),
         });
-        let (join_ctx, join_group, join_tasks, join_deadline) =
-            (ctx.clone(), group.clone(), tasks.clone(), deadline.clone());
+        let (join_ctx, join_group, join_tasks) = (ctx.clone(), group.clone(), tasks.clone());
         for_each_bounded(members - 1, CONNECT_CONCURRENCY, move |i| {
-            let (ctx, group, tasks, deadline) = (
-                join_ctx.clone(),
-                join_group.clone(),
-                join_tasks.clone(),
-                join_deadline.clone(),
-            );
+            let (ctx, group, tasks) = (join_ctx.clone(), join_group.clone(), join_tasks.clone());
             async move {
                 let subscribed = async {
                     let mut conn = open(&ctx, first_conn + 1 + i).await?;
@@ -428,7 +406,7 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
                     check: RefCell::default(),
                     delivered: Cell::new(0),
                 });
-                let handler = on_delivery(ctx.clone(), stream.clone(), deadline, None);
+                let handler = on_delivery(ctx.clone(), stream.clone(), None);
                 let (_, task) = spawn_running(&ctx, conn, "member", handler);
                 tasks.borrow_mut().push(task);
                 group.members.borrow_mut().push(stream);
@@ -445,7 +423,7 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
 
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
-    deadline.set(end_ns);
+    ctx.set_window_end(end_ns);
     // The same spread as Tern's groups, so both are measured alike.
     let firsts = open_loop_starts_ns(start_ns, Some(args.rate), up.len(), ctx.slot());
     let publishers: Vec<_> = up

@@ -111,6 +111,9 @@ pub struct Ctx {
     pub closing: Cell<bool>,
     /// Deliveries received before the measured window's end.
     pub in_window: Cell<u64>,
+    /// End of the measured window; u64::MAX until the scenario starts it,
+    /// so deliveries after it (the drain) stay out of msgs/s.
+    window_end_ns: Cell<u64>,
     failures_logged: Cell<u64>,
 }
 
@@ -125,6 +128,7 @@ impl Ctx {
             setup_workers,
             closing: Cell::new(false),
             in_window: Cell::new(0),
+            window_end_ns: Cell::new(u64::MAX),
             failures_logged: Cell::new(0),
         }
     }
@@ -137,6 +141,19 @@ impl Ctx {
             self.plan.child * threads + self.exec,
             self.plan.cli.common.procs * threads,
         )
+    }
+
+    /// The measured window ends at `end_ns`.
+    pub fn set_window_end(&self, end_ns: u64) {
+        self.window_end_ns.set(end_ns);
+    }
+
+    /// Counts a delivery received at `now_ns` in `in_window` if it came
+    /// before the measured window's end.
+    pub fn count_delivery_in_window(&self, now_ns: u64) {
+        if now_ns <= self.window_end_ns.get() {
+            self.in_window.set(self.in_window.get() + 1);
+        }
     }
 
     pub fn live(&self) -> &LiveCounters {
