@@ -231,7 +231,7 @@ fn unix_us() -> u64 {
 
 pub async fn run(ctx: Rc<Ctx>, args: ChurnArgs) -> ExecOutcome {
     let mine = ctx.plan.exec_share(args.connections, ctx.exec);
-    let global_exec = ctx.plan.child * ctx.plan.cli.common.threads + ctx.exec;
+    let (global_exec, _) = ctx.slot();
     let first_sender = args.connections + global_exec * SENDERS;
     let tokens = obtain_tokens(&ctx, mine.clone()).await;
     let sender_tokens = obtain_tokens(&ctx, first_sender..first_sender + SENDERS).await;
@@ -718,7 +718,7 @@ async fn send_trickle(
     start_ns: u64,
     end_ns: u64,
 ) {
-    let slots = (ctx.plan.cli.common.procs * ctx.plan.cli.common.threads) as f64;
+    let slots = ctx.plan.slots() as f64;
     if rate <= 0.0 || senders.is_empty() || sessions.is_empty() {
         return;
     }

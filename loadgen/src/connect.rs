@@ -63,7 +63,7 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
             (0..sessions_of(u, args.connections, per_user)).map(move |s| (u * per_user + s, i))
         })
         .collect();
-    let slots = (ctx.plan.cli.common.procs * ctx.plan.cli.common.threads) as f64;
+    let slots = ctx.plan.slots() as f64;
     let interval_ns = (1e9 * slots / args.rate) as u64;
     let tokens = Rc::new(tokens);
     let established = Rc::new(Cell::new(0u64));

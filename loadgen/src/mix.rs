@@ -91,8 +91,7 @@ pub async fn run(ctx: Rc<Ctx>, args: MixArgs) -> ExecOutcome {
             return finish_outcome(&ctx, ExecOutcome::empty());
         }
     };
-    let slots = ctx.plan.cli.common.procs * ctx.plan.cli.common.threads;
-    let slot = ctx.plan.child * ctx.plan.cli.common.threads + ctx.exec;
+    let (slot, slots) = ctx.slot();
     let users = ctx.plan.exec_share(profile.users, ctx.exec);
     let groups = profile
         .groups

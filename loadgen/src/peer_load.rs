@@ -106,7 +106,7 @@ fn on_delivery(ctx: Rc<Ctx>, stream: Rc<Stream>, window: Option<Rc<Semaphore>>) 
 pub async fn connect(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let conns = ctx.plan.exec_share(args.connections, ctx.exec);
     ctx.setup_done().await;
-    let slots = (ctx.plan.cli.common.procs * ctx.plan.cli.common.threads) as f64;
+    let slots = ctx.plan.slots() as f64;
     let interval_ns = (1e9 * slots / args.rate) as u64;
     let established = Rc::new(Cell::new(0u64));
     let failed = Rc::new(Cell::new(0u64));

@@ -65,6 +65,11 @@ impl Plan {
         self.cli.common.threads
     }
 
+    /// Executors in the whole run: every thread of every process.
+    pub fn slots(&self) -> usize {
+        self.cli.common.procs * self.threads()
+    }
+
     /// The `exec`-th executor's share of `total` items, after this
     /// worker's share of them.
     pub fn exec_share(&self, total: usize, exec: usize) -> std::ops::Range<usize> {
@@ -119,8 +124,7 @@ pub struct Ctx {
 
 impl Ctx {
     fn new(plan: Arc<Plan>, exec: usize) -> Ctx {
-        let slots = plan.cli.common.procs * plan.threads();
-        let setup_workers = plan.cli.common.setup_concurrency.div_ceil(slots).max(1);
+        let setup_workers = plan.cli.common.setup_concurrency.div_ceil(plan.slots()).max(1);
         Ctx {
             plan,
             exec,
@@ -136,10 +140,9 @@ impl Ctx {
     /// This executor's place among every executor of the run, and how
     /// many there are: (slot, slots).
     pub fn slot(&self) -> (usize, usize) {
-        let threads = self.plan.threads();
         (
-            self.plan.child * threads + self.exec,
-            self.plan.cli.common.procs * threads,
+            self.plan.child * self.plan.threads() + self.exec,
+            self.plan.slots(),
         )
     }
 
