@@ -582,18 +582,26 @@ fn fmt_conv(conv: &ConvId) -> String {
 }
 
 /// Message text comes from other users: escape control characters so a
-/// message cannot move the cursor, clear the screen or fake extra lines.
+/// message cannot move the cursor, clear the screen or fake extra lines,
+/// and Unicode's bidirectional controls so it cannot reorder the rest of
+/// the line (a name or text displayed backwards: "Trojan Source").
 fn sanitize(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if c.is_control() || is_bidi_control(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// The explicit directional marks, embeddings, overrides and isolates
+/// (Unicode's Bidi_Control property).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn fmt_message(client: &mut Client, names: &mut Names, msg: &ChatMessage) -> Result<String, ClientError> {
@@ -840,7 +848,11 @@ fn print_group_info(client: &mut Client, names: &mut Names, group: GroupId) -> R
         _ => anyhow::Error::from(e),
     })?;
     let access = if info.open { "open" } else { "invite-only" };
-    println!("group {} \"{}\" ({access})", info.group, info.name);
+    println!(
+        "group {} \"{}\" ({access})",
+        info.group,
+        sanitize(info.name.as_bytes())
+    );
     for member in info.members {
         let name = names.name(client, member.user)?;
         let role = role_name(member.role);
@@ -1242,6 +1254,11 @@ mod tests {
         assert_eq!(sanitize(b"hi\x1b[2Jthere\n"), "hi\\u{1b}[2Jthere\\n");
         assert_eq!(sanitize("héllo".as_bytes()), "héllo");
         assert_eq!(sanitize(&[0xff, b'a']), "\u{fffd}a");
+        assert_eq!(
+            sanitize("a\u{202e}cba\u{2066}x\u{200f}".as_bytes()),
+            "a\\u{202e}cba\\u{2066}x\\u{200f}"
+        );
+        assert_eq!(sanitize("שלום".as_bytes()), "שלום");
     }
 
     #[test]
