@@ -928,6 +928,36 @@ pub fn key(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == name)
 }
 
+/// `TERN_*` variables that are not settings of the server: the config
+/// file's path, and the `tern` CLI's, which a shell may export beside the
+/// server's.
+const OTHER_ENV_VARS: &[&str] = &[
+    "TERN_CONFIG",
+    "TERN_SERVER",
+    "TERN_USER",
+    "TERN_PASSWORD",
+    "TERN_JWT",
+    "TERN_NEW_PASSWORD",
+];
+
+/// The variables among `names` that look like settings (`TERN_` prefix)
+/// but set nothing, sorted. A misspelt `TERN_DURABLITY` would otherwise be
+/// ignored without a word and the server would run on the default; unlike
+/// an unknown key in a file or flag this is a warning, not an error,
+/// because the environment is shared with other programs.
+pub fn unrecognised_env_vars(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            name.starts_with("TERN_")
+                && !OTHER_ENV_VARS.contains(&name.as_str())
+                && !KEYS.iter().any(|key| key.env_var() == *name)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
@@ -1342,6 +1372,21 @@ mod tests {
             assert!(err.starts_with(want), "{text}: got {err}");
             assert!(err.ends_with("(in test.toml)"), "{text}: got {err}");
         }
+    }
+
+    #[test]
+    fn unrecognised_environment_variables_are_named() {
+        let names = [
+            "TERN_LISTEN",
+            "TERN_DURABLITY",
+            "PATH",
+            "TERN_USER",
+            "TERN_CONFIG",
+            "TERN_",
+            "TERN_LOG",
+        ];
+        let unknown = unrecognised_env_vars(names.iter().map(|s| s.to_string()));
+        assert_eq!(unknown, ["TERN_", "TERN_DURABLITY"]);
     }
 
     #[test]

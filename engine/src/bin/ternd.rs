@@ -21,7 +21,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tern_engine::admin::{admin_request, serve_admin, LogReload, ADMIN_SOCKET};
-use tern_engine::config_file::{Origin, Settings, KEYS};
+use tern_engine::config_file::{unrecognised_env_vars, Origin, Settings, KEYS};
 use tern_engine::http::serve_http;
 use tern_engine::metrics::Metrics;
 use tern_engine::Server;
@@ -152,6 +152,10 @@ fn flag_values(matches: &ArgMatches) -> Vec<(&'static str, String)> {
 
 fn load(matches: &ArgMatches, file: Option<PathBuf>) -> anyhow::Result<Settings> {
     let file = file.or_else(|| std::env::var_os("TERN_CONFIG").map(PathBuf::from));
+    let env_names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for var in unrecognised_env_vars(env_names) {
+        eprintln!("ternd: warning: environment variable {var} is not a setting and is ignored (docs/configuration.md lists them)");
+    }
     let mut settings = Settings::default();
     if let Some(path) = &file {
         settings.apply_file(path)?;
