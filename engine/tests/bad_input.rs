@@ -101,6 +101,37 @@ fn oversized_header_is_frame_too_large_and_closes_without_waiting_for_the_body()
     }
 }
 
+/// The error's text goes to whoever connected: it may say where in the
+/// body the archive is wrong, never where the server's heap is.
+#[test]
+fn malformed_frame_errors_name_no_server_addresses() {
+    let server = TestServer::start();
+    let mut pair = Pair::new(&server, "p");
+    in_every_state(&server, &mut pair, |conn| {
+        // A valid Hello body behind three extra bytes: every pointer of
+        // the archive is now misaligned, and rkyv's error names it.
+        let valid = encoded(1, hello());
+        let body_len = u32::from_le_bytes([valid[0], valid[1], valid[2], valid[3]]) as usize;
+        let mut frame = header(body_len as u32 + 3, 0);
+        frame.extend_from_slice(&[0; 3]);
+        frame.extend_from_slice(&valid[8..8 + body_len]);
+        frame.resize(frame.len().next_multiple_of(8), 0);
+        conn.send_raw(&frame).expect("write");
+        let ServerBody::Error { message, .. } = expect_error_then_close(conn, ErrorCode::MalformedFrame, 0)
+        else {
+            unreachable!("expect_error_then_close returns the Error")
+        };
+        let longest_hex = message
+            .split("0x")
+            .skip(1)
+            .map(|s| s.chars().take_while(char::is_ascii_hexdigit).count())
+            .max()
+            .unwrap_or(0);
+        assert!(longest_hex < 8, "a memory address in {message:?}");
+        assert!(message.contains("body+"), "no body offset in {message:?}");
+    });
+}
+
 #[test]
 fn reserved_flags_are_malformed_and_close() {
     let server = TestServer::start();

@@ -139,12 +139,47 @@ fn encode_with(
 
 /// Validates a client frame body in place and returns its archived view.
 pub fn decode_client(body: &[u8]) -> Result<&ArchivedClientFrame, FrameError> {
-    rkyv::access::<ArchivedClientFrame, BoxedError>(body).map_err(|e| FrameError::Invalid(e.to_string()))
+    rkyv::access::<ArchivedClientFrame, BoxedError>(body)
+        .map_err(|e| FrameError::Invalid(without_addresses(&e.to_string(), body)))
 }
 
 /// Validates a server frame body in place and returns its archived view.
 pub fn decode_server(body: &[u8]) -> Result<&ArchivedServerFrame, FrameError> {
-    rkyv::access::<ArchivedServerFrame, BoxedError>(body).map_err(|e| FrameError::Invalid(e.to_string()))
+    rkyv::access::<ArchivedServerFrame, BoxedError>(body)
+        .map_err(|e| FrameError::Invalid(without_addresses(&e.to_string(), body)))
+}
+
+/// rkyv's validation errors name memory addresses (`ptr 0x00007fa4…`).
+/// The error text goes back to the peer that sent the frame, and a heap
+/// address given to anyone who connects would help them defeat address
+/// randomisation; an offset into the body is what a client writer needs
+/// anyway. So every `0x…` number inside `body` becomes `body+N`, and any
+/// other (a range end just past it, or an address elsewhere) becomes
+/// `<addr>`. Hexadecimal numbers too short to be addresses are kept.
+fn without_addresses(text: &str, body: &[u8]) -> String {
+    const ADDRESS_DIGITS_MIN: usize = 8;
+    let start = body.as_ptr() as usize;
+    let end = start.saturating_add(body.len());
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("0x") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let digits = from[2..]
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(from.len() - 2);
+        let number = &from[..2 + digits];
+        match usize::from_str_radix(&number[2..], 16) {
+            Ok(value) if digits >= ADDRESS_DIGITS_MIN && (start..=end).contains(&value) => {
+                out.push_str(&format!("body+{}", value - start));
+            }
+            _ if digits >= ADDRESS_DIGITS_MIN => out.push_str("<addr>"),
+            _ => out.push_str(number),
+        }
+        rest = &from[2 + digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An aligned receive buffer that cuts a byte stream into frame bodies.
@@ -536,6 +571,54 @@ mod tests {
         aligned.extend_from_slice(&[0xAB; 64]);
         assert!(decode_client(&aligned).is_err());
         assert!(decode_client(&[]).is_err());
+    }
+
+    /// The text of a validation error goes to the peer: it names offsets
+    /// into the body, never an address of the server's memory.
+    #[test]
+    fn validation_errors_carry_no_addresses() {
+        let mut wire = AlignedVec::new();
+        encode_client(&sample(3), &mut wire, 1 << 20).unwrap();
+        let body = &wire[HEADER_LEN..];
+        // Three bytes in front misalign every pointer of the archive; a
+        // pointer aimed past the end overruns it.
+        let mut shifted = AlignedVec::<16>::new();
+        shifted.extend_from_slice(&[0; 3]);
+        shifted.extend_from_slice(body);
+        let mut overrun = AlignedVec::<16>::new();
+        overrun.extend_from_slice(body);
+        let len = overrun.len();
+        overrun[len - 8..len - 4].copy_from_slice(&0x7fff_0000i32.to_le_bytes());
+        for bad in [&shifted[..], &overrun[..], &[0xAB; 64][..]] {
+            let Err(FrameError::Invalid(text)) = decode_client(bad) else {
+                panic!("expected a validation error")
+            };
+            let hex_run = text
+                .split("0x")
+                .skip(1)
+                .map(|s| s.chars().take_while(char::is_ascii_hexdigit).count())
+                .max()
+                .unwrap_or(0);
+            assert!(hex_run < 8, "an address in {text:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_become_body_offsets() {
+        let body = [0u8; 16];
+        let base = body.as_ptr() as usize;
+        let text = format!(
+            "ptr {:#018x} size 8 in range {:#x}..{:#x}, tag 0x1f",
+            base + 4,
+            base,
+            base + 64
+        );
+        assert_eq!(
+            without_addresses(&text, &body),
+            "ptr body+4 size 8 in range body+0..<addr>, tag 0x1f"
+        );
+        assert_eq!(without_addresses("0x", &body), "0x");
+        assert_eq!(without_addresses("end 0x", &body), "end 0x");
     }
 
     #[test]
