@@ -59,26 +59,45 @@ pub async fn sync(
         *floor = (*floor).max(cursor.seq);
     }
     let pace = outbox.limit_bytes() / 2;
-    // The first inbox page and the user's groups in one store call: each
-    // hand-off to the blocking pool costs the shard two context switches,
-    // and most syncs (a resume with nothing new) need nothing more.
-    let page = shard.config.sync_page;
-    let (first_page, groups) = shard
-        .blocking(move |store| Ok((store.inbox_after(user, None, page)?, store.user_groups(user)?)))
-        .await
-        .map_err(SyncError::Store)?;
     // A presented cursor is the client's own delivered receipt, stored
     // once per conversation, and every presented cursor is a floor. Only
-    // conversations that can exist are stored: a 1:1 with an existing
-    // user spelled low id first, or an existing group, member or not (a
-    // user who left a group may still hold its messages in their inbox,
-    // and only a cursor can acknowledge those). Others can match no
-    // message, and storing them would let a client write receipt rows
-    // for made-up conversations.
-    for (&conv, &seq) in floors.iter().filter(|(_, &seq)| seq > 0) {
-        if may_exist(&shard.store, user, conv) {
-            shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
-        }
+    // conversations that hold, or held, messages for the user are stored:
+    // a 1:1 of theirs with at least one message, or a group they are in,
+    // or one they left and still have a cursor or inbox entries for (only
+    // a cursor can acknowledge those). Any other cursor can match no
+    // message, and storing it would let a client write a receipt row for
+    // every user and group there is (SYNC_CURSORS_MAX per Sync, Sync
+    // after Sync): its rows must grow only with its conversations. The
+    // memory checks first, the store's below.
+    let candidates: Vec<ConvId> = floors
+        .iter()
+        .filter(|(&conv, &seq)| seq > 0 && may_exist(&shard.store, user, conv))
+        .map(|(&conv, _)| conv)
+        .collect();
+    // The first inbox page, the user's groups and those checks in one
+    // store call: each hand-off to the blocking pool costs the shard two
+    // context switches, and most syncs (a resume with nothing new) need
+    // nothing more.
+    let page = shard.config.sync_page;
+    let (first_page, groups, stored) = shard
+        .blocking(move |store| {
+            let mut stored = Vec::with_capacity(candidates.len());
+            for conv in candidates {
+                if store.has_conversation(user, conv)? {
+                    stored.push(conv);
+                }
+            }
+            Ok((
+                store.inbox_after(user, None, page)?,
+                store.user_groups(user)?,
+                stored,
+            ))
+        })
+        .await
+        .map_err(SyncError::Store)?;
+    for conv in stored {
+        let seq = floors.get(&conv).copied().unwrap_or(0);
+        shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
     }
     let (mut first_page, mut groups) = (Some(first_page), Some(groups));
     let mut based = Based::default();

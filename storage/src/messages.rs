@@ -476,6 +476,33 @@ impl Store {
         self.inner.load_receipts(&codec::user_conv_key(user, conv))
     }
 
+    /// Whether `conv` holds, or held, messages for `user`, so that a cursor
+    /// of theirs for it can mean something: a 1:1 conversation of theirs
+    /// with at least one message (its `user_convs` key, written with seq
+    /// 1), or a group they are a member of, or one they left that they
+    /// still have a cursor or inbox entries for. A few point reads. The
+    /// engine stores a `Sync` cursor only for such a conversation, so a
+    /// client cannot write a receipt row for every user and group there is.
+    pub fn has_conversation(&self, user: UserId, conv: ConvId) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let key = codec::user_conv_key(user, conv);
+        match conv {
+            ConvId::Direct { .. } => inner.user_convs.contains(key),
+            ConvId::Group { group } => {
+                if inner.purging(group) {
+                    return Ok(false);
+                }
+                if inner.members.contains(codec::pair_key(group, user))? || inner.receipts.contains(key)? {
+                    return Ok(true);
+                }
+                match inner.inbox.handle.prefix(key).next() {
+                    Some(guard) => inner.inbox.entry(guard).map(|_| true),
+                    None => Ok(false),
+                }
+            }
+        }
+    }
+
     /// The 1:1 conversations `user` has sent or received a message in,
     /// in conversation-key order, at most `max` of them (the index grows
     /// with everyone who ever wrote to the user).

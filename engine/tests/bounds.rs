@@ -1,0 +1,87 @@
+//! Bounds on what clients can make the server keep, over real sockets and
+//! a real store: state that one client's requests could otherwise grow
+//! with the number of users or groups on the server rather than with the
+//! client's own conversations, and the limits and errors that stop it.
+
+mod common;
+
+use common::{code_of, eventually, TestServer, PASSWORD};
+use tern_client::{ConvId, ErrorCode};
+
+/// A `Sync` cursor is a delivered receipt, stored per conversation. One
+/// for a 1:1 with a user the caller never exchanged a message with, or
+/// for a group they never belonged to, can match no message: storing it
+/// would let a client write a receipt row for every user and group on the
+/// server (4,096 per `Sync`, `Sync` after `Sync`), rows that nothing ever
+/// removes. Only conversations that hold, or held, messages for the user
+/// get their cursor stored; the others still bound the catch-up.
+#[test]
+fn sync_cursors_are_stored_only_for_the_callers_conversations() {
+    const STRANGERS: usize = 40;
+    let server = TestServer::start();
+    let store = server.admin_context().store;
+    let mut anon = server.connect();
+    let alice = anon.register("alice", PASSWORD).expect("register");
+    let bob = anon.register("bob", PASSWORD).expect("register");
+    let carol = anon.register("carol", PASSWORD).expect("register");
+    let strangers: Vec<u64> = (0..STRANGERS)
+        .map(|n| {
+            anon.register(&format!("stranger{n}"), PASSWORD)
+                .expect("register")
+        })
+        .collect();
+
+    let mut b = server.connect();
+    b.login_unsynced("bob", PASSWORD).expect("login");
+    b.send_text(alice, "hello alice").expect("send");
+    let mut c = server.connect();
+    c.login_unsynced("carol", PASSWORD).expect("login");
+    // A group alice never joins, one she is in, and one she left after a
+    // message reached her inbox.
+    let never = c.group_create("never").expect("create");
+    let member = c.group_create("member").expect("create");
+    let left = c.group_create("left").expect("create");
+
+    let mut a = server.connect();
+    a.login_unsynced("alice", PASSWORD).expect("login");
+    a.group_join(member).expect("join");
+    a.group_join(left).expect("join");
+    c.send_group_text(left, "before you go").expect("send");
+    a.group_leave(left).expect("leave");
+
+    let with_bob = ConvId::direct(alice, bob);
+    for &stranger in &strangers {
+        a.set_cursor(ConvId::direct(alice, stranger), 7);
+    }
+    a.set_cursor(ConvId::direct(alice, carol), 7);
+    a.set_cursor(ConvId::Group { group: never }, 9);
+    a.set_cursor(ConvId::Group { group: member }, 3);
+    a.set_cursor(ConvId::Group { group: left }, 1);
+    a.set_cursor(with_bob, 1);
+    a.sync().expect("sync");
+
+    // The cursors of alice's own conversations are stored...
+    let receipts = |conv: ConvId| store.receipts(alice, conv).expect("read receipts");
+    eventually("alice's 1:1 cursor to be stored", || {
+        (receipts(with_bob).0 == 1).then_some(())
+    });
+    assert_eq!(receipts(ConvId::Group { group: member }).0, 3);
+    assert_eq!(receipts(ConvId::Group { group: left }).0, 1);
+    // ... and none of the others (they were staged in the same batch).
+    let stored_for_strangers = strangers
+        .iter()
+        .filter(|&&s| receipts(ConvId::direct(alice, s)) != (0, 0))
+        .count();
+    assert_eq!(
+        stored_for_strangers, 0,
+        "a Sync stored cursors for {stored_for_strangers} of {STRANGERS} 1:1 conversations without a message"
+    );
+    assert_eq!(receipts(ConvId::direct(alice, carol)), (0, 0));
+    assert_eq!(receipts(ConvId::Group { group: never }), (0, 0));
+    // Not refused either: the Sync answered, and alice's real
+    // conversations work as before.
+    assert_eq!(
+        code_of(a.history(ConvId::Group { group: never }, 1, true, 10)),
+        ErrorCode::Forbidden
+    );
+}
