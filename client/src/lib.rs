@@ -775,7 +775,8 @@ impl Client {
     }
 
     /// Withdraws a user's pending invite to a group (the caller must be its
-    /// owner or an admin); `Ok` also when there was none.
+    /// owner or an admin, or `user` themself: that declines the invite);
+    /// `Ok` also when there was none.
     pub fn group_uninvite(&mut self, group: GroupId, user: UserId) -> Result<(), ClientError> {
         self.expect_ok(ClientBody::GroupUninvite { group, user })
     }

@@ -505,6 +505,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.max_group_invites.to_string(),
     },
     Key {
+        name: "max_invites_per_user",
+        help: "Most pending invites one user may hold, from different groups (a join or a decline uses one up)",
+        apply: |s, v| set(&mut s.config.store.max_invites_per_user, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_invites_per_user.to_string(),
+    },
+    Key {
         name: "max_group_bans",
         help: "Most users one group may have banned",
         apply: |s, v| set(&mut s.config.store.max_group_bans, expected_usize(v, 1, MAX_COUNT)),

@@ -85,3 +85,70 @@ fn sync_cursors_are_stored_only_for_the_callers_conversations() {
         ErrorCode::Forbidden
     );
 }
+
+/// Pending invites are bounded per group (`max_group_invites`), but a
+/// user could be invited by any number of groups, and nothing but a join
+/// or the inviting group's owner or admins removed one: anyone able to
+/// create groups (each user up to `max_groups_per_user`, and users are
+/// cheap) could pile invites on a user without end, each a pair of keys
+/// that `MyInvitesPage` pages through. A user now holds at most
+/// `max_invites_per_user`; past it `GroupInvite` is `LimitExceeded`,
+/// and the user can make room by declining (`GroupUninvite` naming
+/// themself, which needs no membership).
+#[test]
+fn a_user_holds_at_most_max_invites_per_user_and_can_decline_them() {
+    const LIMIT: usize = 3;
+    let server = TestServer::start_with(|c| c.store.max_invites_per_user = LIMIT);
+    let mut anon = server.connect();
+    anon.register("inviter", PASSWORD).expect("register");
+    let invitee = anon.register("invitee", PASSWORD).expect("register");
+    let other = anon.register("other", PASSWORD).expect("register");
+    let mut inviter = server.connect();
+    inviter.login_unsynced("inviter", PASSWORD).expect("login");
+    let groups: Vec<u64> = (0..=LIMIT)
+        .map(|n| {
+            inviter
+                .group_create_with(&format!("invite-only {n}"), false)
+                .expect("create")
+        })
+        .collect();
+    for &group in &groups[..LIMIT] {
+        inviter
+            .group_invite(group, invitee)
+            .expect("invite within the limit");
+    }
+    assert_eq!(
+        code_of(inviter.group_invite(groups[LIMIT], invitee)),
+        ErrorCode::LimitExceeded,
+        "one invite past max_invites_per_user"
+    );
+    // Inviting again is still Ok (nothing new), and other users are not
+    // affected by this one's full list.
+    inviter.group_invite(groups[0], invitee).expect("invite again");
+    inviter
+        .group_invite(groups[LIMIT], other)
+        .expect("another user's invite");
+
+    let mut i = server.connect();
+    i.login_unsynced("invitee", PASSWORD).expect("login");
+    let (listed, more) = i.my_invites_page(0, 100).expect("my invites");
+    assert_eq!((listed.as_slice(), more), (&groups[..LIMIT], false));
+    // Declining makes room, and withdraws the invite: joining with it is
+    // no longer possible.
+    i.group_uninvite(groups[0], invitee).expect("decline an invite");
+    i.group_uninvite(groups[0], invitee)
+        .expect("declining again is Ok");
+    assert_eq!(code_of(i.group_join(groups[0])), ErrorCode::Forbidden);
+    let (listed, _) = i.my_invites_page(0, 100).expect("my invites");
+    assert_eq!(listed, &groups[1..LIMIT]);
+    inviter.group_invite(groups[LIMIT], invitee).expect("room again");
+    // Declining is only for one's own invites: another user's stays.
+    assert_eq!(
+        code_of(i.group_uninvite(groups[LIMIT], other)),
+        ErrorCode::Forbidden
+    );
+    // A join uses its invite up too.
+    i.group_join(groups[1]).expect("join with the invite");
+    let (listed, _) = i.my_invites_page(0, 100).expect("my invites");
+    assert_eq!(listed, vec![groups[2], groups[LIMIT]]);
+}

@@ -24,6 +24,11 @@ pub const BANNED: &str = "this user is banned from the group";
 /// Why a user may not create or join one more group.
 pub const TOO_MANY_GROUPS: &str = "you are a member of as many groups as the server allows; leave one first";
 
+/// Why an invite is refused to a user who holds
+/// [`crate::StoreOptions::max_invites_per_user`] pending invites already.
+pub const TOO_MANY_INVITES: &str =
+    "this user holds as many pending invites as the server allows; they must join or decline one first";
+
 /// Most users one [`Store::add_members`] call takes.
 pub const MAX_JOIN_BATCH: usize = 1024;
 
@@ -416,7 +421,8 @@ impl Store {
     /// Records a pending invite of `user` to `group`. `NotFound` for a
     /// missing group or user; inviting a member or inviting twice succeeds
     /// without writing; `LimitExceeded` past
-    /// [`crate::StoreOptions::max_group_invites`] pending invites.
+    /// [`crate::StoreOptions::max_group_invites`] pending invites of the
+    /// group or [`crate::StoreOptions::max_invites_per_user`] of the user.
     pub fn invite(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
         let inner = &*self.inner;
         if !inner.user_exists(user)? {
@@ -434,6 +440,16 @@ impl Store {
             return Err(StoreError::InvalidArgument(
                 "this user is banned from the group; unban them before inviting",
             ));
+        }
+        // The invited user's own list is bounded too: any number of groups
+        // may invite them, and only they (a join, a decline) or each
+        // group's admins take an invite back. A scan that stops at the
+        // limit, under the groups lock like every invite write.
+        if inner
+            .user_invites
+            .prefix_reaches(user, inner.opts.max_invites_per_user)?
+        {
+            return Err(StoreError::LimitExceeded(TOO_MANY_INVITES));
         }
         let full = usize::try_from(record.invite_count).map_or(true, |n| n >= inner.opts.max_group_invites);
         if full || record.invite_count == u32::MAX {

@@ -41,7 +41,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistM
 pub use error::StoreError;
 pub use external::{ExternalLogin, ExternalPolicy};
 pub use group_deletion::ONLY_THE_OWNER_DELETES;
-pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS};
+pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS, TOO_MANY_INVITES};
 pub use messages::{
     ConvTail, HistoryEntry, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp,
 };
@@ -76,6 +76,10 @@ pub struct StoreOptions {
     pub max_group_members: usize,
     /// Most pending (unused) invites one group may have.
     pub max_group_invites: usize,
+    /// Most pending invites one user may hold (from different groups):
+    /// without it, anyone who can create groups could pile invites on a
+    /// user that only the user's joins and the groups' admins remove.
+    pub max_invites_per_user: usize,
     /// Most users one group may have banned.
     pub max_group_bans: usize,
     /// Most groups one user may be a member of (created ones included):
@@ -106,6 +110,7 @@ impl Default for StoreOptions {
             max_blocks_per_user: DEFAULT_MAX_BLOCKS_PER_USER,
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
+            max_invites_per_user: DEFAULT_MAX_INVITES_PER_USER,
             max_groups_per_user: DEFAULT_MAX_GROUPS_PER_USER,
             max_group_bans: DEFAULT_MAX_GROUP_BANS,
             fsync: true,
@@ -135,6 +140,10 @@ pub const DEFAULT_MAX_GROUPS_PER_USER: usize = 1000;
 
 /// Default of [`StoreOptions::max_group_invites`].
 pub const DEFAULT_MAX_GROUP_INVITES: usize = 1000;
+
+/// Default of [`StoreOptions::max_invites_per_user`]: as many as the
+/// groups one user may be in (`DEFAULT_MAX_GROUPS_PER_USER`).
+pub const DEFAULT_MAX_INVITES_PER_USER: usize = 1000;
 
 /// A group as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -469,8 +469,10 @@ impl Shard {
         group: GroupId,
         op: GroupOp,
     ) -> GroupReply {
-        // Every request but a join is a member's.
-        if op != GroupOp::Join && !self.may_be_member(group, user).await? {
+        // Every request but a join, and a user declining their own invite,
+        // is a member's.
+        let declining = op == GroupOp::Uninvite(user);
+        if op != GroupOp::Join && !declining && !self.may_be_member(group, user).await? {
             return match op {
                 GroupOp::Leave => Ok(GroupAnswer::Done),
                 _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
@@ -590,10 +592,12 @@ impl Shard {
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Uninvite(target) => {
-                owner_or_admin(
-                    caller_role,
-                    "only the group's owner or an admin can withdraw an invite",
-                )?;
+                if target != user {
+                    owner_or_admin(
+                        caller_role,
+                        "only the group's owner or an admin can withdraw an invite",
+                    )?;
+                }
                 self.blocking(move |store| store.uninvite(group, target))
                     .await
                     .map_err(|e| store_refusal(e, group, "no such group"))?;
