@@ -95,10 +95,13 @@ pub async fn sync(
         })
         .await
         .map_err(SyncError::Store)?;
+    // Nothing yields between the reservation and the staging.
+    let room = shard.room_to_stage(stored.len()).await;
     for conv in stored {
         let seq = floors.get(&conv).copied().unwrap_or(0);
         shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
     }
+    drop(room);
     let (mut first_page, mut groups) = (Some(first_page), Some(groups));
     let mut based = Based::default();
     let mut streamed = 0;

@@ -80,6 +80,12 @@ pub struct Config {
     pub durability: Durability,
     /// Batches the storage writer may have queued before shards wait.
     pub writer_queue_depth: usize,
+    /// Writes a shard may have staged for its next commit. While its
+    /// previous commit is on the way to disk a shard goes on sequencing
+    /// and staging; past this many, new messages wait (their connections
+    /// stop reading, cross-shard request queues fill), so a slow or
+    /// stalled disk pushes back on senders instead of growing memory.
+    pub max_staged_writes: usize,
     /// Client message ids remembered per conversation for retry dedup.
     pub dedup_window: usize,
     /// Conversations whose sequence state a shard keeps in memory; idle
@@ -306,6 +312,7 @@ impl Default for Config {
             },
             durability: Durability::Sync,
             writer_queue_depth: 1024,
+            max_staged_writes: 16_384,
             dedup_window: 128,
             max_cached_conversations: 100_000,
             max_cached_group_members: 1_000_000,
@@ -392,9 +399,11 @@ impl Config {
             || self.sync_page == 0
             || self.sync_hold_max == 0
             || self.writer_queue_depth == 0
+            || self.max_staged_writes == 0
         {
             return Err(
-                "dedup_window, sync_page, sync_hold_max and writer_queue_depth must be at least 1".into(),
+                "dedup_window, sync_page, sync_hold_max, writer_queue_depth and max_staged_writes must be at least 1"
+                    .into(),
             );
         }
         if self.max_cached_conversations < 16 {

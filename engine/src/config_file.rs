@@ -565,6 +565,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.writer_queue_depth.to_string(),
     },
     Key {
+        name: "max_staged_writes",
+        help: "Writes a shard may stage for its next commit before new messages wait (backpressure from a slow disk)",
+        apply: |s, v| set(&mut s.config.max_staged_writes, expected_usize(v, 1, 1 << 20)),
+        show: |s| s.config.max_staged_writes.to_string(),
+    },
+    Key {
         name: "dedup_window",
         help: "Client message ids remembered per conversation for retry dedup",
         apply: |s, v| set(&mut s.config.dedup_window, expected_usize(v, 1, 1 << 16)),

@@ -139,6 +139,10 @@ pub struct ShardMetrics {
     pub idle_timeouts: AtomicU64,
     /// Submissions the storage writer refused because its queue was full.
     pub store_waits: AtomicU64,
+    /// Messages that waited because `max_staged_writes` were staged.
+    pub staged_waits: AtomicU64,
+    /// Most writes this shard has had staged at once (one commit's worth).
+    pub staged_high_water: AtomicU64,
     /// Error frames sent, by [`ErrorCode`] (`code as usize`).
     pub errors: [AtomicU64; ErrorCode::ALL.len()],
     /// Write ops per commit this shard submitted.
@@ -176,6 +180,8 @@ impl Default for ShardMetrics {
             slow_consumer_disconnects: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
             store_waits: AtomicU64::new(0),
+            staged_waits: AtomicU64::new(0),
+            staged_high_water: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             store_batch_ops: Histogram::new(&BATCH_OPS_BUCKETS),
             store_commit_micros: Histogram::new(&COMMIT_MICROS_BUCKETS),
@@ -342,6 +348,18 @@ impl ShardMetrics {
     #[inline]
     pub fn store_wait(&self) {
         self.store_waits.fetch_add(1, Relaxed);
+    }
+
+    /// A message waits: `max_staged_writes` writes are staged already.
+    #[inline]
+    pub fn staged_wait(&self) {
+        self.staged_waits.fetch_add(1, Relaxed);
+    }
+
+    /// The committer took `ops` staged writes (all that were staged).
+    #[inline]
+    pub fn staged_taken(&self, ops: usize) {
+        self.staged_high_water.fetch_max(ops as u64, Relaxed);
     }
 
     /// A commit of `ops` write ops, `messages` of them chat messages,
@@ -569,6 +587,11 @@ const COUNTERS: &[(&str, &str, Getter)] = &[
         "Commits the storage writer refused because its queue was full (retried).",
         |m| m.store_waits.load(Relaxed) as i64,
     ),
+    (
+        "tern_staged_writes_waits_total",
+        "Messages that waited because max_staged_writes writes were already staged for the shard's next commit (a slow disk pushing back on senders).",
+        |m| m.staged_waits.load(Relaxed) as i64,
+    ),
 ];
 
 /// Per-shard gauge families: (name, help, value).
@@ -608,6 +631,11 @@ const GAUGES: &[(&str, &str, Getter)] = &[
         "tern_outbound_queue_high_water_bytes",
         "Most bytes one outbound queue has held since start (the total is the maximum over shards).",
         |m| m.outbound_queue_high_water_bytes.load(Relaxed) as i64,
+    ),
+    (
+        "tern_staged_writes_high_water",
+        "Most writes one shard has had staged for a commit at once, since start (bounded by max_staged_writes; the total is the maximum over shards).",
+        |m| m.staged_high_water.load(Relaxed) as i64,
     ),
 ];
 
@@ -672,7 +700,10 @@ impl Metrics {
             self.per_shard(&mut out, name, help, "counter", *get, false);
         }
         for (name, help, get) in GAUGES {
-            let max = *name == "tern_outbound_queue_high_water_bytes";
+            let max = matches!(
+                *name,
+                "tern_outbound_queue_high_water_bytes" | "tern_staged_writes_high_water"
+            );
             self.per_shard(&mut out, name, help, "gauge", *get, max);
         }
         self.render_derived(&mut out);

@@ -152,3 +152,62 @@ fn a_user_holds_at_most_max_invites_per_user_and_can_decline_them() {
     let (listed, _) = i.my_invites_page(0, 100).expect("my invites");
     assert_eq!(listed, vec![groups[2], groups[LIMIT]]);
 }
+
+/// While a shard's commit is on its way to disk, the messages that arrive
+/// are sequenced and staged for the next one. Staging is bounded by
+/// `max_staged_writes`: past it a message waits (its connection stops
+/// being read), so a slow disk pushes back on senders instead of growing
+/// the shard's memory without end, and nothing is lost or reordered by
+/// the wait. Here the bound is 4 against 32 senders.
+#[test]
+fn staged_writes_stay_within_max_staged_writes_and_every_message_arrives() {
+    const SENDERS: usize = 32;
+    const MESSAGES: usize = 25;
+    const MAX_STAGED: usize = 4;
+    let server = TestServer::start_with(|config| config.max_staged_writes = MAX_STAGED);
+    let mut anon = server.connect();
+    let pairs: Vec<(String, u64)> = (0..SENDERS)
+        .map(|n| {
+            anon.register(&format!("sender{n}"), PASSWORD).expect("register");
+            let name = format!("receiver{n}");
+            let id = anon.register(&name, PASSWORD).expect("register");
+            (name, id)
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (n, (_, to)) in pairs.iter().enumerate() {
+            let server = &server;
+            scope.spawn(move || {
+                let mut client = server.connect();
+                client
+                    .login_unsynced(&format!("sender{n}"), PASSWORD)
+                    .expect("login");
+                for m in 0..MESSAGES {
+                    let sent = client.send_text(*to, &format!("{n}:{m}")).expect("send");
+                    assert_eq!(sent.seq, m as u64 + 1, "sender{n}");
+                }
+            });
+        }
+    });
+    for (n, (name, _)) in pairs.iter().enumerate() {
+        let mut client = server.connect();
+        client.login(name, PASSWORD).expect("login");
+        for m in 0..MESSAGES {
+            let msg = common::expect_message(&mut client);
+            assert_eq!(msg.seq, m as u64 + 1, "{name}");
+            assert_eq!(msg.content.body, format!("{n}:{m}").into_bytes(), "{name}");
+        }
+    }
+    let metrics = server.admin_context().metrics;
+    let (mut high_water, mut waits) = (0, 0);
+    for shard in 0..server.shards() {
+        let m = metrics.shard(shard);
+        high_water = high_water.max(m.staged_high_water.load(std::sync::atomic::Ordering::Relaxed));
+        waits += m.staged_waits.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    assert!(
+        high_water as usize <= MAX_STAGED,
+        "a commit took {high_water} staged writes, above max_staged_writes {MAX_STAGED}"
+    );
+    assert!(waits > 0, "no message ever waited: the bound was not exercised");
+}

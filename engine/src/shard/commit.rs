@@ -30,6 +30,23 @@ use crate::mesh::{ConnKey, Event};
 /// How long a shard waits before retrying a submission to a full writer.
 const WRITER_FULL_BACKOFF: Duration = Duration::from_micros(200);
 
+/// Room reserved under `max_staged_writes` by [`Shard::room_to_stage`];
+/// hold it until the writes are staged (or will not be).
+pub struct StageRoom<'a> {
+    shard: &'a Shard,
+    ops: usize,
+}
+
+impl Drop for StageRoom<'_> {
+    fn drop(&mut self) {
+        let reserved = &self.shard.staged_reserved;
+        reserved.set(reserved.get().saturating_sub(self.ops));
+        // A reservation given back unused (a refused message) may let a
+        // waiter in before the next commit.
+        self.shard.wake_room_waiters();
+    }
+}
+
 /// The sequence state of a conversation homed here.
 pub(super) struct ConvState {
     last_seq: u64,
@@ -455,6 +472,43 @@ impl Shard {
         }
     }
 
+    /// Waits until `ops` more writes fit under `max_staged_writes` (counting
+    /// those staged and those reserved by tasks between this call and
+    /// their `stage`), then reserves room for them until the returned
+    /// guard drops. Called before a message is sequenced or a `Sync`'s
+    /// cursors are staged: a commit that is slow to come back (a stalled
+    /// disk) then stops this task, and with it the connection or
+    /// cross-shard queue it serves, instead of staging without end. When
+    /// nothing is staged or reserved, any `ops` fits, so a request larger
+    /// than the bound still goes through, alone. Safe from deadlock: the
+    /// committer that makes room waits only on the writer and on event
+    /// queues, whose consumers never wait (crate::mesh).
+    pub async fn room_to_stage(&self, ops: usize) -> StageRoom<'_> {
+        let max = self.config.max_staged_writes;
+        let mut counted = false;
+        poll_fn(|cx| {
+            let taken = self.staged.borrow().ops.len() + self.staged_reserved.get();
+            if taken == 0 || taken.saturating_add(ops) <= max {
+                self.staged_reserved.set(self.staged_reserved.get() + ops);
+                return Poll::Ready(());
+            }
+            if !counted {
+                counted = true;
+                self.m().staged_wait();
+            }
+            self.staged_room_waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        StageRoom { shard: self, ops }
+    }
+
+    fn wake_room_waiters(&self) {
+        for waker in self.staged_room_waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
     /// Stages a write and the effects that must follow its commit.
     pub(super) fn stage(&self, op: WriteOp, effects: impl IntoIterator<Item = Effect>) {
         {
@@ -526,6 +580,8 @@ impl Shard {
             })
             .await;
             let Some(batch) = batch else { return };
+            self.m().staged_taken(batch.ops.len());
+            self.wake_room_waiters();
             self.committing.set(true);
             let committed = self.commit(batch.ops).await;
             let mut effects = batch.effects;

@@ -162,6 +162,12 @@ pub struct Shard {
     writer: WriterHandle,
     metrics: Arc<Metrics>,
     staged: RefCell<Staged>,
+    /// Tasks waiting for the staged writes to drop below
+    /// `max_staged_writes` (at most one per connection task and request
+    /// queue consumer); woken when the committer takes a batch.
+    staged_room_waiters: RefCell<Vec<Waker>>,
+    /// Writes that tasks have reserved room for and not yet staged.
+    staged_reserved: Cell<usize>,
     committer_waker: RefCell<Option<Waker>>,
     committing: Cell<bool>,
     /// Batches the committer has settled (all their effects run), for
@@ -204,6 +210,15 @@ pub fn encode_shared(frame: &ServerFrame, max_frame_bytes: u32) -> Encoded {
         }
         encoded
     })
+}
+
+/// Writes a message stages: itself, and for a recall the erasure of the
+/// recalled message's content too.
+fn staged_writes(content: &tern_proto::Content) -> usize {
+    match content.kind {
+        ContentKind::Recall { .. } => 2,
+        _ => 1,
+    }
 }
 
 /// The error answer for a store failure.
@@ -275,6 +290,8 @@ impl Shard {
             writer,
             metrics,
             staged: RefCell::new(Staged::default()),
+            staged_room_waiters: RefCell::new(Vec::new()),
+            staged_reserved: Cell::new(0),
             committer_waker: RefCell::new(None),
             committing: Cell::new(false),
             settled: Cell::new(0),
@@ -676,6 +693,7 @@ impl Shard {
                 client_msg_id,
                 content,
             } => {
+                let _room = self.room_to_stage(staged_writes(&content)).await;
                 let conv = ConvId::direct(from, to);
                 let erase = match content.kind {
                     ContentKind::Recall { seq: target } => {
@@ -752,6 +770,7 @@ impl Shard {
                 client_msg_id,
                 content,
             } => {
+                let _room = self.room_to_stage(staged_writes(&content)).await;
                 self.group_send(from, conn, request_id, group, client_msg_id, content)
                     .await;
             }
