@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use tern_client::proto::{GroupMember, GroupRole};
-use tern_client::{Client, ConvId, ErrorCode, GroupId, ServerBody};
+use tern_client::{Client, Content, ContentKind, ConvId, ErrorCode, GroupId, ServerBody};
 
 /// The roles `GroupInfo` reports, as (user, role) ascending by user.
 fn roles(client: &mut Client, group: GroupId) -> Vec<(u64, GroupRole)> {
@@ -235,6 +235,93 @@ fn a_kicked_member_gets_no_more_messages_and_is_forbidden_at_once() {
         }
         // Those who stayed still read the whole history.
         assert_eq!(c.history(conv, 1, true, 10).expect("history").len(), 4);
+    }
+}
+
+/// A member's message whose `Sent` was lost (the connection dropped) is
+/// retried with the same `client_msg_id` after the member left, was
+/// kicked or banned: the retry gets the original `Sent`, as any retry does
+/// (protocol.md 2.8.4), and is neither stored nor delivered again, also
+/// after a restart; a new message, or a new recall, is still `Forbidden`.
+/// The retry used to be refused as from a non-member, so the client was
+/// told its stored and delivered message had failed.
+#[test]
+fn a_retry_after_leaving_or_being_removed_gets_the_original_ack() {
+    let mut server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let carol = server.user_on_shard("carol", 1);
+    let mut leavers = Vec::new();
+    let mut a = server.login(&alice);
+    let mut c = server.login(&carol);
+    for home in 0..shards {
+        let group = group_on_shard(&mut a, home, shards, true);
+        let conv = ConvId::Group { group };
+        c.group_join(group).expect("join");
+        for (i, how) in ["leave", "kick", "ban"].into_iter().enumerate() {
+            let user = server.user_on_shard(&format!("{how}{home}_"), i % shards);
+            let mut u = server.login_unsynced(&user);
+            u.group_join(group).expect("join");
+            let sent = u
+                .send_group(group, 500 + i as u64, Content::text(how))
+                .expect("send");
+            let recall = u.recall(conv, sent.seq).expect("recall");
+            for member in [&mut a, &mut c] {
+                for m in [expect_message(member), expect_message(member)] {
+                    assert!(m.seq == sent.seq || m.seq == recall.seq, "{m:?}");
+                }
+            }
+            match how {
+                "leave" => u.group_leave(group).expect("leave"),
+                "kick" => a.group_kick(group, user.id).expect("kick"),
+                _ => a.group_ban(group, user.id).expect("ban"),
+            }
+            let retry = u
+                .send_group(group, 500 + i as u64, Content::text("again"))
+                .expect("a retry after the membership ended");
+            assert_eq!(retry, sent, "{how}: the original ack");
+            let recall_retry = u
+                .send_group(group, recall.client_msg_id, recall_content(sent.seq))
+                .expect("a recall's retry");
+            assert_eq!(recall_retry, recall, "{how}");
+            assert_eq!(
+                code_of(u.send_group(group, 600 + i as u64, Content::text("new"))),
+                ErrorCode::Forbidden,
+                "{how}: a new message"
+            );
+            assert_eq!(
+                code_of(u.send_group(group, 700 + i as u64, recall_content(sent.seq))),
+                ErrorCode::Forbidden,
+                "{how}: a new recall"
+            );
+            leavers.push((user, group, sent, recall));
+        }
+        expect_quiet(&mut [&mut a, &mut c]);
+        assert_eq!(
+            a.history(conv, 1, true, 50).expect("history").len(),
+            6,
+            "three messages and three recalls, stored once each"
+        );
+    }
+    drop((a, c));
+    server.restart();
+    for (user, group, sent, recall) in leavers {
+        let mut u = server.login_unsynced(&user);
+        let retry = u
+            .send_group(group, sent.client_msg_id, Content::text("again"))
+            .expect("a retry after a restart");
+        assert_eq!(retry, sent, "the dedup window is reloaded from the store");
+        let retry = u
+            .send_group(group, recall.client_msg_id, recall_content(sent.seq))
+            .expect("a recall's retry after a restart");
+        assert_eq!(retry, recall);
+    }
+}
+
+fn recall_content(seq: u64) -> Content {
+    Content {
+        kind: ContentKind::Recall { seq },
+        body: Vec::new(),
     }
 }
 

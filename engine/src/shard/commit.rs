@@ -349,6 +349,16 @@ impl Shard {
                 .is_some_and(|state| state.dedup.contains_key(&(from, client_msg_id)))
     }
 
+    /// Whether `from` already sent `client_msg_id` in `conv`, within the
+    /// dedup window, loading the conversation's state to find out: a
+    /// retry is answered with its original ack whatever changed since
+    /// (the sender left the group). `false` if the state cannot be read.
+    pub(super) async fn is_retry(&self, conv: ConvId, from: UserId, client_msg_id: u64) -> bool {
+        client_msg_id != 0
+            && self.ensure_conv(conv).await.is_ok()
+            && self.seen_client_msg_id(conv, from, client_msg_id)
+    }
+
     /// Whether a conversation's sequence state is cached: then sequencing
     /// it does not yield.
     pub(super) fn conv_cached(&self, conv: ConvId) -> bool {

@@ -324,8 +324,12 @@ impl Shard {
         content: Content,
     ) {
         let conv = ConvId::Group { group };
+        // A retry of a message sequenced while the sender was a member
+        // gets its original answer even if they have left or been removed
+        // since (protocol.md 2.8.4): `sequence` answers it, never anew.
         let refused = match self.may_be_member(group, from).await {
             Ok(true) => None,
+            Ok(false) if self.is_retry(conv, from, client_msg_id).await => None,
             Ok(false) => Some(refusal(ErrorCode::Forbidden, "not a member of this group")),
             Err(refused) => Some(refused),
         };
@@ -341,6 +345,7 @@ impl Shard {
             tern_proto::ContentKind::Recall { seq: target } => {
                 match self.group_state(group).await {
                     Ok(state) if state.members.contains_key(&from) => {}
+                    Ok(_) if self.is_retry(conv, from, client_msg_id).await => {}
                     Ok(_) => {
                         let frame = ServerFrame::error(
                             request_id,
@@ -376,7 +381,7 @@ impl Shard {
                 break state;
             }
         };
-        if !state.members.contains_key(&from) {
+        if !state.members.contains_key(&from) && !self.seen_client_msg_id(conv, from, client_msg_id) {
             let frame = ServerFrame::error(request_id, ErrorCode::Forbidden, "not a member of this group");
             return self.reply(from, conn, frame).await;
         }
