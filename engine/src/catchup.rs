@@ -69,36 +69,41 @@ pub async fn sync(
     // every user and group there is (SYNC_CURSORS_MAX per Sync, Sync
     // after Sync): its rows must grow only with its conversations. The
     // memory checks first, the store's below.
-    let candidates: Vec<ConvId> = floors
+    let candidates: Vec<(ConvId, u64)> = floors
         .iter()
         .filter(|(&conv, &seq)| seq > 0 && may_exist(&shard.store, user, conv))
-        .map(|(&conv, _)| conv)
+        .map(|(&conv, &seq)| (conv, seq))
         .collect();
     // The first inbox page, the user's groups and those checks in one
     // store call: each hand-off to the blocking pool costs the shard two
     // context switches, and most syncs (a resume with nothing new) need
-    // nothing more.
+    // nothing more. The same call caps each 1:1 cursor at its
+    // conversation's last stored seq, as a receipt is capped (protocol.md
+    // 2.8.5): a client can hold only what is stored, and a cursor stored
+    // past the last seq would hide the messages still to come from every
+    // later sync of the user.
     let page = shard.config.sync_page;
     let (first_page, groups, stored) = shard
         .blocking(move |store| {
             let mut stored = Vec::with_capacity(candidates.len());
-            for conv in candidates {
-                if store.has_conversation(user, conv)? {
-                    stored.push(conv);
+            for (conv, seq) in candidates {
+                if !store.has_conversation(user, conv)? {
+                    continue;
                 }
+                let seq = match conv {
+                    ConvId::Direct { .. } => seq.min(store.conv_tail(conv, 0)?.last_seq),
+                    ConvId::Group { .. } => seq,
+                };
+                stored.push((conv, seq));
             }
-            Ok((
-                store.inbox_after(user, None, page)?,
-                store.user_groups(user)?,
-                stored,
-            ))
+            let (inbox, groups) = (store.inbox_after(user, None, page)?, store.user_groups(user)?);
+            Ok((inbox, groups, stored))
         })
         .await
         .map_err(SyncError::Store)?;
     // Nothing yields between the reservation and the staging.
     let room = shard.room_to_stage(stored.len()).await;
-    for conv in stored {
-        let seq = floors.get(&conv).copied().unwrap_or(0);
+    for (conv, seq) in stored.into_iter().filter(|&(_, seq)| seq > 0) {
         shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
     }
     drop(room);
@@ -513,9 +518,10 @@ pub fn conversations(
             last_seq,
             unread: last_seq.saturating_sub(read),
             last_message: last.as_ref().and_then(decode_stored),
-            // A `Sync` cursor is stored as the client presented it, up to
-            // u64::MAX (only receipts are capped when they arrive): the
-            // peer's cursors never claim more than was sent.
+            // Receipts and `Sync` cursors are capped when they arrive,
+            // but a store written before `Sync` cursors were may hold
+            // one up to u64::MAX: the peer's cursors never claim more
+            // than was sent.
             peer_delivered: peer_delivered.min(last_seq),
             peer_read: peer_read.min(last_seq),
         });
@@ -656,8 +662,8 @@ mod tests {
             .is_empty());
     }
 
-    /// A peer's cursor stored past the last message (a `Sync` cursor is
-    /// stored as presented) is shown as the last message.
+    /// A peer's cursor stored past the last message (as a `Sync` cursor
+    /// was stored before they were capped) is shown as the last message.
     #[test]
     fn a_peers_cursors_never_pass_the_last_seq() {
         let (_dir, store) = busy_user(3);

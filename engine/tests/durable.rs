@@ -1167,6 +1167,63 @@ fn direct_receipts_are_capped_at_the_last_seq_and_not_pushed_across_a_block() {
     );
 }
 
+/// A `Sync` cursor is a delivered receipt (protocol.md 2.8.2), and in a
+/// 1:1 conversation a receipt cannot claim more than was sent: the cursor
+/// is stored capped at the last seq, so a cursor ahead of the server (a
+/// client's stale or damaged local state) does not hide the messages that
+/// come later from the user's other devices. It used to be stored as
+/// presented: every later sync of the user skipped the conversation's
+/// next messages, up to the cursor, for good.
+#[test]
+fn a_sync_cursor_past_the_last_seq_is_capped_like_a_receipt() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login_unsynced(&alice);
+    a.send_text(bob.id, "one").expect("send");
+    a.send_text(bob.id, "two").expect("send");
+
+    // One device presents a cursor far ahead: this sync streams nothing.
+    let mut ahead = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut ahead, vec![cursor(conv, 424_242)], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages);
+    drop(ahead);
+    // The cursor was stored (capped at 2): a device with no cursor gets
+    // nothing of 1..=2.
+    common::eventually("the cursor stored", || {
+        let mut probe = server.login_unsynced(&bob);
+        (raw_sync_all(&mut probe, vec![], 0).messages.is_empty()).then_some(())
+    });
+    let summary = a.conversations(0, 10).expect("conversations");
+    assert_eq!((summary[0].last_seq, summary[0].peer_delivered), (2, 2));
+
+    // What comes next reaches every device of Bob's.
+    for text in ["three", "four"] {
+        a.send_text(bob.id, text).expect("send");
+    }
+    let mut fresh = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut fresh, vec![], 2);
+    assert_seqs(&sync.messages, conv, 3..=4);
+    assert_eq!(sync.messages[0].content, Content::text("three"));
+    // The same with a cursor ahead before the first message: nothing is
+    // stored, and the first message is still streamed.
+    let carol = server.user_on_shard("carol", 0);
+    let first = ConvId::direct(carol.id, bob.id);
+    let mut b = server.login_unsynced(&bob);
+    let cursors = vec![cursor(first, 9), cursor(conv, 4)];
+    assert!(raw_sync_all(&mut b, cursors, 0).messages.is_empty());
+    drop(b);
+    // (The cursor is staged in the background: let its commit land.)
+    thread::sleep(Duration::from_millis(200));
+    server
+        .login_unsynced(&carol)
+        .send_text(bob.id, "hello")
+        .expect("send");
+    let mut fresh = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut fresh, vec![], 1).messages, first, [1]);
+}
+
 #[test]
 fn cursors_and_receipts_at_the_top_of_the_seq_range_end_the_catch_up() {
     // A cursor or receipt of u64::MAX once made the catch-up's next seq
