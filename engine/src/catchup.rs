@@ -77,11 +77,11 @@ pub async fn sync(
     // The first inbox page, the user's groups and those checks in one
     // store call: each hand-off to the blocking pool costs the shard two
     // context switches, and most syncs (a resume with nothing new) need
-    // nothing more. The same call caps each 1:1 cursor at its
-    // conversation's last stored seq, as a receipt is capped (protocol.md
-    // 2.8.5): a client can hold only what is stored, and a cursor stored
-    // past the last seq would hide the messages still to come from every
-    // later sync of the user.
+    // nothing more. The same call caps each cursor at its conversation's
+    // last stored seq, as a receipt is capped (protocol.md 2.8.5): a
+    // client can hold only what is stored, and a cursor stored past the
+    // last seq would hide the messages still to come from every later
+    // sync of the user.
     let page = shard.config.sync_page;
     let (first_page, groups, stored) = shard
         .blocking(move |store| {
@@ -90,11 +90,7 @@ pub async fn sync(
                 if !store.has_conversation(user, conv)? {
                     continue;
                 }
-                let seq = match conv {
-                    ConvId::Direct { .. } => seq.min(store.conv_tail(conv, 0)?.last_seq),
-                    ConvId::Group { .. } => seq,
-                };
-                stored.push((conv, seq));
+                stored.push((conv, seq.min(store.conv_tail(conv, 0)?.last_seq)));
             }
             let (inbox, groups) = (store.inbox_after(user, None, page)?, store.user_groups(user)?);
             Ok((inbox, groups, stored))

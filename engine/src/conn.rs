@@ -2168,14 +2168,22 @@ impl Conn {
     /// Stores a receipt and forwards it to the peer of a 1:1 conversation.
     async fn receipt(&self, request_id: u64, conv: ConvId, kind: ReceiptKind, seq: u64) -> ServerFrame {
         let user = self.user;
-        let allowed = match conv {
-            ConvId::Direct { .. } => crate::catchup::in_direct(&self.shard.store, user, conv),
+        // A group receipt is capped at the group's last stored seq, as a
+        // 1:1 one is at its conversation's (below): a cursor past it
+        // would hide the messages still to come from the user's syncs.
+        let (allowed, group_last) = match conv {
+            ConvId::Direct { .. } => (crate::catchup::in_direct(&self.shard.store, user, conv), 0),
             ConvId::Group { group } => match self
                 .shard
-                .blocking(move |store| store.is_member(group, user))
+                .blocking(move |store| {
+                    Ok::<_, tern_storage::StoreError>((
+                        store.is_member(group, user)?,
+                        store.conv_tail(conv, 0)?.last_seq,
+                    ))
+                })
                 .await
             {
-                Ok(member) => member,
+                Ok(read) => read,
                 Err(e) => return store_error_frame(request_id, &e),
             },
         };
@@ -2218,7 +2226,14 @@ impl Conn {
                     }
                 }
             }
-            ConvId::Group { .. } => (seq, false),
+            // Nothing stored yet: nothing to acknowledge.
+            ConvId::Group { .. } if group_last == 0 => {
+                return ServerFrame {
+                    request_id,
+                    body: ServerBody::Ok,
+                }
+            }
+            ConvId::Group { .. } => (seq.min(group_last), false),
         };
         let notify = conv.peer_of(user).filter(|_| push).map(|peer| {
             let push = ServerFrame {

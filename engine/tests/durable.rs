@@ -1224,6 +1224,60 @@ fn a_sync_cursor_past_the_last_seq_is_capped_like_a_receipt() {
     assert_seqs(&raw_sync_all(&mut fresh, vec![], 1).messages, first, [1]);
 }
 
+/// The same for groups, small (write diffusion: the inbox) and large
+/// (read diffusion: the history after the cursor): a receipt or a `Sync`
+/// cursor past the group's last seq is stored capped at it, so the
+/// group's next messages still reach the member's other devices and
+/// count as unread. Both used to be stored as sent: the next messages, up
+/// to the cursor, were skipped by every later sync and never unread.
+#[test]
+fn group_receipts_and_cursors_past_the_last_seq_are_capped() {
+    let server = TestServer::start_with(|c| c.write_diffusion_max_members = 2);
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login_unsynced(&alice);
+    let small = a.group_create("small").expect("create");
+    let large = a.group_create("large").expect("create");
+    let (small_conv, large_conv) = (ConvId::Group { group: small }, ConvId::Group { group: large });
+    let mut b = server.login_unsynced(&bob);
+    for group in [small, large] {
+        b.group_join(group).expect("join");
+    }
+    for name in ["carol", "dave"] {
+        let user = server.user_on_shard(name, 0);
+        server.login_unsynced(&user).group_join(large).expect("join");
+    }
+    // Before any message there is nothing to acknowledge.
+    b.receipt(small_conv, ReceiptKind::Read, 7)
+        .expect("receipt of nothing");
+    send_pipelined(&mut a, To::Group(small), &ids(1, 2), 2);
+    send_pipelined(&mut a, To::Group(large), &ids(1, 2), 2);
+    let sync = raw_sync_all(&mut b, vec![cursor(large_conv, 424_242)], 2);
+    assert_seqs(&sync.messages, small_conv, 1..=2);
+    b.receipt(small_conv, ReceiptKind::Read, 424_242)
+        .expect("receipt");
+    drop(b);
+    common::eventually("the cursors stored", || {
+        let mut probe = server.login_unsynced(&bob);
+        (raw_sync_all(&mut probe, vec![], 0).messages.is_empty()).then_some(())
+    });
+
+    send_pipelined(&mut a, To::Group(small), &ids(3, 2), 2);
+    send_pipelined(&mut a, To::Group(large), &ids(3, 2), 2);
+    let mut fresh = server.login_unsynced(&bob);
+    let list = fresh.conversations(0, 10).expect("conversations");
+    for summary in &list {
+        // Read up to 2 in the small group; nothing read in the large one.
+        let unread = if summary.conv == small_conv { 2 } else { 4 };
+        assert_eq!((summary.last_seq, summary.unread), (4, unread), "{summary:?}");
+    }
+    let sync = raw_sync_all(&mut fresh, vec![], 4);
+    for conv in [small_conv, large_conv] {
+        let got: Vec<_> = sync.messages.iter().filter(|m| m.conv == conv).cloned().collect();
+        assert_seqs(&got, conv, 3..=4);
+    }
+}
+
 #[test]
 fn cursors_and_receipts_at_the_top_of_the_seq_range_end_the_catch_up() {
     // A cursor or receipt of u64::MAX once made the catch-up's next seq
