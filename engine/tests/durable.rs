@@ -1379,3 +1379,87 @@ fn a_cursor_acknowledges_what_the_inbox_holds_of_a_group_one_has_left() {
         (probe.sync().expect("sync") == 0).then_some(())
     });
 }
+
+/// A join writes the membership and the joiner's starting cursors in one
+/// batch: a `Sync` from the joiner's other device, running while the join
+/// commits, must never stream the group's messages from before the join
+/// (2.8.2, 2.8.8), and a crash right after the join must not leave the
+/// new member with a cursor of 0 either. Before, the cursors followed in a
+/// second write, and a watcher syncing in a loop saw pre-join messages
+/// (12 within 150 joins).
+#[test]
+fn a_sync_during_a_join_never_streams_the_group_from_before_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    const GROUPS: usize = 120;
+    const BEFORE_JOIN: u64 = 3;
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login_unsynced(&alice);
+    let mut joiner = server.login_unsynced(&bob);
+    let mut watcher = server.login_unsynced(&bob);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Groups whose pre-join messages are all stored, and what the watcher
+    // was streamed of them.
+    let joining = Arc::new(Mutex::new(std::collections::HashSet::<u64>::new()));
+    let watch = {
+        let (stop, joining) = (stop.clone(), joining.clone());
+        thread::spawn(move || {
+            let mut replayed = Vec::new();
+            let mut syncs = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = (1u64 << 50) + syncs;
+                let mut out = rkyv::util::AlignedVec::new();
+                let frame = tern_client::ClientFrame {
+                    request_id: id,
+                    body: ClientBody::Sync { cursors: vec![] },
+                };
+                tern_proto::encode_client(&frame, &mut out, 1 << 20).expect("encode");
+                watcher.send_raw(&out).expect("send");
+                loop {
+                    match watcher.read_frame(TIMEOUT).expect("read") {
+                        Some(ServerFrame {
+                            body: ServerBody::Message(m),
+                            ..
+                        }) => {
+                            if let ConvId::Group { group } = m.conv {
+                                if m.seq <= BEFORE_JOIN && joining.lock().expect("lock").contains(&group) {
+                                    replayed.push((group, m.seq));
+                                }
+                            }
+                        }
+                        Some(ServerFrame {
+                            request_id,
+                            body: ServerBody::SyncDone { .. },
+                        }) if request_id == id => break,
+                        Some(_) => {}
+                        None => panic!("no SyncDone"),
+                    }
+                }
+                syncs += 1;
+            }
+            (syncs, replayed)
+        })
+    };
+    for _ in 0..GROUPS {
+        let group = a.group_create("g").expect("create");
+        send_pipelined(
+            &mut a,
+            To::Group(group),
+            &ids(1, BEFORE_JOIN),
+            BEFORE_JOIN as usize,
+        );
+        joining.lock().expect("lock").insert(group);
+        joiner.group_join(group).expect("join");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (syncs, replayed) = watch.join().expect("watcher");
+    assert!(syncs > 0, "the watcher never synced");
+    assert!(
+        replayed.is_empty(),
+        "{} pre-join messages streamed in {syncs} syncs: {:?}",
+        replayed.len(),
+        &replayed[..replayed.len().min(20)]
+    );
+}

@@ -267,6 +267,17 @@ impl Store {
     /// holding a pending invite join; each join consumes its invite. The
     /// outcomes are in the order of `users`; `NotFound` (the error) means
     /// the group does not exist. At most [`MAX_JOIN_BATCH`] users.
+    ///
+    /// Each joiner's cursors for the group (delivered and read) are raised
+    /// to the group's last stored seq in the same batch: a `Sync` from
+    /// another of their devices, or one after a crash right after this
+    /// write, must not stream the group's messages from before the join.
+    /// The engine then moves them to its own in-memory last seq (messages
+    /// sequenced but not yet stored) with a receipt through the writer.
+    /// Receipts are otherwise only written by the writer; the one case
+    /// where both touch a row at once (a former member's cursor in flight
+    /// while they rejoin) can only lose this provisional value, which the
+    /// engine's receipt then restores.
     pub fn add_members(
         &self,
         group: GroupId,
@@ -281,6 +292,10 @@ impl Store {
         let Some(mut record) = inner.load_group(group)? else {
             return Err(StoreError::NotFound);
         };
+        let conv = crate::ConvId::Group { group };
+        // Read once, and only when someone may join: one reverse step of
+        // the group's history.
+        let mut last_stored_seq: Option<u64> = None;
         let mut batch = inner.db.batch();
         let mut outcomes = Vec::with_capacity(users.len());
         let mut joined_here: Vec<UserId> = Vec::new();
@@ -314,6 +329,19 @@ impl Store {
                         codec::encode_member(GroupRole::Member),
                     );
                     batch.insert(&inner.user_groups.handle, codec::pair_key(user, group), []);
+                    let last = match last_stored_seq {
+                        Some(seq) => seq,
+                        None => *last_stored_seq.insert(self.conv_tail(conv, 0)?.last_seq),
+                    };
+                    if last > 0 {
+                        let cursor_key = codec::user_conv_key(user, conv);
+                        let (delivered, read) = inner.load_receipts(&cursor_key)?;
+                        batch.insert(
+                            &inner.receipts.handle,
+                            cursor_key,
+                            codec::encode_receipts(delivered.max(last), read.max(last)),
+                        );
+                    }
                     record.member_count += 1;
                     joined_here.push(user);
                     JoinOutcome::Joined

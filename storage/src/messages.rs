@@ -270,7 +270,7 @@ impl Inner {
         Ok(())
     }
 
-    fn load_receipts(&self, key: &[u8; USER_CONV_KEY_LEN]) -> Result<(u64, u64), StoreError> {
+    pub(crate) fn load_receipts(&self, key: &[u8; USER_CONV_KEY_LEN]) -> Result<(u64, u64), StoreError> {
         match self.receipts.get(key)? {
             Some(value) => codec::decode_receipts(&value).map_err(|d| self.receipts.corrupt(key, d)),
             None => Ok((0, 0)),
