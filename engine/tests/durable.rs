@@ -309,15 +309,19 @@ fn seam_survives_overflowing_the_hold_buffer() {
 #[test]
 fn seam_holds_by_bytes_too_and_survives_overflowing_them() {
     // The hold buffer's count bound is left at its default; the byte bound
-    // (outbound_queue_bytes, at its minimum for 4 KiB frames) is what
-    // overflows: the catch-up must rescan the store, not lose messages,
-    // and the overflow is counted.
+    // (outbound_queue_bytes, at its minimum for 2 KiB frames: two 1.5 KB
+    // messages) is what overflows: the catch-up must rescan the store, not
+    // lose messages, and the overflow is counted. Live messages must be
+    // arriving while the catch-up runs, whatever the machine's load: four
+    // senders, already going before the Sync is sent.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const LIVE_SENDERS: u64 = 4;
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start_with(|c| {
         c.sync_page = 16;
-        c.max_frame_bytes = 4096;
-        c.max_message_bytes = 2048;
-        c.outbound_queue_bytes = 8192;
+        c.max_frame_bytes = 2048;
+        c.max_message_bytes = 1500;
+        c.outbound_queue_bytes = 4096;
     });
     let admin = common::admin(&server, dir.path());
     let alice = server.user_on_shard("alice", 0);
@@ -326,16 +330,29 @@ fn seam_holds_by_bytes_too_and_survives_overflowing_them() {
     let (backlog, live) = (600, 300);
     let mut a = server.login_unsynced(&alice);
     // A window of acks that fits the small outbound queue.
-    send_pipelined(&mut a, To::User(bob.id), &ids(1, backlog), 20);
-    // Live messages of 1.5 KB: a handful fill the byte bound.
-    let mut a2 = server.login_unsynced(&alice);
-    let bob_id = bob.id;
-    let sender = thread::spawn(move || {
-        let body = "y".repeat(1500);
-        (0..live).filter(|_| a2.send_text(bob_id, &body).is_ok()).count()
+    send_pipelined(&mut a, To::User(bob.id), &ids(1, backlog), 10);
+    // Live messages of 1.5 KB: three fill the byte bound.
+    let acked = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..LIVE_SENDERS)
+        .map(|_| {
+            let mut client = server.login_unsynced(&alice);
+            let (bob_id, acked) = (bob.id, acked.clone());
+            thread::spawn(move || {
+                let body = "y".repeat(1500);
+                for _ in 0..live / LIVE_SENDERS {
+                    client.send_text(bob_id, &body).expect("live send");
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    common::eventually("live sends begin", || {
+        (acked.load(Ordering::Relaxed) > 0).then_some(())
     });
     let (got, resyncs) = raw_sync_resuming(&server, &bob, conv, backlog + live);
-    assert_eq!(sender.join().expect("sender"), live as usize);
+    for sender in senders {
+        sender.join().expect("sender");
+    }
     assert_seqs(&got, conv, 1..=backlog + live);
     let overflows = common::total(&admin, "tern_sync_hold_overflows_total");
     assert!(overflows > 0, "the byte bound never tripped");
