@@ -3,7 +3,8 @@
 //! This library owns one TCP connection to `ternd` (plain or TLS, see
 //! [`ClientTls`]) and everything needed to use it synchronously: the
 //! `Hello` handshake, request ids, matching each answer to its request
-//! while queueing the pushes (deliveries, presence, disconnect notices)
+//! while queueing the pushes (deliveries, presence, friend requests,
+//! disconnect notices)
 //! that arrive in between, per-request timeouts, and typed helpers for every request in the protocol. Framing, validation and
 //! the message types come from [`tern_proto`] (re-exported as [`proto`]);
 //! this crate adds only the socket and the request/answer bookkeeping. It
@@ -177,6 +178,26 @@ pub struct MembersPage {
     pub members: Vec<GroupMember>,
     /// Members with larger ids exist: ask again after the last one listed.
     pub more: bool,
+}
+
+/// What a [`Client::friend_add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FriendAdded {
+    /// The two are friends (already, or now: the other had asked first and
+    /// this accepted their request). Their id.
+    Friends(UserId),
+    /// The caller's request waits for the other to add the caller back
+    /// (also when it was pending already). Their id.
+    Requested(UserId),
+}
+
+impl FriendAdded {
+    /// The other user's id, either way.
+    pub fn user(self) -> UserId {
+        match self {
+            FriendAdded::Friends(user) | FriendAdded::Requested(user) => user,
+        }
+    }
 }
 
 /// The server's acknowledgement of a sent message.
@@ -661,20 +682,77 @@ impl Client {
         }
     }
 
-    /// Adds a friend by name; returns their id.
-    pub fn friend_add(&mut self, username: &str) -> Result<UserId, ClientError> {
+    /// Asks a user, by name, to be friends, or accepts their pending
+    /// request: [`FriendAdded::Friends`] once the two are friends (their
+    /// sessions get a `FriendAccepted` push if this accepted), or
+    /// [`FriendAdded::Requested`] while the request waits for them to add
+    /// the caller back (their sessions get a `FriendRequest` push when it
+    /// is new).
+    pub fn friend_add(&mut self, username: &str) -> Result<FriendAdded, ClientError> {
         let body = ClientBody::FriendAdd {
             username: username.to_owned(),
         };
         match self.request(body)? {
-            ServerBody::User { user, .. } => Ok(user),
-            other => Err(unexpected("User", &other)),
+            ServerBody::User { user, .. } => Ok(FriendAdded::Friends(user)),
+            ServerBody::FriendRequestSent { user, .. } => Ok(FriendAdded::Requested(user)),
+            other => Err(unexpected("User or FriendRequestSent", &other)),
         }
     }
 
-    /// Removes a friend.
+    /// Ends a friendship, and drops any pending friend request between the
+    /// two, either way: declines theirs, cancels one's own. `Ok` also if
+    /// there was nothing.
     pub fn friend_remove(&mut self, user: UserId) -> Result<(), ClientError> {
         self.expect_ok(ClientBody::FriendRemove { user })
+    }
+
+    /// A page of the caller's pending friend requests: the users who asked
+    /// the caller (`incoming`), or whom the caller asked, with ids above
+    /// `after`, ascending, at most `limit` (clamped to 1..=1000 and cut to
+    /// fit a frame), and whether more follow.
+    pub fn friend_requests_page(
+        &mut self,
+        incoming: bool,
+        after: UserId,
+        limit: u32,
+    ) -> Result<(Vec<UserId>, bool), ClientError> {
+        match self.request(ClientBody::FriendRequestsPage {
+            incoming,
+            after,
+            limit,
+        })? {
+            ServerBody::FriendRequests { users, more } => Ok((users, more)),
+            other => Err(unexpected("FriendRequests", &other)),
+        }
+    }
+
+    /// Every pending friend request of the caller, incoming or outgoing
+    /// (see [`Client::friend_requests_page`]), ascending by user id, asked
+    /// a page at a time. Stops with [`ClientError::Protocol`] if the
+    /// server's pages do not move forward.
+    pub fn friend_requests_all(&mut self, incoming: bool) -> Result<Vec<UserId>, ClientError> {
+        let mut all: Vec<UserId> = Vec::new();
+        let mut after = 0;
+        loop {
+            let (users, more) = self.friend_requests_page(incoming, after, MEMBERS_PAGE_LIMIT_MAX)?;
+            if more && users.is_empty() {
+                return Err(ClientError::Protocol(
+                    "FriendRequests said more but listed none".into(),
+                ));
+            }
+            for user in users {
+                if user <= after {
+                    return Err(ClientError::Protocol(format!(
+                        "FriendRequests listed user {user} after {after}"
+                    )));
+                }
+                after = user;
+                all.push(user);
+            }
+            if !more {
+                return Ok(all);
+            }
+        }
     }
 
     /// Lists friends with their presence.

@@ -493,6 +493,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.max_blocks_per_user.to_string(),
     },
     Key {
+        name: "max_friend_requests",
+        help: "Most pending friend requests one user may have sent, and, apart, most they may have received",
+        apply: |s, v| set(&mut s.config.store.max_friend_requests, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_friend_requests.to_string(),
+    },
+    Key {
         name: "max_group_members",
         help: "Most members one group may have (the owner included)",
         apply: |s, v| set(&mut s.config.store.max_group_members, expected_usize(v, 1, MAX_COUNT)),

@@ -40,7 +40,7 @@ use tern_proto::{
     Cursor, ErrorCode, FrameBuf, FrameError, Friend, ReceiptKind, ServerBody, ServerFrame, UserId,
     PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
-use tern_storage::ExternalLogin;
+use tern_storage::{ExternalLogin, FriendOutcome};
 
 use crate::jwt::JwtRefusal;
 
@@ -1432,6 +1432,7 @@ impl Conn {
                         | ArchivedClientBody::FriendAdd { .. }
                         | ArchivedClientBody::FriendRemove { .. }
                         | ArchivedClientBody::FriendList
+                        | ArchivedClientBody::FriendRequestsPage { .. }
                         | ArchivedClientBody::UserBlock { .. }
                         | ArchivedClientBody::UserUnblock { .. }
                         | ArchivedClientBody::GroupCreate { .. }
@@ -1709,18 +1710,14 @@ impl Conn {
                 let added = shard
                     .blocking(move |store| {
                         let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
-                        store.add_friend(user, friend)?;
-                        Ok((friend, name))
+                        let outcome = store.add_friend(user, friend)?;
+                        Ok((friend, name, outcome))
                     })
                     .await;
                 match added {
-                    Ok((friend, username)) => ServerFrame {
-                        request_id,
-                        body: ServerBody::User {
-                            user: friend,
-                            username,
-                        },
-                    },
+                    Ok((friend, username, outcome)) => {
+                        self.friend_added(request_id, friend, username, outcome).await
+                    }
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
@@ -1738,6 +1735,24 @@ impl Conn {
                 }
             }
             ArchivedClientBody::FriendList => self.friend_list(request_id).await,
+            ArchivedClientBody::FriendRequestsPage {
+                incoming,
+                after,
+                limit,
+            } => {
+                let (incoming, after) = (*incoming, after.to_native());
+                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, size_of::<u64>());
+                match shard
+                    .blocking(move |store| store.friend_requests_after(user, incoming, after, take))
+                    .await
+                {
+                    Ok((users, more)) => ServerFrame {
+                        request_id,
+                        body: ServerBody::FriendRequests { users, more },
+                    },
+                    Err(e) => store_error_frame(request_id, &e),
+                }
+            }
             ArchivedClientBody::Ping { .. }
             | ArchivedClientBody::SendDirect { .. }
             | ArchivedClientBody::SendGroup { .. }
@@ -2263,6 +2278,54 @@ impl Conn {
             },
             _ => ServerFrame::error(request_id, ErrorCode::Internal, "receipt not stored; retry"),
         }
+    }
+
+    /// The answer to a `FriendAdd` of `friend` that the store took as
+    /// `outcome`, after telling `friend`'s live sessions of a new request
+    /// or of the acceptance of theirs. The push is best effort, like
+    /// `Invited`: the store already holds the change, and `friend` finds
+    /// it by listing requests or friends.
+    async fn friend_added(
+        &self,
+        request_id: u64,
+        friend: UserId,
+        username: String,
+        outcome: FriendOutcome,
+    ) -> ServerFrame {
+        let user = self.user;
+        let (push, body) = match outcome {
+            FriendOutcome::AlreadyFriends => (
+                None,
+                ServerBody::User {
+                    user: friend,
+                    username,
+                },
+            ),
+            FriendOutcome::Accepted => (
+                Some(ServerBody::FriendAccepted { by: user }),
+                ServerBody::User {
+                    user: friend,
+                    username,
+                },
+            ),
+            FriendOutcome::Requested { new } => (
+                new.then_some(ServerBody::FriendRequest { from: user }),
+                ServerBody::FriendRequestSent {
+                    user: friend,
+                    username,
+                },
+            ),
+        };
+        if let Some(body) = push {
+            let push = ServerFrame { request_id: 0, body };
+            let frame = encode_shared(&push, self.shard.config.max_frame_bytes);
+            let notify = Event::Notify {
+                to: Recipients::One(friend),
+                frame,
+            };
+            self.shard.send_event(self.shard.home_of(friend), notify).await;
+        }
+        ServerFrame { request_id, body }
     }
 
     async fn friend_list(&self, request_id: u64) -> ServerFrame {

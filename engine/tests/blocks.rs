@@ -30,7 +30,7 @@ fn a_block_stops_direct_messages_both_ways_from_its_ok_and_ends_the_friendship()
         let (alice, bob) = pair_homed_on(&server, shard);
         let mut a = server.login(&alice);
         let mut b = server.login(&bob);
-        a.friend_add(&bob.name).expect("befriend");
+        befriend(&mut a, &alice, &mut b, &bob);
 
         // A message before the block caches the conversation's state.
         let before = b.send_direct(alice.id, 77, text("hi")).expect("send");
@@ -68,7 +68,7 @@ fn a_block_stops_direct_messages_both_ways_from_its_ok_and_ends_the_friendship()
         // The conversation goes on where it stopped: no seq was used.
         assert_eq!(b.send_text(alice.id, "friends again?").expect("send").seq, 2);
         assert_eq!(expect_message(&mut a).seq, 2);
-        a.friend_add(&bob.name).expect("befriend again");
+        befriend(&mut a, &alice, &mut b, &bob);
     }
 }
 

@@ -106,7 +106,7 @@ fn accounts_friends_and_groups_survive(restart: fn(TestServer) -> TestServer) {
         let mut a = server.login(&alice);
         let mut b = server.login(&bob);
         let mut c = server.login(&carol);
-        a.friend_add(&bob.name).expect("friend");
+        befriend(&mut a, &alice, &mut b, &bob);
         let group = a.group_create("survivors").expect("group");
         b.group_join(group).expect("join");
         c.group_join(group).expect("join");

@@ -15,7 +15,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{admin, eventually, expect_message, total, TestServer, PASSWORD};
+use common::{admin, befriend_offline, eventually, expect_message, total, TestServer, PASSWORD};
 use rkyv::util::AlignedVec;
 use tern_client::ClientBody;
 use tern_client::{Client, ClientOptions, ClientTls, ErrorCode, ServerBody};
@@ -72,7 +72,7 @@ fn a_presence_change_reaches_a_parked_friend() {
     let alice = server.user_on_shard("parkp_a", 0);
     let bob = server.user_on_shard("parkp_b", 1 % server.shards());
     let mut a = server.login(&alice);
-    a.friend_add(&bob.name).expect("friend");
+    befriend_offline(&server, &mut a, &alice, &bob);
     wait_parked(&admin, 1);
 
     let b = server.login(&bob);

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{Client, ErrorCode, Friend};
+use tern_client::{Client, ErrorCode, Friend, FriendAdded, ServerBody};
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -30,9 +30,28 @@ fn friends_see_each_other_come_online_and_go_offline() {
     let mut a = server.login(&alice);
 
     assert_eq!(a.friends().expect("friends"), vec![]);
-    assert_eq!(a.friend_add(&bob.name).expect("add bob"), bob.id);
-    // Adding twice is harmless.
-    assert_eq!(a.friend_add(&bob.name).expect("add bob again"), bob.id);
+    assert_eq!(
+        a.friend_add(&bob.name).expect("ask bob"),
+        FriendAdded::Requested(bob.id)
+    );
+    // Asking twice is harmless.
+    assert_eq!(
+        a.friend_add(&bob.name).expect("ask bob again"),
+        FriendAdded::Requested(bob.id)
+    );
+    // A request is not a friendship: Bob coming online is not news to
+    // Alice until he accepts by adding her back.
+    assert_eq!(a.friends().expect("friends"), vec![]);
+    let mut b0 = server.login(&bob);
+    expect_silence(&mut a);
+    assert_eq!(
+        b0.friend_add(&alice.name).expect("accept"),
+        FriendAdded::Friends(alice.id)
+    );
+    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    assert_eq!(a.friends().expect("friends"), vec![friend(&bob, true)]);
+    drop(b0);
+    assert_eq!(expect_presence(&mut a), (bob.id, false));
     assert_eq!(a.friends().expect("friends"), vec![friend(&bob, false)]);
 
     // Bob logs in: Alice (on the other shard) is told.
@@ -73,7 +92,7 @@ fn friends_on_the_same_shard() {
         let x = server.user_on_shard(&format!("x{shard}_"), shard);
         let y = server.user_on_shard(&format!("y{shard}_"), shard);
         let mut cx = server.login(&x);
-        cx.friend_add(&y.name).expect("add");
+        befriend_offline(&server, &mut cx, &x, &y);
         let cy = server.login(&y);
         assert_eq!(expect_presence(&mut cx), (y.id, true));
         assert_eq!(cx.friends().expect("friends"), vec![friend(&y, true)]);
@@ -88,7 +107,7 @@ fn removed_friends_get_no_presence() {
     let alice = server.user_on_shard("alice", 1);
     let bob = server.user_on_shard("bob", 0);
     let mut a = server.login(&alice);
-    a.friend_add(&bob.name).expect("add");
+    befriend_offline(&server, &mut a, &alice, &bob);
     a.friend_remove(bob.id).expect("remove");
     // Removing is mutual too.
     assert_eq!(a.friends().expect("friends"), vec![]);

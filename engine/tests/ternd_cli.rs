@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{opts, PASSWORD, TIMEOUT};
-use tern_client::{Client, ErrorCode, ServerBody, UserId};
+use tern_client::{Client, ErrorCode, FriendAdded, ServerBody, UserId};
 
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -262,7 +262,22 @@ fn ternd_and_the_tern_cli_end_to_end() {
     // sent only once Bob's listener is connected.
     let mut watcher = Client::connect(addr, opts()).expect("connect");
     let alice = watcher.login("alice", PASSWORD).expect("login").user;
-    let bob = watcher.friend_add("bob").expect("befriend bob");
+    let FriendAdded::Requested(bob) = watcher.friend_add("bob").expect("ask bob") else {
+        panic!("a first FriendAdd only asks");
+    };
+    // Bob accepts with the CLI. Wait until that session is gone, so that
+    // the listener's coming online is news to the watcher.
+    let out = cli.run("bob", &["friends", "add", "alice"]);
+    assert!(out.contains("alice"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match watcher.next_push(left).expect("watcher connection") {
+            Some(ServerBody::Presence { user, online: false }) if user == bob => break,
+            Some(ServerBody::Presence { .. } | ServerBody::FriendAccepted { .. }) => {}
+            other => panic!("watcher got {other:?} before bob's CLI session left"),
+        }
+    }
 
     // 1:1.
     let listener = cli.spawn("bob", &["listen", "--count", "1", "--timeout-secs", "20"]);

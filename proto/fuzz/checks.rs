@@ -390,7 +390,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 41 {
+        match self.u8() % 42 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -532,7 +532,12 @@ impl<'a> Input<'a> {
             37 => ClientBody::GroupDelete { group: self.id() },
             38 => ClientBody::LoginJwt { token: self.text() },
             39 => ClientBody::Typing { conv: self.conv() },
-            _ => ClientBody::LogoutOthers,
+            40 => ClientBody::LogoutOthers,
+            _ => ClientBody::FriendRequestsPage {
+                incoming: self.u8() & 1 == 1,
+                after: self.id(),
+                limit: self.u64() as u32,
+            },
         }
     }
 }
@@ -678,6 +683,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
             | B::UserBlock { .. }
             | B::UserUnblock { .. }
             | B::BlocksPage { .. }
+            | B::FriendRequestsPage { .. }
             | B::GroupDelete { .. }
             | B::Typing { .. }
             | B::Logout

@@ -37,9 +37,16 @@ pub enum ClientBody {
     Ping { nonce: u64 },
     /// Looks up a user by name; answered with `User`.
     ResolveUser { username: String },
-    /// Adds a friend by name; answered with `User`.
+    /// Asks a user, by name, to be friends, or accepts their pending
+    /// request: answered with `User` once the two are friends (already, or
+    /// now that this accepted their request; their live sessions get
+    /// `FriendAccepted`), with `FriendRequestSent` while the caller's
+    /// request waits for the other's `FriendAdd` (their live sessions get
+    /// `FriendRequest` when it is new).
     FriendAdd { username: String },
-    /// Removes a friend; answered with `Ok`.
+    /// Ends a friendship, and drops any pending friend request between
+    /// the two either way (declining theirs, cancelling one's own);
+    /// answered with `Ok`, also if there was nothing.
     FriendRemove { user: UserId },
     /// Lists friends with their presence; answered with `Friends`.
     FriendList,
@@ -197,6 +204,15 @@ pub enum ClientBody {
     /// user's only one: answered with `LoggedIn`. `AuthFailed` if this
     /// session's own token was revoked already.
     LogoutOthers,
+    /// A page of the caller's pending friend requests: the users who asked
+    /// the caller (`incoming`), or whom the caller asked, with ids above
+    /// `after`, ascending, at most `limit` (clamped to 1..=1000). Answered
+    /// with `FriendRequests`.
+    FriendRequestsPage {
+        incoming: bool,
+        after: UserId,
+        limit: u32,
+    },
 }
 
 /// A member's role in a group.
@@ -446,6 +462,19 @@ pub enum ServerBody {
     /// Pushed to the live sessions of `conv`'s other participants when
     /// `user` sends `Typing`.
     Typing { conv: ConvId, user: UserId },
+    /// The answer to a `FriendAdd` that stored a request (or found it
+    /// pending already): `user` (named `username`) is asked, and becomes a
+    /// friend once they add the caller in turn.
+    FriendRequestSent { user: UserId, username: String },
+    /// The answer to `FriendRequestsPage`: users ascending by id; `more`
+    /// as in `MembersPage`.
+    FriendRequests { users: Vec<UserId>, more: bool },
+    /// Pushed to a user's live sessions when `from` asks them to be
+    /// friends (a new request; `FriendAdd` of `from` accepts it).
+    FriendRequest { from: UserId },
+    /// Pushed to a user's live sessions when `by` accepts their friend
+    /// request: the two are friends from now on.
+    FriendAccepted { by: UserId },
 }
 
 /// A friend and whether they are online now.

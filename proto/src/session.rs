@@ -241,6 +241,7 @@ impl Session {
                 | B::UserBlock { .. }
                 | B::UserUnblock { .. }
                 | B::BlocksPage { .. }
+                | B::FriendRequestsPage { .. }
                 | B::GroupDelete { .. }
                 | B::Typing { .. }
                 | B::History { .. }

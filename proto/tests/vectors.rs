@@ -628,6 +628,54 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client-friend-add",
+            client(
+                38,
+                ClientBody::FriendAdd {
+                    username: "bob".into(),
+                },
+            ),
+        ),
+        (
+            "server-friend-request-sent",
+            server(
+                38,
+                ServerBody::FriendRequestSent {
+                    user: 2,
+                    username: "bob".into(),
+                },
+            ),
+        ),
+        (
+            "server-friend-request",
+            server(0, ServerBody::FriendRequest { from: 1 }),
+        ),
+        (
+            "server-friend-accepted",
+            server(0, ServerBody::FriendAccepted { by: 2 }),
+        ),
+        (
+            "client-friend-requests-page",
+            client(
+                39,
+                ClientBody::FriendRequestsPage {
+                    incoming: true,
+                    after: 0,
+                    limit: 50,
+                },
+            ),
+        ),
+        (
+            "server-friend-requests",
+            server(
+                39,
+                ServerBody::FriendRequests {
+                    users: vec![1, 3],
+                    more: false,
+                },
+            ),
+        ),
     ]
 }
 
@@ -887,6 +935,11 @@ fn client_samples() -> Vec<ClientBody> {
             conv: ConvId::Group { group: 1 },
         },
         ClientBody::LogoutOthers,
+        ClientBody::FriendRequestsPage {
+            incoming: true,
+            after: 1,
+            limit: 2,
+        },
     ]
 }
 
@@ -994,6 +1047,16 @@ fn server_samples() -> Vec<ServerBody> {
             conv: ConvId::Group { group: 1 },
             user: 2,
         },
+        ServerBody::FriendRequestSent {
+            user: 1,
+            username: "alice".into(),
+        },
+        ServerBody::FriendRequests {
+            users: vec![],
+            more: false,
+        },
+        ServerBody::FriendRequest { from: 1 },
+        ServerBody::FriendAccepted { by: 2 },
     ]
 }
 
@@ -1061,6 +1124,11 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         B::MyInvitesPage { after, limit } | B::BlocksPage { after, limit } => {
             vec![o(addr(after)), o(addr(limit))]
         }
+        B::FriendRequestsPage {
+            incoming,
+            after,
+            limit,
+        } => vec![o(addr(incoming)), o(addr(after)), o(addr(limit))],
     }
 }
 
@@ -1145,6 +1213,10 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
         B::MyInvites { groups, more } => vec![o(addr(groups)), o(addr(more))],
         B::Blocks { users, more } => vec![o(addr(users)), o(addr(more))],
         B::Invited { group, by } | B::GroupDeleted { group, by } => vec![o(addr(group)), o(addr(by))],
+        B::FriendRequestSent { user, username } => vec![o(addr(user)), o(addr(username))],
+        B::FriendRequests { users, more } => vec![o(addr(users)), o(addr(more))],
+        B::FriendRequest { from } => vec![o(addr(from))],
+        B::FriendAccepted { by } => vec![o(addr(by))],
     }
 }
 
@@ -1387,7 +1459,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 41] = [
+    let client_expected: [&[usize]; 42] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1429,6 +1501,7 @@ fn archived_layout_is_as_documented() {
         &[4],             // LoginJwt
         &[8],             // Typing
         &[],              // LogoutOthers
+        &[1, 8, 16],      // FriendRequestsPage
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1452,7 +1525,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 27] = [
+    let server_expected: [&[usize]; 31] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12, 20],  // Error
         &[],              // Ok
@@ -1480,6 +1553,10 @@ fn archived_layout_is_as_documented() {
         &[4, 12],         // Blocks
         &[8, 16],         // GroupDeleted
         &[8, 32],         // Typing
+        &[8, 16],         // FriendRequestSent
+        &[4, 12],         // FriendRequests
+        &[8],             // FriendRequest
+        &[8],             // FriendAccepted
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1840,6 +1917,16 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(Field::U64(B + 8, *after));
             fields.push(Field::U32(B + 16, *limit));
         }
+        ClientBody::FriendRequestsPage {
+            incoming,
+            after,
+            limit,
+        } => {
+            fields.push(tag(41));
+            fields.push(Field::U8(B + 1, u8::from(*incoming)));
+            fields.push(Field::U64(B + 8, *after));
+            fields.push(Field::U32(B + 16, *limit));
+        }
         ClientBody::GroupMembersPage { group, after, limit }
         | ClientBody::GroupInvitesPage { group, after, limit }
         | ClientBody::GroupBansPage { group, after, limit } => {
@@ -2136,6 +2223,19 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             },
             more: bool_at(b + 24),
         },
+        27 => ServerBody::FriendRequestSent {
+            user: u64_at(b + 8),
+            username: string_at(b + 16),
+        },
+        28 => ServerBody::FriendRequests {
+            users: {
+                let (start, len) = vec_at(b + 4);
+                (0..len).map(|i| u64_at(start + 8 * i)).collect()
+            },
+            more: bool_at(b + 12),
+        },
+        29 => ServerBody::FriendRequest { from: u64_at(b + 8) },
+        30 => ServerBody::FriendAccepted { by: u64_at(b + 8) },
         t => panic!("bad ServerBody tag {t}"),
     };
     ServerFrame {
@@ -2303,6 +2403,13 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
         arb_string().prop_map(|token| ClientBody::LoginJwt { token }),
         arb_conv().prop_map(|conv| ClientBody::Typing { conv }),
         Just(ClientBody::LogoutOthers),
+        (any::<bool>(), any::<u64>(), any::<u32>()).prop_map(|(incoming, after, limit)| {
+            ClientBody::FriendRequestsPage {
+                incoming,
+                after,
+                limit,
+            }
+        }),
     ]
 }
 
@@ -2420,6 +2527,12 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
             .prop_map(|(users, more)| ServerBody::Blocks { users, more }),
         (any::<u64>(), any::<u64>()).prop_map(|(group, by)| ServerBody::GroupDeleted { group, by }),
+        (any::<u64>(), arb_string())
+            .prop_map(|(user, username)| ServerBody::FriendRequestSent { user, username }),
+        (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
+            .prop_map(|(users, more)| ServerBody::FriendRequests { users, more }),
+        any::<u64>().prop_map(|from| ServerBody::FriendRequest { from }),
+        any::<u64>().prop_map(|by| ServerBody::FriendAccepted { by }),
     ]
 }
 

@@ -45,7 +45,10 @@ pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS, TOO_MANY_
 pub use messages::{
     ConvTail, HistoryEntry, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp,
 };
-pub use social::{Blocks, BLOCKED_BY_THEM, YOU_BLOCKED};
+pub use social::{
+    Blocks, FriendOutcome, BLOCKED_BY_THEM, FRIEND_LIST_FULL, INCOMING_REQUESTS_FULL, OUTGOING_REQUESTS_FULL,
+    YOU_BLOCKED,
+};
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;
 pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats, LATENCY_MICROS_BUCKETS};
@@ -72,6 +75,9 @@ pub struct StoreOptions {
     pub max_friends: usize,
     /// Most users one user may block.
     pub max_blocks_per_user: usize,
+    /// Most pending friend requests one user may have sent, and, apart,
+    /// most one user may have received.
+    pub max_friend_requests: usize,
     /// Most members one group may have (the owner included).
     pub max_group_members: usize,
     /// Most pending (unused) invites one group may have.
@@ -108,6 +114,7 @@ impl Default for StoreOptions {
             max_tokens_per_user: DEFAULT_MAX_TOKENS_PER_USER,
             max_friends: 1000,
             max_blocks_per_user: DEFAULT_MAX_BLOCKS_PER_USER,
+            max_friend_requests: DEFAULT_MAX_FRIEND_REQUESTS,
             max_group_members: 10_000,
             max_group_invites: DEFAULT_MAX_GROUP_INVITES,
             max_invites_per_user: DEFAULT_MAX_INVITES_PER_USER,
@@ -131,6 +138,9 @@ const TOKEN_ISSUE_STRIPES: usize = 64;
 
 /// Default of [`StoreOptions::max_blocks_per_user`].
 pub const DEFAULT_MAX_BLOCKS_PER_USER: usize = 10_000;
+
+/// Default of [`StoreOptions::max_friend_requests`].
+pub const DEFAULT_MAX_FRIEND_REQUESTS: usize = 1000;
 
 /// Default of [`StoreOptions::max_group_bans`].
 pub const DEFAULT_MAX_GROUP_BANS: usize = 10_000;
@@ -201,6 +211,11 @@ struct Inner {
     revocation_times: Ks,
     /// user ++ friend -> (), both directions.
     friends: Ks,
+    /// from ++ to -> (): pending friend requests, by sender.
+    requests_out: Ks,
+    /// to ++ from -> (): the same requests by recipient, kept with
+    /// `requests_out` in the same batches.
+    requests_in: Ks,
     /// blocker ++ blocked -> (): one direction per block.
     blocks: Ks,
     /// group id -> (owner, member count, invite count, open, name), or a
@@ -350,6 +365,8 @@ impl Store {
             user_tokens: ks("user_tokens")?,
             revocation_times: ks("revocations")?,
             friends: ks("friends")?,
+            requests_out: ks("friend_requests_out")?,
+            requests_in: ks("friend_requests_in")?,
             blocks: ks("blocks")?,
             groups,
             group_purges,

@@ -21,8 +21,8 @@ fn default_options_follow_the_spec() {
     assert_eq!(o.token_ttl.as_secs(), 30 * 24 * 3600);
     assert_eq!(o.max_tokens_per_user, 64);
     assert_eq!(
-        (o.max_friends, o.max_group_members, o.fsync),
-        (1000, 10_000, true)
+        (o.max_friends, o.max_friend_requests, o.max_group_members, o.fsync),
+        (1000, 1000, 10_000, true)
     );
 }
 

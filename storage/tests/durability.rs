@@ -18,7 +18,10 @@ fn reopen_finds_everything_and_ids_continue() {
         store.register("bob", b"password2").unwrap();
         store.register("carol", b"password3").unwrap();
         store.add_friend(1, 2).unwrap();
+        store.add_friend(2, 1).unwrap();
         store.add_friend(3, 1).unwrap();
+        store.add_friend(1, 3).unwrap();
+        store.add_friend(2, 3).unwrap(); // a request, still pending
         let g = store.create_group(1, "club").unwrap();
         store.add_member(g, 3).unwrap();
         token = store.issue_token(2).unwrap();
@@ -30,6 +33,14 @@ fn reopen_finds_everything_and_ids_continue() {
     assert_eq!(store.username(2).unwrap().as_deref(), Some("bob"));
     assert_eq!(store.friends(1).unwrap(), vec![2, 3]);
     assert_eq!(store.friends(2).unwrap(), vec![1]);
+    assert_eq!(
+        store.friend_requests_after(3, true, 0, 10).unwrap(),
+        (vec![2], false)
+    );
+    assert_eq!(
+        store.friend_requests_after(2, false, 0, 10).unwrap(),
+        (vec![3], false)
+    );
     assert_eq!(store.verify_token(&token).unwrap(), 2);
     assert_eq!(
         store.group(1).unwrap(),
@@ -335,6 +346,7 @@ fn synced_writes_work_end_to_end() {
         store.register("alice", b"password1").unwrap();
         store.register("bob", b"password2").unwrap();
         store.add_friend(1, 2).unwrap();
+        store.add_friend(2, 1).unwrap();
         store.create_group(1, "g").unwrap();
         store.add_member(1, 2).unwrap();
         store.issue_token(1).unwrap();
@@ -357,8 +369,9 @@ fn concurrent_synced_changes_share_fdatasyncs_and_keep_every_invariant() {
     let before = store.sync_stats();
     assert_eq!(before.durable_writes, 2);
 
-    // Registrations, joins and friendships at once, from several threads,
-    // as the shards' blocking threads make them.
+    // Registrations, joins and friendships (a request and its acceptance)
+    // at once, from several threads, as the shards' blocking threads make
+    // them.
     std::thread::scope(|scope| {
         for t in 0..THREADS {
             let store = &store;
@@ -368,6 +381,7 @@ fn concurrent_synced_changes_share_fdatasyncs_and_keep_every_invariant() {
                     let user = store.register(&name, b"password1").unwrap();
                     store.add_member(group, user).unwrap();
                     store.add_friend(owner, user).unwrap();
+                    store.add_friend(user, owner).unwrap();
                 }
             });
         }
@@ -375,8 +389,8 @@ fn concurrent_synced_changes_share_fdatasyncs_and_keep_every_invariant() {
 
     let users = THREADS * PER_THREAD;
     let after = store.sync_stats();
-    assert_eq!(after.durable_writes - before.durable_writes, 3 * users);
-    assert!(after.syncs - before.syncs <= 3 * users, "{after:?}");
+    assert_eq!(after.durable_writes - before.durable_writes, 4 * users);
+    assert!(after.syncs - before.syncs <= 4 * users, "{after:?}");
     // Ids stay dense and unique, every join counted once, every
     // friendship symmetric: the locks still serialise the checks.
     let mut ids = store.members(group).unwrap();

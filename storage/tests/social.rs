@@ -1,10 +1,13 @@
-//! Friends, blocks and groups over a real store: symmetry, limits,
-//! idempotence.
+//! Friends, friend requests, blocks and groups over a real store:
+//! symmetry, consent, limits, idempotence.
 
 mod common;
 
 use common::{open, open_with};
-use tern_storage::{Blocks, GroupRecord, StoreError, BLOCKED_BY_THEM, YOU_BLOCKED};
+use tern_storage::{
+    Blocks, FriendOutcome, GroupRecord, Store, StoreError, BLOCKED_BY_THEM, FRIEND_LIST_FULL,
+    INCOMING_REQUESTS_FULL, OUTGOING_REQUESTS_FULL, YOU_BLOCKED,
+};
 
 fn users(store: &tern_storage::Store, n: u64) {
     for i in 1..=n {
@@ -12,16 +15,32 @@ fn users(store: &tern_storage::Store, n: u64) {
     }
 }
 
+/// `a` asks `b`, `b` accepts: they are friends.
+fn befriend(store: &Store, a: u64, b: u64) {
+    assert_eq!(
+        store.add_friend(a, b).unwrap(),
+        FriendOutcome::Requested { new: true }
+    );
+    assert_eq!(store.add_friend(b, a).unwrap(), FriendOutcome::Accepted);
+}
+
+/// The pending requests to `user` (incoming) or from them, all of them.
+fn requests(store: &Store, user: u64, incoming: bool) -> Vec<u64> {
+    let (users, more) = store.friend_requests_after(user, incoming, 0, 1000).unwrap();
+    assert!(!more);
+    users
+}
+
 #[test]
 fn friendship_is_mutual_sorted_and_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     users(&store, 4);
-    store.add_friend(1, 3).unwrap();
-    store.add_friend(1, 2).unwrap();
-    store.add_friend(4, 1).unwrap();
-    store.add_friend(1, 2).unwrap();
-    store.add_friend(2, 1).unwrap();
+    befriend(&store, 1, 3);
+    befriend(&store, 1, 2);
+    befriend(&store, 4, 1);
+    assert_eq!(store.add_friend(1, 2).unwrap(), FriendOutcome::AlreadyFriends);
+    assert_eq!(store.add_friend(2, 1).unwrap(), FriendOutcome::AlreadyFriends);
     assert_eq!(store.friends(1).unwrap(), vec![2, 3, 4]);
     assert_eq!(store.friends(2).unwrap(), vec![1]);
     assert_eq!(store.friends(3).unwrap(), vec![1]);
@@ -41,8 +60,8 @@ fn a_block_ends_the_friendship_keeps_both_from_befriending_and_survives_reopenin
     {
         let store = open(dir.path());
         users(&store, 4);
-        store.add_friend(1, 2).unwrap();
-        store.add_friend(1, 3).unwrap();
+        befriend(&store, 1, 2);
+        befriend(&store, 1, 3);
         store.block(2, 1).unwrap();
         store.block(2, 1).unwrap(); // again: nothing to do
         store.block(2, 4).unwrap(); // never friends
@@ -84,7 +103,7 @@ fn a_block_ends_the_friendship_keeps_both_from_befriending_and_survives_reopenin
         store.friends(2).unwrap().is_empty(),
         "the friendship does not come back"
     );
-    store.add_friend(2, 1).unwrap();
+    befriend(&store, 2, 1);
     assert_eq!(store.friends(2).unwrap(), vec![1]);
 }
 
@@ -122,23 +141,29 @@ fn friend_limit_applies_to_both_sides() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(dir.path(), |o| o.max_friends = 2);
     users(&store, 5);
-    store.add_friend(1, 2).unwrap();
-    store.add_friend(1, 3).unwrap();
-    // user 1 is full: neither 1 adding nor being added works.
+    befriend(&store, 1, 2);
+    befriend(&store, 1, 3);
+    // user 1 is full: 1 may not ask, and may be asked but not accept, nor
+    // be accepted.
     assert!(matches!(
         store.add_friend(1, 4),
-        Err(StoreError::LimitExceeded(_))
+        Err(StoreError::LimitExceeded(FRIEND_LIST_FULL))
     ));
+    assert_eq!(
+        store.add_friend(4, 1).unwrap(),
+        FriendOutcome::Requested { new: true }
+    );
     assert!(matches!(
-        store.add_friend(4, 1),
-        Err(StoreError::LimitExceeded(_))
+        store.add_friend(1, 4),
+        Err(StoreError::LimitExceeded(FRIEND_LIST_FULL))
     ));
     assert!(store.friends(4).unwrap().is_empty());
+    assert_eq!(requests(&store, 1, true), vec![4], "the request stays");
     // Re-adding an existing friendship at the limit is still fine.
-    store.add_friend(1, 2).unwrap();
+    assert_eq!(store.add_friend(1, 2).unwrap(), FriendOutcome::AlreadyFriends);
     // Removing one frees a slot.
     store.remove_friend(1, 3).unwrap();
-    store.add_friend(4, 1).unwrap();
+    assert_eq!(store.add_friend(1, 4).unwrap(), FriendOutcome::Accepted);
     assert_eq!(store.friends(1).unwrap(), vec![2, 4]);
 }
 
@@ -147,6 +172,9 @@ fn concurrent_friend_adds_respect_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(dir.path(), |o| o.max_friends = 3);
     users(&store, 9);
+    for f in 2..=9 {
+        store.add_friend(f, 1).unwrap();
+    }
     let handles: Vec<_> = (2..=9)
         .map(|f| {
             let store = store.clone();
@@ -160,6 +188,234 @@ fn concurrent_friend_adds_respect_the_limit() {
         .count();
     assert_eq!(ok, 3);
     assert_eq!(store.friends(1).unwrap().len(), 3);
+    assert_eq!(requests(&store, 1, true).len(), 5, "the refused stay pending");
+}
+
+#[test]
+fn a_friendship_needs_both_whoever_asks_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 3);
+    // 1 asks 2: nothing mutual yet, the request is listed on both sides.
+    assert_eq!(
+        store.add_friend(1, 2).unwrap(),
+        FriendOutcome::Requested { new: true }
+    );
+    assert!(store.friends(1).unwrap().is_empty());
+    assert!(store.friends(2).unwrap().is_empty());
+    assert_eq!(requests(&store, 1, false), vec![2]);
+    assert_eq!(requests(&store, 2, true), vec![1]);
+    assert!(requests(&store, 1, true).is_empty());
+    assert!(requests(&store, 2, false).is_empty());
+    // Asking again changes nothing.
+    assert_eq!(
+        store.add_friend(1, 2).unwrap(),
+        FriendOutcome::Requested { new: false }
+    );
+    assert_eq!(requests(&store, 2, true), vec![1]);
+    // 2 accepts by adding 1: friends both ways, the request gone.
+    assert_eq!(store.add_friend(2, 1).unwrap(), FriendOutcome::Accepted);
+    assert_eq!(store.friends(1).unwrap(), vec![2]);
+    assert_eq!(store.friends(2).unwrap(), vec![1]);
+    for user in 1..=2 {
+        assert!(requests(&store, user, true).is_empty());
+        assert!(requests(&store, user, false).is_empty());
+    }
+    // The other way round: 3 asks 1, 1 accepts.
+    assert_eq!(
+        store.add_friend(3, 1).unwrap(),
+        FriendOutcome::Requested { new: true }
+    );
+    assert_eq!(store.add_friend(1, 3).unwrap(), FriendOutcome::Accepted);
+    assert_eq!(store.friends(1).unwrap(), vec![2, 3]);
+    assert_eq!(store.friends(3).unwrap(), vec![1]);
+    assert_eq!(store.add_friend(3, 1).unwrap(), FriendOutcome::AlreadyFriends);
+}
+
+#[test]
+fn repeating_a_pending_request_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.fsync = true);
+    users(&store, 2);
+    store.add_friend(1, 2).unwrap();
+    let before = store.sync_stats();
+    assert_eq!(
+        store.add_friend(1, 2).unwrap(),
+        FriendOutcome::Requested { new: false }
+    );
+    assert_eq!(store.sync_stats(), before);
+}
+
+#[test]
+fn removing_declines_or_cancels_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 3);
+    store.add_friend(1, 2).unwrap();
+    store.add_friend(3, 2).unwrap();
+    // 2 declines 1's request.
+    store.remove_friend(2, 1).unwrap();
+    assert_eq!(requests(&store, 2, true), vec![3]);
+    assert!(requests(&store, 1, false).is_empty());
+    // 3 cancels their own.
+    store.remove_friend(3, 2).unwrap();
+    assert!(requests(&store, 2, true).is_empty());
+    assert!(requests(&store, 3, false).is_empty());
+    // Nothing left to remove: still fine.
+    store.remove_friend(3, 2).unwrap();
+    // A declined request does not accept anything later: 2's add is a
+    // new request of their own.
+    assert_eq!(
+        store.add_friend(2, 1).unwrap(),
+        FriendOutcome::Requested { new: true }
+    );
+    assert!(store.friends(2).unwrap().is_empty());
+}
+
+#[test]
+fn a_block_drops_requests_both_ways_and_refuses_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 3);
+    store.add_friend(1, 2).unwrap();
+    store.add_friend(3, 2).unwrap();
+    store.add_friend(2, 3).unwrap(); // accepts: 2 and 3 are friends
+    store.add_friend(1, 3).unwrap();
+    // 2 blocks 1: 1's request to 2 is gone; the others stay.
+    store.block(2, 1).unwrap();
+    assert!(requests(&store, 2, true).is_empty());
+    assert_eq!(requests(&store, 1, false), vec![3]);
+    assert!(matches!(
+        store.add_friend(1, 2),
+        Err(StoreError::Forbidden(BLOCKED_BY_THEM))
+    ));
+    assert!(matches!(
+        store.add_friend(2, 1),
+        Err(StoreError::Forbidden(YOU_BLOCKED))
+    ));
+    // 3 blocks 1, who had asked them: gone too, the other direction.
+    store.block(3, 1).unwrap();
+    assert!(requests(&store, 3, true).is_empty());
+    assert!(requests(&store, 1, false).is_empty());
+    // Lifting the blocks brings no request back.
+    store.unblock(2, 1).unwrap();
+    store.unblock(3, 1).unwrap();
+    assert!(requests(&store, 2, true).is_empty());
+    assert!(requests(&store, 3, true).is_empty());
+    assert_eq!(store.friends(2).unwrap(), vec![3]);
+}
+
+#[test]
+fn pending_requests_are_bounded_out_and_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.max_friend_requests = 2);
+    users(&store, 6);
+    store.add_friend(1, 2).unwrap();
+    store.add_friend(1, 3).unwrap();
+    assert!(matches!(
+        store.add_friend(1, 4),
+        Err(StoreError::LimitExceeded(OUTGOING_REQUESTS_FULL))
+    ));
+    // Asking again for a pending one needs no new place.
+    assert_eq!(
+        store.add_friend(1, 3).unwrap(),
+        FriendOutcome::Requested { new: false }
+    );
+    // 5 gets two requests and no third.
+    store.add_friend(2, 5).unwrap();
+    store.add_friend(3, 5).unwrap();
+    assert!(matches!(
+        store.add_friend(4, 5),
+        Err(StoreError::LimitExceeded(INCOMING_REQUESTS_FULL))
+    ));
+    // Accepting needs no place: 5 may still accept, even with its own
+    // outgoing list full.
+    store.add_friend(5, 6).unwrap();
+    store.add_friend(5, 4).unwrap();
+    store.add_friend(6, 1).unwrap(); // 1 receives: its outgoing list is full, not its incoming
+    assert_eq!(store.add_friend(1, 6).unwrap(), FriendOutcome::Accepted);
+    // An accepted, declined or cancelled request frees its places.
+    assert_eq!(store.add_friend(3, 1).unwrap(), FriendOutcome::Accepted);
+    store.add_friend(1, 4).unwrap();
+    store.remove_friend(5, 2).unwrap(); // 5 declines 2
+    store.remove_friend(5, 4).unwrap(); // 5 cancels theirs to 4
+    store.add_friend(4, 5).unwrap();
+    assert_eq!(requests(&store, 1, false), vec![2, 4]);
+    assert_eq!(requests(&store, 5, true), vec![3, 4]);
+    assert_eq!(requests(&store, 5, false), vec![6]);
+}
+
+#[test]
+fn request_lists_page_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        users(&store, 6);
+        for from in [4, 2, 6, 3] {
+            store.add_friend(from, 1).unwrap();
+        }
+        store.add_friend(1, 5).unwrap();
+        assert_eq!(store.add_friend(1, 6).unwrap(), FriendOutcome::Accepted);
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.friend_requests_after(1, true, 0, 2).unwrap(),
+        (vec![2, 3], true)
+    );
+    assert_eq!(
+        store.friend_requests_after(1, true, 3, 2).unwrap(),
+        (vec![4], false)
+    );
+    assert_eq!(
+        store.friend_requests_after(1, true, 4, 2).unwrap(),
+        (vec![], false)
+    );
+    assert_eq!(
+        store.friend_requests_after(1, true, u64::MAX, 2).unwrap(),
+        (vec![], false)
+    );
+    assert_eq!(
+        store.friend_requests_after(1, false, 0, 10).unwrap(),
+        (vec![5], false)
+    );
+    assert_eq!(
+        store.friend_requests_after(5, true, 0, 10).unwrap(),
+        (vec![1], false)
+    );
+    assert_eq!(store.friends(6).unwrap(), vec![1]);
+    assert_eq!(store.add_friend(1, 4).unwrap(), FriendOutcome::Accepted);
+    assert_eq!(store.friends(1).unwrap(), vec![4, 6]);
+}
+
+#[test]
+fn a_store_from_before_friend_requests_keeps_its_friendships() {
+    use fjall::{Database, KeyspaceCreateOptions};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // What an older build wrote: users, and a friendship of two of them.
+        let db = Database::builder(dir.path()).open().unwrap();
+        let users = db.keyspace("users", KeyspaceCreateOptions::default).unwrap();
+        let friends = db.keyspace("friends", KeyspaceCreateOptions::default).unwrap();
+        for (id, name) in [(1u64, "alice"), (2, "bob"), (3, "carol")] {
+            let mut record = vec![1u8];
+            record.extend_from_slice(name.as_bytes());
+            users.insert(id.to_be_bytes(), record).unwrap();
+        }
+        let pair = |a: u64, b: u64| [a.to_be_bytes(), b.to_be_bytes()].concat();
+        friends.insert(pair(1, 2), []).unwrap();
+        friends.insert(pair(2, 1), []).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.friends(1).unwrap(), vec![2]);
+    assert_eq!(store.friends(2).unwrap(), vec![1]);
+    assert!(requests(&store, 1, true).is_empty());
+    assert_eq!(store.add_friend(2, 1).unwrap(), FriendOutcome::AlreadyFriends);
+    assert_eq!(
+        store.add_friend(3, 1).unwrap(),
+        FriendOutcome::Requested { new: true }
+    );
+    assert_eq!(requests(&store, 1, true), vec![3]);
 }
 
 #[test]

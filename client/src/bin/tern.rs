@@ -333,7 +333,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Friends { action } => match action {
             FriendsCommand::Add { name } => {
-                let id = client.friend_add(&name)?;
+                let id = client.friend_add(&name)?.user();
                 println!("added {name} (id {id})");
             }
             FriendsCommand::Remove { name } => {
@@ -1093,7 +1093,7 @@ fn chat_line(
         }
         "friend" => {
             let name = one_arg(rest, "/friend NAME")?;
-            let id = client.friend_add(name)?;
+            let id = client.friend_add(name)?.user();
             names.learn(id, name);
             println!("* added {name} (id {id})");
             Ok(Flow::Continue)

@@ -12,7 +12,8 @@ use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tempfile::TempDir;
 use tern_client::{
-    ChatMessage, Client, ClientBody, ClientError, ClientOptions, GroupId, ServerBody, ServerFrame, UserId,
+    ChatMessage, Client, ClientBody, ClientError, ClientOptions, FriendAdded, GroupId, ServerBody,
+    ServerFrame, UserId,
 };
 use tern_engine::{Config, Server};
 use tern_proto::{decode_server, encode_client, shard_of, ClientFrame, FrameBuf, PROTOCOL_VERSION};
@@ -281,6 +282,47 @@ pub fn expect_presence(client: &mut Client) -> (UserId, bool) {
     match expect_any_push(client) {
         ServerBody::Presence { user, online } => (user, online),
         other => panic!("expected a Presence push, got {other:?}"),
+    }
+}
+
+/// Makes two users friends as users do: `a` asks `b` by name, `b`
+/// accepts by adding `a` back. Both must be logged in on these clients
+/// (their only sessions); consumes the `FriendRequest` and
+/// `FriendAccepted` pushes that this causes.
+pub fn befriend(a: &mut Client, a_user: &User, b: &mut Client, b_user: &User) {
+    assert_eq!(
+        a.friend_add(&b_user.name).expect("ask"),
+        FriendAdded::Requested(b_user.id)
+    );
+    match expect_push(b) {
+        ServerBody::FriendRequest { from } if from == a_user.id => {}
+        other => panic!("expected FriendRequest from {}, got {other:?}", a_user.id),
+    }
+    assert_eq!(
+        b.friend_add(&a_user.name).expect("accept"),
+        FriendAdded::Friends(a_user.id)
+    );
+    match expect_push(a) {
+        ServerBody::FriendAccepted { by } if by == b_user.id => {}
+        other => panic!("expected FriendAccepted by {}, got {other:?}", b_user.id),
+    }
+}
+
+/// [`befriend`] for a `b` that is not logged in: a session of `b` logs in
+/// to accept and leaves again; waits until `a` has seen it go (the
+/// `FriendAccepted` push, then `b`'s presence going offline), so nothing
+/// of it reaches `a` later. `a` must have no other friend coming or going.
+pub fn befriend_offline(server: &TestServer, a: &mut Client, a_user: &User, b_user: &User) {
+    let mut b = server.login(b_user);
+    befriend(a, a_user, &mut b, b_user);
+    drop(b);
+    // Its coming online may have been published after the acceptance.
+    loop {
+        match expect_presence(a) {
+            (user, false) if user == b_user.id => break,
+            (user, true) if user == b_user.id => continue,
+            other => panic!("expected {}'s presence, got {other:?}", b_user.id),
+        }
     }
 }
 

@@ -1,0 +1,369 @@
+//! Friend requests over real sockets and a real store: a friendship needs
+//! both users, a pending request shows no presence, the asked user's
+//! sessions are told, requests are listed, declined, cancelled, dropped by
+//! blocks, bounded, and survive a restart, on users of any home shards.
+
+mod common;
+
+use common::*;
+use tern_client::{Client, ErrorCode, Friend, FriendAdded, ServerBody};
+
+/// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
+fn expect_silence(client: &mut Client) {
+    if let Some(push) = client.next_push(QUIET).expect("connection alive") {
+        panic!("expected no push, got {push:?}");
+    }
+}
+
+fn incoming(client: &mut Client) -> Vec<u64> {
+    client.friend_requests_all(true).expect("incoming requests")
+}
+
+fn outgoing(client: &mut Client) -> Vec<u64> {
+    client.friend_requests_all(false).expect("outgoing requests")
+}
+
+fn friend_ids(client: &mut Client) -> Vec<u64> {
+    client
+        .friends()
+        .expect("friends")
+        .into_iter()
+        .map(|f| f.user)
+        .collect()
+}
+
+/// Every ordered pair of home shards (both users on one shard included).
+fn shard_pairs(server: &TestServer) -> Vec<(usize, usize)> {
+    let n = server.shards();
+    (0..n).flat_map(|a| (0..n).map(move |b| (a, b))).collect()
+}
+
+#[test]
+fn a_request_becomes_a_friendship_when_the_other_adds_back_whoever_asks_first() {
+    let server = TestServer::start();
+    for (sa, sb) in shard_pairs(&server) {
+        let alice = server.user_on_shard(&format!("al{sa}{sb}_"), sa);
+        let bob = server.user_on_shard(&format!("bo{sa}{sb}_"), sb);
+        let mut a = server.login(&alice);
+        let mut b = server.login(&bob);
+        // Bob has two devices: both are told.
+        let mut b2 = server.login(&bob);
+
+        assert_eq!(
+            a.friend_add(&bob.name).expect("ask"),
+            FriendAdded::Requested(bob.id)
+        );
+        for session in [&mut b, &mut b2] {
+            assert_eq!(expect_push(session), ServerBody::FriendRequest { from: alice.id });
+        }
+        assert!(friend_ids(&mut a).is_empty());
+        assert!(friend_ids(&mut b).is_empty());
+        assert_eq!(outgoing(&mut a), vec![bob.id]);
+        assert_eq!(incoming(&mut b), vec![alice.id]);
+        assert!(incoming(&mut a).is_empty());
+        assert!(outgoing(&mut b).is_empty());
+
+        // Bob accepts by adding Alice back: friends both ways, request gone.
+        assert_eq!(
+            b2.friend_add(&alice.name).expect("accept"),
+            FriendAdded::Friends(alice.id)
+        );
+        assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+        assert_eq!(friend_ids(&mut a), vec![bob.id]);
+        assert_eq!(friend_ids(&mut b), vec![alice.id]);
+        for c in [&mut a, &mut b] {
+            assert!(incoming(c).is_empty());
+            assert!(outgoing(c).is_empty());
+        }
+        // Adding a friend again answers User and pushes nothing.
+        assert_eq!(
+            a.friend_add(&bob.name).expect("again"),
+            FriendAdded::Friends(bob.id)
+        );
+        expect_quiet(&mut [&mut a, &mut b, &mut b2]);
+
+        // The other way round: a third user asks Alice, who accepts.
+        let carol = server.user_on_shard(&format!("ca{sa}{sb}_"), sb);
+        let mut c = server.login(&carol);
+        befriend(&mut c, &carol, &mut a, &alice);
+        assert_eq!(friend_ids(&mut c), vec![alice.id]);
+        let mut ids = vec![bob.id, carol.id];
+        ids.sort_unstable();
+        assert_eq!(friend_ids(&mut a), ids);
+        expect_quiet(&mut [&mut a, &mut b, &mut b2, &mut c]);
+    }
+}
+
+#[test]
+fn a_pending_request_shows_no_presence_and_a_friendship_does() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    assert_eq!(
+        a.friend_add(&bob.name).expect("ask"),
+        FriendAdded::Requested(bob.id)
+    );
+
+    // Bob comes and goes: Alice, who only asked, hears nothing of it.
+    let b = server.login(&bob);
+    expect_silence(&mut a);
+    drop(b);
+    expect_silence(&mut a);
+    assert!(a.friends().expect("friends").is_empty());
+
+    // Nor does Bob hear of Alice, whom he has not accepted.
+    let mut b = server.login(&bob);
+    drop(a);
+    expect_silence(&mut b);
+    let mut a = server.login(&alice);
+    expect_silence(&mut b);
+
+    // Bob accepts: from now on each sees the other come and go.
+    assert_eq!(
+        b.friend_add(&alice.name).expect("accept"),
+        FriendAdded::Friends(alice.id)
+    );
+    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    assert_eq!(
+        a.friends().expect("friends"),
+        vec![Friend {
+            user: bob.id,
+            username: bob.name.clone(),
+            online: true,
+        }]
+    );
+    drop(b);
+    assert_eq!(expect_presence(&mut a), (bob.id, false));
+    let _b = server.login(&bob);
+    assert_eq!(expect_presence(&mut a), (bob.id, true));
+}
+
+#[test]
+fn an_offline_user_finds_the_request_after_logging_in() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 1);
+    let bob = server.user_on_shard("bob", 0);
+    let mut a = server.login(&alice);
+    a.friend_add(&bob.name).expect("ask");
+
+    let mut b = server.login(&bob);
+    // The push went to no one; the request waits in the store.
+    expect_silence(&mut b);
+    assert_eq!(
+        b.friend_requests_page(true, 0, 10).expect("page"),
+        (vec![alice.id], false)
+    );
+    assert_eq!(
+        b.friend_add(&alice.name).expect("accept"),
+        FriendAdded::Friends(alice.id)
+    );
+    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+}
+
+#[test]
+fn asking_again_is_idempotent_and_pushes_once() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    for _ in 0..3 {
+        assert_eq!(
+            a.friend_add(&bob.name).expect("ask"),
+            FriendAdded::Requested(bob.id)
+        );
+    }
+    assert_eq!(expect_push(&mut b), ServerBody::FriendRequest { from: alice.id });
+    expect_quiet(&mut [&mut a, &mut b]);
+    assert_eq!(outgoing(&mut a), vec![bob.id]);
+    assert_eq!(incoming(&mut b), vec![alice.id]);
+}
+
+#[test]
+fn friend_remove_declines_and_cancels_requests() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 1);
+    let mut a = server.login(&alice);
+    let mut c = server.login(&carol);
+    a.friend_add(&bob.name).expect("alice asks bob");
+    c.friend_add(&bob.name).expect("carol asks bob");
+    let mut b = server.login(&bob);
+    let mut asked = vec![alice.id, carol.id];
+    asked.sort_unstable();
+    assert_eq!(incoming(&mut b), asked);
+
+    // Bob declines Alice: she is not told, her request is just gone.
+    b.friend_remove(alice.id).expect("decline");
+    assert_eq!(incoming(&mut b), vec![carol.id]);
+    assert!(outgoing(&mut a).is_empty());
+    // Carol cancels hers.
+    c.friend_remove(bob.id).expect("cancel");
+    assert!(incoming(&mut b).is_empty());
+    assert!(outgoing(&mut c).is_empty());
+    // Nothing left: still Ok.
+    c.friend_remove(bob.id).expect("cancel again");
+    expect_quiet(&mut [&mut a, &mut b, &mut c]);
+
+    // A declined request accepts nothing: Bob adding Alice now asks her.
+    assert_eq!(
+        b.friend_add(&alice.name).expect("ask"),
+        FriendAdded::Requested(alice.id)
+    );
+    assert_eq!(expect_push(&mut a), ServerBody::FriendRequest { from: bob.id });
+    assert!(friend_ids(&mut b).is_empty());
+}
+
+#[test]
+fn a_block_drops_requests_both_ways_and_refuses_new_ones() {
+    let server = TestServer::start();
+    for (sa, sb) in shard_pairs(&server) {
+        let alice = server.user_on_shard(&format!("al{sa}{sb}_"), sa);
+        let bob = server.user_on_shard(&format!("bo{sa}{sb}_"), sb);
+        let carol = server.user_on_shard(&format!("ca{sa}{sb}_"), sb);
+        let mut a = server.login(&alice);
+        let mut c = server.login(&carol);
+        a.friend_add(&bob.name).expect("alice asks bob");
+        c.friend_add(&alice.name).expect("carol asks alice");
+        assert_eq!(expect_push(&mut a), ServerBody::FriendRequest { from: carol.id });
+
+        // Bob blocks Alice, who had asked him: her request is gone.
+        let mut b = server.login(&bob);
+        b.block_user(alice.id).expect("block");
+        assert!(incoming(&mut b).is_empty());
+        assert!(outgoing(&mut a).is_empty());
+        assert_eq!(code_of(a.friend_add(&bob.name)), ErrorCode::Forbidden);
+        assert_eq!(code_of(b.friend_add(&alice.name)), ErrorCode::Forbidden);
+
+        // Alice blocks Carol, who had asked her: gone the other way too.
+        a.block_user(carol.id).expect("block");
+        assert!(incoming(&mut a).is_empty());
+        assert!(outgoing(&mut c).is_empty());
+
+        // Lifting the blocks brings nothing back.
+        b.unblock_user(alice.id).expect("unblock");
+        a.unblock_user(carol.id).expect("unblock");
+        assert!(incoming(&mut b).is_empty());
+        assert!(incoming(&mut a).is_empty());
+        expect_quiet(&mut [&mut a, &mut b, &mut c]);
+    }
+}
+
+#[test]
+fn pending_requests_are_bounded_sent_and_received() {
+    let server = TestServer::start_with(|c| c.store.max_friend_requests = 2);
+    let users: Vec<User> = (0..6)
+        .map(|i| server.user_on_shard(&format!("u{i}_"), i % server.shards()))
+        .collect();
+    let mut clients: Vec<Client> = users.iter().map(|u| server.login(u)).collect();
+
+    // Sent: user 0 asks 1 and 2, and no third.
+    clients[0].friend_add(&users[1].name).expect("ask 1");
+    clients[0].friend_add(&users[2].name).expect("ask 2");
+    let refused = clients[0].friend_add(&users[3].name).unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded));
+    assert!(
+        refused.to_string().contains("you have too many pending"),
+        "{refused}"
+    );
+    // Asking again for a pending one is fine at the limit.
+    assert_eq!(
+        clients[0].friend_add(&users[2].name).expect("again"),
+        FriendAdded::Requested(users[2].id)
+    );
+
+    // Received: user 5 is asked by 3 and 4, and not by 1.
+    clients[3].friend_add(&users[5].name).expect("3 asks 5");
+    clients[4].friend_add(&users[5].name).expect("4 asks 5");
+    let refused = clients[1].friend_add(&users[5].name).unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded));
+    assert!(
+        refused.to_string().contains("this user has too many pending"),
+        "{refused}"
+    );
+
+    // Accepting needs no place, and frees one on both sides.
+    assert_eq!(
+        clients[5].friend_add(&users[3].name).expect("accept"),
+        FriendAdded::Friends(users[3].id)
+    );
+    clients[1].friend_add(&users[5].name).expect("room again");
+    // Cancelling frees one too.
+    clients[0].friend_remove(users[1].id).expect("cancel");
+    clients[0].friend_add(&users[3].name).expect("room again");
+    assert_eq!(outgoing(&mut clients[0]), vec![users[2].id, users[3].id]);
+    let mut asked = vec![users[1].id, users[4].id];
+    asked.sort_unstable();
+    assert_eq!(incoming(&mut clients[5]), asked);
+}
+
+#[test]
+fn requests_and_friendships_survive_a_restart() {
+    let mut server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 1);
+    {
+        let mut a = server.login(&alice);
+        let mut c = server.login(&carol);
+        a.friend_add(&bob.name).expect("ask bob");
+        befriend(&mut a, &alice, &mut c, &carol);
+    }
+    server.restart();
+
+    let mut b = server.login(&bob);
+    assert_eq!(incoming(&mut b), vec![alice.id]);
+    let mut a = server.login(&alice);
+    assert_eq!(outgoing(&mut a), vec![bob.id]);
+    assert_eq!(friend_ids(&mut a), vec![carol.id]);
+    assert_eq!(
+        b.friend_add(&alice.name).expect("accept after the restart"),
+        FriendAdded::Friends(alice.id)
+    );
+    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    let mut ids = vec![bob.id, carol.id];
+    ids.sort_unstable();
+    assert_eq!(friend_ids(&mut a), ids);
+}
+
+#[test]
+fn request_lists_page_like_the_other_lists() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let mut a = server.login(&alice);
+    let mut askers = Vec::new();
+    for i in 0..5 {
+        let user = server.user_on_shard(&format!("asker{i}_"), i % server.shards());
+        server.login(&user).friend_add(&alice.name).expect("ask");
+        askers.push(user.id);
+        assert_eq!(expect_push(&mut a), ServerBody::FriendRequest { from: user.id });
+    }
+    askers.sort_unstable();
+    let (first, more) = a.friend_requests_page(true, 0, 2).expect("page");
+    assert_eq!((first.as_slice(), more), (&askers[..2], true));
+    let (second, more) = a.friend_requests_page(true, first[1], 2).expect("page");
+    assert_eq!((second.as_slice(), more), (&askers[2..4], true));
+    let (last, more) = a.friend_requests_page(true, second[1], 2).expect("page");
+    assert_eq!((last.as_slice(), more), (&askers[4..], false));
+    // A limit of 0 is taken as 1; the whole list in one go.
+    let (one, more) = a.friend_requests_page(true, 0, 0).expect("page");
+    assert_eq!((one.len(), more), (1, true));
+    assert_eq!(incoming(&mut a), askers);
+    assert_eq!(
+        a.friend_requests_page(false, 0, 10).expect("page"),
+        (vec![], false)
+    );
+}
+
+#[test]
+fn friend_add_errors() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let mut a = server.login(&alice);
+    assert_eq!(code_of(a.friend_add(&alice.name)), ErrorCode::InvalidArgument);
+    assert_eq!(code_of(a.friend_add("nobody")), ErrorCode::NotFound);
+    assert!(outgoing(&mut a).is_empty());
+    expect_silence(&mut a);
+}
