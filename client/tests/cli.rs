@@ -208,6 +208,107 @@ fn listen_prints_pushes_and_stops_after_count() {
     server.join().unwrap();
 }
 
+#[test]
+fn listen_prints_friend_requests_and_acceptances() {
+    let (addr, server) = fake_server(|mut peer| {
+        login(&mut peer);
+        answer_friends(&mut peer);
+        // User 7 is no friend: the CLI looks for a name once, in vain.
+        peer.push(ServerBody::FriendRequest { from: 7 });
+        peer.push(ServerBody::FriendAccepted { by: 5 });
+        peer.push(message(5, "hi"));
+        answer_until_closed(&mut peer, None);
+    });
+    let out = tern(addr, &["listen", "--count", "1", "--timeout-secs", "10"], "");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "* user 7 asks to be your friend (see tern friends requests)\n\
+         * bob accepted your friend request: you are friends now\n\
+         [bob] hi\n"
+    );
+    server.join().unwrap();
+}
+
+#[test]
+fn friends_add_says_whether_it_asked_or_accepted() {
+    for (answer, said) in [
+        (
+            ServerBody::FriendRequestSent {
+                user: 5,
+                username: "bob".into(),
+            },
+            "asked bob (id 5) to be friends; you are friends once they add you too\n",
+        ),
+        (
+            ServerBody::User {
+                user: 5,
+                username: "bob".into(),
+            },
+            "bob (id 5) and you are friends\n",
+        ),
+    ] {
+        let (addr, server) = fake_server(move |mut peer| {
+            login(&mut peer);
+            let f = peer.recv();
+            assert_eq!(
+                f.body,
+                ClientBody::FriendAdd {
+                    username: "bob".into()
+                }
+            );
+            peer.send(f.request_id, answer);
+            peer.wait_closed();
+        });
+        let out = tern(addr, &["friends", "add", "bob"], "");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(stdout(&out), said);
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn friends_requests_lists_both_directions() {
+    let (addr, server) = fake_server(|mut peer| {
+        login(&mut peer);
+        let mut pages = 0;
+        while let Some(f) = peer.try_recv() {
+            let users = match f.body {
+                ClientBody::FriendRequestsPage {
+                    incoming: true,
+                    after: 0,
+                    ..
+                } => vec![5, 7],
+                ClientBody::FriendRequestsPage {
+                    incoming: false,
+                    after: 0,
+                    ..
+                } => vec![9],
+                ClientBody::FriendList => {
+                    let friends = vec![Friend {
+                        user: 5,
+                        username: "bob".into(),
+                        online: false,
+                    }];
+                    peer.send(f.request_id, ServerBody::Friends { friends });
+                    continue;
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            pages += 1;
+            peer.send(f.request_id, ServerBody::FriendRequests { users, more: false });
+        }
+        assert_eq!(pages, 2);
+    });
+    let out = tern(addr, &["friends", "requests"], "");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "bob (id 5) asks to be your friend\nuser 7 asks to be your friend\nuser 9 was asked by you\n"
+    );
+    server.join().unwrap();
+}
+
 /// ternd meters 1:1 receipts at the message rate; `listen` used to send
 /// one per message and exit 1 on the first `RateLimited`.
 #[test]

@@ -265,10 +265,20 @@ fn ternd_and_the_tern_cli_end_to_end() {
     let FriendAdded::Requested(bob) = watcher.friend_add("bob").expect("ask bob") else {
         panic!("a first FriendAdd only asks");
     };
-    // Bob accepts with the CLI. Wait until that session is gone, so that
-    // the listener's coming online is news to the watcher.
+    // Bob sees the request and accepts with the CLI. Wait until that
+    // session is gone, so that the listener's coming online is news to the
+    // watcher.
+    let out = cli.run("bob", &["friends", "requests"]);
+    assert!(
+        out.contains(&format!("user {alice} asks to be your friend"))
+            && out.contains("no friend requests from you"),
+        "{out}"
+    );
     let out = cli.run("bob", &["friends", "add", "alice"]);
-    assert!(out.contains("alice"), "{out}");
+    assert!(
+        out.contains(&format!("alice (id {alice}) and you are friends")),
+        "{out}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tern_client::proto::limits::MEMBERS_PAGE_LIMIT_MAX;
 use tern_client::{
-    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, ErrorCode, GroupId,
-    GroupRole, ReceiptKind, ServerBody, Session, UserId,
+    ChatMessage, Client, ClientError, ClientOptions, ClientTls, ContentKind, ConvId, ErrorCode, FriendAdded,
+    GroupId, GroupRole, ReceiptKind, ServerBody, Session, UserId,
 };
 
 #[derive(Parser, Debug)]
@@ -140,12 +140,16 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum FriendsCommand {
-    /// Add a friend by username.
+    /// Ask a user (by username) to be friends, or accept their request:
+    /// you are friends once both have added each other.
     Add { name: String },
-    /// Remove a friend by username.
+    /// Remove a friend by username; also declines their pending request
+    /// or cancels yours.
     Remove { name: String },
     /// List friends and whether they are online.
     List,
+    /// List pending friend requests: to you, and from you.
+    Requests,
 }
 
 #[derive(Subcommand, Debug)]
@@ -332,18 +336,16 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         Command::Friends { action } => match action {
-            FriendsCommand::Add { name } => {
-                let id = client.friend_add(&name)?.user();
-                println!("added {name} (id {id})");
-            }
+            FriendsCommand::Add { name } => println!("{}", friend_add(&mut client, &mut names, &name)?),
             FriendsCommand::Remove { name } => {
                 let id = client
                     .resolve_user(&name)
                     .with_context(|| format!("cannot find user {name}"))?;
                 client.friend_remove(id)?;
-                println!("removed {name}");
+                println!("removed {name}: no friendship or pending request between you now");
             }
             FriendsCommand::List => print_friends(&mut client, &mut names)?,
+            FriendsCommand::Requests => print_friend_requests(&mut client, &mut names)?,
         },
         Command::Recall { to, group, seq } => {
             let conv = match (to, group) {
@@ -549,6 +551,12 @@ impl Names {
         Ok(friends)
     }
 
+    /// Lets the next [`Names::name`] of `id` look at the friend list again
+    /// (they became a friend since it last failed to name them).
+    fn forget_unknown(&mut self, id: UserId) {
+        self.unknown.remove(&id);
+    }
+
     /// The name of `id`, asking the server for the friend list once if it is new.
     fn name(&mut self, client: &mut Client, id: UserId) -> Result<String, ClientError> {
         if !self.by_id.contains_key(&id) && !self.unknown.contains(&id) {
@@ -651,6 +659,22 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
         ServerBody::GroupDeleted { group, by } => {
             let name = names.name(client, by)?;
             println!("* {name} deleted group {group}");
+            Ok(Pushed::Other)
+        }
+        ServerBody::FriendRequest { from } => {
+            let name = names.name(client, from)?;
+            if name.starts_with("user ") {
+                println!("* {name} asks to be your friend (see tern friends requests)");
+            } else {
+                println!("* {name} asks to be your friend (accept: tern friends add {name})");
+            }
+            Ok(Pushed::Other)
+        }
+        ServerBody::FriendAccepted { by } => {
+            // A friend now: the friend list has their name.
+            names.forget_unknown(by);
+            let name = names.name(client, by)?;
+            println!("* {name} accepted your friend request: you are friends now");
             Ok(Pushed::Other)
         }
         ServerBody::Typing { conv, user } => {
@@ -828,6 +852,41 @@ impl Acks {
     }
 }
 
+/// `FriendAdd` of `name`, as a line saying what happened.
+fn friend_add(client: &mut Client, names: &mut Names, name: &str) -> Result<String> {
+    Ok(match client.friend_add(name)? {
+        FriendAdded::Friends(id) => {
+            names.learn(id, name);
+            format!("{name} (id {id}) and you are friends")
+        }
+        FriendAdded::Requested(id) => {
+            names.learn(id, name);
+            format!("asked {name} (id {id}) to be friends; you are friends once they add you too")
+        }
+    })
+}
+
+/// Lists the pending friend requests to this user, then those from them.
+fn print_friend_requests(client: &mut Client, names: &mut Names) -> Result<()> {
+    let fetch = |client: &mut Client, after| client.friend_requests_page(true, after, MEMBERS_PAGE_LIMIT_MAX);
+    print_paged_users(
+        client,
+        names,
+        fetch,
+        "asks to be your friend",
+        "no friend requests to you",
+    )?;
+    let fetch =
+        |client: &mut Client, after| client.friend_requests_page(false, after, MEMBERS_PAGE_LIMIT_MAX);
+    print_paged_users(
+        client,
+        names,
+        fetch,
+        "was asked by you",
+        "no friend requests from you",
+    )
+}
+
 fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {
     let friends = names.refresh(client)?;
     if friends.is_empty() {
@@ -975,8 +1034,10 @@ const CHAT_HELP: &str = "\
 commands:
   /msg NAME text    send a direct message (plain lines then go to NAME)
   /g ID text        send to group ID (plain lines then go to the group)
-  /friend NAME      add a friend
+  /friend NAME      ask NAME to be friends, or accept their request
+  /unfriend NAME    remove a friend, decline or cancel a request
   /friends          list friends
+  /requests         list pending friend requests
   /create NAME      create a group
   /join ID          join a group
   /leave ID         leave a group
@@ -1093,12 +1154,18 @@ fn chat_line(
         }
         "friend" => {
             let name = one_arg(rest, "/friend NAME")?;
-            let id = client.friend_add(name)?.user();
-            names.learn(id, name);
-            println!("* added {name} (id {id})");
+            println!("* {}", friend_add(client, names, name)?);
+            Ok(Flow::Continue)
+        }
+        "unfriend" => {
+            let name = one_arg(rest, "/unfriend NAME")?;
+            let id = names.resolve(client, name)?;
+            client.friend_remove(id)?;
+            println!("* removed {name}: no friendship or pending request between you now");
             Ok(Flow::Continue)
         }
         "friends" => print_friends(client, names).map(|()| Flow::Continue),
+        "requests" => print_friend_requests(client, names).map(|()| Flow::Continue),
         "create" => {
             let name = one_arg(rest, "/create NAME")?;
             let id = client.group_create(name)?;
