@@ -709,13 +709,14 @@ impl Client {
     /// A page of the caller's pending friend requests: the users who asked
     /// the caller (`incoming`), or whom the caller asked, with ids above
     /// `after`, ascending, at most `limit` (clamped to 1..=1000 and cut to
-    /// fit a frame), and whether more follow.
+    /// fit a frame), each with its name (`online` is always false: a
+    /// pending request shares no presence), and whether more follow.
     pub fn friend_requests_page(
         &mut self,
         incoming: bool,
         after: UserId,
         limit: u32,
-    ) -> Result<(Vec<UserId>, bool), ClientError> {
+    ) -> Result<(Vec<Friend>, bool), ClientError> {
         match self.request(ClientBody::FriendRequestsPage {
             incoming,
             after,
@@ -730,8 +731,8 @@ impl Client {
     /// (see [`Client::friend_requests_page`]), ascending by user id, asked
     /// a page at a time. Stops with [`ClientError::Protocol`] if the
     /// server's pages do not move forward.
-    pub fn friend_requests_all(&mut self, incoming: bool) -> Result<Vec<UserId>, ClientError> {
-        let mut all: Vec<UserId> = Vec::new();
+    pub fn friend_requests_all(&mut self, incoming: bool) -> Result<Vec<Friend>, ClientError> {
+        let mut all: Vec<Friend> = Vec::new();
         let mut after = 0;
         loop {
             let (users, more) = self.friend_requests_page(incoming, after, MEMBERS_PAGE_LIMIT_MAX)?;
@@ -740,14 +741,15 @@ impl Client {
                     "FriendRequests said more but listed none".into(),
                 ));
             }
-            for user in users {
-                if user <= after {
+            for request in users {
+                if request.user <= after {
                     return Err(ClientError::Protocol(format!(
-                        "FriendRequests listed user {user} after {after}"
+                        "FriendRequests listed user {} after {after}",
+                        request.user
                     )));
                 }
-                after = user;
-                all.push(user);
+                after = request.user;
+                all.push(request);
             }
             if !more {
                 return Ok(all);

@@ -213,9 +213,15 @@ fn listen_prints_friend_requests_and_acceptances() {
     let (addr, server) = fake_server(|mut peer| {
         login(&mut peer);
         answer_friends(&mut peer);
-        // User 7 is no friend: the CLI looks for a name once, in vain.
-        peer.push(ServerBody::FriendRequest { from: 7 });
-        peer.push(ServerBody::FriendAccepted { by: 5 });
+        // The pushes name the user: a stranger's name is known from them.
+        peer.push(ServerBody::FriendRequest {
+            from: 7,
+            username: "carol".into(),
+        });
+        peer.push(ServerBody::FriendAccepted {
+            by: 5,
+            username: "bob".into(),
+        });
         peer.push(message(5, "hi"));
         answer_until_closed(&mut peer, None);
     });
@@ -223,7 +229,7 @@ fn listen_prints_friend_requests_and_acceptances() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         stdout(&out),
-        "* user 7 asks to be your friend (see tern friends requests)\n\
+        "* carol asks to be your friend (accept: tern friends add carol)\n\
          * bob accepted your friend request: you are friends now\n\
          [bob] hi\n"
     );
@@ -271,6 +277,11 @@ fn friends_add_says_whether_it_asked_or_accepted() {
 fn friends_requests_lists_both_directions() {
     let (addr, server) = fake_server(|mut peer| {
         login(&mut peer);
+        let named = |user: u64, username: &str| Friend {
+            user,
+            username: username.into(),
+            online: false,
+        };
         let mut pages = 0;
         while let Some(f) = peer.try_recv() {
             let users = match f.body {
@@ -278,21 +289,12 @@ fn friends_requests_lists_both_directions() {
                     incoming: true,
                     after: 0,
                     ..
-                } => vec![5, 7],
+                } => vec![named(5, "bob"), named(7, "carol")],
                 ClientBody::FriendRequestsPage {
                     incoming: false,
                     after: 0,
                     ..
-                } => vec![9],
-                ClientBody::FriendList => {
-                    let friends = vec![Friend {
-                        user: 5,
-                        username: "bob".into(),
-                        online: false,
-                    }];
-                    peer.send(f.request_id, ServerBody::Friends { friends });
-                    continue;
-                }
+                } => vec![named(9, "dave")],
                 other => panic!("unexpected {other:?}"),
             };
             pages += 1;
@@ -304,7 +306,7 @@ fn friends_requests_lists_both_directions() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         stdout(&out),
-        "bob (id 5) asks to be your friend\nuser 7 asks to be your friend\nuser 9 was asked by you\n"
+        "bob (id 5) asks to be your friend\ncarol (id 7) asks to be your friend\ndave (id 9) was asked by you\n"
     );
     server.join().unwrap();
 }

@@ -1711,12 +1711,21 @@ impl Conn {
                     .blocking(move |store| {
                         let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
                         let outcome = store.add_friend(user, friend)?;
-                        Ok((friend, name, outcome))
+                        // The pushes name the caller: the other user may
+                        // know them by nothing else.
+                        let own_name = match outcome {
+                            FriendOutcome::AlreadyFriends | FriendOutcome::Requested { new: false } => {
+                                String::new()
+                            }
+                            _ => store.username(user)?.unwrap_or_default(),
+                        };
+                        Ok((friend, name, outcome, own_name))
                     })
                     .await;
                 match added {
-                    Ok((friend, username, outcome)) => {
-                        self.friend_added(request_id, friend, username, outcome).await
+                    Ok((friend, username, outcome, own_name)) => {
+                        self.friend_added(request_id, friend, username, outcome, own_name)
+                            .await
                     }
                     Err(e) => store_error_frame(request_id, &e),
                 }
@@ -1741,9 +1750,25 @@ impl Conn {
                 limit,
             } => {
                 let (incoming, after) = (*incoming, after.to_native());
-                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, size_of::<u64>());
+                // Each entry: the archived `Friend` and its name, at most
+                // USERNAME_LEN_MAX bytes out of line.
+                let entry_bytes =
+                    size_of::<tern_proto::ArchivedFriend>() + tern_proto::limits::USERNAME_LEN_MAX;
+                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, entry_bytes);
                 match shard
-                    .blocking(move |store| store.friend_requests_after(user, incoming, after, take))
+                    .blocking(move |store| {
+                        let (ids, more) = store.friend_requests_after(user, incoming, after, take)?;
+                        let mut users = Vec::with_capacity(ids.len());
+                        for id in ids {
+                            let username = store.username(id)?.unwrap_or_default();
+                            users.push(Friend {
+                                user: id,
+                                username,
+                                online: false,
+                            });
+                        }
+                        Ok((users, more))
+                    })
                     .await
                 {
                     Ok((users, more)) => ServerFrame {
@@ -2291,6 +2316,7 @@ impl Conn {
         friend: UserId,
         username: String,
         outcome: FriendOutcome,
+        own_name: String,
     ) -> ServerFrame {
         let user = self.user;
         let (push, body) = match outcome {
@@ -2302,14 +2328,20 @@ impl Conn {
                 },
             ),
             FriendOutcome::Accepted => (
-                Some(ServerBody::FriendAccepted { by: user }),
+                Some(ServerBody::FriendAccepted {
+                    by: user,
+                    username: own_name,
+                }),
                 ServerBody::User {
                     user: friend,
                     username,
                 },
             ),
             FriendOutcome::Requested { new } => (
-                new.then_some(ServerBody::FriendRequest { from: user }),
+                new.then_some(ServerBody::FriendRequest {
+                    from: user,
+                    username: own_name,
+                }),
                 ServerBody::FriendRequestSent {
                     user: friend,
                     username,

@@ -16,11 +16,26 @@ fn expect_silence(client: &mut Client) {
 }
 
 fn incoming(client: &mut Client) -> Vec<u64> {
-    client.friend_requests_all(true).expect("incoming requests")
+    ids(client.friend_requests_all(true).expect("incoming requests"))
 }
 
 fn outgoing(client: &mut Client) -> Vec<u64> {
-    client.friend_requests_all(false).expect("outgoing requests")
+    ids(client.friend_requests_all(false).expect("outgoing requests"))
+}
+
+fn ids(users: Vec<tern_client::Friend>) -> Vec<u64> {
+    users.iter().map(|f| f.user).collect()
+}
+
+/// A page of requests as (ids, more), after checking every entry names
+/// its user and shows no presence.
+fn page(client: &mut Client, incoming: bool, after: u64, limit: u32) -> (Vec<u64>, bool) {
+    let (users, more) = client.friend_requests_page(incoming, after, limit).expect("page");
+    for f in &users {
+        assert!(!f.online, "a pending request shows presence: {f:?}");
+        assert!(!f.username.is_empty(), "a request without a name: {f:?}");
+    }
+    (ids(users), more)
 }
 
 fn friend_ids(client: &mut Client) -> Vec<u64> {
@@ -54,7 +69,13 @@ fn a_request_becomes_a_friendship_when_the_other_adds_back_whoever_asks_first() 
             FriendAdded::Requested(bob.id)
         );
         for session in [&mut b, &mut b2] {
-            assert_eq!(expect_push(session), ServerBody::FriendRequest { from: alice.id });
+            assert_eq!(
+                expect_push(session),
+                ServerBody::FriendRequest {
+                    from: alice.id,
+                    username: alice.name.clone()
+                }
+            );
         }
         assert!(friend_ids(&mut a).is_empty());
         assert!(friend_ids(&mut b).is_empty());
@@ -68,7 +89,13 @@ fn a_request_becomes_a_friendship_when_the_other_adds_back_whoever_asks_first() 
             b2.friend_add(&alice.name).expect("accept"),
             FriendAdded::Friends(alice.id)
         );
-        assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+        assert_eq!(
+            expect_push(&mut a),
+            ServerBody::FriendAccepted {
+                by: bob.id,
+                username: bob.name.clone()
+            }
+        );
         assert_eq!(friend_ids(&mut a), vec![bob.id]);
         assert_eq!(friend_ids(&mut b), vec![alice.id]);
         for c in [&mut a, &mut b] {
@@ -124,7 +151,13 @@ fn a_pending_request_shows_no_presence_and_a_friendship_does() {
         b.friend_add(&alice.name).expect("accept"),
         FriendAdded::Friends(alice.id)
     );
-    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    assert_eq!(
+        expect_push(&mut a),
+        ServerBody::FriendAccepted {
+            by: bob.id,
+            username: bob.name.clone()
+        }
+    );
     assert_eq!(
         a.friends().expect("friends"),
         vec![Friend {
@@ -152,13 +185,26 @@ fn an_offline_user_finds_the_request_after_logging_in() {
     expect_silence(&mut b);
     assert_eq!(
         b.friend_requests_page(true, 0, 10).expect("page"),
-        (vec![alice.id], false)
+        (
+            vec![tern_client::Friend {
+                user: alice.id,
+                username: alice.name.clone(),
+                online: false
+            }],
+            false
+        )
     );
     assert_eq!(
         b.friend_add(&alice.name).expect("accept"),
         FriendAdded::Friends(alice.id)
     );
-    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    assert_eq!(
+        expect_push(&mut a),
+        ServerBody::FriendAccepted {
+            by: bob.id,
+            username: bob.name.clone()
+        }
+    );
 }
 
 #[test]
@@ -174,7 +220,13 @@ fn asking_again_is_idempotent_and_pushes_once() {
             FriendAdded::Requested(bob.id)
         );
     }
-    assert_eq!(expect_push(&mut b), ServerBody::FriendRequest { from: alice.id });
+    assert_eq!(
+        expect_push(&mut b),
+        ServerBody::FriendRequest {
+            from: alice.id,
+            username: alice.name.clone()
+        }
+    );
     expect_quiet(&mut [&mut a, &mut b]);
     assert_eq!(outgoing(&mut a), vec![bob.id]);
     assert_eq!(incoming(&mut b), vec![alice.id]);
@@ -212,7 +264,13 @@ fn friend_remove_declines_and_cancels_requests() {
         b.friend_add(&alice.name).expect("ask"),
         FriendAdded::Requested(alice.id)
     );
-    assert_eq!(expect_push(&mut a), ServerBody::FriendRequest { from: bob.id });
+    assert_eq!(
+        expect_push(&mut a),
+        ServerBody::FriendRequest {
+            from: bob.id,
+            username: bob.name.clone()
+        }
+    );
     assert!(friend_ids(&mut b).is_empty());
 }
 
@@ -227,7 +285,13 @@ fn a_block_drops_requests_both_ways_and_refuses_new_ones() {
         let mut c = server.login(&carol);
         a.friend_add(&bob.name).expect("alice asks bob");
         c.friend_add(&alice.name).expect("carol asks alice");
-        assert_eq!(expect_push(&mut a), ServerBody::FriendRequest { from: carol.id });
+        assert_eq!(
+            expect_push(&mut a),
+            ServerBody::FriendRequest {
+                from: carol.id,
+                username: carol.name.clone()
+            }
+        );
 
         // Bob blocks Alice, who had asked him: her request is gone.
         let mut b = server.login(&bob);
@@ -322,7 +386,13 @@ fn requests_and_friendships_survive_a_restart() {
         b.friend_add(&alice.name).expect("accept after the restart"),
         FriendAdded::Friends(alice.id)
     );
-    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    assert_eq!(
+        expect_push(&mut a),
+        ServerBody::FriendAccepted {
+            by: bob.id,
+            username: bob.name.clone()
+        }
+    );
     let mut ids = vec![bob.id, carol.id];
     ids.sort_unstable();
     assert_eq!(friend_ids(&mut a), ids);
@@ -338,23 +408,26 @@ fn request_lists_page_like_the_other_lists() {
         let user = server.user_on_shard(&format!("asker{i}_"), i % server.shards());
         server.login(&user).friend_add(&alice.name).expect("ask");
         askers.push(user.id);
-        assert_eq!(expect_push(&mut a), ServerBody::FriendRequest { from: user.id });
+        assert_eq!(
+            expect_push(&mut a),
+            ServerBody::FriendRequest {
+                from: user.id,
+                username: user.name.clone()
+            }
+        );
     }
     askers.sort_unstable();
-    let (first, more) = a.friend_requests_page(true, 0, 2).expect("page");
+    let (first, more) = page(&mut a, true, 0, 2);
     assert_eq!((first.as_slice(), more), (&askers[..2], true));
-    let (second, more) = a.friend_requests_page(true, first[1], 2).expect("page");
+    let (second, more) = page(&mut a, true, first[1], 2);
     assert_eq!((second.as_slice(), more), (&askers[2..4], true));
-    let (last, more) = a.friend_requests_page(true, second[1], 2).expect("page");
+    let (last, more) = page(&mut a, true, second[1], 2);
     assert_eq!((last.as_slice(), more), (&askers[4..], false));
     // A limit of 0 is taken as 1; the whole list in one go.
-    let (one, more) = a.friend_requests_page(true, 0, 0).expect("page");
+    let (one, more) = page(&mut a, true, 0, 0);
     assert_eq!((one.len(), more), (1, true));
     assert_eq!(incoming(&mut a), askers);
-    assert_eq!(
-        a.friend_requests_page(false, 0, 10).expect("page"),
-        (vec![], false)
-    );
+    assert_eq!(page(&mut a, false, 0, 10), (vec![], false));
 }
 
 #[test]

@@ -48,7 +48,13 @@ fn friends_see_each_other_come_online_and_go_offline() {
         b0.friend_add(&alice.name).expect("accept"),
         FriendAdded::Friends(alice.id)
     );
-    assert_eq!(expect_push(&mut a), ServerBody::FriendAccepted { by: bob.id });
+    assert_eq!(
+        expect_push(&mut a),
+        ServerBody::FriendAccepted {
+            by: bob.id,
+            username: bob.name.clone()
+        }
+    );
     assert_eq!(a.friends().expect("friends"), vec![friend(&bob, true)]);
     drop(b0);
     assert_eq!(expect_presence(&mut a), (bob.id, false));

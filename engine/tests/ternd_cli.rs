@@ -270,7 +270,7 @@ fn ternd_and_the_tern_cli_end_to_end() {
     // watcher.
     let out = cli.run("bob", &["friends", "requests"]);
     assert!(
-        out.contains(&format!("user {alice} asks to be your friend"))
+        out.contains(&format!("alice (id {alice}) asks to be your friend"))
             && out.contains("no friend requests from you"),
         "{out}"
     );

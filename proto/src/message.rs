@@ -466,18 +466,21 @@ pub enum ServerBody {
     /// pending already): `user` (named `username`) is asked, and becomes a
     /// friend once they add the caller in turn.
     FriendRequestSent { user: UserId, username: String },
-    /// The answer to `FriendRequestsPage`: users ascending by id; `more`
-    /// as in `MembersPage`.
-    FriendRequests { users: Vec<UserId>, more: bool },
-    /// Pushed to a user's live sessions when `from` asks them to be
-    /// friends (a new request; `FriendAdd` of `from` accepts it).
-    FriendRequest { from: UserId },
-    /// Pushed to a user's live sessions when `by` accepts their friend
-    /// request: the two are friends from now on.
-    FriendAccepted { by: UserId },
+    /// The answer to `FriendRequestsPage`: users ascending by id, with
+    /// their names (a pending request shares no presence: `online` is
+    /// always false); `more` as in `MembersPage`.
+    FriendRequests { users: Vec<Friend>, more: bool },
+    /// Pushed to a user's live sessions when `from` (named `username`)
+    /// asks them to be friends (a new request; `FriendAdd` of `username`
+    /// accepts it).
+    FriendRequest { from: UserId, username: String },
+    /// Pushed to a user's live sessions when `by` (named `username`)
+    /// accepts their friend request: the two are friends from now on.
+    FriendAccepted { by: UserId, username: String },
 }
 
-/// A friend and whether they are online now.
+/// A friend and whether they are online now (also a user with a pending
+/// friend request, in `FriendRequests`, never online there).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[rkyv(derive(Debug))]
 pub struct Friend {

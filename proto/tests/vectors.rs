@@ -649,11 +649,23 @@ fn vectors() -> Vec<(&'static str, Frame)> {
         ),
         (
             "server-friend-request",
-            server(0, ServerBody::FriendRequest { from: 1 }),
+            server(
+                0,
+                ServerBody::FriendRequest {
+                    from: 1,
+                    username: "alice".into(),
+                },
+            ),
         ),
         (
             "server-friend-accepted",
-            server(0, ServerBody::FriendAccepted { by: 2 }),
+            server(
+                0,
+                ServerBody::FriendAccepted {
+                    by: 2,
+                    username: "bob".into(),
+                },
+            ),
         ),
         (
             "client-friend-requests-page",
@@ -671,7 +683,18 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             server(
                 39,
                 ServerBody::FriendRequests {
-                    users: vec![1, 3],
+                    users: vec![
+                        Friend {
+                            user: 1,
+                            username: "alice".into(),
+                            online: false,
+                        },
+                        Friend {
+                            user: 3,
+                            username: "carol_the_cook".into(),
+                            online: false,
+                        },
+                    ],
                     more: false,
                 },
             ),
@@ -1055,8 +1078,14 @@ fn server_samples() -> Vec<ServerBody> {
             users: vec![],
             more: false,
         },
-        ServerBody::FriendRequest { from: 1 },
-        ServerBody::FriendAccepted { by: 2 },
+        ServerBody::FriendRequest {
+            from: 1,
+            username: "alice".into(),
+        },
+        ServerBody::FriendAccepted {
+            by: 2,
+            username: "bob".into(),
+        },
     ]
 }
 
@@ -1215,8 +1244,8 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
         B::Invited { group, by } | B::GroupDeleted { group, by } => vec![o(addr(group)), o(addr(by))],
         B::FriendRequestSent { user, username } => vec![o(addr(user)), o(addr(username))],
         B::FriendRequests { users, more } => vec![o(addr(users)), o(addr(more))],
-        B::FriendRequest { from } => vec![o(addr(from))],
-        B::FriendAccepted { by } => vec![o(addr(by))],
+        B::FriendRequest { from, username } => vec![o(addr(from)), o(addr(username))],
+        B::FriendAccepted { by, username } => vec![o(addr(by)), o(addr(username))],
     }
 }
 
@@ -1555,8 +1584,8 @@ fn archived_layout_is_as_documented() {
         &[8, 32],         // Typing
         &[8, 16],         // FriendRequestSent
         &[4, 12],         // FriendRequests
-        &[8],             // FriendRequest
-        &[8],             // FriendAccepted
+        &[8, 16],         // FriendRequest
+        &[8, 16],         // FriendAccepted
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -2230,12 +2259,25 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
         28 => ServerBody::FriendRequests {
             users: {
                 let (start, len) = vec_at(b + 4);
-                (0..len).map(|i| u64_at(start + 8 * i)).collect()
+                (0..len)
+                    .map(|i| start + 24 * i)
+                    .map(|f| Friend {
+                        user: u64_at(f),
+                        username: string_at(f + 8),
+                        online: bool_at(f + 16),
+                    })
+                    .collect()
             },
             more: bool_at(b + 12),
         },
-        29 => ServerBody::FriendRequest { from: u64_at(b + 8) },
-        30 => ServerBody::FriendAccepted { by: u64_at(b + 8) },
+        29 => ServerBody::FriendRequest {
+            from: u64_at(b + 8),
+            username: string_at(b + 16),
+        },
+        30 => ServerBody::FriendAccepted {
+            by: u64_at(b + 8),
+            username: string_at(b + 16),
+        },
         t => panic!("bad ServerBody tag {t}"),
     };
     ServerFrame {
@@ -2414,11 +2456,13 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
 }
 
 fn arb_server_body() -> impl Strategy<Value = ServerBody> {
-    let friend = (any::<u64>(), arb_string(), any::<bool>()).prop_map(|(user, username, online)| Friend {
-        user,
-        username,
-        online,
-    });
+    let friend = || {
+        (any::<u64>(), arb_string(), any::<bool>()).prop_map(|(user, username, online)| Friend {
+            user,
+            username,
+            online,
+        })
+    };
     prop_oneof![
         (any::<u16>(), any::<u32>(), any::<u32>()).prop_map(|(version, max_frame_bytes, idle_timeout_ms)| {
             ServerBody::HelloOk {
@@ -2450,7 +2494,7 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         }),
         any::<u64>().prop_map(|nonce| ServerBody::Pong { nonce }),
         (any::<u64>(), arb_string()).prop_map(|(user, username)| ServerBody::User { user, username }),
-        prop::collection::vec(friend, 0..6).prop_map(|friends| ServerBody::Friends { friends }),
+        prop::collection::vec(friend(), 0..6).prop_map(|friends| ServerBody::Friends { friends }),
         (any::<u64>(), arb_conv(), any::<u64>(), any::<u64>()).prop_map(
             |(client_msg_id, conv, seq, timestamp_ms)| ServerBody::Sent {
                 client_msg_id,
@@ -2529,10 +2573,11 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         (any::<u64>(), any::<u64>()).prop_map(|(group, by)| ServerBody::GroupDeleted { group, by }),
         (any::<u64>(), arb_string())
             .prop_map(|(user, username)| ServerBody::FriendRequestSent { user, username }),
-        (prop::collection::vec(any::<u64>(), 0..20), any::<bool>())
+        (prop::collection::vec(friend(), 0..6), any::<bool>())
             .prop_map(|(users, more)| ServerBody::FriendRequests { users, more }),
-        any::<u64>().prop_map(|from| ServerBody::FriendRequest { from }),
-        any::<u64>().prop_map(|by| ServerBody::FriendAccepted { by }),
+        (any::<u64>(), arb_string())
+            .prop_map(|(from, username)| ServerBody::FriendRequest { from, username }),
+        (any::<u64>(), arb_string()).prop_map(|(by, username)| ServerBody::FriendAccepted { by, username }),
     ]
 }
 

@@ -551,12 +551,6 @@ impl Names {
         Ok(friends)
     }
 
-    /// Lets the next [`Names::name`] of `id` look at the friend list again
-    /// (they became a friend since it last failed to name them).
-    fn forget_unknown(&mut self, id: UserId) {
-        self.unknown.remove(&id);
-    }
-
     /// The name of `id`, asking the server for the friend list once if it is new.
     fn name(&mut self, client: &mut Client, id: UserId) -> Result<String, ClientError> {
         if !self.by_id.contains_key(&id) && !self.unknown.contains(&id) {
@@ -661,19 +655,15 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
             println!("* {name} deleted group {group}");
             Ok(Pushed::Other)
         }
-        ServerBody::FriendRequest { from } => {
-            let name = names.name(client, from)?;
-            if name.starts_with("user ") {
-                println!("* {name} asks to be your friend (see tern friends requests)");
-            } else {
-                println!("* {name} asks to be your friend (accept: tern friends add {name})");
-            }
+        ServerBody::FriendRequest { from, username } => {
+            names.learn(from, &username);
+            let name = sanitize(username.as_bytes());
+            println!("* {name} asks to be your friend (accept: tern friends add {name})");
             Ok(Pushed::Other)
         }
-        ServerBody::FriendAccepted { by } => {
-            // A friend now: the friend list has their name.
-            names.forget_unknown(by);
-            let name = names.name(client, by)?;
+        ServerBody::FriendAccepted { by, username } => {
+            names.learn(by, &username);
+            let name = sanitize(username.as_bytes());
             println!("* {name} accepted your friend request: you are friends now");
             Ok(Pushed::Other)
         }
@@ -868,23 +858,21 @@ fn friend_add(client: &mut Client, names: &mut Names, name: &str) -> Result<Stri
 
 /// Lists the pending friend requests to this user, then those from them.
 fn print_friend_requests(client: &mut Client, names: &mut Names) -> Result<()> {
-    let fetch = |client: &mut Client, after| client.friend_requests_page(true, after, MEMBERS_PAGE_LIMIT_MAX);
-    print_paged_users(
-        client,
-        names,
-        fetch,
-        "asks to be your friend",
-        "no friend requests to you",
-    )?;
-    let fetch =
-        |client: &mut Client, after| client.friend_requests_page(false, after, MEMBERS_PAGE_LIMIT_MAX);
-    print_paged_users(
-        client,
-        names,
-        fetch,
-        "was asked by you",
-        "no friend requests from you",
-    )
+    for (incoming, what, none) in [
+        (true, "asks to be your friend", "no friend requests to you"),
+        (false, "was asked by you", "no friend requests from you"),
+    ] {
+        let requests = client.friend_requests_all(incoming)?;
+        if requests.is_empty() {
+            println!("{none}");
+        }
+        for request in requests {
+            names.learn(request.user, &request.username);
+            let name = sanitize(request.username.as_bytes());
+            println!("{name} (id {}) {what}", request.user);
+        }
+    }
+    Ok(())
 }
 
 fn print_friends(client: &mut Client, names: &mut Names) -> Result<()> {

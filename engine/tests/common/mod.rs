@@ -295,7 +295,7 @@ pub fn befriend(a: &mut Client, a_user: &User, b: &mut Client, b_user: &User) {
         FriendAdded::Requested(b_user.id)
     );
     match expect_push(b) {
-        ServerBody::FriendRequest { from } if from == a_user.id => {}
+        ServerBody::FriendRequest { from, username } if from == a_user.id && username == a_user.name => {}
         other => panic!("expected FriendRequest from {}, got {other:?}", a_user.id),
     }
     assert_eq!(
@@ -303,7 +303,7 @@ pub fn befriend(a: &mut Client, a_user: &User, b: &mut Client, b_user: &User) {
         FriendAdded::Friends(a_user.id)
     );
     match expect_push(a) {
-        ServerBody::FriendAccepted { by } if by == b_user.id => {}
+        ServerBody::FriendAccepted { by, username } if by == b_user.id && username == b_user.name => {}
         other => panic!("expected FriendAccepted by {}, got {other:?}", b_user.id),
     }
 }
