@@ -45,6 +45,10 @@ fn sync_cursors_are_stored_only_for_the_callers_conversations() {
     let mut a = server.connect();
     a.login_unsynced("alice", PASSWORD).expect("login");
     a.group_join(member).expect("join");
+    // Cursors are capped at the last stored seq: give the group three.
+    for _ in 0..3 {
+        c.send_group_text(member, "hello members").expect("send");
+    }
     a.group_join(left).expect("join");
     c.send_group_text(left, "before you go").expect("send");
     a.group_leave(left).expect("leave");
