@@ -97,8 +97,12 @@ pub async fn sync(
         })
         .await
         .map_err(SyncError::Store)?;
-    // Nothing yields between the reservation and the staging.
-    let room = shard.room_to_stage(stored.len()).await;
+    // Nothing yields between the reservation and the staging; a Sync with
+    // nothing to store does not wait for room.
+    let room = match stored.is_empty() {
+        true => None,
+        false => Some(shard.room_to_stage(stored.len()).await),
+    };
     for (conv, seq) in stored.into_iter().filter(|&(_, seq)| seq > 0) {
         shard.stage_receipt(user, conv, tern_proto::ReceiptKind::Delivered, seq, None, None);
     }
@@ -422,11 +426,12 @@ pub(crate) fn page_budget(max_frame_bytes: u32) -> usize {
     (max_frame_bytes as usize).saturating_sub(PAGE_OVERHEAD_BYTES)
 }
 
-/// How many fixed-size items (`item_bytes` each: 8 for an id, 16 for a
-/// `GroupMember`) one page of an id listing (`GroupMembersPage`,
-/// `GroupInvitesPage`, `GroupBansPage`, `MyInvitesPage`) holds: the
-/// asked-for `limit` clamped to 1..=[`MEMBERS_PAGE_LIMIT_MAX`], and no
-/// more than fit in one frame.
+/// How many items of at most `item_bytes` each (8 for an id, 16 for a
+/// `GroupMember`, a `Friend` plus the longest name for `FriendRequests`)
+/// one page of a user listing (`GroupMembersPage`, `GroupInvitesPage`,
+/// `GroupBansPage`, `MyInvitesPage`, `BlocksPage`, `FriendRequestsPage`)
+/// holds: the asked-for `limit` clamped to 1..=[`MEMBERS_PAGE_LIMIT_MAX`],
+/// and no more than fit in one frame.
 pub(crate) fn ids_per_page(limit: u32, max_frame_bytes: u32, item_bytes: usize) -> usize {
     let asked = limit.clamp(1, MEMBERS_PAGE_LIMIT_MAX) as usize;
     asked.min(page_budget(max_frame_bytes) / item_bytes.max(1)).max(1)

@@ -39,11 +39,18 @@ pub struct StageRoom<'a> {
 
 impl Drop for StageRoom<'_> {
     fn drop(&mut self) {
-        let reserved = &self.shard.staged_reserved;
+        let shard = self.shard;
+        let reserved = &shard.staged_reserved;
         reserved.set(reserved.get().saturating_sub(self.ops));
-        // A reservation given back unused (a refused message) may let a
-        // waiter in before the next commit.
-        self.shard.wake_room_waiters();
+        // A reservation whose writes were staged frees nothing (they moved
+        // from reserved to staged); one given back unused (a refused
+        // message) may let a waiter in before the next commit. Waking only
+        // when there is room spares the waiters a poll per message while
+        // the bound is full.
+        let taken = shard.staged.borrow().ops.len() + reserved.get();
+        if taken < shard.config.max_staged_writes {
+            shard.wake_room_waiters();
+        }
     }
 }
 
@@ -350,13 +357,31 @@ impl Shard {
     }
 
     /// Whether `from` already sent `client_msg_id` in `conv`, within the
-    /// dedup window, loading the conversation's state to find out: a
-    /// retry is answered with its original ack whatever changed since
-    /// (the sender left the group). `false` if the state cannot be read.
+    /// dedup window (the cached state's, or the store's): a retry is
+    /// answered with its original ack whatever changed since (the sender
+    /// left the group). `false` if the state cannot be read.
     pub(super) async fn is_retry(&self, conv: ConvId, from: UserId, client_msg_id: u64) -> bool {
-        client_msg_id != 0
-            && self.ensure_conv(conv).await.is_ok()
-            && self.seen_client_msg_id(conv, from, client_msg_id)
+        if client_msg_id == 0 {
+            return false;
+        }
+        if self.conv_cached(conv) {
+            return self.seen_client_msg_id(conv, from, client_msg_id);
+        }
+        // Not cached: read the window from the store without caching it,
+        // so that sends from non-members cannot fill the cache with groups
+        // they are not in (what `may_be_member` guards). Nothing of an
+        // uncached conversation is in flight, so the store has it all.
+        let window = self.config.dedup_window;
+        self.blocking(move |store| {
+            let tail = store.conv_tail(conv, window)?;
+            Ok::<_, StoreError>(
+                tail.recent
+                    .iter()
+                    .any(|r| r.from == from && r.client_msg_id == client_msg_id),
+            )
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Whether a conversation's sequence state is cached: then sequencing
@@ -645,8 +670,9 @@ impl Shard {
                     return result;
                 }
                 Err(SubmitError::Full(back)) => {
-                    // The writer is saturated: wait, which also stops this
-                    // shard from taking more work, rather than buffer more.
+                    // The writer is saturated: wait. Meanwhile the shard
+                    // stages what arrives until `max_staged_writes`, where
+                    // new messages wait too (`room_to_stage`).
                     self.m().store_wait();
                     ops = back;
                     glommio::timer::sleep(WRITER_FULL_BACKOFF).await;
