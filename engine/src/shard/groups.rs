@@ -474,10 +474,17 @@ impl Shard {
         group: GroupId,
         op: GroupOp,
     ) -> GroupReply {
-        // Every request but a join, and a user declining their own invite,
-        // is a member's.
-        let declining = op == GroupOp::Uninvite(user);
-        if op != GroupOp::Join && !declining && !self.may_be_member(group, user).await? {
+        if op == GroupOp::Uninvite(user) {
+            // Declining one's own invite touches only that invite: no roster
+            // to load, no group permit to wait for (the store takes the
+            // groups lock itself), member or not.
+            self.blocking(move |store| store.uninvite(group, user))
+                .await
+                .map_err(|e| store_refusal(e, group, "no such group"))?;
+            return Ok(GroupAnswer::Done);
+        }
+        // Every other request but a join is a member's.
+        if op != GroupOp::Join && !self.may_be_member(group, user).await? {
             return match op {
                 GroupOp::Leave => Ok(GroupAnswer::Done),
                 _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
@@ -597,12 +604,10 @@ impl Shard {
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Uninvite(target) => {
-                if target != user {
-                    owner_or_admin(
-                        caller_role,
-                        "only the group's owner or an admin can withdraw an invite",
-                    )?;
-                }
+                owner_or_admin(
+                    caller_role,
+                    "only the group's owner or an admin can withdraw an invite",
+                )?;
                 self.blocking(move |store| store.uninvite(group, target))
                     .await
                     .map_err(|e| store_refusal(e, group, "no such group"))?;
