@@ -732,24 +732,42 @@ impl Client {
     /// a page at a time. Stops with [`ClientError::Protocol`] if the
     /// server's pages do not move forward.
     pub fn friend_requests_all(&mut self, incoming: bool) -> Result<Vec<Friend>, ClientError> {
-        let mut all: Vec<Friend> = Vec::new();
+        self.every_page(
+            "FriendRequests",
+            |client, after| client.friend_requests_page(incoming, after, MEMBERS_PAGE_LIMIT_MAX),
+            |request| request.user,
+        )
+    }
+
+    /// Asks `fetch` for pages of users ascending by id, each after the last
+    /// id of the one before, until one says no more follow. A page that
+    /// does not move forward (`more` with nothing listed, or an id at or
+    /// below the last) is [`ClientError::Protocol`], naming `answer`: a
+    /// server must not make this loop forever.
+    fn every_page<T>(
+        &mut self,
+        answer: &str,
+        mut fetch: impl FnMut(&mut Client, UserId) -> Result<(Vec<T>, bool), ClientError>,
+        user_of: impl Fn(&T) -> UserId,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut all = Vec::new();
         let mut after = 0;
         loop {
-            let (users, more) = self.friend_requests_page(incoming, after, MEMBERS_PAGE_LIMIT_MAX)?;
-            if more && users.is_empty() {
-                return Err(ClientError::Protocol(
-                    "FriendRequests said more but listed none".into(),
-                ));
+            let (items, more) = fetch(self, after)?;
+            if more && items.is_empty() {
+                return Err(ClientError::Protocol(format!(
+                    "{answer} said more but listed none"
+                )));
             }
-            for request in users {
-                if request.user <= after {
+            for item in items {
+                let user = user_of(&item);
+                if user <= after {
                     return Err(ClientError::Protocol(format!(
-                        "FriendRequests listed user {} after {after}",
-                        request.user
+                        "{answer} listed user {user} after {after}"
                     )));
                 }
-                after = request.user;
-                all.push(request);
+                after = user;
+                all.push(item);
             }
             if !more {
                 return Ok(all);
@@ -1001,29 +1019,14 @@ impl Client {
     /// page at a time so that groups of any size can be listed. Stops with
     /// [`ClientError::Protocol`] if the server's pages do not move forward.
     pub fn group_members_all(&mut self, group: GroupId) -> Result<Vec<GroupMember>, ClientError> {
-        let mut all: Vec<GroupMember> = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = self.group_members_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
-            if page.more && page.members.is_empty() {
-                return Err(ClientError::Protocol(
-                    "MembersPage said more but listed none".into(),
-                ));
-            }
-            for member in page.members {
-                if member.user <= after {
-                    return Err(ClientError::Protocol(format!(
-                        "MembersPage listed user {} after {after}",
-                        member.user
-                    )));
-                }
-                after = member.user;
-                all.push(member);
-            }
-            if !page.more {
-                return Ok(all);
-            }
-        }
+        self.every_page(
+            "MembersPage",
+            |client, after| {
+                let page = client.group_members_page(group, after, MEMBERS_PAGE_LIMIT_MAX)?;
+                Ok((page.members, page.more))
+            },
+            |member| member.user,
+        )
     }
 
     /// Lists a group's members (the caller must be one). A group too large

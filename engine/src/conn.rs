@@ -1710,15 +1710,12 @@ impl Conn {
                 let added = shard
                     .blocking(move |store| {
                         let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
+                        // The pushes name the caller, as the other user may
+                        // know them by nothing else. Read before the write:
+                        // a failed read must not turn a stored request into
+                        // an error answer.
+                        let own_name = store.username(user)?.unwrap_or_default();
                         let outcome = store.add_friend(user, friend)?;
-                        // The pushes name the caller: the other user may
-                        // know them by nothing else.
-                        let own_name = match outcome {
-                            FriendOutcome::AlreadyFriends | FriendOutcome::Requested { new: false } => {
-                                String::new()
-                            }
-                            _ => store.username(user)?.unwrap_or_default(),
-                        };
                         Ok((friend, name, outcome, own_name))
                     })
                     .await;
@@ -1758,15 +1755,14 @@ impl Conn {
                 match shard
                     .blocking(move |store| {
                         let (ids, more) = store.friend_requests_after(user, incoming, after, take)?;
-                        let mut users = Vec::with_capacity(ids.len());
-                        for id in ids {
-                            let username = store.username(id)?.unwrap_or_default();
-                            users.push(Friend {
-                                user: id,
+                        let users = with_names(store, ids)?
+                            .into_iter()
+                            .map(|(user, username)| Friend {
+                                user,
                                 username,
                                 online: false,
-                            });
-                        }
+                            })
+                            .collect();
                         Ok((users, more))
                     })
                     .await
@@ -2364,14 +2360,7 @@ impl Conn {
         let user = self.user;
         let named = self
             .shard
-            .blocking(move |store| {
-                let mut named = Vec::new();
-                for friend in store.friends(user)? {
-                    let name = store.username(friend)?.unwrap_or_default();
-                    named.push((friend, name));
-                }
-                Ok(named)
-            })
+            .blocking(move |store| with_names(store, store.friends(user)?))
             .await;
         let named = match named {
             Ok(named) => named,
@@ -2394,6 +2383,18 @@ impl Conn {
             body: ServerBody::Friends { friends },
         }
     }
+}
+
+/// `users` with their names, in the same order (a user deleted meanwhile
+/// gets an empty name). One point read each, on a blocking thread.
+fn with_names(
+    store: &tern_storage::Store,
+    users: Vec<UserId>,
+) -> Result<Vec<(UserId, String)>, tern_storage::StoreError> {
+    users
+        .into_iter()
+        .map(|user| Ok((user, store.username(user)?.unwrap_or_default())))
+        .collect()
 }
 
 /// How long a shard waits between checks of the server-wide stop flag.

@@ -153,7 +153,7 @@ pub const DEFAULT_MAX_GROUP_INVITES: usize = 1000;
 
 /// Default of [`StoreOptions::max_invites_per_user`]: as many as the
 /// groups one user may be in (`DEFAULT_MAX_GROUPS_PER_USER`).
-pub const DEFAULT_MAX_INVITES_PER_USER: usize = 1000;
+pub const DEFAULT_MAX_INVITES_PER_USER: usize = DEFAULT_MAX_GROUPS_PER_USER;
 
 /// A group as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -634,7 +634,17 @@ enum Pushed {
 }
 
 /// Prints one push. A `Disconnect` ends the session, so it is an error.
-fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Result<Pushed> {
+/// Where a push is shown, so that its hints name the command that works
+/// there.
+#[derive(Clone, Copy)]
+enum Shown {
+    /// `tern listen`: hints are shell commands.
+    Listen,
+    /// `tern chat`: hints are chat commands.
+    Chat,
+}
+
+fn print_push(client: &mut Client, names: &mut Names, body: ServerBody, shown: Shown) -> Result<Pushed> {
     match body {
         ServerBody::Message(msg) => {
             println!("{}", fmt_message(client, names, &msg)?);
@@ -647,7 +657,11 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
         }
         ServerBody::Invited { group, by } => {
             let name = names.name(client, by)?;
-            println!("* {name} invited you to group {group} (tern group join {group})");
+            let hint = match shown {
+                Shown::Listen => format!("tern group join {group}"),
+                Shown::Chat => format!("/join {group}"),
+            };
+            println!("* {name} invited you to group {group} ({hint})");
             Ok(Pushed::Other)
         }
         ServerBody::GroupDeleted { group, by } => {
@@ -658,7 +672,11 @@ fn print_push(client: &mut Client, names: &mut Names, body: ServerBody) -> Resul
         ServerBody::FriendRequest { from, username } => {
             names.learn(from, &username);
             let name = sanitize(username.as_bytes());
-            println!("* {name} asks to be your friend (accept: tern friends add {name})");
+            let hint = match shown {
+                Shown::Listen => format!("tern friends add {name}"),
+                Shown::Chat => format!("/friend {name}"),
+            };
+            println!("* {name} asks to be your friend (accept: {hint})");
             Ok(Pushed::Other)
         }
         ServerBody::FriendAccepted { by, username } => {
@@ -737,7 +755,7 @@ fn listen(client: &mut Client, names: &mut Names, count: Option<u64>, limit: Opt
         match client.next_push(acks.poll_wait(now, wake - now))? {
             Some(body) => {
                 acks.note(&body);
-                if let Pushed::Message = print_push(client, names, body)? {
+                if let Pushed::Message = print_push(client, names, body, Shown::Listen)? {
                     seen += 1;
                 }
                 if acks.full() {
@@ -1075,7 +1093,7 @@ fn chat(client: &mut Client, session: &Session, names: &mut Names) -> Result<()>
         match client.next_push(wait)? {
             Some(body) => {
                 acks.note(&body);
-                print_push(client, names, body)?;
+                print_push(client, names, body, Shown::Chat)?;
                 if acks.full() {
                     acks.finish(client)?;
                 }
