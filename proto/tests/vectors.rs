@@ -2081,6 +2081,18 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
         1 => ReceiptKind::Read,
         t => panic!("bad ReceiptKind tag {t}"),
     };
+    // A `Vec<Friend>`: 24 bytes each, the name at 8, `online` at 16.
+    let friends_at = |at: usize| -> Vec<Friend> {
+        let (start, len) = vec_at(at);
+        (0..len)
+            .map(|i| start + 24 * i)
+            .map(|f| Friend {
+                user: u64_at(f),
+                username: string_at(f + 8),
+                online: bool_at(f + 16),
+            })
+            .collect()
+    };
     // A `Vec<GroupMember>`: 16 bytes each, the role byte at 8.
     let members_at = |at: usize| -> Vec<GroupMember> {
         let (start, len) = vec_at(at);
@@ -2126,19 +2138,9 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             user: u64_at(b + 8),
             username: string_at(b + 16),
         },
-        7 => {
-            let (start, len) = vec_at(b + 4);
-            ServerBody::Friends {
-                friends: (0..len)
-                    .map(|i| start + 24 * i)
-                    .map(|f| Friend {
-                        user: u64_at(f),
-                        username: string_at(f + 8),
-                        online: bool_at(f + 16),
-                    })
-                    .collect(),
-            }
-        }
+        7 => ServerBody::Friends {
+            friends: friends_at(b + 4),
+        },
         8 => ServerBody::Sent {
             client_msg_id: u64_at(b + 8),
             conv: conv_at(b + 16),
@@ -2257,17 +2259,7 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             username: string_at(b + 16),
         },
         28 => ServerBody::FriendRequests {
-            users: {
-                let (start, len) = vec_at(b + 4);
-                (0..len)
-                    .map(|i| start + 24 * i)
-                    .map(|f| Friend {
-                        user: u64_at(f),
-                        username: string_at(f + 8),
-                        online: bool_at(f + 16),
-                    })
-                    .collect()
-            },
+            users: friends_at(b + 4),
             more: bool_at(b + 12),
         },
         29 => ServerBody::FriendRequest {
