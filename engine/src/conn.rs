@@ -2345,13 +2345,18 @@ impl Conn {
             ),
         };
         if let Some(body) = push {
+            // Sent by the home shard of the two users' conversation, where
+            // blocks between them change: a block answered before the push
+            // goes out stops it (section 2.8.10).
             let push = ServerFrame { request_id: 0, body };
             let frame = encode_shared(&push, self.shard.config.max_frame_bytes);
-            let notify = Event::Notify {
-                to: Recipients::One(friend),
+            let notice = Request::FriendNotice {
+                from: user,
+                to: friend,
                 frame,
             };
-            self.shard.send_event(self.shard.home_of(friend), notify).await;
+            let home = self.shard.home_of(ConvId::direct(user, friend).placement_key());
+            self.shard.send_request(home, notice).await;
         }
         ServerFrame { request_id, body }
     }

@@ -85,6 +85,15 @@ pub enum Request {
         block: bool,
         reply: oneshot::Sender<Result<(), tern_proto::session::Refusal>>,
     },
+    /// Push `frame`, `from`'s friend request to `to` or acceptance of
+    /// theirs, to `to`'s live sessions unless a block between the two
+    /// forbids it by now; for the home shard of their 1:1 conversation,
+    /// where blocks between them change.
+    FriendNotice {
+        from: UserId,
+        to: UserId,
+        frame: Encoded,
+    },
 }
 
 /// A membership, role or invite operation by the requesting user, run on

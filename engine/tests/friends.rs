@@ -5,8 +5,10 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
-use tern_client::{Client, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_client::{Client, ClientBody, ErrorCode, Friend, FriendAdded, ServerBody};
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -439,4 +441,90 @@ fn friend_add_errors() {
     assert_eq!(code_of(a.friend_add("nobody")), ErrorCode::NotFound);
     assert!(outgoing(&mut a).is_empty());
     expect_silence(&mut a);
+}
+
+/// Whether a `FriendRequest` or `FriendAccepted` push from `peer` reaches
+/// `raw`'s session after the `Ok` to its `UserBlock` of `peer`, sent
+/// `delay` after `asker` starts its `FriendAdd`. `raw` must hear of
+/// nothing else meanwhile.
+fn friend_push_after_block(
+    raw: &mut RawConn,
+    peer: &User,
+    delay: Duration,
+    asker: impl FnOnce() + Send,
+) -> bool {
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            barrier.wait();
+            asker();
+        });
+        barrier.wait();
+        std::thread::sleep(delay);
+        let id = raw.send(ClientBody::UserBlock { user: peer.id });
+        let mut blocked = false;
+        loop {
+            // After the Ok, long enough for a push already on its way.
+            let wait = if blocked {
+                Duration::from_millis(50)
+            } else {
+                TIMEOUT
+            };
+            match raw.read(wait) {
+                RawRead::Frame(f) if f.request_id == id => {
+                    assert_eq!(f.body, ServerBody::Ok);
+                    blocked = true;
+                }
+                RawRead::Frame(f) => match f.body {
+                    ServerBody::FriendRequest { from: user, .. }
+                    | ServerBody::FriendAccepted { by: user, .. }
+                        if user == peer.id =>
+                    {
+                        if blocked {
+                            return true;
+                        }
+                    }
+                    other => panic!("unexpected {other:?}"),
+                },
+                RawRead::Timeout if blocked => return false,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+}
+
+#[test]
+fn no_friend_push_from_a_user_arrives_after_blocking_them() {
+    let server = TestServer::start_with(|c| c.limits.message_rate_per_sec = 0);
+    let mut late = Vec::new();
+    for (sa, sb) in shard_pairs(&server) {
+        let alice = server.user_on_shard(&format!("al{sa}{sb}_"), sa);
+        let bob = server.user_on_shard(&format!("bo{sa}{sb}_"), sb);
+        let mut a = server.login(&alice);
+        let mut b = server.login(&bob);
+        let mut raw = RawConn::connect(server.addr());
+        raw.login(&bob);
+        for round in 0..30u32 {
+            b.unblock_user(alice.id).expect("unblock");
+            // Odd rounds: Bob had asked Alice, who accepts as he blocks her;
+            // even rounds: she asks him as he blocks her.
+            if round % 2 == 1 {
+                b.friend_add(&alice.name).expect("bob asks");
+            }
+            let delay = Duration::from_micros(u64::from(round % 3) * 100);
+            let ask = || {
+                // Refused when the block came first.
+                let _ = a.friend_add(&bob.name);
+            };
+            if friend_push_after_block(&mut raw, &alice, delay, ask) {
+                late.push((sa, sb, round));
+            }
+        }
+        // The other pushes of the rounds: to Alice and Bob's other session.
+        let _ = (a.next_push(QUIET), b.next_push(QUIET));
+    }
+    assert!(
+        late.is_empty(),
+        "a friend push from the blocked user came after the block's Ok (shards, round): {late:?}"
+    );
 }

@@ -11,7 +11,10 @@
 //! their deliveries queued) and only then answers, so no 1:1 message
 //! between the two arrives after a block's `Ok`. Changes are serialised per shard
 //! by one permit: two changes of the same pair cannot reach the cache in
-//! the other order than they reached the store.
+//! the other order than they reached the store. The friend-request pushes
+//! between the two (`FriendRequest`, `FriendAccepted`) go out from here
+//! too, under the same permit, after a look at the stored blocks: one that
+//! a block overtook is dropped, so none arrives after the block's `Ok`.
 
 use std::rc::Rc;
 
@@ -19,7 +22,8 @@ use tern_proto::session::Refusal;
 use tern_proto::{ConvId, ErrorCode, UserId};
 use tern_storage::StoreError;
 
-use super::{refusal, Shard};
+use super::{refusal, Encoded, Shard};
+use crate::mesh::{Event, Recipients};
 
 impl Shard {
     /// `user` blocks `peer` (or, with `block` false, lifts that block);
@@ -76,5 +80,27 @@ impl Shard {
                 })
             }
         }
+    }
+
+    /// Pushes `frame`, `from`'s friend request to `to` or acceptance of
+    /// theirs (already stored), to `to`'s live sessions, unless either
+    /// blocks the other by now. Holds the permit of block changes while it
+    /// looks and queues the push: a block of the pair is either in the
+    /// store before the look (no push) or starts after the push is queued,
+    /// ahead of the block's `Ok`. Best effort: a failed look drops it.
+    pub(super) async fn friend_notice(self: &Rc<Self>, from: UserId, to: UserId, frame: Encoded) {
+        let Ok(_permit) = self.block_changes.acquire_permit(1).await else {
+            return;
+        };
+        match self.blocking(move |store| store.blocks_between(from, to)).await {
+            Ok(blocks) if !blocks.any() => {}
+            Ok(_) => return,
+            Err(e) => return tracing::warn!(error = %e, from, to, "friend push dropped"),
+        }
+        let notify = Event::Notify {
+            to: Recipients::One(to),
+            frame,
+        };
+        self.send_event(self.home_of(to), notify).await;
     }
 }
