@@ -110,7 +110,7 @@ impl Inner {
     }
 
     /// Adds the group's record to `batch`, as changed by the batch.
-    fn put_group(&self, batch: &mut fjall::OwnedWriteBatch, group: GroupId, record: &GroupValue) {
+    pub(crate) fn put_group(&self, batch: &mut fjall::OwnedWriteBatch, group: GroupId, record: &GroupValue) {
         batch.insert(
             &self.groups.handle,
             codec::id_key(group),
@@ -136,7 +136,7 @@ impl Inner {
 
     /// Adds to `batch` the removal of `user`'s pending invite to `group`
     /// with its `user_invites` mirror, and counts it in `record`.
-    fn drop_invite(
+    pub(crate) fn drop_invite(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         record: &mut GroupValue,

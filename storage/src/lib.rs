@@ -28,6 +28,7 @@ mod hashing;
 mod messages;
 mod social;
 mod tokens;
+mod user_deletion;
 mod writer;
 
 use std::fmt::Display;
@@ -51,6 +52,7 @@ pub use social::{
 };
 pub use tern_proto::{ConvId, GroupId, GroupRole, UserId};
 pub use tokens::TOKEN_CACHE_MAX;
+pub use user_deletion::{NO_PASSWORD_TO_CHECK, USER_PURGE_STEP_KEYS};
 pub use writer::{Durability, SubmitError, Writer, WriterHandle, WriterStats, LATENCY_MICROS_BUCKETS};
 
 /// fjall's flush and compaction threads. The store is small and written
@@ -218,6 +220,15 @@ struct Inner {
     requests_in: Ks,
     /// blocker ++ blocked -> (): one direction per block.
     blocks: Ks,
+    /// blocked ++ blocker -> (): the same blocks by blocked user, kept
+    /// with `blocks` in the same batches (an account's deletion finds the
+    /// blocks of it with one prefix scan).
+    blocked_by: Ks,
+    /// user id -> when the account was deleted (Unix ms): kept forever,
+    /// the id is never reused.
+    deleted_users: Ks,
+    /// user id -> (): deleted accounts whose data is not all purged yet.
+    user_purges: Ks,
     /// group id -> (owner, member count, invite count, open, name), or a
     /// deleted group's tombstone.
     groups: Ks,
@@ -258,6 +269,17 @@ struct Inner {
     highest_group: AtomicU64,
     /// The ids in `group_purges`: groups deleted, data not all purged yet.
     purging: Mutex<std::collections::HashMap<GroupId, group_deletion::PurgeCursor>>,
+    /// The deleted accounts (see `user_deletion`).
+    deleted: Mutex<user_deletion::DeletedUsers>,
+    /// How many accounts `deleted` holds, readable without its lock.
+    deleted_count: AtomicU64,
+    /// Held by the writer from its check of deleted recipients to its
+    /// commit, and by a deletion while it marks the account deleted: see
+    /// `user_deletion`.
+    deletion_gate: Mutex<()>,
+    /// The deleted accounts whose purge is not finished, with where each
+    /// has got to.
+    user_purging: Mutex<std::collections::HashMap<UserId, user_deletion::UserPurgeCursor>>,
     /// Serialises friendship changes so limit checks see a stable count.
     friends_lock: Mutex<()>,
     /// Serialises group changes (member counts) and owns the next group id.
@@ -347,7 +369,10 @@ impl Store {
         };
         let users = ks("users")?;
         let groups = ks("groups")?;
-        let next_user = next_id(&users)?;
+        // A deleted account's `users` key is gone but its id is not free:
+        // `deleted_users` keeps it.
+        let deleted_users = ks("deleted_users")?;
+        let next_user = next_id(&users)?.max(next_id(&deleted_users)?);
         let next_group = next_id(&groups)?;
         let members = ks("members")?;
         let user_groups = ks("user_groups")?;
@@ -357,6 +382,12 @@ impl Store {
         backfill_reverse_index(&db, &group_invites, &user_invites)?;
         let group_purges = ks("group_purges")?;
         let purging = group_deletion::load_purges(&group_purges)?;
+        let blocks = ks("blocks")?;
+        let blocked_by = ks("blocked_by")?;
+        backfill_reverse_index(&db, &blocks, &blocked_by)?;
+        let deleted = user_deletion::load_deleted(&deleted_users)?;
+        let user_purges = ks("user_purges")?;
+        let user_purging = user_deletion::load_purges(&user_purges)?;
         let inner = Inner {
             dir: dir.to_path_buf(),
             accounts: ks("accounts")?,
@@ -367,7 +398,10 @@ impl Store {
             friends: ks("friends")?,
             requests_out: ks("friend_requests_out")?,
             requests_in: ks("friend_requests_in")?,
-            blocks: ks("blocks")?,
+            blocks,
+            blocked_by,
+            deleted_users,
+            user_purges,
             groups,
             group_purges,
             members,
@@ -388,6 +422,10 @@ impl Store {
             highest_user: AtomicU64::new(next_user.saturating_sub(1)),
             highest_group: AtomicU64::new(next_group.saturating_sub(1)),
             purging: Mutex::new(purging),
+            deleted_count: AtomicU64::new(deleted.len()),
+            deleted: Mutex::new(deleted),
+            deletion_gate: Mutex::new(()),
+            user_purging: Mutex::new(user_purging),
             friends_lock: Mutex::new(()),
             groups_lock: Mutex::new(next_group),
             token_cache: tokens::TokenCache::new(),

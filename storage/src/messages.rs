@@ -158,6 +158,25 @@ struct Staged {
     user_convs: HashSet<[u8; USER_CONV_KEY_LEN]>,
 }
 
+impl Staged {
+    /// Drops the inbox entries, receipt cursors and conversation index
+    /// keys of deleted accounts (a message sequenced just before the
+    /// deletion, a receipt sent just before the session was closed).
+    fn drop_users(&mut self, deleted: &HashSet<UserId>) {
+        if deleted.is_empty() {
+            return;
+        }
+        let owner = |key: &[u8]| {
+            key.get(..8)
+                .and_then(|id| codec::decode_id_key(id).ok())
+                .is_some_and(|user| deleted.contains(&user))
+        };
+        self.inbox.retain(|key, _| !owner(key));
+        self.receipts.retain(|key, _| !owner(key));
+        self.user_convs.retain(|key| !owner(key));
+    }
+}
+
 impl Inner {
     /// Stages `op` into `batch` / `staged`. Reads (receipt cursors, inbox
     /// entries to delete) see the committed state plus `staged`.
@@ -185,10 +204,7 @@ impl Inner {
                 // cost ~20% of the keys written under 1:1 load.
                 if let (ConvId::Direct { low, high }, 1) = (m.conv, m.seq) {
                     for user in [low, high] {
-                        let key = codec::user_conv_key(user, m.conv);
-                        if staged.user_convs.insert(key) {
-                            batch.insert(&self.user_convs.handle, key, []);
-                        }
+                        staged.user_convs.insert(codec::user_conv_key(user, m.conv));
                     }
                 }
             }
@@ -254,6 +270,9 @@ impl Inner {
         for (key, value) in staged.inbox {
             batch.insert(&self.inbox.handle, key, value);
         }
+        for key in staged.user_convs {
+            batch.insert(&self.user_convs.handle, key, []);
+        }
         for (key, (delivered, read)) in staged.receipts {
             batch.insert(
                 &self.receipts.handle,
@@ -291,6 +310,8 @@ impl Inner {
                 self.stage(&mut batch, &mut staged, op)?;
             }
         }
+        // Held to the commit: see `user_deletion` on why.
+        let _gate = self.deletion_gate(|deleted| staged.drop_users(deleted));
         self.commit_staged(batch, staged, sync)
     }
 }

@@ -5,7 +5,8 @@
 //! `friend_requests_out` and `friend_requests_in` keyspaces, where `a`'s
 //! pending request to `b` is the key `a ++ b` in the first and `b ++ a` in
 //! the second, likewise always written together; and the `blocks`
-//! keyspace, where `a` blocking `b` is the one key `a ++ b`. Keying by the
+//! keyspace, where `a` blocking `b` is the one key `a ++ b` (mirrored by
+//! `b ++ a` in `blocked_by`, written in the same batches). Keying by the
 //! user first makes "my friends", "requests I sent", "requests to me" and
 //! "whom I block" single prefix scans, already sorted by id. A friendship
 //! needs both users' consent: the first `add_friend` stores a request, the
@@ -202,12 +203,17 @@ impl Store {
         } else {
             &inner.requests_out
         };
-        ks.pairs_after(user, after, limit)
+        let (mut users, more) = ks.pairs_after(user, after, limit)?;
+        inner.retain_live(&mut users);
+        Ok((users, more))
     }
 
-    /// `user`'s friends, ascending by id.
+    /// `user`'s friends, ascending by id (never a deleted account, whose
+    /// keys may still await their purge).
     pub fn friends(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
-        self.inner.friends.scan_pairs(user)
+        let mut friends = self.inner.friends.scan_pairs(user)?;
+        self.inner.retain_live(&mut friends);
+        Ok(friends)
     }
 
     /// `blocker` blocks `blocked`: records the block, ends any friendship
@@ -237,6 +243,7 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         batch.insert(&inner.blocks.handle, key, []);
+        batch.insert(&inner.blocked_by.handle, codec::pair_key(blocked, blocker), []);
         batch.remove(&inner.friends.handle, codec::pair_key(blocker, blocked));
         batch.remove(&inner.friends.handle, codec::pair_key(blocked, blocker));
         remove_requests(inner, &mut batch, blocker, blocked);
@@ -255,6 +262,7 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         batch.remove(&inner.blocks.handle, key);
+        batch.remove(&inner.blocked_by.handle, codec::pair_key(blocked, blocker));
         inner.commit_unlocked(batch, guard)
     }
 
@@ -271,7 +279,9 @@ impl Store {
         after: UserId,
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
-        self.inner.blocks.pairs_after(blocker, after, limit)
+        let (mut users, more) = self.inner.blocks.pairs_after(blocker, after, limit)?;
+        self.inner.retain_live(&mut users);
+        Ok((users, more))
     }
 }
 

@@ -85,6 +85,11 @@ impl TokenCache {
         state.entries.insert(hash, entry);
     }
 
+    /// Forgets the cached tokens of `user` (and any fill in flight).
+    pub(crate) fn revoke_user(&self, user: UserId) {
+        self.revoke(|_, cached| cached.user == user);
+    }
+
     /// Forgets the cached tokens `revoked` picks (and any fill in flight).
     fn revoke(&self, revoked: impl Fn(&[u8; TOKEN_HASH_LEN], &CachedToken) -> bool) {
         let mut state = lock(&self.state);
@@ -183,6 +188,11 @@ impl Store {
         let now = now_unix_ms();
         // Check, sweep, insert and commit as one step per user.
         let _issuing = inner.token_lock(user);
+        if inner.is_deleted(user) {
+            // Deleted since the check above: the deletion swept the
+            // user's tokens under this lock, and none may follow.
+            return Err(StoreError::AuthFailed);
+        }
         let refused = match &check {
             IssueCheck::Nothing => false,
             IssueCheck::PasswordUnchanged(checked) => !inner.password_unchanged(checked)?,

@@ -1,0 +1,596 @@
+//! Deleting an account, and purging what it leaves behind. It owns the
+//! `deleted_users` keyspace (user id -> when the account was deleted,
+//! kept forever), the `user_purges` keyspace (user id -> (), the
+//! deletions whose data is not yet all removed) and their in-memory
+//! mirrors, [`DeletedUsers`] and [`UserPurgeCursor`].
+//!
+//! An account can have a lot attached to it (an inbox, a conversation
+//! index, friends, requests, blocks, invites), so deleting it is two
+//! steps, as deleting a group is (`group_deletion`). [`Store::delete_account`]
+//! is one small synced write: the `accounts` and `users` records go (the
+//! name is free for a new registration; the id is never reused, since
+//! `deleted_users` keeps it), every token is revoked, and the deletion is
+//! recorded in `deleted_users` and `user_purges`. From then on no login of
+//! any kind reaches the account and every list of another user's
+//! (friends, requests, blocks) skips it. [`Store::purge_user_step`] then
+//! removes the rest in batches of a bounded number of keys, both sides of
+//! each relation together: friendships, friend requests either way,
+//! blocks either way, invites held (with their groups' invite counts),
+//! inbox entries, receipt cursors, the conversation index and any token
+//! left. Each phase goes on from the last key it removed; the last step
+//! removes the `user_purges` key, so a purge cut short by a crash starts
+//! over, idempotently, after the restart ([`Store::pending_user_purges`]).
+//! Group memberships are not removed here: the engine leaves each group
+//! first, on the group's home shard, as a `GroupLeave` would.
+//!
+//! What stays: history. Messages the user sent stay in their
+//! conversations, attributed to the id, so the other party's history and
+//! sync never find a hole; messages others sent them stay in the others'
+//! history too.
+//!
+//! A message to the account sequenced just before the deletion may still
+//! be in the [`crate::Writer`]'s queue. The writer drops inbox entries,
+//! receipts and index keys of deleted accounts, and holds
+//! [`crate::Inner`]'s deletion gate from that check to its commit; a
+//! deletion takes the gate to mark the account, so once marked, every
+//! batch that missed the mark is committed, and the purge, which starts
+//! after, finds its keys.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+
+use crate::accounts::PasswordChecked;
+use crate::external::NO_PASSWORD;
+use crate::{codec, lock, now_unix_ms, Inner, Ks, Store, StoreError, UserId};
+
+/// Why an account without a password (made by a JWT login) cannot be
+/// deleted by its user: there is nothing to re-prove, and the operator's
+/// login system, which owns that identity, decides (`ternd admin
+/// delete-user`).
+pub const NO_PASSWORD_TO_CHECK: &str =
+    "this account has no password (it logs in through your organisation's login system); ask the operator to delete it";
+
+/// Keys one purge step removes at most: one store batch of about 100 KB,
+/// as for a group's purge.
+pub const USER_PURGE_STEP_KEYS: usize = 1024;
+
+/// The deleted accounts, in memory: every id in `deleted_users`. One
+/// entry per deleted account (8 bytes in the set, 8 in the log), so it is
+/// bounded by the accounts ever registered.
+#[derive(Debug, Default)]
+pub(crate) struct DeletedUsers {
+    set: HashSet<UserId>,
+    /// The same ids in the order they were deleted, so a reader keeping a
+    /// copy (each shard does) takes only what is new.
+    log: Vec<UserId>,
+}
+
+impl DeletedUsers {
+    pub(crate) fn len(&self) -> u64 {
+        u64::try_from(self.log.len()).unwrap_or(u64::MAX)
+    }
+
+    fn insert(&mut self, user: UserId) {
+        if self.set.insert(user) {
+            self.log.push(user);
+        }
+    }
+}
+
+/// Where an account's purge has got to. In memory only: after a restart
+/// a purge starts from the beginning again, which finds what is left.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct UserPurgeCursor {
+    phase: Phase,
+    /// The last key this phase removed: the next step starts after it, not
+    /// over the tombstones of the keys it removed.
+    after: Option<Vec<u8>>,
+}
+
+/// What a purge removes, in this order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `user ++ friend` and `friend ++ user` in `friends`.
+    #[default]
+    Friends,
+    /// The user's requests out, with their `requests_in` mirrors.
+    RequestsOut,
+    /// The requests to the user, with their `requests_out` mirrors.
+    RequestsIn,
+    /// Whom the user blocks, with the `blocked_by` mirrors.
+    BlocksOut,
+    /// Who blocks the user, with the `blocks` keys.
+    BlocksIn,
+    /// Invites held, with their mirrors and their groups' invite counts.
+    Invites,
+    /// The inbox.
+    Inbox,
+    /// Receipt cursors.
+    Receipts,
+    /// The 1:1 conversation index (the other party's stays).
+    Conversations,
+    /// Tokens left (the deletion revoked them; one issued by a login that
+    /// raced it is found here).
+    Tokens,
+}
+
+impl Phase {
+    fn next(self) -> Option<Phase> {
+        Some(match self {
+            Phase::Friends => Phase::RequestsOut,
+            Phase::RequestsOut => Phase::RequestsIn,
+            Phase::RequestsIn => Phase::BlocksOut,
+            Phase::BlocksOut => Phase::BlocksIn,
+            Phase::BlocksIn => Phase::Invites,
+            Phase::Invites => Phase::Inbox,
+            Phase::Inbox => Phase::Receipts,
+            Phase::Receipts => Phase::Conversations,
+            Phase::Conversations => Phase::Tokens,
+            Phase::Tokens => return None,
+        })
+    }
+}
+
+/// The deleted accounts, as stored: read once when the store opens.
+pub(crate) fn load_deleted(deleted_users: &Ks) -> Result<DeletedUsers, StoreError> {
+    let mut out = DeletedUsers::default();
+    for guard in deleted_users.handle.iter() {
+        let (key, value) = deleted_users.entry(guard)?;
+        codec::decode_revocation(&value).map_err(|d| deleted_users.corrupt(&key, d))?;
+        let user = codec::decode_id_key(&key).map_err(|d| deleted_users.corrupt(&key, d))?;
+        out.insert(user);
+    }
+    Ok(out)
+}
+
+/// The deletions not yet purged, as stored: read once when the store opens.
+pub(crate) fn load_purges(user_purges: &Ks) -> Result<HashMap<UserId, UserPurgeCursor>, StoreError> {
+    let mut out = HashMap::new();
+    for guard in user_purges.handle.iter() {
+        let (key, value) = user_purges.entry(guard)?;
+        codec::check_empty(&value).map_err(|d| user_purges.corrupt(&key, d))?;
+        let user = codec::decode_id_key(&key).map_err(|d| user_purges.corrupt(&key, d))?;
+        out.insert(user, UserPurgeCursor::default());
+    }
+    Ok(out)
+}
+
+impl Inner {
+    /// Whether `user`'s account was deleted.
+    pub(crate) fn is_deleted(&self, user: UserId) -> bool {
+        self.deleted_count.load(Ordering::Acquire) > 0 && lock(&self.deleted).set.contains(&user)
+    }
+
+    /// Drops the deleted accounts from `users` (a list of another user's
+    /// friends, requests or blocks, whose keys may await the purge).
+    pub(crate) fn retain_live(&self, users: &mut Vec<UserId>) {
+        if self.deleted_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let deleted = lock(&self.deleted);
+        users.retain(|user| !deleted.set.contains(user));
+    }
+
+    /// Runs `f` with the set of deleted accounts while holding the
+    /// deletion gate, which the caller keeps until its batch is committed
+    /// (the writer: see the module docs). `None` and no lock when no
+    /// account was ever deleted.
+    pub(crate) fn deletion_gate<T>(
+        &self,
+        f: impl FnOnce(&HashSet<UserId>) -> T,
+    ) -> Option<(std::sync::MutexGuard<'_, ()>, T)> {
+        if self.deleted_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let gate = lock(&self.deletion_gate);
+        let out = f(&lock(&self.deleted).set);
+        Some((gate, out))
+    }
+
+    /// Marks `user` deleted in memory, under the deletion gate.
+    fn mark_deleted(&self, user: UserId) {
+        let _gate = lock(&self.deletion_gate);
+        let mut deleted = lock(&self.deleted);
+        deleted.insert(user);
+        self.deleted_count.store(deleted.len(), Ordering::Release);
+    }
+
+    /// The upper end of `user`'s keys in a `user ++ ...` keyspace.
+    fn prefix_end(user: UserId) -> Bound<Vec<u8>> {
+        match user.checked_add(1) {
+            Some(next) => Bound::Excluded(codec::id_key(next).to_vec()),
+            None => Bound::Unbounded,
+        }
+    }
+
+    /// Adds to `batch` the removal of up to `budget` keys of `user`'s in
+    /// `ks` after `cursor.after`, each with the keys `mirror` names for
+    /// it; returns how many keys and whether none is left.
+    fn purge_prefix(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        ks: &Ks,
+        user: UserId,
+        cursor: &mut UserPurgeCursor,
+        budget: usize,
+        mirror: impl Fn(&mut fjall::OwnedWriteBatch, &[u8]) -> Result<usize, StoreError>,
+    ) -> Result<(usize, bool), StoreError> {
+        let start = match &cursor.after {
+            Some(after) => Bound::Excluded(after.clone()),
+            None => Bound::Included(codec::id_key(user).to_vec()),
+        };
+        let mut removed = 0;
+        for guard in ks.handle.range((start, Inner::prefix_end(user))) {
+            if removed >= budget {
+                return Ok((removed, false));
+            }
+            let key = ks.key_of(guard)?;
+            removed += mirror(batch, &key)?;
+            batch.remove(&ks.handle, key.clone());
+            removed += 1;
+            cursor.after = Some(key.to_vec());
+        }
+        Ok((removed, true))
+    }
+
+    /// The second id of a `user ++ other` key.
+    fn other(ks: &Ks, key: &[u8]) -> Result<UserId, StoreError> {
+        codec::decode_pair_second(key).map_err(|d| ks.corrupt(key, d))
+    }
+
+    /// Removes up to `budget` of `user`'s pending invites, each with its
+    /// mirror and its group's invite count, in one batch under the groups
+    /// lock (the counts are read-modify-write). The list is bounded by
+    /// `max_invites_per_user`, so each call scans it from the start.
+    fn purge_invites(&self, user: UserId, budget: usize) -> Result<bool, StoreError> {
+        let guard = lock(&self.groups_lock);
+        let mut batch = self.db.batch();
+        let mut removed = 0;
+        let mut done = true;
+        for guard in self.user_invites.handle.prefix(codec::id_key(user)) {
+            if removed >= budget {
+                done = false;
+                break;
+            }
+            let key = self.user_invites.key_of(guard)?;
+            let group = Inner::other(&self.user_invites, &key)?;
+            match self.load_group(group)? {
+                Some(mut record) => {
+                    self.drop_invite(&mut batch, &mut record, group, user);
+                    self.put_group(&mut batch, group, &record);
+                }
+                None => {
+                    // Deleted: its own purge takes the rest.
+                    batch.remove(&self.group_invites.handle, codec::pair_key(group, user));
+                    batch.remove(&self.user_invites.handle, key);
+                }
+            }
+            removed += 2;
+        }
+        self.commit_unlocked(batch, guard)?;
+        Ok(done)
+    }
+}
+
+impl Store {
+    /// Deletes `user`'s account (the operator's `delete-user`, or the
+    /// user's own request once its password is checked): one synced
+    /// write removes the `accounts` and `users` records and every token,
+    /// and records the deletion. Returns the name the account had, which
+    /// is free from now on. `NotFound` for an id that is not a live
+    /// account (never registered, or deleted already). The rest waits for
+    /// [`Store::purge_user_step`].
+    pub fn delete_account(&self, user: UserId) -> Result<String, StoreError> {
+        self.delete_account_checked(user, None)
+    }
+
+    /// [`Store::delete_account`] for the user themself: `password` must be
+    /// the account's (`AuthFailed` otherwise, checked off any lock as a
+    /// login's is), and an account without one (made by a JWT login) is
+    /// `Forbidden` ([`NO_PASSWORD_TO_CHECK`]).
+    pub fn delete_own_account(&self, user: UserId, password: &[u8]) -> Result<String, StoreError> {
+        let inner = &*self.inner;
+        let username = self.username(user)?.ok_or(StoreError::NotFound)?;
+        match inner.lookup_account(&username)? {
+            Some((owner, phc)) if owner == user && phc == NO_PASSWORD => {
+                return Err(StoreError::Forbidden(NO_PASSWORD_TO_CHECK));
+            }
+            Some((owner, _)) if owner == user => {}
+            _ => return Err(StoreError::NotFound),
+        }
+        let (owner, phc) = inner.check_password(&username, password)?;
+        if owner != user {
+            return Err(StoreError::AuthFailed);
+        }
+        let checked = PasswordChecked {
+            username: &username,
+            phc: &phc,
+        };
+        self.delete_account_checked(user, Some(checked))
+    }
+
+    fn delete_account_checked(
+        &self,
+        user: UserId,
+        checked: Option<PasswordChecked<'_>>,
+    ) -> Result<String, StoreError> {
+        let inner = &*self.inner;
+        // As for a password change: no registration's check-then-insert of
+        // the name interleaves with its removal, and no token is issued
+        // between the sweep and the mark (issuing checks under this lock).
+        let registering = lock(&inner.register_lock);
+        let issuing = inner.token_lock(user);
+        if inner.is_deleted(user) {
+            return Err(StoreError::NotFound);
+        }
+        let username = self.username(user)?.ok_or(StoreError::NotFound)?;
+        if let Some(checked) = &checked {
+            if !inner.password_unchanged(checked)? {
+                // Changed since it was checked: not the password any more.
+                return Err(StoreError::AuthFailed);
+            }
+        }
+        let mut batch = inner.db.batch();
+        batch.remove(&inner.accounts.handle, username.as_bytes());
+        batch.remove(&inner.users.handle, codec::id_key(user));
+        batch.insert(
+            &inner.deleted_users.handle,
+            codec::id_key(user),
+            codec::encode_revocation(now_unix_ms()),
+        );
+        batch.insert(&inner.user_purges.handle, codec::id_key(user), []);
+        inner.sweep_tokens(&mut batch, user, u64::MAX, 0)?;
+        let pending = inner.write(batch, true)?;
+        // Written: readers see it from here, so mark it before anyone can
+        // act on the store's answer, and before the locks go.
+        lock(&inner.user_purging).insert(user, UserPurgeCursor::default());
+        inner.mark_deleted(user);
+        drop(issuing);
+        drop(registering);
+        inner.token_cache.revoke_user(user);
+        inner.revocations.fetch_add(1, Ordering::AcqRel);
+        inner.sync(pending)?;
+        Ok(username)
+    }
+
+    /// Whether `user`'s account was deleted (memory only).
+    pub fn is_deleted(&self, user: UserId) -> bool {
+        self.inner.is_deleted(user)
+    }
+
+    /// How many accounts were ever deleted: a reader keeping its own copy
+    /// of the set calls [`Store::deleted_since`] when this moved. No lock.
+    pub fn deleted_count(&self) -> u64 {
+        self.inner.deleted_count.load(Ordering::Acquire)
+    }
+
+    /// The accounts deleted after the first `seen`, in deletion order.
+    pub fn deleted_since(&self, seen: u64) -> Vec<UserId> {
+        let deleted = lock(&self.inner.deleted);
+        let from = usize::try_from(seen).unwrap_or(usize::MAX);
+        deleted
+            .log
+            .get(from..)
+            .map(<[UserId]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Removes up to about `budget` keys of a deleted account (see the
+    /// module docs for what, in which order), each step going on from
+    /// where the last stopped. Returns `true` once nothing is left, when
+    /// the account's `user_purges` key is removed too. The caller removes
+    /// the user from their groups first. Not synced: a purge lost in a
+    /// crash is simply done again.
+    pub fn purge_user_step(&self, user: UserId, budget: usize) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let Some(mut cursor) = lock(&inner.user_purging).get(&user).cloned() else {
+            return Ok(true);
+        };
+        let budget = budget.max(1);
+        if cursor.phase == Phase::Invites {
+            if inner.purge_invites(user, budget)? {
+                cursor = UserPurgeCursor {
+                    phase: Phase::Inbox,
+                    after: None,
+                };
+            }
+            if let Some(at) = lock(&inner.user_purging).get_mut(&user) {
+                *at = cursor;
+            }
+            return Ok(false);
+        }
+        let mut batch = inner.db.batch();
+        let mut removed = 0usize;
+        let mut done = false;
+        while removed < budget && !done && cursor.phase != Phase::Invites {
+            let left = budget - removed;
+            let c = &mut cursor;
+            let b = &mut batch;
+            let (taken, finished) = match c.phase {
+                Phase::Friends => inner.purge_prefix(b, &inner.friends, user, c, left, |b, key| {
+                    let other = Inner::other(&inner.friends, key)?;
+                    b.remove(&inner.friends.handle, codec::pair_key(other, user));
+                    Ok(1)
+                })?,
+                Phase::RequestsOut => {
+                    inner.purge_prefix(b, &inner.requests_out, user, c, left, |b, key| {
+                        let other = Inner::other(&inner.requests_out, key)?;
+                        b.remove(&inner.requests_in.handle, codec::pair_key(other, user));
+                        Ok(1)
+                    })?
+                }
+                Phase::RequestsIn => inner.purge_prefix(b, &inner.requests_in, user, c, left, |b, key| {
+                    let other = Inner::other(&inner.requests_in, key)?;
+                    b.remove(&inner.requests_out.handle, codec::pair_key(other, user));
+                    Ok(1)
+                })?,
+                Phase::BlocksOut => inner.purge_prefix(b, &inner.blocks, user, c, left, |b, key| {
+                    let other = Inner::other(&inner.blocks, key)?;
+                    b.remove(&inner.blocked_by.handle, codec::pair_key(other, user));
+                    Ok(1)
+                })?,
+                Phase::BlocksIn => inner.purge_prefix(b, &inner.blocked_by, user, c, left, |b, key| {
+                    let other = Inner::other(&inner.blocked_by, key)?;
+                    b.remove(&inner.blocks.handle, codec::pair_key(other, user));
+                    Ok(1)
+                })?,
+                Phase::Invites => (0, false),
+                Phase::Inbox => inner.purge_prefix(b, &inner.inbox, user, c, left, |_, _| Ok(0))?,
+                Phase::Receipts => inner.purge_prefix(b, &inner.receipts, user, c, left, |_, _| Ok(0))?,
+                Phase::Conversations => {
+                    inner.purge_prefix(b, &inner.user_convs, user, c, left, |_, _| Ok(0))?
+                }
+                Phase::Tokens => inner.purge_prefix(b, &inner.user_tokens, user, c, left, |b, key| {
+                    let hash =
+                        codec::decode_user_token_hash(key).map_err(|d| inner.user_tokens.corrupt(key, d))?;
+                    b.remove(&inner.tokens.handle, hash);
+                    Ok(1)
+                })?,
+            };
+            removed += taken;
+            if finished {
+                match cursor.phase.next() {
+                    Some(phase) => cursor = UserPurgeCursor { phase, after: None },
+                    None => done = true,
+                }
+            }
+        }
+        if done {
+            batch.remove(&inner.revocation_times.handle, codec::id_key(user));
+            batch.remove(&inner.user_purges.handle, codec::id_key(user));
+        }
+        inner.commit(batch, false)?;
+        let mut purging = lock(&inner.user_purging);
+        if done {
+            purging.remove(&user);
+        } else if let Some(at) = purging.get_mut(&user) {
+            *at = cursor;
+        }
+        Ok(done)
+    }
+
+    /// The deleted accounts whose purge is not finished, ascending.
+    pub fn pending_user_purges(&self) -> Vec<UserId> {
+        let mut out: Vec<UserId> = lock(&self.inner.user_purging).keys().copied().collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tern_proto::ConvId;
+
+    use super::*;
+    use crate::{InboxTargets, MessageWrite, WriteOp};
+
+    /// Every key of `ks` that names `user` as either id of a pair key, or
+    /// as the first id of a longer key.
+    fn keys_naming(ks: &Ks, user: UserId, pair: bool) -> usize {
+        ks.handle
+            .iter()
+            .map(|guard| guard.key().unwrap())
+            .filter(|key| {
+                let first = codec::decode_id_key(&key[..8]).unwrap();
+                let second = pair.then(|| codec::decode_pair_second(key).unwrap());
+                first == user || second == Some(user)
+            })
+            .count()
+    }
+
+    #[test]
+    fn the_purge_leaves_no_key_naming_the_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::test_options()).unwrap();
+        for i in 1..=4 {
+            store.register(&format!("user{i}"), b"password1").unwrap();
+        }
+        store.add_friend(1, 2).unwrap();
+        store.add_friend(2, 1).unwrap();
+        store.add_friend(1, 3).unwrap();
+        store.add_friend(4, 1).unwrap();
+        store.block(1, 4).unwrap();
+        store.block(3, 1).unwrap();
+        let group = store.create_group_with(2, "g", false).unwrap();
+        store.invite(group, 1).unwrap();
+        store.issue_token(1).unwrap();
+        let conv = ConvId::direct(1, 2);
+        let message = WriteOp::Message(MessageWrite {
+            conv,
+            seq: 1,
+            from: 2,
+            client_msg_id: 1,
+            timestamp_ms: 1,
+            frame: Arc::from(&b"hi"[..]),
+            inbox: InboxTargets::One(1),
+        });
+        store.apply(&[message], false).unwrap();
+        let inner = &*store.inner;
+        assert_eq!(
+            keys_naming(&inner.blocked_by, 1, true),
+            2,
+            "both blocks are mirrored"
+        );
+
+        store.delete_account(1).unwrap();
+        while !store.purge_user_step(1, 1).unwrap() {}
+
+        for ks in [
+            &inner.friends,
+            &inner.requests_out,
+            &inner.requests_in,
+            &inner.blocks,
+            &inner.blocked_by,
+            &inner.user_invites,
+        ] {
+            assert_eq!(keys_naming(ks, 1, true), 0, "keyspace {}", ks.name);
+        }
+        assert_eq!(keys_naming(&inner.group_invites, 1, true), 0);
+        for ks in [
+            &inner.inbox,
+            &inner.receipts,
+            &inner.user_convs,
+            &inner.user_tokens,
+        ] {
+            assert_eq!(keys_naming(ks, 1, false), 0, "keyspace {}", ks.name);
+        }
+        for guard in inner.tokens.handle.iter() {
+            let (_, value) = guard.into_inner().unwrap();
+            assert_ne!(codec::decode_token(&value).unwrap().0, 1);
+        }
+        assert!(inner.revocation_times.get(&codec::id_key(1)).unwrap().is_none());
+        assert!(inner.user_purges.is_empty().unwrap());
+        assert_eq!(keys_naming(&inner.deleted_users, 1, false), 1, "the record stays");
+        assert_eq!(inner.load_group(group).unwrap().unwrap().invite_count, 0);
+        // The others' own relations are intact.
+        assert_eq!(store.friends(2).unwrap(), Vec::<UserId>::new());
+        assert_eq!(store.direct_conversations(2, 10).unwrap(), vec![conv]);
+    }
+
+    #[test]
+    fn the_blocked_by_index_is_backfilled_for_an_older_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), crate::test_options()).unwrap();
+            for i in 1..=3 {
+                store.register(&format!("user{i}"), b"password1").unwrap();
+            }
+            store.block(1, 3).unwrap();
+            store.block(2, 3).unwrap();
+            // As a store written before the index existed.
+            let inner = &*store.inner;
+            let mut batch = inner.db.batch();
+            for key in inner.blocked_by.handle.iter().map(|g| g.key().unwrap()) {
+                batch.remove(&inner.blocked_by.handle, key);
+            }
+            inner.commit(batch, false).unwrap();
+            assert!(inner.blocked_by.is_empty().unwrap());
+            store.persist().unwrap();
+        }
+        let store = Store::open(dir.path(), crate::test_options()).unwrap();
+        assert_eq!(store.inner.blocked_by.scan_pairs(3).unwrap(), vec![1, 2]);
+    }
+}
