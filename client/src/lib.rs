@@ -478,6 +478,18 @@ impl Client {
         })
     }
 
+    /// Deletes the logged-in user's account, proving it with `password`.
+    /// On success every session of the user, this one included, is closed
+    /// by the server (`Disconnect` with [`ErrorCode::AccountDeleted`]); no
+    /// login reaches the account again. A wrong password is
+    /// [`ErrorCode::AuthFailed`]; an account without a password (made by
+    /// a JWT login) is [`ErrorCode::Forbidden`]: the operator deletes those.
+    pub fn delete_account(&mut self, password: &str) -> Result<(), ClientError> {
+        self.expect_ok(ClientBody::AccountDelete {
+            password: password.as_bytes().to_vec(),
+        })
+    }
+
     /// Catches up: presents this client's cursors, queues every message
     /// after them for [`Client::next_push`], and makes the session live.
     /// Returns how many messages the server streamed.

@@ -5,7 +5,9 @@
 //! with text and closes. Commands: `stats` (live counters per shard),
 //! `sessions USER`, `kick USER` (closes every session of the user with a
 //! `Disconnect`), `revoke USER` (revokes every token of the user, then
-//! kicks), and `log FILTER` (changes the log filter at runtime). A session
+//! kicks), `delete-user USER` (deletes the account as the user's own
+//! `AccountDelete` does, without a password: an erasure request), and
+//! `log FILTER` (changes the log filter at runtime). A session
 //! lives on its user's home shard, so kicks and session counts are handed
 //! to that shard through [`AdminQueues`], which each shard drains from its
 //! stop-watcher tick (every 50 ms): admin commands never touch the message
@@ -53,6 +55,7 @@ const STATS_METRICS: &[&str] = &[
     "tern_groups_cached",
     "tern_group_members_cached",
     "tern_group_purges_running",
+    "tern_user_purges_running",
 ];
 
 /// A request for the shard that owns `user`.
@@ -64,6 +67,13 @@ pub enum AdminRequest {
     },
     /// Close every session of `user`; answers how many.
     Kick {
+        user: UserId,
+        reply: mpsc::Sender<usize>,
+    },
+    /// `user`'s account was deleted in the store: close every session of
+    /// the user with `AccountDeleted` and start the purge; answers how
+    /// many sessions were closed.
+    AccountDeleted {
         user: UserId,
         reply: mpsc::Sender<usize>,
     },
@@ -262,12 +272,28 @@ fn run(command: &str, context: &AdminContext) -> Result<String, String> {
             let count = ask(context, user, |reply| AdminRequest::Kick { user, reply })?;
             Ok(format!("revoked {revoked} tokens and kicked {count} sessions of {name} (id {user})\n"))
         }
+        (Some("delete-user"), Some(name), None) => {
+            let user = resolve(context, name)?;
+            if let Err(e) = context.store.delete_account(user) {
+                // A failed sync may still have left the deletion in place:
+                // then the rest of it must follow.
+                if !context.store.is_deleted(user) {
+                    return Err(e.to_string());
+                }
+                tracing::error!(error = %e, user, "account deletion failed to sync but is visible; completing it");
+            }
+            tracing::info!(user, "account deleted by the operator");
+            let count = ask(context, user, |reply| AdminRequest::AccountDeleted { user, reply })?;
+            Ok(format!(
+                "deleted {name} (id {user}): closed {count} sessions; its data is being purged\n"
+            ))
+        }
         (Some("log"), Some(filter), None) => match &context.log_reload {
             Some(reload) => reload(filter).map(|()| format!("log filter is now {filter}\n")),
             None => Err("this server cannot change its log filter at runtime".into()),
         },
         _ => Err(format!(
-            "unknown command {command:?}; commands: stats | sessions USER | kick USER | revoke USER | log FILTER"
+            "unknown command {command:?}; commands: stats | sessions USER | kick USER | revoke USER | delete-user USER | log FILTER"
         )),
     }
 }

@@ -49,7 +49,7 @@ use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Recipients, Request};
 use crate::outbox::{Next, Outbox};
-use crate::shard::{encode_shared, now_ms, store_error_frame, Shard};
+use crate::shard::{encode_shared, now_ms, store_error_frame, Shard, ACCOUNT_DELETED};
 
 /// What the pre-login loop must do after parsing a frame.
 enum PreLogin {
@@ -1580,7 +1580,7 @@ impl Conn {
                         ErrorCode::InvalidArgument,
                         "cannot send a message to yourself",
                     )
-                } else if !shard.store.user_exists(to) {
+                } else if !shard.user_live(to) {
                     ServerFrame::error(request_id, ErrorCode::NotFound, "no such user")
                 } else {
                     let Ok(mut content) = rkyv::deserialize::<_, BoxedError>(content) else {
@@ -1651,7 +1651,7 @@ impl Conn {
                                 "a conversation with yourself has no one to tell",
                             ))
                         }
-                        Some(peer) if !shard.store.user_exists(peer) => {
+                        Some(peer) if !shard.user_live(peer) => {
                             return self.push(&ServerFrame::error(
                                 request_id,
                                 ErrorCode::NotFound,
@@ -1992,6 +1992,15 @@ impl Conn {
                 )
                 .await
             }
+            ArchivedClientBody::AccountDelete { password } => {
+                let password = password.as_slice().to_vec();
+                if let Some(reply) = self.delete_account(request_id, password).await {
+                    return self.push(&reply);
+                }
+                // Deleted: this session's `Ok` is queued, then its
+                // `Disconnect` with every other session's.
+                return;
+            }
             ArchivedClientBody::Hello { .. }
             | ArchivedClientBody::Register { .. }
             | ArchivedClientBody::Login { .. }
@@ -2059,6 +2068,74 @@ impl Conn {
                 store_error_frame(request_id, &e)
             }
         }
+    }
+
+    /// `AccountDelete`: checks the password (under the account's login
+    /// back-off, hashing off the reactor as `ChangePassword` does),
+    /// deletes the account in the store, answers `Ok` and has the home
+    /// shard (this one) close every session of the user and purge the
+    /// rest. `None` once deleted (the `Ok` is queued), else the refusal.
+    async fn delete_account(&self, request_id: u64, password: Vec<u8>) -> Option<ServerFrame> {
+        let config = &self.shard.config;
+        let user = self.user;
+        if let Err(wait) =
+            limits::account_change_allowed(config, self.peer, user, limits::AccountChange::Delete)
+        {
+            return Some(rate_limited(
+                request_id,
+                "deleting the account again so soon",
+                wait,
+            ));
+        }
+        let username = match self.shard.blocking(move |store| store.username(user)).await {
+            Ok(Some(username)) => username,
+            Ok(None) => return Some(store_error_frame(request_id, &tern_storage::StoreError::NotFound)),
+            Err(e) => return Some(store_error_frame(request_id, &e)),
+        };
+        if let Err(wait) = limits::login_allowed(config, self.peer, Some(&username)) {
+            return Some(rate_limited(request_id, "too many failed password checks", wait));
+        }
+        let deleted = self
+            .shard
+            .blocking(move |store| store.delete_own_account(user, &password))
+            .await;
+        match deleted {
+            Ok(_) => {}
+            Err(tern_storage::StoreError::AuthFailed) => {
+                limits::login_failed(config, self.peer, Some(&username));
+                return Some(ServerFrame::error(
+                    request_id,
+                    ErrorCode::AuthFailed,
+                    "wrong password",
+                ));
+            }
+            Err(tern_storage::StoreError::Forbidden(why)) => {
+                return Some(ServerFrame::error(request_id, ErrorCode::Forbidden, why));
+            }
+            Err(tern_storage::StoreError::NotFound) => {
+                // Another device (or the operator) got there first: this
+                // session's `Disconnect` is on its way.
+                return Some(ServerFrame::error(
+                    request_id,
+                    ErrorCode::NotFound,
+                    ACCOUNT_DELETED,
+                ));
+            }
+            Err(e) if !self.shard.store.is_deleted(user) => return Some(store_error_frame(request_id, &e)),
+            Err(e) => {
+                // The sync failed but the deletion is visible: it happened,
+                // and the rest of it must follow.
+                tracing::error!(error = %e, user, "account deletion failed to sync but is visible; completing it");
+            }
+        }
+        limits::login_succeeded(&username);
+        tracing::info!(user, "account deleted by its user");
+        self.push(&ServerFrame {
+            request_id,
+            body: ServerBody::Ok,
+        });
+        self.shard.account_deleted(user);
+        None
     }
 
     /// `LogoutOthers`: if this session's token is still live, replaces
@@ -2133,7 +2210,7 @@ impl Conn {
             };
             return ServerFrame::error(request_id, ErrorCode::InvalidArgument, why);
         }
-        if !self.shard.store.user_exists(peer) {
+        if !self.shard.user_live(peer) {
             return ServerFrame::error(request_id, ErrorCode::NotFound, "no such user");
         }
         let (tx, rx) = futures_channel::oneshot::channel();

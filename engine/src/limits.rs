@@ -298,6 +298,9 @@ enum Table {
 pub enum AccountChange {
     Password,
     LogoutOthers,
+    /// `AccountDelete`: an argon2 check each, like a password change; a
+    /// second device's attempt right after a wrong password waits too.
+    Delete,
 }
 
 /// Shortest time between two account-wide changes of one kind by one

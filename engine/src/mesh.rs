@@ -130,6 +130,12 @@ pub enum GroupOp {
     },
     /// Delete the group (its owner only).
     Delete,
+    /// The requesting user's account was deleted: they leave, as with
+    /// `Leave`, and if they own the group it passes to the member with the
+    /// lowest id among its admins, else among its members; a group with no
+    /// other member is deleted. Sent by the account's purge only, never
+    /// from a client.
+    Depart,
 }
 
 /// The answer to [`Request::DirectReceiptCheck`].

@@ -40,6 +40,7 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
         ErrorCode::Internal => "internal",
         ErrorCode::RateLimited => "rate_limited",
         ErrorCode::ContentRejected => "content_rejected",
+        ErrorCode::AccountDeleted => "account_deleted",
     }
 }
 
@@ -112,6 +113,8 @@ pub struct ShardMetrics {
     pub group_members_cached: AtomicI64,
     /// Deleted groups homed here whose data is being purged.
     pub group_purges_running: AtomicI64,
+    /// Deleted accounts homed here whose data is being purged.
+    pub user_purges_running: AtomicI64,
     pub connections_accepted: AtomicU64,
     pub logins_ok: AtomicU64,
     pub logins_failed: AtomicU64,
@@ -162,6 +165,7 @@ impl Default for ShardMetrics {
             groups_cached: AtomicI64::new(0),
             group_members_cached: AtomicI64::new(0),
             group_purges_running: AtomicI64::new(0),
+            user_purges_running: AtomicI64::new(0),
             connections_accepted: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
@@ -230,6 +234,12 @@ impl ShardMetrics {
     /// A deleted group's purge started (`true`) or ended (`false`).
     pub fn group_purge(&self, started: bool) {
         self.group_purges_running
+            .fetch_add(if started { 1 } else { -1 }, Relaxed);
+    }
+
+    /// A deleted account's purge started (`true`) or ended (`false`).
+    pub fn user_purge(&self, started: bool) {
+        self.user_purges_running
             .fetch_add(if started { 1 } else { -1 }, Relaxed);
     }
 
@@ -621,6 +631,11 @@ const GAUGES: &[(&str, &str, Getter)] = &[
         "tern_group_purges_running",
         "Deleted groups whose history, members and cursors are being removed in the background.",
         |m| m.group_purges_running.load(Relaxed),
+    ),
+    (
+        "tern_user_purges_running",
+        "Deleted accounts whose friendships, requests, blocks, groups, inbox and cursors are being removed in the background.",
+        |m| m.user_purges_running.load(Relaxed),
     ),
     (
         "tern_outbound_queued_bytes",
@@ -1050,7 +1065,7 @@ mod tests {
         for (i, code) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(*code as usize, i, "{code:?}");
         }
-        assert_eq!(ErrorCode::ContentRejected as usize + 1, ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::AccountDeleted as usize + 1, ErrorCode::ALL.len());
     }
 
     #[test]

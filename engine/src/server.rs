@@ -519,6 +519,7 @@ async fn run_shard(startup: Arc<Startup>) {
     ));
     glommio::spawn_local(shard.clone().run_committer()).detach();
     shard.resume_group_purges();
+    shard.resume_user_purges();
     glommio::spawn_local(crate::park::serve(shard.clone())).detach();
     if index == 0 {
         glommio::spawn_local(expire_old_messages(shard.clone())).detach();

@@ -390,7 +390,7 @@ impl<'a> Input<'a> {
 
     /// One client request, any variant, with fields near their limits.
     pub fn body(&mut self) -> ClientBody {
-        match self.u8() % 42 {
+        match self.u8() % 43 {
             0 => ClientBody::Hello {
                 version: match self.u8() % 5 {
                     0 | 1 => 1,
@@ -533,10 +533,13 @@ impl<'a> Input<'a> {
             38 => ClientBody::LoginJwt { token: self.text() },
             39 => ClientBody::Typing { conv: self.conv() },
             40 => ClientBody::LogoutOthers,
-            _ => ClientBody::FriendRequestsPage {
+            41 => ClientBody::FriendRequestsPage {
                 incoming: self.u8() & 1 == 1,
                 after: self.id(),
                 limit: self.u64() as u32,
+            },
+            _ => ClientBody::AccountDelete {
+                password: self.bytes(),
             },
         }
     }
@@ -666,6 +669,11 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
                 new_password,
             },
         ) => admit_if(valid_password(old_password) && valid_password(new_password)),
+        // Only the upper bound: an account without a password has its
+        // own answer, from the server.
+        (Phase::Authenticated(_), B::AccountDelete { password }) => {
+            admit_if(password.len() <= PASSWORD_LEN_MAX)
+        }
         (
             Phase::Authenticated(_),
             B::GroupSetRole { .. }

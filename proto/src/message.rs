@@ -213,6 +213,18 @@ pub enum ClientBody {
         after: UserId,
         limit: u32,
     },
+    /// Deletes the caller's account: `password` must be its current one
+    /// (an account made by a JWT login has none and is refused with
+    /// `Forbidden`; the operator deletes those). Answered with `Ok`; then
+    /// every session of the user, this one included, gets `Disconnect {
+    /// AccountDeleted }`. From the `Ok` on no login of any kind reaches the
+    /// account, messages and friend requests to it are refused with
+    /// `NotFound`, and it is gone from its friends' lists; the server then
+    /// removes its friendships, requests, blocks, group memberships,
+    /// invites, inbox and cursors in the background. Messages it sent stay
+    /// in their conversations. The name is free for a new registration;
+    /// the id is never reused.
+    AccountDelete { password: Vec<u8> },
 }
 
 /// A member's role in a group.
@@ -543,6 +555,10 @@ pub enum ErrorCode {
     RateLimited,
     /// The server's content filter refused the message's text.
     ContentRejected,
+    /// As a `Disconnect`: the user's account was deleted (by the user,
+    /// from this or another device, or by the operator). Do not reconnect
+    /// with its credentials: they no longer work.
+    AccountDeleted,
 }
 
 impl ArchivedErrorCode {
@@ -565,6 +581,7 @@ impl ArchivedErrorCode {
             ArchivedErrorCode::Internal => ErrorCode::Internal,
             ArchivedErrorCode::RateLimited => ErrorCode::RateLimited,
             ArchivedErrorCode::ContentRejected => ErrorCode::ContentRejected,
+            ArchivedErrorCode::AccountDeleted => ErrorCode::AccountDeleted,
         }
     }
 }
@@ -572,7 +589,7 @@ impl ArchivedErrorCode {
 impl ErrorCode {
     /// Every error code, in declaration order, so `code as usize` indexes
     /// it (tables keyed by code: metrics, decoders).
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::MalformedFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -589,6 +606,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::RateLimited,
         ErrorCode::ContentRejected,
+        ErrorCode::AccountDeleted,
     ];
 }
 

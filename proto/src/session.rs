@@ -10,7 +10,7 @@
 
 use crate::limits::{
     check_group_name, check_password, check_username, CLIENT_NAME_LEN_MAX, JWT_LEN_MAX, MEDIA_MIME_LEN_MAX,
-    MEDIA_URL_LEN_MAX, SYNC_CURSORS_MAX, TOKEN_LEN,
+    MEDIA_URL_LEN_MAX, PASSWORD_LEN_MAX, SYNC_CURSORS_MAX, TOKEN_LEN,
 };
 use crate::message::{ArchivedClientBody, ArchivedContent, ArchivedContentKind, ErrorCode, GroupRole};
 use crate::{ids::UserId, SUPPORTED_VERSIONS};
@@ -209,6 +209,18 @@ impl Session {
                 // huge one is refused before it reaches argon2.
                 check_password(old_password.as_slice())?;
                 check_password(new_password.as_slice())?;
+                Ok(())
+            }
+            (Phase::Authenticated(_), B::AccountDelete { password }) => {
+                // Bounded like any password, so a huge one never reaches
+                // argon2; not held to the minimum, so an account without a
+                // password gets its own answer rather than this one.
+                if password.len() > PASSWORD_LEN_MAX {
+                    return Err(Refusal::keep(
+                        ErrorCode::InvalidArgument,
+                        "password must be 8 to 256 bytes",
+                    ));
+                }
                 Ok(())
             }
             (Phase::Authenticated(_), B::Receipt { seq, .. }) => {
@@ -420,6 +432,13 @@ mod tests {
         };
         admit(&mut s, ok).unwrap();
         admit(&mut s, ClientBody::LogoutOthers).unwrap();
+        let delete = |len: usize| ClientBody::AccountDelete {
+            password: vec![b'p'; len],
+        };
+        admit(&mut s, delete(0)).unwrap();
+        admit(&mut s, delete(PASSWORD_LEN_MAX)).unwrap();
+        let huge = admit(&mut s, delete(PASSWORD_LEN_MAX + 1)).unwrap_err();
+        assert_eq!((huge.code, huge.close), (ErrorCode::InvalidArgument, false));
         admit(&mut s, ClientBody::Logout).unwrap();
     }
 
@@ -455,6 +474,10 @@ mod tests {
             new_password: b"password2".to_vec(),
         };
         assert_eq!(admit(&mut s, change).unwrap_err().code, ErrorCode::InvalidState);
+        let delete = ClientBody::AccountDelete {
+            password: b"password".to_vec(),
+        };
+        assert_eq!(admit(&mut s, delete).unwrap_err().code, ErrorCode::InvalidState);
     }
 
     #[test]

@@ -699,6 +699,26 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client-account-delete",
+            client(
+                40,
+                ClientBody::AccountDelete {
+                    password: b"hunter22".to_vec(),
+                },
+            ),
+        ),
+        (
+            "server-disconnect-account-deleted",
+            server(
+                0,
+                ServerBody::Disconnect {
+                    code: ErrorCode::AccountDeleted,
+                    message: "account deleted".into(),
+                    retry_after_ms: 0,
+                },
+            ),
+        ),
     ]
 }
 
@@ -963,6 +983,9 @@ fn client_samples() -> Vec<ClientBody> {
             after: 1,
             limit: 2,
         },
+        ClientBody::AccountDelete {
+            password: b"password".to_vec(),
+        },
     ]
 }
 
@@ -1158,6 +1181,7 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
             after,
             limit,
         } => vec![o(addr(incoming)), o(addr(after)), o(addr(limit))],
+        B::AccountDelete { password } => vec![o(addr(password))],
     }
 }
 
@@ -1488,7 +1512,7 @@ fn archived_layout_is_as_documented() {
     );
 
     // Variant tags (the first byte of the enum) and field offsets.
-    let client_expected: [&[usize]; 42] = [
+    let client_expected: [&[usize]; 43] = [
         &[2, 4],          // Hello
         &[4, 12],         // Register
         &[4, 12],         // Login
@@ -1531,6 +1555,7 @@ fn archived_layout_is_as_documented() {
         &[8],             // Typing
         &[],              // LogoutOthers
         &[1, 8, 16],      // FriendRequestsPage
+        &[4],             // AccountDelete
     ];
     let samples = client_samples();
     assert_eq!(samples.len(), client_expected.len());
@@ -1900,6 +1925,10 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             fields.push(tag(20));
             fields.push(Field::Vec(B + 4, ool(old_password, 1), old_password.len()));
             fields.push(Field::Vec(B + 12, ool(new_password, 1), new_password.len()));
+        }
+        ClientBody::AccountDelete { password } => {
+            fields.push(tag(42));
+            fields.push(Field::Vec(B + 4, ool(password, 1), password.len()));
         }
         ClientBody::GroupCreateWith { name, open } => {
             fields.push(tag(21));
@@ -2444,6 +2473,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
                 limit,
             }
         }),
+        arb_bytes().prop_map(|password| ClientBody::AccountDelete { password }),
     ]
 }
 
@@ -2826,7 +2856,7 @@ fn decoder_rules_for_other_encoders() {
     let mut p = body_of(&presence).to_vec();
     p[8 + 16] = 2;
     assert!(decode_server(&aligned(&p)).is_err());
-    // ErrorCode: only 0..=15.
+    // ErrorCode: only 0..=16.
     let disconnect = encode(&server(
         0,
         ServerBody::Disconnect {
@@ -2837,7 +2867,7 @@ fn decoder_rules_for_other_encoders() {
     ));
     let mut d = body_of(&disconnect).to_vec();
     let r = d.len() - 112;
-    d[r + 9] = 16;
+    d[r + 9] = 17;
     assert!(decode_server(&aligned(&d)).is_err());
 
     // ReceiptKind: only 0 and 1 (Receipt push: kind at ServerBody 40).

@@ -98,13 +98,13 @@ fn command() -> Command {
         )
         .subcommand(
             Command::new("admin")
-                .about("Send a command to the running server on this data dir (stats, sessions USER, kick USER, revoke USER, log FILTER)")
+                .about("Send a command to the running server on this data dir (stats, sessions USER, kick USER, revoke USER, delete-user USER, log FILTER)")
                 .arg(
                     Arg::new("command")
                         .value_name("COMMAND")
                         .required(true)
                         .num_args(1..)
-                        .help("stats | sessions USER | kick USER | revoke USER | log FILTER"),
+                        .help("stats | sessions USER | kick USER | revoke USER | delete-user USER | log FILTER"),
                 ),
         )
         .subcommand(

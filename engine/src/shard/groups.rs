@@ -486,7 +486,7 @@ impl Shard {
         // Every other request but a join is a member's.
         if op != GroupOp::Join && !self.may_be_member(group, user).await? {
             return match op {
-                GroupOp::Leave => Ok(GroupAnswer::Done),
+                GroupOp::Leave | GroupOp::Depart => Ok(GroupAnswer::Done),
                 _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
             };
         }
@@ -567,6 +567,28 @@ impl Shard {
                     ErrorCode::InvalidArgument,
                     "the owner cannot leave; hand the group over first (GroupTransferOwnership)",
                 )),
+                Some(_) => self.remove(group, user).await,
+            },
+            GroupOp::Depart => match caller_role {
+                None => Ok(GroupAnswer::Done),
+                Some(GroupRole::Owner) => {
+                    let heir = heir(&state.members, user);
+                    drop(state);
+                    match heir {
+                        None => self.delete_group(group, user).await,
+                        Some(heir) => {
+                            self.blocking(move |store| store.transfer_ownership(group, user, heir))
+                                .await
+                                .map_err(|e| store_refusal(e, group, "no such group"))?;
+                            self.update_cached(group, |owner, members| {
+                                *owner = heir;
+                                members.insert(heir, GroupRole::Owner);
+                                members.insert(user, GroupRole::Admin);
+                            });
+                            self.remove(group, user).await
+                        }
+                    }
+                }
                 Some(_) => self.remove(group, user).await,
             },
             GroupOp::Invite(target) => {
@@ -940,6 +962,18 @@ struct GroupBase {
     owner: UserId,
     open: bool,
     changes: Rc<Semaphore>,
+}
+
+/// Who owns a group after its owner `leaving` is gone: the admin with the
+/// lowest id, else the member with the lowest id (the longest-registered
+/// account among them, ids being assigned in order), or nobody.
+fn heir(members: &FxHashMap<UserId, GroupRole>, leaving: UserId) -> Option<UserId> {
+    let others = || members.iter().filter(move |(&id, _)| id != leaving);
+    others()
+        .filter(|(_, &role)| role == GroupRole::Admin)
+        .map(|(&id, _)| id)
+        .min()
+        .or_else(|| others().map(|(&id, _)| id).min())
 }
 
 /// `replies` with every missing one made by `make`.

@@ -10,6 +10,7 @@
 //! conversations and groups owned here, [`Shard::handle_event`] applies
 //! results for users owned here.
 
+mod accounts;
 mod blocks;
 mod commit;
 mod deletion;
@@ -19,6 +20,7 @@ mod recall;
 mod receipts;
 mod typing;
 
+pub use accounts::ACCOUNT_DELETED;
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -155,6 +157,9 @@ pub struct Shard {
     /// however many purges there are, one blocking thread at a time does
     /// that work and the others stay free for logins and requests.
     purge_steps: glommio::sync::Semaphore,
+    /// This shard's copy of the store's deleted accounts, so that the
+    /// message path checks a recipient without a lock ([`accounts`]).
+    deleted: RefCell<accounts::DeletedMirror>,
     /// Queue ends to other shards, dropped at shutdown so that the peers'
     /// consumer tasks end (`Rc` so a send in flight keeps its end alive).
     requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
@@ -285,6 +290,7 @@ impl Shard {
             join_queues: RefCell::new(FxHashMap::default()),
             block_changes: glommio::sync::Semaphore::new(1),
             purge_steps: glommio::sync::Semaphore::new(1),
+            deleted: RefCell::new(accounts::DeletedMirror::default()),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             writer,
@@ -583,7 +589,7 @@ impl Shard {
     }
 
     /// Serves an operator's request for a user homed here.
-    pub fn admin(&self, request: crate::admin::AdminRequest) {
+    pub fn admin(self: &Rc<Self>, request: crate::admin::AdminRequest) {
         use crate::admin::AdminRequest;
         match request {
             AdminRequest::Sessions { user, reply } => {
@@ -599,6 +605,9 @@ impl Shard {
                     count += 1;
                 });
                 let _ = reply.send(count);
+            }
+            AdminRequest::AccountDeleted { user, reply } => {
+                let _ = reply.send(self.account_deleted(user));
             }
         }
     }

@@ -1,0 +1,203 @@
+//! Deleting the account of a user homed on this shard, and purging its
+//! data.
+//!
+//! The user's `AccountDelete` (password checked) and the operator's
+//! `delete-user` both end in the store's one synced write
+//! (`storage::user_deletion`): from its return no login reaches the
+//! account. Then, here on the user's home shard, where all of the user's
+//! sessions live, every session gets `Disconnect { AccountDeleted }` after
+//! whatever it has queued (the requesting session's `Ok` among it), and a
+//! background task purges the account: first it leaves each of the user's
+//! groups on the group's home shard ([`GroupOp::Depart`]: a leave that
+//! hands a group the user owns to its senior admin or member, or deletes
+//! it if nobody else is in it), then it removes the rest from the store in
+//! bounded steps on the blocking pool, one step at a time per shard (the
+//! permit group purges share). A purge cut short by a restart resumes
+//! when the user's home shard starts ([`Shard::resume_user_purges`]).
+//!
+//! Every shard keeps its own copy of the set of deleted accounts
+//! ([`DeletedMirror`]) for the checks on the message path (a
+//! `SendDirect`, a `Typing`, a block to a deleted user is `NotFound`): it
+//! reads the store's count of deletions, one atomic load, and copies only
+//! the new ids when it moved, so no lock is taken per message.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use rustc_hash::FxHashSet;
+use tern_proto::{ErrorCode, UserId};
+use tern_storage::USER_PURGE_STEP_KEYS;
+
+use super::Shard;
+use crate::mesh::{GroupOp, Request};
+
+/// What a deleted account's sessions are told as they are closed.
+pub const ACCOUNT_DELETED: &str = "this account was deleted";
+
+/// How long a failed purge step (or group departure) waits before it is
+/// tried again.
+const PURGE_RETRY: Duration = Duration::from_secs(1);
+
+/// Most rounds of group departures a purge makes: each round leaves every
+/// group the store lists (at most `max_groups_per_user`); a group whose
+/// home shard refused is tried again in the next round, after
+/// [`PURGE_RETRY`].
+const DEPART_ROUNDS_MAX: u32 = 64;
+
+/// A shard's copy of the store's deleted accounts.
+#[derive(Debug, Default)]
+pub struct DeletedMirror {
+    /// How many of the store's deletions are copied.
+    seen: u64,
+    deleted: FxHashSet<UserId>,
+}
+
+impl Shard {
+    /// Whether `user` is an account that may be written to: assigned and
+    /// not deleted. Checks memory only, without a lock.
+    pub fn user_live(&self, user: UserId) -> bool {
+        if !self.store.user_exists(user) {
+            return false;
+        }
+        let count = self.store.deleted_count();
+        let mut mirror = self.deleted.borrow_mut();
+        if mirror.seen != count {
+            let new = self.store.deleted_since(mirror.seen);
+            mirror.seen = mirror
+                .seen
+                .saturating_add(u64::try_from(new.len()).unwrap_or(u64::MAX));
+            mirror.deleted.extend(new);
+        }
+        !mirror.deleted.contains(&user)
+    }
+
+    /// After the store deleted `user`'s account (the user is homed here):
+    /// closes every session of the user, after what each has queued, and
+    /// starts the purge. Returns how many sessions were closed.
+    pub fn account_deleted(self: &Rc<Self>, user: UserId) -> usize {
+        debug_assert_eq!(self.home_of(user), self.index);
+        let mut closed = 0;
+        self.for_each_session(user, None, |entry| {
+            entry
+                .outbox()
+                .finish(ErrorCode::AccountDeleted, ACCOUNT_DELETED, 0);
+            closed += 1;
+        });
+        self.spawn_user_purge(user);
+        closed
+    }
+
+    /// Purges the deleted accounts homed here whose purge a restart cut
+    /// short.
+    pub fn resume_user_purges(self: &Rc<Self>) {
+        for user in self.store.pending_user_purges() {
+            if self.home_of(user) == self.index {
+                self.spawn_user_purge(user);
+            }
+        }
+    }
+
+    fn spawn_user_purge(self: &Rc<Self>, user: UserId) {
+        let shard = self.clone();
+        glommio::spawn_local(async move { shard.purge_user(user).await }).detach();
+    }
+
+    /// Leaves the user's groups, then removes the account's data a step
+    /// at a time, until none is left or the shard stops (the next start
+    /// resumes it).
+    async fn purge_user(self: Rc<Self>, user: UserId) {
+        /// Counts the purge in the metrics for as long as its task runs.
+        struct Running<'a>(&'a crate::metrics::ShardMetrics);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.user_purge(false);
+            }
+        }
+        self.m().user_purge(true);
+        let _running = Running(self.m());
+        if !self.depart_groups(user).await {
+            return;
+        }
+        let mut steps = 0u64;
+        loop {
+            if self.stop.is_fired() {
+                return;
+            }
+            steps += 1;
+            let Ok(_step) = self.purge_steps.acquire_permit(1).await else {
+                return; // closed: the shard is stopping
+            };
+            match self
+                .blocking(move |store| store.purge_user_step(user, USER_PURGE_STEP_KEYS))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(user, steps, "deleted account purged");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, user, "account purge step failed; retrying");
+                    glommio::timer::sleep(PURGE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Has `user` leave every group they are in, each on its home shard;
+    /// returns `false` if the shard is stopping or some group kept
+    /// refusing (the next start tries again: the store's purge must not
+    /// run while the user is still a member, or the group's member count
+    /// would drift from its keys).
+    async fn depart_groups(self: &Rc<Self>, user: UserId) -> bool {
+        for _ in 0..DEPART_ROUNDS_MAX {
+            if self.stop.is_fired() {
+                return false;
+            }
+            let groups = match self.blocking(move |store| store.user_groups(user)).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    tracing::error!(error = %e, user, "cannot list a deleted account's groups; retrying");
+                    glommio::timer::sleep(PURGE_RETRY).await;
+                    continue;
+                }
+            };
+            if groups.is_empty() {
+                return true;
+            }
+            let mut refused = false;
+            for group in groups {
+                let (reply, answer) = oneshot::channel();
+                let request = Request::GroupAdmin {
+                    user,
+                    group,
+                    op: GroupOp::Depart,
+                    reply,
+                };
+                self.send_request(self.home_of(group), request).await;
+                match answer.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(refusal)) => {
+                        tracing::warn!(
+                            user,
+                            group,
+                            message = refusal.message,
+                            "deleted account's departure refused; retrying"
+                        );
+                        refused = true;
+                    }
+                    Err(_) => return false, // the group's shard is stopping
+                }
+            }
+            if refused {
+                glommio::timer::sleep(PURGE_RETRY).await;
+            }
+        }
+        tracing::error!(
+            user,
+            "a deleted account is still in some group; its purge resumes at the next start"
+        );
+        false
+    }
+}

@@ -1,0 +1,395 @@
+//! Deleting an account, over real sockets against an in-process server
+//! on a real store: the user proves the password (a wrong one deletes
+//! nothing), every session on every device is closed with
+//! `AccountDeleted`, and from the `Ok` on no login reaches the account,
+//! messages and requests to it are `NotFound` and it is gone from its
+//! friends' lists; its friendships, requests, blocks, invites and group
+//! memberships are purged (a group it owned passes on, one it was alone
+//! in is deleted), the other party's history stays, a purge a restart
+//! cut short resumes, and the operator's `delete-user` does the same.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tern_client::{ClientBody, ConvId, ErrorCode, GroupRole, ServerBody, ServerFrame};
+use tern_engine::admin::admin_request;
+use tern_storage::{Store, StoreOptions};
+
+/// Reads pushes up to the `Disconnect`, which must say `AccountDeleted`.
+fn expect_account_deleted(client: &mut tern_client::Client) {
+    loop {
+        if let ServerBody::Disconnect { code, .. } = expect_push(client) {
+            assert_eq!(code, ErrorCode::AccountDeleted);
+            return;
+        }
+    }
+}
+
+/// A server that meters loopback clients too, as it meters everyone.
+fn metered() -> TestServer {
+    TestServer::start_with(|config| {
+        config.limits.limits_exempt.clear();
+        config.limits.registration_rate_per_ip_per_hour = 0;
+    })
+}
+
+fn purged(server: &TestServer) -> Store {
+    let store = server.admin_context().store;
+    eventually("the account purge to finish", || {
+        store.pending_user_purges().is_empty().then_some(())
+    });
+    store
+}
+
+#[test]
+fn deleting_closes_every_device_and_nothing_logs_in_again() {
+    let server = TestServer::start();
+    for shard in 0..server.shards() {
+        let alice = server.user_on_shard(&format!("alice{shard}x"), shard);
+        let mut phone = server.connect();
+        let token = phone.login(&alice.name, PASSWORD).expect("login").token;
+        let mut laptop = server.login(&alice);
+
+        phone.delete_account(PASSWORD).expect("delete");
+        expect_account_deleted(&mut phone);
+        expect_account_deleted(&mut laptop);
+
+        let mut c = server.connect();
+        assert_eq!(code_of(c.login(&alice.name, PASSWORD)), ErrorCode::AuthFailed);
+        assert_eq!(code_of(c.login_token(&token)), ErrorCode::AuthFailed);
+        let bob = server.user_on_shard(&format!("bob{shard}x"), 0);
+        let mut b = server.login(&bob);
+        assert_eq!(code_of(b.resolve_user(&alice.name)), ErrorCode::NotFound);
+        // The name is free again; the new account is someone else.
+        let again = c
+            .register(&alice.name, PASSWORD)
+            .expect("register the freed name");
+        assert_ne!(again, alice.id);
+        assert!(b.friends().expect("friends").is_empty());
+    }
+    let store = purged(&server);
+    assert_eq!(store.deleted_count(), server.shards() as u64);
+}
+
+#[test]
+fn a_wrong_password_deletes_nothing() {
+    let server = metered();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    befriend(&mut a, &alice, &mut b, &bob);
+    assert_eq!(
+        code_of(a.delete_account("not the password")),
+        ErrorCode::AuthFailed
+    );
+    // A second try at once waits, as a password change does.
+    assert_eq!(code_of(a.delete_account(PASSWORD)), ErrorCode::RateLimited);
+    // Nothing changed.
+    b.send_text(alice.id, "still there?").expect("send");
+    assert_eq!(expect_message(&mut a).content.body, b"still there?");
+    assert_eq!(b.friends().expect("friends").len(), 1);
+    server.connect().login(&alice.name, PASSWORD).expect("login");
+    assert!(server.admin_context().store.pending_user_purges().is_empty());
+}
+
+#[test]
+fn friends_requests_blocks_and_messages_are_gone_but_the_peer_keeps_the_history() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let erin = server.user_on_shard("erin", 0);
+    let frank = server.user_on_shard("frank", 1);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    befriend(&mut a, &alice, &mut b, &bob);
+    let mut c = server.login_unsynced(&carol);
+    c.friend_add(&alice.name).expect("carol asks alice");
+    a.friend_add(&dave.name).expect("alice asks dave");
+    a.block_user(erin.id).expect("alice blocks erin");
+    let mut f = server.login_unsynced(&frank);
+    f.block_user(alice.id).expect("frank blocks alice");
+    let conv = ConvId::direct(alice.id, bob.id);
+    for n in 0..5 {
+        a.send_text(bob.id, &format!("from alice {n}")).expect("send");
+        b.send_text(alice.id, &format!("from bob {n}")).expect("send");
+    }
+
+    a.delete_account(PASSWORD).expect("delete");
+    // Bob, her friend, sees her go offline, as when any session ends.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut offline = false;
+    while !offline && std::time::Instant::now() < deadline {
+        match next_raw_push(&mut b, Duration::from_millis(100)) {
+            Some(ServerBody::Presence { user, online: false }) if user == alice.id => offline = true,
+            _ => {}
+        }
+    }
+    assert!(offline, "bob was not told alice went offline");
+
+    // From the Ok on: gone from lists, unreachable.
+    assert!(b.friends().expect("friends").is_empty());
+    assert!(c.friend_requests_all(false).expect("requests").is_empty());
+    let mut d = server.login_unsynced(&dave);
+    assert!(d.friend_requests_all(true).expect("requests").is_empty());
+    assert_eq!(f.blocks_page(0, 10).expect("blocks"), (vec![], false));
+    assert_eq!(code_of(b.send_text(alice.id, "hello?")), ErrorCode::NotFound);
+    assert_eq!(code_of(b.typing(conv)), ErrorCode::NotFound);
+    assert_eq!(code_of(b.block_user(alice.id)), ErrorCode::NotFound);
+    assert_eq!(code_of(c.friend_add(&alice.name)), ErrorCode::NotFound);
+    let mut e = server.login_unsynced(&erin);
+    e.friend_add(&bob.name)
+        .expect("erin is not blocked by anyone any more");
+
+    // Bob keeps the conversation: it is listed, and its history pages.
+    let listed = b.conversations(0, 10).expect("conversations");
+    assert!(listed.iter().any(|s| s.conv == conv), "{listed:?}");
+    let first = b.history(conv, 1, true, 4).expect("history");
+    let rest = b.history(conv, 5, true, 100).expect("history");
+    assert_eq!(first.len() + rest.len(), 10);
+    assert_eq!(first[0].from, alice.id);
+    assert_eq!(b.history(conv, u64::MAX, false, 3).expect("history").len(), 3);
+    // A new device of bob's syncs without a hitch.
+    let mut b2 = server.connect();
+    b2.login(&bob.name, PASSWORD).expect("bob's second device syncs");
+
+    let store = purged(&server);
+    assert!(!store.blocks_between(alice.id, erin.id).expect("read").any());
+    assert!(!store.blocks_between(frank.id, alice.id).expect("read").any());
+    assert!(store.direct_conversations(alice.id, 10).expect("read").is_empty());
+    assert_eq!(store.direct_conversations(bob.id, 10).expect("read"), vec![conv]);
+    // And still, after the purge.
+    assert_eq!(b.history(conv, 1, true, 100).expect("history").len(), 10);
+}
+
+#[test]
+fn groups_pass_on_to_an_admin_or_member_and_a_group_left_empty_is_deleted() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login_unsynced(&alice);
+    let mut b = server.login_unsynced(&bob);
+    let mut c = server.login_unsynced(&carol);
+    // Alice owns `staffed` (bob a member, carol an admin), `members` (bob
+    // only) and `lonely`; she is a member of bob's `bobs`, and invited to
+    // bob's invite-only `closed`.
+    let staffed = group_on_shard(&mut a, 0, shards, true);
+    let members = group_on_shard(&mut a, 1 % shards, shards, true);
+    let lonely = group_on_shard(&mut a, 1 % shards, shards, true);
+    let bobs = group_on_shard(&mut b, 0, shards, true);
+    let closed = b.group_create_with("closed", false).expect("create");
+    for group in [staffed, members] {
+        b.group_join(group).expect("bob joins");
+    }
+    c.group_join(staffed).expect("carol joins");
+    a.group_set_role(staffed, carol.id, GroupRole::Admin)
+        .expect("carol is an admin");
+    a.group_join(bobs).expect("alice joins");
+    b.group_invite(closed, alice.id).expect("invite alice");
+    a.send_group_text(staffed, "bye all").expect("send");
+
+    a.delete_account(PASSWORD).expect("delete");
+    let store = purged(&server);
+
+    let info = c.group_info(staffed).expect("info");
+    assert_eq!(
+        info.members.iter().map(|m| (m.user, m.role)).collect::<Vec<_>>(),
+        vec![(bob.id, GroupRole::Member), (carol.id, GroupRole::Owner)]
+    );
+    assert_eq!(store.group(staffed).expect("read").expect("kept").owner, carol.id);
+    let info = b.group_info(members).expect("info");
+    assert_eq!(info.members.len(), 1);
+    assert_eq!(info.members[0].role, GroupRole::Owner);
+    assert_eq!(info.members[0].user, bob.id);
+    assert!(
+        store.group(lonely).expect("read").is_none(),
+        "deleted: nobody was left"
+    );
+    assert_eq!(b.group_members(bobs).expect("members"), vec![bob.id]);
+    assert_eq!(
+        b.group_invites_page(closed, 0, 10).expect("invites"),
+        (vec![], false)
+    );
+    assert!(store.user_groups(alice.id).expect("read").is_empty());
+    // The group's history keeps what she said.
+    let said = c
+        .history(ConvId::Group { group: staffed }, 1, true, 10)
+        .expect("history");
+    assert_eq!(said.len(), 1);
+    assert_eq!(said[0].from, alice.id);
+    // The new owner runs the group.
+    c.group_kick(staffed, bob.id).expect("the new owner kicks");
+    eventually("the lonely group's purge to finish", || {
+        store.pending_group_purges().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_purge_cut_short_resumes_when_the_server_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (alice, bob, group);
+    {
+        // A store as a server killed in the middle of a purge leaves it:
+        // the account deleted, one step done, the groups not yet left.
+        let opts = StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("data"), opts).expect("open store");
+        alice = store.register("alice", PASSWORD.as_bytes()).expect("register");
+        bob = store.register("bob", PASSWORD.as_bytes()).expect("register");
+        store.add_friend(alice, bob).expect("ask");
+        store.add_friend(bob, alice).expect("accept");
+        group = store.create_group(alice, "hers").expect("create");
+        store.add_member(group, bob).expect("join");
+        store.delete_account(alice).expect("delete");
+        assert!(!store.purge_user_step(alice, 1).expect("step"));
+        store.persist().expect("persist");
+    }
+    let server = TestServer::start_in(dir, |_| {});
+    let store = purged(&server);
+    assert_eq!(store.group(group).expect("read").expect("kept").owner, bob);
+    assert_eq!(store.members(group).expect("read"), vec![bob]);
+    assert!(store.user_groups(alice).expect("read").is_empty());
+    let mut b = server.connect();
+    b.login("bob", PASSWORD).expect("login");
+    assert!(b.friends().expect("friends").is_empty());
+    assert_eq!(
+        code_of(server.connect().login("alice", PASSWORD)),
+        ErrorCode::AuthFailed
+    );
+}
+
+#[test]
+fn the_operator_deletes_an_account_with_delete_user() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let alice = server.user_on_shard("alice", 1 % server.shards());
+    let bob = server.user_on_shard("bob", 0);
+    let mut a1 = server.login(&alice);
+    let mut a2 = server.login(&alice);
+    let mut b = server.login(&bob);
+    befriend(&mut a1, &alice, &mut b, &bob);
+
+    let answer = admin_request(admin.path(), &format!("delete-user {}", alice.name)).expect("delete-user");
+    assert!(
+        answer.starts_with(&format!(
+            "deleted {} (id {}): closed 2 sessions",
+            alice.name, alice.id
+        )),
+        "{answer}"
+    );
+    expect_account_deleted(&mut a1);
+    expect_account_deleted(&mut a2);
+    assert_eq!(
+        code_of(server.connect().login(&alice.name, PASSWORD)),
+        ErrorCode::AuthFailed
+    );
+    assert_eq!(code_of(b.send_text(alice.id, "hi")), ErrorCode::NotFound);
+    assert!(b.friends().expect("friends").is_empty());
+    // Twice: the name is unknown now.
+    let again = admin_request(admin.path(), &format!("delete-user {}", alice.name)).expect("answer");
+    assert!(again.contains("no user named"), "{again}");
+    purged(&server);
+}
+
+/// Two devices asking at once: one deletes, the other is refused (the
+/// account-change clock) or closed; both end with `AccountDeleted`, and
+/// the account is deleted once.
+#[test]
+fn two_devices_deleting_at_once_delete_once() {
+    let server = metered();
+    let alice = server.user_on_shard("alice", 0);
+    let mut one = RawConn::connect(server.addr());
+    one.login(&alice);
+    let mut two = RawConn::connect(server.addr());
+    two.login(&alice);
+    let delete = ClientBody::AccountDelete {
+        password: PASSWORD.as_bytes().to_vec(),
+    };
+    let first = one.send(delete.clone());
+    let second = two.send(delete);
+    let mut oks = 0;
+    for (conn, request) in [(&mut one, first), (&mut two, second)] {
+        let frames: Vec<ServerFrame> = conn.expect_closed();
+        for frame in &frames {
+            match &frame.body {
+                ServerBody::Ok if frame.request_id == request => oks += 1,
+                ServerBody::Error { code, .. } if frame.request_id == request => {
+                    assert_eq!(*code, ErrorCode::RateLimited, "{frames:?}");
+                }
+                _ => {}
+            }
+        }
+        match frames.last().map(|f| &f.body) {
+            Some(ServerBody::Disconnect { code, .. }) => assert_eq!(*code, ErrorCode::AccountDeleted),
+            other => panic!("expected the connection to end with AccountDeleted, got {other:?}"),
+        }
+    }
+    assert_eq!(oks, 1);
+    let store = purged(&server);
+    assert_eq!(store.deleted_count(), 1);
+}
+
+/// An account made by a JWT login has no password for its user to prove:
+/// `Forbidden`, and nothing is deleted. The operator can delete it; a
+/// later JWT for the name is then a new, empty account.
+#[test]
+fn a_jwt_account_is_deleted_by_the_operator_not_by_its_user() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use std::sync::Arc;
+    use tern_engine::jwt::{JwtSettings, JwtVerifier};
+    use tern_storage::ExternalPolicy;
+
+    const SECRET: &[u8] = b"a test secret of at least thirty-two bytes";
+    let settings = JwtSettings {
+        hs256_secret: Some(SECRET.to_vec()),
+        ed25519_public_key_pem: None,
+        issuer: None,
+        audience: None,
+        leeway_secs: 0,
+        policy: ExternalPolicy {
+            create_accounts: true,
+            password_accounts: false,
+        },
+    };
+    let verifier = Arc::new(JwtVerifier::new(&settings).expect("jwt settings"));
+    let server = TestServer::start_with(move |config| config.jwt = Some(verifier));
+    let jwt = |sub: &str| {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({"sub": sub, "iat": now, "exp": now + 300});
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("sign")
+    };
+    let mut sso = server.connect();
+    let user = sso.login_jwt(&jwt("sso_user")).expect("jwt login").user;
+    for password in ["", PASSWORD] {
+        assert_eq!(code_of(sso.delete_account(password)), ErrorCode::Forbidden);
+    }
+    sso.ping().expect("still logged in");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let answer = admin_request(admin.path(), "delete-user sso_user").expect("delete-user");
+    assert!(answer.starts_with("deleted sso_user"), "{answer}");
+    expect_account_deleted(&mut sso);
+    purged(&server);
+    let again = server
+        .connect()
+        .login_jwt(&jwt("sso_user"))
+        .expect("a new account")
+        .user;
+    assert_ne!(again, user);
+}
