@@ -619,3 +619,110 @@ fn listen_catches_up_on_more_messages_than_the_receipt_rate_allows() {
     again.login_unsynced("alice", PASSWORD).expect("login alice");
     assert_eq!(again.sync().expect("sync"), 0);
 }
+
+/// `tern account delete` against the real `ternd`, which is then killed
+/// with SIGKILL at once, most likely in the middle of the purge (alice
+/// has an inbox of 2,000 messages: two purge steps, after leaving her
+/// group). The restarted `ternd` finishes the purge: its gauge reads 0,
+/// her group has passed to bob, nothing of her is left in his lists, and
+/// carol's history with her is whole.
+#[test]
+fn an_account_deleted_with_the_cli_is_purged_after_a_sigkill() {
+    const MESSAGES: u64 = 2000;
+    let Some(tern) = tern_bin() else {
+        eprintln!("SKIPPED: the tern CLI binary is not built and could not be built");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ternd.toml");
+    // Cheap password hashes (the debug build hashes slowly), and no
+    // fsync per message: the store is persisted by the clean stops.
+    std::fs::write(
+        &config,
+        "argon2_memory_kib = 8\nargon2_iterations = 1\ndurability = \"async\"\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let ternd = Ternd::start(dir.path(), &["--config", &config]);
+    let connect = |addr| Client::connect(addr, opts()).expect("connect");
+    let alice = connect(ternd.addr).register("alice", PASSWORD).expect("register");
+    let bob = connect(ternd.addr).register("bob", PASSWORD).expect("register");
+    connect(ternd.addr).register("carol", PASSWORD).expect("register");
+    let mut a = connect(ternd.addr);
+    a.login_unsynced("alice", PASSWORD).expect("login");
+    let mut b = connect(ternd.addr);
+    b.login_unsynced("bob", PASSWORD).expect("login");
+    a.friend_add("bob").expect("ask");
+    b.friend_add("alice").expect("accept");
+    let group = a.group_create("hers").expect("create");
+    b.group_join(group).expect("join");
+    let mut c = connect(ternd.addr);
+    c.login_unsynced("carol", PASSWORD).expect("login");
+    for n in 0..MESSAGES {
+        c.send_text(alice, &format!("m{n}")).expect("send");
+    }
+    drop((a, b, c));
+
+    let cli = Cli {
+        bin: tern,
+        server: ternd.addr,
+    };
+    let unconfirmed = cli
+        .command("alice", &["account", "delete"])
+        .output()
+        .expect("run tern");
+    assert!(!unconfirmed.status.success());
+    assert!(
+        String::from_utf8_lossy(&unconfirmed.stderr).contains("add --yes"),
+        "{unconfirmed:?}"
+    );
+    let out = cli.run("alice", &["account", "delete", "--yes"]);
+    assert!(out.contains("account alice deleted"), "{out}");
+    let Ternd {
+        process: mut killed,
+        log_reader,
+        ..
+    } = ternd;
+    kill(killed.child().id(), libc::SIGKILL);
+    killed.wait_timeout(STOP_TIMEOUT).expect("ternd killed");
+    let _ = log_reader.join();
+
+    let ternd = Ternd::start(dir.path(), &["--config", &config]);
+    let data = dir.path().join("data");
+    let admin = |command: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ternd"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["admin", command])
+            .output()
+            .expect("ternd admin");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = admin("stats");
+        if stats.lines().any(|l| l == "tern_user_purges_running 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the purge did not finish: {stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut fresh = connect(ternd.addr);
+    assert_eq!(
+        fresh.login("alice", PASSWORD).expect_err("alice is gone").code(),
+        Some(ErrorCode::AuthFailed)
+    );
+    let mut b = connect(ternd.addr);
+    b.login_unsynced("bob", PASSWORD).expect("login");
+    assert!(b.friends().expect("friends").is_empty());
+    let info = b.group_info(group).expect("the group passed to bob");
+    assert_eq!(info.members.len(), 1);
+    assert_eq!(info.members[0].user, bob);
+    let mut c = connect(ternd.addr);
+    c.login_unsynced("carol", PASSWORD).expect("login");
+    let conv = tern_client::ConvId::direct(alice, c.user().expect("logged in"));
+    let newest = c.history(conv, u64::MAX, false, 1).expect("history");
+    assert_eq!(newest[0].seq, MESSAGES);
+    assert_eq!(c.history(conv, 1, true, 200).expect("history").len(), 200);
+    drop((b, c, fresh, ternd));
+}

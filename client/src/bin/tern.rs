@@ -136,6 +136,25 @@ enum Command {
         #[arg(long, env = "TERN_NEW_PASSWORD", hide_env_values = true)]
         new_password: String,
     },
+    /// Manage the account of --user.
+    Account {
+        #[command(subcommand)]
+        action: AccountCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Delete the account of --user for good, proving it with --password:
+    /// every session of it is closed, its friendships, requests, blocks,
+    /// group memberships (groups it owns pass to an admin or member) and
+    /// inbox are removed; the messages it sent stay with their readers.
+    /// The name becomes free; the account cannot be restored.
+    Delete {
+        /// Confirm: without it nothing is deleted.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -276,8 +295,16 @@ fn run(cli: Cli) -> Result<()> {
     // Every command acts as a user, so a missing credential is reported
     // before anything touches the network.
     let credentials = match (&cli.jwt, &cli.command) {
-        (Some(_), Command::Register | Command::Passwd { .. }) => {
+        (Some(_), Command::Register | Command::Passwd { .. } | Command::Account { .. }) => {
             bail!("this command needs --user and --password, not --jwt")
+        }
+        (
+            _,
+            Command::Account {
+                action: AccountCommand::Delete { yes: false },
+            },
+        ) => {
+            bail!("deleting an account cannot be undone: add --yes to delete it")
         }
         (Some(jwt), _) => Credentials::Jwt(jwt),
         (None, _) => Credentials::Password {
@@ -459,6 +486,14 @@ fn run(cli: Cli) -> Result<()> {
                 .change_password(password, &new_password)
                 .with_context(|| format!("cannot change the password of {user}"))?;
             println!("password of {user} changed; every session token of {user} is revoked");
+        }
+        Command::Account {
+            action: AccountCommand::Delete { .. },
+        } => {
+            client
+                .delete_account(password)
+                .with_context(|| format!("cannot delete the account {user}"))?;
+            println!("account {user} deleted; its sessions are closed and its data is being removed");
         }
     }
     Ok(())
