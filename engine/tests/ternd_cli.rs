@@ -159,7 +159,9 @@ impl Cli {
 }
 
 /// Waits for `who` to come online (as a friend of `watcher`); other pushes
-/// (echoes of what the CLI sends as the same user) are skipped.
+/// (echoes of what the CLI sends as the same user, and a `FriendAccepted`
+/// that left its conversation's home shard after the accepter's shard
+/// reported them offline) are skipped.
 fn wait_online(watcher: &mut Client, who: UserId) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -167,7 +169,12 @@ fn wait_online(watcher: &mut Client, who: UserId) {
         assert!(!left.is_zero(), "user {who} did not come online");
         match watcher.next_push(left).expect("watcher connection") {
             Some(ServerBody::Presence { user, online: true }) if user == who => return,
-            Some(ServerBody::Presence { .. } | ServerBody::Message(_) | ServerBody::Receipt { .. })
+            Some(
+                ServerBody::Presence { .. }
+                | ServerBody::Message(_)
+                | ServerBody::Receipt { .. }
+                | ServerBody::FriendAccepted { .. },
+            )
             | None => {}
             Some(other) => panic!("watcher got {other:?}"),
         }
