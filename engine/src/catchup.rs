@@ -21,7 +21,7 @@ use tern_proto::{
     decode_server, ArchivedChatMessage, ArchivedConversationSummary, ChatMessage, ContentKind, ConvId,
     ConversationSummary, Cursor, FrameHeader, GroupId, ServerBody, ServerFrame, UserId, HEADER_LEN,
 };
-use tern_storage::{Store, StoreError, StoredFrame};
+use tern_storage::{Departure, Store, StoreError, StoredFrame};
 
 use crate::mesh::ConnKey;
 use crate::outbox::Outbox;
@@ -83,7 +83,7 @@ pub async fn sync(
     // last seq would hide the messages still to come from every later
     // sync of the user.
     let page = shard.config.sync_page;
-    let (first_page, groups, stored) = shard
+    let (first_page, groups, stored, departures) = shard
         .blocking(move |store| {
             let mut stored = Vec::with_capacity(candidates.len());
             for (conv, seq) in candidates {
@@ -93,10 +93,12 @@ pub async fn sync(
                 stored.push((conv, seq.min(store.conv_tail(conv, 0)?.last_seq)));
             }
             let (inbox, groups) = (store.inbox_after(user, None, page)?, store.user_groups(user)?);
-            Ok((inbox, groups, stored))
+            let departures = departures_with_state(store, user)?;
+            Ok((inbox, groups, stored, departures))
         })
         .await
         .map_err(SyncError::Store)?;
+    let departures = owed_departures(shard, user, &floors, departures).await?;
     // Nothing yields between the reservation and the staging; a Sync with
     // nothing to store does not wait for room.
     let room = match stored.is_empty() {
@@ -109,7 +111,9 @@ pub async fn sync(
     drop(room);
     let (mut first_page, mut groups) = (Some(first_page), Some(groups));
     let mut based = Based::default();
-    let mut streamed = 0;
+    // Before the inbox: a group left and joined again has its earlier
+    // membership's messages first, and they are below the inbox's.
+    let mut streamed = stream_departures(shard, outbox, pace, &mut floors, departures).await?;
     for _ in 0..SYNC_PASSES_MAX {
         let scan = &mut Scan {
             floors: &mut floors,
@@ -143,6 +147,101 @@ pub async fn sync(
         }
     }
     Err(SyncError::TooBusy)
+}
+
+/// A departure record of the user, whether they are a member of its
+/// group now, and their stored delivered cursor for it.
+type DepartureState = (Departure, bool, u64);
+
+/// The user's departure records with what deciding whether they are
+/// acknowledged needs (read on the blocking pool, with the sync's first
+/// reads). At most `max_departures_per_user`, each group's read once.
+fn departures_with_state(store: &Store, user: UserId) -> Result<Vec<DepartureState>, StoreError> {
+    let departures = store.departures(user)?;
+    let mut out = Vec::with_capacity(departures.len());
+    let mut last: Option<(GroupId, bool, u64)> = None;
+    for departure in departures {
+        let group = departure.group;
+        let (member, delivered) = match last {
+            Some((g, member, delivered)) if g == group => (member, delivered),
+            _ => {
+                let conv = ConvId::Group { group };
+                (store.is_member(group, user)?, store.receipts(user, conv)?.0)
+            }
+        };
+        last = Some((group, member, delivered));
+        out.push((departure, member, delivered));
+    }
+    Ok(out)
+}
+
+/// The departures still owed to the user, in stream order, each from
+/// where the user's acknowledgements leave it; drops from the store the
+/// ones that are not: those of a deleted group, and those the user
+/// acknowledged, by a presented cursor (in `floors`) at or past their
+/// end, or, for the latest departure from a group they have not joined
+/// again, by their stored delivered cursor (once they left, only their
+/// own cursors move it; a join moves it too, so not after one).
+async fn owed_departures(
+    shard: &Rc<Shard>,
+    user: UserId,
+    floors: &Floors,
+    departures: Vec<DepartureState>,
+) -> Result<Vec<Departure>, SyncError> {
+    let mut owed = Vec::with_capacity(departures.len());
+    let mut gone = Vec::new();
+    let mut iter = departures.into_iter().peekable();
+    while let Some((departure, member, delivered)) = iter.next() {
+        let group = departure.group;
+        let conv = ConvId::Group { group };
+        let latest = iter.peek().is_none_or(|(next, _, _)| next.group != group);
+        let presented = floors.get(&conv).copied().unwrap_or(0);
+        let mut owed_from = departure.start;
+        if latest && !member {
+            owed_from = owed_from.max(delivered);
+        }
+        if departure.until <= owed_from.max(presented) || !shard.store.group_exists(group) {
+            gone.push(departure);
+        } else {
+            owed.push(Departure {
+                start: owed_from,
+                ..departure
+            });
+        }
+    }
+    if !gone.is_empty() {
+        shard
+            .blocking(move |store| store.drop_departures(user, &gone))
+            .await
+            .map_err(SyncError::Store)?;
+    }
+    Ok(owed)
+}
+
+/// Streams each departure's messages from its group's history, after the
+/// higher of its start and what the session already holds, up to its end.
+async fn stream_departures(
+    shard: &Rc<Shard>,
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+    departures: Vec<Departure>,
+) -> Result<u64, SyncError> {
+    let mut streamed = 0;
+    for departure in departures {
+        let conv = ConvId::Group {
+            group: departure.group,
+        };
+        let floor = floors.entry(conv).or_insert(0);
+        *floor = (*floor).max(departure.start);
+        let range = History {
+            conv,
+            until: Some(departure.until.saturating_add(1)),
+            member: None,
+        };
+        streamed += stream_history(shard, outbox, pace, floors, range).await?;
+    }
+    Ok(streamed)
 }
 
 /// Whether `conv` can hold messages for `user`: a 1:1 as [`in_direct`]

@@ -523,6 +523,12 @@ pub static KEYS: &[Key] = &[
         show: |s| s.config.store.max_group_bans.to_string(),
     },
     Key {
+        name: "max_departures_per_user",
+        help: "Most groups one user may have left (or been removed from) with messages from their membership not yet acknowledged",
+        apply: |s, v| set(&mut s.config.store.max_departures_per_user, expected_usize(v, 1, MAX_COUNT)),
+        show: |s| s.config.store.max_departures_per_user.to_string(),
+    },
+    Key {
         name: "max_groups_per_user",
         help: "Most groups one user may be a member of (created ones included)",
         apply: |s, v| set(&mut s.config.store.max_groups_per_user, expected_usize(v, 1, MAX_COUNT)),

@@ -16,7 +16,9 @@
 use tern_proto::limits::check_group_name;
 
 use crate::codec::{self, GroupValue};
-use crate::{lock, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Ks, Store, StoreError, UserId};
+use crate::{
+    lock, Departed, GroupId, GroupRecord, GroupRole, GroupRoster, Inner, Ks, Store, StoreError, UserId,
+};
 
 /// Why a banned user may not join, or be invited to, a group.
 pub const BANNED: &str = "this user is banned from the group";
@@ -357,15 +359,17 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Removes `user` from `group` (a leave or a kick). Removing a
-    /// non-member (or from a missing group) succeeds; removing the owner
-    /// is refused, since a group never lacks one.
-    pub fn remove_member(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
+    /// Removes `user` from `group` (a leave or a kick), recording in the
+    /// same batch what they are owed from their membership (see
+    /// `departures`). Removing a non-member (or from a missing group)
+    /// succeeds with `NotMember`; removing the owner is refused, since a
+    /// group never lacks one.
+    pub fn remove_member(&self, group: GroupId, user: UserId) -> Result<Departed, StoreError> {
         let inner = &*self.inner;
         let guard = lock(&inner.groups_lock);
         let key = codec::pair_key(group, user);
         if !inner.members.contains(key)? {
-            return Ok(());
+            return Ok(Departed::NotMember);
         }
         let record = inner.load_group(group)?;
         if record.as_ref().is_some_and(|r| r.owner == user) {
@@ -374,10 +378,16 @@ impl Store {
         let mut batch = inner.db.batch();
         let mut record = record;
         inner.drop_membership(&mut batch, record.as_mut(), group, user);
-        if let Some(record) = &record {
-            inner.put_group(&mut batch, group, record);
-        }
-        inner.commit_unlocked(batch, guard)
+        // A deleted group's member keys await their purge: nothing is owed.
+        let departed = match &record {
+            Some(record) => {
+                inner.put_group(&mut batch, group, record);
+                inner.record_departure(&mut batch, group, user)?
+            }
+            None => Departed::NotMember,
+        };
+        inner.commit_unlocked(batch, guard)?;
+        Ok(departed)
     }
 
     /// Sets a member's role to `Admin` or `Member`. `NotFound` for a
@@ -548,8 +558,9 @@ impl Store {
     /// without writing. `NotFound` for a missing group or user;
     /// `InvalidArgument` for the owner; `LimitExceeded` past
     /// [`crate::StoreOptions::max_group_bans`]. Whether the caller may ban
-    /// is the engine's check.
-    pub fn ban(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
+    /// is the engine's check. A member's removal is recorded as
+    /// [`Store::remove_member`] records it.
+    pub fn ban(&self, group: GroupId, user: UserId) -> Result<Departed, StoreError> {
         let inner = &*self.inner;
         if !inner.user_exists(user)? {
             return Err(StoreError::NotFound);
@@ -563,7 +574,7 @@ impl Store {
         }
         let key = codec::pair_key(group, user);
         if inner.group_bans.contains(key)? {
-            return Ok(());
+            return Ok(Departed::NotMember);
         }
         if inner
             .group_bans
@@ -573,14 +584,17 @@ impl Store {
         }
         let mut batch = inner.db.batch();
         batch.insert(&inner.group_bans.handle, key, []);
+        let mut departed = Departed::NotMember;
         if inner.members.contains(key)? {
             inner.drop_membership(&mut batch, Some(&mut record), group, user);
+            departed = inner.record_departure(&mut batch, group, user)?;
         }
         if inner.group_invites.contains(key)? {
             inner.drop_invite(&mut batch, &mut record, group, user);
         }
         inner.put_group(&mut batch, group, &record);
-        inner.commit_unlocked(batch, guard)
+        inner.commit_unlocked(batch, guard)?;
+        Ok(departed)
     }
 
     /// Lifts `user`'s ban from `group`; succeeds whether or not there was

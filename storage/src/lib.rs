@@ -20,6 +20,7 @@
 
 mod accounts;
 mod codec;
+mod departures;
 mod error;
 mod external;
 mod group_deletion;
@@ -39,6 +40,7 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
+pub use departures::{Departed, Departure};
 pub use error::StoreError;
 pub use external::{ExternalLogin, ExternalPolicy};
 pub use group_deletion::ONLY_THE_OWNER_DELETES;
@@ -90,6 +92,11 @@ pub struct StoreOptions {
     pub max_invites_per_user: usize,
     /// Most users one group may have banned.
     pub max_group_bans: usize,
+    /// Most departure records one user may hold (groups left, or been
+    /// kicked or banned from, whose messages from their membership they
+    /// have not acknowledged yet): each is streamed by every catch-up of
+    /// theirs until acknowledged. A departure past it is not recorded.
+    pub max_departures_per_user: usize,
     /// Most groups one user may be a member of (created ones included):
     /// each costs a login's catch-up two store reads.
     pub max_groups_per_user: usize,
@@ -122,6 +129,7 @@ impl Default for StoreOptions {
             max_invites_per_user: DEFAULT_MAX_INVITES_PER_USER,
             max_groups_per_user: DEFAULT_MAX_GROUPS_PER_USER,
             max_group_bans: DEFAULT_MAX_GROUP_BANS,
+            max_departures_per_user: DEFAULT_MAX_DEPARTURES_PER_USER,
             fsync: true,
             hash_threads: 0,
             hash_thread_start: None,
@@ -156,6 +164,10 @@ pub const DEFAULT_MAX_GROUP_INVITES: usize = 1000;
 /// Default of [`StoreOptions::max_invites_per_user`]: as many as the
 /// groups one user may be in (`DEFAULT_MAX_GROUPS_PER_USER`).
 pub const DEFAULT_MAX_INVITES_PER_USER: usize = DEFAULT_MAX_GROUPS_PER_USER;
+
+/// Default of [`StoreOptions::max_departures_per_user`]: as many as the
+/// groups one user may be in (`DEFAULT_MAX_GROUPS_PER_USER`).
+pub const DEFAULT_MAX_DEPARTURES_PER_USER: usize = DEFAULT_MAX_GROUPS_PER_USER;
 
 /// A group as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +257,9 @@ struct Inner {
     group_bans: Ks,
     /// user ++ group -> (): the groups of a user, kept with `members`.
     user_groups: Ks,
+    /// user ++ group ++ start -> until: what a user who left a group is
+    /// still owed from it (see `departures`).
+    departures: Ks,
     /// conv ++ seq -> (from, client msg id, timestamp, frame).
     history: Ks,
     /// user ++ conv ++ seq -> (timestamp, frame): the offline queue.
@@ -409,6 +424,7 @@ impl Store {
             user_invites,
             group_bans: ks("group_bans")?,
             user_groups,
+            departures: ks("departures")?,
             history: ks("history")?,
             inbox: ks("inbox")?,
             receipts: ks("receipts")?,

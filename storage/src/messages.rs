@@ -93,6 +93,16 @@ pub enum WriteOp {
         timestamp_ms: u64,
         frame: Arc<[u8]>,
     },
+    /// Sets the end of `user`'s departure from `group` recorded with
+    /// `start` (inserting it if a catch-up dropped it meanwhile): the
+    /// engine extends a departure to the messages that were sequenced
+    /// before it but not yet stored when the membership was removed.
+    Departure {
+        user: UserId,
+        group: GroupId,
+        start: u64,
+        until: u64,
+    },
 }
 
 impl WriteOp {
@@ -100,7 +110,7 @@ impl WriteOp {
     pub fn weight(&self) -> usize {
         match self {
             WriteOp::Message(m) => 1 + m.inbox.as_slice().len(),
-            WriteOp::Receipt { .. } | WriteOp::Erase { .. } => 1,
+            WriteOp::Receipt { .. } | WriteOp::Erase { .. } | WriteOp::Departure { .. } => 1,
         }
     }
 }
@@ -254,6 +264,18 @@ impl Inner {
                     let value = codec::encode_history(*from, *client_msg_id, *timestamp_ms, frame);
                     batch.insert(&self.history.handle, key, value);
                 }
+            }
+            &WriteOp::Departure {
+                user,
+                group,
+                start,
+                until,
+            } => {
+                batch.insert(
+                    &self.departures.handle,
+                    crate::departures::departure_key(user, group, start),
+                    crate::departures::encode_until(until),
+                );
             }
         }
         Ok(())
@@ -513,7 +535,10 @@ impl Store {
                 if inner.purging(group) {
                     return Ok(false);
                 }
-                if inner.members.contains(codec::pair_key(group, user))? || inner.receipts.contains(key)? {
+                if inner.members.contains(codec::pair_key(group, user))?
+                    || inner.receipts.contains(key)?
+                    || inner.has_departure(user, group)?
+                {
                     return Ok(true);
                 }
                 match inner.inbox.handle.prefix(key).next() {

@@ -430,6 +430,13 @@ impl Shard {
         }
     }
 
+    /// The last sequence number of `conv` if its state is cached (with
+    /// the messages sequenced and not yet stored); `None` means nothing
+    /// of it is in flight, so the store's last seq is the last.
+    pub(super) fn cached_last_seq(&self, conv: ConvId) -> Option<u64> {
+        self.convs.borrow_mut().get_mut(conv).map(|s| s.last_seq)
+    }
+
     /// The last sequence number of a conversation homed here.
     pub async fn last_seq(&self, conv: ConvId) -> Result<u64, StoreError> {
         self.ensure_conv(conv).await?;

@@ -24,7 +24,7 @@ use tern_proto::{
     ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 use tern_storage::{
-    GroupRoster, InboxTargets, JoinOutcome, MessageWrite, StoreError, WriteOp, MAX_JOIN_BATCH,
+    Departed, GroupRoster, InboxTargets, JoinOutcome, MessageWrite, StoreError, WriteOp, MAX_JOIN_BATCH,
 };
 
 use super::commit::{store_frame, Effect};
@@ -649,13 +649,11 @@ impl Shard {
                     }
                     _ => {
                         drop(state);
-                        self.blocking(move |store| store.ban(group, target))
+                        let departed = self
+                            .blocking(move |store| store.ban(group, target))
                             .await
                             .map_err(|e| store_refusal(e, group, "no such user"))?;
-                        self.update_members(group, |members| {
-                            members.remove(&target);
-                        });
-                        Ok(GroupAnswer::Done)
+                        self.departed(group, target, departed).await
                     }
                 }
             }
@@ -943,15 +941,59 @@ impl Shard {
     }
 
     /// Removes `user` from `group` (a leave or a kick; the checks are
-    /// done). The cache is updated as soon as the store has it, so no
-    /// message sequenced after the answer reaches them.
+    /// done).
     async fn remove(&self, group: GroupId, user: UserId) -> GroupReply {
-        self.blocking(move |store| store.remove_member(group, user))
+        let departed = self
+            .blocking(move |store| store.remove_member(group, user))
             .await
             .map_err(|e| store_refusal(e, group, "no such group"))?;
+        self.departed(group, user, departed).await
+    }
+
+    /// Ends `user`'s membership of `group` in the cache once the store
+    /// has removed it (a leave, kick or ban), so no message sequenced
+    /// after the answer reaches them, and makes sure their departure
+    /// record covers every message sequenced before: the store wrote it
+    /// up to the group's last *stored* seq, and messages sequenced but
+    /// still on their way to the disk were fanned out to them too. Those
+    /// are covered by extending the record through the writer, behind
+    /// them, before the answer (protocol.md 2.8.8).
+    async fn departed(&self, group: GroupId, user: UserId, departed: Departed) -> GroupReply {
         self.update_members(group, |members| {
             members.remove(&user);
         });
+        let conv = ConvId::Group { group };
+        let departure = match departed {
+            Departed::Recorded(departure) => departure,
+            Departed::NotMember => return Ok(GroupAnswer::Done),
+            Departed::Unrecorded => {
+                tracing::warn!(
+                    user,
+                    group,
+                    "departure not recorded: the user holds max_departures_per_user already"
+                );
+                return Ok(GroupAnswer::Done);
+            }
+        };
+        // Nothing yielded since the cache update: this is the last seq
+        // the user was a member for. Not cached: nothing is in flight.
+        let last = self.cached_last_seq(conv).unwrap_or(0);
+        if last <= departure.until {
+            return Ok(GroupAnswer::Done);
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let extend = WriteOp::Departure {
+            user,
+            group,
+            start: departure.start,
+            until: last,
+        };
+        self.stage(extend, [Effect::Done(tx)]);
+        if rx.await != Ok(true) {
+            // The membership is gone either way (a retry would change
+            // nothing); what is lost is the catch-up of these messages.
+            tracing::error!(user, group, last, "departure not extended: store write failed");
+        }
         Ok(GroupAnswer::Done)
     }
 }

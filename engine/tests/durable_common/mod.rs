@@ -7,6 +7,7 @@
 //! duplicate sent by the server cannot hide.
 #![allow(dead_code)] // not every helper is used by every test binary
 
+#[allow(unused_imports)] // not every test binary uses every one
 pub use crate::common::{code_of, expect_quiet, TestServer, User, PASSWORD, QUIET, TIMEOUT};
 
 use std::collections::HashMap;

@@ -1,0 +1,246 @@
+//! What a user who leaves a group, or is kicked or banned from it, still
+//! receives: every message sequenced while they were a member, once, in
+//! order, whether they were online or offline at the time, also from a
+//! large (read-diffused) group whose messages are in no inbox of theirs
+//! (docs/protocol.md 2.8.8). Over TCP against an in-process server on a
+//! real store; the syncing side reads raw frames so that the client
+//! library's cursor-based dedup cannot hide a duplicate.
+
+mod common;
+mod durable_common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use durable_common::*;
+use tern_client::{ConvId, Cursor, GroupId};
+
+/// A large group: above the write-diffusion threshold of 2 its messages
+/// are stored only in the group's history.
+fn large_group_server() -> TestServer {
+    TestServer::start_with(|c| c.write_diffusion_max_members = 2)
+}
+
+/// A group created by `owner` with `members` joined, none of them synced.
+fn group_with(server: &TestServer, owner: &User, members: &[&User]) -> GroupId {
+    let group = server.login_unsynced(owner).group_create("crew").expect("create");
+    for user in members {
+        server.login_unsynced(user).group_join(group).expect("join");
+    }
+    group
+}
+
+#[test]
+fn offline_members_removed_from_a_large_group_get_what_was_sent_while_they_were_members() {
+    let server = large_group_server();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let dave = server.user_on_shard("dave", 1);
+    let group = group_with(&server, &alice, &[&bob, &carol, &dave]);
+    let gconv = ConvId::Group { group };
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(group), &ids(1, 5), 5);
+    // Bob is kicked, carol banned, dave leaves (from a session that never
+    // syncs): all three were offline for messages 1..=5.
+    a.group_kick(group, bob.id).expect("kick");
+    a.group_ban(group, carol.id).expect("ban");
+    server.login_unsynced(&dave).group_leave(group).expect("leave");
+    send_pipelined(&mut a, To::Group(group), &ids(6, 3), 3);
+
+    for user in [&bob, &carol, &dave] {
+        let mut client = server.login_unsynced(user);
+        let sync = raw_sync_all(&mut client, vec![], 5);
+        assert_seqs(&sync.messages, gconv, 1..=5);
+        assert_eq!(sync.sync_done, 5, "{}", user.name);
+        // A client that holds them says so with its cursor: nothing more.
+        drop(client);
+        let mut client = server.login_unsynced(user);
+        let sync = raw_sync_all(&mut client, vec![Cursor { conv: gconv, seq: 5 }], 0);
+        assert!(sync.messages.is_empty(), "{}: {:?}", user.name, sync.messages);
+    }
+}
+
+#[test]
+fn leaving_and_joining_again_owes_each_membership_once_in_order() {
+    let server = large_group_server();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let group = group_with(&server, &alice, &[&bob, &carol]);
+    let gconv = ConvId::Group { group };
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(group), &ids(1, 3), 3);
+    a.group_kick(group, bob.id).expect("kick");
+    send_pipelined(&mut a, To::Group(group), &ids(4, 2), 2);
+    // Bob joins again from a session that never syncs, leaves again (a
+    // second departure of the same group), joins a third time.
+    let mut b = server.login_unsynced(&bob);
+    b.group_join(group).expect("join again");
+    send_pipelined(&mut a, To::Group(group), &ids(6, 2), 2);
+    b.group_leave(group).expect("leave");
+    b.group_leave(group).expect("leaving twice changes nothing");
+    send_pipelined(&mut a, To::Group(group), &ids(8, 1), 1);
+    b.group_join(group).expect("join a third time");
+    send_pipelined(&mut a, To::Group(group), &ids(9, 2), 2);
+    drop(b);
+
+    // 4, 5 and 8 came while he was out: never streamed.
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 7);
+    assert_seqs(&sync.messages, gconv, [1, 2, 3, 6, 7, 9, 10]);
+    drop(b);
+    // Acknowledged by the cursor of what he holds: nothing again.
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![Cursor { conv: gconv, seq: 10 }], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages);
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages);
+}
+
+#[test]
+fn a_departure_is_owed_until_acknowledged_and_survives_a_restart() {
+    let mut server = large_group_server();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let group = group_with(&server, &alice, &[&bob, &carol]);
+    let gconv = ConvId::Group { group };
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(group), &ids(1, 4), 4);
+    // He had acknowledged 2 before he was banned.
+    let mut b = server.login(&bob);
+    let _ = raw_messages(&mut b, 4);
+    b.receipt(gconv, tern_client::ReceiptKind::Delivered, 2)
+        .expect("receipt");
+    drop(b);
+    a.group_ban(group, bob.id).expect("ban");
+    drop(a);
+    server.restart();
+
+    // Streamed by every sync until acknowledged, not dropped by streaming.
+    for _ in 0..2 {
+        let mut b = server.login_unsynced(&bob);
+        let sync = raw_sync_all(&mut b, vec![], 2);
+        assert_seqs(&sync.messages, gconv, 3..=4);
+    }
+    // A cursor short of the end bounds the stream but does not settle it.
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![Cursor { conv: gconv, seq: 3 }], 1);
+    assert_seqs(&sync.messages, gconv, [4]);
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 1);
+    assert_seqs(&sync.messages, gconv, [4]);
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![Cursor { conv: gconv, seq: 4 }], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages);
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    assert!(raw_sync_all(&mut b, vec![], 0).messages.is_empty());
+}
+
+#[test]
+fn a_deleted_group_owes_nothing_to_those_who_left_it() {
+    let server = large_group_server();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let group = group_with(&server, &alice, &[&bob, &carol]);
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(group), &ids(1, 3), 3);
+    a.group_kick(group, bob.id).expect("kick");
+    a.group_delete(group).expect("delete");
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages);
+}
+
+#[test]
+fn a_user_holds_at_most_max_departures_per_user() {
+    let server = TestServer::start_with(|c| {
+        c.write_diffusion_max_members = 2;
+        c.store.max_departures_per_user = 1;
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let first = group_with(&server, &alice, &[&bob, &carol]);
+    let second = group_with(&server, &alice, &[&bob, &carol]);
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(first), &ids(1, 2), 2);
+    send_pipelined(&mut a, To::Group(second), &ids(3, 2), 2);
+    a.group_kick(first, bob.id).expect("kick");
+    // Past the limit: the kick is done, the departure not recorded.
+    a.group_kick(second, bob.id).expect("kick past the limit");
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 2);
+    assert_seqs(&sync.messages, ConvId::Group { group: first }, 1..=2);
+    assert_eq!(
+        a.group_members(second).expect("members"),
+        vec![alice.id, carol.id]
+    );
+}
+
+#[test]
+fn a_small_groups_former_member_gets_each_message_once() {
+    // Write diffusion: the messages are in bob's inbox and in his
+    // departure; the catch-up sends each once, in order.
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let group = group_with(&server, &alice, &[&bob]);
+    let gconv = ConvId::Group { group };
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(group), &ids(1, 3), 3);
+    a.group_kick(group, bob.id).expect("kick");
+    send_pipelined(&mut a, To::Group(group), &ids(4, 1), 1);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 3);
+    assert_seqs(&sync.messages, gconv, 1..=3);
+    assert_eq!(sync.sync_done, 3);
+}
+
+#[test]
+fn a_kick_during_a_burst_owes_exactly_what_reached_the_members_devices() {
+    // Bob's live device gets every message fanned out to him before the
+    // kick took effect, some of them still on their way to the disk when
+    // it did; his other device, offline throughout, must get the same.
+    let server = large_group_server();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let group = group_with(&server, &alice, &[&bob, &carol]);
+    let gconv = ConvId::Group { group };
+    let mut live = server.login(&bob);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let mut a = server.login_unsynced(&alice);
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut next = 1;
+            while !stop.load(Ordering::Relaxed) && next < 20_000 {
+                send_pipelined(&mut a, To::Group(group), &ids(next, 50), 50);
+                next += 50;
+            }
+        })
+    };
+    // Kicked in the middle of the burst.
+    let mut got = raw_messages(&mut live, 100);
+    server
+        .login_unsynced(&alice)
+        .group_kick(group, bob.id)
+        .expect("kick");
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+    got.extend(raw_messages_until_quiet(&mut live, QUIET));
+    let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+    assert_seqs(&got, gconv, 1..=seqs.len() as u64);
+    let mut offline = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut offline, vec![], seqs.len());
+    assert_seqs(&sync.messages, gconv, seqs);
+}
