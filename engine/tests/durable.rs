@@ -1141,6 +1141,38 @@ fn expired_inbox_entries_leave_sync_but_not_history() {
     assert_eq!(history[0].content, Content::text("old"));
 }
 
+/// A group's catch-up reads the group's history, so a group message whose
+/// inbox entry expired is still streamed, to a member and to a former
+/// member within their departure, where a 1:1 one is not (above; storage.md
+/// "Retention").
+#[test]
+fn expired_inbox_entries_of_a_group_are_still_caught_up_from_history() {
+    let ttl = Duration::from_millis(1000);
+    let server = TestServer::start_with(|c| {
+        c.inbox_ttl = ttl;
+        c.expiry_interval = Duration::from_millis(100);
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 1);
+    let mut a = server.login_unsynced(&alice);
+    let group = a.group_create("small").expect("create");
+    let gconv = ConvId::Group { group };
+    for user in [&bob, &carol] {
+        server.login_unsynced(user).group_join(group).expect("join");
+    }
+    a.send_group_text(group, "old").expect("send");
+    thread::sleep(ttl + Duration::from_millis(600));
+    a.send_group_text(group, "fresh").expect("send");
+    a.group_kick(group, carol.id).expect("kick");
+    for user in [&bob, &carol] {
+        let mut client = server.login_unsynced(user);
+        let sync = raw_sync_all(&mut client, vec![], 2);
+        assert_seqs(&sync.messages, gconv, 1..=2);
+        assert_eq!(sync.messages[0].content, Content::text("old"));
+    }
+}
+
 /// A 1:1 receipt cannot claim more than was sent: its seq is capped at the
 /// conversation's last, in the push and in the stored cursor. Between two
 /// users one of whom blocks the other, a receipt is stored for its sender
