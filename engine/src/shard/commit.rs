@@ -57,6 +57,11 @@ impl Drop for StageRoom<'_> {
 /// The sequence state of a conversation homed here.
 pub(super) struct ConvState {
     last_seq: u64,
+    /// The highest seq known to be stored: the last seq read from the
+    /// store, raised as each message is committed. Commits of one shard
+    /// are settled in order and a failed one fails every later message
+    /// of the conversation, so the stored seqs are exactly `1..=` this.
+    stored_seq: u64,
     /// Messages sequenced but not yet durable. While non-zero the state
     /// must stay cached: a reload from the store would reuse their seqs.
     inflight: u32,
@@ -88,6 +93,7 @@ impl ConvState {
     fn from_tail(tail: ConvTail, blocks: Blocks) -> ConvState {
         let mut state = ConvState {
             last_seq: tail.last_seq,
+            stored_seq: tail.last_seq,
             inflight: 0,
             dedup: FxHashMap::default(),
             order: VecDeque::new(),
@@ -155,6 +161,7 @@ pub(super) enum Effect {
         conv: ConvId,
         from: UserId,
         client_msg_id: u64,
+        seq: u64,
     },
     /// Send an event (a delivery, an ack, a receipt push) once durable. A
     /// `Sent` becomes an error answer if the write failed.
@@ -200,6 +207,35 @@ fn split_failed(staged: Staged, failed: &FxHashSet<ConvId>) -> (Staged, Vec<Effe
         }
     }
     (Staged { ops, effects: kept }, lost)
+}
+
+/// Lowers the cursors among `ops` (receipts, departure ends) of each
+/// conversation in `stored` to its last stored seq, after a failed commit
+/// of its messages. A joiner's cursor or a departure's end is taken from
+/// the last seq sequenced ([`Shard::cursor_seq`]) and staged behind those
+/// messages: if one of them fails, its seq and those after it are handed
+/// out again once the state reloads, to messages sequenced after the join
+/// (which the joiner must get) or after the removal (which the departed
+/// must not). A receipt or `Sync` cursor from a client never passes a
+/// stored seq (a client holds only delivered messages, and both are
+/// capped at the store's last seq), so lowering every cursor of those
+/// conversations is right for them too.
+fn clamp_cursors(ops: &mut [WriteOp], stored: &FxHashMap<ConvId, u64>) {
+    for op in ops {
+        match op {
+            WriteOp::Receipt { conv, seq, .. } => {
+                if let Some(&last) = stored.get(conv) {
+                    *seq = (*seq).min(last);
+                }
+            }
+            WriteOp::Departure { group, until, .. } => {
+                if let Some(&last) = stored.get(&ConvId::Group { group: *group }) {
+                    *until = (*until).min(last);
+                }
+            }
+            WriteOp::Message(_) | WriteOp::Erase { .. } => {}
+        }
+    }
 }
 
 /// The bytes of an encoded frame as the store keeps them: the same shared
@@ -273,12 +309,16 @@ impl ConvCache {
 
     /// Marks a message durable (`ok`) or lost in `conv`'s state and hands
     /// back the retries that waited for it (connection, request id).
-    fn release(&mut self, conv: ConvId, from: UserId, client_msg_id: u64, ok: bool) -> Released {
+    fn release(&mut self, conv: ConvId, released: (UserId, u64, u64), ok: bool) -> Released {
+        let (from, client_msg_id, stored) = released;
         let Some(state) = self.map.get_mut(&conv) else {
             // Not cached, so nothing waited on it here.
             return Released::Unstored { waiters: Vec::new() };
         };
         state.inflight = state.inflight.saturating_sub(1);
+        if ok {
+            state.stored_seq = state.stored_seq.max(stored);
+        }
         let entry = state.dedup.get_mut(&(from, client_msg_id));
         let (seq, timestamp_ms) = entry.as_ref().map_or((0, 0), |e| (e.seq, e.timestamp_ms));
         let waiters = entry.and_then(|e| e.waiters.take()).unwrap_or_default();
@@ -314,6 +354,19 @@ impl ConvCache {
         for conv in idle {
             self.remove(conv);
         }
+    }
+
+    /// The highest seq of `conv` a cursor may be set to now without
+    /// passing a seq that may be handed out again: the last one sequenced,
+    /// unless a write of the conversation failed, in which case the seqs
+    /// after the stored ones will be reused (the state reloads). `None`
+    /// when not cached: then nothing is in flight and the store has all.
+    fn cursor_seq(&self, conv: ConvId) -> Option<u64> {
+        let state = self.map.get(&conv)?;
+        Some(match state.poisoned {
+            true => state.stored_seq,
+            false => state.last_seq,
+        })
     }
 
     /// Messages of `conv` sequenced and not yet durable.
@@ -430,11 +483,21 @@ impl Shard {
         }
     }
 
-    /// The last sequence number of `conv` if its state is cached (with
-    /// the messages sequenced and not yet stored); `None` means nothing
-    /// of it is in flight, so the store's last seq is the last.
-    pub(super) fn cached_last_seq(&self, conv: ConvId) -> Option<u64> {
-        self.convs.borrow_mut().get_mut(conv).map(|s| s.last_seq)
+    /// The seq a cursor of `conv` (a joiner's start, a departure's end)
+    /// is set to now: the last one sequenced, messages not yet stored
+    /// included, but never one that a failed write will hand out again.
+    /// A cursor staged after this call is staged behind every message up
+    /// to it, and if one of those fails, the commit's failure path lowers
+    /// the cursor to what was stored ([`clamp_cursors`]). `None`: not
+    /// cached, so nothing is in flight and the store's last seq is it.
+    pub(super) fn cursor_seq(&self, conv: ConvId) -> Option<u64> {
+        self.convs.borrow().cursor_seq(conv)
+    }
+
+    /// [`Shard::cursor_seq`], loading the conversation's state if needed.
+    pub(super) async fn cursor_seq_loaded(&self, conv: ConvId) -> Result<u64, StoreError> {
+        self.ensure_conv(conv).await?;
+        Ok(self.cursor_seq(conv).unwrap_or(0))
     }
 
     /// The last sequence number of a conversation homed here.
@@ -644,9 +707,13 @@ impl Shard {
                 // hole between acknowledged messages. They fail with the
                 // batch, and nothing more is sequenced in these
                 // conversations until their state reloads from the store.
-                self.poison(&convs_written);
+                let stored = self.poison(&convs_written);
                 let staged = std::mem::take(&mut *self.staged.borrow_mut());
-                let (kept, failed) = split_failed(staged, &convs_written);
+                let (mut kept, failed) = split_failed(staged, &convs_written);
+                // Cursors staged at a seq from memory may pass the stored
+                // ones; those past it will be handed out again, to
+                // messages the cursor must not cover.
+                clamp_cursors(&mut kept.ops, &stored);
                 *self.staged.borrow_mut() = kept;
                 effects.extend(failed);
             }
@@ -699,8 +766,9 @@ impl Shard {
                     conv,
                     from,
                     client_msg_id,
+                    seq,
                 } => {
-                    for event in self.release(conv, from, client_msg_id, ok) {
+                    for event in self.release(conv, (from, client_msg_id, seq), ok) {
                         self.send_event(self.home_of(from), event).await;
                     }
                 }
@@ -727,21 +795,27 @@ impl Shard {
 
     /// Marks `convs` as having lost a write: their cached states refuse new
     /// messages until the in-flight ones are released, when they are
-    /// dropped and reload the last durable seq.
-    fn poison(&self, convs: &FxHashSet<ConvId>) {
+    /// dropped and reload the last durable seq. Returns each one's last
+    /// stored seq (all are cached: the failed batch's messages are in
+    /// flight), which no later write of theirs below it can change.
+    fn poison(&self, convs: &FxHashSet<ConvId>) -> FxHashMap<ConvId, u64> {
         let mut cache = self.convs.borrow_mut();
+        let mut stored = FxHashMap::default();
         for &conv in convs {
             if let Some(state) = cache.get_mut(conv) {
                 state.poisoned = true;
+                stored.insert(conv, state.stored_seq);
             }
         }
+        stored
     }
 
     /// Marks a message durable (or failed) in its conversation's state and
     /// returns the answers owed to retries that waited for it: its ack,
     /// or the error the original request got.
-    fn release(&self, conv: ConvId, from: UserId, client_msg_id: u64, ok: bool) -> Vec<Event> {
-        let released = self.convs.borrow_mut().release(conv, from, client_msg_id, ok);
+    fn release(&self, conv: ConvId, message: (UserId, u64, u64), ok: bool) -> Vec<Event> {
+        let (from, client_msg_id, _) = message;
+        let released = self.convs.borrow_mut().release(conv, message, ok);
         match released {
             Released::Durable {
                 seq,
@@ -868,6 +942,7 @@ mod tests {
     fn state() -> ConvState {
         ConvState {
             last_seq: 10,
+            stored_seq: 10,
             inflight: 0,
             dedup: FxHashMap::default(),
             order: VecDeque::new(),
@@ -1033,6 +1108,7 @@ mod tests {
             conv,
             from: 1,
             client_msg_id: seq,
+            seq,
         }
     }
 
@@ -1104,6 +1180,59 @@ mod tests {
             Effect::Event(_, Event::Deliver { conv, .. } | Event::Sent { conv, .. }) => *conv == lost,
             _ => false,
         }));
+    }
+
+    /// A joiner's cursor and a departure's end are staged at the last seq
+    /// sequenced, behind messages still on their way to the disk. When
+    /// those fail, their seqs are handed out again after the reload, to
+    /// messages sequenced after the join (or removal): the cursors staged
+    /// behind them must come down to what was stored, or the joiner would
+    /// skip those messages and the departed user would get them.
+    #[test]
+    fn after_a_failed_commit_cursors_staged_behind_it_come_down_to_the_stored_seq() {
+        let group = 9;
+        let lost = ConvId::Group { group };
+        let fine = ConvId::direct(1, 3);
+        let mut cache = ConvCache::default();
+        cache.map.insert(lost, state());
+        let s = cache.get_mut(lost).unwrap();
+        for (request, id) in [(1, 100), (2, 101), (3, 102)] {
+            assign(s, 8, 1, CONN, request, id, None);
+        }
+        // 11 was stored; the batch holding 12 and 13 failed. The join
+        // read 13 (all sequenced, none known lost yet).
+        assert_eq!(cache.cursor_seq(lost), Some(13));
+        assert!(matches!(
+            cache.release(lost, (1, 100, 11), true),
+            Released::Durable { seq: 11, .. }
+        ));
+        let receipt = |conv, seq| WriteOp::Receipt {
+            user: 2,
+            conv,
+            kind: StoredReceiptKind::Read,
+            seq,
+        };
+        let mut ops = vec![
+            receipt(lost, 13),
+            WriteOp::Departure {
+                user: 4,
+                group,
+                start: 2,
+                until: 13,
+            },
+            receipt(fine, 7),
+            message(fine, 8),
+        ];
+        let mut stored = FxHashMap::default();
+        stored.insert(lost, cache.get_mut(lost).unwrap().stored_seq);
+        clamp_cursors(&mut ops, &stored);
+        assert_eq!(ops[0], receipt(lost, 11));
+        assert!(matches!(ops[1], WriteOp::Departure { until: 11, .. }));
+        assert_eq!(ops[2], receipt(fine, 7), "other conversations keep theirs");
+        // A cursor taken after the failure never counts the lost seqs.
+        cache.get_mut(lost).unwrap().poisoned = true;
+        assert_eq!(cache.cursor_seq(lost), Some(11));
+        assert_eq!(cache.cursor_seq(fine), None, "not cached: the store has it all");
     }
 
     #[test]
@@ -1206,7 +1335,7 @@ mod tests {
         assert!(matches!(assign(s, 8, 1, CONN, 3, 100, None), Sequenced::Waiting));
         assert!(matches!(assign(s, 8, 1, CONN, 4, 100, None), Sequenced::Waiting));
         assert_eq!(
-            cache.release(conv, 1, 100, false),
+            cache.release(conv, (1, 100, 11), false),
             Released::Unstored {
                 waiters: vec![(CONN, 3), (CONN, 4)]
             }
@@ -1216,7 +1345,7 @@ mod tests {
         let s = cache.get_mut(conv).unwrap();
         assert!(!s.dedup.contains_key(&(1, 100)));
         assert_eq!(
-            cache.release(conv, 1, 101, false),
+            cache.release(conv, (1, 101, 12), false),
             Released::Unstored { waiters: vec![] }
         );
         assert!(
@@ -1229,7 +1358,7 @@ mod tests {
         let s = cache.get_mut(conv).unwrap();
         assign(s, 8, 1, CONN, 1, 200, None);
         assign(s, 8, 1, CONN, 2, 200, None);
-        match cache.release(conv, 1, 200, true) {
+        match cache.release(conv, (1, 200, 11), true) {
             Released::Durable { seq, waiters, .. } => assert_eq!((seq, waiters), (11, vec![(CONN, 2)])),
             other => panic!("{other:?}"),
         }

@@ -417,6 +417,7 @@ impl Shard {
             conv,
             from,
             client_msg_id,
+            seq,
         }];
         for (shard, members) in state.members_by_shard() {
             let deliver = Event::Deliver {
@@ -883,7 +884,7 @@ impl Shard {
         let joined_at = if joined.is_empty() {
             Some(0)
         } else {
-            self.last_seq(conv).await.ok()
+            self.cursor_seq_loaded(conv).await.ok()
         };
         // From here to the cache update nothing yields: every message
         // sequenced after `joined_at` sees the new members.
@@ -976,8 +977,10 @@ impl Shard {
             }
         };
         // Nothing yielded since the cache update: this is the last seq
-        // the user was a member for. Not cached: nothing is in flight.
-        let last = self.cached_last_seq(conv).unwrap_or(0);
+        // the user was a member for (lowered, should a write of the ones
+        // not yet stored fail, to the stored ones: `clamp_cursors`). Not
+        // cached: nothing is in flight, the store's `until` is right.
+        let last = self.cursor_seq(conv).unwrap_or(0);
         if last <= departure.until {
             return Ok(GroupAnswer::Done);
         }

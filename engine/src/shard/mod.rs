@@ -760,6 +760,7 @@ impl Shard {
                             conv,
                             from,
                             client_msg_id,
+                            seq,
                         },
                         Effect::Event(self.home_of(to), deliver),
                         Effect::Event(self.home_of(from), sent),
