@@ -16,6 +16,7 @@ use std::sync::Arc;
 use fjall::PersistMode;
 
 use crate::codec::{self, INBOX_KEY_LEN, USER_CONV_KEY_LEN};
+use crate::departures::{departure_key, DEPARTURE_KEY_LEN};
 use crate::{ConvId, GroupId, Inner, Ks, Store, StoreError, UserId};
 
 /// Deletes issued per batch by the expiry sweeps, so a sweep over a large
@@ -166,12 +167,17 @@ struct Staged {
     /// `user_convs` keys already in the batch (many messages of one
     /// conversation in a batch write the index once).
     user_convs: HashSet<[u8; USER_CONV_KEY_LEN]>,
+    /// `departures` ends set by [`WriteOp::Departure`], staged so that a
+    /// deleted account's are dropped with its other keys (and so that a
+    /// batch holds each key once: the last op's end).
+    departures: BTreeMap<[u8; DEPARTURE_KEY_LEN], [u8; 9]>,
 }
 
 impl Staged {
-    /// Drops the inbox entries, receipt cursors and conversation index
-    /// keys of deleted accounts (a message sequenced just before the
-    /// deletion, a receipt sent just before the session was closed).
+    /// Drops the inbox entries, receipt cursors, conversation index keys
+    /// and departure ends of deleted accounts (a message sequenced just
+    /// before the deletion, a receipt sent just before the session was
+    /// closed, a departure the purge's leave of a group extends).
     fn drop_users(&mut self, deleted: &HashSet<UserId>) {
         if deleted.is_empty() {
             return;
@@ -184,6 +190,7 @@ impl Staged {
         self.inbox.retain(|key, _| !owner(key));
         self.receipts.retain(|key, _| !owner(key));
         self.user_convs.retain(|key| !owner(key));
+        self.departures.retain(|key, _| !owner(key));
     }
 }
 
@@ -271,9 +278,8 @@ impl Inner {
                 start,
                 until,
             } => {
-                batch.insert(
-                    &self.departures.handle,
-                    crate::departures::departure_key(user, group, start),
+                staged.departures.insert(
+                    departure_key(user, group, start),
                     crate::departures::encode_until(until),
                 );
             }
@@ -294,6 +300,9 @@ impl Inner {
         }
         for key in staged.user_convs {
             batch.insert(&self.user_convs.handle, key, []);
+        }
+        for (key, value) in staged.departures {
+            batch.insert(&self.departures.handle, key, value);
         }
         for (key, (delivered, read)) in staged.receipts {
             batch.insert(

@@ -108,6 +108,9 @@ enum Phase {
     Inbox,
     /// Receipt cursors.
     Receipts,
+    /// The ranges of groups the user left that they were still owed (the
+    /// engine's departures from every group come before this phase).
+    Departures,
     /// The 1:1 conversation index (the other party's stays).
     Conversations,
     /// Tokens left (the deletion revoked them; one issued by a login that
@@ -125,7 +128,8 @@ impl Phase {
             Phase::BlocksIn => Phase::Invites,
             Phase::Invites => Phase::Inbox,
             Phase::Inbox => Phase::Receipts,
-            Phase::Receipts => Phase::Conversations,
+            Phase::Receipts => Phase::Departures,
+            Phase::Departures => Phase::Conversations,
             Phase::Conversations => Phase::Tokens,
             Phase::Tokens => return None,
         })
@@ -438,6 +442,7 @@ impl Store {
                 Phase::Invites => (0, false),
                 Phase::Inbox => inner.purge_prefix(b, &inner.inbox, user, c, left, |_, _| Ok(0))?,
                 Phase::Receipts => inner.purge_prefix(b, &inner.receipts, user, c, left, |_, _| Ok(0))?,
+                Phase::Departures => inner.purge_prefix(b, &inner.departures, user, c, left, |_, _| Ok(0))?,
                 Phase::Conversations => {
                     inner.purge_prefix(b, &inner.user_convs, user, c, left, |_, _| Ok(0))?
                 }
@@ -517,6 +522,13 @@ mod tests {
         let group = store.create_group_with(2, "g", false).unwrap();
         store.invite(group, 1).unwrap();
         store.issue_token(1).unwrap();
+        // A group the user left, owing them a range (a departure record).
+        let left = store.create_group(3, "left").unwrap();
+        store.add_member(left, 1).unwrap();
+        assert!(matches!(
+            store.remove_member(left, 1).unwrap(),
+            crate::Departed::Recorded(_)
+        ));
         let conv = ConvId::direct(1, 2);
         let message = WriteOp::Message(MessageWrite {
             conv,
@@ -537,6 +549,15 @@ mod tests {
 
         store.delete_account(1).unwrap();
         while !store.purge_user_step(1, 1).unwrap() {}
+        // The engine extending a departure behind the purge (its own
+        // leave of a group): the writer drops it.
+        let extend = WriteOp::Departure {
+            user: 1,
+            group: left,
+            start: 0,
+            until: 9,
+        };
+        store.apply(&[extend], false).unwrap();
 
         for ks in [
             &inner.friends,
@@ -552,6 +573,7 @@ mod tests {
         for ks in [
             &inner.inbox,
             &inner.receipts,
+            &inner.departures,
             &inner.user_convs,
             &inner.user_tokens,
         ] {
