@@ -2283,16 +2283,24 @@ impl Conn {
         let user = self.user;
         // A group receipt is capped at the group's last stored seq, as a
         // 1:1 one is at its conversation's (below): a cursor past it
-        // would hide the messages still to come from the user's syncs.
+        // would hide the messages still to come from the user's syncs. A
+        // former member still owed the messages of their membership (a
+        // departure record, which their catch-up streams) acknowledges
+        // them like a member, up to the record's end: that is what drops
+        // the record and their inbox entries of the group.
         let (allowed, group_last) = match conv {
             ConvId::Direct { .. } => (crate::catchup::in_direct(&self.shard.store, user, conv), 0),
             ConvId::Group { group } => match self
                 .shard
                 .blocking(move |store| {
-                    Ok::<_, tern_storage::StoreError>((
-                        store.is_member(group, user)?,
-                        store.conv_tail(conv, 0)?.last_seq,
-                    ))
+                    let last = store.conv_tail(conv, 0)?.last_seq;
+                    if store.is_member(group, user)? {
+                        return Ok((true, last));
+                    }
+                    Ok::<_, tern_storage::StoreError>(match store.departure_end(user, group)? {
+                        Some(end) => (true, last.min(end)),
+                        None => (false, 0),
+                    })
                 })
                 .await
             {

@@ -244,3 +244,53 @@ fn a_kick_during_a_burst_owes_exactly_what_reached_the_members_devices() {
     let sync = raw_sync_all(&mut offline, vec![], seqs.len());
     assert_seqs(&sync.messages, gconv, seqs);
 }
+
+#[test]
+fn a_former_member_acknowledges_what_they_are_owed_with_a_receipt() {
+    // Large group (history only) and small group (inbox entries too): a
+    // client that acknowledges the messages its catch-up showed with a
+    // `Receipt`, as it would a member's, is taken at its word up to the
+    // end of what it is owed, and later catch-ups stream nothing.
+    for large in [true, false] {
+        let server = if large {
+            large_group_server()
+        } else {
+            TestServer::start()
+        };
+        let alice = server.user_on_shard("alice", 0);
+        let bob = server.user_on_shard("bob", 1);
+        let carol = server.user_on_shard("carol", 0);
+        let group = group_with(&server, &alice, &[&bob, &carol]);
+        let other = group_with(&server, &alice, &[&carol]);
+        let gconv = ConvId::Group { group };
+        let mut a = server.login_unsynced(&alice);
+        send_pipelined(&mut a, To::Group(group), &ids(1, 3), 3);
+        a.group_kick(group, bob.id).expect("kick");
+        send_pipelined(&mut a, To::Group(group), &ids(4, 2), 2);
+
+        let mut b = server.login_unsynced(&bob);
+        let sync = raw_sync_all(&mut b, vec![], 3);
+        assert_seqs(&sync.messages, gconv, 1..=3);
+        // Claiming more than was owed (5 were sent) is capped at 3.
+        b.receipt(gconv, tern_client::ReceiptKind::Delivered, 5)
+            .expect("a former member's receipt");
+        // A group never joined stays refused.
+        let refused = b
+            .receipt(
+                ConvId::Group { group: other },
+                tern_client::ReceiptKind::Delivered,
+                1,
+            )
+            .expect_err("not owed anything");
+        assert_eq!(refused.code(), Some(tern_client::ErrorCode::Forbidden));
+        drop(b);
+        let mut b = server.login_unsynced(&bob);
+        let sync = raw_sync_all(&mut b, vec![], 0);
+        assert!(sync.messages.is_empty(), "large {large}: {:?}", sync.messages);
+        // Settled: a receipt after the range is dropped is refused again.
+        let refused = b
+            .receipt(gconv, tern_client::ReceiptKind::Read, 1)
+            .expect_err("nothing owed any more");
+        assert_eq!(refused.code(), Some(tern_client::ErrorCode::Forbidden));
+    }
+}

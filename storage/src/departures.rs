@@ -150,6 +150,25 @@ impl Store {
         Ok(out)
     }
 
+    /// The end of the latest of `user`'s departure records for `group`
+    /// (the last seq of the group owed to them), if they hold one: a
+    /// former member may acknowledge up to it.
+    pub fn departure_end(&self, user: UserId, group: GroupId) -> Result<Option<u64>, StoreError> {
+        let inner = &*self.inner;
+        let ks = &inner.departures;
+        let mut end = None;
+        for guard in ks
+            .handle
+            .prefix(codec::pair_key(user, group))
+            .take(inner.opts.max_departures_per_user)
+        {
+            let (key, value) = ks.entry(guard)?;
+            let departure = decode(&key, &value).map_err(|d| ks.corrupt(&key, d))?;
+            end = end.max(Some(departure.until));
+        }
+        Ok(end)
+    }
+
     /// Removes the given departure records of `user` (acknowledged, or of
     /// a deleted group), unsynced: one lost in a crash is found again by
     /// the next catch-up, which drops it then.
