@@ -733,3 +733,59 @@ fn an_account_deleted_with_the_cli_is_purged_after_a_sigkill() {
     assert_eq!(c.history(conv, 1, true, 200).expect("history").len(), 200);
     drop((b, c, fresh, ternd));
 }
+
+/// `tern listen` is shown messages of a group the user was kicked from,
+/// past `max_departures_per_user` (so nothing is owed to them and their
+/// `Receipt` for it is refused, though their inbox still streams them):
+/// listening goes on and ends well, with a note on stderr, instead of
+/// stopping at "cannot acknowledge a message".
+#[test]
+fn listen_goes_on_when_a_conversation_refuses_its_receipt() {
+    let Some(tern) = tern_bin() else {
+        eprintln!("SKIPPED: the tern CLI binary is not built and could not be built");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ternd.toml");
+    std::fs::write(
+        &config,
+        "limits_exempt = []\nargon2_memory_kib = 8\nargon2_iterations = 1\nmax_departures_per_user = 1\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let ternd = Ternd::start(dir.path(), &["--config", &config]);
+    let connect = || Client::connect(ternd.addr, opts()).expect("connect");
+    connect().register("alice", PASSWORD).expect("register alice");
+    connect().register("bob", PASSWORD).expect("register bob");
+    let mut alice = connect();
+    alice.login("alice", PASSWORD).expect("login alice");
+    let mut bob = connect();
+    bob.login_unsynced("bob", PASSWORD).expect("login bob");
+    let bob_id = bob.user().expect("bob's id");
+    let (first, second) = (
+        alice.group_create("first").expect("create"),
+        alice.group_create("second").expect("create"),
+    );
+    for group in [first, second] {
+        bob.group_join(group).expect("join");
+        alice.send_group_text(group, "owed").expect("send");
+    }
+    drop(bob);
+    // The first kick is recorded; the second is past the limit.
+    alice.group_kick(first, bob_id).expect("kick");
+    alice.group_kick(second, bob_id).expect("kick");
+    let cli = Cli {
+        bin: tern,
+        server: ternd.addr,
+    };
+    let child = cli.spawn("bob", &["listen", "--count", "2", "--timeout-secs", "20"]);
+    let output = { child }.output_within(Duration::from_secs(30));
+    let heard = String::from_utf8_lossy(&output.stdout);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "listen failed: {output:?}");
+    assert_eq!(heard.matches("owed").count(), 2, "{heard}");
+    assert!(
+        said.contains(&format!("group:{second} no longer takes receipts")),
+        "{said}"
+    );
+}

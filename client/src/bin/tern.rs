@@ -868,6 +868,15 @@ impl Acks {
                     self.not_before = Some(Instant::now() + wait);
                     return Ok(());
                 }
+                // The conversation stopped being the user's after its
+                // messages were shown (a group deleted, or left with
+                // nothing more owed, a peer's account deleted): there is
+                // nothing to acknowledge any more, and the messages were
+                // shown, so listening goes on.
+                Err(e) if matches!(e.code(), Some(ErrorCode::Forbidden | ErrorCode::NotFound)) => {
+                    eprintln!("tern: {} no longer takes receipts: {e}", fmt_conv(&conv));
+                    self.pending.remove(&conv);
+                }
                 Err(e) => return Err(e).context("cannot acknowledge a message"),
             }
         }
