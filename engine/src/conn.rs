@@ -2430,18 +2430,8 @@ impl Conn {
             ),
         };
         if let Some(body) = push {
-            // Sent by the home shard of the two users' conversation, where
-            // blocks between them change: a block answered before the push
-            // goes out stops it (section 2.8.10).
-            let push = ServerFrame { request_id: 0, body };
-            let frame = encode_shared(&push, self.shard.config.max_frame_bytes);
-            let notice = Request::FriendNotice {
-                from: user,
-                to: friend,
-                frame,
-            };
-            let home = self.shard.home_of(ConvId::direct(user, friend).placement_key());
-            self.shard.send_request(home, notice).await;
+            // A block answered before the push goes out stops it (section 2.8.10).
+            self.shard.send_pair_notice(user, friend, body).await;
         }
         ServerFrame { request_id, body }
     }

@@ -85,11 +85,11 @@ pub enum Request {
         block: bool,
         reply: oneshot::Sender<Result<(), tern_proto::session::Refusal>>,
     },
-    /// Push `frame`, `from`'s friend request to `to` or acceptance of
-    /// theirs, to `to`'s live sessions unless a block between the two
-    /// forbids it by now; for the home shard of their 1:1 conversation,
-    /// where blocks between them change.
-    FriendNotice {
+    /// Push `frame`, news from `from` to `to` (a friend request, its
+    /// acceptance, a group invite), to `to`'s live sessions unless a block
+    /// between the two forbids it by now; for the home shard of their 1:1
+    /// conversation, where blocks between them change.
+    PairNotice {
         from: UserId,
         to: UserId,
         frame: Encoded,

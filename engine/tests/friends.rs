@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{Client, ClientBody, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_client::{Client, ErrorCode, Friend, FriendAdded, ServerBody};
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -443,56 +443,6 @@ fn friend_add_errors() {
     expect_silence(&mut a);
 }
 
-/// Whether a `FriendRequest` or `FriendAccepted` push from `peer` reaches
-/// `raw`'s session after the `Ok` to its `UserBlock` of `peer`, sent
-/// `delay` after `asker` starts its `FriendAdd`. `raw` must hear of
-/// nothing else meanwhile.
-fn friend_push_after_block(
-    raw: &mut RawConn,
-    peer: &User,
-    delay: Duration,
-    asker: impl FnOnce() + Send,
-) -> bool {
-    let barrier = std::sync::Barrier::new(2);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            barrier.wait();
-            asker();
-        });
-        barrier.wait();
-        std::thread::sleep(delay);
-        let id = raw.send(ClientBody::UserBlock { user: peer.id });
-        let mut blocked = false;
-        loop {
-            // After the Ok, long enough for a push already on its way.
-            let wait = if blocked {
-                Duration::from_millis(50)
-            } else {
-                TIMEOUT
-            };
-            match raw.read(wait) {
-                RawRead::Frame(f) if f.request_id == id => {
-                    assert_eq!(f.body, ServerBody::Ok);
-                    blocked = true;
-                }
-                RawRead::Frame(f) => match f.body {
-                    ServerBody::FriendRequest { from: user, .. }
-                    | ServerBody::FriendAccepted { by: user, .. }
-                        if user == peer.id =>
-                    {
-                        if blocked {
-                            return true;
-                        }
-                    }
-                    other => panic!("unexpected {other:?}"),
-                },
-                RawRead::Timeout if blocked => return false,
-                other => panic!("{other:?}"),
-            }
-        }
-    })
-}
-
 #[test]
 fn no_friend_push_from_a_user_arrives_after_blocking_them() {
     let server = TestServer::start_with(|c| c.limits.message_rate_per_sec = 0);
@@ -516,7 +466,11 @@ fn no_friend_push_from_a_user_arrives_after_blocking_them() {
                 // Refused when the block came first.
                 let _ = a.friend_add(&bob.name);
             };
-            if friend_push_after_block(&mut raw, &alice, delay, ask) {
+            let from_alice = |body: &ServerBody| {
+                matches!(body, ServerBody::FriendRequest { from: user, .. }
+                    | ServerBody::FriendAccepted { by: user, .. } if *user == alice.id)
+            };
+            if push_after_block(&mut raw, alice.id, delay, from_alice, ask) {
                 late.push((sa, sb, round));
             }
         }

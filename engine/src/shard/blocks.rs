@@ -11,19 +11,23 @@
 //! their deliveries queued) and only then answers, so no 1:1 message
 //! between the two arrives after a block's `Ok`. Changes are serialised per shard
 //! by one permit: two changes of the same pair cannot reach the cache in
-//! the other order than they reached the store. The friend-request pushes
-//! between the two (`FriendRequest`, `FriendAccepted`) go out from here
-//! too, under the same permit, after a look at the stored blocks: one that
-//! a block overtook is dropped, so none arrives after the block's `Ok`.
+//! the other order than they reached the store. The other pushes from one
+//! of the two to the other (pair notices: `FriendRequest`,
+//! `FriendAccepted`, `Invited`) go out from here too, under the same
+//! permit, after a look at the stored blocks: one that a block overtook is
+//! dropped, so none arrives after the block's `Ok`. Whoever sends one
+//! makes its change in the store first and hands the push over to
+//! [`Shard::pair_notice`] of this shard; nothing else pushes from one user
+//! to another outside a conversation.
 
 use std::rc::Rc;
 
 use tern_proto::session::Refusal;
-use tern_proto::{ConvId, ErrorCode, UserId};
+use tern_proto::{ConvId, ErrorCode, ServerBody, ServerFrame, UserId};
 use tern_storage::StoreError;
 
-use super::{refusal, Encoded, Shard};
-use crate::mesh::{Event, Recipients};
+use super::{encode_shared, refusal, Encoded, Shard};
+use crate::mesh::{Event, Recipients, Request};
 
 impl Shard {
     /// `user` blocks `peer` (or, with `block` false, lifts that block);
@@ -82,20 +86,34 @@ impl Shard {
         }
     }
 
-    /// Pushes `frame`, `from`'s friend request to `to` or acceptance of
-    /// theirs (already stored), to `to`'s live sessions, unless either
-    /// blocks the other by now. Holds the permit of block changes while it
-    /// looks and queues the push: a block of the pair is either in the
-    /// store before the look (no push) or starts after the push is queued,
-    /// ahead of the block's `Ok`. Best effort: a failed look drops it.
-    pub(super) async fn friend_notice(self: &Rc<Self>, from: UserId, to: UserId, frame: Encoded) {
+    /// Hands `body`, news from `from` to `to` of a change already stored,
+    /// to the home shard of their 1:1 conversation, which pushes it to
+    /// `to`'s live sessions unless a block between the two overtook it
+    /// ([`Shard::pair_notice`]). Waits while that shard's queue is full.
+    pub async fn send_pair_notice(self: &Rc<Self>, from: UserId, to: UserId, body: ServerBody) {
+        let push = ServerFrame { request_id: 0, body };
+        let frame = encode_shared(&push, self.config.max_frame_bytes);
+        let home = self.home_of(ConvId::direct(from, to).placement_key());
+        self.send_request(home, Request::PairNotice { from, to, frame })
+            .await;
+    }
+
+    /// Pushes `frame`, news from `from` to `to` of a change already
+    /// stored (a friend request, its acceptance, a group invite), to
+    /// `to`'s live sessions, unless either blocks the other by now. For
+    /// the home shard of their 1:1 conversation only. Holds the permit of
+    /// block changes while it looks and queues the push: a block of the
+    /// pair is either in the store before the look (no push) or starts
+    /// after the push is queued, ahead of the block's `Ok`. Best effort: a
+    /// failed look drops it.
+    pub(super) async fn pair_notice(self: &Rc<Self>, from: UserId, to: UserId, frame: Encoded) {
         let Ok(_permit) = self.block_changes.acquire_permit(1).await else {
             return;
         };
         match self.blocking(move |store| store.blocks_between(from, to)).await {
             Ok(blocks) if !blocks.any() => {}
             Ok(_) => return,
-            Err(e) => return tracing::warn!(error = %e, from, to, "friend push dropped"),
+            Err(e) => return tracing::warn!(error = %e, from, to, "pair notice dropped"),
         }
         let notify = Event::Notify {
             to: Recipients::One(to),

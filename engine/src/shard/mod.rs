@@ -821,10 +821,10 @@ impl Shard {
                 })
                 .detach();
             }
-            Request::FriendNotice { from, to, frame } => {
+            Request::PairNotice { from, to, frame } => {
                 // Waits for a block change of the pair: beside the queue.
                 let shard = self.clone();
-                glommio::spawn_local(async move { shard.friend_notice(from, to, frame).await }).detach();
+                glommio::spawn_local(async move { shard.pair_notice(from, to, frame).await }).detach();
             }
         }
     }

@@ -516,6 +516,52 @@ impl RawConn {
     }
 }
 
+/// Whether a push that `from_peer` recognises as `peer`'s reaches `raw`'s
+/// session after the `Ok` to its `UserBlock` of `peer`, sent `delay` after
+/// `act` starts on another thread (`act` makes `peer` push, racing the
+/// block). `raw` must hear of nothing else meanwhile.
+pub fn push_after_block(
+    raw: &mut RawConn,
+    peer: UserId,
+    delay: Duration,
+    from_peer: impl Fn(&ServerBody) -> bool,
+    act: impl FnOnce() + Send,
+) -> bool {
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            barrier.wait();
+            act();
+        });
+        barrier.wait();
+        std::thread::sleep(delay);
+        let id = raw.send(ClientBody::UserBlock { user: peer });
+        let mut blocked = false;
+        loop {
+            // After the Ok, long enough for a push already on its way.
+            let wait = if blocked {
+                Duration::from_millis(50)
+            } else {
+                TIMEOUT
+            };
+            match raw.read(wait) {
+                RawRead::Frame(f) if f.request_id == id => {
+                    assert_eq!(f.body, ServerBody::Ok);
+                    blocked = true;
+                }
+                RawRead::Frame(f) if from_peer(&f.body) => {
+                    if blocked {
+                        return true;
+                    }
+                }
+                RawRead::Frame(f) => panic!("unexpected {f:?}"),
+                RawRead::Timeout if blocked => return false,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+}
+
 /// Two users on different home shards, logged in, who check that chat
 /// between them still works (used while other connections misbehave).
 pub struct Pair {
