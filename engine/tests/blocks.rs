@@ -162,3 +162,64 @@ fn a_block_refuses_group_invites_both_ways() {
         }
     }
 }
+
+/// No `Invited` from a user reaches the blocker after the `Ok` of the
+/// block, not even from an invite answered before it (docs/protocol.md
+/// 2.8.10). Races a new `GroupInvite` against `UserBlock`, for groups
+/// homed on every shard and users on every pair of shards, reading the
+/// blocker's frames in order. The invitees hold nearly their most pending
+/// invites, so each invite's store write counts them first: a block then
+/// fits between the invite's look at the blocks and its write.
+#[test]
+fn no_invite_from_a_user_arrives_after_blocking_them() {
+    const FILLER: usize = 400;
+    let server = TestServer::start_with(|c| {
+        c.limits.message_rate_per_sec = 0;
+        c.store.max_invites_per_user = FILLER + 2;
+        c.store.max_groups_per_user = FILLER + 1;
+    });
+    let shards = server.shards();
+    let bobs: Vec<User> = (0..shards)
+        .map(|sb| server.user_on_shard(&format!("ibo{sb}_"), sb))
+        .collect();
+    let carol = server.user_on_shard("icarol_", 0);
+    let mut c = server.login(&carol);
+    for n in 0..FILLER {
+        let group = c
+            .group_create_with(&format!("filler {n}"), false)
+            .expect("create");
+        for bob in &bobs {
+            c.group_invite(group, bob.id).expect("filler invite");
+        }
+    }
+    let mut late = Vec::new();
+    for sg in 0..shards {
+        for (sa, bob) in (0..shards).flat_map(|a| bobs.iter().map(move |b| (a, b))) {
+            let alice = server.user_on_shard(&format!("ial{sg}{sa}_"), sa);
+            let mut a = server.login(&alice);
+            let group = group_on_shard(&mut a, sg, shards, false);
+            let mut b = server.login_unsynced(bob);
+            let mut raw = RawConn::connect(server.addr());
+            raw.login(bob);
+            for round in 0..20u32 {
+                b.unblock_user(alice.id).expect("unblock");
+                // Each round's invite is new: a pending one is not written.
+                a.group_uninvite(group, bob.id).expect("withdraw");
+                let delay = std::time::Duration::from_micros(u64::from(round * 37 % 400));
+                let invite = || {
+                    // Refused when the block came first.
+                    let _ = a.group_invite(group, bob.id);
+                };
+                let from_alice = |body: &tern_client::ServerBody| matches!(body, tern_client::ServerBody::Invited { by, .. } if *by == alice.id);
+                if push_after_block(&mut raw, alice.id, delay, from_alice, invite) {
+                    late.push((sg, sa, bob.home(shards), round));
+                }
+            }
+            b.unblock_user(alice.id).expect("unblock");
+        }
+    }
+    assert!(
+        late.is_empty(),
+        "an invite from the blocked user came after the block's Ok (group's shard, shards, round): {late:?}"
+    );
+}

@@ -611,19 +611,13 @@ impl Shard {
                 // Tell the invited user's live sessions; offline ones find
                 // the invite with MyInvitesPage. The invite is stored, so
                 // the group's other changes need not wait on this push
-                // (a full queue to the invitee's shard would hold them).
+                // (a full queue to the pair's shard would hold them). It
+                // goes out from the pair's shard, where blocks between the
+                // two change: a block answered before it stops it.
                 drop(state);
                 drop(_permit);
-                let push = ServerFrame {
-                    request_id: 0,
-                    body: ServerBody::Invited { group, by: user },
-                };
-                let frame = super::encode_shared(&push, self.config.max_frame_bytes);
-                let notify = Event::Notify {
-                    to: Recipients::One(target),
-                    frame,
-                };
-                self.send_event(self.home_of(target), notify).await;
+                let invited = ServerBody::Invited { group, by: user };
+                self.send_pair_notice(user, target, invited).await;
                 Ok(GroupAnswer::Done)
             }
             GroupOp::Uninvite(target) => {
