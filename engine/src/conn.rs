@@ -1701,12 +1701,13 @@ impl Conn {
                         request_id,
                         body: ServerBody::User { user: id, username },
                     },
-                    Ok((None, _)) => ServerFrame::error(request_id, ErrorCode::NotFound, "no such user"),
+                    Ok((None, username)) => no_user_named(request_id, &username),
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
             ArchivedClientBody::FriendAdd { username } => {
                 let name = username.as_str().to_owned();
+                let asked = name.clone();
                 let added = shard
                     .blocking(move |store| {
                         let friend = store.user_id(&name)?.ok_or(tern_storage::StoreError::NotFound)?;
@@ -1724,6 +1725,9 @@ impl Conn {
                         self.friend_added(request_id, friend, username, outcome, own_name)
                             .await
                     }
+                    // The store's NotFound names no kind of thing; here the
+                    // only thing looked up is the name.
+                    Err(tern_storage::StoreError::NotFound) => no_user_named(request_id, &asked),
                     Err(e) => store_error_frame(request_id, &e),
                 }
             }
@@ -2475,6 +2479,16 @@ fn with_names(
         .into_iter()
         .map(|user| Ok((user, store.username(user)?.unwrap_or_default())))
         .collect()
+}
+
+/// The `NotFound` answer to a request naming a user by `name` (already
+/// checked as a username: short, and plain ASCII) that no user has.
+fn no_user_named(request_id: u64, name: &str) -> ServerFrame {
+    ServerFrame::error(
+        request_id,
+        ErrorCode::NotFound,
+        format!("no user has the name {name:?}"),
+    )
 }
 
 /// How long a shard waits between checks of the server-wide stop flag.

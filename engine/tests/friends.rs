@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{Client, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_client::{Client, ClientError, ErrorCode, Friend, FriendAdded, ServerBody};
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -438,7 +438,14 @@ fn friend_add_errors() {
     let alice = server.user_on_shard("alice", 0);
     let mut a = server.login(&alice);
     assert_eq!(code_of(a.friend_add(&alice.name)), ErrorCode::InvalidArgument);
-    assert_eq!(code_of(a.friend_add("nobody")), ErrorCode::NotFound);
+    // An unknown name is said to be one, by FriendAdd and ResolveUser alike.
+    let unknown = |result: Result<_, ClientError>| match result {
+        Err(ClientError::Server { code, message, .. }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let expected = (ErrorCode::NotFound, r#"no user has the name "nobody""#.to_owned());
+    assert_eq!(unknown(a.friend_add("nobody").map(|_| ())), expected);
+    assert_eq!(unknown(a.resolve_user("nobody").map(|_| ())), expected);
     assert!(outgoing(&mut a).is_empty());
     expect_silence(&mut a);
 }
