@@ -787,12 +787,27 @@ impl Client {
         }
     }
 
-    /// Lists friends with their presence.
-    pub fn friends(&mut self) -> Result<Vec<Friend>, ClientError> {
-        match self.request(ClientBody::FriendList)? {
-            ServerBody::Friends { friends } => Ok(friends),
-            other => Err(unexpected("Friends", &other)),
+    /// A page of the caller's friends: ids above `after`, ascending, at
+    /// most `limit` (clamped to 1..=1000 and cut to fit a frame), each
+    /// with its name and whether a session of theirs is live now, and
+    /// whether more follow.
+    pub fn friends_page(&mut self, after: UserId, limit: u32) -> Result<(Vec<Friend>, bool), ClientError> {
+        match self.request(ClientBody::FriendsPage { after, limit })? {
+            ServerBody::FriendsPage { friends, more } => Ok((friends, more)),
+            other => Err(unexpected("FriendsPage", &other)),
         }
+    }
+
+    /// Every friend of the caller with their presence, ascending by user
+    /// id, asked a page at a time (see [`Client::friends_page`]), so that
+    /// a list of any length arrives. Stops with [`ClientError::Protocol`]
+    /// if the server's pages do not move forward.
+    pub fn friends(&mut self) -> Result<Vec<Friend>, ClientError> {
+        self.every_page(
+            "FriendsPage",
+            |client, after| client.friends_page(after, MEMBERS_PAGE_LIMIT_MAX),
+            |friend| friend.user,
+        )
     }
 
     /// Sends a 1:1 text message with a fresh `client_msg_id`.

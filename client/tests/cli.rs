@@ -85,13 +85,13 @@ fn answer_until_closed(peer: &mut Peer, refuse: Option<&[usize]>) -> Vec<(ConvId
     let mut asked = 0;
     while let Some(f) = peer.try_recv() {
         match f.body {
-            ClientBody::FriendList => {
+            ClientBody::FriendsPage { after: 0, .. } => {
                 let friends = vec![Friend {
                     user: 5,
                     username: "bob".into(),
                     online: false,
                 }];
-                peer.send(f.request_id, ServerBody::Friends { friends });
+                peer.send(f.request_id, ServerBody::FriendsPage { friends, more: false });
             }
             ClientBody::Receipt { conv, kind, seq } => {
                 assert_eq!(kind, ReceiptKind::Delivered);
@@ -119,13 +119,17 @@ fn answer_until_closed(peer: &mut Peer, refuse: Option<&[usize]>) -> Vec<(ConvId
 
 fn answer_friends(peer: &mut Peer) {
     let f = peer.recv();
-    assert_eq!(f.body, ClientBody::FriendList);
+    assert!(
+        matches!(f.body, ClientBody::FriendsPage { after: 0, .. }),
+        "expected FriendsPage, got {:?}",
+        f.body
+    );
     let friends = vec![Friend {
         user: 5,
         username: "bob".into(),
         online: false,
     }];
-    peer.send(f.request_id, ServerBody::Friends { friends });
+    peer.send(f.request_id, ServerBody::FriendsPage { friends, more: false });
 }
 
 #[test]
@@ -307,6 +311,40 @@ fn friends_requests_lists_both_directions() {
     assert_eq!(
         stdout(&out),
         "bob (id 5) asks to be your friend\ncarol (id 7) asks to be your friend\ndave (id 9) was asked by you\n"
+    );
+    server.join().unwrap();
+}
+
+/// `tern friends list` asks for the list a page at a time, each after the
+/// last id of the one before, and prints every page's friends.
+#[test]
+fn friends_list_pages_through_the_whole_list() {
+    let (addr, server) = fake_server(|mut peer| {
+        login(&mut peer);
+        let friend = |user: u64, username: &str, online: bool| Friend {
+            user,
+            username: username.into(),
+            online,
+        };
+        let mut pages = 0;
+        while let Some(f) = peer.try_recv() {
+            let (friends, more) = match f.body {
+                ClientBody::FriendsPage { after: 0, .. } => {
+                    (vec![friend(5, "bob", true), friend(7, "carol", false)], true)
+                }
+                ClientBody::FriendsPage { after: 7, .. } => (vec![friend(9, "dave", false)], false),
+                other => panic!("unexpected {other:?}"),
+            };
+            pages += 1;
+            peer.send(f.request_id, ServerBody::FriendsPage { friends, more });
+        }
+        assert_eq!(pages, 2);
+    });
+    let out = tern(addr, &["friends", "list"], "");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "bob (id 5) online\ncarol (id 7) offline\ndave (id 9) offline\n"
     );
     server.join().unwrap();
 }

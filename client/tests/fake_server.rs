@@ -38,7 +38,7 @@ fn hello_records_server_limits_and_ping_measures_rtt() {
 fn pushes_before_the_answer_are_queued_in_order() {
     let (mut client, server) = connected(|mut peer| {
         let frame = peer.recv();
-        assert!(matches!(frame.body, ClientBody::FriendList));
+        assert!(matches!(frame.body, ClientBody::FriendsPage { after: 0, .. }));
         peer.push(message(5, "first"));
         peer.push(ServerBody::Presence {
             user: 5,
@@ -51,7 +51,7 @@ fn pushes_before_the_answer_are_queued_in_order() {
             username: "bob".into(),
             online: true,
         }];
-        peer.send(frame.request_id, ServerBody::Friends { friends });
+        peer.send(frame.request_id, ServerBody::FriendsPage { friends, more: false });
         peer.push(ServerBody::Presence {
             user: 5,
             online: false,

@@ -526,11 +526,12 @@ pub(crate) fn page_budget(max_frame_bytes: u32) -> usize {
 }
 
 /// How many items of at most `item_bytes` each (8 for an id, 16 for a
-/// `GroupMember`, a `Friend` plus the longest name for `FriendRequests`)
-/// one page of a user listing (`GroupMembersPage`, `GroupInvitesPage`,
-/// `GroupBansPage`, `MyInvitesPage`, `BlocksPage`, `FriendRequestsPage`)
-/// holds: the asked-for `limit` clamped to 1..=[`MEMBERS_PAGE_LIMIT_MAX`],
-/// and no more than fit in one frame.
+/// `GroupMember`, a `Friend` plus the longest name for `FriendRequests`
+/// and `FriendsPage`) one page of a user listing (`GroupMembersPage`,
+/// `GroupInvitesPage`, `GroupBansPage`, `MyInvitesPage`, `BlocksPage`,
+/// `FriendRequestsPage`, `FriendsPage`) holds: the asked-for `limit`
+/// clamped to 1..=[`MEMBERS_PAGE_LIMIT_MAX`], and no more than fit in one
+/// frame.
 pub(crate) fn ids_per_page(limit: u32, max_frame_bytes: u32, item_bytes: usize) -> usize {
     let asked = limit.clamp(1, MEMBERS_PAGE_LIMIT_MAX) as usize;
     asked.min(page_budget(max_frame_bytes) / item_bytes.max(1)).max(1)

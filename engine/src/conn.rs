@@ -1433,6 +1433,7 @@ impl Conn {
                         | ArchivedClientBody::FriendRemove { .. }
                         | ArchivedClientBody::FriendList
                         | ArchivedClientBody::FriendRequestsPage { .. }
+                        | ArchivedClientBody::FriendsPage { .. }
                         | ArchivedClientBody::UserBlock { .. }
                         | ArchivedClientBody::UserUnblock { .. }
                         | ArchivedClientBody::GroupCreate { .. }
@@ -1745,17 +1746,17 @@ impl Conn {
                 }
             }
             ArchivedClientBody::FriendList => self.friend_list(request_id).await,
+            ArchivedClientBody::FriendsPage { after, limit } => {
+                self.friends_page(request_id, after.to_native(), limit.to_native())
+                    .await
+            }
             ArchivedClientBody::FriendRequestsPage {
                 incoming,
                 after,
                 limit,
             } => {
                 let (incoming, after) = (*incoming, after.to_native());
-                // Each entry: the archived `Friend` and its name, at most
-                // USERNAME_LEN_MAX bytes out of line.
-                let entry_bytes =
-                    size_of::<tern_proto::ArchivedFriend>() + tern_proto::limits::USERNAME_LEN_MAX;
-                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, entry_bytes);
+                let take = catchup::ids_per_page(limit.to_native(), max_frame_bytes, FRIEND_ENTRY_BYTES_MAX);
                 match shard
                     .blocking(move |store| {
                         let (ids, more) = store.friend_requests_after(user, incoming, after, take)?;
@@ -2440,6 +2441,9 @@ impl Conn {
         ServerFrame { request_id, body }
     }
 
+    /// `FriendList`: every friend in one frame, for clients from before
+    /// `FriendsPage`. A list that cannot fit is refused before the
+    /// presence of each is asked for.
     async fn friend_list(&self, request_id: u64) -> ServerFrame {
         let user = self.user;
         let named = self
@@ -2450,24 +2454,72 @@ impl Conn {
             Ok(named) => named,
             Err(e) => return store_error_frame(request_id, &e),
         };
+        // Each name lies out of line, unpadded; the array's alignment is
+        // in the page's overhead.
+        let bytes: usize = named
+            .iter()
+            .map(|(_, name)| size_of::<tern_proto::ArchivedFriend>() + name.len())
+            .sum();
+        if bytes > catchup::page_budget(self.shard.config.max_frame_bytes) {
+            return ServerFrame::error(
+                request_id,
+                ErrorCode::LimitExceeded,
+                "too many friends to list in one frame; use FriendsPage",
+            );
+        }
+        let friends = self.with_presence(named).await;
+        ServerFrame {
+            request_id,
+            body: ServerBody::Friends { friends },
+        }
+    }
+
+    /// `FriendsPage`: the friends with ids above `after`, as many as
+    /// `limit` asks and one frame holds, with their presence.
+    async fn friends_page(&self, request_id: u64, after: UserId, limit: u32) -> ServerFrame {
+        let user = self.user;
+        let take = catchup::ids_per_page(limit, self.shard.config.max_frame_bytes, FRIEND_ENTRY_BYTES_MAX);
+        let page = self
+            .shard
+            .blocking(move |store| {
+                let (ids, more) = store.friends_after(user, after, take)?;
+                Ok((with_names(store, ids)?, more))
+            })
+            .await;
+        match page {
+            Ok((named, more)) => ServerFrame {
+                request_id,
+                body: ServerBody::FriendsPage {
+                    friends: self.with_presence(named).await,
+                    more,
+                },
+            },
+            Err(e) => store_error_frame(request_id, &e),
+        }
+    }
+
+    /// `named` friends as `Friend`s, each `online` if a session of theirs
+    /// is live now (asked of their home shards).
+    async fn with_presence(&self, named: Vec<(UserId, String)>) -> Vec<Friend> {
         let online = self
             .shard
             .online_among(named.iter().map(|(id, _)| *id).collect())
             .await;
-        let friends = named
+        named
             .into_iter()
             .map(|(user, username)| Friend {
                 online: online.contains(&user),
                 user,
                 username,
             })
-            .collect();
-        ServerFrame {
-            request_id,
-            body: ServerBody::Friends { friends },
-        }
+            .collect()
     }
 }
+
+/// The most bytes one `Friend` takes in a page: the archived struct and
+/// its name, at most USERNAME_LEN_MAX bytes out of line.
+const FRIEND_ENTRY_BYTES_MAX: usize =
+    size_of::<tern_proto::ArchivedFriend>() + tern_proto::limits::USERNAME_LEN_MAX;
 
 /// `users` with their names, in the same order (a user deleted meanwhile
 /// gets an empty name). One point read each, on a blocking thread.

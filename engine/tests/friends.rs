@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{Client, ClientError, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_client::{Client, ClientBody, ClientError, ErrorCode, Friend, FriendAdded, ServerBody};
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -488,4 +488,111 @@ fn no_friend_push_from_a_user_arrives_after_blocking_them() {
         late.is_empty(),
         "a friend push from the blocked user came after the block's Ok (shards, round): {late:?}"
     );
+}
+
+/// The answer to `request` on `raw`, skipping the pushes before it.
+fn raw_answer(raw: &mut RawConn, request: ClientBody) -> ServerBody {
+    let id = raw.send(request);
+    loop {
+        let frame = raw.expect_frame();
+        if frame.request_id == id {
+            return frame.body;
+        }
+        assert_eq!(frame.request_id, 0, "an answer to another request: {frame:?}");
+    }
+}
+
+/// A friend list longer than one frame holds (a frame of 1,024 bytes
+/// standing in for a `max_friends` raised past the 1,165 longest-named
+/// friends a default frame holds) is listed whole, a page at a time, each
+/// friend with its name and presence. `FriendList`, kept for old clients,
+/// lists a list that fits and refuses one that does not with
+/// `LimitExceeded`, naming `FriendsPage`.
+#[test]
+fn a_friend_list_longer_than_a_frame_is_listed_by_pages() {
+    // 20 entries of 24 + 32 bytes: more than the 768 a page of a 1,024-byte
+    // frame spends on them (13 entries).
+    const FRIENDS: usize = 20;
+    const PER_PAGE: usize = 13;
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 1024;
+        c.max_message_bytes = 512;
+        c.limits.message_rate_per_sec = 0;
+        c.limits.registration_rate_per_ip_per_hour = 0;
+        c.limits.connection_rate_per_ip = 0;
+        c.limits.max_connections_per_ip = 0;
+    });
+    let alice = server.user_on_shard("pager_", 0);
+    let mut a = server.login(&alice);
+    let mut raw = RawConn::connect(server.addr());
+    raw.login(&alice);
+    let mut online = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..FRIENDS {
+        // Names of the longest kind, 32 bytes: each entry as large as any.
+        let friend = server.user_where(&format!("{n:02}{}", "f".repeat(29)), |_| true);
+        assert_eq!(friend.name.len(), tern_proto::limits::USERNAME_LEN_MAX);
+        let mut f = server.login(&friend);
+        assert_eq!(
+            f.friend_add(&alice.name).expect("ask"),
+            FriendAdded::Requested(alice.id)
+        );
+        assert_eq!(
+            a.friend_add(&friend.name).expect("accept"),
+            FriendAdded::Friends(friend.id)
+        );
+        // Every third friend stays online.
+        let stays = n % 3 == 0;
+        if stays {
+            online.push(f);
+        }
+        expected.push(Friend {
+            user: friend.id,
+            username: friend.name,
+            online: stays,
+        });
+        if n == 1 {
+            // Two fit in one frame: the old request still lists them.
+            match raw_answer(&mut raw, ClientBody::FriendList) {
+                ServerBody::Friends { friends } => assert_eq!(friends.len(), 2),
+                other => panic!("expected Friends, got {other:?}"),
+            }
+        }
+    }
+    expected.sort_by_key(|f| f.user);
+    let ids: Vec<u64> = expected.iter().map(|f| f.user).collect();
+
+    // Pages are cut to fit the frame, and follow `after` and `limit`.
+    let (first, more) = a.friends_page(0, 1000).expect("first page");
+    assert_eq!((ids_of(&first), more), (ids[..PER_PAGE].to_vec(), true));
+    let (rest, more) = a.friends_page(ids[PER_PAGE - 1], 1000).expect("second page");
+    assert_eq!((ids_of(&rest), more), (ids[PER_PAGE..].to_vec(), false));
+    let (one, more) = a.friends_page(0, 0).expect("limit 0 counts as 1");
+    assert_eq!((ids_of(&one), more), (ids[..1].to_vec(), true));
+    let (two, more) = a.friends_page(ids[0], 2).expect("a short page");
+    assert_eq!((ids_of(&two), more), (ids[1..3].to_vec(), true));
+    assert_eq!(
+        a.friends_page(u64::MAX, 10).expect("past the end"),
+        (vec![], false)
+    );
+
+    // The whole list, names and presence (sessions dropped a moment ago
+    // may take a moment to end).
+    eventually("every friend listed with their presence", || {
+        (a.friends().expect("friends") == expected).then_some(())
+    });
+
+    // The old request refuses what does not fit, and says what to use.
+    match raw_answer(&mut raw, ClientBody::FriendList) {
+        ServerBody::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::LimitExceeded);
+            assert!(message.contains("FriendsPage"), "{message}");
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    drop(online);
+}
+
+fn ids_of(friends: &[Friend]) -> Vec<u64> {
+    friends.iter().map(|f| f.user).collect()
 }

@@ -22,8 +22,13 @@ pub struct ClientFrame {
 }
 
 /// What a client can ask. The first frame on a connection must be `Hello`.
+///
+/// A variant's wire tag is its place in this list, counted from 0, unless
+/// it says otherwise with an explicit discriminant (which the archived
+/// form keeps; `repr(u8)` is what allows one on a variant with fields).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[rkyv(derive(Debug))]
+#[repr(u8)]
 pub enum ClientBody {
     /// Opens the connection: the protocol version the client speaks.
     Hello { version: u16, client_name: String },
@@ -48,7 +53,10 @@ pub enum ClientBody {
     /// the two either way (declining theirs, cancelling one's own);
     /// answered with `Ok`, also if there was nothing.
     FriendRemove { user: UserId },
-    /// Lists friends with their presence; answered with `Friends`.
+    /// Lists friends with their presence, all in one frame; answered with
+    /// `Friends`, or `LimitExceeded` when they do not fit in one (about
+    /// 1,100 friends at the default frame size). Kept for old clients:
+    /// new ones page with `FriendsPage`.
     FriendList,
     /// Sends a 1:1 message; answered with `Sent`.
     SendDirect {
@@ -225,6 +233,11 @@ pub enum ClientBody {
     /// in their conversations. The name is free for a new registration;
     /// the id is never reused.
     AccountDelete { password: Vec<u8> },
+    /// A page of the caller's friends with their presence: ids above
+    /// `after`, ascending, at most `limit` (clamped to 1..=1000 and cut to
+    /// fit a frame). Answered with `FriendsPage`. Tag 43: 42 is
+    /// `AccountDelete`'s, added beside it.
+    FriendsPage { after: UserId, limit: u32 } = 43,
 }
 
 /// A member's role in a group.
@@ -489,6 +502,9 @@ pub enum ServerBody {
     /// Pushed to a user's live sessions when `by` (named `username`)
     /// accepts their friend request: the two are friends from now on.
     FriendAccepted { by: UserId, username: String },
+    /// The answer to `FriendsPage`: friends ascending by id, with their
+    /// names and presence; `more` as in `MembersPage`.
+    FriendsPage { friends: Vec<Friend>, more: bool },
 }
 
 /// A friend and whether they are online now (also a user with a pending

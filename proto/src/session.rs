@@ -254,6 +254,7 @@ impl Session {
                 | B::UserUnblock { .. }
                 | B::BlocksPage { .. }
                 | B::FriendRequestsPage { .. }
+                | B::FriendsPage { .. }
                 | B::GroupDelete { .. }
                 | B::Typing { .. }
                 | B::History { .. }

@@ -719,6 +719,31 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client-friends-page",
+            client(40, ClientBody::FriendsPage { after: 0, limit: 50 }),
+        ),
+        (
+            "server-friends-page",
+            server(
+                40,
+                ServerBody::FriendsPage {
+                    friends: vec![
+                        Friend {
+                            user: 2,
+                            username: "bob".into(),
+                            online: true,
+                        },
+                        Friend {
+                            user: 3,
+                            username: "carol_the_cook".into(),
+                            online: false,
+                        },
+                    ],
+                    more: true,
+                },
+            ),
+        ),
     ]
 }
 
@@ -986,6 +1011,7 @@ fn client_samples() -> Vec<ClientBody> {
         ClientBody::AccountDelete {
             password: b"password".to_vec(),
         },
+        ClientBody::FriendsPage { after: 1, limit: 2 },
     ]
 }
 
@@ -1109,6 +1135,10 @@ fn server_samples() -> Vec<ServerBody> {
             by: 2,
             username: "bob".into(),
         },
+        ServerBody::FriendsPage {
+            friends: vec![],
+            more: false,
+        },
     ]
 }
 
@@ -1173,9 +1203,9 @@ fn client_field_offsets(b: &ArchivedClientBody) -> Vec<usize> {
         | B::GroupBansPage { group, after, limit } => {
             vec![o(addr(group)), o(addr(after)), o(addr(limit))]
         }
-        B::MyInvitesPage { after, limit } | B::BlocksPage { after, limit } => {
-            vec![o(addr(after)), o(addr(limit))]
-        }
+        B::MyInvitesPage { after, limit }
+        | B::BlocksPage { after, limit }
+        | B::FriendsPage { after, limit } => vec![o(addr(after)), o(addr(limit))],
         B::FriendRequestsPage {
             incoming,
             after,
@@ -1270,6 +1300,7 @@ fn server_field_offsets(b: &ArchivedServerBody) -> Vec<usize> {
         B::FriendRequests { users, more } => vec![o(addr(users)), o(addr(more))],
         B::FriendRequest { from, username } => vec![o(addr(from)), o(addr(username))],
         B::FriendAccepted { by, username } => vec![o(addr(by)), o(addr(username))],
+        B::FriendsPage { friends, more } => vec![o(addr(friends)), o(addr(more))],
     }
 }
 
@@ -1557,9 +1588,17 @@ fn archived_layout_is_as_documented() {
         &[1, 8, 16],      // FriendRequestsPage
         &[4],             // AccountDelete
     ];
+    // Variants whose tag is not their place in the list: (tag, offsets).
+    let client_expected_tagged: [(usize, &[usize]); 1] = [
+        (43, &[8, 16]), // FriendsPage
+    ];
+    let client_expected = client_expected
+        .into_iter()
+        .enumerate()
+        .chain(client_expected_tagged);
     let samples = client_samples();
-    assert_eq!(samples.len(), client_expected.len());
-    for (tag, (body, want)) in samples.into_iter().zip(client_expected).enumerate() {
+    assert_eq!(samples.len(), client_expected.clone().count());
+    for (body, (tag, want)) in samples.into_iter().zip(client_expected) {
         let wire = encode(&client(1, body.clone()));
         let bytes = body_of(&wire);
         let root = bytes.len() - 72;
@@ -1579,7 +1618,7 @@ fn archived_layout_is_as_documented() {
         }
     }
 
-    let server_expected: [&[usize]; 31] = [
+    let server_expected: [&[usize]; 32] = [
         &[2, 4, 8],       // HelloOk
         &[1, 4, 12, 20],  // Error
         &[],              // Ok
@@ -1611,6 +1650,7 @@ fn archived_layout_is_as_documented() {
         &[4, 12],         // FriendRequests
         &[8, 16],         // FriendRequest
         &[8, 16],         // FriendAccepted
+        &[4, 12],         // FriendsPage
     ];
     let samples = server_samples();
     assert_eq!(samples.len(), server_expected.len());
@@ -1966,11 +2006,13 @@ fn spec_encode_client(frame: &ClientFrame) -> Vec<u8> {
             }));
             fields.push(Field::U64(B + 8, *group));
         }
-        ClientBody::MyInvitesPage { after, limit } | ClientBody::BlocksPage { after, limit } => {
-            fields.push(tag(if matches!(frame.body, ClientBody::MyInvitesPage { .. }) {
-                30
-            } else {
-                36
+        ClientBody::MyInvitesPage { after, limit }
+        | ClientBody::BlocksPage { after, limit }
+        | ClientBody::FriendsPage { after, limit } => {
+            fields.push(tag(match frame.body {
+                ClientBody::MyInvitesPage { .. } => 30,
+                ClientBody::BlocksPage { .. } => 36,
+                _ => 43,
             }));
             fields.push(Field::U64(B + 8, *after));
             fields.push(Field::U32(B + 16, *limit));
@@ -2299,6 +2341,10 @@ fn spec_decode_server(body: &[u8]) -> ServerFrame {
             by: u64_at(b + 8),
             username: string_at(b + 16),
         },
+        31 => ServerBody::FriendsPage {
+            friends: friends_at(b + 4),
+            more: bool_at(b + 12),
+        },
         t => panic!("bad ServerBody tag {t}"),
     };
     ServerFrame {
@@ -2474,6 +2520,7 @@ fn arb_client_body() -> impl Strategy<Value = ClientBody> {
             }
         }),
         arb_bytes().prop_map(|password| ClientBody::AccountDelete { password }),
+        (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| ClientBody::FriendsPage { after, limit }),
     ]
 }
 
@@ -2600,6 +2647,8 @@ fn arb_server_body() -> impl Strategy<Value = ServerBody> {
         (any::<u64>(), arb_string())
             .prop_map(|(from, username)| ServerBody::FriendRequest { from, username }),
         (any::<u64>(), arb_string()).prop_map(|(by, username)| ServerBody::FriendAccepted { by, username }),
+        (prop::collection::vec(friend(), 0..6), any::<bool>())
+            .prop_map(|(friends, more)| ServerBody::FriendsPage { friends, more }),
     ]
 }
 

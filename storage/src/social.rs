@@ -216,6 +216,17 @@ impl Store {
         Ok(friends)
     }
 
+    /// `user`'s friends with ids above `after`, ascending, at most
+    /// `limit`, and whether more follow.
+    pub fn friends_after(
+        &self,
+        user: UserId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<(Vec<UserId>, bool), StoreError> {
+        self.inner.friends.pairs_after(user, after, limit)
+    }
+
     /// `blocker` blocks `blocked`: records the block, ends any friendship
     /// between them and drops their pending friend requests, either way,
     /// in one synced batch. Blocking again

@@ -55,6 +55,25 @@ fn friendship_is_mutual_sorted_and_idempotent() {
 }
 
 #[test]
+fn friend_lists_page_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    users(&store, 6);
+    for friend in [5, 2, 4, 6] {
+        befriend(&store, 1, friend);
+    }
+    // A pending request is not a friend.
+    store.add_friend(1, 3).unwrap();
+    assert_eq!(store.friends_after(1, 0, 2).unwrap(), (vec![2, 4], true));
+    assert_eq!(store.friends_after(1, 4, 2).unwrap(), (vec![5, 6], false));
+    assert_eq!(store.friends_after(1, 2, 10).unwrap(), (vec![4, 5, 6], false));
+    assert_eq!(store.friends_after(1, 6, 10).unwrap(), (vec![], false));
+    assert_eq!(store.friends_after(1, u64::MAX, 10).unwrap(), (vec![], false));
+    assert_eq!(store.friends_after(3, 0, 10).unwrap(), (vec![], false));
+    assert_eq!(store.friends_after(6, 0, 10).unwrap(), (vec![1], false));
+}
+
+#[test]
 fn a_block_ends_the_friendship_keeps_both_from_befriending_and_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     {
