@@ -1733,16 +1733,27 @@ impl Conn {
                 }
             }
             ArchivedClientBody::FriendRemove { user: friend } => {
+                // Ended on the home shard of the two users' conversation,
+                // where presence pushes between them go out: none of the
+                // ex-friend's follows the Ok.
                 let friend = friend.to_native();
-                match shard
-                    .blocking(move |store| store.remove_friend(user, friend))
-                    .await
-                {
-                    Ok(()) => ServerFrame {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                let request = Request::Unfriend {
+                    user,
+                    peer: friend,
+                    reply: tx,
+                };
+                let home = shard.home_of(ConvId::direct(user, friend).placement_key());
+                shard.send_request(home, request).await;
+                match rx.await {
+                    Ok(Ok(())) => ServerFrame {
                         request_id,
                         body: ServerBody::Ok,
                     },
-                    Err(e) => store_error_frame(request_id, &e),
+                    Ok(Err(e)) => store_error_frame(request_id, &e),
+                    Err(_) => {
+                        ServerFrame::error(request_id, ErrorCode::ShuttingDown, "server is shutting down")
+                    }
                 }
             }
             ArchivedClientBody::FriendList => self.friend_list(request_id).await,

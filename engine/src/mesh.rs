@@ -94,6 +94,22 @@ pub enum Request {
         to: UserId,
         frame: Encoded,
     },
+    /// `user` ends their friendship with `peer` and drops the pending
+    /// requests between them; for the home shard of their 1:1
+    /// conversation, where the presence pushes between them go out.
+    Unfriend {
+        user: UserId,
+        peer: UserId,
+        reply: oneshot::Sender<Result<(), tern_storage::StoreError>>,
+    },
+    /// `subject` came online or went offline: tell those of `to` who are
+    /// still their friends; for the home shard of each pair's 1:1
+    /// conversation (all of `to` share it), where friendships end.
+    PresenceNotice {
+        subject: UserId,
+        online: bool,
+        to: Vec<UserId>,
+    },
 }
 
 /// A membership, role or invite operation by the requesting user, run on
@@ -218,7 +234,8 @@ pub enum Event {
         conn: ConnKey,
         frame: Encoded,
     },
-    /// `subject` came online or went offline; tell these friends of theirs.
+    /// `subject` came online or went offline; tell these friends of
+    /// theirs (sent by the shards of the pairs, [`Request::PresenceNotice`]).
     Presence {
         to: Vec<UserId>,
         subject: UserId,

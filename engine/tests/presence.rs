@@ -138,3 +138,105 @@ fn friend_errors() {
     let push = a.next_push(Duration::from_millis(50)).expect("alive");
     assert!(push.is_none(), "unexpected push {push:?}");
 }
+
+/// No `Presence` of a friend reaches the remover's session after the `Ok`
+/// of their `FriendRemove`, or of their `UserBlock`, which ends the
+/// friendship too. Races the ex-friend's coming online (its announcement
+/// reads their friends, then pushes) against the removal (even rounds) or
+/// the block (odd rounds), reading the remover's frames in order. The
+/// ex-friend has many friends of higher ids than the remover, so that the
+/// announcement goes on reading after it has seen the remover.
+#[test]
+fn no_presence_of_an_ex_friend_arrives_after_the_removal() {
+    const FILLER: usize = 400;
+    let server = TestServer::start_with(|c| {
+        c.limits.message_rate_per_sec = 0;
+        c.limits.connection_rate_per_ip = 0;
+        c.limits.max_connections_per_ip = 0;
+        c.limits.registration_rate_per_ip_per_hour = 0;
+    });
+    let store = server.admin_context().store;
+    let shards = server.shards();
+    let mut late = Vec::new();
+    for (sa, sb) in (0..shards).flat_map(|a| (0..shards).map(move |b| (a, b))) {
+        let alice = server.user_on_shard(&format!("pal{sa}{sb}_"), sa);
+        let bob = server.user_on_shard(&format!("pbo{sa}{sb}_"), sb);
+        let watcher = server.user_on_shard(&format!("pwa{sa}{sb}_"), 0);
+        for n in 0..FILLER {
+            let filler = store
+                .register(&format!("pf{sa}{sb}_{n}"), PASSWORD.as_bytes())
+                .expect("register");
+            store.add_friend(alice.id, filler).expect("ask");
+            store.add_friend(filler, alice.id).expect("accept");
+        }
+        store.add_friend(alice.id, watcher.id).expect("ask");
+        store.add_friend(watcher.id, alice.id).expect("accept");
+        let mut w = server.login(&watcher);
+        let mut raw = RawConn::connect(server.addr());
+        raw.login(&bob);
+        for round in 0..30u32 {
+            let blocks = round % 2 == 1;
+            // The last round's block, if any, is lifted (through the
+            // server, whose cached state enforces it).
+            let id = raw.send(tern_client::ClientBody::UserUnblock { user: alice.id });
+            let unblocked = raw.expect_frame();
+            assert_eq!((unblocked.request_id, unblocked.body), (id, ServerBody::Ok));
+            store.add_friend(alice.id, bob.id).expect("ask");
+            store.add_friend(bob.id, alice.id).expect("accept");
+            let delay = Duration::from_micros(300 + u64::from(round * 23 % 600));
+            let barrier = std::sync::Barrier::new(2);
+            let a = std::thread::scope(|s| {
+                let comes = s.spawn(|| {
+                    barrier.wait();
+                    server.login(&alice)
+                });
+                barrier.wait();
+                std::thread::sleep(delay);
+                let id = raw.send(if blocks {
+                    tern_client::ClientBody::UserBlock { user: alice.id }
+                } else {
+                    tern_client::ClientBody::FriendRemove { user: alice.id }
+                });
+                let mut removed = false;
+                loop {
+                    let wait = if removed {
+                        Duration::from_millis(50)
+                    } else {
+                        TIMEOUT
+                    };
+                    match raw.read(wait) {
+                        RawRead::Frame(f) if f.request_id == id => {
+                            assert_eq!(f.body, ServerBody::Ok);
+                            removed = true;
+                        }
+                        RawRead::Frame(f) => match f.body {
+                            ServerBody::Presence { user, .. } if user == alice.id => {
+                                if removed {
+                                    late.push((sa, sb, round));
+                                }
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        },
+                        RawRead::Timeout if removed => break,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                comes.join().expect("alice logs in")
+            });
+            // Alice goes again; the watcher sees her come and go, so no
+            // announcement of this round is left for the next.
+            drop(a);
+            loop {
+                match expect_presence(&mut w) {
+                    (user, false) if user == alice.id => break,
+                    (user, true) if user == alice.id => continue,
+                    other => panic!("unexpected presence {other:?}"),
+                }
+            }
+        }
+    }
+    assert!(
+        late.is_empty(),
+        "a Presence of the ex-friend came after the Ok of FriendRemove (even rounds) or UserBlock (odd) (shards, round): {late:?}"
+    );
+}

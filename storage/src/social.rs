@@ -216,6 +216,19 @@ impl Store {
         Ok(friends)
     }
 
+    /// Those of `users` who are friends of `user`, in the same order: one
+    /// point read each.
+    pub fn friends_among(&self, user: UserId, users: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
+        let friends = &self.inner.friends;
+        let mut among = Vec::with_capacity(users.len());
+        for friend in users {
+            if friends.contains(codec::pair_key(user, friend))? {
+                among.push(friend);
+            }
+        }
+        Ok(among)
+    }
+
     /// `user`'s friends with ids above `after`, ascending, at most
     /// `limit`, and whether more follow.
     pub fn friends_after(

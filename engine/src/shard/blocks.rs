@@ -1,5 +1,6 @@
 //! Blocks between two users, enforced by the home shard of their 1:1
-//! conversation.
+//! conversation, and everything else between the two that must be ordered
+//! with a block or with the end of their friendship.
 //!
 //! A block is stored by the store (`blocks` keyspace, which also ends the
 //! friendship), and enforced where every message between the two is
@@ -17,8 +18,16 @@
 //! permit, after a look at the stored blocks: one that a block overtook is
 //! dropped, so none arrives after the block's `Ok`. Whoever sends one
 //! makes its change in the store first and hands the push over to
-//! [`Shard::pair_notice`] of this shard; nothing else pushes from one user
-//! to another outside a conversation.
+//! [`Shard::pair_notice`] of this shard.
+//!
+//! Friendships end here too (`FriendRemove`, [`Shard::unfriend`]), under
+//! the same permit, and the presence pushes between friends go out from
+//! here ([`Shard::presence_notice`]): a user's announcement, built from a
+//! read of their friends that may be stale by now, is split by the shard
+//! of each pair and looked at again under the permit, so no `Presence`
+//! of an ex-friend arrives after the `Ok` of a `FriendRemove` or of a
+//! block, which ends the friendship as well. Nothing else pushes from one
+//! user to another outside a conversation.
 
 use std::rc::Rc;
 
@@ -39,7 +48,7 @@ impl Shard {
         block: bool,
     ) -> Result<(), Refusal> {
         let _permit = self
-            .block_changes
+            .pair_changes
             .acquire_permit(1)
             .await
             .map_err(|_| refusal(ErrorCode::ShuttingDown, "server is shutting down"))?;
@@ -86,11 +95,47 @@ impl Shard {
         }
     }
 
+    /// `user` ends their friendship with `peer` and drops the pending
+    /// friend requests between them, either way; the answer is ready once
+    /// no presence push between the two can follow it. `None` when the
+    /// server is stopping (no answer).
+    pub(super) async fn unfriend(
+        self: &Rc<Self>,
+        user: UserId,
+        peer: UserId,
+    ) -> Option<Result<(), StoreError>> {
+        let _permit = self.pair_changes.acquire_permit(1).await.ok()?;
+        Some(self.blocking(move |store| store.remove_friend(user, peer)).await)
+    }
+
+    /// Pushes `subject`'s coming online (or going offline) to those of
+    /// `to` who are still friends of theirs, each pair's conversation
+    /// homed here. Holds the permit of pair changes while it looks and
+    /// queues, as [`Shard::pair_notice`] does, so a friendship that ended
+    /// (a `FriendRemove`, a block) either ended before the look (no push)
+    /// or ends after the push is queued, ahead of its `Ok`. Best effort: a
+    /// failed look drops it.
+    pub(super) async fn presence_notice(self: &Rc<Self>, subject: UserId, online: bool, to: Vec<UserId>) {
+        let Ok(_permit) = self.pair_changes.acquire_permit(1).await else {
+            return;
+        };
+        let friends = match self.blocking(move |store| store.friends_among(subject, to)).await {
+            Ok(friends) => friends,
+            Err(e) => return tracing::warn!(error = %e, subject, "presence push dropped"),
+        };
+        for (shard, to) in self.partition(friends).into_iter().enumerate() {
+            if !to.is_empty() {
+                let presence = Event::Presence { to, subject, online };
+                self.send_event(shard, presence).await;
+            }
+        }
+    }
+
     /// Hands `body`, news from `from` to `to` of a change already stored,
     /// to the home shard of their 1:1 conversation, which pushes it to
     /// `to`'s live sessions unless a block between the two overtook it
     /// ([`Shard::pair_notice`]). Waits while that shard's queue is full.
-    pub async fn send_pair_notice(self: &Rc<Self>, from: UserId, to: UserId, body: ServerBody) {
+    pub(crate) async fn send_pair_notice(self: &Rc<Self>, from: UserId, to: UserId, body: ServerBody) {
         let push = ServerFrame { request_id: 0, body };
         let frame = encode_shared(&push, self.config.max_frame_bytes);
         let home = self.home_of(ConvId::direct(from, to).placement_key());
@@ -102,12 +147,12 @@ impl Shard {
     /// stored (a friend request, its acceptance, a group invite), to
     /// `to`'s live sessions, unless either blocks the other by now. For
     /// the home shard of their 1:1 conversation only. Holds the permit of
-    /// block changes while it looks and queues the push: a block of the
+    /// pair changes while it looks and queues the push: a block of the
     /// pair is either in the store before the look (no push) or starts
     /// after the push is queued, ahead of the block's `Ok`. Best effort: a
     /// failed look drops it.
     pub(super) async fn pair_notice(self: &Rc<Self>, from: UserId, to: UserId, frame: Encoded) {
-        let Ok(_permit) = self.block_changes.acquire_permit(1).await else {
+        let Ok(_permit) = self.pair_changes.acquire_permit(1).await else {
             return;
         };
         match self.blocking(move |store| store.blocks_between(from, to)).await {

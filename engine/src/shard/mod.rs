@@ -150,9 +150,11 @@ pub struct Shard {
     /// Joins waiting for their group's permit, applied together by the
     /// first of them to find the queue idle.
     join_queues: RefCell<FxHashMap<u64, groups::JoinQueue>>,
-    /// One permit: held by a block change from its store write to its
-    /// cache update ([`blocks`]).
-    block_changes: glommio::sync::Semaphore,
+    /// One permit: held by a change between two users whose conversation
+    /// is homed here (a block, a friendship's end) from its store write to
+    /// its answer, and by a push from one of them to the other while it
+    /// looks at the store and queues ([`blocks`]).
+    pair_changes: glommio::sync::Semaphore,
     /// One permit: held by a group purge for each step ([`deletion`]), so
     /// however many purges there are, one blocking thread at a time does
     /// that work and the others stay free for logins and requests.
@@ -288,7 +290,7 @@ impl Shard {
             convs: RefCell::new(ConvCache::default()),
             groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
-            block_changes: glommio::sync::Semaphore::new(1),
+            pair_changes: glommio::sync::Semaphore::new(1),
             purge_steps: glommio::sync::Semaphore::new(1),
             deleted: RefCell::new(accounts::DeletedMirror::default()),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
@@ -821,6 +823,21 @@ impl Shard {
                 })
                 .detach();
             }
+            Request::Unfriend { user, peer, reply } => {
+                // Waits on the disk and on the pair's permit: beside the queue.
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    if let Some(removed) = shard.unfriend(user, peer).await {
+                        let _ = reply.send(removed);
+                    }
+                })
+                .detach();
+            }
+            Request::PresenceNotice { subject, online, to } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move { shard.presence_notice(subject, online, to).await })
+                    .detach();
+            }
             Request::PairNotice { from, to, frame } => {
                 // Waits for a block change of the pair: beside the queue.
                 let shard = self.clone();
@@ -935,9 +952,13 @@ impl Shard {
         }
     }
 
-    /// Tells `user`'s friends, on their home shards, that `user` came
-    /// online or went offline.
-    pub async fn announce_presence(self: Rc<Self>, user: UserId, online: bool) {
+    /// Tells `user`'s friends that `user` came online or went offline,
+    /// through the home shard of each pair's conversation, which looks
+    /// again whether the two are still friends ([`Shard::presence_notice`]):
+    /// the read here may be overtaken by a `FriendRemove` or a block. Two
+    /// announcements of one user reach each pair's shard, and its permit,
+    /// in the order they were sent.
+    pub(crate) async fn announce_presence(self: Rc<Self>, user: UserId, online: bool) {
         let friends = match self.blocking(move |store| store.friends(user)).await {
             Ok(friends) => friends,
             Err(e) => return tracing::warn!(error = %e, user, "cannot load friends for presence"),
@@ -954,17 +975,23 @@ impl Shard {
         if online_now != online {
             return;
         }
-        for (shard, friends) in self.partition(friends).into_iter().enumerate() {
-            if !friends.is_empty() {
-                self.send_event(
-                    shard,
-                    Event::Presence {
-                        to: friends,
-                        subject: user,
-                        online,
-                    },
-                )
-                .await;
+        // Each goes out from the home shard of the two users' conversation,
+        // where a friendship's end is ordered with it ([`blocks`]).
+        let mut by_pair_shard = vec![Vec::new(); self.shards];
+        for friend in friends {
+            let pair = self.home_of(ConvId::direct(user, friend).placement_key());
+            if let Some(list) = by_pair_shard.get_mut(pair) {
+                list.push(friend);
+            }
+        }
+        for (shard, to) in by_pair_shard.into_iter().enumerate() {
+            if !to.is_empty() {
+                let notice = Request::PresenceNotice {
+                    subject: user,
+                    online,
+                    to,
+                };
+                self.send_request(shard, notice).await;
             }
         }
     }
@@ -987,7 +1014,7 @@ impl Shard {
     }
 
     /// Splits users by home shard.
-    fn partition(&self, users: Vec<UserId>) -> Vec<Vec<UserId>> {
+    pub(super) fn partition(&self, users: Vec<UserId>) -> Vec<Vec<UserId>> {
         let mut by_shard = vec![Vec::new(); self.shards];
         for user in users {
             if let Some(list) = by_shard.get_mut(self.home_of(user)) {
