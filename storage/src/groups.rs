@@ -545,11 +545,11 @@ impl Store {
         after: GroupId,
         limit: usize,
     ) -> Result<(Vec<GroupId>, bool), StoreError> {
-        let (mut groups, more) = self.inner.user_invites.pairs_after(user, after, limit)?;
-        // Invites to a deleted group wait for its purge, unseen (the page
-        // may come out short; `more` still says whether to ask again).
-        groups.retain(|&group| !self.inner.purging(group));
-        Ok((groups, more))
+        // Invites to a deleted group wait for its purge, unseen.
+        let inner = &*self.inner;
+        inner
+            .user_invites
+            .pairs_after_where(user, after, limit, |group| !inner.purging(group))
     }
 
     /// Bans `user` from `group`: removes their membership (if any) and

@@ -622,6 +622,21 @@ impl Ks {
     /// The second ids of the `first ++ id` keys with ids above `after`,
     /// ascending, at most `limit`, and whether more follow.
     fn pairs_after(&self, first: u64, after: u64, limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
+        self.pairs_after_where(first, after, limit, |_| true)
+    }
+
+    /// [`Ks::pairs_after`] listing only the ids `keep` accepts: the others
+    /// (a deleted account awaiting its purge, a group being purged) are
+    /// passed over without counting, so a page is never short of `limit`
+    /// while more follow, and never empty with `more` set, which would
+    /// leave a client paging from its last item nowhere to go on from.
+    fn pairs_after_where(
+        &self,
+        first: u64,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<(Vec<u64>, bool), StoreError> {
         let Some(from) = after.checked_add(1) else {
             return Ok((Vec::new(), false));
         };
@@ -635,7 +650,10 @@ impl Ks {
                 return Ok((out, true));
             }
             codec::check_empty(&value).map_err(|d| self.corrupt(&key, d))?;
-            out.push(codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?);
+            let second = codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?;
+            if keep(second) {
+                out.push(second);
+            }
         }
         Ok((out, false))
     }

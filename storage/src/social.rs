@@ -203,9 +203,7 @@ impl Store {
         } else {
             &inner.requests_out
         };
-        let (mut users, more) = ks.pairs_after(user, after, limit)?;
-        inner.retain_live(&mut users);
-        Ok((users, more))
+        inner.live_pairs_after(ks, user, after, limit)
     }
 
     /// `user`'s friends, ascending by id (never a deleted account, whose
@@ -237,7 +235,8 @@ impl Store {
         after: UserId,
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
-        self.inner.friends.pairs_after(user, after, limit)
+        self.inner
+            .live_pairs_after(&self.inner.friends, user, after, limit)
     }
 
     /// `blocker` blocks `blocked`: records the block, ends any friendship
@@ -303,9 +302,8 @@ impl Store {
         after: UserId,
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
-        let (mut users, more) = self.inner.blocks.pairs_after(blocker, after, limit)?;
-        self.inner.retain_live(&mut users);
-        Ok((users, more))
+        self.inner
+            .live_pairs_after(&self.inner.blocks, blocker, after, limit)
     }
 }
 

@@ -176,6 +176,22 @@ impl Inner {
         users.retain(|user| !deleted.set.contains(user));
     }
 
+    /// [`Ks::pairs_after`] of `ks` passing over deleted accounts (whose
+    /// keys may await the purge).
+    pub(crate) fn live_pairs_after(
+        &self,
+        ks: &Ks,
+        first: u64,
+        after: UserId,
+        limit: usize,
+    ) -> Result<(Vec<UserId>, bool), StoreError> {
+        if self.deleted_count.load(Ordering::Acquire) == 0 {
+            return ks.pairs_after(first, after, limit);
+        }
+        let deleted = lock(&self.deleted);
+        ks.pairs_after_where(first, after, limit, |user| !deleted.set.contains(&user))
+    }
+
     /// Runs `f` with the set of deleted accounts while holding the
     /// deletion gate, which the caller keeps until its batch is committed
     /// (the writer: see the module docs). `None` and no lock when no

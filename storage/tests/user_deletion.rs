@@ -252,3 +252,38 @@ fn writes_for_a_deleted_account_after_its_deletion_are_dropped() {
     assert!(store.direct_conversations(1, 10).unwrap().is_empty());
     assert_eq!(store.direct_conversations(3, 10).unwrap(), vec![fresh]);
 }
+
+#[test]
+fn pages_pass_over_deleted_accounts_awaiting_their_purge() {
+    // Users 2..=5 are friends of 1 and blocked by 6; 2 and 3 are deleted,
+    // not yet purged. A page of one starts at 4, not at an empty page
+    // that says more follow (which a client paging from its last item
+    // could not go on from).
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for i in 1..=6 {
+        store.register(&format!("user{i}"), b"password1").unwrap();
+    }
+    for other in 2..=5 {
+        store.add_friend(1, other).unwrap();
+        store.add_friend(other, 1).unwrap();
+        store.block(6, other).unwrap();
+    }
+    store.delete_account(2).unwrap();
+    store.delete_account(3).unwrap();
+    assert_eq!(store.friends_after(1, 0, 1).unwrap(), (vec![4], true));
+    assert_eq!(store.friends_after(1, 4, 1).unwrap(), (vec![5], false));
+    assert_eq!(store.friends_after(1, 0, 10).unwrap(), (vec![4, 5], false));
+    let mut blocked: Vec<u64> = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, more) = store.blocks_after(6, after, 1).unwrap();
+        assert!(!(more && page.is_empty()), "an empty page said more follow");
+        blocked.extend(&page);
+        match page.last() {
+            Some(&last) if more => after = last,
+            _ => break,
+        }
+    }
+    assert_eq!(blocked, vec![4, 5]);
+}
