@@ -109,6 +109,10 @@ pub enum Request {
         subject: UserId,
         online: bool,
         to: Vec<UserId>,
+        /// Dropped once the pushes are queued to the friends' shards (a
+        /// deleted account's purge waits for that before it removes the
+        /// friendships the look needs).
+        queued: Option<oneshot::Sender<()>>,
     },
 }
 

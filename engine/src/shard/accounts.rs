@@ -116,6 +116,16 @@ impl Shard {
         }
         self.m().user_purge(true);
         let _running = Running(self.m());
+        // The friends hear that the account went offline before the purge
+        // removes the friendships: its sessions' own announcements, which
+        // look the friendships up when each connection is torn down, can
+        // come too late for that.
+        match self.blocking(move |store| store.friends(user)).await {
+            Ok(friends) => self.notify_friends(user, false, friends).await,
+            Err(e) => {
+                tracing::warn!(error = %e, user, "cannot load friends to say a deleted account is offline")
+            }
+        }
         if !self.depart_groups(user).await {
             return;
         }

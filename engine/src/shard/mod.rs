@@ -833,10 +833,18 @@ impl Shard {
                 })
                 .detach();
             }
-            Request::PresenceNotice { subject, online, to } => {
+            Request::PresenceNotice {
+                subject,
+                online,
+                to,
+                queued,
+            } => {
                 let shard = self.clone();
-                glommio::spawn_local(async move { shard.presence_notice(subject, online, to).await })
-                    .detach();
+                glommio::spawn_local(async move {
+                    shard.presence_notice(subject, online, to).await;
+                    drop(queued);
+                })
+                .detach();
             }
             Request::PairNotice { from, to, frame } => {
                 // Waits for a block change of the pair: beside the queue.
@@ -975,8 +983,13 @@ impl Shard {
         if online_now != online {
             return;
         }
-        // Each goes out from the home shard of the two users' conversation,
-        // where a friendship's end is ordered with it ([`blocks`]).
+        self.notify_friends(user, online, friends).await;
+    }
+
+    /// Hands `user`'s presence to the home shard of each pair's 1:1
+    /// conversation, where a friendship's end is ordered with it
+    /// ([`blocks`]); returns once every shard has queued its pushes.
+    pub(crate) async fn notify_friends(self: &Rc<Self>, user: UserId, online: bool, friends: Vec<UserId>) {
         let mut by_pair_shard = vec![Vec::new(); self.shards];
         for friend in friends {
             let pair = self.home_of(ConvId::direct(user, friend).placement_key());
@@ -984,15 +997,23 @@ impl Shard {
                 list.push(friend);
             }
         }
+        let mut queued = Vec::new();
         for (shard, to) in by_pair_shard.into_iter().enumerate() {
             if !to.is_empty() {
+                let (tx, rx) = futures_channel::oneshot::channel();
                 let notice = Request::PresenceNotice {
                     subject: user,
                     online,
                     to,
+                    queued: Some(tx),
                 };
                 self.send_request(shard, notice).await;
+                queued.push(rx);
             }
+        }
+        for rx in queued {
+            // Dropped unsent: the pushes are queued (or the shard stops).
+            let _ = rx.await;
         }
     }
 
