@@ -393,3 +393,47 @@ fn a_jwt_account_is_deleted_by_the_operator_not_by_its_user() {
         .user;
     assert_ne!(again, user);
 }
+
+/// A large (read-diffused) group keeps what a leaving member is owed in a
+/// departure record keyed by the member; the departures made for a
+/// deleted account (and any it had from before) go with its purge. The
+/// group's members and count stay right, and its traffic goes on.
+#[test]
+fn a_large_group_s_departure_records_of_the_account_are_purged() {
+    let server = TestServer::start_with(|c| c.write_diffusion_max_members = 2);
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1 % shards);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login_unsynced(&alice);
+    let mut b = server.login_unsynced(&bob);
+    let mut c = server.login_unsynced(&carol);
+    let large = group_on_shard(&mut b, 1 % shards, shards, true);
+    let left = group_on_shard(&mut b, 0, shards, true);
+    for group in [large, left] {
+        a.group_join(group).expect("alice joins");
+        c.group_join(group).expect("carol joins");
+    }
+    b.send_group_text(large, "before").expect("send");
+    b.send_group_text(left, "before").expect("send");
+    a.group_leave(left).expect("alice leaves one group herself");
+    let store = server.admin_context().store;
+    assert_eq!(store.departures(alice.id).expect("read").len(), 1);
+
+    a.delete_account(PASSWORD).expect("delete");
+    let store = purged(&server);
+    assert!(
+        store.departures(alice.id).expect("read").is_empty(),
+        "no departure record of the deleted account is left"
+    );
+    assert_eq!(b.group_members(large).expect("members"), vec![bob.id, carol.id]);
+    let mut c2 = server.login(&carol);
+    b.send_group_text(large, "after").expect("send");
+    loop {
+        let message = expect_message(&mut c2);
+        if message.content.body == b"after" {
+            assert_eq!(message.conv, ConvId::Group { group: large });
+            break;
+        }
+    }
+}

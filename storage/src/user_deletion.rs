@@ -16,8 +16,9 @@
 //! removes the rest in batches of a bounded number of keys, both sides of
 //! each relation together: friendships, friend requests either way,
 //! blocks either way, invites held (with their groups' invite counts),
-//! inbox entries, receipt cursors, the conversation index and any token
-//! left. Each phase goes on from the last key it removed; the last step
+//! inbox entries, departure records (what the user was owed from groups
+//! they left, the engine's departures at the deletion included), receipt
+//! cursors, the conversation index and any token left. Each phase goes on from the last key it removed; the last step
 //! removes the `user_purges` key, so a purge cut short by a crash starts
 //! over, idempotently, after the restart ([`Store::pending_user_purges`]).
 //! Group memberships are not removed here: the engine leaves each group
@@ -106,11 +107,12 @@ enum Phase {
     Invites,
     /// The inbox.
     Inbox,
+    /// What the user is owed from groups they left (`departures`): one
+    /// record per group the engine's departures at the deletion left,
+    /// and any older ones.
+    Departures,
     /// Receipt cursors.
     Receipts,
-    /// The ranges of groups the user left that they were still owed (the
-    /// engine's departures from every group come before this phase).
-    Departures,
     /// The 1:1 conversation index (the other party's stays).
     Conversations,
     /// Tokens left (the deletion revoked them; one issued by a login that
@@ -127,9 +129,9 @@ impl Phase {
             Phase::BlocksOut => Phase::BlocksIn,
             Phase::BlocksIn => Phase::Invites,
             Phase::Invites => Phase::Inbox,
-            Phase::Inbox => Phase::Receipts,
-            Phase::Receipts => Phase::Departures,
-            Phase::Departures => Phase::Conversations,
+            Phase::Inbox => Phase::Departures,
+            Phase::Departures => Phase::Receipts,
+            Phase::Receipts => Phase::Conversations,
             Phase::Conversations => Phase::Tokens,
             Phase::Tokens => return None,
         })
@@ -457,8 +459,8 @@ impl Store {
                 })?,
                 Phase::Invites => (0, false),
                 Phase::Inbox => inner.purge_prefix(b, &inner.inbox, user, c, left, |_, _| Ok(0))?,
-                Phase::Receipts => inner.purge_prefix(b, &inner.receipts, user, c, left, |_, _| Ok(0))?,
                 Phase::Departures => inner.purge_prefix(b, &inner.departures, user, c, left, |_, _| Ok(0))?,
+                Phase::Receipts => inner.purge_prefix(b, &inner.receipts, user, c, left, |_, _| Ok(0))?,
                 Phase::Conversations => {
                     inner.purge_prefix(b, &inner.user_convs, user, c, left, |_, _| Ok(0))?
                 }
@@ -537,6 +539,9 @@ mod tests {
         store.block(3, 1).unwrap();
         let group = store.create_group_with(2, "g", false).unwrap();
         store.invite(group, 1).unwrap();
+        let left = store.create_group(2, "left").unwrap();
+        store.add_member(left, 1).unwrap();
+        store.remove_member(left, 1).unwrap();
         store.issue_token(1).unwrap();
         // A group the user left, owing them a range (a departure record).
         let left = store.create_group(3, "left").unwrap();
@@ -588,8 +593,8 @@ mod tests {
         assert_eq!(keys_naming(&inner.group_invites, 1, true), 0);
         for ks in [
             &inner.inbox,
-            &inner.receipts,
             &inner.departures,
+            &inner.receipts,
             &inner.user_convs,
             &inner.user_tokens,
         ] {

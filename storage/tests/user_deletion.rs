@@ -287,3 +287,33 @@ fn pages_pass_over_deleted_accounts_awaiting_their_purge() {
     }
     assert_eq!(blocked, vec![4, 5]);
 }
+
+/// What a user who left a group is owed from it (`departures`) is keyed
+/// by the user: the engine's departures from the groups at deletion
+/// write one such record per group, and older ones may be there too.
+/// The purge removes them all; other users' records stay.
+#[test]
+fn the_purge_removes_the_account_s_departure_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    populated(&store);
+    let groups: Vec<u64> = (0..3)
+        .map(|n| store.create_group(2, &format!("g{n}")).unwrap())
+        .collect();
+    for &group in &groups {
+        store.add_member(group, 1).unwrap();
+        store.add_member(group, 3).unwrap();
+    }
+    // One left long ago, one is left by the deletion (as the engine does
+    // before the purge), and 3 leaves one too.
+    store.remove_member(groups[0], 1).unwrap();
+    store.delete_account(1).unwrap();
+    store.remove_member(groups[1], 1).unwrap();
+    store.remove_member(groups[2], 1).unwrap();
+    store.remove_member(groups[0], 3).unwrap();
+    assert_eq!(store.departures(1).unwrap().len(), 3);
+
+    purge(&store, 1, 1);
+    assert!(store.departures(1).unwrap().is_empty());
+    assert_eq!(store.departures(3).unwrap().len(), 1, "another user's stays");
+}
