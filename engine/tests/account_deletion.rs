@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{ClientBody, ConvId, ErrorCode, GroupRole, ServerBody, ServerFrame};
+use tern_client::{ClientBody, ConvId, ErrorCode, GroupRole, ReceiptKind, ServerBody, ServerFrame};
 use tern_engine::admin::admin_request;
 use tern_storage::{Store, StoreOptions};
 
@@ -436,4 +436,89 @@ fn a_large_group_s_departure_records_of_the_account_are_purged() {
             break;
         }
     }
+}
+
+/// After the `Ok`, no request of another user recreates state keyed by
+/// the deleted id: invites, bans, blocks and unblocks of it are refused,
+/// role changes and hand-overs to it are undone by the purge; a receipt
+/// in the 1:1 with it touches only the caller's own state, and ending
+/// the friendship is harmless. After the purge the
+/// store holds nothing of the account but its deletion record, the
+/// history and bans of it made before (group records, as docs/security.md
+/// says); the peer's conversation list reads it with no cursors of the
+/// deleted account.
+#[test]
+fn nothing_recreates_state_keyed_by_the_deleted_id() {
+    let server = TestServer::start();
+    let shards = server.shards();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1 % shards);
+    let carol = server.user_on_shard("carol", 0);
+    let mut a = server.login(&alice);
+    let mut b = server.login(&bob);
+    befriend(&mut a, &alice, &mut b, &bob);
+    let group = group_on_shard(&mut b, 0, shards, true);
+    let banned = group_on_shard(&mut b, 1 % shards, shards, true);
+    a.group_join(group).expect("alice joins");
+    b.group_ban(banned, alice.id).expect("ban alice before");
+    let conv = ConvId::direct(alice.id, bob.id);
+    b.send_text(alice.id, "hi").expect("send");
+    expect_message(&mut a);
+    a.receipt(conv, ReceiptKind::Read, 1).expect("alice reads");
+
+    a.delete_account(PASSWORD).expect("delete");
+    // (An invite of a member is an `Ok` that writes nothing, so `banned`,
+    // which she is not in.)
+    assert_eq!(code_of(b.group_invite(banned, alice.id)), ErrorCode::NotFound);
+    assert_eq!(code_of(b.group_ban(group, alice.id)), ErrorCode::NotFound);
+    assert_eq!(code_of(b.block_user(alice.id)), ErrorCode::NotFound);
+    assert_eq!(code_of(b.send_text(alice.id, "there?")), ErrorCode::NotFound);
+    // Still a member until the purge departs her (then it takes), or
+    // departed (then `NotFound`): either way the purge leaves the group
+    // to bob below.
+    for result in [
+        b.group_set_role(group, alice.id, GroupRole::Admin),
+        b.group_transfer_ownership(group, alice.id),
+    ] {
+        if let Err(e) = result {
+            assert_eq!(code_of::<()>(Err(e)), ErrorCode::NotFound);
+        }
+    }
+    b.receipt(conv, ReceiptKind::Read, 1).expect("bob's own cursor");
+    b.friend_remove(alice.id).expect("removing is harmless");
+    assert_eq!(code_of(b.unblock_user(alice.id)), ErrorCode::NotFound);
+    let mut c = server.login_unsynced(&carol);
+    assert_eq!(code_of(c.friend_add(&alice.name)), ErrorCode::NotFound);
+
+    let store = purged(&server);
+    // The owner is bob whatever happened above, and alice is in no group.
+    assert_eq!(b.group_members(group).expect("members"), vec![bob.id]);
+    assert_eq!(store.group(group).expect("read").expect("kept").owner, bob.id);
+    assert!(store.user_groups(alice.id).expect("read").is_empty());
+    assert!(store.friends(alice.id).expect("read").is_empty());
+    for incoming in [true, false] {
+        let requests = store.friend_requests_after(alice.id, incoming, 0, 10);
+        assert_eq!(requests.expect("read"), (vec![], false));
+    }
+    assert_eq!(
+        store.blocks_after(alice.id, 0, 10).expect("read"),
+        (vec![], false)
+    );
+    assert_eq!(
+        store.user_invites_after(alice.id, 0, 10).expect("read"),
+        (vec![], false)
+    );
+    assert!(store.inbox_after(alice.id, None, 10).expect("read").is_empty());
+    assert!(store.departures(alice.id).expect("read").is_empty());
+    assert!(store.direct_conversations(alice.id, 10).expect("read").is_empty());
+    assert_eq!(store.receipts(alice.id, conv).expect("read"), (0, 0));
+    // Kept: the ban made before (the group's record) and the history.
+    assert_eq!(
+        b.group_bans_page(banned, 0, 10).expect("bans"),
+        (vec![alice.id], false)
+    );
+    let listed = b.conversations(0, 10).expect("conversations");
+    let summary = listed.iter().find(|s| s.conv == conv).expect("listed");
+    assert_eq!((summary.last_seq, summary.unread), (1, 0));
+    assert_eq!((summary.peer_delivered, summary.peer_read), (0, 0));
 }
