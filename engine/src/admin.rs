@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tern_proto::{shard_of, UserId};
-use tern_storage::Store;
+use tern_storage::{Store, StoreError};
 
 use crate::metrics::{Metrics, ProcessStats, Scrape};
 
@@ -275,6 +275,11 @@ fn run(command: &str, context: &AdminContext) -> Result<String, String> {
         (Some("delete-user"), Some(name), None) => {
             let user = resolve(context, name)?;
             if let Err(e) = context.store.delete_account(user) {
+                // Deleted between the lookup and here (by the user, say):
+                // whoever deleted it closes its sessions and purges it.
+                if matches!(e, StoreError::NotFound) {
+                    return Err(format!("{name} (id {user}) was deleted already"));
+                }
                 // A failed sync may still have left the deletion in place:
                 // then the rest of it must follow.
                 if !context.store.is_deleted(user) {

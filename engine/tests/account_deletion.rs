@@ -522,3 +522,52 @@ fn nothing_recreates_state_keyed_by_the_deleted_id() {
     assert_eq!((summary.last_seq, summary.unread), (1, 0));
     assert_eq!((summary.peer_delivered, summary.peer_read), (0, 0));
 }
+
+/// The user and the operator deleting the same account at once: one of
+/// them deletes it and says so, the other is told it is gone. Raced
+/// over many accounts at spread offsets, so that each side wins some.
+#[test]
+fn the_user_and_the_operator_deleting_at_once_delete_once() {
+    const ROUNDS: usize = 24;
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let mut both = 0;
+    for round in 0..ROUNDS {
+        let alice = server.user_on_shard(&format!("race{round}x"), round % server.shards());
+        let mut conn = RawConn::connect(server.addr());
+        conn.login(&alice);
+        let path = admin.path().to_owned();
+        let command = format!("delete-user {}", alice.name);
+        let delete = ClientBody::AccountDelete {
+            password: PASSWORD.as_bytes().to_vec(),
+        };
+        let operator = std::thread::spawn(move || admin_request(&path, &command));
+        // Spread over rounds, so that in some the two meet in the store.
+        // (the admin socket's accept loop polls every 100 ms).
+        std::thread::sleep(Duration::from_millis(5 * round as u64));
+        let request = conn.send(delete);
+        let frames = conn.expect_closed();
+        let user_deleted = frames
+            .iter()
+            .any(|f| f.request_id == request && f.body == ServerBody::Ok);
+        let answer = operator.join().expect("operator thread").expect("answer");
+        let operator_deleted = answer.starts_with("deleted ");
+        if user_deleted && operator_deleted {
+            both += 1;
+        }
+        assert!(
+            user_deleted || operator_deleted,
+            "round {round}: nobody deleted: {answer} {frames:?}"
+        );
+        if !operator_deleted {
+            assert!(answer.starts_with("error: "), "{answer}");
+        }
+    }
+    assert_eq!(
+        both, 0,
+        "both said they deleted the account in {both} of {ROUNDS} rounds"
+    );
+    let store = purged(&server);
+    assert_eq!(store.deleted_count(), ROUNDS as u64);
+}
