@@ -571,3 +571,84 @@ fn the_user_and_the_operator_deleting_at_once_delete_once() {
     let store = purged(&server);
     assert_eq!(store.deleted_count(), ROUNDS as u64);
 }
+
+/// An account with thousands of keys (friends both ways, blocks, an
+/// inbox of thousands) is purged in bounded steps in the background:
+/// another pair's messages keep flowing meanwhile (the bound asserted is
+/// generous: this is no benchmark), and the purge leaves none of it.
+#[test]
+fn a_big_account_is_purged_in_steps_while_others_chat() {
+    use std::sync::Arc;
+    use std::time::Instant;
+    use tern_storage::{InboxTargets, MessageWrite, WriteOp};
+
+    const FRIENDS: usize = 1100;
+    const INBOX: u64 = 6000;
+    let server = TestServer::start_with(|c| c.store.max_friends = FRIENDS);
+    let store = server.admin_context().store;
+    let alice = server.user_on_shard("alice", 0);
+    let carol = server.user_on_shard("carol", 1 % server.shards());
+    let dave = server.user_on_shard("dave", 0);
+    let erin = server.user_on_shard("erin", 1 % server.shards());
+    // Written to the store directly (thousands of requests would only
+    // meet the rate limits); carol's conversation with alice is not yet
+    // known to any shard.
+    let mut friends = Vec::new();
+    for n in 0..FRIENDS {
+        let friend = store
+            .register(&format!("friend{n}"), PASSWORD.as_bytes())
+            .expect("register");
+        store.add_friend(alice.id, friend).expect("ask");
+        store.add_friend(friend, alice.id).expect("accept");
+        friends.push(friend);
+    }
+    for &friend in friends.iter().take(300) {
+        store.block(friend, alice.id).expect("block");
+    }
+    let conv = ConvId::direct(alice.id, carol.id);
+    let inbox: Vec<WriteOp> = (1..=INBOX)
+        .map(|seq| {
+            WriteOp::Message(MessageWrite {
+                conv,
+                seq,
+                from: carol.id,
+                client_msg_id: seq,
+                timestamp_ms: seq,
+                frame: Arc::from(format!("#{seq}").into_bytes()),
+                inbox: InboxTargets::One(alice.id),
+            })
+        })
+        .collect();
+    store.apply(&inbox, false).expect("inbox");
+
+    let mut d = server.login(&dave);
+    let mut e = server.login(&erin);
+    let mut a = server.login_unsynced(&alice);
+    a.delete_account(PASSWORD).expect("delete");
+    let mut slowest = Duration::ZERO;
+    let mut exchanged = 0;
+    while exchanged < 20 || !store.pending_user_purges().is_empty() {
+        let sent = Instant::now();
+        d.send_text(erin.id, "still here").expect("send");
+        expect_message(&mut e);
+        slowest = slowest.max(sent.elapsed());
+        exchanged += 1;
+        assert!(exchanged < 100_000, "the purge never ends");
+    }
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a message took {slowest:?} while the purge ran"
+    );
+    assert!(store.friends(alice.id).expect("read").is_empty());
+    assert!(store.inbox_after(alice.id, None, 10).expect("read").is_empty());
+    for &friend in &friends {
+        assert!(store.friends(friend).expect("read").is_empty());
+        assert!(!store.blocks_between(friend, alice.id).expect("read").any());
+    }
+    // Carol keeps the conversation, all of it.
+    assert_eq!(store.history(conv, 1, true, 10).expect("read").len(), 10);
+    assert_eq!(
+        store.direct_conversations(carol.id, 10).expect("read"),
+        vec![conv]
+    );
+}
