@@ -652,3 +652,43 @@ fn a_big_account_is_purged_in_steps_while_others_chat() {
         vec![conv]
     );
 }
+
+/// From the `Ok` on, a group's pending invites no longer list the
+/// deleted account, though the purge removes its invites only after it
+/// has left every group (here hundreds, which takes a while).
+#[test]
+fn a_deleted_account_is_gone_from_invite_lists_at_once() {
+    const GROUPS: usize = 300;
+    let server = TestServer::start();
+    let store = server.admin_context().store;
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1 % server.shards());
+    let carol = server.user_on_shard("carol", 0);
+    // Many memberships for the purge to leave first: straight to the
+    // store, as thousands of requests would only meet the rate limits.
+    for n in 0..GROUPS {
+        let group = store.create_group(bob.id, &format!("g{n}")).expect("create");
+        store.add_member(group, alice.id).expect("join");
+    }
+    let mut b = server.login_unsynced(&bob);
+    let closed = b.group_create_with("closed", false).expect("create");
+    b.group_invite(closed, alice.id).expect("invite alice");
+    b.group_invite(closed, carol.id).expect("invite carol");
+    assert_eq!(
+        b.group_invites_page(closed, 0, 10).expect("invites"),
+        (vec![alice.id, carol.id], false)
+    );
+
+    server
+        .login_unsynced(&alice)
+        .delete_account(PASSWORD)
+        .expect("delete");
+    let (listed, _) = b.group_invites_page(closed, 0, 10).expect("invites");
+    let purging = !store.pending_user_purges().is_empty();
+    assert_eq!(listed, vec![carol.id], "the purge still running: {purging}");
+    purged(&server);
+    assert_eq!(
+        b.group_invites_page(closed, 0, 10).expect("invites"),
+        (vec![carol.id], false)
+    );
+}

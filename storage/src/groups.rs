@@ -97,18 +97,26 @@ impl Inner {
     }
 
     /// A page of one of the group-keyed id lists (`group_invites`,
-    /// `group_bans`): `NotFound` for a missing group.
+    /// `group_bans`): `NotFound` for a missing group. Deleted accounts are
+    /// passed over when `skip_deleted` (their invites wait for the purge,
+    /// unseen; bans of them stay the group's records, which its admins
+    /// list and lift).
     fn group_ids_after(
         &self,
         list: &Ks,
         group: GroupId,
         after: UserId,
         limit: usize,
+        skip_deleted: bool,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
         if self.load_group(group)?.is_none() {
             return Err(StoreError::NotFound);
         }
-        list.pairs_after(group, after, limit)
+        if skip_deleted {
+            self.live_pairs_after(list, group, after, limit)
+        } else {
+            list.pairs_after(group, after, limit)
+        }
     }
 
     /// Adds the group's record to `batch`, as changed by the batch.
@@ -534,7 +542,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
         let inner = &*self.inner;
-        inner.group_ids_after(&inner.group_invites, group, after, limit)
+        inner.group_ids_after(&inner.group_invites, group, after, limit, true)
     }
 
     /// The groups with a pending invite for `user` with ids above
@@ -624,7 +632,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
         let inner = &*self.inner;
-        inner.group_ids_after(&inner.group_bans, group, after, limit)
+        inner.group_ids_after(&inner.group_bans, group, after, limit, false)
     }
 
     /// Whether `user` holds a pending invite to `group` (joins check it

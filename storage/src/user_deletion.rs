@@ -5,24 +5,25 @@
 //! mirrors, [`DeletedUsers`] and [`UserPurgeCursor`].
 //!
 //! An account can have a lot attached to it (an inbox, a conversation
-//! index, friends, requests, blocks, invites), so deleting it is two
-//! steps, as deleting a group is (`group_deletion`). [`Store::delete_account`]
-//! is one small synced write: the `accounts` and `users` records go (the
-//! name is free for a new registration; the id is never reused, since
+//! index, friends, requests, blocks, invites), so deleting it is two steps,
+//! as deleting a group is (`group_deletion`). [`Store::delete_account`] is
+//! one small synced write: the `accounts` and `users` records go (the name
+//! is free for a new registration; the id is never reused, since
 //! `deleted_users` keeps it), every token is revoked, and the deletion is
 //! recorded in `deleted_users` and `user_purges`. From then on no login of
-//! any kind reaches the account and every list of another user's
-//! (friends, requests, blocks) skips it. [`Store::purge_user_step`] then
-//! removes the rest in batches of a bounded number of keys, both sides of
-//! each relation together: friendships, friend requests either way,
-//! blocks either way, invites held (with their groups' invite counts),
-//! inbox entries, departure records (what the user was owed from groups
-//! they left, the engine's departures at the deletion included), receipt
-//! cursors, the conversation index and any token left. Each phase goes on from the last key it removed; the last step
-//! removes the `user_purges` key, so a purge cut short by a crash starts
-//! over, idempotently, after the restart ([`Store::pending_user_purges`]).
-//! Group memberships are not removed here: the engine leaves each group
-//! first, on the group's home shard, as a `GroupLeave` would.
+//! any kind reaches the account and every list of another user's (friends,
+//! requests, blocks) or of a group's (invites) skips it.
+//! [`Store::purge_user_step`] then removes the rest in batches of a bounded
+//! number of keys, both sides of each relation together: friendships,
+//! friend requests either way, blocks either way, invites held (with their
+//! groups' invite counts), inbox entries, departure records (what the user
+//! was owed from groups they left, the engine's departures at the deletion
+//! included), receipt cursors, the conversation index and any token left.
+//! Each phase goes on from the last key it removed; the last step removes
+//! the `user_purges` key, so a purge cut short by a crash starts over,
+//! idempotently, after the restart ([`Store::pending_user_purges`]). Group
+//! memberships are not removed here: the engine leaves each group first, on
+//! the group's home shard, as a `GroupLeave` would.
 //!
 //! What stays: history. Messages the user sent stay in their
 //! conversations, attributed to the id, so the other party's history and
@@ -169,7 +170,8 @@ impl Inner {
     }
 
     /// Drops the deleted accounts from `users` (a list of another user's
-    /// friends, requests or blocks, whose keys may await the purge).
+    /// friends, requests or blocks, or of a group's invites, whose keys
+    /// may await the purge).
     pub(crate) fn retain_live(&self, users: &mut Vec<UserId>) {
         if self.deleted_count.load(Ordering::Acquire) == 0 {
             return;

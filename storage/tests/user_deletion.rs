@@ -317,3 +317,15 @@ fn the_purge_removes_the_account_s_departure_records() {
     assert!(store.departures(1).unwrap().is_empty());
     assert_eq!(store.departures(3).unwrap().len(), 1, "another user's stays");
 }
+
+#[test]
+fn a_group_s_invites_skip_a_deleted_account_before_its_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (_, group) = populated(&store);
+    assert_eq!(store.invites_after(group, 0, 10).unwrap(), (vec![1, 2], false));
+    store.delete_account(1).unwrap();
+    assert_eq!(store.invites_after(group, 0, 10).unwrap(), (vec![2], false));
+    // Passed over, not counted: a page of one is not empty.
+    assert_eq!(store.invites_after(group, 0, 1).unwrap(), (vec![2], false));
+}
