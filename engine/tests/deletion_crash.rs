@@ -282,7 +282,7 @@ fn a_deletion_killed_mid_purge_again_and_again_ends_with_nothing_left() {
     let ternd = Ternd::start(&data_dir);
     let answer = admin_request(&data_dir.join(ADMIN_SOCKET), "delete-user alice").expect("admin");
     assert!(answer.starts_with("deleted alice"), "{answer}");
-    thread::sleep(pause(30));
+    thread::sleep(pause(10));
     ternd.kill9();
     let mut cut_short = usize::from(!purged(&data_dir));
     for _ in 1..KILLS {
