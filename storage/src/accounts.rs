@@ -144,6 +144,11 @@ impl Inner {
         phc: &str,
     ) -> Result<UserId, StoreError> {
         let user = *next_id;
+        if user > crate::deleted_bits::MAX_USER_ID {
+            return Err(StoreError::LimitExceeded(
+                "this store has assigned every user id it can (2^36 - 1)",
+            ));
+        }
         let mut batch = self.db.batch();
         self.put_account(&mut batch, username, user, phc);
         batch.insert(

@@ -20,6 +20,7 @@
 
 mod accounts;
 mod codec;
+mod deleted_bits;
 mod departures;
 mod error;
 mod external;
@@ -284,10 +285,8 @@ struct Inner {
     highest_group: AtomicU64,
     /// The ids in `group_purges`: groups deleted, data not all purged yet.
     purging: Mutex<std::collections::HashMap<GroupId, group_deletion::PurgeCursor>>,
-    /// The deleted accounts (see `user_deletion`).
-    deleted: Mutex<user_deletion::DeletedUsers>,
-    /// How many accounts `deleted` holds, readable without its lock.
-    deleted_count: AtomicU64,
+    /// The deleted accounts, one bit per id (see `deleted_bits`).
+    deleted: deleted_bits::DeletedBits,
     /// Held by the writer from its check of deleted recipients to its
     /// commit, and by a deletion while it marks the account deleted: see
     /// `user_deletion`.
@@ -438,8 +437,7 @@ impl Store {
             highest_user: AtomicU64::new(next_user.saturating_sub(1)),
             highest_group: AtomicU64::new(next_group.saturating_sub(1)),
             purging: Mutex::new(purging),
-            deleted_count: AtomicU64::new(deleted.len()),
-            deleted: Mutex::new(deleted),
+            deleted,
             deletion_gate: Mutex::new(()),
             user_purging: Mutex::new(user_purging),
             friends_lock: Mutex::new(()),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use fjall::PersistMode;
 
 use crate::codec::{self, INBOX_KEY_LEN, USER_CONV_KEY_LEN};
+use crate::deleted_bits::DeletedBits;
 use crate::departures::{departure_key, DEPARTURE_KEY_LEN};
 use crate::{ConvId, GroupId, Inner, Ks, Store, StoreError, UserId};
 
@@ -178,14 +179,11 @@ impl Staged {
     /// and departure ends of deleted accounts (a message sequenced just
     /// before the deletion, a receipt sent just before the session was
     /// closed, a departure the purge's leave of a group extends).
-    fn drop_users(&mut self, deleted: &HashSet<UserId>) {
-        if deleted.is_empty() {
-            return;
-        }
+    fn drop_users(&mut self, deleted: &DeletedBits) {
         let owner = |key: &[u8]| {
             key.get(..8)
                 .and_then(|id| codec::decode_id_key(id).ok())
-                .is_some_and(|user| deleted.contains(&user))
+                .is_some_and(|user| deleted.contains(user))
         };
         self.inbox.retain(|key, _| !owner(key));
         self.receipts.retain(|key, _| !owner(key));

@@ -2,7 +2,7 @@
 //! `deleted_users` keyspace (user id -> when the account was deleted,
 //! kept forever), the `user_purges` keyspace (user id -> (), the
 //! deletions whose data is not yet all removed) and their in-memory
-//! mirrors, [`DeletedUsers`] and [`UserPurgeCursor`].
+//! mirrors, [`crate::deleted_bits::DeletedBits`] and [`UserPurgeCursor`].
 //!
 //! An account can have a lot attached to it (an inbox, a conversation
 //! index, friends, requests, blocks, invites), so deleting it is two steps,
@@ -38,11 +38,12 @@
 //! batch that missed the mark is committed, and the purge, which starts
 //! after, finds its keys.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use crate::accounts::PasswordChecked;
+use crate::deleted_bits::{DeletedBits, MAX_USER_ID};
 use crate::external::NO_PASSWORD;
 use crate::{codec, lock, now_unix_ms, Inner, Ks, Store, StoreError, UserId};
 
@@ -56,29 +57,6 @@ pub const NO_PASSWORD_TO_CHECK: &str =
 /// Keys one purge step removes at most: one store batch of about 100 KB,
 /// as for a group's purge.
 pub const USER_PURGE_STEP_KEYS: usize = 1024;
-
-/// The deleted accounts, in memory: every id in `deleted_users`. One
-/// entry per deleted account (8 bytes in the set, 8 in the log), so it is
-/// bounded by the accounts ever registered.
-#[derive(Debug, Default)]
-pub(crate) struct DeletedUsers {
-    set: HashSet<UserId>,
-    /// The same ids in the order they were deleted, so a reader keeping a
-    /// copy (each shard does) takes only what is new.
-    log: Vec<UserId>,
-}
-
-impl DeletedUsers {
-    pub(crate) fn len(&self) -> u64 {
-        u64::try_from(self.log.len()).unwrap_or(u64::MAX)
-    }
-
-    fn insert(&mut self, user: UserId) {
-        if self.set.insert(user) {
-            self.log.push(user);
-        }
-    }
-}
 
 /// Where an account's purge has got to. In memory only: after a restart
 /// a purge starts from the beginning again, which finds what is left.
@@ -140,13 +118,16 @@ impl Phase {
 }
 
 /// The deleted accounts, as stored: read once when the store opens.
-pub(crate) fn load_deleted(deleted_users: &Ks) -> Result<DeletedUsers, StoreError> {
-    let mut out = DeletedUsers::default();
+pub(crate) fn load_deleted(deleted_users: &Ks) -> Result<DeletedBits, StoreError> {
+    let out = DeletedBits::new();
     for guard in deleted_users.handle.iter() {
         let (key, value) = deleted_users.entry(guard)?;
         codec::decode_revocation(&value).map_err(|d| deleted_users.corrupt(&key, d))?;
         let user = codec::decode_id_key(&key).map_err(|d| deleted_users.corrupt(&key, d))?;
-        out.insert(user);
+        if out.insert(user).is_none() {
+            let why = format!("user id {user} is past the highest the store assigns ({MAX_USER_ID})");
+            return Err(deleted_users.corrupt(&key, why));
+        }
     }
     Ok(out)
 }
@@ -164,20 +145,18 @@ pub(crate) fn load_purges(user_purges: &Ks) -> Result<HashMap<UserId, UserPurgeC
 }
 
 impl Inner {
-    /// Whether `user`'s account was deleted.
+    /// Whether `user`'s account was deleted. No lock.
     pub(crate) fn is_deleted(&self, user: UserId) -> bool {
-        self.deleted_count.load(Ordering::Acquire) > 0 && lock(&self.deleted).set.contains(&user)
+        self.deleted.contains(user)
     }
 
     /// Drops the deleted accounts from `users` (a list of another user's
     /// friends, requests or blocks, or of a group's invites, whose keys
     /// may await the purge).
     pub(crate) fn retain_live(&self, users: &mut Vec<UserId>) {
-        if self.deleted_count.load(Ordering::Acquire) == 0 {
-            return;
+        if self.deleted.count() > 0 {
+            users.retain(|&user| !self.deleted.contains(user));
         }
-        let deleted = lock(&self.deleted);
-        users.retain(|user| !deleted.set.contains(user));
     }
 
     /// [`Ks::pairs_after`] of `ks` passing over deleted accounts (whose
@@ -189,11 +168,10 @@ impl Inner {
         after: UserId,
         limit: usize,
     ) -> Result<(Vec<UserId>, bool), StoreError> {
-        if self.deleted_count.load(Ordering::Acquire) == 0 {
+        if self.deleted.count() == 0 {
             return ks.pairs_after(first, after, limit);
         }
-        let deleted = lock(&self.deleted);
-        ks.pairs_after_where(first, after, limit, |user| !deleted.set.contains(&user))
+        ks.pairs_after_where(first, after, limit, |user| !self.deleted.contains(user))
     }
 
     /// Runs `f` with the set of deleted accounts while holding the
@@ -202,22 +180,23 @@ impl Inner {
     /// account was ever deleted.
     pub(crate) fn deletion_gate<T>(
         &self,
-        f: impl FnOnce(&HashSet<UserId>) -> T,
+        f: impl FnOnce(&DeletedBits) -> T,
     ) -> Option<(std::sync::MutexGuard<'_, ()>, T)> {
-        if self.deleted_count.load(Ordering::Acquire) == 0 {
+        if self.deleted.count() == 0 {
             return None;
         }
         let gate = lock(&self.deletion_gate);
-        let out = f(&lock(&self.deleted).set);
+        let out = f(&self.deleted);
         Some((gate, out))
     }
 
-    /// Marks `user` deleted in memory, under the deletion gate.
+    /// Marks `user` deleted in memory, under the deletion gate. The id is
+    /// an assigned one (its account was just read), so within the
+    /// bitmap's range.
     fn mark_deleted(&self, user: UserId) {
         let _gate = lock(&self.deletion_gate);
-        let mut deleted = lock(&self.deleted);
-        deleted.insert(user);
-        self.deleted_count.store(deleted.len(), Ordering::Release);
+        let marked = self.deleted.insert(user);
+        debug_assert!(marked.is_some(), "assigned ids are at most MAX_USER_ID");
     }
 
     /// The upper end of `user`'s keys in a `user ++ ...` keyspace.
@@ -383,21 +362,9 @@ impl Store {
         self.inner.is_deleted(user)
     }
 
-    /// How many accounts were ever deleted: a reader keeping its own copy
-    /// of the set calls [`Store::deleted_since`] when this moved. No lock.
+    /// How many accounts were ever deleted. No lock.
     pub fn deleted_count(&self) -> u64 {
-        self.inner.deleted_count.load(Ordering::Acquire)
-    }
-
-    /// The accounts deleted after the first `seen`, in deletion order.
-    pub fn deleted_since(&self, seen: u64) -> Vec<UserId> {
-        let deleted = lock(&self.inner.deleted);
-        let from = usize::try_from(seen).unwrap_or(usize::MAX);
-        deleted
-            .log
-            .get(from..)
-            .map(<[UserId]>::to_vec)
-            .unwrap_or_default()
+        self.inner.deleted.count()
     }
 
     /// Removes up to about `budget` keys of a deleted account (see the
@@ -637,5 +604,50 @@ mod tests {
         }
         let store = Store::open(dir.path(), crate::test_options()).unwrap();
         assert_eq!(store.inner.blocked_by.scan_pairs(3).unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn ids_stop_at_the_bitmaps_reach_and_a_corrupt_deleted_id_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), crate::test_options()).unwrap();
+            store.register("user1", b"password1").unwrap();
+            // As a store that has assigned every id the bitmap reaches.
+            let inner = &*store.inner;
+            let mut batch = inner.db.batch();
+            batch.insert(
+                &inner.users.handle,
+                codec::id_key(MAX_USER_ID),
+                codec::encode_user("last"),
+            );
+            inner.commit(batch, false).unwrap();
+            store.persist().unwrap();
+        }
+        {
+            let store = Store::open(dir.path(), crate::test_options()).unwrap();
+            assert!(matches!(
+                store.register("user2", b"password1"),
+                Err(StoreError::LimitExceeded(_))
+            ));
+            // The last id can still be deleted, and is marked.
+            store.delete_account(MAX_USER_ID).unwrap();
+            assert!(store.is_deleted(MAX_USER_ID));
+            // A deleted id past the reach can only come from a bad disk.
+            let inner = &*store.inner;
+            let mut batch = inner.db.batch();
+            batch.insert(
+                &inner.deleted_users.handle,
+                codec::id_key(MAX_USER_ID + 1),
+                codec::encode_revocation(1),
+            );
+            inner.commit(batch, false).unwrap();
+            store.persist().unwrap();
+        }
+        let err = Store::open(dir.path(), crate::test_options()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("deleted_users") && text.contains("past the highest"),
+            "{text}"
+        );
     }
 }

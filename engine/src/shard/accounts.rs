@@ -15,17 +15,15 @@
 //! permit group purges share). A purge cut short by a restart resumes
 //! when the user's home shard starts ([`Shard::resume_user_purges`]).
 //!
-//! Every shard keeps its own copy of the set of deleted accounts
-//! ([`DeletedMirror`]) for the checks on the message path (a
-//! `SendDirect`, a `Typing`, a block to a deleted user is `NotFound`): it
-//! reads the store's count of deletions, one atomic load, and copies only
-//! the new ids when it moved, so no lock is taken per message.
+//! The checks on the message path (a `SendDirect`, a `Typing`, a block to
+//! a deleted user is `NotFound`) ask the store's set of deleted accounts,
+//! one bit per id shared by every shard (`storage::deleted_bits`): an
+//! atomic load, no lock, and no copy per shard.
 
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures_channel::oneshot;
-use rustc_hash::FxHashSet;
 use tern_proto::{ErrorCode, UserId};
 use tern_storage::USER_PURGE_STEP_KEYS;
 
@@ -45,31 +43,11 @@ const PURGE_RETRY: Duration = Duration::from_secs(1);
 /// [`PURGE_RETRY`].
 const DEPART_ROUNDS_MAX: u32 = 64;
 
-/// A shard's copy of the store's deleted accounts.
-#[derive(Debug, Default)]
-pub struct DeletedMirror {
-    /// How many of the store's deletions are copied.
-    seen: u64,
-    deleted: FxHashSet<UserId>,
-}
-
 impl Shard {
     /// Whether `user` is an account that may be written to: assigned and
     /// not deleted. Checks memory only, without a lock.
     pub fn user_live(&self, user: UserId) -> bool {
-        if !self.store.user_exists(user) {
-            return false;
-        }
-        let count = self.store.deleted_count();
-        let mut mirror = self.deleted.borrow_mut();
-        if mirror.seen != count {
-            let new = self.store.deleted_since(mirror.seen);
-            mirror.seen = mirror
-                .seen
-                .saturating_add(u64::try_from(new.len()).unwrap_or(u64::MAX));
-            mirror.deleted.extend(new);
-        }
-        !mirror.deleted.contains(&user)
+        self.store.user_exists(user) && !self.store.is_deleted(user)
     }
 
     /// After the store deleted `user`'s account (the user is homed here):

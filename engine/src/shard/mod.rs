@@ -159,9 +159,6 @@ pub struct Shard {
     /// however many purges there are, one blocking thread at a time does
     /// that work and the others stay free for logins and requests.
     purge_steps: glommio::sync::Semaphore,
-    /// This shard's copy of the store's deleted accounts, so that the
-    /// message path checks a recipient without a lock ([`accounts`]).
-    deleted: RefCell<accounts::DeletedMirror>,
     /// Queue ends to other shards, dropped at shutdown so that the peers'
     /// consumer tasks end (`Rc` so a send in flight keeps its end alive).
     requests_out: RefCell<Vec<Option<Rc<ConnectedSender<Request>>>>>,
@@ -292,7 +289,6 @@ impl Shard {
             join_queues: RefCell::new(FxHashMap::default()),
             pair_changes: glommio::sync::Semaphore::new(1),
             purge_steps: glommio::sync::Semaphore::new(1),
-            deleted: RefCell::new(accounts::DeletedMirror::default()),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             writer,
