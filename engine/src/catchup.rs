@@ -149,28 +149,47 @@ pub async fn sync(
     Err(SyncError::TooBusy)
 }
 
-/// A departure record of the user, whether they are a member of its
-/// group now, and their stored delivered cursor for it.
-type DepartureState = (Departure, bool, u64);
+/// A departure record of the user and what its group says of it now.
+struct DepartureState {
+    departure: Departure,
+    /// The group exists (neither deleted nor being purged).
+    exists: bool,
+    /// The user is a member of the group again.
+    member: bool,
+    /// The user's stored delivered cursor for the group.
+    delivered: u64,
+}
 
 /// The user's departure records with what deciding whether they are
 /// acknowledged needs (read on the blocking pool, with the sync's first
 /// reads). At most `max_departures_per_user`, each group's read once.
+/// Whether a group exists is read from its record: the store's memory
+/// forgets a deletion once its purge is done (`Store::group_exists`),
+/// and a record of a group deleted and purged since must go too.
 fn departures_with_state(store: &Store, user: UserId) -> Result<Vec<DepartureState>, StoreError> {
     let departures = store.departures(user)?;
     let mut out = Vec::with_capacity(departures.len());
-    let mut last: Option<(GroupId, bool, u64)> = None;
+    let mut last: Option<(GroupId, bool, bool, u64)> = None;
     for departure in departures {
         let group = departure.group;
-        let (member, delivered) = match last {
-            Some((g, member, delivered)) if g == group => (member, delivered),
+        let (exists, member, delivered) = match last {
+            Some((g, exists, member, delivered)) if g == group => (exists, member, delivered),
             _ => {
                 let conv = ConvId::Group { group };
-                (store.is_member(group, user)?, store.receipts(user, conv)?.0)
+                (
+                    store.group(group)?.is_some(),
+                    store.is_member(group, user)?,
+                    store.receipts(user, conv)?.0,
+                )
             }
         };
-        last = Some((group, member, delivered));
-        out.push((departure, member, delivered));
+        last = Some((group, exists, member, delivered));
+        out.push(DepartureState {
+            departure,
+            exists,
+            member,
+            delivered,
+        });
     }
     Ok(out)
 }
@@ -191,16 +210,19 @@ async fn owed_departures(
     let mut owed = Vec::with_capacity(departures.len());
     let mut gone = Vec::new();
     let mut iter = departures.into_iter().peekable();
-    while let Some((departure, member, delivered)) = iter.next() {
+    while let Some(state) = iter.next() {
+        let departure = state.departure;
         let group = departure.group;
         let conv = ConvId::Group { group };
-        let latest = iter.peek().is_none_or(|(next, _, _)| next.group != group);
+        let latest = iter.peek().is_none_or(|next| next.departure.group != group);
         let presented = floors.get(&conv).copied().unwrap_or(0);
         let mut owed_from = departure.start;
-        if latest && !member {
-            owed_from = owed_from.max(delivered);
+        if latest && !state.member {
+            owed_from = owed_from.max(state.delivered);
         }
-        if departure.until <= owed_from.max(presented) || !shard.store.group_exists(group) {
+        // Deleted since the read: its purge may have begun.
+        let exists = state.exists && shard.store.group_exists(group);
+        if departure.until <= owed_from.max(presented) || !exists {
             gone.push(departure);
         } else {
             owed.push(Departure {

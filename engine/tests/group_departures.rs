@@ -161,6 +161,43 @@ fn a_deleted_group_owes_nothing_to_those_who_left_it() {
 }
 
 #[test]
+fn a_departure_from_a_group_deleted_and_purged_since_is_dropped_and_frees_its_place() {
+    // Bob is kicked while offline, then the group is deleted and its purge
+    // runs to the end before he comes back. What he was owed went with the
+    // group; his catch-up must drop the record, or it would be kept
+    // forever (nothing is streamed for him to acknowledge) and, with one
+    // record allowed, take the place of his next departure.
+    let server = TestServer::start_with(|c| {
+        c.write_diffusion_max_members = 2;
+        c.store.max_departures_per_user = 1;
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+    let deleted = group_with(&server, &alice, &[&bob, &carol]);
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(deleted), &ids(1, 3), 3);
+    a.group_kick(deleted, bob.id).expect("kick");
+    a.group_delete(deleted).expect("delete");
+    let store = server.admin_context().store;
+    crate::common::eventually("the purge to finish", || {
+        store.pending_group_purges().is_empty().then_some(())
+    });
+    let mut b = server.login_unsynced(&bob);
+    assert!(raw_sync_all(&mut b, vec![], 0).messages.is_empty());
+    drop(b);
+    assert_eq!(store.departures(bob.id).expect("read"), vec![]);
+
+    // His place is free again: the next departure is recorded and owed.
+    let next = group_with(&server, &alice, &[&bob, &carol]);
+    send_pipelined(&mut a, To::Group(next), &ids(4, 2), 2);
+    a.group_kick(next, bob.id).expect("kick");
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 2);
+    assert_seqs(&sync.messages, ConvId::Group { group: next }, 1..=2);
+}
+
+#[test]
 fn a_user_holds_at_most_max_departures_per_user() {
     let server = TestServer::start_with(|c| {
         c.write_diffusion_max_members = 2;
