@@ -218,7 +218,7 @@ impl Session {
                 if password.len() > PASSWORD_LEN_MAX {
                     return Err(Refusal::keep(
                         ErrorCode::InvalidArgument,
-                        "password must be 8 to 256 bytes",
+                        "password must be at most 256 bytes",
                     ));
                 }
                 Ok(())
@@ -440,6 +440,8 @@ mod tests {
         admit(&mut s, delete(PASSWORD_LEN_MAX)).unwrap();
         let huge = admit(&mut s, delete(PASSWORD_LEN_MAX + 1)).unwrap_err();
         assert_eq!((huge.code, huge.close), (ErrorCode::InvalidArgument, false));
+        // Not "8 to 256": a shorter one is admitted (see above).
+        assert_eq!(huge.message, "password must be at most 256 bytes");
         admit(&mut s, ClientBody::Logout).unwrap();
     }
 
