@@ -813,7 +813,7 @@ const FINAL_ACK_ROUNDS: usize = 10;
 
 /// `Delivered` receipts owed for shown messages, so that they leave the
 /// inbox and the next login does not show them again. The server meters
-/// 1:1 receipts at the message rate (docs/protocol.md 2.9.4), so they
+/// 1:1 receipts at the message rate (docs/protocol.md 2.9.5), so they
 /// are cumulative: one per conversation for the highest seq shown, sent
 /// once no more frames are waiting (after a catch-up batch, or a live
 /// message), and a rate-limited one waits out the server's hint.

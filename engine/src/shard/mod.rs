@@ -960,8 +960,11 @@ impl Shard {
     /// through the home shard of each pair's conversation, which looks
     /// again whether the two are still friends ([`Shard::presence_notice`]):
     /// the read here may be overtaken by a `FriendRemove` or a block. Two
-    /// announcements of one user reach each pair's shard, and its permit,
-    /// in the order they were sent.
+    /// announcements of one user reach each pair's shard in the order they
+    /// were sent, but not surely its permit: glommio's semaphore lets a
+    /// task that asks just as it is released take it before the waiter it
+    /// woke, so a coming online and a going offline close together may be
+    /// pushed the wrong way round (the next change of presence corrects it).
     pub(crate) async fn announce_presence(self: Rc<Self>, user: UserId, online: bool) {
         let friends = match self.blocking(move |store| store.friends(user)).await {
             Ok(friends) => friends,
