@@ -20,7 +20,8 @@
 //! was owed from groups they left, the engine's departures at the deletion
 //! included), receipt cursors, the conversation index and any token left.
 //! Each phase goes on from the last key it removed; the last step removes
-//! the `user_purges` key, so a purge cut short by a crash starts over,
+//! the revocation record and the `user_purges` key, so a purge cut short
+//! by a crash starts over,
 //! idempotently, after the restart ([`Store::pending_user_purges`]). Group
 //! memberships are not removed here: the engine leaves each group first, on
 //! the group's home shard, as a `GroupLeave` would.
@@ -32,7 +33,7 @@
 //!
 //! A message to the account sequenced just before the deletion may still
 //! be in the [`crate::Writer`]'s queue. The writer drops inbox entries,
-//! receipts and index keys of deleted accounts, and holds
+//! receipts, index keys and departure ends of deleted accounts, and holds
 //! [`crate::Inner`]'s deletion gate from that check to its commit; a
 //! deletion takes the gate to mark the account, so once marked, every
 //! batch that missed the mark is committed, and the purge, which starts
