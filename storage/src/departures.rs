@@ -123,6 +123,19 @@ impl Inner {
         }
     }
 
+    /// The departure records whose keys start with `prefix` (a user, or
+    /// a user and a group), in key order, at most
+    /// `max_departures_per_user` of them.
+    fn scan_departures(&self, prefix: &[u8]) -> Result<Vec<Departure>, StoreError> {
+        let ks = &self.departures;
+        let mut out = Vec::new();
+        for guard in ks.handle.prefix(prefix).take(self.opts.max_departures_per_user) {
+            let (key, value) = ks.entry(guard)?;
+            out.push(decode(&key, &value).map_err(|d| ks.corrupt(&key, d))?);
+        }
+        Ok(out)
+    }
+
     /// Whether `user` holds a departure record for `group`.
     pub(crate) fn has_departure(&self, user: UserId, group: GroupId) -> Result<bool, StoreError> {
         match self.departures.handle.prefix(codec::pair_key(user, group)).next() {
@@ -136,37 +149,15 @@ impl Store {
     /// `user`'s departure records, by group then start (so each group's in
     /// seq order), at most `max_departures_per_user` of them.
     pub fn departures(&self, user: UserId) -> Result<Vec<Departure>, StoreError> {
-        let inner = &*self.inner;
-        let ks = &inner.departures;
-        let mut out = Vec::new();
-        for guard in ks
-            .handle
-            .prefix(codec::id_key(user))
-            .take(inner.opts.max_departures_per_user)
-        {
-            let (key, value) = ks.entry(guard)?;
-            out.push(decode(&key, &value).map_err(|d| ks.corrupt(&key, d))?);
-        }
-        Ok(out)
+        self.inner.scan_departures(&codec::id_key(user))
     }
 
     /// The end of the latest of `user`'s departure records for `group`
     /// (the last seq of the group owed to them), if they hold one: a
     /// former member may acknowledge up to it.
     pub fn departure_end(&self, user: UserId, group: GroupId) -> Result<Option<u64>, StoreError> {
-        let inner = &*self.inner;
-        let ks = &inner.departures;
-        let mut end = None;
-        for guard in ks
-            .handle
-            .prefix(codec::pair_key(user, group))
-            .take(inner.opts.max_departures_per_user)
-        {
-            let (key, value) = ks.entry(guard)?;
-            let departure = decode(&key, &value).map_err(|d| ks.corrupt(&key, d))?;
-            end = end.max(Some(departure.until));
-        }
-        Ok(end)
+        let held = self.inner.scan_departures(&codec::pair_key(user, group))?;
+        Ok(held.iter().map(|d| d.until).max())
     }
 
     /// Removes the given departure records of `user` (acknowledged, or of

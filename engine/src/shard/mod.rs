@@ -989,13 +989,9 @@ impl Shard {
     /// conversation, where a friendship's end is ordered with it
     /// ([`blocks`]); returns once every shard has queued its pushes.
     pub(crate) async fn notify_friends(self: &Rc<Self>, user: UserId, online: bool, friends: Vec<UserId>) {
-        let mut by_pair_shard = vec![Vec::new(); self.shards];
-        for friend in friends {
-            let pair = self.home_of(ConvId::direct(user, friend).placement_key());
-            if let Some(list) = by_pair_shard.get_mut(pair) {
-                list.push(friend);
-            }
-        }
+        let by_pair_shard = self.partition_by(friends, |friend| {
+            self.home_of(ConvId::direct(user, friend).placement_key())
+        });
         let mut queued = Vec::new();
         for (shard, to) in by_pair_shard.into_iter().enumerate() {
             if !to.is_empty() {
@@ -1035,9 +1031,14 @@ impl Shard {
 
     /// Splits users by home shard.
     pub(super) fn partition(&self, users: Vec<UserId>) -> Vec<Vec<UserId>> {
+        self.partition_by(users, |user| self.home_of(user))
+    }
+
+    /// Splits users by the shard `shard_of` names for each.
+    fn partition_by(&self, users: Vec<UserId>, shard_of: impl Fn(UserId) -> usize) -> Vec<Vec<UserId>> {
         let mut by_shard = vec![Vec::new(); self.shards];
         for user in users {
-            if let Some(list) = by_shard.get_mut(self.home_of(user)) {
+            if let Some(list) = by_shard.get_mut(shard_of(user)) {
                 list.push(user);
             }
         }
