@@ -21,10 +21,10 @@
 //! included), receipt cursors, the conversation index and any token left.
 //! Each phase goes on from the last key it removed; the last step removes
 //! the revocation record and the `user_purges` key, so a purge cut short
-//! by a crash starts over,
-//! idempotently, after the restart ([`Store::pending_user_purges`]). Group
-//! memberships are not removed here: the engine leaves each group first, on
-//! the group's home shard, as a `GroupLeave` would.
+//! by a crash starts over, idempotently, after the restart
+//! ([`Store::pending_user_purges`]). Group memberships are not removed
+//! here: the engine leaves each group first, on the group's home shard, as
+//! a `GroupLeave` would.
 //!
 //! What stays: history. Messages the user sent stay in their
 //! conversations, attributed to the id, so the other party's history and
