@@ -195,10 +195,12 @@ impl Store {
     pub fn create_group_with(&self, owner: UserId, name: &str, open: bool) -> Result<GroupId, StoreError> {
         check_group_name(name).map_err(|(_, why)| StoreError::InvalidArgument(why))?;
         let inner = &*self.inner;
-        if !inner.user_exists(owner)? {
+        let mut next_id = lock(&inner.groups_lock);
+        // Under the lock, as every membership write checks: see
+        // `Inner::may_name`.
+        if !inner.may_name(owner)? {
             return Err(StoreError::NotFound);
         }
-        let mut next_id = lock(&inner.groups_lock);
         if inner.group_count_reaches_limit(owner)? {
             return Err(StoreError::LimitExceeded(TOO_MANY_GROUPS));
         }
@@ -312,7 +314,7 @@ impl Store {
         let mut joined_here: Vec<UserId> = Vec::new();
         for &user in users {
             let key = codec::pair_key(group, user);
-            let outcome = if !inner.user_exists(user)? {
+            let outcome = if !inner.may_name(user)? {
                 JoinOutcome::NoSuchUser
             } else if joined_here.contains(&user) || inner.members.contains(key)? {
                 JoinOutcome::AlreadyMember
@@ -472,13 +474,13 @@ impl Store {
     /// group or [`crate::StoreOptions::max_invites_per_user`] of the user.
     pub fn invite(&self, group: GroupId, user: UserId) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        if !inner.user_exists(user)? {
-            return Err(StoreError::NotFound);
-        }
         let guard = lock(&inner.groups_lock);
         let Some(mut record) = inner.load_group(group)? else {
             return Err(StoreError::NotFound);
         };
+        if !inner.may_name(user)? {
+            return Err(StoreError::NotFound);
+        }
         let key = codec::pair_key(group, user);
         if inner.members.contains(key)? || inner.group_invites.contains(key)? {
             return Ok(());

@@ -114,16 +114,17 @@ impl Store {
             return Err(StoreError::InvalidArgument("cannot befriend oneself"));
         }
         let inner = &*self.inner;
-        if !inner.user_exists(user)? || !inner.user_exists(friend)? {
-            return Err(StoreError::NotFound);
-        }
         let forward = codec::pair_key(user, friend);
         let backward = codec::pair_key(friend, user);
         // Held across count, check and commit, so two concurrent adds
         // cannot both see room for one more friend or request, and two
         // users asking each other at once end up friends, not with two
-        // crossed requests.
+        // crossed requests; and so no request or friendship lands for an
+        // account whose purge is past it (see `Inner::may_name`).
         let guard = lock(&inner.friends_lock);
+        if !inner.may_name(user)? || !inner.may_name(friend)? {
+            return Err(StoreError::NotFound);
+        }
         let has = |key: &[u8]| inner.friends.contains(key);
         if has(&forward)? && has(&backward)? {
             return Ok(FriendOutcome::AlreadyFriends);
@@ -250,11 +251,11 @@ impl Store {
             return Err(StoreError::InvalidArgument("you cannot block yourself"));
         }
         let inner = &*self.inner;
-        if !inner.user_exists(blocker)? || !inner.user_exists(blocked)? {
-            return Err(StoreError::NotFound);
-        }
         let key = codec::pair_key(blocker, blocked);
         let guard = lock(&inner.friends_lock);
+        if !inner.may_name(blocker)? || !inner.may_name(blocked)? {
+            return Err(StoreError::NotFound);
+        }
         if inner.blocks.contains(key)? {
             return Ok(());
         }

@@ -24,7 +24,15 @@
 //! by a crash starts over, idempotently, after the restart
 //! ([`Store::pending_user_purges`]). Group memberships are not removed
 //! here: the engine leaves each group first, on the group's home shard, as
-//! a `GroupLeave` would.
+//! a `GroupLeave` would, until [`Store::groups_to_leave`] finds none.
+//!
+//! No key naming the account is written after the purge has passed its
+//! kind. Every write that can add one (a membership, an invite, a
+//! friendship, a request, a block) checks the deletion under the lock
+//! that serialises it ([`Inner::may_name`]), and the purge lists or
+//! removes that kind under the same lock: a write that checked before the
+//! mark is committed before the purge reads, and one that checks after is
+//! refused.
 //!
 //! What stays: history. Messages the user sent stay in their
 //! conversations, attributed to the id, so the other party's history and
@@ -46,7 +54,7 @@ use std::sync::atomic::Ordering;
 use crate::accounts::PasswordChecked;
 use crate::deleted_bits::{DeletedBits, MAX_USER_ID};
 use crate::external::NO_PASSWORD;
-use crate::{codec, lock, now_unix_ms, Inner, Ks, Store, StoreError, UserId};
+use crate::{codec, lock, now_unix_ms, GroupId, Inner, Ks, Store, StoreError, UserId};
 
 /// Why an account without a password (made by a JWT login) cannot be
 /// deleted by its user: there is nothing to re-prove, and the operator's
@@ -70,7 +78,7 @@ pub(crate) struct UserPurgeCursor {
 }
 
 /// What a purge removes, in this order.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
     /// `user ++ friend` and `friend ++ user` in `friends`.
     #[default]
@@ -149,6 +157,17 @@ impl Inner {
     /// Whether `user`'s account was deleted. No lock.
     pub(crate) fn is_deleted(&self, user: UserId) -> bool {
         self.deleted.contains(user)
+    }
+
+    /// Whether a new key may name `user`: a registered account, not
+    /// deleted. Call it under the lock that serialises the write (the
+    /// groups lock for memberships and invites, the friends lock for
+    /// friendships, requests and blocks), which the purge takes too for
+    /// what it removes of that kind: a write that checked before the
+    /// deletion is committed before the purge reads, and one that checks
+    /// after is refused, so no such key outlives the purge.
+    pub(crate) fn may_name(&self, user: UserId) -> Result<bool, StoreError> {
+        Ok(!self.is_deleted(user) && self.user_exists(user)?)
     }
 
     /// Drops the deleted accounts from `users` (a list of another user's
@@ -392,6 +411,10 @@ impl Store {
             }
             return Ok(false);
         }
+        // The phases up to `Invites` read and commit under the friends
+        // lock, against which `add_friend` and `block` check the deletion
+        // (see `Inner::may_name`); a step never runs past `Invites`.
+        let friends_guard = (cursor.phase < Phase::Invites).then(|| lock(&inner.friends_lock));
         let mut batch = inner.db.batch();
         let mut removed = 0usize;
         let mut done = false;
@@ -454,6 +477,7 @@ impl Store {
             batch.remove(&inner.user_purges.handle, codec::id_key(user));
         }
         inner.commit(batch, false)?;
+        drop(friends_guard);
         let mut purging = lock(&inner.user_purging);
         if done {
             purging.remove(&user);
@@ -461,6 +485,16 @@ impl Store {
             *at = cursor;
         }
         Ok(done)
+    }
+
+    /// The groups `user` is a member of, ascending by id, read under the
+    /// groups lock: for a deleted account, the groups its purge must leave
+    /// before [`Store::purge_user_step`]. Every write of a membership
+    /// checks the deletion under the same lock, so once this is empty for
+    /// a deleted account it stays empty.
+    pub fn groups_to_leave(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
+        let _guard = lock(&self.inner.groups_lock);
+        self.user_groups(user)
     }
 
     /// The deleted accounts whose purge is not finished, ascending.
@@ -581,6 +615,128 @@ mod tests {
         // The others' own relations are intact.
         assert_eq!(store.friends(2).unwrap(), Vec::<UserId>::new());
         assert_eq!(store.direct_conversations(2, 10).unwrap(), vec![conv]);
+    }
+
+    /// Writes that name an account racing its deletion and purge: each
+    /// either lands before the purge passes (and is purged) or is refused.
+    /// The store refuses them under the lock its purge takes too, so no
+    /// key can name a deleted id afterwards, however the threads meet.
+    #[test]
+    fn no_write_racing_a_deletion_outlives_its_purge() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+
+        const VICTIMS: u64 = 300;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::StoreOptions {
+            // A few groups each, so a victim's creations hit the limit
+            // rather than piling up, and the depart loop below stays short.
+            max_groups_per_user: 4,
+            max_group_invites: 10_000,
+            max_invites_per_user: 10_000,
+            max_friend_requests: 10_000,
+            max_friends: 10_000,
+            ..crate::test_options()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        // Four live users (1..=4) who write to each victim (5..).
+        for i in 1..=4 + VICTIMS {
+            store.register(&format!("user{i}"), b"password1").unwrap();
+        }
+        let victims = 5..5 + VICTIMS;
+        let open = store.create_group(1, "open").unwrap();
+        let closed = store.create_group_with(1, "closed", false).unwrap();
+        let current = AtomicU64::new(victims.start);
+        let stop = AtomicBool::new(false);
+
+        type Write = Box<dyn Fn(&Store, UserId) + Send + Sync>;
+        let writes: Vec<Write> = vec![
+            Box::new(|store, v| {
+                let _ = store.create_group(v, "theirs");
+            }),
+            Box::new(move |store, v| {
+                let _ = store.invite(closed, v);
+            }),
+            Box::new(move |store, v| {
+                let _ = store.add_members(open, &[v], false);
+            }),
+            Box::new(|store, v| {
+                let _ = store.add_friend(2, v);
+                let _ = store.add_friend(v, 3);
+                let _ = store.add_friend(3, v);
+            }),
+            Box::new(|store, v| {
+                let _ = store.block(4, v);
+                let _ = store.block(v, 4);
+            }),
+        ];
+        std::thread::scope(|s| {
+            for write in &writes {
+                let (store, current, stop) = (&store, &current, &stop);
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        write(store, current.load(Ordering::Relaxed));
+                    }
+                });
+            }
+            for v in victims.clone() {
+                current.store(v, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                store.delete_account(v).unwrap();
+                // As the engine's purge: leave every group, then the rest.
+                loop {
+                    let groups = store.groups_to_leave(v).unwrap();
+                    if groups.is_empty() {
+                        break;
+                    }
+                    for group in groups {
+                        match store.group(group).unwrap() {
+                            Some(record) if record.owner == v => store.delete_group(group, v).unwrap(),
+                            Some(_) => {
+                                store.remove_member(group, v).unwrap();
+                            }
+                            None => {}
+                        }
+                    }
+                }
+                while !store.purge_user_step(v, USER_PURGE_STEP_KEYS).unwrap() {}
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        for group in store.pending_group_purges() {
+            while !store.purge_group_step(group, USER_PURGE_STEP_KEYS).unwrap() {}
+        }
+
+        let inner = &*store.inner;
+        let naming = |ks: &Ks, pair: bool| {
+            ks.handle
+                .iter()
+                .map(|guard| guard.key().unwrap())
+                .filter(|key| {
+                    let first = codec::decode_id_key(&key[..8]).unwrap();
+                    let second = pair.then(|| codec::decode_pair_second(key).unwrap());
+                    victims.contains(&first) || second.is_some_and(|id| victims.contains(&id))
+                })
+                .count()
+        };
+        let left: Vec<(&str, usize)> = [
+            &inner.members,
+            &inner.user_groups,
+            &inner.group_invites,
+            &inner.user_invites,
+            &inner.friends,
+            &inner.requests_out,
+            &inner.requests_in,
+            &inner.blocks,
+            &inner.blocked_by,
+        ]
+        .into_iter()
+        .map(|ks| (ks.name, naming(ks, true)))
+        .filter(|&(_, keys)| keys > 0)
+        .collect();
+        assert_eq!(left, vec![], "keys naming a deleted account, by keyspace");
+        let counts = inner.load_group(closed).unwrap().unwrap();
+        assert_eq!(counts.invite_count, 0, "the counts follow the keys");
+        assert_eq!(inner.load_group(open).unwrap().unwrap().member_count, 1);
     }
 
     #[test]

@@ -137,13 +137,15 @@ impl Shard {
     /// returns `false` if the shard is stopping or some group kept
     /// refusing (the next start tries again: the store's purge must not
     /// run while the user is still a member, or the group's member count
-    /// would drift from its keys).
+    /// would drift from its keys). The store lists the groups under the
+    /// lock every join and creation checks the deletion under, so a list
+    /// found empty stays empty.
     async fn depart_groups(self: &Rc<Self>, user: UserId) -> bool {
         for _ in 0..DEPART_ROUNDS_MAX {
             if self.stop.is_fired() {
                 return false;
             }
-            let groups = match self.blocking(move |store| store.user_groups(user)).await {
+            let groups = match self.blocking(move |store| store.groups_to_leave(user)).await {
                 Ok(groups) => groups,
                 Err(e) => {
                     tracing::error!(error = %e, user, "cannot list a deleted account's groups; retrying");
