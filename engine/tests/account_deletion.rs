@@ -268,6 +268,61 @@ fn a_purge_cut_short_resumes_when_the_server_starts() {
 }
 
 #[test]
+fn a_deleted_member_never_inherits_a_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (alice, bob, carol, staffed, theirs);
+    {
+        // Carol, an admin of alice's `staffed` (bob a member) and the only
+        // other member of alice's `theirs`, is deleted and her store purge
+        // is done, but her memberships are kept: as if her own purge had
+        // not yet reached these groups when alice's hands them on.
+        let opts = StoreOptions {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("data"), opts).expect("open store");
+        alice = store.register("alice", PASSWORD.as_bytes()).expect("register");
+        bob = store.register("bob", PASSWORD.as_bytes()).expect("register");
+        carol = store.register("carol", PASSWORD.as_bytes()).expect("register");
+        staffed = store.create_group(alice, "staffed").expect("create");
+        theirs = store.create_group(alice, "theirs").expect("create");
+        store.add_member(staffed, carol).expect("join");
+        store.add_member(staffed, bob).expect("join");
+        store
+            .set_member_role(staffed, carol, GroupRole::Admin)
+            .expect("admin");
+        store.add_member(theirs, carol).expect("join");
+        store.delete_account(carol).expect("delete");
+        while !store.purge_user_step(carol, 1024).expect("step") {}
+        store.persist().expect("persist");
+    }
+    let server = TestServer::start_in(dir, |_| {});
+    let mut a = server.connect();
+    a.login("alice", PASSWORD).expect("login");
+    a.delete_account(PASSWORD).expect("delete");
+    let store = purged(&server);
+
+    // Bob, the only live member, inherits `staffed` though carol was
+    // its admin.
+    assert_eq!(store.group(staffed).expect("read").expect("kept").owner, bob);
+    assert_eq!(
+        store.member_role(staffed, bob).expect("read"),
+        Some(GroupRole::Owner)
+    );
+    assert!(store.groups_to_leave(alice).expect("read").is_empty());
+    // Nobody live was left in `theirs`: it is deleted, carol's
+    // membership with it.
+    assert!(store.group(theirs).expect("read").is_none(), "deleted");
+    eventually("the group's purge to finish", || {
+        store.pending_group_purges().is_empty().then_some(())
+    });
+    // Carol was still in `staffed` all along (nothing here departs her):
+    // she was passed over, not found gone.
+    assert_eq!(store.user_groups(carol).expect("read"), vec![staffed]);
+}
+
+#[test]
 fn the_operator_deletes_an_account_with_delete_user() {
     let server = TestServer::start();
     let dir = tempfile::tempdir().expect("tempdir");

@@ -9,8 +9,8 @@
 //! whatever it has queued (the requesting session's `Ok` among it), and a
 //! background task purges the account: first it leaves each of the user's
 //! groups on the group's home shard ([`GroupOp::Depart`]: a leave that
-//! hands a group the user owns to its senior admin or member, or deletes
-//! it if nobody else is in it), then it removes the rest from the store in
+//! hands a group the user owns to its senior admin or member not deleted
+//! too, or deletes it if nobody else live is in it), then it removes the rest from the store in
 //! bounded steps on the blocking pool, one step at a time per shard (the
 //! permit group purges share). A purge cut short by a restart resumes
 //! when the user's home shard starts ([`Shard::resume_user_purges`]).

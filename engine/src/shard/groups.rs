@@ -573,7 +573,7 @@ impl Shard {
             GroupOp::Depart => match caller_role {
                 None => Ok(GroupAnswer::Done),
                 Some(GroupRole::Owner) => {
-                    let heir = heir(&state.members, user);
+                    let heir = heir(&state.members, user, |id| !self.store.is_deleted(id));
                     drop(state);
                     match heir {
                         None => self.delete_group(group, user).await,
@@ -1005,9 +1005,16 @@ struct GroupBase {
 
 /// Who owns a group after its owner `leaving` is gone: the admin with the
 /// lowest id, else the member with the lowest id (the longest-registered
-/// account among them, ids being assigned in order), or nobody.
-fn heir(members: &FxHashMap<UserId, GroupRole>, leaving: UserId) -> Option<UserId> {
-    let others = || members.iter().filter(move |(&id, _)| id != leaving);
+/// account among them, ids being assigned in order), or nobody. Only
+/// `live` accounts inherit: a deleted member whose own purge has not yet
+/// left the group would only hand it on again, and a group of deleted
+/// members alone has nobody to hand it to.
+fn heir(
+    members: &FxHashMap<UserId, GroupRole>,
+    leaving: UserId,
+    live: impl Fn(UserId) -> bool,
+) -> Option<UserId> {
+    let others = || members.iter().filter(|&(&id, _)| id != leaving && live(id));
     others()
         .filter(|(_, &role)| role == GroupRole::Admin)
         .map(|(&id, _)| id)
