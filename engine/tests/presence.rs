@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{Client, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_client::{Client, ConvId, ErrorCode, Friend, FriendAdded, ServerBody, UserId};
+use tern_proto::shard_of;
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -239,4 +240,94 @@ fn no_presence_of_an_ex_friend_arrives_after_the_removal() {
         late.is_empty(),
         "a Presence of the ex-friend came after the Ok of FriendRemove (even rounds) or UserBlock (odd) (shards, round): {late:?}"
     );
+}
+
+/// The last `Presence` a friend gets of a user matches whether the user
+/// is online once things settle, however closely their comings and
+/// goings follow each other. Several subjects, each a friend of one
+/// watcher, log in and out from two threads each (so either thread's
+/// session may be the first or the last), all their pairs with the
+/// watcher homed on one shard so that their announcements queue there
+/// for the same permit; then half of them stay online. The watcher reads
+/// every push as it comes.
+#[test]
+fn the_last_presence_a_friend_gets_is_the_state_that_holds() {
+    const SUBJECTS: usize = 6;
+    const ROUNDS: u32 = 40;
+    let server = TestServer::start_with(|c| {
+        c.limits.message_rate_per_sec = 0;
+        c.limits.connection_rate_per_ip = 0;
+        c.limits.max_connections_per_ip = 0;
+        c.limits.registration_rate_per_ip_per_hour = 0;
+    });
+    let store = server.admin_context().store;
+    let shards = server.shards();
+    let watcher = server.user_on_shard("lw", 0);
+    let pair_shard = 1 % shards;
+    let subjects: Vec<User> = (0..SUBJECTS)
+        .map(|n| {
+            server.user_where(&format!("ls{n}_"), |u| {
+                u.home(shards) == n % shards
+                    && shard_of(ConvId::direct(u.id, watcher.id).placement_key(), shards) == pair_shard
+            })
+        })
+        .collect();
+    for subject in &subjects {
+        store.add_friend(subject.id, watcher.id).expect("ask");
+        store.add_friend(watcher.id, subject.id).expect("accept");
+    }
+    let mut w = server.login(&watcher);
+    let flapping = std::sync::atomic::AtomicUsize::new(SUBJECTS * 2);
+    let mut last: std::collections::HashMap<UserId, bool> = std::collections::HashMap::new();
+    let stayed = std::thread::scope(|s| {
+        for (n, subject) in subjects.iter().enumerate() {
+            for t in 0..2u64 {
+                let (server, flapping) = (&server, &flapping);
+                s.spawn(move || {
+                    for round in 0..ROUNDS {
+                        let session = server.login(subject);
+                        let pause = (n as u64 * 7 + t * 13 + u64::from(round) * 29) % 400;
+                        std::thread::sleep(Duration::from_micros(pause));
+                        drop(session);
+                    }
+                    flapping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        }
+        // Read while they flap, so the watcher's queue never fills.
+        while flapping.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if let Some(ServerBody::Presence { user, online }) =
+                next_raw_push(&mut w, Duration::from_millis(20))
+            {
+                last.insert(user, online);
+            }
+        }
+        subjects
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| n % 2 == 1)
+            .map(|(_, subject)| server.login(subject))
+            .collect::<Vec<_>>()
+    });
+    // Settled: no announcement is left once the watcher hears nothing
+    // for a while.
+    while let Some(push) = next_raw_push(&mut w, Duration::from_secs(1)) {
+        match push {
+            ServerBody::Presence { user, online } => {
+                last.insert(user, online);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let wrong: Vec<_> = subjects
+        .iter()
+        .enumerate()
+        .filter(|(n, subject)| last.get(&subject.id).copied() != Some(n % 2 == 1))
+        .map(|(n, subject)| (n, subject.id, last.get(&subject.id).copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the watcher's last Presence differs from the final state (subject, id, last seen): {wrong:?}"
+    );
+    drop(stayed);
 }

@@ -115,10 +115,28 @@ impl Shard {
     /// (a `FriendRemove`, a block) either ended before the look (no push)
     /// or ends after the push is queued, ahead of its `Ok`. Best effort: a
     /// failed look drops it.
+    ///
+    /// Notices of one subject may run here in another order than their
+    /// changes happened: the permit is not first come, first served (a
+    /// woken waiter can be overtaken, then queues again at the back), and
+    /// a send that waits for room on the queue from the subject's shard
+    /// can be overtaken by a later one that found room. So a notice asks
+    /// the subject's home shard, under the permit, whether the subject is
+    /// online now, and is dropped unless it says just that: the notice of
+    /// the last change runs after it, so it finds it true and is pushed,
+    /// and any notice that runs later finds the same state, so the last
+    /// `Presence` a friend gets is the state that holds.
     pub(super) async fn presence_notice(self: &Rc<Self>, subject: UserId, online: bool, to: Vec<UserId>) {
         let Ok(_permit) = self.pair_changes.acquire_permit(1).await else {
             return;
         };
+        // A deleted account is offline for good, though its sessions may
+        // still be closing (its purge announces that before they are gone).
+        let online_now =
+            !self.store.is_deleted(subject) && self.online_among(vec![subject]).await.contains(&subject);
+        if online_now != online {
+            return;
+        }
         let friends = match self.blocking(move |store| store.friends_among(subject, to)).await {
             Ok(friends) => friends,
             Err(e) => return tracing::warn!(error = %e, subject, "presence push dropped"),

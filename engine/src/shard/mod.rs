@@ -959,12 +959,11 @@ impl Shard {
     /// Tells `user`'s friends that `user` came online or went offline,
     /// through the home shard of each pair's conversation, which looks
     /// again whether the two are still friends ([`Shard::presence_notice`]):
-    /// the read here may be overtaken by a `FriendRemove` or a block. Two
-    /// announcements of one user reach each pair's shard in the order they
-    /// were sent, but not surely its permit: glommio's semaphore lets a
-    /// task that asks just as it is released take it before the waiter it
-    /// woke, so a coming online and a going offline close together may be
-    /// pushed the wrong way round (the next change of presence corrects it).
+    /// the read here may be overtaken by a `FriendRemove` or a block.
+    /// Announcements of one user may reach that shard's permit in another
+    /// order than they were made; it asks this shard again whether the
+    /// user is online and drops one that no longer holds, so the last push
+    /// is the state that holds.
     pub(crate) async fn announce_presence(self: Rc<Self>, user: UserId, online: bool) {
         let friends = match self.blocking(move |store| store.friends(user)).await {
             Ok(friends) => friends,
@@ -972,8 +971,8 @@ impl Shard {
         };
         // Announcements run side by side, each after its own store read:
         // when the user went offline and came back (or the reverse) while
-        // this one read, a later one announces the state that holds now,
-        // and this one, sent after it, would undo it at the friends.
+        // this one read, a later one announces the state that holds now.
+        // The pair's shard would drop this one anyway; spare it the hop.
         let online_now = self
             .sessions
             .borrow()
