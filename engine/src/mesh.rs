@@ -93,6 +93,10 @@ pub enum Request {
         from: UserId,
         to: UserId,
         frame: Encoded,
+        /// Dropped once the push is queued to `to`'s shard (or dropped):
+        /// the sender waits for it, so the notices waiting here for the
+        /// pair's permit are at most one per waiting requester.
+        queued: oneshot::Sender<()>,
     },
     /// `user` ends their friendship with `peer` and drops the pending
     /// requests between them; for the home shard of their 1:1

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tern_client::{Client, ClientBody, ClientError, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_client::{Client, ClientBody, ClientError, ConvId, ErrorCode, Friend, FriendAdded, ServerBody};
+use tern_proto::shard_of;
 
 /// Asserts that `client` gets no push at all (presence included) for [`QUIET`].
 fn expect_silence(client: &mut Client) {
@@ -595,4 +596,78 @@ fn a_friend_list_longer_than_a_frame_is_listed_by_pages() {
 
 fn ids_of(friends: &[Friend]) -> Vec<u64> {
     friends.iter().map(|f| f.user).collect()
+}
+
+/// A requester waits until its pair notice (`FriendRequest`, `Invited`)
+/// is queued at the pair's shard before it is answered: every answer
+/// still comes, in order, and every push reaches its target, whatever
+/// the homes of the target and of the pair. The requests are pipelined
+/// on one connection, so each waits behind the one before it.
+#[test]
+fn pushes_of_pipelined_friend_requests_and_invites_all_arrive() {
+    let server = TestServer::start_with(|c| c.limits.message_rate_per_sec = 0);
+    let shards = server.shards();
+    let requester = server.user_on_shard("pq", 0);
+    let mut owner = server.login(&requester);
+    let group = group_on_shard(&mut owner, 1 % shards, shards, false);
+    let mut targets = Vec::new();
+    for home in 0..shards {
+        for pair in 0..shards {
+            for n in 0..2 {
+                let target = server.user_where(&format!("pt{home}{pair}{n}_"), |u| {
+                    u.home(shards) == home
+                        && shard_of(ConvId::direct(requester.id, u.id).placement_key(), shards) == pair
+                });
+                targets.push(target);
+            }
+        }
+    }
+    let mut sessions: Vec<Client> = targets.iter().map(|t| server.login(t)).collect();
+    let mut raw = RawConn::connect(server.addr());
+    raw.login(&requester);
+    let mut asked = Vec::new();
+    for target in &targets {
+        let add = raw.send(ClientBody::FriendAdd {
+            username: target.name.clone(),
+        });
+        let invite = raw.send(ClientBody::GroupInvite {
+            group,
+            user: target.id,
+        });
+        asked.push((
+            add,
+            target,
+            ServerBody::FriendRequestSent {
+                user: target.id,
+                username: target.name.clone(),
+            },
+        ));
+        asked.push((invite, target, ServerBody::Ok));
+    }
+    for (id, target, answer) in asked {
+        let frame = raw.expect_frame();
+        assert_eq!(
+            (frame.request_id, frame.body),
+            (id, answer),
+            "answer about {target:?}"
+        );
+    }
+    for (session, target) in sessions.iter_mut().zip(&targets) {
+        let mut pushes = vec![expect_push(session), expect_push(session)];
+        pushes.sort_by_key(|p| matches!(p, ServerBody::Invited { .. }));
+        assert_eq!(
+            pushes,
+            vec![
+                ServerBody::FriendRequest {
+                    from: requester.id,
+                    username: requester.name.clone()
+                },
+                ServerBody::Invited {
+                    group,
+                    by: requester.id
+                },
+            ],
+            "pushes to {target:?}"
+        );
+    }
 }

@@ -152,13 +152,34 @@ impl Shard {
     /// Hands `body`, news from `from` to `to` of a change already stored,
     /// to the home shard of their 1:1 conversation, which pushes it to
     /// `to`'s live sessions unless a block between the two overtook it
-    /// ([`Shard::pair_notice`]). Waits while that shard's queue is full.
+    /// ([`Shard::pair_notice`]). Returns once the push is queued there
+    /// (or dropped).
+    ///
+    /// Waiting for that is the back-pressure of pair notices: that shard
+    /// runs each as a task waiting for its permit of pair changes, which a
+    /// block change holds across its store write, so while a disk stalls
+    /// there, requesters that did not wait would pile up tasks at the rate
+    /// they ask. Waiting, each caller (a session's `FriendAdd`, a group's
+    /// `Invite`, which a session awaits too) has at most one notice there,
+    /// and its session stops reading its socket meanwhile: the tasks are
+    /// bounded by the sessions. It cannot deadlock: the caller holds no
+    /// permit (an invite lets its group's go first), and the permit's
+    /// holders wait only on the store, on their shard's committer and on
+    /// event queues, whose consumers never wait.
     pub(crate) async fn send_pair_notice(self: &Rc<Self>, from: UserId, to: UserId, body: ServerBody) {
         let push = ServerFrame { request_id: 0, body };
         let frame = encode_shared(&push, self.config.max_frame_bytes);
         let home = self.home_of(ConvId::direct(from, to).placement_key());
-        self.send_request(home, Request::PairNotice { from, to, frame })
-            .await;
+        let (queued, done) = futures_channel::oneshot::channel();
+        let notice = Request::PairNotice {
+            from,
+            to,
+            frame,
+            queued,
+        };
+        self.send_request(home, notice).await;
+        // Dropped unsent: the push is queued or dropped (or the shard stops).
+        let _ = done.await;
     }
 
     /// Pushes `frame`, news from `from` to `to` of a change already

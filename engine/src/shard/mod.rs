@@ -842,10 +842,19 @@ impl Shard {
                 })
                 .detach();
             }
-            Request::PairNotice { from, to, frame } => {
+            Request::PairNotice {
+                from,
+                to,
+                frame,
+                queued,
+            } => {
                 // Waits for a block change of the pair: beside the queue.
                 let shard = self.clone();
-                glommio::spawn_local(async move { shard.pair_notice(from, to, frame).await }).detach();
+                glommio::spawn_local(async move {
+                    shard.pair_notice(from, to, frame).await;
+                    drop(queued);
+                })
+                .detach();
             }
         }
     }
