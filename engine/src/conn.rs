@@ -2465,11 +2465,19 @@ impl Conn {
             Ok(named) => named,
             Err(e) => return store_error_frame(request_id, &e),
         };
-        // Each name lies out of line, unpadded; the array's alignment is
-        // in the page's overhead.
+        // A name of up to 8 bytes lies inline in its `Friend`; a longer
+        // one out of line, unpadded. The array's alignment is in the
+        // page's overhead.
         let bytes: usize = named
             .iter()
-            .map(|(_, name)| size_of::<tern_proto::ArchivedFriend>() + name.len())
+            .map(|(_, name)| {
+                let out_of_line = if name.len() > INLINE_NAME_BYTES_MAX {
+                    name.len()
+                } else {
+                    0
+                };
+                size_of::<tern_proto::ArchivedFriend>() + out_of_line
+            })
             .sum();
         if bytes > catchup::page_budget(self.shard.config.max_frame_bytes) {
             return ServerFrame::error(
@@ -2526,6 +2534,10 @@ impl Conn {
             .collect()
     }
 }
+
+/// The longest name an archived `Friend` holds inline, in its own 8
+/// bytes; a longer one is written out of line (docs/protocol.md 4.6).
+const INLINE_NAME_BYTES_MAX: usize = rkyv::string::repr::INLINE_CAPACITY;
 
 /// The most bytes one `Friend` takes in a page: the archived struct and
 /// its name, at most USERNAME_LEN_MAX bytes out of line.

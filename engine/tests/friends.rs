@@ -594,6 +594,44 @@ fn a_friend_list_longer_than_a_frame_is_listed_by_pages() {
     drop(online);
 }
 
+/// `FriendList` refuses only a list that may not fit: a name of up to 8
+/// bytes lies inline in its `Friend` and costs nothing more, so 32
+/// friends with short names (24 bytes each, the 768 a 1,024-byte frame
+/// keeps for them) are listed, and a 33rd is refused (docs/protocol.md
+/// 2.8.13).
+#[test]
+fn a_friend_list_counts_a_short_name_inline() {
+    const FIT: usize = 32;
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 1024;
+        c.max_message_bytes = 512;
+        c.limits.message_rate_per_sec = 0;
+        c.limits.registration_rate_per_ip_per_hour = 0;
+        c.limits.connection_rate_per_ip = 0;
+        c.limits.max_connections_per_ip = 0;
+    });
+    let alice = server.user_on_shard("inl_", 0);
+    let mut a = server.login(&alice);
+    let mut raw = RawConn::connect(server.addr());
+    raw.login(&alice);
+    for n in 0..=FIT {
+        let friend = server.user_where(&format!("i{n:02}_"), |_| true);
+        assert!(friend.name.len() <= 8, "{}", friend.name);
+        let mut f = server.login(&friend);
+        f.friend_add(&alice.name).expect("ask");
+        a.friend_add(&friend.name).expect("accept");
+        match (n + 1, raw_answer(&mut raw, ClientBody::FriendList)) {
+            (listed, ServerBody::Friends { friends }) if listed <= FIT => {
+                assert_eq!(friends.len(), listed)
+            }
+            (_, ServerBody::Error { code, .. }) if n + 1 > FIT => {
+                assert_eq!(code, ErrorCode::LimitExceeded)
+            }
+            (listed, other) => panic!("{listed} friends: {other:?}"),
+        }
+    }
+}
+
 fn ids_of(friends: &[Friend]) -> Vec<u64> {
     friends.iter().map(|f| f.user).collect()
 }
