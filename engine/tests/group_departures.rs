@@ -311,6 +311,10 @@ fn a_former_member_acknowledges_what_they_are_owed_with_a_receipt() {
         // Claiming more than was owed (5 were sent) is capped at 3.
         b.receipt(gconv, tern_client::ReceiptKind::Delivered, 5)
             .expect("a former member's receipt");
+        // Acknowledged, but the range is dropped only by the next `Sync`:
+        // until then a receipt for the group is still accepted.
+        b.receipt(gconv, tern_client::ReceiptKind::Read, 3)
+            .expect("the range is kept until the next Sync");
         // A group never joined stays refused.
         let refused = b
             .receipt(
