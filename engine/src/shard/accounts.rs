@@ -21,21 +21,17 @@
 //! atomic load, no lock, and no copy per shard.
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use futures_channel::oneshot;
 use tern_proto::{ErrorCode, UserId};
 use tern_storage::USER_PURGE_STEP_KEYS;
 
+use super::deletion::PURGE_RETRY;
 use super::Shard;
 use crate::mesh::{GroupOp, Request};
 
 /// What a deleted account's sessions are told as they are closed.
 pub const ACCOUNT_DELETED: &str = "this account was deleted";
-
-/// How long a failed purge step (or group departure) waits before it is
-/// tried again.
-const PURGE_RETRY: Duration = Duration::from_secs(1);
 
 /// Most rounds of group departures a purge makes: each round leaves every
 /// group the store lists (at most `max_groups_per_user`); a group whose
@@ -107,30 +103,10 @@ impl Shard {
         if !self.depart_groups(user).await {
             return;
         }
-        let mut steps = 0u64;
-        loop {
-            if self.stop.is_fired() {
-                return;
-            }
-            steps += 1;
-            let Ok(_step) = self.purge_steps.acquire_permit(1).await else {
-                return; // closed: the shard is stopping
-            };
-            match self
-                .blocking(move |store| store.purge_user_step(user, USER_PURGE_STEP_KEYS))
-                .await
-            {
-                Ok(true) => {
-                    tracing::info!(user, steps, "deleted account purged");
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, user, "account purge step failed; retrying");
-                    glommio::timer::sleep(PURGE_RETRY).await;
-                }
-            }
-        }
+        self.purge_in_steps("account", user, move |store| {
+            store.purge_user_step(user, USER_PURGE_STEP_KEYS)
+        })
+        .await;
     }
 
     /// Has `user` leave every group they are in, each on its home shard;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tern_proto::{ConvId, GroupId, ServerBody, ServerFrame, UserId};
-use tern_storage::StoreError;
+use tern_storage::{Store, StoreError};
 
 use super::{encode_shared, Shard, NOTICE_SEQ};
 use crate::mesh::{Event, GroupAnswer, GroupReply, Recipients};
@@ -30,8 +30,9 @@ const PURGE_STEP_KEYS: usize = 1024;
 /// How often a deletion checks whether the group's last writes are out.
 const SETTLE_POLL: Duration = Duration::from_millis(1);
 
-/// How long a failed purge step waits before it is tried again.
-const PURGE_RETRY: Duration = Duration::from_secs(1);
+/// How long a failed purge step (or an account purge's group departure)
+/// waits before it is tried again.
+pub(super) const PURGE_RETRY: Duration = Duration::from_secs(1);
 
 impl Shard {
     /// Deletes `group` for its owner `by` (checked by the caller, under
@@ -127,6 +128,21 @@ impl Shard {
         }
         self.m().group_purge(true);
         let _running = Running(self.m());
+        self.purge_in_steps("group", group, move |store| {
+            store.purge_group_step(group, PURGE_STEP_KEYS)
+        })
+        .await;
+    }
+
+    /// Runs a purge (a deleted group's or account's) to its end: `step`
+    /// on the blocking pool, one step at a time per shard under the purge
+    /// permit, until it reports nothing left or the shard stops (the next
+    /// start resumes it). A failed step is logged and tried again after
+    /// [`PURGE_RETRY`].
+    pub(super) async fn purge_in_steps<F>(&self, what: &'static str, id: u64, step: F)
+    where
+        F: Fn(&Store) -> Result<bool, StoreError> + Clone + Send + 'static,
+    {
         let mut steps = 0u64;
         loop {
             if self.stop.is_fired() {
@@ -136,17 +152,14 @@ impl Shard {
             let Ok(_step) = self.purge_steps.acquire_permit(1).await else {
                 return; // closed: the shard is stopping
             };
-            match self
-                .blocking(move |store| store.purge_group_step(group, PURGE_STEP_KEYS))
-                .await
-            {
+            match self.blocking(step.clone()).await {
                 Ok(true) => {
-                    tracing::info!(group, steps, "deleted group purged");
+                    tracing::info!(id, steps, "deleted {what} purged");
                     return;
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, group, "group purge step failed; retrying");
+                    tracing::error!(error = %e, id, "{what} purge step failed; retrying");
                     glommio::timer::sleep(PURGE_RETRY).await;
                 }
             }
