@@ -135,7 +135,10 @@ pub struct Config {
 /// are enforced per shard (see [`crate::limits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// `SendDirect`/`SendGroup` per second per connection, and the burst.
+    /// Messages per second per connection, and the burst: `SendDirect`,
+    /// `SendGroup`, `Typing`, 1:1 `Receipt`s, the rare requests that are
+    /// each a synced write or a read of many keys, and a `Sync`'s cursors
+    /// (`docs/security.md`, "Limits against abuse").
     pub message_rate_per_sec: u32,
     pub message_burst: u32,
     /// Frames of any kind per second per connection, and the burst.

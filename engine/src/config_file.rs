@@ -524,7 +524,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "max_departures_per_user",
-        help: "Most groups one user may have left (or been removed from) with messages from their membership not yet acknowledged",
+        help: "Most groups one user may have left, or been kicked or banned from, whose messages from their membership they have not acknowledged yet",
         apply: |s, v| set(&mut s.config.store.max_departures_per_user, expected_usize(v, 1, MAX_COUNT)),
         show: |s| s.config.store.max_departures_per_user.to_string(),
     },
@@ -578,7 +578,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "max_staged_writes",
-        help: "Writes a shard may stage for its next commit before new messages wait (backpressure from a slow disk)",
+        help: "Writes a shard may have staged for its next commit while the previous one is on its way to disk; past it new messages and Sync cursors wait",
         apply: |s, v| set(&mut s.config.max_staged_writes, expected_usize(v, 1, 1 << 20)),
         show: |s| s.config.max_staged_writes.to_string(),
     },
@@ -657,7 +657,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "tls_listen",
-        help: "Address of the TLS listener (beside the plain one), or \"off\"; needs tls_cert and tls_key",
+        help: "Address of the TLS listener (beside the plain one, on a port of its own), or \"off\"; needs tls_cert and tls_key",
         apply: |s, v| {
             s.tls_listen = match v.text() {
                 Some("off") => None,
@@ -707,7 +707,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "message_rate_per_sec",
-        help: "SendDirect/SendGroup/Typing per second per connection (0: no limit)",
+        help: "SendDirect/SendGroup/Typing, 1:1 Receipts, the costly rare requests (docs/security.md) and a Sync's cursors per second per connection (0: no limit)",
         apply: |s, v| set(&mut s.config.limits.message_rate_per_sec, expected_u32(v, 0, 1_000_000)),
         show: |s| s.config.limits.message_rate_per_sec.to_string(),
     },
@@ -915,7 +915,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "metrics_listen",
-        help: "Address of the HTTP endpoint for /metrics, /healthz and /readyz, or \"off\"",
+        help: "Address of the HTTP endpoint for /metrics, /healthz and /readyz (on a port of its own), or \"off\"",
         apply: |s, v| {
             s.metrics_listen = match v.text() {
                 Some("off") => None,
@@ -1504,6 +1504,33 @@ mod tests {
                 docs.contains(&key.env_var()),
                 "docs/configuration.md lacks {}",
                 key.env_var()
+            );
+        }
+    }
+
+    /// `ternd --help` prints each key's help; the table's "what it sets"
+    /// column must begin with it (backticks aside), so the two cannot
+    /// drift apart: the help is the table's first sentence or clause.
+    #[test]
+    fn the_help_of_every_key_opens_its_row_in_the_docs() {
+        let docs = include_str!("../../docs/configuration.md");
+        for key in KEYS {
+            let row = docs
+                .lines()
+                .find(|line| line.starts_with(&format!("| `{}` |", key.name)))
+                .unwrap_or_else(|| panic!("docs/configuration.md lacks `{}`", key.name));
+            let what = row
+                .trim_end_matches('|')
+                .rsplit(" | ")
+                .next()
+                .unwrap_or_default()
+                .replace('`', "");
+            assert!(
+                what.starts_with(key.help),
+                "`{}`: --help says\n  {}\nbut docs/configuration.md says\n  {}",
+                key.name,
+                key.help,
+                what
             );
         }
     }

@@ -163,7 +163,8 @@ impl ConnLimiter {
         }
     }
 
-    /// Meters one frame; `is_message` for `SendDirect`/`SendGroup`.
+    /// Meters one frame; `is_message` for a request metered at the
+    /// message rate as well (see [`Limits::message_rate_per_sec`]).
     pub fn check(&mut self, is_message: bool, now_us: u64) -> Verdict {
         let mut result = match &self.frame_rate {
             Some(rate) => self.frames.take(rate, now_us),
