@@ -387,13 +387,21 @@ impl Config {
                 self.max_frame_bytes
             ));
         }
-        if self.max_message_bytes + 512 > self.max_frame_bytes as usize {
-            return Err(
-                "max_message_bytes must leave 512 bytes of frame overhead below max_frame_bytes".into(),
-            );
+        let frame = self.max_frame_bytes as usize;
+        if self.max_message_bytes + 512 > frame {
+            return Err(format!(
+                "max_message_bytes ({}) must leave 512 bytes of frame overhead below max_frame_bytes \
+                 ({frame}): at most {}",
+                self.max_message_bytes,
+                frame.saturating_sub(512)
+            ));
         }
-        if self.outbound_queue_bytes < 2 * self.max_frame_bytes as usize {
-            return Err("outbound_queue_bytes must hold at least two maximal frames".into());
+        if self.outbound_queue_bytes < 2 * frame {
+            return Err(format!(
+                "outbound_queue_bytes ({}) must hold at least two maximal frames (2 × max_frame_bytes = {})",
+                self.outbound_queue_bytes,
+                2 * frame
+            ));
         }
         if self.cross_shard_queue_depth == 0 || self.max_sessions_per_user == 0 {
             return Err("queue depths and session limits must be at least 1".into());
@@ -420,7 +428,11 @@ impl Config {
         }
         let limits = &self.limits;
         if limits.login_backoff_base > limits.login_backoff_max {
-            return Err("login_backoff_base_ms must not exceed login_backoff_max_ms".into());
+            return Err(format!(
+                "login_backoff_base_ms ({}) must not exceed login_backoff_max_ms ({})",
+                limits.login_backoff_base.as_millis(),
+                limits.login_backoff_max.as_millis()
+            ));
         }
         if limits.max_tracked_addresses == 0 {
             return Err("max_tracked_addresses must be at least 1".into());

@@ -22,6 +22,7 @@ use std::time::Duration;
 use crate::config::{Config, Durability, IpNet};
 use crate::filter::{ContentFilter, FilterMode};
 use crate::jwt::{self, JwtSettings, JwtVerifier};
+use tern_net::tls::{TlsConfig, TlsError};
 use tern_storage::ExternalPolicy;
 
 /// Default for `flush_interval_ms` when `durability = "async"`.
@@ -1104,7 +1105,8 @@ impl Settings {
         self.config.content_filter = match &self.content_filter_file {
             None => None,
             Some(path) => Some(Arc::new(
-                ContentFilter::open(path, self.content_filter_mode).map_err(ConfigError::Invalid)?,
+                ContentFilter::open(path, self.content_filter_mode)
+                    .map_err(|e| ConfigError::Invalid(format!("content_filter_file: {e}")))?,
             )),
         };
         self.config.jwt = self
@@ -1144,6 +1146,13 @@ impl Settings {
                 admin.as_os_str().len()
             )));
         }
+        if let Some(tls) = &self.config.tls {
+            // Read once here so that `check-config` refuses what startup
+            // would, and startup refuses before it creates the store; the
+            // server reads the files again when it opens the listener.
+            TlsConfig::from_pem_files(&tls.cert_chain, &tls.key, tls.allow_tls12)
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", tls_keys_at_fault(&e, tls))))?;
+        }
         Ok(self)
     }
 
@@ -1160,6 +1169,16 @@ impl Settings {
             out.push('\n');
         }
         out
+    }
+}
+
+/// The `tls_*` key(s) whose file a loading error is about.
+fn tls_keys_at_fault(error: &TlsError, tls: &crate::config::TlsListener) -> &'static str {
+    match error {
+        TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.cert_chain => "tls_cert",
+        TlsError::Read { .. } | TlsError::Pem { .. } | TlsError::NoKey { .. } => "tls_key",
+        TlsError::NoCertificate { .. } => "tls_cert",
+        _ => "tls_cert and tls_key",
     }
 }
 
@@ -1286,8 +1305,15 @@ mod tests {
 
     #[test]
     fn listeners_sharing_a_port_and_unservable_data_dirs_are_refused() {
-        let tls =
-            |listen: &str| format!("tls_listen = \"{listen}\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n");
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = tern_net::tls::generate_self_signed(dir.path(), &[]).unwrap();
+        let tls = |listen: &str| {
+            format!(
+                "tls_listen = \"{listen}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            )
+        };
         for (text, key) in [
             (
                 format!("listen = \"127.0.0.1:7000\"\n{}", tls("127.0.0.1:7000")),

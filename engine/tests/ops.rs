@@ -168,10 +168,38 @@ fn bad_config_stops_startup_naming_the_key() {
             "blocking_threads = 65\n",
             "config key `blocking_threads`: expected an integer in 1..=64, got 65",
         ),
+        // Files a key names are read before anything starts, and a
+        // failure names the key.
+        (
+            "content_filter_file = \"/nonexistent/words.txt\"\n",
+            "content_filter_file: cannot read /nonexistent/words.txt",
+        ),
+        (
+            "tls_listen = \"127.0.0.1:0\"\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n",
+            "tls_cert: cannot read /nonexistent/cert.pem",
+        ),
+        // A check across keys says what it found and what it needs.
+        (
+            "outbound_queue_bytes = 100000\n",
+            "outbound_queue_bytes (100000) must hold at least two maximal frames (2 × max_frame_bytes = 131072)",
+        ),
+        (
+            "max_message_bytes = 65536\n",
+            "max_message_bytes (65536) must leave 512 bytes of frame overhead below max_frame_bytes (65536): at most 65024",
+        ),
     ];
     for (text, want) in cases {
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, text).unwrap();
+        // check-config refuses what startup refuses.
+        let checked = ternd()
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .expect("run ternd check-config");
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert!(!checked.status.success(), "{text}: check-config passed it");
+        assert!(stderr.contains(want), "{text}: check-config said {stderr}");
         // Serving, not just checking: the process must refuse to start.
         let output = ternd()
             .arg("--config")
@@ -184,6 +212,12 @@ fn bad_config_stops_startup_naming_the_key() {
         assert!(!output.status.success(), "{text}: started anyway");
         assert!(stderr.contains(want), "{text}: stderr was {stderr}");
         assert!(!dir.path().join("data").exists(), "{text}: touched the store");
+        // Each cause is said once, not once more as its own source.
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            !first.contains("(os error 2): No such file"),
+            "{text}: said twice: {first}"
+        );
     }
     let output = ternd()
         .args(["check-config", "/nonexistent/ternd.toml"])

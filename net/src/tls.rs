@@ -58,9 +58,11 @@ const TLS12_SESSION_CACHE_ENTRIES: usize = 4096;
 /// Why loading certificates, generating them or completing a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A certificate or key file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
+    /// A certificate or key file could not be read. The cause is part of
+    /// the message, not a `source()` as well, so a chain printed whole
+    /// (`anyhow`'s `{:#}`) says it once.
+    #[error("cannot read {}: {error}", path.display())]
+    Read { path: PathBuf, error: io::Error },
     /// A file is not valid PEM.
     #[error("{}: not valid PEM: {message}", path.display())]
     Pem { path: PathBuf, message: String },
@@ -71,18 +73,18 @@ pub enum TlsError {
     #[error("{}: no private key found (expected a PEM PKCS#8, PKCS#1 or SEC1 private key)", path.display())]
     NoKey { path: PathBuf },
     /// The key is unusable or does not belong to the certificate.
-    #[error("certificate {} with key {}: {source}", cert.display(), key.display())]
+    #[error("certificate {} with key {}: {error}", cert.display(), key.display())]
     Identity {
         cert: PathBuf,
         key: PathBuf,
-        source: rustls::Error,
+        error: rustls::Error,
     },
     /// The session-ticket key could not be created.
     #[error("cannot set up TLS session tickets: {0}")]
     Tickets(rustls::Error),
     /// A generated certificate or key could not be written.
-    #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot write {}: {error}", path.display())]
+    Write { path: PathBuf, error: io::Error },
     /// rcgen refused to build a certificate (e.g. an invalid name).
     #[error("cannot generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -167,10 +169,10 @@ fn build_server_config(
     } else {
         &[&rustls::version::TLS13]
     };
-    let identity_error = |source| TlsError::Identity {
+    let identity_error = |error| TlsError::Identity {
         cert: settings.cert_chain.clone(),
         key: settings.key.clone(),
-        source,
+        error,
     };
     // An explicit provider, so nothing depends on a process-wide default.
     let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -188,9 +190,9 @@ fn build_server_config(
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
+    fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -285,9 +287,9 @@ pub fn generate_self_signed(dir: &Path, names: &[String]) -> Result<(PathBuf, Pa
         names.to_vec()
     };
     let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
-    fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+    fs::create_dir_all(dir).map_err(|error| TlsError::Write {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     let cert_path = dir.join("cert.pem");
     let key_path = dir.join("key.pem");
@@ -311,11 +313,11 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsEr
         file.sync_all()?;
         fs::rename(&staging, path)
     };
-    write().map_err(|source| {
+    write().map_err(|error| {
         let _ = fs::remove_file(&staging);
         TlsError::Write {
             path: path.to_owned(),
-            source,
+            error,
         }
     })
 }
