@@ -42,9 +42,11 @@ pub enum ClientError {
     #[error("connection closed by the server")]
     Closed,
     /// TLS failed: the server's certificate did not verify, no common TLS
-    /// version, a bad record, or an alert from the server.
+    /// version, a bad record, or an alert from the server. The cause is
+    /// in the message and not a `source()` too, so that a chain printed
+    /// whole (`anyhow`'s `{:#}`) says it once.
     #[error("TLS with the server failed: {0}")]
-    Tls(#[source] rustls::Error),
+    Tls(rustls::Error),
     /// TLS could not be set up locally: an unreadable CA file or an invalid server name.
     #[error("TLS setup: {0}")]
     TlsSetup(String),

@@ -223,3 +223,28 @@ fn cli_registers_over_tls() {
     );
     assert_eq!(server.join().unwrap(), vec![Ok(())]);
 }
+
+#[test]
+fn cli_names_the_missing_ca_of_a_self_signed_server_once() {
+    let (dir, _cert) = cert_dir();
+    let (addr, server) = tls_server(dir.path(), 1);
+    // The public roots do not hold ternd's self-signed certificate.
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "--server",
+            &addr.to_string(),
+            "--user",
+            "alice",
+            "--password",
+            "password1",
+        ])
+        .args(["--tls", "register"])
+        .env_remove("TERN_SERVER")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("UnknownIssuer").count(), 1, "{stderr}");
+    assert!(stderr.contains("--ca FILE"), "{stderr}");
+    assert!(server.join().unwrap()[0].is_err());
+}

@@ -283,8 +283,7 @@ enum Credentials<'a> {
 fn run(cli: Cli) -> Result<()> {
     if let Command::Logout { token: Some(token) } = &cli.command {
         let token = parse_hex(token).ok_or_else(|| anyhow!("--token must be hex digits"))?;
-        let mut client = Client::connect(cli.server.as_str(), client_options(&cli))
-            .with_context(|| format!("cannot connect to {}", cli.server))?;
+        let mut client = connect(&cli)?;
         client
             .login_token(&token)
             .context("cannot log in with that token (expired or revoked?)")?;
@@ -318,8 +317,7 @@ fn run(cli: Cli) -> Result<()> {
                 .ok_or_else(|| anyhow!("--password is required (or set TERN_PASSWORD)"))?,
         },
     };
-    let mut client = Client::connect(cli.server.as_str(), client_options(&cli))
-        .with_context(|| format!("cannot connect to {}", cli.server))?;
+    let mut client = connect(&cli)?;
     let (session, password) = match credentials {
         Credentials::Jwt(jwt) => {
             let session = client.login_jwt(jwt).context("cannot log in with the JWT")?;
@@ -512,6 +510,28 @@ fn parse_hex(text: &str) -> Option<Vec<u8>> {
                 .and_then(|pair| u8::from_str_radix(pair, 16).ok())
         })
         .collect()
+}
+
+/// Connects to `--server`. A certificate that no public root vouches for
+/// is most often `ternd gen-cert`'s own, so that failure says what to add.
+fn connect(cli: &Cli) -> Result<Client> {
+    Client::connect(cli.server.as_str(), client_options(cli)).map_err(|e| {
+        let unknown_issuer = matches!(
+            e,
+            ClientError::Tls(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer
+            ))
+        );
+        if unknown_issuer && cli.ca.is_none() {
+            anyhow!(
+                "cannot connect to {}: {e}\n(no public root signed the server's certificate: \
+                 for a self-signed one, as `ternd gen-cert` writes, add --ca FILE naming its cert.pem)",
+                cli.server
+            )
+        } else {
+            anyhow::Error::from(e).context(format!("cannot connect to {}", cli.server))
+        }
+    })
 }
 
 fn client_options(cli: &Cli) -> ClientOptions {
