@@ -630,6 +630,23 @@ fn every_metric_the_dashboard_queries_is_exported() {
         undocumented.is_empty(),
         "docs/operations.md lacks {undocumented:?}"
     );
+    // And documents none that is not exported (a renamed or removed one).
+    let stale: Vec<&str> = guide
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|name| {
+            (name.starts_with("tern_") || name.starts_with("process_"))
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .filter(|name| !families.contains(name))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "docs/operations.md names metrics /metrics does not export: {stale:?}"
+    );
     server.shutdown().unwrap();
 }
 
