@@ -516,3 +516,61 @@ fn a_jwt_cannot_register_or_change_a_password() {
         );
     }
 }
+
+#[test]
+fn history_pages_back_until_the_limit_and_prints_oldest_first() {
+    let group = ConvId::Group { group: 3 };
+    let page = move |seqs: &[u64]| ServerBody::HistoryPage {
+        conv: group,
+        messages: seqs
+            .iter()
+            .map(|&seq| ChatMessage {
+                conv: group,
+                seq,
+                from: 1,
+                client_msg_id: seq,
+                timestamp_ms: 1,
+                content: Content::text(format!("m{seq}")),
+            })
+            .collect(),
+    };
+    let (addr, server) = fake_server(move |mut peer| {
+        login(&mut peer);
+        // A page cut short (to fit a frame): the CLI asks for the rest
+        // below the oldest seq it got, newest first each time.
+        let f = peer.recv();
+        assert_eq!(
+            f.body,
+            ClientBody::History {
+                conv: group,
+                from_seq: 9,
+                forward: false,
+                limit: 3
+            }
+        );
+        peer.send(f.request_id, page(&[9, 8]));
+        let f = peer.recv();
+        assert_eq!(
+            f.body,
+            ClientBody::History {
+                conv: group,
+                from_seq: 7,
+                forward: false,
+                limit: 1
+            }
+        );
+        peer.send(f.request_id, page(&[7]));
+        peer.wait_closed();
+    });
+    let out = tern(
+        addr,
+        &["history", "--group", "3", "--up-to", "9", "--limit", "3"],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "#7 [#group 3 alice] m7\n#8 [#group 3 alice] m8\n#9 [#group 3 alice] m9\n"
+    );
+    server.join().unwrap();
+}

@@ -313,6 +313,18 @@ fn ternd_and_the_tern_cli_end_to_end() {
     common::expect_no_message(&mut bob_lib);
     drop(bob_lib);
 
+    // What was said stays readable, oldest first, by either side.
+    let out = cli.run("bob", &["history", "--to", "alice"]);
+    assert_eq!(out, "#1 [alice] hello\n");
+    let out = cli.run("bob", &["send", "--to", "alice", "and", "again"]);
+    assert!(out.contains("seq 2"), "{out}");
+    let out = cli.run("alice", &["history", "--to", "bob"]);
+    assert_eq!(out, "#1 [alice] hello\n#2 [bob] and again\n");
+    let out = cli.run("alice", &["history", "--to", "bob", "--up-to", "1"]);
+    assert_eq!(out, "#1 [alice] hello\n");
+    let out = cli.run("bob", &["history", "--to", "alice", "--limit", "1"]);
+    assert_eq!(out, "#2 [bob] and again\n");
+
     // An invite withdrawn before it is used: the join is refused.
     let private = cli.run("alice", &["group", "create", "--invite-only", "private"]);
     let private = private.trim();
@@ -391,6 +403,8 @@ fn ternd_and_the_tern_cli_end_to_end() {
         heard.contains(&format!("[#group {group} alice] hi team")),
         "bob heard {heard:?}"
     );
+    let out = cli.run("bob", &["history", "--group", group]);
+    assert_eq!(out, format!("#1 [#group {group} alice] hi team\n"));
     // The watcher is another session of Alice's: it gets the echo.
     loop {
         match common::expect_push(&mut watcher) {

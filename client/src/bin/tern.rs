@@ -112,6 +112,22 @@ enum Command {
         /// The message's sequence number (as `send` printed it).
         seq: u64,
     },
+    /// Show the messages of your conversation with --to, or of --group,
+    /// oldest first, each with its sequence number.
+    History {
+        /// The other user of the 1:1 conversation.
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        to: Option<String>,
+        /// The group.
+        #[arg(long)]
+        group: Option<GroupId>,
+        /// Show messages up to this sequence number (default: the newest).
+        #[arg(long, value_name = "SEQ")]
+        up_to: Option<u64>,
+        /// How many messages, the newest of them (1 to 1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// Lift your block of a user.
     Unblock { name: String },
     /// List the users you block.
@@ -385,6 +401,24 @@ fn run(cli: Cli) -> Result<()> {
             };
             let sent = client.recall(conv, seq).context("cannot withdraw the message")?;
             println!("withdrew message {seq} (the recall is message {})", sent.seq);
+        }
+        Command::History {
+            to,
+            group,
+            up_to,
+            limit,
+        } => {
+            let conv = match (to, group) {
+                (_, Some(group)) => ConvId::Group { group },
+                (Some(name), None) => {
+                    let peer = names
+                        .resolve(&mut client, &name)
+                        .with_context(|| format!("cannot find user {name}"))?;
+                    ConvId::direct(session.user, peer)
+                }
+                (None, None) => bail!("history needs --to or --group"),
+            };
+            print_history(&mut client, &mut names, conv, up_to.unwrap_or(u64::MAX), limit)?;
         }
         Command::Block { name } => {
             let id = client
@@ -936,6 +970,39 @@ fn friend_add(client: &mut Client, names: &mut Names, name: &str) -> Result<Stri
             format!("asked {name} (id {id}) to be friends; you are friends once they add you too")
         }
     })
+}
+
+/// Prints the newest `limit` messages of `conv` at or below seq `up_to`,
+/// oldest first, asking page after page (the server cuts a page to its
+/// frame size and to `PAGE_LIMIT_MAX`).
+fn print_history(client: &mut Client, names: &mut Names, conv: ConvId, up_to: u64, limit: u32) -> Result<()> {
+    let mut newest_first: Vec<ChatMessage> = Vec::new();
+    let mut from = up_to;
+    while newest_first.len() < limit as usize {
+        let left = limit - newest_first.len() as u32;
+        let page = client
+            .history(conv, from, false, left)
+            .context("cannot read the history")?;
+        let Some(oldest) = page.last().map(|m| m.seq) else {
+            break;
+        };
+        // Pages go down; one that does not is a faulty server, not a loop.
+        if oldest > from {
+            bail!("the server's history pages did not move back");
+        }
+        newest_first.extend(page);
+        match oldest.checked_sub(1) {
+            Some(next) if next > 0 => from = next,
+            _ => break,
+        }
+    }
+    if newest_first.is_empty() {
+        println!("no messages");
+    }
+    for message in newest_first.iter().rev() {
+        println!("#{} {}", message.seq, fmt_message(client, names, message)?);
+    }
+    Ok(())
 }
 
 /// Lists the pending friend requests to this user, then those from them.
