@@ -41,7 +41,7 @@ pub struct Common {
     /// kernel's choice. `none`: never bind.
     #[arg(long, global = true, default_value = "auto")]
     pub source_ips: String,
-    /// Username prefix. Given: users `{prefix}{n}` are reused when they exist
+    /// Username prefix. Given: users `<prefix><n>` are reused when they exist
     /// (login is tried first). Default: `lg{run_id}_`, registered fresh.
     #[arg(long, global = true)]
     pub prefix: Option<String>,
@@ -659,5 +659,17 @@ mod tests {
         assert_eq!(cli.common.user_prefix("abc"), ("lgabc_".to_string(), false));
         let cli = Cli::try_parse_from(["loadgen", "--prefix", "bench_", "connect"]).unwrap();
         assert_eq!(cli.common.user_prefix("abc"), ("bench_".to_string(), true));
+    }
+
+    #[test]
+    fn help_shows_the_prefix_pattern_on_one_line() {
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        let line = help
+            .lines()
+            .find(|line| line.contains("Username prefix"))
+            .expect("--prefix has help");
+        assert!(line.contains("users `<prefix><n>` are reused"), "{line}");
     }
 }
