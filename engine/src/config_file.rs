@@ -32,6 +32,10 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// fast instead of filling memory.
 pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 
+/// The `log` key's default: the server at `info`, the storage engine's
+/// own crates at `warn`.
+pub const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
+
 /// The effective settings of a `ternd` process.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -988,7 +992,10 @@ impl Default for Settings {
         Settings {
             config: Config::default(),
             metrics_listen: None,
-            log: "info".to_owned(),
+            // fjall and lsm-tree log every journal recovery step and every
+            // memtable flush at `info`: ~50 lines per start and one per
+            // flush under load, which drowns the server's own lines.
+            log: DEFAULT_LOG.to_owned(),
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             tls_listen: None,
             tls_cert: None,
@@ -1363,7 +1370,7 @@ mod tests {
         assert_eq!(settings.config.idle_timeout, engine.idle_timeout);
         assert_eq!(settings.config.durability, Durability::Sync);
         assert_eq!(settings.metrics_listen, None);
-        assert_eq!(settings.log, "info");
+        assert_eq!(settings.log, DEFAULT_LOG);
     }
 
     #[test]
