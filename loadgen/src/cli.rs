@@ -143,6 +143,13 @@ pub enum Scenario {
     /// 1:1 and in groups, offline users catch up by `Sync` at the end
     /// (Tern only; see loadgen/profiles/day.toml).
     Mix(MixArgs),
+    /// Friends' presence: U users, each friends with F others (set up
+    /// through FriendAdd first), then a login storm (every user logs in at
+    /// once or at --rate) or steady churn (K% of users log out and in
+    /// every second); latency from a login to each online friend's
+    /// `Presence` push, and a check that every friend ends seeing the
+    /// state that holds (Tern only).
+    Presence(PresenceArgs),
     /// Turns `--json` results into a capacity-planning summary (markdown on
     /// stdout) and optionally a latency-percentile plot (SVG). Runs no load.
     Report(ReportArgs),
@@ -153,6 +160,43 @@ pub struct MixArgs {
     /// The day to replay (TOML; see loadgen/profiles/day.toml).
     #[arg(long)]
     pub profile: PathBuf,
+}
+
+/// What the `presence` scenario measures.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceMode {
+    /// Every user logs in once; the window runs until the pushes settled.
+    Storm,
+    /// After the storm (not measured), users log out and in for
+    /// --duration-secs.
+    Churn,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PresenceArgs {
+    /// Users (all processes together). Each executor's share forms its own
+    /// friend graph, so it must exceed --friends.
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// Friends per user: the nearest in a ring of the executor's users.
+    #[arg(long, default_value_t = 20)]
+    pub friends: usize,
+    #[arg(long, value_enum, default_value_t = PresenceMode::Storm)]
+    pub mode: PresenceMode,
+    /// Storm logins per second (all processes together); default: as fast
+    /// as --max-pending allows.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Storm logins in flight at once (all processes together).
+    #[arg(long, default_value_t = 512)]
+    pub max_pending: usize,
+    /// `churn`: percentage of the online users that log out and in again
+    /// every second.
+    #[arg(long, default_value_t = 5.0)]
+    pub percent: f64,
+    /// `churn`: how long a user stays logged out, ms.
+    #[arg(long, default_value_t = 500)]
+    pub offline_ms: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -367,7 +411,7 @@ impl Cli {
         parse_source_ips(&c.source_ips, c.server)?;
         let tern_only = matches!(
             self.scenario,
-            Scenario::Offline(_) | Scenario::Churn(_) | Scenario::Mix(_)
+            Scenario::Offline(_) | Scenario::Churn(_) | Scenario::Mix(_) | Scenario::Presence(_)
         );
         if tern_only && c.protocol != Protocol::Tern {
             return Err(format!("{} runs against Tern only", self.scenario_name()));
@@ -431,6 +475,25 @@ impl Cli {
             Scenario::Mix(a) => {
                 crate::profile::Profile::load(&a.profile)?.check_split(c.procs * c.threads)?;
             }
+            Scenario::Presence(a) => {
+                if a.friends == 0 || a.max_pending == 0 {
+                    return Err("--friends and --max-pending must be at least 1".into());
+                }
+                let slots = c.procs * c.threads;
+                if a.users / slots <= a.friends {
+                    return Err(format!(
+                        "--users {} over {slots} executors leaves fewer than --friends {} + 1 users \
+                         in some executor's graph",
+                        a.users, a.friends
+                    ));
+                }
+                if a.rate.is_some_and(|r| !positive(r)) {
+                    return Err("presence --rate must be > 0".into());
+                }
+                if !(a.percent.is_finite() && (0.0..=100.0).contains(&a.percent)) {
+                    return Err("--percent must be in [0, 100]".into());
+                }
+            }
             Scenario::Report(a) => a.validate()?,
         }
         Ok(())
@@ -445,6 +508,7 @@ impl Cli {
             Scenario::Offline(_) => "offline",
             Scenario::Churn(_) => "churn",
             Scenario::Mix(_) => "mix",
+            Scenario::Presence(_) => "presence",
             Scenario::Report(_) => "report",
         }
     }
@@ -651,6 +715,25 @@ mod tests {
             Cli::try_parse_from(["loadgen", "--protocol", "nats", "--tls-ca", "ca.pem", "pairs"]).unwrap();
         assert!(bad.validate().unwrap_err().contains("--tls-ca"));
         assert!(Cli::try_parse_from(["loadgen", "bogus"]).is_err());
+
+        let ok = Cli::try_parse_from(["loadgen", "presence", "--users", "42", "--friends", "20"]).unwrap();
+        ok.validate().unwrap();
+        // Each executor's share must hold a user and all its friends.
+        let bad = Cli::try_parse_from([
+            "loadgen",
+            "--threads",
+            "2",
+            "presence",
+            "--users",
+            "40",
+            "--friends",
+            "20",
+        ])
+        .unwrap();
+        assert!(bad.validate().unwrap_err().contains("--friends"));
+        let bad =
+            Cli::try_parse_from(["loadgen", "presence", "--mode", "churn", "--percent", "101"]).unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! executors that open many connections from many source addresses
 //! ([`wire`]), set up users ([`users`]) and run one scenario ([`connect`],
 //! [`pairs`], [`groups`], [`offline`], [`churn`], [`mix`] from a
-//! [`profile`]; against nats-server or
+//! [`profile`], [`presence`] over a friend graph; against nats-server or
 //! mosquitto [`peer_load`] over [`peer`], [`nats`] and [`mqtt`]). Every
 //! received stream is checked for loss, duplicates and reordering
 //! ([`verify`]). Latencies go into HdrHistograms ([`stats`]) that
@@ -30,6 +30,7 @@ mod peer;
 mod peer_load;
 mod plan;
 mod plot;
+mod presence;
 mod profile;
 mod report;
 mod stats;
@@ -75,11 +76,12 @@ fn main() -> ExitCode {
         Ok((result, hist)) => {
             print!("{}", report::summary(&result));
             let mut status = ExitCode::SUCCESS;
-            let violations = result.lost + result.duplicated + result.reordered;
+            let presence = result.presence.as_ref().map_or(0, |p| p.violations());
+            let violations = result.lost + result.duplicated + result.reordered + presence;
             if cli.common.verify && violations > 0 {
                 eprintln!(
-                    "loadgen: verify failed: {} lost, {} duplicated, {} reordered",
-                    result.lost, result.duplicated, result.reordered
+                    "loadgen: verify failed: {} lost, {} duplicated, {} reordered, {} wrong presence",
+                    result.lost, result.duplicated, result.reordered, presence
                 );
                 status = ExitCode::FAILURE;
             }

@@ -154,6 +154,10 @@ pub struct RunResult {
     pub unacked: u64,
     #[serde(default)]
     pub resent: u64,
+    /// `presence`: pushes owed and received, and the checks at the end
+    /// (`latency_us` then runs from a login to a friend's push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<crate::stats::PresenceTally>,
     /// Whether every loadgen process's io_uring rings skip the interrupt
     /// per completion (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19+). Without
     /// it each delivery costs the *server's* core an extra interrupt over
@@ -250,6 +254,7 @@ pub fn merge(parts: &[RunResult]) -> Result<(RunResult, Histogram<u64>), String>
         out.abrupt_losses += part.abrupt_losses;
         out.unacked += part.unacked;
         out.resent += part.resent;
+        crate::stats::merge_presence(&mut out.presence, part.presence.as_ref());
         // One process with interrupting rings makes the run one of those.
         out.io_uring_coop_taskrun = match (out.io_uring_coop_taskrun, part.io_uring_coop_taskrun) {
             (None, mode) | (mode, None) => mode,
@@ -375,6 +380,27 @@ pub fn summary(r: &RunResult) -> String {
                 r.shutdown_disconnects, r.abrupt_losses, r.resent, r.unacked
             ));
         }
+    }
+    if let Some(p) = &r.presence {
+        s.push_str(&format!(
+            "  presence     {} logins timed at a friend ({:.0}/s); {} owed, {} arrived, {} missing, \
+             {} superseded, {} called off; {} online + {} offline pushes; settled in {:.2} s\n",
+            p.timed,
+            r.msgs_per_s,
+            p.expected,
+            p.met,
+            p.missing,
+            p.superseded,
+            p.cancelled,
+            p.online_pushes,
+            p.offline_pushes,
+            p.settle_s
+        ));
+        s.push_str(&format!(
+            "  presence ok  {} pushes of a non-friend, {} friends seen in the wrong state at the end, \
+             {} users down at the end\n",
+            p.foreign, p.stale, p.down
+        ));
     }
     if r.scenario == "mix" {
         s.push_str(&format!(

@@ -205,6 +205,68 @@ pub struct ExecOutcome {
     pub outage_end_unix_us: Option<u64>,
     pub unacked: u64,
     pub resent: u64,
+    /// `presence`: what the friends heard.
+    pub presence: Option<PresenceTally>,
+}
+
+/// What the `presence` scenario counted ([`crate::presence`]): pushes
+/// owed and received, and what was wrong at the end.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PresenceTally {
+    /// Online pushes owed: a friend was logged in when a user's login began.
+    pub expected: u64,
+    /// Owed pushes that arrived.
+    pub met: u64,
+    /// Online pushes timed: the first per login of a user at each friend.
+    pub timed: u64,
+    /// Owed pushes a later login of the same user replaced.
+    pub superseded: u64,
+    /// Owed pushes a drop of either side called off.
+    pub cancelled: u64,
+    /// Owed pushes that never arrived.
+    pub missing: u64,
+    pub online_pushes: u64,
+    pub offline_pushes: u64,
+    /// Pushes naming someone who is not a friend of the receiver.
+    pub foreign: u64,
+    /// At the end, with every user online: friends a session did not see
+    /// online (its `FriendList` answer and the pushes after it).
+    pub stale: u64,
+    /// Users not logged in at the end.
+    pub down: u64,
+    /// From the first login (storm) or the window's start (churn) to the
+    /// last online push.
+    pub settle_s: f64,
+}
+
+impl PresenceTally {
+    /// Adds another executor's or worker's counts (the longest settle).
+    pub fn merge(&mut self, o: &PresenceTally) {
+        self.expected += o.expected;
+        self.met += o.met;
+        self.timed += o.timed;
+        self.superseded += o.superseded;
+        self.cancelled += o.cancelled;
+        self.missing += o.missing;
+        self.online_pushes += o.online_pushes;
+        self.offline_pushes += o.offline_pushes;
+        self.foreign += o.foreign;
+        self.stale += o.stale;
+        self.down += o.down;
+        self.settle_s = self.settle_s.max(o.settle_s);
+    }
+
+    /// Whatever breaks the guarantees (`--verify` fails on it).
+    pub fn violations(&self) -> u64 {
+        self.foreign + self.stale
+    }
+}
+
+/// Merges `part` into `into`, either of which may be absent.
+pub fn merge_presence(into: &mut Option<PresenceTally>, part: Option<&PresenceTally>) {
+    if let Some(part) = part {
+        into.get_or_insert_with(PresenceTally::default).merge(part);
+    }
 }
 
 impl ExecOutcome {
@@ -235,6 +297,7 @@ impl ExecOutcome {
             outage_end_unix_us: None,
             unacked: 0,
             resent: 0,
+            presence: None,
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::report::{histogram_to_hex, rate, recovery_secs, Latency, RunResult};
 use crate::stats::{new_histogram, ExecOutcome, LiveCounters, Recorder};
 use crate::sys::{raise_nofile, SPARE_FDS};
 use crate::wire::WireError;
-use crate::{churn, connect, groups, mix, offline, pairs, peer_load};
+use crate::{churn, connect, groups, mix, offline, pairs, peer_load, presence};
 
 /// Connections one executor opens at once while connecting (pairs, groups).
 pub const CONNECT_CONCURRENCY: usize = 64;
@@ -99,6 +99,7 @@ impl Plan {
             }
             // Online users, then the syncing offline ones, all at most.
             Scenario::Mix(_) => share(self.mix_users(), self.cli.common.procs, self.child).len(),
+            Scenario::Presence(a) => share(a.users, self.cli.common.procs, self.child).len(),
             Scenario::Report(_) => 0,
         };
         held as u64 + self.cli.common.setup_concurrency as u64 + SPARE_FDS
@@ -272,6 +273,7 @@ async fn run_executor(plan: Arc<Plan>, exec: usize) -> ExecOutcome {
         Scenario::Offline(args) => offline::run(ctx.clone(), args).await,
         Scenario::Churn(args) => churn::run(ctx.clone(), args).await,
         Scenario::Mix(args) => mix::run(ctx.clone(), args).await,
+        Scenario::Presence(args) => presence::run(ctx.clone(), args).await,
         Scenario::Report(_) => ExecOutcome::empty(),
     };
     drop(ticker);
@@ -415,6 +417,7 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
             Scenario::Connect(_) => "session_setup".into(),
             Scenario::Offline(_) => "time_to_first_message".into(),
             Scenario::Churn(_) => "resume".into(),
+            Scenario::Presence(_) => "presence".into(),
             _ => "delivery".into(),
         },
         protocol: plan.cli.common.protocol.name().into(),
@@ -458,6 +461,7 @@ fn worker_result(plan: &Plan, outcomes: &[ExecOutcome]) -> Result<RunResult, Str
         r.abrupt_losses += o.abrupt_losses;
         r.unacked += o.unacked;
         r.resent += o.resent;
+        crate::stats::merge_presence(&mut r.presence, o.presence.as_ref());
         if let Some(start) = o.outage_start_unix_us {
             r.outage_start_unix_us = Some(r.outage_start_unix_us.map_or(start, |s| s.min(start)));
             outage_incomplete |= o.outage_end_unix_us.is_none();

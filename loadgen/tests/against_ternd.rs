@@ -1,5 +1,5 @@
 //! End to end: a real `ternd` process, driven by the `loadgen` binary over
-//! TCP with the `pairs`, `connect`, `offline`, `churn` and `mix` scenarios;
+//! TCP with the `pairs`, `connect`, `offline`, `churn`, `mix` and `presence` scenarios;
 //! each must deliver every message exactly once, in order (`--verify`), and
 //! report no errors. `loadgen report` then turns a result into a capacity
 //! plan and a percentile plot. With `--tls-ca` the same scenarios run over
@@ -669,4 +669,77 @@ fn offline_rerun_with_the_same_prefix_counts_only_its_own_backlog() {
         (Some(50), Some(0)),
         "second run with the same --prefix: {second}"
     );
+}
+
+/// `presence`: a friend graph made through `FriendAdd`, a login storm in
+/// which every owed push arrives and every friend ends up seen online,
+/// then churn over two processes, where nothing names a non-friend and
+/// every session's last word on each friend is online once all are back.
+#[test]
+fn presence_storm_and_churn_reach_every_friend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+
+    let storm = loadgen(
+        &addr,
+        &dir.path().join("storm.json"),
+        &[
+            "--verify",
+            "presence",
+            "--users",
+            "60",
+            "--friends",
+            "6",
+            "--rate",
+            "300",
+        ],
+    );
+    assert_eq!(storm["scenario"], "presence");
+    assert_eq!(storm["latency_of"], "presence");
+    assert_eq!(storm["connections"].as_u64(), Some(60), "{storm}");
+    assert_eq!(storm["errors"].as_u64(), Some(0), "{storm}");
+    let p = &storm["presence"];
+    // Paced logins: most friends are online before each login starts.
+    assert!(p["expected"].as_u64().expect("expected") > 60, "{storm}");
+    assert_eq!(p["met"], p["expected"], "{storm}");
+    for key in ["missing", "foreign", "stale", "down"] {
+        assert_eq!(p[key].as_u64(), Some(0), "{key}: {storm}");
+    }
+    assert!(
+        p["timed"].as_u64().expect("timed") >= p["met"].as_u64().expect("met"),
+        "{storm}"
+    );
+    assert!(storm["latency_us"]["p99"].as_u64().expect("p99") > 0, "{storm}");
+
+    let churn = loadgen(
+        &addr,
+        &dir.path().join("churn.json"),
+        &[
+            "--verify",
+            "--procs",
+            "2",
+            "--duration-secs",
+            "3",
+            "presence",
+            "--mode",
+            "churn",
+            "--users",
+            "40",
+            "--friends",
+            "4",
+            "--percent",
+            "25",
+            "--offline-ms",
+            "100",
+        ],
+    );
+    assert_eq!(churn["errors"].as_u64(), Some(0), "{churn}");
+    // Ticks at 1 s and 2 s, 5 users of each process's 20 each.
+    assert_eq!(churn["reconnects"].as_u64(), Some(20), "{churn}");
+    let p = &churn["presence"];
+    for key in ["foreign", "stale", "down"] {
+        assert_eq!(p[key].as_u64(), Some(0), "{key}: {churn}");
+    }
+    assert!(p["online_pushes"].as_u64().expect("online") > 0, "{churn}");
+    assert!(p["offline_pushes"].as_u64().expect("offline") > 0, "{churn}");
 }
