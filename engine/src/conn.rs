@@ -864,7 +864,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
     }
     let _ = outbox.push(&logged_in);
     if first_session {
-        glommio::spawn_local(shard.clone().announce_presence(user, true)).detach();
+        shard.presence_changed(user);
     }
     let idle_ms = config.idle_timeout.as_millis() as u64;
     let session = Session::authenticated(user, now_ms(), idle_ms, config.max_message_bytes);
@@ -973,7 +973,7 @@ fn serve_session(
         conn.shard.m().session_closed();
         tracing::debug!(user = conn.user, shard = conn.shard.index, "session closed");
         if last_session {
-            glommio::spawn_local(conn.shard.clone().announce_presence(conn.user, false)).detach();
+            conn.shard.presence_changed(conn.user);
         }
         drop((reader, guards));
     }

@@ -106,18 +106,27 @@ pub enum Request {
         peer: UserId,
         reply: oneshot::Sender<Result<(), tern_storage::StoreError>>,
     },
-    /// `subject` came online or went offline: tell those of `to` who are
-    /// still their friends; for the home shard of each pair's 1:1
-    /// conversation (all of `to` share it), where friendships end.
-    PresenceNotice {
-        subject: UserId,
-        online: bool,
-        to: Vec<UserId>,
-        /// Dropped once the pushes are queued to the friends' shards (a
-        /// deleted account's purge waits for that before it removes the
-        /// friendships the look needs).
+    /// Users homed on the sender came online or went offline: tell those
+    /// of each notice's `to` who are still their friends; for the home
+    /// shard of every listed pair's 1:1 conversation, where friendships
+    /// end ([`crate::shard`]'s presence batches).
+    PresenceNotices {
+        notices: Vec<PresenceNotice>,
+        /// Dropped once every notice's pushes are queued to the friends'
+        /// shards (or dropped): the sender waits for it, which bounds the
+        /// notices waiting here, and a deleted account's purge waits for
+        /// it before it removes the friendships the look needs.
         queued: Option<oneshot::Sender<()>>,
     },
+}
+
+/// `subject` came online (or went offline): for those of `to` who are
+/// still friends of theirs, all with their pair homed on one shard.
+#[derive(Debug)]
+pub struct PresenceNotice {
+    pub subject: UserId,
+    pub online: bool,
+    pub to: Vec<UserId>,
 }
 
 /// A membership, role or invite operation by the requesting user, run on
@@ -243,7 +252,7 @@ pub enum Event {
         frame: Encoded,
     },
     /// `subject` came online or went offline; tell these friends of
-    /// theirs (sent by the shards of the pairs, [`Request::PresenceNotice`]).
+    /// theirs (sent by the shards of the pairs, [`Request::PresenceNotices`]).
     Presence {
         to: Vec<UserId>,
         subject: UserId,

@@ -331,3 +331,144 @@ fn the_last_presence_a_friend_gets_is_the_state_that_holds() {
     );
     drop(stayed);
 }
+
+/// Reads what `watchers` get until none of them has heard anything for
+/// a second, or for as long as `busy` says so, adding each `Presence` to
+/// the watcher's list in `heard`.
+fn read_presence(watchers: &mut [Client], heard: &mut [Vec<(UserId, bool)>], busy: impl Fn() -> bool) {
+    let mut last_push = std::time::Instant::now();
+    while busy() || last_push.elapsed() < Duration::from_secs(1) {
+        for (w, pushes) in watchers.iter_mut().zip(heard.iter_mut()) {
+            while let Some(push) = next_raw_push(w, Duration::from_millis(1)) {
+                match push {
+                    ServerBody::Presence { user, online } => pushes.push((user, online)),
+                    other => panic!("unexpected {other:?}"),
+                }
+                last_push = std::time::Instant::now();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn no_rate_limits(c: &mut tern_engine::config::Config) {
+    c.limits.message_rate_per_sec = 0;
+    c.limits.connection_rate_per_ip = 0;
+    c.limits.max_connections_per_ip = 0;
+    c.limits.registration_rate_per_ip_per_hour = 0;
+}
+
+/// Many friends of two watchers (one per shard) log in at once: the
+/// announcements are batched, and each watcher hears of each of them
+/// exactly once, online, and of nobody else.
+#[test]
+fn a_login_burst_reaches_every_friend_exactly_once() {
+    const SUBJECTS: usize = 48;
+    let server = TestServer::start_with(no_rate_limits);
+    let store = server.admin_context().store;
+    let watchers: Vec<User> = (0..2)
+        .map(|s| server.user_on_shard(&format!("bw{s}_"), s % server.shards()))
+        .collect();
+    let subjects: Vec<User> = (0..SUBJECTS)
+        .map(|n| server.user_on_shard(&format!("bs{n}_"), n % server.shards()))
+        .collect();
+    for subject in &subjects {
+        for watcher in &watchers {
+            store.add_friend(subject.id, watcher.id).expect("ask");
+            store.add_friend(watcher.id, subject.id).expect("accept");
+        }
+    }
+    let mut w: Vec<Client> = watchers.iter().map(|u| server.login(u)).collect();
+    let barrier = std::sync::Barrier::new(SUBJECTS);
+    let sessions = std::thread::scope(|s| {
+        let joins: Vec<_> = subjects
+            .iter()
+            .map(|subject| {
+                let (server, barrier) = (&server, &barrier);
+                s.spawn(move || {
+                    let mut client = server.connect();
+                    barrier.wait();
+                    client.login(&subject.name, PASSWORD).expect("login");
+                    client
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("login"))
+            .collect::<Vec<_>>()
+    });
+    let mut heard = vec![Vec::new(); w.len()];
+    read_presence(&mut w, &mut heard, || false);
+    for (watcher, pushes) in watchers.iter().zip(&heard) {
+        let mut got = pushes.clone();
+        got.sort_unstable();
+        let mut want: Vec<(UserId, bool)> = subjects.iter().map(|s| (s.id, true)).collect();
+        want.sort_unstable();
+        assert_eq!(got, want, "watcher {}: one online push per friend", watcher.id);
+    }
+    drop(sessions);
+}
+
+/// A user with many friends on every shard logs in and out rapidly from
+/// two threads: once it settles every friend's last `Presence` of them
+/// is the final state, first online (a session stays), then offline.
+#[test]
+fn a_flapping_user_leaves_every_friend_with_the_final_state() {
+    const FRIENDS: usize = 40;
+    const ROUNDS: u64 = 30;
+    let server = TestServer::start_with(no_rate_limits);
+    let store = server.admin_context().store;
+    let subject = server.user_on_shard("fs", 0);
+    let friends: Vec<User> = (0..FRIENDS)
+        .map(|n| server.user_on_shard(&format!("ff{n}_"), n % server.shards()))
+        .collect();
+    for friend in &friends {
+        store.add_friend(subject.id, friend.id).expect("ask");
+        store.add_friend(friend.id, subject.id).expect("accept");
+    }
+    let mut w: Vec<Client> = friends.iter().map(|u| server.login(u)).collect();
+    let mut heard = vec![Vec::new(); w.len()];
+    let flapping = std::sync::atomic::AtomicUsize::new(2);
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (server, subject, flapping) = (&server, &subject, &flapping);
+            s.spawn(move || {
+                for round in 0..ROUNDS {
+                    let session = server.login(subject);
+                    std::thread::sleep(Duration::from_micros((t * 131 + round * 37) % 500));
+                    drop(session);
+                }
+                flapping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        // Read while it flaps, so no friend's queue fills.
+        read_presence(&mut w, &mut heard, || {
+            flapping.load(std::sync::atomic::Ordering::SeqCst) > 0
+        });
+    });
+    let stays = server.login(&subject);
+    read_presence(&mut w, &mut heard, || false);
+    let wrong: Vec<_> = friends
+        .iter()
+        .zip(&heard)
+        .filter(|(_, pushes)| pushes.last() != Some(&(subject.id, true)))
+        .map(|(f, pushes)| (f.id, pushes.last().copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "friends whose last Presence is not online: {wrong:?}"
+    );
+    drop(stays);
+    read_presence(&mut w, &mut heard, || false);
+    let wrong: Vec<_> = friends
+        .iter()
+        .zip(&heard)
+        .filter(|(_, pushes)| pushes.last() != Some(&(subject.id, false)))
+        .map(|(f, pushes)| (f.id, pushes.last().copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "friends whose last Presence is not offline: {wrong:?}"
+    );
+}

@@ -22,8 +22,8 @@
 //!
 //! Friendships end here too (`FriendRemove`, [`Shard::unfriend`]), under
 //! the same permit, and the presence pushes between friends go out from
-//! here ([`Shard::presence_notice`]): a user's announcement, built from a
-//! read of their friends that may be stale by now, is split by the shard
+//! here (`super::presence`, in batches): a user's announcement, built from
+//! a read of their friends that may be stale by now, is split by the shard
 //! of each pair and looked at again under the permit, so no `Presence`
 //! of an ex-friend arrives after the `Ok` of a `FriendRemove` or of a
 //! block, which ends the friendship as well. Nothing else pushes from one
@@ -106,47 +106,6 @@ impl Shard {
     ) -> Option<Result<(), StoreError>> {
         let _permit = self.pair_changes.acquire_permit(1).await.ok()?;
         Some(self.blocking(move |store| store.remove_friend(user, peer)).await)
-    }
-
-    /// Pushes `subject`'s coming online (or going offline) to those of
-    /// `to` who are still friends of theirs, each pair's conversation
-    /// homed here. Holds the permit of pair changes while it looks and
-    /// queues, as [`Shard::pair_notice`] does, so a friendship that ended
-    /// (a `FriendRemove`, a block) either ended before the look (no push)
-    /// or ends after the push is queued, ahead of its `Ok`. Best effort: a
-    /// failed look drops it.
-    ///
-    /// Notices of one subject may run here in another order than their
-    /// changes happened: the permit is not first come, first served (a
-    /// woken waiter can be overtaken, then queues again at the back), and
-    /// a send that waits for room on the queue from the subject's shard
-    /// can be overtaken by a later one that found room. So a notice asks
-    /// the subject's home shard, under the permit, whether the subject is
-    /// online now, and is dropped unless it says just that: the notice of
-    /// the last change runs after it, so it finds it true and is pushed,
-    /// and any notice that runs later finds the same state, so the last
-    /// `Presence` a friend gets is the state that holds.
-    pub(super) async fn presence_notice(self: &Rc<Self>, subject: UserId, online: bool, to: Vec<UserId>) {
-        let Ok(_permit) = self.pair_changes.acquire_permit(1).await else {
-            return;
-        };
-        // A deleted account is offline for good, though its sessions may
-        // still be closing (its purge announces that before they are gone).
-        let online_now =
-            !self.store.is_deleted(subject) && self.online_among(vec![subject]).await.contains(&subject);
-        if online_now != online {
-            return;
-        }
-        let friends = match self.blocking(move |store| store.friends_among(subject, to)).await {
-            Ok(friends) => friends,
-            Err(e) => return tracing::warn!(error = %e, subject, "presence push dropped"),
-        };
-        for (shard, to) in self.partition(friends).into_iter().enumerate() {
-            if !to.is_empty() {
-                let presence = Event::Presence { to, subject, online };
-                self.send_event(shard, presence).await;
-            }
-        }
     }
 
     /// Hands `body`, news from `from` to `to` of a change already stored,

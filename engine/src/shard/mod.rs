@@ -16,6 +16,7 @@ mod commit;
 mod deletion;
 mod groups;
 mod loads;
+mod presence;
 mod recall;
 mod receipts;
 mod typing;
@@ -155,6 +156,10 @@ pub struct Shard {
     /// its answer, and by a push from one of them to the other while it
     /// looks at the store and queues ([`blocks`]).
     pair_changes: glommio::sync::Semaphore,
+    /// Users homed here whose presence is not announced yet ([`presence`]).
+    announcing: RefCell<presence::Announcing>,
+    /// Presence notices waiting for `pair_changes` ([`presence`]).
+    pair_queue: RefCell<presence::PairQueue>,
     /// One permit: held by a group purge for each step ([`deletion`]), so
     /// however many purges there are, one blocking thread at a time does
     /// that work and the others stay free for logins and requests.
@@ -288,6 +293,8 @@ impl Shard {
             groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
             pair_changes: glommio::sync::Semaphore::new(1),
+            announcing: RefCell::new(presence::Announcing::default()),
+            pair_queue: RefCell::new(presence::PairQueue::default()),
             purge_steps: glommio::sync::Semaphore::new(1),
             requests_out: RefCell::new(requests_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
             events_out: RefCell::new(events_out.into_iter().map(|tx| tx.map(Rc::new)).collect()),
@@ -829,19 +836,7 @@ impl Shard {
                 })
                 .detach();
             }
-            Request::PresenceNotice {
-                subject,
-                online,
-                to,
-                queued,
-            } => {
-                let shard = self.clone();
-                glommio::spawn_local(async move {
-                    shard.presence_notice(subject, online, to).await;
-                    drop(queued);
-                })
-                .detach();
-            }
+            Request::PresenceNotices { notices, queued } => self.queue_presence(notices, queued),
             Request::PairNotice {
                 from,
                 to,
@@ -965,61 +960,6 @@ impl Shard {
         }
     }
 
-    /// Tells `user`'s friends that `user` came online or went offline,
-    /// through the home shard of each pair's conversation, which looks
-    /// again whether the two are still friends ([`Shard::presence_notice`]):
-    /// the read here may be overtaken by a `FriendRemove` or a block.
-    /// Announcements of one user may reach that shard's permit in another
-    /// order than they were made; it asks this shard again whether the
-    /// user is online and drops one that no longer holds, so the last push
-    /// is the state that holds.
-    pub(crate) async fn announce_presence(self: Rc<Self>, user: UserId, online: bool) {
-        let friends = match self.blocking(move |store| store.friends(user)).await {
-            Ok(friends) => friends,
-            Err(e) => return tracing::warn!(error = %e, user, "cannot load friends for presence"),
-        };
-        // Announcements run side by side, each after its own store read:
-        // when the user went offline and came back (or the reverse) while
-        // this one read, a later one announces the state that holds now.
-        // The pair's shard would drop this one anyway; spare it the hop.
-        let online_now = self
-            .sessions
-            .borrow()
-            .get(&user)
-            .is_some_and(|keys| !keys.is_empty());
-        if online_now != online {
-            return;
-        }
-        self.notify_friends(user, online, friends).await;
-    }
-
-    /// Hands `user`'s presence to the home shard of each pair's 1:1
-    /// conversation, where a friendship's end is ordered with it
-    /// ([`blocks`]); returns once every shard has queued its pushes.
-    pub(crate) async fn notify_friends(self: &Rc<Self>, user: UserId, online: bool, friends: Vec<UserId>) {
-        let by_pair_shard = self.partition_by(friends, |friend| {
-            self.home_of(ConvId::direct(user, friend).placement_key())
-        });
-        let mut queued = Vec::new();
-        for (shard, to) in by_pair_shard.into_iter().enumerate() {
-            if !to.is_empty() {
-                let (tx, rx) = futures_channel::oneshot::channel();
-                let notice = Request::PresenceNotice {
-                    subject: user,
-                    online,
-                    to,
-                    queued: Some(tx),
-                };
-                self.send_request(shard, notice).await;
-                queued.push(rx);
-            }
-        }
-        for rx in queued {
-            // Dropped unsent: the pushes are queued (or the shard stops).
-            let _ = rx.await;
-        }
-    }
-
     /// Which of `users` are online, asking each of their home shards.
     pub async fn online_among(self: &Rc<Self>, users: Vec<UserId>) -> FxHashSet<UserId> {
         let mut online = FxHashSet::default();
@@ -1043,7 +983,11 @@ impl Shard {
     }
 
     /// Splits users by the shard `shard_of` names for each.
-    fn partition_by(&self, users: Vec<UserId>, shard_of: impl Fn(UserId) -> usize) -> Vec<Vec<UserId>> {
+    pub(super) fn partition_by(
+        &self,
+        users: Vec<UserId>,
+        shard_of: impl Fn(UserId) -> usize,
+    ) -> Vec<Vec<UserId>> {
         let mut by_shard = vec![Vec::new(); self.shards];
         for user in users {
             if let Some(list) = by_shard.get_mut(shard_of(user)) {
