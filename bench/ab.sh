@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two (or three) variants of ternd + loadgen side by side, in alternating rounds: the
 # way every before/after figure in docs/benchmarks.md is meant to be taken
-# on these shared, noisy machines. Each run starts ternd (one shard, on
+# on these shared, noisy machines. Each run starts ternd (SHARDS shards, one by default, on
 # SERVER_CPU, fresh data dir, DURABILITY) and runs one loadgen scenario
 # against it on CLIENT_CPU; the variants differ by environment (A_ENV,
 # B_ENV: space-separated NAME=VALUE pairs given to both ternd and loadgen)
@@ -16,7 +16,9 @@
 #   e.g. A_ENV=GLOMMIO_COOP_TASKRUN=0 bench/ab.sh -- pairs --pairs 100 --window 1
 # Environment: A_ENV, B_ENV, A_ARGS, B_ARGS (empty), A_BIN, B_BIN (this tree), A_NAME (a),
 # B_NAME (b), ROUNDS (2), DURATION (8 s), DURABILITY (sync), SERVER_CPU (0),
-# CLIENT_CPU (1), PORT (7884). Setting C_NAME adds a third variant (C_ENV,
+# CLIENT_CPU (1), PORT (7884), SHARDS (1; with more, give SERVER_CPU as
+# many CPUs, e.g. SHARDS=2 SERVER_CPU=0,1 CLIENT_CPU=2: cross-shard work
+# such as presence's pair shards only shows then). Setting C_NAME adds a third variant (C_ENV,
 # C_ARGS, C_BIN) to each round. Needs jq (Debian package jq) to read the results.
 set -euo pipefail
 
@@ -37,6 +39,7 @@ DURABILITY=${DURABILITY:-sync}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PORT=${PORT:-7884}
+SHARDS=${SHARDS:-1}
 A_NAME=${A_NAME:-a}
 B_NAME=${B_NAME:-b}
 
@@ -66,7 +69,7 @@ run_one() { # $1 variant name, $2 its binaries, $3 its environment, $4 its loadg
     read -r -a extra_args <<<"$extra"
     rm -rf "$data"
     env "${env_vars[@]}" taskset -c "$SERVER_CPU" "$bin/ternd" --listen "127.0.0.1:$PORT" \
-        --data-dir "$data" --shards 1 --no-pin --durability "$DURABILITY" \
+        --data-dir "$data" --shards "$SHARDS" --no-pin --durability "$DURABILITY" \
         --argon2-memory-kib 64 --argon2-iterations 1 \
         >"$RESULTS/$tag.ternd.out" 2>"$RESULTS/$tag.ternd.err" &
     SERVER_PID=$!
@@ -103,7 +106,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 {
-    echo "# loadgen $* (durability $DURABILITY, ${DURATION} s, ternd on CPU $SERVER_CPU, loadgen on CPU $CLIENT_CPU)"
+    echo "# loadgen $* (durability $DURABILITY, ${DURATION} s, ternd ($SHARDS shards) on CPU $SERVER_CPU, loadgen on CPU $CLIENT_CPU)"
     for v in "${VARIANTS[@]}"; do
         name_var=${v}_NAME bin_var=${v}_BIN env_var=${v}_ENV args_var=${v}_ARGS
         echo "# ${!name_var}: ${!env_var:-} ${!bin_var} ${!args_var:-}"
