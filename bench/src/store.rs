@@ -78,6 +78,7 @@ impl Messages {
             timestamp_ms: 1_763_000_000_000 + seq,
             frame: Arc::clone(&self.frame),
             inbox: InboxTargets::One(TO),
+            moved_from: None,
         })
     }
 

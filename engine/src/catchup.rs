@@ -744,6 +744,7 @@ mod tests {
                 timestamp_ms: peer,
                 frame: frame.as_slice().into(),
                 inbox: tern_storage::InboxTargets::One(1),
+                moved_from: None,
             }));
             let receipt = |user, kind| tern_storage::WriteOp::Receipt {
                 user,
@@ -831,6 +832,7 @@ mod tests {
             timestamp_ms: u64::MAX / 2,
             frame: frame.as_slice().into(),
             inbox: tern_storage::InboxTargets::None,
+            moved_from: None,
         };
         store
             .apply(&[tern_storage::WriteOp::Message(write)], false)

@@ -671,6 +671,7 @@ fn a_big_account_is_purged_in_steps_while_others_chat() {
                 timestamp_ms: seq,
                 frame: Arc::from(format!("#{seq}").into_bytes()),
                 inbox: InboxTargets::One(alice.id),
+                moved_from: None,
             })
         })
         .collect();

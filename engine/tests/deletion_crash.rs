@@ -188,6 +188,7 @@ fn populate(data_dir: &Path) -> World {
                 timestamp_ms: seq,
                 frame: push_frame(direct, seq, from),
                 inbox: InboxTargets::One(to),
+                moved_from: None,
             })
         })
         .collect();
@@ -346,11 +347,18 @@ fn a_deletion_killed_mid_purge_again_and_again_ends_with_nothing_left() {
             "inbox",
             "receipts",
             "user_convs",
+            "recent_convs",
         ] {
             assert_eq!(keys_naming(&db, name, world.alice), 0, "keyspace {name}");
         }
         assert_eq!(keys_naming(&db, "deleted_users", world.alice), 1);
         assert_eq!(keys_naming(&db, "group_bans", world.alice), 1, "the ban stays");
+        let bob = world.direct.peer_of(world.alice).expect("bob");
+        assert_eq!(
+            keys_naming(&db, "recent_convs", bob),
+            1,
+            "bob's index of the conversation stays"
+        );
         let tokens = db
             .keyspace("tokens", KeyspaceCreateOptions::default)
             .expect("keyspace");

@@ -25,6 +25,7 @@ fn message(conv: ConvId, seq: u64, frame: &Arc<[u8]>) -> WriteOp {
         timestamp_ms: seq,
         frame: Arc::clone(frame),
         inbox: InboxTargets::One(2),
+        moved_from: None,
     })
 }
 

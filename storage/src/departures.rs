@@ -190,6 +190,7 @@ mod tests {
             timestamp_ms: seq,
             frame: std::sync::Arc::from(&b"frame"[..]),
             inbox: InboxTargets::None,
+            moved_from: None,
         })
     }
 

@@ -28,6 +28,7 @@ mod group_deletion;
 mod groups;
 mod hashing;
 mod messages;
+mod recency;
 mod social;
 mod tokens;
 mod user_deletion;
@@ -49,6 +50,7 @@ pub use groups::{JoinOutcome, BANNED, MAX_JOIN_BATCH, TOO_MANY_GROUPS, TOO_MANY_
 pub use messages::{
     ConvTail, HistoryEntry, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoredFrame, WriteOp,
 };
+pub use recency::{recency_bucket, RecentEntry, RECENCY_BUCKET_MS};
 pub use social::{
     Blocks, FriendOutcome, BLOCKED_BY_THEM, FRIEND_LIST_FULL, INCOMING_REQUESTS_FULL, OUTGOING_REQUESTS_FULL,
     YOU_BLOCKED,
@@ -269,6 +271,11 @@ struct Inner {
     receipts: Ks,
     /// user ++ conv -> (): a user's 1:1 conversations.
     user_convs: Ks,
+    /// user ++ !bucket ++ conv -> (): a user's 1:1 conversations by the
+    /// recency bucket of their newest message (see `recency`).
+    recent: Ks,
+    /// name -> value: the store's own records (the recency backfill's).
+    meta: Ks,
     opts: StoreOptions,
     argon2: argon2::Argon2<'static>,
     /// Where hashing runs, if not on the caller (see `hashing`).
@@ -428,6 +435,8 @@ impl Store {
             inbox: ks("inbox")?,
             receipts: ks("receipts")?,
             user_convs: ks("user_convs")?,
+            recent: ks("recent_convs")?,
+            meta: ks("meta")?,
             db,
             hash_pool: hashing::HashPool::start(&opts)?,
             opts,
@@ -447,6 +456,7 @@ impl Store {
             syncs: SyncTickets::default(),
             revocations: AtomicU64::new(0),
         };
+        inner.backfill_recency()?;
         Ok(Store {
             inner: Arc::new(inner),
         })

@@ -2,7 +2,8 @@
 //! queue), receipt cursors and the conversation indexes. It owns the
 //! `history`, `inbox`, `receipts`, `user_convs` and `user_groups`
 //! keyspaces (`user_groups` is written by `groups.rs`, in the membership
-//! batches) and [`Store::apply`], which turns a slice of [`WriteOp`]s into
+//! batches; `recent_convs`, whose layout `recency.rs` owns, is written
+//! here with the messages) and [`Store::apply`], which turns a slice of [`WriteOp`]s into
 //! one atomic fjall batch: the unit the group-commit writer (`writer.rs`)
 //! commits and syncs. Sequence numbers and deduplication are the engine's;
 //! the store keeps what it is given and answers the queries the engine
@@ -18,6 +19,7 @@ use fjall::PersistMode;
 use crate::codec::{self, INBOX_KEY_LEN, USER_CONV_KEY_LEN};
 use crate::deleted_bits::DeletedBits;
 use crate::departures::{departure_key, DEPARTURE_KEY_LEN};
+use crate::recency::{recency_bucket, recent_key, RECENT_KEY_LEN};
 use crate::{ConvId, GroupId, Inner, Ks, Store, StoreError, UserId};
 
 /// Deletes issued per batch by the expiry sweeps, so a sweep over a large
@@ -58,6 +60,14 @@ pub struct MessageWrite {
     /// [`Store::inbox_after`], [`Store::history`] and [`Store::last_message`].
     pub frame: Arc<[u8]>,
     pub inbox: InboxTargets,
+    /// For a 1:1 message after the first: the [`recency_bucket`] of the
+    /// conversation's previous newest message, when this message's
+    /// bucket differs from it. Its `recent_convs` keys then move from
+    /// that bucket to this message's. `None` when the bucket stays (and
+    /// for groups). The first message (seq 1) enters the index whatever
+    /// this says. The engine knows it from its conversation cache, so
+    /// the store reads nothing to keep the index.
+    pub moved_from: Option<u64>,
 }
 
 /// Which receipt cursor a [`WriteOp::Receipt`] moves.
@@ -72,7 +82,9 @@ pub enum ReceiptKind {
 pub enum WriteOp {
     /// `history[conv, seq]`, `inbox[user, conv, seq]` for each target, and
     /// for the first message (seq 1) of a 1:1 conversation
-    /// `user_convs[p, conv]` for both participants.
+    /// `user_convs[p, conv]` for both participants; for a 1:1 message
+    /// that enters or moves the conversation's recency bucket, its
+    /// `recent_convs` keys for both.
     Message(MessageWrite),
     /// Moves `user`'s cursor in `conv` forward to `seq` (never back). Both
     /// kinds delete the user's inbox entries of `conv` with seq up to the
@@ -111,7 +123,7 @@ impl WriteOp {
     /// Keys this op writes, roughly: the writer bounds its batches by this.
     pub fn weight(&self) -> usize {
         match self {
-            WriteOp::Message(m) => 1 + m.inbox.as_slice().len(),
+            WriteOp::Message(m) => 1 + m.inbox.as_slice().len() + 4 * usize::from(m.moved_from.is_some()),
             WriteOp::Receipt { .. } | WriteOp::Erase { .. } | WriteOp::Departure { .. } => 1,
         }
     }
@@ -151,6 +163,10 @@ pub struct RecentMessage {
 pub struct ConvTail {
     /// The highest stored seq (0 for a conversation with no history).
     pub last_seq: u64,
+    /// The time of the message at `last_seq` (0 with no history): a 1:1
+    /// conversation's `recent_convs` keys are in its
+    /// [`recency_bucket`].
+    pub last_timestamp_ms: u64,
     /// The newest stored entries, at most `window`, in ascending seq order.
     pub recent: Vec<RecentMessage>,
 }
@@ -172,6 +188,10 @@ struct Staged {
     /// deleted account's are dropped with its other keys (and so that a
     /// batch holds each key once: the last op's end).
     departures: BTreeMap<[u8; DEPARTURE_KEY_LEN], [u8; 9]>,
+    /// `recent_convs` changes, `true` to insert and `false` to remove,
+    /// so that when two messages of a batch move one conversation the
+    /// later wins and a batch holds each key once.
+    recent: BTreeMap<[u8; RECENT_KEY_LEN], bool>,
 }
 
 impl Staged {
@@ -189,6 +209,7 @@ impl Staged {
         self.receipts.retain(|key, _| !owner(key));
         self.user_convs.retain(|key| !owner(key));
         self.departures.retain(|key, _| !owner(key));
+        self.recent.retain(|key, _| !owner(key));
     }
 }
 
@@ -220,6 +241,18 @@ impl Inner {
                 if let (ConvId::Direct { low, high }, 1) = (m.conv, m.seq) {
                     for user in [low, high] {
                         staged.user_convs.insert(codec::user_conv_key(user, m.conv));
+                    }
+                }
+                if let ConvId::Direct { low, high } = m.conv {
+                    let to = recency_bucket(m.timestamp_ms);
+                    let from = m.moved_from.filter(|&from| from != to && m.seq != 1);
+                    if m.seq == 1 || from.is_some() {
+                        for user in [low, high] {
+                            if let Some(from) = from {
+                                staged.recent.insert(recent_key(user, from, m.conv), false);
+                            }
+                            staged.recent.insert(recent_key(user, to, m.conv), true);
+                        }
                     }
                 }
             }
@@ -302,6 +335,12 @@ impl Inner {
         for (key, value) in staged.departures {
             batch.insert(&self.departures.handle, key, value);
         }
+        for (key, insert) in staged.recent {
+            match insert {
+                true => batch.insert(&self.recent.handle, key, []),
+                false => batch.remove(&self.recent.handle, key),
+            }
+        }
         for (key, (delivered, read)) in staged.receipts {
             batch.insert(
                 &self.receipts.handle,
@@ -377,13 +416,14 @@ impl Store {
         for guard in history.handle.prefix(codec::conv_key(conv)).rev() {
             let (key, value) = history.entry(guard)?;
             let (_, seq) = codec::decode_history_key(&key).map_err(|d| history.corrupt(&key, d))?;
+            let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
             if tail.last_seq == 0 {
                 tail.last_seq = seq;
+                tail.last_timestamp_ms = v.timestamp_ms;
             }
             if tail.recent.len() >= window {
                 break;
             }
-            let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
             tail.recent.push(RecentMessage {
                 seq,
                 from: v.from,

@@ -18,7 +18,8 @@
 //! friend requests either way, blocks either way, invites held (with their
 //! groups' invite counts), inbox entries, departure records (what the user
 //! was owed from groups they left, the engine's departures at the deletion
-//! included), receipt cursors, the conversation index and any token left.
+//! included), receipt cursors, the conversation indexes (`user_convs`
+//! and `recent_convs`) and any token left.
 //! Each phase goes on from the last key it removed; the last step removes
 //! the revocation record and the `user_purges` key, so a purge cut short
 //! by a crash starts over, idempotently, after the restart
@@ -103,6 +104,9 @@ enum Phase {
     Receipts,
     /// The 1:1 conversation index (the other party's stays).
     Conversations,
+    /// The 1:1 conversations by recency (`recent_convs`; the other
+    /// party's stays).
+    Recency,
     /// Tokens left (the deletion revoked them; one issued by a login that
     /// raced it is found here).
     Tokens,
@@ -120,7 +124,8 @@ impl Phase {
             Phase::Inbox => Phase::Departures,
             Phase::Departures => Phase::Receipts,
             Phase::Receipts => Phase::Conversations,
-            Phase::Conversations => Phase::Tokens,
+            Phase::Conversations => Phase::Recency,
+            Phase::Recency => Phase::Tokens,
             Phase::Tokens => return None,
         })
     }
@@ -457,6 +462,7 @@ impl Store {
                 Phase::Conversations => {
                     inner.purge_prefix(b, &inner.user_convs, user, c, left, |_, _| Ok(0))?
                 }
+                Phase::Recency => inner.purge_prefix(b, &inner.recent, user, c, left, |_, _| Ok(0))?,
                 Phase::Tokens => inner.purge_prefix(b, &inner.user_tokens, user, c, left, |b, key| {
                     let hash =
                         codec::decode_user_token_hash(key).map_err(|d| inner.user_tokens.corrupt(key, d))?;
@@ -563,6 +569,7 @@ mod tests {
             timestamp_ms: 1,
             frame: Arc::from(&b"hi"[..]),
             inbox: InboxTargets::One(1),
+            moved_from: None,
         });
         store.apply(&[message], false).unwrap();
         let inner = &*store.inner;
@@ -583,6 +590,20 @@ mod tests {
             until: 9,
         };
         store.apply(&[extend], false).unwrap();
+        // A message to the account sequenced before its deletion, stored
+        // after the purge, that moves the conversation to a new bucket:
+        // the writer keeps only the peer's keys.
+        let late = WriteOp::Message(MessageWrite {
+            conv,
+            seq: 2,
+            from: 2,
+            client_msg_id: 2,
+            timestamp_ms: 2 * crate::RECENCY_BUCKET_MS,
+            frame: Arc::from(&b"late"[..]),
+            inbox: InboxTargets::One(1),
+            moved_from: Some(0),
+        });
+        store.apply(&[late], false).unwrap();
 
         for ks in [
             &inner.friends,
@@ -600,6 +621,7 @@ mod tests {
             &inner.departures,
             &inner.receipts,
             &inner.user_convs,
+            &inner.recent,
             &inner.user_tokens,
         ] {
             assert_eq!(keys_naming(ks, 1, false), 0, "keyspace {}", ks.name);
@@ -615,6 +637,8 @@ mod tests {
         // The others' own relations are intact.
         assert_eq!(store.friends(2).unwrap(), Vec::<UserId>::new());
         assert_eq!(store.direct_conversations(2, 10).unwrap(), vec![conv]);
+        let peer: Vec<_> = store.recent_conversations(2).map(|e| e.unwrap()).collect();
+        assert_eq!(peer, vec![crate::RecentEntry { bucket: 2, conv }]);
     }
 
     /// Writes that name an account racing its deletion and purge: each

@@ -19,6 +19,7 @@ fn msg(group: u64, seq: u64, inbox: &[u64]) -> WriteOp {
         timestamp_ms: seq,
         frame: Arc::from(format!("#{seq}").into_bytes()),
         inbox: InboxTargets::Many(inbox.into()),
+        moved_from: None,
     })
 }
 

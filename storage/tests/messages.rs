@@ -9,7 +9,8 @@ use std::sync::Arc;
 use common::open;
 use fjall::{Database, KeyspaceCreateOptions};
 use tern_storage::{
-    ConvId, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoreError, StoredFrame, WriteOp,
+    recency_bucket, ConvId, InboxTargets, MessageWrite, ReceiptKind, RecentMessage, StoreError, StoredFrame,
+    WriteOp, RECENCY_BUCKET_MS,
 };
 
 fn frame(conv: ConvId, seq: u64) -> Arc<[u8]> {
@@ -25,6 +26,7 @@ fn msg(conv: ConvId, seq: u64, from: u64, ts: u64, inbox: InboxTargets) -> Write
         timestamp_ms: ts,
         frame: frame(conv, seq),
         inbox,
+        moved_from: None,
     })
 }
 
@@ -660,4 +662,124 @@ fn an_erasure_replaces_a_stored_message_and_never_recreates_a_missing_one() {
     assert_eq!(positions(&inbox), vec![(conv, 1), (conv, 2), (conv, 3)]);
     assert_eq!(&*inbox[0].frame, b"erased");
     assert_eq!(&*inbox[1].frame, &*frame(conv, 2));
+}
+
+/// A message at `ts` moving `conv` from the bucket of `previous`.
+fn moving(conv: ConvId, seq: u64, ts: u64, previous: u64) -> WriteOp {
+    let mut op = msg(conv, seq, 1, ts, InboxTargets::None);
+    if let WriteOp::Message(m) = &mut op {
+        m.moved_from = Some(recency_bucket(previous));
+    }
+    op
+}
+
+fn recent(store: &tern_storage::Store, user: u64) -> Vec<(u64, ConvId)> {
+    store
+        .recent_conversations(user)
+        .map(|e| e.map(|e| (e.bucket, e.conv)).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_recency_index_follows_each_conversations_newest_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    const B: u64 = RECENCY_BUCKET_MS;
+    let (a, b, c) = (ConvId::direct(1, 2), ConvId::direct(1, 3), ConvId::direct(1, 4));
+    store
+        .apply(
+            &[
+                msg(a, 1, 1, B, InboxTargets::None),
+                msg(b, 1, 1, 3 * B, InboxTargets::None),
+                msg(c, 1, 1, 2 * B, InboxTargets::None),
+                // Same bucket: nothing moves.
+                msg(a, 2, 1, B + 5, InboxTargets::None),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(recent(&store, 1), vec![(3, b), (2, c), (1, a)]);
+    assert_eq!(recent(&store, 2), vec![(1, a)]);
+    // Two moves of one conversation in one batch: the later wins, and
+    // neither old bucket keeps a key.
+    store
+        .apply(&[moving(a, 3, 4 * B, B + 5), moving(a, 4, 5 * B, 4 * B)], false)
+        .unwrap();
+    assert_eq!(recent(&store, 1), vec![(5, a), (3, b), (2, c)]);
+    assert_eq!(recent(&store, 2), vec![(5, a)]);
+    // Back in time (a clock stepped back): the keys follow the newest.
+    store.apply(&[moving(c, 2, B, 2 * B)], false).unwrap();
+    assert_eq!(recent(&store, 4), vec![(1, c)]);
+    assert_eq!(recent(&store, 1), vec![(5, a), (3, b), (1, c)]);
+    // Groups are not in it; the conversation's tail says where it is.
+    store
+        .apply(
+            &[msg(ConvId::Group { group: 1 }, 1, 1, 9 * B, InboxTargets::None)],
+            false,
+        )
+        .unwrap();
+    assert_eq!(recent(&store, 1).len(), 3);
+    let tail = store.conv_tail(a, 0).unwrap();
+    assert_eq!((tail.last_seq, recency_bucket(tail.last_timestamp_ms)), (4, 5));
+    assert_eq!(store.last_message_time(a).unwrap(), Some(5 * B));
+    assert_eq!(store.last_message_time(ConvId::direct(7, 8)).unwrap(), None);
+}
+
+/// Wipes `recent_convs` and the backfill's record, as in a store written
+/// before the index existed; or, with `at`, leaves the record saying a
+/// backfill got as far as that `user_convs` key.
+fn as_before_the_index(dir: &std::path::Path, at: Option<&[u8]>) {
+    let db = Database::builder(dir).open().unwrap();
+    let recent = db
+        .keyspace("recent_convs", KeyspaceCreateOptions::default)
+        .unwrap();
+    for key in recent.iter().map(|g| g.key().unwrap()).collect::<Vec<_>>() {
+        recent.remove(key).unwrap();
+    }
+    let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+    match at {
+        None => meta.remove("recent_convs_backfill").unwrap(),
+        Some(at) => meta
+            .insert("recent_convs_backfill", [&[1u8][..], at].concat())
+            .unwrap(),
+    }
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
+#[test]
+fn an_older_store_is_indexed_when_opened_and_an_interrupted_backfill_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    const B: u64 = RECENCY_BUCKET_MS;
+    let (a, b, c) = (ConvId::direct(1, 2), ConvId::direct(1, 3), ConvId::direct(2, 3));
+    {
+        let store = open(dir.path());
+        let ops = [
+            msg(a, 1, 1, B, InboxTargets::None),
+            moving(a, 2, 7 * B, B),
+            msg(b, 1, 1, 3 * B, InboxTargets::None),
+            msg(c, 1, 2, 2 * B, InboxTargets::None),
+        ];
+        store.apply(&ops, false).unwrap();
+        store.persist().unwrap();
+    }
+    as_before_the_index(dir.path(), None);
+    {
+        let store = open(dir.path());
+        assert_eq!(recent(&store, 1), vec![(7, a), (3, b)]);
+        assert_eq!(recent(&store, 2), vec![(7, a), (2, c)]);
+        assert_eq!(recent(&store, 3), vec![(3, b), (2, c)]);
+    }
+    // Cut short after user 2's keys: only user 3's are indexed on.
+    let mut at = 2u64.to_be_bytes().to_vec();
+    at.extend([0xff; 17]);
+    as_before_the_index(dir.path(), Some(&at));
+    let store = open(dir.path());
+    assert!(recent(&store, 1).is_empty());
+    assert!(recent(&store, 2).is_empty());
+    assert_eq!(recent(&store, 3), vec![(3, b), (2, c)]);
+    drop(store);
+    // Done: a reopen indexes nothing again.
+    as_before_the_index(dir.path(), Some(&[]));
+    let store = open(dir.path());
+    assert!(recent(&store, 3).is_empty());
 }

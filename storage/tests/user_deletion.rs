@@ -22,6 +22,7 @@ fn msg(conv: ConvId, seq: u64, from: u64, inbox: u64) -> WriteOp {
         timestamp_ms: seq,
         frame: Arc::from(format!("#{seq}").into_bytes()),
         inbox: InboxTargets::One(inbox),
+        moved_from: None,
     })
 }
 

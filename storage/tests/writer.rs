@@ -23,6 +23,7 @@ fn msg(conv: ConvId, seq: u64, from: u64, to: u64) -> WriteOp {
         timestamp_ms: seq,
         frame: vec![0xab; 100].into(),
         inbox: InboxTargets::One(to),
+        moved_from: None,
     })
 }
 

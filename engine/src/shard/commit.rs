@@ -3,7 +3,10 @@
 //! The home shard of a conversation keeps its [`ConvState`]: the last
 //! sequence number and a window of recent client message ids, loaded from
 //! the store on first use (so both survive restarts). A new message gets the
-//! next seq; a retry of a recent one gets its original ack instead.
+//! next seq; a retry of a recent one gets its original ack instead. For a
+//! 1:1 conversation the state also knows the recency bucket its index keys
+//! are in (that of its newest message, `tern_storage::recency_bucket`), so
+//! a message moves them only when it starts a new bucket, without a read.
 //! Writes are *staged* on the shard together with the [`Effect`]s that must
 //! follow them (deliveries, acks, receipts). One committer task per shard
 //! hands whatever was staged to the storage writer thread as one batch and,
@@ -21,7 +24,7 @@ use std::time::Duration;
 use rustc_hash::{FxHashMap, FxHashSet};
 use tern_proto::{ConvId, ErrorCode, ReceiptKind, ServerFrame, UserId};
 use tern_storage::SubmitError;
-use tern_storage::{Blocks, ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
+use tern_storage::{recency_bucket, Blocks, ConvTail, ReceiptKind as StoredReceiptKind, StoreError, WriteOp};
 
 use super::loads::{InFlight, ReadGuard};
 use super::{encode_shared, store_error_frame, Encoded, Shard};
@@ -76,6 +79,13 @@ pub(super) struct ConvState {
     /// were never stored, so nothing new is sequenced until the state is
     /// dropped (when `inflight` reaches 0) and reloaded.
     poisoned: bool,
+    /// The recency bucket of the newest message sequenced (`None`: no
+    /// message yet). A 1:1 conversation's `recent_convs` keys are in the
+    /// bucket of its newest stored message, and each message that starts
+    /// another bucket moves them in its own batch, so this is where they
+    /// are once the messages in flight are stored. A failed write poisons
+    /// the state, which then reloads this from the store.
+    bucket: Option<u64>,
 }
 
 impl ConvState {
@@ -99,6 +109,7 @@ impl ConvState {
             order: VecDeque::new(),
             blocks,
             poisoned: false,
+            bucket: (tail.last_seq > 0).then(|| recency_bucket(tail.last_timestamp_ms)),
         };
         // `recent` is in ascending seq order, so trimming forgets the oldest.
         for recent in tail.recent.iter().filter(|r| r.client_msg_id != 0) {
@@ -129,12 +140,12 @@ enum Sequenced {
     New {
         seq: u64,
         timestamp_ms: u64,
+        /// The recency bucket the conversation leaves for this message's
+        /// (`MessageWrite::moved_from`), if it changes.
+        moved_from: Option<u64>,
     },
     /// A retry of a durable message: answer with the original ack.
-    Duplicate {
-        seq: u64,
-        timestamp_ms: u64,
-    },
+    Duplicate { seq: u64, timestamp_ms: u64 },
     /// A retry of a message still being written: answered on commit.
     Waiting,
     /// The conversation's sequence is at `u64::MAX`: only a damaged store
@@ -506,9 +517,11 @@ impl Shard {
         Ok(self.convs.borrow_mut().get_mut(conv).map_or(0, |s| s.last_seq))
     }
 
-    /// Assigns the next seq of `conv` to a message, unless it is a retry.
-    /// Returns `None` when nothing must be written: a retry (answered here
-    /// or on commit) or a store failure (answered with an error).
+    /// Assigns the next seq of `conv` to a message, unless it is a retry:
+    /// its seq, time and the recency bucket it moves the conversation
+    /// from (see [`Sequenced::New`]). Returns `None` when nothing must be
+    /// written: a retry (answered here or on commit) or a store failure
+    /// (answered with an error).
     pub(super) async fn sequence(
         self: &Rc<Self>,
         conv: ConvId,
@@ -516,7 +529,7 @@ impl Shard {
         conn: ConnKey,
         request_id: u64,
         client_msg_id: u64,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<(u64, u64, Option<u64>)> {
         if let Err(e) = self.ensure_conv(conv).await {
             self.reply(from, conn, store_error_frame(request_id, &e)).await;
             return None;
@@ -536,7 +549,11 @@ impl Shard {
             )
         };
         match outcome {
-            Sequenced::New { seq, timestamp_ms } => Some((seq, timestamp_ms)),
+            Sequenced::New {
+                seq,
+                timestamp_ms,
+                moved_from,
+            } => Some((seq, timestamp_ms, moved_from)),
             Sequenced::Duplicate { seq, timestamp_ms } => {
                 let sent = Event::Sent {
                     user: from,
@@ -903,6 +920,9 @@ fn assign(
     state.last_seq = seq;
     state.inflight += 1;
     let timestamp_ms = super::now_ms();
+    let bucket = recency_bucket(timestamp_ms);
+    let moved_from = state.bucket.filter(|&previous| previous != bucket);
+    state.bucket = Some(bucket);
     if client_msg_id != 0 {
         let key = (from, client_msg_id);
         state.dedup.insert(
@@ -916,7 +936,11 @@ fn assign(
         state.order.push_back(key);
         trim(state, window);
     }
-    Sequenced::New { seq, timestamp_ms }
+    Sequenced::New {
+        seq,
+        timestamp_ms,
+        moved_from,
+    }
 }
 
 /// Forgets the oldest remembered ids beyond `window`, never one whose
@@ -948,6 +972,7 @@ mod tests {
             order: VecDeque::new(),
             blocks: Blocks::default(),
             poisoned: false,
+            bucket: None,
         }
     }
 
@@ -1018,6 +1043,44 @@ mod tests {
         assert_eq!(s.inflight, 4);
     }
 
+    /// A message moves the conversation's recency bucket only when it
+    /// starts a new one: the first after a load from an old bucket does,
+    /// the next in the same bucket does not.
+    #[test]
+    fn only_a_message_in_a_new_bucket_moves_the_index() {
+        let mut s = state();
+        s.bucket = Some(7);
+        let Sequenced::New {
+            timestamp_ms,
+            moved_from,
+            ..
+        } = assign(&mut s, 4, 1, CONN, 1, 100, None)
+        else {
+            panic!("sequenced");
+        };
+        assert_eq!(moved_from, Some(7));
+        assert_eq!(s.bucket, Some(recency_bucket(timestamp_ms)));
+        let Sequenced::New {
+            timestamp_ms: next,
+            moved_from,
+            ..
+        } = assign(&mut s, 4, 1, CONN, 2, 101, None)
+        else {
+            panic!("sequenced");
+        };
+        // Unless the clock crossed into the next bucket between the two.
+        if recency_bucket(next) == recency_bucket(timestamp_ms) {
+            assert_eq!(moved_from, None);
+        }
+        // A conversation with no message yet enters the index with seq 1,
+        // which the store does by itself.
+        let mut fresh = state();
+        let Sequenced::New { moved_from, .. } = assign(&mut fresh, 4, 1, CONN, 1, 100, None) else {
+            panic!("sequenced");
+        };
+        assert_eq!(moved_from, None);
+    }
+
     #[test]
     fn a_sequence_at_its_end_refuses_instead_of_wrapping() {
         let mut s = state();
@@ -1071,6 +1134,7 @@ mod tests {
             timestamp_ms: 0,
             frame: Arc::from(&b"m"[..]),
             inbox: tern_storage::InboxTargets::None,
+            moved_from: None,
         })
     }
 

@@ -385,7 +385,7 @@ impl Shard {
             let frame = ServerFrame::error(request_id, ErrorCode::Forbidden, "not a member of this group");
             return self.reply(from, conn, frame).await;
         }
-        let Some((seq, timestamp_ms)) = self.sequence(conv, from, conn, request_id, client_msg_id).await
+        let Some((seq, timestamp_ms, _)) = self.sequence(conv, from, conn, request_id, client_msg_id).await
         else {
             return;
         };
@@ -412,6 +412,7 @@ impl Shard {
             timestamp_ms,
             frame: store_frame(&frame),
             inbox,
+            moved_from: None,
         };
         let mut effects = vec![Effect::Durable {
             conv,

@@ -718,7 +718,7 @@ impl Shard {
                     }
                     _ => None,
                 };
-                let Some((seq, timestamp_ms)) =
+                let Some((seq, timestamp_ms, moved_from)) =
                     self.sequence(conv, from, conn, request_id, client_msg_id).await
                 else {
                     return;
@@ -740,6 +740,7 @@ impl Shard {
                     timestamp_ms,
                     frame: commit::store_frame(&frame),
                     inbox: InboxTargets::One(to),
+                    moved_from,
                 };
                 let deliver = Event::Deliver {
                     to: Recipients::One(to),
