@@ -21,7 +21,7 @@ use tern_proto::{
     decode_server, ArchivedChatMessage, ArchivedConversationSummary, ChatMessage, ContentKind, ConvId,
     ConversationSummary, Cursor, FrameHeader, GroupId, ServerBody, ServerFrame, UserId, HEADER_LEN,
 };
-use tern_storage::{Departure, Store, StoreError, StoredFrame};
+use tern_storage::{recency_bucket, Departure, RecentEntry, Store, StoreError, StoredFrame};
 
 use crate::mesh::ConnKey;
 use crate::outbox::Outbox;
@@ -589,21 +589,24 @@ fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) 
     items.truncate(fits.max(1));
 }
 
-/// Most conversations one list considers (it is sorted by recency before
-/// paging, so it must be bounded): every group of the user (at most
-/// `max_groups_per_user`), then 1:1 conversations in the order of the
-/// index, by the peer's id. Recency is the newest message in history, one
-/// read per conversation; an index kept in recency order would cost every
-/// 1:1 message two more writes (protocol.md 2.8.7 states the bound).
-const CONVERSATIONS_MAX: usize = 10_000;
+/// Most 1:1 conversations of one recency bucket that a list orders by
+/// their newest message. A page reads the newest message of every
+/// conversation in the buckets it touches (ten minutes each,
+/// `tern_storage::RECENCY_BUCKET_MS`), so this bounds its reads: a
+/// bucket holding more (a user written to by more than 16 new peers a
+/// second for ten minutes) lists its groups first, newest first, then its
+/// 1:1 conversations in index order (by peer id), and reads only those
+/// on the page (protocol.md 2.8.7 says so).
+const BUCKET_SORT_MAX: usize = 10_000;
 
 /// The conversation list of `user`, most recent first.
 ///
-/// Recency needs the newest message of every conversation (up to
-/// [`CONVERSATIONS_MAX`]), but only its time is kept for the sort: the
-/// cursors and the decoded message are read for the page alone, so a
-/// user with thousands of conversations costs one read per conversation
-/// and a few per listed one, not three reads and a decode each.
+/// The 1:1 conversations come from the store's recency index, newest
+/// bucket first; the groups (at most `max_groups_per_user`, one read
+/// each) are merged in by their newest message. Buckets wholly before
+/// `offset` are counted, not read, so a page costs `offset + limit`
+/// index keys, one read per conversation of the buckets it shows, and a
+/// few reads per listed conversation (its cursors and last message).
 pub fn conversations(
     store: &Store,
     user: UserId,
@@ -611,24 +614,140 @@ pub fn conversations(
     limit: u32,
     max_frame_bytes: u32,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
-    let mut convs: Vec<ConvId> = store
-        .user_groups(user)?
-        .into_iter()
-        .map(|group| ConvId::Group { group })
-        .collect();
-    convs.truncate(CONVERSATIONS_MAX);
-    let directs = CONVERSATIONS_MAX - convs.len();
-    convs.extend(store.direct_conversations(user, directs)?);
-    let mut recency = Vec::with_capacity(convs.len());
-    for conv in convs {
-        let newest = store.last_message(conv)?.map_or(0, |m| m.timestamp_ms);
-        recency.push((newest, conv));
+    conversations_sorting(store, user, offset, limit, max_frame_bytes, BUCKET_SORT_MAX)
+}
+
+/// Orders conversations of one bucket: newest message first, then by
+/// conversation (1:1 before groups, by ids), so that equal times list
+/// the same way on every page.
+fn newest_first(a: &(u64, ConvId), b: &(u64, ConvId)) -> std::cmp::Ordering {
+    let rank = |conv: ConvId| match conv {
+        ConvId::Direct { low, high } => (0u8, low, high),
+        ConvId::Group { group } => (1u8, group, 0),
+    };
+    b.0.cmp(&a.0).then_with(|| rank(a.1).cmp(&rank(b.1)))
+}
+
+/// The positions `offset..offset + limit` of a list, filled as its items
+/// are counted in order.
+struct Window {
+    offset: usize,
+    end: usize,
+    at: usize,
+    page: Vec<ConvId>,
+}
+
+impl Window {
+    fn push(&mut self, conv: ConvId) {
+        if self.at >= self.offset && self.at < self.end {
+            self.page.push(conv);
+        }
+        self.at += 1;
     }
-    // Stable: conversations with equal times keep the index's order.
-    recency.sort_by_key(|&(newest, _)| std::cmp::Reverse(newest));
+
+    fn full(&self) -> bool {
+        self.at >= self.end
+    }
+}
+
+/// The conversations at `offset..offset + limit` of `user`'s list, most
+/// recent first (see [`BUCKET_SORT_MAX`] for the exception).
+fn list_window(
+    store: &Store,
+    user: UserId,
+    offset: usize,
+    limit: usize,
+    sort_max: usize,
+) -> Result<Vec<ConvId>, StoreError> {
+    let mut groups = Vec::new();
+    for group in store.user_groups(user)? {
+        let conv = ConvId::Group { group };
+        groups.push((store.last_message_time(conv)?.unwrap_or(0), conv));
+    }
+    groups.sort_by(newest_first);
+    let mut groups = groups.into_iter().peekable();
+    let mut window = Window {
+        offset,
+        end: offset.saturating_add(limit),
+        at: 0,
+        page: Vec::with_capacity(limit),
+    };
+    let mut entries = store.recent_conversations(user).peekable();
+    while !window.full() {
+        let Some(first) = entries.next().transpose()? else {
+            break;
+        };
+        let bucket = first.bucket;
+        // Groups newer than the bucket go before it.
+        while let Some((_, conv)) = groups.next_if(|&(time, _)| recency_bucket(time) > bucket) {
+            window.push(conv);
+        }
+        let mut items: Vec<(u64, ConvId)> = Vec::new();
+        while let Some(group) = groups.next_if(|&(time, _)| recency_bucket(time) == bucket) {
+            items.push(group);
+        }
+        let in_bucket = |e: &Result<RecentEntry, StoreError>| e.as_ref().is_ok_and(|e| e.bucket == bucket);
+        let mut directs = vec![first.conv];
+        while directs.len() <= sort_max {
+            match entries.next_if(in_bucket) {
+                Some(entry) => directs.push(entry?.conv),
+                None => break,
+            }
+        }
+        if directs.len() > sort_max {
+            // Too many to read for the order: groups, then index order.
+            for (_, conv) in items {
+                window.push(conv);
+            }
+            for conv in directs {
+                window.push(conv);
+            }
+            while !window.full() {
+                match entries.next_if(in_bucket) {
+                    Some(entry) => window.push(entry?.conv),
+                    None => break,
+                }
+            }
+            continue;
+        }
+        let count = items.len() + directs.len();
+        if window.at.saturating_add(count) <= window.offset {
+            // Wholly before the page: counted, not read.
+            window.at += count;
+            continue;
+        }
+        for conv in directs {
+            items.push((store.last_message_time(conv)?.unwrap_or(0), conv));
+        }
+        items.sort_by(newest_first);
+        for (_, conv) in items {
+            window.push(conv);
+        }
+    }
+    // Groups older than every 1:1 conversation.
+    while !window.full() {
+        match groups.next() {
+            Some((_, conv)) => window.push(conv),
+            None => break,
+        }
+    }
+    Ok(window.page)
+}
+
+/// [`conversations`] ordering at most `sort_max` conversations of a
+/// bucket by time.
+fn conversations_sorting(
+    store: &Store,
+    user: UserId,
+    offset: u32,
+    limit: u32,
+    max_frame_bytes: u32,
+    sort_max: usize,
+) -> Result<Vec<ConversationSummary>, StoreError> {
     let limit = limit.clamp(1, PAGE_LIMIT_MAX) as usize;
-    let mut page = Vec::with_capacity(limit.min(recency.len()));
-    for (_, conv) in recency.into_iter().skip(offset as usize).take(limit) {
+    let listed = list_window(store, user, offset as usize, limit, sort_max)?;
+    let mut page = Vec::with_capacity(listed.len());
+    for conv in listed {
         let last = store.last_message(conv)?;
         let (_, read) = store.receipts(user, conv)?;
         let (peer_delivered, peer_read) = match conv.peer_of(user) {
@@ -660,6 +779,7 @@ pub fn conversations(
 mod tests {
     use super::*;
     use tern_proto::{encode_server, Content};
+    use tern_storage::RECENCY_BUCKET_MS;
 
     fn message(seq: u64, content: Content) -> ChatMessage {
         ChatMessage {
@@ -719,6 +839,11 @@ mod tests {
     /// (so the most recent is the highest id); user 1 read up to it in the
     /// odd ones and each peer delivered it.
     fn busy_user(peers: u64) -> (tempfile::TempDir, Store) {
+        busy_user_every(peers, 1)
+    }
+
+    /// [`busy_user`] with the message of user `n` at time `n * spacing_ms`.
+    fn busy_user_every(peers: u64, spacing_ms: u64) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = tern_storage::StoreOptions {
             fsync: false,
@@ -729,7 +854,7 @@ mod tests {
         for peer in 2..peers + 2 {
             let conv = ConvId::direct(1, peer);
             let mut m = message(1, Content::text(format!("hi from {peer}")));
-            (m.conv, m.from, m.timestamp_ms) = (conv, peer, peer);
+            (m.conv, m.from, m.timestamp_ms) = (conv, peer, peer * spacing_ms);
             let mut frame = AlignedVec::new();
             let push = ServerFrame {
                 request_id: 0,
@@ -741,7 +866,7 @@ mod tests {
                 seq: 1,
                 from: peer,
                 client_msg_id: 1,
-                timestamp_ms: peer,
+                timestamp_ms: peer * spacing_ms,
                 frame: frame.as_slice().into(),
                 inbox: tern_storage::InboxTargets::One(1),
                 moved_from: None,
@@ -807,17 +932,12 @@ mod tests {
         );
     }
 
-    /// A user at the bound still sees their groups: they are taken before
-    /// the 1:1 conversations, which fill the rest in index order.
-    #[test]
-    fn groups_are_listed_however_many_direct_conversations_there_are() {
-        let (_dir, store) = busy_user(CONVERSATIONS_MAX as u64);
-        let user = store.register("busy", b"password1").expect("register");
-        assert_eq!(user, 1, "busy_user's conversations are user 1's");
-        let group = store.create_group(1, "team").expect("group");
-        let conv = ConvId::Group { group };
-        let mut m = message(1, Content::text("newest"));
-        (m.conv, m.from, m.timestamp_ms) = (conv, 1, u64::MAX / 2);
+    /// Stores message `seq` of `conv` from `from` at `time`, as the
+    /// engine would (a 1:1 message moves the recency index when its
+    /// bucket differs from the previous one's).
+    fn send_at(store: &Store, conv: ConvId, seq: u64, from: UserId, time: u64, moved_from: Option<u64>) {
+        let mut m = message(seq, Content::text(format!("#{seq} at {time}")));
+        (m.conv, m.from, m.timestamp_ms) = (conv, from, time);
         let mut frame = AlignedVec::new();
         let push = ServerFrame {
             request_id: 0,
@@ -826,22 +946,110 @@ mod tests {
         encode_server(&push, &mut frame, u32::MAX).expect("encode");
         let write = tern_storage::MessageWrite {
             conv,
-            seq: 1,
-            from: 1,
-            client_msg_id: 1,
-            timestamp_ms: u64::MAX / 2,
+            seq,
+            from,
+            client_msg_id: seq,
+            timestamp_ms: time,
             frame: frame.as_slice().into(),
             inbox: tern_storage::InboxTargets::None,
-            moved_from: None,
+            moved_from,
         };
         store
             .apply(&[tern_storage::WriteOp::Message(write)], false)
             .expect("apply");
-        let page = conversations(&store, 1, 0, 2, 65_536).expect("page");
-        let convs: Vec<ConvId> = page.iter().map(|s| s.conv).collect();
-        // The newest 1:1 within the bound follows the group.
-        let last_direct = ConvId::direct(1, CONVERSATIONS_MAX as u64);
-        assert_eq!(convs, vec![conv, last_direct]);
+    }
+
+    fn listed(store: &Store, offset: u32, limit: u32, sort_max: usize) -> Vec<ConvId> {
+        conversations_sorting(store, 1, offset, limit, 1 << 20, sort_max)
+            .expect("list")
+            .iter()
+            .map(|s| s.conv)
+            .collect()
+    }
+
+    /// Every page of `size` from the start, joined.
+    fn paged(store: &Store, size: u32, sort_max: usize) -> Vec<ConvId> {
+        let mut all = Vec::new();
+        loop {
+            let page = listed(store, all.len() as u32, size, sort_max);
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    }
+
+    /// 12,000 conversations, one a minute: the newest (highest ids) come
+    /// first, groups are merged in by time, and pages join up to the
+    /// whole list, newest first, without duplicates or gaps.
+    #[test]
+    fn the_newest_conversations_come_first_however_many_there_are() {
+        const PEERS: u64 = 12_000;
+        let (_dir, store) = busy_user_every(PEERS, 60_000);
+        let user = store.register("busy", b"password1").expect("register");
+        assert_eq!(user, 1, "busy_user's conversations are user 1's");
+        let newest = store.create_group(1, "newest").expect("group");
+        let middle = store.create_group(1, "middle").expect("group");
+        let quiet = store.create_group(1, "quiet").expect("group");
+        let (newest, middle, quiet) = (
+            ConvId::Group { group: newest },
+            ConvId::Group { group: middle },
+            ConvId::Group { group: quiet },
+        );
+        send_at(&store, newest, 1, 1, u64::MAX / 2, None);
+        // Between the conversations with users 101 and 100, in their bucket.
+        send_at(&store, middle, 1, 1, 100 * 60_000 + 30_000, None);
+        let direct = |peer: u64| ConvId::direct(1, peer);
+        let mut expected = vec![newest];
+        expected.extend((101..=PEERS + 1).rev().map(direct));
+        expected.push(middle);
+        expected.extend((2..=100).rev().map(direct));
+        expected.push(quiet);
+        assert_eq!(listed(&store, 0, 3, BUCKET_SORT_MAX), expected[..3]);
+        assert_eq!(
+            listed(&store, 11_900, 5, BUCKET_SORT_MAX),
+            expected[11_900..11_905]
+        );
+        assert_eq!(paged(&store, 200, BUCKET_SORT_MAX), expected);
+
+        // A new message moves an old conversation to the top, and the
+        // old bucket no longer lists it.
+        let old = direct(50);
+        send_at(
+            &store,
+            old,
+            2,
+            50,
+            u64::MAX / 2 + 1,
+            Some(recency_bucket(50 * 60_000)),
+        );
+        let mut moved = vec![old];
+        moved.extend(expected.iter().filter(|&&c| c != old));
+        assert_eq!(paged(&store, 200, BUCKET_SORT_MAX), moved);
+    }
+
+    /// A bucket with more conversations than are sorted lists its groups,
+    /// then its 1:1 conversations in peer order; pages still join up.
+    #[test]
+    fn an_overfull_bucket_is_listed_in_index_order() {
+        let (_dir, store) = busy_user_every(30, 1);
+        store.register("busy", b"password1").expect("register");
+        let group = store.create_group(1, "g").expect("group");
+        let group = ConvId::Group { group };
+        send_at(&store, group, 1, 1, 5, None);
+        // One conversation in a newer bucket, sorted as usual.
+        let newer = ConvId::direct(1, 40);
+        send_at(&store, newer, 1, 40, RECENCY_BUCKET_MS, None);
+        let mut expected = vec![newer, group];
+        expected.extend((2..=31).map(|peer| ConvId::direct(1, peer)));
+        assert_eq!(paged(&store, 7, 8), expected);
+        // Sorted when the bound allows.
+        let sorted = paged(&store, 7, 100);
+        assert_eq!(sorted[..2], [newer, ConvId::direct(1, 31)]);
+        assert_eq!(sorted.len(), expected.len());
+        // Equal times (the group's and user 5's): 1:1 first.
+        let direct = |peer| ConvId::direct(1, peer);
+        assert_eq!(sorted[27..], [direct(5), group, direct(4), direct(3), direct(2)]);
     }
 
     /// Not a test: prints how long one conversation list of a user with
