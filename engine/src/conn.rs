@@ -1392,6 +1392,9 @@ struct Conn {
 
 impl Conn {
     async fn read_loop(&mut self, reader: &mut ReadHalf<Transport>, buf: &mut FrameBuf) -> ReadEnd {
+        // Whether the session was found past its idle deadline before the
+        // last read: see the check before `fill_shared`.
+        let mut overdue = false;
         loop {
             loop {
                 let body = match buf.next_body() {
@@ -1482,8 +1485,22 @@ impl Conn {
             // byte comes, so a client trickling a frame it never finishes
             // (or, over TLS, records that carry no plaintext) would never
             // reach the timeout below: its deadline is checked here too.
-            if self.session.is_idle(now_ms()) {
+            // Nothing is read while a request is served, though, and one
+            // can take longer than the idle timeout (a catch-up paced to a
+            // slow reader, a stalled disk): the client's frames sent
+            // meanwhile wait in the socket. So a session found past its
+            // deadline reads once more, at once (`keep_reading` sets the
+            // shortest wait), and is closed only if that read brings no
+            // whole frame. Closing it with those frames unread would also
+            // make the kernel reset the connection, dropping what is still
+            // queued for the client.
+            let idle = self.session.is_idle(now_ms());
+            if idle && overdue {
                 return self.close_idle();
+            }
+            if idle != overdue {
+                overdue = idle;
+                self.keep_reading(reader);
             }
             match fill_shared(reader, buf).await {
                 Ok(Filled::Bytes(_)) => {}

@@ -1,0 +1,126 @@
+//! Sessions under attack, over real sockets and a real store: the idle
+//! deadline of a session whose request takes longer to serve than the idle
+//! timeout while its client keeps sending heartbeats.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RawConn, RawRead, TestServer, User};
+use rkyv::util::AlignedVec;
+use tern_client::{ClientBody, Content, ErrorCode, ServerBody, UserId};
+use tern_proto::{encode_client, ClientFrame};
+
+const IDLE: Duration = Duration::from_secs(1);
+
+/// A catch-up paced to a client that reads slowly can take longer than
+/// the idle timeout; the client's heartbeats sent meanwhile wait in the
+/// socket until the `Sync` is served. They arrived in time: the session
+/// must stay open (protocol.md 2.5: it closes when no frame *arrived*).
+#[test]
+fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
+    let server = TestServer::start_with(|config| {
+        config.idle_timeout = IDLE;
+        // Small frames and a small outbound queue: the catch-up stalls as
+        // soon as the client stops reading.
+        config.max_frame_bytes = 4096;
+        config.max_message_bytes = 2048;
+        config.outbound_queue_bytes = 8192;
+    });
+    let alice = server.user_on_shard("idle_sync_a", 0);
+    let bob = server.user_on_shard("idle_sync_b", 1 % server.shards());
+    // More than the kernel's socket buffers hold (up to 4 MiB on loopback).
+    const BACKLOG: u64 = 4000;
+    send_big_backlog(&server, &alice, bob.id, BACKLOG);
+
+    let mut b = RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    b.login(&bob);
+    let sync = b.send(ClientBody::Sync { cursors: Vec::new() });
+    // Not reading for twice the idle timeout, but pinging well within it.
+    let mut pings = Vec::new();
+    let paused = Instant::now();
+    while paused.elapsed() < 2 * IDLE + IDLE / 2 {
+        std::thread::sleep(IDLE / 5);
+        pings.push(b.send(ClientBody::Ping {
+            nonce: pings.len() as u64,
+        }));
+    }
+    let (mut streamed, mut done, mut pongs) = (0u64, None, 0usize);
+    while done.is_none() || pongs < pings.len() {
+        match b.read(Duration::from_secs(10)) {
+            RawRead::Frame(f) => match f.body {
+                ServerBody::Message(_) => streamed += 1,
+                ServerBody::SyncDone { messages } if f.request_id == sync => done = Some(messages),
+                ServerBody::Pong { .. } => pongs += 1,
+                ServerBody::Presence { .. } => {}
+                ServerBody::Disconnect { code, message, .. } => panic!(
+                    "disconnected after {streamed} of {BACKLOG} messages, {pongs} of {} pongs \
+                     (SyncDone: {done:?}): {code:?}: {message}",
+                    pings.len()
+                ),
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!(
+                "after {streamed} of {BACKLOG} messages, {pongs} of {} pongs (SyncDone: {done:?}): {other:?}",
+                pings.len()
+            ),
+        }
+    }
+    assert_eq!(done, Some(BACKLOG));
+    assert_eq!(streamed, BACKLOG);
+    // The session goes on as long as its client pings.
+    for nonce in 0..5u64 {
+        std::thread::sleep(IDLE / 4);
+        let id = b.send(ClientBody::Ping { nonce });
+        let frame = b.expect_frame();
+        assert_eq!(frame.request_id, id, "{frame:?}");
+        assert_eq!(frame.body, ServerBody::Pong { nonce });
+    }
+    // And silence still closes it.
+    let frames = b.expect_closed();
+    assert!(
+        frames.iter().any(|f| matches!(
+            f.body,
+            ServerBody::Disconnect {
+                code: ErrorCode::IdleTimeout,
+                ..
+            }
+        )),
+        "{frames:?}"
+    );
+}
+
+/// Sends `count` messages of 1,800 bytes from `from` to `to`, 50 at a
+/// time, each acknowledged.
+fn send_big_backlog(server: &TestServer, from: &User, to: UserId, count: u64) {
+    let mut raw = RawConn::connect(server.addr());
+    raw.login(from);
+    let body = "x".repeat(1800);
+    let mut sent = 0;
+    while sent < count {
+        let window = (count - sent).min(50);
+        let mut out = AlignedVec::new();
+        for n in 0..window {
+            let frame = ClientFrame {
+                request_id: 1000 + sent + n,
+                body: ClientBody::SendDirect {
+                    to,
+                    client_msg_id: 1 + sent + n,
+                    content: Content::text(body.clone()),
+                },
+            };
+            encode_client(&frame, &mut out, 1 << 20).expect("encode");
+        }
+        raw.send_raw(&out).expect("send");
+        let mut acked = 0;
+        while acked < window {
+            let frame = raw.expect_frame();
+            match frame.body {
+                ServerBody::Sent { .. } => acked += 1,
+                ServerBody::Presence { .. } => {}
+                other => panic!("expected Sent, got {other:?}"),
+            }
+        }
+        sent += window;
+    }
+}
