@@ -1,12 +1,13 @@
 //! Sessions under attack, over real sockets and a real store: the idle
 //! deadline of a session whose request takes longer to serve than the idle
-//! timeout while its client keeps sending heartbeats.
+//! timeout while its client keeps sending heartbeats, and one session
+//! token resumed on two connections at once (protocol.md 2.3).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RawConn, RawRead, TestServer, User};
+use common::{code_of, RawConn, RawRead, TestServer, User, PASSWORD};
 use rkyv::util::AlignedVec;
 use tern_client::{ClientBody, Content, ErrorCode, ServerBody, UserId};
 use tern_proto::{encode_client, ClientFrame};
@@ -88,6 +89,44 @@ fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
         )),
         "{frames:?}"
     );
+}
+
+/// A token resumes as itself (`LoginToken` answers the same token, it
+/// does not issue one), on any number of connections at once, each a
+/// session of its own; a `Logout` on one of them revokes it for every
+/// later resume, while the other sessions stay open.
+#[test]
+fn one_token_resumes_two_sessions_and_a_logout_ends_its_resumes_not_its_sessions() {
+    let server = TestServer::start();
+    let alice = server.user_on_shard("tok_a", 0);
+    let bob = server.user_on_shard("tok_b", 1 % server.shards());
+    let token = server
+        .connect()
+        .login(&alice.name, PASSWORD)
+        .expect("password login")
+        .token;
+    let mut one = server.connect();
+    let mut two = server.connect();
+    for device in [&mut one, &mut two] {
+        let resumed = device.login_token(&token).expect("resume");
+        assert_eq!(resumed.user, alice.id);
+        assert_eq!(resumed.token, token, "LoginToken answers the token it was given");
+    }
+    // Both sessions are live: a message reaches each.
+    let mut b = server.login(&bob);
+    b.send_text(alice.id, "to both").expect("send");
+    for device in [&mut one, &mut two] {
+        assert_eq!(common::expect_message(device).content.body, b"to both");
+    }
+    one.logout().expect("logout");
+    assert_eq!(
+        code_of(server.connect().login_token(&token)),
+        tern_client::ErrorCode::AuthFailed
+    );
+    // The other session of that token goes on.
+    two.ping().expect("the other session stays open");
+    b.send_text(alice.id, "still here").expect("send");
+    assert_eq!(common::expect_message(&mut two).content.body, b"still here");
 }
 
 /// Sends `count` messages of 1,800 bytes from `from` to `to`, 50 at a
