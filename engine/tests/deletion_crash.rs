@@ -12,13 +12,11 @@
 //! `TERN_CRASH_SEED` repeats one run.
 
 mod common;
+mod ternd_common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{opts, PASSWORD};
 use fjall::{Database, KeyspaceCreateOptions};
@@ -28,80 +26,11 @@ use tern_engine::admin::{admin_request, ADMIN_SOCKET};
 use tern_proto::encode_server;
 use tern_proto::ids::mix64;
 use tern_storage::{InboxTargets, MessageWrite, Store, StoreOptions, WriteOp};
+use ternd_common::Ternd;
 
 const FRIENDS: usize = 1500;
 const INBOX: u64 = 30_000;
 const KILLS: usize = 4;
-
-/// A `ternd` process on a data directory.
-struct Ternd {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Ternd {
-    fn start(data_dir: &Path) -> Ternd {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--shards", "2", "--no-pin"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ternd");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        // Drained for the process's whole life, or it would block.
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("ternd listening on ") {
-                    if let Some(addr) = rest.split_whitespace().next() {
-                        let _ = tx.send(addr.to_owned());
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("ternd starts")
-            .parse()
-            .expect("listen address");
-        Ternd { child, addr }
-    }
-
-    fn kill9(mut self) {
-        // SAFETY: sending a signal to our own child process has no memory effects.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill -9 ternd");
-        let _ = self.child.wait();
-    }
-
-    /// A clean shutdown (SIGTERM), waited for.
-    fn stop(mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!("ternd did not stop within 15 s of SIGTERM");
-    }
-}
-
-impl Drop for Ternd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn store_opts() -> StoreOptions {
     StoreOptions {
@@ -280,14 +209,14 @@ fn a_deletion_killed_mid_purge_again_and_again_ends_with_nothing_left() {
     let data_dir: PathBuf = dir.path().join("data");
     let world = populate(&data_dir);
 
-    let ternd = Ternd::start(&data_dir);
+    let ternd = Ternd::start(&data_dir, &data_dir.with_extension("log"));
     let answer = admin_request(&data_dir.join(ADMIN_SOCKET), "delete-user alice").expect("admin");
     assert!(answer.starts_with("deleted alice"), "{answer}");
     thread::sleep(pause(10));
     ternd.kill9();
     let mut cut_short = usize::from(!purged(&data_dir));
     for _ in 1..KILLS {
-        let ternd = Ternd::start(&data_dir);
+        let ternd = Ternd::start(&data_dir, &data_dir.with_extension("log"));
         thread::sleep(pause(40));
         ternd.kill9();
         cut_short += usize::from(!purged(&data_dir));
@@ -296,7 +225,7 @@ fn a_deletion_killed_mid_purge_again_and_again_ends_with_nothing_left() {
     assert!(cut_short > 0, "no kill landed in the purge: make it bigger");
     let mut done = false;
     for _ in 0..10 {
-        let ternd = Ternd::start(&data_dir);
+        let ternd = Ternd::start(&data_dir, &data_dir.with_extension("log"));
         thread::sleep(Duration::from_secs(2));
         ternd.stop();
         if purged(&data_dir) {
@@ -367,7 +296,7 @@ fn a_deletion_killed_mid_purge_again_and_again_ends_with_nothing_left() {
 
     // A new alice is someone else, with nothing of the old one; bob
     // keeps their conversation.
-    let ternd = Ternd::start(&data_dir);
+    let ternd = Ternd::start(&data_dir, &data_dir.with_extension("log"));
     let mut fresh = Client::connect(ternd.addr, opts()).expect("connect");
     let id = fresh
         .register("alice", PASSWORD)

@@ -5,20 +5,27 @@
 //! again while messages are sent, members are offline or catching up, a
 //! second device syncs and the server restarts. Every member must get
 //! every message of their membership exactly once, in order, with no gap,
-//! read raw so the client library's dedup cannot hide a duplicate.
+//! read raw so the client library's dedup cannot hide a duplicate. The
+//! last test does it against the real `ternd` binary killed with SIGKILL.
 //! `TERN_THRESHOLD_SEED` repeats a run.
 
 mod common;
 mod durable_common;
+mod ternd_common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, User};
+use common::{TestServer, User, PASSWORD};
 use durable_common::{raw_sync, summarize};
-use tern_client::{Client, ConvId, Cursor, GroupId, ReceiptKind, ServerBody, ServerFrame};
+use tern_client::{
+    Client, ClientBody, ClientOptions, ConvId, Cursor, ErrorCode, GroupId, ReceiptKind, ServerBody,
+    ServerFrame,
+};
+use ternd_common::Ternd;
 
 struct Rng(u64);
 
@@ -443,4 +450,272 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
         problems.extend(reader.seen.problems.iter().cloned());
     }
     assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
+}
+
+/// Where the real `ternd` listens now (a restart moves it).
+#[derive(Clone)]
+struct Target(Arc<Mutex<SocketAddr>>);
+
+impl Target {
+    fn get(&self) -> SocketAddr {
+        *self.0.lock().expect("target lock")
+    }
+}
+
+fn crash_opts() -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_secs(3),
+        client_name: "threshold-crash".into(),
+        ..ClientOptions::default()
+    }
+}
+
+/// A client of `name`, logged in (not synced) wherever the server is now;
+/// retried until the server is back.
+fn login_at(target: &Target, name: &str) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "{name}: no server for 60 s");
+        if let Ok(mut client) = Client::connect(target.get(), crash_opts()) {
+            match client.login_unsynced(name, PASSWORD) {
+                Ok(_) => return client,
+                Err(e) if e.code() == Some(ErrorCode::AuthFailed) => panic!("{name}: account lost"),
+                Err(_) => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `op` on `user`'s client until the server answers it, logging in
+/// again whenever the connection is lost (a kill) or the answer is one a
+/// retry may change (`Internal`: not stored).
+fn until_answered<T>(
+    target: &Target,
+    user: &User,
+    client: &mut Option<Client>,
+    mut op: impl FnMut(&mut Client) -> Result<T, tern_client::ClientError>,
+) -> T {
+    loop {
+        let c = client.get_or_insert_with(|| login_at(target, &user.name));
+        match op(c) {
+            Ok(v) => return v,
+            Err(e) => match e.code() {
+                None | Some(ErrorCode::Internal) | Some(ErrorCode::ShuttingDown) => *client = None,
+                Some(code) => panic!("{}: refused with {code:?}: {e}", user.name),
+            },
+        }
+    }
+}
+
+impl Reader {
+    /// [`Reader::connect`] against the real server; `false` if the
+    /// connection was lost on the way.
+    fn connect_at(&mut self, target: &Target, conv: ConvId) -> bool {
+        let mut client = login_at(target, &self.user.name);
+        let cursors = match self.seen.cursor {
+            0 => Vec::new(),
+            seq => vec![Cursor { conv, seq }],
+        };
+        self.session_last = self.seen.cursor;
+        if client.request(ClientBody::Sync { cursors }).is_err() {
+            return false;
+        }
+        self.client = Some(client);
+        self.try_drain(conv, Duration::from_millis(1))
+    }
+
+    /// [`Reader::drain`] that drops the client instead of failing when
+    /// the server is gone; `false` then.
+    fn try_drain(&mut self, conv: ConvId, quiet: Duration) -> bool {
+        let Some(client) = self.client.as_mut() else {
+            return true;
+        };
+        loop {
+            match client.read_frame(quiet) {
+                Ok(Some(frame)) => self.seen.take(self.name, conv, frame, &mut self.session_last),
+                Ok(None) => return true,
+                Err(_) => {
+                    self.client = None;
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The sequential test above against the real `ternd` binary, killed
+/// with SIGKILL at random moments (so in the middle of a send, a join or
+/// leave, a receipt or a catch-up) and restarted on its data directory.
+/// A request cut off by a kill is retried until answered (a send with
+/// its `client_msg_id`, so it is never sequenced twice): each message's
+/// members are then known exactly.
+#[test]
+fn members_get_their_messages_exactly_once_across_sigkills_while_the_group_crosses_the_threshold() {
+    const THRESHOLD: &str = "3";
+    let kills: u64 = std::env::var("TERN_THRESHOLD_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let seed: u64 = std::env::var("TERN_THRESHOLD_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("TERN_THRESHOLD_SEED={seed}");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, log) = (dir.path().join("data"), dir.path().join("ternd.log"));
+    let flags = ["--write-diffusion-max-members", THRESHOLD];
+    let server = Ternd::start_with(&data, &log, &flags);
+    let target = Target(Arc::new(Mutex::new(server.addr)));
+    let register = |name: String| {
+        let mut c = Client::connect(target.get(), crash_opts()).expect("connect");
+        User {
+            id: c.register(&name, PASSWORD).expect("register"),
+            name,
+        }
+    };
+    let owner = register("owner".into());
+    let mut o: Option<Client> = None;
+    let group = until_answered(&target, &owner, &mut o, |c| c.group_create("crossing"));
+    let conv = ConvId::Group { group };
+    let names = ["online", "offline", "flapper", "extra0", "extra1", "extra2"];
+    let mut readers: Vec<Reader> = names
+        .iter()
+        .map(|name| Reader::new(name, register(format!("crash_{name}"))))
+        .collect();
+    let mut clients: Vec<Option<Client>> = readers.iter().map(|_| None).collect();
+    let mut member = vec![false; readers.len()];
+    let mut owed: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); readers.len()];
+    for i in [0, 1] {
+        let user = readers[i].user.clone();
+        until_answered(&target, &user, &mut clients[i], |c| c.group_join(group));
+        member[i] = true;
+    }
+    // The killer: SIGKILL at random moments, restart on the same data.
+    let done = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (target, done, data, log) = (target.clone(), done.clone(), data.clone(), log.clone());
+        let mut rng = Rng(seed ^ 0x5EED);
+        std::thread::spawn(move || {
+            let mut server = server;
+            for k in 0..kills {
+                std::thread::sleep(Duration::from_millis(200 + rng.below(1000)));
+                server.kill9();
+                server = Ternd::start_with(&data, &log, &flags);
+                *target.0.lock().expect("target lock") = server.addr;
+                eprintln!("kill {}: restarted on {}", k + 1, server.addr);
+            }
+            done.store(true, Ordering::Relaxed);
+            server
+        })
+    };
+    let (mut last_seq, mut next_id, mut step) = (0u64, 1u64, 0u64);
+    while !done.load(Ordering::Relaxed) || step < 100 {
+        step += 1;
+        let size = 1 + member.iter().filter(|m| **m).count();
+        match rng.below(100) {
+            0..=59 => {
+                let id = next_id;
+                next_id += 1;
+                let text = format!("message {id}");
+                let sent = until_answered(&target, &owner, &mut o, |c| {
+                    c.send_group(group, id, tern_client::Content::text(text.clone()))
+                });
+                assert!(
+                    sent.seq == last_seq + 1,
+                    "seq {} after {last_seq}: acknowledged seqs are gap-free",
+                    sent.seq
+                );
+                last_seq = sent.seq;
+                for (i, m) in member.iter().enumerate() {
+                    if *m {
+                        owed[i].insert(sent.seq);
+                    }
+                }
+            }
+            60..=84 => {
+                let i = 2 + rng.below((readers.len() - 2) as u64) as usize;
+                let join = if size <= 3 {
+                    rng.below(4) != 0
+                } else {
+                    rng.below(4) == 0
+                };
+                let user = readers[i].user.clone();
+                if join && !member[i] {
+                    until_answered(&target, &user, &mut clients[i], |c| c.group_join(group));
+                    member[i] = true;
+                } else if !join && member[i] {
+                    until_answered(&target, &user, &mut clients[i], |c| c.group_leave(group));
+                    member[i] = false;
+                }
+            }
+            85..=92 => {
+                let seq = readers[0].seen.cursor;
+                if let (Some(c), true) = (readers[0].client.as_mut(), seq > 0) {
+                    if c.receipt(conv, ReceiptKind::Delivered, seq).is_err() {
+                        readers[0].client = None;
+                    }
+                }
+            }
+            _ => {
+                if readers[2].client.is_some() && rng.below(2) == 0 {
+                    readers[2].client = None;
+                } else {
+                    readers[2].connect_at(&target, conv);
+                }
+            }
+        }
+        // The flapper's device comes back when it is its turn; the
+        // online one at once.
+        readers[2].try_drain(conv, Duration::from_millis(1));
+        if !readers[0].try_drain(conv, Duration::from_millis(1)) || readers[0].client.is_none() {
+            readers[0].connect_at(&target, conv);
+        }
+    }
+    let server = killer.join().expect("killer");
+    eprintln!("{step} steps, {last_seq} messages, {kills} kills");
+    let mut problems = Vec::new();
+    for (i, reader) in readers.iter_mut().enumerate() {
+        reader.client = None;
+        assert!(
+            reader.connect_at(&target, conv),
+            "{}: final sync failed",
+            reader.name
+        );
+        assert!(
+            reader.try_drain(conv, Duration::from_millis(500)),
+            "{}: lost",
+            reader.name
+        );
+        let seen: BTreeSet<u64> = reader.seen.times.keys().copied().collect();
+        if seen != owed[i] {
+            let missing: Vec<u64> = owed[i].difference(&seen).copied().collect();
+            let extra: Vec<u64> = seen.difference(&owed[i]).copied().collect();
+            problems.push(format!(
+                "{}: missing {} extra {} (owed {})",
+                reader.name,
+                summarize(&missing),
+                summarize(&extra),
+                summarize(&owed[i].iter().copied().collect::<Vec<_>>())
+            ));
+        }
+        for (seq, times) in &reader.seen.times {
+            if *times != 1 {
+                problems.push(format!("{}: seq {seq} sent {times} times", reader.name));
+            }
+        }
+        problems.extend(reader.seen.problems.iter().cloned());
+    }
+    server.stop();
+    assert!(
+        problems.is_empty(),
+        "seed {seed}:\n{}\nternd log:\n{}",
+        problems.join("\n"),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
