@@ -57,6 +57,9 @@ struct Seen {
 
 impl Seen {
     fn take(&mut self, who: &str, conv: ConvId, frame: ServerFrame, session_last: &mut u64) {
+        if let ServerBody::Disconnect { code, message, .. } = &frame.body {
+            eprintln!("{who}: disconnected: {code:?}: {message}");
+        }
         let ServerBody::Message(m) = frame.body else {
             return;
         };
@@ -149,7 +152,12 @@ fn members_get_their_messages_exactly_once_while_the_group_crosses_the_threshold
         });
     eprintln!("TERN_THRESHOLD_SEED={seed}");
     let mut rng = Rng(seed);
-    let mut server = TestServer::start_with(|c| c.write_diffusion_max_members = THRESHOLD);
+    let mut server = TestServer::start_with(|c| {
+        c.write_diffusion_max_members = THRESHOLD;
+        // The control connections (joins and leaves) may sit idle for
+        // longer than the default on a loaded machine.
+        c.idle_timeout = Duration::from_secs(600);
+    });
     let owner = server.user_on_shard("thr_owner", 0);
     let mut o = server.login_unsynced(&owner);
     let group: GroupId = common::group_on_shard(&mut o, 1 % server.shards(), server.shards(), true);
@@ -303,10 +311,10 @@ struct Sent {
 #[test]
 fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
     const THRESHOLD: usize = 3;
-    let steps: u64 = std::env::var("TERN_THRESHOLD_STEPS")
+    let messages: u64 = std::env::var("TERN_THRESHOLD_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(600);
     let seed: u64 = std::env::var("TERN_THRESHOLD_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -317,7 +325,12 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
         });
     eprintln!("TERN_THRESHOLD_SEED={seed}");
     let mut rng = Rng(seed);
-    let server = TestServer::start_with(|c| c.write_diffusion_max_members = THRESHOLD);
+    let server = TestServer::start_with(|c| {
+        c.write_diffusion_max_members = THRESHOLD;
+        // The control connections (joins and leaves) may sit idle for
+        // longer than the default on a loaded machine.
+        c.idle_timeout = Duration::from_secs(600);
+    });
     let owner = server.user_on_shard("race_owner", 0);
     let mut o = server.login_unsynced(&owner);
     let group: GroupId = common::group_on_shard(&mut o, 1 % server.shards(), server.shards(), true);
@@ -344,14 +357,12 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
         });
     }
     readers[0].connect(&server, conv);
-    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
     let sender = {
-        let stop = stop.clone();
+        let done = done.clone();
         std::thread::spawn(move || {
             let mut sent = Vec::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
+            for n in 1..=messages {
                 let asked = Instant::now();
                 let ack = o.send_group_text(group, &format!("message {n}")).expect("send");
                 sent.push(Sent {
@@ -359,12 +370,15 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
                     asked,
                     acked: Instant::now(),
                 });
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(20));
             }
+            done.store(true, Ordering::Relaxed);
             sent
         })
     };
-    for _ in 0..steps {
+    let mut steps = 0u64;
+    while !done.load(Ordering::Relaxed) {
+        steps += 1;
         let size = 1 + memberships
             .iter()
             .filter(|m| m.last().is_some_and(|m| m.leave.is_none()))
@@ -401,6 +415,9 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
                 }
             }
             _ => {
+                // From where the first one acknowledged, and while it
+                // acknowledges again.
+                readers[0].ack(conv);
                 let mut device = Reader::new("online's second device", readers[0].user.clone());
                 device.connect(&server, conv);
                 readers[0].ack(conv);
@@ -411,7 +428,6 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
         readers[0].drain(conv, Duration::from_millis(1));
         readers[2].drain(conv, Duration::from_millis(1));
     }
-    stop.store(true, Ordering::Relaxed);
     let sent = sender.join().expect("sender");
     eprintln!("{steps} steps, {} messages", sent.len());
     let mut problems = Vec::new();
