@@ -1456,6 +1456,9 @@ impl Conn {
                 match metered(&mut self.limiter, request_id, is_message) {
                     None => {}
                     Some(PreLogin::Reply(reply)) => {
+                        // Refused, but it arrived: not the silence the idle
+                        // timeout is for (protocol.md 2.5).
+                        self.session.touch(now_ms());
                         self.push(&reply);
                         continue;
                     }

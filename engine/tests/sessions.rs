@@ -1,7 +1,8 @@
 //! Sessions under attack, over real sockets and a real store: the idle
 //! deadline of a session whose request takes longer to serve than the idle
-//! timeout while its client keeps sending heartbeats, and one session
-//! token resumed on two connections at once (protocol.md 2.3).
+//! timeout while its client keeps sending heartbeats, and of one whose
+//! frames the rate meters refuse (protocol.md 2.5); one session token
+//! resumed on two connections at once (protocol.md 2.3).
 
 mod common;
 
@@ -89,6 +90,50 @@ fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
         )),
         "{frames:?}"
     );
+}
+
+/// Frames refused by the connection's rate meters count as activity too
+/// (protocol.md 2.5: "Every frame counts as activity, including frames
+/// that are refused with an error"): a client whose requests are all
+/// answered `RateLimited` for longer than the idle timeout is not closed
+/// as idle.
+#[test]
+fn frames_refused_by_the_rate_limit_count_as_activity() {
+    let idle = Duration::from_millis(400);
+    let server = TestServer::start_with(|config| {
+        config.idle_timeout = idle;
+        config.limits.limits_exempt.clear();
+        config.limits.registration_rate_per_ip_per_hour = 0;
+        config.limits.message_rate_per_sec = 1;
+        config.limits.message_burst = 1;
+    });
+    let alice = server.user_on_shard("meter_a", 0);
+    let bob = server.user_on_shard("meter_b", 1 % server.shards());
+    let mut a = RawConn::connect(server.addr());
+    a.login(&alice);
+    let conv = tern_client::ConvId::direct(alice.id, bob.id);
+    // One typing hint a second is served; the ones between are refused,
+    // and none of them is the silence the idle timeout is for.
+    let started = Instant::now();
+    let (mut served, mut refused) = (0, 0);
+    while started.elapsed() < 3 * idle {
+        let id = a.send(ClientBody::Typing { conv });
+        let frame = a.expect_frame();
+        assert_eq!(frame.request_id, id, "{frame:?}");
+        match frame.body {
+            ServerBody::Ok => served += 1,
+            ServerBody::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => refused += 1,
+            other => panic!(
+                "after {served} served and {refused} refused in {:?}: {other:?}",
+                started.elapsed()
+            ),
+        }
+        std::thread::sleep(idle / 8);
+    }
+    assert!(refused > 0 && served > 0, "{served} served, {refused} refused");
 }
 
 /// A token resumes as itself (`LoginToken` answers the same token, it

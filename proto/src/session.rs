@@ -104,6 +104,13 @@ impl Session {
         now_ms >= self.idle_deadline_ms()
     }
 
+    /// Counts a frame that is refused before [`Session::admit`] sees it
+    /// (by the connection's rate meters) as activity: every frame that
+    /// arrives keeps the connection from being idle, served or not.
+    pub fn touch(&mut self, now_ms: u64) {
+        self.last_frame_ms = self.last_frame_ms.max(now_ms);
+    }
+
     /// Decides whether a frame may be served now. Any frame, admitted or
     /// not, counts as activity for the idle timeout.
     pub fn admit(&mut self, now_ms: u64, body: &ArchivedClientBody) -> Result<(), Refusal> {
@@ -490,5 +497,10 @@ mod tests {
         assert!(s.is_idle(1000));
         admit(&mut s, hello()).unwrap();
         assert_eq!(s.idle_deadline_ms(), 1010);
+        s.touch(500);
+        assert_eq!(s.idle_deadline_ms(), 1500);
+        // Never backwards.
+        s.touch(20);
+        assert_eq!(s.idle_deadline_ms(), 1500);
     }
 }
