@@ -2,7 +2,8 @@
 //! deadline of a session whose request takes longer to serve than the idle
 //! timeout while its client keeps sending heartbeats, and of one whose
 //! frames the rate meters refuse (protocol.md 2.5); one session token
-//! resumed on two connections at once (protocol.md 2.3).
+//! resumed on two connections at once (protocol.md 2.3); two devices of a
+//! user and their peer sending in one conversation at once.
 
 mod common;
 
@@ -134,6 +135,57 @@ fn frames_refused_by_the_rate_limit_count_as_activity() {
         std::thread::sleep(idle / 8);
     }
     assert!(refused > 0 && served > 0, "{served} served, {refused} refused");
+}
+
+/// Two devices of one user and their peer all send at once in one 1:1
+/// conversation: every session sees the whole conversation, its own
+/// messages as `Sent` and everyone else's (the other device's as echoes)
+/// as pushes, each seq exactly once and the pushes in seq order.
+#[test]
+fn two_devices_and_their_peer_sending_at_once_each_see_the_whole_conversation_in_order() {
+    const EACH: u64 = 150;
+    let server = TestServer::start();
+    let alice = server.user_on_shard("multi_a", 0);
+    let bob = server.user_on_shard("multi_b", 1 % server.shards());
+    let sessions = vec![
+        (server.login(&alice), bob.id, "alice's first device"),
+        (server.login(&alice), bob.id, "alice's second device"),
+        (server.login(&bob), alice.id, "bob"),
+    ];
+    let results: Vec<(tern_client::Client, Vec<u64>, &str)> = std::thread::scope(|s| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .map(|(mut client, to, name)| {
+                s.spawn(move || {
+                    let sent: Vec<u64> = (0..EACH)
+                        .map(|n| client.send_text(to, &format!("{name} {n}")).expect("send").seq)
+                        .collect();
+                    (client, sent, name)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("sender")).collect()
+    });
+    let total = 3 * EACH;
+    for (mut client, sent, name) in results {
+        let mut pushed = Vec::new();
+        while let Ok(Some(frame)) = client.read_frame(Duration::from_millis(300)) {
+            if let ServerBody::Message(m) = frame.body {
+                pushed.push(m.seq);
+            }
+        }
+        assert!(
+            pushed.windows(2).all(|w| w[0] < w[1]),
+            "{name}: pushes out of order or twice: {pushed:?}"
+        );
+        let mut all: Vec<u64> = pushed.iter().chain(&sent).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (1..=total).collect::<Vec<_>>(),
+            "{name}: not each of 1..={total} once (sent {sent:?}, pushed {pushed:?})"
+        );
+    }
 }
 
 /// A token resumes as itself (`LoginToken` answers the same token, it
