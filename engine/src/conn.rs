@@ -1392,14 +1392,17 @@ struct Conn {
 
 impl Conn {
     async fn read_loop(&mut self, reader: &mut ReadHalf<Transport>, buf: &mut FrameBuf) -> ReadEnd {
-        // Whether the session was found past its idle deadline before the
-        // last read: see the check before `fill_shared`.
-        let mut overdue = false;
+        // Whether the last read was the one more read of a session found
+        // past its idle deadline, and whether a whole frame was taken since
+        // that read: see the check before `fill_shared`.
+        let mut rescued = false;
+        let mut served = false;
         loop {
             loop {
                 let body = match buf.next_body() {
                     Ok(Some(body)) => {
                         self.shard.m().frame_in(body.len() + tern_proto::HEADER_LEN);
+                        served = true;
                         body
                     }
                     Ok(None) => break,
@@ -1496,15 +1499,20 @@ impl Conn {
             // shortest wait), and is closed only if that read brings no
             // whole frame. Closing it with those frames unread would also
             // make the kernel reset the connection, dropping what is still
-            // queued for the client.
+            // queued for the client. A read that did bring frames may bring
+            // another long request too: past it the session gets the same
+            // one more read.
             let idle = self.session.is_idle(now_ms());
-            if idle && overdue {
+            if idle && rescued && !served {
                 return self.close_idle();
             }
-            if idle != overdue {
-                overdue = idle;
+            if idle || rescued {
+                // The shortest wait for the one more read, or back to the
+                // usual one after it.
                 self.keep_reading(reader);
             }
+            rescued = idle;
+            served = false;
             match fill_shared(reader, buf).await {
                 Ok(Filled::Bytes(_)) => {}
                 Ok(Filled::Eof) => return ReadEnd::Closed,

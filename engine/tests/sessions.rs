@@ -93,6 +93,87 @@ fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
     );
 }
 
+/// The same, twice in a row: the read that finds the heartbeats sent
+/// during the first catch-up also brings a second `Sync`, which the
+/// client again reads too slowly for longer than the idle timeout while
+/// pinging. Its heartbeats count as well (one rescued overdue session
+/// must not leave the next long request without the same read).
+#[test]
+fn heartbeats_during_two_long_catch_ups_in_a_row_keep_the_session() {
+    let server = TestServer::start_with(|config| {
+        config.idle_timeout = IDLE;
+        config.max_frame_bytes = 4096;
+        config.max_message_bytes = 2048;
+        config.outbound_queue_bytes = 8192;
+    });
+    let alice = server.user_on_shard("idle_twice_a", 0);
+    let bob = server.user_on_shard("idle_twice_b", 1 % server.shards());
+    const BACKLOG: u64 = 4000;
+    send_big_backlog(&server, &alice, bob.id, BACKLOG);
+
+    let mut b = RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    b.login(&bob);
+    let mut pings = 0u64;
+    // Two heartbeats (at 0.6 and 1.2 idle timeouts) per pause: few enough
+    // that they and the second `Sync` (76 bytes each) come in one read
+    // (a quiet stream's read slot is 256 bytes).
+    let mut ping_without_reading = |b: &mut RawConn| {
+        let paused = Instant::now();
+        while paused.elapsed() < IDLE + IDLE / 10 {
+            std::thread::sleep(IDLE * 3 / 5);
+            b.send(ClientBody::Ping { nonce: pings });
+            pings += 1;
+        }
+    };
+    let first = b.send(ClientBody::Sync { cursors: Vec::new() });
+    ping_without_reading(&mut b);
+    // Queued behind the heartbeats: the same catch-up again.
+    let second = b.send(ClientBody::Sync { cursors: Vec::new() });
+    let (mut streamed, mut done, mut pongs) = (0u64, Vec::new(), 0u64);
+    let mut read_until = |b: &mut RawConn, done: &mut Vec<u64>, until: u64| loop {
+        if done.contains(&until) {
+            return;
+        }
+        match b.read(Duration::from_secs(10)) {
+            RawRead::Frame(f) => match f.body {
+                ServerBody::Message(_) => streamed += 1,
+                ServerBody::SyncDone { .. } => done.push(f.request_id),
+                ServerBody::Pong { .. } => pongs += 1,
+                ServerBody::Presence { .. } => {}
+                ServerBody::Disconnect { code, message, .. } => panic!(
+                    "disconnected after {streamed} messages, {pongs} pongs (SyncDone of {done:?}): \
+                     {code:?}: {message}"
+                ),
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("after {streamed} messages, {pongs} pongs (SyncDone of {done:?}): {other:?}"),
+        }
+    };
+    read_until(&mut b, &mut done, first);
+    // The second catch-up is under way and stalls as the first did.
+    ping_without_reading(&mut b);
+    read_until(&mut b, &mut done, second);
+    assert_eq!(done, vec![first, second]);
+    assert_eq!(streamed, 2 * BACKLOG);
+    // Every heartbeat is answered, then silence closes the session.
+    let frames = b.expect_closed();
+    let late_pongs = frames
+        .iter()
+        .filter(|f| matches!(f.body, ServerBody::Pong { .. }))
+        .count() as u64;
+    assert_eq!(pongs + late_pongs, pings, "{frames:?}");
+    assert!(
+        frames.iter().any(|f| matches!(
+            f.body,
+            ServerBody::Disconnect {
+                code: ErrorCode::IdleTimeout,
+                ..
+            }
+        )),
+        "{frames:?}"
+    );
+}
+
 /// Frames refused by the connection's rate meters count as activity too
 /// (protocol.md 2.5: "Every frame counts as activity, including frames
 /// that are refused with an error"): a client whose requests are all
