@@ -117,8 +117,10 @@ impl Inner {
     /// Indexes the 1:1 conversations of a store written before
     /// `recent_convs` existed (its `meta` record is missing, or says where
     /// an interrupted backfill got to). Runs inside `Store::open`, before
-    /// anything else can write. Each `user_convs` key gets its user's
-    /// index key in the bucket of the conversation's newest message;
+    /// anything else can write. Each conversation's newest message is
+    /// read once, at its lower participant's `user_convs` key, and both
+    /// participants get their index key in its bucket (the higher one's
+    /// `user_convs` key indexes only itself, if the lower one's is gone);
     /// every [`BACKFILL_CHUNK`] keys are committed with the position
     /// reached, so a crash costs at most one chunk, and memory stays
     /// bounded whatever the store's size. A deleted account's keys are
@@ -140,10 +142,25 @@ impl Inner {
             let user =
                 codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| ks.corrupt(&key, d))?;
             let conv = codec::decode_user_conv_key(&key).map_err(|d| ks.corrupt(&key, d))?;
-            if conv.peer_of(user).is_some() && !self.is_deleted(user) {
+            // Both participants' keys from one history read, at the lower
+            // id's `user_convs` key, which sorts (and so is resumed) before
+            // the higher one's. The higher id's key indexes only itself,
+            // when the lower one's is gone (that account purged).
+            let participants = match conv {
+                ConvId::Direct { low, high } if user == low => [Some(low), Some(high)],
+                ConvId::Direct { low, high } if user == high => {
+                    let low_indexed = ks.contains(codec::user_conv_key(low, conv))?;
+                    [None, (!low_indexed).then_some(high)]
+                }
+                _ => [None, None],
+            };
+            let live = participants.map(|p| p.filter(|&p| !self.is_deleted(p)));
+            if live.iter().any(Option::is_some) {
                 if let Some(newest) = self.newest_timestamp(conv)? {
-                    let index = recent_key(user, recency_bucket(newest), conv);
-                    batch.insert(&self.recent.handle, index, []);
+                    for p in live.into_iter().flatten() {
+                        let index = recent_key(p, recency_bucket(newest), conv);
+                        batch.insert(&self.recent.handle, index, []);
+                    }
                 }
             }
             in_batch += 1;

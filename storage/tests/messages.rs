@@ -769,13 +769,35 @@ fn an_older_store_is_indexed_when_opened_and_an_interrupted_backfill_goes_on() {
         assert_eq!(recent(&store, 2), vec![(7, a), (2, c)]);
         assert_eq!(recent(&store, 3), vec![(3, b), (2, c)]);
     }
-    // Cut short after user 2's keys: only user 3's are indexed on.
+    // Cut short after user 2's keys: the backfill goes on from user 3's,
+    // whose conversations were indexed (both participants) at the lower
+    // id's key, committed with that position: nothing is read again.
     let mut at = 2u64.to_be_bytes().to_vec();
     at.extend([0xff; 17]);
     as_before_the_index(dir.path(), Some(&at));
     let store = open(dir.path());
     assert!(recent(&store, 1).is_empty());
     assert!(recent(&store, 2).is_empty());
+    assert!(recent(&store, 3).is_empty());
+    drop(store);
+    // A conversation whose lower id's `user_convs` key is gone (that
+    // account purged) is indexed at the higher id's key.
+    {
+        let db = Database::builder(dir.path()).open().unwrap();
+        let user_convs = db.keyspace("user_convs", KeyspaceCreateOptions::default).unwrap();
+        for key in user_convs
+            .prefix(1u64.to_be_bytes())
+            .map(|g| g.key().unwrap())
+            .collect::<Vec<_>>()
+        {
+            user_convs.remove(key).unwrap();
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    as_before_the_index(dir.path(), None);
+    let store = open(dir.path());
+    assert!(recent(&store, 1).is_empty());
+    assert_eq!(recent(&store, 2), vec![(7, a), (2, c)]);
     assert_eq!(recent(&store, 3), vec![(3, b), (2, c)]);
     drop(store);
     // Done: a reopen indexes nothing again.
