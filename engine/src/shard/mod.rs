@@ -963,7 +963,10 @@ impl Shard {
 
     /// Which of `users` are online, asking each of their home shards.
     pub async fn online_among(self: &Rc<Self>, users: Vec<UserId>) -> FxHashSet<UserId> {
-        let mut online = FxHashSet::default();
+        // Every query is sent before any answer is awaited: one round
+        // trip in all, not one per shard (the presence batch that asks
+        // holds the permit of pair changes meanwhile).
+        let mut answers = Vec::new();
         for (shard, users) in self.partition(users).into_iter().enumerate() {
             if users.is_empty() {
                 continue;
@@ -971,6 +974,10 @@ impl Shard {
             let (tx, rx) = futures_channel::oneshot::channel();
             self.send_event(shard, Event::OnlineQuery { users, reply: tx })
                 .await;
+            answers.push(rx);
+        }
+        let mut online = FxHashSet::default();
+        for rx in answers {
             if let Ok(found) = rx.await {
                 online.extend(found);
             }

@@ -36,7 +36,10 @@
 //! (shards × [`ANNOUNCE_WORKERS`] × [`ANNOUNCE_BATCH`] subjects, each with
 //! at most the user's friends) plus one per account purge in flight: when
 //! it is that full, the workers wait, and so new changes pile up in the
-//! announce sets as marks, one per user, not as tasks or notices.
+//! announce sets as marks, one per user, not as tasks or notices. Both
+//! queues are drained oldest first. A user whose friend list cannot be
+//! read is marked again a second later, so a disk error delays an
+//! announcement instead of losing it.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -56,6 +59,9 @@ pub const ANNOUNCE_BATCH: usize = 256;
 /// Subjects a pair shard looks at under one hold of the permit: bounds
 /// how long a block change waits behind a burst.
 pub const PAIR_BATCH: usize = 512;
+/// Pause before users whose friend lists could not be read are announced
+/// again.
+const RETRY_UNREAD_FRIENDS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Users homed here whose presence changed and is not announced yet.
 #[derive(Default)]
@@ -69,6 +75,9 @@ pub struct Announcing {
 #[derive(Default)]
 pub struct PairQueue {
     subjects: FxHashMap<UserId, Pending>,
+    /// The keys of `subjects` in the order they arrived, each once: a
+    /// batch takes the oldest, so none waits behind later arrivals.
+    order: VecDeque<UserId>,
     running: bool,
 }
 
@@ -134,11 +143,15 @@ impl Shard {
                 })
                 .await;
             let mut by_pair_shard: Vec<Vec<PresenceNotice>> = (0..self.shards).map(|_| Vec::new()).collect();
+            let mut unread = Vec::new();
             for (user, friends) in lists {
                 let friends = match friends {
                     Ok(friends) => friends,
                     Err(e) => {
-                        tracing::warn!(error = %e, user, "cannot load friends for presence");
+                        if unread.is_empty() {
+                            tracing::warn!(error = %e, user, "cannot load friends for presence; retrying in 1 s");
+                        }
+                        unread.push(user);
                         continue;
                     }
                 };
@@ -149,6 +162,18 @@ impl Shard {
                 self.notices_by_pair_shard(user, online, friends, &mut by_pair_shard);
             }
             self.send_notices(by_pair_shard).await;
+            if !unread.is_empty() {
+                // Marked again, after a pause (a failing disk is asked
+                // once a second, with one warning per batch): their
+                // friends must still learn the state that holds.
+                glommio::timer::sleep(RETRY_UNREAD_FRIENDS).await;
+                let mut announcing = self.announcing.borrow_mut();
+                for user in unread {
+                    if announcing.marked.insert(user) {
+                        announcing.order.push_back(user);
+                    }
+                }
+            }
         }
     }
 
@@ -215,7 +240,11 @@ impl Shard {
         let queued = queued.map(|tx| Rc::new(Queued(tx)));
         let mut queue = self.pair_queue.borrow_mut();
         for notice in notices {
-            let pending = queue.subjects.entry(notice.subject).or_default();
+            let queue = &mut *queue;
+            let pending = queue.subjects.entry(notice.subject).or_insert_with(|| {
+                queue.order.push_back(notice.subject);
+                Pending::default()
+            });
             let to = if notice.online {
                 &mut pending.online
             } else {
@@ -245,10 +274,12 @@ impl Shard {
             };
             let batch: Vec<(UserId, Pending)> = {
                 let mut queue = self.pair_queue.borrow_mut();
-                let subjects: Vec<UserId> = queue.subjects.keys().take(PAIR_BATCH).copied().collect();
+                let take = queue.order.len().min(PAIR_BATCH);
+                let subjects: Vec<UserId> = queue.order.drain(..take).collect();
                 if subjects.is_empty() {
                     queue.running = false;
                     queue.subjects.shrink_to(PAIR_BATCH);
+                    queue.order.shrink_to(PAIR_BATCH);
                     return;
                 }
                 subjects
