@@ -263,6 +263,11 @@ pub enum Event {
         users: Vec<UserId>,
         reply: oneshot::Sender<Vec<UserId>>,
     },
+    /// Answered once every event sent before it on the same queue is
+    /// handled: an answer that must not overtake pushes its shard queued
+    /// earlier (a `Presence` before a `FriendRemove`'s `Ok`) waits on it,
+    /// since answers travel by oneshot, beside the queue.
+    Flush { done: oneshot::Sender<()> },
 }
 
 /// A connection in transit, with everything its new shard needs.

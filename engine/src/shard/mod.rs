@@ -823,7 +823,12 @@ impl Shard {
                 // Waits on the disk too: beside the queue, as above.
                 let shard = self.clone();
                 glommio::spawn_local(async move {
-                    let _ = reply.send(shard.change_block(user, peer, block).await);
+                    let changed = shard.change_block(user, peer, block).await;
+                    // The user's presence pushes of the peer (and pair
+                    // notices) queued before the change reach their
+                    // sessions before its answer does.
+                    shard.flushed(shard.home_of(user)).await;
+                    let _ = reply.send(changed);
                 })
                 .detach();
             }
@@ -832,6 +837,9 @@ impl Shard {
                 let shard = self.clone();
                 glommio::spawn_local(async move {
                     if let Some(removed) = shard.unfriend(user, peer).await {
+                        // As for a block: no `Presence` of the ex-friend
+                        // queued before the removal follows its `Ok`.
+                        shard.flushed(shard.home_of(user)).await;
                         let _ = reply.send(removed);
                     }
                 })
@@ -958,7 +966,19 @@ impl Shard {
                 let online = users.into_iter().filter(|u| self.is_online(*u)).collect();
                 let _ = reply.send(online);
             }
+            Event::Flush { done } => {
+                let _ = done.send(());
+            }
         }
+    }
+
+    /// Returns once every event this shard sent to `shard` before the call
+    /// is handled there (at once for this shard: its events are handled
+    /// when sent).
+    pub(super) async fn flushed(self: &Rc<Self>, shard: usize) {
+        let (done, handled) = futures_channel::oneshot::channel();
+        self.send_event(shard, Event::Flush { done }).await;
+        let _ = handled.await;
     }
 
     /// Which of `users` are online, asking each of their home shards.
