@@ -284,13 +284,12 @@ impl Store {
     /// to the group's last stored seq in the same batch: a `Sync` from
     /// another of their devices, or one after a crash right after this
     /// write, must not stream the group's messages from before the join.
-    /// The engine then moves them to its own last seq (messages sequenced
-    /// but not yet stored) with a receipt through the writer, lowered to
-    /// the stored seq should one of those messages fail to store.
-    /// Receipts are otherwise only written by the writer; the one case
-    /// where both touch a row at once (a former member's cursor in flight
-    /// while they rejoin) can only lose this provisional value, which the
-    /// engine's receipt then restores.
+    /// The engine calls this with no message of the group sequenced and
+    /// not yet stored (it holds the group's sends back meanwhile), so
+    /// this is the group's last seq. Receipts are otherwise only written
+    /// by the writer; the one case where both touch a row at once (a
+    /// former member's cursor in flight while they rejoin) can only lose
+    /// this value, which the engine's receipt at the same seq restores.
     pub fn add_members(
         &self,
         group: GroupId,

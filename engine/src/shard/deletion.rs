@@ -28,7 +28,7 @@ use crate::mesh::{Event, GroupAnswer, GroupReply, Recipients};
 const PURGE_STEP_KEYS: usize = 1024;
 
 /// How often a deletion checks whether the group's last writes are out.
-const SETTLE_POLL: Duration = Duration::from_millis(1);
+pub(super) const SETTLE_POLL: Duration = Duration::from_millis(1);
 
 /// How long a failed purge step (or an account purge's group departure)
 /// waits before it is tried again.

@@ -10,7 +10,9 @@
 //! serialised by a per-group semaphore so no check sees a state another
 //! change is about to replace. Joins queue per group and are applied in
 //! batches by whichever of them holds the permit: a crowd joining a group
-//! at once costs a few store writes, not one each.
+//! at once costs a few store writes, not one each. A join batch fences the
+//! group's sends from its store write to its cache update, so the joiners'
+//! start it stores is the group's last seq, none of it still in flight.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -40,6 +42,22 @@ pub(super) struct JoinQueue {
     waiting: Vec<(UserId, futures_channel::oneshot::Sender<GroupReply>)>,
     /// A task is applying this queue's joins (and will take these too).
     draining: bool,
+}
+
+/// A join's hold on its group's sequencing ([`Shard::fence_joins`]):
+/// dropping it, on every path, lets the waiting sends go.
+struct JoinFence<'a> {
+    shard: &'a Shard,
+    group: GroupId,
+}
+
+impl Drop for JoinFence<'_> {
+    fn drop(&mut self) {
+        let waiters = self.shard.join_fences.borrow_mut().remove(&self.group);
+        for waker in waiters.into_iter().flatten() {
+            waker.wake();
+        }
+    }
 }
 
 /// The groups homed on this shard that are cached, within
@@ -377,6 +395,14 @@ impl Shard {
                 Ok(state) => state,
                 Err(e) => return self.reply(from, conn, store_error_frame(request_id, &e)).await,
             };
+            if self.join_fenced(group) {
+                // A join is storing its members' start: wait for it, and
+                // take the snapshot after, with them in it. A retry waits
+                // too and then gets its original answer from `sequence`.
+                drop(state);
+                self.join_fence_lifted(group).await;
+                continue;
+            }
             if self.conv_cached(conv) {
                 break state;
             }
@@ -815,14 +841,20 @@ impl Shard {
                 let _ = answer.send(reply);
             }
             drop(permit);
+            // The sends the fence held run before the next batch fences
+            // the group again: a stream of joins cannot starve them.
+            glommio::executor().yield_now().await;
         }
     }
 
     /// Adds `users` to `group` (the permit is held): one store batch, one
     /// read of the group's seq, their read cursors in one commit, one cache
     /// rebuild. A new member starts at the group's current seq, so a sync
-    /// does not replay what was said before they joined. The replies are
-    /// in the order of `users`.
+    /// does not replay what was said before they joined. That start is
+    /// written with the membership, in one batch, under a fence on the
+    /// group's sequencing ([`Shard::fence_joins`]): a start raised by a
+    /// later commit could be lost to a crash after the messages below it
+    /// were stored. The replies are in the order of `users`.
     async fn apply_joins(&self, group: GroupId, users: Vec<UserId>) -> Vec<GroupReply> {
         let map_err = |e| store_refusal(e, group, "no such group");
         let state = match self.group_state(group).await {
@@ -845,6 +877,17 @@ impl Shard {
             .filter(|(_, reply)| reply.is_none())
             .map(|(&user, _)| user)
             .collect();
+        let conv = ConvId::Group { group };
+        // Nothing is sequenced in the group until the cache has the new
+        // members, and the store write waits for every message sequenced
+        // before to be stored: so the cursor it writes with the
+        // membership, at the group's last stored seq, is the last seq
+        // sequenced, and no crash between two commits can leave a new
+        // member's start below a message from before the join.
+        let fence = match to_add.is_empty() {
+            true => None,
+            false => Some(self.fence_joins(group, conv).await),
+        };
         let outcomes = if to_add.is_empty() {
             Vec::new()
         } else {
@@ -871,7 +914,6 @@ impl Shard {
                 _ => {}
             }
         }
-        let conv = ConvId::Group { group };
         // The store has the new members whether or not their start can be
         // read: on a failed read the cache still takes them (cache and
         // store agree) and they are answered as when their cursor fails
@@ -881,8 +923,10 @@ impl Shard {
         } else {
             self.cursor_seq_loaded(conv).await.ok()
         };
-        // From here to the cache update nothing yields: every message
-        // sequenced after `joined_at` sees the new members.
+        // Under the fence this is the seq `add_members` stored the
+        // cursors at. The receipt restores it should a receipt of a
+        // former member, in the writer while the batch was written, have
+        // overwritten it with a lower value (see `Store::add_members`).
         let cursors: Vec<_> = joined
             .iter()
             .map(|&(_, user)| {
@@ -898,6 +942,8 @@ impl Shard {
                 members.insert(user, GroupRole::Member);
             }
         });
+        // Every message sequenced from here on sees the new members.
+        drop(fence);
         let mut answers: Vec<GroupReply> = outcomes
             .iter()
             .map(|outcome| match outcome {
@@ -934,6 +980,38 @@ impl Shard {
                 .next()
                 .unwrap_or_else(|| Err(refusal(ErrorCode::Internal, "join not applied; retry")))
         })
+    }
+
+    /// Fences `group`'s sequencing for a join (until the guard drops)
+    /// and waits until every message of `conv` sequenced before is
+    /// durable or failed. Sends wait at the fence for one join batch: the
+    /// commits in flight plus one store batch.
+    async fn fence_joins(&self, group: GroupId, conv: ConvId) -> JoinFence<'_> {
+        self.join_fences.borrow_mut().entry(group).or_default();
+        let fence = JoinFence { shard: self, group };
+        while self.convs.borrow().inflight(conv) > 0 {
+            glommio::timer::sleep(super::deletion::SETTLE_POLL).await;
+        }
+        fence
+    }
+
+    /// Whether a join holds `group`'s sequencing still.
+    #[inline]
+    fn join_fenced(&self, group: GroupId) -> bool {
+        let fences = self.join_fences.borrow();
+        !fences.is_empty() && fences.contains_key(&group)
+    }
+
+    /// Waits until no join holds `group`'s sequencing.
+    async fn join_fence_lifted(&self, group: GroupId) {
+        std::future::poll_fn(|cx| match self.join_fences.borrow_mut().get_mut(&group) {
+            Some(waiters) => {
+                waiters.push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+            None => std::task::Poll::Ready(()),
+        })
+        .await
     }
 
     /// Removes `user` from `group` (a leave or a kick; the checks are
