@@ -191,15 +191,7 @@ fn purged(data_dir: &Path) -> bool {
 
 #[test]
 fn a_deletion_killed_mid_purge_again_and_again_ends_with_nothing_left() {
-    let seed = std::env::var("TERN_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("TERN_CRASH_SEED={seed}");
+    let seed = ternd_common::crash_seed();
     let mut rng = seed;
     let mut pause = move |max_ms: u64| {
         rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -120,15 +120,7 @@ fn check(data_dir: &Path, round: &Round) -> (usize, Vec<String>) {
 
 #[test]
 fn a_join_killed_at_any_moment_never_starts_before_a_message_sequenced_before_it() {
-    let seed = std::env::var("TERN_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("TERN_CRASH_SEED={seed}");
+    let seed = ternd_common::crash_seed();
     let mut rng = seed;
     let mut pause = move |min_ms: u64, max_ms: u64| {
         rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -44,16 +44,16 @@ pub(super) struct JoinQueue {
     draining: bool,
 }
 
-/// A join's hold on its group's sequencing ([`Shard::fence_joins`]):
+/// A membership change's hold on its group's sequencing ([`Shard::fence_sends`]):
 /// dropping it, on every path, lets the waiting sends go.
-struct JoinFence<'a> {
+struct SendFence<'a> {
     shard: &'a Shard,
     group: GroupId,
 }
 
-impl Drop for JoinFence<'_> {
+impl Drop for SendFence<'_> {
     fn drop(&mut self) {
-        let waiters = self.shard.join_fences.borrow_mut().remove(&self.group);
+        let waiters = self.shard.send_fences.borrow_mut().remove(&self.group);
         for waker in waiters.into_iter().flatten() {
             waker.wake();
         }
@@ -395,12 +395,13 @@ impl Shard {
                 Ok(state) => state,
                 Err(e) => return self.reply(from, conn, store_error_frame(request_id, &e)).await,
             };
-            if self.join_fenced(group) {
-                // A join is storing its members' start: wait for it, and
-                // take the snapshot after, with them in it. A retry waits
+            if self.sends_fenced(group) {
+                // A membership change is storing its members' start or
+                // a departure's end: wait for it, and take the snapshot
+                // after, with the roster it leaves. A retry waits
                 // too and then gets its original answer from `sequence`.
                 drop(state);
-                self.join_fence_lifted(group).await;
+                self.send_fence_lifted(group).await;
                 continue;
             }
             if self.conv_cached(conv) {
@@ -671,6 +672,7 @@ impl Shard {
                     }
                     _ => {
                         drop(state);
+                        let _fence = self.fence_sends(group, ConvId::Group { group }).await;
                         let departed = self
                             .blocking(move |store| store.ban(group, target))
                             .await
@@ -852,7 +854,7 @@ impl Shard {
     /// rebuild. A new member starts at the group's current seq, so a sync
     /// does not replay what was said before they joined. That start is
     /// written with the membership, in one batch, under a fence on the
-    /// group's sequencing ([`Shard::fence_joins`]): a start raised by a
+    /// group's sequencing ([`Shard::fence_sends`]): a start raised by a
     /// later commit could be lost to a crash after the messages below it
     /// were stored. The replies are in the order of `users`.
     async fn apply_joins(&self, group: GroupId, users: Vec<UserId>) -> Vec<GroupReply> {
@@ -886,7 +888,7 @@ impl Shard {
         // member's start below a message from before the join.
         let fence = match to_add.is_empty() {
             true => None,
-            false => Some(self.fence_joins(group, conv).await),
+            false => Some(self.fence_sends(group, conv).await),
         };
         let outcomes = if to_add.is_empty() {
             Vec::new()
@@ -982,29 +984,32 @@ impl Shard {
         })
     }
 
-    /// Fences `group`'s sequencing for a join (until the guard drops)
-    /// and waits until every message of `conv` sequenced before is
-    /// durable or failed. Sends wait at the fence for one join batch: the
-    /// commits in flight plus one store batch.
-    async fn fence_joins(&self, group: GroupId, conv: ConvId) -> JoinFence<'_> {
-        self.join_fences.borrow_mut().entry(group).or_default();
-        let fence = JoinFence { shard: self, group };
+    /// Fences `group`'s sequencing for a membership change (until the
+    /// guard drops) and waits until every message of `conv` sequenced
+    /// before is durable or failed, so that the store's last seq, which
+    /// the change writes as a joiner's start or a departure's end in the
+    /// membership's own batch, is the last one sequenced. Sends wait at
+    /// the fence for one change: the commits in flight plus one store
+    /// batch. Changes of one group hold its permit, so fences never nest.
+    async fn fence_sends(&self, group: GroupId, conv: ConvId) -> SendFence<'_> {
+        self.send_fences.borrow_mut().entry(group).or_default();
+        let fence = SendFence { shard: self, group };
         while self.convs.borrow().inflight(conv) > 0 {
             glommio::timer::sleep(super::deletion::SETTLE_POLL).await;
         }
         fence
     }
 
-    /// Whether a join holds `group`'s sequencing still.
+    /// Whether a membership change holds `group`'s sequencing still.
     #[inline]
-    fn join_fenced(&self, group: GroupId) -> bool {
-        let fences = self.join_fences.borrow();
+    fn sends_fenced(&self, group: GroupId) -> bool {
+        let fences = self.send_fences.borrow();
         !fences.is_empty() && fences.contains_key(&group)
     }
 
-    /// Waits until no join holds `group`'s sequencing.
-    async fn join_fence_lifted(&self, group: GroupId) {
-        std::future::poll_fn(|cx| match self.join_fences.borrow_mut().get_mut(&group) {
+    /// Waits until no membership change holds `group`'s sequencing.
+    async fn send_fence_lifted(&self, group: GroupId) {
+        std::future::poll_fn(|cx| match self.send_fences.borrow_mut().get_mut(&group) {
             Some(waiters) => {
                 waiters.push(cx.waker().clone());
                 std::task::Poll::Pending
@@ -1017,6 +1022,7 @@ impl Shard {
     /// Removes `user` from `group` (a leave or a kick; the checks are
     /// done).
     async fn remove(&self, group: GroupId, user: UserId) -> GroupReply {
+        let _fence = self.fence_sends(group, ConvId::Group { group }).await;
         let departed = self
             .blocking(move |store| store.remove_member(group, user))
             .await
@@ -1027,11 +1033,13 @@ impl Shard {
     /// Ends `user`'s membership of `group` in the cache once the store
     /// has removed it (a leave, kick or ban), so no message sequenced
     /// after the answer reaches them, and makes sure their departure
-    /// record covers every message sequenced before: the store wrote it
-    /// up to the group's last *stored* seq, and messages sequenced but
-    /// still on their way to the disk were fanned out to them too. Those
-    /// are covered by extending the record through the writer, behind
-    /// them, before the answer (protocol.md 2.8.8).
+    /// record covers every message sequenced before (protocol.md 2.8.8).
+    /// The store wrote it up to the group's last *stored* seq, under the
+    /// fence on the group's sends ([`Shard::fence_sends`]), so that is the
+    /// last one sequenced too, and a crash cannot split the two. Should
+    /// the cached last seq still be past it, the record is extended
+    /// through the writer, behind those messages, before the answer (a
+    /// safeguard: the fence leaves nothing for it to do).
     async fn departed(&self, group: GroupId, user: UserId, departed: Departed) -> GroupReply {
         self.update_members(group, |members| {
             members.remove(&user);

@@ -151,10 +151,11 @@ pub struct Shard {
     /// Joins waiting for their group's permit, applied together by the
     /// first of them to find the queue idle.
     join_queues: RefCell<FxHashMap<u64, groups::JoinQueue>>,
-    /// Groups whose sequencing a join holds still ([`groups`]), each with
+    /// Groups whose sequencing a membership change (a join batch, a leave,
+    /// kick or ban) holds still ([`groups`]), each with
     /// the sends waiting for it to lift (at most one per connection task
     /// and request queue consumer).
-    join_fences: RefCell<FxHashMap<u64, Vec<Waker>>>,
+    send_fences: RefCell<FxHashMap<u64, Vec<Waker>>>,
     /// One permit: held by a change between two users whose conversation
     /// is homed here (a block, a friendship's end) from its store write to
     /// its answer, and by a push from one of them to the other while it
@@ -296,7 +297,7 @@ impl Shard {
             convs: RefCell::new(ConvCache::default()),
             groups: RefCell::new(GroupCache::default()),
             join_queues: RefCell::new(FxHashMap::default()),
-            join_fences: RefCell::new(FxHashMap::default()),
+            send_fences: RefCell::new(FxHashMap::default()),
             pair_changes: glommio::sync::Semaphore::new(1),
             announcing: RefCell::new(presence::Announcing::default()),
             pair_queue: RefCell::new(presence::PairQueue::default()),

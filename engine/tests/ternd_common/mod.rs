@@ -1,5 +1,5 @@
 //! A real `ternd` process for the crash tests (`crash.rs`,
-//! `deletion_crash.rs`, `threshold.rs`): started on a data directory with
+//! `deletion_crash.rs`, `join_crash.rs`, `threshold.rs`): started on a data directory with
 //! its output appended to a log file, killed with SIGKILL or stopped with
 //! SIGTERM, and restarted on the same directory.
 #![allow(dead_code)] // not every test binary uses every helper
@@ -114,4 +114,19 @@ impl Drop for Ternd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The seed of a randomised crash run: `TERN_CRASH_SEED` if set (to repeat
+/// a run), else the clock. Printed, so that a failing run can be repeated.
+pub fn crash_seed() -> u64 {
+    let seed = std::env::var("TERN_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("TERN_CRASH_SEED={seed}");
+    seed
 }
