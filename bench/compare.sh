@@ -9,7 +9,11 @@
 # connections for the memory/connect test, default 10000), SETTLE (s the
 # connections sit idle before the server's memory is read, default 12: past
 # ternd's 5 s park_after_ms, the same wait for every server), SERVER_CPU (0),
-# CLIENT_CPU (1), NO_INSTALL=1 (never apt-get), PEERS ("nats mqtt").
+# CLIENT_CPU (1: a taskset list such as 1-8 gives loadgen several CPUs),
+# CLIENT_THREADS (loadgen executors, 1; one per CPU of CLIENT_CPU when it
+# has several), NO_INSTALL=1 (never apt-get), PEERS ("nats mqtt"),
+# PREBUILT_BIN (see lib.sh), TERNS (the Tern variants: "tern-async
+# tern-sync").
 set -euo pipefail
 
 BENCH=compare
@@ -21,6 +25,7 @@ CONNECTIONS=${CONNECTIONS:-10000}
 SETTLE=${SETTLE:-12}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
+CLIENT_THREADS=${CLIENT_THREADS:-1}
 PEERS=${PEERS:-nats mqtt}
 TERN_PORT=7881 NATS_PORT=4223 MQTT_PORT=1884
 
@@ -93,14 +98,15 @@ loadgen() { # $1 target, $2 result name, rest: loadgen arguments
     local target=$1 name=$2
     shift 2
     log "$target: $name"
-    if ! taskset -c "$CLIENT_CPU" "$BIN/loadgen" --quiet --protocol "$PROTO" --server "127.0.0.1:$PORT" \
+    if ! taskset -c "$CLIENT_CPU" "$BIN/loadgen" --quiet --threads "$CLIENT_THREADS" \
+        --protocol "$PROTO" --server "127.0.0.1:$PORT" \
         --duration-secs "$DURATION" --json "$RESULTS/$target-$name.json" "$@" \
         >"$RESULTS/$target-$name.txt" 2>&1; then
         log "$target $name failed; see $RESULTS/$target-$name.txt"
     fi
 }
 
-TARGETS=(tern-async tern-sync)
+read -r -a TARGETS <<<"${TERNS:-tern-async tern-sync}"
 for peer in $PEERS; do
     case $peer in
         nats) [[ -n "${HAVE[nats-server]:-}" ]] && TARGETS+=(nats) ;;
@@ -131,7 +137,7 @@ done
     # mosquitto -h prints its version and exits 1.
     mosquitto_version=$(mosquitto -h 2>/dev/null | head -1 || true)
     echo "# ternd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') (working tree), ${nats_version:-no nats-server}, ${mosquitto_version:-no mosquitto}"
-    echo "# command: DURATION=$DURATION CONNECTIONS=$CONNECTIONS SETTLE=$SETTLE bench/compare.sh $RESULTS"
+    echo "# command: DURATION=$DURATION CONNECTIONS=$CONNECTIONS SETTLE=$SETTLE SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU CLIENT_THREADS=$CLIENT_THREADS bench/compare.sh $RESULTS"
 } >"$RESULTS/versions.txt"
 
 python3 - "$RESULTS" "${TARGETS[@]}" <<'EOF' | tee "$RESULTS/table.md"

@@ -7,6 +7,9 @@
 #   log MESSAGE...           "$BENCH: MESSAGE..." on stderr
 #   bench_binaries           BIN: release ternd and loadgen, built and copied
 #                            there so a concurrent rebuild cannot swap them;
+#                            with PREBUILT_BIN=DIR set, DIR's ternd and
+#                            loadgen are used instead and nothing is built
+#                            (a box without cargo, e.g. bench/big-box.sh's);
 #                            the open-file limit raised to the hard limit
 #   wait_listening OUT PID [ERR]
 #                            waits until the ternd writing OUT listens;
@@ -31,12 +34,18 @@ bench_results() {
 }
 
 bench_binaries() {
-    log "building release ternd and loadgen"
-    # Two builds: `--bin ternd` would also narrow `-p loadgen` to no binary.
-    (cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
+    local built="$ROOT/target/release"
+    if [[ -n "${PREBUILT_BIN:-}" ]]; then
+        built=$PREBUILT_BIN
+        log "using ternd and loadgen from $built"
+    else
+        log "building release ternd and loadgen"
+        # Two builds: `--bin ternd` would also narrow `-p loadgen` to no binary.
+        (cd "$ROOT" && cargo build --release -q -p tern-engine --bin ternd && cargo build --release -q -p loadgen)
+    fi
     BIN="$RESULTS/bin"
     mkdir -p "$BIN"
-    cp "$ROOT/target/release/ternd" "$ROOT/target/release/loadgen" "$BIN/"
+    cp "$built/ternd" "$built/loadgen" "$BIN/"
     ulimit -n "$(ulimit -Hn)"
 }
 

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# The runs a 2-vCPU VM cannot make, for a bigger box (issue 5's 16-core
+# run), each step bounded in time so that one hang leaves the others'
+# results:
+#
+#   limits   what the box is (CPUs, kernel, memory, fd and memlock limits,
+#            sysctls) into env.txt; with TUNE=1 (a dedicated bench box
+#            only) it first raises fs.nr_open, the listen backlogs, the
+#            local port range and conntrack's table for a million sockets
+#   connect  the largest idle-connection test the limits allow (at most
+#            CONNECT_COUNT, default 1,000,000): ternd on SERVER_CPUS, one
+#            loadgen worker process per CPU of CLIENT_CPUS, users created by
+#            JWT logins (no password hashing), 16 sessions per user; connect
+#            rate, server memory per connection, and the kernel's socket
+#            memory while they are held
+#   compare  bench/compare.sh with the server on one CPU and loadgen on
+#            CLIENT_CPUS with one executor per CPU, so the per-core server
+#            figures are not capped by a one-core client
+#   scale    shard scaling: 100 pairs × 64 in flight per shard (the offered
+#            load grows with the shards) at each of SCALE_SHARDS, `sync` and
+#            `async`; msgs/s, per shard, and p99
+#
+# Then summary.md in the results directory holds every table.
+#
+# Usage: bench/big-box.sh [RESULTS_DIR]
+# Environment: STEPS ("limits connect compare scale"), SERVER_CPUS and
+# CLIENT_CPUS (taskset lists; default the first and second half of the
+# CPUs), CONNECT_COUNT (1000000), CONNECT_RATE (200000), SCALE_SHARDS
+# (1 2 4 ... up to SERVER_CPUS' count), DURATION (s per measured phase,
+# default 5), COMPARE_CONNECTIONS (50000), TUNE (0), PREBUILT_BIN (lib.sh:
+# use these ternd and loadgen binaries, for a box without cargo), PEERS
+# ("nats": nats-server must be on PATH; nothing is installed), TERNS (the
+# Tern variants compare runs: "tern-sync").
+set -euo pipefail
+
+BENCH=big-box
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_results "${1:-}"
+
+cpu_count() { # $1 taskset list such as 0-7,9 → how many CPUs it names
+    python3 -c '
+import sys
+n = 0
+for part in sys.argv[1].split(","):
+    lo, _, hi = part.partition("-")
+    n += int(hi or lo) - int(lo) + 1
+print(n)' "$1"
+}
+
+CPUS=$(nproc)
+HALF=$((CPUS / 2 > 0 ? CPUS / 2 : 1))
+SERVER_CPUS=${SERVER_CPUS:-0-$((HALF - 1))}
+CLIENT_CPUS=${CLIENT_CPUS:-$((HALF < CPUS ? HALF : 0))-$((CPUS - 1))}
+SERVER_N=$(cpu_count "$SERVER_CPUS")
+CLIENT_N=$(cpu_count "$CLIENT_CPUS")
+STEPS=${STEPS:-limits connect compare scale}
+CONNECT_COUNT=${CONNECT_COUNT:-1000000}
+CONNECT_RATE=${CONNECT_RATE:-200000}
+DURATION=${DURATION:-5}
+COMPARE_CONNECTIONS=${COMPARE_CONNECTIONS:-50000}
+TUNE=${TUNE:-0}
+PEERS=${PEERS:-nats}
+PORT=${PORT:-7885}
+if [[ -z "${SCALE_SHARDS:-}" ]]; then
+    SCALE_SHARDS=""
+    for ((s = 1; s <= SERVER_N; s *= 2)); do SCALE_SHARDS+="$s "; done
+fi
+
+SERVER_PID=""
+trap 'stop_pids "$SERVER_PID"' EXIT
+trap 'exit 130' INT TERM
+
+bench_binaries
+SUMMARY="$RESULTS/summary.md"
+: >"$SUMMARY"
+
+# ---- limits: what the box is, and what it allows ----
+set_sysctl() { # $1 key, $2 value: only with TUNE=1; failures are noted
+    [[ "$TUNE" == 1 ]] || return 0
+    if sysctl -q -w "$1=$2" 2>>"$RESULTS/env.txt"; then
+        echo "set $1 = $2" >>"$RESULTS/env.txt"
+    else
+        echo "could not set $1 = $2" >>"$RESULTS/env.txt"
+    fi
+}
+
+if [[ " $STEPS " == *" limits "* ]]; then
+    set_sysctl fs.nr_open 4194304
+    set_sysctl fs.file-max 8388608
+    set_sysctl net.core.somaxconn 65535
+    set_sysctl net.ipv4.tcp_max_syn_backlog 65535
+    set_sysctl net.ipv4.ip_local_port_range "1024 65535"
+    if [[ -e /proc/sys/net/netfilter/nf_conntrack_max ]]; then
+        set_sysctl net.netfilter.nf_conntrack_max 4194304
+    fi
+fi
+# A root shell may raise its hard limit up to fs.nr_open; others keep theirs.
+ulimit -Hn "$(cat /proc/sys/fs/nr_open)" 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
+ulimit -l unlimited 2>/dev/null || true
+{
+    echo "# big-box: $(date -u +%FT%TZ), ternd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "${TERN_COMMIT:-?}")"
+    echo "cpus: $CPUS ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'))"
+    echo "kernel: $(uname -r)"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+    echo "open files: soft $(ulimit -n), hard $(ulimit -Hn), fs.nr_open $(cat /proc/sys/fs/nr_open)"
+    echo "locked memory: $(ulimit -l) KiB"
+    echo "somaxconn: $(cat /proc/sys/net/core/somaxconn), port range: $(tr '\t' ' ' </proc/sys/net/ipv4/ip_local_port_range)"
+    echo "conntrack max: $(cat /proc/sys/net/netfilter/nf_conntrack_max 2>/dev/null || echo 'not loaded')"
+    echo "server CPUs: $SERVER_CPUS ($SERVER_N), client CPUs: $CLIENT_CPUS ($CLIENT_N)"
+    echo "data dir on: $(df -T "$RESULTS" | awk 'NR == 2 {print $2, $1}')"
+} >>"$RESULTS/env.txt"
+cat "$RESULTS/env.txt" >&2
+{ echo '## Box'; echo; echo '```'; cat "$RESULTS/env.txt"; echo '```'; echo; } >>"$SUMMARY"
+
+start_ternd() { # $1 tag, $2 taskset list, $3 shards, rest: more ternd flags
+    local tag=$1 cpus=$2 shards=$3
+    shift 3
+    rm -rf "$RESULTS/data-$tag"
+    taskset -c "$cpus" "$BIN/ternd" --listen "127.0.0.1:$PORT" --data-dir "$RESULTS/data-$tag" \
+        --shards "$shards" --argon2-memory-kib 64 --argon2-iterations 1 "$@" \
+        >"$RESULTS/ternd-$tag.out" 2>&1 &
+    SERVER_PID=$!
+    wait_listening "$RESULTS/ternd-$tag.out" "$SERVER_PID"
+}
+
+stop_ternd() {
+    stop_pids "$SERVER_PID"
+    SERVER_PID=""
+}
+
+json_field() { # $1 file, $2 python expression over r
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2" 2>/dev/null \
+        || echo "n/a"
+}
+
+# ---- connect: as many idle sessions as the limits allow ----
+if [[ " $STEPS " == *" connect "* ]]; then
+    fds=$(ulimit -n)
+    count=$CONNECT_COUNT
+    # ternd holds one socket per session plus its own files.
+    ((count > fds - 1000)) && count=$((fds - 1000))
+    procs=$CLIENT_N
+    # Each loadgen process must hold its share under the same limit.
+    while ((count / procs > fds - 1000)); do procs=$((procs + 1)); done
+    secret="$RESULTS/jwt.secret"
+    head -c 48 /dev/urandom | base64 >"$secret"
+    log "connect: $count sessions from $procs loadgen processes on CPUs $CLIENT_CPUS to $SERVER_N shards"
+    start_ternd connect "$SERVER_CPUS" "$SERVER_N" --jwt-hs256-secret-file "$secret"
+    connected="$RESULTS/connect.connected"
+    rm -f "$connected"
+    (
+        sleep 1
+        for _ in $(seq 1 300); do [[ -e "$connected" ]] && break; sleep 0.5; done
+        sleep 3
+        {
+            echo "## while $count sessions are held"
+            grep -E 'VmRSS|VmHWM|Threads' "/proc/$SERVER_PID/status" 2>/dev/null || true
+            cat /proc/net/sockstat
+            grep -E 'MemTotal|MemAvailable|Slab|SUnreclaim' /proc/meminfo
+        } >"$RESULTS/connect-held.txt" 2>&1
+    ) &
+    sampler=$!
+    if ! timeout 200 taskset -c "$CLIENT_CPUS" "$BIN/loadgen" --quiet --server "127.0.0.1:$PORT" \
+        --procs "$procs" --jwt-secret-file "$secret" --setup-concurrency 256 \
+        --server-pid "$SERVER_PID" --rss-settle-secs 7 --connected-file "$connected" \
+        --json "$RESULTS/connect.json" \
+        connect --connections "$count" --sessions-per-user 16 --rate "$CONNECT_RATE" \
+        --max-pending $((SERVER_N * 512)) --hold-secs 2 \
+        >"$RESULTS/connect.txt" 2>&1; then
+        log "connect failed or timed out; see $RESULTS/connect.txt"
+    fi
+    wait "$sampler" 2>/dev/null || true
+    stop_ternd
+    rm -rf "$RESULTS/data-connect"
+    {
+        echo "## Largest idle-connection test"
+        echo
+        echo "ternd --shards $SERVER_N on CPUs $SERVER_CPUS; loadgen --procs $procs on CPUs $CLIENT_CPUS;"
+        echo "connect --connections $count --sessions-per-user 16 --rate $CONNECT_RATE (JWT-created users, token logins)"
+        echo
+        echo "| connections | failed | connect rate (sessions/s) | server KiB per session |"
+        echo "|---|---|---|---|"
+        echo "| $(json_field "$RESULTS/connect.json" 'r["connections"]') | $(json_field "$RESULTS/connect.json" 'r["errors"]') | $(json_field "$RESULTS/connect.json" 'round(r["connect_rate_per_s"])') | $(json_field "$RESULTS/connect.json" 'round(r["server_rss_kib_per_conn"], 2)') |"
+        echo
+        echo '```'
+        cat "$RESULTS/connect-held.txt" 2>/dev/null || echo "no sample taken"
+        echo '```'
+        echo
+    } >>"$SUMMARY"
+fi
+
+# ---- compare: one server CPU, a client with several ----
+if [[ " $STEPS " == *" compare "* ]]; then
+    first_server_cpu=${SERVER_CPUS%%[-,]*}
+    log "compare: servers on CPU $first_server_cpu, loadgen on $CLIENT_CPUS ($CLIENT_N executors)"
+    if ! PREBUILT_BIN="$BIN" NO_INSTALL=1 PEERS="$PEERS" TERNS="${TERNS:-tern-sync}" DURATION="$DURATION" SETTLE=7 \
+        CONNECTIONS="$COMPARE_CONNECTIONS" SERVER_CPU="$first_server_cpu" CLIENT_CPU="$CLIENT_CPUS" \
+        CLIENT_THREADS="$CLIENT_N" timeout 420 "$ROOT/bench/compare.sh" "$RESULTS/compare" \
+        >"$RESULTS/compare.txt" 2>&1; then
+        log "compare failed or timed out; see $RESULTS/compare.txt"
+    fi
+    rm -rf "$RESULTS"/compare/data-*
+    {
+        echo "## Side by side, server on one CPU, loadgen on $CLIENT_N"
+        echo
+        cat "$RESULTS/compare/versions.txt" 2>/dev/null || true
+        echo
+        cat "$RESULTS/compare/table.md" 2>/dev/null || echo "no table; see compare.txt"
+        echo
+    } >>"$SUMMARY"
+fi
+
+# ---- scale: throughput against shards ----
+if [[ " $STEPS " == *" scale "* ]]; then
+    {
+        echo "## Shard scaling: 100 pairs × 64 in flight per shard, 64-byte payloads"
+        echo
+        echo "| durability | shards | pairs | msgs/s | msgs/s per shard | p50 ms | p99 ms |"
+        echo "|---|---|---|---|---|---|---|"
+    } >>"$SUMMARY"
+    for durability in sync async; do
+        for shards in $SCALE_SHARDS; do
+            tag="scale-$durability-$shards"
+            pairs=$((100 * shards))
+            log "scale: $durability, $shards shards, $pairs pairs"
+            start_ternd "$tag" "$SERVER_CPUS" "$shards" --durability "$durability"
+            if ! timeout 120 taskset -c "$CLIENT_CPUS" "$BIN/loadgen" --quiet --threads "$CLIENT_N" \
+                --server "127.0.0.1:$PORT" --duration-secs "$DURATION" --json "$RESULTS/$tag.json" \
+                pairs --pairs "$pairs" --window 64 --payload-bytes 64 >"$RESULTS/$tag.txt" 2>&1; then
+                log "$tag failed or timed out; see $RESULTS/$tag.txt"
+            fi
+            stop_ternd
+            rm -rf "$RESULTS/data-$tag"
+            j="$RESULTS/$tag.json"
+            echo "| $durability | $shards | $pairs | $(json_field "$j" 'round(r["msgs_per_s"])') | $(json_field "$j" "round(r['msgs_per_s'] / $shards)") | $(json_field "$j" 'r["latency_us"]["p50"] / 1000') | $(json_field "$j" 'r["latency_us"]["p99"] / 1000') |" >>"$SUMMARY"
+        done
+    done
+    echo >>"$SUMMARY"
+fi
+
+cat "$SUMMARY"
