@@ -18,7 +18,8 @@
 #            figures are not capped by a one-core client
 #   scale    shard scaling: 100 pairs × 64 in flight per shard (the offered
 #            load grows with the shards) at each of SCALE_SHARDS, `sync` and
-#            `async`; msgs/s, per shard, and p99
+#            `async`; msgs/s, per shard, and p99, and each server thread's
+#            CPU share mid-run (bench/thread-cpu.sh) in scale-*.threads
 #
 # Then summary.md in the results directory holds every table.
 #
@@ -226,9 +227,14 @@ if [[ " $STEPS " == *" scale "* ]]; then
             pairs=$((100 * shards))
             log "scale: $durability, $shards shards, $pairs pairs"
             start_ternd "$tag" "$SERVER_CPUS" "$shards" --durability "$durability"
-            if ! timeout 120 taskset -c "$CLIENT_CPUS" "$BIN/loadgen" --quiet --threads "$CLIENT_N" \
+            timeout 120 taskset -c "$CLIENT_CPUS" "$BIN/loadgen" --quiet --threads "$CLIENT_N" \
                 --server "127.0.0.1:$PORT" --duration-secs "$DURATION" --json "$RESULTS/$tag.json" \
-                pairs --pairs "$pairs" --window 64 --payload-bytes 64 >"$RESULTS/$tag.txt" 2>&1; then
+                pairs --pairs "$pairs" --window 64 --payload-bytes 64 >"$RESULTS/$tag.txt" 2>&1 &
+            client=$!
+            # Which server thread is the bottleneck, sampled mid-run.
+            sleep $((DURATION / 2 + 1))
+            "$ROOT/bench/thread-cpu.sh" "$SERVER_PID" 2 >"$RESULTS/$tag.threads" 2>&1 || true
+            if ! wait "$client"; then
                 log "$tag failed or timed out; see $RESULTS/$tag.txt"
             fi
             stop_ternd
@@ -238,6 +244,9 @@ if [[ " $STEPS " == *" scale "* ]]; then
         done
     done
     echo >>"$SUMMARY"
+    for tag in "$RESULTS"/scale-*.threads; do
+        { echo "Busiest server threads, $(basename "$tag" .threads):"; echo '```'; head -8 "$tag"; echo '```'; echo; } >>"$SUMMARY"
+    done
 fi
 
 cat "$SUMMARY"
