@@ -388,7 +388,11 @@ pub async fn run(ctx: Rc<Ctx>, args: PresenceArgs) -> ExecOutcome {
 }
 
 /// Every user adds each of its friends (`FriendAdd` by name); of the two
-/// adds of a pair the second accepts the first, whichever it is.
+/// adds of a pair the second accepts the first, whichever it is. Users
+/// reused from an earlier run (`--prefix`) first end each friendship that
+/// this run's ring does not have (`FriendRemove`): its pushes would count
+/// as a non-friend's. The ring is symmetric, so a pair one side removes is
+/// a pair the other side does not add.
 async fn make_friends(ctx: &Rc<Ctx>, graph: &Rc<Graph>) {
     let workers = ctx.setup_workers.max(crate::worker::CONNECT_CONCURRENCY);
     let (task_ctx, task_graph) = (ctx.clone(), graph.clone());
@@ -404,10 +408,28 @@ async fn make_friends(ctx: &Rc<Ctx>, graph: &Rc<Graph>) {
                 .iter()
                 .filter_map(|&f| graph.users.get(f).map(|u| ctx.username(u.no)))
                 .collect();
+            let planned: Vec<UserId> = user
+                .friends
+                .iter()
+                .filter_map(|&f| graph.users.get(f).map(|u| u.id))
+                .collect();
             let common = &ctx.plan.cli.common;
             let adds = async {
                 let mut conn = Conn::open(common.server, ctx.source(user.no)).await?;
                 conn.login_token(&user.token).await?;
+                let friends = match conn.request(ClientBody::FriendList).await? {
+                    ServerBody::Friends { friends } => friends,
+                    other => return Err(WireError::Protocol(format!("FriendList answered {other:?}"))),
+                };
+                for stale in friends.iter().filter(|f| !planned.contains(&f.user)) {
+                    match conn
+                        .request(ClientBody::FriendRemove { user: stale.user })
+                        .await?
+                    {
+                        ServerBody::Ok => {}
+                        other => return Err(WireError::Protocol(format!("FriendRemove answered {other:?}"))),
+                    }
+                }
                 for username in names {
                     match conn.request(ClientBody::FriendAdd { username }).await? {
                         ServerBody::User { .. } | ServerBody::FriendRequestSent { .. } => {}

@@ -743,3 +743,33 @@ fn presence_storm_and_churn_reach_every_friend() {
     assert!(p["online_pushes"].as_u64().expect("online") > 0, "{churn}");
     assert!(p["offline_pushes"].as_u64().expect("offline") > 0, "{churn}");
 }
+
+/// `presence` with a reused `--prefix` and fewer `--friends` than the run
+/// before: the users are still friends with the earlier run's ring, so
+/// setup must end those friendships first, or their pushes count as pushes
+/// of non-friends.
+#[test]
+fn presence_reusing_a_prefix_with_a_smaller_ring_starts_from_that_ring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+    for (run, friends) in [("wide", "6"), ("narrow", "2")] {
+        let result = loadgen(
+            &addr,
+            &dir.path().join(format!("{run}.json")),
+            &[
+                "--prefix",
+                "ring_",
+                "presence",
+                "--users",
+                "30",
+                "--friends",
+                friends,
+            ],
+        );
+        let p = &result["presence"];
+        assert_eq!(result["errors"].as_u64(), Some(0), "{run}: {result}");
+        for key in ["missing", "foreign", "stale", "down"] {
+            assert_eq!(p[key].as_u64(), Some(0), "{run}, {key}: {result}");
+        }
+    }
+}
