@@ -6,11 +6,17 @@
 //! the shards use it (acked messages per second, pipelined and with one
 //! message in flight per thread). Results are per message. Each variant
 //! writes into its own fresh store in a temporary directory.
+//!
+//! `store/split_writers` asks whether a node's durable ingest would grow
+//! with a store split into several databases: 1, 2, 4 or 8 stores, each with
+//! its own group-commit writer fed by two pipelined threads, all at once
+//! (one store is what a node runs today: fjall commits one batch at a
+//! time under its journal lock, whatever the number of shards).
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use tern_bench::store::{drive_writer, temp_store, Messages, Submitters, TempStore};
+use tern_bench::store::{drive_split, drive_writer, temp_store, Messages, Submitters, TempStore};
 use tern_storage::{Durability, Writer};
 
 /// Threads submitting to the writer, as several shards would.
@@ -79,6 +85,51 @@ fn writer(c: &mut Criterion) {
     group.finish();
 }
 
+fn split_writers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store/split_writers");
+    group.throughput(Throughput::Elements(1));
+    let durabilities = [
+        ("sync", Durability::Sync),
+        (
+            "async",
+            Durability::Async {
+                flush_interval: Duration::from_millis(10),
+            },
+        ),
+    ];
+    for (name, durability) in durabilities {
+        for stores in [1usize, 2, 4, 8] {
+            let temps: Vec<TempStore> = (0..stores).map(|_| open()).collect();
+            let writers: Vec<Writer> = temps
+                .iter()
+                .map(
+                    |t| match Writer::spawn(t.store.clone(), durability, WRITER_QUEUE) {
+                        Ok(writer) => writer,
+                        Err(e) => panic!("cannot start a writer: {e}"),
+                    },
+                )
+                .collect();
+            let fed: Vec<_> = writers
+                .iter()
+                .map(|w| (w.handle(), Messages::default()))
+                .collect();
+            let id = format!("{name}/stores_{stores}");
+            group.bench_function(&id, |b| {
+                b.iter_custom(|total| match drive_split(&fed, 2, total) {
+                    Ok(elapsed) => elapsed,
+                    Err(e) => panic!("{id}: {e}"),
+                })
+            });
+            for writer in writers {
+                if let Err(e) = writer.shutdown() {
+                    panic!("writer shutdown failed: {e}");
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -89,6 +140,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = apply, writer
+    targets = apply, writer, split_writers
 }
 criterion_main!(benches);
