@@ -252,6 +252,14 @@ fn read_command(stream: &UnixStream, stop: &AtomicBool) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&command).into_owned())
 }
 
+/// `count` and `noun`, the noun in the plural unless `count` is 1: the
+/// admin answers and the start banner are read by people.
+pub fn counted(count: impl TryInto<u64>, noun: &str) -> String {
+    let count = count.try_into().unwrap_or(u64::MAX);
+    let plural = if count == 1 { "" } else { "s" };
+    format!("{count} {noun}{plural}")
+}
+
 fn run(command: &str, context: &AdminContext) -> Result<String, String> {
     let mut words = command.split_whitespace();
     match (words.next(), words.next(), words.next()) {
@@ -259,18 +267,23 @@ fn run(command: &str, context: &AdminContext) -> Result<String, String> {
         (Some("sessions"), Some(name), None) => {
             let user = resolve(context, name)?;
             let count = ask(context, user, |reply| AdminRequest::Sessions { user, reply })?;
-            Ok(format!("{name} (id {user}): {count} sessions on shard {}\n", home(context, user)))
+            let sessions = counted(count, "session");
+            Ok(format!("{name} (id {user}): {sessions} on shard {}\n", home(context, user)))
         }
         (Some("kick"), Some(name), None) => {
             let user = resolve(context, name)?;
             let count = ask(context, user, |reply| AdminRequest::Kick { user, reply })?;
-            Ok(format!("kicked {count} sessions of {name} (id {user})\n"))
+            Ok(format!("kicked {} of {name} (id {user})\n", counted(count, "session")))
         }
         (Some("revoke"), Some(name), None) => {
             let user = resolve(context, name)?;
             let revoked = context.store.revoke_tokens(user).map_err(|e| e.to_string())?;
             let count = ask(context, user, |reply| AdminRequest::Kick { user, reply })?;
-            Ok(format!("revoked {revoked} tokens and kicked {count} sessions of {name} (id {user})\n"))
+            Ok(format!(
+                "revoked {} and kicked {} of {name} (id {user})\n",
+                counted(revoked, "token"),
+                counted(count, "session")
+            ))
         }
         (Some("delete-user"), Some(name), None) => {
             let user = resolve(context, name)?;
@@ -290,7 +303,8 @@ fn run(command: &str, context: &AdminContext) -> Result<String, String> {
             tracing::info!(user, "account deleted by the operator");
             let count = ask(context, user, |reply| AdminRequest::AccountDeleted { user, reply })?;
             Ok(format!(
-                "deleted {name} (id {user}): closed {count} sessions; its data is being purged\n"
+                "deleted {name} (id {user}): closed {}; its data is being purged\n",
+                counted(count, "session")
             ))
         }
         (Some("log"), Some(filter), None) => match &context.log_reload {
@@ -354,4 +368,16 @@ pub fn admin_request(path: &Path, command: &str) -> io::Result<String> {
     let mut answer = String::new();
     io::Read::read_to_string(&mut stream, &mut answer)?;
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counted;
+
+    #[test]
+    fn counts_read_as_english() {
+        assert_eq!(counted(0usize, "session"), "0 sessions");
+        assert_eq!(counted(1usize, "shard"), "1 shard");
+        assert_eq!(counted(2u64, "token"), "2 tokens");
+    }
 }

@@ -245,7 +245,7 @@ fn ternd_serves_metrics_health_and_readiness_then_stops_on_sigterm() {
     let server = start(cmd);
     assert!(
         server.banner.ends_with(&format!(
-            "(1 shards, data in {})",
+            "(1 shard, data in {})",
             dir.path().join("data").display()
         )),
         "{}",

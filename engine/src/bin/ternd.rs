@@ -286,9 +286,9 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     ready.store(true, Ordering::SeqCst);
     println!(
-        "ternd listening on {} ({} shards, data in {})",
+        "ternd listening on {} ({}, data in {})",
         server.addr(),
-        server.shards(),
+        tern_engine::admin::counted(server.shards(), "shard"),
         data_dir.display()
     );
     if let Some(addr) = server.tls_addr() {
