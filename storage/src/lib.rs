@@ -35,6 +35,7 @@ mod user_deletion;
 mod writer;
 
 use std::fmt::Display;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -274,7 +275,7 @@ struct Inner {
     /// user ++ !bucket ++ conv -> (): a user's 1:1 conversations by the
     /// recency bucket of their newest message (see `recency`).
     recent: Ks,
-    /// name -> value: the store's own records (the recency backfill's).
+    /// name -> value: the store's own records (the backfills' positions).
     meta: Ks,
     opts: StoreOptions,
     argon2: argon2::Argon2<'static>,
@@ -395,17 +396,18 @@ impl Store {
         let deleted_users = ks("deleted_users")?;
         let next_user = next_id(&users)?.max(next_id(&deleted_users)?);
         let next_group = next_id(&groups)?;
+        let meta = ks("meta")?;
         let members = ks("members")?;
         let user_groups = ks("user_groups")?;
-        backfill_reverse_index(&db, &members, &user_groups)?;
+        backfill_reverse_index(&db, &meta, &members, &user_groups)?;
         let group_invites = ks("group_invites")?;
         let user_invites = ks("user_invites")?;
-        backfill_reverse_index(&db, &group_invites, &user_invites)?;
+        backfill_reverse_index(&db, &meta, &group_invites, &user_invites)?;
         let group_purges = ks("group_purges")?;
         let purging = group_deletion::load_purges(&group_purges)?;
         let blocks = ks("blocks")?;
         let blocked_by = ks("blocked_by")?;
-        backfill_reverse_index(&db, &blocks, &blocked_by)?;
+        backfill_reverse_index(&db, &meta, &blocks, &blocked_by)?;
         let deleted = user_deletion::load_deleted(&deleted_users)?;
         let user_purges = ks("user_purges")?;
         let user_purging = user_deletion::load_purges(&user_purges)?;
@@ -436,7 +438,7 @@ impl Store {
             receipts: ks("receipts")?,
             user_convs: ks("user_convs")?,
             recent: ks("recent_convs")?,
-            meta: ks("meta")?,
+            meta,
             db,
             hash_pool: hashing::HashPool::start(&opts)?,
             opts,
@@ -678,22 +680,55 @@ impl Ks {
     }
 }
 
+/// Most reverse-index keys [`backfill_reverse_index`] writes in one batch:
+/// memory stays bounded whatever the store's size (one batch of a store's
+/// every membership could be gigabytes), and a crash costs one chunk.
+const REVERSE_BACKFILL_CHUNK: usize = 10_000;
+
+/// The length of a `first ++ second` pair key.
+const PAIR_KEY_LEN: usize = 16;
+
 /// Builds a reverse index (`second ++ first` keys, as `user_groups` is to
 /// `members` and `user_invites` to `group_invites`) from its `first ++
 /// second` keyspace in a store written before the index existed (an empty
-/// index next to a non-empty source).
-fn backfill_reverse_index(db: &Database, source: &Ks, index: &Ks) -> Result<(), StoreError> {
-    if !index.is_empty()? || source.is_empty()? {
-        return Ok(());
-    }
+/// index next to a non-empty source). Runs at open, before anything else
+/// writes. Every [`REVERSE_BACKFILL_CHUNK`] keys are committed with the
+/// position reached, in `meta` under `<index>_backfill`, so a crash
+/// resumes after the last chunk (the index is no longer empty by then,
+/// and the record says it is unfinished); the last batch marks it done.
+fn backfill_reverse_index(db: &Database, meta: &Ks, source: &Ks, index: &Ks) -> Result<(), StoreError> {
+    let record = format!("{}_backfill", index.name);
+    let record = record.as_bytes();
+    let start = match meta.get(record)? {
+        Some(value) => {
+            match recency::decode_backfill_of(&value, PAIR_KEY_LEN).map_err(|d| meta.corrupt(record, d))? {
+                None => return Ok(()),
+                Some(after) => Bound::Excluded(after),
+            }
+        }
+        // No record: an index that has keys was kept by every write since
+        // it existed (or filled in one batch by an older version), and an
+        // empty source needs nothing.
+        None if !index.is_empty()? || source.is_empty()? => return Ok(()),
+        None => Bound::Unbounded,
+    };
     let mut batch = db.batch();
-    for guard in source.handle.iter() {
+    let mut in_batch = 0usize;
+    for guard in source.handle.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
         let key = source.key_of(guard)?;
         let first =
             codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| source.corrupt(&key, d))?;
         let second = codec::decode_pair_second(&key).map_err(|d| source.corrupt(&key, d))?;
         batch.insert(&index.handle, codec::pair_key(second, first), []);
+        in_batch += 1;
+        if in_batch >= REVERSE_BACKFILL_CHUNK {
+            batch.insert(&meta.handle, record, recency::encode_backfill(Some(&key)));
+            batch.durability(Some(PersistMode::Buffer)).commit()?;
+            batch = db.batch();
+            in_batch = 0;
+        }
     }
+    batch.insert(&meta.handle, record, recency::encode_backfill(None));
     batch.durability(Some(PersistMode::SyncData)).commit()?;
     Ok(())
 }

@@ -82,7 +82,7 @@ pub(crate) fn decode_recent_key(key: &[u8]) -> Result<(UserId, u64, ConvId), Str
 
 /// The backfill's `meta` value: `[v1]` when done, `[v1] ++ user_convs
 /// key` (26 bytes) while under way, the key being the last one indexed.
-fn encode_backfill(after: Option<&[u8]>) -> Vec<u8> {
+pub(crate) fn encode_backfill(after: Option<&[u8]>) -> Vec<u8> {
     let mut v = vec![codec::VALUE_V1];
     v.extend_from_slice(after.unwrap_or_default());
     v
@@ -90,11 +90,17 @@ fn encode_backfill(after: Option<&[u8]>) -> Vec<u8> {
 
 /// `None`: done; `Some(key)`: go on after `key`.
 fn decode_backfill(value: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    decode_backfill_of(value, USER_CONV_KEY_LEN)
+}
+
+/// A backfill record whose position is a key of `key_len` bytes (the
+/// recency backfill's, and the reverse indexes' in `lib.rs`).
+pub(crate) fn decode_backfill_of(value: &[u8], key_len: usize) -> Result<Option<Vec<u8>>, String> {
     match value.split_first() {
         Some((&codec::VALUE_V1, [])) => Ok(None),
-        Some((&codec::VALUE_V1, rest)) if rest.len() == USER_CONV_KEY_LEN => Ok(Some(rest.to_vec())),
+        Some((&codec::VALUE_V1, rest)) if rest.len() == key_len => Ok(Some(rest.to_vec())),
         Some((&codec::VALUE_V1, rest)) => Err(format!(
-            "backfill position is {} bytes, expected {USER_CONV_KEY_LEN}",
+            "backfill position is {} bytes, expected {key_len}",
             rest.len()
         )),
         Some((v, _)) => Err(format!("unknown value version {v}")),

@@ -384,6 +384,59 @@ fn user_groups_is_backfilled_for_an_older_store() {
     assert_eq!(store.user_groups(2).unwrap(), vec![1, 2]);
 }
 
+/// Memberships written straight into `members` with no `user_groups`
+/// keys, as an older store holds them; with `at`, the backfill's record
+/// says it got as far as that `members` key, and the index holds what it
+/// had written by then.
+fn older_memberships(dir: &std::path::Path, groups: u64, users: u64, at: Option<(u64, u64)>) {
+    let db = Database::builder(dir).open().unwrap();
+    let members = db.keyspace("members", KeyspaceCreateOptions::default).unwrap();
+    let index = db
+        .keyspace("user_groups", KeyspaceCreateOptions::default)
+        .unwrap();
+    let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+    let pair = |a: u64, b: u64| [a.to_be_bytes(), b.to_be_bytes()].concat();
+    let mut batch = db.batch();
+    for g in 1..=groups {
+        for u in 1..=users {
+            batch.insert(&members, pair(g, u), [1u8, 0]);
+            if at.is_some_and(|at| (g, u) <= at) {
+                batch.insert(&index, pair(u, g), []);
+            }
+        }
+    }
+    match at {
+        None => batch.remove(&meta, "user_groups_backfill"),
+        Some((g, u)) => batch.insert(&meta, "user_groups_backfill", [&[1u8][..], &pair(g, u)].concat()),
+    }
+    batch.commit().unwrap();
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
+/// More memberships than one backfill chunk (10,000) are indexed in
+/// several batches, and a backfill cut short after a chunk goes on from
+/// the position its record names, not from an index that merely has keys.
+#[test]
+fn a_large_reverse_index_backfill_is_chunked_and_goes_on_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    older_memberships(dir.path(), 3, 9_000, None);
+    {
+        let store = open(dir.path());
+        assert_eq!(store.user_groups(1).unwrap(), vec![1, 2, 3]);
+        assert_eq!(store.user_groups(9_000).unwrap(), vec![1, 2, 3]);
+    }
+    // Cut short after group 2's member 4,000: the index holds only what
+    // came before, and the next open writes the rest.
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    older_memberships(dir.path(), 3, 9_000, Some((2, 4_000)));
+    let store = open(dir.path());
+    for user in [1, 4_000, 4_001, 9_000] {
+        assert_eq!(store.user_groups(user).unwrap(), vec![1, 2, 3], "user {user}");
+    }
+}
+
 #[test]
 fn user_invites_is_backfilled_for_an_older_store() {
     let dir = tempfile::tempdir().unwrap();
