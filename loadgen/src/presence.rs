@@ -387,10 +387,13 @@ pub async fn run(ctx: Rc<Ctx>, args: PresenceArgs) -> ExecOutcome {
     outcome
 }
 
+/// Friends asked for per `FriendsPage` while setup looks for stale ones.
+const FRIENDS_PAGE: u32 = 500;
+
 /// Every user adds each of its friends (`FriendAdd` by name); of the two
 /// adds of a pair the second accepts the first, whichever it is. Users
 /// reused from an earlier run (`--prefix`) first end each friendship that
-/// this run's ring does not have (`FriendRemove`): its pushes would count
+/// this run's ring does not have (`FriendsPage`, then `FriendRemove`): its pushes would count
 /// as a non-friend's. The ring is symmetric, so a pair one side removes is
 /// a pair the other side does not add.
 async fn make_friends(ctx: &Rc<Ctx>, graph: &Rc<Graph>) {
@@ -417,10 +420,21 @@ async fn make_friends(ctx: &Rc<Ctx>, graph: &Rc<Graph>) {
             let adds = async {
                 let mut conn = Conn::open(common.server, ctx.source(user.no)).await?;
                 conn.login_token(&user.token).await?;
-                let friends = match conn.request(ClientBody::FriendList).await? {
-                    ServerBody::Friends { friends } => friends,
-                    other => return Err(WireError::Protocol(format!("FriendList answered {other:?}"))),
-                };
+                // Paged: one `FriendList` frame holds ~1,800 friends at most.
+                let mut friends = Vec::new();
+                loop {
+                    let after = friends.last().map_or(0, |f: &tern_proto::Friend| f.user);
+                    let limit = FRIENDS_PAGE;
+                    match conn.request(ClientBody::FriendsPage { after, limit }).await? {
+                        ServerBody::FriendsPage { friends: page, more } => {
+                            friends.extend(page);
+                            if !more {
+                                break;
+                            }
+                        }
+                        other => return Err(WireError::Protocol(format!("FriendsPage answered {other:?}"))),
+                    }
+                }
                 for stale in friends.iter().filter(|f| !planned.contains(&f.user)) {
                     match conn
                         .request(ClientBody::FriendRemove { user: stale.user })
