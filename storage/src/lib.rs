@@ -682,7 +682,8 @@ impl Ks {
 
 /// Most reverse-index keys [`backfill_reverse_index`] writes in one batch:
 /// memory stays bounded whatever the store's size (one batch of a store's
-/// every membership could be gigabytes), and a crash costs one chunk.
+/// every membership could be gigabytes), and a process crash costs one
+/// chunk.
 const REVERSE_BACKFILL_CHUNK: usize = 10_000;
 
 /// The length of a `first ++ second` pair key.
@@ -695,7 +696,9 @@ const PAIR_KEY_LEN: usize = 16;
 /// writes. Every [`REVERSE_BACKFILL_CHUNK`] keys are committed with the
 /// position reached, in `meta` under `<index>_backfill`, so a crash
 /// resumes after the last chunk (the index is no longer empty by then,
-/// and the record says it is unfinished); the last batch marks it done.
+/// and the record says it is unfinished); the last batch marks it done
+/// and is fsynced. The chunks before it are not: a power cut can lose
+/// several, each with its own position, so index and record still agree.
 fn backfill_reverse_index(db: &Database, meta: &Ks, source: &Ks, index: &Ks) -> Result<(), StoreError> {
     let record = format!("{}_backfill", index.name);
     let record = record.as_bytes();

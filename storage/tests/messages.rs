@@ -387,7 +387,9 @@ fn user_groups_is_backfilled_for_an_older_store() {
 /// Memberships written straight into `members` with no `user_groups`
 /// keys, as an older store holds them; with `at`, the backfill's record
 /// says it got as far as that `members` key, and the index holds what it
-/// had written by then.
+/// had written by then, except group 1's keys: only a backfill that
+/// resumes after `at` leaves them out, where one that started over would
+/// write them.
 fn older_memberships(dir: &std::path::Path, groups: u64, users: u64, at: Option<(u64, u64)>) {
     let db = Database::builder(dir).open().unwrap();
     let members = db.keyspace("members", KeyspaceCreateOptions::default).unwrap();
@@ -400,7 +402,7 @@ fn older_memberships(dir: &std::path::Path, groups: u64, users: u64, at: Option<
     for g in 1..=groups {
         for u in 1..=users {
             batch.insert(&members, pair(g, u), [1u8, 0]);
-            if at.is_some_and(|at| (g, u) <= at) {
+            if g > 1 && at.is_some_and(|at| (g, u) <= at) {
                 batch.insert(&index, pair(u, g), []);
             }
         }
@@ -413,9 +415,17 @@ fn older_memberships(dir: &std::path::Path, groups: u64, users: u64, at: Option<
     db.persist(fjall::PersistMode::SyncAll).unwrap();
 }
 
-/// More memberships than one backfill chunk (10,000) are indexed in
-/// several batches, and a backfill cut short after a chunk goes on from
-/// the position its record names, not from an index that merely has keys.
+/// The `meta` record of the `user_groups` backfill, if any.
+fn backfill_record(dir: &std::path::Path) -> Option<Vec<u8>> {
+    let db = Database::builder(dir).open().unwrap();
+    let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+    meta.get("user_groups_backfill").unwrap().map(|v| v.to_vec())
+}
+
+/// An older store with more memberships than one backfill chunk (10,000)
+/// is indexed whole and the record says done; a backfill cut short after
+/// a chunk goes on after the position its record names, where the old
+/// code took a non-empty index for a finished one.
 #[test]
 fn a_large_reverse_index_backfill_is_chunked_and_goes_on_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -426,15 +436,20 @@ fn a_large_reverse_index_backfill_is_chunked_and_goes_on_after_a_crash() {
         assert_eq!(store.user_groups(1).unwrap(), vec![1, 2, 3]);
         assert_eq!(store.user_groups(9_000).unwrap(), vec![1, 2, 3]);
     }
-    // Cut short after group 2's member 4,000: the index holds only what
-    // came before, and the next open writes the rest.
+    assert_eq!(backfill_record(dir.path()), Some(vec![1]));
+    // Cut short after group 2's member 4,000 (group 1's index keys lost
+    // too, see `older_memberships`): the next open writes what comes after
+    // the position, and only that.
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
     older_memberships(dir.path(), 3, 9_000, Some((2, 4_000)));
-    let store = open(dir.path());
-    for user in [1, 4_000, 4_001, 9_000] {
-        assert_eq!(store.user_groups(user).unwrap(), vec![1, 2, 3], "user {user}");
+    {
+        let store = open(dir.path());
+        for user in [1, 4_000, 4_001, 9_000] {
+            assert_eq!(store.user_groups(user).unwrap(), vec![2, 3], "user {user}");
+        }
     }
+    assert_eq!(backfill_record(dir.path()), Some(vec![1]));
 }
 
 #[test]
