@@ -10,8 +10,8 @@
 # connections sit idle before the server's memory is read, default 12: past
 # ternd's 5 s park_after_ms, the same wait for every server), SERVER_CPU (0),
 # CLIENT_CPU (1: a taskset list such as 1-8 gives loadgen several CPUs),
-# CLIENT_THREADS (loadgen executors, 1; one per CPU of CLIENT_CPU when it
-# has several), NO_INSTALL=1 (never apt-get), PEERS ("nats mqtt"),
+# CLIENT_THREADS (loadgen executors, default 1; give one per CPU of
+# CLIENT_CPU when it has several), NO_INSTALL=1 (never apt-get), PEERS ("nats mqtt"),
 # PREBUILT_BIN (see lib.sh), TERNS (the Tern variants: "tern-async
 # tern-sync").
 set -euo pipefail
