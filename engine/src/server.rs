@@ -102,10 +102,10 @@ impl Server {
         if config.hash_idle_priority {
             store_opts.hash_thread_start = Some(idle_priority);
         }
-        let store = with_background_priority(|| Store::open(&config.data_dir, store_opts))
-            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-        let writer = Writer::spawn(store.clone(), config.durability, config.writer_queue_depth)
-            .context("cannot start the storage writer")?;
+        // Ports and certificates first: a port in use or a bad certificate
+        // fails the start before the store is opened, so a mistyped flag
+        // leaves no new store behind (and no backfill is run for nothing).
+        // A reservation binds without listening: nobody can connect yet.
         let reservation = PortReservation::bind(config.listen)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = reservation.addr();
@@ -123,6 +123,10 @@ impl Server {
                 Some((reservation, Arc::new(certs)))
             }
         };
+        let store = with_background_priority(|| Store::open(&config.data_dir, store_opts))
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let writer = Writer::spawn(store.clone(), config.durability, config.writer_queue_depth)
+            .context("cannot start the storage writer")?;
         let tls = tls_reservation
             .as_ref()
             .map(|(r, certs)| (r.addr(), certs.clone()));

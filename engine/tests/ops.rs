@@ -760,6 +760,21 @@ fn a_data_dir_too_long_for_the_admin_socket_is_refused_before_listening() {
     );
 }
 
+/// A port another process listens on is refused before the store is
+/// opened: a mistyped port leaves no empty store behind in a new data
+/// directory.
+#[test]
+fn a_port_in_use_is_refused_before_the_store_is_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let data = dir.path().join("new-data");
+    let (status, output) = refused_start(one_shard(&addr, &data));
+    assert!(matches!(status, Some(s) if !s.success()), "{status:?}: {output}");
+    assert!(output.contains("cannot listen on"), "{output}");
+    assert!(!data.exists(), "the store was created anyway: {output}");
+}
+
 /// Connects to a running ternd's admin socket, which it serves just
 /// after its listening line.
 fn admin_connection(data: &Path) -> std::os::unix::net::UnixStream {
