@@ -33,7 +33,7 @@ use tern_client::{
     ErrorCode, ReceiptKind, ServerBody, ServerFrame, UserId,
 };
 use tern_proto::ids::mix64;
-use ternd_common::Ternd;
+use ternd_common::{env_or, Ternd};
 
 const PASSWORD: &str = "correct horse";
 const SENDERS: usize = 6;
@@ -47,13 +47,6 @@ const RECONNECT_FOR: Duration = Duration::from_secs(30);
 /// right after `SyncDone`) were a server bug, now fixed: they fail the
 /// test. Flip this to count and report them instead while investigating.
 const TOLERATE_SEAM_DUPLICATES: bool = false;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A tiny deterministic generator (splitmix), so a failing run can be
 /// repeated with its seed.
@@ -435,13 +428,8 @@ fn register(target: &Target, name: &str) -> UserId {
 fn acked_messages_survive_sigkill_exactly_once_in_order() {
     let kills: usize = env_or("TERN_CRASH_KILLS", 3);
     let max_secs: f64 = env_or("TERN_CRASH_SECS", 1.5);
-    let seed: u64 = env_or(
-        "TERN_CRASH_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64),
-    );
-    eprintln!("crash test: {kills} kills, load up to {max_secs} s between kills, TERN_CRASH_SEED={seed}");
+    eprintln!("crash test: {kills} kills, load up to {max_secs} s between kills");
+    let seed = ternd_common::crash_seed();
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let data: PathBuf = dir.path().join("data");

@@ -25,7 +25,7 @@ use tern_client::{
     Client, ClientBody, ClientOptions, ConvId, Cursor, ErrorCode, GroupId, ReceiptKind, ServerBody,
     ServerFrame,
 };
-use ternd_common::Ternd;
+use ternd_common::{env_or, Ternd};
 
 struct Rng(u64);
 
@@ -135,29 +135,42 @@ impl Reader {
     }
 }
 
-#[test]
-fn members_get_their_messages_exactly_once_while_the_group_crosses_the_threshold() {
-    const THRESHOLD: usize = 3;
-    let steps: u64 = std::env::var("TERN_THRESHOLD_STEPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let seed: u64 = std::env::var("TERN_THRESHOLD_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("TERN_THRESHOLD_SEED={seed}");
-    let mut rng = Rng(seed);
-    let mut server = TestServer::start_with(|c| {
-        c.write_diffusion_max_members = THRESHOLD;
+/// The readers' names, in the roles the tests give them by index: 0
+/// stays online, 1 offline, 2 flaps between member and not, 3.. flap too.
+const READERS: [&str; 6] = ["online", "offline", "flapper", "extra0", "extra1", "extra2"];
+
+/// A server whose groups above `threshold` members are read-diffused.
+fn crossing_server(threshold: usize) -> TestServer {
+    TestServer::start_with(|c| {
+        c.write_diffusion_max_members = threshold;
         // The control connections (joins and leaves) may sit idle for
         // longer than the default on a loaded machine.
         c.idle_timeout = Duration::from_secs(600);
-    });
+    })
+}
+
+/// One user per name of [`READERS`], `prefix_name`, spread over the
+/// shards.
+fn readers_on_shards(server: &TestServer, prefix: &str) -> Vec<Reader> {
+    READERS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            Reader::new(
+                name,
+                server.user_on_shard(&format!("{prefix}_{name}"), i % server.shards()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn members_get_their_messages_exactly_once_while_the_group_crosses_the_threshold() {
+    const THRESHOLD: usize = 3;
+    let steps: u64 = env_or("TERN_THRESHOLD_STEPS", 300);
+    let seed = ternd_common::seed("TERN_THRESHOLD_SEED");
+    let mut rng = Rng(seed);
+    let mut server = crossing_server(THRESHOLD);
     let owner = server.user_on_shard("thr_owner", 0);
     let mut o = server.login_unsynced(&owner);
     let group: GroupId = common::group_on_shard(&mut o, 1 % server.shards(), server.shards(), true);
@@ -166,17 +179,7 @@ fn members_get_their_messages_exactly_once_while_the_group_crosses_the_threshold
     // between member and not, online; 3.. flap offline and only sync at
     // the end. Joins and leaves of the flappers move the group (owner
     // included) across the threshold.
-    let names = ["online", "offline", "flapper", "extra0", "extra1", "extra2"];
-    let mut readers: Vec<Reader> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            Reader::new(
-                name,
-                server.user_on_shard(&format!("thr_{name}"), i % server.shards()),
-            )
-        })
-        .collect();
+    let mut readers = readers_on_shards(&server, "thr");
     // Per reader, whether a member now.
     let mut member = vec![false; readers.len()];
     // Per reader, the seqs sent while a member.
@@ -311,41 +314,15 @@ struct Sent {
 #[test]
 fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
     const THRESHOLD: usize = 3;
-    let messages: u64 = std::env::var("TERN_THRESHOLD_MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
-    let seed: u64 = std::env::var("TERN_THRESHOLD_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("TERN_THRESHOLD_SEED={seed}");
+    let messages: u64 = env_or("TERN_THRESHOLD_MESSAGES", 600);
+    let seed = ternd_common::seed("TERN_THRESHOLD_SEED");
     let mut rng = Rng(seed);
-    let server = TestServer::start_with(|c| {
-        c.write_diffusion_max_members = THRESHOLD;
-        // The control connections (joins and leaves) may sit idle for
-        // longer than the default on a loaded machine.
-        c.idle_timeout = Duration::from_secs(600);
-    });
+    let server = crossing_server(THRESHOLD);
     let owner = server.user_on_shard("race_owner", 0);
     let mut o = server.login_unsynced(&owner);
     let group: GroupId = common::group_on_shard(&mut o, 1 % server.shards(), server.shards(), true);
     let conv = ConvId::Group { group };
-    let names = ["online", "offline", "flapper", "extra0", "extra1", "extra2"];
-    let mut readers: Vec<Reader> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            Reader::new(
-                name,
-                server.user_on_shard(&format!("race_{name}"), i % server.shards()),
-            )
-        })
-        .collect();
+    let mut readers = readers_on_shards(&server, "race");
     let mut clients: Vec<Client> = readers.iter().map(|r| server.login_unsynced(&r.user)).collect();
     let mut memberships: Vec<Vec<Membership>> = (0..readers.len()).map(|_| Vec::new()).collect();
     for i in [0, 1] {
@@ -569,19 +546,8 @@ impl Reader {
 #[test]
 fn members_get_their_messages_exactly_once_across_sigkills_while_the_group_crosses_the_threshold() {
     const THRESHOLD: &str = "3";
-    let kills: u64 = std::env::var("TERN_THRESHOLD_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let seed: u64 = std::env::var("TERN_THRESHOLD_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("TERN_THRESHOLD_SEED={seed}");
+    let kills: u64 = env_or("TERN_THRESHOLD_KILLS", 4);
+    let seed = ternd_common::seed("TERN_THRESHOLD_SEED");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let (data, log) = (dir.path().join("data"), dir.path().join("ternd.log"));
@@ -599,8 +565,7 @@ fn members_get_their_messages_exactly_once_across_sigkills_while_the_group_cross
     let mut o: Option<Client> = None;
     let group = until_answered(&target, &owner, &mut o, |c| c.group_create("crossing"));
     let conv = ConvId::Group { group };
-    let names = ["online", "offline", "flapper", "extra0", "extra1", "extra2"];
-    let mut readers: Vec<Reader> = names
+    let mut readers: Vec<Reader> = READERS
         .iter()
         .map(|name| Reader::new(name, register(format!("crash_{name}"))))
         .collect();

@@ -116,10 +116,20 @@ impl Drop for Ternd {
     }
 }
 
-/// The seed of a randomised crash run: `TERN_CRASH_SEED` if set (to repeat
-/// a run), else the clock. Printed, so that a failing run can be repeated.
-pub fn crash_seed() -> u64 {
-    let seed = std::env::var("TERN_CRASH_SEED")
+/// The environment variable `name` parsed as a `T`, or `default` when it
+/// is unset or does not parse: the knobs that make a test run bigger.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The seed of a randomised run: the variable `name` if set (to repeat a
+/// run), else the clock. Printed as `name=seed`, so that a failing run can
+/// be repeated.
+pub fn seed(name: &str) -> u64 {
+    let seed = std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -127,6 +137,11 @@ pub fn crash_seed() -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
         });
-    eprintln!("TERN_CRASH_SEED={seed}");
+    eprintln!("{name}={seed}");
     seed
+}
+
+/// The seed of a randomised crash run (`TERN_CRASH_SEED`, see [`seed`]).
+pub fn crash_seed() -> u64 {
+    seed("TERN_CRASH_SEED")
 }
