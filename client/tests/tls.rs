@@ -198,12 +198,9 @@ fn a_silent_server_times_out_the_handshake() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-#[test]
-fn cli_registers_over_tls() {
-    let (dir, cert) = cert_dir();
-    let (addr, server) = tls_server(dir.path(), 1);
-    // The certificate names 127.0.0.1, which --tls takes from --server.
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+/// Runs `tern` as alice against `addr` with `args`, to its end.
+fn tern_as_alice(addr: SocketAddr, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
         .args([
             "--server",
             &addr.to_string(),
@@ -212,10 +209,18 @@ fn cli_registers_over_tls() {
             "--password",
             "password1",
         ])
-        .args(["--tls", "--ca", cert.to_str().unwrap(), "register"])
+        .args(args)
         .env_remove("TERN_SERVER")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn cli_registers_over_tls() {
+    let (dir, cert) = cert_dir();
+    let (addr, server) = tls_server(dir.path(), 1);
+    // The certificate names 127.0.0.1, which --tls takes from --server.
+    let out = tern_as_alice(addr, &["--tls", "--ca", cert.to_str().unwrap(), "register"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
@@ -229,19 +234,7 @@ fn cli_names_the_missing_ca_of_a_self_signed_server_once() {
     let (dir, _cert) = cert_dir();
     let (addr, server) = tls_server(dir.path(), 1);
     // The public roots do not hold ternd's self-signed certificate.
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
-            "--server",
-            &addr.to_string(),
-            "--user",
-            "alice",
-            "--password",
-            "password1",
-        ])
-        .args(["--tls", "register"])
-        .env_remove("TERN_SERVER")
-        .output()
-        .unwrap();
+    let out = tern_as_alice(addr, &["--tls", "register"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.matches("UnknownIssuer").count(), 1, "{stderr}");

@@ -351,6 +351,21 @@ fn read_presence(watchers: &mut [Client], heard: &mut [Vec<(UserId, bool)>], bus
     }
 }
 
+/// Every friend's last `Presence` of `subject` in `heard` says `online`.
+fn assert_last_presence(friends: &[User], heard: &[Vec<(UserId, bool)>], subject: UserId, online: bool) {
+    let wrong: Vec<_> = friends
+        .iter()
+        .zip(heard)
+        .filter(|(_, pushes)| pushes.last() != Some(&(subject, online)))
+        .map(|(f, pushes)| (f.id, pushes.last().copied()))
+        .collect();
+    let state = if online { "online" } else { "offline" };
+    assert!(
+        wrong.is_empty(),
+        "friends whose last Presence is not {state}: {wrong:?}"
+    );
+}
+
 fn no_rate_limits(c: &mut tern_engine::config::Config) {
     c.limits.message_rate_per_sec = 0;
     c.limits.connection_rate_per_ip = 0;
@@ -449,26 +464,8 @@ fn a_flapping_user_leaves_every_friend_with_the_final_state() {
     });
     let stays = server.login(&subject);
     read_presence(&mut w, &mut heard, || false);
-    let wrong: Vec<_> = friends
-        .iter()
-        .zip(&heard)
-        .filter(|(_, pushes)| pushes.last() != Some(&(subject.id, true)))
-        .map(|(f, pushes)| (f.id, pushes.last().copied()))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "friends whose last Presence is not online: {wrong:?}"
-    );
+    assert_last_presence(&friends, &heard, subject.id, true);
     drop(stays);
     read_presence(&mut w, &mut heard, || false);
-    let wrong: Vec<_> = friends
-        .iter()
-        .zip(&heard)
-        .filter(|(_, pushes)| pushes.last() != Some(&(subject.id, false)))
-        .map(|(f, pushes)| (f.id, pushes.last().copied()))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "friends whose last Presence is not offline: {wrong:?}"
-    );
+    assert_last_presence(&friends, &heard, subject.id, false);
 }

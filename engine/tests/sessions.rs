@@ -11,10 +11,35 @@ use std::time::{Duration, Instant};
 
 use common::{code_of, RawConn, RawRead, TestServer, User, PASSWORD};
 use rkyv::util::AlignedVec;
-use tern_client::{ClientBody, Content, ErrorCode, ServerBody, UserId};
+use tern_client::{ClientBody, Content, ErrorCode, ServerBody, ServerFrame, UserId};
 use tern_proto::{encode_client, ClientFrame};
 
 const IDLE: Duration = Duration::from_secs(1);
+
+/// A server whose idle timeout is [`IDLE`], with small frames and a small
+/// outbound queue: a catch-up stalls as soon as the client stops reading.
+fn stalling_catch_up_server() -> TestServer {
+    TestServer::start_with(|config| {
+        config.idle_timeout = IDLE;
+        config.max_frame_bytes = 4096;
+        config.max_message_bytes = 2048;
+        config.outbound_queue_bytes = 8192;
+    })
+}
+
+/// The frames before a close include the server's `IdleTimeout`.
+fn assert_closed_as_idle(frames: &[ServerFrame]) {
+    assert!(
+        frames.iter().any(|f| matches!(
+            f.body,
+            ServerBody::Disconnect {
+                code: ErrorCode::IdleTimeout,
+                ..
+            }
+        )),
+        "{frames:?}"
+    );
+}
 
 /// A catch-up paced to a client that reads slowly can take longer than
 /// the idle timeout; the client's heartbeats sent meanwhile wait in the
@@ -22,14 +47,7 @@ const IDLE: Duration = Duration::from_secs(1);
 /// must stay open (protocol.md 2.5: it closes when no frame *arrived*).
 #[test]
 fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
-    let server = TestServer::start_with(|config| {
-        config.idle_timeout = IDLE;
-        // Small frames and a small outbound queue: the catch-up stalls as
-        // soon as the client stops reading.
-        config.max_frame_bytes = 4096;
-        config.max_message_bytes = 2048;
-        config.outbound_queue_bytes = 8192;
-    });
+    let server = stalling_catch_up_server();
     let alice = server.user_on_shard("idle_sync_a", 0);
     let bob = server.user_on_shard("idle_sync_b", 1 % server.shards());
     // More than the kernel's socket buffers hold (up to 4 MiB on loopback).
@@ -81,16 +99,7 @@ fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
     }
     // And silence still closes it.
     let frames = b.expect_closed();
-    assert!(
-        frames.iter().any(|f| matches!(
-            f.body,
-            ServerBody::Disconnect {
-                code: ErrorCode::IdleTimeout,
-                ..
-            }
-        )),
-        "{frames:?}"
-    );
+    assert_closed_as_idle(&frames);
 }
 
 /// The same, twice in a row: the read that finds the heartbeats sent
@@ -100,12 +109,7 @@ fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
 /// must not leave the next long request without the same read).
 #[test]
 fn heartbeats_during_two_long_catch_ups_in_a_row_keep_the_session() {
-    let server = TestServer::start_with(|config| {
-        config.idle_timeout = IDLE;
-        config.max_frame_bytes = 4096;
-        config.max_message_bytes = 2048;
-        config.outbound_queue_bytes = 8192;
-    });
+    let server = stalling_catch_up_server();
     let alice = server.user_on_shard("idle_twice_a", 0);
     let bob = server.user_on_shard("idle_twice_b", 1 % server.shards());
     const BACKLOG: u64 = 4000;
@@ -162,16 +166,7 @@ fn heartbeats_during_two_long_catch_ups_in_a_row_keep_the_session() {
         .filter(|f| matches!(f.body, ServerBody::Pong { .. }))
         .count() as u64;
     assert_eq!(pongs + late_pongs, pings, "{frames:?}");
-    assert!(
-        frames.iter().any(|f| matches!(
-            f.body,
-            ServerBody::Disconnect {
-                code: ErrorCode::IdleTimeout,
-                ..
-            }
-        )),
-        "{frames:?}"
-    );
+    assert_closed_as_idle(&frames);
 }
 
 /// Frames refused by the connection's rate meters count as activity too
