@@ -19,6 +19,7 @@
 )]
 
 mod accounts;
+mod backfill;
 mod codec;
 mod deleted_bits;
 mod departures;
@@ -680,60 +681,40 @@ impl Ks {
     }
 }
 
-/// Most reverse-index keys [`backfill_reverse_index`] writes in one batch:
-/// memory stays bounded whatever the store's size (one batch of a store's
-/// every membership could be gigabytes), and a process crash costs one
-/// chunk.
-const REVERSE_BACKFILL_CHUNK: usize = 10_000;
-
 /// The length of a `first ++ second` pair key.
 const PAIR_KEY_LEN: usize = 16;
 
 /// Builds a reverse index (`second ++ first` keys, as `user_groups` is to
 /// `members` and `user_invites` to `group_invites`) from its `first ++
 /// second` keyspace in a store written before the index existed (an empty
-/// index next to a non-empty source). Runs at open, before anything else
-/// writes. Every [`REVERSE_BACKFILL_CHUNK`] keys are committed with the
-/// position reached, in `meta` under `<index>_backfill`, so a crash
-/// resumes after the last chunk (the index is no longer empty by then,
-/// and the record says it is unfinished); the last batch marks it done
-/// and is fsynced. The chunks before it are not: a power cut can lose
-/// several, each with its own position, so index and record still agree.
+/// index next to a non-empty source), in chunks recorded in `meta` under
+/// `<index>_backfill` (see [`backfill`]): a crash resumes after the last
+/// chunk, where the index is no longer empty but the record says it is
+/// unfinished.
 fn backfill_reverse_index(db: &Database, meta: &Ks, source: &Ks, index: &Ks) -> Result<(), StoreError> {
     let record = format!("{}_backfill", index.name);
     let record = record.as_bytes();
-    let start = match meta.get(record)? {
-        Some(value) => {
-            match recency::decode_backfill_of(&value, PAIR_KEY_LEN).map_err(|d| meta.corrupt(record, d))? {
-                None => return Ok(()),
-                Some(after) => Bound::Excluded(after),
-            }
-        }
+    let start = match backfill::progress(meta, record, PAIR_KEY_LEN)? {
+        backfill::Progress::Done => return Ok(()),
+        backfill::Progress::After(after) => Bound::Excluded(after),
         // No record: an index that has keys was kept by every write since
         // it existed (or filled in one batch by an older version), and an
         // empty source needs nothing.
-        None if !index.is_empty()? || source.is_empty()? => return Ok(()),
-        None => Bound::Unbounded,
+        backfill::Progress::Unrecorded if !index.is_empty()? || source.is_empty()? => return Ok(()),
+        backfill::Progress::Unrecorded => Bound::Unbounded,
     };
-    let mut batch = db.batch();
-    let mut in_batch = 0usize;
+    let mut chunks = backfill::Chunks::new(db, meta, record);
     for guard in source.handle.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
         let key = source.key_of(guard)?;
         let first =
             codec::decode_id_key(key.get(..8).unwrap_or_default()).map_err(|d| source.corrupt(&key, d))?;
         let second = codec::decode_pair_second(&key).map_err(|d| source.corrupt(&key, d))?;
-        batch.insert(&index.handle, codec::pair_key(second, first), []);
-        in_batch += 1;
-        if in_batch >= REVERSE_BACKFILL_CHUNK {
-            batch.insert(&meta.handle, record, recency::encode_backfill(Some(&key)));
-            batch.durability(Some(PersistMode::Buffer)).commit()?;
-            batch = db.batch();
-            in_batch = 0;
-        }
+        chunks
+            .batch()
+            .insert(&index.handle, codec::pair_key(second, first), []);
+        chunks.indexed(&key)?;
     }
-    batch.insert(&meta.handle, record, recency::encode_backfill(None));
-    batch.durability(Some(PersistMode::SyncData)).commit()?;
-    Ok(())
+    chunks.finish()
 }
 
 /// The id after the largest key in `ks` (1 for an empty keyspace).

@@ -24,8 +24,7 @@
 
 use std::ops::Bound;
 
-use fjall::PersistMode;
-
+use crate::backfill::{self, Chunks, Progress};
 use crate::codec::{self, CONV_KEY_LEN, USER_CONV_KEY_LEN};
 use crate::{ConvId, Inner, Ks, Store, StoreError, UserId};
 
@@ -47,9 +46,6 @@ pub(crate) const RECENT_KEY_LEN: usize = 8 + 8 + CONV_KEY_LEN;
 
 /// The `meta` key of the backfill of `recent_convs`.
 const BACKFILL_KEY: &[u8] = b"recent_convs_backfill";
-
-/// `user_convs` keys indexed per backfill batch: ~330 KB of index keys.
-const BACKFILL_CHUNK: usize = 10_000;
 
 /// `recent_convs` key. The bucket is stored inverted (`u64::MAX -
 /// bucket`), so that a forward scan of the user's prefix meets the newest
@@ -80,34 +76,6 @@ pub(crate) fn decode_recent_key(key: &[u8]) -> Result<(UserId, u64, ConvId), Str
     Ok((user, bucket, conv))
 }
 
-/// The backfill's `meta` value: `[v1]` when done, `[v1] ++ user_convs
-/// key` (26 bytes) while under way, the key being the last one indexed.
-pub(crate) fn encode_backfill(after: Option<&[u8]>) -> Vec<u8> {
-    let mut v = vec![codec::VALUE_V1];
-    v.extend_from_slice(after.unwrap_or_default());
-    v
-}
-
-/// `None`: done; `Some(key)`: go on after `key`.
-fn decode_backfill(value: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    decode_backfill_of(value, USER_CONV_KEY_LEN)
-}
-
-/// A backfill record whose position is a key of `key_len` bytes (the
-/// recency backfill's, and the reverse indexes' in `lib.rs`).
-pub(crate) fn decode_backfill_of(value: &[u8], key_len: usize) -> Result<Option<Vec<u8>>, String> {
-    match value.split_first() {
-        Some((&codec::VALUE_V1, [])) => Ok(None),
-        Some((&codec::VALUE_V1, rest)) if rest.len() == key_len => Ok(Some(rest.to_vec())),
-        Some((&codec::VALUE_V1, rest)) => Err(format!(
-            "backfill position is {} bytes, expected {key_len}",
-            rest.len()
-        )),
-        Some((v, _)) => Err(format!("unknown value version {v}")),
-        None => Err("empty backfill record".to_owned()),
-    }
-}
-
 impl Inner {
     /// The time of `conv`'s newest stored message, if it has one.
     pub(crate) fn newest_timestamp(&self, conv: ConvId) -> Result<Option<u64>, StoreError> {
@@ -127,22 +95,20 @@ impl Inner {
     /// read once, at its lower participant's `user_convs` key, and both
     /// participants get their index key in its bucket (the higher one's
     /// `user_convs` key indexes only itself, if the lower one's is gone);
-    /// every [`BACKFILL_CHUNK`] keys are committed with the position
-    /// reached, so a crash costs at most one chunk, and memory stays
-    /// bounded whatever the store's size. A deleted account's keys are
+    /// they are committed in chunks with the position reached (see
+    /// [`crate::backfill`]), so a crash costs at most the chunks not yet
+    /// on disk, and memory stays bounded whatever the store's size. A
+    /// deleted account's keys are
     /// skipped (its purge removes what it has). A new store, with no
     /// conversation yet, only writes the record.
     pub(crate) fn backfill_recency(&self) -> Result<(), StoreError> {
-        let start = match self.meta.get(BACKFILL_KEY)? {
-            None => Bound::Unbounded,
-            Some(value) => match decode_backfill(&value).map_err(|d| self.meta.corrupt(BACKFILL_KEY, d))? {
-                None => return Ok(()),
-                Some(after) => Bound::Excluded(after),
-            },
+        let start = match backfill::progress(&self.meta, BACKFILL_KEY, USER_CONV_KEY_LEN)? {
+            Progress::Done => return Ok(()),
+            Progress::After(after) => Bound::Excluded(after),
+            Progress::Unrecorded => Bound::Unbounded,
         };
         let ks = &self.user_convs;
-        let mut batch = self.db.batch();
-        let mut in_batch = 0usize;
+        let mut chunks = Chunks::new(&self.db, &self.meta, BACKFILL_KEY);
         for guard in ks.handle.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
             let key = ks.key_of(guard)?;
             let user =
@@ -165,21 +131,13 @@ impl Inner {
                 if let Some(newest) = self.newest_timestamp(conv)? {
                     for p in live.into_iter().flatten() {
                         let index = recent_key(p, recency_bucket(newest), conv);
-                        batch.insert(&self.recent.handle, index, []);
+                        chunks.batch().insert(&self.recent.handle, index, []);
                     }
                 }
             }
-            in_batch += 1;
-            if in_batch >= BACKFILL_CHUNK {
-                batch.insert(&self.meta.handle, BACKFILL_KEY, encode_backfill(Some(&key)));
-                batch.durability(Some(PersistMode::Buffer)).commit()?;
-                batch = self.db.batch();
-                in_batch = 0;
-            }
+            chunks.indexed(&key)?;
         }
-        batch.insert(&self.meta.handle, BACKFILL_KEY, encode_backfill(None));
-        batch.durability(Some(PersistMode::SyncData)).commit()?;
-        Ok(())
+        chunks.finish()
     }
 }
 
@@ -231,19 +189,11 @@ mod tests {
             "not user 4's"
         );
         assert!(decode_recent_key(&old[..32]).is_err());
-        assert_eq!(decode_backfill(&encode_backfill(None)).unwrap(), None);
-        let at = codec::user_conv_key(3, conv);
-        assert_eq!(
-            decode_backfill(&encode_backfill(Some(&at))).unwrap(),
-            Some(at.to_vec())
-        );
-        assert!(decode_backfill(&[1, 2]).is_err());
         // docs/storage.md's example.
         let key = recent_key(7, recency_bucket(1_700_000_000_000), conv);
         assert_eq!(
             crate::hex(&key),
             "0000000000000007ffffffffffd4c44a0100000000000000030000000000000007"
         );
-        assert!(decode_backfill(&[9]).is_err());
     }
 }
