@@ -124,13 +124,9 @@ start_ternd() { # $1 tag, $2 taskset list, $3 shards, rest: more ternd flags
         --shards "$shards" --argon2-memory-kib 64 --argon2-iterations 1 "$@" \
         >"$RESULTS/ternd-$tag.out" 2>&1 &
     SERVER_PID=$!
-    # Unlike lib.sh's wait_listening, a start that fails only fails its
-    # step: the other steps still run and report.
-    for _ in $(seq 1 600); do
-        grep -q "ternd listening on" "$RESULTS/ternd-$tag.out" 2>/dev/null && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.05
-    done
+    # Not wait_listening: a start that fails only fails its step, and the
+    # other steps still run and report.
+    listening "$RESULTS/ternd-$tag.out" "$SERVER_PID" && return 0
     log "ternd ($tag) did not start; see $RESULTS/ternd-$tag.out"
     stop_ternd
     return 1

@@ -11,10 +11,11 @@
 #                            loadgen are used instead and nothing is built
 #                            (a box without cargo, e.g. bench/big-box.sh's);
 #                            the open-file limit raised to the hard limit
+#   listening OUT PID        waits until the ternd writing OUT listens;
+#                            fails with 1 if it dies, 2 after 30 s
 #   wait_listening OUT PID [ERR]
-#                            waits until the ternd writing OUT listens;
-#                            exits the script (citing ERR, default OUT) if
-#                            it dies or takes 30 s
+#                            the same, but exits the script (citing ERR,
+#                            default OUT) on failure
 #   stop_pids PID...         kills and reaps each PID given (empty ones are
 #                            skipped); for the scripts' EXIT traps
 #   variant_median NAME COL  the median of column COL of $RESULTS/rows.tsv
@@ -49,16 +50,23 @@ bench_binaries() {
     ulimit -n "$(ulimit -Hn)"
 }
 
-wait_listening() { # $1: ternd's stdout file, $2: its pid, $3: file to cite
-    local cite=${3:-$1}
+listening() { # $1: ternd's stdout file, $2: its pid; 1 if it exits, 2 after 30 s
     for _ in $(seq 1 600); do
         if grep -q "ternd listening on" "$1" 2>/dev/null; then return 0; fi
-        if ! kill -0 "$2" 2>/dev/null; then
-            log "ternd exited at start; see $cite"; exit 1
-        fi
+        kill -0 "$2" 2>/dev/null || return 1
         sleep 0.05
     done
-    log "ternd did not start listening; see $cite"; exit 1
+    return 2
+}
+
+wait_listening() { # $1: ternd's stdout file, $2: its pid, $3: file to cite
+    local status=0
+    listening "$1" "$2" || status=$?
+    case $status in
+        0) return 0 ;;
+        1) log "ternd exited at start; see ${3:-$1}"; exit 1 ;;
+        *) log "ternd did not start listening; see ${3:-$1}"; exit 1 ;;
+    esac
 }
 
 stop_pids() {
