@@ -260,6 +260,7 @@ if [[ " $STEPS " == *" scale "* ]]; then
     done
     echo >>"$SUMMARY"
     for tag in "$RESULTS"/scale-*.threads; do
+        [[ -e "$tag" ]] || continue # none when no ternd started
         { echo "Busiest server threads, $(basename "$tag" .threads):"; echo '```'; head -8 "$tag"; echo '```'; echo; } >>"$SUMMARY"
     done
 fi
