@@ -125,6 +125,39 @@ impl Reader {
         }
     }
 
+    /// What this reader got wrong against exactly the seqs `owed`:
+    /// missing, extra, and [`Reader::delivery_problems`].
+    fn problems_owed(&self, owed: &BTreeSet<u64>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let seen: BTreeSet<u64> = self.seen.times.keys().copied().collect();
+        if &seen != owed {
+            let missing: Vec<u64> = owed.difference(&seen).copied().collect();
+            let extra: Vec<u64> = seen.difference(owed).copied().collect();
+            problems.push(format!(
+                "{}: missing {} extra {} (owed {})",
+                self.name,
+                summarize(&missing),
+                summarize(&extra),
+                summarize(&owed.iter().copied().collect::<Vec<_>>())
+            ));
+        }
+        problems.extend(self.delivery_problems());
+        problems
+    }
+
+    /// Seqs delivered more than once, and what [`Seen`] found.
+    fn delivery_problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .seen
+            .times
+            .iter()
+            .filter(|&(_, &times)| times != 1)
+            .map(|(seq, times)| format!("{}: seq {seq} sent {times} times", self.name))
+            .collect();
+        problems.extend(self.seen.problems.iter().cloned());
+        problems
+    }
+
     fn ack(&mut self, conv: ConvId) {
         let seq = self.seen.cursor;
         if let (Some(client), true) = (self.client.as_mut(), seq > 0) {
@@ -270,24 +303,7 @@ fn members_get_their_messages_exactly_once_while_the_group_crosses_the_threshold
     for (i, reader) in readers.iter_mut().enumerate() {
         reader.connect(&server, conv);
         reader.drain(conv, Duration::from_millis(300));
-        let seen: BTreeSet<u64> = reader.seen.times.keys().copied().collect();
-        if seen != owed[i] {
-            let missing: Vec<u64> = owed[i].difference(&seen).copied().collect();
-            let extra: Vec<u64> = seen.difference(&owed[i]).copied().collect();
-            problems.push(format!(
-                "{}: missing {} extra {} (owed {})",
-                reader.name,
-                summarize(&missing),
-                summarize(&extra),
-                summarize(&owed[i].iter().copied().collect::<Vec<_>>())
-            ));
-        }
-        for (seq, times) in &reader.seen.times {
-            if *times != 1 {
-                problems.push(format!("{}: seq {seq} sent {times} times", reader.name));
-            }
-        }
-        problems.extend(reader.seen.problems.iter().cloned());
+        problems.extend(reader.problems_owed(&owed[i]));
     }
     assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
 }
@@ -435,12 +451,7 @@ fn joins_and_leaves_racing_messages_across_the_threshold_lose_nothing() {
                 summarize(&extra)
             ));
         }
-        for (seq, times) in &reader.seen.times {
-            if *times != 1 {
-                problems.push(format!("{}: seq {seq} sent {times} times", reader.name));
-            }
-        }
-        problems.extend(reader.seen.problems.iter().cloned());
+        problems.extend(reader.delivery_problems());
     }
     assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
 }
@@ -673,24 +684,7 @@ fn members_get_their_messages_exactly_once_across_sigkills_while_the_group_cross
             "{}: lost",
             reader.name
         );
-        let seen: BTreeSet<u64> = reader.seen.times.keys().copied().collect();
-        if seen != owed[i] {
-            let missing: Vec<u64> = owed[i].difference(&seen).copied().collect();
-            let extra: Vec<u64> = seen.difference(&owed[i]).copied().collect();
-            problems.push(format!(
-                "{}: missing {} extra {} (owed {})",
-                reader.name,
-                summarize(&missing),
-                summarize(&extra),
-                summarize(&owed[i].iter().copied().collect::<Vec<_>>())
-            ));
-        }
-        for (seq, times) in &reader.seen.times {
-            if *times != 1 {
-                problems.push(format!("{}: seq {seq} sent {times} times", reader.name));
-            }
-        }
-        problems.extend(reader.seen.problems.iter().cloned());
+        problems.extend(reader.problems_owed(&owed[i]));
     }
     server.stop();
     assert!(
