@@ -20,6 +20,15 @@
 #            load grows with the shards) at each of SCALE_SHARDS, `sync` and
 #            `async`; msgs/s, per shard, and p99, and each server thread's
 #            CPU share mid-run (bench/thread-cpu.sh) in scale-*.threads
+#   ack      issue 4's open-loop target: ACK_RATE messages/s in total
+#            (default 200,000), due evenly spread over the senders, from
+#            100 senders at each of ACK_SHARDS (sync), then at the last of
+#            ACK_SHARDS from 1 sender, from 100 async, and from ACK_MANY
+#            senders (default 9,000: two sockets each must fit the server's
+#            fd limit); ack and delivery latency from the intended send
+#            time, and the sends still due at the end (unsent)
+#   latency  issue 5's 100 pairs × 1 in flight (closed loop) at each of
+#            SCALE_SHARDS, sync and async
 #
 # Then summary.md in the results directory holds every table.
 #
@@ -27,7 +36,8 @@
 # Environment: STEPS ("limits connect compare scale"), SERVER_CPUS and
 # CLIENT_CPUS (taskset lists; default the first and second half of the
 # CPUs), CONNECT_COUNT (1000000), CONNECT_RATE (200000), SCALE_SHARDS
-# (1 2 4 ... up to SERVER_CPUS' count), DURATION (s per measured phase,
+# (1 2 4 ... up to SERVER_CPUS' count), ACK_SHARDS (SCALE_SHARDS), ACK_RATE
+# (200000), ACK_MANY (9000), DURATION (s per measured phase,
 # default 5), COMPARE_CONNECTIONS (50000), TUNE (0), PREBUILT_BIN (lib.sh:
 # use these ternd and loadgen binaries, for a box without cargo), PEERS
 # ("nats": nats-server must be on PATH; nothing is installed), TERNS (the
@@ -55,7 +65,7 @@ SERVER_CPUS=${SERVER_CPUS:-0-$((HALF - 1))}
 CLIENT_CPUS=${CLIENT_CPUS:-$((HALF < CPUS ? HALF : 0))-$((CPUS - 1))}
 SERVER_N=$(cpu_count "$SERVER_CPUS")
 CLIENT_N=$(cpu_count "$CLIENT_CPUS")
-STEPS=${STEPS:-limits connect compare scale}
+STEPS=${STEPS:-limits connect compare scale ack latency}
 CONNECT_COUNT=${CONNECT_COUNT:-1000000}
 CONNECT_RATE=${CONNECT_RATE:-200000}
 DURATION=${DURATION:-5}
@@ -67,6 +77,10 @@ if [[ -z "${SCALE_SHARDS:-}" ]]; then
     SCALE_SHARDS=""
     for ((s = 1; s <= SERVER_N; s *= 2)); do SCALE_SHARDS+="$s "; done
 fi
+
+ACK_SHARDS=${ACK_SHARDS:-$SCALE_SHARDS}
+ACK_RATE=${ACK_RATE:-200000}
+ACK_MANY=${ACK_MANY:-9000}
 
 SERVER_PID=""
 CLIENT_PID=""
@@ -264,5 +278,90 @@ if [[ " $STEPS " == *" scale "* ]]; then
         { echo "Busiest server threads, $(basename "$tag" .threads):"; echo '```'; head -8 "$tag"; echo '```'; echo; } >>"$SUMMARY"
     done
 fi
+
+# One `pairs` run against a fresh ternd, a row of the table in $SUMMARY:
+# $1 tag, $2 shards, $3 durability, $4 senders, $5 window, $6 rate per pair
+# or "" (closed loop), $7 loadgen processes, $8 "jwt" to create the users by
+# JWT (no password hashing for thousands of users). Each server thread's CPU
+# share is sampled mid-run into $tag.threads.
+pairs_row() {
+    local tag=$1 shards=$2 durability=$3 senders=$4 window=$5 rate=$6 procs=$7 jwt=${8:-}
+    local server_auth=() client_auth=() rate_arg=()
+    if [[ "$jwt" == jwt ]]; then
+        head -c 48 /dev/urandom | base64 >"$RESULTS/jwt.secret"
+        server_auth=(--jwt-hs256-secret-file "$RESULTS/jwt.secret")
+        client_auth=(--jwt-secret-file "$RESULTS/jwt.secret")
+    fi
+    [[ -n "$rate" ]] && rate_arg=(--rate "$rate")
+    log "$tag: $durability, $shards shards, $senders senders × $window, rate per pair ${rate:-closed loop}"
+    if ! start_ternd "$tag" "$SERVER_CPUS" "$shards" --durability "$durability" "${server_auth[@]}"; then
+        echo "| $durability | $shards | $senders × $window | ${rate:-closed} | n/a (ternd did not start) | | | | | |" >>"$SUMMARY"
+        return 0
+    fi
+    local connected="$RESULTS/$tag.connected"
+    rm -f "$connected"
+    # Each process holds its share of the 2 × senders sockets.
+    timeout 150 taskset -c "$CLIENT_CPUS" "$BIN/loadgen" --quiet --procs "$procs" \
+        --threads $((CLIENT_N / procs > 0 ? CLIENT_N / procs : 1)) "${client_auth[@]}" \
+        --server "127.0.0.1:$PORT" --duration-secs "$DURATION" --json "$RESULTS/$tag.json" \
+        --connected-file "$connected" pairs --pairs "$senders" --window "$window" --payload-bytes 64 "${rate_arg[@]}" \
+        >"$RESULTS/$tag.txt" 2>&1 &
+    CLIENT_PID=$!
+    # The measured phase starts once the sessions are set up: sample its middle.
+    for _ in $(seq 1 1200); do [[ -e "$connected" ]] && break; sleep 0.1; done
+    sleep "$(python3 -c "print($DURATION / 2 - 1 if $DURATION > 2 else 0.2)")"
+    "$ROOT/bench/thread-cpu.sh" "$SERVER_PID" 2 >"$RESULTS/$tag.threads" 2>&1 || true
+    if ! wait "$CLIENT_PID"; then
+        log "$tag failed or timed out; see $RESULTS/$tag.txt"
+    fi
+    CLIENT_PID=""
+    stop_ternd
+    rm -rf "$RESULTS/data-$tag"
+    local j="$RESULTS/$tag.json"
+    local ack="r.get('ack_latency_us') or {}"
+    echo "| $durability | $shards | $senders × $window | ${rate:-closed} | $(json_field "$j" 'round(r["msgs_per_s"])') | $(json_field "$j" "($ack).get('p50', 0) / 1000") | $(json_field "$j" "($ack).get('p99', 0) / 1000") | $(json_field "$j" "($ack).get('p999', 0) / 1000") | $(json_field "$j" 'r["latency_us"]["p99"] / 1000') | $(json_field "$j" 'r.get("unsent", 0)') |" >>"$SUMMARY"
+}
+
+pairs_table_head() { # $1 title
+    {
+        echo "## $1"
+        echo
+        echo "| durability | shards | senders × in flight | msgs/s per sender | msgs/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p99 ms | unsent |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+    } >>"$SUMMARY"
+}
+
+# ---- ack: issue 4's 200,000 acked msgs/s at p99 < 5 ms ----
+if [[ " $STEPS " == *" ack "* ]]; then
+    pairs_table_head "Open loop at $ACK_RATE msgs/s in total (issue 4), 64-byte payloads"
+    last=""
+    for shards in $ACK_SHARDS; do
+        pairs_row "ack-sync-$shards-100" "$shards" sync 100 64 "$(python3 -c "print($ACK_RATE / 100)")" 1
+        last=$shards
+    done
+    # One sender needs room for a few milliseconds of its rate in flight.
+    pairs_row "ack-sync-$last-1" "$last" sync 1 1024 "$ACK_RATE" 1
+    pairs_row "ack-async-$last-100" "$last" async 100 64 "$(python3 -c "print($ACK_RATE / 100)")" 1
+    procs=$(((2 * ACK_MANY + 18000) / 18000))
+    pairs_row "ack-sync-$last-$ACK_MANY" "$last" sync "$ACK_MANY" 8 \
+        "$(python3 -c "print($ACK_RATE / $ACK_MANY)")" "$procs" jwt
+    echo >>"$SUMMARY"
+fi
+
+# ---- latency: issue 5's window-1 p99 against shards ----
+if [[ " $STEPS " == *" latency "* ]]; then
+    pairs_table_head "100 pairs × 1 in flight, closed loop (issue 5's window-1 p99)"
+    for durability in sync async; do
+        for shards in $SCALE_SHARDS; do
+            pairs_row "w1-$durability-$shards" "$shards" "$durability" 100 1 "" 1
+        done
+    done
+    echo >>"$SUMMARY"
+fi
+
+for tag in "$RESULTS"/ack-*.threads "$RESULTS"/w1-*.threads; do
+    [[ -e "$tag" ]] || continue
+    { echo "Busiest server threads, $(basename "$tag" .threads):"; echo '```'; head -8 "$tag"; echo '```'; echo; } >>"$SUMMARY"
+done
 
 cat "$SUMMARY"
