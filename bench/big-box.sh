@@ -37,7 +37,8 @@
 # CLIENT_CPUS (taskset lists; default the first and second half of the
 # CPUs), CONNECT_COUNT (1000000), CONNECT_RATE (200000), SCALE_SHARDS
 # (1 2 4 ... up to SERVER_CPUS' count), ACK_SHARDS (SCALE_SHARDS), ACK_RATE
-# (200000), ACK_MANY (9000), DURATION (s per measured phase,
+# (200000), ACK_MANY (9000), ACK_EXTRA (1; 0: only the 100-sender rows),
+# LATENCY_DURABILITY ("sync async"), DURATION (s per measured phase,
 # default 5), COMPARE_CONNECTIONS (50000), TUNE (0), PREBUILT_BIN (lib.sh:
 # use these ternd and loadgen binaries, for a box without cargo), PEERS
 # ("nats": nats-server must be on PATH; nothing is installed), TERNS (the
@@ -282,8 +283,8 @@ fi
 # One `pairs` run against a fresh ternd, a row of the table in $SUMMARY:
 # $1 tag, $2 shards, $3 durability, $4 senders, $5 window, $6 rate per pair
 # or "" (closed loop), $7 loadgen processes, $8 "jwt" to create the users by
-# JWT (no password hashing for thousands of users). Each server thread's CPU
-# share is sampled mid-run into $tag.threads.
+# JWT (no password hashing for thousands of users). The CPU share of each
+# thread of ternd and of loadgen is sampled mid-run into $tag.threads.
 pairs_row() {
     local tag=$1 shards=$2 durability=$3 senders=$4 window=$5 rate=$6 procs=$7 jwt=${8:-}
     local server_auth=() client_auth=() rate_arg=()
@@ -294,8 +295,9 @@ pairs_row() {
     fi
     [[ -n "$rate" ]] && rate_arg=(--rate "$rate")
     log "$tag: $durability, $shards shards, $senders senders × $window, rate per pair ${rate:-closed loop}"
-    if ! start_ternd "$tag" "$SERVER_CPUS" "$shards" --durability "$durability" "${server_auth[@]}"; then
-        echo "| $durability | $shards | $senders × $window | ${rate:-closed} | n/a (ternd did not start) | | | | | |" >>"$SUMMARY"
+    if ! start_ternd "$tag" "$SERVER_CPUS" "$shards" --durability "$durability" \
+        --metrics-listen "127.0.0.1:$((PORT + 1))" "${server_auth[@]}"; then
+        echo "| $durability | $shards | $senders × $window | ${rate:-closed} | n/a (ternd did not start) | | | | | | |" >>"$SUMMARY"
         return 0
     fi
     local connected="$RESULTS/$tag.connected"
@@ -310,24 +312,44 @@ pairs_row() {
     # The measured phase starts once the sessions are set up: sample its middle.
     for _ in $(seq 1 1200); do [[ -e "$connected" ]] && break; sleep 0.1; done
     sleep "$(python3 -c "print($DURATION / 2 - 1 if $DURATION > 2 else 0.2)")"
-    "$ROOT/bench/thread-cpu.sh" "$SERVER_PID" 2 >"$RESULTS/$tag.threads" 2>&1 || true
+    # loadgen's coordinator and its worker processes alike.
+    local clients
+    clients=$(pgrep -d, -f "^$BIN/loadgen" || true)
+    "$ROOT/bench/thread-cpu.sh" "$SERVER_PID,$clients" 2 >"$RESULTS/$tag.threads" 2>&1 || true
     if ! wait "$CLIENT_PID"; then
         log "$tag failed or timed out; see $RESULTS/$tag.txt"
     fi
     CLIENT_PID=""
+    # The writer's commit times: a serial path's slow commits are what a
+    # whole second of messages queues behind.
+    python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+        "http://127.0.0.1:$((PORT + 1))/metrics" >"$RESULTS/$tag.metrics" 2>/dev/null || true
     stop_ternd
     rm -rf "$RESULTS/data-$tag"
     local j="$RESULTS/$tag.json"
     local ack="r.get('ack_latency_us') or {}"
-    echo "| $durability | $shards | $senders × $window | ${rate:-closed} | $(json_field "$j" 'round(r["msgs_per_s"])') | $(json_field "$j" "($ack).get('p50', 0) / 1000") | $(json_field "$j" "($ack).get('p99', 0) / 1000") | $(json_field "$j" "($ack).get('p999', 0) / 1000") | $(json_field "$j" 'r["latency_us"]["p99"] / 1000') | $(json_field "$j" 'r.get("unsent", 0)') |" >>"$SUMMARY"
+    echo "| $durability | $shards | $senders × $window | ${rate:-closed} | $(json_field "$j" 'round(r["msgs_per_s"])') | $(json_field "$j" "($ack).get('p50', 0) / 1000") | $(json_field "$j" "($ack).get('p99', 0) / 1000") | $(json_field "$j" "($ack).get('p999', 0) / 1000") | $(json_field "$j" 'r["latency_us"]["p99"] / 1000') | $(json_field "$j" 'r.get("unsent", 0)') | $(slow_commits "$RESULTS/$tag.metrics") |" >>"$SUMMARY"
+}
+
+slow_commits() { # $1 a /metrics dump → "commits: over 10 ms, over 50 ms"
+    python3 - "$1" <<'PY' 2>/dev/null || echo "n/a"
+import re, sys
+buckets = {}
+for line in open(sys.argv[1]):
+    m = re.match(r'tern_store_writer_commit_seconds_bucket\{le="([^"]+)"\} (\d+)', line)
+    if m:
+        buckets[m.group(1)] = int(m.group(2))
+total = buckets["+Inf"]
+print(f"{total}: {total - buckets['0.01']}, {total - buckets['0.05']}")
+PY
 }
 
 pairs_table_head() { # $1 title
     {
         echo "## $1"
         echo
-        echo "| durability | shards | senders × in flight | msgs/s per sender | msgs/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p99 ms | unsent |"
-        echo "|---|---|---|---|---|---|---|---|---|---|"
+        echo "| durability | shards | senders × in flight | msgs/s per sender | msgs/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p99 ms | unsent | writer commits: > 10 ms, > 50 ms |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|"
     } >>"$SUMMARY"
 }
 
@@ -339,19 +361,21 @@ if [[ " $STEPS " == *" ack "* ]]; then
         pairs_row "ack-sync-$shards-100" "$shards" sync 100 64 "$(python3 -c "print($ACK_RATE / 100)")" 1
         last=$shards
     done
-    # One sender needs room for a few milliseconds of its rate in flight.
-    pairs_row "ack-sync-$last-1" "$last" sync 1 1024 "$ACK_RATE" 1
-    pairs_row "ack-async-$last-100" "$last" async 100 64 "$(python3 -c "print($ACK_RATE / 100)")" 1
-    procs=$(((2 * ACK_MANY + 18000) / 18000))
-    pairs_row "ack-sync-$last-$ACK_MANY" "$last" sync "$ACK_MANY" 8 \
-        "$(python3 -c "print($ACK_RATE / $ACK_MANY)")" "$procs" jwt
+    if [[ "${ACK_EXTRA:-1}" == 1 ]]; then
+        # One sender needs room for a few milliseconds of its rate in flight.
+        pairs_row "ack-sync-$last-1" "$last" sync 1 1024 "$ACK_RATE" 1
+        pairs_row "ack-async-$last-100" "$last" async 100 64 "$(python3 -c "print($ACK_RATE / 100)")" 1
+        procs=$(((2 * ACK_MANY + 18000) / 18000))
+        pairs_row "ack-sync-$last-$ACK_MANY" "$last" sync "$ACK_MANY" 8 \
+            "$(python3 -c "print($ACK_RATE / $ACK_MANY)")" "$procs" jwt
+    fi
     echo >>"$SUMMARY"
 fi
 
 # ---- latency: issue 5's window-1 p99 against shards ----
 if [[ " $STEPS " == *" latency "* ]]; then
     pairs_table_head "100 pairs × 1 in flight, closed loop (issue 5's window-1 p99)"
-    for durability in sync async; do
+    for durability in ${LATENCY_DURABILITY:-sync async}; do
         for shards in $SCALE_SHARDS; do
             pairs_row "w1-$durability-$shards" "$shards" "$durability" 100 1 "" 1
         done
@@ -361,7 +385,7 @@ fi
 
 for tag in "$RESULTS"/ack-*.threads "$RESULTS"/w1-*.threads; do
     [[ -e "$tag" ]] || continue
-    { echo "Busiest server threads, $(basename "$tag" .threads):"; echo '```'; head -8 "$tag"; echo '```'; echo; } >>"$SUMMARY"
+    { echo "Busiest threads (ternd, loadgen), $(basename "$tag" .threads):"; echo '```'; head -14 "$tag"; echo '```'; echo; } >>"$SUMMARY"
 done
 
 cat "$SUMMARY"

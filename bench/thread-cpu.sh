@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Per-thread CPU use of a running process over an interval: which thread
-# is the bottleneck (a shard, the store writer, fjall's workers, ...).
-# Reads utime+stime of /proc/PID/task/*/stat twice and prints each
-# thread's share of one CPU, busiest first, with its name and id.
+# Per-thread CPU use of running processes over one interval: which thread
+# is the bottleneck (a shard, the store writer, fjall's workers, a
+# load-generator executor, ...). Reads utime+stime of
+# /proc/PID/task/*/stat twice and prints each thread's share of one CPU,
+# busiest first, with its name and id.
 #
-# Usage: bench/thread-cpu.sh PID [SECONDS (default 3)]
+# Usage: bench/thread-cpu.sh PID[,PID...] [SECONDS (default 3)]
 set -euo pipefail
 exec python3 - "$@" <<'PY'
 import glob, os, sys, time
 
-pid, secs = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
+pids, secs = sys.argv[1].split(","), float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
 
 def snapshot():
     ticks = {}
-    for path in glob.glob(f"/proc/{pid}/task/*/stat"):
+    for path in (p for pid in pids if pid for p in glob.glob(f"/proc/{pid}/task/*/stat")):
         try:
             line = open(path).read()
         except OSError:
