@@ -38,7 +38,8 @@
 # CPUs), CONNECT_COUNT (1000000), CONNECT_RATE (200000), SCALE_SHARDS
 # (1 2 4 ... up to SERVER_CPUS' count), ACK_SHARDS (SCALE_SHARDS), ACK_RATE
 # (200000), ACK_MANY (9000), ACK_EXTRA (1; 0: only the 100-sender rows),
-# LATENCY_DURABILITY ("sync async"), DURATION (s per measured phase,
+# LATENCY_DURABILITY ("sync async"), TERND_FLAGS (more ternd flags for every
+# start, e.g. "--pin-store-writer false"), DURATION (s per measured phase,
 # default 5), COMPARE_CONNECTIONS (50000), TUNE (0), PREBUILT_BIN (lib.sh:
 # use these ternd and loadgen binaries, for a box without cargo), PEERS
 # ("nats": nats-server must be on PATH; nothing is installed), TERNS (the
@@ -136,7 +137,7 @@ start_ternd() { # $1 tag, $2 taskset list, $3 shards, rest: more ternd flags
     shift 3
     rm -rf "$RESULTS/data-$tag"
     taskset -c "$cpus" "$BIN/ternd" --listen "127.0.0.1:$PORT" --data-dir "$RESULTS/data-$tag" \
-        --shards "$shards" --argon2-memory-kib 64 --argon2-iterations 1 "$@" \
+        --shards "$shards" --argon2-memory-kib 64 --argon2-iterations 1 "$@" ${TERND_FLAGS:-} \
         >"$RESULTS/ternd-$tag.out" 2>&1 &
     SERVER_PID=$!
     # Not wait_listening: a start that fails only fails its step, and the

@@ -40,6 +40,11 @@ pub struct Config {
     pub shards: usize,
     /// Pin each shard to its own CPU (off when there are more shards than CPUs).
     pub pin_shards: bool,
+    /// With pinned shards and fewer shards than CPUs, pin the storage
+    /// writer to the last CPU of the process's set and place no shard
+    /// there: every durable message of the node passes that one thread, so
+    /// it must not wait for a CPU behind a busy shard.
+    pub pin_store_writer: bool,
     /// Threads per shard that run its store calls off the reactor (and
     /// wait there for password hashes, which run on the store's hashing
     /// threads). They float over every CPU `ternd` may use.
@@ -295,8 +300,9 @@ impl Default for Config {
             tls: None,
             handshake_timeout: Duration::from_secs(10),
             data_dir: PathBuf::from("tern-data"),
-            shards: cpus,
+            shards: default_shards(cpus),
             pin_shards: true,
+            pin_store_writer: true,
             blocking_threads: 4,
             hash_idle_priority: true,
             max_frame_bytes: tern_proto::limits::DEFAULT_MAX_FRAME_BYTES,
@@ -333,6 +339,15 @@ impl Default for Config {
             jwt: None,
         }
     }
+}
+
+/// One shard per CPU but one, which the storage writer gets to itself
+/// (`pin_store_writer`): every durable message of the node passes that one
+/// thread. On a 16-vCPU box with 8 CPUs for the server, 8 shards with the
+/// writer floating among them were the slowest setting in every run
+/// (docs/benchmarks.md, "A 16-core box").
+pub fn default_shards(cpus: usize) -> usize {
+    cpus.saturating_sub(1).max(1)
 }
 
 impl Config {

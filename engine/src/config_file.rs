@@ -362,7 +362,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "shards",
-        help: "Number of shards, one executor thread each (default: one per available CPU)",
+        help: "Number of shards, one executor thread each (default: one per available CPU but one, for the storage writer)",
         apply: |s, v| set(&mut s.config.shards, expected_usize(v, 1, 1024)),
         show: |s| s.config.shards.to_string(),
     },
@@ -371,6 +371,12 @@ pub static KEYS: &[Key] = &[
         help: "Pin each shard to its own CPU (ignored when there are more shards than CPUs)",
         apply: |s, v| set(&mut s.config.pin_shards, expected_bool(v)),
         show: |s| s.config.pin_shards.to_string(),
+    },
+    Key {
+        name: "pin_store_writer",
+        help: "With pinned shards and fewer shards than CPUs, give the storage writer the last CPU to itself",
+        apply: |s, v| set(&mut s.config.pin_store_writer, expected_bool(v)),
+        show: |s| s.config.pin_store_writer.to_string(),
     },
     Key {
         name: "blocking_threads",

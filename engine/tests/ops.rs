@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -387,6 +388,65 @@ fn blocking_threads_float_over_the_servers_cpus_and_hashing_runs_idle() {
             .then_some(hashers)
     });
     assert!(hashers.iter().all(|(set, _)| *set == cpus), "{hashers:?}");
+}
+
+#[test]
+fn the_store_writer_gets_a_cpu_no_shard_uses() {
+    let cpus = cpus_allowed(&format!("/proc/{}/status", std::process::id()));
+    // One CPU leaves nothing to give the writer (CI and the dev box have two).
+    if cpus.len() < 2 {
+        eprintln!("skipped: this process may use one CPU only");
+        return;
+    }
+    // The server gets two CPUs (as under `taskset`), however many this box has.
+    let given = [cpus[0], cpus[1]];
+    let last = given[1];
+    // The defaults: one shard per CPU but the writer's, the writer pinned.
+    let shards = 1;
+    let start_with = |flags: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = ternd();
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls sched_setaffinity on a set it built on its stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for cpu in given {
+                    libc::CPU_SET(cpu, &mut set);
+                }
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.args(flags)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir"])
+            .arg(dir.path().join("data"));
+        (dir, start(cmd))
+    };
+
+    let (_dir, server) = start_with(&[]);
+    let pid = server.child.id();
+    let executors = shard_threads_settled(pid, shards);
+    let writer = threads_named(pid, "tern-store-writ");
+    assert_eq!(
+        writer,
+        vec![(vec![last], libc::SCHED_OTHER)],
+        "the writer alone on the last CPU"
+    );
+    assert!(
+        executors.iter().all(|(set, _)| set.len() == 1 && set[0] != last),
+        "a shard on the writer's CPU: {executors:?}"
+    );
+    drop(server);
+
+    // Turned off, the writer floats over every CPU the server may use.
+    let (_dir, server) = start_with(&["--pin-store-writer", "false"]);
+    let pid = server.child.id();
+    shard_threads_settled(pid, shards);
+    let writer = threads_named(pid, "tern-store-writ");
+    assert_eq!(writer, vec![(given.to_vec(), libc::SCHED_OTHER)]);
 }
 
 #[test]
