@@ -29,6 +29,10 @@
 #            time, and the sends still due at the end (unsent)
 #   latency  issue 5's 100 pairs × 1 in flight (closed loop) at each of
 #            SCALE_SHARDS, sync and async
+#   fanout   issue 5's fan-out: one group of 10,000 members at 10 msgs/s
+#            and one of 1,000 at 1,000 msgs/s, sync, at each of
+#            FANOUT_SHARDS (default: 1 and the default shard count, one per
+#            server CPU but one); deliveries/s, share delivered, p50/p99/max
 #
 # Then summary.md in the results directory holds every table.
 #
@@ -67,7 +71,7 @@ SERVER_CPUS=${SERVER_CPUS:-0-$((HALF - 1))}
 CLIENT_CPUS=${CLIENT_CPUS:-$((HALF < CPUS ? HALF : 0))-$((CPUS - 1))}
 SERVER_N=$(cpu_count "$SERVER_CPUS")
 CLIENT_N=$(cpu_count "$CLIENT_CPUS")
-STEPS=${STEPS:-limits connect compare scale ack latency}
+STEPS=${STEPS:-limits connect compare scale ack latency fanout}
 CONNECT_COUNT=${CONNECT_COUNT:-1000000}
 CONNECT_RATE=${CONNECT_RATE:-200000}
 DURATION=${DURATION:-5}
@@ -81,6 +85,7 @@ if [[ -z "${SCALE_SHARDS:-}" ]]; then
 fi
 
 ACK_SHARDS=${ACK_SHARDS:-$SCALE_SHARDS}
+FANOUT_SHARDS=${FANOUT_SHARDS:-1 $((SERVER_N > 1 ? SERVER_N - 1 : 1))}
 ACK_RATE=${ACK_RATE:-200000}
 ACK_MANY=${ACK_MANY:-9000}
 
@@ -379,6 +384,41 @@ if [[ " $STEPS " == *" latency "* ]]; then
     for durability in ${LATENCY_DURABILITY:-sync async}; do
         for shards in $SCALE_SHARDS; do
             pairs_row "w1-$durability-$shards" "$shards" "$durability" 100 1 "" 1
+        done
+    done
+    echo >>"$SUMMARY"
+fi
+
+# ---- fanout: one group's message to every member ----
+if [[ " $STEPS " == *" fanout "* ]]; then
+    {
+        echo "## Fan-out, sync, 64-byte payloads, one publisher"
+        echo
+        echo "| shards | members | msgs/s published | deliveries/s | delivered | p50 ms | p99 ms | max ms |"
+        echo "|---|---|---|---|---|---|---|---|"
+    } >>"$SUMMARY"
+    head -c 48 /dev/urandom | base64 >"$RESULTS/jwt.secret"
+    for shards in $FANOUT_SHARDS; do
+        for spec in "10000 10" "1000 1000"; do
+            read -r members rate <<<"$spec"
+            tag="fanout-$shards-$members"
+            log "$tag: $shards shards, 1 group of $members members at $rate msgs/s"
+            if ! start_ternd "$tag" "$SERVER_CPUS" "$shards" --durability sync \
+                --jwt-hs256-secret-file "$RESULTS/jwt.secret"; then
+                echo "| $shards | $members | $rate | n/a (ternd did not start) | | | | |" >>"$SUMMARY"
+                continue
+            fi
+            if ! timeout 150 taskset -c "$CLIENT_CPUS" "$BIN/loadgen" --quiet --threads "$CLIENT_N" \
+                --jwt-secret-file "$RESULTS/jwt.secret" --server "127.0.0.1:$PORT" \
+                --duration-secs "$DURATION" --json "$RESULTS/$tag.json" \
+                groups --groups 1 --members "$members" --rate "$rate" --payload-bytes 64 \
+                >"$RESULTS/$tag.txt" 2>&1; then
+                log "$tag failed or timed out; see $RESULTS/$tag.txt"
+            fi
+            stop_ternd
+            rm -rf "$RESULTS/data-$tag"
+            j="$RESULTS/$tag.json"
+            echo "| $shards | $members | $rate | $(json_field "$j" 'round(r["msgs_per_s"])') | $(json_field "$j" "'%.1f%%' % (100.0 * (r['messages'] - r['duplicated']) / max(1, r['sent'] * ($members - 1)))") | $(json_field "$j" 'r["latency_us"]["p50"] / 1000') | $(json_field "$j" 'r["latency_us"]["p99"] / 1000') | $(json_field "$j" 'r["latency_us"]["max"] / 1000') |" >>"$SUMMARY"
         done
     done
     echo >>"$SUMMARY"
