@@ -32,7 +32,9 @@
 #   fanout   issue 5's fan-out: one group of 10,000 members at 10 msgs/s
 #            and one of 1,000 at 1,000 msgs/s, sync, at each of
 #            FANOUT_SHARDS (default: 1 and the default shard count, one per
-#            server CPU but one); deliveries/s, share delivered, p50/p99/max
+#            server CPU but one); deliveries/s, share delivered, p50/p99/max;
+#            each group's members spread over loadgen's executors unless
+#            FANOUT_SPREAD=0 (one executor then reads the whole group)
 #
 # Then summary.md in the results directory holds every table.
 #
@@ -392,7 +394,7 @@ fi
 # ---- fanout: one group's message to every member ----
 if [[ " $STEPS " == *" fanout "* ]]; then
     {
-        echo "## Fan-out, sync, 64-byte payloads, one publisher"
+        echo "## Fan-out, sync, 64-byte payloads, one publisher, members spread over loadgen's executors: ${FANOUT_SPREAD:-1}"
         echo
         echo "| shards | members | msgs/s published | deliveries/s | delivered | p50 ms | p99 ms | max ms |"
         echo "|---|---|---|---|---|---|---|---|"
@@ -412,6 +414,7 @@ if [[ " $STEPS " == *" fanout "* ]]; then
                 --jwt-secret-file "$RESULTS/jwt.secret" --server "127.0.0.1:$PORT" \
                 --duration-secs "$DURATION" --json "$RESULTS/$tag.json" \
                 groups --groups 1 --members "$members" --rate "$rate" --payload-bytes 64 \
+                $([[ "${FANOUT_SPREAD:-1}" == 1 ]] && echo --spread-members) \
                 >"$RESULTS/$tag.txt" 2>&1; then
                 log "$tag failed or timed out; see $RESULTS/$tag.txt"
             fi

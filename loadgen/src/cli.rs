@@ -389,6 +389,12 @@ pub struct GroupsArgs {
     /// Message body size in bytes (at least 20).
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// Spread each group's members over every executor of the process
+    /// instead of keeping a group on one: one executor reading all of a
+    /// 10,000-member group's sockets measures that core, not the server.
+    /// Tern only, with --procs 1.
+    #[arg(long)]
+    pub spread_members: bool,
 }
 
 /// Smallest message body: magic (4), intended send time (8), sequence (8).
@@ -448,6 +454,9 @@ impl Cli {
                 }
                 if !positive(a.rate) {
                     return Err("groups --rate must be > 0".into());
+                }
+                if a.spread_members && (c.procs > 1 || c.protocol != Protocol::Tern) {
+                    return Err("--spread-members needs --procs 1 and the Tern protocol".into());
                 }
             }
             Scenario::Offline(a) => {
@@ -709,6 +718,11 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = Cli::try_parse_from(["loadgen", "groups", "--members", "1"]).unwrap();
         assert!(bad.validate().is_err());
+        // Spread members share one process's registry of group ids.
+        let bad = Cli::try_parse_from(["loadgen", "--procs", "2", "groups", "--spread-members"]).unwrap();
+        assert!(bad.validate().unwrap_err().contains("--spread-members"));
+        let ok = Cli::try_parse_from(["loadgen", "--threads", "4", "groups", "--spread-members"]).unwrap();
+        ok.validate().unwrap();
         let bad = Cli::try_parse_from(["loadgen", "--source-ips", "x", "connect"]).unwrap();
         assert!(bad.validate().is_err());
         let bad =

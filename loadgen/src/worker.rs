@@ -58,6 +58,8 @@ pub struct Plan {
     pub live: Vec<LiveCounters>,
     /// Mints JWTs when `--jwt-secret-file` is given.
     pub jwt: Option<crate::jwt::JwtMinter>,
+    /// The `groups` scenario's groups of this worker, as its executors see them.
+    pub groups: crate::groups::SharedGroups,
 }
 
 impl Plan {
@@ -337,7 +339,9 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
         )?),
         None => None,
     };
+    let groups = crate::groups::SharedGroups::for_scenario(&cli.scenario, cli.common.procs, child);
     let plan = Arc::new(Plan {
+        groups,
         jwt,
         sources: parse_source_ips(&cli.common.source_ips, cli.common.server)?,
         prefix,

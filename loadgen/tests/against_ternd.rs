@@ -773,3 +773,32 @@ fn presence_reusing_a_prefix_with_a_smaller_ring_starts_from_that_ring() {
         }
     }
 }
+
+/// `--spread-members`: a group's members read on every executor, and the
+/// run still counts each group's sends once and checks every member's
+/// stream against them; without it, one executor holds the whole group.
+#[test]
+fn groups_spread_one_groups_members_over_every_executor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+    for (name, spread) in [("spread", true), ("together", false)] {
+        let json = dir.path().join(format!("{name}.json"));
+        let mut args = vec!["--verify", "--threads", "3", "--duration-secs", "1", "--prefix"];
+        args.push(name);
+        args.extend(["groups", "--groups", "2", "--members", "7", "--rate", "40"]);
+        if spread {
+            args.push("--spread-members");
+        }
+        let result = loadgen(&addr, &json, &args);
+        assert_eq!(result["errors"].as_u64(), Some(0), "{name}: {result}");
+        assert_eq!(result["connections"].as_u64(), Some(14), "{name}: {result}");
+        assert_eq!(result["users"].as_u64(), Some(14), "{name}: {result}");
+        let sent = result["sent"].as_u64().expect("sent");
+        // Two groups at 40 msgs/s for a second, each to its 6 receivers.
+        assert!((70..=90).contains(&sent), "{name}: {result}");
+        assert_eq!(result["messages"].as_u64(), Some(sent * 6), "{name}: {result}");
+        for key in ["lost", "duplicated", "reordered"] {
+            assert_eq!(result[key].as_u64(), Some(0), "{name} {key}: {result}");
+        }
+    }
+}
