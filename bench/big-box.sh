@@ -44,7 +44,8 @@
 # CPUs), CONNECT_COUNT (1000000), CONNECT_RATE (200000), SCALE_SHARDS
 # (1 2 4 ... up to SERVER_CPUS' count), ACK_SHARDS (SCALE_SHARDS), ACK_RATE
 # (200000), ACK_MANY (9000), ACK_EXTRA (1; 0: only the 100-sender rows),
-# LATENCY_DURABILITY ("sync async"), TERND_FLAGS (more ternd flags for every
+# LATENCY_DURABILITY ("sync async"), FANOUT_SHARDS (1 and one per server CPU
+# but one), FANOUT_SPREAD (1), TERND_FLAGS (more ternd flags for every
 # start, e.g. "--pin-store-writer false"), DURATION (s per measured phase,
 # default 5), COMPARE_CONNECTIONS (50000), TUNE (0), PREBUILT_BIN (lib.sh:
 # use these ternd and loadgen binaries, for a box without cargo), PEERS
@@ -87,7 +88,10 @@ if [[ -z "${SCALE_SHARDS:-}" ]]; then
 fi
 
 ACK_SHARDS=${ACK_SHARDS:-$SCALE_SHARDS}
-FANOUT_SHARDS=${FANOUT_SHARDS:-1 $((SERVER_N > 1 ? SERVER_N - 1 : 1))}
+if [[ -z "${FANOUT_SHARDS:-}" ]]; then
+    FANOUT_SHARDS=1
+    if ((SERVER_N > 2)); then FANOUT_SHARDS+=" $((SERVER_N - 1))"; fi
+fi
 ACK_RATE=${ACK_RATE:-200000}
 ACK_MANY=${ACK_MANY:-9000}
 
@@ -318,7 +322,11 @@ pairs_row() {
         >"$RESULTS/$tag.txt" 2>&1 &
     CLIENT_PID=$!
     # The measured phase starts once the sessions are set up: sample its middle.
-    for _ in $(seq 1 1200); do [[ -e "$connected" ]] && break; sleep 0.1; done
+    for _ in $(seq 1 1200); do
+        [[ -e "$connected" ]] && break
+        kill -0 "$CLIENT_PID" 2>/dev/null || break
+        sleep 0.1
+    done
     sleep "$(python3 -c "print($DURATION / 2 - 1 if $DURATION > 2 else 0.2)")"
     # loadgen's coordinator and its worker processes alike.
     local clients
@@ -363,6 +371,10 @@ pairs_table_head() { # $1 title
 
 # ---- ack: issue 4's 200,000 acked msgs/s at p99 < 5 ms ----
 if [[ " $STEPS " == *" ack "* ]]; then
+    # ACK_MANY senders hold two sockets each on the server.
+    if ((2 * ACK_MANY > $(ulimit -n) - 1000)); then
+        ACK_MANY=$((($(ulimit -n) - 1000) / 2))
+    fi
     pairs_table_head "Open loop at $ACK_RATE msgs/s in total (issue 4), 64-byte payloads"
     last=""
     for shards in $ACK_SHARDS; do

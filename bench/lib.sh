@@ -31,7 +31,9 @@ log() { echo "$BENCH: $*" >&2; }
 bench_results() {
     RESULTS=${1:-$ROOT/target/$BENCH/$(date -u +%Y%m%dT%H%M%SZ)}
     mkdir -p "$RESULTS"
-    RESULTS=$(cd "$RESULTS" && pwd)
+    # Physical: loadgen's workers run from their resolved path, which
+    # scripts match with pgrep.
+    RESULTS=$(cd "$RESULTS" && pwd -P)
 }
 
 bench_binaries() {

@@ -2,7 +2,9 @@
 # A burst of password registrations and logins beside steady chat: how long
 # the burst takes and what it does to chat latency, for two variants of
 # ternd side by side in alternating rounds. ternd runs on its defaults
-# (one pinned shard per CPU, OWASP argon2: the hashing is the point), a
+# (pinned shards, OWASP argon2: the hashing is the point) but for SHARDS
+# (default one per CPU, as the recorded runs had before the default became
+# one per CPU but one), a
 # fresh data dir each run. Each run: a chat load (`pairs`, open loop,
 # CHAT_PAIRS x CHAT_RATE msgs/s, CHAT_SECS s) starts; after WARMUP s,
 # USERS users register and log in, SETUP_CONCURRENCY at a time. Prints per
@@ -14,7 +16,8 @@
 # for B: a release build of this working tree), A_NAME (a), B_NAME (b),
 # A_ARGS, B_ARGS (extra ternd flags, e.g. "--hash-idle-priority false"),
 # ROUNDS (2), USERS (200), SETUP_CONCURRENCY (32), CHAT_PAIRS (50),
-# CHAT_RATE (100 per pair), CHAT_SECS (20), WARMUP (8), PORT (7885). Both
+# CHAT_RATE (100 per pair), CHAT_SECS (20), WARMUP (8), PORT (7885), SHARDS
+# (nproc). Both
 # variants' runs use B's loadgen. Needs jq.
 set -euo pipefail
 
@@ -52,7 +55,8 @@ run_one() { # $1 variant name, $2 its binaries, $3 extra ternd flags, $4 round
     local -a flags
     read -r -a flags <<<"$extra"
     rm -rf "$data"
-    "$bin/ternd" --listen "127.0.0.1:$PORT" --metrics-listen off --data-dir "$data" "${flags[@]}" \
+    "$bin/ternd" --listen "127.0.0.1:$PORT" --metrics-listen off --data-dir "$data" \
+        --shards "${SHARDS:-$(nproc)}" "${flags[@]}" \
         >"$RESULTS/$tag.ternd.out" 2>"$RESULTS/$tag.ternd.err" &
     SERVER_PID=$!
     wait_listening "$RESULTS/$tag.ternd.out" "$SERVER_PID" "$RESULTS/$tag.ternd.err"

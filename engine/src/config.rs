@@ -42,8 +42,9 @@ pub struct Config {
     pub pin_shards: bool,
     /// With pinned shards and fewer shards than CPUs, pin the storage
     /// writer to the last CPU of the process's set and place no shard
-    /// there: every durable message of the node passes that one thread, so
-    /// it must not wait for a CPU behind a busy shard.
+    /// there (other threads may still run there): every durable message of
+    /// the node passes that one thread, so it must not wait for a CPU
+    /// behind a busy shard.
     pub pin_store_writer: bool,
     /// Threads per shard that run its store calls off the reactor (and
     /// wait there for password hashes, which run on the store's hashing

@@ -374,7 +374,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "pin_store_writer",
-        help: "With pinned shards and fewer shards than CPUs, give the storage writer the last CPU to itself",
+        help: "With pinned shards and fewer shards than CPUs, pin the storage writer to the last CPU and place no shard there",
         apply: |s, v| set(&mut s.config.pin_store_writer, expected_bool(v)),
         show: |s| s.config.pin_store_writer.to_string(),
     },

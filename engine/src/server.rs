@@ -128,23 +128,27 @@ impl Server {
         // Read here, before any executor pins itself: this thread keeps
         // the CPU set the process was started with (taskset, a cgroup).
         let cpus = process_cpu_set();
-        let writer_cpu = store_writer_cpu(&config, cpus.as_ref());
+        let shards = config.shards;
+        let pin_shards = config.pin_shards && shards <= available_cpus();
         let spawn_writer = || Writer::spawn(store.clone(), config.durability, config.writer_queue_depth);
-        let writer = match writer_cpu {
-            Some(cpu) => on_cpu(cpu, spawn_writer),
-            None => spawn_writer(),
-        }
-        .context("cannot start the storage writer")?;
+        // The writer's CPU leaves the shards' set only once it is pinned.
+        let (writer, writer_cpu) = match store_writer_cpu(&config, pin_shards, cpus.as_ref()) {
+            Some(cpu) => match on_cpu(cpu, spawn_writer) {
+                (writer, true) => (writer, Some(cpu)),
+                (writer, false) => (writer, None),
+            },
+            None => (spawn_writer(), None),
+        };
+        let writer = writer.context("cannot start the storage writer")?;
         let tls = tls_reservation
             .as_ref()
             .map(|(r, certs)| (r.addr(), certs.clone()));
-        let shards = config.shards;
         let admin = Arc::new(AdminQueues::new(shards));
         let shard_cpus = match (&cpus, writer_cpu) {
             (Some(set), Some(writer_cpu)) => Some(set.clone().filter(|location| location.cpu != writer_cpu)),
             _ => cpus.clone(),
         };
-        let placement = if config.pin_shards && shards <= available_cpus() {
+        let placement = if pin_shards {
             PoolPlacement::MaxSpread(shards, shard_cpus)
         } else {
             PoolPlacement::Unbound(shards)
@@ -475,15 +479,16 @@ fn process_cpus() -> Vec<usize> {
         .collect()
 }
 
-/// The CPU the storage writer gets to itself: the last of the process's
-/// set, when shards are pinned and leave at least one CPU free. Every
+/// The CPU the storage writer runs on, where no shard does: the last of the
+/// process's set, when shards are pinned (`pin_shards`: the config asks
+/// and a CPU quota leaves room) and leave at least one CPU free. Every
 /// durable message of the node passes that one thread (group commit), so a
 /// writer that waits for a CPU behind a busy shard delays every ack. On a
 /// 16-vCPU box, 8 shards pinned to 8 CPUs with the writer floating among
 /// them did 31.8k msgs/s at window 1, against 118.8k with 4 more CPUs
 /// beside them (docs/benchmarks.md, "A 16-core box").
-fn store_writer_cpu(config: &Config, cpus: Option<&glommio::CpuSet>) -> Option<usize> {
-    if !config.pin_shards || !config.pin_store_writer {
+fn store_writer_cpu(config: &Config, pin_shards: bool, cpus: Option<&glommio::CpuSet>) -> Option<usize> {
+    if !pin_shards || !config.pin_store_writer {
         return None;
     }
     let cpus = cpus?;
@@ -495,8 +500,9 @@ fn store_writer_cpu(config: &Config, cpus: Option<&glommio::CpuSet>) -> Option<u
 
 /// Runs `spawn` on a short-lived thread confined to `cpu`: the threads it
 /// starts inherit that CPU set, and the caller keeps its own. If the CPU
-/// cannot be set, `spawn` still runs and its threads float.
-fn on_cpu<T: Send>(cpu: usize, spawn: impl FnOnce() -> T + Send) -> T {
+/// cannot be set, `spawn` still runs and its threads float; the flag says
+/// whether they were pinned.
+fn on_cpu<T: Send>(cpu: usize, spawn: impl FnOnce() -> T + Send) -> (T, bool) {
     std::thread::scope(|scope| {
         let pinned = scope.spawn(|| {
             // SAFETY: cpu_set_t is plain data, zeroed is a valid empty
@@ -509,12 +515,13 @@ fn on_cpu<T: Send>(cpu: usize, spawn: impl FnOnce() -> T + Send) -> T {
                 }
                 libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
             };
-            if set {
-                tracing::info!(cpu, "storage writer pinned to its own CPU");
-            } else {
-                tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "cannot pin the storage writer");
+            // Read at once: logging may change errno.
+            let error = (!set).then(std::io::Error::last_os_error);
+            match error {
+                None => tracing::info!(cpu, "storage writer pinned to a CPU no shard uses"),
+                Some(error) => tracing::warn!(cpu, %error, "cannot pin the storage writer; it floats"),
             }
-            spawn()
+            (spawn(), set)
         });
         match pinned.join() {
             Ok(value) => value,

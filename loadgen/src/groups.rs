@@ -27,7 +27,7 @@ use tern_proto::{ArchivedServerBody, ClientBody, Content, GroupId, ServerBody, U
 use crate::cli::{share, sub_share, GroupsArgs, Scenario};
 use crate::pairs::{deliveries_from, spawn_connection};
 use crate::stats::{ExecOutcome, LiveCounters};
-use crate::users::obtain_tokens;
+use crate::users::obtain_accounts_of;
 use crate::verify::{StreamCheck, Verdict};
 use crate::wire::{
     due_ns, frame_failure, message_body, now_ns, open_loop_period_ns, open_loop_starts_ns, open_session,
@@ -123,18 +123,16 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     } else {
         std::iter::once(owned.start * members..owned.end * members).collect()
     };
-    let mut tokens = HashMap::new();
-    let mut users = 0usize;
-    for range in wanted.into_iter().filter(|r| !r.is_empty()) {
-        users += range.len();
-        let start = range.start;
-        for (i, token) in obtain_tokens(&ctx, range).await.into_iter().enumerate() {
-            if let Some(token) = token {
-                tokens.insert(start + i, token);
-            }
-        }
-    }
-    let tokens: Tokens = Rc::new(tokens);
+    let numbers: Vec<usize> = wanted.into_iter().flatten().collect();
+    let users = numbers.len();
+    let accounts = obtain_accounts_of(&ctx, numbers.clone()).await;
+    let tokens: Tokens = Rc::new(
+        numbers
+            .into_iter()
+            .zip(accounts)
+            .filter_map(|(n, account)| Some((n, account?.1)))
+            .collect(),
+    );
     ctx.setup_done().await;
 
     let publishers: Rc<RefCell<Vec<Rc<Publisher>>>> = Rc::default();
@@ -166,19 +164,34 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         })
         .await;
     }
-    let mut audiences = Vec::new();
-    let mut expected_receivers = 0u64;
-    for group_no in shared.numbers() {
-        let range = audience_of(group_no);
-        if range.is_empty() {
-            continue;
-        }
-        expected_receivers += range.len() as u64;
-        let Some((id, owner)) = created_group(&ctx, group_no).await else {
-            continue;
-        };
-        audiences.push(join_members(&ctx, &tokens, group_no, id, owner, range, &tasks).await);
+    // Join this executor's members of each group, a few groups at once.
+    let to_join: Vec<(usize, Range<usize>)> = shared
+        .numbers()
+        .map(|g| (g, audience_of(g)))
+        .filter(|(_, range)| !range.is_empty())
+        .collect();
+    let expected_receivers: u64 = to_join.iter().map(|(_, range)| range.len() as u64).sum();
+    let joined: Rc<RefCell<Vec<Rc<Audience>>>> = Rc::default();
+    {
+        let (ctx, tokens, tasks, joined) = (ctx.clone(), tokens.clone(), tasks.clone(), joined.clone());
+        let to_join = Rc::new(to_join);
+        for_each_bounded(to_join.len(), GROUP_CONCURRENCY, move |i| {
+            let (ctx, tokens, tasks, joined) = (ctx.clone(), tokens.clone(), tasks.clone(), joined.clone());
+            let job = to_join.get(i).cloned();
+            async move {
+                let Some((group_no, range)) = job else {
+                    return;
+                };
+                let Some((id, owner)) = created_group(&ctx, group_no).await else {
+                    return;
+                };
+                let audience = join_members(&ctx, &tokens, group_no, id, owner, range, &tasks).await;
+                joined.borrow_mut().push(audience);
+            }
+        })
+        .await;
     }
+    let audiences = joined.borrow().clone();
     let connect_secs = secs_between(start_ns, now_ns());
     let publishers = publishers.borrow().clone();
     let connections = publishers.len() as u64 + audiences.iter().map(|a| a.receivers.get()).sum::<u64>();

@@ -38,16 +38,26 @@ pub type Account = (UserId, Vec<u8>);
 
 /// Like [`obtain_tokens`], with each user's id (from its login).
 pub async fn obtain_accounts(ctx: &Rc<Ctx>, users: Range<usize>) -> Vec<Option<Account>> {
+    obtain_accounts_of(ctx, users.collect()).await
+}
+
+/// [`obtain_accounts`] for any user numbers, in one bounded pass: slot `i`
+/// of the result is user `users[i]`'s.
+pub async fn obtain_accounts_of(ctx: &Rc<Ctx>, users: Vec<usize>) -> Vec<Option<Account>> {
     let tokens: Rc<RefCell<Vec<Option<Account>>>> = Rc::new(RefCell::new(vec![None; users.len()]));
-    let start = users.start;
+    let count = users.len();
+    let users = Rc::new(users);
     let workers = ctx.setup_workers;
     let task_ctx = ctx.clone();
     let task_tokens = tokens.clone();
-    for_each_bounded(users.len(), workers, move |i| {
+    for_each_bounded(count, workers, move |i| {
         let ctx = task_ctx.clone();
         let tokens = task_tokens.clone();
+        let n = users.get(i).copied();
         async move {
-            let n = start + i;
+            let Some(n) = n else {
+                return;
+            };
             match with_timeout(SETUP_TIMEOUT, token_for(&ctx, n)).await {
                 Ok(token) => {
                     if let Some(slot) = tokens.borrow_mut().get_mut(i) {
