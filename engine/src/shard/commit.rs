@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -283,6 +283,11 @@ enum Released {
 pub(super) struct ConvCache {
     map: FxHashMap<ConvId, ConvState>,
     loading: InFlight<ConvId>,
+    /// Tasks waiting for a conversation's writes in flight to end
+    /// ([`Shard::conv_quiet`]): a membership change or deletion of a group
+    /// holds its permit while it waits, so there is at most one per group
+    /// change in progress here. Woken as the last one is released.
+    quiet: FxHashMap<ConvId, Vec<Waker>>,
 }
 
 impl ConvCache {
@@ -319,8 +324,28 @@ impl ConvCache {
     }
 
     /// Marks a message durable (`ok`) or lost in `conv`'s state and hands
-    /// back the retries that waited for it (connection, request id).
+    /// back the retries that waited for it (connection, request id); wakes
+    /// whoever waits for the conversation's writes to end if that was the
+    /// last one in flight.
     fn release(&mut self, conv: ConvId, released: (UserId, u64, u64), ok: bool) -> Released {
+        let result = self.release_one(conv, released, ok);
+        if self.inflight(conv) == 0 {
+            for waker in self.quiet.remove(&conv).unwrap_or_default() {
+                waker.wake();
+            }
+        }
+        result
+    }
+
+    /// Wakes `waker` once no write of `conv` is in flight.
+    fn wait_quiet(&mut self, conv: ConvId, waker: &Waker) {
+        let waiting = self.quiet.entry(conv).or_default();
+        if !waiting.iter().any(|w| w.will_wake(waker)) {
+            waiting.push(waker.clone());
+        }
+    }
+
+    fn release_one(&mut self, conv: ConvId, released: (UserId, u64, u64), ok: bool) -> Released {
         let (from, client_msg_id, stored) = released;
         let Some(state) = self.map.get_mut(&conv) else {
             // Not cached, so nothing waited on it here.
@@ -737,7 +762,24 @@ impl Shard {
             self.settle(effects, committed.is_ok()).await;
             self.committing.set(false);
             self.settled.set(self.settled.get().wrapping_add(1));
+            for waker in self.settle_waiters.take() {
+                waker.wake();
+            }
         }
+    }
+
+    /// Waits until every message of `conv` sequenced so far is durable or
+    /// failed: woken by the commit that releases the last of them.
+    pub(super) async fn conv_quiet(&self, conv: ConvId) {
+        poll_fn(|cx| {
+            let mut convs = self.convs.borrow_mut();
+            if convs.inflight(conv) == 0 {
+                return Poll::Ready(());
+            }
+            convs.wait_quiet(conv, cx.waker());
+            Poll::Pending
+        })
+        .await
     }
 
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
@@ -1379,6 +1421,42 @@ mod tests {
             Sequenced::Refused(BLOCKED_BY_THEM)
         ));
         assert_eq!((s.last_seq, s.inflight), (11, 1), "a refusal takes no seq");
+    }
+
+    /// Counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wait_for_a_quiet_conversation_is_woken_by_its_last_release_only() {
+        let wakes = |w: &Arc<CountingWaker>| w.0.load(std::sync::atomic::Ordering::SeqCst);
+        let (conv, other) = (ConvId::direct(1, 2), ConvId::direct(1, 3));
+        let mut cache = ConvCache::default();
+        for c in [conv, other] {
+            cache.map.insert(c, state());
+            let s = cache.get_mut(c).unwrap();
+            assign(s, 8, 1, CONN, 1, 100, None);
+            assign(s, 8, 1, CONN, 2, 101, None);
+        }
+        let counter = Arc::new(CountingWaker(Default::default()));
+        let waker = Waker::from(counter.clone());
+        cache.wait_quiet(conv, &waker);
+        cache.wait_quiet(conv, &waker); // polled again: still one waiter
+        assert_eq!(cache.quiet[&conv].len(), 1);
+        cache.release(other, (1, 100, 11), true);
+        cache.release(other, (1, 101, 12), true);
+        assert_eq!(wakes(&counter), 0, "another conversation's release");
+        cache.release(conv, (1, 100, 11), true);
+        assert_eq!(wakes(&counter), 0, "one write still in flight");
+        // The last one failed: the state is dropped, and the wait is over too.
+        cache.release(conv, (1, 101, 12), false);
+        assert_eq!(wakes(&counter), 1);
+        assert!(cache.quiet.is_empty(), "nothing left waiting");
     }
 
     #[test]

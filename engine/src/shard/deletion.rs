@@ -27,9 +27,6 @@ use crate::mesh::{Event, GroupAnswer, GroupReply, Recipients};
 /// so a purge never holds a blocking thread or the journal for long.
 const PURGE_STEP_KEYS: usize = 1024;
 
-/// How often a deletion checks whether the group's last writes are out.
-pub(super) const SETTLE_POLL: Duration = Duration::from_millis(1);
-
 /// How long a failed purge step (or an account purge's group departure)
 /// waits before it is tried again.
 pub(super) const PURGE_RETRY: Duration = Duration::from_secs(1);
@@ -91,14 +88,20 @@ impl Shard {
     /// the batch that committed the last of them has run all its effects
     /// (its deliveries are queued to the members' shards).
     pub(super) async fn settle_conv(&self, conv: ConvId) {
-        while self.convs.borrow().inflight(conv) > 0 {
-            glommio::timer::sleep(SETTLE_POLL).await;
-        }
+        self.conv_quiet(conv).await;
         if self.committing.get() {
             let batch = self.settled.get();
-            while self.settled.get() == batch {
-                glommio::timer::sleep(SETTLE_POLL).await;
-            }
+            std::future::poll_fn(|cx| {
+                if self.settled.get() != batch {
+                    return std::task::Poll::Ready(());
+                }
+                let mut waiters = self.settle_waiters.borrow_mut();
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            })
+            .await;
         }
     }
 

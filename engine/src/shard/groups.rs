@@ -994,9 +994,7 @@ impl Shard {
     async fn fence_sends(&self, group: GroupId, conv: ConvId) -> SendFence<'_> {
         self.send_fences.borrow_mut().entry(group).or_default();
         let fence = SendFence { shard: self, group };
-        while self.convs.borrow().inflight(conv) > 0 {
-            glommio::timer::sleep(super::deletion::SETTLE_POLL).await;
-        }
+        self.conv_quiet(conv).await;
         fence
     }
 

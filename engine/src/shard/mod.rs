@@ -187,6 +187,9 @@ pub struct Shard {
     /// Batches the committer has settled (all their effects run), for
     /// waiting until a conversation's last writes are out ([`deletion`]).
     settled: Cell<u64>,
+    /// Tasks waiting for the batch being committed to settle (at most one
+    /// per group deletion in progress); woken as `settled` moves.
+    settle_waiters: RefCell<Vec<Waker>>,
     /// Where idle sessions park; `None` when parking is off (or the epoll
     /// set could not be made, which only costs memory).
     parking: Option<ParkSet>,
@@ -312,6 +315,7 @@ impl Shard {
             committer_waker: RefCell::new(None),
             committing: Cell::new(false),
             settled: Cell::new(0),
+            settle_waiters: RefCell::new(Vec::new()),
             parking,
         }
     }
