@@ -133,10 +133,10 @@ impl Server {
         let spawn_writer = || Writer::spawn(store.clone(), config.durability, config.writer_queue_depth);
         // The writer's CPU leaves the shards' set only once it is pinned.
         let (writer, writer_cpu) = match store_writer_cpu(&config, pin_shards, cpus.as_ref()) {
-            Some(cpu) => match on_cpu(cpu, spawn_writer) {
-                (writer, true) => (writer, Some(cpu)),
-                (writer, false) => (writer, None),
-            },
+            Some(cpu) => {
+                let (writer, pinned) = on_cpu(cpu, spawn_writer);
+                (writer, pinned.then_some(cpu))
+            }
             None => (spawn_writer(), None),
         };
         let writer = writer.context("cannot start the storage writer")?;

@@ -1,9 +1,10 @@
 //! `ternd`: the Tern server.
 //!
 //! With no arguments it serves on 127.0.0.1:7878 with its data in
-//! `./tern-data` and one shard per CPU but one (the storage writer's). Settings come from defaults, then
-//! `--config FILE` (TOML), then `TERN_*` environment variables, then flags
-//! (one per config key; `docs/configuration.md`). `ternd check-config FILE`
+//! `./tern-data` and one shard per CPU but one (the storage writer's).
+//! Settings come from defaults, then `--config FILE` (TOML), then `TERN_*`
+//! environment variables, then flags (one per config key;
+//! `docs/configuration.md`). `ternd check-config FILE`
 //! validates a file and prints the effective settings; `ternd gen-cert
 //! --out DIR` writes a self-signed certificate for local TLS. With
 //! `--metrics-listen ADDR` it serves `/metrics`, `/healthz` and `/readyz`

@@ -339,10 +339,7 @@ impl ConvCache {
 
     /// Wakes `waker` once no write of `conv` is in flight.
     fn wait_quiet(&mut self, conv: ConvId, waker: &Waker) {
-        let waiting = self.quiet.entry(conv).or_default();
-        if !waiting.iter().any(|w| w.will_wake(waker)) {
-            waiting.push(waker.clone());
-        }
+        super::add_waiter(self.quiet.entry(conv).or_default(), waker);
     }
 
     fn release_one(&mut self, conv: ConvId, released: (UserId, u64, u64), ok: bool) -> Released {

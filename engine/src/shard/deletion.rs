@@ -95,10 +95,7 @@ impl Shard {
                 if self.settled.get() != batch {
                     return std::task::Poll::Ready(());
                 }
-                let mut waiters = self.settle_waiters.borrow_mut();
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
+                super::add_waiter(&mut self.settle_waiters.borrow_mut(), cx.waker());
                 std::task::Poll::Pending
             })
             .await;

@@ -261,6 +261,14 @@ pub fn store_error_frame(request_id: u64, error: &StoreError) -> ServerFrame {
     ServerFrame::error(request_id, code, message)
 }
 
+/// Adds `waker` to `waiters` unless it is there already: a task polled
+/// again before its wake must not be listed twice.
+fn add_waiter(waiters: &mut Vec<Waker>, waker: &Waker) {
+    if !waiters.iter().any(|w| w.will_wake(waker)) {
+        waiters.push(waker.clone());
+    }
+}
+
 fn refusal(code: ErrorCode, message: &'static str) -> Refusal {
     Refusal {
         code,
