@@ -92,7 +92,6 @@ struct Publisher {
     group_no: usize,
     writer: Rc<Writer>,
     id: GroupId,
-    sent: Cell<u64>,
 }
 
 /// The members of one group whose sockets this executor reads.
@@ -116,14 +115,13 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         let spread = args.spread_members.then_some((threads, ctx.exec));
         audience(group_no, members, &owned, spread)
     };
-    // Users to log in, as ranges of user numbers: owners first.
-    let wanted: Vec<Range<usize>> = if args.spread_members {
-        let owners = owned.clone().map(|g| g * members..g * members + 1);
-        owners.chain(shared.numbers().map(audience_of)).collect()
+    // The user numbers to log in: owners first.
+    let numbers: Vec<usize> = if args.spread_members {
+        let owners = owned.clone().map(|g| g * members);
+        owners.chain(shared.numbers().flat_map(audience_of)).collect()
     } else {
-        std::iter::once(owned.start * members..owned.end * members).collect()
+        (owned.start * members..owned.end * members).collect()
     };
-    let numbers: Vec<usize> = wanted.into_iter().flatten().collect();
     let users = numbers.len();
     let accounts = obtain_accounts_of(&ctx, numbers.clone()).await;
     let tokens: Tokens = Rc::new(
@@ -137,6 +135,7 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
 
     let publishers: Rc<RefCell<Vec<Rc<Publisher>>>> = Rc::default();
     let tasks: Tasks = Rc::default();
+    let sent_to = |group_no: usize| shared.get(group_no).map_or(0, |s| s.sent.load(Ordering::SeqCst));
     let start_ns = now_ns();
     {
         let (ctx, tokens, publishers, tasks) =
@@ -221,7 +220,6 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         })
         .collect();
     sleep_until_ns(end_ns).await;
-    let sent_to = |group_no: usize| shared.get(group_no).map_or(0, |s| s.sent.load(Ordering::SeqCst));
     let all_delivered = || {
         audiences.iter().all(|a| {
             shared
@@ -243,7 +241,7 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     let schedule = starts
         .iter()
         .copied()
-        .zip(publishers.iter().map(|p| p.sent.get()));
+        .zip(publishers.iter().map(|p| sent_to(p.group_no)));
     let unsent = ctx
         .recorder
         .record_all_unsent(Some(args.rate), schedule, end_ns, close_ns);
@@ -259,7 +257,7 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         connections,
         connect_failures,
         connect_secs,
-        sent: publishers.iter().map(|p| p.sent.get()).sum(),
+        sent: publishers.iter().map(|p| sent_to(p.group_no)).sum(),
         delivered: audiences.iter().map(|a| a.delivered.get()).sum(),
         delivered_in_window: ctx.in_window.get(),
         undelivered: verdict.lost,
@@ -371,12 +369,7 @@ async fn create_group(
         ping,
         "publisher",
     ));
-    let publisher = Rc::new(Publisher {
-        group_no,
-        writer,
-        id,
-        sent: Cell::new(0),
-    });
+    let publisher = Rc::new(Publisher { group_no, writer, id });
     Some((publisher, owner))
 }
 
@@ -457,7 +450,7 @@ async fn join_members(
 
 /// Publishes at `args.rate` until `end_ns`; messages already due when the
 /// publisher gets to run go out in one write. Progress goes to the group's
-/// [`SharedGroup`] too, for executors reading its members.
+/// [`SharedGroup`], which every executor reading its members counts against.
 async fn publish(
     ctx: &Ctx,
     publisher: &Publisher,
@@ -487,7 +480,6 @@ async fn publish(
             .collect();
         publisher.writer.send_batch(bodies).await?;
         seq += due_now;
-        publisher.sent.set(seq);
         if let Some(slot) = slot {
             slot.sent.store(seq, Ordering::SeqCst);
         }
