@@ -28,6 +28,48 @@ pub struct SuperVersion {
 
 pub struct SuperVersions(VecDeque<SuperVersion>);
 
+/// Hands the super versions a GC pass removed to a thread of their own to
+/// drop (Tern's patch, see Tern's vendor/README.md).
+///
+/// Dropping the last reference to a retired version frees the memtables
+/// it held after their flush (hundreds of thousands of skiplist nodes for
+/// a 64 MiB memtable) and may delete table files: tens of milliseconds.
+/// [`SuperVersions::maintenance`] runs under the tree's version-history
+/// write lock, which every memtable insert takes for reading
+/// (`Tree::append_entry`), so dropping them there stalled every write to
+/// the tree for that long. A table file deleted later than before is still
+/// deleted; one left by a crash in between is removed as an orphan at the
+/// next recovery, as before. The reaper thread is spawned by the first
+/// caller (a flush or compaction worker, whose priority and CPU affinity
+/// it inherits) and sleeps in `recv` while idle; if it cannot be spawned,
+/// the versions are dropped here, as upstream does.
+fn retire(versions: Vec<SuperVersion>) {
+    use std::sync::{mpsc, OnceLock};
+
+    static REAPER: OnceLock<Option<mpsc::Sender<Vec<SuperVersion>>>> = OnceLock::new();
+
+    if versions.is_empty() {
+        return;
+    }
+    let reaper = REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Vec<SuperVersion>>();
+        std::thread::Builder::new()
+            .name("lsm-reaper".into())
+            .spawn(move || {
+                while let Ok(versions) = rx.recv() {
+                    drop(versions);
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = reaper {
+        // A send fails only once the reaper is gone; the versions then
+        // come back in the error and drop here.
+        let _ = tx.send(versions);
+    }
+}
+
 impl SuperVersions {
     pub fn new(version: Version) -> Self {
         Self(
@@ -77,6 +119,7 @@ impl SuperVersions {
         }
 
         log::trace!("Running manifest GC with watermark={gc_watermark}");
+        let mut retired = Vec::new();
 
         if let Some(hi_idx) = self.0.iter().rposition(|x| x.seqno < gc_watermark) {
             for _ in 0..hi_idx {
@@ -95,9 +138,10 @@ impl SuperVersions {
                     crate::file::retry_transient_io(|| std::fs::remove_file(&path))?;
                 }
 
-                self.0.pop_front();
+                retired.extend(self.0.pop_front());
             }
         }
+        retire(retired);
 
         log::trace!("Manifest GC done, version length now {}", self.0.len());
 
