@@ -371,9 +371,15 @@ impl Inner {
         ops: impl IntoIterator<Item = &'a [WriteOp]>,
         sync: bool,
     ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
+        let slices: Vec<&[WriteOp]> = ops.into_iter().collect();
+        // Sized up front (weight ≈ keys written): grown one push at a time,
+        // the batch's item vector was reallocated, its fresh pages faulted
+        // in, several times per group commit (2.7% of the writer's CPU
+        // under `pairs` 100 × 64).
+        let capacity = slices.iter().flat_map(|s| s.iter()).map(WriteOp::weight).sum();
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), capacity);
         let mut staged = Staged::default();
-        for slice in ops {
+        for slice in slices {
             for op in slice {
                 self.stage(&mut batch, &mut staged, op)?;
             }
