@@ -111,5 +111,10 @@ impl Drop for TreeInner {
 
         log::trace!("Sending stop signal to compactors");
         self.stop_signal.send();
+
+        // Tern's patch: the files of this tree's compacted tables may
+        // still be queued for deletion on the lsm-reaper; a reopen of the
+        // tree must not race them (see `version::super_version::retire`).
+        crate::version::wait_for_retired(std::time::Duration::from_secs(10));
     }
 }

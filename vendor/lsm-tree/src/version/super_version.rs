@@ -28,21 +28,33 @@ pub struct SuperVersion {
 
 pub struct SuperVersions(VecDeque<SuperVersion>);
 
+/// Retired batches handed to the reaper and not yet dropped, with the
+/// condition [`wait_for_retired`] waits on (Tern's patch).
+static RETIRED_PENDING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static RETIRED_DRAINED: std::sync::Condvar = std::sync::Condvar::new();
+
+thread_local! {
+    static ON_REAPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Hands the super versions a GC pass removed to a thread of their own to
 /// drop (Tern's patch, see Tern's vendor/README.md).
 ///
 /// Dropping the last reference to a retired version frees the memtables
 /// it held after their flush (hundreds of thousands of skiplist nodes for
-/// a 64 MiB memtable) and may delete table files: tens of milliseconds.
-/// [`SuperVersions::maintenance`] runs under the tree's version-history
-/// write lock, which every memtable insert takes for reading
-/// (`Tree::append_entry`), so dropping them there stalled every write to
-/// the tree for that long. A table file deleted later than before is still
-/// deleted; one left by a crash in between is removed as an orphan at the
-/// next recovery, as before. The reaper thread is spawned by the first
-/// caller (a flush or compaction worker, whose priority and CPU affinity
-/// it inherits) and sleeps in `recv` while idle; if it cannot be spawned,
-/// the versions are dropped here, as upstream does.
+/// a 64 MiB memtable) and deletes the files of tables compacted away:
+/// tens of milliseconds. [`SuperVersions::maintenance`] runs under the
+/// tree's version-history write lock, which every memtable insert takes
+/// for reading (`Tree::append_entry`), so dropping them there stalled
+/// every write to the tree for that long. A tree being dropped waits for
+/// what was handed over ([`wait_for_retired`]), so a store closed and
+/// reopened in one process never sees a file deleted under it; files of a
+/// process that exits with drops still queued are orphans the next
+/// recovery removes, as upstream does after a crash. The reaper thread is
+/// spawned by the first caller (in fjall, a flush or compaction worker,
+/// whose priority and CPU affinity it inherits) and sleeps in `recv`
+/// while idle; if it cannot be spawned, the versions are dropped here, as
+/// upstream does.
 fn retire(versions: Vec<SuperVersion>) {
     use std::sync::{mpsc, OnceLock};
 
@@ -53,20 +65,61 @@ fn retire(versions: Vec<SuperVersion>) {
     }
     let reaper = REAPER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Vec<SuperVersion>>();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("lsm-reaper".into())
             .spawn(move || {
+                ON_REAPER.with(|on| on.set(true));
                 while let Ok(versions) = rx.recv() {
                     drop(versions);
+                    settle_retired();
                 }
-            })
-            .ok()
-            .map(|_| tx)
+            });
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                log::warn!("Cannot spawn the lsm-reaper thread, retired versions drop in place: {e:?}");
+                None
+            }
+        }
     });
-    if let Some(tx) = reaper {
-        // A send fails only once the reaper is gone; the versions then
-        // come back in the error and drop here.
-        let _ = tx.send(versions);
+    let Some(tx) = reaper else {
+        return;
+    };
+    // Counted before the send, so the reaper's decrement cannot come first.
+    if let Ok(mut pending) = RETIRED_PENDING.lock() {
+        *pending += 1;
+    }
+    if let Err(mpsc::SendError(versions)) = tx.send(versions) {
+        log::warn!("The lsm-reaper thread is gone, retired versions drop in place");
+        drop(versions);
+        settle_retired();
+    }
+}
+
+/// Counts one handed-over batch as dropped and wakes the waiters.
+fn settle_retired() {
+    if let Ok(mut pending) = RETIRED_PENDING.lock() {
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            RETIRED_DRAINED.notify_all();
+        }
+    }
+}
+
+/// Waits (at most `limit`) until every batch of versions handed to the
+/// reaper so far has been dropped: their table files are deleted by then.
+/// Returns at once on the reaper thread itself.
+pub(crate) fn wait_for_retired(limit: std::time::Duration) {
+    if ON_REAPER.with(std::cell::Cell::get) {
+        return;
+    }
+    let Ok(pending) = RETIRED_PENDING.lock() else {
+        return;
+    };
+    if let Ok((_, timeout)) = RETIRED_DRAINED.wait_timeout_while(pending, limit, |p| *p > 0) {
+        if timeout.timed_out() {
+            log::warn!("Retired versions still queued for the lsm-reaper after {limit:?}");
+        }
     }
 }
 
