@@ -31,6 +31,12 @@ pub struct SuperVersions(VecDeque<SuperVersion>);
 /// Retired batches handed to the reaper and not yet dropped, with the
 /// condition [`wait_for_retired`] waits on (Tern's patch).
 static RETIRED_PENDING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// Most batches queued on the reaper: each may hold whole memtables, which
+/// fjall's write backpressure no longer sees once retired, so a reaper
+/// that falls behind must not let them pile up. Past it, a GC pass drops
+/// its versions in place again (upstream's stall, not unbounded memory).
+const MAX_RETIRED_PENDING: usize = 16;
 static RETIRED_DRAINED: std::sync::Condvar = std::sync::Condvar::new();
 
 thread_local! {
@@ -86,8 +92,18 @@ fn retire(versions: Vec<SuperVersion>) {
         return;
     };
     // Counted before the send, so the reaper's decrement cannot come first.
-    if let Ok(mut pending) = RETIRED_PENDING.lock() {
-        *pending += 1;
+    // (The guard goes at the end of this statement, before any drop below.)
+    let queued = match RETIRED_PENDING.lock() {
+        Ok(mut pending) if *pending < MAX_RETIRED_PENDING => {
+            *pending += 1;
+            true
+        }
+        _ => false,
+    };
+    if !queued {
+        log::debug!("lsm-reaper backlog full, retired versions drop in place");
+        drop(versions);
+        return;
     }
     if let Err(mpsc::SendError(versions)) = tx.send(versions) {
         log::warn!("The lsm-reaper thread is gone, retired versions drop in place");
