@@ -185,32 +185,36 @@ const IDLE_PARK: Duration = Duration::from_secs(1);
 /// queue is empty, until `deadline` if one is given.
 fn next_message(rx: &Receiver<Msg>, bell: &Doorbell, deadline: Option<Instant>) -> Next {
     loop {
-        match rx.try_recv() {
-            Ok(msg) => return Next::Message(msg),
-            Err(TryRecvError::Disconnected) => return Next::Disconnected,
-            Err(TryRecvError::Empty) => {}
+        if let Some(next) = taken(rx.try_recv()) {
+            return next;
         }
         bell.sleeping.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        let found = rx.try_recv();
-        if !matches!(found, Err(TryRecvError::Empty)) {
-            bell.sleeping.store(false, Ordering::Relaxed);
-            return match found {
-                Ok(msg) => Next::Message(msg),
-                Err(_) => Next::Disconnected,
+        // The last look, after saying so: a submission that raced the
+        // flag is seen here, or its ring sees the flag.
+        let outcome = taken(rx.try_recv()).or_else(|| {
+            let now = Instant::now();
+            let wait = match deadline {
+                Some(due) if due <= now => return Some(Next::Timeout),
+                Some(due) => (due - now).min(IDLE_PARK),
+                None => IDLE_PARK,
             };
-        }
-        let now = Instant::now();
-        let wait = match deadline {
-            Some(due) if due <= now => {
-                bell.sleeping.store(false, Ordering::Relaxed);
-                return Next::Timeout;
-            }
-            Some(due) => (due - now).min(IDLE_PARK),
-            None => IDLE_PARK,
-        };
-        std::thread::park_timeout(wait);
+            std::thread::park_timeout(wait);
+            None
+        });
         bell.sleeping.store(false, Ordering::Relaxed);
+        if let Some(next) = outcome {
+            return next;
+        }
+    }
+}
+
+/// What one `try_recv` means to [`next_message`]: `None` for an empty queue.
+fn taken(found: Result<Msg, TryRecvError>) -> Option<Next> {
+    match found {
+        Ok(msg) => Some(Next::Message(msg)),
+        Err(TryRecvError::Disconnected) => Some(Next::Disconnected),
+        Err(TryRecvError::Empty) => None,
     }
 }
 

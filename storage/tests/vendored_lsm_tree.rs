@@ -24,18 +24,24 @@ fn value(i: u32) -> Vec<u8> {
     v
 }
 
-fn open(dir: &Path) -> (Database, fjall::Keyspace) {
+/// Opens the store in `dir` with keyspace `t`, whose memtables rotate at
+/// `memtable_bytes`.
+fn open(dir: &Path, memtable_bytes: u64) -> (Database, fjall::Keyspace) {
     let db = Database::builder(dir).open().unwrap();
     let ks = db
         .keyspace("t", || {
-            KeyspaceCreateOptions::default().max_memtable_size(64 * 1024)
+            KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
         })
         .unwrap();
     (db, ks)
 }
 
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
 fn table_files(ks: &fjall::Keyspace) -> usize {
-    std::fs::read_dir(ks.path().join("tables")).map_or(0, |d| d.count())
+    files_in(&ks.path().join("tables"))
 }
 
 fn reaper_threads() -> usize {
@@ -57,7 +63,7 @@ fn assert_all_readable(ks: &fjall::Keyspace) {
 fn compacted_tables_files_are_deleted_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (db, ks) = open(dir.path());
+        let (db, ks) = open(dir.path(), 64 * 1024);
         for i in 0..KEYS {
             ks.insert(key(i), value(i)).unwrap();
         }
@@ -90,7 +96,7 @@ fn compacted_tables_files_are_deleted_and_nothing_is_lost() {
         }
         db.persist(fjall::PersistMode::SyncAll).unwrap();
     }
-    let (_db, ks) = open(dir.path());
+    let (_db, ks) = open(dir.path(), 64 * 1024);
     assert_all_readable(&ks);
     assert_eq!(table_files(&ks), ks.table_count());
 }
@@ -104,12 +110,7 @@ fn a_dropped_store_leaves_no_table_deletion_queued() {
         // Memtables of 4 MiB: the versions the last rotation retires hold
         // several, whose free delays the deletion of the compacted tables
         // behind them on the reaper.
-        let db = Database::builder(dir.path()).open().unwrap();
-        let ks = db
-            .keyspace("t", || {
-                KeyspaceCreateOptions::default().max_memtable_size(4 << 20)
-            })
-            .unwrap();
+        let (_db, ks) = open(dir.path(), 4 << 20);
         for i in 0..200_000u32 {
             ks.insert(key(i), value(i)).unwrap();
         }
@@ -120,10 +121,12 @@ fn a_dropped_store_leaves_no_table_deletion_queued() {
         live = ks.table_count();
         tables_dir = ks.path().join("tables");
     }
-    let files = std::fs::read_dir(&tables_dir).map_or(0, |d| d.count());
-    assert_eq!(files, live, "table files left after the store was dropped");
-    let db = Database::builder(dir.path()).open().unwrap();
-    let ks = db.keyspace("t", KeyspaceCreateOptions::default).unwrap();
+    assert_eq!(
+        files_in(&tables_dir),
+        live,
+        "table files left after the store was dropped"
+    );
+    let (_db, ks) = open(dir.path(), 4 << 20);
     for i in [0u32, 1, 99_999, 199_999] {
         assert_eq!(ks.get(key(i)).unwrap().as_deref(), Some(value(i).as_slice()));
     }
