@@ -752,7 +752,15 @@ impl Keyspace {
             keyspace: self.clone(),
         }));
 
-        self.worker_messager.send(WorkerMessage::Flush).ok();
+        // Tern patch (vendor/README.md): never wait for room here. This
+        // runs on the flush and compaction workers themselves (on a
+        // `RotateMemtable` message), the only readers of that bounded
+        // channel, which writers fill with rotation requests under load: a
+        // blocking `send` with every worker in it deadlocked the store. If
+        // the channel is full, the task above stays queued and the next
+        // worker tick takes it (`worker_tick` looks at the flush queue
+        // before it waits for a message); a full channel means ticks to come.
+        self.worker_messager.try_send(WorkerMessage::Flush).ok();
 
         {
             // NOTE: If the difference between watermark is too large, and

@@ -1,0 +1,109 @@
+//! What Tern's patch to fjall's worker pool (vendor/README.md) must keep:
+//! under a write load that keeps memtables rotating, the store's flush and
+//! compaction workers never wait on the channel only they read, so writes
+//! keep completing, memtables keep being flushed, and everything written
+//! reads back, with one worker as with Tern's two.
+//!
+//! Upstream 3.1.13 deadlocks here: writers `try_send` a rotation request on
+//! every write that finds a memtable over its size, filling the workers'
+//! bounded channel, and a worker that rotates then blocks in `send(Flush)`
+//! on that full channel; once every worker is there nothing reads it again,
+//! the memtables stop flushing and the writers halt behind fjall's write
+//! backpressure for good.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use fjall::{Database, KeyspaceCreateOptions};
+
+const KEYSPACES: usize = 4;
+const WRITES_PER_KEYSPACE: u32 = 200_000;
+/// Thirty times what the load takes here (about two seconds); only a deadlock
+/// reaches it.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn value(keyspace: usize, i: u32) -> Vec<u8> {
+    let mut v = vec![b'v'; 100];
+    v[..4].copy_from_slice(&i.to_be_bytes());
+    v[4] = keyspace as u8;
+    v
+}
+
+/// `KEYSPACES` threads, one per keyspace, each writing
+/// `WRITES_PER_KEYSPACE` keys into 16 KiB memtables (a rotation every ~130
+/// writes), against a store with `workers` flush and compaction threads.
+/// Returns once every write returned and the keys read back, or fails the
+/// test at `DEADLINE`.
+fn write_load_completes(workers: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (done_tx, done_rx) = mpsc::channel();
+    // The load runs on a thread of its own so that a deadlock fails the
+    // test instead of hanging it (the stuck threads die with the process).
+    thread::spawn(move || {
+        let db = Database::builder(&path).worker_threads(workers).open().unwrap();
+        let keyspaces: Vec<_> = (0..KEYSPACES)
+            .map(|k| {
+                db.keyspace(&format!("k{k}"), || {
+                    KeyspaceCreateOptions::default().max_memtable_size(16 * 1024)
+                })
+                .unwrap()
+            })
+            .collect();
+        let writing = AtomicUsize::new(KEYSPACES);
+        thread::scope(|s| {
+            for (k, ks) in keyspaces.iter().enumerate() {
+                let writing = &writing;
+                s.spawn(move || {
+                    for i in 0..WRITES_PER_KEYSPACE {
+                        ks.insert(i.to_be_bytes(), value(k, i)).unwrap();
+                    }
+                    writing.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            // Rotations asked for from outside the pool too, as a
+            // compaction or a test does.
+            while writing.load(Ordering::Relaxed) > 0 {
+                for ks in &keyspaces {
+                    ks.rotate_memtable_and_wait().unwrap();
+                }
+            }
+        });
+        for (k, ks) in keyspaces.iter().enumerate() {
+            ks.rotate_memtable_and_wait().unwrap();
+            assert!(ks.table_count() > 0, "keyspace {k} flushed nothing");
+            for i in (0..WRITES_PER_KEYSPACE).step_by(997) {
+                assert_eq!(
+                    ks.get(i.to_be_bytes()).unwrap().as_deref(),
+                    Some(value(k, i).as_slice()),
+                    "keyspace {k} key {i}"
+                );
+            }
+        }
+        drop(keyspaces);
+        drop(db);
+        done_tx.send(()).unwrap();
+    });
+    match done_rx.recv_timeout(DEADLINE) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+            "{KEYSPACES} writers and {workers} fjall worker(s) made no progress for \
+             {DEADLINE:?}: the worker pool deadlocked"
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the write load failed (its panic is printed above)")
+        }
+    }
+}
+
+#[test]
+fn writes_keep_flowing_with_one_worker() {
+    write_load_completes(1);
+}
+
+#[test]
+fn writes_keep_flowing_with_two_workers() {
+    write_load_completes(2);
+}
