@@ -11,18 +11,19 @@
 //! the memtables stop flushing and the writers halt behind fjall's write
 //! backpressure for good.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fjall::{Database, KeyspaceCreateOptions};
 
 const KEYSPACES: usize = 4;
 const WRITES_PER_KEYSPACE: u32 = 200_000;
-/// Thirty times what the load takes here (about two seconds); only a deadlock
-/// reaches it.
-const DEADLINE: Duration = Duration::from_secs(60);
+/// The test fails once no write has completed for this long. The load
+/// takes about two seconds here; a deadlock stops the writers for good, while
+/// a slow disk only slows them.
+const STALL: Duration = Duration::from_secs(30);
 
 fn value(keyspace: usize, i: u32) -> Vec<u8> {
     let mut v = vec![b'v'; 100];
@@ -33,15 +34,18 @@ fn value(keyspace: usize, i: u32) -> Vec<u8> {
 
 /// `KEYSPACES` threads, one per keyspace, each writing
 /// `WRITES_PER_KEYSPACE` keys into 16 KiB memtables (a rotation every ~130
-/// writes), against a store with `workers` flush and compaction threads.
-/// Returns once every write returned and the keys read back, or fails the
-/// test at `DEADLINE`.
+/// writes), against a store with `workers` flush and compaction threads,
+/// while another thread keeps asking for rotations. Returns once every
+/// write returned, every keyspace flushed and the keys read back; fails
+/// the test if the writes stall for `STALL`.
 fn write_load_completes(workers: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
+    let writes_done = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = mpsc::channel();
     // The load runs on a thread of its own so that a deadlock fails the
     // test instead of hanging it (the stuck threads die with the process).
+    let progress = writes_done.clone();
     thread::spawn(move || {
         let db = Database::builder(&path).worker_threads(workers).open().unwrap();
         let keyspaces: Vec<_> = (0..KEYSPACES)
@@ -55,12 +59,16 @@ fn write_load_completes(workers: usize) {
         let writing = AtomicUsize::new(KEYSPACES);
         thread::scope(|s| {
             for (k, ks) in keyspaces.iter().enumerate() {
-                let writing = &writing;
+                let (writing, progress) = (&writing, &progress);
                 s.spawn(move || {
+                    // Counted down however the writer ends, so that a
+                    // panicking writer fails the test rather than leaving
+                    // the rotation loop below spinning.
+                    let _done = CountDown(writing);
                     for i in 0..WRITES_PER_KEYSPACE {
                         ks.insert(i.to_be_bytes(), value(k, i)).unwrap();
+                        progress.fetch_add(1, Ordering::Relaxed);
                     }
-                    writing.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             // Rotations asked for from outside the pool too, as a
@@ -86,15 +94,34 @@ fn write_load_completes(workers: usize) {
         drop(db);
         done_tx.send(()).unwrap();
     });
-    match done_rx.recv_timeout(DEADLINE) {
-        Ok(()) => {}
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-            "{KEYSPACES} writers and {workers} fjall worker(s) made no progress for \
-             {DEADLINE:?}: the worker pool deadlocked"
-        ),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            panic!("the write load failed (its panic is printed above)")
+    let (mut seen, mut since) = (0, Instant::now());
+    loop {
+        match done_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) => return,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the write load failed (its panic is printed above)")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
+        let now = writes_done.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+        assert!(
+            since.elapsed() < STALL,
+            "{KEYSPACES} writers and {workers} fjall worker(s): no write, rotation \
+             or close completed for {STALL:?} after {seen} of {} writes; the worker \
+             pool deadlocked",
+            KEYSPACES as u64 * u64::from(WRITES_PER_KEYSPACE)
+        );
+    }
+}
+
+struct CountDown<'a>(&'a AtomicUsize);
+
+impl Drop for CountDown<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

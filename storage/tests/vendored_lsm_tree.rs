@@ -170,9 +170,10 @@ fn awkward_keys(count: usize) -> Vec<Vec<u8>> {
 #[test]
 fn keys_come_back_in_byte_order_from_memtables_and_tables() {
     let dir = tempfile::tempdir().unwrap();
-    // Half the keys flushed to tables (64 KiB memtables, and a rotation
-    // waited for), the rest left in the memtable, then everything again
-    // after a major compaction.
+    // The first half flushed to tables (a rotation waited for), the second
+    // written after it (64 KiB memtables: most of it flushed as they fill,
+    // the newest keys still in the memtable), then everything again after a
+    // major compaction.
     let (_db, ks) = open(dir.path(), 64 * 1024);
     let mut expected = BTreeMap::new();
     for (i, key) in awkward_keys(20_000).into_iter().enumerate() {

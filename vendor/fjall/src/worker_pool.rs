@@ -170,7 +170,10 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
     // Tern patch (vendor/README.md): a flush task whose `Flush` message did
     // not fit in the channel (`Keyspace::inner_rotate_memtable` no longer
     // waits for room) is taken here, before waiting for a message, so it
-    // cannot be left behind; flushes go before queued work anyway.
+    // cannot be left behind. This also puts queued flushes ahead of queued
+    // compactions, and makes a closing database flush what is queued before
+    // its workers take their `Close` (a bounded wait: writes halt at a few
+    // sealed memtables per keyspace).
     if ctx.supervisor.flush_manager.len() > 0 {
         return flush_next(ctx);
     }

@@ -74,9 +74,10 @@ impl Ord for InternalKey {
     }
 }
 
-/// Keys no longer than this are compared by [`compare_user_keys`] eight
-/// bytes at a time; longer ones by `<[u8]>::cmp` (libc's `memcmp`), which
-/// is faster once there are enough bytes to vectorise.
+/// Two keys the shorter of which is no longer than this are compared by
+/// [`compare_user_keys`] eight bytes at a time; others by `<[u8]>::cmp`
+/// (libc's `memcmp`), which is faster once there are enough bytes to
+/// vectorise.
 const WORDWISE_COMPARE_MAX: usize = 64;
 
 /// Lexicographic byte order, exactly as `<[u8] as Ord>::cmp`, for the
