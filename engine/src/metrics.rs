@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tern_proto::ErrorCode;
-use tern_storage::{SyncStats, WriterHandle, WriterStats};
+use tern_storage::{ReaperBacklog, SyncStats, WriterHandle, WriterStats};
 
 /// The `code` label of an error code. The match is exhaustive, so a new
 /// code fails to compile here until it is named (and added to
@@ -397,6 +397,8 @@ pub struct StoreSnapshot {
     pub queued: usize,
     /// The group commit of durable changes made outside the writer.
     pub syncs: SyncStats,
+    /// Retired memtables waiting for the store's reaper thread.
+    pub reaper: ReaperBacklog,
 }
 
 impl StoreSnapshot {
@@ -406,6 +408,7 @@ impl StoreSnapshot {
             stats: writer.stats(),
             queued: writer.queued(),
             syncs: writer.store_sync_stats(),
+            reaper: ReaperBacklog::now(),
         }
     }
 }
@@ -877,7 +880,7 @@ fn histogram_lines(
 
 fn render_store(out: &mut String, store: &StoreSnapshot) {
     let s = &store.stats;
-    let rows: [(&str, &str, &str, u64); 9] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         (
             "tern_store_writer_batches_total",
             "counter",
@@ -931,6 +934,18 @@ fn render_store(out: &mut String, store: &StoreSnapshot) {
             "counter",
             "fdatasyncs run for those changes; concurrent ones share one.",
             store.syncs.syncs,
+        ),
+        (
+            "tern_store_reaper_pending_batches",
+            "gauge",
+            "Batches of flushed memtables and compacted tables queued for the store's reaper thread to free (at most 16).",
+            store.reaper.pending_batches as u64,
+        ),
+        (
+            "tern_store_reaper_freed_in_place_total",
+            "counter",
+            "Times the reaper's queue was full and a memtable was freed in place, stalling that keyspace's writes meanwhile.",
+            store.reaper.freed_in_place,
         ),
     ];
     for (name, kind, help, value) in rows {
@@ -1141,6 +1156,10 @@ mod tests {
                     durable_writes: 5,
                     syncs: 2,
                 },
+                reaper: ReaperBacklog {
+                    pending_batches: 3,
+                    freed_in_place: 7,
+                },
             }),
             ..Scrape::default()
         });
@@ -1153,6 +1172,8 @@ mod tests {
         has("tern_store_writer_commit_seconds_count 3");
         has("tern_store_meta_durable_writes_total 5");
         has("tern_store_meta_syncs_total 2");
+        has("tern_store_reaper_pending_batches 3");
+        has("tern_store_reaper_freed_in_place_total 7");
         parse_exposition(&text).unwrap();
     }
 

@@ -363,6 +363,31 @@ pub struct SyncStats {
     pub syncs: u64,
 }
 
+/// The backlog of the vendored lsm-tree's `lsm-reaper` thread, which frees
+/// flushed memtables and deletes compacted tables' files off the lock
+/// every memtable insert takes (vendor/README.md). Process-wide: one
+/// reaper serves every store the process opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaperBacklog {
+    /// Batches of retired versions (each may hold whole memtables) handed
+    /// to the reaper and not yet freed; at most 16.
+    pub pending_batches: usize,
+    /// GC passes that found those 16 queued and freed theirs in place,
+    /// stalling their keyspace's writes meanwhile, since start.
+    pub freed_in_place: u64,
+}
+
+impl ReaperBacklog {
+    /// Reads it now.
+    pub fn now() -> ReaperBacklog {
+        let (pending_batches, freed_in_place) = lsm_tree::reaper_backlog();
+        ReaperBacklog {
+            pending_batches,
+            freed_in_place,
+        }
+    }
+}
+
 impl Store {
     /// Opens the store in `dir`, creating the directory and keyspaces if
     /// needed. A directory fjall cannot read as a database (damaged files,

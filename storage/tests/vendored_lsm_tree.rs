@@ -85,6 +85,22 @@ fn compacted_tables_files_are_deleted_and_nothing_is_lost() {
         ks.rotate_memtable_and_wait().unwrap();
         assert_all_readable(&ks);
         assert_eq!(reaper_threads(), 1, "the GC's drops go to one lsm-reaper thread");
+        // What /metrics reports of its backlog: never past its bound, and
+        // drained once the reaper catches up (other tests of this binary
+        // may queue batches meanwhile; they end within seconds).
+        let drained_by = Instant::now() + Duration::from_secs(20);
+        loop {
+            let backlog = tern_storage::ReaperBacklog::now();
+            assert!(backlog.pending_batches <= 16, "{backlog:?}");
+            if backlog.pending_batches == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < drained_by,
+                "reaper backlog never drained: {backlog:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
 
         // The compacted-away tables' files go when the reaper drops the
         // last version holding them: soon, not never.

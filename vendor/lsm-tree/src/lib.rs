@@ -188,6 +188,7 @@ pub use {
     tree::Tree,
     value::SeqNo,
     value_type::ValueType,
+    version::reaper_backlog,
     vlog::BlobFile,
 };
 

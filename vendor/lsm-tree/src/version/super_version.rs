@@ -38,6 +38,22 @@ static RETIRED_PENDING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 /// its versions in place again (upstream's stall, not unbounded memory).
 const MAX_RETIRED_PENDING: usize = 16;
 static RETIRED_DRAINED: std::sync::Condvar = std::sync::Condvar::new();
+/// GC passes that found `MAX_RETIRED_PENDING` batches queued and dropped
+/// their versions in place (Tern's patch).
+static RETIRED_DROPPED_IN_PLACE: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// The reaper's backlog (Tern's patch, for the process's metrics): batches
+/// of retired versions handed to the `lsm-reaper` thread and not yet
+/// dropped, and GC passes that found it full and dropped theirs in place,
+/// stalling their tree's writes as upstream does. Process-wide: one reaper
+/// serves every tree.
+#[must_use]
+pub fn reaper_backlog() -> (usize, u64) {
+    let pending = RETIRED_PENDING.lock().map_or(0, |pending| *pending);
+    let dropped_in_place = RETIRED_DROPPED_IN_PLACE.load(std::sync::atomic::Ordering::Relaxed);
+    (pending, dropped_in_place)
+}
 
 thread_local! {
     static ON_REAPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -101,6 +117,7 @@ fn retire(versions: Vec<SuperVersion>) {
         _ => false,
     };
     if !queued {
+        RETIRED_DROPPED_IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         log::debug!("lsm-reaper backlog full, retired versions drop in place");
         drop(versions);
         return;
