@@ -134,3 +134,52 @@ fn writes_keep_flowing_with_one_worker() {
 fn writes_keep_flowing_with_two_workers() {
     write_load_completes(2);
 }
+
+#[test]
+fn memtables_stay_bounded_while_the_worker_lags() {
+    use lsm_tree::AbstractTree;
+
+    // One worker, four writers, 64 KiB memtables: rotation requests wait
+    // behind flushes and compactions, and upstream let memtables grow to
+    // 40-60 times their size here. The patch rotates on the writing
+    // thread at 16 times (fjall's MEMTABLE_HARD_LIMIT_FACTOR); a write
+    // adds one item past the check at most.
+    const MAX: u64 = 64 * 1024;
+    const BOUND: u64 = 16 * MAX + 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::builder(dir.path()).worker_threads(1).open().unwrap();
+    let keyspaces: Vec<_> = (0..KEYSPACES)
+        .map(|k| {
+            db.keyspace(&format!("k{k}"), || {
+                KeyspaceCreateOptions::default().max_memtable_size(MAX)
+            })
+            .unwrap()
+        })
+        .collect();
+    let largest = AtomicU64::new(0);
+    thread::scope(|s| {
+        for (k, ks) in keyspaces.iter().enumerate() {
+            let largest = &largest;
+            s.spawn(move || {
+                for i in 0..WRITES_PER_KEYSPACE {
+                    ks.insert(i.to_be_bytes(), value(k, i)).unwrap();
+                    largest.fetch_max(ks.tree.active_memtable().size(), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let largest = largest.into_inner();
+    assert!(
+        largest <= BOUND,
+        "a memtable reached {largest} bytes, {:.1} times its {MAX}",
+        largest as f64 / MAX as f64
+    );
+    for (k, ks) in keyspaces.iter().enumerate() {
+        for i in (0..WRITES_PER_KEYSPACE).step_by(997) {
+            assert_eq!(
+                ks.get(i.to_be_bytes()).unwrap().as_deref(),
+                Some(value(k, i).as_slice())
+            );
+        }
+    }
+}

@@ -88,9 +88,21 @@ pub struct KeyspaceInner {
 
     pub(crate) worker_messager: flume::Sender<WorkerMessage>,
 
+    /// The memtable (its id + 1; 0: none) whose rotation request is in the
+    /// workers' channel, so that a write finding the memtable over its size
+    /// asks once, not once per write (Tern patch, vendor/README.md).
+    pub(crate) rotation_requested: std::sync::atomic::AtomicU64,
+
     #[expect(unused)]
     lock_file: LockedFileGuard,
 }
+
+/// A memtable this many times its configured size is rotated by the thread
+/// writing to it, not left waiting for a busy worker (Tern patch). High
+/// enough that only a flush backlog reaches it (ternd's 64 MiB memtables
+/// reached ~600 MiB on two shared cores under full load, where a bound at
+/// 2x halted writes for up to 0.9 s); it bounds, not tunes.
+pub(crate) const MEMTABLE_HARD_LIMIT_FACTOR: u64 = 16;
 
 impl Drop for KeyspaceInner {
     fn drop(&mut self) {
@@ -315,6 +327,7 @@ impl Keyspace {
             config,
             supervisor: db.supervisor.clone(),
             worker_messager: db.worker_pool.sender.clone(),
+            rotation_requested: std::sync::atomic::AtomicU64::new(0),
             is_deleted: AtomicBool::default(),
             is_poisoned: db.is_poisoned.clone(),
             lock_file: db.lock_file.clone(),
@@ -353,6 +366,7 @@ impl Keyspace {
         Ok(Self(Arc::new(KeyspaceInner {
             supervisor: db.supervisor.clone(),
             worker_messager: db.worker_pool.sender.clone(),
+            rotation_requested: std::sync::atomic::AtomicU64::new(0),
             id: keyspace_id,
             name,
             config,
@@ -829,21 +843,53 @@ impl Keyspace {
     }
 
     pub(crate) fn request_rotation(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+
         let lock = self.tree.get_version_history_lock();
         let latest_version = lock.latest_version();
         let active_memtable = &latest_version.active_memtable;
+        let requested = active_memtable.id().wrapping_add(1);
 
-        self.worker_messager
+        // Tern patch (vendor/README.md): upstream sent a request on every
+        // write that found the memtable over its size until a worker got to
+        // the first one, hundreds per rotation under load, so the rotation
+        // (and the flush behind it) waited behind that many messages, each
+        // taking the journal lock. One request per memtable now; a request
+        // that found the channel full is forgotten, so a later write asks
+        // again.
+        if self.rotation_requested.swap(requested, AcqRel) == requested {
+            return;
+        }
+        if self
+            .worker_messager
             .try_send(WorkerMessage::RotateMemtable(
                 self.clone(),
                 active_memtable.id(),
             ))
-            .ok();
+            .is_err()
+        {
+            let _ = self
+                .rotation_requested
+                .compare_exchange(requested, 0, AcqRel, Acquire);
+        }
     }
 
     pub(crate) fn check_memtable_rotate(&self, size: u64) {
         if size > self.config.max_memtable_size {
             self.request_rotation();
+        }
+        // Tern patch (vendor/README.md): a rotation requested while every
+        // worker is busy with a flush or a compaction waits for one of
+        // them, and the memtable goes on growing meanwhile, outside fjall's
+        // write halt, which counts sealed memtables: without a bound (tens
+        // of times its size in a test with one worker, ~10x in ternd on two
+        // cores). Past `MEMTABLE_HARD_LIMIT_FACTOR` times its size the
+        // writing thread rotates it itself (no lock is held here), so a
+        // backlog of flushes halts writes instead of growing memory.
+        if size >= self.config.max_memtable_size.saturating_mul(MEMTABLE_HARD_LIMIT_FACTOR) {
+            if let Err(e) = self.rotate_memtable() {
+                log::warn!("Rotating {:?} on the writing thread failed: {e:?}", self.name);
+            }
         }
     }
 
