@@ -944,7 +944,7 @@ fn render_store(out: &mut String, store: &StoreSnapshot) {
         (
             "tern_store_reaper_freed_in_place_total",
             "counter",
-            "Times the reaper's queue was full and a memtable was freed in place, stalling that keyspace's writes meanwhile.",
+            "Times the reaper's queue was full and a batch (flushed memtables, compacted tables) was freed in place, stalling that keyspace's writes meanwhile.",
             store.reaper.freed_in_place,
         ),
     ];

@@ -32,6 +32,39 @@ fn value(keyspace: usize, i: u32) -> Vec<u8> {
     v
 }
 
+/// Runs `load` on a thread of its own, handing it a counter to bump as it
+/// makes progress, and returns once it finished; fails the test if the
+/// counter stood still for `STALL` (the stuck threads die with the
+/// process), so that a deadlock fails the test instead of hanging it.
+fn finishes_without_stalling(what: &str, total: u64, load: impl FnOnce(&AtomicU64) + Send + 'static) {
+    let progress = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = mpsc::channel();
+    let counter = progress.clone();
+    thread::spawn(move || {
+        load(&counter);
+        done_tx.send(()).unwrap();
+    });
+    let (mut seen, mut since) = (0, Instant::now());
+    loop {
+        match done_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) => return,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{what}: the load failed (its panic is printed above)")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let now = progress.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+        assert!(
+            since.elapsed() < STALL,
+            "{what}: no write, rotation or close completed for {STALL:?} after {seen} of \
+             {total} writes; the worker pool deadlocked"
+        );
+    }
+}
+
 /// `KEYSPACES` threads, one per keyspace, each writing
 /// `WRITES_PER_KEYSPACE` keys into 16 KiB memtables (a rotation every ~130
 /// writes), against a store with `workers` flush and compaction threads,
@@ -41,12 +74,9 @@ fn value(keyspace: usize, i: u32) -> Vec<u8> {
 fn write_load_completes(workers: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let writes_done = Arc::new(AtomicU64::new(0));
-    let (done_tx, done_rx) = mpsc::channel();
-    // The load runs on a thread of its own so that a deadlock fails the
-    // test instead of hanging it (the stuck threads die with the process).
-    let progress = writes_done.clone();
-    thread::spawn(move || {
+    let total = KEYSPACES as u64 * u64::from(WRITES_PER_KEYSPACE);
+    let what = format!("{KEYSPACES} writers and {workers} fjall worker(s)");
+    finishes_without_stalling(&what, total, move |progress| {
         let db = Database::builder(&path).worker_threads(workers).open().unwrap();
         let keyspaces: Vec<_> = (0..KEYSPACES)
             .map(|k| {
@@ -59,7 +89,7 @@ fn write_load_completes(workers: usize) {
         let writing = AtomicUsize::new(KEYSPACES);
         thread::scope(|s| {
             for (k, ks) in keyspaces.iter().enumerate() {
-                let (writing, progress) = (&writing, &progress);
+                let writing = &writing;
                 s.spawn(move || {
                     // Counted down however the writer ends, so that a
                     // panicking writer fails the test rather than leaving
@@ -82,37 +112,19 @@ fn write_load_completes(workers: usize) {
         for (k, ks) in keyspaces.iter().enumerate() {
             ks.rotate_memtable_and_wait().unwrap();
             assert!(ks.table_count() > 0, "keyspace {k} flushed nothing");
-            for i in (0..WRITES_PER_KEYSPACE).step_by(997) {
-                assert_eq!(
-                    ks.get(i.to_be_bytes()).unwrap().as_deref(),
-                    Some(value(k, i).as_slice()),
-                    "keyspace {k} key {i}"
-                );
-            }
+            assert_sampled_keys_read_back(k, ks);
         }
         drop(keyspaces);
         drop(db);
-        done_tx.send(()).unwrap();
     });
-    let (mut seen, mut since) = (0, Instant::now());
-    loop {
-        match done_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(()) => return,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                panic!("the write load failed (its panic is printed above)")
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        let now = writes_done.load(Ordering::Relaxed);
-        if now != seen {
-            (seen, since) = (now, Instant::now());
-        }
-        assert!(
-            since.elapsed() < STALL,
-            "{KEYSPACES} writers and {workers} fjall worker(s): no write, rotation \
-             or close completed for {STALL:?} after {seen} of {} writes; the worker \
-             pool deadlocked",
-            KEYSPACES as u64 * u64::from(WRITES_PER_KEYSPACE)
+}
+
+fn assert_sampled_keys_read_back(k: usize, ks: &fjall::Keyspace) {
+    for i in (0..WRITES_PER_KEYSPACE).step_by(997) {
+        assert_eq!(
+            ks.get(i.to_be_bytes()).unwrap().as_deref(),
+            Some(value(k, i).as_slice()),
+            "keyspace {k} key {i}"
         );
     }
 }
@@ -147,39 +159,39 @@ fn memtables_stay_bounded_while_the_worker_lags() {
     const MAX: u64 = 64 * 1024;
     const BOUND: u64 = 16 * MAX + 1024;
     let dir = tempfile::tempdir().unwrap();
-    let db = Database::builder(dir.path()).worker_threads(1).open().unwrap();
-    let keyspaces: Vec<_> = (0..KEYSPACES)
-        .map(|k| {
-            db.keyspace(&format!("k{k}"), || {
-                KeyspaceCreateOptions::default().max_memtable_size(MAX)
+    let path = dir.path().to_path_buf();
+    let total = KEYSPACES as u64 * u64::from(WRITES_PER_KEYSPACE);
+    finishes_without_stalling("memtable bound", total, move |progress| {
+        let db = Database::builder(&path).worker_threads(1).open().unwrap();
+        let keyspaces: Vec<_> = (0..KEYSPACES)
+            .map(|k| {
+                db.keyspace(&format!("k{k}"), || {
+                    KeyspaceCreateOptions::default().max_memtable_size(MAX)
+                })
+                .unwrap()
             })
-            .unwrap()
-        })
-        .collect();
-    let largest = AtomicU64::new(0);
-    thread::scope(|s| {
+            .collect();
+        let largest = AtomicU64::new(0);
+        thread::scope(|s| {
+            for (k, ks) in keyspaces.iter().enumerate() {
+                let largest = &largest;
+                s.spawn(move || {
+                    for i in 0..WRITES_PER_KEYSPACE {
+                        ks.insert(i.to_be_bytes(), value(k, i)).unwrap();
+                        largest.fetch_max(ks.tree.active_memtable().size(), Ordering::Relaxed);
+                        progress.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let largest = largest.into_inner();
+        assert!(
+            largest <= BOUND,
+            "a memtable reached {largest} bytes, {:.1} times its {MAX}",
+            largest as f64 / MAX as f64
+        );
         for (k, ks) in keyspaces.iter().enumerate() {
-            let largest = &largest;
-            s.spawn(move || {
-                for i in 0..WRITES_PER_KEYSPACE {
-                    ks.insert(i.to_be_bytes(), value(k, i)).unwrap();
-                    largest.fetch_max(ks.tree.active_memtable().size(), Ordering::Relaxed);
-                }
-            });
+            assert_sampled_keys_read_back(k, ks);
         }
     });
-    let largest = largest.into_inner();
-    assert!(
-        largest <= BOUND,
-        "a memtable reached {largest} bytes, {:.1} times its {MAX}",
-        largest as f64 / MAX as f64
-    );
-    for (k, ks) in keyspaces.iter().enumerate() {
-        for i in (0..WRITES_PER_KEYSPACE).step_by(997) {
-            assert_eq!(
-                ks.get(i.to_be_bytes()).unwrap().as_deref(),
-                Some(value(k, i).as_slice())
-            );
-        }
-    }
 }

@@ -189,6 +189,17 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
             return Ok(true);
         }
         WorkerMessage::RotateMemtable(keyspace, memtable_id) => {
+            // Tern patch (vendor/README.md): the request is taken, so the
+            // next one for this memtable may be sent, whether or not this
+            // one rotates it (an empty memtable is not rotated, and a quiet
+            // keyspace asked to rotate for the journal's sake may get a new
+            // request only once it has data).
+            let _ = keyspace.rotation_requested.compare_exchange(
+                memtable_id.wrapping_add(1),
+                0,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            );
             log::trace!("acquiring journal lock");
             let journal_writer = keyspace.supervisor.journal.get_writer()?;
             keyspace.inner_rotate_memtable(journal_writer, memtable_id)?;

@@ -884,10 +884,26 @@ impl Keyspace {
         // write halt, which counts sealed memtables: without a bound (tens
         // of times its size in a test with one worker, ~10x in ternd on two
         // cores). Past `MEMTABLE_HARD_LIMIT_FACTOR` times its size the
-        // writing thread rotates it itself (no lock is held here), so a
-        // backlog of flushes halts writes instead of growing memory.
-        if size >= self.config.max_memtable_size.saturating_mul(MEMTABLE_HARD_LIMIT_FACTOR) {
-            if let Err(e) = self.rotate_memtable() {
+        // writing thread rotates it itself (none of fjall's locks is held
+        // here), so a backlog of flushes halts writes instead of growing
+        // memory.
+        let hard_limit = self
+            .config
+            .max_memtable_size
+            .saturating_mul(MEMTABLE_HARD_LIMIT_FACTOR);
+        if size >= hard_limit {
+            // Checked again under the journal lock, which every memtable
+            // insert holds: of several writers that saw the limit, only the
+            // first rotates; the others find a new, small memtable.
+            let rotated = self.supervisor.journal.get_writer().and_then(|journal_writer| {
+                let active = self.tree.active_memtable();
+                if active.size() >= hard_limit {
+                    self.inner_rotate_memtable(journal_writer, active.id())
+                } else {
+                    Ok(false)
+                }
+            });
+            if let Err(e) = rotated {
                 log::warn!("Rotating {:?} on the writing thread failed: {e:?}", self.name);
             }
         }
