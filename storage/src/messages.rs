@@ -368,18 +368,17 @@ impl Inner {
     /// slice per submission).
     pub(crate) fn apply_all<'a>(
         &self,
-        ops: impl IntoIterator<Item = &'a [WriteOp]>,
+        ops: impl IntoIterator<Item = &'a [WriteOp]> + Clone,
         sync: bool,
     ) -> Result<(), StoreError> {
-        let slices: Vec<&[WriteOp]> = ops.into_iter().collect();
         // Sized up front (weight ≈ keys written): grown one push at a time,
         // the batch's item vector was reallocated, its fresh pages faulted
         // in, several times per group commit (2.7% of the writer's CPU
         // under `pairs` 100 × 64).
-        let capacity = slices.iter().flat_map(|s| s.iter()).map(WriteOp::weight).sum();
+        let capacity = ops.clone().into_iter().flatten().map(WriteOp::weight).sum();
         let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), capacity);
         let mut staged = Staged::default();
-        for slice in slices {
+        for slice in ops {
             for op in slice {
                 self.stage(&mut batch, &mut staged, op)?;
             }

@@ -194,12 +194,7 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
             // one rotates it (an empty memtable is not rotated, and a quiet
             // keyspace asked to rotate for the journal's sake may get a new
             // request only once it has data).
-            let _ = keyspace.rotation_requested.compare_exchange(
-                memtable_id.wrapping_add(1),
-                0,
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-            );
+            keyspace.forget_rotation_request(memtable_id);
             log::trace!("acquiring journal lock");
             let journal_writer = keyspace.supervisor.journal.get_writer()?;
             keyspace.inner_rotate_memtable(journal_writer, memtable_id)?;

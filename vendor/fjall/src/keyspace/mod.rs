@@ -843,8 +843,6 @@ impl Keyspace {
     }
 
     pub(crate) fn request_rotation(&self) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-
         let lock = self.tree.get_version_history_lock();
         let latest_version = lock.latest_version();
         let active_memtable = &latest_version.active_memtable;
@@ -857,7 +855,10 @@ impl Keyspace {
         // taking the journal lock. One request per memtable now; a request
         // that found the channel full is forgotten, so a later write asks
         // again.
-        if self.rotation_requested.swap(requested, AcqRel) == requested {
+        let previous = self
+            .rotation_requested
+            .swap(requested, std::sync::atomic::Ordering::AcqRel);
+        if previous == requested {
             return;
         }
         if self
@@ -868,10 +869,22 @@ impl Keyspace {
             ))
             .is_err()
         {
-            let _ = self
-                .rotation_requested
-                .compare_exchange(requested, 0, AcqRel, Acquire);
+            self.forget_rotation_request(active_memtable.id());
         }
+    }
+
+    /// Lets the next rotation request for `memtable_id` be sent (Tern patch):
+    /// its request was taken by a worker, or never made it into the channel.
+    /// A request since made for a newer memtable stays.
+    pub(crate) fn forget_rotation_request(&self, memtable_id: lsm_tree::MemtableId) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+
+        let _ = self.rotation_requested.compare_exchange(
+            memtable_id.wrapping_add(1),
+            0,
+            AcqRel,
+            Acquire,
+        );
     }
 
     pub(crate) fn check_memtable_rotate(&self, size: u64) {
