@@ -392,7 +392,16 @@ impl Store {
     /// Opens the store in `dir`, creating the directory and keyspaces if
     /// needed. A directory fjall cannot read as a database (damaged files,
     /// another process holding its lock) is an error naming `dir`.
+    ///
+    /// The process's `lsm-reaper` thread (see [`ReaperBacklog`]) starts
+    /// here, if it has not yet, and inherits the opening thread's priority
+    /// and CPU set: started on demand, it could be spawned by the storage
+    /// writer, pinned to a CPU of its own, and free every flushed memtable
+    /// on that CPU.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        // A reaper that cannot start is logged by lsm-tree and is not
+        // fatal: retired versions are then freed in place, as upstream.
+        let _ = lsm_tree::start_reaper();
         let argon2 = accounts::hasher(&opts)?;
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
             path: dir.to_path_buf(),

@@ -188,7 +188,7 @@ pub use {
     tree::Tree,
     value::SeqNo,
     value_type::ValueType,
-    version::reaper_backlog,
+    version::{reaper_backlog, start_reaper},
     vlog::BlobFile,
 };
 

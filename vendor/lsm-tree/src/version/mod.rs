@@ -12,7 +12,7 @@ mod super_version;
 pub use blob_file_list::BlobFileList;
 pub use persist::persist_version;
 pub use run::Run;
-pub use super_version::{reaper_backlog, SuperVersion, SuperVersions};
+pub use super_version::{reaper_backlog, start_reaper, SuperVersion, SuperVersions};
 pub(crate) use super_version::wait_for_retired;
 
 use crate::blob_tree::{FragmentationEntry, FragmentationMap};

@@ -59,6 +59,46 @@ thread_local! {
     static ON_REAPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Starts the `lsm-reaper` thread now, from the calling thread, if no
+/// caller has yet (Tern's patch). The reaper inherits its spawner's
+/// priority and CPU affinity; started lazily, its spawner is whichever
+/// thread first retires a version, which may be a writer pinned to a CPU
+/// of its own (a write that rotates a memtable inline). Returns whether
+/// the reaper runs.
+pub fn start_reaper() -> bool {
+    reaper().is_some()
+}
+
+/// The reaper's queue, spawning the thread on first use; `None` if it
+/// could not be spawned.
+fn reaper() -> Option<&'static std::sync::mpsc::Sender<Vec<SuperVersion>>> {
+    use std::sync::{mpsc, OnceLock};
+
+    static REAPER: OnceLock<Option<mpsc::Sender<Vec<SuperVersion>>>> = OnceLock::new();
+
+    REAPER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Vec<SuperVersion>>();
+            let spawned = std::thread::Builder::new()
+                .name("lsm-reaper".into())
+                .spawn(move || {
+                    ON_REAPER.with(|on| on.set(true));
+                    while let Ok(versions) = rx.recv() {
+                        drop(versions);
+                        settle_retired();
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    log::warn!("Cannot spawn the lsm-reaper thread, retired versions drop in place: {e:?}");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
 /// Hands the super versions a GC pass removed to a thread of their own to
 /// drop (Tern's patch, see Tern's vendor/README.md).
 ///
@@ -73,38 +113,18 @@ thread_local! {
 /// reopened in one process never sees a file deleted under it; files of a
 /// process that exits with drops still queued are orphans the next
 /// recovery removes, as upstream does after a crash. The reaper thread is
-/// spawned by the first caller (in fjall, a flush or compaction worker,
-/// whose priority and CPU affinity it inherits) and sleeps in `recv`
-/// while idle; if it cannot be spawned, the versions are dropped here, as
-/// upstream does.
+/// spawned by [`start_reaper`] or else by the first caller here (in fjall,
+/// a flush or compaction worker, or a writer that rotates a memtable
+/// inline; it inherits that thread's priority and CPU affinity) and sleeps
+/// in `recv` while idle; if it cannot be spawned, the versions are dropped
+/// here, as upstream does.
 fn retire(versions: Vec<SuperVersion>) {
-    use std::sync::{mpsc, OnceLock};
-
-    static REAPER: OnceLock<Option<mpsc::Sender<Vec<SuperVersion>>>> = OnceLock::new();
+    use std::sync::mpsc;
 
     if versions.is_empty() {
         return;
     }
-    let reaper = REAPER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Vec<SuperVersion>>();
-        let spawned = std::thread::Builder::new()
-            .name("lsm-reaper".into())
-            .spawn(move || {
-                ON_REAPER.with(|on| on.set(true));
-                while let Ok(versions) = rx.recv() {
-                    drop(versions);
-                    settle_retired();
-                }
-            });
-        match spawned {
-            Ok(_) => Some(tx),
-            Err(e) => {
-                log::warn!("Cannot spawn the lsm-reaper thread, retired versions drop in place: {e:?}");
-                None
-            }
-        }
-    });
-    let Some(tx) = reaper else {
+    let Some(tx) = reaper() else {
         return;
     };
     // Counted before the send, so the reaper's decrement cannot come first.
