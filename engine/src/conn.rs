@@ -8,7 +8,9 @@
 //! deliveries to it never cross a core. There it runs as two tasks: a
 //! reader that validates frames in place and dispatches them, and a writer
 //! that drains the connection's [`Outbox`] in batches. A malformed frame
-//! gets an error frame and closes only this connection; silence past the
+//! gets an error frame and closes only this connection, with a lingering
+//! close ([`tern_net::linger`]) so that what the client pipelined behind it
+//! does not turn the close into a reset; silence past the
 //! idle timeout closes it with `IdleTimeout`, and so does a connection that
 //! has not logged in within the login deadline, however it trickles bytes.
 //! Every frame passes the connection's rate meters ([`crate::limits`])
@@ -31,6 +33,7 @@ use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use tern_net::frame_io::{fill_shared, write_batch, Filled, ReadError};
 use tern_net::handoff::DetachedSocket;
+use tern_net::linger::{discard_queued, linger, LINGER_BYTES, LINGER_TIME};
 use tern_net::split::{split, ReadHalf, WriteHalf};
 use tern_net::tls::{self, rustls::ServerConfig};
 use tern_net::transport::{DetachedTransport, Transport};
@@ -265,7 +268,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
             PreLogin::ReplyAndClose(frame) => {
                 deferred.push(frame);
                 let _ = write_frames(&mut stream, &mut out, &shard, &mut deferred).await;
-                return stream.close().await;
+                return close_lingering(&mut stream, &shard).await;
             }
             PreLogin::Register {
                 request_id,
@@ -499,7 +502,7 @@ async fn refuse_connection(shard: &Shard, tcp: TcpStream, tls: bool, refused: Re
     let mut stream = Transport::Plain(tcp);
     let mut out = AlignedVec::new();
     let bye = disconnect(refused.code, refused.message, refused.retry_after_ms);
-    reply_and_close(&mut stream, &mut out, shard, &bye).await;
+    reply_and_drop(&mut stream, &mut out, shard, &bye).await;
 }
 
 /// The answer to a refused login; wrong credentials count towards the
@@ -613,17 +616,47 @@ async fn write_frame(
 
 async fn reply_and_close(stream: &mut Transport, out: &mut AlignedVec, shard: &Shard, frame: &ServerFrame) {
     let _ = write_frame(stream, out, shard, frame).await;
-    stream.close().await;
+    close_lingering(stream, shard).await;
+}
+
+/// Closes a connection the server ends first without resetting it: our
+/// direction ends after everything written, then what the peer still
+/// sends (frames pipelined behind the one refused) is read and dropped
+/// until it closes too, within [`LINGER_TIME`] and [`LINGER_BYTES`].
+async fn close_lingering(stream: &mut Transport, shard: &Shard) {
+    stream.close_write().await;
+    let _ = stream.tcp().set_read_timeout(Some(LINGER_TIME));
+    let lingered = linger(stream, LINGER_TIME, LINGER_BYTES).await;
+    shard.m().lingered(lingered);
+    tracing::trace!(?lingered, "connection closed");
+}
+
+/// Sends `frame` on a connection refused for a limit (it holds no
+/// connection permit), and closes it at once: it may not linger, since it
+/// counts against no limit, but what it already sent is discarded first,
+/// so that its pipelined first frames do not turn the close into a reset.
+async fn reply_and_drop(stream: &mut Transport, out: &mut AlignedVec, shard: &Shard, frame: &ServerFrame) {
+    let _ = write_frame(stream, out, shard, frame).await;
+    stream.close_write().await;
+    discard_queued(stream.as_raw_fd(), LINGER_BYTES);
 }
 
 /// Sends `reply` on a connection the shard will not serve, and closes it,
-/// in a task of its own: the caller (starting a session) cannot wait.
-fn refuse_in_background(shard: Rc<Shard>, mut stream: Transport, reply: ServerFrame) {
-    glommio::spawn_local(async move {
-        let mut out = AlignedVec::new();
-        reply_and_close(&mut stream, &mut out, &shard, &reply).await;
-    })
-    .detach();
+/// in a task of its own: the caller (starting a session) cannot wait. With
+/// `guards` (its permit) it lingers, still counted; without, it is dropped.
+fn refuse_in_background(shard: Rc<Shard>, stream: Transport, reply: ServerFrame, guards: Option<Guards>) {
+    glommio::spawn_local(async move { refuse(&shard, stream, &reply, guards).await }).detach();
+}
+
+async fn refuse(shard: &Shard, mut stream: Transport, reply: &ServerFrame, guards: Option<Guards>) {
+    let mut out = AlignedVec::new();
+    match guards {
+        Some(guards) => {
+            reply_and_close(&mut stream, &mut out, shard, reply).await;
+            drop(guards);
+        }
+        None => reply_and_drop(&mut stream, &mut out, shard, reply).await,
+    }
 }
 
 async fn close_after_read_error(stream: &mut Transport, out: &mut AlignedVec, shard: &Shard, e: ReadError) {
@@ -702,11 +735,10 @@ impl LoggedIn {
     /// Refuses this login with `reply` and closes, once a token it issued
     /// is revoked: a client that retries on the answer cannot have its
     /// next login issued while this token still counts.
-    fn refuse(self, shard: Rc<Shard>, mut stream: Transport, reply: ServerFrame) {
+    fn refuse(self, shard: Rc<Shard>, stream: Transport, reply: ServerFrame, guards: Option<Guards>) {
         glommio::spawn_local(async move {
             self.abandon(&shard).await;
-            let mut out = AlignedVec::new();
-            reply_and_close(&mut stream, &mut out, &shard, &reply).await;
+            refuse(&shard, stream, &reply, guards).await;
         })
         .detach();
     }
@@ -783,7 +815,7 @@ pub fn adopt(shard: Rc<Shard>, handoff: Handoff) {
         Ok(permit) => permit,
         Err(refused) => {
             let reply = ServerFrame::error(login.request_id, refused.code, refused.message);
-            return login.refuse(shard, stream, reply);
+            return login.refuse(shard, stream, reply, None);
         }
     };
     shard.m().connection_adopted();
@@ -819,8 +851,7 @@ fn recheck_then_start(
                 ErrorCode::AuthFailed,
                 "this session's token was revoked while it logged in",
             );
-            drop(guards);
-            refuse_in_background(shard, stream, reply);
+            refuse_in_background(shard, stream, reply, Some(guards));
         }
     })
     .detach();
@@ -843,7 +874,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         Ok(added) => added,
         Err(refusal) => {
             let reply = error(login.request_id, &refusal);
-            return login.refuse(shard, stream, reply);
+            return login.refuse(shard, stream, reply, Some(guards));
         }
     };
     shard.m().session_opened();
@@ -965,7 +996,7 @@ fn serve_session(
             writer = Some(glommio::spawn_local(write_loop(write_half, conn.outbox.clone())));
             conn.keep_reading(&reader);
         }
-        conn.outbox.close();
+        conn.outbox.close_from_reader();
         if let Some(writer) = writer {
             writer.await;
         }
@@ -975,6 +1006,14 @@ fn serve_session(
         if last_session {
             conn.shard.presence_changed(conn.user);
         }
+        // The session is gone; its socket lingers until the peer closes
+        // too (the guards, held meanwhile, keep counting it against the
+        // connection limits). Boxed: every live session's future would
+        // otherwise keep room for it.
+        let _ = reader.with_stream(|stream| stream.tcp().set_read_timeout(Some(LINGER_TIME)));
+        let lingered = Box::pin(linger(&mut reader, LINGER_TIME, LINGER_BYTES)).await;
+        conn.shard.m().lingered(lingered);
+        tracing::trace!(?lingered, "session socket closed");
         drop((reader, guards));
     }
 }
@@ -1003,12 +1042,20 @@ async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(
         }
     }
     // A TLS close_notify (bounded by the write timeout), then a shutdown of
-    // both directions, which also ends the reader's pending read.
+    // writing: the peer gets everything written, then a FIN. A reader that
+    // still waits for the peer (a kick, a slow consumer, a failed write) is
+    // ended by a shutdown of reading too; one that stopped by itself
+    // lingers instead (see `serve_session`), since closing a socket with
+    // unread input would reset the connection.
     let _ = writer.close().await;
     let fd = writer.with_stream(|s| s.as_raw_fd());
+    let how = match outbox.reader_stopped() {
+        true => libc::SHUT_WR,
+        false => libc::SHUT_RDWR,
+    };
     // SAFETY: shutdown has no memory effects; the descriptor is still owned
     // by the stream, which outlives this call.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    unsafe { libc::shutdown(fd, how) };
     None
 }
 
@@ -1497,9 +1544,7 @@ impl Conn {
             // meanwhile wait in the socket. So a session found past its
             // deadline reads once more, at once (`keep_reading` sets the
             // shortest wait), and is closed only if that read brings no
-            // whole frame. Closing it with those frames unread would also
-            // make the kernel reset the connection, dropping what is still
-            // queued for the client. A read that did bring frames may bring
+            // whole frame. A read that did bring frames may bring
             // another long request too: past it the session gets the same
             // one more read.
             let idle = self.session.is_idle(now_ms());

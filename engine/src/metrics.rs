@@ -140,6 +140,9 @@ pub struct ShardMetrics {
     pub outbound_queue_high_water_bytes: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Server-side closes whose peer neither closed nor stopped sending
+    /// within the linger bounds, so the close became a reset.
+    pub lingers_cut_short: AtomicU64,
     /// Submissions the storage writer refused because its queue was full.
     pub store_waits: AtomicU64,
     /// Messages that waited because `max_staged_writes` were staged.
@@ -183,6 +186,7 @@ impl Default for ShardMetrics {
             outbound_queue_high_water_bytes: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
+            lingers_cut_short: AtomicU64::new(0),
             store_waits: AtomicU64::new(0),
             staged_waits: AtomicU64::new(0),
             staged_high_water: AtomicU64::new(0),
@@ -344,6 +348,14 @@ impl ShardMetrics {
     #[inline]
     pub fn idle_timeout(&self) {
         self.idle_timeouts.fetch_add(1, Relaxed);
+    }
+
+    /// A closing connection's linger ended as `lingered`.
+    pub fn lingered(&self, lingered: tern_net::linger::Lingered) {
+        use tern_net::linger::Lingered;
+        if matches!(lingered, Lingered::TimedOut | Lingered::TooMuch) {
+            self.lingers_cut_short.fetch_add(1, Relaxed);
+        }
     }
 
     /// An error frame with `code` was sent.
@@ -594,6 +606,11 @@ const COUNTERS: &[(&str, &str, Getter)] = &[
         "tern_idle_timeouts_total",
         "Connections closed for sending nothing within the idle timeout.",
         |m| m.idle_timeouts.load(Relaxed) as i64,
+    ),
+    (
+        "tern_lingers_cut_short_total",
+        "Connections the server closed whose peer went on sending past the linger bounds (2 s, 1 MiB) without closing, so the close became a reset.",
+        |m| m.lingers_cut_short.load(Relaxed) as i64,
     ),
     (
         "tern_store_backpressure_waits_total",

@@ -59,6 +59,9 @@ struct Inner {
     closing: bool,
     /// The session asked its writer to stop, keeping the socket open.
     parking: bool,
+    /// The session's reader stopped reading before the queue closed (it
+    /// closed it, or saw the peer close): see [`Outbox::close_from_reader`].
+    reader_stopped: bool,
     waker: Option<Waker>,
     /// A producer waiting for the queue to drain (sync catch-up).
     room_waker: Option<Waker>,
@@ -88,6 +91,7 @@ impl Outbox {
                 max_frame_bytes,
                 closing: false,
                 parking: false,
+                reader_stopped: false,
                 waker: None,
                 room_waker: None,
             }),
@@ -216,6 +220,23 @@ impl Outbox {
         let mut inner = self.inner.borrow_mut();
         inner.closing = true;
         inner.wake();
+    }
+
+    /// Closes, saying that the connection's reader has stopped reading: its
+    /// writer then shuts down only its own direction, since no read waits
+    /// to be ended, and the reader lingers on what the peer still sends
+    /// ([`tern_net::linger`]). Without this, the writer of a closing queue
+    /// also shuts down reading, which ends a read still waiting.
+    pub fn close_from_reader(&self) {
+        let mut inner = self.inner.borrow_mut();
+        inner.reader_stopped = true;
+        inner.closing = true;
+        inner.wake();
+    }
+
+    /// Whether [`Outbox::close_from_reader`] was called.
+    pub fn reader_stopped(&self) -> bool {
+        self.inner.borrow().reader_stopped
     }
 
     /// Whether the connection is closing.

@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rkyv::util::AlignedVec;
@@ -84,6 +85,74 @@ fn garbage_body_is_malformed_frame_and_closes() {
         conn.send_raw(&garbage_frame()).expect("write");
         expect_error_then_close(conn, ErrorCode::MalformedFrame, 0);
     });
+}
+
+/// A connection the server closes after refusing a frame ends with a FIN,
+/// even when the client pipelined more behind that frame: a socket closed
+/// with unread input makes the kernel reset the connection, and a reset
+/// can drop the error frame still queued for the client.
+#[test]
+fn a_refused_frame_with_more_pipelined_behind_it_ends_in_a_fin_not_a_reset() {
+    let server = TestServer::start();
+    let mut pair = Pair::new(&server, "p");
+    in_every_state(&server, &mut pair, |conn| {
+        let mut bytes = garbage_frame();
+        bytes.extend(std::iter::repeat_n(0x5a, 64 * 1024));
+        conn.send_raw(&bytes).expect("write");
+        // The server refuses and closes first, with the rest unread.
+        std::thread::sleep(Duration::from_millis(200));
+        expect_error_then_close(conn, ErrorCode::MalformedFrame, 0);
+        assert!(!conn.was_reset(), "the server reset the connection");
+    });
+}
+
+/// The server's lingering close is bounded: a peer that goes on sending
+/// after the server closed and never closes itself is cut off (reset) after
+/// the linger time, 2 s, and not before.
+#[test]
+fn a_peer_that_never_closes_is_cut_off_after_the_linger_time() {
+    let server = TestServer::start();
+    let user = server.user_on_shard("linger", 0);
+    for logged_in in [false, true] {
+        let mut conn = RawConn::connect(server.addr());
+        if logged_in {
+            conn.login(&user);
+        }
+        conn.send_raw(&garbage_frame()).expect("write");
+        expect_error_then_close(&mut conn, ErrorCode::MalformedFrame, 0);
+        let fin_seen = Instant::now();
+        let cut_off = loop {
+            if let Err(e) = conn.send_raw(&[0x5a; 512]) {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ),
+                    "{e}"
+                );
+                break fin_seen.elapsed();
+            }
+            assert!(
+                fin_seen.elapsed() < Duration::from_secs(20),
+                "the server still reads a closed connection after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            cut_off >= Duration::from_millis(1500),
+            "cut off {cut_off:?} after the FIN (logged in: {logged_in})"
+        );
+    }
+    let cut_short: u64 = (0..server.shards())
+        .map(|shard| {
+            server
+                .metrics
+                .shard(shard)
+                .lingers_cut_short
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(cut_short, 2, "tern_lingers_cut_short_total counts both");
 }
 
 #[test]

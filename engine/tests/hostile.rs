@@ -125,8 +125,8 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
 
 /// What a misbehaving connection sends. Everything goes in one write of at
 /// most a few hundred bytes (the flood aside, which the server reads whole
-/// while answering), so the server has read all of it when it closes: a
-/// close with unread input would be a reset that can destroy the answer.
+/// while answering). Input the server leaves unread when it closes is
+/// drained by its lingering close (bad_input.rs checks that).
 fn payload(kind: Misbehaviour, seed: u64) -> Vec<u8> {
     match kind {
         Misbehaviour::Garbage => garbage(seed, 16 + (seed % 180) as usize),

@@ -90,13 +90,12 @@ impl<C: Side> Transport<C> {
         }
     }
 
-    /// Ends the connection: a TLS `close_notify` first where there is one,
-    /// then a TCP shutdown of both directions.
-    pub async fn close(&mut self) {
-        if let Transport::Tls(tls) = self {
-            let _ = tls.close().await;
-        }
-        let _ = self.tcp().shutdown(std::net::Shutdown::Both).await;
+    /// Ends our direction only: a TLS `close_notify` first where there is
+    /// one, then a TCP shutdown of writing, so the peer gets everything
+    /// written, then a FIN, and may still send. A server follows it with
+    /// [`crate::linger::linger`] before it drops the stream.
+    pub async fn close_write(&mut self) {
+        let _ = AsyncWriteExt::close(self).await;
     }
 }
 

@@ -6,6 +6,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rkyv::rancor::BoxedError;
@@ -15,6 +17,7 @@ use tern_client::{
     ChatMessage, Client, ClientBody, ClientError, ClientOptions, FriendAdded, GroupId, ServerBody,
     ServerFrame, UserId,
 };
+use tern_engine::metrics::Metrics;
 use tern_engine::{Config, Server};
 use tern_proto::{decode_server, encode_client, shard_of, ClientFrame, FrameBuf, PROTOCOL_VERSION};
 
@@ -30,6 +33,8 @@ pub struct TestServer {
     server: Option<Server>,
     dir: TempDir,
     pub config: Config,
+    /// The server's counters (a restart starts them over).
+    pub metrics: Arc<Metrics>,
 }
 
 impl TestServer {
@@ -48,11 +53,13 @@ impl TestServer {
     pub fn start_in(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config::for_tests(dir.path().join("data"));
         tweak(&mut config);
-        let server = Server::start(config.clone()).expect("server starts");
+        let metrics = Arc::new(Metrics::new(config.shards));
+        let server = Server::start_with_metrics(config.clone(), metrics.clone()).expect("server starts");
         TestServer {
             server: Some(server),
             dir,
             config,
+            metrics,
         }
     }
 
@@ -133,7 +140,9 @@ impl TestServer {
             "shutdown took {:?}",
             started.elapsed()
         );
-        self.server = Some(Server::start(self.config.clone()).expect("server restarts on its store"));
+        self.metrics = Arc::new(Metrics::new(self.config.shards));
+        let server = Server::start_with_metrics(self.config.clone(), self.metrics.clone());
+        self.server = Some(server.expect("server restarts on its store"));
     }
 
     /// Stops the server (waiting for it to drain) and hands back its directory.
@@ -352,7 +361,7 @@ pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 #[derive(Debug)]
 pub enum RawRead {
     Frame(ServerFrame),
-    /// The server closed (EOF or reset).
+    /// The server closed (EOF or reset; [`RawConn::was_reset`] says which).
     Closed,
     /// Nothing within the timeout.
     Timeout,
@@ -479,11 +488,38 @@ impl RawConn {
                         io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
                     ) =>
                 {
-                    return RawRead::Closed
+                    return RawRead::Closed;
                 }
                 Err(e) => panic!("read failed: {e}"),
             }
         }
+    }
+
+    /// Whether the server reset the connection rather than end it with a
+    /// FIN. Reads cannot tell once a FIN came first (they report the end of
+    /// the stream either way), so this asks the kernel for the socket's
+    /// TCP state: a reset moves a socket we have not closed to `CLOSE`, a
+    /// FIN to `CLOSE_WAIT`.
+    pub fn was_reset(&self) -> bool {
+        // SAFETY: tcp_info is plain data (zeroed is valid), and getsockopt
+        // writes at most `len` bytes of it on a descriptor we own.
+        let state = unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            );
+            assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+            info.tcpi_state
+        };
+        // TCP_CLOSE in the kernel's include/net/tcp_states.h (libc does not
+        // name the states).
+        const TCP_CLOSE: u8 = 7;
+        state == TCP_CLOSE
     }
 
     pub fn expect_frame(&mut self) -> ServerFrame {
