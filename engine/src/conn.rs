@@ -626,9 +626,36 @@ async fn reply_and_close(stream: &mut Transport, out: &mut AlignedVec, shard: &S
 async fn close_lingering(stream: &mut Transport, shard: &Shard) {
     stream.close_write().await;
     let _ = stream.tcp().set_read_timeout(Some(LINGER_TIME));
-    let lingered = linger(stream, LINGER_TIME, LINGER_BYTES).await;
-    shard.m().lingered(lingered);
-    tracing::trace!(?lingered, "connection closed");
+    let fd = stream.as_raw_fd();
+    linger_unless_stopping(shard, stream, fd).await;
+}
+
+/// Lingers on a closing connection's socket `fd` through `reader`
+/// ([`linger`]), but not past the shard's stop: a stopping server waits
+/// for the tasks that hold its shard, so what it still lingers on is
+/// dropped then, after discarding what has arrived.
+async fn linger_unless_stopping<R: futures_lite::AsyncRead + Unpin>(
+    shard: &Shard,
+    reader: &mut R,
+    fd: RawFd,
+) {
+    let lingered = futures_lite::future::or(
+        async { Some(linger(reader, LINGER_TIME, LINGER_BYTES).await) },
+        async {
+            shard.stop.wait().await;
+            None
+        },
+    )
+    .await;
+    match lingered {
+        Some(lingered) => {
+            shard.m().lingered(lingered);
+            tracing::trace!(?lingered, "connection closed");
+        }
+        None => {
+            discard_queued(fd, LINGER_BYTES);
+        }
+    }
 }
 
 /// Sends `frame` on a connection refused for a limit (it holds no
@@ -1010,10 +1037,11 @@ fn serve_session(
         // too (the guards, held meanwhile, keep counting it against the
         // connection limits). Boxed: every live session's future would
         // otherwise keep room for it.
-        let _ = reader.with_stream(|stream| stream.tcp().set_read_timeout(Some(LINGER_TIME)));
-        let lingered = Box::pin(linger(&mut reader, LINGER_TIME, LINGER_BYTES)).await;
-        conn.shard.m().lingered(lingered);
-        tracing::trace!(?lingered, "session socket closed");
+        let fd = reader.with_stream(|stream| {
+            let _ = stream.tcp().set_read_timeout(Some(LINGER_TIME));
+            stream.as_raw_fd()
+        });
+        Box::pin(linger_unless_stopping(&conn.shard, &mut reader, fd)).await;
         drop((reader, guards));
     }
 }

@@ -140,8 +140,8 @@ pub struct ShardMetrics {
     pub outbound_queue_high_water_bytes: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub idle_timeouts: AtomicU64,
-    /// Server-side closes whose peer neither closed nor stopped sending
-    /// within the linger bounds, so the close became a reset.
+    /// Server-side closes whose peer was still sending at the end of the
+    /// linger, or sent past its byte bound: the close became a reset.
     pub lingers_cut_short: AtomicU64,
     /// Submissions the storage writer refused because its queue was full.
     pub store_waits: AtomicU64,
@@ -353,7 +353,7 @@ impl ShardMetrics {
     /// A closing connection's linger ended as `lingered`.
     pub fn lingered(&self, lingered: tern_net::linger::Lingered) {
         use tern_net::linger::Lingered;
-        if matches!(lingered, Lingered::TimedOut | Lingered::TooMuch) {
+        if matches!(lingered, Lingered::SendingTimeout | Lingered::TooMuch) {
             self.lingers_cut_short.fetch_add(1, Relaxed);
         }
     }
@@ -609,7 +609,7 @@ const COUNTERS: &[(&str, &str, Getter)] = &[
     ),
     (
         "tern_lingers_cut_short_total",
-        "Connections the server closed whose peer went on sending past the linger bounds (2 s, 1 MiB) without closing, so the close became a reset.",
+        "Connections the server closed whose peer, instead of closing, was still sending at the end of the linger (2 s) or sent over 1 MiB, so the close became a reset.",
         |m| m.lingers_cut_short.load(Relaxed) as i64,
     ),
     (

@@ -40,8 +40,12 @@ pub enum Lingered {
     /// The peer closed its side (end of stream): nothing is left unread,
     /// so dropping the socket ends the connection with a FIN.
     PeerClosed,
-    /// The peer was still open at the time bound.
-    TimedOut,
+    /// The peer was still open at the time bound and had sent nothing
+    /// more (a dead peer, or one that ignores the close): dropping the
+    /// socket then resets nothing unless more arrives.
+    QuietTimeout,
+    /// The peer was still open at the time bound and still sending.
+    SendingTimeout,
     /// The peer sent more than the byte bound.
     TooMuch,
     /// A read failed (the peer reset the connection, or TLS could not read
@@ -58,28 +62,35 @@ pub enum Lingered {
 /// may linger keeps no room for it.
 pub async fn linger<R: AsyncRead + Unpin>(reader: &mut R, max_time: Duration, max_bytes: usize) -> Lingered {
     let mut scratch = vec![0u8; CHUNK];
+    let discarded = std::cell::Cell::new(0usize);
     let drain = async {
-        let mut discarded = 0usize;
         loop {
             match reader.read(&mut scratch).await {
                 Ok(0) => return Lingered::PeerClosed,
                 Ok(n) => {
-                    discarded = discarded.saturating_add(n);
-                    if discarded > max_bytes {
+                    discarded.set(discarded.get().saturating_add(n));
+                    if discarded.get() > max_bytes {
                         return Lingered::TooMuch;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Lingered::TimedOut,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return timed_out(discarded.get()),
                 Err(_) => return Lingered::Failed,
             }
         }
     };
     let deadline = async {
         glommio::timer::sleep(max_time).await;
-        Lingered::TimedOut
+        timed_out(discarded.get())
     };
     futures_lite::future::or(drain, deadline).await
+}
+
+fn timed_out(discarded: usize) -> Lingered {
+    match discarded {
+        0 => Lingered::QuietTimeout,
+        _ => Lingered::SendingTimeout,
+    }
 }
 
 /// Reads and discards what is already queued on socket `fd`, without

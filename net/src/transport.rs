@@ -96,6 +96,9 @@ impl<C: Side> Transport<C> {
     /// [`crate::linger::linger`] before it drops the stream.
     pub async fn close_write(&mut self) {
         let _ = AsyncWriteExt::close(self).await;
+        // A `close_notify` that could not be sent skips the shutdown above;
+        // the FIN must go out anyway, or the peer would never see the end.
+        let _ = self.tcp().shutdown(std::net::Shutdown::Write).await;
     }
 }
 
