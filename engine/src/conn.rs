@@ -1023,7 +1023,7 @@ fn serve_session(
             writer = Some(glommio::spawn_local(write_loop(write_half, conn.outbox.clone())));
             conn.keep_reading(&reader);
         }
-        conn.outbox.close_from_reader();
+        conn.outbox.close();
         if let Some(writer) = writer {
             writer.await;
         }
@@ -1047,8 +1047,9 @@ fn serve_session(
 }
 
 /// Writes whatever the outbox holds, batch by batch. When the outbox
-/// closes, shuts the socket down (so that the reader stops too) and returns
-/// `None`; when its session parks, returns its half of the socket intact.
+/// closes, ends the socket's writing direction (the reader, woken by the
+/// same close, lingers on the other) and returns `None`; when its session
+/// parks, returns its half of the socket intact.
 async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(
     mut writer: WriteHalf<S>,
     outbox: Rc<Outbox>,
@@ -1070,20 +1071,16 @@ async fn write_loop<S: AsyncWrite + AsRawFd + Unpin>(
         }
     }
     // A TLS close_notify (bounded by the write timeout), then a shutdown of
-    // writing: the peer gets everything written, then a FIN. A reader that
-    // still waits for the peer (a kick, a slow consumer, a failed write) is
-    // ended by a shutdown of reading too; one that stopped by itself
-    // lingers instead (see `serve_session`), since closing a socket with
-    // unread input would reset the connection.
+    // writing: the peer gets everything written, then a FIN. Reading stays
+    // open: the reader, woken by the closing queue (`Outbox::closing`),
+    // lingers on what the peer still sends (see `serve_session`), since a
+    // socket whose reading is shut down answers more input with a reset.
     let _ = writer.close().await;
     let fd = writer.with_stream(|s| s.as_raw_fd());
-    let how = match outbox.reader_stopped() {
-        true => libc::SHUT_WR,
-        false => libc::SHUT_RDWR,
-    };
+    // Again, in case the close_notify failed before its shutdown.
     // SAFETY: shutdown has no memory effects; the descriptor is still owned
     // by the stream, which outlives this call.
-    unsafe { libc::shutdown(fd, how) };
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     None
 }
 
@@ -1586,7 +1583,18 @@ impl Conn {
             }
             rescued = idle;
             served = false;
-            match fill_shared(reader, buf).await {
+            // A close decided elsewhere (a kick, a slow consumer, shutdown)
+            // ends the wait for the peer: the writer shuts down only its
+            // own direction, and the session lingers on what still comes.
+            let read = futures_lite::future::or(async { Some(fill_shared(reader, buf).await) }, async {
+                self.outbox.closing().await;
+                None
+            })
+            .await;
+            let Some(read) = read else {
+                return ReadEnd::Closed;
+            };
+            match read {
                 Ok(Filled::Bytes(_)) => {}
                 Ok(Filled::Eof) => return ReadEnd::Closed,
                 Err(ReadError::Frame(e)) => {

@@ -59,9 +59,9 @@ struct Inner {
     closing: bool,
     /// The session asked its writer to stop, keeping the socket open.
     parking: bool,
-    /// The session's reader stopped reading before the queue closed (it
-    /// closed it, or saw the peer close): see [`Outbox::close_from_reader`].
-    reader_stopped: bool,
+    /// The session's reader, waiting for the peer, to end its read when the
+    /// queue closes ([`Outbox::closing`]).
+    reader_waker: Option<Waker>,
     waker: Option<Waker>,
     /// A producer waiting for the queue to drain (sync catch-up).
     room_waker: Option<Waker>,
@@ -91,7 +91,7 @@ impl Outbox {
                 max_frame_bytes,
                 closing: false,
                 parking: false,
-                reader_stopped: false,
+                reader_waker: None,
                 waker: None,
                 room_waker: None,
             }),
@@ -222,21 +222,24 @@ impl Outbox {
         inner.wake();
     }
 
-    /// Closes, saying that the connection's reader has stopped reading: its
-    /// writer then shuts down only its own direction, since no read waits
-    /// to be ended, and the reader lingers on what the peer still sends
-    /// ([`tern_net::linger`]). Without this, the writer of a closing queue
-    /// also shuts down reading, which ends a read still waiting.
-    pub fn close_from_reader(&self) {
-        let mut inner = self.inner.borrow_mut();
-        inner.reader_stopped = true;
-        inner.closing = true;
-        inner.wake();
-    }
-
-    /// Whether [`Outbox::close_from_reader`] was called.
-    pub fn reader_stopped(&self) -> bool {
-        self.inner.borrow().reader_stopped
+    /// Completes once the queue is closing. The session's reader races its
+    /// socket reads against it, so a close decided elsewhere (a kick, a
+    /// slow consumer, shutdown) ends a read still waiting without shutting
+    /// down reading, which would make the kernel reset the connection
+    /// should the peer still send, dropping the closing frame.
+    pub async fn closing(&self) {
+        poll_fn(|cx| {
+            let mut inner = self.inner.borrow_mut();
+            if inner.closing {
+                return Poll::Ready(());
+            }
+            match &inner.reader_waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => inner.reader_waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Whether the connection is closing.
@@ -361,6 +364,9 @@ impl Inner {
             if let Some(waker) = self.room_waker.take() {
                 waker.wake();
             }
+            if let Some(waker) = self.reader_waker.take() {
+                waker.wake();
+            }
         }
     }
 
@@ -429,6 +435,42 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Whether `closing` has completed, polled once with a waker that
+    /// records being woken.
+    fn closing_done(outbox: &Outbox, woken: &Arc<std::sync::atomic::AtomicBool>) -> bool {
+        use std::future::Future as _;
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let waker = Waker::from(Arc::new(Flag(woken.clone())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut closing = std::pin::pin!(outbox.closing());
+        closing.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn the_reader_waiting_on_closing_is_woken_by_every_way_of_closing() {
+        type Close = fn(&Outbox);
+        let closes: [(&str, Close); 4] = [
+            ("close", |o| o.close()),
+            ("finish", |o| o.finish(ErrorCode::ShuttingDown, "bye", 0)),
+            ("kill", |o| o.kill(ErrorCode::AuthFailed, "out", 0)),
+            ("overflow", |o| while o.push(&pong(1)).is_ok() {}),
+        ];
+        for (how, close) in closes {
+            let outbox = Outbox::new(1024, 1 << 16);
+            let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            outbox.push(&pong(1)).unwrap();
+            assert!(!closing_done(&outbox, &woken), "{how}: open");
+            close(&outbox);
+            assert!(woken.load(std::sync::atomic::Ordering::SeqCst), "{how}: woken");
+            assert!(closing_done(&outbox, &woken), "{how}: done");
+        }
     }
 
     #[test]

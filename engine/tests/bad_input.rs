@@ -106,6 +106,47 @@ fn a_refused_frame_with_more_pipelined_behind_it_ends_in_a_fin_not_a_reset() {
     });
 }
 
+/// A session the server ends on its own (here: logged out from another
+/// device) while its client is still sending ends in a FIN too: the server
+/// stops serving it but does not shut down reading, which would answer the
+/// client's next bytes with a reset that can drop the `Disconnect`.
+#[test]
+fn a_session_ended_by_the_server_while_its_client_sends_ends_in_a_fin() {
+    let server = TestServer::start();
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("out{shard}_"), shard);
+        let mut kicked = RawConn::connect(server.addr());
+        kicked.login(&user);
+        let mut other = RawConn::connect(server.addr());
+        other.login(&user);
+        let id = other.send(ClientBody::LogoutOthers);
+        loop {
+            let frame = other.expect_frame();
+            if frame.request_id == id {
+                assert!(matches!(frame.body, ServerBody::LoggedIn { .. }), "{frame:?}");
+                break;
+            }
+        }
+        // A client that has not read its Disconnect yet goes on sending.
+        for nonce in 0..20 {
+            let _ = kicked.send_raw(&encoded(100 + nonce, ClientBody::Ping { nonce }));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let frames = kicked.expect_closed();
+        assert!(
+            frames.iter().any(|f| matches!(
+                f.body,
+                ServerBody::Disconnect {
+                    code: ErrorCode::AuthFailed,
+                    ..
+                }
+            )),
+            "{frames:?}"
+        );
+        assert!(!kicked.was_reset(), "the server reset the connection");
+    }
+}
+
 /// The server's lingering close is bounded: a peer that goes on sending
 /// after the server closed and never closes itself is cut off (reset) after
 /// the linger time, 2 s, and not before.
