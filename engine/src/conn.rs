@@ -52,7 +52,7 @@ use crate::filter::{FilterCache, Outcome};
 use crate::limits::{self, ConnLimiter, ConnectionPermit, Refused, Verdict};
 use crate::mesh::{ConnKey, Event, GroupAnswer, GroupOp, Handoff, Recipients, Request};
 use crate::outbox::{Next, Outbox};
-use crate::shard::{encode_shared, now_ms, store_error_frame, Shard, ACCOUNT_DELETED};
+use crate::shard::{encode_shared, now_ms, store_error_frame, SessionToken, Shard, ACCOUNT_DELETED};
 
 /// What the pre-login loop must do after parsing a frame.
 enum PreLogin {
@@ -897,7 +897,8 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
     let user = login.user;
     let outbox = new_outbox(&shard);
     let fd = stream.as_raw_fd();
-    let (key, first_session) = match shard.add_conn(user, fd, outbox.clone()) {
+    let token = SessionToken::new(&login.token, !login.minted);
+    let (key, first_session) = match shard.add_conn(user, fd, outbox.clone(), token) {
         Ok(added) => added,
         Err(refusal) => {
             let reply = error(login.request_id, &refusal);
@@ -2287,6 +2288,7 @@ impl Conn {
         match reissued {
             Ok((username, token, revoked)) => {
                 self.token = token;
+                self.shard.retag_session(self.key, SessionToken::new(&token, true));
                 let ended = self.shard.end_other_sessions(user, self.key);
                 tracing::debug!(user, revoked, ended, "logged out other devices");
                 ServerFrame {

@@ -140,6 +140,9 @@ pub struct ShardMetrics {
     pub outbound_queue_high_water_bytes: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Sessions replaced at the session limit by a `LoginToken` with
+    /// their token (the same device reconnecting).
+    pub sessions_replaced: AtomicU64,
     /// Server-side closes whose peer was still sending at the end of the
     /// linger, or sent past its byte bound: the close became a reset.
     pub lingers_cut_short: AtomicU64,
@@ -186,6 +189,7 @@ impl Default for ShardMetrics {
             outbound_queue_high_water_bytes: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
+            sessions_replaced: AtomicU64::new(0),
             lingers_cut_short: AtomicU64::new(0),
             store_waits: AtomicU64::new(0),
             staged_waits: AtomicU64::new(0),
@@ -348,6 +352,11 @@ impl ShardMetrics {
     #[inline]
     pub fn idle_timeout(&self) {
         self.idle_timeouts.fetch_add(1, Relaxed);
+    }
+
+    #[inline]
+    pub fn session_replaced(&self) {
+        self.sessions_replaced.fetch_add(1, Relaxed);
     }
 
     /// A closing connection's linger ended as `lingered`.
@@ -606,6 +615,11 @@ const COUNTERS: &[(&str, &str, Getter)] = &[
         "tern_idle_timeouts_total",
         "Connections closed for sending nothing within the idle timeout.",
         |m| m.idle_timeouts.load(Relaxed) as i64,
+    ),
+    (
+        "tern_sessions_replaced_total",
+        "Sessions ended at max_sessions_per_user by a LoginToken with their own token (the same device reconnecting).",
+        |m| m.sessions_replaced.load(Relaxed) as i64,
     ),
     (
         "tern_lingers_cut_short_total",

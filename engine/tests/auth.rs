@@ -128,6 +128,87 @@ fn third_session_is_limit_exceeded() {
     }
 }
 
+/// A device that reconnects with its saved token while its old connection
+/// still counts (dead on the network it left, waiting out the idle
+/// timeout) is let in at the session limit: its old session is replaced,
+/// told why and closed. Logins that issue a token are still refused there,
+/// and other devices' sessions are untouched (protocol.md 2.7, "Sessions
+/// per user").
+#[test]
+fn a_device_resuming_with_its_token_at_the_session_limit_replaces_its_old_session() {
+    let server = TestServer::start_with(|c| c.max_sessions_per_user = 2);
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("resume{shard}_"), shard);
+        let mut phone = server.connect();
+        let phone_token = phone.login(&user.name, PASSWORD).expect("login").token;
+        let mut laptop = server.connect();
+        laptop.login(&user.name, PASSWORD).expect("login");
+        assert_eq!(
+            code_of(server.connect().login(&user.name, PASSWORD)),
+            ErrorCode::LimitExceeded,
+            "a third device"
+        );
+        let mut phone_again = server.connect();
+        phone_again
+            .login_token(&phone_token)
+            .expect("the phone resumes at the limit");
+        match expect_push(&mut phone) {
+            tern_client::ServerBody::Disconnect {
+                code: ErrorCode::LimitExceeded,
+                ..
+            } => {}
+            other => panic!("the replaced session got {other:?}"),
+        }
+        eventually("the replaced connection to close", || {
+            phone.ping().is_err().then_some(())
+        });
+        laptop.ping().expect("the other device's session is untouched");
+        phone_again.ping().expect("the resumed session works");
+        // The same token again replaces the session that holds it now.
+        let mut phone_third = server.connect();
+        phone_third.login_token(&phone_token).expect("resumes again");
+        eventually("the second replaced connection to close", || {
+            phone_again.ping().is_err().then_some(())
+        });
+        laptop.ping().expect("still untouched");
+        assert_eq!(
+            code_of(server.connect().login(&user.name, PASSWORD)),
+            ErrorCode::LimitExceeded,
+            "still at the limit"
+        );
+    }
+    let replaced: u64 = (0..server.shards())
+        .map(|shard| {
+            server
+                .metrics
+                .shard(shard)
+                .sessions_replaced
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(replaced, 2 * server.shards() as u64);
+}
+
+/// `LogoutOthers` gives the session a new token; the device resumes with
+/// that one at the limit too.
+#[test]
+fn a_token_reissued_by_logout_others_resumes_at_the_session_limit() {
+    let server = TestServer::start_with(|c| c.max_sessions_per_user = 1);
+    for shard in 0..server.shards() {
+        let user = server.user_on_shard(&format!("reissued{shard}_"), shard);
+        let mut phone = server.connect();
+        phone.login(&user.name, PASSWORD).expect("login");
+        let reissued = phone.logout_others().expect("logout others").token;
+        let mut phone_again = server.connect();
+        phone_again
+            .login_token(&reissued)
+            .expect("the reissued token resumes at the limit");
+        eventually("the replaced connection to close", || {
+            phone.ping().is_err().then_some(())
+        });
+    }
+}
+
 /// A login refused for the session limit is told so only after its token
 /// was issued: that token is revoked, so refused logins neither leave live
 /// tokens nobody holds nor push a device's saved token out of the user's

@@ -60,6 +60,32 @@ struct ConnEntry {
     fd: Cell<RawFd>,
     link: RefCell<Link>,
     delivery: RefCell<Delivery>,
+    /// The first bytes of the session token it logged in with or was
+    /// issued (tokens are random): a `LoginToken` with the same token at
+    /// the session limit replaces it ([`Shard::add_conn`]).
+    token_tag: u64,
+}
+
+/// The session token a login presents to [`Shard::add_conn`].
+#[derive(Debug, Clone, Copy)]
+pub struct SessionToken {
+    /// [`ConnEntry::token_tag`] of `token`.
+    tag: u64,
+    /// Whether the client presented it (`LoginToken`: a device resuming)
+    /// rather than being issued it now.
+    presented: bool,
+}
+
+impl SessionToken {
+    pub fn new(token: &[u8], presented: bool) -> SessionToken {
+        let mut first = [0u8; 8];
+        let n = token.len().min(8);
+        first[..n].copy_from_slice(&token[..n]);
+        SessionToken {
+            tag: u64::from_le_bytes(first),
+            presented,
+        }
+    }
 }
 
 /// How the shard reaches a connection.
@@ -83,6 +109,14 @@ impl ConnEntry {
             crate::conn::resume(*parked, outbox.clone());
         }
         outbox
+    }
+
+    /// Whether the connection is on its way out (a parked one is not).
+    fn is_closing(&self) -> bool {
+        match &*self.link.borrow() {
+            Link::Live(outbox) => outbox.is_closing(),
+            Link::Parked(_) => false,
+        }
     }
 
     /// When a parked session passes its idle timeout; `None` if live.
@@ -355,16 +389,26 @@ impl Shard {
         glommio::executor().spawn_blocking(move || f(&store)).await
     }
 
-    /// Registers a connection of `user`. Returns its key and whether it is
-    /// the user's first live session here.
-    pub fn add_conn(&self, user: UserId, fd: RawFd, outbox: Rc<Outbox>) -> Result<(ConnKey, bool), Refusal> {
+    /// Registers a connection of `user`, logged in with `token`. Returns
+    /// its key and whether it is the user's first live session here.
+    ///
+    /// At `max_sessions_per_user` it is refused (`LimitExceeded`), but
+    /// sessions already closing do not count, and a `LoginToken` whose
+    /// token a live session logged in with replaces that session, which
+    /// gets `Disconnect(LimitExceeded)`: the same device reconnecting while
+    /// its old connection, dead on the network it left, waits out its idle
+    /// timeout. A login that issues a token never replaces a session.
+    pub fn add_conn(
+        &self,
+        user: UserId,
+        fd: RawFd,
+        outbox: Rc<Outbox>,
+        token: SessionToken,
+    ) -> Result<(ConnKey, bool), Refusal> {
         let mut sessions = self.sessions.borrow_mut();
         let list = sessions.entry(user).or_default();
         if list.len() >= self.config.max_sessions_per_user {
-            return Err(refusal(
-                ErrorCode::LimitExceeded,
-                "too many simultaneous sessions for this user",
-            ));
+            self.make_room(list, token)?;
         }
         let generation = self.next_generation.get().wrapping_add(1);
         self.next_generation.set(generation);
@@ -374,6 +418,7 @@ impl Shard {
             fd: Cell::new(fd),
             link: RefCell::new(Link::Live(outbox)),
             delivery: RefCell::new(Delivery::Waiting),
+            token_tag: token.tag,
         };
         let slot = self.conns.borrow_mut().insert(entry);
         let key = ConnKey {
@@ -382,6 +427,51 @@ impl Shard {
         };
         list.push(key);
         Ok((key, list.len() == 1))
+    }
+
+    /// Records that session `key` now holds `token` (reissued by
+    /// `LogoutOthers`), so that the device can resume it at the limit.
+    pub fn retag_session(&self, key: ConnKey, token: SessionToken) {
+        let mut conns = self.conns.borrow_mut();
+        if let Some(entry) = conns
+            .get_mut(key.slot as usize)
+            .filter(|e| e.generation == key.generation)
+        {
+            entry.token_tag = token.tag;
+        }
+    }
+
+    /// Makes room for one more session of a user whose sessions `keys`
+    /// fill `max_sessions_per_user` (see [`Shard::add_conn`]), or refuses.
+    fn make_room(&self, keys: &[ConnKey], token: SessionToken) -> Result<(), Refusal> {
+        let conns = self.conns.borrow();
+        let mut open = keys
+            .iter()
+            .filter_map(|key| {
+                conns
+                    .get(key.slot as usize)
+                    .filter(|e| e.generation == key.generation)
+            })
+            .filter(|entry| !entry.is_closing());
+        if open.clone().count() < self.config.max_sessions_per_user {
+            return Ok(());
+        }
+        let replaced = token
+            .presented
+            .then(|| open.find(|entry| entry.token_tag == token.tag));
+        let Some(entry) = replaced.flatten() else {
+            return Err(refusal(
+                ErrorCode::LimitExceeded,
+                "too many simultaneous sessions for this user",
+            ));
+        };
+        entry.outbox().kill(
+            ErrorCode::LimitExceeded,
+            "replaced by a newer connection with this session's token",
+            0,
+        );
+        self.m().session_replaced();
+        Ok(())
     }
 
     /// Forgets a connection. Returns whether it was the user's last session.
