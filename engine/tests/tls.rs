@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{expect_message, register_on_shard, TestServer, PASSWORD};
-use tern_client::{Client, ClientOptions, ClientTls};
+use tern_client::{Client, ClientError, ClientOptions, ClientTls, ErrorCode, ServerBody};
 use tern_engine::config::TlsListener;
 
 fn tls_server(cert_dir: &Path) -> TestServer {
@@ -71,6 +71,53 @@ fn users_on_different_shards_chat_over_tls() {
     let mut plain = server.connect();
     plain.login(&alice.name, PASSWORD).expect("plain login");
     plain.ping().expect("plain ping");
+}
+
+/// Over TLS too, a refused frame with more pipelined behind it ends with
+/// the server's `close_notify` and FIN while the server goes on reading
+/// (its lingering close, protocol.md 2.6): the client may still write
+/// until it closes, where a reset would have failed the write and could
+/// have destroyed the error frame.
+#[test]
+fn a_refused_frame_over_tls_closes_without_a_reset() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let server = tls_server(certs.path());
+    let ca = certs.path().join("cert.pem");
+    let mut client = Client::connect(tls_addr(&server), tls_opts(&ca)).expect("TLS connect");
+    // A frame header (24-byte body, no flags), a body that is no archive,
+    // then 64 KiB the server will never parse.
+    let mut bytes = 24u32.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.extend_from_slice(&[0xAB; 24]);
+    bytes.extend(std::iter::repeat_n(0x5a, 64 * 1024));
+    client.send_raw(&bytes).expect("write");
+    // The server refuses and closes first, with the rest unread.
+    std::thread::sleep(Duration::from_millis(200));
+    let frame = client
+        .read_frame(Duration::from_secs(10))
+        .expect("read")
+        .expect("an answer");
+    assert!(
+        matches!(
+            frame.body,
+            ServerBody::Error {
+                code: ErrorCode::MalformedFrame,
+                ..
+            }
+        ),
+        "{frame:?}"
+    );
+    assert!(
+        matches!(
+            client.read_frame(Duration::from_secs(10)),
+            Err(ClientError::Closed)
+        ),
+        "the stream ends after the error"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    client
+        .send_raw(&[0x5a; 512])
+        .expect("the server still reads: no reset");
 }
 
 #[test]
