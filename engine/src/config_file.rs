@@ -68,6 +68,8 @@ pub struct Settings {
 struct JwtParts {
     hs256_secret_file: Option<PathBuf>,
     ed25519_public_key_file: Option<PathBuf>,
+    rs256_public_key_file: Option<PathBuf>,
+    es256_public_key_file: Option<PathBuf>,
     issuer: String,
     audience: String,
     leeway_secs: u64,
@@ -80,6 +82,8 @@ impl Default for JwtParts {
         JwtParts {
             hs256_secret_file: None,
             ed25519_public_key_file: None,
+            rs256_public_key_file: None,
+            es256_public_key_file: None,
             issuer: String::new(),
             audience: String::new(),
             leeway_secs: 30,
@@ -92,7 +96,11 @@ impl Default for JwtParts {
 impl JwtParts {
     /// The verifier these parts describe; `None` when no key is set.
     fn load(&self, registration: bool) -> Result<Option<JwtVerifier>, String> {
-        if self.hs256_secret_file.is_none() && self.ed25519_public_key_file.is_none() {
+        let no_key = self.hs256_secret_file.is_none()
+            && self.ed25519_public_key_file.is_none()
+            && self.rs256_public_key_file.is_none()
+            && self.es256_public_key_file.is_none();
+        if no_key {
             let defaults = JwtParts::default();
             let set = !self.issuer.is_empty()
                 || !self.audience.is_empty()
@@ -101,7 +109,9 @@ impl JwtParts {
                 || self.password_accounts != defaults.password_accounts;
             if set {
                 return Err(
-                    "jwt_* settings need jwt_hs256_secret_file or jwt_ed25519_public_key_file".into(),
+                    "jwt_* settings need jwt_hs256_secret_file or a jwt_*_public_key_file \
+                            (ed25519, rs256, es256)"
+                        .into(),
                 );
             }
             return Ok(None);
@@ -122,13 +132,16 @@ impl JwtParts {
             )?)),
             None => None,
         };
-        let ed25519_public_key_pem = match &self.ed25519_public_key_file {
-            Some(path) => Some(jwt::read_key_file(path, "jwt_ed25519_public_key_file")?),
-            None => None,
+        let pem = |file: &Option<PathBuf>, key: &str| {
+            file.as_deref()
+                .map(|path| jwt::read_key_file(path, key))
+                .transpose()
         };
         let settings = JwtSettings {
             hs256_secret,
-            ed25519_public_key_pem,
+            ed25519_public_key_pem: pem(&self.ed25519_public_key_file, "jwt_ed25519_public_key_file")?,
+            rs256_public_key_pem: pem(&self.rs256_public_key_file, "jwt_rs256_public_key_file")?,
+            es256_public_key_pem: pem(&self.es256_public_key_file, "jwt_es256_public_key_file")?,
             issuer: (!self.issuer.is_empty()).then(|| self.issuer.clone()),
             audience: (!self.audience.is_empty()).then(|| self.audience.clone()),
             leeway_secs: self.leeway_secs,
@@ -889,6 +902,26 @@ pub static KEYS: &[Key] = &[
         show: |s| path_or_empty(&s.jwt.ed25519_public_key_file),
     },
     Key {
+        name: "jwt_rs256_public_key_file",
+        help: "PEM file with the RSA public key (2048 bits or more) that verifies RS256 LoginJwt tokens; \"\" for none",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.jwt.rs256_public_key_file = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| path_or_empty(&s.jwt.rs256_public_key_file),
+    },
+    Key {
+        name: "jwt_es256_public_key_file",
+        help: "PEM file with the P-256 public key that verifies ES256 LoginJwt tokens; \"\" for none",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.jwt.es256_public_key_file = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| path_or_empty(&s.jwt.es256_public_key_file),
+    },
+    Key {
         name: "jwt_issuer",
         help: "The iss claim every LoginJwt token must carry; \"\" to not check it",
         apply: |s, v| {
@@ -1314,6 +1347,25 @@ mod tests {
         }
         let err = load_toml("jwt_hs256_secret_file = \"/nonexistent/secret\"").unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+
+        // A public key alone turns JWT logins on, for its own algorithm.
+        let rsa = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jwt-rs256-public.pem");
+        let p256 = dir.path().join("p256.pem");
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(&p256, pair.public_key_pem()).unwrap();
+        for (key, file) in [
+            ("jwt_rs256_public_key_file", &rsa),
+            ("jwt_es256_public_key_file", &p256),
+        ] {
+            let text = format!("{key} = {:?}\n", file.display().to_string());
+            let settings = load_toml(&text).unwrap();
+            assert!(settings.config.jwt.is_some(), "{key}");
+            assert!(settings.effective_toml().contains(key), "{key} is shown");
+        }
+        // Each file must hold its own kind of key.
+        let text = format!("jwt_es256_public_key_file = {:?}\n", rsa.display().to_string());
+        let err = load_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("P-256"), "{err}");
     }
 
     #[test]

@@ -3,17 +3,19 @@
 //! client presents it in `LoginJwt`; this module checks it and says who
 //! it names and when it was issued, and the store
 //! ([`tern_storage::Store::external_login`]) does the rest. It owns the
-//! verification keys (an HS256 secret, an Ed25519 public key, or both),
-//! the accepted issuer and audience, the clock leeway, and the policy on
-//! which accounts such a login may use. Verification is pure computation
-//! (an HMAC or one Ed25519 check, microseconds), run on the shard's
-//! blocking threads together with the store work, never on the reactor.
+//! verification keys (an HS256 secret and Ed25519, RSA and P-256 public
+//! keys, any of them), the accepted issuer and audience, the clock leeway,
+//! and the policy on which accounts such a login may use. Verification is
+//! pure computation (an HMAC or one signature check, microseconds to tens
+//! of microseconds for RSA), run on the shard's blocking threads together
+//! with the store work, never on the reactor.
 //!
-//! Only the two algorithms are accepted, each with its own key, chosen by
-//! the token's header: a token cannot pick a key of the other family (the
-//! classic "HS256 signed with the public key" confusion) because the
-//! library refuses a key whose family does not match the algorithm, and
-//! `none` is never accepted.
+//! Four algorithms are accepted, HS256, EdDSA, RS256 and ES256, each with
+//! its own key, chosen by the token's header: a token cannot pick a key of
+//! another family (the classic "HS256 signed with the public key"
+//! confusion) because each key is only ever used with its own algorithm
+//! and the library refuses a key whose family does not match, and `none`
+//! is never accepted.
 
 use std::fmt;
 use std::path::Path;
@@ -81,10 +83,8 @@ struct Claims {
 
 /// The server's JWT settings, ready to verify tokens.
 pub struct JwtVerifier {
-    hs256: Option<DecodingKey>,
-    ed25519: Option<DecodingKey>,
-    hs256_validation: Validation,
-    ed25519_validation: Validation,
+    /// One key per accepted algorithm, with the checks for that algorithm.
+    keys: Vec<AlgorithmKey>,
     /// Whether an `aud` claim is expected (then the library checks it).
     audience_configured: bool,
     leeway_secs: u64,
@@ -92,15 +92,28 @@ pub struct JwtVerifier {
     pub policy: ExternalPolicy,
 }
 
+/// A verification key and the only algorithm it verifies.
+struct AlgorithmKey {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl AlgorithmKey {
+    fn algorithm(&self) -> Algorithm {
+        self.validation.algorithms[0]
+    }
+}
+
 impl fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the keys themselves.
+        let algorithms: Vec<Algorithm> = self.keys.iter().map(AlgorithmKey::algorithm).collect();
+        let checks = self.keys.first().map(|k| &k.validation);
         f.debug_struct("JwtVerifier")
-            .field("hs256", &self.hs256.is_some())
-            .field("ed25519", &self.ed25519.is_some())
-            .field("issuer", &self.hs256_validation.iss)
-            .field("audience", &self.hs256_validation.aud)
-            .field("leeway_secs", &self.hs256_validation.leeway)
+            .field("algorithms", &algorithms)
+            .field("issuer", &checks.map(|v| &v.iss))
+            .field("audience", &checks.map(|v| &v.aud))
+            .field("leeway_secs", &self.leeway_secs)
             .field("policy", &self.policy)
             .finish()
     }
@@ -112,8 +125,14 @@ pub struct JwtSettings {
     /// The HS256 secret, read from a file (raw bytes; a trailing newline
     /// is not part of it).
     pub hs256_secret: Option<Vec<u8>>,
-    /// An Ed25519 public key in PEM (`-----BEGIN PUBLIC KEY-----`).
+    /// An Ed25519 public key in PEM (`-----BEGIN PUBLIC KEY-----`), for
+    /// EdDSA.
     pub ed25519_public_key_pem: Option<Vec<u8>>,
+    /// An RSA public key in PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`), for
+    /// RS256; 2048 bits or more (smaller ones verify nothing).
+    pub rs256_public_key_pem: Option<Vec<u8>>,
+    /// A P-256 public key in PEM (`PUBLIC KEY`), for ES256.
+    pub es256_public_key_pem: Option<Vec<u8>>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud` (one of the token's), if set.
@@ -143,16 +162,27 @@ impl JwtVerifier {
             }
             Some(secret) => Some(DecodingKey::from_secret(secret)),
         };
-        let ed25519 = match &settings.ed25519_public_key_pem {
-            None => None,
-            Some(pem) => Some(
-                DecodingKey::from_ed_pem(pem)
-                    .map_err(|e| format!("not an Ed25519 public key in PEM: {e}"))?,
-            ),
-        };
-        if hs256.is_none() && ed25519.is_none() {
-            return Err("JWT logins need an HS256 secret or an Ed25519 public key".into());
-        }
+        let public =
+            |pem: &Option<Vec<u8>>, parse: fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, what| {
+                pem.as_deref()
+                    .map(|pem| parse(pem).map_err(|e| format!("not {what} public key in PEM: {e}")))
+                    .transpose()
+            };
+        let ed25519 = public(
+            &settings.ed25519_public_key_pem,
+            DecodingKey::from_ed_pem,
+            "an Ed25519",
+        )?;
+        let rs256 = public(
+            &settings.rs256_public_key_pem,
+            DecodingKey::from_rsa_pem,
+            "an RSA",
+        )?;
+        let es256 = public(
+            &settings.es256_public_key_pem,
+            DecodingKey::from_ec_pem,
+            "an EC (P-256)",
+        )?;
         let validation = |alg| {
             let mut v = Validation::new(alg);
             v.leeway = settings.leeway_secs;
@@ -175,11 +205,25 @@ impl JwtVerifier {
             v.set_required_spec_claims(&required);
             v
         };
+        let keys: Vec<AlgorithmKey> = [
+            (Algorithm::HS256, hs256),
+            (Algorithm::EdDSA, ed25519),
+            (Algorithm::RS256, rs256),
+            (Algorithm::ES256, es256),
+        ]
+        .into_iter()
+        .filter_map(|(alg, key)| {
+            key.map(|key| AlgorithmKey {
+                key,
+                validation: validation(alg),
+            })
+        })
+        .collect();
+        if keys.is_empty() {
+            return Err("JWT logins need an HS256 secret or an Ed25519, RSA or P-256 public key".into());
+        }
         Ok(JwtVerifier {
-            hs256,
-            ed25519,
-            hs256_validation: validation(Algorithm::HS256),
-            ed25519_validation: validation(Algorithm::EdDSA),
+            keys,
             audience_configured: settings.audience.is_some(),
             leeway_secs: settings.leeway_secs,
             policy: settings.policy,
@@ -190,12 +234,11 @@ impl JwtVerifier {
     /// is refused, in words fit for the client.
     pub fn verify(&self, token: &str) -> Result<Verified, JwtRefusal> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtRefusal::unsigned(MALFORMED))?;
-        let (key, validation) = match (header.alg, &self.hs256, &self.ed25519) {
-            (Algorithm::HS256, Some(key), _) => (key, &self.hs256_validation),
-            (Algorithm::EdDSA, _, Some(key)) => (key, &self.ed25519_validation),
-            _ => return Err(JwtRefusal::unsigned(ALGORITHM)),
+        let Some(key) = self.keys.iter().find(|key| key.algorithm() == header.alg) else {
+            return Err(JwtRefusal::unsigned(ALGORITHM));
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| refusal(e.kind()))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(|e| refusal(e.kind()))?;
         let Claims { sub, iat, aud } = data.claims;
         let sub = sub.ok_or(JwtRefusal::signed(MISSING_CLAIM))?;
         if check_username(&sub).is_err() {
@@ -277,6 +320,8 @@ mod tests {
         JwtSettings {
             hs256_secret: Some(SECRET.to_vec()),
             ed25519_public_key_pem: None,
+            rs256_public_key_pem: None,
+            es256_public_key_pem: None,
             issuer: None,
             audience: None,
             leeway_secs: 0,
@@ -434,6 +479,54 @@ mod tests {
         );
         let no_aud = hs256(serde_json::json!({"sub": "bob", "exp": exp, "iss": "https://login.example"}));
         assert!(v.verify(&no_aud).is_err());
+    }
+
+    const RS256_PRIVATE_PEM: &str = include_str!("../tests/data/jwt-rs256-private.pem");
+    const RS256_PUBLIC_PEM: &str = include_str!("../tests/data/jwt-rs256-public.pem");
+
+    #[test]
+    fn each_public_key_verifies_its_own_algorithm_only() {
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut s = settings();
+        s.hs256_secret = None;
+        s.rs256_public_key_pem = Some(RS256_PUBLIC_PEM.as_bytes().to_vec());
+        s.es256_public_key_pem = Some(p256.public_key_pem().into_bytes());
+        let v = JwtVerifier::new(&s).unwrap();
+        let claims = serde_json::json!({"sub": "alice", "exp": now() + 60});
+        let rsa = EncodingKey::from_rsa_pem(RS256_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_pem(p256.serialize_pem().as_bytes()).unwrap();
+        let rs256 = encode(&Header::new(Algorithm::RS256), &claims, &rsa).unwrap();
+        let es256 = encode(&Header::new(Algorithm::ES256), &claims, &ec).unwrap();
+        assert_eq!(v.verify(&rs256).unwrap().username, "alice");
+        assert_eq!(v.verify(&es256).unwrap().username, "alice");
+        // The RSA key signing as another RSA algorithm, and a token that
+        // names HS256 signed with the public key's PEM as the secret (the
+        // classic confusion): neither has a key here.
+        let rs512 = encode(&Header::new(Algorithm::RS512), &claims, &rsa).unwrap();
+        assert_eq!(v.verify(&rs512), Err(JwtRefusal::unsigned(ALGORITHM)));
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(RS256_PUBLIC_PEM.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&confused), Err(JwtRefusal::unsigned(ALGORITHM)));
+        // A token whose header names ES256 but is signed by the RSA key.
+        let mut forged = es256.split('.').take(2).collect::<Vec<_>>().join(".");
+        let rsa_signature = rs256.rsplit('.').next().unwrap();
+        forged = format!("{forged}.{rsa_signature}");
+        assert_eq!(v.verify(&forged).map_err(|r| r.signed), Err(false));
+        // Keys that are not what their setting says stop startup.
+        let mut wrong = settings();
+        wrong.rs256_public_key_pem = Some(p256.public_key_pem().into_bytes());
+        assert!(
+            JwtVerifier::new(&wrong).unwrap_err().contains("RSA"),
+            "a P-256 key as RSA"
+        );
+        let mut wrong = settings();
+        wrong.es256_public_key_pem =
+            Some(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_vec());
+        assert!(JwtVerifier::new(&wrong).unwrap_err().contains("P-256"));
     }
 
     #[test]

@@ -408,6 +408,8 @@ fn a_jwt_account_is_deleted_by_the_operator_not_by_its_user() {
     let settings = JwtSettings {
         hs256_secret: Some(SECRET.to_vec()),
         ed25519_public_key_pem: None,
+        rs256_public_key_pem: None,
+        es256_public_key_pem: None,
         issuer: None,
         audience: None,
         leeway_secs: 0,

@@ -1,5 +1,5 @@
 //! JWT logins over real sockets and a real store: tokens signed with
-//! HS256 and EdDSA create passwordless accounts that chat with password
+//! HS256, EdDSA, RS256 and ES256 create passwordless accounts that chat with password
 //! users and resume like any session; every refusal is an `AuthFailed`
 //! that says why and leaves the connection open; password accounts stay
 //! out of reach by default; `ternd admin revoke` retires older tokens; a
@@ -19,18 +19,27 @@ use tern_storage::ExternalPolicy;
 
 const SECRET: &[u8] = b"a test secret of at least thirty-two bytes";
 
+/// A test-only RSA key pair (tests/data/README.md): rcgen cannot make one.
+const RS256_PRIVATE_PEM: &str = include_str!("data/jwt-rs256-private.pem");
+const RS256_PUBLIC_PEM: &str = include_str!("data/jwt-rs256-public.pem");
+
 struct Keys {
     ed25519_private_pem: String,
+    es256_private_pem: String,
     settings: JwtSettings,
 }
 
 fn keys() -> Keys {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+    let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
     Keys {
         ed25519_private_pem: pair.serialize_pem(),
+        es256_private_pem: p256.serialize_pem(),
         settings: JwtSettings {
             hs256_secret: Some(SECRET.to_vec()),
             ed25519_public_key_pem: Some(pair.public_key_pem().into_bytes()),
+            rs256_public_key_pem: Some(RS256_PUBLIC_PEM.as_bytes().to_vec()),
+            es256_public_key_pem: Some(p256.public_key_pem().into_bytes()),
             issuer: Some("https://login.example".into()),
             audience: None,
             leeway_secs: 0,
@@ -74,6 +83,16 @@ fn eddsa(keys: &Keys, claims: &serde_json::Value) -> String {
     encode(&Header::new(Algorithm::EdDSA), claims, &key).expect("sign")
 }
 
+fn rs256(claims: &serde_json::Value) -> String {
+    let key = EncodingKey::from_rsa_pem(RS256_PRIVATE_PEM.as_bytes()).expect("RSA pem");
+    encode(&Header::new(Algorithm::RS256), claims, &key).expect("sign")
+}
+
+fn es256(keys: &Keys, claims: &serde_json::Value) -> String {
+    let key = EncodingKey::from_ec_pem(keys.es256_private_pem.as_bytes()).expect("P-256 pem");
+    encode(&Header::new(Algorithm::ES256), claims, &key).expect("sign")
+}
+
 fn refusal(result: Result<tern_client::Session, ClientError>) -> String {
     match result {
         Err(ClientError::Server {
@@ -105,6 +124,23 @@ fn jwt_users_are_created_chat_with_password_users_and_resume() {
         .expect("EdDSA login");
     assert_eq!(ed_session.username, "ed.user");
     assert_ne!(session.user, ed_session.user);
+    // The algorithms of the usual identity providers.
+    let rsa_session = server
+        .connect()
+        .login_jwt(&rs256(&claims("rsa.user")))
+        .expect("RS256 login");
+    assert_eq!(rsa_session.username, "rsa.user");
+    let ec_session = server
+        .connect()
+        .login_jwt(&es256(&keys, &claims("ec.user")))
+        .expect("ES256 login");
+    assert_eq!(ec_session.username, "ec.user");
+    // The same name by another algorithm is the same account.
+    let hana_by_rsa = server
+        .connect()
+        .login_jwt(&rs256(&claims("hana")))
+        .expect("RS256 login");
+    assert_eq!(hana_by_rsa.user, session.user);
 
     // Both ways between a JWT account and a password account.
     alice.send_text(session.user, "hi hana").expect("send");
