@@ -55,11 +55,13 @@ pub enum Lingered {
 
 /// Reads and discards from `reader`, whose writing side the caller has
 /// already shut down, until the peer closes its side, a read fails,
-/// `max_time` passes or more than `max_bytes` arrive. A read timeout set on
-/// the socket ends it too (as `TimedOut`): set it to `max_time` or longer
-/// first, or a short one left from serving (a read of 1 ms) cuts the
-/// linger short. Allocates its buffer only when called, so a caller that
-/// may linger keeps no room for it.
+/// `max_time` passes or more than `max_bytes` arrive. Set the socket's read
+/// timeout to `max_time` or longer first. A read timeout that fires anyway
+/// is read past: glommio arms a stream's timer when a read starts to wait
+/// and keeps it when that read is abandoned (a session's read that lost
+/// the race against its closing queue), so the first wait here may end at
+/// the old deadline; the next read arms a new timer. Allocates its buffer
+/// only when called, so a caller that may linger keeps no room for it.
 pub async fn linger<R: AsyncRead + Unpin>(reader: &mut R, max_time: Duration, max_bytes: usize) -> Lingered {
     let mut scratch = vec![0u8; CHUNK];
     let discarded = std::cell::Cell::new(0usize);
@@ -74,7 +76,8 @@ pub async fn linger<R: AsyncRead + Unpin>(reader: &mut R, max_time: Duration, ma
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return timed_out(discarded.get()),
+                // Our own deadline below decides when to stop.
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(_) => return Lingered::Failed,
             }
         }
