@@ -70,6 +70,7 @@ struct JwtParts {
     ed25519_public_key_file: Option<PathBuf>,
     rs256_public_key_file: Option<PathBuf>,
     es256_public_key_file: Option<PathBuf>,
+    jwks_file: Option<PathBuf>,
     issuer: String,
     audience: String,
     leeway_secs: u64,
@@ -84,6 +85,7 @@ impl Default for JwtParts {
             ed25519_public_key_file: None,
             rs256_public_key_file: None,
             es256_public_key_file: None,
+            jwks_file: None,
             issuer: String::new(),
             audience: String::new(),
             leeway_secs: 30,
@@ -99,7 +101,8 @@ impl JwtParts {
         let no_key = self.hs256_secret_file.is_none()
             && self.ed25519_public_key_file.is_none()
             && self.rs256_public_key_file.is_none()
-            && self.es256_public_key_file.is_none();
+            && self.es256_public_key_file.is_none()
+            && self.jwks_file.is_none();
         if no_key {
             let defaults = JwtParts::default();
             let set = !self.issuer.is_empty()
@@ -109,8 +112,8 @@ impl JwtParts {
                 || self.password_accounts != defaults.password_accounts;
             if set {
                 return Err(
-                    "jwt_* settings need jwt_hs256_secret_file or a jwt_*_public_key_file \
-                            (ed25519, rs256, es256)"
+                    "jwt_* settings need jwt_hs256_secret_file, a jwt_*_public_key_file \
+                            (ed25519, rs256, es256) or jwt_jwks_file"
                         .into(),
                 );
             }
@@ -142,6 +145,7 @@ impl JwtParts {
             ed25519_public_key_pem: pem(&self.ed25519_public_key_file, "jwt_ed25519_public_key_file")?,
             rs256_public_key_pem: pem(&self.rs256_public_key_file, "jwt_rs256_public_key_file")?,
             es256_public_key_pem: pem(&self.es256_public_key_file, "jwt_es256_public_key_file")?,
+            jwks_file: self.jwks_file.clone(),
             issuer: (!self.issuer.is_empty()).then(|| self.issuer.clone()),
             audience: (!self.audience.is_empty()).then(|| self.audience.clone()),
             leeway_secs: self.leeway_secs,
@@ -920,6 +924,16 @@ pub static KEYS: &[Key] = &[
             Ok(())
         },
         show: |s| path_or_empty(&s.jwt.es256_public_key_file),
+    },
+    Key {
+        name: "jwt_jwks_file",
+        help: "JWK Set file (the provider's jwks_uri, saved) whose RSA, P-256 and Ed25519 keys verify LoginJwt tokens by kid; reread on SIGHUP; \"\" for none",
+        apply: |s, v| {
+            let path = expected_text(v, "a file path")?;
+            s.jwt.jwks_file = (!path.is_empty()).then(|| PathBuf::from(path));
+            Ok(())
+        },
+        show: |s| path_or_empty(&s.jwt.jwks_file),
     },
     Key {
         name: "jwt_issuer",

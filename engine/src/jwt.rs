@@ -18,9 +18,11 @@
 //! is never accepted.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tern_proto::limits::check_username;
 use tern_storage::ExternalPolicy;
@@ -85,11 +87,61 @@ struct Claims {
 pub struct JwtVerifier {
     /// One key per accepted algorithm, with the checks for that algorithm.
     keys: Vec<AlgorithmKey>,
+    /// The keys of a JWK Set file, by key id, reread on demand.
+    jwks: Option<Jwks>,
+    /// What every token must satisfy, for the keys a reload brings.
+    checks: Checks,
     /// Whether an `aud` claim is expected (then the library checks it).
     audience_configured: bool,
     leeway_secs: u64,
     /// Which accounts a verified token may log into.
     pub policy: ExternalPolicy,
+}
+
+/// A JWK Set file (`jwt_jwks_file`) and the keys last read from it.
+struct Jwks {
+    path: PathBuf,
+    /// Swapped whole by a reload; a verification holds its own `Arc`.
+    keys: Mutex<Arc<Vec<SetKey>>>,
+}
+
+/// A key of a JWK Set.
+struct SetKey {
+    kid: Option<String>,
+    key: AlgorithmKey,
+}
+
+/// The claim checks every key applies, from the settings.
+#[derive(Debug, Clone)]
+struct Checks {
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway_secs: u64,
+}
+
+impl Checks {
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway_secs;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = &self.issuer {
+            v.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        match &self.audience {
+            Some(audience) => {
+                v.set_audience(&[audience]);
+                required.push("aud");
+            }
+            // A token with an `aud` is then refused (RFC 7519 4.1.3:
+            // this server cannot be among its audience).
+            None => v.aud = None,
+        }
+        v.set_required_spec_claims(&required);
+        v
+    }
 }
 
 /// A verification key and the only algorithm it verifies.
@@ -133,6 +185,11 @@ pub struct JwtSettings {
     pub rs256_public_key_pem: Option<Vec<u8>>,
     /// A P-256 public key in PEM (`PUBLIC KEY`), for ES256.
     pub es256_public_key_pem: Option<Vec<u8>>,
+    /// A JWK Set file (RFC 7517, `{"keys": [...]}`, what a provider's
+    /// `jwks_uri` serves): its RSA, P-256 and Ed25519 signing keys verify
+    /// tokens whose header names their `kid`. Read at start and by
+    /// [`JwtVerifier::reload_jwks`].
+    pub jwks_file: Option<PathBuf>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud` (one of the token's), if set.
@@ -183,28 +240,12 @@ impl JwtVerifier {
             DecodingKey::from_ec_pem,
             "an EC (P-256)",
         )?;
-        let validation = |alg| {
-            let mut v = Validation::new(alg);
-            v.leeway = settings.leeway_secs;
-            v.validate_exp = true;
-            v.validate_nbf = true;
-            let mut required = vec!["exp", "sub"];
-            if let Some(issuer) = &settings.issuer {
-                v.set_issuer(&[issuer]);
-                required.push("iss");
-            }
-            match &settings.audience {
-                Some(audience) => {
-                    v.set_audience(&[audience]);
-                    required.push("aud");
-                }
-                // A token with an `aud` is then refused (RFC 7519 4.1.3:
-                // this server cannot be among its audience).
-                None => v.aud = None,
-            }
-            v.set_required_spec_claims(&required);
-            v
+        let checks = Checks {
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+            leeway_secs: settings.leeway_secs,
         };
+        let validation = |alg| checks.validation(alg);
         let keys: Vec<AlgorithmKey> = [
             (Algorithm::HS256, hs256),
             (Algorithm::EdDSA, ed25519),
@@ -219,11 +260,25 @@ impl JwtVerifier {
             })
         })
         .collect();
-        if keys.is_empty() {
-            return Err("JWT logins need an HS256 secret or an Ed25519, RSA or P-256 public key".into());
+        let jwks = match &settings.jwks_file {
+            None => None,
+            Some(path) => {
+                let keys = read_jwks(path, &checks)?;
+                Some(Jwks {
+                    path: path.clone(),
+                    keys: Mutex::new(Arc::new(keys)),
+                })
+            }
+        };
+        if keys.is_empty() && jwks.is_none() {
+            return Err(
+                "JWT logins need an HS256 secret, an Ed25519, RSA or P-256 public key, or a JWK Set".into(),
+            );
         }
         Ok(JwtVerifier {
             keys,
+            jwks,
+            checks,
             audience_configured: settings.audience.is_some(),
             leeway_secs: settings.leeway_secs,
             policy: settings.policy,
@@ -234,9 +289,12 @@ impl JwtVerifier {
     /// is refused, in words fit for the client.
     pub fn verify(&self, token: &str) -> Result<Verified, JwtRefusal> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtRefusal::unsigned(MALFORMED))?;
-        let Some(key) = self.keys.iter().find(|key| key.algorithm() == header.alg) else {
-            return Err(JwtRefusal::unsigned(ALGORITHM));
-        };
+        let set = self.jwks.as_ref().map(Jwks::current);
+        let key = self.key_for(
+            header.alg,
+            header.kid.as_deref(),
+            set.as_deref().map(Vec::as_slice),
+        )?;
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|e| refusal(e.kind()))?;
         let Claims { sub, iat, aud } = data.claims;
@@ -268,6 +326,130 @@ impl JwtVerifier {
     }
 }
 
+impl JwtVerifier {
+    /// The key that checks a token of algorithm `alg` naming key `kid`:
+    /// the JWK Set's key of that id (of that algorithm, or the token is
+    /// refused), else the configured key of the algorithm, else the set's
+    /// only key of the algorithm when the token names none.
+    fn key_for<'a>(
+        &'a self,
+        alg: Algorithm,
+        kid: Option<&str>,
+        set: Option<&'a [SetKey]>,
+    ) -> Result<&'a AlgorithmKey, JwtRefusal> {
+        let set = set.unwrap_or_default();
+        if let Some(kid) = kid {
+            if let Some(found) = set.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                return match found.key.algorithm() == alg {
+                    true => Ok(&found.key),
+                    false => Err(JwtRefusal::unsigned(ALGORITHM)),
+                };
+            }
+        }
+        if let Some(key) = self.keys.iter().find(|key| key.algorithm() == alg) {
+            return Ok(key);
+        }
+        let mut of_alg = set.iter().filter(|k| k.key.algorithm() == alg);
+        match (kid, of_alg.next(), of_alg.next()) {
+            (None, Some(only), None) => Ok(&only.key),
+            (Some(_), _, _) if !set.is_empty() => Err(JwtRefusal::unsigned(KEY_ID)),
+            _ => Err(JwtRefusal::unsigned(ALGORITHM)),
+        }
+    }
+
+    /// Reads the JWK Set file again (SIGHUP in `ternd`): `Ok(Some(n))`
+    /// with the number of keys now used, `Ok(None)` without a set. A file
+    /// that cannot be read or holds no usable key keeps the keys in use.
+    pub fn reload_jwks(&self) -> Result<Option<usize>, String> {
+        let Some(jwks) = &self.jwks else {
+            return Ok(None);
+        };
+        let keys = read_jwks(&jwks.path, &self.checks)?;
+        let count = keys.len();
+        *jwks
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        Ok(Some(count))
+    }
+}
+
+impl Jwks {
+    fn current(&self) -> Arc<Vec<SetKey>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The usable keys of the JWK Set in `path`: signing keys of the three
+/// public-key algorithms accepted here. Other keys (encryption keys,
+/// other algorithms or curves, shared secrets, entries that do not parse)
+/// are skipped, so a provider's set that also lists them still loads; a
+/// set with no usable key is an error.
+fn read_jwks(path: &Path, checks: &Checks) -> Result<Vec<SetKey>, String> {
+    let bytes = read_key_file(path, "jwt_jwks_file")?;
+    let what = || format!("jwt_jwks_file {}", path.display());
+    let set: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{} is not JSON: {e}", what()))?;
+    let entries = set
+        .get("keys")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| format!("{} has no \"keys\" array (RFC 7517)", what()))?;
+    let keys: Vec<SetKey> = entries
+        .iter()
+        .take(MAX_JWKS_KEYS)
+        .filter_map(|entry| serde_json::from_value::<Jwk>(entry.clone()).ok())
+        .filter_map(|jwk| {
+            let alg = signing_algorithm(&jwk)?;
+            let key = DecodingKey::from_jwk(&jwk).ok()?;
+            Some(SetKey {
+                kid: jwk.common.key_id.clone(),
+                key: AlgorithmKey {
+                    key,
+                    validation: checks.validation(alg),
+                },
+            })
+        })
+        .collect();
+    if keys.is_empty() {
+        return Err(format!(
+            "{} holds no RSA, P-256 or Ed25519 signing key (of its first {MAX_JWKS_KEYS})",
+            what()
+        ));
+    }
+    Ok(keys)
+}
+
+/// Most keys read from a JWK Set (providers publish two or three).
+const MAX_JWKS_KEYS: usize = 64;
+
+/// The algorithm a JWK verifies here, if it is one of ours: its `alg` if
+/// given, else the one its key type implies.
+fn signing_algorithm(jwk: &Jwk) -> Option<Algorithm> {
+    if matches!(
+        jwk.common.public_key_use,
+        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+    ) {
+        return None;
+    }
+    let implied = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => Algorithm::ES256,
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => Algorithm::EdDSA,
+        _ => return None,
+    };
+    match jwk.common.key_algorithm {
+        None => Some(implied),
+        Some(KeyAlgorithm::RS256) if implied == Algorithm::RS256 => Some(implied),
+        Some(KeyAlgorithm::ES256) if implied == Algorithm::ES256 => Some(implied),
+        Some(KeyAlgorithm::EdDSA) if implied == Algorithm::EdDSA => Some(implied),
+        Some(_) => None,
+    }
+}
+
+const KEY_ID: &str = "JWT key id (kid) not known to this server";
 const MISSING_CLAIM: &str = "JWT lacks a required claim (exp, sub, and iss or aud where configured)";
 const MALFORMED: &str = "malformed JWT";
 const ALGORITHM: &str = "JWT algorithm not accepted by this server";
@@ -322,6 +504,7 @@ mod tests {
             ed25519_public_key_pem: None,
             rs256_public_key_pem: None,
             es256_public_key_pem: None,
+            jwks_file: None,
             issuer: None,
             audience: None,
             leeway_secs: 0,
@@ -527,6 +710,113 @@ mod tests {
         wrong.es256_public_key_pem =
             Some(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_vec());
         assert!(JwtVerifier::new(&wrong).unwrap_err().contains("P-256"));
+    }
+
+    const ES256_PRIVATE_PEM: &str = include_str!("../tests/data/jwt-es256-private.pem");
+    const JWKS: &str = include_str!("../tests/data/jwt.jwks.json");
+
+    fn signed(alg: Algorithm, kid: Option<&str>, key: &EncodingKey) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        encode(
+            &header,
+            &serde_json::json!({"sub": "alice", "exp": now() + 60}),
+            key,
+        )
+        .unwrap()
+    }
+
+    fn with_jwks(dir: &tempfile::TempDir, jwks: &str) -> JwtSettings {
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, jwks).unwrap();
+        let mut s = settings();
+        s.hs256_secret = None;
+        s.jwks_file = Some(path);
+        s
+    }
+
+    #[test]
+    fn a_jwk_set_verifies_by_key_id_and_skips_keys_it_cannot_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = JwtVerifier::new(&with_jwks(&dir, JWKS)).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(RS256_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_pem(ES256_PRIVATE_PEM.as_bytes()).unwrap();
+        let ok = |token: &str| v.verify(token).map(|verified| verified.username);
+        assert_eq!(
+            ok(&signed(Algorithm::RS256, Some("test-rsa-1"), &rsa)),
+            Ok("alice".into())
+        );
+        assert_eq!(
+            ok(&signed(Algorithm::ES256, Some("test-ec-1"), &ec)),
+            Ok("alice".into())
+        );
+        // Without a kid, the set's only key of the algorithm.
+        assert_eq!(ok(&signed(Algorithm::RS256, None, &rsa)), Ok("alice".into()));
+        // An unknown kid; a kid of another algorithm's key; the skipped
+        // encryption key and shared secret.
+        let refused = |token: &str| v.verify(token).map_err(|r| r.why);
+        assert_eq!(
+            refused(&signed(Algorithm::RS256, Some("test-rsa-2"), &rsa)),
+            Err(KEY_ID)
+        );
+        assert_eq!(
+            refused(&signed(Algorithm::RS256, Some("test-ec-1"), &rsa)),
+            Err(ALGORITHM)
+        );
+        assert_eq!(
+            refused(&signed(Algorithm::RS256, Some("test-enc"), &rsa)),
+            Err(KEY_ID)
+        );
+        let secret = EncodingKey::from_secret(b"a shared secret has no place in a JWKS");
+        assert_eq!(
+            refused(&signed(Algorithm::HS256, Some("test-secret"), &secret)),
+            Err(KEY_ID)
+        );
+        assert_eq!(refused(&signed(Algorithm::HS256, None, &secret)), Err(ALGORITHM));
+        // The right kid on a signature by another key.
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let other = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap();
+        let forged = signed(Algorithm::ES256, Some("test-ec-1"), &other);
+        assert_eq!(v.verify(&forged).map_err(|r| r.signed), Err(false));
+    }
+
+    #[test]
+    fn a_jwk_set_reload_swaps_the_keys_and_a_bad_file_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = with_jwks(&dir, JWKS);
+        let path = settings.jwks_file.clone().unwrap();
+        let v = JwtVerifier::new(&settings).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(RS256_PRIVATE_PEM.as_bytes()).unwrap();
+        let token = signed(Algorithm::RS256, Some("test-rsa-1"), &rsa);
+        let renamed = signed(Algorithm::RS256, Some("rotated"), &rsa);
+        assert!(v.verify(&token).is_ok());
+        // The provider rotates: the key now has a new kid.
+        std::fs::write(&path, JWKS.replace("test-rsa-1", "rotated")).unwrap();
+        assert_eq!(v.reload_jwks(), Ok(Some(2)));
+        assert!(v.verify(&renamed).is_ok());
+        assert_eq!(v.verify(&token).map_err(|r| r.why), Err(KEY_ID));
+        // A broken download keeps the keys in use.
+        for broken in ["", "{\"keys\": []}", "<html>rate limited</html>"] {
+            std::fs::write(&path, broken).unwrap();
+            assert!(v.reload_jwks().is_err(), "{broken:?}");
+            assert!(v.verify(&renamed).is_ok(), "after {broken:?}");
+        }
+        // And a set that cannot be used stops startup.
+        assert!(JwtVerifier::new(&with_jwks(
+            &dir,
+            "{\"keys\": [{\"kty\": \"oct\", \"k\": \"AAAA\"}]}"
+        ))
+        .unwrap_err()
+        .contains("no RSA, P-256 or Ed25519 signing key"));
+        // Without a set there is nothing to reload.
+        assert_eq!(
+            JwtVerifier::new(&settings_plain()).unwrap().reload_jwks(),
+            Ok(None)
+        );
+    }
+
+    fn settings_plain() -> JwtSettings {
+        settings()
     }
 
     #[test]

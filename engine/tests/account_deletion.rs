@@ -410,6 +410,7 @@ fn a_jwt_account_is_deleted_by_the_operator_not_by_its_user() {
         ed25519_public_key_pem: None,
         rs256_public_key_pem: None,
         es256_public_key_pem: None,
+        jwks_file: None,
         issuer: None,
         audience: None,
         leeway_secs: 0,

@@ -40,6 +40,7 @@ fn keys() -> Keys {
             ed25519_public_key_pem: Some(pair.public_key_pem().into_bytes()),
             rs256_public_key_pem: Some(RS256_PUBLIC_PEM.as_bytes().to_vec()),
             es256_public_key_pem: Some(p256.public_key_pem().into_bytes()),
+            jwks_file: None,
             issuer: Some("https://login.example".into()),
             audience: None,
             leeway_secs: 0,

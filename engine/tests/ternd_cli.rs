@@ -591,6 +591,47 @@ fn ternd_accepts_jwt_logins_from_the_cli_with_registration_closed() {
     let _ = ternd.log_reader.join();
 }
 
+/// A JWK Set file (`--jwt-jwks-file`) verifies tokens by key id, and
+/// SIGHUP rereads it: the provider's rotated key (saved to the file by the
+/// operator's fetch job) logs in without a restart, and the key it dropped
+/// no longer does.
+#[test]
+fn ternd_rereads_its_jwt_key_set_on_sighup() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    const JWKS: &str = include_str!("data/jwt.jwks.json");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, JWKS).expect("write the key set");
+    let ternd = Ternd::start(
+        dir.path(),
+        &["--jwt-jwks-file", jwks.to_str().expect("utf-8 path")],
+    );
+    let key = EncodingKey::from_rsa_pem(include_bytes!("data/jwt-rs256-private.pem")).expect("RSA key");
+    let jwt = |kid: &str| {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        let claims = serde_json::json!({"sub": "sso.user", "iat": now, "exp": now + 300});
+        encode(&header, &claims, &key).expect("sign")
+    };
+    let login = |kid: &str| {
+        Client::connect(ternd.addr, opts())
+            .expect("connect")
+            .login_jwt(&jwt(kid))
+    };
+    let user = login("test-rsa-1").expect("a login by the set's key").user;
+    assert!(login("rotated").is_err(), "a kid the set does not have");
+
+    std::fs::write(&jwks, JWKS.replace("test-rsa-1", "rotated")).expect("rotate");
+    kill(ternd.process.0.as_ref().expect("running").id(), libc::SIGHUP);
+    let rotated = common::eventually("the rotated key to log in", || login("rotated").ok());
+    assert_eq!(rotated.user, user, "the same account");
+    assert!(login("test-rsa-1").is_err(), "the dropped key");
+    drop(ternd.process);
+    let _ = ternd.log_reader.join();
+}
+
 /// `tern listen` used to send one `Delivered` receipt per message; ternd
 /// meters 1:1 receipts at the message rate (burst 100) on addresses not
 /// exempt, so a catch-up of more than about 100 messages got `RateLimited`

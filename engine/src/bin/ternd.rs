@@ -10,7 +10,8 @@
 //! `--metrics-listen ADDR` it serves `/metrics`, `/healthz` and `/readyz`
 //! there. SIGINT or SIGTERM stops it cleanly: `/readyz` turns 503, clients
 //! are told to reconnect later, queues drain, the store is flushed. SIGHUP
-//! reloads the TLS certificate and the content filter word list without
+//! reloads the TLS certificate, the content filter word list and the JWT
+//! key set (`jwt_jwks_file`) without
 //! dropping connections.
 
 use std::path::PathBuf;
@@ -269,6 +270,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let data_dir = config.data_dir.clone();
     let content_filter = config.content_filter.clone();
+    let jwt = config.jwt.clone();
     let jwt_with_open_registration = config.jwt.is_some() && config.registration;
     let server = Server::start_with_metrics(config, metrics.clone())?;
     if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
@@ -316,6 +318,13 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         for signal in signals.forever() {
             if signal == SIGHUP {
                 tern_engine::filter::reload_and_log(content_filter.as_ref());
+                match jwt.as_ref().map(|jwt| jwt.reload_jwks()) {
+                    Some(Ok(Some(keys))) => tracing::info!(keys, "reloaded the JWT key set"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "JWT key set reload failed; the old keys stay")
+                    }
+                    Some(Ok(None)) | None => {}
+                }
                 match certs.as_ref().map(|c| c.reload()) {
                     Some(Ok(())) => tracing::info!("reloaded the TLS certificate"),
                     Some(Err(e)) => {
