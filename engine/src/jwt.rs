@@ -160,11 +160,11 @@ impl fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the keys themselves.
         let algorithms: Vec<Algorithm> = self.keys.iter().map(AlgorithmKey::algorithm).collect();
-        let checks = self.keys.first().map(|k| &k.validation);
         f.debug_struct("JwtVerifier")
             .field("algorithms", &algorithms)
-            .field("issuer", &checks.map(|v| &v.iss))
-            .field("audience", &checks.map(|v| &v.aud))
+            .field("jwks_file", &self.jwks.as_ref().map(|jwks| &jwks.path))
+            .field("issuer", &self.checks.issuer)
+            .field("audience", &self.checks.audience)
             .field("leeway_secs", &self.leeway_secs)
             .field("policy", &self.policy)
             .finish()
@@ -222,7 +222,16 @@ impl JwtVerifier {
         let public =
             |pem: &Option<Vec<u8>>, parse: fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, what| {
                 pem.as_deref()
-                    .map(|pem| parse(pem).map_err(|e| format!("not {what} public key in PEM: {e}")))
+                    .map(|pem| {
+                        // The library would take an RSA private key as the
+                        // public one; a private key has no place on this server.
+                        if pem.windows(7).any(|w| w == b"PRIVATE") {
+                            return Err(format!(
+                                "{what} key file holds a private key; give the public key"
+                            ));
+                        }
+                        parse(pem).map_err(|e| format!("not {what} public key in PEM: {e}"))
+                    })
                     .transpose()
             };
         let ed25519 = public(
@@ -339,11 +348,13 @@ impl JwtVerifier {
     ) -> Result<&'a AlgorithmKey, JwtRefusal> {
         let set = set.unwrap_or_default();
         if let Some(kid) = kid {
-            if let Some(found) = set.iter().find(|k| k.kid.as_deref() == Some(kid)) {
-                return match found.key.algorithm() == alg {
-                    true => Ok(&found.key),
-                    false => Err(JwtRefusal::unsigned(ALGORITHM)),
-                };
+            // A set may list one kid under several algorithms.
+            let mut named = set.iter().filter(|k| k.kid.as_deref() == Some(kid)).peekable();
+            if named.peek().is_some() {
+                return named
+                    .find(|k| k.key.algorithm() == alg)
+                    .map(|k| &k.key)
+                    .ok_or(JwtRefusal::unsigned(ALGORITHM));
             }
         }
         if let Some(key) = self.keys.iter().find(|key| key.algorithm() == alg) {
@@ -352,6 +363,7 @@ impl JwtVerifier {
         let mut of_alg = set.iter().filter(|k| k.key.algorithm() == alg);
         match (kid, of_alg.next(), of_alg.next()) {
             (None, Some(only), None) => Ok(&only.key),
+            (None, Some(_), Some(_)) => Err(JwtRefusal::unsigned(KID_REQUIRED)),
             (Some(_), _, _) if !set.is_empty() => Err(JwtRefusal::unsigned(KEY_ID)),
             _ => Err(JwtRefusal::unsigned(ALGORITHM)),
         }
@@ -434,9 +446,17 @@ fn signing_algorithm(jwk: &Jwk) -> Option<Algorithm> {
     ) {
         return None;
     }
+    // Lengths of base64url without padding: a modulus of at least 2048
+    // bits (ring verifies nothing smaller), P-256 coordinates of 32 bytes.
     let implied = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => Algorithm::RS256,
-        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => Algorithm::ES256,
+        AlgorithmParameters::RSA(rsa) if rsa.n.trim_end_matches('=').len() >= 342 => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(ec)
+            if ec.curve == EllipticCurve::P256
+                && ec.x.trim_end_matches('=').len() == 43
+                && ec.y.trim_end_matches('=').len() == 43 =>
+        {
+            Algorithm::ES256
+        }
         AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => Algorithm::EdDSA,
         _ => return None,
     };
@@ -450,6 +470,7 @@ fn signing_algorithm(jwk: &Jwk) -> Option<Algorithm> {
 }
 
 const KEY_ID: &str = "JWT key id (kid) not known to this server";
+const KID_REQUIRED: &str = "JWT names no key id (kid), and this server has several keys of its algorithm";
 const MISSING_CLAIM: &str = "JWT lacks a required claim (exp, sub, and iss or aud where configured)";
 const MALFORMED: &str = "malformed JWT";
 const ALGORITHM: &str = "JWT algorithm not accepted by this server";
@@ -472,15 +493,21 @@ fn refusal(kind: &ErrorKind) -> JwtRefusal {
 
 /// Reads a key file, refusing anything too large to be a key.
 pub fn read_key_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
     let fail = |e: std::io::Error| format!("cannot read the {what} {}: {e}", path.display());
-    let len = std::fs::metadata(path).map_err(fail)?.len();
-    if len > KEY_FILE_MAX_BYTES {
+    // Bounded by the read itself, not a size read first: a file that grows
+    // meanwhile, or a device, would otherwise be read without limit.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(KEY_FILE_MAX_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(fail)?;
+    if bytes.len() as u64 > KEY_FILE_MAX_BYTES {
         return Err(format!(
-            "the {what} {} is {len} bytes; a key file has at most {KEY_FILE_MAX_BYTES}",
+            "the {what} {} is over {KEY_FILE_MAX_BYTES} bytes, more than any key file",
             path.display()
         ));
     }
-    std::fs::read(path).map_err(fail)
+    Ok(bytes)
 }
 
 /// A secret file's bytes without the line end an editor adds.
@@ -778,6 +805,65 @@ mod tests {
         let other = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap();
         let forged = signed(Algorithm::ES256, Some("test-ec-1"), &other);
         assert_eq!(v.verify(&forged).map_err(|r| r.signed), Err(false));
+    }
+
+    #[test]
+    fn key_ids_shared_or_missing_and_keys_too_weak_to_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let set: serde_json::Value = serde_json::from_str(JWKS).unwrap();
+        let rsa_jwk = set["keys"][0].clone();
+        let ec_jwk = set["keys"][1].clone();
+        let rsa = EncodingKey::from_rsa_pem(RS256_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_pem(ES256_PRIVATE_PEM.as_bytes()).unwrap();
+        // One kid under two algorithms: each token finds its own.
+        let mut shared = ec_jwk.clone();
+        shared["kid"] = "test-rsa-1".into();
+        let v = JwtVerifier::new(&with_jwks(
+            &dir,
+            &serde_json::json!({"keys": [rsa_jwk, shared]}).to_string(),
+        ))
+        .unwrap();
+        assert!(v
+            .verify(&signed(Algorithm::RS256, Some("test-rsa-1"), &rsa))
+            .is_ok());
+        assert!(v
+            .verify(&signed(Algorithm::ES256, Some("test-rsa-1"), &ec))
+            .is_ok());
+        // Two keys of one algorithm: a token must say which.
+        let mut second = rsa_jwk.clone();
+        second["kid"] = "test-rsa-2".into();
+        let v = JwtVerifier::new(&with_jwks(
+            &dir,
+            &serde_json::json!({"keys": [rsa_jwk, second]}).to_string(),
+        ))
+        .unwrap();
+        assert_eq!(
+            v.verify(&signed(Algorithm::RS256, None, &rsa)).map_err(|r| r.why),
+            Err(KID_REQUIRED)
+        );
+        assert!(v
+            .verify(&signed(Algorithm::RS256, Some("test-rsa-2"), &rsa))
+            .is_ok());
+        // A modulus under 2048 bits and a point off P-256's size are
+        // skipped (ring would verify nothing with them).
+        let mut short = rsa_jwk.clone();
+        short["n"] = serde_json::Value::String(rsa_jwk["n"].as_str().unwrap()[..171].to_owned());
+        let mut off = ec_jwk.clone();
+        off["x"] = serde_json::Value::String(format!("{}AAAA", ec_jwk["x"].as_str().unwrap()));
+        let err = JwtVerifier::new(&with_jwks(
+            &dir,
+            &serde_json::json!({"keys": [short, off]}).to_string(),
+        ))
+        .err()
+        .unwrap();
+        assert!(err.contains("no RSA, P-256 or Ed25519 signing key"), "{err}");
+        // A private key where the public one belongs stops startup.
+        let mut s = settings();
+        s.rs256_public_key_pem = Some(RS256_PRIVATE_PEM.as_bytes().to_vec());
+        assert!(JwtVerifier::new(&s).err().unwrap().contains("private key"));
+        // Key files are read with a bound, whatever their reported size.
+        let err = read_key_file(Path::new("/dev/zero"), "key file").unwrap_err();
+        assert!(err.contains("more than any key file"), "{err}");
     }
 
     #[test]

@@ -607,27 +607,38 @@ fn ternd_rereads_its_jwt_key_set_on_sighup() {
         dir.path(),
         &["--jwt-jwks-file", jwks.to_str().expect("utf-8 path")],
     );
-    let key = EncodingKey::from_rsa_pem(include_bytes!("data/jwt-rs256-private.pem")).expect("RSA key");
-    let jwt = |kid: &str| {
+    let rsa = EncodingKey::from_rsa_pem(include_bytes!("data/jwt-rs256-private.pem")).expect("RSA key");
+    let ec = EncodingKey::from_ec_pem(include_bytes!("data/jwt-es256-private.pem")).expect("P-256 key");
+    let jwt = |alg: Algorithm, key: &EncodingKey, kid: &str| {
         let now = jsonwebtoken::get_current_timestamp();
-        let mut header = Header::new(Algorithm::RS256);
+        let mut header = Header::new(alg);
         header.kid = Some(kid.to_owned());
         let claims = serde_json::json!({"sub": "sso.user", "iat": now, "exp": now + 300});
-        encode(&header, &claims, &key).expect("sign")
+        encode(&header, &claims, key).expect("sign")
     };
-    let login = |kid: &str| {
+    let login = |token: String| {
         Client::connect(ternd.addr, opts())
             .expect("connect")
-            .login_jwt(&jwt(kid))
+            .login_jwt(&token)
     };
-    let user = login("test-rsa-1").expect("a login by the set's key").user;
-    assert!(login("rotated").is_err(), "a kid the set does not have");
+    let refusal = |token: String| match login(token) {
+        Err(tern_client::ClientError::Server { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let old_key = || jwt(Algorithm::RS256, &rsa, "test-rsa-1");
+    let new_key = || jwt(Algorithm::ES256, &ec, "rotated");
+    let user = login(old_key()).expect("a login by the set's key").user;
+    assert!(refusal(new_key()).contains("kid"), "a kid the set does not have");
 
-    std::fs::write(&jwks, JWKS.replace("test-rsa-1", "rotated")).expect("rotate");
+    // The provider rotates to a new key (here the P-256 one) under a new kid.
+    let set: serde_json::Value = serde_json::from_str(JWKS).expect("the key set");
+    let mut rotated = set["keys"][1].clone();
+    rotated["kid"] = "rotated".into();
+    std::fs::write(&jwks, serde_json::json!({"keys": [rotated]}).to_string()).expect("rotate");
     kill(ternd.process.0.as_ref().expect("running").id(), libc::SIGHUP);
-    let rotated = common::eventually("the rotated key to log in", || login("rotated").ok());
-    assert_eq!(rotated.user, user, "the same account");
-    assert!(login("test-rsa-1").is_err(), "the dropped key");
+    let session = common::eventually("the rotated key to log in", || login(new_key()).ok());
+    assert_eq!(session.user, user, "the same account");
+    assert!(refusal(old_key()).contains("kid"), "the dropped key");
     drop(ternd.process);
     let _ = ternd.log_reader.join();
 }
