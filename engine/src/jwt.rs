@@ -487,6 +487,10 @@ fn refusal(kind: &ErrorKind) -> JwtRefusal {
         ErrorKind::MissingRequiredClaim(_) => JwtRefusal::signed(MISSING_CLAIM),
         ErrorKind::InvalidSignature => JwtRefusal::unsigned("JWT signature does not verify"),
         ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => JwtRefusal::unsigned(ALGORITHM),
+        // Within `decode` only the claims are parsed as JSON after the
+        // signature verified (the header parsed already, in `verify`): a
+        // claim of the wrong type (`"sub": 5`) is the provider's doing.
+        ErrorKind::Json(_) => JwtRefusal::signed("JWT claims are malformed (a claim of the wrong type)"),
         _ => JwtRefusal::unsigned(MALFORMED),
     }
 }
@@ -623,8 +627,11 @@ mod tests {
         );
         for iat in [serde_json::json!(-1), serde_json::json!("yesterday")] {
             let token = hs256(serde_json::json!({"sub": "alice", "exp": exp, "iat": iat}));
-            assert!(v.verify(&token).is_err(), "{iat}");
+            // Signed by the provider, so not a guess for the back-off.
+            assert_eq!(v.verify(&token).map_err(|r| r.signed), Err(true), "{iat}");
         }
+        let numeric_sub = hs256(serde_json::json!({"sub": 5, "exp": exp}));
+        assert_eq!(v.verify(&numeric_sub).map_err(|r| r.signed), Err(true));
         let other_key = encode(
             &Header::new(Algorithm::HS256),
             &serde_json::json!({"sub": "alice", "exp": exp}),
