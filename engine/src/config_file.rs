@@ -319,6 +319,12 @@ const DECADE_SECS: u64 = 10 * 366 * 24 * 3600;
 const MAX_COUNT: usize = 1 << 32;
 
 /// Stores a parsed value in its field.
+/// A file path, or `""` for none.
+fn optional_path(raw: Raw) -> Result<Option<PathBuf>, String> {
+    let path = expected_text(raw, "a file path")?;
+    Ok((!path.is_empty()).then(|| PathBuf::from(path)))
+}
+
 fn set<T>(field: &mut T, value: Result<T, String>) -> Result<(), String> {
     *field = value?;
     Ok(())
@@ -698,21 +704,13 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "tls_cert",
         help: "PEM file with the TLS certificate chain (reloaded on SIGHUP)",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.tls_cert = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.tls_cert, optional_path(v)),
         show: |s| toml_str(&s.tls_cert.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
     },
     Key {
         name: "tls_key",
         help: "PEM file with the TLS private key (reloaded on SIGHUP; the path is printed, never the key)",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.tls_key = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.tls_key, optional_path(v)),
         show: |s| toml_str(&s.tls_key.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
     },
     Key {
@@ -852,11 +850,7 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "content_filter_file",
         help: "Word list (one word or phrase per line) checked against text messages, reloaded on SIGHUP; \"\" for none",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.content_filter_file = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.content_filter_file, optional_path(v)),
         show: |s| {
             toml_str(
                 &s.content_filter_file
@@ -888,51 +882,31 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "jwt_hs256_secret_file",
         help: "File holding the HS256 secret (at least 32 bytes) that signs LoginJwt tokens; \"\" for none",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.jwt.hs256_secret_file = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.jwt.hs256_secret_file, optional_path(v)),
         show: |s| path_or_empty(&s.jwt.hs256_secret_file),
     },
     Key {
         name: "jwt_ed25519_public_key_file",
         help: "PEM file with the Ed25519 public key that verifies EdDSA LoginJwt tokens; \"\" for none",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.jwt.ed25519_public_key_file = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.jwt.ed25519_public_key_file, optional_path(v)),
         show: |s| path_or_empty(&s.jwt.ed25519_public_key_file),
     },
     Key {
         name: "jwt_rs256_public_key_file",
         help: "PEM file with the RSA public key (2048 bits or more) that verifies RS256 LoginJwt tokens; \"\" for none",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.jwt.rs256_public_key_file = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.jwt.rs256_public_key_file, optional_path(v)),
         show: |s| path_or_empty(&s.jwt.rs256_public_key_file),
     },
     Key {
         name: "jwt_es256_public_key_file",
         help: "PEM file with the P-256 public key that verifies ES256 LoginJwt tokens; \"\" for none",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.jwt.es256_public_key_file = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.jwt.es256_public_key_file, optional_path(v)),
         show: |s| path_or_empty(&s.jwt.es256_public_key_file),
     },
     Key {
         name: "jwt_jwks_file",
         help: "JWK Set file (the provider's jwks_uri, saved) whose RSA, P-256 and Ed25519 keys verify LoginJwt tokens by kid; reread on SIGHUP; \"\" for none",
-        apply: |s, v| {
-            let path = expected_text(v, "a file path")?;
-            s.jwt.jwks_file = (!path.is_empty()).then(|| PathBuf::from(path));
-            Ok(())
-        },
+        apply: |s, v| set(&mut s.jwt.jwks_file, optional_path(v)),
         show: |s| path_or_empty(&s.jwt.jwks_file),
     },
     Key {
