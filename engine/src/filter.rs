@@ -3,7 +3,8 @@
 //!
 //! This module owns the word list file format (one word or phrase per
 //! line, `#` comments and blank lines ignored, matched case-insensitively
-//! in any script and only as whole words), the Aho-Corasick automaton
+//! in any script, by Unicode's full case folding (`STRASSE` matches
+//! `straße`), and only as whole words), the Aho-Corasick automaton
 //! built from it, and how a shard reads it without a lock: the list lives
 //! behind a `Mutex<Arc<_>>` that only a reload writes, beside a generation
 //! counter; each connection keeps its own `Arc` and a copy of the
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aho_corasick::AhoCorasick;
+use caseless::Caseless;
 
 /// Largest word list file read.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
@@ -49,10 +51,6 @@ impl FilterMode {
 struct WordList {
     matcher: Option<AhoCorasick>,
     words: usize,
-    /// Some word has a non-ASCII character: non-ASCII text is then
-    /// lowercased before matching (otherwise ASCII case-insensitivity,
-    /// which costs nothing extra, is all the matching needs).
-    unicode: bool,
 }
 
 impl WordList {
@@ -97,7 +95,6 @@ impl WordList {
             )
         };
         Ok(WordList {
-            unicode: words.iter().any(|word| !word.is_ascii()),
             matcher,
             words: words.len(),
         })
@@ -178,10 +175,18 @@ pub fn reload_and_log(filter: Option<&Arc<ContentFilter>>) {
     }
 }
 
-/// `text` in lowercase, character by character (Unicode's lowercase
-/// mapping, not full case folding: `ß` stays `ß`, never `ss`).
+/// `text` case-folded, character by character (Unicode's full case
+/// folding: `ß` and `ẞ` become `ss`, `ﬁ` becomes `fi`, `ς` becomes `σ`,
+/// the Kelvin sign `k`).
 fn lowercase(text: &str) -> String {
-    text.chars().flat_map(char::to_lowercase).collect()
+    let mut out = String::with_capacity(text.len());
+    lower_into(text, &mut out);
+    out
+}
+
+/// `c` case-folded: one to three characters.
+fn fold(c: char) -> caseless::CaseFold<std::iter::Once<char>> {
+    std::iter::once(c).default_case_fold()
 }
 
 /// A connection's copy of the current list.
@@ -197,14 +202,14 @@ thread_local! {
     static LOWERED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
-/// Fills `out` with `text` in lowercase (as [`lowercase`] does).
+/// Fills `out` with `text` case-folded (as [`lowercase`] does).
 fn lower_into(text: &str, out: &mut String) {
     out.clear();
     for c in text.chars() {
         if c.is_ascii() {
             out.push(c.to_ascii_lowercase());
         } else {
-            out.extend(c.to_lowercase());
+            out.extend(fold(c));
         }
     }
 }
@@ -226,7 +231,7 @@ fn ranges_in_original(text: &str, mut ranges: Vec<(usize, usize)>) -> Vec<(usize
         let lowered_len: usize = if c.is_ascii() {
             1
         } else {
-            c.to_lowercase().map(char::len_utf8).sum()
+            fold(c).map(char::len_utf8).sum()
         };
         let lowered_end = lowered_at + lowered_len;
         while let Some(&(start, i)) = starts.get(next_start) {
@@ -277,12 +282,12 @@ impl FilterCache {
         let Some(matcher) = &list.matcher else {
             return Outcome::Clean;
         };
-        // ASCII bodies (most), and every body when the list is all ASCII,
-        // are matched as they are, the automaton ignoring ASCII case.
-        // Other UTF-8 text meets a list with non-ASCII words in lowercase,
-        // and the matches are mapped back to the characters they came
-        // from. Bodies are bytes, not checked UTF-8: others match as ASCII.
-        let text = if !list.unicode || body.is_ascii() {
+        // ASCII bodies (most) are matched as they are, the automaton
+        // ignoring ASCII case. Other UTF-8 text is case-folded first (even
+        // for a list of ASCII words: `ß` folds to `ss`), and the matches
+        // are mapped back to the characters they came from. Bodies are
+        // bytes, not checked UTF-8: others match as ASCII.
+        let text = if body.is_ascii() {
             None
         } else {
             std::str::from_utf8(body).ok()
@@ -434,17 +439,31 @@ mod tests {
         );
         assert_eq!(run(&f, "σοφία!"), (Outcome::Masked, "*****!".into()));
         assert_eq!(run(&f, "STRAßE"), (Outcome::Masked, "******".into()));
+        // Full case folding: ß and ẞ are ss, whichever side has them.
+        assert_eq!(run(&f, "strasse"), (Outcome::Masked, "*******".into()));
+        assert_eq!(run(&f, "STRAẞE!"), (Outcome::Masked, "******!".into()));
         assert_eq!(
-            run(&f, "strasse"),
-            (Outcome::Clean, "strasse".into()),
-            "no full folding"
+            run(&f, "σοφίας"),
+            (Outcome::Clean, "σοφίας".into()),
+            "a longer word"
         );
+        assert_eq!(run(&f, "ΣΟΦΊΑ σοφίαs"), (Outcome::Masked, "***** σοφίαs".into()));
         // İ lowercases to two characters (i + a combining dot): the mask
         // still covers exactly the original word.
         assert_eq!(run(&f, "to İSTANBUL."), (Outcome::Masked, "to ********.".into()));
-        // ASCII words still match in ASCII text, and inside non-ASCII text.
-        let (_d, f) = filter("darn\n", FilterMode::Mask);
+        // ASCII words still match in ASCII text, and inside non-ASCII text,
+        // also spelled with characters that fold to ASCII (a ligature, the
+        // long s, the Kelvin sign) and with a final sigma.
+        let (_d, f) = filter("darn\nfilth\nsass\nkink\nδες\n", FilterMode::Mask);
         assert_eq!(run(&f, "DARN — ça"), (Outcome::Masked, "**** — ça".into()));
+        assert_eq!(
+            run(&f, "ﬁlth"),
+            (Outcome::Masked, "****".into()),
+            "one character for fi"
+        );
+        assert_eq!(run(&f, "ſaſs ok"), (Outcome::Masked, "**** ok".into()));
+        assert_eq!(run(&f, "\u{212a}ink"), (Outcome::Masked, "****".into()));
+        assert_eq!(run(&f, "ΔΕΣ"), (Outcome::Masked, "***".into()));
         // Bytes that are not UTF-8 are matched as ASCII, never panic.
         let mut body = b"darn \xff\xfe".to_vec();
         assert_eq!(FilterCache::default().apply(&f, &mut body), Outcome::Masked);
@@ -463,7 +482,7 @@ mod tests {
             lower_into(&text, &mut lowered);
             let mut origin = Vec::new();
             for (at, c) in text.char_indices() {
-                for lower in c.to_lowercase() {
+                for lower in fold(c) {
                     for _ in 0..lower.len_utf8() {
                         origin.push((at, at + c.len_utf8()));
                     }
