@@ -124,3 +124,66 @@ fn a_recipient_that_stops_reading_is_disconnected_and_nobody_else_suffers() {
     assert_eq!(expect_message(&mut a).content.body, b"hi alice");
     pair.exchange();
 }
+
+/// A session cut off as a slow consumer stays listed until its writer gives
+/// up on the full socket (the write timeout), but no longer counts toward
+/// its user's session limit, so the user's next device logs in. Closing
+/// sessions have a bound of their own, as many again as the limit: past it
+/// even a device resuming its own session waits.
+#[test]
+fn a_closing_session_frees_its_slot_and_closing_sessions_are_bounded() {
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 4096;
+        c.max_message_bytes = 2048;
+        // Far more than a tick's pushes: the queue overflows only once the
+        // writer is stuck on a full socket, where it then stays for the
+        // whole test.
+        c.outbound_queue_bytes = 256 * 1024;
+        c.write_timeout = Duration::from_secs(60);
+        c.max_sessions_per_user = 1;
+        c.durability = tern_engine::config::Durability::Async {
+            flush_interval: Duration::from_millis(100),
+        };
+    });
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let mut a = server.login(&alice);
+    let mut stalled = RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    assert!(stalled.login_and_sync(&bob).is_empty());
+    let cut_off = || {
+        (0..server.shards())
+            .map(|shard| {
+                server
+                    .metrics
+                    .shard(shard)
+                    .slow_consumer_disconnects
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum::<u64>()
+    };
+    let body = vec![b'm'; MESSAGE_BYTES];
+    let mut sent = 0;
+    while cut_off() == 0 {
+        sent += 1;
+        assert!(sent <= 20_000, "the stalled session was never cut off");
+        a.send_direct(bob.id, sent, Content::text(body.clone()))
+            .expect("send to bob");
+    }
+    // Closing, still listed: the new device is let in all the same.
+    let mut phone = server.connect();
+    let token = phone
+        .login(&bob.name, PASSWORD)
+        .expect("a new device while the old session closes")
+        .token;
+    // One open and one closing at a limit of one: nothing more, not even
+    // the phone resuming its own session, until the closing one is gone.
+    match server.connect().login_token(&token) {
+        Err(tern_client::ClientError::Server { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::LimitExceeded);
+            assert!(message.contains("still closing"), "{message}");
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    phone.ping().expect("the phone's session is untouched");
+    drop(stalled);
+}

@@ -393,11 +393,12 @@ impl Shard {
     /// its key and whether it is the user's first live session here.
     ///
     /// At `max_sessions_per_user` it is refused (`LimitExceeded`), but
-    /// sessions already closing do not count, and a `LoginToken` whose
-    /// token a live session logged in with replaces that session, which
-    /// gets `Disconnect(LimitExceeded)`: the same device reconnecting while
-    /// its old connection, dead on the network it left, waits out its idle
-    /// timeout. A login that issues a token never replaces a session.
+    /// sessions already closing do not count (up to as many again), and a
+    /// `LoginToken` whose token a live session logged in with replaces that
+    /// session, which gets `Disconnect(LimitExceeded)`: the same device
+    /// reconnecting while its old connection, dead on the network it left,
+    /// waits out its idle timeout. A login that issues a token never
+    /// replaces a session.
     pub fn add_conn(
         &self,
         user: UserId,
@@ -444,6 +445,16 @@ impl Shard {
     /// Makes room for one more session of a user whose sessions `keys`
     /// fill `max_sessions_per_user` (see [`Shard::add_conn`]), or refuses.
     fn make_room(&self, keys: &[ConnKey], token: SessionToken) -> Result<(), Refusal> {
+        // Closing sessions stay listed until their writer gives up on the
+        // socket (`write_timeout`, a dead peer): at most as many closing as
+        // open, so what one user's sessions hold stays bounded.
+        let max = self.config.max_sessions_per_user;
+        if keys.len() >= max.saturating_mul(2) {
+            return Err(refusal(
+                ErrorCode::LimitExceeded,
+                "too many sessions of this user are still closing; try again shortly",
+            ));
+        }
         let conns = self.conns.borrow();
         let mut open = keys
             .iter()
@@ -453,7 +464,7 @@ impl Shard {
                     .filter(|e| e.generation == key.generation)
             })
             .filter(|entry| !entry.is_closing());
-        if open.clone().count() < self.config.max_sessions_per_user {
+        if open.clone().count() < max {
             return Ok(());
         }
         let replaced = token
