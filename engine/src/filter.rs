@@ -79,7 +79,7 @@ impl WordList {
                     n + 1
                 ));
             }
-            words.push(lowercase(word));
+            words.push(case_fold(word));
             if words.len() > MAX_WORDS {
                 return Err(format!("{} has more than {MAX_WORDS} words", path.display()));
             }
@@ -178,9 +178,9 @@ pub fn reload_and_log(filter: Option<&Arc<ContentFilter>>) {
 /// `text` case-folded, character by character (Unicode's full case
 /// folding: `ß` and `ẞ` become `ss`, `ﬁ` becomes `fi`, `ς` becomes `σ`,
 /// the Kelvin sign `k`).
-fn lowercase(text: &str) -> String {
+fn case_fold(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    lower_into(text, &mut out);
+    fold_into(text, &mut out);
     out
 }
 
@@ -196,14 +196,14 @@ pub struct FilterCache {
 }
 
 thread_local! {
-    /// Where a thread lowercases non-ASCII bodies: one buffer per shard
+    /// Where a thread case-folds non-ASCII bodies: one buffer per shard
     /// thread, not per connection (an idle connection keeps none), reused
     /// so a message allocates nothing new once it has grown.
-    static LOWERED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static FOLDED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
-/// Fills `out` with `text` case-folded (as [`lowercase`] does).
-fn lower_into(text: &str, out: &mut String) {
+/// Fills `out` with `text` case-folded (as [`case_fold`] does).
+fn fold_into(text: &str, out: &mut String) {
     out.clear();
     for c in text.chars() {
         if c.is_ascii() {
@@ -214,11 +214,11 @@ fn lower_into(text: &str, out: &mut String) {
     }
 }
 
-/// `ranges` of `text` lowercased by [`lower_into`], as byte ranges of
+/// `ranges` of `text` case-folded by [`fold_into`], as byte ranges of
 /// `text` itself: each covers the whole characters its bytes came from.
 /// Walks `text` once; needed only when there is something to mask.
 fn ranges_in_original(text: &str, mut ranges: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
-    // Every range boundary, in lowered bytes, mapped in one pass: a start
+    // Every range boundary, in folded bytes, mapped in one pass: a start
     // to the start of its character, an end to the end of the character
     // holding its last byte.
     let mut starts: Vec<(usize, usize)> = ranges.iter().enumerate().map(|(i, r)| (r.0, i)).collect();
@@ -226,16 +226,16 @@ fn ranges_in_original(text: &str, mut ranges: Vec<(usize, usize)>) -> Vec<(usize
     starts.sort_unstable();
     ends.sort_unstable();
     let (mut next_start, mut next_end) = (0, 0);
-    let mut lowered_at = 0;
+    let mut folded_at = 0;
     for (at, c) in text.char_indices() {
-        let lowered_len: usize = if c.is_ascii() {
+        let folded_len: usize = if c.is_ascii() {
             1
         } else {
             fold(c).map(char::len_utf8).sum()
         };
-        let lowered_end = lowered_at + lowered_len;
+        let folded_end = folded_at + folded_len;
         while let Some(&(start, i)) = starts.get(next_start) {
-            if start >= lowered_end {
+            if start >= folded_end {
                 break;
             }
             if let Some(r) = ranges.get_mut(i) {
@@ -244,7 +244,7 @@ fn ranges_in_original(text: &str, mut ranges: Vec<(usize, usize)>) -> Vec<(usize
             next_start += 1;
         }
         while let Some(&(end, i)) = ends.get(next_end) {
-            if end > lowered_end {
+            if end > folded_end {
                 break;
             }
             if let Some(r) = ranges.get_mut(i) {
@@ -252,7 +252,7 @@ fn ranges_in_original(text: &str, mut ranges: Vec<(usize, usize)>) -> Vec<(usize
             }
             next_end += 1;
         }
-        lowered_at = lowered_end;
+        folded_at = folded_end;
     }
     ranges
 }
@@ -293,16 +293,16 @@ impl FilterCache {
             std::str::from_utf8(body).ok()
         };
         let found = match text {
-            Some(text) => LOWERED.with(|lowered| {
-                let mut lowered = lowered.borrow_mut();
-                lower_into(text, &mut lowered);
-                let found = match find(matcher, filter.mode, lowered.as_bytes()) {
+            Some(text) => FOLDED.with(|folded| {
+                let mut folded = folded.borrow_mut();
+                fold_into(text, &mut folded);
+                let found = match find(matcher, filter.mode, folded.as_bytes()) {
                     Found::Mask(ranges) => Found::Mask(ranges_in_original(text, ranges)),
                     other => other,
                 };
-                if lowered.capacity() > LOWERED_KEEP_BYTES {
+                if folded.capacity() > FOLDED_KEEP_BYTES {
                     // One long message must not pin its buffer forever.
-                    *lowered = String::new();
+                    *folded = String::new();
                 }
                 found
             }),
@@ -319,8 +319,8 @@ impl FilterCache {
     }
 }
 
-/// The most bytes of lowercased text a thread keeps between messages.
-const LOWERED_KEEP_BYTES: usize = 4096;
+/// The most bytes of case-folded text a thread keeps between messages.
+const FOLDED_KEEP_BYTES: usize = 4096;
 
 /// What [`find`] found.
 enum Found {
@@ -448,7 +448,7 @@ mod tests {
             "a longer word"
         );
         assert_eq!(run(&f, "ΣΟΦΊΑ σοφίαs"), (Outcome::Masked, "***** σοφίαs".into()));
-        // İ lowercases to two characters (i + a combining dot): the mask
+        // İ folds to two characters (i + a combining dot): the mask
         // still covers exactly the original word.
         assert_eq!(run(&f, "to İSTANBUL."), (Outcome::Masked, "to ********.".into()));
         // ASCII words still match in ASCII text, and inside non-ASCII text,
@@ -472,28 +472,28 @@ mod tests {
 
     proptest::proptest! {
         /// The one-pass mapping agrees with the plain one: every byte of
-        /// the lowercase text knows the character it came from.
+        /// the case-folded text knows the character it came from.
         #[test]
         fn ranges_map_back_to_whole_original_characters(
             text in "[a-zA-Zß İΣσ\u{130}Ωω\u{212a}жЖ—é]{1,24}",
             picks in proptest::collection::vec((0usize..100, 1usize..8), 1..6),
         ) {
-            let mut lowered = String::new();
-            lower_into(&text, &mut lowered);
+            let mut folded = String::new();
+            fold_into(&text, &mut folded);
             let mut origin = Vec::new();
             for (at, c) in text.char_indices() {
-                for lower in fold(c) {
-                    for _ in 0..lower.len_utf8() {
+                for part in fold(c) {
+                    for _ in 0..part.len_utf8() {
                         origin.push((at, at + c.len_utf8()));
                     }
                 }
             }
-            proptest::prop_assert_eq!(origin.len(), lowered.len());
+            proptest::prop_assert_eq!(origin.len(), folded.len());
             let ranges: Vec<(usize, usize)> = picks
                 .iter()
                 .map(|&(start, len)| {
-                    let start = start % lowered.len();
-                    (start, (start + len).min(lowered.len()))
+                    let start = start % folded.len();
+                    (start, (start + len).min(folded.len()))
                 })
                 .collect();
             let naive: Vec<(usize, usize)> = ranges

@@ -89,11 +89,10 @@ pub struct JwtVerifier {
     keys: Vec<AlgorithmKey>,
     /// The keys of a JWK Set file, by key id, reread on demand.
     jwks: Option<Jwks>,
-    /// What every token must satisfy, for the keys a reload brings.
+    /// What every token must satisfy: the claims `verify` checks itself,
+    /// and those of the keys a reload brings. An `aud` claim is expected
+    /// when an audience is configured (then the library checks it).
     checks: Checks,
-    /// Whether an `aud` claim is expected (then the library checks it).
-    audience_configured: bool,
-    leeway_secs: u64,
     /// Which accounts a verified token may log into.
     pub policy: ExternalPolicy,
 }
@@ -165,7 +164,7 @@ impl fmt::Debug for JwtVerifier {
             .field("jwks_file", &self.jwks.as_ref().map(|jwks| &jwks.path))
             .field("issuer", &self.checks.issuer)
             .field("audience", &self.checks.audience)
-            .field("leeway_secs", &self.leeway_secs)
+            .field("leeway_secs", &self.checks.leeway_secs)
             .field("policy", &self.policy)
             .finish()
     }
@@ -254,7 +253,6 @@ impl JwtVerifier {
             audience: settings.audience.clone(),
             leeway_secs: settings.leeway_secs,
         };
-        let validation = |alg| checks.validation(alg);
         let keys: Vec<AlgorithmKey> = [
             (Algorithm::HS256, hs256),
             (Algorithm::EdDSA, ed25519),
@@ -265,7 +263,7 @@ impl JwtVerifier {
         .filter_map(|(alg, key)| {
             key.map(|key| AlgorithmKey {
                 key,
-                validation: validation(alg),
+                validation: checks.validation(alg),
             })
         })
         .collect();
@@ -288,8 +286,6 @@ impl JwtVerifier {
             keys,
             jwks,
             checks,
-            audience_configured: settings.audience.is_some(),
-            leeway_secs: settings.leeway_secs,
             policy: settings.policy,
         })
     }
@@ -311,7 +307,7 @@ impl JwtVerifier {
         if check_username(&sub).is_err() {
             return Err(JwtRefusal::signed("JWT sub is not a valid username"));
         }
-        if aud.is_some() && !self.audience_configured {
+        if aud.is_some() && self.checks.audience.is_none() {
             return Err(JwtRefusal::signed(AUDIENCE));
         }
         let issued_at_ms = match iat {
@@ -319,13 +315,14 @@ impl JwtVerifier {
             Some(secs) if !(secs >= 0.0 && secs.is_finite()) => return Err(JwtRefusal::signed(MALFORMED)),
             Some(secs) => {
                 let now = jsonwebtoken::get_current_timestamp();
-                if secs > now.saturating_add(self.leeway_secs) as f64 {
+                let leeway_secs = self.checks.leeway_secs;
+                if secs > now.saturating_add(leeway_secs) as f64 {
                     // Would escape every revocation until it expires.
                     return Err(JwtRefusal::signed("JWT issued in the future (iat)"));
                 }
                 // Float to int `as` saturates; the value is finite and >= 0.
                 let ms = (secs * 1000.0) as u64;
-                Some(ms.saturating_sub(self.leeway_secs.saturating_mul(1000)))
+                Some(ms.saturating_sub(leeway_secs.saturating_mul(1000)))
             }
         };
         Ok(Verified {
@@ -333,9 +330,7 @@ impl JwtVerifier {
             issued_at_ms,
         })
     }
-}
 
-impl JwtVerifier {
     /// The key that checks a token of algorithm `alg` naming key `kid`:
     /// the JWK Set's key of that id (of that algorithm, or the token is
     /// refused), else the configured key of the algorithm, else the set's

@@ -439,6 +439,21 @@ fn the_store_writer_gets_a_cpu_no_shard_uses() {
         executors.iter().all(|(set, _)| set.len() == 1 && set[0] != last),
         "a shard on the writer's CPU: {executors:?}"
     );
+    // lsm-tree's reaper, which frees every flushed memtable, starts with the
+    // store (on its opener thread, at fjall's workers' priority), not with
+    // the first thread to retire a version, which may be the pinned writer
+    // rotating a memtable inline: it floats over the server's CPUs.
+    let reaper = threads_named(pid, "lsm-reaper");
+    assert_eq!(reaper, vec![(given.to_vec(), libc::SCHED_OTHER)], "the reaper");
+    let workers = thread_nices(pid, "fjall:worker");
+    assert!(!workers.is_empty());
+    let reaper_nice = thread_nices(pid, "lsm-reaper");
+    assert!(
+        workers.iter().all(|nice| reaper_nice == [*nice]),
+        "reaper {reaper_nice:?}, workers {workers:?}"
+    );
+    // Not above where the server already runs at nice 19.
+    assert!(reaper_nice[0] >= thread_nices(pid, "ternd")[0]);
     drop(server);
 
     // Turned off, the writer floats over every CPU the server may use.
@@ -498,17 +513,37 @@ fn threads_named(pid: u32, prefix: &str) -> Vec<(Vec<usize>, i32)> {
     threads
 }
 
-/// The scheduling policy in a `/proc/.../stat` file (field 41).
+/// The nice value of each thread of process `pid` whose name starts with
+/// `prefix`.
+fn thread_nices(pid: u32, prefix: &str) -> Vec<i64> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if name.starts_with(prefix) {
+            nices.push(stat_field(&path.join("stat").display().to_string(), 19));
+        }
+    }
+    nices
+}
+
+/// The scheduling policy in a `/proc/.../stat` file.
 fn sched_policy(stat: &str) -> i32 {
+    stat_field(stat, 41) as i32
+}
+
+/// Field `field` (numbered from 1, as proc(5) does) of a `/proc/.../stat`
+/// file.
+fn stat_field(stat: &str, field: usize) -> i64 {
     let text = std::fs::read_to_string(stat).expect("stat");
-    // The command name may hold spaces: fields count from its ')'.
+    // The command name (field 2) may hold spaces: fields count from its ')'.
     let after_name = &text[text.rfind(')').expect("comm") + 2..];
     after_name
         .split(' ')
-        .nth(38)
-        .expect("policy")
+        .nth(field - 3)
+        .expect("a stat field")
         .parse()
-        .expect("policy number")
+        .expect("a number")
 }
 
 /// The CPUs in the `Cpus_allowed_list` of a `/proc/.../status` file.

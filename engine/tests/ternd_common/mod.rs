@@ -1,6 +1,5 @@
 //! A real `ternd` process for the crash tests (`crash.rs`,
-//! `deletion_crash.rs`, `join_crash.rs`, `threshold.rs`) and the thread
-//! checks (`threads.rs`): started on a data directory with
+//! `deletion_crash.rs`, `join_crash.rs`, `threshold.rs`): started on a data directory with
 //! its output appended to a log file, killed with SIGKILL or stopped with
 //! SIGTERM, and restarted on the same directory.
 #![allow(dead_code)] // not every test binary uses every helper
@@ -28,19 +27,12 @@ impl Ternd {
 
     /// [`Ternd::start`] with more command-line flags.
     pub fn start_with(data_dir: &Path, log: &Path, flags: &[&str]) -> Ternd {
-        let mut all = vec!["--shards", "2", "--no-pin"];
-        all.extend_from_slice(flags);
-        Ternd::start_plain(data_dir, log, &all)
-    }
-
-    /// `ternd` on `data_dir` with only `flags` beside its address and data
-    /// dir: shards and pinning as the binary's defaults have them.
-    pub fn start_plain(data_dir: &Path, log: &Path, flags: &[&str]) -> Ternd {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)
+            .args(["--shards", "2", "--no-pin"])
             .args(flags)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -87,11 +79,6 @@ impl Ternd {
             }
         };
         Ternd { child, addr }
-    }
-
-    /// The process id, to read its threads from `/proc`.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     pub fn kill9(mut self) {
