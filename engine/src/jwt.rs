@@ -809,6 +809,11 @@ mod tests {
         assert_eq!(v.verify(&forged).map_err(|r| r.signed), Err(false));
     }
 
+    /// A verifier of a JWK Set holding `keys`.
+    fn verifier_of(dir: &tempfile::TempDir, keys: [serde_json::Value; 2]) -> Result<JwtVerifier, String> {
+        JwtVerifier::new(&with_jwks(dir, &serde_json::json!({ "keys": keys }).to_string()))
+    }
+
     #[test]
     fn key_ids_shared_or_missing_and_keys_too_weak_to_use() {
         let dir = tempfile::tempdir().unwrap();
@@ -820,11 +825,7 @@ mod tests {
         // One kid under two algorithms: each token finds its own.
         let mut shared = ec_jwk.clone();
         shared["kid"] = "test-rsa-1".into();
-        let v = JwtVerifier::new(&with_jwks(
-            &dir,
-            &serde_json::json!({"keys": [rsa_jwk, shared]}).to_string(),
-        ))
-        .unwrap();
+        let v = verifier_of(&dir, [rsa_jwk.clone(), shared]).unwrap();
         assert!(v
             .verify(&signed(Algorithm::RS256, Some("test-rsa-1"), &rsa))
             .is_ok());
@@ -834,11 +835,7 @@ mod tests {
         // Two keys of one algorithm: a token must say which.
         let mut second = rsa_jwk.clone();
         second["kid"] = "test-rsa-2".into();
-        let v = JwtVerifier::new(&with_jwks(
-            &dir,
-            &serde_json::json!({"keys": [rsa_jwk, second]}).to_string(),
-        ))
-        .unwrap();
+        let v = verifier_of(&dir, [rsa_jwk.clone(), second]).unwrap();
         assert_eq!(
             v.verify(&signed(Algorithm::RS256, None, &rsa)).map_err(|r| r.why),
             Err(KID_REQUIRED)
@@ -852,12 +849,7 @@ mod tests {
         short["n"] = serde_json::Value::String(rsa_jwk["n"].as_str().unwrap()[..171].to_owned());
         let mut off = ec_jwk.clone();
         off["x"] = serde_json::Value::String(format!("{}AAAA", ec_jwk["x"].as_str().unwrap()));
-        let err = JwtVerifier::new(&with_jwks(
-            &dir,
-            &serde_json::json!({"keys": [short, off]}).to_string(),
-        ))
-        .err()
-        .unwrap();
+        let err = verifier_of(&dir, [short, off]).err().unwrap();
         assert!(err.contains("no RSA, P-256 or Ed25519 signing key"), "{err}");
         // A private key where the public one belongs stops startup.
         let mut s = settings();

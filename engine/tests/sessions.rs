@@ -9,9 +9,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{code_of, RawConn, RawRead, TestServer, User, PASSWORD};
+use common::{assert_disconnected, code_of, RawConn, RawRead, TestServer, User, PASSWORD};
 use rkyv::util::AlignedVec;
-use tern_client::{ClientBody, Content, ErrorCode, ServerBody, ServerFrame, UserId};
+use tern_client::{ClientBody, Content, ErrorCode, ServerBody, UserId};
 use tern_proto::{encode_client, ClientFrame};
 
 const IDLE: Duration = Duration::from_secs(1);
@@ -25,20 +25,6 @@ fn stalling_catch_up_server() -> TestServer {
         config.max_message_bytes = 2048;
         config.outbound_queue_bytes = 8192;
     })
-}
-
-/// The frames before a close include the server's `IdleTimeout`.
-fn assert_closed_as_idle(frames: &[ServerFrame]) {
-    assert!(
-        frames.iter().any(|f| matches!(
-            f.body,
-            ServerBody::Disconnect {
-                code: ErrorCode::IdleTimeout,
-                ..
-            }
-        )),
-        "{frames:?}"
-    );
 }
 
 /// A catch-up paced to a client that reads slowly can take longer than
@@ -99,7 +85,7 @@ fn heartbeats_sent_during_a_long_catch_up_keep_the_session() {
     }
     // And silence still closes it.
     let frames = b.expect_closed();
-    assert_closed_as_idle(&frames);
+    assert_disconnected(&frames, ErrorCode::IdleTimeout);
 }
 
 /// The same, twice in a row: the read that finds the heartbeats sent
@@ -166,7 +152,7 @@ fn heartbeats_during_two_long_catch_ups_in_a_row_keep_the_session() {
         .filter(|f| matches!(f.body, ServerBody::Pong { .. }))
         .count() as u64;
     assert_eq!(pongs + late_pongs, pings, "{frames:?}");
-    assert_closed_as_idle(&frames);
+    assert_disconnected(&frames, ErrorCode::IdleTimeout);
 }
 
 /// Frames refused by the connection's rate meters count as activity too

@@ -367,6 +367,17 @@ pub enum RawRead {
     Timeout,
 }
 
+/// Asserts that the frames a connection got before its close include the
+/// server's `Disconnect` with `code`.
+pub fn assert_disconnected(frames: &[ServerFrame], code: tern_client::ErrorCode) {
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(&f.body, ServerBody::Disconnect { code: got, .. } if *got == code)),
+        "no Disconnect({code:?}) in {frames:?}"
+    );
+}
+
 /// A framed connection with no client logic: sends what it is told, reads
 /// frames as they come. For handshake and bad-input tests.
 pub struct RawConn {
