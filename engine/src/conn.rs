@@ -2443,7 +2443,7 @@ impl Conn {
             );
         }
         // A 1:1 receipt is checked by the conversation's home shard: its
-        // seq may not pass the last one sent, and it is not pushed between
+        // seq may not pass the last one stored, and it is not pushed between
         // two users one of whom blocks the other.
         let (seq, push) = match conv {
             ConvId::Direct { .. } => {
@@ -2456,14 +2456,14 @@ impl Conn {
                 let home = self.shard.home_of(conv.placement_key());
                 self.shard.send_request(home, check).await;
                 match rx.await {
-                    // Nothing sent yet: nothing to acknowledge.
-                    Ok(Ok(check)) if check.last_seq == 0 => {
+                    // Nothing stored yet: nothing to acknowledge.
+                    Ok(Ok(check)) if check.stored_seq == 0 => {
                         return ServerFrame {
                             request_id,
                             body: ServerBody::Ok,
                         }
                     }
-                    Ok(Ok(check)) => (seq.min(check.last_seq), check.push),
+                    Ok(Ok(check)) => (seq.min(check.stored_seq), check.push),
                     Ok(Err(e)) => return store_error_frame(request_id, &e),
                     Err(_) => {
                         return ServerFrame::error(

@@ -174,8 +174,9 @@ pub enum GroupOp {
 /// The answer to [`Request::DirectReceiptCheck`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirectReceiptCheck {
-    /// The conversation's last seq: a receipt's seq is capped at it.
-    pub last_seq: u64,
+    /// The conversation's last stored seq: a receipt's seq is capped at
+    /// it.
+    pub stored_seq: u64,
     /// Whether the receipt may be pushed to the peer: neither blocks the
     /// other.
     pub push: bool,

@@ -1359,6 +1359,88 @@ fn cursors_and_receipts_at_the_top_of_the_seq_range_end_the_catch_up() {
 }
 
 #[test]
+fn a_direct_receipt_never_covers_a_message_not_yet_stored() {
+    // A receipt is capped at what the server holds; for a 1:1 conversation
+    // the cap came from the seqs its home shard had handed out, stored or
+    // not. A "mark everything" receipt (u64::MAX) could then be stored and
+    // pushed for a message still being written: had that write failed, or
+    // the server died before it, the seq would have gone to the next
+    // message, which the reader's cursor then hid from every Sync. Here the
+    // conversation is homed on alice's shard and bob's receipts are staged
+    // on his own, while alice keeps messages in flight: a receipt push
+    // must never name a seq before alice's ack for it (the commit that
+    // stores a message acks it before any receipt can see it stored).
+    const ROUNDS: u64 = 24;
+    const BURST: u64 = 64;
+    let server = TestServer::start();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_where("bob", |b| {
+        b.home(server.shards()) == 1 && ConvId::direct(alice.id, b.id).placement_key() == alice.id
+    });
+    let conv = ConvId::direct(alice.id, bob.id);
+    let mut a = server.login(&alice);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receipts = {
+        let stop = Arc::clone(&stop);
+        let mut b = server.login_unsynced(&bob);
+        thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                b.receipt(conv, ReceiptKind::Delivered, u64::MAX)
+                    .expect("receipt");
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let mut acked = 0u64;
+    let mut pushed = 0u64;
+    for round in 0..ROUNDS {
+        let ids: Vec<u64> = (round * BURST + 1..=(round + 1) * BURST).collect();
+        let mut out = rkyv::util::AlignedVec::new();
+        for &id in &ids {
+            let frame = tern_proto::ClientFrame {
+                request_id: (1 << 40) + id,
+                body: ClientBody::SendDirect {
+                    to: bob.id,
+                    client_msg_id: id,
+                    content: tern_client::Content::text(text_of(id)),
+                },
+            };
+            tern_proto::encode_client(&frame, &mut out, 1 << 20).expect("encode");
+        }
+        a.send_raw(&out).expect("send burst");
+        let mut waiting = ids.len();
+        while waiting > 0 {
+            let frame = a
+                .read_frame(TIMEOUT)
+                .expect("connection")
+                .unwrap_or_else(|| panic!("{waiting} acks missing"));
+            match frame.body {
+                ServerBody::Sent { seq, .. } => {
+                    acked = acked.max(seq);
+                    waiting -= 1;
+                }
+                ServerBody::Receipt { user, seq, .. } => {
+                    assert_eq!(user, bob.id);
+                    assert!(
+                        seq <= acked,
+                        "a receipt for seq {seq} came before the ack of it (acked up to {acked})"
+                    );
+                    pushed += 1;
+                }
+                ServerBody::Presence { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = receipts.join().expect("receipt thread");
+    assert_eq!(acked, ROUNDS * BURST);
+    assert!(sent > 0 && pushed > 0, "receipts sent {sent}, pushed {pushed}");
+}
+
+#[test]
 fn receipts_and_cursors_for_conversations_not_ones_own_are_refused_or_ignored() {
     let server = TestServer::start();
     let alice = server.user_on_shard("alice", 0);

@@ -533,10 +533,13 @@ impl Shard {
         Ok(self.cursor_seq(conv).unwrap_or(0))
     }
 
-    /// The last sequence number of a conversation homed here.
-    pub async fn last_seq(&self, conv: ConvId) -> Result<u64, StoreError> {
+    /// The last stored sequence number of a conversation homed here: the
+    /// highest seq a recipient can have been given. Seqs handed out to
+    /// messages still being written are not counted: a failed write or a
+    /// crash hands them out again, to other messages.
+    pub async fn stored_seq(&self, conv: ConvId) -> Result<u64, StoreError> {
         self.ensure_conv(conv).await?;
-        Ok(self.convs.borrow_mut().get_mut(conv).map_or(0, |s| s.last_seq))
+        Ok(self.convs.borrow_mut().get_mut(conv).map_or(0, |s| s.stored_seq))
     }
 
     /// Assigns the next seq of `conv` to a message, unless it is a retry:
