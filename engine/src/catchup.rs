@@ -256,12 +256,8 @@ async fn stream_departures(
         };
         let floor = floors.entry(conv).or_insert(0);
         *floor = (*floor).max(departure.start);
-        let range = History {
-            conv,
-            until: Some(departure.until.saturating_add(1)),
-            member: None,
-        };
-        streamed += stream_history(shard, outbox, pace, floors, range).await?;
+        let until = Some(departure.until.saturating_add(1));
+        streamed += stream_range(shard, outbox, pace, floors, conv, until).await?;
     }
     Ok(streamed)
 }
@@ -332,7 +328,7 @@ async fn stream_inbox(
                 .map_err(SyncError::Store)?,
         };
         for entry in &entries {
-            if let ConvId::Group { .. } = entry.conv {
+            if let ConvId::Group { group } = entry.conv {
                 // A group that was above the write-diffusion threshold for a
                 // while has messages only in its history: send those first,
                 // so that its seqs still go out in order.
@@ -340,11 +336,13 @@ async fn stream_inbox(
                 if entry.seq > base.saturating_add(1) {
                     // Bounded by an inbox entry written for the user as a
                     // member, and starting past their delivered cursor
-                    // (set when they joined): all within the membership.
+                    // (set when they joined): within a membership, unless
+                    // the user left and joined again meanwhile, which the
+                    // membership check sees.
                     let range = History {
                         conv: entry.conv,
                         until: Some(entry.seq),
-                        member: None,
+                        member: Some((group, user)),
                     };
                     streamed += stream_history(shard, outbox, pace, scan.floors, range).await?;
                 }
@@ -396,18 +394,70 @@ async fn group_base(
 }
 
 /// A range of a group's history to stream: after its floor, up to (not
-/// including) `until` if given; while `member` (if given) still is one.
+/// including) `until` if given; with `member` (group and user), only what
+/// was sequenced while the user was a member.
 struct History {
     conv: ConvId,
     until: Option<u64>,
     member: Option<(GroupId, UserId)>,
 }
 
+/// Where a group's catch-up stands with the user's membership, read with
+/// each page of its history.
+enum Membership {
+    /// Still the membership the catch-up started in.
+    Member,
+    /// No longer a member, and nothing recorded of the membership's end
+    /// (the group was deleted, or the user holds their most departures).
+    Gone,
+    /// A kick, ban or leave since the catch-up began: its departure
+    /// records (what the membership still owes past the stream's
+    /// position), and the user's delivered cursor if they joined again
+    /// since (the join set it to the group's last seq then).
+    Ended {
+        departures: Vec<Departure>,
+        rejoined_at: Option<u64>,
+    },
+}
+
+/// Reads [`Membership`] for a catch-up of `group` at `from`. Departure
+/// records of earlier memberships end at or below the catch-up's start (a
+/// join raises the user's cursor past them), so a record ending at or past
+/// `from - 1` was written since, unless `settled` (already streamed here)
+/// lists it.
+fn membership_at(
+    store: &Store,
+    (group, user): (GroupId, UserId),
+    from: u64,
+    settled: &[(u64, u64)],
+) -> Result<Membership, StoreError> {
+    let member = store.is_member(group, user)?;
+    let departures: Vec<Departure> = store
+        .departures_from(user, group)?
+        .into_iter()
+        .filter(|d| d.until.saturating_add(1) >= from && !settled.contains(&(d.start, d.until)))
+        .collect();
+    Ok(match (member, departures.is_empty()) {
+        (true, true) => Membership::Member,
+        (false, true) => Membership::Gone,
+        (_, false) => Membership::Ended {
+            departures,
+            rejoined_at: match member {
+                true => Some(store.receipts(user, ConvId::Group { group })?.0),
+                false => None,
+            },
+        },
+    })
+}
+
 /// Sends the history `range` describes. With `member`, each page is read
-/// together with a membership check and dropped, ending the stream, once
-/// the user is no longer a member: a kick or a leave writes the store
-/// before its `Ok`, so a page read while the check still passes holds only
-/// messages sequenced before that `Ok`.
+/// together with the membership and follows it: a kick, ban or leave
+/// writes its departure record with the membership change, before its
+/// `Ok`, so a page read while neither has happened holds only messages of
+/// the membership. Once one has, the page is dropped and the record's
+/// range (the rest of the membership) is streamed in its place; then the
+/// stream ends, or, if the user joined again, goes on from their new
+/// cursor, skipping what was sent while they were out.
 async fn stream_history(
     shard: &Rc<Shard>,
     outbox: &Outbox,
@@ -416,6 +466,66 @@ async fn stream_history(
     range: History,
 ) -> Result<u64, SyncError> {
     let History { conv, until, member } = range;
+    let Some(member) = member else {
+        return stream_range(shard, outbox, pace, floors, conv, until).await;
+    };
+    let page = shard.config.sync_page;
+    let mut streamed = 0;
+    // As in `stream_range`.
+    let Some(mut from) = floors.get(&conv).copied().unwrap_or(0).checked_add(1) else {
+        return Ok(streamed);
+    };
+    let mut settled: Vec<(u64, u64)> = Vec::new();
+    loop {
+        let settled_now = settled.clone();
+        let (entries, membership) = shard
+            .blocking(move |store| {
+                let entries = store.history(conv, from, true, page)?;
+                let membership = membership_at(store, member, from, &settled_now)?;
+                Ok((entries, membership))
+            })
+            .await
+            .map_err(SyncError::Store)?;
+        match membership {
+            Membership::Member => {}
+            Membership::Gone => return Ok(streamed),
+            Membership::Ended {
+                departures,
+                rejoined_at,
+            } => {
+                settled.extend(departures.iter().map(|d| (d.start, d.until)));
+                streamed += stream_departures(shard, outbox, pace, floors, departures).await?;
+                let Some(joined) = rejoined_at else {
+                    return Ok(streamed);
+                };
+                let floor = floors.entry(conv).or_insert(0);
+                *floor = (*floor).max(joined);
+                match floor.checked_add(1) {
+                    Some(next) => from = from.max(next),
+                    None => return Ok(streamed),
+                }
+                continue;
+            }
+        }
+        let (sent, next) = send_page(outbox, pace, floors, (conv, until), (&entries, from, page)).await?;
+        streamed += sent;
+        match next {
+            Some(next) => from = next,
+            None => return Ok(streamed),
+        }
+    }
+}
+
+/// Sends `conv`'s history after its floor, up to (not including) `until`
+/// if given.
+async fn stream_range(
+    shard: &Rc<Shard>,
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+    conv: ConvId,
+    until: Option<u64>,
+) -> Result<u64, SyncError> {
     let page = shard.config.sync_page;
     let mut streamed = 0;
     // A floor of u64::MAX (a cursor or receipt a client set that high)
@@ -425,33 +535,43 @@ async fn stream_history(
         return Ok(streamed);
     };
     loop {
-        let (entries, still_member) = shard
-            .blocking(move |store| {
-                let entries = store.history(conv, from, true, page)?;
-                let still_member = match member {
-                    Some((group, user)) => store.is_member(group, user)?,
-                    None => true,
-                };
-                Ok((entries, still_member))
-            })
+        let entries = shard
+            .blocking(move |store| store.history(conv, from, true, page))
             .await
             .map_err(SyncError::Store)?;
-        if !still_member {
-            return Ok(streamed);
-        }
-        for entry in &entries {
-            if until.is_some_and(|until| entry.seq >= until) {
-                return Ok(streamed);
-            }
-            if send_if_new(outbox, pace, floors, conv, entry.seq, &entry.frame).await? {
-                streamed += 1;
-            }
-        }
-        match entries.last().and_then(|last| last.seq.checked_add(1)) {
-            Some(next) if entries.len() >= page && next > from => from = next,
-            _ => return Ok(streamed),
+        let (sent, next) = send_page(outbox, pace, floors, (conv, until), (&entries, from, page)).await?;
+        streamed += sent;
+        match next {
+            Some(next) => from = next,
+            None => return Ok(streamed),
         }
     }
+}
+
+/// Sends one page of history read from `from` (up to `until`, exclusive);
+/// returns how many went out and where the next page starts (`None`: the
+/// range is done).
+async fn send_page(
+    outbox: &Outbox,
+    pace: usize,
+    floors: &mut Floors,
+    (conv, until): (ConvId, Option<u64>),
+    (entries, from, page): (&[StoredFrame], u64, usize),
+) -> Result<(u64, Option<u64>), SyncError> {
+    let mut streamed = 0;
+    for entry in entries {
+        if until.is_some_and(|until| entry.seq >= until) {
+            return Ok((streamed, None));
+        }
+        if send_if_new(outbox, pace, floors, conv, entry.seq, &entry.frame).await? {
+            streamed += 1;
+        }
+    }
+    let next = match entries.last().and_then(|last| last.seq.checked_add(1)) {
+        Some(next) if entries.len() >= page && next > from => Some(next),
+        _ => None,
+    };
+    Ok((streamed, next))
 }
 
 /// Sends, for each of the user's groups, its history after the user's

@@ -335,3 +335,147 @@ fn a_former_member_acknowledges_what_they_are_owed_with_a_receipt() {
         assert_eq!(refused.code(), Some(tern_client::ErrorCode::Forbidden));
     }
 }
+
+/// Messages a backlog catch-up is held up by: enough ~1.9 KB frames that
+/// the server's socket buffer (autotuned up to 4 MiB), the reader's 4 KiB
+/// one and the 8 KiB outbound queue fill long before the end.
+const STALL_BACKLOG: u64 = 3000;
+
+/// A server whose catch-ups a reader can hold up mid-stream: small
+/// outbound queues, 1.9 KB messages, no fsync per send, small sync pages.
+fn stalling_server(write_diffusion_max_members: usize) -> TestServer {
+    TestServer::start_with(|c| {
+        c.write_diffusion_max_members = write_diffusion_max_members;
+        c.sync_page = 4;
+        c.max_frame_bytes = 4096;
+        c.max_message_bytes = 2048;
+        c.outbound_queue_bytes = 8192;
+        c.write_timeout = std::time::Duration::from_secs(60);
+        c.durability = tern_engine::config::Durability::Async {
+            flush_interval: std::time::Duration::from_millis(100),
+        };
+    })
+}
+
+/// An open group of `owner` and `victim` holding `STALL_BACKLOG` ~1.9 KB
+/// messages, and `victim`'s `Sync` on a connection that does not read:
+/// the catch-up is stalled somewhere in the backlog when this returns.
+fn stalled_catch_up(
+    server: &TestServer,
+    owner: &User,
+    victim: &User,
+) -> (GroupId, tern_client::Client, common::RawConn, u64) {
+    let mut o = server.login_unsynced(owner);
+    let group = common::group_on_shard(&mut o, 0, server.shards(), true);
+    server.login_unsynced(victim).group_join(group).expect("join");
+    let body = "b".repeat(1900);
+    for seq in 1..=STALL_BACKLOG {
+        assert_eq!(o.send_group_text(group, &body).expect("send").seq, seq);
+    }
+    let mut slow = common::RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    slow.login(victim);
+    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors: Vec::new() });
+    thread::sleep(std::time::Duration::from_millis(500));
+    (group, o, slow, sync_id)
+}
+
+/// The seqs of `conv` the stalled connection gets, in wire order: its
+/// catch-up to `SyncDone`, then live pushes until it falls quiet.
+fn drain_seqs(slow: &mut common::RawConn, sync_id: u64, conv: ConvId) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut done = false;
+    loop {
+        let frame = match slow.read(if done { QUIET } else { TIMEOUT }) {
+            common::RawRead::Frame(frame) => frame,
+            common::RawRead::Timeout if done => return seqs,
+            other => panic!("catch-up ended with {other:?} after {} messages", seqs.len()),
+        };
+        match frame.body {
+            tern_client::ServerBody::Message(m) if m.conv == conv => seqs.push(m.seq),
+            tern_client::ServerBody::SyncDone { .. } if frame.request_id == sync_id => done = true,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_kick_during_a_large_groups_catch_up_still_owes_the_rest_of_the_membership() {
+    // The catch-up of a read-diffused group checks membership with each
+    // history page. It used to stop at the kick and then send the messages
+    // held for the session meanwhile, so the client saw 1..k, then the
+    // last few: a cursor at the last one then acknowledged the departure
+    // record, and k+1.. were never sent. The rest of the membership now
+    // comes from the departure record, in the same catch-up.
+    let server = stalling_server(1);
+    let owner = server.user_on_shard("owner", 0);
+    let victim = server.user_on_shard("victim", 1);
+    let (group, mut o, mut slow, sync_id) = stalled_catch_up(&server, &owner, &victim);
+    let gconv = ConvId::Group { group };
+    // Held for the syncing session: the victim is still a member.
+    for n in 1..=5 {
+        o.send_group_text(group, &format!("held {n}")).expect("send");
+    }
+    o.group_kick(group, victim.id).expect("kick");
+    o.send_group_text(group, "after the kick").expect("send");
+    let seqs = drain_seqs(&mut slow, sync_id, gconv);
+    let want: Vec<u64> = (1..=STALL_BACKLOG + 5).collect();
+    assert!(seqs == want, "got {} messages, {:?}", seqs.len(), gaps(&seqs));
+    // Holding all of it, the client says so; nothing more is owed.
+    drop(slow);
+    let mut again = server.login_unsynced(&victim);
+    let cursor = Cursor {
+        conv: gconv,
+        seq: STALL_BACKLOG + 5,
+    };
+    let sync = raw_sync_all(&mut again, vec![cursor], 0);
+    assert!(sync.messages.is_empty(), "{:?}", sync.messages.len());
+}
+
+#[test]
+fn a_kick_and_a_rejoin_during_a_catch_up_skip_what_was_sent_in_between() {
+    // Between two memberships nothing is owed (protocol.md 2.8.8). A kick
+    // and a rejoin between two pages of a catch-up passed the per-page
+    // membership check (large group), or were not checked at all where the
+    // inbox of a small group skips ahead and the gap is filled from the
+    // history (small group, above the threshold for a while before).
+    for large in [true, false] {
+        let server = stalling_server(if large { 1 } else { 200 });
+        let owner = server.user_on_shard("owner", 0);
+        let victim = server.user_on_shard("victim", 1);
+        let (group, mut o, mut slow, sync_id) = stalled_catch_up(&server, &owner, &victim);
+        let gconv = ConvId::Group { group };
+        o.group_kick(group, victim.id).expect("kick");
+        for n in 1..=3 {
+            o.send_group_text(group, &format!("between {n}")).expect("send");
+        }
+        server
+            .login_unsynced(&victim)
+            .group_join(group)
+            .expect("joins again");
+        let last = o.send_group_text(group, "after the rejoin").expect("send").seq;
+        assert_eq!(last, STALL_BACKLOG + 4);
+        let seqs = drain_seqs(&mut slow, sync_id, gconv);
+        let want: Vec<u64> = (1..=STALL_BACKLOG).chain([last]).collect();
+        assert!(
+            seqs == want,
+            "large {large}: got {} messages, {:?}",
+            seqs.len(),
+            gaps(&seqs)
+        );
+    }
+}
+
+/// Where `seqs` is not one run of consecutive numbers, for failure
+/// messages: its first, each jump and its last.
+fn gaps(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = seqs
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    if let (Some(first), Some(last)) = (seqs.first(), seqs.last()) {
+        out.insert(0, (0, *first));
+        out.push((*last, u64::MAX));
+    }
+    out
+}

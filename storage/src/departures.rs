@@ -152,11 +152,16 @@ impl Store {
         self.inner.scan_departures(&codec::id_key(user))
     }
 
+    /// `user`'s departure records for `group`, in seq order.
+    pub fn departures_from(&self, user: UserId, group: GroupId) -> Result<Vec<Departure>, StoreError> {
+        self.inner.scan_departures(&codec::pair_key(user, group))
+    }
+
     /// The end of the latest of `user`'s departure records for `group`
     /// (the last seq of the group owed to them), if they hold one: a
     /// former member may acknowledge up to it.
     pub fn departure_end(&self, user: UserId, group: GroupId) -> Result<Option<u64>, StoreError> {
-        let held = self.inner.scan_departures(&codec::pair_key(user, group))?;
+        let held = self.departures_from(user, group)?;
         Ok(held.iter().map(|d| d.until).max())
     }
 
