@@ -2415,19 +2415,37 @@ impl Conn {
         // departure record, which their catch-up streams) acknowledges
         // them like a member, up to the record's end: that is what drops
         // the record and their inbox entries of the group.
-        let (allowed, group_last) = match conv {
-            ConvId::Direct { .. } => (crate::catchup::in_direct(&self.shard.store, user, conv), 0),
+        //
+        // A receipt at or past the end of a departure record acknowledges
+        // it (protocol.md 2.8.8), and the records it settles go once the
+        // receipt is stored. The latest record of a user not in the group
+        // again stays until their next `Sync` (which drops it: their stored
+        // cursor now covers it), so that their receipts are still accepted
+        // until then; that cursor cannot tell for the others, which a join
+        // moved it past without the user acknowledging anything.
+        let (allowed, group_last, settled) = match conv {
+            ConvId::Direct { .. } => (
+                crate::catchup::in_direct(&self.shard.store, user, conv),
+                0,
+                Vec::new(),
+            ),
             ConvId::Group { group } => match self
                 .shard
                 .blocking(move |store| {
                     let last = store.conv_tail(conv, 0)?.last_seq;
-                    if store.is_member(group, user)? {
-                        return Ok((true, last));
+                    let member = store.is_member(group, user)?;
+                    let mut departures = store.departures_from(user, group)?;
+                    let owed_until = departures.iter().map(|d| d.until).max();
+                    let cap = match (member, owed_until) {
+                        (true, _) => last,
+                        (false, Some(end)) => last.min(end),
+                        (false, None) => return Ok((false, 0, Vec::new())),
+                    };
+                    if !member {
+                        departures.pop();
                     }
-                    Ok::<_, tern_storage::StoreError>(match store.departure_end(user, group)? {
-                        Some(end) => (true, last.min(end)),
-                        None => (false, 0),
-                    })
+                    departures.retain(|d| d.until <= seq.min(cap));
+                    Ok::<_, tern_storage::StoreError>((true, cap, departures))
                 })
                 .await
             {
@@ -2504,12 +2522,23 @@ impl Conn {
         });
         let (tx, rx) = futures_channel::oneshot::channel();
         self.shard.stage_receipt(user, conv, kind, seq, Some(tx), notify);
-        match rx.await {
-            Ok(true) => ServerFrame {
-                request_id,
-                body: ServerBody::Ok,
-            },
-            _ => ServerFrame::error(request_id, ErrorCode::Internal, "receipt not stored; retry"),
+        if rx.await != Ok(true) {
+            return ServerFrame::error(request_id, ErrorCode::Internal, "receipt not stored; retry");
+        }
+        if !settled.is_empty() {
+            // Unsynced, as a catch-up's drops are: a record a crash brings
+            // back is streamed once more, never lost.
+            let dropped = self
+                .shard
+                .blocking(move |store| store.drop_departures(user, &settled))
+                .await;
+            if let Err(e) = dropped {
+                tracing::warn!(user, error = %e, "could not drop acknowledged departure records");
+            }
+        }
+        ServerFrame {
+            request_id,
+            body: ServerBody::Ok,
         }
     }
 

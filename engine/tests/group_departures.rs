@@ -479,3 +479,49 @@ fn gaps(seqs: &[u64]) -> Vec<(u64, u64)> {
     }
     out
 }
+
+#[test]
+fn a_receipt_at_or_past_an_earlier_membership_acknowledges_it() {
+    // protocol.md 2.8.8: a range is kept until a `Sync` cursor or a
+    // receipt at or past its end acknowledges it. A receipt used to settle
+    // only the latest range of a user not in the group again, so a client
+    // that acknowledges with receipts (and presents no cursors) got every
+    // other range again on each `Sync`.
+    let server = large_group_server();
+    let alice = server.user_on_shard("alice", 0);
+    let bob = server.user_on_shard("bob", 1);
+    let carol = server.user_on_shard("carol", 0);
+
+    // Member again: kicked after 1..=3, back in.
+    let group = group_with(&server, &alice, &[&bob, &carol]);
+    let gconv = ConvId::Group { group };
+    let mut a = server.login_unsynced(&alice);
+    send_pipelined(&mut a, To::Group(group), &ids(1, 3), 3);
+    a.group_kick(group, bob.id).expect("kick");
+    server.login_unsynced(&bob).group_join(group).expect("join again");
+    let mut b = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut b, vec![], 3).messages, gconv, 1..=3);
+    b.receipt(gconv, tern_client::ReceiptKind::Delivered, 3)
+        .expect("receipt");
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 0);
+    assert!(sync.messages.is_empty(), "member again: {:?}", sync.messages);
+
+    // Out again, with two ranges: kicked after 1..=3, back, left after 4..=5.
+    let group = group_with(&server, &alice, &[&bob, &carol]);
+    let gconv = ConvId::Group { group };
+    send_pipelined(&mut a, To::Group(group), &ids(1, 3), 3);
+    a.group_kick(group, bob.id).expect("kick");
+    server.login_unsynced(&bob).group_join(group).expect("join again");
+    send_pipelined(&mut a, To::Group(group), &ids(4, 2), 2);
+    server.login_unsynced(&bob).group_leave(group).expect("leave");
+    let mut b = server.login_unsynced(&bob);
+    assert_seqs(&raw_sync_all(&mut b, vec![], 5).messages, gconv, 1..=5);
+    b.receipt(gconv, tern_client::ReceiptKind::Delivered, 5)
+        .expect("receipt");
+    drop(b);
+    let mut b = server.login_unsynced(&bob);
+    let sync = raw_sync_all(&mut b, vec![], 0);
+    assert!(sync.messages.is_empty(), "two ranges: {:?}", sync.messages);
+}

@@ -157,14 +157,6 @@ impl Store {
         self.inner.scan_departures(&codec::pair_key(user, group))
     }
 
-    /// The end of the latest of `user`'s departure records for `group`
-    /// (the last seq of the group owed to them), if they hold one: a
-    /// former member may acknowledge up to it.
-    pub fn departure_end(&self, user: UserId, group: GroupId) -> Result<Option<u64>, StoreError> {
-        let held = self.departures_from(user, group)?;
-        Ok(held.iter().map(|d| d.until).max())
-    }
-
     /// Removes the given departure records of `user` (acknowledged, or of
     /// a deleted group), unsynced: one lost in a crash is found again by
     /// the next catch-up, which drops it then.
