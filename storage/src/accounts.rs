@@ -239,14 +239,17 @@ impl Store {
             username: &username,
             phc: &old_phc,
         };
+        // The registration lock (as in `set_password`: no registration's
+        // check-then-insert of the same key interleaves with this
+        // overwrite), then the user's token stripe: the order account
+        // deletion takes them in. The other order deadlocked with a
+        // deletion of any account on the same stripe.
+        let registering = lock(&inner.register_lock);
         let issuing = inner.token_lock(user);
         if !inner.password_unchanged(&checked)? {
             // Another change got here first: `old` is no longer the password.
             return Err(StoreError::AuthFailed);
         }
-        // As in `set_password`: no registration's check-then-insert of the
-        // same key interleaves with this overwrite.
-        let registering = lock(&inner.register_lock);
         let mut batch = inner.db.batch();
         inner.put_account(&mut batch, &username, user, &new_phc);
         inner.commit_revoking_all(batch, user, (registering, issuing))

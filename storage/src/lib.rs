@@ -285,6 +285,9 @@ struct Inner {
     /// A hash to verify against for unknown usernames, built on first use.
     dummy_hash: OnceLock<String>,
     /// Serialises registration (name check + insert) and owns the next user id.
+    /// Taken before a token stripe ([`Inner::token_lock`]) wherever both
+    /// are held (a password change, an account deletion): in the other
+    /// order the two deadlock.
     register_lock: Mutex<u64>,
     /// The highest user id assigned, readable without the lock: ids are
     /// dense and never reused, so `1..=highest` is exactly the set of users.

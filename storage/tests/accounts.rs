@@ -655,3 +655,66 @@ fn of_concurrent_changes_from_the_same_password_exactly_one_succeeds() {
         alice
     );
 }
+
+#[test]
+fn password_changes_and_account_deletions_sharing_a_token_stripe_never_deadlock() {
+    // A password change took the user's token stripe, then the
+    // registration lock; an account deletion takes them the other way
+    // round. Users 64 ids apart share a stripe, so a user changing their
+    // password while an operator deleted another account could stop every
+    // registration, and every login of that stripe, for good. Deleting an
+    // id that does not exist takes both locks too, so the deleting thread
+    // hammers them without running out of accounts.
+    const STRIPES: u64 = 64;
+    const CHANGES: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let changer = store.register("changer", b"password-0").unwrap();
+    let same_stripe = changer + STRIPES * 1000;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let changing = {
+        let (store, done) = (store.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            for n in 0..CHANGES {
+                let (old, new) = (format!("password-{n}"), format!("password-{}", n + 1));
+                store
+                    .change_password(changer, old.as_bytes(), new.as_bytes())
+                    .unwrap();
+            }
+            done.send(()).unwrap();
+        })
+    };
+    let deleting = {
+        let (store, stop, done) = (store.clone(), Arc::clone(&stop), done_tx);
+        std::thread::spawn(move || {
+            let mut deletions = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(matches!(
+                    store.delete_account(same_stripe),
+                    Err(StoreError::NotFound)
+                ));
+                deletions += 1;
+            }
+            done.send(()).unwrap();
+            deletions
+        })
+    };
+    if done_rx.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
+        panic!("a password change and an account deletion deadlocked");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if done_rx.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
+        panic!("a password change and an account deletion deadlocked");
+    }
+    changing.join().unwrap();
+    assert!(deleting.join().unwrap() > 0);
+    // Both locks are free: a registration and a login go through.
+    store.register("after", b"password-y").unwrap();
+    assert_eq!(
+        store
+            .verify_password("changer", format!("password-{CHANGES}").as_bytes())
+            .unwrap(),
+        changer
+    );
+}
