@@ -308,9 +308,12 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
                 password,
             } => 'login: {
                 // Refused before argon2 runs: a guessing flood costs no CPU.
-                if let Err(wait) = limits::login_allowed(&config, peer, Some(&username)) {
-                    break 'login Err(rate_limited(request_id, "too many failed logins", wait));
-                }
+                // The check counts against the back-off until its outcome
+                // is recorded, at the end of this block.
+                let _attempt = match limits::login_allowed(&config, peer, Some(&username)) {
+                    Ok(attempt) => attempt,
+                    Err(wait) => break 'login Err(rate_limited(request_id, "too many failed logins", wait)),
+                };
                 let account = username.clone();
                 let revocations = shard.store.revocations();
                 let login = shard
@@ -2171,9 +2174,11 @@ impl Conn {
             Ok(None) => return store_error_frame(request_id, &tern_storage::StoreError::NotFound),
             Err(e) => return store_error_frame(request_id, &e),
         };
-        if let Err(wait) = limits::login_allowed(config, self.peer, Some(&username)) {
-            return rate_limited(request_id, "too many failed password checks", wait);
-        }
+        // Held until the outcome is recorded (the end of this function).
+        let _attempt = match limits::login_allowed(config, self.peer, Some(&username)) {
+            Ok(attempt) => attempt,
+            Err(wait) => return rate_limited(request_id, "too many failed password checks", wait),
+        };
         let changed = self
             .shard
             .blocking(move |store| store.change_password(user, &old, &new))
@@ -2218,9 +2223,11 @@ impl Conn {
             Ok(None) => return Some(store_error_frame(request_id, &tern_storage::StoreError::NotFound)),
             Err(e) => return Some(store_error_frame(request_id, &e)),
         };
-        if let Err(wait) = limits::login_allowed(config, self.peer, Some(&username)) {
-            return Some(rate_limited(request_id, "too many failed password checks", wait));
-        }
+        // Held until the outcome is recorded (the end of this function).
+        let _attempt = match limits::login_allowed(config, self.peer, Some(&username)) {
+            Ok(attempt) => attempt,
+            Err(wait) => return Some(rate_limited(request_id, "too many failed password checks", wait)),
+        };
         let deleted = self
             .shard
             .blocking(move |store| store.delete_own_account(user, &password))

@@ -216,18 +216,36 @@ impl AddrKey {
     }
 }
 
-/// Failed logins of one account or address, and the back-off they earned.
+/// Failed logins of one account or address, the back-off they earned, and
+/// the password checks running for it now.
 #[derive(Debug, Clone, Copy, Default)]
 struct Failures {
     count: u32,
     last_ms: u64,
     blocked_until_ms: u64,
+    /// Password checks begun and not yet settled ([`LoginAttempt`]). Each
+    /// may still fail, so each counts against the failures left before
+    /// the back-off: guesses sent at once must not all pass the check
+    /// before the first of them has failed.
+    in_flight: u32,
 }
 
 impl Failures {
-    fn check(&self, now_ms: u64) -> Result<(), u64> {
+    /// `Err` is the wait in ms: the back-off, or, while as many password
+    /// checks are running as may still fail before it starts (`free`
+    /// failures in all; one at a time once it has begun), a short wait for
+    /// them to settle.
+    fn check(&self, limits: &Limits, free: u32, now_ms: u64) -> Result<(), u64> {
         if now_ms < self.blocked_until_ms {
             return Err(self.blocked_until_ms - now_ms);
+        }
+        let window = limits.login_failure_window.as_millis() as u64;
+        let failed = match now_ms.saturating_sub(self.last_ms) >= window {
+            true => 0,
+            false => self.count,
+        };
+        if free > 0 && self.in_flight >= free.saturating_sub(failed).max(1) {
+            return Err(IN_FLIGHT_WAIT_MS);
         }
         Ok(())
     }
@@ -250,7 +268,9 @@ impl Failures {
 
     fn is_idle(&self, limits: &Limits, now_ms: u64) -> bool {
         let window = limits.login_failure_window.as_millis() as u64;
-        now_ms >= self.blocked_until_ms && now_ms.saturating_sub(self.last_ms) >= window
+        self.in_flight == 0
+            && now_ms >= self.blocked_until_ms
+            && now_ms.saturating_sub(self.last_ms) >= window
     }
 }
 
@@ -480,26 +500,101 @@ pub fn registration_allowed(config: &Config, peer: Option<IpAddr>) -> Result<(),
     )
 }
 
-/// Checks, before any password is hashed, whether a login for `account`
-/// (when named) from `peer` may be tried now; `Err` is the wait in ms.
-pub fn login_allowed(config: &Config, peer: Option<IpAddr>, account: Option<&str>) -> Result<(), u32> {
+/// How long a login refused because checks of its account or address are
+/// still running is told to wait, ms: about one password hash.
+const IN_FLIGHT_WAIT_MS: u64 = 1000;
+
+/// A password check under way (`Login`, and the password of
+/// `ChangePassword` and `AccountDelete`): while it lives it counts against
+/// its account's and address's failures left ([`Failures::in_flight`]).
+/// Drop it once the outcome is recorded ([`login_failed`],
+/// [`login_succeeded`]), on the shard that made it.
+#[must_use = "the attempt counts only while it is held"]
+pub struct LoginAttempt {
+    addr: Option<AddrKey>,
+    account: Option<Box<str>>,
+    /// The tables are the shard thread's own.
+    _not_send: PhantomData<Rc<()>>,
+}
+
+impl Drop for LoginAttempt {
+    fn drop(&mut self) {
+        // `try_with`: nothing to settle once the thread's tables are gone.
+        let _ = TABLES.try_with(|tables| {
+            let mut tables = tables.borrow_mut();
+            if let Some(recent) = self.addr.and_then(|key| tables.recent.get_mut(&key)) {
+                recent.logins.in_flight = recent.logins.in_flight.saturating_sub(1);
+            }
+            if let Some(failures) = self
+                .account
+                .as_deref()
+                .and_then(|name| tables.accounts.get_mut(name))
+            {
+                failures.in_flight = failures.in_flight.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// Checks, before any password is hashed or token checked, whether a login
+/// for `account` (when named: a password check) from `peer` may be tried
+/// now; `Err` is the wait in ms. A password check counts against the
+/// back-off of its account and address until the returned attempt is
+/// dropped; a token or JWT login (no account) only checks its address's.
+pub fn login_allowed(
+    config: &Config,
+    peer: Option<IpAddr>,
+    account: Option<&str>,
+) -> Result<LoginAttempt, u32> {
     let limits = &config.limits;
-    let now_ms = monotonic_us() / 1000;
+    let now_us = monotonic_us();
+    let now_ms = now_us / 1000;
+    let metered_addr = peer.filter(|ip| !limits.is_exempt(*ip)).map(AddrKey::of);
     TABLES
         .with(|tables| {
-            let tables = tables.borrow();
-            let by_addr = peer
-                .filter(|ip| !limits.is_exempt(*ip))
-                .and_then(|ip| tables.recent.get(&AddrKey::of(ip)))
-                .map_or(Ok(()), |r| r.logins.check(now_ms));
+            let mut tables = tables.borrow_mut();
+            let (per_ip, per_account) = (limits.login_failures_per_ip, limits.login_failures_per_account);
+            let by_addr = metered_addr
+                .and_then(|key| tables.recent.get(&key))
+                .map_or(Ok(()), |r| match account {
+                    Some(_) => r.logins.check(limits, per_ip, now_ms),
+                    // Only password checks are counted in flight.
+                    None => r.logins.check(limits, 0, now_ms),
+                });
             let by_account = account
                 .and_then(|name| tables.accounts.get(name))
-                .map_or(Ok(()), |f| f.check(now_ms));
+                .map_or(Ok(()), |f| f.check(limits, per_account, now_ms));
             match (by_addr, by_account) {
-                (Ok(()), Ok(())) => Ok(()),
-                (Err(a), Err(b)) => Err(a.max(b)),
-                (Err(wait), _) | (_, Err(wait)) => Err(wait),
+                (Ok(()), Ok(())) => {}
+                (Err(a), Err(b)) => return Err(a.max(b)),
+                (Err(wait), _) | (_, Err(wait)) => return Err(wait),
             }
+            let mut attempt = LoginAttempt {
+                addr: None,
+                account: None,
+                _not_send: PhantomData,
+            };
+            let Some(name) = account else {
+                return Ok(attempt);
+            };
+            // Counted where tracked; a full table goes unmetered (fails
+            // open), as its failures would.
+            if let Some(key) = metered_addr.filter(|_| per_ip > 0) {
+                if let Some(recent) = tables.recent_mut(limits, key, now_us) {
+                    recent.logins.in_flight = recent.logins.in_flight.saturating_add(1);
+                    attempt.addr = Some(key);
+                }
+            }
+            if per_account > 0 {
+                let tracked =
+                    tables.accounts.contains_key(name) || tables.room(limits, now_us, Table::Accounts);
+                if tracked {
+                    let failures = tables.accounts.entry(name.into()).or_default();
+                    failures.in_flight = failures.in_flight.saturating_add(1);
+                    attempt.account = Some(name.into());
+                }
+            }
+            Ok(attempt)
         })
         .map_err(|wait_ms| wait_ms.min(u64::from(u32::MAX)) as u32)
 }
@@ -566,7 +661,21 @@ pub fn account_change_allowed(
 /// count stays: one good account must not launder a guessing address.
 pub fn login_succeeded(account: &str) {
     TABLES.with(|tables| {
-        tables.borrow_mut().accounts.remove(account);
+        let mut tables = tables.borrow_mut();
+        match tables.accounts.get_mut(account) {
+            // Other checks of the account are still running: keep their
+            // count, forget the failures.
+            Some(failures) if failures.in_flight > 0 => {
+                *failures = Failures {
+                    in_flight: failures.in_flight,
+                    ..Failures::default()
+                }
+            }
+            Some(_) => {
+                tables.accounts.remove(account);
+            }
+            None => {}
+        }
     });
 }
 
@@ -666,19 +775,58 @@ mod tests {
         let t = 1_000_000;
         for i in 0..4 {
             f.record(&limits, 5, t + i);
-            assert!(f.check(t + i).is_ok());
+            assert!(f.check(&limits, 5, t + i).is_ok());
         }
         f.record(&limits, 5, t + 4);
-        assert_eq!(f.check(t + 4), Err(100));
+        assert_eq!(f.check(&limits, 5, t + 4), Err(100));
         f.record(&limits, 5, t + 104);
-        assert_eq!(f.check(t + 104), Err(200));
+        assert_eq!(f.check(&limits, 5, t + 104), Err(200));
         f.record(&limits, 5, t + 304);
-        assert_eq!(f.check(t + 304), Err(350), "capped");
+        assert_eq!(f.check(&limits, 5, t + 304), Err(350), "capped");
         assert!(!f.is_idle(&limits, t + 700));
         assert!(f.is_idle(&limits, t + 304 + 10_000));
         // After a quiet window the count starts again.
         f.record(&limits, 5, t + 304 + 10_000);
-        assert!(f.check(t + 304 + 10_000).is_ok());
+        assert!(f.check(&limits, 5, t + 304 + 10_000).is_ok());
+    }
+
+    #[test]
+    fn checks_in_flight_count_as_failures_to_come() {
+        let limits = Limits {
+            login_backoff_base: Duration::from_millis(100),
+            login_failure_window: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let t = 1_000_000;
+        // Three may fail before the back-off: three at once, not four.
+        let mut f = Failures {
+            in_flight: 2,
+            ..Failures::default()
+        };
+        assert!(f.check(&limits, 3, t).is_ok());
+        f.in_flight = 3;
+        assert_eq!(f.check(&limits, 3, t), Err(IN_FLIGHT_WAIT_MS));
+        // One failure recorded: two left, so two at once.
+        f.record(&limits, 3, t);
+        f.in_flight = 2;
+        assert_eq!(f.check(&limits, 3, t), Err(IN_FLIGHT_WAIT_MS));
+        f.in_flight = 1;
+        assert!(f.check(&limits, 3, t).is_ok());
+        // Past the back-off: one at a time.
+        f.record(&limits, 3, t);
+        f.record(&limits, 3, t);
+        f.in_flight = 0;
+        assert!(f.check(&limits, 3, t).is_err(), "backing off");
+        assert!(f.check(&limits, 3, t + 1000).is_ok());
+        f.in_flight = 1;
+        assert_eq!(f.check(&limits, 3, t + 1000), Err(IN_FLIGHT_WAIT_MS));
+        assert!(!f.is_idle(&limits, t + 100_000), "a check is running");
+        // A failure count forgotten after the window frees them all again;
+        // no limit (0) never counts.
+        f.in_flight = 2;
+        assert!(f.check(&limits, 3, t + 1000 + 10_000 + 800).is_ok());
+        f.in_flight = 1000;
+        assert!(f.check(&limits, 0, t + 1000).is_ok());
     }
 
     #[test]

@@ -248,6 +248,66 @@ fn slow_hash_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
 }
 
 #[test]
+fn password_checks_in_flight_count_against_the_back_off() {
+    // The back-off used to count only failures already hashed, so guesses
+    // sent at once all passed the check before the first failed: a burst
+    // on as many connections as a guesser could open got that many argon2
+    // checks per back-off instead of `login_failures_per_account` (and,
+    // from one address, `login_failures_per_ip`) in all.
+    const GUESSES: usize = 12;
+    for per_account in [true, false] {
+        let server = slow_hash_server(|c| {
+            if per_account {
+                c.limits.login_failures_per_account = 3;
+                c.limits.login_failures_per_ip = 0;
+            } else {
+                c.limits.login_failures_per_account = 0;
+                c.limits.login_failures_per_ip = 3;
+            }
+            c.limits.max_connections_per_ip = 100;
+        });
+        let mut client = server.connect();
+        let names: Vec<String> = (0..GUESSES).map(|n| format!("carol{n}")).collect();
+        let accounts = if per_account { &names[..1] } else { &names[..] };
+        for name in accounts {
+            client.register(name, PASSWORD).expect("register");
+        }
+        let mut conns: Vec<RawConn> = (0..GUESSES)
+            .map(|_| {
+                let mut raw = RawConn::connect(server.addr());
+                raw.hello();
+                raw
+            })
+            .collect();
+        for (n, raw) in conns.iter_mut().enumerate() {
+            raw.send(ClientBody::Login {
+                username: accounts[n % accounts.len()].clone(),
+                password: b"wrong password".to_vec(),
+            });
+        }
+        let mut codes = std::collections::BTreeMap::new();
+        for raw in &mut conns {
+            let frame = raw.expect_frame();
+            let code = match frame.body {
+                ServerBody::Error { code, .. } => code,
+                other => panic!("expected an error, got {other:?}"),
+            };
+            *codes.entry(format!("{code:?}")).or_insert(0) += 1;
+        }
+        assert_eq!(
+            codes.get("AuthFailed").copied().unwrap_or(0),
+            3,
+            "per account {per_account}: {codes:?}"
+        );
+        assert_eq!(
+            codes.get("RateLimited").copied().unwrap_or(0),
+            GUESSES - 3,
+            "per account {per_account}: {codes:?}"
+        );
+    }
+}
+
+#[test]
 fn account_backoff_refuses_before_hashing_and_resets_on_success() {
     let server = slow_hash_server(|c| {
         c.limits.login_failures_per_account = 3;
