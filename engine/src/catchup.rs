@@ -694,8 +694,9 @@ fn archived_message_bound(message: &ChatMessage) -> usize {
 /// `max_frame_bytes`, so that a page is never too large to send: 200
 /// messages of 16 KiB would be 3 MiB. A page may therefore hold fewer
 /// items than asked for; clients page on from its last item, and only an
-/// empty page ends the list. The first item always stays: the config
-/// keeps `max_message_bytes` 512 bytes below `max_frame_bytes`.
+/// empty page ends the list. The first item always stays: a message's
+/// content, media URL and MIME type included, is kept
+/// `FRAME_ENVELOPE_BYTES` below `max_frame_bytes` (`Config::content_limits`).
 fn fit_in_frame<T>(items: &mut Vec<T>, max_frame_bytes: u32, bound: impl Fn(&T) -> usize) {
     let budget = page_budget(max_frame_bytes);
     let mut used = 0usize;

@@ -25,6 +25,13 @@ pub const MAX_BLOCKING_THREADS: usize = 64;
 /// Most password-hashing threads (`store.hash_threads`).
 pub const MAX_HASH_THREADS: usize = 1024;
 
+/// Bytes of every frame kept for what the server wraps around a message's
+/// content: the frame header and the archived `Message` (or a page entry
+/// listing it, with its summary), beside the body, media URL and MIME
+/// type (see [`Config::content_limits`]); `engine/tests/bounds.rs` sends
+/// a message at that limit and lists it.
+pub const FRAME_ENVELOPE_BYTES: usize = 512;
+
 /// Everything `ternd` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -374,6 +381,17 @@ impl Config {
         }
     }
 
+    /// What a message may carry: a body of `max_message_bytes`, and body,
+    /// media URL and MIME type together no more than a frame holds with
+    /// [`FRAME_ENVELOPE_BYTES`] to spare, so that the server's copy of any
+    /// message it accepts (and a page listing it) fits in a frame.
+    pub fn content_limits(&self) -> tern_proto::session::ContentLimits {
+        tern_proto::session::ContentLimits {
+            body: self.max_message_bytes,
+            total: (self.max_frame_bytes as usize).saturating_sub(FRAME_ENVELOPE_BYTES),
+        }
+    }
+
     /// Whether idle sessions park, and after how long.
     pub fn parks_after(&self) -> Option<Duration> {
         (!self.park_after.is_zero() && self.park_after < self.idle_timeout).then_some(self.park_after)
@@ -404,12 +422,12 @@ impl Config {
             ));
         }
         let frame = self.max_frame_bytes as usize;
-        if self.max_message_bytes + 512 > frame {
+        if self.max_message_bytes + FRAME_ENVELOPE_BYTES > frame {
             return Err(format!(
-                "max_message_bytes ({}) must leave 512 bytes of frame overhead below max_frame_bytes \
-                 ({frame}): at most {}",
+                "max_message_bytes ({}) must leave {FRAME_ENVELOPE_BYTES} bytes of frame overhead below \
+                 max_frame_bytes ({frame}): at most {}",
                 self.max_message_bytes,
-                frame.saturating_sub(512)
+                frame.saturating_sub(FRAME_ENVELOPE_BYTES)
             ));
         }
         if self.outbound_queue_bytes < 2 * frame {

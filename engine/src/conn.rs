@@ -194,7 +194,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, tls: Option<Arc<ServerConfi
     let config = shard.config.clone();
     let mut buf = FrameBuf::new(config.max_frame_bytes);
     let idle_ms = config.idle_timeout.as_millis() as u64;
-    let mut session = Session::new(now_ms(), idle_ms, config.max_message_bytes);
+    let mut session = Session::new(now_ms(), idle_ms, config.content_limits());
     let mut limiter = ConnLimiter::new(&config.limits, peer);
     let mut out = AlignedVec::new();
     // Answers not written yet because more of the client's frames were
@@ -929,7 +929,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         shard.presence_changed(user);
     }
     let idle_ms = config.idle_timeout.as_millis() as u64;
-    let session = Session::authenticated(user, now_ms(), idle_ms, config.max_message_bytes);
+    let session = Session::authenticated(user, now_ms(), idle_ms, config.content_limits());
     let conn = Conn {
         shard,
         user,

@@ -215,3 +215,51 @@ fn staged_writes_stay_within_max_staged_writes_and_every_message_arrives() {
     );
     assert!(waits > 0, "no message ever waited: the bound was not exercised");
 }
+
+#[test]
+fn a_media_message_at_the_content_limit_is_delivered_listed_and_paged() {
+    // A media message's URL and MIME type travel beside its body. Only
+    // the body was held to a limit, so at the smallest frame limit the
+    // config allows, a 430-byte URL with a full body was acknowledged,
+    // stored as an empty frame it could not encode and never delivered;
+    // a smaller one was delivered but made every page listing it too
+    // large to send. Now body, URL and MIME type together are held to
+    // the frame limit less the server's envelope.
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 2048;
+        c.max_message_bytes = 1536;
+    });
+    let mut pair = common::Pair::new(&server, "m");
+    let media = |url: usize, body: usize| tern_client::Content {
+        kind: tern_client::ContentKind::Media {
+            url: "u".repeat(url),
+            mime: "image/png".into(),
+            size: 1,
+        },
+        body: vec![b'x'; body],
+    };
+    let to = pair.b_user.id;
+    assert_eq!(
+        code_of(pair.a.send_direct(to, 1, media(430, 1536))),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code_of(pair.a.send_direct(to, 2, media(300, 1536 - 9 - 299))),
+        ErrorCode::InvalidArgument
+    );
+    // Exactly at the limit: 300 + 9 + 1227 = 1536 bytes of content.
+    let sent = pair
+        .a
+        .send_direct(to, 3, media(300, 1536 - 9 - 300))
+        .expect("at the limit");
+    let got = common::expect_message(&mut pair.b);
+    assert_eq!((got.seq, got.content.body.len()), (sent.seq, 1227));
+    let conv = ConvId::direct(pair.a_user.id, to);
+    for client in [&mut pair.a, &mut pair.b] {
+        let page = client.history(conv, u64::MAX, false, 10).expect("history");
+        assert_eq!(page.len(), 1);
+        let listed = client.conversations(0, 10).expect("conversations");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].last_seq, sent.seq);
+    }
+}

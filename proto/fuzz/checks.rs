@@ -26,7 +26,7 @@ use tern_proto::limits::{
     MEDIA_URL_LEN_MAX, PASSWORD_LEN_MAX, PASSWORD_LEN_MIN, SYNC_CURSORS_MAX, TOKEN_LEN, USERNAME_LEN_MAX,
     USERNAME_LEN_MIN,
 };
-use tern_proto::session::{Phase, Session};
+use tern_proto::session::{ContentLimits, Phase, Session};
 use tern_proto::{
     decode_client, decode_server, encode_client, encode_server, ClientBody, ClientFrame, Content,
     ContentKind, ConvId, Cursor, ErrorCode, FrameBuf, FrameError, GroupRole, ReceiptKind, ServerFrame,
@@ -570,16 +570,18 @@ fn valid_password(password: &[u8]) -> bool {
     (PASSWORD_LEN_MIN..=PASSWORD_LEN_MAX).contains(&password.len())
 }
 
-fn content_verdict(content: &Content, max_message_bytes: usize) -> Verdict {
+fn content_verdict(content: &Content, limits: ContentLimits) -> Verdict {
     let media_ok = match &content.kind {
         ContentKind::Text => true,
         ContentKind::Media { url, mime, .. } => {
-            (1..=MEDIA_URL_LEN_MAX).contains(&url.len()) && (1..=MEDIA_MIME_LEN_MAX).contains(&mime.len())
+            (1..=MEDIA_URL_LEN_MAX).contains(&url.len())
+                && (1..=MEDIA_MIME_LEN_MAX).contains(&mime.len())
+                && content.body.len() + url.len() + mime.len() <= limits.total
         }
         ContentKind::Recall { seq } => *seq != 0 && content.body.is_empty(),
         ContentKind::Recalled => false,
     };
-    if content.body.len() <= max_message_bytes && media_ok {
+    if content.body.len() <= limits.body && media_ok {
         Admit
     } else {
         keep(ErrorCode::InvalidArgument)
@@ -596,7 +598,7 @@ fn admit_if(ok: bool) -> Verdict {
 
 /// docs/protocol.md 6.1 and 6.2, written out independently of `admit`.
 /// `None` for a request this model does not know (added after it).
-fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option<Verdict> {
+fn expected(phase: Phase, body: &ClientBody, limits: ContentLimits) -> Option<Verdict> {
     use ClientBody as B;
     let pre_login = matches!(
         body,
@@ -641,7 +643,7 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
         ),
         (Phase::Authenticated(_), B::SendDirect { to: 0, .. }) => keep(ErrorCode::InvalidArgument),
         (Phase::Authenticated(_), B::SendDirect { content, .. } | B::SendGroup { content, .. }) => {
-            content_verdict(content, max_message_bytes)
+            content_verdict(content, limits)
         }
         (Phase::Authenticated(_), B::Sync { cursors }) => admit_if(cursors.len() <= SYNC_CURSORS_MAX),
         (Phase::Authenticated(_), B::Receipt { seq, .. }) => admit_if(*seq != 0),
@@ -705,6 +707,11 @@ fn expected(phase: Phase, body: &ClientBody, max_message_bytes: usize) -> Option
 /// Message-body limits the session check picks from.
 pub const SESSION_MAX_MESSAGE_BYTES: [usize; 3] = [0, 16, 16 * 1024];
 
+/// How much more than the body the content as a whole (body, media URL,
+/// MIME type) may hold in the session check: less than a full-size URL,
+/// so both limits are reached.
+pub const SESSION_CONTENT_EXTRA_BYTES: usize = 64;
+
 /// Input: `[setup, then per frame: clock, kind, ...]`. `setup` picks the
 /// message limit and whether the session starts fresh or already
 /// authenticated (handed over from another shard). Each frame is either
@@ -720,10 +727,14 @@ pub fn check_session(data: &[u8]) -> SessionRun {
     let max_message_bytes = SESSION_MAX_MESSAGE_BYTES[usize::from(setup) % SESSION_MAX_MESSAGE_BYTES.len()];
     let idle_timeout_ms = 1_000 + u64::from(setup >> 4) * 60_000;
     let mut now_ms: u64 = 1_000_000;
+    let limits = ContentLimits {
+        body: max_message_bytes,
+        total: max_message_bytes + SESSION_CONTENT_EXTRA_BYTES,
+    };
     let mut session = if setup & 0x08 != 0 {
-        Session::authenticated(7, now_ms, idle_timeout_ms, max_message_bytes)
+        Session::authenticated(7, now_ms, idle_timeout_ms, limits)
     } else {
-        Session::new(now_ms, idle_timeout_ms, max_message_bytes)
+        Session::new(now_ms, idle_timeout_ms, limits)
     };
     let mut latest_ms = now_ms;
     let mut hellos_accepted = 0;
@@ -787,7 +798,7 @@ pub fn check_session(data: &[u8]) -> SessionRun {
                 }
             }
         };
-        match expected(phase, &frame.body, max_message_bytes) {
+        match expected(phase, &frame.body, limits) {
             Some(want) => assert_eq!(got, want, "in {phase:?}: {:?}", frame.body),
             // A request this model does not know: nothing but the
             // pre-login requests may pass before login.

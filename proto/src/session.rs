@@ -51,33 +51,45 @@ impl From<(ErrorCode, &'static str)> for Refusal {
     }
 }
 
+/// How large a message's content may be, bytes: server settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentLimits {
+    /// The body (the server's `max_message_bytes`).
+    pub body: usize,
+    /// The body, a media URL and its MIME type together. The server's
+    /// copy of a message (and a page listing it) carries all three and
+    /// must still fit in one of its frames, so a server sets this to its
+    /// frame limit less the envelope it keeps for that.
+    pub total: usize,
+}
+
 /// One connection's protocol state.
 #[derive(Debug, Clone)]
 pub struct Session {
     phase: Phase,
     last_frame_ms: u64,
     idle_timeout_ms: u64,
-    max_body_bytes: usize,
+    content: ContentLimits,
 }
 
 impl Session {
     /// A fresh connection opened at `now_ms`.
-    pub fn new(now_ms: u64, idle_timeout_ms: u64, max_body_bytes: usize) -> Session {
+    pub fn new(now_ms: u64, idle_timeout_ms: u64, content: ContentLimits) -> Session {
         Session {
             phase: Phase::AwaitingHello,
             last_frame_ms: now_ms,
             idle_timeout_ms,
-            max_body_bytes,
+            content,
         }
     }
 
     /// A connection that was authenticated elsewhere (handed over between shards).
-    pub fn authenticated(user: UserId, now_ms: u64, idle_timeout_ms: u64, max_body_bytes: usize) -> Session {
+    pub fn authenticated(user: UserId, now_ms: u64, idle_timeout_ms: u64, content: ContentLimits) -> Session {
         Session {
             phase: Phase::Authenticated(user),
             last_frame_ms: now_ms,
             idle_timeout_ms,
-            max_body_bytes,
+            content,
         }
     }
 
@@ -273,7 +285,7 @@ impl Session {
     }
 
     fn check_content(&self, content: &ArchivedContent) -> Result<(), Refusal> {
-        if content.body.len() > self.max_body_bytes {
+        if content.body.len() > self.content.body {
             return Err(Refusal::keep(
                 ErrorCode::InvalidArgument,
                 "message body too large",
@@ -309,6 +321,12 @@ impl Session {
                     "MIME type must be 1 to 128 bytes",
                 ));
             }
+            if content.body.len() + url.len() + mime.len() > self.content.total {
+                return Err(Refusal::keep(
+                    ErrorCode::InvalidArgument,
+                    "message too large: its body, media URL and MIME type together exceed this server's limit",
+                ));
+            }
         }
         Ok(())
     }
@@ -334,6 +352,60 @@ mod tests {
     use crate::message::{ClientBody, ClientFrame, Content};
     use rkyv::util::AlignedVec;
 
+    /// A body limit, and room for a full-size media URL and MIME type.
+    fn limits(body: usize) -> ContentLimits {
+        ContentLimits {
+            body,
+            total: body + MEDIA_URL_LEN_MAX + MEDIA_MIME_LEN_MAX,
+        }
+    }
+
+    #[test]
+    fn a_media_message_is_held_to_the_total_content_limit() {
+        let mut s = Session::authenticated(
+            1,
+            0,
+            1000,
+            ContentLimits {
+                body: 1536,
+                total: 1536,
+            },
+        );
+        let media = |url: usize, body: usize| ClientBody::SendDirect {
+            to: 2,
+            client_msg_id: 1,
+            content: Content {
+                kind: crate::message::ContentKind::Media {
+                    url: "u".repeat(url),
+                    mime: "image/png".into(),
+                    size: 1,
+                },
+                body: vec![b'x'; body],
+            },
+        };
+        // Body alone at its limit: a text message, or media within the total.
+        admit(
+            &mut s,
+            ClientBody::SendDirect {
+                to: 2,
+                client_msg_id: 1,
+                content: Content::text(vec![b'x'; 1536]),
+            },
+        )
+        .unwrap();
+        admit(&mut s, media(1536 - 9 - 100, 100)).unwrap();
+        admit(&mut s, media(300, 1536 - 9 - 300)).unwrap();
+        for (url, body) in [(300, 1536 - 9 - 299), (430, 1536)] {
+            let refused = admit(&mut s, media(url, body)).unwrap_err();
+            assert_eq!((refused.code, refused.close), (ErrorCode::InvalidArgument, false));
+            assert!(
+                refused.message.starts_with("message too large"),
+                "{}",
+                refused.message
+            );
+        }
+    }
+
     fn admit(session: &mut Session, body: ClientBody) -> Result<(), Refusal> {
         let mut buf = AlignedVec::new();
         encode_client(&ClientFrame { request_id: 1, body }, &mut buf, 1 << 20).unwrap();
@@ -351,7 +423,7 @@ mod tests {
 
     #[test]
     fn phases_gate_requests() {
-        let mut s = Session::new(0, 1000, 1024);
+        let mut s = Session::new(0, 1000, limits(1024));
         let r = admit(&mut s, ClientBody::FriendList).unwrap_err();
         assert!(r.close);
         assert_eq!(r.code, ErrorCode::InvalidState);
@@ -377,7 +449,7 @@ mod tests {
 
     #[test]
     fn bad_version_closes() {
-        let mut s = Session::new(0, 1000, 1024);
+        let mut s = Session::new(0, 1000, limits(1024));
         let r = admit(
             &mut s,
             ClientBody::Hello {
@@ -392,7 +464,7 @@ mod tests {
 
     #[test]
     fn fields_are_checked() {
-        let mut s = Session::authenticated(1, 0, 1000, 16);
+        let mut s = Session::authenticated(1, 0, 1000, limits(16));
         let big = ClientBody::SendDirect {
             to: 2,
             client_msg_id: 1,
@@ -454,7 +526,7 @@ mod tests {
 
     #[test]
     fn jwt_logins_are_bounded_and_only_before_a_login() {
-        let mut s = Session::new(0, 1000, 1024);
+        let mut s = Session::new(0, 1000, limits(1024));
         admit(&mut s, hello()).unwrap();
         s.hello_accepted();
         let jwt = |len: usize| ClientBody::LoginJwt {
@@ -473,7 +545,7 @@ mod tests {
 
     #[test]
     fn logout_and_password_change_need_a_login() {
-        let mut s = Session::new(0, 1000, 1024);
+        let mut s = Session::new(0, 1000, limits(1024));
         admit(&mut s, hello()).unwrap();
         s.hello_accepted();
         for logout in [ClientBody::Logout, ClientBody::LogoutOthers] {
@@ -492,7 +564,7 @@ mod tests {
 
     #[test]
     fn idle_deadline_moves_with_frames() {
-        let mut s = Session::new(0, 1000, 1024);
+        let mut s = Session::new(0, 1000, limits(1024));
         assert!(!s.is_idle(999));
         assert!(s.is_idle(1000));
         admit(&mut s, hello()).unwrap();
