@@ -1045,6 +1045,60 @@ fn a_low_sync_cursor_does_not_replay_a_groups_history_from_before_the_join() {
 /// (which anyone could otherwise do for every group id, evicting groups in
 /// use); a deleted group is NotFound and a stranger's leave is a no-op.
 #[test]
+fn a_join_the_store_refuses_does_not_load_the_group() {
+    // Anyone may ask to join any group id. A join of an invite-only group
+    // without an invite, or by a banned user, used to load the group's
+    // roster (up to max_group_members rows, evicting groups in use) and
+    // hold its sends at the membership fence, only for the store to
+    // refuse it.
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = admin(&server, dir.path());
+    let owner = server.user_on_shard("jowner", 0);
+    let stranger = server.user_on_shard("jstranger", 1);
+    let mut o = server.login(&owner);
+    let closed = o.group_create_with("closed", false).expect("create");
+    let open = o.group_create("open").expect("create");
+    o.group_ban(open, stranger.id).expect("ban");
+    let before = total(&admin, "tern_groups_cached");
+    let mut s = server.login(&stranger);
+    for _ in 0..3 {
+        assert_eq!(code_of(s.group_join(closed)), ErrorCode::Forbidden);
+        assert_eq!(code_of(s.group_join(open)), ErrorCode::Forbidden);
+    }
+    assert_eq!(code_of(s.group_join(u64::MAX - 1)), ErrorCode::NotFound);
+    assert_eq!(
+        total(&admin, "tern_groups_cached"),
+        before,
+        "a refused join loaded nothing"
+    );
+    // The answers the store gives: what the full join path gave.
+    match s.request(tern_client::ClientBody::GroupJoin { group: closed }) {
+        Err(tern_client::ClientError::Server { message, .. }) => {
+            assert!(message.contains("invite-only"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match s.request(tern_client::ClientBody::GroupJoin { group: open }) {
+        Err(tern_client::ClientError::Server { message, .. }) => {
+            assert!(message.contains("banned"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // An invite, or the ban lifted, and the same joins go through.
+    o.group_invite(closed, stranger.id).expect("invite");
+    s.group_join(closed).expect("invited join");
+    o.group_unban(open, stranger.id).expect("unban");
+    s.group_join(open).expect("join once unbanned");
+    s.group_join(open).expect("joining again is Ok");
+    assert_eq!(
+        o.send_group_text(closed, "welcome").expect("send").seq,
+        1,
+        "the group works as before"
+    );
+}
+
+#[test]
 fn a_strangers_refused_request_does_not_load_the_group() {
     let server = TestServer::start();
     let dir = tempfile::tempdir().expect("tempdir");

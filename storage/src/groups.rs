@@ -273,6 +273,30 @@ impl Store {
         }
     }
 
+    /// What a join of `user` to `group` would meet that is known before
+    /// any work: `AlreadyMember`, `Banned` or `NotInvited` (an invite-only
+    /// group, no invite); `None` when it may succeed. Read without the
+    /// groups lock, so a change racing it can make the answer stale:
+    /// [`Store::add_members`] decides. This lets a caller refuse a join of
+    /// any group by anyone without loading the group. `NotFound` for a
+    /// group that does not exist.
+    pub fn join_check(&self, group: GroupId, user: UserId) -> Result<Option<JoinOutcome>, StoreError> {
+        let inner = &*self.inner;
+        let Some(record) = inner.load_group(group)? else {
+            return Err(StoreError::NotFound);
+        };
+        let key = codec::pair_key(group, user);
+        Ok(if inner.members.contains(key)? {
+            Some(JoinOutcome::AlreadyMember)
+        } else if inner.group_bans.contains(key)? {
+            Some(JoinOutcome::Banned)
+        } else if !record.open && !inner.group_invites.contains(key)? {
+            Some(JoinOutcome::NotInvited)
+        } else {
+            None
+        })
+    }
+
     /// Adds each of `users` to `group` as a `Member` in one batch and one
     /// sync, in order, until the group is full: a crowd joining at once
     /// costs one write, not one each. With `invited_only`, only users

@@ -512,8 +512,27 @@ impl Shard {
                 .map_err(|e| store_refusal(e, group, "no such group"))?;
             return Ok(GroupAnswer::Done);
         }
-        // Every other request but a join is a member's.
-        if op != GroupOp::Join && !self.may_be_member(group, user).await? {
+        if op == GroupOp::Join {
+            // Anyone may ask to join any group id: a join the store can
+            // already refuse (banned, not invited) is answered from it,
+            // without loading the group's roster or fencing its sends.
+            let cached_member = self
+                .groups
+                .borrow()
+                .map
+                .get(&group)
+                .is_some_and(|state| state.members.contains_key(&user));
+            if !cached_member {
+                let known = self
+                    .blocking(move |store| store.join_check(group, user))
+                    .await
+                    .map_err(|e| store_refusal(e, group, "no such group"))?;
+                if let Some(outcome) = known {
+                    return join_answer(&outcome);
+                }
+            }
+        } else if !self.may_be_member(group, user).await? {
+            // Every other request is a member's.
             return match op {
                 GroupOp::Leave | GroupOp::Depart => Ok(GroupAnswer::Done),
                 _ => Err(refusal(ErrorCode::Forbidden, "not a member of this group")),
@@ -946,22 +965,7 @@ impl Shard {
         });
         // Every message sequenced from here on sees the new members.
         drop(fence);
-        let mut answers: Vec<GroupReply> = outcomes
-            .iter()
-            .map(|outcome| match outcome {
-                JoinOutcome::Joined | JoinOutcome::AlreadyMember => Ok(GroupAnswer::Done),
-                JoinOutcome::NoSuchUser => Err(refusal(ErrorCode::NotFound, "no such user")),
-                JoinOutcome::NotInvited => Err(refusal(
-                    ErrorCode::Forbidden,
-                    "this group is invite-only; ask its owner or an admin for an invite",
-                )),
-                JoinOutcome::GroupFull => Err(refusal(ErrorCode::LimitExceeded, "group is full")),
-                JoinOutcome::Banned => Err(refusal(ErrorCode::Forbidden, "you are banned from this group")),
-                JoinOutcome::TooManyGroups => {
-                    Err(refusal(ErrorCode::LimitExceeded, tern_storage::TOO_MANY_GROUPS))
-                }
-            })
-            .collect();
+        let mut answers: Vec<GroupReply> = outcomes.iter().map(join_answer).collect();
         // Answer only once the cursors are stored, or a sync right after
         // the join would replay the whole group.
         for (&(index, _), cursor) in joined.iter().zip(cursors) {
@@ -1105,6 +1109,21 @@ fn heir(
         .map(|(&id, _)| id)
         .min()
         .or_else(|| others().map(|(&id, _)| id).min())
+}
+
+/// The answer to a join the store took as `outcome`.
+fn join_answer(outcome: &JoinOutcome) -> GroupReply {
+    match outcome {
+        JoinOutcome::Joined | JoinOutcome::AlreadyMember => Ok(GroupAnswer::Done),
+        JoinOutcome::NoSuchUser => Err(refusal(ErrorCode::NotFound, "no such user")),
+        JoinOutcome::NotInvited => Err(refusal(
+            ErrorCode::Forbidden,
+            "this group is invite-only; ask its owner or an admin for an invite",
+        )),
+        JoinOutcome::GroupFull => Err(refusal(ErrorCode::LimitExceeded, "group is full")),
+        JoinOutcome::Banned => Err(refusal(ErrorCode::Forbidden, "you are banned from this group")),
+        JoinOutcome::TooManyGroups => Err(refusal(ErrorCode::LimitExceeded, tern_storage::TOO_MANY_GROUPS)),
+    }
 }
 
 /// `replies` with every missing one made by `make`.
