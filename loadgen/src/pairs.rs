@@ -76,11 +76,28 @@ impl SendTimes {
         slots[at] = (client_msg_id, intended_ns);
     }
 
-    /// The intended send time of `client_msg_id`, if its slot still holds it.
+    /// The intended send time of `client_msg_id`, if its slot still holds
+    /// it; the slot is emptied, so what is left at the close is what was
+    /// sent and never acknowledged.
     fn acked(&self, client_msg_id: u64) -> Option<u64> {
+        let mut slots = self.slots.borrow_mut();
+        let at = Self::slot(slots.len(), client_msg_id);
+        let (id, intended_ns) = slots[at];
+        if id != client_msg_id || client_msg_id == 0 {
+            return None;
+        }
+        slots[at] = (0, 0);
+        Some(intended_ns)
+    }
+
+    /// The intended send times of the sends not acknowledged yet.
+    fn unacked(&self) -> Vec<u64> {
         let slots = self.slots.borrow();
-        let (id, intended_ns) = slots[Self::slot(slots.len(), client_msg_id)];
-        (id == client_msg_id && client_msg_id != 0).then_some(intended_ns)
+        slots
+            .iter()
+            .filter(|(id, _)| *id != 0)
+            .map(|&(_, intended_ns)| intended_ns)
+            .collect()
     }
 }
 
@@ -135,6 +152,7 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let start_ns = now_ns();
     let end_ns = start_ns + ctx.plan.cli.common.duration().as_nanos() as u64;
     ctx.set_window_end(end_ns);
+    ctx.recorder.time_acks();
     let firsts = open_loop_starts_ns(start_ns, args.rate, pairs_up.len(), ctx.slot());
     let senders: Vec<_> = pairs_up
         .iter()
@@ -165,6 +183,12 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
     let unsent = ctx
         .recorder
         .record_all_unsent(args.rate, schedule, end_ns, close_ns);
+    // Sent and still not acknowledged at the close: at least that late.
+    for pair in &pairs_up {
+        for intended_ns in pair.sends.unacked() {
+            ctx.recorder.record_ack_ns(close_ns.saturating_sub(intended_ns));
+        }
+    }
 
     let sent: u64 = pairs_up.iter().map(|p| p.sent.get()).sum();
     let delivered: u64 = pairs_up.iter().map(|p| p.delivered.get()).sum();

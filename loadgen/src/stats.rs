@@ -6,7 +6,7 @@
 //! executor hands back an [`ExecOutcome`]; the worker merges them into one
 //! result for the coordinator.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
@@ -62,6 +62,9 @@ pub struct Recorder {
     pub total: RefCell<Histogram<u64>>,
     interval: RefCell<Histogram<u64>>,
     pub acks: RefCell<Histogram<u64>>,
+    /// The run times acknowledgements ([`Recorder::time_acks`]): a message
+    /// never sent is then as late in `acks` as in `total`.
+    acks_timed: Cell<bool>,
 }
 
 impl Recorder {
@@ -70,7 +73,17 @@ impl Recorder {
             total: RefCell::new(new_histogram()),
             interval: RefCell::new(new_histogram()),
             acks: RefCell::new(new_histogram()),
+            acks_timed: Cell::new(false),
         }
+    }
+
+    /// Says this run times each send's acknowledgement into `acks`, so
+    /// that [`Recorder::record_unsent`] counts the messages never sent
+    /// there too: an ack latency left without them would be measured
+    /// over the messages that got through, exactly the coordinated
+    /// omission the open loop avoids for deliveries.
+    pub fn time_acks(&self) {
+        self.acks_timed.set(true);
     }
 
     /// Records one latency in nanoseconds (rounded up to whole µs).
@@ -100,6 +113,7 @@ impl Recorder {
         let due = due_before(first_ns, period, end_ns);
         let unsent = due.saturating_sub(sent);
         let mut total = self.total.borrow_mut();
+        let mut acks = self.acks_timed.get().then(|| self.acks.borrow_mut());
         // Up to rate × duration messages: each run of them that rounds to
         // the same µs is one record, so a sender far behind at a high
         // rate costs at most one record per µs of the window.
@@ -117,6 +131,9 @@ impl Recorder {
                 (room / period).clamp(k, due - 1)
             };
             total.saturating_record_n(us, last - k + 1);
+            if let Some(acks) = acks.as_mut() {
+                acks.saturating_record_n(us, last - k + 1);
+            }
             k = last + 1;
         }
         unsent
@@ -347,6 +364,18 @@ mod tests {
         assert_eq!(total.max(), total.highest_equivalent(1_481_930));
         assert_eq!(total.min(), total.lowest_equivalent(500_010));
         assert_eq!(*total, one_by_one(first, period, end, 1_807, close));
+    }
+
+    #[test]
+    fn unsent_messages_count_as_acks_too_where_acks_are_timed() {
+        let (first, period, end, close) = (0, 10_000, 1_000_000_000, 1_500_000_000);
+        let untimed = Recorder::new();
+        untimed.record_unsent(first, period, end, 1_807, close);
+        assert!(untimed.acks.borrow().is_empty(), "no acks in this run");
+        let rec = Recorder::new();
+        rec.time_acks();
+        assert_eq!(rec.record_unsent(first, period, end, 1_807, close), 98_193);
+        assert_eq!(*rec.acks.borrow(), *rec.total.borrow());
     }
 
     #[test]
