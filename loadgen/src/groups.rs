@@ -242,9 +242,16 @@ pub async fn run(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
         .iter()
         .copied()
         .zip(publishers.iter().map(|p| sent_to(p.group_no)));
-    let unsent = ctx
-        .recorder
-        .record_all_unsent(Some(args.rate), schedule, end_ns, close_ns);
+    // Every member but the publisher gets each message, whichever
+    // executor reads it: an unsent one is late for each of them.
+    let deliveries_per_message = args.members.saturating_sub(1) as u64;
+    let unsent = ctx.recorder.record_all_unsent_to(
+        Some(args.rate),
+        schedule,
+        end_ns,
+        close_ns,
+        deliveries_per_message,
+    );
 
     let mut verdict = Verdict::default();
     for a in &audiences {

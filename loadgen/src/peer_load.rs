@@ -456,9 +456,9 @@ pub async fn groups(ctx: Rc<Ctx>, args: GroupsArgs) -> ExecOutcome {
     ctx.closing.set(true);
     let close_ns = now_ns();
     let schedule = firsts.iter().copied().zip(up.iter().map(|g| g.sent.get()));
-    let unsent = ctx
-        .recorder
-        .record_all_unsent(Some(args.rate), schedule, end_ns, close_ns);
+    let unsent =
+        ctx.recorder
+            .record_all_unsent_to(Some(args.rate), schedule, end_ns, close_ns, members as u64 - 1);
 
     let mut verdict = Verdict::default();
     let mut delivered = 0;

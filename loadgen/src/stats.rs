@@ -107,8 +107,20 @@ impl Recorder {
     /// `end_ns` but never sent is recorded as late by close − intended
     /// (it was at least that late; leaving it out is coordinated
     /// omission: a sender that falls behind would hide exactly the
-    /// latency it failed to measure). Returns how many there were.
-    pub fn record_unsent(&self, first_ns: u64, period_ns: u64, end_ns: u64, sent: u64, close_ns: u64) -> u64 {
+    /// latency it failed to measure). Each message weighs `deliveries`
+    /// samples (1 for a 1:1 message; a group's members but the publisher),
+    /// as each delivered copy of one is a sample. Returns how many
+    /// messages there were.
+    pub fn record_unsent(
+        &self,
+        first_ns: u64,
+        period_ns: u64,
+        end_ns: u64,
+        sent: u64,
+        close_ns: u64,
+        deliveries: u64,
+    ) -> u64 {
+        let deliveries = deliveries.max(1);
         let period = period_ns.max(1);
         let due = due_before(first_ns, period, end_ns);
         let unsent = due.saturating_sub(sent);
@@ -130,7 +142,7 @@ impl Recorder {
                 let room = close_ns.saturating_sub(first_ns).saturating_sub(floor_ns);
                 (room / period).clamp(k, due - 1)
             };
-            total.saturating_record_n(us, last - k + 1);
+            total.saturating_record_n(us, (last - k + 1).saturating_mul(deliveries));
             if let Some(acks) = acks.as_mut() {
                 acks.saturating_record_n(us, last - k + 1);
             }
@@ -149,13 +161,29 @@ impl Recorder {
         end_ns: u64,
         close_ns: u64,
     ) -> u64 {
+        self.record_all_unsent_to(rate, senders, end_ns, close_ns, 1)
+    }
+
+    /// [`Recorder::record_all_unsent`] for messages of `deliveries`
+    /// receivers each (a group of `deliveries + 1` members): every
+    /// receiver of a delivered message is a sample, so an unsent message
+    /// weighs as much as `deliveries` late ones. Returns the unsent
+    /// messages (not their deliveries).
+    pub fn record_all_unsent_to(
+        &self,
+        rate: Option<f64>,
+        senders: impl IntoIterator<Item = (u64, u64)>,
+        end_ns: u64,
+        close_ns: u64,
+        deliveries: u64,
+    ) -> u64 {
         let Some(rate) = rate else {
             return 0;
         };
         let period = open_loop_period_ns(rate);
         senders
             .into_iter()
-            .map(|(first_ns, sent)| self.record_unsent(first_ns, period, end_ns, sent, close_ns))
+            .map(|(first_ns, sent)| self.record_unsent(first_ns, period, end_ns, sent, close_ns, deliveries))
             .sum()
     }
 
@@ -357,7 +385,7 @@ mod tests {
         // The review's run: 100,000/s for 1 s, drain 0.5 s, 1,807 sent.
         let (first, period, end, close) = (0, 10_000, 1_000_000_000, 1_500_000_000);
         let rec = Recorder::new();
-        assert_eq!(rec.record_unsent(first, period, end, 1_807, close), 98_193);
+        assert_eq!(rec.record_unsent(first, period, end, 1_807, close, 1), 98_193);
         let total = rec.total.borrow();
         assert_eq!(total.len(), 98_193);
         // The first one unsent was due at 18.07 ms, the last at 999.99 ms.
@@ -370,12 +398,30 @@ mod tests {
     fn unsent_messages_count_as_acks_too_where_acks_are_timed() {
         let (first, period, end, close) = (0, 10_000, 1_000_000_000, 1_500_000_000);
         let untimed = Recorder::new();
-        untimed.record_unsent(first, period, end, 1_807, close);
+        untimed.record_unsent(first, period, end, 1_807, close, 1);
         assert!(untimed.acks.borrow().is_empty(), "no acks in this run");
         let rec = Recorder::new();
         rec.time_acks();
-        assert_eq!(rec.record_unsent(first, period, end, 1_807, close), 98_193);
+        assert_eq!(rec.record_unsent(first, period, end, 1_807, close, 1), 98_193);
         assert_eq!(*rec.acks.borrow(), *rec.total.borrow());
+    }
+
+    #[test]
+    fn an_unsent_group_message_weighs_as_much_as_its_deliveries() {
+        let senders = [(0, 3), (2_500_000, 0)];
+        let one = Recorder::new();
+        let unsent = one.record_all_unsent(Some(100.0), senders, 1_000_000_000, 1_500_000_000);
+        let members = Recorder::new();
+        assert_eq!(
+            members.record_all_unsent_to(Some(100.0), senders, 1_000_000_000, 1_500_000_000, 999),
+            unsent,
+            "counts messages, not deliveries"
+        );
+        assert_eq!(members.total.borrow().len(), 999 * one.total.borrow().len());
+        assert_eq!(
+            members.total.borrow().value_at_quantile(0.5),
+            one.total.borrow().value_at_quantile(0.5)
+        );
     }
 
     #[test]
@@ -388,7 +434,7 @@ mod tests {
             (0, 1_000, 10_000, 99, 20_000),     // more sent than due
         ] {
             let rec = Recorder::new();
-            let unsent = rec.record_unsent(first, period, end, sent, close);
+            let unsent = rec.record_unsent(first, period, end, sent, close, 1);
             let expected = one_by_one(first, period, end, sent, close);
             assert_eq!(unsent, expected.len(), "{first} {period} {end} {sent} {close}");
             assert_eq!(
@@ -399,7 +445,10 @@ mod tests {
         }
         // Beyond the histogram's range: saturated, still counted.
         let rec = Recorder::new();
-        assert_eq!(rec.record_unsent(0, 1_000_000_000, 3_000_000_000, 0, u64::MAX), 3);
+        assert_eq!(
+            rec.record_unsent(0, 1_000_000_000, 3_000_000_000, 0, u64::MAX, 1),
+            3
+        );
         assert_eq!(rec.total.borrow().len(), 3);
         let total = rec.total.borrow();
         assert!(total.equivalent(total.min(), MAX_LATENCY_US));
@@ -419,7 +468,9 @@ mod tests {
         let period = crate::wire::open_loop_period_ns(100.0);
         let expected: u64 = senders
             .iter()
-            .map(|&(first, sent)| one_each.record_unsent(first, period, 1_000_000_000, sent, 1_500_000_000))
+            .map(|&(first, sent)| {
+                one_each.record_unsent(first, period, 1_000_000_000, sent, 1_500_000_000, 1)
+            })
             .sum();
         assert_eq!(expected, 97 + 100);
         assert_eq!(
