@@ -212,6 +212,11 @@ impl Conn {
         self.max_send = max_send;
     }
 
+    /// Sets the largest frame body accepted from the peer.
+    pub(crate) fn set_max_recv(&mut self, max_recv: u32) {
+        self.rx.set_max_body(max_recv);
+    }
+
     /// The body length, on the wire, of the frame `recv` returned last.
     pub(crate) fn last_body_len(&self) -> usize {
         self.last_body_len

@@ -44,7 +44,9 @@ pub use tern_proto::{
 use conn::{Conn, TlsSetup};
 pub use error::ClientError;
 use rkyv::util::AlignedVec;
-use tern_proto::limits::{DEFAULT_MAX_FRAME_BYTES, MEMBERS_PAGE_LIMIT_MAX, SYNC_CURSORS_MAX};
+use tern_proto::limits::{
+    ABSOLUTE_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_BYTES, MEMBERS_PAGE_LIMIT_MAX, SYNC_CURSORS_MAX,
+};
 use tern_proto::{encode_client, FrameError};
 
 /// The bytes one `Cursor` takes in an encoded frame (docs/protocol.md 5.11).
@@ -55,8 +57,10 @@ const CURSOR_WIRE_BYTES: usize = 32;
 pub struct ClientOptions {
     /// How long one request (and the TCP connect) may take. Default 10 s.
     pub timeout: Duration,
-    /// The largest frame body accepted from the server, and the send limit
-    /// until the server announces its own in `HelloOk`.
+    /// The frame body limit, both ways, until the server announces its own
+    /// in `HelloOk`; from then on the announced limit applies both ways,
+    /// since the server may send any frame up to it (a message as large as
+    /// it accepts) and a client that refused one could never sync past it.
     pub max_frame_bytes: u32,
     /// Sent in `Hello`; shows up in server logs. At most 64 bytes.
     pub client_name: String,
@@ -286,9 +290,16 @@ impl Client {
                         tern_proto::PROTOCOL_VERSION
                     )));
                 }
+                if max_frame_bytes > ABSOLUTE_MAX_FRAME_BYTES {
+                    return Err(ClientError::Protocol(format!(
+                        "server announced a frame limit of {max_frame_bytes} bytes, over the \
+                         protocol's {ABSOLUTE_MAX_FRAME_BYTES}"
+                    )));
+                }
                 client.idle_timeout = Duration::from_millis(u64::from(idle_timeout_ms));
                 client.server_max_frame_bytes = max_frame_bytes;
                 client.conn.set_max_send(max_frame_bytes);
+                client.conn.set_max_recv(max_frame_bytes);
                 Ok(client)
             }
             other => Err(unexpected("HelloOk", &other)),

@@ -263,3 +263,34 @@ fn a_media_message_at_the_content_limit_is_delivered_listed_and_paged() {
         assert_eq!(listed[0].last_seq, sent.seq);
     }
 }
+
+/// A client receives frames as large as the server announced, not only as
+/// large as its own default. The reference client kept its receive limit
+/// at `ClientOptions::max_frame_bytes` (64 KiB) even when the server's
+/// `HelloOk` announced more, so on a server configured for large messages
+/// the first one over 64 KiB closed every recipient's connection as a
+/// protocol error, and closed it again at every login's catch-up: the
+/// recipient could never get past it.
+#[test]
+fn a_client_accepts_frames_up_to_the_limit_the_server_announced() {
+    const BODY: usize = 150 * 1024;
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 256 * 1024;
+        c.max_message_bytes = 200 * 1024;
+    });
+    let mut pair = common::Pair::new(&server, "big");
+    assert!(common::opts().max_frame_bytes < BODY as u32);
+    assert_eq!(pair.b.server_max_frame_bytes(), 256 * 1024);
+    let to = pair.b_user.id;
+    let body = vec![b'y'; BODY];
+    let sent = pair
+        .a
+        .send_direct(to, 1, tern_client::Content::text(body.clone()))
+        .expect("send");
+    let got = common::expect_message(&mut pair.b);
+    assert_eq!((got.seq, got.content.body.len()), (sent.seq, BODY));
+    let conv = ConvId::direct(pair.a_user.id, to);
+    let page = pair.b.history(conv, u64::MAX, false, 10).expect("history");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].content.body, body);
+}

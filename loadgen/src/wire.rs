@@ -30,7 +30,7 @@ use tern_net::split::{split, ReadHalf, WriteHalf};
 use tern_net::tls::rustls::pki_types::ServerName;
 use tern_net::tls::rustls::{ClientConfig, ClientConnection};
 use tern_net::transport::Transport;
-use tern_proto::limits::DEFAULT_MAX_FRAME_BYTES;
+use tern_proto::limits::{ABSOLUTE_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_BYTES};
 use tern_proto::{
     decode_server, encode_client, ArchivedServerFrame, ClientBody, ClientFrame, ErrorCode, FrameBuf,
     FrameError, ServerBody, ServerFrame, UserId, PROTOCOL_VERSION,
@@ -293,7 +293,10 @@ impl Conn {
     fn new(stream: Stream) -> Conn {
         Conn {
             stream,
-            buf: FrameBuf::new(DEFAULT_MAX_FRAME_BYTES),
+            // Setup pipelines Hello, Login and Sync, so catch-up frames can
+            // arrive before `HelloOk` is read: accept anything the protocol
+            // allows. The buffer only grows to the frames that do arrive.
+            buf: FrameBuf::new(ABSOLUTE_MAX_FRAME_BYTES),
             out: AlignedVec::new(),
             next_request_id: 1,
             limits: ServerLimits {

@@ -224,6 +224,13 @@ impl FrameBuf {
         self.max_body
     }
 
+    /// Changes the body limit, for a peer that announced its own (a client
+    /// learns the server's in `HelloOk`). Applies from the next header
+    /// checked; a frame already accepted stays accepted.
+    pub fn set_max_body(&mut self, max_body: u32) {
+        self.max_body = max_body;
+    }
+
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.end - self.start
@@ -454,6 +461,19 @@ mod tests {
         );
         assert!(fb.read_slot().is_err());
         assert!(fb.buf.len() <= IDLE_BUF_BYTES);
+    }
+
+    #[test]
+    fn a_raised_limit_admits_the_header_the_old_one_refused() {
+        let mut fb = FrameBuf::new(1024);
+        let slot = fb.read_slot().unwrap();
+        slot[..8].copy_from_slice(&[0x00, 0x08, 0, 0, 0, 0, 0, 0]);
+        fb.commit(8);
+        assert_eq!(fb.next_body(), Err(FrameError::TooLarge { len: 2048, max: 1024 }));
+        fb.set_max_body(4096);
+        assert_eq!(fb.max_body(), 4096);
+        assert_eq!(fb.next_body(), Ok(None));
+        assert!(fb.read_slot().unwrap().len() >= 2048);
     }
 
     #[test]
