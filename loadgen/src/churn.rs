@@ -175,7 +175,8 @@ struct Pending {
 /// A trickle sender.
 struct Sender {
     link: Rc<Link>,
-    /// Unacknowledged messages by `client_msg_id` (per sender, from 1).
+    /// Unacknowledged messages by `client_msg_id` (per sender, from the
+    /// run's base + 1).
     unacked: RefCell<BTreeMap<u64, Pending>>,
     next_id: Cell<u64>,
     /// Highest id written on the current connection (0 after a reconnect,
@@ -269,7 +270,7 @@ pub async fn run(ctx: Rc<Ctx>, args: ChurnArgs) -> ExecOutcome {
         let sender = Rc::new(Sender {
             link: Rc::new(Link::new(first_sender + k, token)),
             unacked: RefCell::default(),
-            next_id: Cell::new(1),
+            next_id: Cell::new(ctx.plan.msg_id_base + 1),
             written: Cell::new(0),
             high_water: Cell::new(0),
             resent: Cell::new(0),

@@ -481,7 +481,7 @@ async fn publish(
         let bodies: Vec<_> = (seq..seq + due_now)
             .map(|s| ClientBody::SendGroup {
                 group: publisher.id,
-                client_msg_id: s + 1,
+                client_msg_id: ctx.plan.msg_id_base + s + 1,
                 content: Content::text(message_body(due_ns(start_ns, s, period), s, args.payload_bytes)),
             })
             .collect();

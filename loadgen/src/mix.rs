@@ -212,7 +212,7 @@ pub async fn run(ctx: Rc<Ctx>, args: MixArgs) -> ExecOutcome {
         streams: &streams,
         direct_streams,
         writers: &writers,
-        next_msg_id: vec![0; day.online],
+        next_msg_id: vec![ctx.plan.msg_id_base; day.online],
     };
     sender
         .run(&ctx, day.send_per_s, slot as u64, start_ns, end_ns)
@@ -265,7 +265,8 @@ struct Sender<'a> {
     streams: &'a [Stream],
     direct_streams: usize,
     writers: &'a [Option<Rc<Writer>>],
-    /// Per online sender: its last `client_msg_id` (unique per sender).
+    /// Per online sender: its last `client_msg_id` (unique per sender and
+    /// run; starts at the run's base).
     next_msg_id: Vec<u64>,
 }
 

@@ -17,7 +17,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use glommio::sync::Semaphore;
-use tern_proto::{ArchivedServerBody, ClientBody, Content, UserId};
+use tern_proto::{ArchivedServerBody, ClientBody, Content, ConvId, ReceiptKind, ServerBody, UserId};
 
 use crate::cli::OfflineArgs;
 use crate::pairs::spawn_connection;
@@ -176,19 +176,6 @@ async fn fill_backlog(
     };
     let common = &ctx.plan.cli.common;
     let timeout = common.connect_timeout();
-    // The recipient's user id: one login, then the session ends before
-    // anything is sent, so the recipient is offline.
-    let recipient = async {
-        let mut conn = Conn::open(common.server, ctx.source(2 * recipient_no + 1)).await?;
-        conn.login_token(recipient_token).await
-    };
-    let recipient_user = match with_timeout(timeout, recipient).await {
-        Ok(user) => user,
-        Err(e) => {
-            ctx.fail("looking up a recipient", &e);
-            return None;
-        }
-    };
     let (conn, sender_user) =
         match open_session(common.server, ctx.source(2 * recipient_no), sender_token, timeout).await {
             Ok(opened) => opened,
@@ -197,6 +184,40 @@ async fn fill_backlog(
                 return None;
             }
         };
+    // The recipient's user id: one login, then the session ends before
+    // anything is sent, so the recipient is offline. A recipient reused
+    // from an earlier run (`--prefix`) first acknowledges everything its
+    // sender sent before (the loadgen never sends receipts while it
+    // measures), so that the drain streams this run's backlog only.
+    let reuse = ctx.plan.reuse;
+    let recipient = async {
+        let mut conn = Conn::open(common.server, ctx.source(2 * recipient_no + 1)).await?;
+        let user = conn.login_token(recipient_token).await?;
+        if reuse {
+            let receipt = ClientBody::Receipt {
+                conv: ConvId::direct(user, sender_user),
+                kind: ReceiptKind::Delivered,
+                // Capped by the server at the last stored message.
+                seq: u64::MAX,
+            };
+            match conn.request(receipt).await? {
+                ServerBody::Ok => {}
+                other => {
+                    return Err(WireError::Protocol(format!(
+                        "a receipt clearing an earlier run's backlog was answered {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(user)
+    };
+    let recipient_user = match with_timeout(timeout, recipient).await {
+        Ok(user) => user,
+        Err(e) => {
+            ctx.fail("looking up a recipient", &e);
+            return None;
+        }
+    };
     let mailbox = Rc::new(Mailbox {
         recipient_no,
         recipient_user,
@@ -235,7 +256,7 @@ async fn fill_backlog(
         ping,
         "sender",
     ));
-    if let Err(e) = send_backlog(&mailbox, &writer, &window, args).await {
+    if let Err(e) = send_backlog(&mailbox, &writer, &window, args, ctx.plan.msg_id_base).await {
         ctx.fail("sending the backlog", &e);
         return None;
     }
@@ -251,6 +272,7 @@ async fn send_backlog(
     writer: &Writer,
     window: &Semaphore,
     args: &OfflineArgs,
+    msg_id_base: u64,
 ) -> Result<(), WireError> {
     let to = mailbox.recipient_user;
     let mut seq = 0u64;
@@ -267,7 +289,7 @@ async fn send_backlog(
         let bodies: Vec<_> = (seq..seq + batch)
             .map(|s| ClientBody::SendDirect {
                 to,
-                client_msg_id: s + 1,
+                client_msg_id: msg_id_base + s + 1,
                 content: Content::text(message_body(now, s, args.payload_bytes)),
             })
             .collect();

@@ -160,7 +160,7 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
         .map(|(pair, &first_ns)| {
             let (ctx, pair, args) = (ctx.clone(), pair.clone(), args.clone());
             glommio::spawn_local(async move {
-                let result = send_loop(&pair, &args, first_ns, end_ns).await;
+                let result = send_loop(&pair, &args, ctx.plan.msg_id_base, first_ns, end_ns).await;
                 pair.sender_done.set(true);
                 if let Err(e) = result {
                     if !ctx.closing.get() {
@@ -385,6 +385,7 @@ fn send_period_ns(args: &PairsArgs) -> Option<u64> {
 async fn send_loop(
     pair: &Pair,
     args: &PairsArgs,
+    msg_id_base: u64,
     start_ns: u64,
     end_ns: u64,
 ) -> Result<(), crate::wire::WireError> {
@@ -422,10 +423,11 @@ async fn send_loop(
             let this_seq = seq + i;
             // Closed loop: the message is "intended" when it is sent.
             let intended = period_ns.map_or(now, |p| due_ns(start_ns, this_seq, p));
-            pair.sends.sent(this_seq + 1, intended);
+            let client_msg_id = msg_id_base + this_seq + 1;
+            pair.sends.sent(client_msg_id, intended);
             ClientBody::SendDirect {
                 to: pair.receiver_user,
-                client_msg_id: this_seq + 1,
+                client_msg_id,
                 content: Content::text(message_body(intended, this_seq, args.payload_bytes)),
             }
         });

@@ -54,6 +54,8 @@ pub struct Plan {
     pub sources: Vec<Ipv4Addr>,
     pub prefix: String,
     pub reuse: bool,
+    /// Added to every `client_msg_id` this run sends (see [`msg_id_base`]).
+    pub msg_id_base: u64,
     pub flags: Flags,
     pub live: Vec<LiveCounters>,
     /// Mints JWTs when `--jwt-secret-file` is given.
@@ -318,6 +320,20 @@ fn wait_reporting(plan: &Plan, last: &mut Instant, done: impl Fn() -> bool) {
     }
 }
 
+/// The base of this run's `client_msg_id`s: the run id's FNV-1a hash in
+/// the high 32 bits. Senders count from 1 within a run; users reused from an
+/// earlier run (`--prefix`) would otherwise send the ids that run sent,
+/// and the server answers an id still in its dedup window with the earlier
+/// message's `Sent` without delivering the new one, which `--verify` then
+/// reports as lost. Every worker of a run gets the same run id, so the
+/// same base.
+pub fn msg_id_base(run_id: &str) -> u64 {
+    let hash = run_id.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    u64::from(hash) << 32
+}
+
 /// Runs worker number `child`; prints its result on stdout.
 pub fn run(cli: Cli, child: usize) -> Result<(), String> {
     let run_id = cli
@@ -346,6 +362,7 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
         sources: parse_source_ips(&cli.common.source_ips, cli.common.server)?,
         prefix,
         reuse,
+        msg_id_base: msg_id_base(&run_id),
         child,
         flags: Flags::default(),
         live: (0..threads).map(|_| LiveCounters::default()).collect(),
@@ -515,4 +532,18 @@ pub fn finish_outcome(ctx: &Ctx, mut outcome: ExecOutcome) -> ExecOutcome {
 /// Nanoseconds between two readings of [`crate::wire::now_ns`], as seconds.
 pub fn secs_between(from_ns: u64, to_ns: u64) -> f64 {
     to_ns.saturating_sub(from_ns) as f64 / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::msg_id_base;
+
+    #[test]
+    fn each_run_id_gets_its_own_msg_id_base_above_any_runs_count() {
+        let base = msg_id_base("k3x9q2");
+        assert_eq!(base, msg_id_base("k3x9q2"), "every worker of a run agrees");
+        assert_ne!(base, msg_id_base("k3x9q3"));
+        assert_eq!(base & u64::from(u32::MAX), 0, "a run counts in the low 32 bits");
+        assert_ne!(base, 0);
+    }
 }

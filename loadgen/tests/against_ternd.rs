@@ -644,7 +644,13 @@ fn connect_results_record_the_offered_rate_and_report_projects_no_knob() {
 /// `--prefix` reuses users across runs (the way to skip registration on big
 /// runs). A second `offline` run with the same prefix must count only its
 /// own backlog: nothing the first run left behind may come back as
-/// duplicates of (or stand in for) this run's messages.
+/// duplicates of (or stand in for) this run's messages. The first run's
+/// backlog is still in the recipients' inboxes (the loadgen sends no
+/// receipts while it measures), so a reused recipient acknowledges it
+/// before the new backlog is sent; and the new sends carry ids of their
+/// own (`pairs_rerun_with_the_same_prefix_sends_new_messages`): when they
+/// repeated the first run's, the server took them for retries and the
+/// first run's messages stood in for them, unnoticed.
 #[test]
 fn offline_rerun_with_the_same_prefix_counts_only_its_own_backlog() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -799,6 +805,42 @@ fn groups_spread_one_groups_members_over_every_executor() {
         assert_eq!(result["messages"].as_u64(), Some(sent * 6), "{name}: {result}");
         for key in ["lost", "duplicated", "reordered"] {
             assert_eq!(result[key].as_u64(), Some(0), "{name} {key}: {result}");
+        }
+    }
+}
+
+/// A `pairs` rerun with the same `--prefix` reuses the same senders and
+/// receivers, so the same conversations. Its messages must be new
+/// messages: were `client_msg_id`s to restart at 1, the server would take
+/// those still in its dedup window (the conversation's last 128 ids, here
+/// all 50 of the first run's) for retries of the first run's messages,
+/// answer with their `Sent` and deliver nothing.
+#[test]
+fn pairs_rerun_with_the_same_prefix_sends_new_messages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+    let args = [
+        "--verify",
+        "--prefix",
+        "repairs_",
+        "pairs",
+        "--pairs",
+        "2",
+        "--window",
+        "4",
+        "--rate",
+        "50",
+        "--duration-secs",
+        "1",
+    ];
+    for run in ["first", "second"] {
+        let result = loadgen(&addr, &dir.path().join(format!("{run}.json")), &args);
+        assert!(
+            result["messages"].as_u64().expect("messages") > 0,
+            "{run}: {result}"
+        );
+        for key in ["errors", "lost", "duplicated", "reordered"] {
+            assert_eq!(result[key].as_u64(), Some(0), "{run}, {key}: {result}");
         }
     }
 }
