@@ -428,7 +428,9 @@ impl Client {
     }
 
     /// Logs in with a password without syncing: the session receives no
-    /// messages until [`Client::sync`].
+    /// messages until [`Client::sync`]. For a session that only makes
+    /// requests (sends, lists, changes settings): it neither waits for nor
+    /// queues the user's backlog, however large.
     pub fn login_unsynced(&mut self, username: &str, password: &str) -> Result<Session, ClientError> {
         let body = ClientBody::Login {
             username: username.to_owned(),
@@ -440,11 +442,17 @@ impl Client {
     /// Logs in with a token from an earlier [`Session`] (session resume),
     /// then syncs from this client's cursors.
     pub fn login_token(&mut self, token: &[u8]) -> Result<Session, ClientError> {
-        let session = self.logged_in(ClientBody::LoginToken {
-            token: token.to_vec(),
-        })?;
+        let session = self.login_token_unsynced(token)?;
         self.sync()?;
         Ok(session)
+    }
+
+    /// Logs in with a token without syncing, like
+    /// [`Client::login_unsynced`].
+    pub fn login_token_unsynced(&mut self, token: &[u8]) -> Result<Session, ClientError> {
+        self.logged_in(ClientBody::LoginToken {
+            token: token.to_vec(),
+        })
     }
 
     /// Logs in with a JSON Web Token from the operator's login system (on
@@ -452,11 +460,17 @@ impl Client {
     /// session's `username` is the token's `sub`; its `token` resumes the
     /// session with [`Client::login_token`] like any other.
     pub fn login_jwt(&mut self, jwt: &str) -> Result<Session, ClientError> {
-        let session = self.logged_in(ClientBody::LoginJwt {
-            token: jwt.to_owned(),
-        })?;
+        let session = self.login_jwt_unsynced(jwt)?;
         self.sync()?;
         Ok(session)
+    }
+
+    /// Logs in with a JSON Web Token without syncing, like
+    /// [`Client::login_unsynced`].
+    pub fn login_jwt_unsynced(&mut self, jwt: &str) -> Result<Session, ClientError> {
+        self.logged_in(ClientBody::LoginJwt {
+            token: jwt.to_owned(),
+        })
     }
 
     /// Ends this session: the server revokes the session's token (a later

@@ -55,6 +55,13 @@ fn login(peer: &mut Peer) {
         token: vec![0; 32],
     };
     peer.send(f.request_id, answer);
+}
+
+/// [`login`], then the catch-up `listen` and `chat` start with (empty).
+/// Other commands send no `Sync`: the next frame those tests expect is
+/// their request.
+fn login_and_sync(peer: &mut Peer) {
+    login(peer);
     let f = peer.recv();
     assert!(
         matches!(f.body, ClientBody::Sync { .. }),
@@ -178,7 +185,7 @@ fn send_prints_the_conversation_and_seq() {
 #[test]
 fn listen_prints_pushes_and_stops_after_count() {
     let (addr, server) = fake_server(|mut peer| {
-        login(&mut peer);
+        login_and_sync(&mut peer);
         answer_friends(&mut peer);
         peer.push(ServerBody::Presence {
             user: 5,
@@ -215,7 +222,7 @@ fn listen_prints_pushes_and_stops_after_count() {
 #[test]
 fn listen_prints_friend_requests_and_acceptances() {
     let (addr, server) = fake_server(|mut peer| {
-        login(&mut peer);
+        login_and_sync(&mut peer);
         answer_friends(&mut peer);
         // The pushes name the user: a stranger's name is known from them.
         peer.push(ServerBody::FriendRequest {
@@ -355,7 +362,7 @@ fn friends_list_pages_through_the_whole_list() {
 fn listen_acknowledges_cumulatively_and_waits_out_a_rate_limited_receipt() {
     const MESSAGES: u64 = 150;
     let (addr, server) = fake_server(|mut peer| {
-        login(&mut peer);
+        login_and_sync(&mut peer);
         answer_friends(&mut peer);
         let mut burst = rkyv::util::AlignedVec::<16>::new();
         for seq in 1..=MESSAGES {
@@ -390,7 +397,7 @@ fn listen_acknowledges_cumulatively_and_waits_out_a_rate_limited_receipt() {
 #[test]
 fn listen_fails_when_count_is_not_reached_in_time() {
     let (addr, server) = fake_server(|mut peer| {
-        login(&mut peer);
+        login_and_sync(&mut peer);
         answer_friends(&mut peer);
         peer.wait_closed();
     });
@@ -406,7 +413,7 @@ fn listen_fails_when_count_is_not_reached_in_time() {
 #[test]
 fn listen_with_a_timeout_too_large_for_a_deadline_waits_without_one() {
     let (addr, server) = fake_server(|mut peer| {
-        login(&mut peer);
+        login_and_sync(&mut peer);
         answer_friends(&mut peer);
         peer.push(message(5, "hello"));
         answer_receipt(&mut peer, ConvId::direct(1, 5), 7);
@@ -426,7 +433,7 @@ fn listen_with_a_timeout_too_large_for_a_deadline_waits_without_one() {
 #[test]
 fn chat_sends_lines_and_quits() {
     let (addr, server) = fake_server(|mut peer| {
-        login(&mut peer);
+        login_and_sync(&mut peer);
         answer_friends(&mut peer);
         // bob is known from the friend list, so /msg needs no lookup.
         for text in ["hey", "again"] {

@@ -301,7 +301,7 @@ fn run(cli: Cli) -> Result<()> {
         let token = parse_hex(token).ok_or_else(|| anyhow!("--token must be hex digits"))?;
         let mut client = connect(&cli)?;
         client
-            .login_token(&token)
+            .login_token_unsynced(&token)
             .context("cannot log in with that token (expired or revoked?)")?;
         client.logout().context("logout failed")?;
         println!("logged out; the token is revoked");
@@ -336,7 +336,9 @@ fn run(cli: Cli) -> Result<()> {
     let mut client = connect(&cli)?;
     let (session, password) = match credentials {
         Credentials::Jwt(jwt) => {
-            let session = client.login_jwt(jwt).context("cannot log in with the JWT")?;
+            let session = client
+                .login_jwt_unsynced(jwt)
+                .context("cannot log in with the JWT")?;
             (session, "")
         }
         Credentials::Password { user, password } => {
@@ -348,11 +350,19 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let session = client
-                .login(user, password)
+                .login_unsynced(user, password)
                 .with_context(|| format!("cannot log in as {user}"))?;
             (session, password)
         }
     };
+    // Only the commands that show messages catch up. The others make
+    // requests: a catch-up would stream, and queue in memory, the user's
+    // whole backlog before the first of them, and a backlog past the
+    // client's queue bound would stop every command, `passwd` and
+    // `account delete` included.
+    if matches!(cli.command, Command::Listen { .. } | Command::Chat) {
+        client.sync().context("cannot catch up on missed messages")?;
+    }
     let user = session.username.clone();
     let mut names = Names::new(&session);
     match cli.command {
