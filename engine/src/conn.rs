@@ -671,13 +671,9 @@ async fn reply_and_drop(stream: &mut Transport, out: &mut AlignedVec, shard: &Sh
     discard_queued(stream.as_raw_fd(), LINGER_BYTES);
 }
 
-/// Sends `reply` on a connection the shard will not serve, and closes it,
-/// in a task of its own: the caller (starting a session) cannot wait. With
-/// `guards` (its permit) it lingers, still counted; without, it is dropped.
-fn refuse_in_background(shard: Rc<Shard>, stream: Transport, reply: ServerFrame, guards: Option<Guards>) {
-    glommio::spawn_local(async move { refuse(&shard, stream, &reply, guards).await }).detach();
-}
-
+/// Sends `reply` on a connection the shard will not serve, and closes it.
+/// With `guards` (its permit) it lingers, still counted; without, it is
+/// dropped.
 async fn refuse(shard: &Shard, mut stream: Transport, reply: &ServerFrame, guards: Option<Guards>) {
     let mut out = AlignedVec::new();
     match guards {
@@ -764,10 +760,22 @@ impl LoggedIn {
 
     /// Refuses this login with `reply` and closes, once a token it issued
     /// is revoked: a client that retries on the answer cannot have its
-    /// next login issued while this token still counts.
-    fn refuse(self, shard: Rc<Shard>, stream: Transport, reply: ServerFrame, guards: Option<Guards>) {
+    /// next login issued while this token still counts. The answers held
+    /// back for the login (a pipelined `Hello`'s `HelloOk`) go out first:
+    /// every request gets its answer.
+    fn refuse(mut self, shard: Rc<Shard>, mut stream: Transport, reply: ServerFrame, guards: Option<Guards>) {
         glommio::spawn_local(async move {
+            let mut answered = std::mem::take(&mut self.answered);
             self.abandon(&shard).await;
+            if !answered.is_empty() {
+                let mut out = AlignedVec::new();
+                if write_frames(&mut stream, &mut out, &shard, &mut answered)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             refuse(&shard, stream, &reply, guards).await;
         })
         .detach();
@@ -881,7 +889,10 @@ fn recheck_then_start(
                 ErrorCode::AuthFailed,
                 "this session's token was revoked while it logged in",
             );
-            refuse_in_background(shard, stream, reply, Some(guards));
+            // Also revokes a token this login issued: when the check
+            // failed on a store error rather than a revocation, that
+            // token is still live and would never reach its client.
+            login.refuse(shard, stream, reply, Some(guards));
         }
     })
     .detach();

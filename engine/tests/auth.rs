@@ -128,6 +128,56 @@ fn third_session_is_limit_exceeded() {
     }
 }
 
+/// A client may send `Hello` and its login in one write (protocol.md
+/// 2.1), and each request gets exactly one answer. When the connection
+/// was accepted on the user's home shard and the login was refused there
+/// (here: past the session limit), the `HelloOk` held back to go out with
+/// the login's answer was dropped, and only the login's error was sent.
+#[test]
+fn a_pipelined_hello_is_answered_when_the_login_behind_it_is_refused() {
+    use rkyv::util::AlignedVec;
+    use tern_client::{ClientBody, ClientFrame, ServerBody};
+    let server = TestServer::start_with(|c| c.max_sessions_per_user = 1);
+    let user = server.user_on_shard("piped_", 0);
+    let _held = server.login(&user);
+    // Which shard accepts a connection is the kernel's choice: enough
+    // attempts that some land on the user's home shard.
+    for _ in 0..8 * server.shards() {
+        let mut raw = RawConn::connect(server.addr());
+        let mut out = AlignedVec::new();
+        let hello = ClientBody::Hello {
+            version: tern_proto::PROTOCOL_VERSION,
+            client_name: "pipelined".into(),
+        };
+        let login = ClientBody::Login {
+            username: user.name.clone(),
+            password: PASSWORD.as_bytes().to_vec(),
+        };
+        for (request_id, body) in [(1, hello), (2, login)] {
+            tern_proto::encode_client(&ClientFrame { request_id, body }, &mut out, 1 << 16).expect("encode");
+        }
+        raw.send_raw(&out).expect("write");
+        let frames = raw.expect_closed();
+        let answers: Vec<_> = frames.iter().map(|f| (f.request_id, &f.body)).collect();
+        assert!(
+            matches!(
+                answers[..],
+                [
+                    (1, ServerBody::HelloOk { .. }),
+                    (
+                        2,
+                        ServerBody::Error {
+                            code: ErrorCode::LimitExceeded,
+                            ..
+                        }
+                    )
+                ]
+            ),
+            "{frames:?}"
+        );
+    }
+}
+
 /// A device that reconnects with its saved token while its old connection
 /// still counts (dead on the network it left, waiting out the idle
 /// timeout) is let in at the session limit: its old session is replaced,
