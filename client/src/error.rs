@@ -30,8 +30,10 @@ pub enum ClientError {
         retry_after_ms: u32,
     },
     /// The server pushed `Disconnect` while a request was waiting for its
-    /// answer; `retry_after_ms` is how long it asks the client to wait
-    /// before reconnecting (0: no hint).
+    /// answer, or an `Error` with request id 0 (a frame it could not read,
+    /// docs/protocol.md 2.7), after which it closes too; `retry_after_ms`
+    /// is how long it asks the client to wait before reconnecting (0: no
+    /// hint).
     #[error("server is closing the connection: {code}: {message}")]
     Disconnected {
         code: ErrorCode,

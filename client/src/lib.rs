@@ -316,7 +316,8 @@ impl Client {
     /// that sends requests must also take pushes with `next_push`, or a
     /// request fails with [`ClientError::PushQueueFull`]. An `Error` answer
     /// becomes [`ClientError::Server`]; a `Disconnect` push while waiting
-    /// becomes [`ClientError::Disconnected`].
+    /// becomes [`ClientError::Disconnected`], and so does an `Error` with
+    /// request id 0 (the server could not read a frame and closes).
     pub fn request(&mut self, body: ClientBody) -> Result<ServerBody, ClientError> {
         let request_id = self.next_request_id;
         self.next_request_id += 1;
@@ -345,10 +346,19 @@ impl Client {
                 // The answer to a request whose caller already got Timeout.
                 continue;
             }
+            // An `Error` nobody asked for answers a frame the server could
+            // not read (request id unknown to it), and it closes next:
+            // like `Disconnect`, it ends the wait with the server's reason.
             if let ServerBody::Disconnect {
                 code,
                 message,
                 retry_after_ms,
+            }
+            | ServerBody::Error {
+                code,
+                message,
+                retry_after_ms,
+                ..
             } = frame.body
             {
                 return Err(ClientError::Disconnected {

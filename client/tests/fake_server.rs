@@ -154,6 +154,32 @@ fn disconnect_push_while_waiting_is_disconnected_then_closed() {
     ));
 }
 
+/// The server answers a frame it could not read with an `Error` of
+/// request id 0 and closes (protocol.md 2.7). A request waiting then used
+/// to queue that error as a push and fail with a bare `Closed`, hiding
+/// the server's reason unless the caller drained its pushes.
+#[test]
+fn an_error_with_request_id_0_while_waiting_is_disconnected_with_its_reason() {
+    let (mut client, server) = connected(|mut peer| {
+        peer.recv();
+        peer.push(ServerBody::Error {
+            code: ErrorCode::MalformedFrame,
+            message: "the frame is not a valid archive".into(),
+            supported_versions: Vec::new(),
+            retry_after_ms: 0,
+        });
+    });
+    match client.send_text(5, "hi") {
+        Err(error @ ClientError::Disconnected { .. }) => {
+            assert_eq!(error.code(), Some(ErrorCode::MalformedFrame));
+            assert!(error.to_string().contains("not a valid archive"), "{error}");
+            assert!(error.is_fatal());
+        }
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    server.join().unwrap();
+}
+
 #[test]
 fn server_closing_is_closed() {
     let (mut client, server) = connected(|mut peer| {
