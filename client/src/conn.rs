@@ -20,7 +20,9 @@ use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
-use tern_proto::{decode_server, encode_client, ClientFrame, FrameBuf, FrameError, ServerFrame};
+use tern_proto::{
+    decode_server, encode_client, unknown_push_tag, ClientFrame, FrameBuf, FrameError, ServerFrame,
+};
 
 use crate::ClientError;
 
@@ -312,12 +314,17 @@ impl Conn {
         }
     }
 
-    /// Decodes a frame already in the buffer, without reading.
+    /// Decodes a frame already in the buffer, without reading. A push of a
+    /// kind this build does not know is skipped (docs/protocol.md,
+    /// "Stability"): a newer server may send one.
     fn buffered_frame(&mut self) -> Result<Option<ServerFrame>, ClientError> {
-        let body = match self.rx.next_body() {
-            Ok(Some(body)) => body,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        let body = loop {
+            match self.rx.next_body() {
+                Ok(Some(body)) if unknown_push_tag(body).is_some() => continue,
+                Ok(Some(body)) => break body,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
         };
         self.last_body_len = body.len();
         let archived = decode_server(body).map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -154,6 +154,41 @@ fn disconnect_push_while_waiting_is_disconnected_then_closed() {
     ));
 }
 
+/// A push of a kind this client does not know (a newer server's) is
+/// skipped, as protocol.md's "Stability" asks: it used to fail the
+/// validation of the whole frame and close the connection, so a server
+/// that added a push would lock older clients out.
+#[test]
+fn a_push_of_an_unknown_kind_is_skipped() {
+    let (mut client, server) = connected(|mut peer| {
+        let frame = peer.recv();
+        let mut wire = AlignedVec::new();
+        let push = ServerFrame {
+            request_id: 0,
+            body: ServerBody::Pong { nonce: 1 },
+        };
+        encode_server(&push, &mut wire, 1 << 20).unwrap();
+        // The tag is the byte 8 into the 112-byte root that ends the body.
+        let body_len = u32::from_le_bytes(wire[..4].try_into().unwrap()) as usize;
+        let tag_at = 8 + body_len - 112 + 8;
+        wire[tag_at] = tern_proto::SERVER_BODY_TAGS + 3;
+        peer.stream.write_all(&wire).unwrap();
+        peer.push(message(5, "after it"));
+        peer.send(frame.request_id, ServerBody::Pong { nonce: 2 });
+        peer.wait_closed();
+    });
+    let answer = client
+        .request(ClientBody::Ping { nonce: 2 })
+        .expect("the answer after an unknown push");
+    assert_eq!(answer, ServerBody::Pong { nonce: 2 });
+    assert_eq!(
+        client.next_push(Duration::from_secs(2)).unwrap(),
+        Some(message(5, "after it"))
+    );
+    drop(client);
+    server.join().unwrap();
+}
+
 /// The server answers a frame it could not read with an `Error` of
 /// request id 0 and closes (protocol.md 2.7). A request waiting then used
 /// to queue that error as a push and fail with a bare `Closed`, hiding

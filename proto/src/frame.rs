@@ -149,6 +149,27 @@ pub fn decode_server(body: &[u8]) -> Result<&ArchivedServerFrame, FrameError> {
         .map_err(|e| FrameError::Invalid(without_addresses(&e.to_string(), body)))
 }
 
+/// How many `ServerBody` variants this crate knows: tags 0 to this − 1.
+pub const SERVER_BODY_TAGS: u8 = 32;
+
+/// The archived size of a `ServerFrame` root, which ends every server body
+/// (docs/protocol.md 5.5).
+const SERVER_ROOT_BYTES: usize = 112;
+
+/// The tag of a push (`request_id` 0) whose `ServerBody` variant this crate
+/// does not know, read without validating anything else; `None` for any
+/// other body, including one too short to hold the root ([`decode_server`]
+/// refuses those). Until version 1 is frozen the server may add pushes
+/// (docs/protocol.md, "Stability"), and a client skips one it does not
+/// know instead of failing the connection; an unknown tag in an *answer*
+/// stays an error.
+pub fn unknown_push_tag(body: &[u8]) -> Option<u8> {
+    let root = body.len().checked_sub(SERVER_ROOT_BYTES)?;
+    let request_id = body.get(root..root + 8)?;
+    let tag = *body.get(root + 8)?;
+    (request_id == [0; 8] && tag >= SERVER_BODY_TAGS).then_some(tag)
+}
+
 /// rkyv's validation errors name memory addresses (`ptr 0x00007fa4…`).
 /// The error text goes back to the peer that sent the frame, and a heap
 /// address given to anyone who connects would help them defeat address
@@ -461,6 +482,47 @@ mod tests {
         );
         assert!(fb.read_slot().is_err());
         assert!(fb.buf.len() <= IDLE_BUF_BYTES);
+    }
+
+    /// The body of `frame` as encoded, in an aligned buffer of its own.
+    fn server_body(frame: &ServerFrame) -> AlignedVec {
+        let mut wire = AlignedVec::new();
+        encode_server(frame, &mut wire, 1 << 20).unwrap();
+        let len = u32::from_le_bytes(wire[..4].try_into().unwrap()) as usize;
+        let mut body = AlignedVec::new();
+        body.extend_from_slice(&wire[HEADER_LEN..HEADER_LEN + len]);
+        body
+    }
+
+    #[test]
+    fn only_a_push_with_a_tag_past_the_known_ones_is_unknown() {
+        use crate::message::ServerBody;
+        // FriendsPage is the last variant: its tag is the highest known.
+        let push = ServerFrame {
+            request_id: 0,
+            body: ServerBody::FriendsPage {
+                friends: Vec::new(),
+                more: false,
+            },
+        };
+        let mut body = server_body(&push);
+        let tag_at = body.len() - SERVER_ROOT_BYTES + 8;
+        assert_eq!(body[tag_at], SERVER_BODY_TAGS - 1);
+        assert_eq!(unknown_push_tag(&body), None);
+        assert!(decode_server(&body).is_ok());
+
+        body[tag_at] = SERVER_BODY_TAGS;
+        assert!(decode_server(&body).is_err(), "rkyv refuses the tag");
+        assert_eq!(unknown_push_tag(&body), Some(SERVER_BODY_TAGS));
+
+        // An answer with an unknown tag is not skipped, nor is a short body.
+        let mut answer = server_body(&ServerFrame {
+            request_id: 7,
+            ..push
+        });
+        answer[tag_at] = 200;
+        assert_eq!(unknown_push_tag(&answer), None);
+        assert_eq!(unknown_push_tag(&body[..SERVER_ROOT_BYTES - 1]), None);
     }
 
     #[test]

@@ -25,7 +25,8 @@ pub mod message;
 pub mod session;
 
 pub use frame::{
-    decode_client, decode_server, encode_client, encode_server, FrameBuf, FrameError, FrameHeader, HEADER_LEN,
+    decode_client, decode_server, encode_client, encode_server, unknown_push_tag, FrameBuf, FrameError,
+    FrameHeader, HEADER_LEN, SERVER_BODY_TAGS,
 };
 pub use ids::{shard_of, ArchivedConvId, ConvId, GroupId, UserId};
 pub use message::*;
