@@ -7,6 +7,13 @@
 //! message in flight per thread). Results are per message. Each variant
 //! writes into its own fresh store in a temporary directory.
 //!
+//! `store/inbox_after` reads one page of a user's inbox: `dense`, 1,000
+//! consecutive messages of one conversation; `every_16th`, 1,000 with 15
+//! of the user's own after each; `sparse`, 2 messages with
+//! 100,000 of the user's own between them (their own are not in their
+//! inbox), which is what a user who chats a lot and rarely acknowledges
+//! leaves behind.
+//!
 //! `store/split_writers` asks whether a node's durable ingest would grow
 //! with a store split into several databases: 1, 2, 4 or 8 stores, each with
 //! its own group-commit writer fed by two pipelined threads, all at once
@@ -16,8 +23,10 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::sync::Arc;
 use tern_bench::store::{drive_split, drive_writer, temp_store, Messages, Submitters, TempStore};
-use tern_storage::{Durability, Writer};
+
+use tern_storage::{ConvId, Durability, InboxTargets, MessageWrite, WriteOp, Writer};
 
 /// Threads submitting to the writer, as several shards would.
 const SUBMITTERS: usize = 4;
@@ -130,6 +139,68 @@ fn split_writers(c: &mut Criterion) {
     group.finish();
 }
 
+/// Stores messages `seqs` of the 1:1 between users 1 and 2, each into
+/// `inbox`'s inbox, in batches of 1,000.
+fn fill(temp: &TempStore, seqs: std::ops::RangeInclusive<u64>, from: u64, inbox: u64) {
+    let frame: Arc<[u8]> = Arc::from(vec![0xA5u8; 100]);
+    let ops: Vec<WriteOp> = seqs
+        .map(|seq| {
+            WriteOp::Message(MessageWrite {
+                conv: ConvId::direct(1, 2),
+                seq,
+                from,
+                client_msg_id: seq,
+                timestamp_ms: 1_763_000_000_000 + seq,
+                frame: Arc::clone(&frame),
+                inbox: InboxTargets::One(inbox),
+                moved_from: None,
+            })
+        })
+        .collect();
+    for chunk in ops.chunks(1000) {
+        if let Err(e) = temp.store.apply(chunk, false) {
+            panic!("apply failed: {e}");
+        }
+    }
+}
+
+fn inbox_after(c: &mut Criterion) {
+    const GAP: u64 = 100_000;
+    let mut group = c.benchmark_group("store/inbox_after");
+    let dense = open();
+    fill(&dense, 1..=1000, 1, 2);
+    group.bench_function("dense_1000", |b| {
+        b.iter(|| match dense.store.inbox_after(2, None, 1000) {
+            Ok(page) => assert_eq!(page.len(), 1000),
+            Err(e) => panic!("inbox_after failed: {e}"),
+        })
+    });
+    // 1,000 wanted among 16,000: past the store's sparse factor (5), so
+    // read one by one; against a range read of all 16,000.
+    let interleaved = open();
+    for k in 0..1000u64 {
+        fill(&interleaved, k * 16 + 1..=k * 16 + 1, 1, 2);
+        fill(&interleaved, k * 16 + 2..=k * 16 + 16, 2, 1);
+    }
+    group.bench_function("every_16th_1000", |b| {
+        b.iter(|| match interleaved.store.inbox_after(2, None, 1000) {
+            Ok(page) => assert_eq!(page.len(), 1000),
+            Err(e) => panic!("inbox_after failed: {e}"),
+        })
+    });
+    let sparse = open();
+    fill(&sparse, 1..=1, 1, 2);
+    fill(&sparse, 2..=GAP + 1, 2, 1);
+    fill(&sparse, GAP + 2..=GAP + 2, 1, 2);
+    group.bench_function("sparse_2_across_100000", |b| {
+        b.iter(|| match sparse.store.inbox_after(2, None, 1000) {
+            Ok(page) => assert_eq!(page.len(), 2),
+            Err(e) => panic!("inbox_after failed: {e}"),
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -140,6 +211,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = apply, writer, split_writers
+    targets = apply, writer, split_writers, inbox_after
 }
 criterion_main!(benches);

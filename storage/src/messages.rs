@@ -688,10 +688,19 @@ impl Store {
     }
 }
 
+/// Above this many history records per wanted one, an inbox run's frames
+/// are read one by one rather than by one range read (see
+/// `resolve_inbox_run`; `store/inbox_after` in bench/benches/store.rs).
+const INBOX_RUN_SPARSE_FACTOR: u64 = 5;
+
 impl Inner {
     /// Appends the history frames of `pending` (ascending seqs of `conv`,
-    /// with their inbox timestamps) to `out`, in order, with one range
-    /// read over `conv`'s history, and empties `pending`.
+    /// with their inbox timestamps) to `out`, in order, and empties
+    /// `pending`: with one range read over `conv`'s history where the
+    /// wanted seqs are most of it, else one point read each. A range read
+    /// costs every record between the first and the last wanted seq, and
+    /// those can be many: the user's own messages are in history but not
+    /// in their inbox, so two entries can have a long chat between them.
     fn resolve_inbox_run(
         &self,
         conv: ConvId,
@@ -702,6 +711,24 @@ impl Inner {
             return Ok(());
         };
         let history = &self.history;
+        let span = last - first + 1;
+        if span > INBOX_RUN_SPARSE_FACTOR.saturating_mul(pending.len() as u64) {
+            for (seq, timestamp_ms) in pending.drain(..) {
+                let key = codec::history_key(conv, seq);
+                // Gone: expired from history.
+                let Some(value) = history.get(&key)? else {
+                    continue;
+                };
+                let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
+                out.push(StoredFrame {
+                    conv,
+                    seq,
+                    timestamp_ms,
+                    frame: v.frame.to_vec(),
+                });
+            }
+            return Ok(());
+        }
         let range = codec::history_key(conv, first)..=codec::history_key(conv, last);
         let mut wanted = pending.drain(..).peekable();
         for guard in history.handle.range(range) {

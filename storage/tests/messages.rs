@@ -584,6 +584,45 @@ fn inbox_entries_read_their_frames_from_history() {
     assert_eq!(seqs(&store.inbox_after(1, None, 100).unwrap()), vec![6]);
 }
 
+/// Inbox entries far apart in their conversation's history (many of the
+/// user's own messages between them) are read one by one instead of by
+/// a range read over everything between; the page is the same, expired
+/// records are skipped the same way, and paging resumes the same way.
+#[test]
+fn sparse_inbox_entries_read_the_same_frames_as_dense_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = ConvId::direct(1, 2);
+    // User 2's inbox holds seqs 1, 100, 200, 300, 400; user 2 wrote the rest.
+    let wanted = [1u64, 100, 200, 300, 400];
+    let ops: Vec<_> = (1..=400)
+        .map(|s| match wanted.contains(&s) {
+            true => msg(a, s, 1, 10 * s, InboxTargets::One(2)),
+            false => msg(a, s, 2, 10 * s, InboxTargets::One(1)),
+        })
+        .collect();
+    store.apply(&ops, false).unwrap();
+    let all = store.inbox_after(2, None, 100).unwrap();
+    assert_eq!(seqs(&all), wanted);
+    for f in &all {
+        assert_eq!(&f.frame[..], &frame(a, f.seq)[..]);
+        assert_eq!(f.timestamp_ms, 10 * f.seq);
+    }
+    assert_eq!(seqs(&store.inbox_after(2, None, 2).unwrap()), vec![1, 100]);
+    assert_eq!(
+        seqs(&store.inbox_after(2, Some((a, 100)), 2).unwrap()),
+        vec![200, 300]
+    );
+    // The records of seqs 1 and 100 expire from history (timestamps
+    // before 1,500); their entries are skipped and the page fills on.
+    store.expire_history(1500).unwrap();
+    assert_eq!(seqs(&store.inbox_after(2, None, 2).unwrap()), vec![200, 300]);
+    assert_eq!(
+        seqs(&store.inbox_after(2, None, 100).unwrap()),
+        vec![200, 300, 400]
+    );
+}
+
 #[test]
 fn version_1_inbox_entries_with_their_own_frame_stay_readable() {
     let dir = tempfile::tempdir().unwrap();
