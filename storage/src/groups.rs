@@ -377,6 +377,17 @@ impl Store {
                             cursor_key,
                             codec::encode_receipts(delivered.max(last), read.max(last)),
                         );
+                        // Inbox entries the raised cursor passes (an
+                        // earlier membership's, owed through its departure
+                        // record from history) would never be returned or
+                        // removed by a receipt: removed with the raise.
+                        if delivered < last {
+                            let from = codec::inbox_key(user, conv, delivered.saturating_add(1));
+                            let to = codec::inbox_key(user, conv, last);
+                            for guard in inner.inbox.handle.range(from..=to) {
+                                batch.remove(&inner.inbox.handle, inner.inbox.key_of(guard)?);
+                            }
+                        }
                     }
                     record.member_count += 1;
                     joined_here.push(user);

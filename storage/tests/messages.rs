@@ -623,6 +623,37 @@ fn sparse_inbox_entries_read_the_same_frames_as_dense_ones() {
     );
 }
 
+/// A rejoin raises the joiner's cursors past what they were owed from
+/// an earlier membership (that range is a departure record's, streamed
+/// from history). Their inbox entries of that membership were left
+/// behind: below the cursor, never returned and never removed by a
+/// receipt (which removes only above the old cursor), so they stayed
+/// until the inbox expiry sweep, and every inbox read walked past them.
+#[test]
+fn a_rejoin_removes_the_inbox_entries_its_cursor_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for name in ["owner", "member"] {
+        store.register(name, b"password1").unwrap();
+    }
+    let group = store.create_group(1, "g").unwrap();
+    let conv = ConvId::Group { group };
+    store.add_member(group, 2).unwrap();
+    let first: Vec<_> = (1..=5)
+        .map(|s| msg(conv, s, 1, s, InboxTargets::One(2)))
+        .collect();
+    store.apply(&first, true).unwrap();
+    store.remove_member(group, 2).unwrap();
+    let between: Vec<_> = (6..=10).map(|s| msg(conv, s, 1, s, InboxTargets::None)).collect();
+    store.apply(&between, true).unwrap();
+    store.add_member(group, 2).unwrap();
+    assert_eq!(store.inbox_after(2, None, 100).unwrap().len(), 0);
+    // The first membership is still owed, from history.
+    let owed = store.departures(2).unwrap();
+    assert_eq!((owed.len(), owed[0].start, owed[0].until), (1, 0, 5));
+    assert_eq!(store.expire_inbox(u64::MAX).unwrap(), 0, "entries left behind");
+}
+
 #[test]
 fn version_1_inbox_entries_with_their_own_frame_stay_readable() {
     let dir = tempfile::tempdir().unwrap();
