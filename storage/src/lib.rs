@@ -677,7 +677,8 @@ impl Ks {
     /// (a deleted account awaiting its purge, a group being purged) are
     /// passed over without counting, so a page is never short of `limit`
     /// while more follow, and never empty with `more` set, which would
-    /// leave a client paging from its last item nowhere to go on from.
+    /// leave a client paging from its last item nowhere to go on from;
+    /// nor is `more` set when only passed-over ids follow.
     fn pairs_after_where(
         &self,
         first: u64,
@@ -694,14 +695,17 @@ impl Ks {
             .range(codec::pair_key(first, from)..=codec::pair_key(first, u64::MAX))
         {
             let (key, value) = self.entry(guard)?;
+            codec::check_empty(&value).map_err(|d| self.corrupt(&key, d))?;
+            let second = codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?;
+            if !keep(second) {
+                continue;
+            }
+            // `more` only for an id the next page would list: when only
+            // passed-over ids follow, it would be an empty page.
             if out.len() >= limit {
                 return Ok((out, true));
             }
-            codec::check_empty(&value).map_err(|d| self.corrupt(&key, d))?;
-            let second = codec::decode_pair_second(&key).map_err(|d| self.corrupt(&key, d))?;
-            if keep(second) {
-                out.push(second);
-            }
+            out.push(second);
         }
         Ok((out, false))
     }

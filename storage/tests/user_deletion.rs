@@ -287,6 +287,11 @@ fn pages_pass_over_deleted_accounts_awaiting_their_purge() {
         }
     }
     assert_eq!(blocked, vec![4, 5]);
+    // Only deleted accounts after the page: no more to list, so `more`
+    // is not set (it was, and the next page came back empty).
+    store.delete_account(5).unwrap();
+    assert_eq!(store.friends_after(1, 0, 1).unwrap(), (vec![4], false));
+    assert_eq!(store.blocks_after(6, 0, 1).unwrap(), (vec![4], false));
 }
 
 /// What a user who left a group is owed from it (`departures`) is keyed
