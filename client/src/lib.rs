@@ -1218,6 +1218,17 @@ impl Client {
         self.next_msg_id = self.next_msg_id.wrapping_add(1);
         id
     }
+
+    /// A `client_msg_id` no earlier send of this client used, for
+    /// [`Client::send_direct`] / [`Client::send_group`]. A send that failed
+    /// with [`ClientError::Timeout`] (or on a connection that broke) may
+    /// still have been stored: resend it with the same id, and the server
+    /// answers with the original `Sent` instead of storing it twice
+    /// (docs/protocol.md 2.8.4). `send_text` picks a fresh id each call, so
+    /// its caller cannot do that.
+    pub fn new_client_msg_id(&mut self) -> u64 {
+        self.fresh_id()
+    }
 }
 
 impl std::fmt::Debug for Client {

@@ -182,6 +182,57 @@ fn send_prints_the_conversation_and_seq() {
     server.join().unwrap();
 }
 
+/// A send that gets no answer in time may have been stored: the CLI sends
+/// it again with the same message id (which the server answers with the
+/// original `Sent`), instead of failing with "timed out" and leaving the
+/// user to type it again as a new message the peer would get twice.
+#[test]
+fn a_send_without_an_answer_in_time_is_resent_with_the_same_id() {
+    let (addr, server) = fake_server(|mut peer| {
+        login(&mut peer);
+        let f = peer.recv();
+        assert!(matches!(f.body, ClientBody::ResolveUser { .. }), "{:?}", f.body);
+        let bob = ServerBody::User {
+            user: 5,
+            username: "bob".into(),
+        };
+        peer.send(f.request_id, bob);
+        let first = peer.recv();
+        let ClientBody::SendDirect { client_msg_id, .. } = first.body else {
+            panic!("{:?}", first.body)
+        };
+        // No answer to the first: the CLI times out and resends.
+        let again = peer.recv();
+        match again.body {
+            ClientBody::SendDirect {
+                client_msg_id: resent,
+                ..
+            } => assert_eq!(resent, client_msg_id, "a resend keeps the id"),
+            other => panic!("{other:?}"),
+        }
+        let sent = ServerBody::Sent {
+            client_msg_id,
+            conv: ConvId::direct(1, 5),
+            seq: 4,
+            timestamp_ms: 1,
+        };
+        peer.send(again.request_id, sent);
+        peer.wait_closed();
+    });
+    let out = tern(
+        addr,
+        &["--request-timeout", "0.3", "send", "--to", "bob", "hi"],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "sent to bob: conv direct:1:5 seq 4\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sending again"),
+        "{out:?}"
+    );
+    server.join().unwrap();
+}
+
 #[test]
 fn listen_prints_pushes_and_stops_after_count() {
     let (addr, server) = fake_server(|mut peer| {

@@ -52,6 +52,12 @@ struct Cli {
     /// the host part of --server.
     #[arg(long, global = true, value_name = "NAME", requires = "tls")]
     server_name: Option<String>,
+    /// How long one request may wait for its answer (and the connect for
+    /// the server), in seconds. A send that gets no answer in time is
+    /// resent with the same message id, twice at most, so the server
+    /// stores it once.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0, value_parser = parse_timeout)]
+    request_timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -371,11 +377,11 @@ fn run(cli: Cli) -> Result<()> {
             let peer = client
                 .resolve_user(&to)
                 .with_context(|| format!("cannot find user {to}"))?;
-            let sent = client.send_text(peer, &text.join(" "))?;
+            let sent = send_once(&mut client, &Target::User(peer, to.clone()), &text.join(" "))?;
             println!("sent to {to}: conv {} seq {}", fmt_conv(&sent.conv), sent.seq);
         }
         Command::SendGroup { group, text } => {
-            let sent = client.send_group_text(group, &text.join(" "))?;
+            let sent = send_once(&mut client, &Target::Group(group), &text.join(" "))?;
             println!("sent to group {group}: seq {}", sent.seq);
         }
         Command::Listen { count, timeout_secs } => {
@@ -589,7 +595,43 @@ fn client_options(cli: &Cli) -> ClientOptions {
     ClientOptions {
         client_name: concat!("tern-cli/", env!("CARGO_PKG_VERSION")).to_string(),
         tls,
+        timeout: Duration::from_secs_f64(cli.request_timeout),
         ..ClientOptions::default()
+    }
+}
+
+/// `--request-timeout`: from a millisecond to an hour.
+fn parse_timeout(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.001..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err("a number of seconds from 0.001 to 3600".into()),
+    }
+}
+
+/// Resends after a timeout: the attempts a send gets in all.
+const SEND_ATTEMPTS: usize = 3;
+
+/// Sends `text` to `to` (a user, or a group), resending with the same
+/// message id when no answer came in time: the first attempt may have
+/// been stored, and the server answers a resend of it with the original
+/// `Sent` (docs/protocol.md 2.8.4) rather than storing it twice, as a
+/// user who typed the message again would have had it.
+fn send_once(client: &mut Client, to: &Target, text: &str) -> Result<tern_client::Sent, ClientError> {
+    let client_msg_id = client.new_client_msg_id();
+    let mut attempt = 1;
+    loop {
+        let content = tern_client::Content::text(text);
+        let result = match to {
+            Target::User(id, _) => client.send_direct(*id, client_msg_id, content),
+            Target::Group(group) => client.send_group(*group, client_msg_id, content),
+        };
+        match result {
+            Err(ClientError::Timeout) if attempt < SEND_ATTEMPTS => {
+                eprintln!("(no answer yet; sending again with the same message id)");
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -1345,15 +1387,10 @@ fn chat_line(
 }
 
 fn send_to(client: &mut Client, to: &Target, text: &str) -> Result<Flow> {
+    let sent = send_once(client, to, text)?;
     match to {
-        Target::User(id, name) => {
-            let sent = client.send_text(*id, text)?;
-            println!("(to {name}, seq {})", sent.seq);
-        }
-        Target::Group(group) => {
-            let sent = client.send_group_text(*group, text)?;
-            println!("(to group {group}, seq {})", sent.seq);
-        }
+        Target::User(_, name) => println!("(to {name}, seq {})", sent.seq),
+        Target::Group(group) => println!("(to group {group}, seq {})", sent.seq),
     }
     Ok(Flow::Continue)
 }
