@@ -217,10 +217,10 @@ impl Store {
 
     /// Those of `users` who are friends of `user`, in the same order: one
     /// point read each.
-    pub fn friends_among(&self, user: UserId, users: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
+    pub fn friends_among(&self, user: UserId, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
         let friends = &self.inner.friends;
         let mut among = Vec::with_capacity(users.len());
-        for friend in users {
+        for &friend in users {
             if friends.contains(codec::pair_key(user, friend))? {
                 among.push(friend);
             }

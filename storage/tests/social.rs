@@ -72,8 +72,8 @@ fn friend_lists_page_by_id() {
     assert_eq!(store.friends_after(3, 0, 10).unwrap(), (vec![], false));
     assert_eq!(store.friends_after(6, 0, 10).unwrap(), (vec![1], false));
     // A friendship looked up pair by pair, in the order asked.
-    assert_eq!(store.friends_among(1, vec![6, 3, 2, 99]).unwrap(), vec![6, 2]);
-    assert_eq!(store.friends_among(3, vec![1]).unwrap(), Vec::<u64>::new());
+    assert_eq!(store.friends_among(1, &[6, 3, 2, 99]).unwrap(), vec![6, 2]);
+    assert_eq!(store.friends_among(3, &[1]).unwrap(), Vec::<u64>::new());
 }
 
 #[test]

@@ -34,12 +34,15 @@
 //! its tasks are [`ANNOUNCE_WORKERS`] whatever the connection rate. A pair
 //! shard's queue holds at most the notices of the workers waiting on it
 //! (shards × [`ANNOUNCE_WORKERS`] × [`ANNOUNCE_BATCH`] subjects, each with
-//! at most the user's friends) plus one per account purge in flight: when
+//! at most the user's friends) plus one per account purge in flight, and
+//! the notices a disk error sent round again (a second later, coalescing
+//! with those of the same subject): when
 //! it is that full, the workers wait, and so new changes pile up in the
 //! announce sets as marks, one per user, not as tasks or notices. Both
 //! queues are drained oldest first. A user whose friend list cannot be
-//! read is marked again a second later, so a disk error delays an
-//! announcement instead of losing it.
+//! read is marked again a second later, and a notice whose friendships
+//! cannot be checked on the pair shard is queued there again a second
+//! later, so a disk error delays an announcement instead of losing it.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -313,15 +316,22 @@ impl Shard {
                 .blocking(move |store| {
                     looks
                         .into_iter()
-                        .map(|(subject, online, to)| (subject, online, store.friends_among(subject, to)))
+                        .map(|(subject, online, to)| {
+                            let friends = store.friends_among(subject, &to);
+                            (subject, online, to, friends)
+                        })
                         .collect::<Vec<_>>()
                 })
                 .await;
-            for (subject, online, friends) in checked {
+            let mut unchecked = Vec::new();
+            for (subject, online, to, friends) in checked {
                 let friends = match friends {
                     Ok(friends) => friends,
                     Err(e) => {
-                        tracing::warn!(error = %e, subject, "presence push dropped");
+                        if unchecked.is_empty() {
+                            tracing::warn!(error = %e, subject, "cannot check friendships for presence; retrying in 1 s");
+                        }
+                        unchecked.push(PresenceNotice { subject, online, to });
                         continue;
                     }
                 };
@@ -333,6 +343,17 @@ impl Shard {
                 }
             }
             drop(guards);
+            if !unchecked.is_empty() {
+                // Queued again after a pause, not under the permit (block
+                // changes must not wait out a failing disk): the look then
+                // pushes the state that holds, as for any notice.
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(RETRY_UNREAD_FRIENDS).await;
+                    shard.queue_presence(unchecked, None);
+                })
+                .detach();
+            }
         }
     }
 }
