@@ -1062,15 +1062,14 @@ impl Settings {
             path: path.to_owned(),
             detail,
         };
-        let len = std::fs::metadata(path)
+        let Some(bytes) = tern_net::files::read_at_most(path, MAX_CONFIG_FILE_BYTES)
             .map_err(|e| read_error(e.to_string()))?
-            .len();
-        if len > MAX_CONFIG_FILE_BYTES {
+        else {
             return Err(read_error(format!(
-                "{len} bytes is more than the {MAX_CONFIG_FILE_BYTES} a config file may have"
+                "more than the {MAX_CONFIG_FILE_BYTES} bytes a config file may have"
             )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| read_error(e.to_string()))?;
+        };
+        let text = String::from_utf8(bytes).map_err(|_| read_error("not UTF-8 text".into()))?;
         self.apply_toml(&text, path)
     }
 
@@ -1209,8 +1208,14 @@ impl Settings {
 /// The `tls_*` key(s) whose file a loading error is about.
 fn tls_keys_at_fault(error: &TlsError, tls: &crate::config::TlsListener) -> &'static str {
     match error {
-        TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.cert_chain => "tls_cert",
-        TlsError::Read { .. } | TlsError::Pem { .. } | TlsError::NoKey { .. } => "tls_key",
+        TlsError::Read { path, .. } | TlsError::Pem { path, .. } | TlsError::TooLarge { path, .. }
+            if *path == tls.cert_chain =>
+        {
+            "tls_cert"
+        }
+        TlsError::Read { .. } | TlsError::Pem { .. } | TlsError::TooLarge { .. } | TlsError::NoKey { .. } => {
+            "tls_key"
+        }
         TlsError::NoCertificate { .. } => "tls_cert",
         _ => "tls_cert and tls_key",
     }
@@ -1567,6 +1572,12 @@ mod tests {
         let big = dir.path().join("big.toml");
         std::fs::write(&big, vec![b'#'; MAX_CONFIG_FILE_BYTES as usize + 1]).unwrap();
         let err = Settings::load(Some(&big), no_env, &[]).unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
+        // A device reports a size of 0 and never ends: refused after the
+        // bound, not read until memory runs out.
+        let err = Settings::load(Some(Path::new("/dev/zero")), no_env, &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("more than"), "{err}");
     }
 

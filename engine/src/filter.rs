@@ -55,17 +55,16 @@ struct WordList {
 
 impl WordList {
     fn load(path: &Path) -> Result<WordList, String> {
-        let len = std::fs::metadata(path)
+        let Some(bytes) = tern_net::files::read_at_most(path, MAX_FILE_BYTES)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .len();
-        if len > MAX_FILE_BYTES {
+        else {
             return Err(format!(
-                "{} is {len} bytes, more than the {MAX_FILE_BYTES} a word list may have",
+                "{} has more than the {MAX_FILE_BYTES} bytes a word list may have",
                 path.display()
             ));
-        }
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        };
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("cannot read {}: not UTF-8 text", path.display()))?;
         let mut words = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let word = line.trim();
@@ -415,6 +414,17 @@ mod tests {
         let mut body = text.as_bytes().to_vec();
         let outcome = FilterCache::default().apply(f, &mut body);
         (outcome, String::from_utf8(body).unwrap())
+    }
+
+    #[test]
+    fn a_list_too_large_or_a_device_is_refused_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.txt");
+        std::fs::write(&big, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        for path in [big.as_path(), Path::new("/dev/zero")] {
+            let err = ContentFilter::open(path, FilterMode::Reject).unwrap_err();
+            assert!(err.contains("more than"), "{err}");
+        }
     }
 
     #[test]

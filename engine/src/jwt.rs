@@ -492,21 +492,14 @@ fn refusal(kind: &ErrorKind) -> JwtRefusal {
 
 /// Reads a key file, refusing anything too large to be a key.
 pub fn read_key_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let fail = |e: std::io::Error| format!("cannot read the {what} {}: {e}", path.display());
-    // Bounded by the read itself, not a size read first: a file that grows
-    // meanwhile, or a device, would otherwise be read without limit.
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(KEY_FILE_MAX_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(fail)?;
-    if bytes.len() as u64 > KEY_FILE_MAX_BYTES {
-        return Err(format!(
+    match tern_net::files::read_at_most(path, KEY_FILE_MAX_BYTES) {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(format!(
             "the {what} {} is over {KEY_FILE_MAX_BYTES} bytes, more than any key file",
             path.display()
-        ));
+        )),
+        Err(e) => Err(format!("cannot read the {what} {}: {e}", path.display())),
     }
-    Ok(bytes)
 }
 
 /// A secret file's bytes without the line end an editor adds.

@@ -8,12 +8,14 @@
 //! ([`frame_io`]), moving an accepted socket to another shard ([`handoff`]),
 //! sizing glommio's registered I/O memory to the process's locked-memory
 //! limit ([`memlock`]), TLS on those sockets ([`tls`]), and one stream type
-//! for both ([`transport`]), and closing a connection without resetting
-//! it ([`linger`]). It knows
+//! for both ([`transport`]), closing a connection without resetting
+//! it ([`linger`]), and reading the files an operator names with a bound
+//! on their size ([`files`]). It knows
 //! nothing of users or messages: that is the engine's business.
 // Bytes from peers and errors from the kernel reach every function here.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod files;
 pub mod frame_io;
 pub mod handoff;
 pub mod linger;

@@ -63,6 +63,10 @@ pub enum TlsError {
     /// (`anyhow`'s `{:#}`) says it once.
     #[error("cannot read {}: {error}", path.display())]
     Read { path: PathBuf, error: io::Error },
+    /// A certificate or key file holds more than any such file would (or
+    /// is a device that never ends).
+    #[error("{}: more than {max} bytes, too large for a certificate or key file", path.display())]
+    TooLarge { path: PathBuf, max: u64 },
     /// A file is not valid PEM.
     #[error("{}: not valid PEM: {message}", path.display())]
     Pem { path: PathBuf, message: String },
@@ -189,11 +193,22 @@ fn build_server_config(
     Ok(Arc::new(config))
 }
 
+/// The most bytes a certificate or key file may have: a chain of a few
+/// certificates is a few KiB.
+pub const TLS_FILE_MAX_BYTES: u64 = 1 << 20;
+
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|error| TlsError::Read {
-        path: path.to_owned(),
-        error,
-    })
+    match crate::files::read_at_most(path, TLS_FILE_MAX_BYTES) {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(TlsError::TooLarge {
+            path: path.to_owned(),
+            max: TLS_FILE_MAX_BYTES,
+        }),
+        Err(error) => Err(TlsError::Read {
+            path: path.to_owned(),
+            error,
+        }),
+    }
 }
 
 fn read_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -803,6 +818,9 @@ mod tests {
         let err = TlsConfig::from_pem_files(&cert, &empty, false).unwrap_err();
         assert!(matches!(err, TlsError::NoKey { .. }), "{err}");
         assert!(err.to_string().contains("empty.pem"), "{err}");
+        // A device named by mistake is refused after the bound.
+        let err = TlsConfig::from_pem_files(Path::new("/dev/zero"), &key, false).unwrap_err();
+        assert!(matches!(err, TlsError::TooLarge { .. }), "{err}");
 
         // The certificate file holds no key.
         let err = TlsConfig::from_pem_files(&cert, &cert, false).unwrap_err();
