@@ -527,7 +527,14 @@ impl Shard {
                     .blocking(move |store| store.join_check(group, user))
                     .await
                     .map_err(|e| store_refusal(e, group, "no such group"))?;
-                if let Some(outcome) = known {
+                // A member by the store whom the loaded roster lacks (a
+                // join whose sync failed after its batch was written) goes
+                // on to the join below, which puts them in the roster:
+                // answered here, they would stay unable to send until the
+                // group left the cache.
+                let roster_lacks_member = matches!(known, Some(JoinOutcome::AlreadyMember))
+                    && self.groups.borrow().map.contains_key(&group);
+                if let Some(outcome) = known.filter(|_| !roster_lacks_member) {
                     return join_answer(&outcome);
                 }
             }
