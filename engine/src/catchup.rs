@@ -588,10 +588,31 @@ async fn stream_groups(
 ) -> Result<u64, SyncError> {
     let groups = match groups {
         Some(groups) => groups,
-        None => shard
-            .blocking(move |store| store.user_groups(user))
-            .await
-            .map_err(SyncError::Store)?,
+        None => {
+            let mut groups = shard
+                .blocking(move |store| store.user_groups(user))
+                .await
+                .map_err(SyncError::Store)?;
+            // Read again on a later pass: a group the user was removed
+            // from since the first is missing from the list, though an
+            // overflowed hold buffer may have dropped some of its
+            // messages, and a later one held since may have gone out.
+            // Every group this catch-up touched is visited again; the
+            // membership check streams what a removal's record still owes
+            // and nothing else.
+            let listed: rustc_hash::FxHashSet<GroupId> = groups.iter().copied().collect();
+            let mut touched: Vec<GroupId> = scan
+                .based
+                .iter()
+                .filter_map(|conv| match conv {
+                    ConvId::Group { group } if !listed.contains(group) => Some(*group),
+                    _ => None,
+                })
+                .collect();
+            touched.sort_unstable();
+            groups.extend(touched);
+            groups
+        }
     };
     let mut streamed = 0;
     for group in groups {

@@ -344,6 +344,14 @@ const STALL_BACKLOG: u64 = 3000;
 /// A server whose catch-ups a reader can hold up mid-stream: small
 /// outbound queues, 1.9 KB messages, no fsync per send, small sync pages.
 fn stalling_server(write_diffusion_max_members: usize) -> TestServer {
+    stalling_server_with(write_diffusion_max_members, |_| {})
+}
+
+/// [`stalling_server`], then `tweak`.
+fn stalling_server_with(
+    write_diffusion_max_members: usize,
+    tweak: impl FnOnce(&mut tern_engine::config::Config),
+) -> TestServer {
     TestServer::start_with(|c| {
         c.write_diffusion_max_members = write_diffusion_max_members;
         c.sync_page = 4;
@@ -354,6 +362,7 @@ fn stalling_server(write_diffusion_max_members: usize) -> TestServer {
         c.durability = tern_engine::config::Durability::Async {
             flush_interval: std::time::Duration::from_millis(100),
         };
+        tweak(c);
     })
 }
 
@@ -467,6 +476,70 @@ fn a_kick_and_a_rejoin_during_a_catch_up_skip_what_was_sent_in_between() {
 
 /// Where `seqs` is not one run of consecutive numbers, for failure
 /// messages: its first, each jump and its last.
+#[test]
+fn a_kick_after_a_hold_overflow_still_owes_what_the_overflow_dropped() {
+    // A catch-up whose buffer of live messages overflows drops them and
+    // scans again, reading the user's groups again. A large group the
+    // user was kicked from meanwhile was missing from that list, so the
+    // messages the overflow dropped were never sent, while later ones,
+    // held in the fresh buffer, were: the client saw a gap, and a cursor
+    // at its last message then acknowledged the departure record.
+    const DIRECT_BACKLOG: u64 = 3000;
+    let server = stalling_server_with(1, |c| c.sync_hold_max = 8);
+    let owner = server.user_on_shard("owner", 0);
+    let victim = server.user_on_shard("victim", 1);
+    let mut o = server.login_unsynced(&owner);
+    let kicked_from = common::group_on_shard(&mut o, 0, server.shards(), true);
+    let stalls_in = common::group_on_shard(&mut o, 0, server.shards(), true);
+    assert!(kicked_from < stalls_in, "the catch-up visits groups in id order");
+    let mut v = server.login_unsynced(&victim);
+    v.group_join(kicked_from).expect("join");
+    v.group_join(stalls_in).expect("join");
+    drop(v);
+    let body = "b".repeat(1900);
+    for _ in 0..2 {
+        o.send_group_text(kicked_from, "before").expect("send");
+    }
+    for _ in 0..STALL_BACKLOG {
+        o.send_group_text(stalls_in, &body).expect("send");
+    }
+    let mut slow = common::RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    slow.login(&victim);
+    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors: Vec::new() });
+    thread::sleep(std::time::Duration::from_millis(500));
+    // The first pass is done with `kicked_from` and stalled in `stalls_in`:
+    // ten more messages overflow the buffer of eight, and a 1:1 backlog
+    // (dropped from the buffer too) stalls the second pass's inbox scan.
+    for _ in 0..10 {
+        o.send_group_text(kicked_from, "overflowing").expect("send");
+    }
+    for _ in 0..DIRECT_BACKLOG {
+        o.send_text(victim.id, &body).expect("send");
+    }
+    let conv = ConvId::Group { group: kicked_from };
+    let mut seqs = Vec::new();
+    loop {
+        let common::RawRead::Frame(frame) = slow.read(TIMEOUT) else {
+            panic!("the catch-up stalled before the second pass");
+        };
+        match frame.body {
+            tern_client::ServerBody::Message(m) if m.conv == conv => seqs.push(m.seq),
+            tern_client::ServerBody::Message(m) if matches!(m.conv, ConvId::Direct { .. }) => break,
+            _ => {}
+        }
+    }
+    thread::sleep(std::time::Duration::from_millis(300));
+    // Held in the fresh buffer (three of eight), then the kick.
+    for _ in 0..3 {
+        o.send_group_text(kicked_from, "held").expect("send");
+    }
+    o.group_kick(kicked_from, victim.id).expect("kick");
+    o.send_group_text(kicked_from, "after the kick").expect("send");
+    seqs.extend(drain_seqs(&mut slow, sync_id, conv));
+    let want: Vec<u64> = (1..=15).collect();
+    assert!(seqs == want, "got {seqs:?}, gaps {:?}", gaps(&seqs));
+}
+
 fn gaps(seqs: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = seqs
         .windows(2)
