@@ -405,8 +405,14 @@ struct History {
 /// Where a group's catch-up stands with the user's membership, read with
 /// each page of its history.
 enum Membership {
-    /// Still the membership the catch-up started in.
-    Member,
+    /// A member, with no removal since the catch-up began, and the user's
+    /// stored delivered cursor now. That cursor is read with each page
+    /// because it moves when the user joins again (a join sets it to the
+    /// group's last seq): a removal whose record a presented cursor
+    /// acknowledged (and dropped at the catch-up's start), then a join
+    /// from another device, leaves no record to tell the catch-up that
+    /// the messages between were not the user's.
+    Member { delivered: u64 },
     /// No longer a member, and nothing recorded of the membership's end
     /// (the group was deleted, or the user holds their most departures).
     Gone,
@@ -438,7 +444,9 @@ fn membership_at(
         .filter(|d| d.until.saturating_add(1) >= from && !settled.contains(&(d.start, d.until)))
         .collect();
     Ok(match (member, departures.is_empty()) {
-        (true, true) => Membership::Member,
+        (true, true) => Membership::Member {
+            delivered: store.receipts(user, ConvId::Group { group })?.0,
+        },
         (false, true) => Membership::Gone,
         (_, false) => Membership::Ended {
             departures,
@@ -487,7 +495,11 @@ async fn stream_history(
             .await
             .map_err(SyncError::Store)?;
         match membership {
-            Membership::Member => {}
+            // Acknowledged by a device of the user, or below a join.
+            Membership::Member { delivered } => {
+                let floor = floors.entry(conv).or_insert(0);
+                *floor = (*floor).max(delivered);
+            }
             Membership::Gone => return Ok(streamed),
             Membership::Ended {
                 departures,

@@ -540,6 +540,53 @@ fn a_kick_after_a_hold_overflow_still_owes_what_the_overflow_dropped() {
     assert!(seqs == want, "got {seqs:?}, gaps {:?}", gaps(&seqs));
 }
 
+#[test]
+fn a_rejoin_during_a_catch_up_does_not_stream_what_came_between() {
+    // A catch-up reads each group's start (the stored cursor) once. A user
+    // who left a group, presented a cursor acknowledging that membership
+    // (which drops its departure record), and joined again from another
+    // device during the catch-up got the messages sent while they were
+    // out: a later pass found the new membership's first inbox entry and
+    // filled the gap below it from the start read before the rejoin.
+    let server = stalling_server_with(100, |c| c.sync_hold_max = 8);
+    let owner = server.user_on_shard("owner", 0);
+    let victim = server.user_on_shard("victim", 1);
+    let mut o = server.login_unsynced(&owner);
+    let left = common::group_on_shard(&mut o, 0, server.shards(), true);
+    let stalls_in = common::group_on_shard(&mut o, 0, server.shards(), true);
+    assert!(left < stalls_in, "inbox entries are in group id order");
+    let mut other_device = server.login_unsynced(&victim);
+    other_device.group_join(left).expect("join");
+    other_device.group_join(stalls_in).expect("join");
+    for _ in 0..10 {
+        o.send_group_text(left, "member").expect("send");
+    }
+    other_device.group_leave(left).expect("leave");
+    for _ in 0..5 {
+        o.send_group_text(left, "between").expect("send");
+    }
+    let body = "b".repeat(1900);
+    for _ in 0..STALL_BACKLOG {
+        o.send_group_text(stalls_in, &body).expect("send");
+    }
+    // This device holds 1..=10: its cursor acknowledges the membership.
+    let conv = ConvId::Group { group: left };
+    let mut slow = common::RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    slow.login(&victim);
+    let cursors = vec![Cursor { conv, seq: 10 }];
+    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors });
+    thread::sleep(std::time::Duration::from_millis(500));
+    // Stalled in `stalls_in`'s entries: the buffer of eight overflows,
+    // the other device joins again, and message 16 is the new membership's.
+    for _ in 0..10 {
+        o.send_group_text(stalls_in, "overflowing").expect("send");
+    }
+    other_device.group_join(left).expect("join again");
+    assert_eq!(o.send_group_text(left, "member again").expect("send").seq, 16);
+    let seqs = drain_seqs(&mut slow, sync_id, conv);
+    assert_eq!(seqs, vec![16], "gaps {:?}", gaps(&seqs));
+}
+
 fn gaps(seqs: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = seqs
         .windows(2)
