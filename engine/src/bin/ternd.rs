@@ -134,19 +134,21 @@ fn command() -> Command {
     cmd
 }
 
-/// The flags given, as `(key, value)` pairs, legacy spellings first so
-/// that the current ones win.
-fn flag_values(matches: &ArgMatches) -> Vec<(&'static str, String)> {
+/// The flags given, as `(key, value, flag as typed)`, legacy spellings
+/// first so that the current ones win. The flag as typed is what an error
+/// quotes: a legacy flag sets a key of another name and unit.
+fn flag_values(matches: &ArgMatches) -> Vec<(&'static str, String, String)> {
     let mut flags = Vec::new();
     if let Some(secs) = matches.get_one::<u64>("idle-timeout-secs") {
-        flags.push(("idle_timeout_ms", secs.saturating_mul(1000).to_string()));
+        let typed = format!("idle-timeout-secs {secs}");
+        flags.push(("idle_timeout_ms", secs.saturating_mul(1000).to_string(), typed));
     }
     if matches.get_flag("no-pin") {
-        flags.push(("pin_shards", "false".to_owned()));
+        flags.push(("pin_shards", "false".to_owned(), "no-pin".to_owned()));
     }
     for key in KEYS {
         if let Some(value) = matches.get_one::<String>(key.name) {
-            flags.push((key.name, value.clone()));
+            flags.push((key.name, value.clone(), key.name.replace('_', "-")));
         }
     }
     flags
@@ -163,9 +165,8 @@ fn load(matches: &ArgMatches, file: Option<PathBuf>) -> anyhow::Result<Settings>
         settings.apply_file(path)?;
     }
     settings.apply_env(|var| std::env::var(var).ok())?;
-    for (key, value) in flag_values(matches) {
-        let origin = Origin::Flag(key.replace('_', "-"));
-        settings.apply_text(key, &value, origin)?;
+    for (key, value, typed) in flag_values(matches) {
+        settings.apply_text(key, &value, Origin::Flag(typed))?;
     }
     Ok(settings.finish()?)
 }
@@ -353,4 +354,18 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     drop(http);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_quotes_a_legacy_flag_as_typed() {
+        let matches = command()
+            .try_get_matches_from(["ternd", "--idle-timeout-secs", "100000"])
+            .unwrap();
+        let err = load(&matches, None).unwrap_err().to_string();
+        assert!(err.contains("from flag --idle-timeout-secs 100000"), "{err}");
+    }
 }
