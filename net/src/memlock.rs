@@ -2,7 +2,8 @@
 //!
 //! Each glommio executor registers `io_memory` bytes of buffers with
 //! io_uring, which counts against the locked-memory limit unless the process
-//! has `CAP_IPC_LOCK` (root does). Kernels before 5.12 also charge the
+//! has `CAP_IPC_LOCK` (root usually does; root in a container or a user
+//! namespace may not). Kernels before 5.12 also charge the
 //! executor's three rings there (about 100 bytes per ring entry, so ~1.2 MiB
 //! per shard at ternd's 4,096-entry rings). An operator running `ternd` as a
 //! service user often has only 8 MiB, or even 64 KiB. [`io_memory_per_shard`]
@@ -68,10 +69,31 @@ pub fn memlock_limit() -> io::Result<Option<u64>> {
     Ok((limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur))
 }
 
-/// Whether the process is exempt from memlock accounting.
+/// `CAP_IPC_LOCK`'s bit in a capability set.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether the process is exempt from memlock accounting: it holds
+/// `CAP_IPC_LOCK` in its effective set. Not whether it is root: root in a
+/// container's default capability set, or in a user namespace, lacks it,
+/// and is charged like anyone. Where `/proc` cannot tell, root is taken
+/// to hold it.
 fn is_exempt() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    match std::fs::read_to_string("/proc/self/status") {
+        Ok(status) => holds_ipc_lock(&status).unwrap_or(false),
+        // SAFETY: geteuid has no preconditions.
+        Err(_) => unsafe { libc::geteuid() == 0 },
+    }
+}
+
+/// Whether the `CapEff` line of a `/proc/<pid>/status` text has
+/// `CAP_IPC_LOCK`; `None` without a readable line.
+fn holds_ipc_lock(status: &str) -> Option<bool> {
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?
+        .trim();
+    let effective = u64::from_str_radix(hex, 16).ok()?;
+    Some(effective >> CAP_IPC_LOCK & 1 == 1)
 }
 
 /// Registered I/O memory per shard for `shards` executors whose rings are
@@ -119,6 +141,18 @@ fn plan(limit: Option<u64>, exempt: bool, shards: usize, rings: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exemption_is_cap_ipc_lock_in_the_effective_set() {
+        let status = |eff: &str| format!("Name:\tternd\nCapPrm:\t000001ffffffffff\nCapEff:\t{eff}\n");
+        assert_eq!(holds_ipc_lock(&status("000001fffeffffff")), Some(true));
+        // Docker's default set as root: no CAP_IPC_LOCK.
+        assert_eq!(holds_ipc_lock(&status("00000000a80425fb")), Some(false));
+        assert_eq!(holds_ipc_lock(&status("0000000000004000")), Some(true));
+        assert_eq!(holds_ipc_lock(&status("0000000000000000")), Some(false));
+        assert_eq!(holds_ipc_lock("Name:\tternd\n"), None);
+        assert_eq!(holds_ipc_lock(&status("zz")), None);
+    }
 
     #[test]
     fn plans_fit_the_limit() {
