@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -232,6 +232,12 @@ fn check_config(sub: &ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the signal thread acts on once the server is up.
+struct Running {
+    stop: Arc<AtomicBool>,
+    certs: Option<Arc<tern_net::tls::CertStore>>,
+}
+
 fn serve(settings: Settings) -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries only the startup lines that
     // scripts and tests parse, and nobody need drain it afterwards.
@@ -273,6 +279,55 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     let content_filter = config.content_filter.clone();
     let jwt = config.jwt.clone();
     let jwt_with_open_registration = config.jwt.is_some() && config.registration;
+    // The signal thread starts before the server: opening the store (a
+    // recovery after a crash, an index backfill) can take long, and a
+    // stop asked for meanwhile must not wait for it. Until the server is
+    // up a stop signal exits at once: nothing was acknowledged yet, and
+    // the store is crash-safe.
+    let running: Arc<OnceLock<Running>> = Arc::default();
+    let not_ready = ready.clone();
+    let signal_thread_running = running.clone();
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let Some(running) = signal_thread_running.get() else {
+                if signal != SIGHUP {
+                    eprintln!("ternd: stop signal {signal} while starting: exiting");
+                    std::process::exit(1);
+                }
+                continue;
+            };
+            if signal == SIGHUP {
+                tern_engine::filter::reload_and_log(content_filter.as_ref());
+                match jwt.as_ref().map(|jwt| jwt.reload_jwks()) {
+                    Some(Ok(Some(keys))) => tracing::info!(keys, "reloaded the JWT key set"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "JWT key set reload failed; the old keys stay")
+                    }
+                    Some(Ok(None)) | None => {}
+                }
+                match running.certs.as_ref().map(|c| c.reload()) {
+                    Some(Ok(())) => tracing::info!("reloaded the TLS certificate"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "TLS reload failed; the old certificate stays")
+                    }
+                    None => tracing::info!("SIGHUP: no TLS listener to reload"),
+                }
+                continue;
+            }
+            if running.stop.load(Ordering::SeqCst) {
+                // The operator's second Ctrl-C during a stuck drain: what
+                // was acknowledged is in the store's journal already.
+                tracing::warn!(signal, "second stop signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+            tracing::info!(
+                signal,
+                "stopping: draining connections (a second signal exits at once)"
+            );
+            not_ready.store(false, Ordering::SeqCst);
+            running.stop.store(true, Ordering::SeqCst);
+        }
+    });
     let server = Server::start_with_metrics(config, metrics.clone())?;
     if let (Some(http), Some(writer)) = (&http, server.writer_handle()) {
         http.set_writer(writer);
@@ -312,42 +367,9 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
              sign up with passwords (docs/configuration.md)"
         );
     }
-    let stop = server.stop_handle();
-    let not_ready = ready.clone();
-    let certs = server.tls_certs();
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if signal == SIGHUP {
-                tern_engine::filter::reload_and_log(content_filter.as_ref());
-                match jwt.as_ref().map(|jwt| jwt.reload_jwks()) {
-                    Some(Ok(Some(keys))) => tracing::info!(keys, "reloaded the JWT key set"),
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "JWT key set reload failed; the old keys stay")
-                    }
-                    Some(Ok(None)) | None => {}
-                }
-                match certs.as_ref().map(|c| c.reload()) {
-                    Some(Ok(())) => tracing::info!("reloaded the TLS certificate"),
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "TLS reload failed; the old certificate stays")
-                    }
-                    None => tracing::info!("SIGHUP: no TLS listener to reload"),
-                }
-                continue;
-            }
-            if stop.load(Ordering::SeqCst) {
-                // The operator's second Ctrl-C during a stuck drain: what
-                // was acknowledged is in the store's journal already.
-                tracing::warn!(signal, "second stop signal: exiting without finishing the drain");
-                std::process::exit(1);
-            }
-            tracing::info!(
-                signal,
-                "stopping: draining connections (a second signal exits at once)"
-            );
-            not_ready.store(false, Ordering::SeqCst);
-            stop.store(true, Ordering::SeqCst);
-        }
+    let _ = running.set(Running {
+        stop: server.stop_handle(),
+        certs: server.tls_certs(),
     });
     server.wait()?;
     drop(admin);
