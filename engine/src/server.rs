@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use futures_lite::future;
-use glommio::channels::shared_channel::{ConnectedSender, SharedSender};
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedSender};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use tern_net::listen::PortReservation;
@@ -28,7 +28,7 @@ use tern_storage::{Store, StoreError, Writer, WriterHandle};
 use crate::admin::{AdminContext, AdminQueues, LogReload};
 use crate::config::Config;
 use crate::conn::{self, STOP_POLL};
-use crate::mesh::Mesh;
+use crate::mesh::{Endpoints, Event, Mesh, Request};
 use crate::metrics::Metrics;
 use crate::shard::Shard;
 
@@ -549,33 +549,20 @@ async fn run_shard(startup: Arc<Startup>) {
         return report(Err(format!("shard {index} found no queue endpoints")));
     };
     // Connecting a channel end waits for its peer end on the other shard,
-    // so every end connects in its own task, all at once.
-    let requests_out = connect_senders(ends.requests_out);
-    let events_out = connect_senders(ends.events_out);
-    let requests_in: Vec<_> = ends
-        .requests_in
-        .into_iter()
-        .map(|rx| glommio::spawn_local(rx.connect()))
-        .collect();
-    let events_in: Vec<_> = ends
-        .events_in
-        .into_iter()
-        .map(|rx| glommio::spawn_local(rx.connect()))
-        .collect();
-    let mut connected_requests_out = Vec::with_capacity(requests_out.len());
-    for task in requests_out {
-        connected_requests_out.push(match task {
-            Some(task) => Some(task.await),
-            None => None,
-        });
-    }
-    let mut connected_events_out = Vec::with_capacity(events_out.len());
-    for task in events_out {
-        connected_events_out.push(match task {
-            Some(task) => Some(task.await),
-            None => None,
-        });
-    }
+    // which never comes if that shard's executor failed to start. The
+    // start-up then times out and stops the server, and this shard must
+    // see the stop rather than wait for its peers forever: the server's
+    // threads are joined before the error is reported.
+    let connected = future::or(async { Some(connect_mesh(ends).await) }, async {
+        while !startup.stop.load(Ordering::SeqCst) {
+            glommio::timer::sleep(STOP_POLL).await;
+        }
+        None
+    })
+    .await;
+    let Some((connected_requests_out, connected_events_out, requests_in, events_in)) = connected else {
+        return report(Err(format!("shard {index} stopped before its queues connected")));
+    };
     let shard = Rc::new(Shard::new(
         index,
         startup.config.clone(),
@@ -593,7 +580,6 @@ async fn run_shard(startup: Arc<Startup>) {
         glommio::spawn_local(expire_old_messages(shard.clone())).detach();
     }
     for rx in requests_in {
-        let rx = rx.await;
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(request) = rx.recv().await {
@@ -604,7 +590,6 @@ async fn run_shard(startup: Arc<Startup>) {
         .detach();
     }
     for rx in events_in {
-        let rx = rx.await;
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(event) = rx.recv().await {
@@ -716,6 +701,60 @@ async fn expire_old_messages(shard: Rc<Shard>) {
 /// the history record (history is kept at least as long as the inbox).
 fn history_cutoff(now: u64, inbox_cutoff: u64, retention: Option<Duration>) -> Option<u64> {
     retention.map(|keep| now.saturating_sub(keep.as_millis() as u64).min(inbox_cutoff))
+}
+
+/// This shard's ends of the mesh, connected: senders to each shard
+/// (`None` at its own index), receivers from each other shard.
+type ConnectedMesh = (
+    Vec<Option<ConnectedSender<Request>>>,
+    Vec<Option<ConnectedSender<Event>>>,
+    Vec<ConnectedReceiver<Request>>,
+    Vec<ConnectedReceiver<Event>>,
+);
+
+/// Connects every end of `ends`. Each end waits for its peer end on the
+/// other shard, so all of them connect at once, each in its own task.
+async fn connect_mesh(ends: Endpoints) -> ConnectedMesh {
+    let requests_out = connect_senders(ends.requests_out);
+    let events_out = connect_senders(ends.events_out);
+    let requests_in: Vec<_> = ends
+        .requests_in
+        .into_iter()
+        .map(|rx| glommio::spawn_local(rx.connect()))
+        .collect();
+    let events_in: Vec<_> = ends
+        .events_in
+        .into_iter()
+        .map(|rx| glommio::spawn_local(rx.connect()))
+        .collect();
+    let mut connected_requests_out = Vec::with_capacity(requests_out.len());
+    for task in requests_out {
+        connected_requests_out.push(match task {
+            Some(task) => Some(task.await),
+            None => None,
+        });
+    }
+    let mut connected_events_out = Vec::with_capacity(events_out.len());
+    for task in events_out {
+        connected_events_out.push(match task {
+            Some(task) => Some(task.await),
+            None => None,
+        });
+    }
+    let mut connected_requests_in = Vec::with_capacity(requests_in.len());
+    for task in requests_in {
+        connected_requests_in.push(task.await);
+    }
+    let mut connected_events_in = Vec::with_capacity(events_in.len());
+    for task in events_in {
+        connected_events_in.push(task.await);
+    }
+    (
+        connected_requests_out,
+        connected_events_out,
+        connected_requests_in,
+        connected_events_in,
+    )
 }
 
 /// Starts connecting each sender end in its own task.
