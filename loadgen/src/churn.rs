@@ -600,6 +600,10 @@ async fn run_receiver(
     };
     crate::wire::read_frames(reader, move |frame| {
         match &frame.body {
+            ArchivedServerBody::Message(msg) if !ctx.plan.sent_by_this_run(msg.client_msg_id.to_native()) => {
+                // An earlier run's: acknowledged by the next `Sync`, not counted.
+                s.advance_cursor(msg.conv.to_native(), msg.seq.to_native());
+            }
             ArchivedServerBody::Message(msg) => {
                 let from = msg.from.to_native();
                 let (Some(k), Some((_, seq))) = (

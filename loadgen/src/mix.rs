@@ -499,6 +499,8 @@ fn receive(
             return Ok(());
         };
         match &frame.body {
+            ArchivedServerBody::Message(msg) if !ctx.plan.sent_by_this_run(msg.client_msg_id.to_native()) => {
+            }
             ArchivedServerBody::Message(msg) => {
                 let now = now_ns();
                 let conv = msg.conv.to_native();

@@ -65,6 +65,14 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether a message with this `client_msg_id` was sent by this run
+    /// (see [`msg_id_base`]): users reused from an earlier run (`--prefix`)
+    /// get that run's unacknowledged messages again in their catch-ups,
+    /// and those are not this run's to count.
+    pub fn sent_by_this_run(&self, client_msg_id: u64) -> bool {
+        client_msg_id >> 32 == self.msg_id_base >> 32
+    }
+
     fn threads(&self) -> usize {
         self.cli.common.threads
     }

@@ -677,6 +677,48 @@ fn offline_rerun_with_the_same_prefix_counts_only_its_own_backlog() {
     );
 }
 
+/// `mix` and `churn` rerun with the same `--prefix`: their sessions `Sync`
+/// themselves, and the first run's messages (never acknowledged: the
+/// loadgen sends no receipts while it measures) come back in the second
+/// run's catch-ups on the same conversations. They must not count as the
+/// second run's (as duplicates of its messages, or in place of them).
+#[test]
+fn mix_and_churn_reruns_with_the_same_prefix_count_only_their_own_messages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start_server(&dir.path().join("data"));
+    let profile = dir.path().join("tiny.toml");
+    std::fs::write(&profile, TINY_DAY).expect("write profile");
+    let profile = profile.to_str().expect("utf-8 path");
+    let mix = ["--verify", "--prefix", "remix_", "mix", "--profile", profile];
+    let churn = [
+        "--verify",
+        "--prefix",
+        "rechurn_",
+        "--duration-secs",
+        "2",
+        "churn",
+        "--connections",
+        "6",
+        "--percent",
+        "0",
+        "--trickle-rate",
+        "50",
+    ];
+    for (name, args) in [("mix", &mix[..]), ("churn", &churn[..])] {
+        for run in ["first", "second"] {
+            let json = dir.path().join(format!("{name}-{run}.json"));
+            let result = loadgen(&addr, &json, args);
+            assert!(
+                result["messages"].as_u64().expect("messages") > 0,
+                "{name} {run}: {result}"
+            );
+            for key in ["errors", "lost", "duplicated", "reordered"] {
+                assert_eq!(result[key].as_u64(), Some(0), "{name} {run}, {key}: {result}");
+            }
+        }
+    }
+}
+
 /// `presence`: a friend graph made through `FriendAdd`, a login storm in
 /// which every owed push arrives and every friend ends up seen online,
 /// then churn over two processes, where nothing names a non-friend and
