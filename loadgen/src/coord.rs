@@ -23,7 +23,8 @@ use crate::worker::Progress;
 /// What a worker said.
 enum Said {
     Ready,
-    Connected,
+    /// Its connections are up; how many are open.
+    Connected(u64),
     Progress(Progress),
     Result(Box<RunResult>),
     Fatal(String),
@@ -35,7 +36,7 @@ fn parse_line(line: &str) -> Option<Said> {
     let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
     match word {
         "ready" => Some(Said::Ready),
-        "connected" => Some(Said::Connected),
+        "connected" => rest.trim().parse().ok().map(Said::Connected),
         "progress" => serde_json::from_str(rest).ok().map(Said::Progress),
         "result" => serde_json::from_str(rest).ok().map(|r| Said::Result(Box::new(r))),
         "fatal" => Some(Said::Fatal(rest.to_string())),
@@ -152,6 +153,8 @@ fn supervise(
     let mut results: Vec<Option<RunResult>> = vec![None; procs];
     let (mut ready, mut connected, mut gone) = (0, 0, 0);
     let (mut rss_before, mut rss_after) = (None, None);
+    // Connections open when `rss_after` is read, all workers together.
+    let mut open_when_measured = 0u64;
     let began = Instant::now();
     let mut last_line = Instant::now();
     let mut last_delivered = 0u64;
@@ -171,8 +174,9 @@ fn supervise(
                     workers.iter_mut().for_each(|w| w.tell("go"));
                 }
             }
-            Some((_, Said::Connected)) => {
+            Some((_, Said::Connected(open))) => {
                 connected += 1;
+                open_when_measured += open;
                 if connected == procs {
                     if let Some(pid) = server_pid {
                         // Let the server settle (lazy allocations, deferred
@@ -233,9 +237,13 @@ fn supervise(
     let (mut merged, hist) = merge(&parts)?;
     merged.server_rss_kib_before = rss_before;
     merged.server_rss_kib_after = rss_after;
+    // Divided by the connections open when the memory was read, not by
+    // every connection of the run. `offline` reads it with only its
+    // senders connected and the whole backlog stored: no per-connection
+    // figure (a planner would take it for one).
     merged.server_rss_kib_per_conn = match (rss_before, rss_after) {
-        (Some(before), Some(after)) if merged.connections > 0 => {
-            Some((after as f64 - before as f64) / merged.connections as f64)
+        (Some(before), Some(after)) if open_when_measured > 0 && merged.scenario != "offline" => {
+            Some((after as f64 - before as f64) / open_when_measured as f64)
         }
         _ => None,
     };
@@ -260,7 +268,8 @@ mod tests {
     #[test]
     fn worker_lines_parse() {
         assert!(matches!(parse_line("ready"), Some(Said::Ready)));
-        assert!(matches!(parse_line("connected"), Some(Said::Connected)));
+        assert!(matches!(parse_line("connected 7"), Some(Said::Connected(7))));
+        assert!(parse_line("connected").is_none(), "the count is part of the line");
         match parse_line(r#"progress {"users":1,"open":2,"delivered":3,"errors":4,"p99_us":5}"#) {
             Some(Said::Progress(p)) => assert_eq!(
                 (p.users, p.open, p.delivered, p.errors, p.p99_us),

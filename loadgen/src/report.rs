@@ -68,7 +68,9 @@ pub struct RunResult {
     /// Everything that went wrong: failed connections and setups, server
     /// error answers, disconnects, invalid frames, lost deliveries.
     pub errors: u64,
-    /// (server RSS with all connections open − RSS before) / connections.
+    /// (server RSS once the connections are up − RSS before) / the
+    /// connections open when it was read; absent for `offline` (its server
+    /// then holds the whole backlog too).
     pub server_rss_kib_per_conn: Option<f64>,
     pub server_rss_kib_before: Option<u64>,
     pub server_rss_kib_after: Option<u64>,

@@ -407,7 +407,9 @@ pub fn run(cli: Cli, child: usize) -> Result<(), String> {
     });
     println!("ready");
     wait_reporting(&plan, &mut last, || all(&flags.connected) || all(&flags.finished));
-    println!("connected");
+    // With the connections open now: the server's memory is read at this
+    // point, and a scenario may open more later (recipients coming online).
+    println!("connected {}", sample(&plan).open);
     wait_reporting(&plan, &mut last, || all(&flags.finished));
 
     let mut outcomes = Vec::new();

@@ -654,10 +654,13 @@ fn connect_results_record_the_offered_rate_and_report_projects_no_knob() {
 #[test]
 fn offline_rerun_with_the_same_prefix_counts_only_its_own_backlog() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_server, addr) = start_server(&dir.path().join("data"));
+    let (server, addr) = start_server(&dir.path().join("data"));
+    let pid = server.0.id().to_string();
     let args = [
         "--prefix",
         "revoff_",
+        "--server-pid",
+        &pid,
         "offline",
         "--users",
         "2",
@@ -668,6 +671,10 @@ fn offline_rerun_with_the_same_prefix_counts_only_its_own_backlog() {
     ];
     let first = loadgen(&addr, &dir.path().join("first.json"), &args);
     assert_eq!(first["duplicated"].as_u64(), Some(0), "{first}");
+    // Its memory is read with only the senders connected and the whole
+    // backlog stored: no per-connection figure.
+    assert!(first["server_rss_kib_before"].is_number(), "{first}");
+    assert!(first["server_rss_kib_per_conn"].is_null(), "{first}");
     let second = loadgen(&addr, &dir.path().join("second.json"), &args);
     assert_eq!(second["sent"].as_u64(), Some(50), "{second}");
     assert_eq!(
