@@ -266,11 +266,17 @@ impl Failures {
         }
     }
 
+    /// Nothing to remember: no check running, no back-off, and no failure
+    /// within the window. A count of 0 is idle whatever `last_ms` says:
+    /// an entry that never failed has `last_ms` 0, and `now_ms` counts
+    /// from the process's start, so the window test alone kept every such
+    /// entry (one per connecting address) unsweepable for the first window
+    /// of uptime, and a full table then left new addresses unmetered.
     fn is_idle(&self, limits: &Limits, now_ms: u64) -> bool {
         let window = limits.login_failure_window.as_millis() as u64;
         self.in_flight == 0
             && now_ms >= self.blocked_until_ms
-            && now_ms.saturating_sub(self.last_ms) >= window
+            && (self.count == 0 || now_ms.saturating_sub(self.last_ms) >= window)
     }
 }
 
@@ -525,12 +531,15 @@ impl Drop for LoginAttempt {
             if let Some(recent) = self.addr.and_then(|key| tables.recent.get_mut(&key)) {
                 recent.logins.in_flight = recent.logins.in_flight.saturating_sub(1);
             }
-            if let Some(failures) = self
-                .account
-                .as_deref()
-                .and_then(|name| tables.accounts.get_mut(name))
-            {
-                failures.in_flight = failures.in_flight.saturating_sub(1);
+            if let Some(name) = self.account.as_deref() {
+                if let Some(failures) = tables.accounts.get_mut(name) {
+                    failures.in_flight = failures.in_flight.saturating_sub(1);
+                    // A success forgot the failures while this check ran
+                    // (`login_succeeded`): nothing is left to remember.
+                    if failures.in_flight == 0 && failures.count == 0 && failures.blocked_until_ms == 0 {
+                        tables.accounts.remove(name);
+                    }
+                }
             }
         });
     }
@@ -788,6 +797,30 @@ mod tests {
         // After a quiet window the count starts again.
         f.record(&limits, 5, t + 304 + 10_000);
         assert!(f.check(&limits, 5, t + 304 + 10_000).is_ok());
+    }
+
+    #[test]
+    fn an_entry_that_never_failed_is_idle_from_the_start() {
+        // 15 minutes' window, 1 s after the process started.
+        let limits = Limits::default();
+        let never_failed = Failures::default();
+        assert!(never_failed.is_idle(&limits, 1_000));
+        let failed = Failures {
+            count: 1,
+            last_ms: 500,
+            ..Failures::default()
+        };
+        assert!(!failed.is_idle(&limits, 1_000), "a failure within the window");
+    }
+
+    #[test]
+    fn a_success_during_its_own_check_leaves_no_account_entry() {
+        let config = Config::default();
+        let attempt = login_allowed(&config, None, Some("settles")).expect("allowed");
+        assert!(TABLES.with(|t| t.borrow().accounts.contains_key("settles")));
+        login_succeeded("settles");
+        drop(attempt);
+        assert!(!TABLES.with(|t| t.borrow().accounts.contains_key("settles")));
     }
 
     #[test]
