@@ -1542,6 +1542,9 @@ impl Conn {
                         | ArchivedClientBody::GroupBan { .. }
                         | ArchivedClientBody::GroupUnban { .. }
                         | ArchivedClientBody::Conversations { .. }
+                        // Reads every group of the user and the inbox, and
+                        // stores its cursors (charged on top, below).
+                        | ArchivedClientBody::Sync { .. }
                 );
                 match metered(&mut self.limiter, request_id, is_message) {
                     None => {}
@@ -1998,9 +2001,10 @@ impl Conn {
                 self.group_admin(request_id, group.to_native(), op).await
             }
             ArchivedClientBody::Sync { cursors } => {
-                // Each cursor above 0 is a receipt write: a Sync pays for
-                // them as messages, one per SYNC_CURSORS_PER_MESSAGE or
-                // part of it (a login's Sync with no cursors costs none).
+                // Each cursor above 0 is a receipt write: beyond the one
+                // message every Sync is metered as, it pays for them, one
+                // per SYNC_CURSORS_PER_MESSAGE or part of it, as a debt
+                // the next metered request waits out.
                 let stored = cursors.iter().filter(|c| c.seq.to_native() > 0).count() as u64;
                 let cost = stored.div_ceil(SYNC_CURSORS_PER_MESSAGE);
                 self.limiter.charge_messages(cost, limits::monotonic_us());

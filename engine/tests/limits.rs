@@ -64,7 +64,8 @@ fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
     let bob = server.user_on_shard("bob", 1);
     let mut pair = common::Pair::new(&server, "calm");
 
-    let mut a = server.login(&alice);
+    // Unsynced: a Sync is metered as a message too.
+    let mut a = server.login_unsynced(&alice);
     let mut b = server.login(&bob);
     for i in 0..5 {
         a.send_text(bob.id, &format!("hi {i}")).expect("within the burst");
@@ -129,7 +130,8 @@ fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
     let server = message_rate_server(5);
     let alice = server.user_on_shard("ralice", 0);
     let bob = server.user_on_shard("rbob", 1);
-    let mut a = server.login(&alice);
+    // Unsynced: a Sync is metered as a message too.
+    let mut a = server.login_unsynced(&alice);
     let mut b = server.login(&bob);
     b.send_text(alice.id, "hello").expect("send");
     let conv = tern_client::ConvId::direct(alice.id, bob.id);
@@ -158,7 +160,8 @@ fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
 fn rare_costly_requests_share_the_message_rate() {
     let server = message_rate_server(5);
     let alice = server.user_on_shard("calice", 0);
-    let mut a = server.login(&alice);
+    // Unsynced: a Sync is metered as a message too.
+    let mut a = server.login_unsynced(&alice);
     // Each a synced write (and a tombstone kept for ever for a deleted
     // group), or a read of many keys: not at the frame rate.
     for _ in 0..2 {
@@ -177,7 +180,8 @@ fn membership_changes_share_the_message_rate() {
     let owner = server.user_on_shard("mowner", 0);
     let joiner = server.user_on_shard("mjoiner", 1);
     let group = server.login(&owner).group_create("open door").expect("create");
-    let mut j = server.login(&joiner);
+    // Unsynced: a Sync is metered as a message too.
+    let mut j = server.login_unsynced(&joiner);
     // A join and a leave are each a synced write and a rebuild of the
     // group's cached roster: a join/leave loop is not at the frame rate.
     for _ in 0..2 {
@@ -194,7 +198,8 @@ fn a_syncs_cursors_are_paid_for_as_messages() {
     let server = message_rate_server(10);
     let alice = server.user_on_shard("salice", 0);
     let bob = server.user_on_shard("sbob", 1);
-    // The login's Sync has no cursors and costs nothing; one message.
+    // The login's Sync (one message: it reads every group of the user)
+    // and one message.
     let mut a = server.login(&alice);
     a.send_text(bob.id, "before").expect("within the burst");
     // 640 cursors, each a receipt write to store: 640 / 64 = 10 messages
@@ -211,6 +216,12 @@ fn a_syncs_cursors_are_paid_for_as_messages() {
     }
     // ...and the next message waits out the debt.
     assert_eq!(code_of(a.send_text(bob.id, "after")), ErrorCode::RateLimited);
+    // So does the next Sync: Syncs back to back used to be served at the
+    // frame rate, each storing up to 4,096 cursors.
+    assert_eq!(
+        code_of(a.request(ClientBody::Sync { cursors: Vec::new() })),
+        ErrorCode::RateLimited
+    );
 }
 
 #[test]
