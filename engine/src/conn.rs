@@ -1555,9 +1555,19 @@ impl Conn {
                         self.push(&reply);
                         continue;
                     }
-                    Some(_) => {
+                    Some(refused) => {
+                        // The verdict's own wait (at least a second; more
+                        // while a Sync's cursors are paid off).
+                        let retry_after_ms = match refused {
+                            PreLogin::ReplyAndClose(ServerFrame {
+                                body: ServerBody::Disconnect { retry_after_ms, .. },
+                                ..
+                            }) => retry_after_ms,
+                            _ => 1000,
+                        };
                         let message = "too many requests past the rate limit";
-                        self.outbox.finish(ErrorCode::RateLimited, message, 1000);
+                        self.outbox
+                            .finish(ErrorCode::RateLimited, message, retry_after_ms);
                         return ReadEnd::Closed;
                     }
                 }

@@ -202,9 +202,9 @@ fn a_syncs_cursors_are_paid_for_as_messages() {
     // and one message.
     let mut a = server.login(&alice);
     a.send_text(bob.id, "before").expect("within the burst");
-    // 640 cursors, each a receipt write to store: 640 / 64 = 10 messages
-    // more, past the burst of 10. The Sync itself is served...
-    let cursors: Vec<tern_client::proto::Cursor> = (1..=640u64)
+    // 1,920 cursors, each a receipt write to store: 1,920 / 64 = 30
+    // messages more, three bursts of 10. The Sync itself is served...
+    let cursors: Vec<tern_client::proto::Cursor> = (1..=1920u64)
         .map(|peer| tern_client::proto::Cursor {
             conv: tern_client::ConvId::direct(alice.id, bob.id + peer),
             seq: 1,
@@ -222,6 +222,26 @@ fn a_syncs_cursors_are_paid_for_as_messages() {
         code_of(a.request(ClientBody::Sync { cursors: Vec::new() })),
         ErrorCode::RateLimited
     );
+    // Flooding on: the Disconnect carries the time the debt needs (about
+    // 4 s at 5/s), not a flat second.
+    for n in 0..60 {
+        match a.send_text(bob.id, "flood") {
+            Err(tern_client::ClientError::Server {
+                code: ErrorCode::RateLimited,
+                ..
+            }) => continue,
+            Err(tern_client::ClientError::Disconnected {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            }) => {
+                assert!(retry_after_ms > 1000, "retry after {retry_after_ms} ms");
+                return;
+            }
+            other => panic!("send {n}: {other:?}"),
+        }
+    }
+    panic!("no Disconnect after 60 refusals");
 }
 
 #[test]
