@@ -8,7 +8,9 @@
 //! the peer is not reading fast enough, so the queue is emptied, a
 //! `Disconnect(SlowConsumer)` frame takes its place, and the connection
 //! closes once that is written. Memory per connection is thus capped at
-//! the bound, never at what others send.
+//! twice the bound (the queue, and the batch the writer swapped out of it
+//! and is still writing to a slow but steady reader), never at what
+//! others send.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
