@@ -42,6 +42,10 @@ struct Mailbox {
     synced: Cell<bool>,
     /// When this recipient had everything (process clock, ns), 0 until then.
     done_ns: Cell<u64>,
+    /// When its sender began sending the backlog (process clock, ns), 0
+    /// until then: the backlog's rate is timed from the first of these,
+    /// not from the sessions' setup.
+    send_start_ns: Cell<u64>,
 }
 
 impl Mailbox {
@@ -85,8 +89,16 @@ pub async fn run(ctx: Rc<Ctx>, args: OfflineArgs) -> ExecOutcome {
         })
         .await;
     }
-    let backlog_secs = secs_between(fill_start, now_ns());
     let boxes = boxes.borrow().clone();
+    // From the first send, not from `fill_start`: opening the senders'
+    // sessions and looking up the recipients is setup, not the backlog.
+    let first_send_ns = boxes
+        .iter()
+        .map(|m| m.send_start_ns.get())
+        .filter(|&ns| ns > 0)
+        .min()
+        .unwrap_or(fill_start);
+    let backlog_secs = secs_between(first_send_ns, now_ns());
     ctx.connected().await;
 
     // Bring the recipients online together.
@@ -228,6 +240,7 @@ async fn fill_backlog(
         received: Cell::new(0),
         synced: Cell::new(false),
         done_ns: Cell::new(0),
+        send_start_ns: Cell::new(0),
     });
     let ping = conn.limits().ping_interval();
     let (reader, writer) = conn.into_running();
@@ -256,6 +269,7 @@ async fn fill_backlog(
         ping,
         "sender",
     ));
+    mailbox.send_start_ns.set(now_ns());
     if let Err(e) = send_backlog(&mailbox, &writer, &window, args, ctx.plan.msg_id_base).await {
         ctx.fail("sending the backlog", &e);
         return None;
