@@ -90,12 +90,16 @@ impl SendTimes {
         Some(intended_ns)
     }
 
-    /// The intended send times of the sends not acknowledged yet.
-    fn unacked(&self) -> Vec<u64> {
+    /// The intended send times of the sends up to `last_written` (the
+    /// highest `client_msg_id` whose batch was written whole) not
+    /// acknowledged yet. A slot is filled before its batch is written, so
+    /// a batch still being written at the close has slots too; it is
+    /// counted as unsent, and must not be timed here as well.
+    fn unacked(&self, last_written: u64) -> Vec<u64> {
         let slots = self.slots.borrow();
         slots
             .iter()
-            .filter(|(id, _)| *id != 0)
+            .filter(|&&(id, _)| id != 0 && id <= last_written)
             .map(|&(_, intended_ns)| intended_ns)
             .collect()
     }
@@ -185,7 +189,8 @@ pub async fn run(ctx: Rc<Ctx>, args: PairsArgs) -> ExecOutcome {
         .record_all_unsent(args.rate, schedule, end_ns, close_ns);
     // Sent and still not acknowledged at the close: at least that late.
     for pair in &pairs_up {
-        for intended_ns in pair.sends.unacked() {
+        let last_written = ctx.plan.msg_id_base + pair.sent.get();
+        for intended_ns in pair.sends.unacked(last_written) {
             ctx.recorder.record_ack_ns(close_ns.saturating_sub(intended_ns));
         }
     }
@@ -473,5 +478,19 @@ mod tests {
         times.sent(11, 11_000);
         assert_eq!(times.acked(3), None, "slot reused: not timed");
         assert_eq!(times.acked(11), Some(11_000));
+    }
+
+    #[test]
+    fn a_batch_still_being_written_is_not_timed_as_unacknowledged() {
+        let times = SendTimes::new(2);
+        for id in 1..=6 {
+            times.sent(id, 1_000 * id);
+        }
+        times.acked(1);
+        // Batches up to id 4 written; 5 and 6 still being written at the
+        // close (counted as unsent instead).
+        let mut late = times.unacked(4);
+        late.sort_unstable();
+        assert_eq!(late, vec![2_000, 3_000, 4_000]);
     }
 }
