@@ -136,6 +136,11 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     let limit = ramp + ctx.plan.cli.common.connect_timeout() * 2 + Duration::from_secs(5);
     wait_until(limit, || established.get() + failed.get() >= total).await;
     let connect_secs = secs_between(start_ns, last_done_ns.get().max(start_ns));
+    // The ramp's figures, taken together: an attempt still waiting for a
+    // --max-pending permit at the limit is not established by it (it may
+    // get through during the hold, after the rate and the server's memory
+    // were taken), so it counts as failed here.
+    let established_by_limit = established.get();
 
     ctx.connected().await;
     let hold_for = Duration::from_secs_f64(args.hold_secs.unwrap_or(ctx.plan.cli.common.duration_secs));
@@ -143,8 +148,8 @@ pub async fn run(ctx: Rc<Ctx>, args: ConnectArgs) -> ExecOutcome {
     ctx.closing.set(true);
     let outcome = ExecOutcome {
         users: users.len() as u64,
-        connections: established.get(),
-        connect_failures: failed.get(),
+        connections: established_by_limit,
+        connect_failures: total - established_by_limit,
         connect_secs,
         window_secs: hold_for.as_secs_f64(),
         ..ExecOutcome::empty()
