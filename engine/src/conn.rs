@@ -941,6 +941,8 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
     }
     let idle_ms = config.idle_timeout.as_millis() as u64;
     let session = Session::authenticated(user, now_ms(), idle_ms, config.content_limits());
+    let mut limiter = ConnLimiter::new(&config.limits, peer);
+    limiter.resume_messages(user);
     let conn = Conn {
         shard,
         user,
@@ -949,7 +951,7 @@ fn start_session(shard: Rc<Shard>, stream: Transport, buf: FrameBuf, login: Logg
         key,
         outbox,
         session,
-        limiter: ConnLimiter::new(&config.limits, peer),
+        limiter,
         filter: FilterCache::default(),
     };
     run_session(conn, stream, buf, guards);
@@ -1043,6 +1045,8 @@ fn serve_session(
             writer.await;
         }
         let last_session = conn.shard.remove_conn(conn.key);
+        conn.limiter
+            .leave_messages(&conn.shard.config.limits, conn.user, limits::monotonic_us());
         conn.shard.m().session_closed();
         tracing::debug!(user = conn.user, shard = conn.shard.index, "session closed");
         if last_session {

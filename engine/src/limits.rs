@@ -153,6 +153,40 @@ impl ConnLimiter {
         }
     }
 
+    /// Starts this session's message bucket where `user`'s last session on
+    /// this shard (their home) left it, if that one had tokens still to
+    /// win back: otherwise a client could spend the burst, reconnect with
+    /// `LoginToken` (answered from memory) and spend a fresh one, a
+    /// burst per connection rate instead of the message rate, and shed a
+    /// `Sync`'s cursor debt the same way.
+    pub fn resume_messages(&mut self, user: u64) {
+        if self.message_rate.is_none() {
+            return;
+        }
+        if let Some(tat_us) = TABLES.with(|tables| tables.borrow().message_debts.get(&user).copied()) {
+            self.messages.tat_us = self.messages.tat_us.max(tat_us);
+        }
+    }
+
+    /// Leaves this session's message bucket for `user`'s next session
+    /// ([`ConnLimiter::resume_messages`]) if it still owes tokens.
+    pub fn leave_messages(&self, limits: &Limits, user: u64, now_us: u64) {
+        let (Some(_), tat_us) = (&self.message_rate, self.messages.tat_us) else {
+            return;
+        };
+        if tat_us <= now_us {
+            return;
+        }
+        TABLES.with(|tables| {
+            let mut tables = tables.borrow_mut();
+            if let Some(known) = tables.message_debts.get_mut(&user) {
+                *known = (*known).max(tat_us);
+            } else if tables.room(limits, now_us, Table::MessageDebts) {
+                tables.message_debts.insert(user, tat_us);
+            }
+        });
+    }
+
     /// Charges `tokens` more to the message bucket of a request already
     /// served, as a debt the next messages wait out (a `Sync`'s cursors,
     /// each a receipt write): never refuses.
@@ -299,6 +333,10 @@ struct Tables {
     /// When each user homed here may next change their account
     /// (monotonic ms): see [`account_change_allowed`].
     account_changes: FxHashMap<(u64, AccountChange), u64>,
+    /// The message bucket a user's session left behind with tokens still
+    /// owed (its theoretical arrival time, monotonic µs), for the user's
+    /// next session here to start from: see [`ConnLimiter::resume_messages`].
+    message_debts: FxHashMap<u64, u64>,
     /// When a full table was last swept, so that a table full of live
     /// entries is not rescanned on every insert.
     last_sweep_us: u64,
@@ -314,6 +352,7 @@ enum Table {
     Addresses,
     Accounts,
     AccountChanges,
+    MessageDebts,
 }
 
 /// An account-wide change a user may make only every
@@ -362,6 +401,7 @@ impl Tables {
             Table::Addresses => tables.recent.len() < cap,
             Table::Accounts => tables.accounts.len() < cap,
             Table::AccountChanges => tables.account_changes.len() < cap,
+            Table::MessageDebts => tables.message_debts.len() < cap,
         };
         if has_room(self) {
             return true;
@@ -376,6 +416,7 @@ impl Tables {
             });
             self.accounts.retain(|_, f| !f.is_idle(limits, now_ms));
             self.account_changes.retain(|_, &mut after_ms| after_ms > now_ms);
+            self.message_debts.retain(|_, &mut tat_us| tat_us > now_us);
             let swept = has_room(self);
             if !swept {
                 tracing::warn!(

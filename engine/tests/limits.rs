@@ -125,6 +125,38 @@ fn message_rate_refuses_over_the_burst_and_disconnects_a_flood() {
     a.ping().expect("alice's other session is fine");
 }
 
+/// The message rate is per connection, but a session's spent burst
+/// carries over to the user's next session: a client used to spend the
+/// burst, reconnect with its token and spend a fresh one, reaching a
+/// burst per reconnect instead of the message rate.
+#[test]
+fn a_reconnect_does_not_refill_the_message_burst() {
+    let server = TestServer::start_with(|c| {
+        unexempt(c);
+        c.limits.message_rate_per_sec = 1;
+        c.limits.message_burst = 5;
+        c.limits.rate_limit_disconnect_after = 50;
+    });
+    let alice = server.user_on_shard("balice", 0);
+    let bob = server.user_on_shard("bbob", 1);
+    let mut a = server.login_unsynced(&alice);
+    for i in 0..5 {
+        a.send_text(bob.id, &format!("burst {i}"))
+            .expect("within the burst");
+    }
+    assert_eq!(code_of(a.send_text(bob.id, "one more")), ErrorCode::RateLimited);
+    drop(a);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut again = server.login_unsynced(&alice);
+    assert_eq!(
+        code_of(again.send_text(bob.id, "a fresh burst?")),
+        ErrorCode::RateLimited
+    );
+    // The rate itself goes on: a token is back within a second.
+    std::thread::sleep(Duration::from_millis(1100));
+    again.send_text(bob.id, "later").expect("a token came back");
+}
+
 #[test]
 fn one_to_one_receipts_share_the_message_rate_and_group_receipts_do_not() {
     let server = message_rate_server(5);

@@ -668,10 +668,13 @@ fn listen_catches_up_on_more_messages_than_the_receipt_rate_allows() {
     let ternd = Ternd::start(dir.path(), &["--config", &config]);
     let connect = || Client::connect(ternd.addr, opts()).expect("connect");
     let alice = connect().register("alice", PASSWORD).expect("register alice");
-    connect().register("bob", PASSWORD).expect("register bob");
+    // One user per sender: a user's next session starts with the message
+    // burst their last one left.
     for sender in 0..SENDERS {
+        let name = format!("bob{sender}");
+        connect().register(&name, PASSWORD).expect("register a sender");
         let mut bob = connect();
-        bob.login("bob", PASSWORD).expect("login bob");
+        bob.login_unsynced(&name, PASSWORD).expect("login a sender");
         for n in 0..PER_SENDER {
             bob.send_text(alice, &format!("m{sender}-{n}")).expect("send");
         }
