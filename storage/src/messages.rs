@@ -688,6 +688,24 @@ impl Store {
     }
 }
 
+/// Inbox entry `(seq, timestamp_ms)` of `conv` with the frame of its
+/// history record (`key`, `value`).
+fn inbox_frame(
+    history: &crate::Ks,
+    conv: ConvId,
+    (seq, timestamp_ms): (u64, u64),
+    key: &[u8],
+    value: &[u8],
+) -> Result<StoredFrame, StoreError> {
+    let v = codec::decode_history(value).map_err(|d| history.corrupt(key, d))?;
+    Ok(StoredFrame {
+        conv,
+        seq,
+        timestamp_ms,
+        frame: v.frame.to_vec(),
+    })
+}
+
 /// Above this many history records per wanted one, an inbox run's frames
 /// are read one by one rather than by one range read (see
 /// `resolve_inbox_run`; `store/inbox_after` in bench/benches/store.rs).
@@ -719,13 +737,7 @@ impl Inner {
                 let Some(value) = history.get(&key)? else {
                     continue;
                 };
-                let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
-                out.push(StoredFrame {
-                    conv,
-                    seq,
-                    timestamp_ms,
-                    frame: v.frame.to_vec(),
-                });
+                out.push(inbox_frame(history, conv, (seq, timestamp_ms), &key, &value)?);
             }
             return Ok(());
         }
@@ -740,16 +752,10 @@ impl Inner {
             // Wanted seqs below this record have expired from history;
             // records between wanted seqs are the user's own messages.
             while wanted.next_if(|&(seq, _)| seq < stored_seq).is_some() {}
-            let Some((seq, timestamp_ms)) = wanted.next_if(|&(seq, _)| seq == stored_seq) else {
+            let Some(entry) = wanted.next_if(|&(seq, _)| seq == stored_seq) else {
                 continue;
             };
-            let v = codec::decode_history(&value).map_err(|d| history.corrupt(&key, d))?;
-            out.push(StoredFrame {
-                conv,
-                seq,
-                timestamp_ms,
-                frame: v.frame.to_vec(),
-            });
+            out.push(inbox_frame(history, conv, entry, &key, &value)?);
         }
         Ok(())
     }
