@@ -1550,25 +1550,18 @@ impl Conn {
                         // stores its cursors (charged on top, below).
                         | ArchivedClientBody::Sync { .. }
                 );
-                match metered(&mut self.limiter, request_id, is_message) {
-                    None => {}
-                    Some(PreLogin::Reply(reply)) => {
+                match self.limiter.check(is_message, limits::monotonic_us()) {
+                    Verdict::Allow => {}
+                    Verdict::Refuse { retry_after_ms } => {
                         // Refused, but it arrived: not the silence the idle
                         // timeout is for (protocol.md 2.5).
                         self.session.touch(now_ms());
-                        self.push(&reply);
+                        self.push(&rate_limited(request_id, "too many requests", retry_after_ms));
                         continue;
                     }
-                    Some(refused) => {
-                        // The verdict's own wait (at least a second; more
-                        // while a Sync's cursors are paid off).
-                        let retry_after_ms = match refused {
-                            PreLogin::ReplyAndClose(ServerFrame {
-                                body: ServerBody::Disconnect { retry_after_ms, .. },
-                                ..
-                            }) => retry_after_ms,
-                            _ => 1000,
-                        };
+                    // The verdict's own wait: at least a second, more while
+                    // a Sync's cursors are paid off.
+                    Verdict::Disconnect { retry_after_ms } => {
                         let message = "too many requests past the rate limit";
                         self.outbox
                             .finish(ErrorCode::RateLimited, message, retry_after_ms);

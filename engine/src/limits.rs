@@ -171,10 +171,8 @@ impl ConnLimiter {
     /// Leaves this session's message bucket for `user`'s next session
     /// ([`ConnLimiter::resume_messages`]) if it still owes tokens.
     pub fn leave_messages(&self, limits: &Limits, user: u64, now_us: u64) {
-        let (Some(_), tat_us) = (&self.message_rate, self.messages.tat_us) else {
-            return;
-        };
-        if tat_us <= now_us {
+        let tat_us = self.messages.tat_us;
+        if self.message_rate.is_none() || tat_us <= now_us {
             return;
         }
         TABLES.with(|tables| {
