@@ -340,6 +340,8 @@ fn a_former_member_acknowledges_what_they_are_owed_with_a_receipt() {
 /// the server's socket buffer (autotuned up to 4 MiB), the reader's 4 KiB
 /// one and the 8 KiB outbound queue fill long before the end.
 const STALL_BACKLOG: u64 = 3000;
+/// How long a `Sync` is given to fill the buffers and stall.
+const STALL_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A server whose catch-ups a reader can hold up mid-stream: small
 /// outbound queues, 1.9 KB messages, no fsync per send, small sync pages.
@@ -353,15 +355,9 @@ fn stalling_server_with(
     tweak: impl FnOnce(&mut tern_engine::config::Config),
 ) -> TestServer {
     TestServer::start_with(|c| {
+        common::stall_catch_ups(c);
         c.write_diffusion_max_members = write_diffusion_max_members;
         c.sync_page = 4;
-        c.max_frame_bytes = 4096;
-        c.max_message_bytes = 2048;
-        c.outbound_queue_bytes = 8192;
-        c.write_timeout = std::time::Duration::from_secs(60);
-        c.durability = tern_engine::config::Durability::Async {
-            flush_interval: std::time::Duration::from_millis(100),
-        };
         tweak(c);
     })
 }
@@ -377,14 +373,8 @@ fn stalled_catch_up(
     let mut o = server.login_unsynced(owner);
     let group = common::group_on_shard(&mut o, 0, server.shards(), true);
     server.login_unsynced(victim).group_join(group).expect("join");
-    let body = "b".repeat(1900);
-    for seq in 1..=STALL_BACKLOG {
-        assert_eq!(o.send_group_text(group, &body).expect("send").seq, seq);
-    }
-    let mut slow = common::RawConn::connect_small_rcvbuf(server.addr(), 4096);
-    slow.login(victim);
-    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors: Vec::new() });
-    thread::sleep(std::time::Duration::from_millis(500));
+    common::send_stall_backlog(&mut o, group, STALL_BACKLOG);
+    let (slow, sync_id) = common::stalled_sync(server, victim, Vec::new(), STALL_SETTLE);
     (group, o, slow, sync_id)
 }
 
@@ -496,23 +486,18 @@ fn a_kick_after_a_hold_overflow_still_owes_what_the_overflow_dropped() {
     v.group_join(kicked_from).expect("join");
     v.group_join(stalls_in).expect("join");
     drop(v);
-    let body = "b".repeat(1900);
     for _ in 0..2 {
         o.send_group_text(kicked_from, "before").expect("send");
     }
-    for _ in 0..STALL_BACKLOG {
-        o.send_group_text(stalls_in, &body).expect("send");
-    }
-    let mut slow = common::RawConn::connect_small_rcvbuf(server.addr(), 4096);
-    slow.login(&victim);
-    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors: Vec::new() });
-    thread::sleep(std::time::Duration::from_millis(500));
+    common::send_stall_backlog(&mut o, stalls_in, STALL_BACKLOG);
+    let (mut slow, sync_id) = common::stalled_sync(&server, &victim, Vec::new(), STALL_SETTLE);
     // The first pass is done with `kicked_from` and stalled in `stalls_in`:
     // ten more messages overflow the buffer of eight, and a 1:1 backlog
     // (dropped from the buffer too) stalls the second pass's inbox scan.
     for _ in 0..10 {
         o.send_group_text(kicked_from, "overflowing").expect("send");
     }
+    let body = "b".repeat(common::STALL_BODY_BYTES);
     for _ in 0..DIRECT_BACKLOG {
         o.send_text(victim.id, &body).expect("send");
     }
@@ -565,17 +550,11 @@ fn a_rejoin_during_a_catch_up_does_not_stream_what_came_between() {
     for _ in 0..5 {
         o.send_group_text(left, "between").expect("send");
     }
-    let body = "b".repeat(1900);
-    for _ in 0..STALL_BACKLOG {
-        o.send_group_text(stalls_in, &body).expect("send");
-    }
+    common::send_stall_backlog(&mut o, stalls_in, STALL_BACKLOG);
     // This device holds 1..=10: its cursor acknowledges the membership.
     let conv = ConvId::Group { group: left };
-    let mut slow = common::RawConn::connect_small_rcvbuf(server.addr(), 4096);
-    slow.login(&victim);
     let cursors = vec![Cursor { conv, seq: 10 }];
-    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors });
-    thread::sleep(std::time::Duration::from_millis(500));
+    let (mut slow, sync_id) = common::stalled_sync(&server, &victim, cursors, STALL_SETTLE);
     // Stalled in `stalls_in`'s entries: the buffer of eight overflows,
     // the other device joins again, and message 16 is the new membership's.
     for _ in 0..10 {

@@ -949,30 +949,21 @@ fn a_banned_user_is_removed_and_kept_out_until_unbanned() {
 /// them (the catch-up is held back by a client that reads slowly).
 #[test]
 fn a_sync_under_way_streams_no_message_sequenced_after_a_kick() {
-    let server = TestServer::start_with(|c| {
-        c.max_frame_bytes = 4096;
-        c.max_message_bytes = 2048;
-        c.outbound_queue_bytes = 8192;
-        c.write_timeout = std::time::Duration::from_secs(60);
-        c.durability = tern_engine::config::Durability::Async {
-            flush_interval: std::time::Duration::from_millis(100),
-        };
-    });
+    let server = TestServer::start_with(stall_catch_ups);
     let owner = server.user_on_shard("owner", 0);
     let victim = server.user_on_shard("victim", 1);
     let mut o = server.login_unsynced(&owner);
     let group = group_on_shard(&mut o, 0, server.shards(), true);
     let mut v = server.login_unsynced(&victim);
     v.group_join(group).expect("victim joins");
-    let body = "b".repeat(1900);
     let backlog = 3000u64;
-    for i in 1..=backlog {
-        assert_eq!(o.send_group_text(group, &body).expect("send").seq, i);
-    }
-    let mut slow = RawConn::connect_small_rcvbuf(server.addr(), 4096);
-    slow.login(&victim);
-    let sync_id = slow.send(tern_client::ClientBody::Sync { cursors: Vec::new() });
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    send_stall_backlog(&mut o, group, backlog);
+    let (mut slow, sync_id) = stalled_sync(
+        &server,
+        &victim,
+        Vec::new(),
+        std::time::Duration::from_millis(1000),
+    );
     o.group_kick(group, victim.id).expect("kick");
     assert_eq!(
         code_of(v.history(ConvId::Group { group }, u64::MAX, false, 10)),

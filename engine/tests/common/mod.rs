@@ -663,3 +663,46 @@ pub fn total(admin: &tern_engine::admin::AdminServer, metric: &str) -> i64 {
         .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no total for {metric} in {stats}"))
 }
+
+/// Settings under which a client that stops reading stalls its catch-up
+/// after a few messages: small frames and outbound queue, writes that
+/// wait a minute rather than closing, and async durability so that the
+/// backlog that stalls it is quick to send.
+pub fn stall_catch_ups(c: &mut tern_engine::config::Config) {
+    c.max_frame_bytes = 4096;
+    c.max_message_bytes = 2048;
+    c.outbound_queue_bytes = 8192;
+    c.write_timeout = Duration::from_secs(60);
+    c.durability = tern_engine::config::Durability::Async {
+        flush_interval: Duration::from_millis(100),
+    };
+}
+
+/// The body of the ~1.9 KB messages a stalling backlog is made of.
+pub const STALL_BODY_BYTES: usize = 1900;
+
+/// Sends `count` messages of [`STALL_BODY_BYTES`] to `group`, a group
+/// with none yet: their seqs are 1..=count.
+pub fn send_stall_backlog(sender: &mut Client, group: GroupId, count: u64) {
+    let body = "b".repeat(STALL_BODY_BYTES);
+    for seq in 1..=count {
+        assert_eq!(sender.send_group_text(group, &body).expect("send").seq, seq);
+    }
+}
+
+/// `user`'s `Sync` with `cursors` on a connection that does not read (a
+/// small fixed receive buffer), `settle` after it was sent, so that its
+/// catch-up is stalled in a backlog; returns the connection and the
+/// `Sync`'s request id.
+pub fn stalled_sync(
+    server: &TestServer,
+    user: &User,
+    cursors: Vec<tern_client::Cursor>,
+    settle: Duration,
+) -> (RawConn, u64) {
+    let mut slow = RawConn::connect_small_rcvbuf(server.addr(), 4096);
+    slow.login(user);
+    let sync_id = slow.send(ClientBody::Sync { cursors });
+    std::thread::sleep(settle);
+    (slow, sync_id)
+}
